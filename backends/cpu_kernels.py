@@ -1,0 +1,122 @@
+"""Fast CPU kernels for ``lowbit::wo_linear``: torch's packed low-bit matmuls.
+
+* int8 per-channel: ``aten._weight_int8pack_mm(x[M, K], w int8 [N, K], scale[N])``.
+* int4 group-wise: ``aten._weight_int4pack_mm_for_cpu(x[M, K], packed, group, scales_and_zeros)``
+  where ``scales_and_zeros[K/g, N, 2]`` holds ``(s, (8 - z) * s)`` in the compute dtype, so that
+  ``(q - 8) * s + (8 - z) * s == (q - z) * s`` reproduces our format exactly; N is padded to a
+  multiple of 16 with zero rows.
+
+These kernels are fast with bf16 activations and slow with fp32 ones, so by default an fp32
+activation is cast to bf16 at the linear's boundary (``compute_dtype="bfloat16"``; the backend
+option ``cpu_compute_dtype="activation"`` keeps fp32 for accuracy studies).
+
+Packed weights are cached by the identity of the quantized tensor they come from; the quantized
+tensors themselves are cached per parameter (``passes/quantize.py``), so every graph of a model
+(prefill, decode, recompiles) shares one packed copy.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit_compiler.formats import WeightFormat, unpack_int4
+from lowbit_compiler.identity_cache import IdentityCache
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "activation": None}
+
+
+class PackedWeight(torch.nn.Module):
+    """A quantized weight in the layout of torch's CPU kernel for one compute dtype.
+
+    A module (holding two buffers) so that lowered graphs can reference it with ``get_attr``.
+    """
+
+    def __init__(self, fmt: str, weight: torch.Tensor, scales: torch.Tensor, out_features: int,
+                 in_features: int, padded_in_features: int):
+        super().__init__()
+        self.fmt = fmt
+        self.register_buffer("weight", weight)   # int8 [N, Kp] or the int4pack layout
+        self.register_buffer("scales", scales)   # int8: [N]; int4: scales_and_zeros [Kp/g, Np, 2]
+        self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+# quantized tensor -> {compute dtype: PackedWeight}; .misses counts real repacking
+PACK_CACHE = IdentityCache()
+
+
+def unsupported_reason(x_dtype: torch.dtype, device: torch.device, fmt: str) -> str | None:
+    """Why the fast CPU kernel cannot run this call, or None when it can."""
+    if device.type != "cpu":
+        return f"device {device} is not the CPU"
+    if x_dtype not in _FAST_DTYPES:
+        return f"activation dtype {x_dtype} has no packed CPU kernel (use float32/bfloat16/float16)"
+    WeightFormat.parse(fmt)
+    return None
+
+
+def compute_dtype_for(x_dtype: torch.dtype, policy: str = "bfloat16") -> torch.dtype:
+    if policy not in COMPUTE_DTYPES:
+        raise ValueError(f"cpu_compute_dtype={policy!r}; expected one of {sorted(COMPUTE_DTYPES)}")
+    wanted = COMPUTE_DTYPES[policy]
+    return wanted if (wanted is not None and x_dtype == torch.float32) else x_dtype
+
+
+def prepack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+            in_features: int, dtype: torch.dtype) -> PackedWeight:
+    """The packed form of one quantized weight for compute dtype ``dtype`` (cached by identity)."""
+    return PACK_CACHE.get_or_create(qweight, (fmt, dtype), lambda: _pack(qweight, scale, zero, fmt, in_features, dtype))
+
+
+def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+          in_features: int, dtype: torch.dtype) -> PackedWeight:
+    f = WeightFormat.parse(fmt)
+    n = scale.shape[0]
+    if f.bits == 8:
+        packed = PackedWeight(fmt, qweight.contiguous(), scale.to(dtype), n, in_features, in_features)
+    else:
+        q = unpack_int4(qweight).to(torch.int32)
+        kp = q.shape[1]
+        np_ = (n + 15) // 16 * 16
+        s = scale.float()
+        z = torch.full_like(s, 8) if zero is None else zero.float()
+        if np_ != n:  # zero rows: their outputs are sliced away
+            q = torch.nn.functional.pad(q, (0, 0, 0, np_ - n), value=8)
+            s = torch.nn.functional.pad(s, (0, 0, 0, np_ - n))
+            z = torch.nn.functional.pad(z, (0, 0, 0, np_ - n), value=8)
+        scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        packed = PackedWeight(fmt, w, scales_and_zeros, n, in_features, kp)
+    return packed
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                  compute_dtype: torch.dtype) -> torch.Tensor:
+    """Run a prepacked weight: casts x to the compute dtype and back, pads K, slices N."""
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    if packed.padded_in_features != packed.in_features:
+        x2 = torch.nn.functional.pad(x2, (0, packed.padded_in_features - packed.in_features))
+    if packed.fmt == "int8":
+        y = torch.ops.aten._weight_int8pack_mm(x2, packed.weight, packed.scales)
+    else:
+        group = WeightFormat.parse(packed.fmt).group_size
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed.weight, group, packed.scales)
+        if y.shape[-1] != packed.out_features:
+            y = y[:, : packed.out_features]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, packed.out_features).to(out_dtype)
+
+
+def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None, bias: torch.Tensor | None, fmt: str,
+                   in_features: int, policy: str = "bfloat16") -> torch.Tensor | None:
+    """The fast path for one call, or None when it does not apply (the caller uses the reference)."""
+    if unsupported_reason(x.dtype, x.device, fmt) is not None:
+        return None
+    dtype = compute_dtype_for(x.dtype, policy)
+    return packed_linear(x, prepack(qweight, scale, zero, fmt, in_features, dtype), bias, dtype)

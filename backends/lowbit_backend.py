@@ -1,0 +1,112 @@
+"""The ``torch.compile`` backend: ``torch.compile(model, backend="lowbit", options={...})``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so it works without importing
+``lowbit_compiler``. The whole backend, top to bottom::
+
+    capture -> run_pipeline(recipe) -> lower(target) -> dump -> callable
+
+Options (all optional):
+
+    recipe             preset name ("none", "w8a16", "w4a16"), a .toml path, or a Recipe
+    target             "auto" (default) | "cpu" | "triton"
+    dump_dir           where to write dumps (default: $LOWBIT_DUMP_DIR, else no dumps)
+    strict             raise on any fallback instead of logging it (default False)
+    debug              lint + verify the IR after every pass (implied by strict)
+    inner              what runs the non-lowbit ops: "eager" (default)
+    cpu_compute_dtype  "bfloat16" (default: fp32 activations are cast at the linear's boundary,
+                       which is what makes the packed kernels fast) | "activation"
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+import lowbit_compiler.ops  # noqa: F401  (registers lowbit:: ops before any graph uses them)
+from lowbit_compiler.capture import capture
+from lowbit_compiler.dump import DumpWriter, resolve_dump_dir
+from lowbit_compiler.pass_base import LowbitError, PassContext
+from lowbit_compiler.pipeline import run_pipeline
+from lowbit_compiler.recipe import Recipe, get_recipe
+from lowbit_compiler.backends.lowering import TARGETS, lower
+
+log = logging.getLogger("lowbit_compiler")
+
+# Process-wide statistics: backend calls (one per graph Dynamo compiles), graphs lowered.
+stats: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    recipe: Recipe
+    target: str = "auto"
+    dump_dir: str | None = None
+    strict: bool = False
+    debug: bool = False
+    inner: str = "eager"
+    cpu_compute_dtype: str = "bfloat16"
+
+    @staticmethod
+    def from_dict(options: dict[str, Any] | None) -> "BackendOptions":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(BackendOptions)}
+        unknown = set(options) - known
+        if unknown:
+            raise LowbitError(f"backend='lowbit': unknown options {sorted(unknown)}; known options: {sorted(known)}")
+        options["recipe"] = get_recipe(options.get("recipe"))
+        options["dump_dir"] = resolve_dump_dir(options.get("dump_dir"))
+        if options.get("target", "auto") not in TARGETS:
+            raise LowbitError(f"backend='lowbit': target={options['target']!r}; expected one of {TARGETS}")
+        if options.get("inner", "eager") != "eager":
+            raise LowbitError(f"backend='lowbit': inner={options['inner']!r} is not available yet; use 'eager'")
+        if options.get("cpu_compute_dtype", "bfloat16") not in ("bfloat16", "activation"):
+            raise LowbitError("backend='lowbit': cpu_compute_dtype must be 'bfloat16' or 'activation'")
+        return BackendOptions(**options)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions):
+    """Capture, rewrite and lower one Dynamo graph; returns the callable and the summary."""
+    dump = DumpWriter(opts.dump_dir)
+    captured = capture(gm, example_inputs)
+    ir_gm = captured.gm
+    dump.stage("captured", ir_gm)
+    ctx = PassContext(recipe=opts.recipe, strict=opts.strict)
+    report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
+    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype)
+    dump.stage("lowered", ir_gm)
+    summary = {
+        "graph": dump.name,
+        "recipe": opts.recipe.to_dict(),
+        "target": lowering.target,
+        "inputs": len(captured.kept_inputs),
+        "frozen_parameters": len(captured.frozen),
+        "passes": [dataclasses.asdict(p) for p in report.passes],
+        "layers": report.layers,
+        "kernels": lowering.kernels,
+        "kernel_counts": lowering.counts,
+        "fallbacks": dict(ctx.fallbacks),
+    }
+    dump.summary(summary)
+
+    def compiled(*args: Any) -> Any:
+        return ir_gm(*captured.call_args(args))
+
+    compiled.lowbit_summary = summary  # type: ignore[attr-defined]
+    compiled.lowbit_graph = ir_gm  # type: ignore[attr-defined]
+    return compiled, summary
+
+
+def lowbit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None):
+    """Dynamo backend entry point."""
+    stats["backend_calls"] += 1
+    opts = BackendOptions.from_dict(options)
+    compiled, summary = compile_graph(gm, example_inputs, opts)
+    quantized = sum(1 for v in summary["layers"].values() if v.get("format", "float") != "float")
+    log.info("lowbit: graph %s compiled with recipe %r: %d layers quantized, kernels %s",
+             summary["graph"] or "(no dump)", opts.recipe.name, quantized, summary["kernel_counts"])
+    stats["graphs_lowered"] += 1
+    return compiled

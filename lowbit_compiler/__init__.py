@@ -1,0 +1,28 @@
+"""lowbit-compiler: a graph-level compiler for low-bit and sparse LLM inference on PyTorch.
+
+Three ways in:
+
+* ``torch.compile(model, backend="lowbit", options={"recipe": "w4a16"})``
+* ``lowbit_compiler.compress(model, "w4a16")``: the offline flow, decisions written into the model
+* your own passes: ``@register_pass`` a :class:`Pass` and name it in a :class:`Recipe`
+"""
+from lowbit_compiler import ops  # noqa: F401  (registers the lowbit:: custom ops)
+from lowbit_compiler.formats import FormatError, WeightFormat
+from lowbit_compiler.pass_base import (LowbitError, Pass, PassContext, PassResult, PatternRule, apply_rules,
+                                       fallback_counter, register_pass, registered_passes, replace_pattern)
+from lowbit_compiler.recipe import PRESETS, Recipe, get_recipe, load_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FormatError", "LowbitError", "PRESETS", "Pass", "PassContext", "PassResult", "PatternRule", "Recipe",
+    "WeightFormat", "apply_rules", "compress", "fallback_counter", "get_recipe", "load_recipe",
+    "register_pass", "registered_passes", "replace_pattern",
+]
+
+
+def compress(model, recipe, calibration=None, example_inputs=None):
+    """Offline flow (see ``lowbit_compiler.compress``)."""
+    from lowbit_compiler.offline import compress as _compress
+
+    return _compress(model, recipe, calibration=calibration, example_inputs=example_inputs)

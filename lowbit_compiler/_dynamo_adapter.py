@@ -1,0 +1,64 @@
+"""Every private torch._dynamo detail the project relies on, in one file.
+
+A torch upgrade that changes Dynamo's internals should only need edits here.
+
+* ``module_state_of(placeholder)``: Dynamo records, for each graph input, the Python expression it
+  came from (``node.meta["grapharg"].source``), e.g.
+  ``L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']``.
+  We read the module path back from that expression.
+* ``graph_break_count()`` / ``reset_counters()``: Dynamo's global counters.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+_MODULE_ATOM = re.compile(r"_modules\['([^']+)'\]")
+_STATE_ATOM = re.compile(r"\._(parameters|buffers)\['([^']+)'\]$")
+
+
+def source_name(node: fx.Node) -> str | None:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    try:
+        return source.name() if callable(source.name) else str(source.name)
+    except Exception:  # a source kind without a printable name
+        return None
+
+
+def module_state_of(node: fx.Node) -> tuple[str, bool] | None:
+    """``(fqn, is_parameter)`` when a placeholder is a module's parameter or buffer, else None.
+
+    The FQN is relative to the module that was compiled (``model.layers.0.mlp.down_proj.weight``
+    for a ``LlamaForCausalLM``).
+    """
+    name = source_name(node)
+    if name is None:
+        return None
+    state = _STATE_ATOM.search(name)
+    if state is None:
+        return None
+    modules = _MODULE_ATOM.findall(name[: state.start()])
+    return ".".join([*modules, state.group(2)]), state.group(1) == "parameters"
+
+
+def graph_break_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def reset_counters() -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+
+
+def example_value(node: fx.Node) -> torch.Tensor | None:
+    """The fake tensor Dynamo (or our own propagation) recorded for a node, if any."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None

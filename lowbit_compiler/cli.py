@@ -1,0 +1,90 @@
+"""The ``lowbit`` command.
+
+    lowbit inspect DUMP_DIR     per graph: passes (time, matches), layers (format, bits, bytes, SQNR),
+                                kernels and fallbacks, read from the dumps' summary.json files
+    lowbit recipes              the preset recipes and registered passes
+    lowbit demo                 compile a tiny random Llama with each preset and print what happened
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    out = [f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}  target={s.get('target', '?')}  "
+           f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
+    passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
+               ", ".join(f"{k}={v}" for k, v in p["details"].items() if v not in (0, None, ""))]
+              for p in s.get("passes", [])]
+    out.append(_table(passes, ["pass", "ms", "matches", "changed", "details"]) if passes else "(no passes)")
+    layers = s.get("layers", {})
+    if layers:
+        rows, before, after = [], 0, 0
+        for fqn, d in layers.items():
+            if "skipped" in d:
+                rows.append([fqn, d.get("format", "float"), "", "", "", "", d["skipped"]])
+                continue
+            before, after = before + d["bytes_before"], after + d["bytes_after"]
+            rows.append([fqn, d["format"], f"{d['in_features']}x{d['out_features']}", f"{d['bits_per_weight']:.3f}",
+                         d["bytes_before"], d["bytes_after"], f"{d['weight_sqnr_db']:.1f}"])
+        out.append(_table(rows, ["layer", "format", "KxN", "bits/w", "bytes before", "bytes after", "weight SQNR dB"]))
+        if after:
+            out.append(f"total: {before} -> {after} bytes ({before / after:.2f}x smaller)")
+    else:
+        out.append("(no layers quantized)")
+    out.append(f"kernels: {s.get('kernel_counts', {})}   fallbacks: {s.get('fallbacks', {}) or 'none'}")
+    return "\n".join(out)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowbit_compiler.dump import load_summaries
+
+    summaries = load_summaries(args.dump_dir)
+    if not summaries:
+        print(f"lowbit inspect: no summary.json under {args.dump_dir}", file=sys.stderr)
+        return 1
+    print("\n\n".join(format_summary(s) for s in summaries))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from lowbit_compiler import PRESETS, registered_passes
+
+    rows = [[name, " -> ".join(r.passes) or "(none)", r.weight.key if r.weight else "-"] for name, r in PRESETS.items()]
+    print(_table(rows, ["preset", "passes", "weight format"]))
+    print("\nregistered passes:", ", ".join(registered_passes()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowbit_compiler.demo import main as demo_main
+
+    return demo_main(args.dump_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lowbit", description="lowbit-compiler command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print what a dump directory says happened")
+    p.add_argument("dump_dir")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("recipes", help="list presets and registered passes")
+    p.set_defaults(fn=cmd_recipes)
+    p = sub.add_parser("demo", help="compile a tiny random Llama with each preset")
+    p.add_argument("--dump-dir", default="dumps/demo")
+    p.set_defaults(fn=cmd_demo)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""A cache keyed by the identity of a live tensor (``nn.Parameter`` or a quantized buffer).
+
+Tensors cannot be dict keys by value (``==`` is elementwise), and ``id()`` alone can be reused
+after an object dies. Each entry keeps a weak reference to its owner and is dropped when the owner
+is collected; an entry whose owner is gone, or whose in-place version counter moved, is a miss.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Hashable
+
+import torch
+
+
+class IdentityCache:
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[weakref.ref, int, Any]] = {}
+        self.misses = 0  # how many values were actually computed
+
+    def get_or_create(self, owner: torch.Tensor, key: Hashable, make: Callable[[], Any]) -> Any:
+        full_key = (id(owner), key)
+        entry = self._entries.get(full_key)
+        if entry is not None and entry[0]() is owner and entry[1] == owner._version:
+            return entry[2]
+        self.misses += 1
+        value = make()
+        entries = self._entries
+
+        def forget(ref: weakref.ref, full_key: tuple = full_key) -> None:
+            current = entries.get(full_key)
+            if current is not None and current[0] is ref:
+                del entries[full_key]
+
+        self._entries[full_key] = (weakref.ref(owner, forget), owner._version, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)

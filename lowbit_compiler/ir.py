@@ -1,0 +1,145 @@
+"""IR conventions: the one place that defines what lives in ``node.meta["lowbit"]``.
+
+The IR is a ``torch.fx.GraphModule`` at the level of torch functions (what Dynamo hands a
+backend), with three conventions:
+
+* Parameters and module buffers are ``get_attr`` nodes whose target *is* the module FQN
+  (``model.layers.0.mlp.down_proj.weight``); the attribute is the very ``nn.Parameter`` of the
+  user's model, so caches keyed by identity work across graphs.
+* Canonical spellings (see ``passes/canonicalize.py``): every linear is one
+  ``torch.nn.functional.linear`` node whose weight is a parameter (``get_attr``) or the transpose
+  of one (GPT-2's Conv1D); RMSNorm is ``torch.nn.functional.rms_norm``; LayerNorm is
+  ``torch.nn.functional.layer_norm``; attention is ``scaled_dot_product_attention``.
+* Decisions travel as ``node.meta["lowbit"][KEY] = spec`` where KEY is one of the constants below
+  and spec is a frozen dataclass defined here (or a :class:`~lowbit_compiler.formats.WeightFormat`).
+  Specs describe; they never hold tensors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+META = "lowbit"
+
+# Keys of node.meta["lowbit"]
+PARAM = "param"            # ParamInfo on get_attr nodes of frozen parameters/buffers
+NORM = "norm"              # NormSpec on canonical norm nodes
+WEIGHT_QUANT = "weight_quant"  # WeightQuantDecision on lowbit::wo_linear nodes
+SKIPPED = "skipped"        # SkipReason on nodes a pass looked at and left alone
+KNOWN_KEYS = frozenset({PARAM, NORM, WEIGHT_QUANT, SKIPPED})
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """A frozen parameter or buffer: its FQN in the user's module and whether it is trainable state."""
+
+    fqn: str
+    is_parameter: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """A recognised normalisation. ``kind`` is "rms" or "layer"; ``weight_offset`` is 1.0 for
+    Gemma-style ``(1 + w)`` scales and 0.0 otherwise."""
+
+    kind: str
+    eps: float
+    weight_offset: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuantDecision:
+    """What insert_weight_quant did to one linear: the layer, its format and what it costs."""
+
+    layer: str                 # module FQN of the linear (weight FQN without ".weight")
+    format: str                # WeightFormat.key
+    in_features: int
+    out_features: int
+    bits_per_weight: float     # true bytes (data + scales + zeros) * 8 / parameters
+    bytes_before: int          # the float weight as stored in the model
+    bytes_after: int
+    weight_sqnr_db: float      # dequantised vs float weight
+    padded_in_features: int = 0  # K after pad_to_group (0: no padding)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipReason:
+    """Why a pass left a node alone (shown in dumps and summary.json)."""
+
+    pass_name: str
+    reason: str
+
+
+def lowbit_meta(node: fx.Node) -> dict[str, Any]:
+    return node.meta.setdefault(META, {})
+
+
+def get(node: fx.Node, key: str, default: Any = None) -> Any:
+    assert key in KNOWN_KEYS, f"unknown lowbit meta key {key!r}"
+    return node.meta.get(META, {}).get(key, default)
+
+
+def put(node: fx.Node, key: str, spec: Any) -> None:
+    assert key in KNOWN_KEYS, f"unknown lowbit meta key {key!r}"
+    assert dataclasses.is_dataclass(spec) and not isinstance(spec, type), "meta values are specs"
+    lowbit_meta(node)[key] = spec
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers every pass uses to read the canonical IR
+# --------------------------------------------------------------------------------------------
+
+def param_fqn(node: Any) -> str | None:
+    """FQN of a frozen parameter node, else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        info = get(node, PARAM)
+        return info.fqn if info is not None else None
+    return None
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.nn.functional.linear
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearParts:
+    """The pieces of a canonical linear: ``y = x @ W.T + b``.
+
+    ``weight_node`` is the get_attr of the parameter; ``transposed`` says the parameter is stored
+    as [in, out] (GPT-2 Conv1D) and the linear reads its transpose.
+    """
+
+    x: fx.Node
+    weight_node: fx.Node | None
+    transposed: bool
+    bias: fx.Node | None
+
+
+def linear_parts(node: fx.Node) -> LinearParts:
+    assert is_linear(node), node
+    args = list(node.args) + [None] * (3 - len(node.args))
+    x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+    transposed = False
+    if isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and w.target in (
+        torch.t, "t", operator.attrgetter("T")
+    ):
+        w, transposed = w.args[0], True
+    if not (isinstance(w, fx.Node) and param_fqn(w) is not None):
+        w = None
+    return LinearParts(x=x, weight_node=w, transposed=transposed, bias=b)
+
+
+def layer_name(weight_fqn: str) -> str:
+    """``model.layers.0.mlp.down_proj.weight`` -> ``model.layers.0.mlp.down_proj``."""
+    return weight_fqn.rsplit(".", 1)[0] if "." in weight_fqn else weight_fqn

@@ -1,0 +1,117 @@
+"""The offline flow: ``compress(model, recipe)`` runs the same passes and writes their decisions back.
+
+1. Capture the model's forward with Dynamo (on the first calibration batch, ``example_inputs``, or
+   a short dummy prompt for Hugging Face models) and run the recipe's pipeline on each graph.
+2. For every ``lowbit::wo_linear`` the pipeline produced, replace the module that owned the float
+   weight (``nn.Linear``, or GPT-2's ``Conv1D``) by a :class:`LowbitLinear` holding the very
+   quantized tensors the pass made. The float weight is released, so memory really shrinks.
+
+The model keeps its class, ``generate()`` works, ``state_dict()`` holds the quantized buffers, and
+compiling it with ``backend="lowbit"`` lowers its ``lowbit::`` ops directly: ``insert_weight_quant``
+only rewrites float ``F.linear`` nodes, so nothing is quantized twice.
+
+Calibration data is accepted for the interface later passes need (the data-free presets ignore it
+beyond using the first batch as the capture input).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lowbit_compiler import ir
+from lowbit_compiler.capture import capture
+from lowbit_compiler.formats import WeightFormat
+from lowbit_compiler.pass_base import LowbitError, PassContext
+from lowbit_compiler.pipeline import run_pipeline
+from lowbit_compiler.recipe import get_recipe
+
+log = logging.getLogger("lowbit_compiler")
+
+
+class LowbitLinear(torch.nn.Module):
+    """A linear layer with weight-only quantized storage; calls ``lowbit::wo_linear``."""
+
+    def __init__(self, fmt: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bias: torch.Tensor | None, in_features: int):
+        super().__init__()
+        self.fmt = fmt
+        self.in_features = in_features
+        self.out_features = scale.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lowbit.wo_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
+                                          self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _example_kwargs(model: torch.nn.Module, calibration: Any, example_inputs: Any) -> dict[str, Any]:
+    if example_inputs is not None:
+        return example_inputs if isinstance(example_inputs, dict) else {"input_ids": example_inputs}
+    if calibration is not None:
+        first = next(iter(calibration))
+        if isinstance(first, dict):
+            return dict(first)
+        if isinstance(first, torch.Tensor):
+            return {"input_ids": first if first.dim() == 2 else first.unsqueeze(0)}
+        raise LowbitError("compress: calibration items must be token-id tensors or dicts of model inputs")
+    if getattr(getattr(model, "config", None), "vocab_size", None):
+        return {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    raise LowbitError("compress: cannot build an input for this model; pass example_inputs=tensor or dict")
+
+
+def _weight_owner(model: torch.nn.Module, layer: str) -> tuple[torch.nn.Module, str]:
+    parent_name, _, child = layer.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, example_inputs: Any = None,
+             strict: bool = False) -> torch.nn.Module:
+    """Apply ``recipe`` to ``model`` in place and return it; ``model.lowbit_summary`` says what changed."""
+    recipe = get_recipe(recipe)
+    decisions: dict[str, tuple[fx.GraphModule, fx.Node]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    passes: list[dict[str, Any]] = []
+
+    def backend(gm: fx.GraphModule, example: list[Any]):
+        captured = capture(gm, example)
+        ctx = PassContext(recipe=recipe, strict=strict)
+        report = run_pipeline(captured.gm, recipe, ctx=ctx)
+        passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
+        layers.update(report.layers)
+        for node in captured.gm.graph.nodes:
+            decision = ir.get(node, ir.WEIGHT_QUANT)
+            if decision is not None and node.target is torch.ops.lowbit.wo_linear.default:
+                decisions[decision.layer] = (captured.gm, node)
+        return gm.forward
+
+    kwargs = _example_kwargs(model, calibration, example_inputs)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+    model.train(was_training)
+
+    replaced = 0
+    for layer, (gm, node) in decisions.items():
+        parent, child = _weight_owner(model, layer)
+        old = getattr(parent, child)
+        _, qweight, scale, zero, bias, fmt, in_features = node.args
+        tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
+        bias_tensor = None if bias is None else getattr(old, "bias", None)
+        WeightFormat.parse(fmt)
+        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features))
+        replaced += 1
+    if replaced == 0:
+        log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)
+    model.lowbit_summary = {"recipe": recipe.to_dict(), "replaced_modules": replaced, "layers": layers,
+                            "passes": passes}
+    return model

@@ -1,0 +1,154 @@
+"""Recipes: which passes run, in which order, with which formats, on which layers.
+
+A :class:`Recipe` is a frozen dataclass. Named presets live in ``PRESETS``; a recipe can also be
+loaded from a TOML file (``load_recipe("my.toml")``)::
+
+    [recipe]
+    base = "w4a16"                         # optional: start from a preset
+    passes = ["canonicalize", "count_linears", "insert_weight_quant"]
+    exclude = ["lm_head", "*.mlp.down_proj"]   # FQN globs (fnmatch)
+    pad_to_group = false
+
+    [recipe.weight]                        # the weight-only format
+    bits = 4
+    group_size = 64
+    symmetric = true
+
+    [recipe.options.count_linears]         # keyword options for one pass
+    verbose = true
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import sys
+from typing import Any, Mapping
+
+from lowbit_compiler.formats import FormatError, WeightFormat
+from lowbit_compiler.pass_base import LowbitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A compression recipe.
+
+    Args:
+        name: shown in dumps and logs.
+        passes: pass names, run in this order (see ``lowbit_compiler.registered_passes()``).
+        weight: the weight-only format applied by ``insert_weight_quant`` (None: no weight quant).
+        include: FQN globs of the linears a pass may rewrite (layer FQN, e.g. ``model.layers.*``).
+        exclude: FQN globs left alone even when included.
+        pad_to_group: pad K up to a multiple of the group size instead of refusing the layer.
+        options: per-pass keyword options, as ``((pass_name, ((key, value), ...)), ...)``.
+    """
+
+    name: str
+    passes: tuple[str, ...] = ()
+    weight: WeightFormat | None = None
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    pad_to_group: bool = False
+    options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def __post_init__(self) -> None:
+        for field in ("passes", "include", "exclude"):
+            value = getattr(self, field)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise LowbitError(f"recipe {self.name!r}: `{field}` must be a list of strings, got {value!r}")
+            object.__setattr__(self, field, tuple(value))
+
+    def applies_to(self, layer: str) -> bool:
+        """Whether the include/exclude globs select this layer FQN."""
+        return (any(fnmatch.fnmatchcase(layer, p) for p in self.include)
+                and not any(fnmatch.fnmatchcase(layer, p) for p in self.exclude))
+
+    def pass_options(self, pass_name: str) -> dict[str, Any]:
+        return dict(dict(self.options).get(pass_name, ()))
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "passes": list(self.passes),
+            "weight": None if self.weight is None else self.weight.key,
+            "include": list(self.include), "exclude": list(self.exclude),
+            "pad_to_group": self.pad_to_group,
+            "options": {k: dict(v) for k, v in self.options},
+        }
+
+
+_WEIGHT_ONLY = ("canonicalize", "insert_weight_quant")
+
+PRESETS: dict[str, Recipe] = {
+    # capture and run: no pass rewrites anything
+    "none": Recipe("none"),
+    "w8a16": Recipe("w8a16", _WEIGHT_ONLY, WeightFormat(8)),
+    "w4a16": Recipe("w4a16", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False)),
+}
+
+
+def get_recipe(recipe: "str | os.PathLike | Recipe | None") -> Recipe:
+    """A Recipe from a preset name, a TOML path, or a Recipe (returned as is)."""
+    if recipe is None:
+        return PRESETS["none"]
+    if isinstance(recipe, Recipe):
+        return recipe
+    text = os.fspath(recipe)
+    if text.endswith(".toml"):
+        return load_recipe(text)
+    if text not in PRESETS:
+        raise LowbitError(f"unknown recipe {text!r}; presets: {sorted(PRESETS)}, "
+                          "or give a path to a .toml recipe file")
+    return PRESETS[text]
+
+
+def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
+    """Build a Recipe from the ``[recipe]`` table of a TOML file (or an equivalent dict)."""
+    data = dict(data)
+    known = {"name", "base", "passes", "weight", "include", "exclude", "pad_to_group", "options"}
+    unknown = set(data) - known
+    if unknown:
+        raise LowbitError(f"{source}: unknown recipe keys {sorted(unknown)}; known keys: {sorted(known)}")
+    base_name = data.pop("base", None)
+    base = get_recipe(base_name) if base_name else Recipe(name="custom")
+    changes: dict[str, Any] = {"name": data.pop("name", base.name if base_name else _file_stem(source))}
+    if "weight" in data:
+        w = data.pop("weight")
+        if w is None or w == {}:
+            changes["weight"] = None
+        else:
+            w = dict(w)
+            unknown_w = set(w) - {"bits", "group_size", "symmetric"}
+            if unknown_w:
+                raise LowbitError(f"{source}: unknown [recipe.weight] keys {sorted(unknown_w)}; "
+                                  "known: bits, group_size, symmetric")
+            try:
+                changes["weight"] = WeightFormat(**w)
+            except (FormatError, TypeError) as e:
+                raise LowbitError(f"{source}: [recipe.weight]: {e}") from None
+    if "options" in data:
+        opts = data.pop("options")
+        changes["options"] = tuple((k, tuple(sorted(dict(v).items()))) for k, v in sorted(opts.items()))
+    for key in ("passes", "include", "exclude", "pad_to_group"):
+        if key in data:
+            changes[key] = data.pop(key)
+    return dataclasses.replace(base, **changes)
+
+
+def _file_stem(source: str) -> str:
+    return os.path.splitext(os.path.basename(source))[0] or "custom"
+
+
+def load_recipe(path: "str | os.PathLike") -> Recipe:
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    if "recipe" not in doc:
+        raise LowbitError(f"{path}: no [recipe] table; see lowbit_compiler/recipe.py for the format")
+    return recipe_from_dict(doc["recipe"], source=os.fspath(path))

@@ -1,0 +1,75 @@
+"""The project's IR verifier, run after every pass in strict/debug mode (after ``graph.lint()``).
+
+It checks the conventions of ``lowbit_compiler/ir.py`` that lint cannot know about:
+
+* every ``get_attr`` resolves, and frozen ones carry ``ir.PARAM`` whose FQN is the target;
+* ``node.meta["lowbit"]`` holds only known keys with frozen-dataclass values;
+* every ``lowbit::wo_linear`` has a valid format key, consistent tensor shapes and dtypes, and
+  a ``WEIGHT_QUANT`` decision that agrees with them;
+* no frozen parameter is left as a placeholder.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from lowbit_compiler import ir
+from lowbit_compiler.formats import FormatError, WeightFormat
+
+
+class IRError(AssertionError):
+    pass
+
+
+def _fail(node: fx.Node, message: str) -> None:
+    raise IRError(f"IR verifier: node {node.name} ({node.format_node()}): {message}")
+
+
+def verify(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        meta = node.meta.get(ir.META, {})
+        for key, value in meta.items():
+            if key not in ir.KNOWN_KEYS:
+                _fail(node, f"unknown meta key {key!r}; define it in lowbit_compiler/ir.py")
+            if not (dataclasses.is_dataclass(value) and type(value).__dataclass_params__.frozen):
+                _fail(node, f"meta[{key!r}] must be a frozen dataclass spec, got {type(value).__name__}")
+        if node.op == "get_attr":
+            try:
+                ir.fetch_attr(gm, node.target)
+            except AttributeError:
+                _fail(node, f"get_attr target {node.target!r} does not resolve")
+            info = meta.get(ir.PARAM)
+            if info is not None and info.fqn != node.target:
+                _fail(node, f"PARAM fqn {info.fqn!r} differs from the target {node.target!r}")
+        if node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear.default:
+            _verify_wo_linear(gm, node)
+
+
+def _verify_wo_linear(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, qweight, scale, zero, bias, fmt_key, in_features = node.args
+    try:
+        fmt = WeightFormat.parse(fmt_key)
+    except FormatError as e:
+        _fail(node, str(e))
+    tensors = {}
+    for name, arg in (("qweight", qweight), ("scale", scale), ("zero", zero)):
+        if arg is None:
+            continue
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+            _fail(node, f"{name} must be a get_attr constant")
+        tensors[name] = ir.fetch_attr(gm, arg.target)
+    q, s = tensors["qweight"], tensors["scale"]
+    n = s.shape[0]
+    kp = fmt.padded_k(in_features)
+    expected_q = (torch.int8, (n, kp)) if fmt.bits == 8 else (torch.uint8, (n, kp // 2))
+    if (q.dtype, tuple(q.shape)) != expected_q:
+        _fail(node, f"qweight is {q.dtype}{tuple(q.shape)}, format {fmt.key} needs {expected_q}")
+    if fmt.bits == 4 and tuple(s.shape) != (n, kp // fmt.group_size):
+        _fail(node, f"scale shape {tuple(s.shape)} does not match {fmt.key} with K={in_features}")
+    if (zero is None) != (fmt.bits == 8 or fmt.symmetric):
+        _fail(node, f"format {fmt.key} {'needs' if zero is None else 'takes no'} zero points")
+    decision = ir.get(node, ir.WEIGHT_QUANT)
+    if decision is not None and (decision.format, decision.out_features, decision.in_features) != (fmt.key, n, in_features):
+        _fail(node, f"WEIGHT_QUANT decision {decision} disagrees with the op arguments")

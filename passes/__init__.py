@@ -1,0 +1,5 @@
+"""Built-in passes, imported as ``lowbit_compiler.passes``: one module per pass family.
+
+Importing this package registers every built-in pass by name (see ``registered_passes()``).
+"""
+from lowbit_compiler.passes import canonicalize, quantize  # noqa: F401  (registration)

@@ -1,0 +1,116 @@
+"""insert_weight_quant: replace float linears by ``lowbit::wo_linear`` with round-to-nearest weights.
+
+Where it runs: after ``canonicalize`` (it requires "canonical": every linear is ``F.linear``).
+
+What it rewrites: each ``F.linear`` whose weight is a frozen parameter and whose layer FQN the
+recipe selects (``include``/``exclude`` globs) becomes::
+
+    lowbit.wo_linear(x, <layer>.qweight, <layer>.scale, <layer>.zero, bias, "<format key>", K)
+
+with the quantized tensors registered on the GraphModule under the layer's FQN, and an
+``ir.WEIGHT_QUANT`` decision (format, bits per weight, bytes, weight SQNR) on the node.
+
+Quantized tensors are cached per parameter object (and its in-place version counter), so prefill,
+decode and recompiled graphs of one model share a single copy; ``QUANT_CACHE.misses`` counts
+real work.
+
+What it leaves alone, with the reason in ``ir.SKIPPED``: linears whose weight is computed in the
+graph (not a parameter), layers the recipe excludes. A layer whose K does not fit the group size
+raises (naming the layer and the fix) unless the recipe sets ``pad_to_group``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from lowbit_compiler import ir
+from lowbit_compiler.identity_cache import IdentityCache
+from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, quantize, sqnr_db
+from lowbit_compiler.pass_base import Pass, PassContext, PassResult, register_pass
+
+# parameter -> {(transposed, format key): (QuantizedWeight, weight SQNR)}; .misses counts real work
+QUANT_CACHE = IdentityCache()
+
+
+def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat) -> tuple[QuantizedWeight, float]:
+    """The quantized form of one parameter (cached by identity and in-place version)."""
+
+    def make() -> tuple[QuantizedWeight, float]:
+        w = param.detach().t() if transposed else param.detach()
+        qw = quantize(w, fmt)
+        return qw, sqnr_db(w.float(), dequantize(qw))
+
+    return QUANT_CACHE.get_or_create(param, (transposed, fmt.key), make)
+
+
+def _register(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> fx.Node:
+    from torch.fx.graph_module import _assign_attr
+
+    _assign_attr(tensor, gm, target)
+    return gm.graph.get_attr(target)
+
+
+@register_pass
+class InsertWeightQuant(Pass):
+    name = "insert_weight_quant"
+    requires = ("canonical",)
+    ensures = ("weights_quantized",)
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        recipe = ctx.recipe
+        fmt: WeightFormat | None = recipe.weight
+        if fmt is None:
+            return PassResult(False, 0, {"note": "recipe has no weight format"})
+        quantized, skipped = 0, 0
+        for node in list(gm.graph.nodes):
+            if not ir.is_linear(node):
+                continue
+            parts = ir.linear_parts(node)
+            if parts.weight_node is None:
+                ir.put(node, ir.SKIPPED, ir.SkipReason(self.name, "weight is computed in the graph, not a parameter"))
+                skipped += 1
+                continue
+            layer = ir.layer_name(parts.weight_node.target)
+            if not recipe.applies_to(layer):
+                ir.put(node, ir.SKIPPED, ir.SkipReason(self.name, "excluded by the recipe's include/exclude globs"))
+                ctx.layers[layer] = {"format": "float", "skipped": "excluded by recipe"}
+                skipped += 1
+                continue
+            param = ir.fetch_attr(gm, parts.weight_node.target)
+            n, k = (param.shape[1], param.shape[0]) if parts.transposed else tuple(param.shape)
+            check_layer(fmt, k, layer, recipe.pad_to_group)
+            qw, sqnr = quantize_parameter(param, parts.transposed, fmt)
+            with gm.graph.inserting_before(node):
+                q = _register(gm, f"{layer}.qweight", qw.qweight)
+                s = _register(gm, f"{layer}.scale", qw.scale)
+                z = None if qw.zero is None else _register(gm, f"{layer}.zero", qw.zero)
+                new = gm.graph.call_function(torch.ops.lowbit.wo_linear.default,
+                                             (parts.x, q, s, z, parts.bias, fmt.key, k))
+            new.meta.update(node.meta)
+            decision = ir.WeightQuantDecision(
+                layer=layer, format=fmt.key, in_features=k, out_features=n,
+                bits_per_weight=fmt.bits_per_weight(n, k),
+                bytes_before=param.numel() * param.element_size(), bytes_after=qw.nbytes(),
+                weight_sqnr_db=round(sqnr, 2), padded_in_features=fmt.padded_k(k) if fmt.padded_k(k) != k else 0)
+            ir.put(new, ir.WEIGHT_QUANT, decision)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            ctx.layers[layer] = {k_: v for k_, v in decision.__dict__.items() if k_ != "layer"}
+            quantized += 1
+        if quantized:
+            gm.graph.eliminate_dead_code()
+            _drop_unused_attrs(gm)
+        details = {"quantized": quantized, "skipped": skipped, "format": fmt.key}
+        if quantized == 0:
+            details["note"] = "nothing was quantized: the graph has no selected linear layers"
+        return PassResult(quantized > 0, quantized, details)
+
+
+def _drop_unused_attrs(gm: fx.GraphModule) -> None:
+    """Forget float weights no node reads any more (the user's model still owns them)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = ir.fetch_attr(gm, owner_path) if owner_path else gm
+            delattr(owner, attr)
