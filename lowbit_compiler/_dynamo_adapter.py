@@ -46,6 +46,22 @@ def module_state_of(node: fx.Node) -> tuple[str, bool] | None:
     return ".".join([*modules, state.group(2)]), state.group(1) == "parameters"
 
 
+_ROOT_EXPR = re.compile(r"^L\[[^\]]+\](\[\d+\])?\.?")
+
+
+def calling_module(node: fx.Node) -> tuple[str, str] | None:
+    """``(fqn, class name)`` of the innermost module whose forward produced ``node``.
+
+    Dynamo records ``node.meta["nn_module_stack"]`` as ``{key: ("L['self'].model.layers.0.mlp",
+    cls)}``; the root expression is stripped.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return _ROOT_EXPR.sub("", str(path)), getattr(cls, "__name__", str(cls))
+
+
 def graph_break_count() -> int:
     from torch._dynamo.utils import counters
 

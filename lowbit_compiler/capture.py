@@ -54,6 +54,11 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
         ir.put(attr, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=is_parameter))
         node.replace_all_uses_with(attr)
         graph.erase_node(node)
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            module = _dynamo_adapter.calling_module(node)
+            if module is not None:
+                ir.put(node, ir.MODULE, ir.ModuleInfo(*module))
     # Attributes are copied by reference: the GraphModule holds the user's nn.Parameter objects.
     new_gm = fx.GraphModule(root, graph, class_name="LowbitGraph")
     return Captured(new_gm, kept, frozen)

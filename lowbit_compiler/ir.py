@@ -27,10 +27,11 @@ META = "lowbit"
 
 # Keys of node.meta["lowbit"]
 PARAM = "param"            # ParamInfo on get_attr nodes of frozen parameters/buffers
+MODULE = "module"          # ModuleInfo: the module whose forward called this op (from capture)
 NORM = "norm"              # NormSpec on canonical norm nodes
 WEIGHT_QUANT = "weight_quant"  # WeightQuantDecision on lowbit::wo_linear nodes
 SKIPPED = "skipped"        # SkipReason on nodes a pass looked at and left alone
-KNOWN_KEYS = frozenset({PARAM, NORM, WEIGHT_QUANT, SKIPPED})
+KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,14 @@ class ParamInfo:
 
     fqn: str
     is_parameter: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleInfo:
+    """The innermost module whose forward produced a node (``lm_head``, ``model.layers.0.mlp``)."""
+
+    fqn: str
+    class_name: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +149,10 @@ def linear_parts(node: fx.Node) -> LinearParts:
     return LinearParts(x=x, weight_node=w, transposed=transposed, bias=b)
 
 
-def layer_name(weight_fqn: str) -> str:
-    """``model.layers.0.mlp.down_proj.weight`` -> ``model.layers.0.mlp.down_proj``."""
+def layer_name(node: fx.Node, weight_fqn: str) -> str:
+    """The layer a linear belongs to: the module that called it (so a head tied to the embedding is
+    ``lm_head``, not ``model.embed_tokens``), else the weight FQN without ``.weight``."""
+    module = get(node, MODULE)
+    if module is not None and module.fqn:
+        return module.fqn
     return weight_fqn.rsplit(".", 1)[0] if "." in weight_fqn else weight_fqn

@@ -149,7 +149,11 @@ def apply_rules(gm: fx.GraphModule, rules: Iterable[PatternRule]) -> collections
             with gm.graph.inserting_before(node):
                 new = rule.replacement(gm, node, match)
             if new is not node:
-                new.meta.update({k: v for k, v in node.meta.items() if k not in new.meta})
+                for key, value in node.meta.items():  # the replacement inherits what it lacks
+                    if key == "lowbit":
+                        new.meta["lowbit"] = {**value, **new.meta.get("lowbit", {})}
+                    elif key not in new.meta:
+                        new.meta[key] = value
                 node.replace_all_uses_with(new)
             counts[rule.name] += 1
             break

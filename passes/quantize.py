@@ -70,7 +70,7 @@ class InsertWeightQuant(Pass):
                 ir.put(node, ir.SKIPPED, ir.SkipReason(self.name, "weight is computed in the graph, not a parameter"))
                 skipped += 1
                 continue
-            layer = ir.layer_name(parts.weight_node.target)
+            layer = ir.layer_name(node, parts.weight_node.target)
             if not recipe.applies_to(layer):
                 ir.put(node, ir.SKIPPED, ir.SkipReason(self.name, "excluded by the recipe's include/exclude globs"))
                 ctx.layers[layer] = {"format": "float", "skipped": "excluded by recipe"}

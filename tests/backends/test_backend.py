@@ -1,0 +1,191 @@
+"""The lowbit backend end to end: entry point, presets, generate(), recompiles, caching, fallbacks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lowbit_compiler
+from lowbit_compiler import LowbitError, _dynamo_adapter
+from lowbit_compiler.backends import cpu_kernels
+from lowbit_compiler.backends.lowbit_backend import stats
+from lowbit_compiler.formats import sqnr_db
+from lowbit_compiler.passes import quantize as quantize_pass
+from tests.conftest import ARCHS, make_model, prompt
+from tests.helpers import Recorder, count
+
+
+def test_entry_point_works_without_importing_the_package():
+    code = textwrap.dedent("""
+        import sys, torch, transformers
+        assert "lowbit_compiler" not in sys.modules
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        ids = torch.randint(0, 256, (1, 5))
+        with torch.no_grad():
+            ref = model(ids).logits
+            out = torch.compile(model, backend="lowbit", options={"recipe": "w8a16"})(ids).logits
+        from lowbit_compiler.backends.lowbit_backend import stats
+        assert stats["backend_calls"] == 1, stats
+        print("sqnr", float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum())))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) > 25
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recipe_none_equals_eager(arch):
+    model = make_model(arch)
+    ids = prompt()
+    with torch.no_grad():
+        ref = model(ids)[0]
+        out = torch.compile(model, backend="lowbit", options={"recipe": "none", "strict": True})(ids)[0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe, floor", [("w8a16", 30.0), ("w4a16", 8.0)])
+def test_quantized_presets_run_all_linears_on_the_fast_path(recipe, floor):
+    model = make_model("llama")
+    ids = prompt()
+    rec = Recorder(recipe=recipe, strict=True)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=rec)(ids).logits
+    summary = rec.summaries[0]
+    assert summary["kernel_counts"] == {"cpu": 15} and summary["fallbacks"] == {}
+    assert len(summary["layers"]) == 15
+    assert count(rec.graphs[0], "packed_linear") == 15 and count(rec.graphs[0], "linear") == 0
+    # end-to-end logits of a random 2-layer model: a loose sanity floor (per-layer floors are in
+    # test_formats_and_ops.py and test_offline.py)
+    assert sqnr_db(ref, out) >= floor
+
+
+def test_generate_through_backend_with_recompile_budget():
+    model = make_model("llama")
+    ids = prompt(7)
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=32, do_sample=False)
+        eager2 = model.generate(prompt(11, seed=2), max_new_tokens=8, do_sample=False)
+    calls = stats["backend_calls"]
+    misses = quantize_pass.QUANT_CACHE.misses
+    model.compile(backend="lowbit", options={"recipe": "none", "strict": True})
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=32, do_sample=False)
+    first = stats["backend_calls"] - calls
+    assert 1 <= first <= 3, first  # prefill, first decode, dynamic decode
+    assert _dynamo_adapter.graph_break_count() == 0
+    assert torch.equal(out, eager)
+    with torch.no_grad():
+        out2 = model.generate(prompt(11, seed=2), max_new_tokens=8, do_sample=False)
+    assert stats["backend_calls"] - calls - first <= 1
+    assert torch.equal(out2, eager2)
+    assert quantize_pass.QUANT_CACHE.misses == misses  # "none" quantizes nothing
+
+
+def test_quantized_weights_are_shared_by_prefill_and_decode_graphs():
+    model = make_model("qwen2")
+    misses, packs = quantize_pass.QUANT_CACHE.misses, cpu_kernels.PACK_CACHE.misses
+    rec = Recorder(recipe="w4a16", strict=True)
+    model.compile(backend=rec)
+    with torch.no_grad():
+        model.generate(prompt(), max_new_tokens=6, do_sample=False)
+    assert len(rec.graphs) >= 2
+    assert quantize_pass.QUANT_CACHE.misses - misses == 15
+    assert cpu_kernels.PACK_CACHE.misses - packs == 15
+    packed = [{id(m) for n, m in gm.named_modules() if isinstance(m, cpu_kernels.PackedWeight)} for gm in rec.graphs]
+    assert all(p == packed[0] for p in packed) and len(packed[0]) == 15
+
+
+def test_bf16_model_runs_and_meets_floor():
+    model = make_model("llama", dtype=torch.bfloat16)
+    ids = prompt()
+    rec = Recorder(recipe="w8a16", strict=True)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        out = torch.compile(model, backend=rec)(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert rec.summaries[0]["kernel_counts"] == {"cpu": 15}
+    assert sqnr_db(ref, out.float()) >= 25
+
+
+def test_target_triton_falls_back_with_reason_and_counter(caplog):
+    model = make_model("llama")
+    ids = prompt()
+    before = lowbit_compiler.fallback_counter.copy()
+    rec = Recorder(recipe="w8a16", target="triton")
+    with torch.no_grad(), caplog.at_level("WARNING", logger="lowbit_compiler"):
+        ref = torch.compile(make_model("llama"), backend=Recorder(recipe="w8a16", cpu_compute_dtype="activation"))(ids).logits
+        out = torch.compile(model, backend=rec)(ids).logits
+    summary = rec.summaries[0]
+    assert summary["kernel_counts"] == {"reference": 15}
+    (reason, n), = summary["fallbacks"].items()
+    assert n == 15 and "Triton code generator is not available" in reason
+    assert lowbit_compiler.fallback_counter[reason] - before[reason] == 15
+    assert "layer model.layers.0.self_attn.q_proj" in caplog.text
+    assert sqnr_db(ref, out) > 60  # the reference path computes the same format
+
+
+def test_strict_mode_raises_on_fallback():
+    model = make_model("llama")
+    compiled = torch.compile(model, backend="lowbit", options={"recipe": "w8a16", "target": "triton", "strict": True})
+    with pytest.raises(Exception, match=r"\[strict\] layer model.layers.0.self_attn.q_proj .*Triton code generator"):
+        compiled(prompt())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"recipe": "w5a16"}, r"unknown recipe 'w5a16'; presets: \["),
+    ({"recipe": "w8a16", "targte": "cpu"}, r"unknown options \['targte'\]"),
+    ({"recipe": "w8a16", "target": "gpu"}, r"target='gpu'; expected one of"),
+])
+def test_bad_options_are_refused_with_the_fix(options, message):
+    compiled = torch.compile(make_model("llama"), backend="lowbit", options=options)
+    with pytest.raises(Exception, match=message):
+        compiled(prompt())
+
+
+def test_model_without_linears_compiles_and_says_nothing_was_quantized():
+    class NoLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return torch.relu(x * self.scale)
+
+    rec = Recorder(recipe="w4a16", strict=True)
+    x = torch.randn(3, 8)
+    out = torch.compile(NoLinear(), backend=rec)(x)
+    torch.testing.assert_close(out, torch.relu(x))
+    quant = rec.summaries[0]["passes"][1]
+    assert quant["name"] == "insert_weight_quant" and quant["matches"] == 0
+    assert "nothing was quantized" in quant["details"]["note"]
+
+
+def test_k_not_divisible_raises_naming_layer_or_pads():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(200, 64)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model, x = Odd(), torch.randn(4, 200)
+    with pytest.raises(Exception, match=r"layer proj: K=200 is not a multiple of group_size=128; "
+                                        r".*pad_to_group"):
+        torch.compile(model, backend="lowbit", options={"recipe": "w4a16"})(x)
+    torch._dynamo.reset()
+    padded = lowbit_compiler.get_recipe("w4a16").replace(pad_to_group=True)
+    rec = Recorder(recipe=padded, strict=True)
+    out = torch.compile(model, backend=rec)(x)
+    layer = rec.summaries[0]["layers"]["proj"]
+    assert layer["padded_in_features"] == 256
+    assert sqnr_db(model(x).detach(), out.detach()) >= 19

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random-weight models built from transformers configs (no hub access)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import lowbit_compiler  # noqa: F401  (registers ops and passes)
+
+HIDDEN, INTER, VOCAB = 128, 256, 256
+
+
+def _decoder_kwargs():
+    return dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+
+
+def make_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**_decoder_kwargs()))
+    elif arch == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**_decoder_kwargs()))
+    elif arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**_decoder_kwargs()))
+    elif arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256,
+                                                 bos_token_id=0, eos_token_id=0))
+    elif arch == "bert":
+        model = tf.BertModel(tf.BertConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=INTER, vocab_size=VOCAB))
+    else:
+        raise ValueError(arch)
+    return model.to(dtype).eval()
+
+
+DECODERS = ("llama", "mistral", "qwen2", "gpt2")
+ARCHS = DECODERS + ("bert",)
+
+
+def prompt(length: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty Dynamo caches and counters (tests compile many models)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    logging.getLogger("transformers").setLevel(logging.ERROR)
