@@ -61,8 +61,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         if not (node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear.default):
             continue
         x, qweight, scale, zero, bias, fmt, in_features = node.args
-        decision = ir.get(node, ir.WEIGHT_QUANT)
-        where = f"layer {decision.layer if decision else '?'} (node {node.name})"
+        where = ir.describe(node)
         xv = _dynamo_adapter.example_value(x)
         reason = None
         if target == "triton":

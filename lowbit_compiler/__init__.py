@@ -6,7 +6,7 @@ Three ways in:
 * ``lowbit_compiler.compress(model, "w4a16")``: the offline flow, decisions written into the model
 * your own passes: ``@register_pass`` a :class:`Pass` and name it in a :class:`Recipe`
 """
-from lowbit_compiler import ops  # noqa: F401  (registers the lowbit:: custom ops)
+from lowbit_compiler import ir, ops  # noqa: F401  (ops registers the lowbit:: custom ops)
 from lowbit_compiler.formats import FormatError, WeightFormat
 from lowbit_compiler.pass_base import (LowbitError, Pass, PassContext, PassResult, PatternRule, apply_rules,
                                        fallback_counter, register_pass, registered_passes, replace_pattern)

@@ -149,6 +149,13 @@ def linear_parts(node: fx.Node) -> LinearParts:
     return LinearParts(x=x, weight_node=w, transposed=transposed, bias=b)
 
 
+def describe(node: fx.Node) -> str:
+    """``layer model.layers.0.mlp.down_proj (node linear_6)``: how errors and logs name a node."""
+    decision, module = get(node, WEIGHT_QUANT), get(node, MODULE)
+    layer = decision.layer if decision is not None else (module.fqn if module is not None else None)
+    return f"layer {layer} (node {node.name})" if layer else f"node {node.name}"
+
+
 def layer_name(node: fx.Node, weight_fqn: str) -> str:
     """The layer a linear belongs to: the module that called it (so a head tied to the embedding is
     ``lm_head``, not ``model.embed_tokens``), else the weight FQN without ``.weight``."""
