@@ -1,0 +1,142 @@
+"""Batch-1 cached decode on the CPU: eager fp32 / bf16 against the lowbit backend.
+
+A Llama-style decoder with random weights (hidden 2048, intermediate 5632, 8 layers, 16 heads /
+4 KV heads, vocab 32000). Every contender decodes from its own DynamicCache after the same
+prefill; steps are interleaved (one step of each contender in turn) so that drift in machine speed
+hits all alike. Reported: median ms per token, speedup against eager fp32 and eager bf16, and the
+fraction of the memory-bandwidth floor (bytes that must be read per token / read bandwidth
+measured in this run, divided by the measured time).
+
+    python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--json benchmarks/results/decode_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+
+def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 9) -> float:
+    """Bytes per second for summing a large fp32 tensor (a read-dominated stream), median."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def linear_bytes(model: torch.nn.Module, dtype_bytes: int) -> int:
+    return sum(m.weight.numel() * dtype_bytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def quantized_bytes(dump_dir: str, model: torch.nn.Module) -> int:
+    """Bytes of the quantized linears (from the dump) plus the float linears left alone."""
+    from lowbit_compiler.dump import load_summaries
+
+    layers: dict[str, dict] = {}
+    for summary in load_summaries(dump_dir):
+        layers.update(summary["layers"])
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            layer = layers.get(name)
+            total += layer["bytes_after"] if layer and "bytes_after" in layer else module.weight.numel() * module.weight.element_size()
+    return total
+
+
+class Contender:
+    def __init__(self, name: str, model: torch.nn.Module, call, bytes_per_token: int):
+        self.name, self.model, self.call, self.bytes_per_token = name, model, call, bytes_per_token
+        self.times: list[float] = []
+        self.cache = None
+        self.next_token = None
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        self.cache = DynamicCache()
+        out = self.call(input_ids=ids, cache=self.cache, use_cache=True)
+        self.next_token = out.logits[:, -1:].argmax(-1)
+
+    def step(self, record: bool) -> None:
+        start = time.perf_counter()
+        out = self.call(input_ids=self.next_token, cache=self.cache, use_cache=True)
+        self.next_token = out.logits[:, -1:].argmax(-1)
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--json", default="benchmarks/results/decode_cpu.json")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64  # three compiled contenders share one forward
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+    with torch.device("cpu"):
+        fp32 = LlamaForCausalLM(cfg).eval()
+    bf16 = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+
+    contenders = [
+        Contender("eager fp32", fp32, fp32, linear_bytes(fp32, 4)),
+        Contender("eager bf16", bf16, bf16, linear_bytes(bf16, 2)),
+    ]
+    dumps = tempfile.mkdtemp(prefix="lowbit-bench-")
+    for recipe in ("none", "w8a16", "w4a16"):
+        dump_dir = os.path.join(dumps, recipe)
+        compiled = torch.compile(fp32, backend="lowbit", options={"recipe": recipe, "dump_dir": dump_dir})
+        contenders.append(Contender(f"lowbit {recipe}", fp32, compiled, 0))
+
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for c in contenders:
+            c.prefill(ids)
+        for step in range(args.warmup + args.steps):
+            for c in contenders:
+                c.step(record=step >= args.warmup)
+    for c in contenders[2:]:
+        recipe = c.name.split()[-1]
+        c.bytes_per_token = (linear_bytes(fp32, 4) if recipe == "none"
+                             else quantized_bytes(os.path.join(dumps, recipe), fp32))
+    bandwidth = read_bandwidth()
+
+    base = {c.name: statistics.median(c.times) for c in contenders}
+    rows = []
+    for c in contenders:
+        ms = base[c.name] * 1e3
+        floor_ms = c.bytes_per_token / bandwidth * 1e3
+        rows.append({"contender": c.name, "ms_per_token": round(ms, 2),
+                     "speedup_vs_eager_fp32": round(base["eager fp32"] / base[c.name], 2),
+                     "speedup_vs_eager_bf16": round(base["eager bf16"] / base[c.name], 2),
+                     "weight_MB_per_token": round(c.bytes_per_token / 1e6, 1),
+                     "bandwidth_floor_fraction": round(floor_ms / ms, 2)})
+    header = ["contender", "ms/token", "vs fp32", "vs bf16", "MB read/token", "of BW floor"]
+    print(f"decode, batch 1, {args.layers} layers, prompt {args.prompt}, median of {args.steps} steps; "
+          f"threads={torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print(f"| {r['contender']} | {r['ms_per_token']:.1f} | {r['speedup_vs_eager_fp32']:.2f}x | "
+              f"{r['speedup_vs_eager_bf16']:.2f}x | {r['weight_MB_per_token']:.0f} | {r['bandwidth_floor_fraction']:.2f} |")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "read_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
