@@ -43,16 +43,6 @@ def resolve_target(target: str) -> str:
     return target
 
 
-def _set_attr(gm: fx.GraphModule, target: str, value: object) -> None:
-    owner = gm
-    *path, attr = target.split(".")
-    for atom in path:
-        if not hasattr(owner, atom):
-            owner.add_module(atom, torch.nn.Module())
-        owner = getattr(owner, atom)
-    setattr(owner, attr, value)
-
-
 def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
           cpu_compute_dtype: str = "bfloat16") -> LoweringReport:
     target = resolve_target(target)
@@ -80,7 +70,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         packed = cpu_kernels.prepack(*tensors, fmt, in_features, dtype)
         base = qweight.target.rsplit(".", 1)[0]
         packed_name = f"{base}.packed_{str(dtype).split('.')[-1]}"
-        _set_attr(gm, packed_name, packed)
+        ir.set_attr(gm, packed_name, packed)
         with gm.graph.inserting_before(node):
             packed_node = gm.graph.get_attr(packed_name)
         node.target = cpu_kernels.packed_linear

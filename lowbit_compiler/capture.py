@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.graph_module import _assign_attr
 
 from lowbit_compiler import _dynamo_adapter, ir
 
@@ -48,7 +47,7 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
         if fqn in frozen and frozen[fqn] is not value:
             raise RuntimeError(f"capture: two different tensors claim the FQN {fqn!r}")
         frozen[fqn] = value
-        _assign_attr(value, root, fqn)
+        ir.set_attr(root, fqn, value)
         with graph.inserting_before(first_real):
             attr = graph.get_attr(fqn)
         attr.meta.update(node.meta)
@@ -57,7 +56,7 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
         node.replace_all_uses_with(attr)
         graph.erase_node(node)
     for node in graph.nodes:
-        if isinstance(node.target, torch._ops.OpOverloadPacket) and node.target._qualified_op_name.startswith("lowbit::"):
+        if node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear:
             node.target = node.target.default  # lowbit ops called from eager modules (compressed models)
         if node.op in ("call_function", "call_method", "call_module"):
             module = _dynamo_adapter.calling_module(node)

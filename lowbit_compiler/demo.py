@@ -35,7 +35,7 @@ def main(dump_dir: str = "dumps/demo") -> int:
         eager_tokens = model.generate(prompt, max_new_tokens=16, do_sample=False)[0, 12:].tolist()
     print(f"eager greedy tokens: {eager_tokens}\n")
     for recipe in ("none", "w8a16", "w4a16"):
-        torch._dynamo.reset()
+        torch.compiler.reset()
         calls = stats["backend_calls"]
         directory = os.path.join(dump_dir, recipe)
         model.compile(backend="lowbit", options={"recipe": recipe, "dump_dir": directory})

@@ -24,7 +24,7 @@ from typing import Any
 import torch.fx as fx
 
 ENV_VAR = "LOWBIT_DUMP_DIR"
-_graph_ids = itertools.count()
+_graph_ids: dict[str, itertools.count] = {}  # dump root -> next graph number in this process
 
 
 def resolve_dump_dir(option: str | os.PathLike | None) -> str | None:
@@ -49,7 +49,8 @@ class DumpWriter:
             return
         os.makedirs(root, exist_ok=True)
         while True:  # never overwrite another process's (or an earlier run's) graph
-            candidate = os.path.join(root, f"{prefix}_{next(_graph_ids):03d}")
+            counter = _graph_ids.setdefault(os.path.abspath(root), itertools.count())
+            candidate = os.path.join(root, f"{prefix}_{next(counter):03d}")
             try:
                 os.makedirs(candidate)
                 break

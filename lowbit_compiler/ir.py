@@ -117,6 +117,21 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+def set_attr(module: torch.nn.Module, target: str, value: Any) -> None:
+    """Attach ``value`` at a dotted FQN, creating empty parent modules; tensors become buffers
+    (parameters stay parameters, the very object), modules submodules."""
+    *path, attr = target.split(".")
+    owner = module
+    for atom in path:
+        if not hasattr(owner, atom):
+            owner.add_module(atom, torch.nn.Module())
+        owner = getattr(owner, atom)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        owner.register_buffer(attr, value)
+    else:
+        setattr(owner, attr, value)
+
+
 def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.nn.functional.linear
 

@@ -44,9 +44,7 @@ def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat)
 
 
 def _register(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> fx.Node:
-    from torch.fx.graph_module import _assign_attr
-
-    _assign_attr(tensor, gm, target)
+    ir.set_attr(gm, target, tensor)
     return gm.graph.get_attr(target)
 
 

@@ -48,12 +48,12 @@ def prompt(length: int = 9, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test starts with empty Dynamo caches and counters (tests compile many models)."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     from torch._dynamo.utils import counters
 
     counters.clear()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 @pytest.fixture(autouse=True)

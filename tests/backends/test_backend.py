@@ -182,7 +182,7 @@ def test_k_not_divisible_raises_naming_layer_or_pads():
     with pytest.raises(Exception, match=r"layer proj: K=200 is not a multiple of group_size=128; "
                                         r".*pad_to_group"):
         torch.compile(model, backend="lowbit", options={"recipe": "w4a16"})(x)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     padded = lowbit_compiler.get_recipe("w4a16").replace(pad_to_group=True)
     rec = Recorder(recipe=padded, strict=True)
     out = torch.compile(model, backend=rec)(x)
