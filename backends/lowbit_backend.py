@@ -27,7 +27,9 @@ import torch
 import torch.fx as fx
 
 import lowbit_compiler.ops  # noqa: F401  (registers lowbit:: ops before any graph uses them)
+from lowbit_compiler import ir
 from lowbit_compiler.capture import capture
+from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter, resolve_dump_dir
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
@@ -76,6 +78,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     dump.stage("captured", ir_gm)
     ctx = PassContext(recipe=opts.recipe, strict=opts.strict)
     report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
+    layers = {**_prequantized_layers(ir_gm), **report.layers}
     lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype)
     dump.stage("lowered", ir_gm)
     summary = {
@@ -85,7 +88,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         "inputs": len(captured.kept_inputs),
         "frozen_parameters": len(captured.frozen),
         "passes": [dataclasses.asdict(p) for p in report.passes],
-        "layers": report.layers,
+        "layers": layers,
         "kernels": lowering.kernels,
         "kernel_counts": lowering.counts,
         "fallbacks": dict(ctx.fallbacks),
@@ -98,6 +101,23 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     compiled.lowbit_summary = summary  # type: ignore[attr-defined]
     compiled.lowbit_graph = ir_gm  # type: ignore[attr-defined]
     return compiled, summary
+
+
+def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
+    """Layer records for lowbit ops that arrived already quantized (a compress()ed model)."""
+    layers = {}
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.lowbit.wo_linear.default and ir.get(node, ir.WEIGHT_QUANT) is None:
+            _, qweight, scale, zero, _, fmt, in_features = node.args
+            tensors = [ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero) if a is not None]
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            n = tensors[1].shape[0]
+            module = ir.get(node, ir.MODULE)
+            layers[module.fqn if module else node.name] = {
+                "format": fmt, "in_features": in_features, "out_features": n, "bytes_after": nbytes,
+                "bits_per_weight": WeightFormat.parse(fmt).bits_per_weight(n, in_features),
+                "source": "already quantized in the model (compress)"}
+    return layers
 
 
 def lowbit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None):

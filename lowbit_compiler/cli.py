@@ -33,9 +33,11 @@ def format_summary(s: dict[str, Any]) -> str:
             if "skipped" in d:
                 rows.append([fqn, d.get("format", "float"), "", "", "", "", d["skipped"]])
                 continue
-            before, after = before + d["bytes_before"], after + d["bytes_after"]
+            if "bytes_before" in d:
+                before, after = before + d["bytes_before"], after + d["bytes_after"]
             rows.append([fqn, d["format"], f"{d['in_features']}x{d['out_features']}", f"{d['bits_per_weight']:.3f}",
-                         d["bytes_before"], d["bytes_after"], f"{d['weight_sqnr_db']:.1f}"])
+                         d.get("bytes_before", "-"), d["bytes_after"],
+                         f"{d['weight_sqnr_db']:.1f}" if "weight_sqnr_db" in d else d.get("source", "-")])
         out.append(_table(rows, ["layer", "format", "KxN", "bits/w", "bytes before", "bytes after", "weight SQNR dB"]))
         if after:
             out.append(f"total: {before} -> {after} bytes ({before / after:.2f}x smaller)")

@@ -132,6 +132,20 @@ def test_target_triton_falls_back_with_reason_and_counter(caplog):
     assert sqnr_db(ref, out) > 60  # the reference path computes the same format
 
 
+def test_dtype_without_packed_kernel_uses_reference_with_reason():
+    model = make_model("llama", dtype=torch.float64)
+    ids = prompt()
+    rec = Recorder(recipe="w8a16")
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=rec)(ids).logits
+    summary = rec.summaries[0]
+    assert summary["kernel_counts"] == {"reference": 15}
+    assert summary["fallbacks"] == {"activation dtype torch.float64 has no packed CPU kernel (use "
+                                    "float32/bfloat16/float16)": 15}
+    assert out.dtype == torch.float64 and sqnr_db(ref, out) >= 30
+
+
 def test_strict_mode_raises_on_fallback():
     model = make_model("llama")
     compiled = torch.compile(model, backend="lowbit", options={"recipe": "w8a16", "target": "triton", "strict": True})

@@ -69,6 +69,9 @@ def test_compiling_a_compressed_model_does_not_quantize_twice():
     quant = next(p for p in summary["passes"] if p["name"] == "insert_weight_quant")
     assert quant["matches"] == 0
     assert summary["kernel_counts"] == {"cpu": 15}
+    down = summary["layers"]["model.layers.1.mlp.down_proj"]
+    assert down["format"] == "int4_g128_asym" and down["source"].startswith("already quantized")
+    assert down["bytes_after"] == sum(b.numel() * b.element_size() for b in model.model.layers[1].mlp.down_proj.buffers())
     assert sqnr_db(eager, out) >= 60
 
 
