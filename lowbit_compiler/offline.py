@@ -23,7 +23,6 @@ import torch.fx as fx
 
 from lowbit_compiler import ir
 from lowbit_compiler.capture import capture
-from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import get_recipe
@@ -107,7 +106,6 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         _, qweight, scale, zero, bias, fmt, in_features = node.args
         tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
         bias_tensor = None if bias is None else getattr(old, "bias", None)
-        WeightFormat.parse(fmt)
         setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features))
         replaced += 1
     if replaced == 0:

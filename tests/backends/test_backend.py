@@ -1,7 +1,6 @@
 """The lowbit backend end to end: entry point, presets, generate(), recompiles, caching, fallbacks."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import lowbit_compiler
-from lowbit_compiler import LowbitError, _dynamo_adapter
+from lowbit_compiler import _dynamo_adapter
 from lowbit_compiler.backends import cpu_kernels
 from lowbit_compiler.backends.lowbit_backend import stats
 from lowbit_compiler.formats import sqnr_db
