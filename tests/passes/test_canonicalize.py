@@ -106,3 +106,14 @@ def test_parameters_are_frozen_with_fqn_and_identity():
         if fqn in params:
             assert ir.fetch_attr(gm, fqn) is params[fqn]  # the very nn.Parameter
     assert all(n.op != "placeholder" or "parameters" not in n.name for n in gm.graph.nodes)
+
+
+def test_rms_norm_rewrite_is_exact_in_bf16():
+    model = make_model("llama", dtype=torch.bfloat16)
+    ids = prompt()
+    rec = Recorder(recipe=CANON, strict=True)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=rec)(ids).logits
+    assert count(rec.graphs[0], "rms_norm") == 5
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
