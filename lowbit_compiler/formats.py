@@ -19,6 +19,7 @@ columns are zero and the activation is padded to match.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -71,6 +72,7 @@ class WeightFormat:
         return f"int4_g{self.group_size}_{'sym' if self.symmetric else 'asym'}"
 
     @staticmethod
+    @functools.lru_cache(maxsize=None)  # kernels parse the key on every call
     def parse(key: str) -> "WeightFormat":
         if key == "int8":
             return WeightFormat(8)
