@@ -70,10 +70,11 @@ class BackendOptions:
         return BackendOptions(**options)
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions):
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions,
+                  module_state: dict[int, tuple[str, bool]] | None = None):
     """Capture, rewrite and lower one Dynamo graph; returns the callable and the summary."""
     dump = DumpWriter(opts.dump_dir)
-    captured = capture(gm, example_inputs)
+    captured = capture(gm, example_inputs, module_state)
     ir_gm = captured.gm
     dump.stage("captured", ir_gm)
     ctx = PassContext(recipe=opts.recipe, strict=opts.strict)
@@ -95,12 +96,33 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     }
     dump.summary(summary)
 
-    def compiled(*args: Any) -> Any:
-        return ir_gm(*captured.call_args(args))
+    return LowbitCompiled(gm, opts, captured, summary), summary
 
-    compiled.lowbit_summary = summary  # type: ignore[attr-defined]
-    compiled.lowbit_graph = ir_gm  # type: ignore[attr-defined]
-    return compiled, summary
+
+class LowbitCompiled:
+    """The callable handed back to Dynamo: runs the lowered graph on Dynamo's non-frozen arguments.
+
+    If a frozen parameter was replaced or edited in place since compilation (Dynamo does not guard
+    on parameters it passes as inputs), the graph is compiled again from Dynamo's original graph
+    with the current tensors, rather than computing with stale weights.
+    """
+
+    def __init__(self, dynamo_gm: fx.GraphModule, opts: BackendOptions, captured, summary: dict[str, Any]):
+        self.dynamo_gm, self.opts = dynamo_gm, opts
+        self.captured, self.lowbit_summary = captured, summary
+
+    @property
+    def lowbit_graph(self) -> fx.GraphModule:
+        return self.captured.gm
+
+    def __call__(self, *args: Any) -> Any:
+        stale = self.captured.stale_parameter(args)
+        if stale is not None:
+            log.warning("lowbit: parameter %s changed since compilation; compiling the graph again", stale)
+            stats["refreezes"] += 1
+            fresh, _ = compile_graph(self.dynamo_gm, args, self.opts, self.captured.module_state)
+            self.captured, self.lowbit_summary = fresh.captured, fresh.lowbit_summary
+        return self.captured.gm(*self.captured.call_args(args))
 
 
 def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:

@@ -27,19 +27,41 @@ class Captured:
     gm: fx.GraphModule
     kept_inputs: list[int]          # positions of Dynamo's args that remain placeholders
     frozen: dict[str, torch.Tensor]  # FQN -> parameter/buffer object
+    # (position, parameter, its version when frozen): what must still hold for the graph to be valid
+    frozen_parameters: list[tuple[int, torch.Tensor, int]] = dataclasses.field(default_factory=list)
+    # position -> (FQN, is_parameter) of every frozen input; Dynamo drops the sources it was read
+    # from after compilation, so a re-capture of the same graph reuses this
+    module_state: dict[int, tuple[str, bool]] = dataclasses.field(default_factory=dict)
 
     def call_args(self, args: Sequence[Any]) -> list[Any]:
         return [args[i] for i in self.kept_inputs]
 
+    def stale_parameter(self, args: Sequence[Any]) -> str | None:
+        """The FQN of a parameter that was replaced or edited in place since capture, else None.
 
-def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
+        Dynamo passes parameters as graph inputs without guarding on them, so a swapped
+        ``nn.Parameter`` reaches a frozen graph as an ignored argument; the compiled callable
+        checks this on every call (a few microseconds) and re-freezes instead of computing with
+        the old weights. Edits through ``param.data`` do not bump the version and are not seen.
+        """
+        for index, param, version in self.frozen_parameters:
+            value = args[index]
+            if value is not param or value._version != version:
+                return next(fqn for fqn, t in self.frozen.items() if t is param)
+        return None
+
+
+def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
+            module_state: dict[int, tuple[str, bool]] | None = None) -> Captured:
+    """Freeze ``gm``'s parameter inputs. ``module_state`` (from an earlier capture of the same
+    Dynamo graph) says which positions are module state when Dynamo's sources are gone."""
     graph = copy.deepcopy(gm.graph)  # Dynamo's graph stays untouched (meta is shared, not copied)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     root = torch.nn.Module()
-    kept, frozen = [], {}
+    kept, frozen, frozen_parameters, states = [], {}, [], {}
     first_real = next((n for n in graph.nodes if n.op != "placeholder"), None)
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        state = _dynamo_adapter.module_state_of(node)
+        state = module_state.get(index) if module_state is not None else _dynamo_adapter.module_state_of(node)
         if state is None or not isinstance(value, torch.Tensor):
             kept.append(index)
             continue
@@ -47,6 +69,9 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
         if fqn in frozen and frozen[fqn] is not value:
             raise RuntimeError(f"capture: two different tensors claim the FQN {fqn!r}")
         frozen[fqn] = value
+        states[index] = state
+        if is_parameter:
+            frozen_parameters.append((index, value, value._version))
         ir.set_attr(root, fqn, value)
         with graph.inserting_before(first_real):
             attr = graph.get_attr(fqn)
@@ -64,4 +89,4 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
                 ir.put(node, ir.MODULE, ir.ModuleInfo(*module))
     # Attributes are copied by reference: the GraphModule holds the user's nn.Parameter objects.
     new_gm = fx.GraphModule(root, graph, class_name="LowbitGraph")
-    return Captured(new_gm, kept, frozen)
+    return Captured(new_gm, kept, frozen, frozen_parameters, states)

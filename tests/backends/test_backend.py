@@ -216,3 +216,23 @@ def test_k_not_divisible_raises_naming_layer_or_pads():
     layer = rec.summaries[0]["layers"]["proj"]
     assert layer["padded_in_features"] == 256
     assert sqnr_db(model(x).detach(), out.detach()) >= 19
+
+
+def test_replaced_or_edited_parameters_are_not_computed_with_stale_weights():
+    model = make_model("llama")
+    ids = prompt()
+    compiled = torch.compile(model, backend="lowbit", options={"recipe": "w8a16"})
+    with torch.no_grad():
+        compiled(ids)
+        rebuilds = stats["refreezes"] + stats["backend_calls"]
+        # Dynamo does not guard on parameters: a swapped one arrives as an argument the frozen graph ignores
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.02)
+        swapped = compiled(ids).logits
+        assert sqnr_db(model(ids).logits, swapped) >= 25
+        # an in-place edit bumps the version counter: the quantized copy is made again
+        model.lm_head.weight.mul_(-1)  # stale weights would give negated logits
+        edited = compiled(ids).logits
+        assert sqnr_db(model(ids).logits, edited) >= 25
+        compiled(ids)  # nothing changed: no further recompilation
+    # each change rebuilt the graph once (by re-freezing, or by a Dynamo recompile), then no more
+    assert stats["refreezes"] + stats["backend_calls"] - rebuilds == 2
