@@ -34,6 +34,7 @@ from lowbit_compiler.dump import DumpWriter, resolve_dump_dir
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import Recipe, get_recipe
+from lowbit_compiler.backends import cpu_kernels
 from lowbit_compiler.backends.lowering import TARGETS, lower
 
 log = logging.getLogger("lowbit_compiler")
@@ -65,8 +66,8 @@ class BackendOptions:
             raise LowbitError(f"backend='lowbit': target={options['target']!r}; expected one of {TARGETS}")
         if options.get("inner", "eager") != "eager":
             raise LowbitError(f"backend='lowbit': inner={options['inner']!r} is not available yet; use 'eager'")
-        if options.get("cpu_compute_dtype", "bfloat16") not in ("bfloat16", "activation"):
-            raise LowbitError("backend='lowbit': cpu_compute_dtype must be 'bfloat16' or 'activation'")
+        if options.get("cpu_compute_dtype", "bfloat16") not in cpu_kernels.COMPUTE_DTYPES:
+            raise LowbitError(f"backend='lowbit': cpu_compute_dtype must be one of {sorted(cpu_kernels.COMPUTE_DTYPES)}")
         return BackendOptions(**options)
 
 
@@ -130,14 +131,13 @@ def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     layers = {}
     for node in gm.graph.nodes:
         if node.target is torch.ops.lowbit.wo_linear.default and ir.get(node, ir.WEIGHT_QUANT) is None:
-            _, qweight, scale, zero, _, fmt, in_features = node.args
-            tensors = [ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero) if a is not None]
-            nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            n = tensors[1].shape[0]
+            _, _, scale, _, _, fmt, in_features = node.args
+            n = ir.fetch_attr(gm, scale.target).shape[0]
+            f = WeightFormat.parse(fmt)
             module = ir.get(node, ir.MODULE)
             layers[module.fqn if module else node.name] = {
-                "format": fmt, "in_features": in_features, "out_features": n, "bytes_after": nbytes,
-                "bits_per_weight": WeightFormat.parse(fmt).bits_per_weight(n, in_features),
+                "format": fmt, "in_features": in_features, "out_features": n,
+                "bytes_after": f.storage_bytes(n, in_features), "bits_per_weight": f.bits_per_weight(n, in_features),
                 "source": "already quantized in the model (compress)"}
     return layers
 

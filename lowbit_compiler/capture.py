@@ -27,8 +27,8 @@ class Captured:
     gm: fx.GraphModule
     kept_inputs: list[int]          # positions of Dynamo's args that remain placeholders
     frozen: dict[str, torch.Tensor]  # FQN -> parameter/buffer object
-    # (position, parameter, its version when frozen): what must still hold for the graph to be valid
-    frozen_parameters: list[tuple[int, torch.Tensor, int]] = dataclasses.field(default_factory=list)
+    # (position, FQN, parameter, its version when frozen): what must still hold for the graph to be valid
+    frozen_parameters: list[tuple[int, str, torch.Tensor, int]] = dataclasses.field(default_factory=list)
     # position -> (FQN, is_parameter) of every frozen input; Dynamo drops the sources it was read
     # from after compilation, so a re-capture of the same graph reuses this
     module_state: dict[int, tuple[str, bool]] = dataclasses.field(default_factory=dict)
@@ -44,10 +44,9 @@ class Captured:
         checks this on every call (a few microseconds) and re-freezes instead of computing with
         the old weights. Edits through ``param.data`` do not bump the version and are not seen.
         """
-        for index, param, version in self.frozen_parameters:
-            value = args[index]
-            if value is not param or value._version != version:
-                return next(fqn for fqn, t in self.frozen.items() if t is param)
+        for index, fqn, param, version in self.frozen_parameters:
+            if args[index] is not param or param._version != version:
+                return fqn
         return None
 
 
@@ -71,7 +70,7 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
         frozen[fqn] = value
         states[index] = state
         if is_parameter:
-            frozen_parameters.append((index, value, value._version))
+            frozen_parameters.append((index, fqn, value, value._version))
         ir.set_attr(root, fqn, value)
         with graph.inserting_before(first_real):
             attr = graph.get_attr(fqn)
