@@ -34,6 +34,8 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch.fx as fx
 
+from lowbit_compiler import ir
+
 log = logging.getLogger("lowbit_compiler")
 
 
@@ -150,8 +152,8 @@ def apply_rules(gm: fx.GraphModule, rules: Iterable[PatternRule]) -> collections
                 new = rule.replacement(gm, node, match)
             if new is not node:
                 for key, value in node.meta.items():  # the replacement inherits what it lacks
-                    if key == "lowbit":
-                        new.meta["lowbit"] = {**value, **new.meta.get("lowbit", {})}
+                    if key == ir.META:
+                        new.meta[ir.META] = {**value, **new.meta.get(ir.META, {})}
                     elif key not in new.meta:
                         new.meta[key] = value
                 node.replace_all_uses_with(new)
