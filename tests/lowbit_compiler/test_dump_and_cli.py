@@ -53,6 +53,13 @@ def test_dump_dir_from_environment(tmp_path):
     assert result.returncode == 0 and "int8" in result.stdout
 
 
+def test_console_script_is_installed(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "lowbit")
+    result = subprocess.run([script, "recipes"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    assert "w4a16" in result.stdout and "insert_weight_quant" in result.stdout
+
+
 def test_inspect_on_empty_dir_fails_clearly(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path)]) == 1
     assert "no summary.json" in capsys.readouterr().err

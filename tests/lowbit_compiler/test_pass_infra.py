@@ -93,6 +93,23 @@ def test_pipeline_checks_requires_and_records_each_pass():
     assert [p.name for p in report.passes] == ["canonicalize"] and report.passes[0].seconds >= 0
 
 
+def test_strict_pipeline_runs_the_verifier_after_each_pass():
+    @register_pass
+    class BadMeta(Pass):
+        name = "test_bad_meta"
+
+        def call(self, gm, ctx):
+            next(n for n in gm.graph.nodes if n.op == "call_function").meta["lowbit"] = {"made_up": 1}
+            return PassResult(True, 1)
+
+    recipe = Recipe("r", ("test_bad_meta",))
+    run_pipeline(_toy_graph(), recipe)  # not checked outside strict/debug
+    with pytest.raises(IRError, match="unknown meta key 'made_up'"):
+        run_pipeline(_toy_graph(), recipe, strict=True)
+    with pytest.raises(IRError, match="unknown meta key 'made_up'"):
+        run_pipeline(_toy_graph(), recipe, debug=True)
+
+
 def test_unknown_pass_and_name_clash_are_refused():
     with pytest.raises(LowbitError, match=r"unknown pass 'no_such_pass'; registered passes: \["):
         run_pipeline(_toy_graph(), Recipe("r", ("no_such_pass",)))
