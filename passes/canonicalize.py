@@ -6,6 +6,8 @@ What it rewrites (each rule one line in ``RULES``):
 
 * GPT-2 Conv1D ``addmm(b, x, W)`` with W a parameter stored [in, out]   -> ``linear(x, W.t(), b)``
 * ``matmul(x, W.t())`` / ``x @ W.T`` with W a parameter                  -> ``linear(x, W)``
+* ``view(linear(view(x, (-1, K)), W, b), x.shape[:-1] + (N,))`` (Conv1D's flattening)
+                                                                         -> ``linear(x, W, b)``
 * eval-mode ``dropout(x, p, training=False)``                            -> ``x``
 * RMSNorm written out (``x * rsqrt(mean(x**2, -1) + eps)``, with the optional fp32 round trip and
   weight multiply, Gemma's ``(1 + w)`` included)                         -> ``F.rms_norm(x, [H], w, eps)``
@@ -67,6 +69,34 @@ def matmul_transposed_pattern(node: fx.Node) -> dict | None:
 
 def matmul_transposed_replacement(gm: fx.GraphModule, node: fx.Node, m: dict) -> fx.Node:
     return gm.graph.call_function(F.linear, (m["x"], m["w"]))
+
+
+# ---- view(linear(view(x, (-1, K)), W, b), (*batch, N)) -> linear(x, W, b) -------------------
+def _shape(node: Any) -> list[str] | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return None if value is None else [str(d) for d in value.shape]  # str: symbolic sizes compare too
+
+
+def flattened_linear_pattern(node: fx.Node) -> dict | None:
+    if not (_is_call(node, "view", "reshape", torch.reshape) and _is_call(node.args[0], F.linear)):
+        return None
+    linear = node.args[0]
+    flat = linear.args[0]
+    if len(linear.users) != 1 or not _is_call(flat, "view", "reshape", torch.reshape) or len(flat.users) != 1:
+        return None
+    x = flat.args[0]
+    xs, outs, ys = _shape(x), _shape(node), _shape(linear)
+    if xs is None or outs is None or ys is None or len(xs) < 2 or xs[:-1] != outs[:-1] or outs[-1] != ys[-1]:
+        return None
+    return {"x": x, "linear": linear}
+
+
+def flattened_linear_replacement(gm: fx.GraphModule, node: fx.Node, m: dict) -> fx.Node:
+    linear = m["linear"]
+    out = gm.graph.call_function(F.linear, (m["x"], *linear.args[1:]), dict(linear.kwargs))
+    out.meta.update({k: v for k, v in linear.meta.items() if k != "example_value"})
+    out.meta["example_value"] = node.meta.get("example_value")
+    return out
 
 
 # ---- dropout(x, p, training=False) -> x ------------------------------------------------------
@@ -149,6 +179,7 @@ def rms_norm_replacement(gm: fx.GraphModule, node: fx.Node, m: dict) -> fx.Node:
 RULES = [
     PatternRule("conv1d_addmm_to_linear", conv1d_addmm_pattern, conv1d_addmm_replacement),  # addmm(b,x,W) -> linear(x,W.t(),b)
     PatternRule("matmul_transposed_to_linear", matmul_transposed_pattern, matmul_transposed_replacement),  # x@W.t() -> linear(x,W)
+    PatternRule("flattened_linear", flattened_linear_pattern, flattened_linear_replacement),  # view(linear(view(x))) -> linear(x)
     PatternRule("eval_dropout", eval_dropout_pattern, eval_dropout_replacement),  # dropout(x, training=False) -> x
     PatternRule("rms_norm", rms_norm_pattern, rms_norm_replacement, rms_norm_extra_check),  # x*rsqrt(mean(x^2)+eps)*w -> rms_norm
 ]
