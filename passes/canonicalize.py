@@ -82,7 +82,7 @@ def flattened_linear_pattern(node: fx.Node) -> dict | None:
         return None
     linear = node.args[0]
     flat = linear.args[0]
-    if len(linear.users) != 1 or not _is_call(flat, "view", "reshape", torch.reshape) or len(flat.users) != 1:
+    if len(linear.users) != 1 or not _is_call(flat, "view", "reshape", torch.reshape):
         return None
     x = flat.args[0]
     xs, outs, ys = _shape(x), _shape(node), _shape(linear)
