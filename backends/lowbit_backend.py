@@ -81,7 +81,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     ctx = PassContext(recipe=opts.recipe, strict=opts.strict)
     report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
     layers = {**_prequantized_layers(ir_gm), **report.layers}
-    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype)
+    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump)
     dump.stage("lowered", ir_gm)
     summary = {
         "graph": dump.name,
@@ -93,6 +93,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         "layers": layers,
         "kernels": lowering.kernels,
         "kernel_counts": lowering.counts,
+        "generated_kernels": lowering.generated,
         "fallbacks": dict(ctx.fallbacks),
     }
     dump.summary(summary)

@@ -77,6 +77,18 @@ class DumpWriter:
         self._previous, self._previous_name = code, stem
         self._stage += 1
 
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
+
+    def kernel(self, name: str, source: str) -> None:
+        """A generated kernel's source, as ``kernels/<name>.py`` (runnable on its own)."""
+        if self.dir is None:
+            return
+        os.makedirs(os.path.join(self.dir, "kernels"), exist_ok=True)
+        with open(os.path.join(self.dir, "kernels", name + ".py"), "w") as f:
+            f.write(source)
+
     def summary(self, data: dict[str, Any]) -> None:
         if self.dir is None:
             return

@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+
+# Generated Triton kernels run under Triton's interpreter here (no GPU). The mode is fixed when
+# triton is first imported, so it is set before anything imports it. Kernel files are cached in a
+# per-run directory, not in the user's ~/.cache.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LOWBIT_CACHE_DIR", tempfile.mkdtemp(prefix="lowbit-test-cache-"))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences Triton 3.9's default-change warning
 
 import pytest
 import torch

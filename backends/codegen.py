@@ -1,0 +1,586 @@
+"""Code generation: one Triton kernel per fusion group, rendered from a template.
+
+A :class:`KernelSpec` is everything a kernel is specialised on (weight format, group size, shape
+class and tiling, dtypes, the fused prologue and epilogue ops). :func:`render` turns a spec into a
+Python file in the style of Triton's matrix-multiplication tutorial:
+
+* ``<name>_kernel``: the ``@triton.jit`` kernel -- arguments grouped by role, a ``# ----`` header
+  over each block, explicit masks, every load upcast to float32 (or int32 for codes) right after
+  it (bf16 arithmetic is wrong under the interpreter, and fp32 accumulation is what we want);
+* ``<name>``: the launcher -- checks shapes, allocates the output, launches;
+* ``reference``: the same computation in float32 torch (the weight dequantised by
+  ``lowbit_compiler.formats.dequantize_parts``, the one reference dequantiser);
+* ``__main__``: a self-check of the kernel against the reference on random inputs.
+
+Two shape classes (chosen per graph from the row count M, static or symbolic):
+
+* ``gemv`` (M <= 4, decode): one row per program, ``BLOCK_N`` outputs per program, the dot
+  product as a multiply and a row sum in registers;
+* ``gemm`` (prefill): ``BLOCK_M x BLOCK_N`` tiles with ``tl.dot`` (float32 operands use
+  ``input_precision="ieee"`` under the interpreter and ``"tf32"`` on a GPU; fp16/bf16 models feed
+  ``tl.dot`` in their own dtype on a GPU).
+
+Grid and traffic are sympy expressions of the symbolic row count ``M`` (N and K are fixed per
+layer), so one generator serves static and dynamic shapes: see :func:`grid` and :func:`traffic`.
+
+Extending the generator (a new fused op): register the op in ``backends/fusion.py``
+(``register_elementwise`` for epilogue ops, ``PROLOGUES`` for ops feeding the matmul), and, for a
+new prologue or weight format, add its block here (``_prologue_stats``/``_activation_block`` or
+``_weight_block``). docs/codegen.md walks through one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import textwrap
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from sympy.printing.pycode import PythonCodePrinter
+
+from lowbit_compiler import _dynamo_adapter
+from lowbit_compiler.formats import SCALE_DTYPE, WeightFormat
+from lowbit_compiler.backends import fusion
+
+# Row count of the activations: the only symbolic size (N and K are fixed per layer).
+M = sympy.Symbol("M", integer=True, positive=True)
+GEMV_MAX_ROWS = 4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
+                torch.int8: "i8", torch.int32: "i32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """What one generated kernel is specialised on.
+
+    Args:
+        fmt: weight format key (``int8``, ``int4_g128_asym``, ...).
+        variant: ``"gemv"`` (one row per program) or ``"gemm"`` (tiles with ``tl.dot``).
+        block_m, block_n, block_k, num_warps: tiling (block_k is the group size for int4).
+        x_dtype, out_dtype: activation and output dtypes (torch names).
+        n_weights: 1, or 2 for a horizontally fused pair (gate and up) reading the same input.
+        bias: every weight has a bias.
+        prologue: ``None``, ``"rms"`` or ``"layer"``: the norm recomputed in the kernel.
+        norm_weight, norm_bias, norm_offset: the norm's affine parameters (offset 1.0 = Gemma).
+        steps: the epilogue program: ``(op, operands)`` per step; operands name ``acc0``/``acc1``
+            (matmul results), ``t<i>`` (earlier steps), ``e<j>`` (external tensors) or literals.
+        externals: ``"full"`` ([M, N]) or ``"row"`` ([N]) per external tensor.
+        dot: how ``tl.dot`` multiplies: ``"ieee"``, ``"tf32"``, ``"float16"``, ``"bfloat16"``.
+    """
+
+    fmt: str
+    variant: str
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    x_dtype: str
+    out_dtype: str
+    n_weights: int = 1
+    bias: bool = False
+    prologue: str | None = None
+    norm_weight: bool = False
+    norm_bias: bool = False
+    norm_offset: float = 0.0
+    steps: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    externals: tuple[str, ...] = ()
+    dot: str = "ieee"
+
+    @property
+    def format(self) -> WeightFormat:
+        return WeightFormat.parse(self.fmt)
+
+    @property
+    def fused_ops(self) -> list[str]:
+        ops = [f"{self.prologue}_norm"] if self.prologue else []
+        ops += ["wo_linear"] * self.n_weights + (["bias"] * self.n_weights if self.bias else [])
+        return ops + [op for op, _ in self.steps]
+
+    @property
+    def name(self) -> str:
+        """``<variant>_<format>[_<fused ops>]_<hash>``: readable, unique per specialisation."""
+        ops = []
+        for op in self.fused_ops:
+            if op != "wo_linear" and op not in ops:
+                ops.append(op)
+        label = "_".join([self.variant, self.fmt] + (["x2"] if self.n_weights == 2 else []) + ops[:6])
+        return f"{label}_{self.digest()[:8]}"
+
+    def digest(self) -> str:
+        """Hash of the spec, the op spellings it uses and this generator's source: a cache key that
+        changes whenever the rendered text could."""
+        ops = sorted({op for op, _ in self.steps})
+        text = repr(self) + repr([fusion.ELEMENTWISE[o] for o in ops]) + _GENERATOR_SOURCE_HASH
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# From a fusion group to a spec
+# ---------------------------------------------------------------------------------------------
+
+def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: str) -> dict[str, Any]:
+    """Tiling per shape class. ``rows`` is M when static, None when symbolic (prefill)."""
+    block_k = fmt.group_size or (128 if rows is not None and rows <= GEMV_MAX_ROWS else 64)
+    if rows is not None and rows <= GEMV_MAX_ROWS:
+        return dict(variant="gemv", block_m=1, block_n=32, block_k=block_k, num_warps=4, dot="ieee")
+    if not on_gpu:
+        dot = "ieee"  # the interpreter computes in numpy: exact fp32 products, no reduced-precision dots
+    else:
+        dot = {"float32": "tf32", "float16": "float16", "bfloat16": "bfloat16"}[x_dtype]
+    block_m = 16 if rows is not None and rows <= 64 else 64
+    return dict(variant="gemm", block_m=block_m, block_n=64, block_k=block_k, num_warps=4, dot=dot)
+
+
+def rows_of(node: fx.Node) -> int | None:
+    """M of an anchor's input: the product of its leading dims, None when any is symbolic."""
+    value = _dynamo_adapter.example_value(node)
+    rows = 1
+    for d in value.shape[:-1]:
+        if not isinstance(d, int):
+            return None
+        rows *= d
+    return rows
+
+
+def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
+    anchor = group.anchors[0]
+    x_dtype = str(_dynamo_adapter.example_value(anchor.x).dtype).split(".")[-1]
+    out_dtype = str(_dynamo_adapter.example_value(group.sink).dtype).split(".")[-1]
+    names: dict[fx.Node, str] = {a.node: f"acc{i}" for i, a in enumerate(group.anchors)}
+    names.update({e: f"e{j}" for j, (e, _) in enumerate(group.externals)})
+    steps = []
+    for i, step in enumerate(group.steps):
+        operands = tuple(names[v] if isinstance(v, fx.Node) else repr(float(v)) for v in step.operands)
+        steps.append((step.op, operands))
+        names[step.node] = f"t{i}"
+    p = group.prologue
+    return KernelSpec(
+        fmt=anchor.fmt, **choose_variant(WeightFormat.parse(anchor.fmt), rows_of(anchor.x), on_gpu, x_dtype),
+        x_dtype=x_dtype, out_dtype=out_dtype, n_weights=len(group.anchors), bias=anchor.bias is not None,
+        prologue=p.kind if p else None, norm_weight=bool(p and p.weight is not None),
+        norm_bias=bool(p and p.bias is not None), norm_offset=p.offset if p else 0.0,
+        steps=tuple(steps), externals=tuple(kind for _, kind in group.externals))
+
+
+def launch_args(group: fusion.FusionGroup) -> list[Any]:
+    """The launcher's arguments for a group, in the order of :func:`launcher_params`."""
+    p = group.prologue
+    args: list[Any] = [p.input if p else group.anchors[0].x]
+    if p and p.weight is not None:
+        args.append(p.weight)
+    if p and p.bias is not None:
+        args.append(p.bias)
+    for a in group.anchors:
+        args += [a.qweight, a.scale] + ([a.zero] if a.zero is not None else []) + ([a.bias] if a.bias is not None else [])
+    args += [e for e, _ in group.externals]
+    if p:
+        args.append(p.eps)
+    return args
+
+
+def launcher_params(spec: KernelSpec) -> list[str]:
+    params = ["x"]
+    params += ["norm_w"] if spec.norm_weight else []
+    params += ["norm_b"] if spec.norm_bias else []
+    asym = spec.format.bits == 4 and not spec.format.symmetric
+    for i in range(spec.n_weights):
+        params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
+    params += [f"e{j}" for j in range(len(spec.externals))]
+    return params + (["eps"] if spec.prologue else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid and memory traffic (sympy)
+# ---------------------------------------------------------------------------------------------
+
+def grid(spec: KernelSpec, n: int) -> tuple[sympy.Expr, sympy.Expr]:
+    rows = M if spec.variant == "gemv" else sympy.ceiling(M / spec.block_m)
+    return rows, sympy.Integer(-(-n // spec.block_n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """Bytes per call as expressions of M: what the kernel loads and stores (exactly: every
+    unmasked lane), and the minimum (each input and the output touched once)."""
+
+    read: sympy.Expr
+    written: sympy.Expr
+    min_read: sympy.Expr
+    min_written: sympy.Expr
+
+    def at(self, rows: int) -> dict[str, int]:
+        return {f.name: int(getattr(self, f.name).subs(M, rows)) for f in dataclasses.fields(self)}
+
+
+def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traffic:
+    """``itemsize``: bytes per element of ``x``, ``out``, ``norm_w``, ``norm_b``, ``bias``, ``e<j>``."""
+    fmt = spec.format
+    m_tiles, n_tiles = grid(spec, n)
+    scale_size = torch.finfo(SCALE_DTYPE).bits // 8
+    if fmt.bits == 8:
+        codes, scales, zeros = n * k, n * scale_size, 0  # scales once per program, after the loop
+    else:
+        groups = -(-k // fmt.group_size)
+        codes, scales = n * -(-k // 2), n * groups * scale_size  # scales once per group step
+        zeros = 0 if fmt.symmetric else n * groups
+    weight_bytes = codes + scales + zeros + (n * itemsize["bias"] if spec.bias else 0)
+    norm_bytes = k * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
+    x_passes = 2 if spec.prologue else 1  # the norm's statistics read each row once more
+    read = n_tiles * M * k * itemsize["x"] * x_passes + m_tiles * n_tiles * norm_bytes
+    read += m_tiles * weight_bytes * spec.n_weights
+    min_read = M * k * itemsize["x"] + norm_bytes + weight_bytes * spec.n_weights
+    for j, kind in enumerate(spec.externals):
+        size = itemsize[f"e{j}"]
+        read += M * n * size if kind == "full" else m_tiles * n * size
+        min_read += M * n * size if kind == "full" else n * size
+    written = M * n * itemsize["out"]
+    return Traffic(sympy.expand(read), written, sympy.expand(min_read), written)
+
+
+class _LauncherPrinter(PythonCodePrinter):
+    """Prints ``ceiling(M/16)`` as ``triton.cdiv(M, 16)`` (integer arithmetic in the launcher)."""
+
+    def _print_ceiling(self, expr):
+        num, den = expr.args[0].as_numer_denom()
+        return f"triton.cdiv({self._print(num)}, {self._print(den)})"
+
+
+def to_python(expr: sympy.Expr) -> str:
+    return _LauncherPrinter().doprint(expr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+def _load(ptr: str, mask: str, to: str = "tl.float32", other: str = "0.0", indent: str = "") -> str:
+    """A masked load, upcast right away (the rule every generated load follows)."""
+    return f"tl.load({ptr},\n{indent}        mask={mask}, other={other}).to({to})"
+
+
+def _signature(spec: KernelSpec) -> str:
+    fmt = spec.format
+    lines = [f"# activations{' (the input of the fused norm)' if spec.prologue else ''}: [M, K], row stride",
+             "x_ptr, stride_xm,"]
+    if spec.prologue:
+        parts = (["norm_w_ptr"] if spec.norm_weight else []) + (["norm_b_ptr"] if spec.norm_bias else []) + ["eps"]
+        lines += [f"# {spec.prologue} norm: {'weight [K], ' if spec.norm_weight else ''}"
+                  f"{'bias [K], ' if spec.norm_bias else ''}epsilon", ", ".join(parts) + ","]
+    for i in range(spec.n_weights):
+        if fmt.bits == 8:
+            what = "int8 codes [N, K], one scale per output channel [N]"
+        else:
+            what = (f"uint8 [N, Kp/2] (two 4-bit codes per byte, low nibble = even k), scales [N, Kp/{fmt.group_size}]"
+                    + ("" if fmt.symmetric else ", zero points [N, Kp/G]"))
+        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.bits == 4 and not fmt.symmetric else [])
+        parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.bits == 4 else [])
+        lines += [f"# weight {i} ({spec.fmt}): {what}{', bias [N]' if spec.bias else ''}", ", ".join(parts) + ","]
+    if spec.externals:
+        desc = ", ".join(f"e{j} {'[M, N]' if kind == 'full' else '[N]'}" for j, kind in enumerate(spec.externals))
+        parts = []
+        for j, kind in enumerate(spec.externals):
+            parts += [f"e{j}_ptr"] + ([f"stride_e{j}m"] if kind == "full" else [])
+        lines += [f"# epilogue operands: {desc}", ", ".join(parts) + ","]
+    lines += ["# output: [M, N]", "out_ptr, stride_om,", "# problem size", "M, N, K,", "# tiling",
+              "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,"]
+    return textwrap.indent("\n".join(lines), " " * 4)
+
+
+def _x_tile(indent: str) -> str:
+    return _load("x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]", "mask_m[:, None] & mask_k[None, :]",
+                 indent=indent)
+
+
+def _prologue_stats(spec: KernelSpec) -> str:
+    if not spec.prologue:
+        return ""
+    i8 = " " * 8
+    lines = [f"# ---- prologue: {spec.prologue} norm statistics of each row (one extra pass over K)",
+             "sum_xx = tl.zeros((BLOCK_M,), dtype=tl.float32)"]
+    if spec.prologue == "layer":
+        lines.append("sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)")
+    lines += ["for k0 in range(0, K, BLOCK_K):",
+              "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+              "    mask_k = offs_k < K",
+              "    x = " + _x_tile(i8)]
+    if spec.prologue == "layer":
+        lines += ["    sum_x += tl.sum(x, axis=1)"]
+    lines += ["    sum_xx += tl.sum(x * x, axis=1)"]
+    if spec.prologue == "layer":
+        lines += ["mean = sum_x / K", "rstd = tl.rsqrt(sum_xx / K - mean * mean + eps)"]
+    else:
+        lines += ["rstd = tl.rsqrt(sum_xx / K + eps)"]
+    return "\n".join(lines) + "\n\n"
+
+
+def _activation_block(spec: KernelSpec) -> str:
+    lines = ["# activations: load, upcast" + (", normalise (padding lanes back to zero)" if spec.prologue else ""),
+             "x = " + _x_tile(" " * 8)]
+    if spec.prologue == "layer":
+        lines.append("x = (x - mean[:, None]) * rstd[:, None]")
+    elif spec.prologue == "rms":
+        lines.append("x = x * rstd[:, None]")
+    if spec.norm_weight:
+        offset = f" + {spec.norm_offset!r}" if spec.norm_offset else ""
+        lines += ["norm_w = " + _load("norm_w_ptr + offs_k", "mask_k", indent=" " * 8),
+                  f"x = x * (norm_w[None, :]{offset})"]
+    if spec.norm_bias:
+        lines += ["norm_b = " + _load("norm_b_ptr + offs_k", "mask_k", indent=" " * 8),
+                  "x = x + norm_b[None, :]"]
+    if spec.prologue:
+        lines.append("x = tl.where(mask_m[:, None] & mask_k[None, :], x, 0.0)")
+    return "\n".join(lines)
+
+
+def _weight_block(spec: KernelSpec, i: int) -> str:
+    fmt = spec.format
+    ind = " " * 8
+    if fmt.bits == 8:
+        return "\n".join([
+            f"# weight {i}: int8 codes (the per-channel scale is applied once, after the loop)",
+            f"w{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_k[None, :]",
+                              "mask_n[:, None] & mask_k[None, :]", other="0", indent=ind)])
+    zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0", indent=ind)
+            if not fmt.symmetric else f"z{i} = 8.0  # symmetric codes are stored offset by 8")
+    return "\n".join([
+        f"# weight {i}: two 4-bit codes per byte (low nibble = even k); BLOCK_K is one group, so one",
+        f"# scale{'' if fmt.symmetric else ' and zero point'} per output channel per step",
+        "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
+        f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
+                               "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0", indent=ind),
+        f"codes{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K)",
+        "group = k0 // BLOCK_K",
+        f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n", indent=ind),
+        zero,
+        f"w{i} = (codes{i}.to(tl.float32) - z{i}{'' if fmt.symmetric else '[:, None]'}) * s{i}[:, None]"])
+
+
+def _dot(spec: KernelSpec, i: int) -> str:
+    if spec.variant == "gemv":
+        return f"acc{i} += tl.sum(x * w{i}, axis=1)[None, :]  # BLOCK_M == 1: a row times a tile"
+    if spec.dot in ("ieee", "tf32"):
+        return f'acc{i} += tl.dot(x, tl.trans(w{i}), input_precision="{spec.dot}")'
+    t = "tl.float16" if spec.dot == "float16" else "tl.bfloat16"
+    return f"acc{i} += tl.dot(x.to({t}), tl.trans(w{i}.to({t})))  # {spec.dot} tensor cores, fp32 accumulate"
+
+
+def _epilogue(spec: KernelSpec) -> tuple[str, str]:
+    """The epilogue block and the name of the value stored."""
+    fmt = spec.format
+    ind = " " * 4
+    lines = ["# ---- epilogue: " + ", ".join(
+        (["per-channel scale"] if fmt.bits == 8 else []) + (["bias"] if spec.bias else [])
+        + [op for op, _ in spec.steps] or ["nothing to fuse"]) + " (fp32 registers)"]
+    for i in range(spec.n_weights):
+        if fmt.bits == 8:
+            lines += [f"s{i} = " + _load(f"scale{i}_ptr + offs_n", "mask_n", indent=ind),
+                      f"acc{i} = acc{i} * s{i}[None, :]"]
+        if spec.bias:
+            lines += [f"bias{i} = " + _load(f"bias{i}_ptr + offs_n", "mask_n", indent=ind),
+                      f"acc{i} = acc{i} + bias{i}[None, :]"]
+    for j, kind in enumerate(spec.externals):
+        if kind == "full":
+            lines.append(f"e{j} = " + _load(f"e{j}_ptr + offs_m[:, None] * stride_e{j}m + offs_n[None, :]",
+                                           "mask_m[:, None] & mask_n[None, :]", indent=ind))
+        else:
+            lines += [f"e{j} = " + _load(f"e{j}_ptr + offs_n", "mask_n", indent=ind), f"e{j} = e{j}[None, :]"]
+    result = "acc0"
+    for t, (op, operands) in enumerate(spec.steps):
+        lines.append(f"t{t} = " + fusion.ELEMENTWISE[op].triton.format(*operands))
+        result = f"t{t}"
+    return "\n".join(lines), result
+
+
+def render(spec: KernelSpec) -> str:
+    """The source of the kernel file for ``spec``."""
+    name = spec.name
+    accs = "\n".join(f"acc{i} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for i in range(spec.n_weights))
+    loop_body = "\n\n".join([_activation_block(spec)] + [
+        _weight_block(spec, i) + "\n" + _dot(spec, i) for i in range(spec.n_weights)])
+    epilogue, result = _epilogue(spec)
+    kernel = (
+        f"@triton.jit\ndef {name}_kernel(\n{_signature(spec)}\n):\n"
+        + textwrap.indent(
+            "# ---- which output tile this program computes\n"
+            "pid_m = tl.program_id(0)\n"
+            "pid_n = tl.program_id(1)\n"
+            "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\n"
+            "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
+            "mask_m = offs_m < M\n"
+            "mask_n = offs_n < N\n\n"
+            + _prologue_stats(spec)
+            + "# ---- main loop: acc[m, n] += x[m, k] * w[n, k], dequantising the weight tile by tile\n"
+            + accs + "\n"
+            + "for k0 in range(0, K, BLOCK_K):\n"
+            + "    offs_k = k0 + tl.arange(0, BLOCK_K)\n"
+            + "    mask_k = offs_k < K\n"
+            + textwrap.indent(loop_body, " " * 4) + "\n\n"
+            + epilogue + "\n\n"
+            + "# ---- store, in the output's dtype\n"
+            + f"tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], {result}.to(out_ptr.dtype.element_ty),\n"
+            + "         mask=mask_m[:, None] & mask_n[None, :])\n", " " * 4))
+    return _HEADER.format(name=name, ops=", ".join(spec.fused_ops), spec=repr(spec)) + kernel + "\n\n" + \
+        _launcher(spec) + "\n\n" + _reference(spec) + _MAIN
+
+
+def _launcher(spec: KernelSpec) -> str:
+    fmt = spec.format
+    params = launcher_params(spec)
+    gm, gn = grid(spec, 0)  # gn is rendered from N below
+    grid_m = to_python(gm)
+    grid_n = f"triton.cdiv(N, {spec.block_n})"
+    lines = [f"def {spec.name}({', '.join(params)}):",
+             f'    """Launch {spec.name}_kernel: returns [..., N] in {spec.out_dtype}."""',
+             "    # -- check shapes",
+             "    K = x.shape[-1]",
+             "    N = scale0.shape[0]",
+             "    x = x.reshape(-1, K).contiguous()",
+             "    M = x.shape[0]"]
+    packing = 2 if fmt.bits == 4 else 1
+    for i in range(spec.n_weights):
+        lines.append(f"    assert qw{i}.shape[0] == N and qw{i}.shape[1] * {packing} >= K, "
+                     f"f\"weight {i}: codes {{tuple(qw{i}.shape)}} do not fit N={{N}}, K={{K}}\"")
+    for j, kind in enumerate(spec.externals):
+        lines.append(f"    e{j} = e{j}.reshape({'M, N' if kind == 'full' else 'N'}).contiguous()")
+    lines += ["    # -- allocate the output",
+              f"    out = torch.empty((M, N), device=x.device, dtype=torch.{spec.out_dtype})",
+              f"    # -- launch: one program per {'row' if spec.variant == 'gemv' else 'BLOCK_M rows'} and BLOCK_N columns",
+              f"    grid = ({grid_m}, {grid_n})"]
+    args = ["x, x.stride(0)"]
+    if spec.prologue:
+        args.append(", ".join((["norm_w"] if spec.norm_weight else []) + (["norm_b"] if spec.norm_bias else []) + ["eps"]))
+    for i in range(spec.n_weights):
+        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.bits == 4 and not fmt.symmetric else [])
+        parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.bits == 4 else [])
+        args.append(", ".join(parts))
+    for j, kind in enumerate(spec.externals):
+        args.append(f"e{j}, e{j}.stride(0)" if kind == "full" else f"e{j}")
+    args += ["out, out.stride(0)", "M, N, K",
+             f"BLOCK_M={spec.block_m}, BLOCK_N={spec.block_n}, BLOCK_K={spec.block_k}, num_warps={spec.num_warps}"]
+    lines.append(f"    {spec.name}_kernel[grid](\n        " + ",\n        ".join(args) + ")")
+    lines.append("    return out.view(*x_shape_prefix, N)")
+    # keep the caller's leading dims: captured before the reshape above
+    lines.insert(3, "    x_shape_prefix = x.shape[:-1]")
+    return "\n".join(lines)
+
+
+def _reference(spec: KernelSpec) -> str:
+    fmt = spec.format
+    lines = [f"def reference({', '.join(launcher_params(spec))}):",
+             '    """The same computation in float32 torch: what the kernel is checked against."""',
+             "    K = x.shape[-1]",
+             "    h = x.float()"]
+    if spec.prologue == "rms":
+        w = ("norm_w.float()" + (f" + {spec.norm_offset!r}" if spec.norm_offset else "")) if spec.norm_weight else "None"
+        lines.append(f"    h = F.rms_norm(h, [K], {w}, eps)")
+    elif spec.prologue == "layer":
+        w = "norm_w.float()" if spec.norm_weight else "None"
+        b = "norm_b.float()" if spec.norm_bias else "None"
+        lines.append(f"    h = F.layer_norm(h, [K], {w}, {b}, eps)")
+    for i in range(spec.n_weights):
+        zero = f"zero{i}" if fmt.bits == 4 and not fmt.symmetric else "None"
+        bias = f"bias{i}.float()" if spec.bias else "None"
+        lines.append(f"    acc{i} = F.linear(h, dequantize_parts(FORMAT, qw{i}, scale{i}, {zero})[:, :K], {bias})")
+    for j, kind in enumerate(spec.externals):
+        lines.append(f"    e{j} = e{j}.float()")
+    result = "acc0"
+    for t, (op, operands) in enumerate(spec.steps):
+        lines.append(f"    t{t} = " + fusion.ELEMENTWISE[op].torch.format(*operands))
+        result = f"t{t}"
+    lines.append(f"    return {result}.to(torch.{spec.out_dtype})")
+    return "\n".join(lines)
+
+
+_HEADER = '''"""Generated by lowbit-compiler: {name}
+
+Fused ops: {ops}
+Specialisation: {spec}
+
+Run this file to check the kernel against its float reference (under Triton's interpreter when
+there is no GPU).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: check numerics under Triton's interpreter
+
+import triton
+import triton.language as tl
+
+from lowbit_compiler.backends.codegen import KernelSpec
+from lowbit_compiler.formats import WeightFormat, dequantize_parts
+
+SPEC = {spec}
+FORMAT = WeightFormat.parse(SPEC.fmt)
+
+
+'''
+
+_MAIN = '''
+
+
+if __name__ == "__main__":
+    from lowbit_compiler.backends.codegen import self_check
+
+    self_check(SPEC, globals()[SPEC.name], reference)
+'''
+
+# ---------------------------------------------------------------------------------------------
+# Checks a test or a user runs on generated code
+# ---------------------------------------------------------------------------------------------
+
+def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, device: str = "cpu") -> list[Any]:
+    """Random arguments for the launcher of ``spec`` (weights quantized with the spec's format)."""
+    from lowbit_compiler.formats import quantize
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[spec.x_dtype]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    fmt = spec.format
+    args: list[Any] = [randn(rows, k)]
+    if spec.norm_weight:
+        args.append((torch.rand(k, generator=g) + 0.5).to(dtype).to(device))
+    if spec.norm_bias:
+        args.append(randn(k, scale=0.1))
+    for _ in range(spec.n_weights):
+        w = torch.randn(n, k, generator=g) / k ** 0.5
+        if fmt.group_size and k % fmt.group_size:
+            w = torch.nn.functional.pad(w, (0, fmt.padded_k(k) - k))
+        qw = quantize(w, fmt)
+        args += [qw.qweight.to(device), qw.scale.to(device)]
+        if qw.zero is not None:
+            args.append(qw.zero.to(device))
+        if spec.bias:
+            args.append(randn(n, scale=0.1))
+    for kind in spec.externals:
+        args.append(randn(rows, n) if kind == "full" else randn(n))
+    if spec.prologue:
+        args.append(1e-5)
+    return args
+
+
+def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 96, 256)), floor_db: float = 40.0) -> None:
+    from lowbit_compiler.formats import sqnr_db
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for rows, n, k in shapes:
+        args = make_inputs(spec, rows, n, k, device=device)
+        db = sqnr_db(reference(*args).float(), launch(*args).float())
+        print(f"{spec.name}: M={rows} N={n} K={k}: SQNR vs reference {db:.1f} dB")
+        assert db >= floor_db, f"{spec.name}: SQNR {db:.1f} dB is below {floor_db} dB"
+
+
+_GENERATOR_SOURCE_HASH = hashlib.sha256(
+    "".join(inspect.getsource(f) for f in (
+        _signature, _prologue_stats, _activation_block, _weight_block, _dot, _epilogue, render, _launcher,
+        _reference, choose_variant)).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

@@ -1,0 +1,125 @@
+"""Generated kernels, cached by specialisation: in memory per process, on disk across processes.
+
+``get_kernel(spec, interpret)`` returns a :class:`GeneratedKernel`. The source is rendered only when
+no file for the spec's name (which embeds a digest of the spec and of the generator) exists in the
+cache directory (``$LOWBIT_CACHE_DIR``, else ``~/.cache/lowbit_compiler``); ``stats["rendered"]``
+counts renders, so a second process compiling the same model shows 0. GPU resource reports (an
+ahead-of-time compile for sm_90, ~1 s each) are cached the same way, beside the source.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import torch
+
+from lowbit_compiler.backends import _triton_adapter, codegen
+
+stats: collections.Counter = collections.Counter()  # rendered, disk_hits, loaded, gpu_reports
+_loaded: dict[tuple[str, bool], "GeneratedKernel"] = {}
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("LOWBIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lowbit_compiler")
+    path = pathlib.Path(root) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclasses.dataclass
+class GeneratedKernel:
+    spec: codegen.KernelSpec
+    path: pathlib.Path
+    source: str
+    launch: Any  # the launcher function (what lowered graphs call)
+    kernel: Any  # the @triton.jit function
+    reference: Any
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def get_kernel(spec: codegen.KernelSpec, interpret: bool) -> GeneratedKernel:
+    name = spec.name
+    key = (name, interpret)
+    if key in _loaded:
+        return _loaded[key]
+    path = cache_dir() / f"{name}.py"
+    if path.exists():
+        stats["disk_hits"] += 1
+        source = path.read_text()
+    else:
+        source = codegen.render(spec)
+        stats["rendered"] += 1
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(source)
+        os.replace(tmp, path)  # atomic: a concurrent process reads a whole file or none
+    module = _triton_adapter.load_module(str(path), f"lowbit_kernels.{name}{'_interp' if interpret else ''}")
+    stats["loaded"] += 1
+    kernel = GeneratedKernel(spec, path, source, getattr(module, name), getattr(module, f"{name}_kernel"),
+                             module.reference)
+    _loaded[key] = kernel
+    return kernel
+
+
+def gpu_reports(items: list[tuple[GeneratedKernel, list[Any]]], arch: int = 90) -> list[dict[str, Any]]:
+    """Compile each kernel ahead of time for ``sm_<arch>`` with the pointer dtypes of its launcher
+    arguments and return its resource report; cached on disk by kernel name and dtypes."""
+    paths, jobs = [], []
+    for kernel, args in items:
+        signature = kernel_signature(kernel.spec, args)
+        tag = hashlib.sha256(repr(sorted(signature.items())).encode()).hexdigest()[:8]
+        path = kernel.path.with_name(f"{kernel.name}.sm{arch}.{tag}.json")
+        paths.append(path)
+        if not path.exists():
+            spec = kernel.spec
+            jobs.append({"path": str(kernel.path), "name": f"{kernel.name}_kernel", "signature": signature,
+                         "constexprs": {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, "BLOCK_K": spec.block_k},
+                         "num_warps": spec.num_warps, "arch": arch, "out": str(path)})
+    unique = {job["out"]: job for job in jobs}
+    if unique:
+        reports = _triton_adapter.compile_for_gpu([{k: v for k, v in job.items() if k != "out"} for job in unique.values()])
+        for out, report in zip(unique, reports):
+            pathlib.Path(out).write_text(json.dumps(report))
+        stats["gpu_reports"] += len(unique)
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str]:
+    """Triton type strings of the kernel's runtime arguments, from the launcher's arguments."""
+    named = dict(zip(codegen.launcher_params(spec), args))
+
+    def ptr(t: torch.Tensor) -> str:
+        return "*" + codegen.TRITON_TYPES[t.dtype]
+
+    sig = {"x_ptr": ptr(named["x"]), "stride_xm": "i32"}
+    if spec.norm_weight:
+        sig["norm_w_ptr"] = ptr(named["norm_w"])
+    if spec.norm_bias:
+        sig["norm_b_ptr"] = ptr(named["norm_b"])
+    if spec.prologue:
+        sig["eps"] = "fp32"
+    fmt = spec.format
+    for i in range(spec.n_weights):
+        sig[f"qw{i}_ptr"] = ptr(named[f"qw{i}"])
+        sig[f"scale{i}_ptr"] = ptr(named[f"scale{i}"])
+        if fmt.bits == 4 and not fmt.symmetric:
+            sig[f"zero{i}_ptr"] = ptr(named[f"zero{i}"])
+        if spec.bias:
+            sig[f"bias{i}_ptr"] = ptr(named[f"bias{i}"])
+        sig[f"stride_qw{i}"] = "i32"
+        if fmt.bits == 4:
+            sig[f"stride_s{i}"] = "i32"
+    for j, kind in enumerate(spec.externals):
+        sig[f"e{j}_ptr"] = ptr(named[f"e{j}"])
+        if kind == "full":
+            sig[f"stride_e{j}m"] = "i32"
+    sig.update({"out_ptr": "*" + codegen.TRITON_TYPES[codegen.DTYPES[spec.out_dtype]], "stride_om": "i32",
+                "M": "i32", "N": "i32", "K": "i32"})
+    return sig
