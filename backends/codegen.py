@@ -536,6 +536,36 @@ if __name__ == "__main__":
 # Checks a test or a user runs on generated code
 # ---------------------------------------------------------------------------------------------
 
+def arithmetic_violations(source: str) -> list[str]:
+    """Why the kernel in ``source`` might compute in a 16-bit float (empty: it does not).
+
+    The rule: every ``tl.load`` is immediately upcast with ``.to(tl.float32)`` (``.to(tl.int32)``
+    for integer codes), and the kernel never names ``tl.bfloat16``/``tl.float16`` (a downcast
+    before arithmetic). Stores convert to the output's dtype via ``out_ptr.dtype.element_ty``.
+    Under the interpreter, bf16 arithmetic silently produces wrong numbers; this catches it first.
+    """
+    import ast
+
+    tree = ast.parse(source)
+    problems = []
+    for fn in ast.walk(tree):
+        if not (isinstance(fn, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in fn.decorator_list)):
+            continue
+        upcast = {}
+        for node in ast.walk(fn):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "to"
+                    and node.args):
+                upcast[id(node.func.value)] = ast.unparse(node.args[0])
+            if isinstance(node, ast.Attribute) and ast.unparse(node) in ("tl.bfloat16", "tl.float16"):
+                problems.append(f"{fn.name} line {node.lineno}: names {ast.unparse(node)}")
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.load":
+                to = upcast.get(id(node))
+                if to not in ("tl.float32", "tl.int32"):
+                    problems.append(f"{fn.name} line {node.lineno}: tl.load not upcast to fp32/int32 (.to({to}))")
+    return problems
+
+
 def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, device: str = "cpu") -> list[Any]:
     """Random arguments for the launcher of ``spec`` (weights quantized with the spec's format)."""
     from lowbit_compiler.formats import quantize

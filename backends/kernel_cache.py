@@ -45,21 +45,29 @@ class GeneratedKernel:
         return self.spec.name
 
 
+def source_file(spec: codegen.KernelSpec) -> tuple[pathlib.Path, str]:
+    """The kernel file for ``spec`` in the disk cache, rendered only if it is not there yet."""
+    path = cache_dir() / f"{spec.name}.py"
+    if path.exists():
+        stats["disk_hits"] += 1
+        return path, path.read_text()
+    source = codegen.render(spec)
+    stats["rendered"] += 1
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(source)
+    os.replace(tmp, path)  # atomic: a concurrent process reads a whole file or none
+    return path, source
+
+
 def get_kernel(spec: codegen.KernelSpec, interpret: bool) -> GeneratedKernel:
     name = spec.name
     key = (name, interpret)
     if key in _loaded:
         return _loaded[key]
-    path = cache_dir() / f"{name}.py"
-    if path.exists():
-        stats["disk_hits"] += 1
-        source = path.read_text()
-    else:
-        source = codegen.render(spec)
-        stats["rendered"] += 1
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(source)
-        os.replace(tmp, path)  # atomic: a concurrent process reads a whole file or none
+    path, source = source_file(spec)
+    if interpret and (problems := codegen.arithmetic_violations(source)):
+        raise RuntimeError(f"generated kernel {name} would compute in 16-bit floats under the interpreter "
+                           f"(wrong numbers, no error): {problems}")
     module = _triton_adapter.load_module(str(path), f"lowbit_kernels.{name}{'_interp' if interpret else ''}")
     stats["loaded"] += 1
     kernel = GeneratedKernel(spec, path, source, getattr(module, name), getattr(module, f"{name}_kernel"),
@@ -68,18 +76,18 @@ def get_kernel(spec: codegen.KernelSpec, interpret: bool) -> GeneratedKernel:
     return kernel
 
 
-def gpu_reports(items: list[tuple[GeneratedKernel, list[Any]]], arch: int = 90) -> list[dict[str, Any]]:
-    """Compile each kernel ahead of time for ``sm_<arch>`` with the pointer dtypes of its launcher
-    arguments and return its resource report; cached on disk by kernel name and dtypes."""
+def gpu_reports(items: list[tuple[codegen.KernelSpec, list[Any]]], arch: int = 90) -> list[dict[str, Any]]:
+    """Compile each spec's kernel ahead of time for ``sm_<arch>`` with the pointer dtypes of its
+    launcher arguments and return its resource report; cached on disk by kernel name and dtypes."""
     paths, jobs = [], []
-    for kernel, args in items:
-        signature = kernel_signature(kernel.spec, args)
+    for spec, args in items:
+        source_path, _ = source_file(spec)
+        signature = kernel_signature(spec, args)
         tag = hashlib.sha256(repr(sorted(signature.items())).encode()).hexdigest()[:8]
-        path = kernel.path.with_name(f"{kernel.name}.sm{arch}.{tag}.json")
+        path = source_path.with_name(f"{spec.name}.sm{arch}.{tag}.json")
         paths.append(path)
         if not path.exists():
-            spec = kernel.spec
-            jobs.append({"path": str(kernel.path), "name": f"{kernel.name}_kernel", "signature": signature,
+            jobs.append({"path": str(source_path), "name": f"{spec.name}_kernel", "signature": signature,
                          "constexprs": {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, "BLOCK_K": spec.block_k},
                          "num_warps": spec.num_warps, "arch": arch, "out": str(path)})
     unique = {job["out"]: job for job in jobs}

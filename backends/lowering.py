@@ -135,7 +135,7 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
                 gm.graph.erase_node(node)
         kernels[call.name] = f"triton:{kernel.name}"
         records.append(_record(gm, group, spec, kernel, call, args))
-        reports.append((kernel, _example_args(gm, args)))
+        reports.append((spec, _example_args(gm, args)))
         if dump is not None:
             dump.kernel(kernel.name, kernel.source)
     if dump is not None and dump.enabled and reports:

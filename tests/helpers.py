@@ -41,3 +41,33 @@ def op_names(gm: torch.fx.GraphModule) -> list[str]:
 
 def count(gm: torch.fx.GraphModule, name: str) -> int:
     return op_names(gm).count(name)
+
+
+def pairwise(factors: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """A small list of cases in which every pair of values of every two factors occurs at least
+    once (greedy all-pairs; deterministic)."""
+    names = list(factors)
+
+    def pair(a: str, va: int, b: str, vb: int) -> tuple:
+        return (a, va, b, vb) if names.index(a) < names.index(b) else (b, vb, a, va)
+
+    uncovered = {pair(a, va, b, vb) for i, a in enumerate(names) for b in names[i + 1:]
+                 for va in range(len(factors[a])) for vb in range(len(factors[b]))}
+    cases = []
+    while uncovered:
+        a, va, b, vb = min(uncovered)
+        case = {a: va, b: vb}
+        for n in names:
+            if n not in case:
+                case[n] = max(range(len(factors[n])),
+                              key=lambda v: sum(pair(m, case[m], n, v) in uncovered for m in case))
+        uncovered -= {pair(a, case[a], b, case[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+        cases.append({n: factors[n][case[n]] for n in names})
+    return cases
+
+
+def covers_all_pairs(cases: list[dict[str, Any]], factors: dict[str, list[Any]]) -> bool:
+    names = list(factors)
+    seen = {(a, repr(c[a]), b, repr(c[b])) for c in cases for i, a in enumerate(names) for b in names[i + 1:]}
+    return all((a, repr(va), b, repr(vb)) in seen for i, a in enumerate(names) for b in names[i + 1:]
+               for va in factors[a] for vb in factors[b])

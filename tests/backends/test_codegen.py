@@ -1,0 +1,189 @@
+"""Generated kernels against their float reference under Triton's interpreter, their byte counts,
+their GPU compile, and their caches."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit_compiler.backends import _triton_adapter, codegen, kernel_cache
+from lowbit_compiler.formats import sqnr_db
+from tests.helpers import covers_all_pairs, pairwise
+
+FACTORS = {
+    "rows": [1, 3, 17, 64],
+    "fmt": ["int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_sym", "int4_g128_asym"],
+    "k": [256, 200],  # 200: not a multiple of any block (int4 pads the weight to the group)
+    "n": [97, 128],
+    "prologue": [None, "rms", "layer"],
+    "epilogue": ["none", "bias", "silu", "gelu", "gelu_tanh", "residual", "row", "gated"],
+    "dtype": ["float32", "float16", "bfloat16"],
+}
+EPILOGUES = {
+    "none": {},
+    "bias": {"bias": True},
+    "silu": {"steps": (("silu", ("acc0",)),)},
+    "gelu": {"bias": True, "steps": (("gelu", ("acc0",)),)},
+    "gelu_tanh": {"steps": (("gelu_tanh", ("acc0",)),)},
+    "residual": {"steps": (("add", ("acc0", "e0")),), "externals": ("full",)},
+    "row": {"steps": (("mul", ("acc0", "e0")), ("add", ("t0", "0.5"))), "externals": ("row",)},
+    "gated": {"n_weights": 2, "steps": (("silu", ("acc0",)), ("mul", ("t0", "acc1")))},
+}
+PROLOGUES = {None: {}, "rms": {"prologue": "rms", "norm_weight": True},
+             "layer": {"prologue": "layer", "norm_weight": True, "norm_bias": True}}
+# kernel vs float32 reference: only the final rounding to the output dtype differs (and fp32 sums)
+FLOORS = {"float32": 90.0, "float16": 60.0, "bfloat16": 40.0}
+
+
+def make_spec(rows, fmt, prologue, epilogue, dtype, on_gpu=False):
+    from lowbit_compiler.formats import WeightFormat
+
+    tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu, dtype)
+    return codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype, **PROLOGUES[prologue],
+                              **EPILOGUES[epilogue])
+
+
+def check_case(rows, fmt, k, n, prologue, epilogue, dtype):
+    spec = make_spec(rows, fmt, prologue, epilogue, dtype)
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, n, k, seed=rows + n + k)
+    out = kernel.launch(*args)
+    ref = kernel.reference(*args)
+    assert out.shape == (rows, n) and out.dtype == getattr(torch, dtype)
+    db = sqnr_db(ref.float(), out.float())
+    assert db >= FLOORS[dtype], f"{spec.name} M={rows} N={n} K={k}: {db:.1f} dB"
+
+
+PAIRWISE = pairwise(FACTORS)
+
+
+def test_the_default_grid_covers_every_pair_of_values():
+    assert covers_all_pairs(PAIRWISE, FACTORS)
+    assert len(PAIRWISE) < 60  # vs 5760 for the full cross product
+
+
+@pytest.mark.parametrize("case", PAIRWISE, ids=lambda c: "-".join(map(str, c.values())))
+def test_kernel_matches_reference_pairwise(case):
+    check_case(**case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("values", list(itertools.product(*FACTORS.values())),
+                         ids=lambda v: "-".join(map(str, v)))
+def test_kernel_matches_reference_full_grid(values):
+    check_case(**dict(zip(FACTORS, values)))
+
+
+def test_generated_kernels_never_compute_in_16_bit_floats():
+    for case in PAIRWISE:
+        spec = make_spec(case["rows"], case["fmt"], case["prologue"], case["epilogue"], case["dtype"])
+        assert codegen.arithmetic_violations(codegen.render(spec)) == []
+    # the check can fail: a kernel that loads bf16 and computes with it, and one that downcasts
+    bad = codegen.render(make_spec(17, "int8", None, "residual", "bfloat16"))
+    bad_load = bad.replace(
+        "mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)", "mask=mask_m[:, None] & mask_n[None, :], other=0.0)")
+    assert any("not upcast" in p for p in codegen.arithmetic_violations(bad_load))
+    bad_dot = codegen.render(make_spec(17, "int8", None, "none", "bfloat16", on_gpu=True))
+    assert any("tl.bfloat16" in p for p in codegen.arithmetic_violations(bad_dot))
+
+
+@pytest.mark.parametrize("rows, fmt, k, n, prologue, epilogue", [
+    (1, "int4_g64_asym", 256, 97, "rms", "gated"),        # gemv, two weights, norm prologue
+    (3, "int8", 200, 97, None, "row"),                     # gemv, ragged K, row operand
+    (17, "int4_g32_sym", 200, 128, "layer", "residual"),   # gemm, padded int4, both norm tensors
+    (64, "int8", 256, 97, None, "bias"),                   # gemm, per-channel scale after the loop
+])
+def test_analytic_bytes_equal_bytes_the_interpreter_moves(rows, fmt, k, n, prologue, epilogue):
+    spec = make_spec(rows, fmt, prologue, epilogue, "float16")
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, n, k)
+    itemsize = {name: a.element_size() for name, a in zip(codegen.launcher_params(spec), args)
+                if isinstance(a, torch.Tensor)}
+    itemsize.update(out=2, bias=2)
+    with _triton_adapter.count_traffic() as moved:
+        kernel.launch(*args)
+    model = codegen.traffic(spec, n, k, itemsize).at(rows)
+    assert (model["read"], model["written"]) == (moved["read"], moved["written"])
+    assert model["min_read"] <= model["read"] and model["min_written"] == model["written"]
+
+
+def test_grid_and_bytes_are_symbolic_in_the_row_count():
+    spec = make_spec(None, "int4_g128_asym", "rms", "none", "bfloat16")  # symbolic M: prefill tiling
+    gm, gn = codegen.grid(spec, 4096)
+    assert str(gm) == "ceiling(M/64)" and int(gn) == 64
+    assert codegen.to_python(gm) == "triton.cdiv(M, 64)"
+    t = codegen.traffic(spec, 4096, 4096, {"x": 2, "out": 2, "norm_w": 2})
+    assert t.written == 2 * 4096 * codegen.M
+    # weight codes + scales + zeros once per row tile
+    assert t.at(64)["min_read"] == 64 * 4096 * 2 + 4096 * 2 + 4096 * 2048 + 4096 * 32 * 3
+
+
+def test_gpu_compile_for_sm90_reports_resources():
+    """Every kernel family compiles for Hopper (no GPU needed): the interpreter misses GPU-only errors."""
+    families = [make_spec(1, "int4_g128_asym", "rms", "gated", "bfloat16"),
+                make_spec(64, "int8", "layer", "residual", "float32"),
+                make_spec(64, "int4_g32_sym", None, "gelu_tanh", "float16", on_gpu=True),
+                make_spec(64, "int4_g64_asym", "rms", "gated", "bfloat16", on_gpu=True)]
+    items = [(spec, codegen.make_inputs(spec, 64, 96, 256)) for spec in families]
+    reports = kernel_cache.gpu_reports(items)
+    for spec, report in zip(families, reports):
+        assert report["arch"] == "sm_90" and 0 < report["registers"] <= 255, (spec.name, report)
+        assert report["shared_bytes"] >= 0 and report["spill_bytes"] >= 0
+    before = kernel_cache.stats["gpu_reports"]
+    assert kernel_cache.gpu_reports(items) == reports and kernel_cache.stats["gpu_reports"] == before  # cached
+
+
+def test_specs_are_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    spec = make_spec(17, "int4_g64_asym", "rms", "silu", "float32")
+    rendered = kernel_cache.stats["rendered"]
+    first = kernel_cache.get_kernel(spec, interpret=True)
+    assert kernel_cache.stats["rendered"] == rendered + 1
+    assert kernel_cache.get_kernel(spec, interpret=True) is first  # memory
+    monkeypatch.setattr(kernel_cache, "_loaded", {})
+    hits = kernel_cache.stats["disk_hits"]
+    again = kernel_cache.get_kernel(spec, interpret=True)
+    assert kernel_cache.stats["rendered"] == rendered + 1 and kernel_cache.stats["disk_hits"] == hits + 1
+    assert again.source == first.source and again.path == tmp_path / "kernels" / f"{spec.name}.py"
+    # a different specialisation is a different file
+    other = make_spec(17, "int4_g64_sym", "rms", "silu", "float32")
+    assert other.name != spec.name
+
+
+SECOND_PROCESS = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, {root!r})
+from tests.backends.test_codegen import make_spec
+from lowbit_compiler.backends import codegen, kernel_cache
+spec = make_spec(3, "int8", "rms", "gated", "float32")
+kernel = kernel_cache.get_kernel(spec, interpret=True)
+kernel.launch(*codegen.make_inputs(spec, 3, 64, 128))
+print("rendered", kernel_cache.stats["rendered"])
+"""
+
+
+def test_a_second_process_renders_no_new_source(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "LOWBIT_CACHE_DIR": str(tmp_path)}
+    script = SECOND_PROCESS.format(root=root)
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert [r.stdout.split()[-1] for r in runs] == ["1", "0"]
+
+
+def test_a_generated_file_runs_its_own_self_check(tmp_path):
+    spec = make_spec(3, "int4_g32_sym", "layer", "gelu", "float16")
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    path = tmp_path / f"{spec.name}.py"
+    path.write_text(kernel.source)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the file sets it itself
+    run = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("SQNR vs reference") == 2
