@@ -35,7 +35,7 @@ from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import Recipe, get_recipe
 from lowbit_compiler.backends import cpu_kernels
-from lowbit_compiler.backends.lowering import TARGETS, lower
+from lowbit_compiler.backends.lowering import TARGETS, codegen_totals, lower
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -94,6 +94,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         "kernels": lowering.kernels,
         "kernel_counts": lowering.counts,
         "generated_kernels": lowering.generated,
+        "codegen": codegen_totals(lowering.generated),
         "fallbacks": dict(ctx.fallbacks),
     }
     dump.summary(summary)

@@ -170,8 +170,29 @@ def _record(gm: fx.GraphModule, group: fusion.FusionGroup, spec: codegen.KernelS
     return {
         "call": call.name, "kernel": kernel.name, "layer": group.layer, "block": fusion.decoder_layer_of(group),
         "layers": [ir.get(a.node, ir.MODULE).fqn if ir.get(a.node, ir.MODULE) else a.node.name for a in group.anchors],
-        "fused_ops": group.fused_ops, "nodes_replaced": len(group.nodes), "variant": spec.variant,
+        "fused_ops": group.fused_ops, "replaced": [n.name for n in group.nodes], "variant": spec.variant,
         "N": anchor.out_features, "K": anchor.in_features, "M": rows if rows is not None else str(codegen.M),
-        "grid": [str(g) for g in grid], "bytes": {k: str(v) for k, v in dataclasses.asdict(traffic).items()},
+        "grid": [str(g.subs(codegen.M, rows)) if rows is not None else str(g) for g in grid], "bytes": {k: str(v) for k, v in dataclasses.asdict(traffic).items()},
         "bytes_per_call": traffic.at(rows) if rows is not None else None,
+    }
+
+
+def codegen_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per graph: launches, tokens (rows) per call, bytes per call, and per repeated block
+    (decoder layer) the kernels launched against the linear/norm/elementwise ops they replace."""
+    if not records:
+        return {}
+    blocks: dict[str, dict[str, Any]] = {}
+    for r in records:
+        b = blocks.setdefault(r["block"] or "(outside blocks)", {"kernels": 0, "ops": set()})
+        b["kernels"] += 1
+        b["ops"].update(r["replaced"])
+    rows = records[0]["M"]
+    known = [r["bytes_per_call"] for r in records if r["bytes_per_call"] is not None]
+    total = {k: sum(b[k] for b in known) for k in ("read", "written", "min_read", "min_written")} if len(known) == len(records) else None
+    return {
+        "launches_per_call": len(records),
+        "tokens_per_call": rows,
+        "bytes_per_call": total,
+        "blocks": {name: {"kernels": b["kernels"], "ops_replaced": len(b["ops"])} for name, b in blocks.items()},
     }

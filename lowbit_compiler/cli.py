@@ -44,6 +44,40 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         out.append("(no layers quantized)")
     out.append(f"kernels: {s.get('kernel_counts', {})}   fallbacks: {s.get('fallbacks', {}) or 'none'}")
+    if s.get("generated_kernels"):
+        out.append(format_generated(s["generated_kernels"], s.get("codegen", {})))
+    return "\n".join(out)
+
+
+# The GPU the decode-time model assumes: memory-bound kernels streaming at HBM bandwidth.
+MODEL_GPU, MODEL_BANDWIDTH = "H100 SXM (HBM3)", 3.35e12
+
+
+def format_generated(records: list[dict[str, Any]], totals: dict[str, Any]) -> str:
+    rows = []
+    for r in records:
+        b, gpu = r.get("bytes_per_call") or {}, r.get("gpu") or {}
+        ops = [o for o in r["fused_ops"] if o != "wo_linear"]
+        rows.append([r["call"], r["layer"] + (f" (+{len(r['layers']) - 1})" if len(r["layers"]) > 1 else ""),
+                     r["variant"], " ".join(ops[:4]) + (" ..." if len(ops) > 4 else "") or "-",
+                     "x".join(r["grid"]), b.get("read", r["bytes"]["read"]), b.get("written", r["bytes"]["written"]),
+                     f"{b['min_read'] / b['read']:.2f}" if b else "-",
+                     f"{gpu['registers']}/{gpu['spill_bytes']}" if gpu else "-"])
+    out = [_table(rows, ["generated call", "layer", "shape", "fused", "grid", "bytes read", "written",
+                         "min/read", "sm_90 regs/spill B"])]
+    if totals:
+        tokens, per_call = totals["tokens_per_call"], totals.get("bytes_per_call")
+        launches = totals["launches_per_call"]
+        line = f"per call: {launches} kernel launches for {tokens} token(s)"
+        if isinstance(tokens, int) and per_call:
+            moved = per_call["read"] + per_call["written"]
+            line += (f" = {launches / tokens:.2f} kernels/token; {moved} bytes/call = {moved / tokens:.0f} bytes/token; "
+                     f"modelled time {moved / MODEL_BANDWIDTH * 1e6:.2f} us/call on {MODEL_GPU}"
+                     f" (assumes memory-bound kernels at {MODEL_BANDWIDTH / 1e12:.2f} TB/s, no launch latency, "
+                     "generated kernels only: attention and ops left to eager/Inductor not counted)")
+        out.append(line)
+        blocks = [[name, b["kernels"], b["ops_replaced"]] for name, b in totals["blocks"].items()]
+        out.append(_table(blocks, ["block", "kernels", "ops replaced"]))
     return "\n".join(out)
 
 

@@ -1,0 +1,96 @@
+"""target="triton" end to end on tiny Hugging Face models (generated kernels under the interpreter)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lowbit_compiler.backends import codegen, kernel_cache
+from lowbit_compiler.cli import main as cli_main
+from lowbit_compiler.formats import sqnr_db
+from tests.conftest import make_model, prompt
+from tests.helpers import Recorder
+
+
+@pytest.mark.parametrize("arch, recipe", [("llama", "w4a16"), ("qwen2", "w8a16"), ("gpt2", "w4a16"),
+                                          ("bert", "w8a16")])
+def test_triton_target_matches_cpu_target(arch, recipe):
+    ids = prompt()
+    cpu = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")  # fp32 activations on both
+    gpu = Recorder(recipe=recipe, target="triton", strict=True)
+    with torch.no_grad():
+        ref = torch.compile(make_model(arch), backend=cpu)(ids)[0]
+        out = torch.compile(make_model(arch), backend=gpu)(ids)[0]
+    assert sqnr_db(ref, out) >= 40
+    counts = gpu.summaries[0]["kernel_counts"]
+    assert set(counts) == {"triton"} and counts["triton"] <= cpu.summaries[0]["kernel_counts"]["cpu"]
+
+
+def test_generate_uses_gemv_kernels_for_decode_and_matches_cpu_tokens():
+    ids = prompt()
+    cpu = Recorder(recipe="w4a16", cpu_compute_dtype="activation")
+    gpu = Recorder(recipe="w4a16", target="triton", strict=True)
+    a, b = make_model("llama"), make_model("llama")
+    with torch.no_grad():
+        a.compile(backend=cpu)
+        b.compile(backend=gpu)
+        ref = a.generate(ids, max_new_tokens=5, do_sample=False)
+        out = b.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.tolist() == ref.tolist()
+    prefill, *decode = [{r["layer"]: r["variant"] for r in s["generated_kernels"]} for s in gpu.summaries]
+    # prefill: 9 rows per layer (gemm), but generate() keeps only the last row for the head (gemv)
+    assert prefill.pop("lm_head") == "gemv" and set(prefill.values()) == {"gemm"}
+    assert decode and all(set(d.values()) == {"gemv"} for d in decode)
+
+
+def test_bf16_model_on_triton_target():
+    ids = prompt()
+    ref_model, model = make_model("llama", dtype=torch.bfloat16), make_model("llama", dtype=torch.bfloat16)
+    cpu = Recorder(recipe="w8a16")
+    gpu = Recorder(recipe="w8a16", target="triton", strict=True)
+    with torch.no_grad():
+        ref = torch.compile(ref_model, backend=cpu)(ids).logits
+        out = torch.compile(model, backend=gpu)(ids).logits
+    assert out.dtype == torch.bfloat16 and sqnr_db(ref.float(), out.float()) >= 25
+
+
+def test_dump_keeps_kernels_resources_and_inspect_prints_the_cost_model(tmp_path, capsys):
+    rec = Recorder(recipe="w4a16", target="triton", dump_dir=str(tmp_path))
+    with torch.no_grad():
+        torch.compile(make_model("llama"), backend=rec)(prompt())
+    summary = rec.summaries[0]
+    graph_dir = tmp_path / summary["graph"]
+    files = sorted(p.name for p in (graph_dir / "kernels").iterdir())
+    names = sorted({r["kernel"] for r in summary["generated_kernels"]})
+    assert files == [n + ".py" for n in names]
+    for name in names:  # the dumped file is the cached, loaded source
+        spec_source = (graph_dir / "kernels" / f"{name}.py").read_text()
+        assert spec_source == (kernel_cache.cache_dir() / f"{name}.py").read_text()
+    for r in summary["generated_kernels"]:
+        assert r["gpu"]["arch"] == "sm_90" and r["gpu"]["registers"] > 0
+        b = r["bytes_per_call"]
+        assert b["min_read"] <= b["read"] and b["written"] == b["min_written"] > 0
+        assert r["grid"][0] == "1"  # 9 rows fit one 16-row tile
+    lowered = (graph_dir / sorted(p.name for p in graph_dir.iterdir() if p.name.endswith("_lowered.py"))[0]).read_text()
+    assert "gemm_int4_g128_asym_x2_rms_norm_silu_mul_" in lowered
+    assert cli_main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "kernels/token" in text and "bytes/token" in text and "H100" in text and "3.35 TB/s" in text
+    assert re.search(r"^model\.layers\.0 +6 +13$", text, re.M)
+
+
+def test_symbolic_row_count_gets_the_prefill_tiling():
+    """Dynamic shapes: one generated kernel per spec serves every prompt length."""
+    model = make_model("llama")
+    rec = Recorder(recipe="w8a16", target="triton", strict=True)
+    compiled = torch.compile(model, backend=rec, dynamic=True)
+    with torch.no_grad():
+        for length in (5, 11):
+            ids = prompt(length)
+            ref = model(ids).logits
+            assert sqnr_db(ref, compiled(ids).logits) > 30
+    summary = rec.summaries[-1]
+    assert {r["M"] for r in summary["generated_kernels"]} == {str(codegen.M)}
+    assert all(r["variant"] == "gemm" and r["grid"][0] == "ceiling(M/64)" for r in summary["generated_kernels"])
+    assert len(rec.summaries) == 1  # no recompile for the second length
