@@ -131,3 +131,11 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
     sig.update({"out_ptr": "*" + codegen.TRITON_TYPES[codegen.DTYPES[spec.out_dtype]], "stride_om": "i32",
                 "M": "i32", "N": "i32", "K": "i32"})
     return sig
+
+
+def loaded(name: str) -> GeneratedKernel:
+    """A kernel this process has loaded, by name (what ``lowbit::generated`` calls)."""
+    for (kernel_name, _), kernel in _loaded.items():
+        if kernel_name == name:
+            return kernel
+    raise KeyError(f"generated kernel {name} is not loaded in this process")

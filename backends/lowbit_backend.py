@@ -12,7 +12,9 @@ Options (all optional):
     dump_dir           where to write dumps (default: $LOWBIT_DUMP_DIR, else no dumps)
     strict             raise on any fallback instead of logging it (default False)
     debug              lint + verify the IR after every pass (implied by strict)
-    inner              what runs the non-lowbit ops: "eager" (default)
+    inner              what runs the non-lowbit ops: "eager" (default) | "inductor" (fuses the rest of
+                       the graph -- attention glue, RoPE, casts -- at a compile cost of seconds per
+                       graph; on CPU it needs a C++ compiler)
     cpu_compute_dtype  "bfloat16" (default: fp32 activations are cast at the linear's boundary,
                        which is what makes the packed kernels fast) | "activation"
 """
@@ -27,7 +29,7 @@ import torch
 import torch.fx as fx
 
 import lowbit_compiler.ops  # noqa: F401  (registers lowbit:: ops before any graph uses them)
-from lowbit_compiler import ir
+from lowbit_compiler import _dynamo_adapter, ir
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter, resolve_dump_dir
@@ -38,6 +40,8 @@ from lowbit_compiler.backends import cpu_kernels
 from lowbit_compiler.backends.lowering import TARGETS, codegen_totals, lower
 
 log = logging.getLogger("lowbit_compiler")
+
+INNER = ("eager", "inductor")
 
 # Process-wide statistics: backend calls (one per graph Dynamo compiles), graphs lowered.
 stats: collections.Counter = collections.Counter()
@@ -64,8 +68,8 @@ class BackendOptions:
         options["dump_dir"] = resolve_dump_dir(options.get("dump_dir"))
         if options.get("target", "auto") not in TARGETS:
             raise LowbitError(f"backend='lowbit': target={options['target']!r}; expected one of {TARGETS}")
-        if options.get("inner", "eager") != "eager":
-            raise LowbitError(f"backend='lowbit': inner={options['inner']!r} is not available yet; use 'eager'")
+        if options.get("inner", "eager") not in INNER:
+            raise LowbitError(f"backend='lowbit': inner={options['inner']!r}; expected one of {INNER}")
         if options.get("cpu_compute_dtype", "bfloat16") not in cpu_kernels.COMPUTE_DTYPES:
             raise LowbitError(f"backend='lowbit': cpu_compute_dtype must be one of {sorted(cpu_kernels.COMPUTE_DTYPES)}")
         return BackendOptions(**options)
@@ -81,8 +85,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     ctx = PassContext(recipe=opts.recipe, strict=opts.strict)
     report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
     layers = {**_prequantized_layers(ir_gm), **report.layers}
-    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump)
+    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner)
     dump.stage("lowered", ir_gm)
+    run = ir_gm
+    if opts.inner == "inductor":
+        run = _dynamo_adapter.inductor_compile(ir_gm, captured.call_args(example_inputs))
     summary = {
         "graph": dump.name,
         "recipe": opts.recipe.to_dict(),
@@ -99,7 +106,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     }
     dump.summary(summary)
 
-    return LowbitCompiled(gm, opts, captured, summary), summary
+    return LowbitCompiled(gm, opts, captured, summary, run), summary
 
 
 class LowbitCompiled:
@@ -110,9 +117,10 @@ class LowbitCompiled:
     with the current tensors, rather than computing with stale weights.
     """
 
-    def __init__(self, dynamo_gm: fx.GraphModule, opts: BackendOptions, captured, summary: dict[str, Any]):
+    def __init__(self, dynamo_gm: fx.GraphModule, opts: BackendOptions, captured, summary: dict[str, Any],
+                 run: Any):
         self.dynamo_gm, self.opts = dynamo_gm, opts
-        self.captured, self.lowbit_summary = captured, summary
+        self.captured, self.lowbit_summary, self.run = captured, summary, run
 
     @property
     def lowbit_graph(self) -> fx.GraphModule:
@@ -124,8 +132,8 @@ class LowbitCompiled:
             log.warning("lowbit: parameter %s changed since compilation; compiling the graph again", stale)
             stats["refreezes"] += 1
             fresh, _ = compile_graph(self.dynamo_gm, args, self.opts, self.captured.module_state)
-            self.captured, self.lowbit_summary = fresh.captured, fresh.lowbit_summary
-        return self.captured.gm(*self.captured.call_args(args))
+            self.captured, self.lowbit_summary, self.run = fresh.captured, fresh.lowbit_summary, fresh.run
+        return self.run(*self.captured.call_args(args))
 
 
 def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:

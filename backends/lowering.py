@@ -50,7 +50,7 @@ def resolve_target(target: str) -> str:
 
 
 def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
-          cpu_compute_dtype: str = "bfloat16", dump: DumpWriter | None = None) -> LoweringReport:
+          cpu_compute_dtype: str = "bfloat16", dump: DumpWriter | None = None, inner: str = "eager") -> LoweringReport:
     target = resolve_target(target)
     kernels: dict[str, str] = {}
     generated: list[dict[str, Any]] = []
@@ -75,6 +75,11 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
             kernels[node.name] = "reference"
             continue
         dtype = cpu_kernels.compute_dtype_for(xv.dtype, cpu_compute_dtype)
+        if inner == "inductor":
+            # Inductor traces the graph: the op stays, and its CPU implementation (the same packed
+            # kernels, packed once per weight) runs as an extern call inside Inductor's code
+            kernels[node.name] = f"cpu-op:{fmt}:{str(dtype).split('.')[-1]}"
+            continue
         tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
         packed = cpu_kernels.prepack(*tensors, fmt, in_features, dtype)
         base = qweight.target.rsplit(".", 1)[0]
@@ -87,8 +92,32 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         kernels[node.name] = f"cpu:{fmt}:{str(dtype).split('.')[-1]}"
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    if inner == "inductor":
+        _generated_calls_as_ops(gm, generated)
     counts = collections.Counter(v.split(":")[0] for v in kernels.values())
     return LoweringReport(target, kernels, dict(counts), generated)
+
+
+def _generated_calls_as_ops(gm: fx.GraphModule, records: list[dict[str, Any]]) -> None:
+    """Generated-kernel calls -> ``lowbit::generated`` op nodes, which Inductor (or any tracer)
+    keeps as opaque extern calls with a known output shape."""
+    calls = {r["call"]: r for r in records}
+    for node in list(gm.graph.nodes):
+        if node.name not in calls:
+            continue
+        kernel = kernel_cache.loaded(calls[node.name]["kernel"])
+        spec = kernel.spec
+        tensors, eps = list(node.args), 0.0
+        if spec.prologue:
+            *tensors, eps = tensors
+        with gm.graph.inserting_before(node):
+            op = gm.graph.call_function(torch.ops.lowbit.generated.default, (
+                kernel.name, tensors, float(eps), calls[node.name]["N"], codegen.DTYPES[spec.out_dtype]))
+        op.meta.update(node.meta)
+        node.replace_all_uses_with(op)
+        gm.graph.erase_node(node)
+        calls[node.name]["call"] = op.name
+    gm.recompile()
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
@@ -78,3 +80,12 @@ def example_value(node: fx.Node) -> torch.Tensor | None:
     """The fake tensor Dynamo (or our own propagation) recorded for a node, if any."""
     value = node.meta.get("example_value", node.meta.get("val"))
     return value if isinstance(value, torch.Tensor) else None
+
+
+def inductor_compile(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+    """Compile a lowered graph with Inductor (what ``inner="inductor"`` runs): returns a callable
+    taking the graph's placeholders."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch.no_grad():
+        return compile_fx(gm, list(example_inputs))

@@ -44,3 +44,21 @@ def wo_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     w = dequantize_parts(WeightFormat.parse(fmt), qweight, scale, zero)[:, :in_features]
     out = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+@torch.library.custom_op("lowbit::generated", mutates_args=())
+def generated(kernel: str, tensors: list[torch.Tensor], eps: float, out_features: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """One call of a generated kernel, as an op other compilers can trace around (``inner=
+    "inductor"``): ``tensors`` are the launcher's tensor arguments in order, ``eps`` the fused
+    norm's epsilon (unused without a norm)."""
+    from lowbit_compiler.backends import kernel_cache
+
+    launch = kernel_cache.loaded(kernel).launch
+    return launch(*tensors, eps) if kernel_cache.loaded(kernel).spec.prologue else launch(*tensors)
+
+
+@generated.register_fake
+def _(kernel, tensors, eps, out_features, out_dtype):
+    x = tensors[0]
+    return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)

@@ -178,6 +178,7 @@ def test_strict_mode_raises_on_fallback(no_triton_runtime):
     ({"recipe": "w5a16"}, r"unknown recipe 'w5a16'; presets: \["),
     ({"recipe": "w8a16", "targte": "cpu"}, r"unknown options \['targte'\]"),
     ({"recipe": "w8a16", "target": "gpu"}, r"target='gpu'; expected one of"),
+    ({"recipe": "w8a16", "inner": "tvm"}, r"inner='tvm'; expected one of \('eager', 'inductor'\)"),
 ])
 def test_bad_options_are_refused_with_the_fix(options, message):
     compiled = torch.compile(make_model("llama"), backend="lowbit", options=options)
@@ -244,3 +245,19 @@ def test_replaced_or_edited_parameters_are_not_computed_with_stale_weights():
         compiled(ids)  # nothing changed: no further recompilation
     # each change rebuilt the graph once (by re-freezing, or by a Dynamo recompile), then no more
     assert stats["refreezes"] + stats["backend_calls"] - rebuilds == 2
+
+
+@pytest.mark.slow  # Inductor compiles C++ on CPU: tens of seconds per graph
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_inner_inductor_runs_the_rest_of_the_graph(target):
+    ids = prompt()
+    eager = Recorder(recipe="w8a16", target=target)
+    inductor = Recorder(recipe="w8a16", target=target, inner="inductor")
+    with torch.no_grad():
+        ref = torch.compile(make_model("llama"), backend=eager)(ids).logits
+        out = torch.compile(make_model("llama"), backend=inductor)(ids).logits
+    assert sqnr_db(ref, out) >= 60
+    gm = inductor.graphs[0]
+    lowbit_ops = {n.target for n in gm.graph.nodes if "lowbit" in str(n.target)}
+    expected = torch.ops.lowbit.wo_linear.default if target == "cpu" else torch.ops.lowbit.generated.default
+    assert lowbit_ops == {expected}  # the low-bit work stays ours; Inductor gets the rest
