@@ -15,6 +15,8 @@ Options (all optional):
     inner              what runs the non-lowbit ops: "eager" (default) | "inductor" (fuses the rest of
                        the graph -- attention glue, RoPE, casts -- at a compile cost of seconds per
                        graph; on CPU it needs a C++ compiler)
+    autotune           time candidate tilings per kernel on the GPU (default False; off on CPU and
+                       under the interpreter, with the reason logged)
     cpu_compute_dtype  "bfloat16" (default: fp32 activations are cast at the linear's boundary,
                        which is what makes the packed kernels fast) | "activation"
 """
@@ -55,6 +57,7 @@ class BackendOptions:
     strict: bool = False
     debug: bool = False
     inner: str = "eager"
+    autotune: bool = False
     cpu_compute_dtype: str = "bfloat16"
 
     @staticmethod
@@ -85,7 +88,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     ctx = PassContext(recipe=opts.recipe, strict=opts.strict)
     report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
     layers = {**_prequantized_layers(ir_gm), **report.layers}
-    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner)
+    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner, opts.autotune)
     dump.stage("lowered", ir_gm)
     run = ir_gm
     if opts.inner == "inductor":

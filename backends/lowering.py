@@ -18,6 +18,7 @@ lowbit op runs as captured (``inner="eager"``).
 from __future__ import annotations
 
 import collections
+import logging
 import dataclasses
 from typing import Any
 
@@ -29,6 +30,9 @@ from lowbit_compiler.dump import DumpWriter
 from lowbit_compiler.ops import wo_linear_reference
 from lowbit_compiler.pass_base import PassContext
 from lowbit_compiler.backends import _triton_adapter, codegen, cpu_kernels, fusion, kernel_cache
+from lowbit_compiler.backends import autotune as tuning
+
+log = logging.getLogger("lowbit_compiler")
 
 TARGETS = ("auto", "cpu", "triton")
 
@@ -50,12 +54,13 @@ def resolve_target(target: str) -> str:
 
 
 def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
-          cpu_compute_dtype: str = "bfloat16", dump: DumpWriter | None = None, inner: str = "eager") -> LoweringReport:
+          cpu_compute_dtype: str = "bfloat16", dump: DumpWriter | None = None, inner: str = "eager",
+          autotune: bool = False) -> LoweringReport:
     target = resolve_target(target)
     kernels: dict[str, str] = {}
     generated: list[dict[str, Any]] = []
     if target == "triton":
-        generated = _lower_triton(gm, ctx, kernels, dump)
+        generated = _lower_triton(gm, ctx, kernels, dump, autotune)
     for node in list(gm.graph.nodes):
         if not (node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear.default):
             continue
@@ -139,18 +144,26 @@ def _triton_unsupported(node: fx.Node) -> str | None:
 
 
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
-                  dump: DumpWriter | None) -> list[dict[str, Any]]:
+                  dump: DumpWriter | None, autotune: bool = False) -> list[dict[str, Any]]:
     """Replace each fusion group by one call of its generated kernel; returns the records."""
     partition = fusion.find_groups(gm, eligible=_triton_unsupported)
     interpret = _triton_adapter.interpreting()
     on_gpu = torch.cuda.is_available() and not interpret
+    if autotune and (reason := tuning.unavailable_reason(interpret)) is not None:
+        log.info("lowbit: %s; using the default tiling per shape class", reason)
+        autotune = False
     records, reports = [], []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     renamed: dict[fx.Node, fx.Node] = {}  # sink of an earlier group -> the call that replaced it
     for group in partition.groups:
         spec = codegen.spec_for(group, on_gpu)
-        kernel = kernel_cache.get_kernel(spec, interpret)
         args = [renamed.get(a, a) if isinstance(a, fx.Node) else a for a in codegen.launch_args(group)]
+        rows = codegen.rows_of(group.anchors[0].x)
+        if autotune and rows is not None:
+            anchor = group.anchors[0]
+            spec = tuning.tune(spec, _example_args(gm, args, materialize=True), rows, anchor.out_features,
+                               anchor.in_features)
+        kernel = kernel_cache.get_kernel(spec, interpret)
         sink = group.sink
         with gm.graph.inserting_before(sink):
             call = gm.graph.call_function(kernel.launch, tuple(args))
@@ -173,12 +186,16 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
     return records
 
 
-def _example_args(gm: fx.GraphModule, args: list[Any]) -> list[Any]:
-    """Tensors (frozen attributes or fake example values) standing for the launcher's arguments."""
+def _example_args(gm: fx.GraphModule, args: list[Any], materialize: bool = False) -> list[Any]:
+    """Tensors (frozen attributes, else example values: fake, or random real ones when
+    ``materialize``) standing for the launcher's arguments."""
     out = []
     for a in args:
-        if isinstance(a, fx.Node):
-            out.append(ir.fetch_attr(gm, a.target) if a.op == "get_attr" else _dynamo_adapter.example_value(a))
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            out.append(ir.fetch_attr(gm, a.target))
+        elif isinstance(a, fx.Node):
+            v = _dynamo_adapter.example_value(a)
+            out.append(torch.randn(v.shape, dtype=v.dtype, device=v.device) if materialize else v)
         else:
             out.append(a)
     return out

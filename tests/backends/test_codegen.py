@@ -187,3 +187,20 @@ def test_a_generated_file_runs_its_own_self_check(tmp_path):
     run = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("SQNR vs reference") == 2
+
+
+def test_autotune_hook_is_off_here_and_its_candidates_are_valid_kernels(caplog):
+    from lowbit_compiler.backends import autotune
+    from tests.conftest import make_model, prompt
+    from tests.helpers import Recorder
+
+    spec = make_spec(17, "int4_g64_asym", "rms", "gated", "float32")
+    candidates = autotune.candidates(spec)
+    assert len({c.name for c in candidates}) == len(candidates) > 10
+    assert all(c.block_k == spec.block_k and codegen.arithmetic_violations(codegen.render(c)) == []
+               for c in candidates[:4])
+    rec = Recorder(recipe="w8a16", target="triton", autotune=True)
+    with caplog.at_level("INFO", logger="lowbit_compiler"), torch.no_grad():
+        torch.compile(make_model("llama"), backend=rec)(prompt())
+    assert "autotune is off under the Triton interpreter" in caplog.text
+    assert {r["kernel"].split("_")[0] for r in rec.summaries[0]["generated_kernels"]} == {"gemm"}
