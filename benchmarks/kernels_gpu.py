@@ -1,0 +1,174 @@
+"""Generated kernels against their unfused torch equivalent on a CUDA GPU.
+
+For the fusion groups of one Llama-2-7B decoder layer (hidden 4096, intermediate 11008), at
+decode (M=1), small-batch (M=16) and prefill (M=512) row counts, and for each weight format:
+
+* ``fused``: the generated kernel (norm prologue, low-bit matmul, epilogue in one launch);
+* ``torch``: the same computation unfused in the model's dtype with dense fp16 weights --
+  ``F.rms_norm``, ``F.linear``, ``F.silu``, ``*``, ``+`` as separate launches (what runs without
+  this project).
+
+Timed with ``triton.testing.do_bench`` (median). Reported per case: microseconds for both, the
+speedup, the bytes the kernel moves (the analytic model, which tests check against the
+interpreter's counts), and the achieved bandwidth as a fraction of the device's (measured with a
+large device-to-device copy in the same run; the nominal figure is printed when the device is
+known).
+
+    python benchmarks/kernels_gpu.py [--formats int4_g128_asym int8] [--rows 1 16 512]
+                                     [--json benchmarks/results/kernels_gpu.json]
+
+Without a CUDA device (or under TRITON_INTERPRET=1) it prints why and times nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HIDDEN, INTER = 4096, 11008
+NOMINAL_BANDWIDTH = {"H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "L4": 0.3e12, "4090": 1.008e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One fusion group of a Llama layer: which ops it fuses and its matmul shape."""
+
+    label: str
+    n: int
+    k: int
+    prologue: str | None
+    epilogue: str  # "none" | "residual" | "gated"
+
+
+LAYER = [
+    Case("q_proj (+rms_norm)", HIDDEN, HIDDEN, "rms", "none"),
+    Case("o_proj (+residual)", HIDDEN, HIDDEN, None, "residual"),
+    Case("gate+up (+rms_norm, silu, mul)", INTER, HIDDEN, "rms", "gated"),
+    Case("down_proj (+residual)", HIDDEN, INTER, None, "residual"),
+]
+
+
+def spec_for(case: Case, fmt: str, rows: int, dtype: str = "float16"):
+    from lowbit_compiler.backends import codegen
+    from lowbit_compiler.formats import WeightFormat
+
+    extra: dict[str, Any] = {}
+    if case.prologue:
+        extra.update(prologue=case.prologue, norm_weight=True)
+    if case.epilogue == "residual":
+        extra.update(steps=(("add", ("acc0", "e0")),), externals=("full",))
+    elif case.epilogue == "gated":
+        extra.update(n_weights=2, steps=(("silu", ("acc0",)), ("mul", ("t0", "acc1"))))
+    tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu=True, x_dtype=dtype)
+    return codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype, **extra)
+
+
+def bytes_moved(spec, case: Case, rows: int) -> dict[str, int]:
+    from lowbit_compiler.backends import codegen
+
+    size = torch.empty((), dtype=codegen.DTYPES[spec.x_dtype]).element_size()
+    itemsize = {"x": size, "out": size, "norm_w": size, "e0": size}
+    return codegen.traffic(spec, case.n, case.k, itemsize).at(rows)
+
+
+def unfused(spec, args: list[Any]):
+    """The torch equivalent with dense fp16 weights, op by op."""
+    from lowbit_compiler.backends import codegen
+    from lowbit_compiler.formats import dequantize_parts
+
+    named = dict(zip(codegen.launcher_params(spec), args))
+    dtype = codegen.DTYPES[spec.x_dtype]
+    dense = [dequantize_parts(spec.format, named[f"qw{i}"], named[f"scale{i}"], named.get(f"zero{i}"))
+             [:, : named["x"].shape[-1]].to(dtype) for i in range(spec.n_weights)]
+
+    def run():
+        h = named["x"]
+        if spec.prologue:
+            h = F.rms_norm(h, [h.shape[-1]], named["norm_w"], named["eps"])
+        y = F.linear(h, dense[0])
+        if spec.n_weights == 2:
+            y = F.silu(y) * F.linear(h, dense[1])
+        if spec.externals:
+            y = y + named["e0"]
+        return y
+
+    return run
+
+
+def device_bandwidth() -> float:
+    from triton.testing import do_bench
+
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["format", "group", "M", "fused us", "torch us", "speedup", "MB moved", "GB/s", "of peak"]
+    lines = [header] + [[r["format"], r["group"], str(r["M"]), f"{r['fused_us']:.1f}", f"{r['torch_us']:.1f}",
+                         f"{r['torch_us'] / r['fused_us']:.2f}x", f"{r['bytes'] / 1e6:.2f}",
+                         f"{r['bytes'] / r['fused_us'] / 1e3:.0f}", f"{r['fraction_of_peak']:.0%}"] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def unavailable_reason() -> str | None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1 is set: interpreted kernels cannot be timed meaningfully"
+    if not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", nargs="+", default=["int4_g128_asym", "int8"])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 512])
+    parser.add_argument("--json", default="benchmarks/results/kernels_gpu.json")
+    args = parser.parse_args(argv)
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"kernels_gpu: {reason}; nothing timed (run this on a machine with a CUDA GPU)")
+        return 0
+
+    from triton.testing import do_bench
+
+    from lowbit_compiler.backends import codegen, kernel_cache
+
+    peak = device_bandwidth()
+    name = torch.cuda.get_device_name()
+    nominal = next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
+    results = []
+    for fmt in args.formats:
+        for case in LAYER:
+            for rows in args.rows:
+                spec = spec_for(case, fmt, rows)
+                kernel = kernel_cache.get_kernel(spec, interpret=False)
+                inputs = codegen.make_inputs(spec, rows, case.n, case.k, device="cuda")
+                fused_ms = do_bench(lambda: kernel.launch(*inputs))
+                torch_ms = do_bench(unfused(spec, inputs))
+                moved = bytes_moved(spec, case, rows)
+                total = moved["read"] + moved["written"]
+                results.append({"format": fmt, "group": case.label, "M": rows, "kernel": spec.name,
+                                "fused_us": fused_ms * 1e3, "torch_us": torch_ms * 1e3, "bytes": total,
+                                "fraction_of_peak": total / (fused_ms * 1e-3) / peak})
+    print(f"device: {name}; copy bandwidth {peak / 1e12:.2f} TB/s"
+          + (f" (nominal {nominal / 1e12:.2f} TB/s)" if nominal else ""))
+    print(table(results))
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"device": name, "copy_bandwidth": peak, "nominal_bandwidth": nominal, "results": results}, f,
+                  indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
