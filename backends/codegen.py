@@ -257,9 +257,24 @@ def to_python(expr: sympy.Expr) -> str:
 # Rendering
 # ---------------------------------------------------------------------------------------------
 
-def _load(ptr: str, mask: str, to: str = "tl.float32", other: str = "0.0", indent: str = "") -> str:
+_ALIGN = "\x00"  # continuation marker: aligned under the opening parenthesis by _align()
+
+
+def _load(ptr: str, mask: str, to: str = "tl.float32", other: str = "0.0") -> str:
     """A masked load, upcast right away (the rule every generated load follows)."""
-    return f"tl.load({ptr},\n{indent}        mask={mask}, other={other}).to({to})"
+    if len(ptr) + len(mask) < 60:
+        return f"tl.load({ptr}, mask={mask}, other={other}).to({to})"
+    return f"tl.load({ptr},\n{_ALIGN}mask={mask}, other={other}).to({to})"
+
+
+def _align(source: str) -> str:
+    """Put each continuation line under the first argument of the call it continues."""
+    lines = source.split("\n")
+    for i, line in enumerate(lines):
+        if line.lstrip(" ").startswith(_ALIGN):
+            column = lines[i - 1].rindex("tl.load(") + len("tl.load(")
+            lines[i] = " " * column + line.lstrip(" ")[len(_ALIGN):]
+    return "\n".join(lines)
 
 
 def _signature(spec: KernelSpec) -> str:
@@ -274,11 +289,11 @@ def _signature(spec: KernelSpec) -> str:
         if fmt.bits == 8:
             what = "int8 codes [N, K], one scale per output channel [N]"
         else:
-            what = (f"uint8 [N, Kp/2] (two 4-bit codes per byte, low nibble = even k), scales [N, Kp/{fmt.group_size}]"
-                    + ("" if fmt.symmetric else ", zero points [N, Kp/G]"))
+            what = (f"uint8 codes [N, Kp/2], scales [N, Kp/{fmt.group_size}]"
+                    + ("" if fmt.symmetric else f", zero points [N, Kp/{fmt.group_size}]"))
         parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.bits == 4 and not fmt.symmetric else [])
         parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.bits == 4 else [])
-        lines += [f"# weight {i} ({spec.fmt}): {what}{', bias [N]' if spec.bias else ''}", ", ".join(parts) + ","]
+        lines += [f"# weight {i} ({spec.fmt}{', with bias [N]' if spec.bias else ''}): {what}", ", ".join(parts) + ","]
     if spec.externals:
         desc = ", ".join(f"e{j} {'[M, N]' if kind == 'full' else '[N]'}" for j, kind in enumerate(spec.externals))
         parts = []
@@ -290,15 +305,13 @@ def _signature(spec: KernelSpec) -> str:
     return textwrap.indent("\n".join(lines), " " * 4)
 
 
-def _x_tile(indent: str) -> str:
-    return _load("x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]", "mask_m[:, None] & mask_k[None, :]",
-                 indent=indent)
+def _x_tile() -> str:
+    return _load("x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]", "mask_m[:, None] & mask_k[None, :]")
 
 
 def _prologue_stats(spec: KernelSpec) -> str:
     if not spec.prologue:
         return ""
-    i8 = " " * 8
     lines = [f"# ---- prologue: {spec.prologue} norm statistics of each row (one extra pass over K)",
              "sum_xx = tl.zeros((BLOCK_M,), dtype=tl.float32)"]
     if spec.prologue == "layer":
@@ -306,7 +319,7 @@ def _prologue_stats(spec: KernelSpec) -> str:
     lines += ["for k0 in range(0, K, BLOCK_K):",
               "    offs_k = k0 + tl.arange(0, BLOCK_K)",
               "    mask_k = offs_k < K",
-              "    x = " + _x_tile(i8)]
+              "    x = " + _x_tile()]
     if spec.prologue == "layer":
         lines += ["    sum_x += tl.sum(x, axis=1)"]
     lines += ["    sum_xx += tl.sum(x * x, axis=1)"]
@@ -319,17 +332,16 @@ def _prologue_stats(spec: KernelSpec) -> str:
 
 def _activation_block(spec: KernelSpec) -> str:
     lines = ["# activations: load, upcast" + (", normalise (padding lanes back to zero)" if spec.prologue else ""),
-             "x = " + _x_tile(" " * 8)]
+             "x = " + _x_tile()]
     if spec.prologue == "layer":
         lines.append("x = (x - mean[:, None]) * rstd[:, None]")
     elif spec.prologue == "rms":
         lines.append("x = x * rstd[:, None]")
     if spec.norm_weight:
-        offset = f" + {spec.norm_offset!r}" if spec.norm_offset else ""
-        lines += ["norm_w = " + _load("norm_w_ptr + offs_k", "mask_k", indent=" " * 8),
-                  f"x = x * (norm_w[None, :]{offset})"]
+        scale = f"(norm_w[None, :] + {spec.norm_offset!r})" if spec.norm_offset else "norm_w[None, :]"
+        lines += ["norm_w = " + _load("norm_w_ptr + offs_k", "mask_k"), f"x = x * {scale}"]
     if spec.norm_bias:
-        lines += ["norm_b = " + _load("norm_b_ptr + offs_k", "mask_k", indent=" " * 8),
+        lines += ["norm_b = " + _load("norm_b_ptr + offs_k", "mask_k"),
                   "x = x + norm_b[None, :]"]
     if spec.prologue:
         lines.append("x = tl.where(mask_m[:, None] & mask_k[None, :], x, 0.0)")
@@ -338,23 +350,22 @@ def _activation_block(spec: KernelSpec) -> str:
 
 def _weight_block(spec: KernelSpec, i: int) -> str:
     fmt = spec.format
-    ind = " " * 8
     if fmt.bits == 8:
         return "\n".join([
             f"# weight {i}: int8 codes (the per-channel scale is applied once, after the loop)",
             f"w{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_k[None, :]",
-                              "mask_n[:, None] & mask_k[None, :]", other="0", indent=ind)])
-    zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0", indent=ind)
+                              "mask_n[:, None] & mask_k[None, :]", other="0")])
+    zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0")
             if not fmt.symmetric else f"z{i} = 8.0  # symmetric codes are stored offset by 8")
     return "\n".join([
         f"# weight {i}: two 4-bit codes per byte (low nibble = even k); BLOCK_K is one group, so one",
         f"# scale{'' if fmt.symmetric else ' and zero point'} per output channel per step",
         "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
         f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
-                               "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0", indent=ind),
+                               "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
         f"codes{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K)",
         "group = k0 // BLOCK_K",
-        f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n", indent=ind),
+        f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n"),
         zero,
         f"w{i} = (codes{i}.to(tl.float32) - z{i}{'' if fmt.symmetric else '[:, None]'}) * s{i}[:, None]"])
 
@@ -371,23 +382,22 @@ def _dot(spec: KernelSpec, i: int) -> str:
 def _epilogue(spec: KernelSpec) -> tuple[str, str]:
     """The epilogue block and the name of the value stored."""
     fmt = spec.format
-    ind = " " * 4
     lines = ["# ---- epilogue: " + ", ".join(
         (["per-channel scale"] if fmt.bits == 8 else []) + (["bias"] if spec.bias else [])
         + [op for op, _ in spec.steps] or ["nothing to fuse"]) + " (fp32 registers)"]
     for i in range(spec.n_weights):
         if fmt.bits == 8:
-            lines += [f"s{i} = " + _load(f"scale{i}_ptr + offs_n", "mask_n", indent=ind),
+            lines += [f"s{i} = " + _load(f"scale{i}_ptr + offs_n", "mask_n"),
                       f"acc{i} = acc{i} * s{i}[None, :]"]
         if spec.bias:
-            lines += [f"bias{i} = " + _load(f"bias{i}_ptr + offs_n", "mask_n", indent=ind),
+            lines += [f"bias{i} = " + _load(f"bias{i}_ptr + offs_n", "mask_n"),
                       f"acc{i} = acc{i} + bias{i}[None, :]"]
     for j, kind in enumerate(spec.externals):
         if kind == "full":
             lines.append(f"e{j} = " + _load(f"e{j}_ptr + offs_m[:, None] * stride_e{j}m + offs_n[None, :]",
-                                           "mask_m[:, None] & mask_n[None, :]", indent=ind))
+                                           "mask_m[:, None] & mask_n[None, :]"))
         else:
-            lines += [f"e{j} = " + _load(f"e{j}_ptr + offs_n", "mask_n", indent=ind), f"e{j} = e{j}[None, :]"]
+            lines += [f"e{j} = " + _load(f"e{j}_ptr + offs_n", "mask_n"), f"e{j} = e{j}[None, :]"]
     result = "acc0"
     for t, (op, operands) in enumerate(spec.steps):
         lines.append(f"t{t} = " + fusion.ELEMENTWISE[op].triton.format(*operands))
@@ -423,8 +433,8 @@ def render(spec: KernelSpec) -> str:
             + "# ---- store, in the output's dtype\n"
             + f"tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], {result}.to(out_ptr.dtype.element_ty),\n"
             + "         mask=mask_m[:, None] & mask_n[None, :])\n", " " * 4))
-    return _HEADER.format(name=name, ops=", ".join(spec.fused_ops), spec=repr(spec)) + kernel + "\n\n" + \
-        _launcher(spec) + "\n\n" + _reference(spec) + _MAIN
+    return _HEADER.format(name=name, ops=", ".join(spec.fused_ops), spec=repr(spec)) + _align(kernel) + "\n\n" + \
+        _launcher(spec) + "\n\n\n" + _reference(spec) + _MAIN
 
 
 def _launcher(spec: KernelSpec) -> str:
