@@ -322,12 +322,12 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
                     continue
                 elif (s := sibling(v)) is not None:
                     new_members.append(s)
-                elif depends_on_region(v):
-                    ok = False
+                elif depends_on_region(v) or not _is_float_tensor(v):
+                    ok = False  # waits on the group itself, or integer/unknown semantics
                 elif _shape(v) == out_shape:
                     new_externals[v] = "full"
-                elif _shape(v) is not None and _shape(v)[-1] == n and _numel(v) == anchor.out_features:
-                    new_externals[v] = "row"
+                elif (sv := _shape(v)) and sv[-1] == n and _numel(v) == anchor.out_features:
+                    new_externals[v] = "row"  # [N], [1, 1, N]: broadcast over rows
                 else:
                     ok = False
             if not ok:
@@ -354,6 +354,11 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
     used = {v for s in steps for v in s.operands if isinstance(v, fx.Node)}
     sink = steps[-1].node if steps else anchor.node
     return FusionGroup(members, None, steps, [(e, k) for e, k in externals.items() if e in used], sink)
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    value = _dynamo_adapter.example_value(node)
+    return value is not None and value.dtype.is_floating_point
 
 
 def _numel(node: fx.Node) -> int | None:

@@ -93,3 +93,27 @@ def test_a_registered_elementwise_op_is_fused(monkeypatch):
     rec, out = compile_triton(model, (x,), recipe="w8a16")
     assert rec.summaries[0]["generated_kernels"][0]["fused_ops"] == ["wo_linear", "bias", "hardsigmoid"]
     assert sqnr_db(model(x), out) > 35
+
+
+class Operands(torch.nn.Module):
+    """Epilogue operands of every kind: a [1, 1, N] row, a 0-d tensor, an integer tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(128, 64, bias=False)
+        self.register_buffer("row", torch.randn(1, 1, 64))
+        self.register_buffer("scalar", torch.tensor(2.0))
+        self.register_buffer("counts", torch.arange(64))
+
+    def forward(self, x):
+        y = self.proj(x) * self.row + 1.0   # fused: a row operand and a constant
+        y = y * self.scalar                  # a 0-d tensor is not a row: stays outside
+        return y + self.counts               # integer operand: stays outside
+
+
+def test_epilogue_operand_kinds():
+    torch.manual_seed(0)
+    model, x = Operands().eval(), torch.randn(2, 3, 128)
+    rec, out = compile_triton(model, (x,), recipe="w8a16")
+    assert [r["fused_ops"] for r in rec.summaries[0]["generated_kernels"]] == [["wo_linear", "mul", "add"]]
+    assert sqnr_db(model(x), out) > 35
