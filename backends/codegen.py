@@ -118,6 +118,12 @@ class KernelSpec:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+def has_template(fmt: str) -> bool:
+    """Whether ``_weight_block`` can dequantise this format (int8 per-channel, int4 group-wise)."""
+    f = WeightFormat.parse(fmt)
+    return f.kind == "int" and f.bits in (8, 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # From a fusion group to a spec
 # ---------------------------------------------------------------------------------------------

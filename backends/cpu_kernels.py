@@ -53,7 +53,9 @@ def unsupported_reason(x_dtype: torch.dtype, device: torch.device, fmt: str) -> 
         return f"device {device} is not the CPU"
     if x_dtype not in _FAST_DTYPES:
         return f"activation dtype {x_dtype} has no packed CPU kernel (use float32/bfloat16/float16)"
-    WeightFormat.parse(fmt)
+    f = WeightFormat.parse(fmt)
+    if not (f.kind == "int" and f.bits in (8, 4)):
+        return f"format {fmt} has no packed CPU kernel (torch has int8 and int4 ones)"
     return None
 
 

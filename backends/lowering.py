@@ -133,6 +133,8 @@ def _triton_unsupported(node: fx.Node) -> str | None:
     if not (torch.cuda.is_available() or _triton_adapter.interpreting()):
         return ("target 'triton' needs a CUDA device; without one, start the process with TRITON_INTERPRET=1 "
                 "to run the generated kernels under Triton's interpreter (slow: for checking numerics)")
+    if not codegen.has_template(node.args[5]):
+        return f"format {node.args[5]} has no generated-kernel template yet (int8 and int4 have)"
     xv = _dynamo_adapter.example_value(node.args[0])
     if xv is None:
         return "no example value for the activation (dtype/device unknown)"

@@ -91,6 +91,11 @@ PRESETS: dict[str, Recipe] = {
     "none": Recipe("none"),
     "w8a16": Recipe("w8a16", _WEIGHT_ONLY, WeightFormat(8)),
     "w4a16": Recipe("w4a16", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False)),
+    # 3-bit round-to-nearest: the baseline GPTQ/AWQ are measured against at 3 bits
+    "w3a16": Recipe("w3a16", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False)),
+    "nf4": Recipe("nf4", _WEIGHT_ONLY, WeightFormat(4, 64, kind="nf4")),
+    "mxfp4": Recipe("mxfp4", _WEIGHT_ONLY, WeightFormat.parse("mxfp4")),
+    "nvfp4": Recipe("nvfp4", _WEIGHT_ONLY, WeightFormat.parse("nvfp4")),
 }
 
 
@@ -125,12 +130,13 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
             changes["weight"] = None
         else:
             w = dict(w)
-            unknown_w = set(w) - {"bits", "group_size", "symmetric"}
-            if unknown_w:
-                raise LowbitError(f"{source}: unknown [recipe.weight] keys {sorted(unknown_w)}; "
-                                  "known: bits, group_size, symmetric")
+            unknown_w = set(w) - {"format", "bits", "group_size", "symmetric", "kind"}
+            if unknown_w or ("format" in w and len(w) > 1):
+                raise LowbitError(f"{source}: [recipe.weight] takes either format = '<key>' (e.g. 'int4_g128_asym', "
+                                  "'nf4_g64', 'mxfp4') or bits, group_size, symmetric, kind; "
+                                  f"got {sorted(w)}")
             try:
-                changes["weight"] = WeightFormat(**w)
+                changes["weight"] = WeightFormat.parse(w["format"]) if "format" in w else WeightFormat(**w)
             except (FormatError, TypeError) as e:
                 raise LowbitError(f"{source}: [recipe.weight]: {e}") from None
     if "options" in data:

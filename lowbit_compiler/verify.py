@@ -62,14 +62,14 @@ def _verify_wo_linear(gm: fx.GraphModule, node: fx.Node) -> None:
         tensors[name] = ir.fetch_attr(gm, arg.target)
     q, s = tensors["qweight"], tensors["scale"]
     n = s.shape[0]
-    kp = fmt.padded_k(in_features)
-    expected_q = (torch.int8, (n, kp)) if fmt.bits == 8 else (torch.uint8, (n, kp // 2))
-    if (q.dtype, tuple(q.shape)) != expected_q:
-        _fail(node, f"qweight is {q.dtype}{tuple(q.shape)}, format {fmt.key} needs {expected_q}")
-    if fmt.bits == 4 and tuple(s.shape) != (n, kp // fmt.group_size):
-        _fail(node, f"scale shape {tuple(s.shape)} does not match {fmt.key} with K={in_features}")
-    if (zero is None) != (fmt.bits == 8 or fmt.symmetric):
-        _fail(node, f"format {fmt.key} {'needs' if zero is None else 'takes no'} zero points")
+    layout = fmt.layout(n, in_features)
+    for name in ("qweight", "scale", "zero"):
+        want, got = layout[name], tensors.get(name)
+        if (want is None) != (got is None):
+            _fail(node, f"format {fmt.key} {'takes no' if want is None else 'needs a'} {name} tensor")
+        if want is not None and (got.dtype, tuple(got.shape)) != want:
+            _fail(node, f"{name} is {got.dtype}{tuple(got.shape)}, format {fmt.key} with K={in_features} "
+                  f"needs {want[0]}{want[1]}")
     decision = ir.get(node, ir.WEIGHT_QUANT)
     if decision is not None and (decision.format, decision.out_features, decision.in_features) != (fmt.key, n, in_features):
         _fail(node, f"WEIGHT_QUANT decision {decision} disagrees with the op arguments")

@@ -109,3 +109,12 @@ def test_a_compressed_model_lowers_onto_generated_kernels():
         out = torch.compile(model, backend=rec)(ids).logits
     assert sqnr_db(ref, out) >= 40
     assert rec.summaries[0]["codegen"]["blocks"]["model.layers.0"] == {"kernels": 6, "ops_replaced": 13}
+
+
+def test_formats_without_a_template_fall_back_with_the_reason():
+    rec = Recorder(recipe="nf4", target="triton")
+    with torch.no_grad():
+        torch.compile(make_model("llama"), backend=rec)(prompt())
+    summary = rec.summaries[0]
+    assert summary["kernel_counts"] == {"reference": 15} and summary["generated_kernels"] == []
+    assert list(summary["fallbacks"]) == ["format nf4_g64 has no generated-kernel template yet (int8 and int4 have)"]

@@ -80,7 +80,10 @@ def test_asymmetric_zero_point_is_exact_for_shifted_rows():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(bits=3, group_size=128), "bits=3 is out of range"),
+    (dict(bits=5, group_size=128), "bits=5 is out of range"),
+    (dict(bits=4, group_size=16, kind="mxfp4"), "format mxfp4 uses blocks of 32; got group_size=16"),
+    (dict(bits=8, kind="nf4", group_size=64), "nf4 has 4-bit codes"),
+    (dict(bits=4, kind="fp4"), "unknown weight format kind 'fp4'"),
     (dict(bits=4, group_size=48), "group_size=48 is not supported"),
     (dict(bits=8, group_size=128), "int8 weights are per-channel"),
 ])

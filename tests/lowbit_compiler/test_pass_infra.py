@@ -161,8 +161,14 @@ verbose = true
     path.write_text("[recipe]\nbase = 'w4a16'\ngroupsize = 64\n")
     with pytest.raises(LowbitError, match=r"unknown recipe keys \['groupsize'\]"):
         load_recipe(path)
-    with pytest.raises(LowbitError, match=r"unknown recipe 'w3a16'; presets: \['none', 'w4a16', 'w8a16'\]"):
-        get_recipe("w3a16")
+    with pytest.raises(LowbitError, match=r"unknown recipe 'w5a16'; presets: \['mxfp4', 'nf4', 'none', 'nvfp4', "
+                                          r"'w3a16', 'w4a16', 'w8a16'\]"):
+        get_recipe("w5a16")
+    path.write_text("[recipe]\nbase = 'w4a16'\n[recipe.weight]\nformat = 'nf4_g128'\n")
+    assert load_recipe(path).weight == WeightFormat(4, 128, kind="nf4")
+    path.write_text("[recipe]\n[recipe.weight]\nformat = 'nf4_g128'\nbits = 4\n")
+    with pytest.raises(LowbitError, match=r"takes either format = '<key>'"):
+        load_recipe(path)
 
 
 def test_presets_are_what_the_docs_say():
