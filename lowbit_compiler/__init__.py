@@ -21,8 +21,8 @@ __all__ = [
 ]
 
 
-def compress(model, recipe, calibration=None, example_inputs=None):
-    """Offline flow (see ``lowbit_compiler.compress``)."""
+def compress(model, recipe, calibration=None, example_inputs=None, **options):
+    """Offline flow (see ``lowbit_compiler.offline.compress``: ``strict``, ``tokenizer``, ``progress``)."""
     from lowbit_compiler.offline import compress as _compress
 
-    return _compress(model, recipe, calibration=calibration, example_inputs=example_inputs)
+    return _compress(model, recipe, calibration=calibration, example_inputs=example_inputs, **options)

@@ -89,3 +89,21 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
 
     with torch.no_grad():
         return compile_fx(gm, list(example_inputs))
+
+
+def forget_compiled(fn: Any) -> None:
+    """Drop Dynamo's cache entries on ``fn``'s code (and the code of the functions it wraps).
+
+    ``compress`` captures through ``torch.compile`` once per call, each time with a new backend;
+    the entries stay on the shared code object of the model class's ``forward`` (Hugging Face
+    wraps every forward in one decorator, so even one code object for all models), and after
+    eight ``compress`` calls Dynamo's recompile limit would stop capturing altogether. Other
+    compiled models of the same class recompile once on their next call.
+    """
+    seen = set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        if code is not None:
+            torch._dynamo.reset_code(code)
+        fn = getattr(fn, "__wrapped__", None)

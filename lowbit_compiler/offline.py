@@ -10,8 +10,12 @@ The model keeps its class, ``generate()`` works, ``state_dict()`` holds the quan
 compiling it with ``backend="lowbit"`` lowers its ``lowbit::`` ops directly: ``insert_weight_quant``
 only rewrites float ``F.linear`` nodes, so nothing is quantized twice.
 
-Calibration data is accepted for the interface later passes need (the data-free presets ignore it
-beyond using the first batch as the capture input).
+Calibration (``calibration=``: token-id tensors, dicts of model inputs, an iterable/DataLoader of
+either, or strings with ``tokenizer=``): when the recipe's rounding needs data (GPTQ), step 0 runs
+``lowbit_compiler.calibration.calibrate`` block by block; each block's linears are quantized while
+their Hessians are in memory, the block's outputs are recomputed with the quantized weights (so the
+next block sees the error), and the results reach ``insert_weight_quant`` through
+``PassContext.quantized``. Data-free recipes use the first batch only as the capture input.
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import ir
+from lowbit_compiler import _dynamo_adapter, ir, rounding
+from lowbit_compiler.calibration import as_batches, calibrate, weight_of
 from lowbit_compiler.capture import capture
+from lowbit_compiler.formats import QuantizedWeight, check_layer, dequantize
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import get_recipe
@@ -73,16 +79,22 @@ def _weight_owner(model: torch.nn.Module, layer: str) -> tuple[torch.nn.Module, 
 
 
 def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, example_inputs: Any = None,
-             strict: bool = False) -> torch.nn.Module:
+             strict: bool = False, tokenizer: Any = None, progress: bool = True) -> torch.nn.Module:
     """Apply ``recipe`` to ``model`` in place and return it; ``model.lowbit_summary`` says what changed."""
     recipe = get_recipe(recipe)
+    batches = as_batches(calibration, tokenizer)
+    precomputed, calibration_info = _calibrate(model, recipe, batches, progress)
+    calibration = batches or None
     decisions: dict[str, tuple[fx.GraphModule, fx.Node]] = {}
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
 
+    captured_graphs: list[fx.GraphModule] = []
+
     def backend(gm: fx.GraphModule, example: list[Any]):
         captured = capture(gm, example)
-        ctx = PassContext(recipe=recipe, strict=strict)
+        captured_graphs.append(captured.gm)
+        ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed)
         report = run_pipeline(captured.gm, recipe, ctx=ctx)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
@@ -95,9 +107,15 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     kwargs = _example_kwargs(model, calibration, example_inputs)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=False)(**kwargs)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+    finally:
+        _dynamo_adapter.forget_compiled(model.forward)
+        model.train(was_training)
+    if not captured_graphs:
+        raise LowbitError("compress: Dynamo did not hand the forward to the capture (a cached graph or the "
+                          "recompile limit); call torch.compiler.reset() and retry")
 
     replaced = 0
     for layer, (gm, node) in decisions.items():
@@ -111,5 +129,33 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     if replaced == 0:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)
     model.lowbit_summary = {"recipe": recipe.to_dict(), "replaced_modules": replaced, "layers": layers,
-                            "passes": passes}
+                            "passes": passes, "calibration": calibration_info}
     return model
+
+
+def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],
+               progress: bool) -> tuple[dict[str, QuantizedWeight], dict[str, Any] | None]:
+    """Data-driven rounding, block by block (see the module docstring); {} when data-free."""
+    if recipe.rounding not in rounding.NEEDS_DATA or recipe.weight is None:
+        return {}, None
+    if not batches:
+        raise LowbitError(f"compress: recipe {recipe.name!r} rounds with {recipe.rounding}, which needs calibration "
+                          "data: compress(model, recipe, calibration=[token-id tensors] or texts with tokenizer=)")
+    fmt, options = recipe.weight, recipe.pass_options("insert_weight_quant")
+    gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order") if k in options}
+    quantized: dict[str, QuantizedWeight] = {}
+
+    def on_block(stats):
+        fake = {}
+        for layer, (module, observed) in stats.items():
+            w = weight_of(module).detach()
+            check_layer(fmt, w.shape[1], layer, recipe.pad_to_group)
+            quantized[layer] = rounding.gptq(w, fmt, observed.gptq_hessian(), **gptq_options)
+            fake[layer] = dequantize(quantized[layer])
+        return fake
+
+    info = calibrate(model, batches, recipe.applies_to, on_block, hessian=True, progress=progress)
+    info["layers"] = len(quantized)
+    log.info("compress(%s): calibrated %d layers in %.1f s on %d batches", recipe.name, len(quantized),
+             info["seconds"], info["batches"])
+    return quantized, info

@@ -62,6 +62,8 @@ class PassContext:
     # per-layer records passes add for summary.json (FQN -> dict)
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # layer FQN -> QuantizedWeight computed during calibration (compress with data-driven rounding)
+    quantized: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def fallback(self, where: str, reason: str) -> None:
         """Report that something was left on the reference path; raises in strict mode."""

@@ -71,6 +71,11 @@ class Recipe:
     def pass_options(self, pass_name: str) -> dict[str, Any]:
         return dict(dict(self.options).get(pass_name, ()))
 
+    @property
+    def rounding(self) -> str:
+        """The weight rounding algorithm (``insert_weight_quant``'s ``rounding`` option)."""
+        return self.pass_options("insert_weight_quant").get("rounding", "rtn")
+
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
@@ -93,6 +98,13 @@ PRESETS: dict[str, Recipe] = {
     "w4a16": Recipe("w4a16", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False)),
     # 3-bit round-to-nearest: the baseline GPTQ/AWQ are measured against at 3 bits
     "w3a16": Recipe("w3a16", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False)),
+    # rounding algorithms (lowbit_compiler/rounding.py); gptq needs compress(..., calibration=...)
+    "w4a16-hqq": Recipe("w4a16-hqq", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
+                        options=(("insert_weight_quant", (("rounding", "hqq"),)),)),
+    "w4a16-gptq": Recipe("w4a16-gptq", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
+                         options=(("insert_weight_quant", (("rounding", "gptq"),)),)),
+    "w3a16-gptq": Recipe("w3a16-gptq", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False),
+                         options=(("insert_weight_quant", (("rounding", "gptq"),)),)),
     "nf4": Recipe("nf4", _WEIGHT_ONLY, WeightFormat(4, 64, kind="nf4")),
     "mxfp4": Recipe("mxfp4", _WEIGHT_ONLY, WeightFormat.parse("mxfp4")),
     "nvfp4": Recipe("nvfp4", _WEIGHT_ONLY, WeightFormat.parse("nvfp4")),

@@ -1,4 +1,4 @@
-"""insert_weight_quant: replace float linears by ``lowbit::wo_linear`` with round-to-nearest weights.
+"""insert_weight_quant: replace float linears by ``lowbit::wo_linear`` with quantized weights.
 
 Where it runs: after ``canonicalize`` (it requires "canonical": every linear is ``F.linear``).
 
@@ -14,11 +14,18 @@ Quantized tensors are cached per parameter object (and its in-place version coun
 decode and recompiled graphs of one model share a single copy; ``QUANT_CACHE.misses`` counts
 real work.
 
+Options (``[recipe.options.insert_weight_quant]``): ``rounding`` = ``"rtn"`` (default), ``"hqq"``
+(data-free) or ``"gptq"`` (needs calibration: ``compress(..., calibration=...)`` runs it block by
+block and hands the results over in ``PassContext.quantized``); GPTQ's ``block_size``, ``damp``,
+``act_order``; HQQ's ``hqq_iters``. See ``lowbit_compiler/rounding.py``.
+
 What it leaves alone, with the reason in ``ir.SKIPPED``: linears whose weight is computed in the
 graph (not a parameter), layers the recipe excludes. A layer whose K does not fit the group size
 raises (naming the layer and the fix) unless the recipe sets ``pad_to_group``.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -26,21 +33,24 @@ import torch.fx as fx
 from lowbit_compiler import ir
 from lowbit_compiler.identity_cache import IdentityCache
 from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, quantize, sqnr_db
-from lowbit_compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from lowbit_compiler import rounding as rounding_algorithms
+from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult, register_pass
 
 # parameter -> {(transposed, format key): (QuantizedWeight, weight SQNR)}; .misses counts real work
 QUANT_CACHE = IdentityCache()
 
 
-def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat) -> tuple[QuantizedWeight, float]:
-    """The quantized form of one parameter (cached by identity and in-place version)."""
+def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat, rounding: str = "rtn",
+                       **options: Any) -> tuple[QuantizedWeight, float]:
+    """The quantized form of one parameter by a data-free rounding (cached by identity and
+    in-place version)."""
 
     def make() -> tuple[QuantizedWeight, float]:
         w = param.detach().t() if transposed else param.detach()
-        qw = quantize(w, fmt)
+        qw = rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else quantize(w, fmt)
         return qw, sqnr_db(w.float(), dequantize(qw))
 
-    return QUANT_CACHE.get_or_create(param, (transposed, fmt.key), make)
+    return QUANT_CACHE.get_or_create(param, (transposed, fmt.key, rounding, tuple(sorted(options.items()))), make)
 
 
 def _register(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> fx.Node:
@@ -53,6 +63,14 @@ class InsertWeightQuant(Pass):
     name = "insert_weight_quant"
     requires = ("canonical",)
     ensures = ("weights_quantized",)
+
+    def __init__(self, rounding: str = "rtn", block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                 hqq_iters: int = 20) -> None:
+        if rounding not in rounding_algorithms.ALGORITHMS:
+            raise LowbitError(f"insert_weight_quant: rounding={rounding!r}; expected one of "
+                              f"{rounding_algorithms.ALGORITHMS}")
+        super().__init__(rounding=rounding, block_size=block_size, damp=damp, act_order=act_order, hqq_iters=hqq_iters)
+        self.rounding = rounding
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         recipe = ctx.recipe
@@ -77,7 +95,7 @@ class InsertWeightQuant(Pass):
             param = ir.fetch_attr(gm, parts.weight_node.target)
             n, k = (param.shape[1], param.shape[0]) if parts.transposed else tuple(param.shape)
             check_layer(fmt, k, layer, recipe.pad_to_group)
-            qw, sqnr = quantize_parameter(param, parts.transposed, fmt)
+            qw, sqnr = self._quantize(layer, param, parts.transposed, fmt, ctx)
             with gm.graph.inserting_before(node):
                 q = _register(gm, f"{layer}.qweight", qw.qweight)
                 s = _register(gm, f"{layer}.scale", qw.scale)
@@ -98,10 +116,24 @@ class InsertWeightQuant(Pass):
         if quantized:
             gm.graph.eliminate_dead_code()
             _drop_unused_attrs(gm)
-        details = {"quantized": quantized, "skipped": skipped, "format": fmt.key}
+        details = {"quantized": quantized, "skipped": skipped, "format": fmt.key, "rounding": self.rounding}
         if quantized == 0:
             details["note"] = "nothing was quantized: the graph has no selected linear layers"
         return PassResult(quantized > 0, quantized, details)
+
+
+    def _quantize(self, layer: str, param: torch.Tensor, transposed: bool, fmt: WeightFormat,
+                  ctx: PassContext) -> tuple[QuantizedWeight, float]:
+        if self.rounding in rounding_algorithms.NEEDS_DATA:
+            qw = ctx.quantized.get(layer)
+            if qw is None or qw.format != fmt:
+                raise LowbitError(f"layer {layer}: rounding {self.rounding!r} needs calibration data; use "
+                                  f"lowbit_compiler.compress(model, recipe, calibration=...) (torch.compile alone "
+                                  "sees no data)")
+            w = param.detach().t() if transposed else param.detach()
+            return qw, sqnr_db(w.float(), dequantize(qw))
+        options = {"iters": self.options["hqq_iters"]} if self.rounding == "hqq" else {}
+        return quantize_parameter(param, transposed, fmt, self.rounding, **options)
 
 
 def _drop_unused_attrs(gm: fx.GraphModule) -> None:

@@ -1,0 +1,148 @@
+"""Rounding algorithms (GPTQ, HQQ) against RTN, calibration plumbing, and compress with data."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit_compiler import LowbitError, compress
+from lowbit_compiler import rounding
+from lowbit_compiler.calibration import LinearStats, as_batches, calibrate, find_blocks
+from lowbit_compiler.formats import FormatError, WeightFormat, dequantize, quantize, sqnr_db
+from tests.conftest import make_model, prompt
+from tests.helpers import Recorder
+
+
+def calibration_like(rows=2048, k=512, n=256, seed=0):
+    """Correlated activations (a low-rank mix plus noise) with a few outlier channels, and a weight."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 64, generator=g) @ torch.randn(64, k, generator=g) / 8 + 0.3 * torch.randn(rows, k, generator=g)
+    x[:, :6] *= 25
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    return x, w
+
+
+def output_sqnr(x, w, qw):
+    return sqnr_db(x.double() @ w.double().T, x.double() @ dequantize(qw).double().T)
+
+
+@pytest.mark.parametrize("key", ["int4_g128_asym", "int3_g128_asym", "int4_g64_sym", "int8"])
+def test_gptq_reduces_output_error_against_rtn(key):
+    x, w = calibration_like()
+    fmt = WeightFormat.parse(key)
+    h = 2 * x.T @ x / x.shape[0]
+    rtn = output_sqnr(x, w, quantize(w, fmt))
+    for act_order in (False, True):
+        gptq = output_sqnr(x, w, rounding.gptq(w, fmt, h, act_order=act_order))
+        assert gptq >= rtn + 1.0, (key, act_order, rtn, gptq)
+
+
+def test_gptq_handles_dead_inputs_and_ragged_k():
+    x, w = calibration_like(k=200)   # K=200: the int4 g64 weight is padded to 256
+    x[:, 10:20] = 0                  # inputs that never fire
+    fmt = WeightFormat.parse("int4_g64_asym")
+    qw = rounding.gptq(w, fmt, 2 * x.T @ x / x.shape[0])
+    deq = dequantize(qw)
+    assert torch.isfinite(deq).all() and (deq[:, 10:20] == 0).all()
+    assert qw.format == fmt and qw.nbytes() == fmt.storage_bytes(256, 200)
+    assert output_sqnr(x, w, qw) > output_sqnr(x, w, quantize(w, fmt))
+
+
+@pytest.mark.parametrize("key", ["int4_g128_asym", "int3_g64_asym", "int2_g64_asym", "int4_g128_sym"])
+def test_hqq_fits_weights_better_than_rtn(key):
+    _, w = calibration_like()
+    w[0, :40] *= 30  # heavy tails: HQQ's sparse error model lets the outliers go
+    fmt = WeightFormat.parse(key)
+    assert sqnr_db(w, dequantize(rounding.hqq(w, fmt))) > sqnr_db(w, dequantize(quantize(w, fmt))) + 0.2
+
+
+def test_data_driven_algorithms_refuse_table_formats():
+    with pytest.raises(FormatError, match="gptq is implemented for int formats; nf4_g64 uses rtn"):
+        rounding.gptq(torch.randn(4, 64), WeightFormat.parse("nf4_g64"), torch.eye(64))
+
+
+def test_linear_stats_match_a_direct_computation():
+    x = torch.randn(3, 5, 16)
+    stats = LinearStats()
+    stats.add(x[:2], hessian=True)
+    stats.add(x[2:], hessian=True)
+    flat = x.reshape(-1, 16)
+    torch.testing.assert_close(stats.hessian, flat.T @ flat)
+    torch.testing.assert_close(stats.absmax, flat.abs().amax(0))
+    torch.testing.assert_close(stats.mean_abs, flat.abs().mean(0))
+    assert stats.rows == 15
+
+
+def test_calibration_inputs_of_every_kind():
+    ids = torch.randint(0, 100, (1, 7))
+    assert as_batches(ids)[0]["input_ids"] is ids
+    assert as_batches([ids[0]])[0]["input_ids"].shape == (1, 7)
+    assert as_batches([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])[0].keys() == {"input_ids", "attention_mask"}
+    loader = torch.utils.data.DataLoader(torch.randint(0, 100, (4, 7)), batch_size=2)
+    assert [b["input_ids"].shape for b in as_batches(loader)] == [(2, 7), (2, 7)]
+
+    def tokenizer(text, **kw):
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    assert as_batches(["ab"], tokenizer)[0]["input_ids"].tolist() == [[97, 98]]
+    with pytest.raises(LowbitError, match="strings need a tokenizer"):
+        as_batches(["ab"])
+    with pytest.raises(LowbitError, match="must hold token ids"):
+        as_batches([torch.randn(3)])
+
+
+@pytest.mark.parametrize("arch, blocks", [("llama", "model.layers"), ("gpt2", "transformer.h"), ("bert", "encoder.layer")])
+def test_blocks_are_found_from_the_module_tree(arch, blocks):
+    name, modules = find_blocks(make_model(arch))
+    assert name == blocks and len(modules) == 2
+
+
+def test_calibrate_visits_every_selected_linear_once_block_by_block():
+    model = make_model("llama")
+    seen = []
+
+    def on_block(stats):
+        seen.append(sorted(stats))
+        for _, s in stats.values():
+            assert s.rows == 2 * 16 and torch.isfinite(s.hessian).all()
+
+    info = calibrate(model, as_batches([torch.randint(3, 256, (2, 16))]), lambda name: "k_proj" not in name,
+                     on_block, progress=False)
+    assert info["blocks"] == 2 and len(seen) == 3  # two blocks, then the head
+    assert seen[0] == sorted(f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    assert seen[2] == ["lm_head"]
+
+
+CALIBRATION = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+@pytest.mark.parametrize("arch, recipe, baseline, gain", [
+    ("llama", "w4a16-gptq", "w4a16", 2.0), ("qwen2", "w3a16-gptq", "w3a16", 2.0), ("bert", "w4a16-hqq", "w4a16", 0.3),
+])
+def test_presets_beat_round_to_nearest_through_compress(arch, recipe, baseline, gain):
+    ids = prompt(32)
+    with torch.no_grad():
+        ref = make_model(arch)(ids)[0]
+        base = compress(make_model(arch), baseline, calibration=CALIBRATION)(ids)[0]
+        model = compress(make_model(arch), recipe, calibration=CALIBRATION, progress=False)
+        out = model(ids)[0]
+    assert sqnr_db(ref, out) >= sqnr_db(ref, base) + gain
+    assert model.lowbit_summary["passes"][-1]["details"]["rounding"] == recipe.split("-")[1]
+    if recipe.endswith("gptq"):
+        assert model.lowbit_summary["calibration"]["layers"] == 15 and model.lowbit_summary["calibration"]["seconds"] > 0
+
+
+def test_gptq_without_data_says_how_to_give_it():
+    with pytest.raises(LowbitError, match=r"rounds with gptq, which needs calibration data: compress\(model, recipe, "
+                                          r"calibration="):
+        compress(make_model("llama"), "w4a16-gptq")
+    with pytest.raises(Exception, match=r"layer model.layers.0.self_attn.q_proj: rounding 'gptq' needs calibration "
+                                        r"data; use lowbit_compiler.compress"):
+        torch.compile(make_model("llama"), backend=Recorder(recipe="w4a16-gptq"))(prompt())
+
+
+def test_many_compress_calls_in_one_process_all_quantize():
+    """compress() drops its Dynamo cache entries: Dynamo's recompile limit (8) is never reached."""
+    for _ in range(10):
+        model = compress(make_model("llama"), "w8a16")
+        assert model.lowbit_summary["replaced_modules"] == 15
