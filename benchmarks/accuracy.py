@@ -1,0 +1,206 @@
+"""What each recipe costs in accuracy, on any Hugging Face causal LM or encoder saved locally.
+
+    python benchmarks/accuracy.py MODEL_DIR [--recipes w8a16 w4a16 ...] [--text FILE]
+                                  [--seq-len 256] [--calib-seqs 8] [--eval-seqs 16]
+                                  [--json benchmarks/results/accuracy_<model>.json]
+
+Per recipe (each on a fresh copy of the model, through ``lowbit_compiler.compress``):
+
+* bits/weight: true bytes of the quantized linears (codes + scales + zero points / second-level
+  scales) x 8 / their parameter count;
+* weight SQNR min / median over the quantized linears;
+* calibration time (``compress`` wall time, calibration included);
+* causal LMs: perplexity on the evaluation text and the mean KL(float || quantized) of the
+  next-token distributions; encoders: mean cosine similarity of mean-pooled embeddings to the
+  float model's, and SQNR of the last hidden state (KL does not apply).
+
+Quantized linears compute with fp32 activations here (``eager_compute_dtype("activation")``), so
+the numbers are the formats' and algorithms' error, not bf16 activation rounding.
+
+Default text, offline and licence-clean: the Python standard library's own source on this machine;
+calibration and evaluation sequences come from disjoint files (even / odd positions in the sorted
+file list). ``--text FILE`` uses the first half of a file for calibration and the second for
+evaluation. Tokenizer: the model directory's, or bytes (token = byte value) for a 256-entry
+vocabulary without one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import sysconfig
+import time
+from typing import Any
+
+import torch
+
+DEFAULT_RECIPES = ["w8a16", "w4a16", "w4a16-hqq", "w4a16-gptq", "w3a16", "w3a16-gptq", "nf4", "mxfp4", "nvfp4"]
+
+
+# ---- model and text --------------------------------------------------------------------------
+
+def load(model_dir: str):
+    """(model, tokenize(text) -> list[int], wrap(ids) -> ids with the model's special tokens, is_causal)."""
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(model_dir)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    has_tokenizer = any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "vocab.txt",
+                                                                             "tokenizer.model"))
+    if has_tokenizer:
+        tok = tf.AutoTokenizer.from_pretrained(model_dir)
+        first, last = [tok.cls_token_id], [tok.sep_token_id]
+        wrap = (lambda ids: ids) if causal or None in (first[0], last[0]) else (lambda ids: first + ids + last)
+        return model, lambda text: tok(text, add_special_tokens=False)["input_ids"], wrap, causal
+    if config.vocab_size == 256:
+        return model, lambda text: list(text.encode("utf-8")), lambda ids: ids, causal
+    raise SystemExit(f"{model_dir}: no tokenizer files and the vocabulary is not bytes; add a tokenizer")
+
+
+def stdlib_texts() -> tuple[str, str]:
+    """Calibration and evaluation text from disjoint standard-library files."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) if "site-packages" not in d
+                   for f in fs if f.endswith(".py"))
+    read = lambda paths: "\n".join(open(p, encoding="utf-8", errors="replace").read() for p in paths)  # noqa: E731
+    return read(files[0:400:2]), read(files[1:400:2])
+
+
+def sequences(ids: list[int], seq_len: int, count: int, wrap=lambda ids: ids) -> list[torch.Tensor]:
+    """``count`` windows spread over the text, each ``seq_len`` tokens with the special tokens."""
+    body = seq_len - len(wrap([]))
+    step = max(body, (len(ids) - body) // max(count, 1))
+    out = [torch.tensor([wrap(ids[i:i + body])]) for i in range(0, len(ids) - body, step)][:count]
+    if len(out) < count:
+        raise SystemExit(f"not enough text for {count} sequences of {seq_len} tokens")
+    return out
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def causal_metrics(model, reference_logits: list[torch.Tensor], evaluation: list[torch.Tensor]) -> dict[str, float]:
+    nll, kl, tokens = 0.0, 0.0, 0
+    for ids, ref in zip(evaluation, reference_logits):
+        logits = model(ids).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], -1)
+        nll -= logp.gather(-1, ids[0, 1:, None]).sum().item()
+        ref_logp = torch.log_softmax(ref[0, :-1], -1)
+        kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        tokens += ids.shape[1] - 1
+    return {"perplexity": math.exp(nll / tokens), "kl": kl / tokens}
+
+
+@torch.no_grad()
+def encoder_outputs(model, evaluation: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(ids).last_hidden_state.float() for ids in evaluation]
+
+
+def encoder_metrics(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
+    from lowbit_compiler.formats import sqnr_db
+
+    cos = [torch.nn.functional.cosine_similarity(o.mean(1), r.mean(1)).item() for o, r in zip(outputs, reference)]
+    return {"embedding_cosine": statistics.mean(cos),
+            "output_sqnr_db": sqnr_db(torch.cat(reference, 1), torch.cat(outputs, 1))}
+
+
+def weight_report(summary: dict[str, Any]) -> dict[str, Any]:
+    layers = [d for d in summary["layers"].values() if "bytes_after" in d]
+    params = sum(d["in_features"] * d["out_features"] for d in layers)
+    sqnr = [d["weight_sqnr_db"] for d in layers]
+    return {"layers": len(layers), "bits_per_weight": sum(d["bytes_after"] for d in layers) * 8 / max(params, 1),
+            "weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr)}
+
+
+def evaluate(model_dir: str, recipes: list[str], text: str | None, seq_len: int, calib_seqs: int,
+             eval_seqs: int) -> dict[str, Any]:
+    from lowbit_compiler import compress
+    from lowbit_compiler.backends.cpu_kernels import eager_compute_dtype
+
+    base, tokenize, wrap, causal = load(model_dir)
+    if text is None:
+        calib_text, eval_text = stdlib_texts()
+    else:
+        with open(text, encoding="utf-8") as f:
+            content = f.read()
+        calib_text, eval_text = content[: len(content) // 2], content[len(content) // 2:]
+    calibration = sequences(tokenize(calib_text), seq_len, calib_seqs, wrap)
+    evaluation = sequences(tokenize(eval_text), seq_len, eval_seqs, wrap)
+    with torch.no_grad():
+        reference = [base(ids).logits.float() for ids in evaluation] if causal else encoder_outputs(base, evaluation)
+    rows = []
+    float_row = {"recipe": "float", "bits_per_weight": 32.0}
+    if causal:
+        float_row.update(causal_metrics(base, reference, evaluation))
+    else:
+        float_row.update(embedding_cosine=1.0, output_sqnr_db=math.inf)
+    rows.append(float_row)
+    for recipe in recipes:
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        model = compress(model, recipe, calibration=calibration, progress=False)
+        row = {"recipe": recipe, "seconds": time.perf_counter() - start, **weight_report(model.lowbit_summary)}
+        with eager_compute_dtype("activation"):
+            if causal:
+                row.update(causal_metrics(model, reference, evaluation))
+            else:
+                row.update(encoder_metrics(encoder_outputs(model, evaluation), reference))
+        rows.append(row)
+        print(format_row(row, causal), flush=True)
+    return {"model": os.path.abspath(model_dir), "causal": causal, "seq_len": seq_len, "calibration_seqs": calib_seqs,
+            "evaluation_seqs": eval_seqs, "text": text or "python stdlib (disjoint files)", "rows": rows}
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+def format_row(r: dict[str, Any], causal: bool) -> str:
+    metric = (f"ppl {r['perplexity']:.3f}  KL {r.get('kl', 0):.4f}" if causal
+              else f"cos {r['embedding_cosine']:.5f}  out SQNR {r['output_sqnr_db']:.1f} dB")
+    return f"{r['recipe']:<12} {r['bits_per_weight']:.3f} b/w  {metric}"
+
+
+def table(result: dict[str, Any]) -> str:
+    causal = result["causal"]
+    header = ["recipe", "bits/w", "weight SQNR min/med", "calib s"] + (
+        ["perplexity", "KL vs float"] if causal else ["emb. cosine", "output SQNR dB"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in result["rows"]:
+        sq = f"{r['weight_sqnr_min']:.1f} / {r['weight_sqnr_median']:.1f}" if "weight_sqnr_min" in r else "–"
+        cells = [r["recipe"], f"{r['bits_per_weight']:.2f}", sq, f"{r['seconds']:.1f}" if "seconds" in r else "–"]
+        if causal:
+            cells += [f"{r['perplexity']:.3f}", f"{r['kl']:.4f}" if "kl" in r else "0"]
+        else:
+            cells += [f"{r['embedding_cosine']:.5f}", "∞" if math.isinf(r["output_sqnr_db"]) else f"{r['output_sqnr_db']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    parser.add_argument("--text", default=None)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calib-seqs", type=int, default=8)
+    parser.add_argument("--eval-seqs", type=int, default=16)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    result = evaluate(args.model_dir, args.recipes, args.text, args.seq_len, args.calib_seqs, args.eval_seqs)
+    print(table(result))
+    path = args.json or os.path.join("benchmarks", "results",
+                                     f"accuracy_{os.path.basename(os.path.normpath(args.model_dir))}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
