@@ -25,13 +25,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import _dynamo_adapter, ir, rounding
+from lowbit_compiler import _dynamo_adapter, ir, rounding, scale_folding
 from lowbit_compiler.calibration import as_batches, calibrate, weight_of
 from lowbit_compiler.capture import capture
-from lowbit_compiler.formats import QuantizedWeight, check_layer, dequantize
+from lowbit_compiler.formats import QuantizedWeight, check_layer, dequantize, quantize
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
-from lowbit_compiler.recipe import get_recipe
+from lowbit_compiler.recipe import Recipe, get_recipe
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -144,18 +144,74 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
     fmt, options = recipe.weight, recipe.pass_options("insert_weight_quant")
     gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order") if k in options}
     quantized: dict[str, QuantizedWeight] = {}
+    groups = _awq_groups(model, batches[0]) if recipe.rounding == "awq" else {}
+    awq_report: dict[str, Any] = {}
 
     def on_block(stats):
+        if recipe.rounding == "awq":
+            for group in {id(groups[layer]): groups[layer] for layer in stats if layer in groups}.values():
+                awq_report[group.consumers[0]] = _awq_fold(model, group, stats, fmt)
         fake = {}
         for layer, (module, observed) in stats.items():
             w = weight_of(module).detach()
             check_layer(fmt, w.shape[1], layer, recipe.pad_to_group)
-            quantized[layer] = rounding.gptq(w, fmt, observed.gptq_hessian(), **gptq_options)
+            if recipe.rounding == "gptq":
+                quantized[layer] = rounding.gptq(w, fmt, observed.gptq_hessian(), **gptq_options)
+            else:
+                quantized[layer] = quantize(w, fmt)
             fake[layer] = dequantize(quantized[layer])
         return fake
 
     info = calibrate(model, batches, recipe.applies_to, on_block, hessian=True, progress=progress)
     info["layers"] = len(quantized)
+    if recipe.rounding == "awq":
+        info["awq"] = awq_report
     log.info("compress(%s): calibrated %d layers in %.1f s on %d batches", recipe.name, len(quantized),
              info["seconds"], info["batches"])
     return quantized, info
+
+
+def _awq_groups(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> dict[str, scale_folding.ScaleGroup]:
+    """Layer FQN -> its scale group, from the canonical graph of one capture."""
+    graphs: list[fx.GraphModule] = []
+
+    def backend(gm: fx.GraphModule, inputs: list[Any]):
+        captured = capture(gm, inputs)
+        run_pipeline(captured.gm, Recipe("awq-analysis", ("canonicalize",)), ctx=PassContext(recipe=None))
+        graphs.append(captured.gm)
+        return gm.forward
+
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=False)(**example)
+    finally:
+        _dynamo_adapter.forget_compiled(model.forward)
+    shared = _tied_parameters(model)
+    groups = {}
+    for gm in graphs:
+        for group in scale_folding.scale_groups(gm):
+            tied = [layer for layer in group.consumers if id(model.get_submodule(layer).weight) in shared]
+            if group.producer is not None and tied:
+                group.producer, group.reason = None, f"weight of {tied[0]} is tied to another module"
+            groups.update({layer: group for layer in group.consumers})
+    return groups
+
+
+def _tied_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of parameters owned by more than one module (a head tied to the embedding)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {i for i, n in owners.items() if n > 1}
+
+
+def _awq_fold(model: torch.nn.Module, group: scale_folding.ScaleGroup, stats, fmt) -> dict[str, Any]:
+    if group.producer is None:
+        return {"consumers": group.consumers, "skipped": group.reason}
+    first = stats[group.consumers[0]][1]
+    weights = [weight_of(stats[layer][0]) for layer in group.consumers]
+    s, alpha, relative = scale_folding.awq_scales(weights, first.hessian, first.mean_abs, fmt)
+    scale_folding.fold(model, group, s)
+    return {"consumers": group.consumers, "producer": list(group.producer), "alpha": alpha,
+            "error_vs_rtn": round(relative, 4)}

@@ -19,8 +19,10 @@ import torch
 
 from lowbit_compiler.formats import FormatError, QuantizedWeight, WeightFormat, _pack, quantize
 
-ALGORITHMS = ("rtn", "hqq", "gptq")
-NEEDS_DATA = {"gptq"}
+ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
+# data-driven: compress(..., calibration=...) computes these block by block (awq: scales searched
+# and folded into the producers by lowbit_compiler.scale_folding, then round to nearest)
+NEEDS_DATA = {"gptq", "awq"}
 
 
 def _require_int(fmt: WeightFormat, algorithm: str) -> None:

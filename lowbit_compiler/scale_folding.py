@@ -1,0 +1,164 @@
+"""Per-channel input scales folded into the producer, found from the graph (AWQ; SmoothQuant next).
+
+``y = W x`` is unchanged when the columns of ``W`` are multiplied by ``s`` and ``x`` is divided by
+``s`` -- if the division can be folded into whatever produced ``x``. :func:`scale_groups` reads a
+canonical graph and finds, for every set of linears reading the same input, that producer:
+
+* a norm (RMSNorm / LayerNorm with a weight): divide its weight (and bias) by ``s``;
+* a linear whose output is used only here: divide its rows (and bias) by ``s``;
+* the ``up`` side of a gated product ``act(gate) * up``: divide ``up``'s rows;
+* attention's output, through the layout ops after SDPA, back to the value projection, when
+  queries and values have as many heads (with grouped KV heads one value channel feeds several
+  output channels, which would need equal scales; refused);
+
+and says why it refuses the others (a norm whose output also feeds the residual stream, as in
+BERT's post-norm blocks; a non-linear op; a weight tied to another module; Gemma's ``1 + w``).
+No module names are used.
+
+:func:`awq_scales` searches AWQ's scale ``s = mean|x|^alpha`` (normalised) over a grid of alpha,
+scoring each by the layer-output error ``tr(dW H dW^T)`` with the input Hessian ``H`` (no stored
+activations needed); :func:`fold` applies it to a float model in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from lowbit_compiler import ir
+from lowbit_compiler.formats import WeightFormat, dequantize, quantize
+
+LAYOUT_OPS = {"view", "reshape", "transpose", "contiguous", "permute", torch.reshape, torch.transpose}
+
+
+@dataclasses.dataclass
+class ScaleGroup:
+    """Linears reading one input, and where a per-channel scale of that input can be folded."""
+
+    consumers: list[str]
+    producer: tuple[str, ...] | None  # ("norm", weight_fqn, bias_fqn or "") | ("linear", layer_fqn)
+    reason: str | None = None          # why there is no producer
+
+
+def _linear_layer(node: Any) -> str | None:
+    if isinstance(node, fx.Node) and ir.is_linear(node):
+        parts = ir.linear_parts(node)
+        if parts.weight_node is not None:
+            return ir.layer_name(node, parts.weight_node.target)
+    return None
+
+
+def _through_layout(node: Any) -> Any:
+    while isinstance(node, fx.Node) and node.target in LAYOUT_OPS and len(node.users) == 1:
+        node = node.args[0]
+    return node
+
+
+def _producer(x: fx.Node, consumers: set[fx.Node]) -> tuple[tuple[str, ...] | None, str | None]:
+    if set(x.users) - consumers:
+        users = ", ".join(sorted(u.name for u in set(x.users) - consumers))
+        return None, f"the input {x.name} is also used by {users} (e.g. the residual stream)"
+    if x.target is operator.getitem and _keeps_channels(x):
+        return _producer(x.args[0], {x})  # row selection (generate() keeps the last position): see through
+    if x.target in (F.rms_norm, F.layer_norm):
+        spec = ir.get(x, ir.NORM)
+        weight = x.args[2] if len(x.args) > 2 else x.kwargs.get("weight")
+        bias = (x.args[3] if len(x.args) > 3 else x.kwargs.get("bias")) if x.target is F.layer_norm else None
+        if spec is not None and spec.weight_offset:
+            return None, "the norm scales by (1 + w): fold the offset first"
+        if ir.param_fqn(weight) is None:
+            return None, f"norm {x.name} has no weight parameter"
+        return ("norm", ir.param_fqn(weight), ir.param_fqn(bias) or ""), None
+    if (layer := _linear_layer(x)) is not None:
+        return ("linear", layer), None
+    if x.target in (operator.mul, torch.mul, "mul") and len(x.args) == 2:
+        for side in x.args:
+            if (layer := _linear_layer(side)) is not None and len(side.users) == 1:
+                return ("linear", layer), None  # act(gate) * up: scale up's rows
+    src = _through_layout(x)
+    if isinstance(src, fx.Node) and src.target is F.scaled_dot_product_attention and len(src.users) == 1:
+        q, v = src.args[0], src.args[2] if len(src.args) > 2 else src.kwargs.get("value")
+        qv, vv = q.meta.get("example_value"), v.meta.get("example_value")
+        if qv is None or vv is None or qv.shape[1] != vv.shape[1]:
+            return None, "grouped KV heads: one value channel feeds several output channels"
+        v = _through_layout(v)
+        if isinstance(v, fx.Node) and v.target is torch.cat:  # a KV cache: the new values are the last piece
+            v = _through_layout(v.args[0][-1])
+        if (layer := _linear_layer(v)) is not None:
+            return ("linear", layer), None
+        return None, "attention values do not come straight from a linear"
+    return None, f"the input comes from {getattr(x.target, '__name__', x.target)}: no scale can be folded into it"
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    """A getitem that selects rows but keeps the last (channel) dimension whole."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    whole_last = isinstance(index[-1], slice) and index[-1] == slice(None) and Ellipsis not in index[:-1]
+    src, out = node.args[0].meta.get("example_value"), node.meta.get("example_value")
+    return (whole_last and src is not None and out is not None and src.dim() == out.dim() == len(index)
+            and src.shape[-1] == out.shape[-1])
+
+
+def scale_groups(gm: fx.GraphModule) -> list[ScaleGroup]:
+    """Every set of parameter linears sharing an input, with its producer (canonical graph)."""
+    by_input: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if _linear_layer(node) is not None:
+            by_input.setdefault(node.args[0], []).append(node)
+    groups = []
+    for x, linears in by_input.items():
+        producer, reason = _producer(x, set(linears))
+        groups.append(ScaleGroup([_linear_layer(n) for n in linears], producer, reason))
+    return groups
+
+
+def awq_scales(weights: list[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, fmt: WeightFormat,
+               grid: int = 20) -> tuple[torch.Tensor, float, float]:
+    """(s, alpha, relative error) minimising sum_i tr(dW_i H dW_i^T) over alpha in [0, 1]."""
+    W = torch.cat([w.detach().float() for w in weights])
+    H = hessian.float()
+    m = mean_abs.float().clamp(min=1e-5)
+    best = (torch.ones_like(m), 0.0, float("inf"))
+    base = None
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = m ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        dW = W - dequantize(quantize(W * s, fmt)) / s
+        err = float(((dW @ H) * dW).sum())
+        base = err if base is None else base
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], best[2] / max(base, 1e-30)
+
+
+def fold(model: torch.nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
+    """Multiply the consumers' input columns by ``s`` and divide the producer's output by ``s``."""
+    with torch.no_grad():
+        for layer in group.consumers:
+            module = model.get_submodule(layer)
+            w = module.weight
+            if type(module).__name__ == "Conv1D":  # [in, out]
+                w.mul_(s.to(w.dtype)[:, None])
+            else:
+                w.mul_(s.to(w.dtype)[None, :])
+        kind, *names = group.producer
+        if kind == "norm":
+            weight_fqn, bias_fqn = names
+            for fqn in (weight_fqn, bias_fqn):
+                if fqn:
+                    p = model.get_parameter(fqn)
+                    p.div_(s.to(p.dtype))
+        else:
+            module = model.get_submodule(names[0])
+            w = module.weight
+            if type(module).__name__ == "Conv1D":
+                w.div_(s.to(w.dtype)[None, :])
+            else:
+                w.div_(s.to(w.dtype)[:, None])
+            if getattr(module, "bias", None) is not None:
+                module.bias.div_(s.to(module.bias.dtype))
