@@ -37,12 +37,13 @@ log = logging.getLogger("lowbit_compiler")
 
 
 class LowbitLinear(torch.nn.Module):
-    """A linear layer with weight-only quantized storage; calls ``lowbit::wo_linear``."""
+    """A linear layer with quantized storage; calls ``lowbit::wo_linear`` (weight-only) or
+    ``lowbit::w8a8_linear`` (``activation="int8_dynamic"``)."""
 
     def __init__(self, fmt: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int):
+                 bias: torch.Tensor | None, in_features: int, activation: str | None = None):
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.activation = fmt, activation
         self.in_features = in_features
         self.out_features = scale.shape[0]
         self.register_buffer("qweight", qweight)
@@ -51,11 +52,14 @@ class LowbitLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "int8_dynamic":
+            return torch.ops.lowbit.w8a8_linear(x, self.qweight, self.scale, self.bias)
         return torch.ops.lowbit.wo_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                           self.in_features)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
+        act = f", activation={self.activation}" if self.activation else ""
+        return f"{self.fmt}{act}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 def _example_kwargs(model: torch.nn.Module, calibration: Any, example_inputs: Any) -> dict[str, Any]:
@@ -94,13 +98,14 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     def backend(gm: fx.GraphModule, example: list[Any]):
         captured = capture(gm, example)
         captured_graphs.append(captured.gm)
-        ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed)
+        ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None)
         report = run_pipeline(captured.gm, recipe, ctx=ctx)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
         for node in captured.gm.graph.nodes:
             decision = ir.get(node, ir.WEIGHT_QUANT)
-            if decision is not None and node.target is torch.ops.lowbit.wo_linear.default:
+            if decision is not None and node.target in (torch.ops.lowbit.wo_linear.default,
+                                                        torch.ops.lowbit.w8a8_linear.default):
                 decisions[decision.layer] = (captured.gm, node)
         return gm.forward
 
@@ -121,10 +126,14 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     for layer, (gm, node) in decisions.items():
         parent, child = _weight_owner(model, layer)
         old = getattr(parent, child)
-        _, qweight, scale, zero, bias, fmt, in_features = node.args
+        if node.target is torch.ops.lowbit.w8a8_linear.default:
+            _, qweight, scale, bias = node.args
+            zero, fmt, in_features = None, "int8", ir.get(node, ir.WEIGHT_QUANT).in_features
+        else:
+            _, qweight, scale, zero, bias, fmt, in_features = node.args
         tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
         bias_tensor = None if bias is None else getattr(old, "bias", None)
-        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features))
+        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, recipe.activation))
         replaced += 1
     if replaced == 0:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)
@@ -136,6 +145,8 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
 def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],
                progress: bool) -> tuple[dict[str, QuantizedWeight], dict[str, Any] | None]:
     """Data-driven rounding, block by block (see the module docstring); {} when data-free."""
+    if recipe.smoothquant is not None:
+        return {}, _smooth(model, recipe, batches, progress)
     if recipe.rounding not in rounding.NEEDS_DATA or recipe.weight is None:
         return {}, None
     if not batches:
@@ -144,7 +155,7 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
     fmt, options = recipe.weight, recipe.pass_options("insert_weight_quant")
     gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order") if k in options}
     quantized: dict[str, QuantizedWeight] = {}
-    groups = _awq_groups(model, batches[0]) if recipe.rounding == "awq" else {}
+    groups = _scale_groups(model, batches[0]) if recipe.rounding == "awq" else {}
     awq_report: dict[str, Any] = {}
 
     def on_block(stats):
@@ -171,7 +182,33 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
     return quantized, info
 
 
-def _awq_groups(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> dict[str, scale_folding.ScaleGroup]:
+def _smooth(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]], progress: bool) -> dict[str, Any]:
+    """SmoothQuant: per group, s_j = max|x_j|^a / max_i |W_ij|^(1-a), folded into the producer."""
+    if not batches:
+        raise LowbitError(f"compress: recipe {recipe.name!r} uses SmoothQuant, which needs calibration data: "
+                          "compress(model, recipe, calibration=[token-id tensors] or texts with tokenizer=)")
+    alpha = float(recipe.smoothquant)
+    groups = _scale_groups(model, batches[0])
+    report: dict[str, Any] = {}
+
+    def on_block(stats):
+        for group in {id(groups[layer]): groups[layer] for layer in stats if layer in groups}.values():
+            if group.producer is None:
+                report[group.consumers[0]] = {"consumers": group.consumers, "skipped": group.reason}
+                continue
+            s = scale_folding.smoothquant_scales(stats[group.consumers[0]][1].absmax,
+                                                 [weight_of(stats[layer][0]) for layer in group.consumers], alpha)
+            scale_folding.fold(model, group, s)
+            report[group.consumers[0]] = {"consumers": group.consumers, "producer": list(group.producer),
+                                          "max_scale": float(s.max()), "min_scale": float(s.min())}
+        return None
+
+    info = calibrate(model, batches, recipe.applies_to, on_block, hessian=False, progress=progress)
+    info["smoothquant"] = report
+    return info
+
+
+def _scale_groups(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> dict[str, scale_folding.ScaleGroup]:
     """Layer FQN -> its scale group, from the canonical graph of one capture."""
     graphs: list[fx.GraphModule] = []
 

@@ -62,3 +62,41 @@ def generated(kernel: str, tensors: list[torch.Tensor], eps: float, out_features
 def _(kernel, tensors, eps, out_features, out_dtype):
     x = tensors[0]
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
+
+
+@torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """int8 weights [N, K] (per-channel ``scale`` [N]) x int8 activations quantized per token at run
+    time: ``y = (q(x) @ qweight.T) * x_scale * scale + bias`` with integer accumulation
+    (``torch._int_mm`` on CPU)."""
+    xq, x_scale = quantize_per_token(x)
+    shape = x.shape
+    acc = torch._int_mm(xq.reshape(-1, shape[-1]), qweight.t()).reshape(*shape[:-1], -1)
+    out = acc.float() * x_scale * scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@w8a8_linear.register_fake
+def _(x, qweight, scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of the last dimension: (codes, scale [..., 1] float32); an all-zero
+    row gets scale 1 (codes 0), so nothing divides by zero."""
+    xf = x.float()
+    x_scale = xf.abs().amax(-1, keepdim=True) / 127.0
+    x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+    return torch.round(xf / x_scale).clamp(-127, 127).to(torch.int8), x_scale
+
+
+def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """Float64 reference of ``lowbit::w8a8_linear`` (exact integer products, then the scales)."""
+    xq, x_scale = quantize_per_token(x)
+    out = (xq.double() @ qweight.double().t()) * x_scale.double() * scale.double()
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)

@@ -64,6 +64,8 @@ class PassContext:
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     # layer FQN -> QuantizedWeight computed during calibration (compress with data-driven rounding)
     quantized: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # True when compress() ran calibration (and its data-driven transformations) on the model
+    calibrated: bool = False
 
     def fallback(self, where: str, reason: str) -> None:
         """Report that something was left on the reference path; raises in strict mode."""

@@ -46,6 +46,8 @@ class Recipe:
         exclude: FQN globs left alone even when included.
         pad_to_group: pad K up to a multiple of the group size instead of refusing the layer.
         options: per-pass keyword options, as ``((pass_name, ((key, value), ...)), ...)``.
+        activation: activation quantization of the quantized linears: None (weight-only) or
+            ``"int8_dynamic"`` (per-token int8 scales computed at run time; needs int8 weights).
     """
 
     name: str
@@ -55,8 +57,15 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     pad_to_group: bool = False
     options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    activation: str | None = None
 
     def __post_init__(self) -> None:
+        if self.activation not in ACTIVATION_SCHEMES:
+            raise LowbitError(f"recipe {self.name!r}: activation={self.activation!r}; expected one of "
+                              f"{ACTIVATION_SCHEMES}")
+        if self.activation and (self.weight is None or self.weight.key != "int8"):
+            raise LowbitError(f"recipe {self.name!r}: activation={self.activation!r} runs int8 x int8 matmuls: "
+                              "use int8 weights ([recipe.weight] format = 'int8')")
         for field in ("passes", "include", "exclude"):
             value = getattr(self, field)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -72,6 +81,11 @@ class Recipe:
         return dict(dict(self.options).get(pass_name, ()))
 
     @property
+    def smoothquant(self) -> float | None:
+        """SmoothQuant's migration strength alpha (``insert_weight_quant``'s ``smoothquant``), or None."""
+        return self.pass_options("insert_weight_quant").get("smoothquant")
+
+    @property
     def rounding(self) -> str:
         """The weight rounding algorithm (``insert_weight_quant``'s ``rounding`` option)."""
         return self.pass_options("insert_weight_quant").get("rounding", "rtn")
@@ -82,7 +96,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "passes": list(self.passes),
-            "weight": None if self.weight is None else self.weight.key,
+            "weight": None if self.weight is None else self.weight.key, "activation": self.activation,
             "include": list(self.include), "exclude": list(self.exclude),
             "pad_to_group": self.pad_to_group,
             "options": {k: dict(v) for k, v in self.options},
@@ -90,6 +104,7 @@ class Recipe:
 
 
 _WEIGHT_ONLY = ("canonicalize", "insert_weight_quant")
+ACTIVATION_SCHEMES = (None, "int8_dynamic")
 
 PRESETS: dict[str, Recipe] = {
     # capture and run: no pass rewrites anything
@@ -108,6 +123,11 @@ PRESETS: dict[str, Recipe] = {
     "w3a16-gptq": Recipe("w3a16-gptq", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False),
                          options=(("insert_weight_quant", (("rounding", "gptq"),)),)),
     "nf4": Recipe("nf4", _WEIGHT_ONLY, WeightFormat(4, 64, kind="nf4")),
+    # int8 weights x int8 per-token activations on integer matmuls (torch._int_mm on CPU)
+    "w8a8": Recipe("w8a8", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic"),
+    # ... with SmoothQuant: activation outliers migrated into the weights (needs calibration)
+    "w8a8-smooth": Recipe("w8a8-smooth", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic",
+                          options=(("insert_weight_quant", (("smoothquant", 0.5),)),)),
     "mxfp4": Recipe("mxfp4", _WEIGHT_ONLY, WeightFormat.parse("mxfp4")),
     "nvfp4": Recipe("nvfp4", _WEIGHT_ONLY, WeightFormat.parse("nvfp4")),
 }
@@ -131,7 +151,7 @@ def get_recipe(recipe: "str | os.PathLike | Recipe | None") -> Recipe:
 def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
     """Build a Recipe from the ``[recipe]`` table of a TOML file (or an equivalent dict)."""
     data = dict(data)
-    known = {"name", "base", "passes", "weight", "include", "exclude", "pad_to_group", "options"}
+    known = {"name", "base", "passes", "weight", "include", "exclude", "pad_to_group", "options", "activation"}
     unknown = set(data) - known
     if unknown:
         raise LowbitError(f"{source}: unknown recipe keys {sorted(unknown)}; known keys: {sorted(known)}")
@@ -156,7 +176,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
     if "options" in data:
         opts = data.pop("options")
         changes["options"] = tuple((k, tuple(sorted(dict(v).items()))) for k, v in sorted(opts.items()))
-    for key in ("passes", "include", "exclude", "pad_to_group"):
+    for key in ("passes", "include", "exclude", "pad_to_group", "activation"):
         if key in data:
             changes[key] = data.pop(key)
     return dataclasses.replace(base, **changes)

@@ -162,3 +162,10 @@ def fold(model: torch.nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
                 w.div_(s.to(w.dtype)[:, None])
             if getattr(module, "bias", None) is not None:
                 module.bias.div_(s.to(module.bias.dtype))
+
+
+def smoothquant_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's migration: ``s_j = max|x_j|^alpha / max_i |W_ij|^(1 - alpha)`` over the linears
+    sharing the input (dividing x by s flattens activation outlier channels into the weights)."""
+    w_max = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0).clamp(min=1e-5)
+    return (x_absmax.float().clamp(min=1e-5) ** alpha / w_max ** (1 - alpha)).clamp(min=1e-5)

@@ -65,11 +65,12 @@ class InsertWeightQuant(Pass):
     ensures = ("weights_quantized",)
 
     def __init__(self, rounding: str = "rtn", block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                 hqq_iters: int = 20) -> None:
+                 hqq_iters: int = 20, smoothquant: float | None = None) -> None:
         if rounding not in rounding_algorithms.ALGORITHMS:
             raise LowbitError(f"insert_weight_quant: rounding={rounding!r}; expected one of "
                               f"{rounding_algorithms.ALGORITHMS}")
-        super().__init__(rounding=rounding, block_size=block_size, damp=damp, act_order=act_order, hqq_iters=hqq_iters)
+        super().__init__(rounding=rounding, block_size=block_size, damp=damp, act_order=act_order, hqq_iters=hqq_iters,
+                         smoothquant=smoothquant)
         self.rounding = rounding
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -77,6 +78,9 @@ class InsertWeightQuant(Pass):
         fmt: WeightFormat | None = recipe.weight
         if fmt is None:
             return PassResult(False, 0, {"note": "recipe has no weight format"})
+        if self.options.get("smoothquant") is not None and not ctx.calibrated:
+            raise LowbitError(f"recipe {recipe.name!r}: SmoothQuant migrates activation outliers measured on "
+                              "calibration data; use lowbit_compiler.compress(model, recipe, calibration=...)")
         quantized, skipped = 0, 0
         for node in list(gm.graph.nodes):
             if not ir.is_linear(node):
@@ -100,8 +104,11 @@ class InsertWeightQuant(Pass):
                 q = _register(gm, f"{layer}.qweight", qw.qweight)
                 s = _register(gm, f"{layer}.scale", qw.scale)
                 z = None if qw.zero is None else _register(gm, f"{layer}.zero", qw.zero)
-                new = gm.graph.call_function(torch.ops.lowbit.wo_linear.default,
-                                             (parts.x, q, s, z, parts.bias, fmt.key, k))
+                if recipe.activation == "int8_dynamic":  # W8A8: integer matmul, per-token activation scales
+                    new = gm.graph.call_function(torch.ops.lowbit.w8a8_linear.default, (parts.x, q, s, parts.bias))
+                else:
+                    new = gm.graph.call_function(torch.ops.lowbit.wo_linear.default,
+                                                 (parts.x, q, s, z, parts.bias, fmt.key, k))
             new.meta.update(node.meta)
             decision = ir.WeightQuantDecision(
                 layer=layer, format=fmt.key, in_features=k, out_features=n,
@@ -116,7 +123,8 @@ class InsertWeightQuant(Pass):
         if quantized:
             gm.graph.eliminate_dead_code()
             _drop_unused_attrs(gm)
-        details = {"quantized": quantized, "skipped": skipped, "format": fmt.key, "rounding": self.rounding}
+        details = {"quantized": quantized, "skipped": skipped, "format": fmt.key, "rounding": self.rounding,
+                   "activation": recipe.activation or "float"}
         if quantized == 0:
             details["note"] = "nothing was quantized: the graph has no selected linear layers"
         return PassResult(quantized > 0, quantized, details)
