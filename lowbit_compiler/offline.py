@@ -20,7 +20,7 @@ next block sees the error), and the results reach ``insert_weight_quant`` throug
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -62,19 +62,38 @@ class LowbitLinear(torch.nn.Module):
         return f"{self.fmt}{act}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _example_kwargs(model: torch.nn.Module, calibration: Any, example_inputs: Any) -> dict[str, Any]:
+def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], example_inputs: Any) -> dict[str, Any]:
     if example_inputs is not None:
         return example_inputs if isinstance(example_inputs, dict) else {"input_ids": example_inputs}
-    if calibration is not None:
-        first = next(iter(calibration))
-        if isinstance(first, dict):
-            return dict(first)
-        if isinstance(first, torch.Tensor):
-            return {"input_ids": first if first.dim() == 2 else first.unsqueeze(0)}
-        raise LowbitError("compress: calibration items must be token-id tensors or dicts of model inputs")
+    if batches:
+        return dict(batches[0])
     if getattr(getattr(model, "config", None), "vocab_size", None):
         return {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
     raise LowbitError("compress: cannot build an input for this model; pass example_inputs=tensor or dict")
+
+
+def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any], handle: Callable[[fx.GraphModule], None]) -> None:
+    """Capture the model's forward once (eval mode, no grad) and hand each captured graph to
+    ``handle``; Dynamo's cache entries are dropped afterwards (see ``forget_compiled``)."""
+    graphs = 0
+
+    def backend(gm: fx.GraphModule, example: list[Any]):
+        nonlocal graphs
+        graphs += 1
+        handle(capture(gm, example).gm)
+        return gm.forward
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+    finally:
+        _dynamo_adapter.forget_compiled(model.forward)
+        model.train(was_training)
+    if not graphs:
+        raise LowbitError("compress: Dynamo did not hand the forward to the capture (a cached graph or the "
+                          "recompile limit); call torch.compiler.reset() and retry")
 
 
 def _weight_owner(model: torch.nn.Module, layer: str) -> tuple[torch.nn.Module, str]:
@@ -87,40 +106,24 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     """Apply ``recipe`` to ``model`` in place and return it; ``model.lowbit_summary`` says what changed."""
     recipe = get_recipe(recipe)
     batches = as_batches(calibration, tokenizer)
+    kwargs = _example_kwargs(model, batches, example_inputs)
     precomputed, calibration_info = _calibrate(model, recipe, batches, progress)
-    calibration = batches or None
     decisions: dict[str, tuple[fx.GraphModule, fx.Node]] = {}
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
 
-    captured_graphs: list[fx.GraphModule] = []
-
-    def backend(gm: fx.GraphModule, example: list[Any]):
-        captured = capture(gm, example)
-        captured_graphs.append(captured.gm)
+    def rewrite(gm: fx.GraphModule) -> None:
         ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None)
-        report = run_pipeline(captured.gm, recipe, ctx=ctx)
+        report = run_pipeline(gm, recipe, ctx=ctx)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
-        for node in captured.gm.graph.nodes:
+        for node in gm.graph.nodes:
             decision = ir.get(node, ir.WEIGHT_QUANT)
             if decision is not None and node.target in (torch.ops.lowbit.wo_linear.default,
                                                         torch.ops.lowbit.w8a8_linear.default):
-                decisions[decision.layer] = (captured.gm, node)
-        return gm.forward
+                decisions[decision.layer] = (gm, node)
 
-    kwargs = _example_kwargs(model, calibration, example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=backend, dynamic=False)(**kwargs)
-    finally:
-        _dynamo_adapter.forget_compiled(model.forward)
-        model.train(was_training)
-    if not captured_graphs:
-        raise LowbitError("compress: Dynamo did not hand the forward to the capture (a cached graph or the "
-                          "recompile limit); call torch.compiler.reset() and retry")
+    _capture_each(model, kwargs, rewrite)
 
     replaced = 0
     for layer, (gm, node) in decisions.items():
@@ -146,12 +149,11 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
                progress: bool) -> tuple[dict[str, QuantizedWeight], dict[str, Any] | None]:
     """Data-driven rounding, block by block (see the module docstring); {} when data-free."""
     if recipe.smoothquant is not None:
+        _require_data(recipe, batches, "uses SmoothQuant")
         return {}, _smooth(model, recipe, batches, progress)
     if recipe.rounding not in rounding.NEEDS_DATA or recipe.weight is None:
         return {}, None
-    if not batches:
-        raise LowbitError(f"compress: recipe {recipe.name!r} rounds with {recipe.rounding}, which needs calibration "
-                          "data: compress(model, recipe, calibration=[token-id tensors] or texts with tokenizer=)")
+    _require_data(recipe, batches, f"rounds with {recipe.rounding}")
     fmt, options = recipe.weight, recipe.pass_options("insert_weight_quant")
     gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order") if k in options}
     quantized: dict[str, QuantizedWeight] = {}
@@ -160,7 +162,7 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
 
     def on_block(stats):
         if recipe.rounding == "awq":
-            for group in {id(groups[layer]): groups[layer] for layer in stats if layer in groups}.values():
+            for group in _groups_in(stats, groups):
                 awq_report[group.consumers[0]] = _awq_fold(model, group, stats, fmt)
         fake = {}
         for layer, (module, observed) in stats.items():
@@ -184,15 +186,12 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
 
 def _smooth(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]], progress: bool) -> dict[str, Any]:
     """SmoothQuant: per group, s_j = max|x_j|^a / max_i |W_ij|^(1-a), folded into the producer."""
-    if not batches:
-        raise LowbitError(f"compress: recipe {recipe.name!r} uses SmoothQuant, which needs calibration data: "
-                          "compress(model, recipe, calibration=[token-id tensors] or texts with tokenizer=)")
     alpha = float(recipe.smoothquant)
     groups = _scale_groups(model, batches[0])
     report: dict[str, Any] = {}
 
     def on_block(stats):
-        for group in {id(groups[layer]): groups[layer] for layer in stats if layer in groups}.values():
+        for group in _groups_in(stats, groups):
             if group.producer is None:
                 report[group.consumers[0]] = {"consumers": group.consumers, "skipped": group.reason}
                 continue
@@ -212,17 +211,11 @@ def _scale_groups(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> d
     """Layer FQN -> its scale group, from the canonical graph of one capture."""
     graphs: list[fx.GraphModule] = []
 
-    def backend(gm: fx.GraphModule, inputs: list[Any]):
-        captured = capture(gm, inputs)
-        run_pipeline(captured.gm, Recipe("awq-analysis", ("canonicalize",)), ctx=PassContext(recipe=None))
-        graphs.append(captured.gm)
-        return gm.forward
+    def canonicalize(gm: fx.GraphModule) -> None:
+        run_pipeline(gm, Recipe("scale-analysis", ("canonicalize",)), ctx=PassContext(recipe=None))
+        graphs.append(gm)
 
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=backend, dynamic=False)(**example)
-    finally:
-        _dynamo_adapter.forget_compiled(model.forward)
+    _capture_each(model, example, canonicalize)
     shared = _tied_parameters(model)
     groups = {}
     for gm in graphs:
@@ -232,6 +225,17 @@ def _scale_groups(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> d
                 group.producer, group.reason = None, f"weight of {tied[0]} is tied to another module"
             groups.update({layer: group for layer in group.consumers})
     return groups
+
+
+def _groups_in(stats: dict[str, Any], groups: dict[str, scale_folding.ScaleGroup]) -> list[scale_folding.ScaleGroup]:
+    """The scale groups whose linears were observed in this block (each once)."""
+    return list({id(groups[layer]): groups[layer] for layer in stats if layer in groups}.values())
+
+
+def _require_data(recipe: Any, batches: list[dict[str, torch.Tensor]], what: str) -> None:
+    if not batches:
+        raise LowbitError(f"compress: recipe {recipe.name!r} {what}, which needs calibration data: "
+                          "compress(model, recipe, calibration=[token-id tensors] or texts with tokenizer=)")
 
 
 def _tied_parameters(model: torch.nn.Module) -> set[int]:

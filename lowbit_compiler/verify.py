@@ -60,8 +60,7 @@ def _verify_wo_linear(gm: fx.GraphModule, node: fx.Node) -> None:
         if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
             _fail(node, f"{name} must be a get_attr constant")
         tensors[name] = ir.fetch_attr(gm, arg.target)
-    q, s = tensors["qweight"], tensors["scale"]
-    n = s.shape[0]
+    n = tensors["scale"].shape[0]
     layout = fmt.layout(n, in_features)
     for name in ("qweight", "scale", "zero"):
         want, got = layout[name], tensors.get(name)
