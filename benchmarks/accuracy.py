@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_RECIPES = ["w8a16", "w4a16", "w4a16-hqq", "w4a16-gptq", "w4a16-awq", "w3a16", "w3a16-gptq", "nf4", "mxfp4", "nvfp4"]
+DEFAULT_RECIPES = ["w8a16", "w4a16", "w4a16-hqq", "w4a16-gptq", "w4a16-awq", "w3a16", "w3a16-gptq", "mixed-4.5", "nf4", "mxfp4", "nvfp4"]
 
 
 # ---- model and text --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch.fx as fx
 from lowbit_compiler import _dynamo_adapter, ir, rounding, scale_folding
 from lowbit_compiler.calibration import as_batches, calibrate, weight_of
 from lowbit_compiler.capture import capture
-from lowbit_compiler.formats import QuantizedWeight, check_layer, dequantize, quantize
+from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, quantize
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import Recipe, get_recipe
@@ -108,12 +108,14 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     batches = as_batches(calibration, tokenizer)
     kwargs = _example_kwargs(model, batches, example_inputs)
     precomputed, calibration_info = _calibrate(model, recipe, batches, progress)
+    formats = {layer: WeightFormat.parse(d["format"]) for layer, d in (calibration_info or {}).get("mixed", {}).items()}
     decisions: dict[str, tuple[fx.GraphModule, fx.Node]] = {}
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
 
     def rewrite(gm: fx.GraphModule) -> None:
-        ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None)
+        ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None,
+                          formats=formats)
         report = run_pipeline(gm, recipe, ctx=ctx)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
@@ -151,6 +153,9 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
     if recipe.smoothquant is not None:
         _require_data(recipe, batches, "uses SmoothQuant")
         return {}, _smooth(model, recipe, batches, progress)
+    if recipe.mixed_bits is not None:
+        _require_data(recipe, batches, "assigns formats by measured sensitivity")
+        return {}, _mixed_precision(model, recipe, batches, progress)
     if recipe.rounding not in rounding.NEEDS_DATA or recipe.weight is None:
         return {}, None
     _require_data(recipe, batches, f"rounds with {recipe.rounding}")
@@ -204,6 +209,55 @@ def _smooth(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.T
 
     info = calibrate(model, batches, recipe.applies_to, on_block, hessian=False, progress=progress)
     info["smoothquant"] = report
+    return info
+
+
+def _mixed_precision(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],
+                     progress: bool) -> dict[str, Any]:
+    """Bits per layer under an average-bits budget, from measured sensitivity (HAWQ / SliM-LLM in
+    spirit): for each layer and candidate format, the layer-output error of round-to-nearest,
+    ``tr(dW H dW^T) / tr(W H W^T)`` with the calibration Hessian; then start every layer at the
+    cheapest format and upgrade, greedily, the layer whose error falls most per extra bit until
+    the budget is spent."""
+    options = recipe.pass_options("insert_weight_quant")
+    budget = float(recipe.mixed_bits)
+    candidates = sorted((WeightFormat.parse(k) for k in options.get("mixed_formats", (
+        "int3_g128_asym", "int4_g128_asym", "int8"))), key=lambda f: f.bits_per_weight(4096, 4096))
+    table: dict[str, list[tuple[float, float]]] = {}  # layer -> [(bits, relative error)] per candidate
+
+    def on_block(stats):
+        for layer, (module, observed) in stats.items():
+            w = weight_of(module).detach().float()
+            h = observed.hessian
+            signal = float(((w @ h) * w).sum()) or 1.0
+            rows = []
+            for fmt in candidates:
+                check_layer(fmt, w.shape[1], layer, recipe.pad_to_group)
+                dw = w - dequantize(quantize(w, fmt))
+                rows.append((fmt.storage_bytes(*w.shape) * 8.0, float(((dw @ h) * dw).sum()) / signal))
+            table[layer] = rows
+
+    info = calibrate(model, batches, recipe.applies_to, on_block, hessian=True, progress=progress)
+    params = {layer: weight_of(model.get_submodule(layer)).numel() for layer in table}
+    choice = {layer: 0 for layer in table}
+    spent = sum(table[layer][0][0] for layer in table)
+    limit = budget * sum(params.values())
+    while True:
+        best, best_gain = None, 0.0
+        for layer, i in choice.items():
+            if i + 1 < len(candidates):
+                (b0, e0), (b1, e1) = table[layer][i], table[layer][i + 1]
+                if spent + b1 - b0 <= limit and (e0 - e1) / (b1 - b0) > best_gain:
+                    best, best_gain = layer, (e0 - e1) / (b1 - b0)
+        if best is None:
+            break
+        spent += table[best][choice[best] + 1][0] - table[best][choice[best]][0]
+        choice[best] += 1
+    info["mixed"] = {layer: {"format": candidates[i].key, "relative_error": table[layer][i][1],
+                             "sensitivity": {candidates[j].key: round(e, 6) for j, (_, e) in enumerate(table[layer])}}
+                     for layer, i in choice.items()}
+    info["average_bits"] = spent / max(sum(params.values()), 1)
+    info["budget_bits"] = budget
     return info
 
 

@@ -66,6 +66,8 @@ class PassContext:
     quantized: dict[str, Any] = dataclasses.field(default_factory=dict)
     # True when compress() ran calibration (and its data-driven transformations) on the model
     calibrated: bool = False
+    # layer FQN -> WeightFormat chosen per layer (mixed precision); the recipe's format elsewhere
+    formats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def fallback(self, where: str, reason: str) -> None:
         """Report that something was left on the reference path; raises in strict mode."""

@@ -81,6 +81,11 @@ class Recipe:
         return dict(dict(self.options).get(pass_name, ()))
 
     @property
+    def mixed_bits(self) -> float | None:
+        """The average-bits budget of mixed precision (``insert_weight_quant``'s ``mixed_bits``), or None."""
+        return self.pass_options("insert_weight_quant").get("mixed_bits")
+
+    @property
     def smoothquant(self) -> float | None:
         """SmoothQuant's migration strength alpha (``insert_weight_quant``'s ``smoothquant``), or None."""
         return self.pass_options("insert_weight_quant").get("smoothquant")
@@ -123,6 +128,9 @@ PRESETS: dict[str, Recipe] = {
     "w3a16-gptq": Recipe("w3a16-gptq", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False),
                          options=(("insert_weight_quant", (("rounding", "gptq"),)),)),
     "nf4": Recipe("nf4", _WEIGHT_ONLY, WeightFormat(4, 64, kind="nf4")),
+    # per-layer int3 / int4 / int8 from measured sensitivity, 4.5 bits per weight on average
+    "mixed-4.5": Recipe("mixed-4.5", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
+                        options=(("insert_weight_quant", (("mixed_bits", 4.5),)),)),
     # int8 weights x int8 per-token activations on integer matmuls (torch._int_mm on CPU)
     "w8a8": Recipe("w8a8", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic"),
     # ... with SmoothQuant: activation outliers migrated into the weights (needs calibration)

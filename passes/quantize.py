@@ -15,9 +15,12 @@ decode and recompiled graphs of one model share a single copy; ``QUANT_CACHE.mis
 real work.
 
 Options (``[recipe.options.insert_weight_quant]``): ``rounding`` = ``"rtn"`` (default), ``"hqq"``
-(data-free) or ``"gptq"`` (needs calibration: ``compress(..., calibration=...)`` runs it block by
-block and hands the results over in ``PassContext.quantized``); GPTQ's ``block_size``, ``damp``,
-``act_order``; HQQ's ``hqq_iters``. See ``lowbit_compiler/rounding.py``.
+(data-free), ``"gptq"`` or ``"awq"`` (need calibration: ``compress(..., calibration=...)`` runs them
+block by block and hands the results over in ``PassContext.quantized``); GPTQ's ``block_size``,
+``damp``, ``act_order``; HQQ's ``hqq_iters``; ``smoothquant`` (alpha, W8A8 recipes);
+``mixed_bits`` (average bits per weight) with ``mixed_formats`` (the candidates): per-layer formats
+chosen by compress from measured sensitivity, handed over in ``PassContext.formats``. See
+``lowbit_compiler/rounding.py``, ``scale_folding.py`` and ``offline.py``.
 
 What it leaves alone, with the reason in ``ir.SKIPPED``: linears whose weight is computed in the
 graph (not a parameter), layers the recipe excludes. A layer whose K does not fit the group size
@@ -25,6 +28,7 @@ raises (naming the layer and the fix) unless the recipe sets ``pad_to_group``.
 """
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import torch
@@ -65,12 +69,13 @@ class InsertWeightQuant(Pass):
     ensures = ("weights_quantized",)
 
     def __init__(self, rounding: str = "rtn", block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                 hqq_iters: int = 20, smoothquant: float | None = None) -> None:
+                 hqq_iters: int = 20, smoothquant: float | None = None, mixed_bits: float | None = None,
+                 mixed_formats: tuple[str, ...] = ("int3_g128_asym", "int4_g128_asym", "int8")) -> None:
         if rounding not in rounding_algorithms.ALGORITHMS:
             raise LowbitError(f"insert_weight_quant: rounding={rounding!r}; expected one of "
                               f"{rounding_algorithms.ALGORITHMS}")
         super().__init__(rounding=rounding, block_size=block_size, damp=damp, act_order=act_order, hqq_iters=hqq_iters,
-                         smoothquant=smoothquant)
+                         smoothquant=smoothquant, mixed_bits=mixed_bits, mixed_formats=tuple(mixed_formats))
         self.rounding = rounding
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -78,6 +83,9 @@ class InsertWeightQuant(Pass):
         fmt: WeightFormat | None = recipe.weight
         if fmt is None:
             return PassResult(False, 0, {"note": "recipe has no weight format"})
+        if self.options.get("mixed_bits") is not None and not ctx.calibrated:
+            raise LowbitError(f"recipe {recipe.name!r}: mixed precision measures each layer's sensitivity on "
+                              "calibration data; use lowbit_compiler.compress(model, recipe, calibration=...)")
         if self.options.get("smoothquant") is not None and not ctx.calibrated:
             raise LowbitError(f"recipe {recipe.name!r}: SmoothQuant migrates activation outliers measured on "
                               "calibration data; use lowbit_compiler.compress(model, recipe, calibration=...)")
@@ -98,6 +106,7 @@ class InsertWeightQuant(Pass):
                 continue
             param = ir.fetch_attr(gm, parts.weight_node.target)
             n, k = (param.shape[1], param.shape[0]) if parts.transposed else tuple(param.shape)
+            fmt = ctx.formats.get(layer, recipe.weight)  # mixed precision assigns formats per layer
             check_layer(fmt, k, layer, recipe.pad_to_group)
             qw, sqnr = self._quantize(layer, param, parts.transposed, fmt, ctx)
             with gm.graph.inserting_before(node):
@@ -123,7 +132,9 @@ class InsertWeightQuant(Pass):
         if quantized:
             gm.graph.eliminate_dead_code()
             _drop_unused_attrs(gm)
-        details = {"quantized": quantized, "skipped": skipped, "format": fmt.key, "rounding": self.rounding,
+        details = {"quantized": quantized, "skipped": skipped, "rounding": self.rounding,
+                   "format": fmt.key if not ctx.formats else "mixed: " + ", ".join(
+                       f"{key} x{n}" for key, n in sorted(collections.Counter(f.key for f in ctx.formats.values()).items())),
                    "activation": recipe.activation or "float"}
         if quantized == 0:
             details["note"] = "nothing was quantized: the graph has no selected linear layers"

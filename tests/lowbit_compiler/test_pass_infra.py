@@ -161,7 +161,7 @@ verbose = true
     path.write_text("[recipe]\nbase = 'w4a16'\ngroupsize = 64\n")
     with pytest.raises(LowbitError, match=r"unknown recipe keys \['groupsize'\]"):
         load_recipe(path)
-    with pytest.raises(LowbitError, match=r"unknown recipe 'w5a16'; presets: \['mxfp4', 'nf4', 'none', 'nvfp4', "
+    with pytest.raises(LowbitError, match=r"unknown recipe 'w5a16'; presets: \['mixed-4.5', 'mxfp4', 'nf4', 'none', 'nvfp4', "
                                           r"'w3a16', 'w3a16-gptq', 'w4a16', 'w4a16-awq', 'w4a16-gptq', 'w4a16-hqq', 'w8a16', 'w8a8', "
                                           r"'w8a8-smooth'\]"):
         get_recipe("w5a16")
