@@ -38,12 +38,12 @@ log = logging.getLogger("lowbit_compiler")
 
 class LowbitLinear(torch.nn.Module):
     """A linear layer with quantized storage; calls ``lowbit::wo_linear`` (weight-only) or
-    ``lowbit::w8a8_linear`` (``activation="int8_dynamic"``)."""
+    ``lowbit::qa_linear`` (activations quantized too: ``act`` = "int8" or "fp8_e4m3")."""
 
     def __init__(self, fmt: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int, activation: str | None = None):
+                 bias: torch.Tensor | None, in_features: int, act: str | None = None):
         super().__init__()
-        self.fmt, self.activation = fmt, activation
+        self.fmt, self.act = fmt, act
         self.in_features = in_features
         self.out_features = scale.shape[0]
         self.register_buffer("qweight", qweight)
@@ -52,13 +52,14 @@ class LowbitLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "int8_dynamic":
-            return torch.ops.lowbit.w8a8_linear(x, self.qweight, self.scale, self.bias)
+        if self.act:
+            return torch.ops.lowbit.qa_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
+                                              self.in_features, self.act)
         return torch.ops.lowbit.wo_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                           self.in_features)
 
     def extra_repr(self) -> str:
-        act = f", activation={self.activation}" if self.activation else ""
+        act = f", act={self.act}" if self.act else ""
         return f"{self.fmt}{act}, in_features={self.in_features}, out_features={self.out_features}"
 
 
@@ -122,7 +123,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         for node in gm.graph.nodes:
             decision = ir.get(node, ir.WEIGHT_QUANT)
             if decision is not None and node.target in (torch.ops.lowbit.wo_linear.default,
-                                                        torch.ops.lowbit.w8a8_linear.default):
+                                                        torch.ops.lowbit.qa_linear.default):
                 decisions[decision.layer] = (gm, node)
 
     _capture_each(model, kwargs, rewrite)
@@ -131,14 +132,10 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     for layer, (gm, node) in decisions.items():
         parent, child = _weight_owner(model, layer)
         old = getattr(parent, child)
-        if node.target is torch.ops.lowbit.w8a8_linear.default:
-            _, qweight, scale, bias = node.args
-            zero, fmt, in_features = None, "int8", ir.get(node, ir.WEIGHT_QUANT).in_features
-        else:
-            _, qweight, scale, zero, bias, fmt, in_features = node.args
+        _, qweight, scale, zero, bias, fmt, in_features, *act = node.args  # qa_linear: + act
         tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
         bias_tensor = None if bias is None else getattr(old, "bias", None)
-        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, recipe.activation))
+        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act[0] if act else None))
         replaced += 1
     if replaced == 0:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)

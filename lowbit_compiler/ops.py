@@ -64,39 +64,77 @@ def _(kernel, tensors, eps, out_features, out_dtype):
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
 
 
-@torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
-def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """int8 weights [N, K] (per-channel ``scale`` [N]) x int8 activations quantized per token at run
-    time: ``y = (q(x) @ qweight.T) * x_scale * scale + bias`` with integer accumulation
-    (``torch._int_mm`` on CPU)."""
-    xq, x_scale = quantize_per_token(x)
-    shape = x.shape
-    acc = torch._int_mm(xq.reshape(-1, shape[-1]), qweight.t()).reshape(*shape[:-1], -1)
-    out = acc.float() * x_scale * scale.float()
+# Activation quantization schemes of lowbit::qa_linear: per-token scales computed at run time.
+ACTIVATION_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+@torch.library.custom_op("lowbit::qa_linear", mutates_args=())
+def qa_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+              bias: torch.Tensor | None, fmt: str, in_features: int, act: str) -> torch.Tensor:
+    """A linear with quantized weights *and* activations quantized per token at run time
+    (``act``: "int8" or "fp8_e4m3").
+
+    * int8 x int8 weights (W8A8): one integer matmul (``torch._int_mm``), then both scales;
+    * int8 x int4 group-wise weights (W4A8): one integer matmul per group on the centred codes
+      ``q - z`` (in [-15, 15]), each scaled by its group's scale, summed;
+    * fp8 x fp8_e4m3 weights: fp8 x fp8 products are exact in float32, accumulated in float32 (what
+      fp8 tensor cores do), then both scales.
+    """
+    f = WeightFormat.parse(fmt)
+    xq, x_scale = quantize_per_token(x, act)
+    rows = xq.reshape(-1, x.shape[-1])
+    if act == "fp8_e4m3":
+        acc = rows.float() @ qweight.float().t() * scale.float()
+    elif f.bits == 8:
+        acc = torch._int_mm(rows, qweight.t()).float() * scale.float()
+    else:
+        codes = _centred_codes(f, qweight, zero)
+        g = f.group_size
+        acc = torch.zeros(rows.shape[0], codes.shape[0])
+        for j in range(0, in_features, g):
+            width = min(g, in_features - j)
+            part = torch._int_mm(rows[:, j:j + width].contiguous(), codes[:, j:j + width].t().contiguous())
+            acc += part.float() * scale[:, j // g].float()
+    out = acc.reshape(*x.shape[:-1], -1) * x_scale
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
 
 
-@w8a8_linear.register_fake
-def _(x, qweight, scale, bias):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+@qa_linear.register_fake
+def _(x, qweight, scale, zero, bias, fmt, in_features, act):
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of the last dimension: (codes, scale [..., 1] float32); an all-zero
-    row gets scale 1 (codes 0), so nothing divides by zero."""
+def _centred_codes(f: WeightFormat, qweight: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """int8 [N, Kp] codes minus their zero point, for integer matmuls against int8 activations."""
+    from lowbit_compiler.formats import _unpack
+
+    q = _unpack(qweight, f.bits).to(torch.int16)
+    n, kp = q.shape
+    z = (torch.full((n, kp // f.group_size), 2 ** (f.bits - 1)) if zero is None else zero.to(torch.int16))
+    return (q - z.repeat_interleave(f.group_size, dim=1)).to(torch.int8)
+
+
+def quantize_per_token(x: torch.Tensor, act: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of the last dimension: (codes, scale [..., 1] float32); an
+    all-zero row gets scale 1 (codes 0), so nothing divides by zero."""
     xf = x.float()
-    x_scale = xf.abs().amax(-1, keepdim=True) / 127.0
+    top = 127.0 if act == "int8" else 448.0
+    x_scale = xf.abs().amax(-1, keepdim=True) / top
     x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
-    return torch.round(xf / x_scale).clamp(-127, 127).to(torch.int8), x_scale
+    if act == "int8":
+        return torch.round(xf / x_scale).clamp(-127, 127).to(torch.int8), x_scale
+    return (xf / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), x_scale
 
 
-def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                          bias: torch.Tensor | None) -> torch.Tensor:
-    """Float64 reference of ``lowbit::w8a8_linear`` (exact integer products, then the scales)."""
-    xq, x_scale = quantize_per_token(x)
-    out = (xq.double() @ qweight.double().t()) * x_scale.double() * scale.double()
+def qa_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        bias: torch.Tensor | None, fmt: str, in_features: int, act: str) -> torch.Tensor:
+    """Float64 reference of ``lowbit::qa_linear``: quantized activations times the dequantised
+    weights (exact products), then the activation scale."""
+    xq, x_scale = quantize_per_token(x, act)
+    w = dequantize_parts(WeightFormat.parse(fmt), qweight, scale, zero)[:, :in_features]
+    out = (xq.double() @ w.double().t()) * x_scale.double()
     if bias is not None:
         out = out + bias.double()
     return out.to(x.dtype)

@@ -46,8 +46,9 @@ class Recipe:
         exclude: FQN globs left alone even when included.
         pad_to_group: pad K up to a multiple of the group size instead of refusing the layer.
         options: per-pass keyword options, as ``((pass_name, ((key, value), ...)), ...)``.
-        activation: activation quantization of the quantized linears: None (weight-only) or
-            ``"int8_dynamic"`` (per-token int8 scales computed at run time; needs int8 weights).
+        activation: activation quantization of the quantized linears: None (weight-only),
+            ``"int8_dynamic"`` (per-token int8 scales computed at run time; int8 or int4 weights) or
+            ``"fp8_dynamic"`` (per-token fp8 e4m3; fp8_e4m3 weights).
     """
 
     name: str
@@ -63,9 +64,13 @@ class Recipe:
         if self.activation not in ACTIVATION_SCHEMES:
             raise LowbitError(f"recipe {self.name!r}: activation={self.activation!r}; expected one of "
                               f"{ACTIVATION_SCHEMES}")
-        if self.activation and (self.weight is None or self.weight.key != "int8"):
-            raise LowbitError(f"recipe {self.name!r}: activation={self.activation!r} runs int8 x int8 matmuls: "
-                              "use int8 weights ([recipe.weight] format = 'int8')")
+        if self.activation:
+            act, weights = ACTIVATIONS[self.activation]
+            kind = None if self.weight is None else (self.weight.kind if self.weight.kind != "int"
+                                                     else f"int{self.weight.bits}")
+            if kind not in weights:
+                raise LowbitError(f"recipe {self.name!r}: activation={self.activation!r} multiplies {act} activations "
+                                  f"with {' or '.join(weights)} weights; got {self.weight.key if self.weight else None}")
         for field in ("passes", "include", "exclude"):
             value = getattr(self, field)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -109,7 +114,9 @@ class Recipe:
 
 
 _WEIGHT_ONLY = ("canonicalize", "insert_weight_quant")
-ACTIVATION_SCHEMES = (None, "int8_dynamic")
+# activation scheme -> (what lowbit::qa_linear's `act` is, the weight formats it multiplies with)
+ACTIVATIONS = {"int8_dynamic": ("int8", ("int8", "int4")), "fp8_dynamic": ("fp8_e4m3", ("fp8_e4m3",))}
+ACTIVATION_SCHEMES = (None, *ACTIVATIONS)
 
 PRESETS: dict[str, Recipe] = {
     # capture and run: no pass rewrites anything
@@ -133,6 +140,10 @@ PRESETS: dict[str, Recipe] = {
                         options=(("insert_weight_quant", (("mixed_bits", 4.5),)),)),
     # int8 weights x int8 per-token activations on integer matmuls (torch._int_mm on CPU)
     "w8a8": Recipe("w8a8", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic"),
+    # int4 weights x int8 per-token activations (one integer matmul per weight group)
+    "w4a8": Recipe("w4a8", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False), activation="int8_dynamic"),
+    # fp8 e4m3 weights (per channel) x fp8 e4m3 activations (per token, dynamic)
+    "fp8": Recipe("fp8", _WEIGHT_ONLY, WeightFormat.parse("fp8_e4m3"), activation="fp8_dynamic"),
     # ... with SmoothQuant: activation outliers migrated into the weights (needs calibration)
     "w8a8-smooth": Recipe("w8a8-smooth", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic",
                           options=(("insert_weight_quant", (("smoothquant", 0.5),)),)),

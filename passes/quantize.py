@@ -39,6 +39,7 @@ from lowbit_compiler.identity_cache import IdentityCache
 from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, quantize, sqnr_db
 from lowbit_compiler import rounding as rounding_algorithms
 from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult, register_pass
+from lowbit_compiler.recipe import ACTIVATIONS
 
 # parameter -> {(transposed, format key): (QuantizedWeight, weight SQNR)}; .misses counts real work
 QUANT_CACHE = IdentityCache()
@@ -113,8 +114,10 @@ class InsertWeightQuant(Pass):
                 q = _register(gm, f"{layer}.qweight", qw.qweight)
                 s = _register(gm, f"{layer}.scale", qw.scale)
                 z = None if qw.zero is None else _register(gm, f"{layer}.zero", qw.zero)
-                if recipe.activation == "int8_dynamic":  # W8A8: integer matmul, per-token activation scales
-                    new = gm.graph.call_function(torch.ops.lowbit.w8a8_linear.default, (parts.x, q, s, parts.bias))
+                if recipe.activation:  # quantized activations too: per-token scales at run time
+                    act = ACTIVATIONS[recipe.activation][0]
+                    new = gm.graph.call_function(torch.ops.lowbit.qa_linear.default,
+                                                 (parts.x, q, s, z, parts.bias, fmt.key, k, act))
                 else:
                     new = gm.graph.call_function(torch.ops.lowbit.wo_linear.default,
                                                  (parts.x, q, s, z, parts.bias, fmt.key, k))

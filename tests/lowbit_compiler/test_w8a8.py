@@ -1,4 +1,4 @@
-"""W8A8: int8 weights x per-token int8 activations on integer matmuls, and SmoothQuant."""
+"""Quantized activations (W8A8, W4A8 on integer matmuls; FP8), and SmoothQuant."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from lowbit_compiler import LowbitError, compress
 from lowbit_compiler.formats import WeightFormat, quantize, sqnr_db
-from lowbit_compiler.ops import quantize_per_token, w8a8_linear_reference
+from lowbit_compiler.ops import qa_linear_reference, quantize_per_token
 from lowbit_compiler.scale_folding import smoothquant_scales
 from tests.conftest import make_model, prompt
 from tests.helpers import Recorder
@@ -21,18 +21,27 @@ def outlier_layer(seed=0):
     return x, w, b
 
 
+def qa(x, w, b, fmt="int8", act="int8"):
+    qw = quantize(w, WeightFormat.parse(fmt))
+    args = (qw.qweight, qw.scale, qw.zero, b, fmt, w.shape[1], act)
+    return torch.ops.lowbit.qa_linear(x, *args), qa_linear_reference(x, *args)
+
+
 def w8a8(x, w, b):
-    qw = quantize(w, WeightFormat(8))
-    return torch.ops.lowbit.w8a8_linear(x, qw.qweight, qw.scale, b)
+    return qa(x, w, b)[0]
 
 
-def test_integer_matmul_matches_the_float64_reference():
+@pytest.mark.parametrize("fmt, act, floor", [
+    ("int8", "int8", 25.0),              # W8A8: one torch._int_mm
+    ("int4_g128_asym", "int8", 17.0),    # W4A8: one integer matmul per group of centred codes
+    ("int4_g64_sym", "int8", 16.0),
+    ("fp8_e4m3", "fp8_e4m3", 25.0),      # FP8 x FP8, exact products, fp32 accumulation
+])
+def test_quantized_activation_matmuls_match_the_float64_reference(fmt, act, floor):
     x, w, b = outlier_layer()
-    qw = quantize(w, WeightFormat(8))
-    out = torch.ops.lowbit.w8a8_linear(x, qw.qweight, qw.scale, b)
-    ref = w8a8_linear_reference(x, qw.qweight, qw.scale, b)
-    assert out.dtype == torch.float32 and sqnr_db(ref, out) > 120
-    assert sqnr_db(x @ w.T + b, out) > 25  # int8 x int8 against float, even with outliers
+    out, ref = qa(x, w, b, fmt, act)
+    assert out.dtype == torch.float32 and sqnr_db(ref, out) > 110
+    assert sqnr_db(x @ w.T + b, out) > floor  # against float, even with activation outliers
 
 
 def test_per_token_quantization_has_no_nan_for_zero_rows():
@@ -65,8 +74,8 @@ def test_w8a8_presets_through_both_flows():
         assert sqnr_db(ref, out) > 30 and sqnr_db(ref, smooth(ids).logits) > 30
         torch.testing.assert_close(offline(ids).logits, out)
     assert rec.summaries[0]["passes"][1]["details"]["activation"] == "int8_dynamic"
-    assert sum(n.target is torch.ops.lowbit.w8a8_linear.default for n in rec.graphs[0].graph.nodes) == 15
-    assert offline.model.layers[0].mlp.down_proj.activation == "int8_dynamic"
+    assert sum(n.target is torch.ops.lowbit.qa_linear.default for n in rec.graphs[0].graph.nodes) == 15
+    assert offline.model.layers[0].mlp.down_proj.act == "int8"
     folded = [v for v in smooth.lowbit_summary["calibration"]["smoothquant"].values() if "producer" in v]
     assert len(folded) == 7
 
@@ -76,5 +85,21 @@ def test_smoothquant_and_bad_activation_recipes_say_what_to_do():
         torch.compile(make_model("llama"), backend=Recorder(recipe="w8a8-smooth"))(prompt())
     from lowbit_compiler import Recipe
 
-    with pytest.raises(LowbitError, match="int8 x int8 matmuls: use int8 weights"):
-        Recipe("bad", ("canonicalize", "insert_weight_quant"), WeightFormat(4, 128), activation="int8_dynamic")
+    with pytest.raises(LowbitError, match="multiplies int8 activations with int8 or int4 weights; got nf4_g64"):
+        Recipe("bad", ("canonicalize", "insert_weight_quant"), WeightFormat(4, 64, kind="nf4"), activation="int8_dynamic")
+    with pytest.raises(LowbitError, match="multiplies fp8_e4m3 activations with fp8_e4m3 weights; got int8"):
+        Recipe("bad", ("canonicalize", "insert_weight_quant"), WeightFormat(8), activation="fp8_dynamic")
+
+
+@pytest.mark.parametrize("recipe, arch, floor", [("w4a8", "qwen2", 10.0), ("fp8", "bert", 30.0)])
+def test_w4a8_and_fp8_presets_through_both_flows(recipe, arch, floor):
+    ids = prompt(32)
+    with torch.no_grad():
+        ref = make_model(arch)(ids)[0]
+        rec = Recorder(recipe=recipe, debug=True)
+        out = torch.compile(make_model(arch), backend=rec)(ids)[0]
+        offline = compress(make_model(arch), recipe)(ids)[0]
+    assert sqnr_db(ref, out) >= floor
+    torch.testing.assert_close(offline, out)
+    acts = {n.args[-1] for n in rec.graphs[0].graph.nodes if n.target is torch.ops.lowbit.qa_linear.default}
+    assert acts == {"int8" if recipe == "w4a8" else "fp8_e4m3"}
