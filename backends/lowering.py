@@ -62,6 +62,11 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
     if target == "triton":
         generated = _lower_triton(gm, ctx, kernels, dump, autotune)
     for node in list(gm.graph.nodes):
+        if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default:
+            ctx.fallback(ir.describe(node), "lowbit::qa_linear (quantized activations) has no generated-kernel "
+                         "template yet; it runs its CPU implementation")
+            kernels[node.name] = "cpu-op"
+            continue
         if not (node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear.default):
             continue
         x, qweight, scale, zero, bias, fmt, in_features = node.args

@@ -118,3 +118,13 @@ def test_formats_without_a_template_fall_back_with_the_reason():
     summary = rec.summaries[0]
     assert summary["kernel_counts"] == {"reference": 15} and summary["generated_kernels"] == []
     assert list(summary["fallbacks"]) == ["format nf4_g64 has no generated-kernel template yet (int8 and int4 have)"]
+
+
+def test_quantized_activation_linears_report_their_fallback_on_triton():
+    rec = Recorder(recipe="w8a8", target="triton")
+    with torch.no_grad():
+        torch.compile(make_model("llama"), backend=rec)(prompt())
+    summary = rec.summaries[0]
+    assert summary["kernel_counts"] == {"cpu-op": 15}
+    assert list(summary["fallbacks"]) == ["lowbit::qa_linear (quantized activations) has no generated-kernel "
+                                          "template yet"]
