@@ -73,6 +73,7 @@ class WeightQuantDecision:
     bytes_after: int
     weight_sqnr_db: float      # dequantised vs float weight
     padded_in_features: int = 0  # K after pad_to_group (0: no padding)
+    outliers: int = 0            # weights kept in the sparse fp16 side tensor (SpQR-style)
 
 
 @dataclasses.dataclass(frozen=True)

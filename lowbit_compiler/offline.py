@@ -41,9 +41,12 @@ class LowbitLinear(torch.nn.Module):
     ``lowbit::qa_linear`` (activations quantized too: ``act`` = "int8" or "fp8_e4m3")."""
 
     def __init__(self, fmt: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int, act: str | None = None):
+                 bias: torch.Tensor | None, in_features: int, act: str | None = None,
+                 outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.fmt, self.act = fmt, act
+        for name, t in zip(("outlier_rows", "outlier_cols", "outlier_values"), outliers or (None,) * 3):
+            self.register_buffer(name, t)  # SpQR-style fp16 outliers, added by lowbit::sparse_linear
         self.in_features = in_features
         self.out_features = scale.shape[0]
         self.register_buffer("qweight", qweight)
@@ -55,8 +58,12 @@ class LowbitLinear(torch.nn.Module):
         if self.act:
             return torch.ops.lowbit.qa_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                               self.in_features, self.act)
-        return torch.ops.lowbit.wo_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
-                                          self.in_features)
+        y = torch.ops.lowbit.wo_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
+                                       self.in_features)
+        if self.outlier_values is not None:
+            y = y + torch.ops.lowbit.sparse_linear(x, self.outlier_rows, self.outlier_cols, self.outlier_values,
+                                                   self.out_features)
+        return y
 
     def extra_repr(self) -> str:
         act = f", act={self.act}" if self.act else ""
@@ -135,7 +142,11 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         _, qweight, scale, zero, bias, fmt, in_features, *act = node.args  # qa_linear: + act
         tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
         bias_tensor = None if bias is None else getattr(old, "bias", None)
-        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act[0] if act else None))
+        outliers = None
+        if ir.get(node, ir.WEIGHT_QUANT).outliers:
+            outliers = tuple(ir.fetch_attr(gm, f"{layer}.outlier_{part}") for part in ("rows", "cols", "values"))
+        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act[0] if act else None,
+                                            outliers))
         replaced += 1
     if replaced == 0:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)

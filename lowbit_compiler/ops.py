@@ -138,3 +138,19 @@ def qa_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     if bias is not None:
         out = out + bias.double()
     return out.to(x.dtype)
+
+
+@torch.library.custom_op("lowbit::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                  out_features: int) -> torch.Tensor:
+    """``x @ S.T`` for a sparse [N, K] matrix in COO form (SpQR-style outliers beside a quantized
+    dense part: the graph adds this to the dense op's output)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    contrib = flat[:, cols.long()] * values.float()
+    out = torch.zeros(flat.shape[0], out_features).index_add_(1, rows.long(), contrib)
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+@sparse_linear.register_fake
+def _(x, rows, cols, values, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))

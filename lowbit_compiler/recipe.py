@@ -130,6 +130,9 @@ PRESETS: dict[str, Recipe] = {
                         options=(("insert_weight_quant", (("rounding", "hqq"),)),)),
     "w4a16-gptq": Recipe("w4a16-gptq", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
                          options=(("insert_weight_quant", (("rounding", "gptq"),)),)),
+    # SpQR-style: 1% of the weights (largest RTN error) kept in fp16 beside a 3-bit dense part
+    "w4a16-spqr": Recipe("w4a16-spqr", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False),
+                         options=(("insert_weight_quant", (("rounding", "spqr"),)),)),
     "w4a16-awq": Recipe("w4a16-awq", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
                         options=(("insert_weight_quant", (("rounding", "awq"),)),)),
     "w3a16-gptq": Recipe("w3a16-gptq", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False),

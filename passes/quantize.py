@@ -18,6 +18,8 @@ Options (``[recipe.options.insert_weight_quant]``): ``rounding`` = ``"rtn"`` (de
 (data-free), ``"gptq"`` or ``"awq"`` (need calibration: ``compress(..., calibration=...)`` runs them
 block by block and hands the results over in ``PassContext.quantized``); GPTQ's ``block_size``,
 ``damp``, ``act_order``; HQQ's ``hqq_iters``; ``smoothquant`` (alpha, W8A8 recipes);
+``rounding = "spqr"`` with ``outlier_fraction`` (default 1%: the weights with the largest RTN error
+kept in fp16 beside the dense op, ``+ lowbit::sparse_linear``, their bytes counted);
 ``mixed_bits`` (average bits per weight) with ``mixed_formats`` (the candidates): per-layer formats
 chosen by compress from measured sensitivity, handed over in ``PassContext.formats``. See
 ``lowbit_compiler/rounding.py``, ``scale_folding.py`` and ``offline.py``.
@@ -29,6 +31,7 @@ raises (naming the layer and the fix) unless the recipe sets ``pad_to_group``.
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Any
 
 import torch
@@ -71,12 +74,14 @@ class InsertWeightQuant(Pass):
 
     def __init__(self, rounding: str = "rtn", block_size: int = 128, damp: float = 0.01, act_order: bool = False,
                  hqq_iters: int = 20, smoothquant: float | None = None, mixed_bits: float | None = None,
-                 mixed_formats: tuple[str, ...] = ("int3_g128_asym", "int4_g128_asym", "int8")) -> None:
+                 mixed_formats: tuple[str, ...] = ("int3_g128_asym", "int4_g128_asym", "int8"),
+                 outlier_fraction: float = 0.01) -> None:
         if rounding not in rounding_algorithms.ALGORITHMS:
             raise LowbitError(f"insert_weight_quant: rounding={rounding!r}; expected one of "
                               f"{rounding_algorithms.ALGORITHMS}")
         super().__init__(rounding=rounding, block_size=block_size, damp=damp, act_order=act_order, hqq_iters=hqq_iters,
-                         smoothquant=smoothquant, mixed_bits=mixed_bits, mixed_formats=tuple(mixed_formats))
+                         smoothquant=smoothquant, mixed_bits=mixed_bits, mixed_formats=tuple(mixed_formats),
+                         outlier_fraction=outlier_fraction)
         self.rounding = rounding
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -109,7 +114,14 @@ class InsertWeightQuant(Pass):
             n, k = (param.shape[1], param.shape[0]) if parts.transposed else tuple(param.shape)
             fmt = ctx.formats.get(layer, recipe.weight)  # mixed precision assigns formats per layer
             check_layer(fmt, k, layer, recipe.pad_to_group)
-            qw, sqnr = self._quantize(layer, param, parts.transposed, fmt, ctx)
+            outliers = None
+            if self.rounding == "spqr":
+                w = param.detach().t() if parts.transposed else param.detach()
+                qw, outliers = rounding_algorithms.spqr(w, fmt, self.options["outlier_fraction"])
+                deq = dequantize(qw).index_put((outliers.rows.long(), outliers.cols.long()), outliers.values.float())
+                sqnr = sqnr_db(w.float(), deq)
+            else:
+                qw, sqnr = self._quantize(layer, param, parts.transposed, fmt, ctx)
             with gm.graph.inserting_before(node):
                 q = _register(gm, f"{layer}.qweight", qw.qweight)
                 s = _register(gm, f"{layer}.scale", qw.scale)
@@ -122,13 +134,26 @@ class InsertWeightQuant(Pass):
                     new = gm.graph.call_function(torch.ops.lowbit.wo_linear.default,
                                                  (parts.x, q, s, z, parts.bias, fmt.key, k))
             new.meta.update(node.meta)
+            result = new
+            side_bytes = 0
+            if outliers is not None:  # y = dense(x) + x @ S^T, S the fp16 outliers
+                with gm.graph.inserting_before(node):  # after `new`, in this order
+                    r = _register(gm, f"{layer}.outlier_rows", outliers.rows)
+                    c = _register(gm, f"{layer}.outlier_cols", outliers.cols)
+                    v = _register(gm, f"{layer}.outlier_values", outliers.values)
+                    sparse = gm.graph.call_function(torch.ops.lowbit.sparse_linear.default, (parts.x, r, c, v, n))
+                    result = gm.graph.call_function(operator.add, (new, sparse))
+                for extra in (sparse, result):
+                    extra.meta.update({key: value for key, value in node.meta.items() if key != ir.META})
+                side_bytes = outliers.nbytes()
             decision = ir.WeightQuantDecision(
                 layer=layer, format=fmt.key, in_features=k, out_features=n,
-                bits_per_weight=fmt.bits_per_weight(n, k),
-                bytes_before=param.numel() * param.element_size(), bytes_after=qw.nbytes(),
-                weight_sqnr_db=round(sqnr, 2), padded_in_features=fmt.padded_k(k) if fmt.padded_k(k) != k else 0)
+                bits_per_weight=(qw.nbytes() + side_bytes) * 8 / (n * k),
+                bytes_before=param.numel() * param.element_size(), bytes_after=qw.nbytes() + side_bytes,
+                weight_sqnr_db=round(sqnr, 2), padded_in_features=fmt.padded_k(k) if fmt.padded_k(k) != k else 0,
+                outliers=0 if outliers is None else outliers.values.numel())
             ir.put(new, ir.WEIGHT_QUANT, decision)
-            node.replace_all_uses_with(new)
+            node.replace_all_uses_with(result)
             gm.graph.erase_node(node)
             ctx.layers[layer] = {k_: v for k_, v in decision.__dict__.items() if k_ != "layer"}
             quantized += 1

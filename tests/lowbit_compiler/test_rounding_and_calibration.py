@@ -146,3 +146,30 @@ def test_many_compress_calls_in_one_process_all_quantize():
     for _ in range(10):
         model = compress(make_model("llama"), "w8a16")
         assert model.lowbit_summary["replaced_modules"] == 15
+
+
+def test_spqr_outliers_shrink_the_dense_grid_and_count_their_bytes():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((256, 512)) * 0.02  # heavy tails, as trained weights have
+    for key, gain in (("int3_g128_asym", 3.0), ("int4_g128_asym", 3.0)):
+        fmt = WeightFormat.parse(key)
+        qw, outliers = rounding.spqr(w, fmt, fraction=0.01)
+        deq = dequantize(qw).index_put((outliers.rows.long(), outliers.cols.long()), outliers.values.float())
+        assert sqnr_db(w, deq) >= sqnr_db(w, dequantize(quantize(w, fmt))) + gain
+        assert outliers.values.numel() == int(0.01 * w.numel()) and outliers.nbytes() == outliers.values.numel() * 10
+        assert (dequantize(qw)[outliers.rows.long(), outliers.cols.long()] == 0).all()
+
+
+def test_w4a16_spqr_through_both_flows():
+    ids = prompt(32)
+    with torch.no_grad():
+        rec = Recorder(recipe="w4a16-spqr", debug=True)
+        out = torch.compile(make_model("llama"), backend=rec)(ids)[0]
+        model = compress(make_model("llama"), "w4a16-spqr")
+        torch.testing.assert_close(model(ids)[0], out)
+    layer = rec.summaries[0]["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer["format"] == "int3_g128_asym" and layer["outliers"] == int(0.01 * 128 * 256)
+    assert layer["bits_per_weight"] == pytest.approx((WeightFormat.parse("int3_g128_asym").storage_bytes(128, 256)
+                                                      + 10 * layer["outliers"]) * 8 / (128 * 256))
+    assert model.model.layers[0].mlp.down_proj.outlier_values.dtype == torch.float16
+    assert sum(n.target is torch.ops.lowbit.sparse_linear.default for n in rec.graphs[0].graph.nodes) == 15
