@@ -1,0 +1,34 @@
+"""Every preset through both flows on Llama, Qwen2 and BERT (slow: the default suite runs one
+architecture per preset family in the per-feature tests)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit_compiler import PRESETS, compress
+from lowbit_compiler.formats import sqnr_db
+from tests.conftest import make_model, prompt
+from tests.helpers import Recorder
+
+CALIBRATION = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+DATA_DRIVEN = {"w4a16-gptq", "w3a16-gptq", "w4a16-awq", "w8a8-smooth", "mixed-4.5"}
+# logits SQNR floors against float on tiny random models (3-bit formats are coarse there)
+FLOORS = {"w3a16": 4.0, "w3a16-gptq": 6.0, "w4a16-spqr": 4.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "bert"])
+@pytest.mark.parametrize("recipe", sorted(set(PRESETS) - {"none"}))
+def test_every_preset_through_both_flows(recipe, arch):
+    ids = prompt(32)
+    with torch.no_grad():
+        ref = make_model(arch)(ids)[0]
+        offline = compress(make_model(arch), recipe, calibration=CALIBRATION, progress=False)
+        out = offline(ids)[0]
+        if recipe not in DATA_DRIVEN:  # torch.compile sees no data: only data-free presets
+            compiled = torch.compile(make_model(arch), backend=Recorder(recipe=recipe))(ids)[0]
+            torch.testing.assert_close(compiled, out)
+    assert torch.isfinite(out).all()
+    floor = FLOORS.get(recipe, 10.0) + (25.0 if arch == "bert" else 0.0)
+    assert sqnr_db(ref, out) >= floor, (recipe, arch, sqnr_db(ref, out))
+    assert offline.lowbit_summary["replaced_modules"] > 0
