@@ -49,14 +49,21 @@ QUANT_CACHE = IdentityCache()
 
 
 def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat, rounding: str = "rtn",
-                       **options: Any) -> tuple[QuantizedWeight, float]:
-    """The quantized form of one parameter by a data-free rounding (cached by identity and
-    in-place version)."""
+                       **options: Any) -> tuple[QuantizedWeight, float, rounding_algorithms.Outliers | None]:
+    """The quantized form of one parameter by a data-free rounding, its weight SQNR, and the
+    fp16 outliers kept beside it (spqr only); cached by identity and in-place version, so the
+    prefill and decode graphs of a model share one copy."""
 
-    def make() -> tuple[QuantizedWeight, float]:
+    def make() -> tuple[QuantizedWeight, float, rounding_algorithms.Outliers | None]:
         w = param.detach().t() if transposed else param.detach()
-        qw = rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else quantize(w, fmt)
-        return qw, sqnr_db(w.float(), dequantize(qw))
+        outliers = None
+        if rounding == "spqr":
+            qw, outliers = rounding_algorithms.spqr(w, fmt, **options)
+            deq = dequantize(qw).index_put((outliers.rows.long(), outliers.cols.long()), outliers.values.float())
+        else:
+            qw = rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else quantize(w, fmt)
+            deq = dequantize(qw)
+        return qw, sqnr_db(w.float(), deq), outliers
 
     return QUANT_CACHE.get_or_create(param, (transposed, fmt.key, rounding, tuple(sorted(options.items()))), make)
 
@@ -114,14 +121,7 @@ class InsertWeightQuant(Pass):
             n, k = (param.shape[1], param.shape[0]) if parts.transposed else tuple(param.shape)
             fmt = ctx.formats.get(layer, recipe.weight)  # mixed precision assigns formats per layer
             check_layer(fmt, k, layer, recipe.pad_to_group)
-            outliers = None
-            if self.rounding == "spqr":
-                w = param.detach().t() if parts.transposed else param.detach()
-                qw, outliers = rounding_algorithms.spqr(w, fmt, self.options["outlier_fraction"])
-                deq = dequantize(qw).index_put((outliers.rows.long(), outliers.cols.long()), outliers.values.float())
-                sqnr = sqnr_db(w.float(), deq)
-            else:
-                qw, sqnr = self._quantize(layer, param, parts.transposed, fmt, ctx)
+            qw, sqnr, outliers = self._quantize(layer, param, parts.transposed, fmt, ctx)
             with gm.graph.inserting_before(node):
                 q = _register(gm, f"{layer}.qweight", qw.qweight)
                 s = _register(gm, f"{layer}.scale", qw.scale)
@@ -170,7 +170,7 @@ class InsertWeightQuant(Pass):
 
 
     def _quantize(self, layer: str, param: torch.Tensor, transposed: bool, fmt: WeightFormat,
-                  ctx: PassContext) -> tuple[QuantizedWeight, float]:
+                  ctx: PassContext) -> tuple[QuantizedWeight, float, rounding_algorithms.Outliers | None]:
         if self.rounding in rounding_algorithms.NEEDS_DATA:
             qw = ctx.quantized.get(layer)
             if qw is None or qw.format != fmt:
@@ -178,8 +178,9 @@ class InsertWeightQuant(Pass):
                                   f"lowbit_compiler.compress(model, recipe, calibration=...) (torch.compile alone "
                                   "sees no data)")
             w = param.detach().t() if transposed else param.detach()
-            return qw, sqnr_db(w.float(), dequantize(qw))
-        options = {"iters": self.options["hqq_iters"]} if self.rounding == "hqq" else {}
+            return qw, sqnr_db(w.float(), dequantize(qw)), None
+        options = ({"iters": self.options["hqq_iters"]} if self.rounding == "hqq" else
+                   {"fraction": self.options["outlier_fraction"]} if self.rounding == "spqr" else {})
         return quantize_parameter(param, transposed, fmt, self.rounding, **options)
 
 

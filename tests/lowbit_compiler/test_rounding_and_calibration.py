@@ -173,3 +173,17 @@ def test_w4a16_spqr_through_both_flows():
                                                       + 10 * layer["outliers"]) * 8 / (128 * 256))
     assert model.model.layers[0].mlp.down_proj.outlier_values.dtype == torch.float16
     assert sum(n.target is torch.ops.lowbit.sparse_linear.default for n in rec.graphs[0].graph.nodes) == 15
+
+
+def test_spqr_results_are_shared_by_prefill_and_decode_graphs():
+    from lowbit_compiler.passes import quantize as quantize_pass
+
+    model = make_model("llama")
+    rec = Recorder(recipe="w4a16-spqr")
+    model.compile(backend=rec)
+    misses = quantize_pass.QUANT_CACHE.misses
+    with torch.no_grad():
+        model.generate(prompt(), max_new_tokens=3, do_sample=False)
+    assert len(rec.graphs) >= 2 and quantize_pass.QUANT_CACHE.misses - misses == 15
+    values = [{id(getattr(gm.get_submodule("lm_head"), "outlier_values"))} for gm in rec.graphs]
+    assert all(v == values[0] for v in values)  # one tensor, not one per graph
