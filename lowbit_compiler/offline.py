@@ -31,7 +31,7 @@ from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, quantize
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
-from lowbit_compiler.recipe import Recipe, get_recipe
+from lowbit_compiler.recipe import ACTIVATIONS, Recipe, get_recipe
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -42,9 +42,11 @@ class LowbitLinear(torch.nn.Module):
 
     def __init__(self, fmt: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, in_features: int, act: str | None = None,
-                 outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 x_scale: torch.Tensor | None = None):
         super().__init__()
         self.fmt, self.act = fmt, act
+        self.register_buffer("x_scale", x_scale)  # static activation scale (None: per token at run time)
         for name, t in zip(("outlier_rows", "outlier_cols", "outlier_values"), outliers or (None,) * 3):
             self.register_buffer(name, t)  # SpQR-style fp16 outliers, added by lowbit::sparse_linear
         self.in_features = in_features
@@ -57,7 +59,7 @@ class LowbitLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act:
             return torch.ops.lowbit.qa_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
-                                              self.in_features, self.act)
+                                              self.in_features, self.act, self.x_scale)
         y = torch.ops.lowbit.wo_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                        self.in_features)
         if self.outlier_values is not None:
@@ -116,6 +118,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     batches = as_batches(calibration, tokenizer)
     kwargs = _example_kwargs(model, batches, example_inputs)
     precomputed, calibration_info = _calibrate(model, recipe, batches, progress)
+    activation_scales = _static_activation_scales(model, recipe, batches, progress)
     formats = {layer: WeightFormat.parse(d["format"]) for layer, d in (calibration_info or {}).get("mixed", {}).items()}
     decisions: dict[str, tuple[fx.GraphModule, fx.Node]] = {}
     layers: dict[str, dict[str, Any]] = {}
@@ -123,7 +126,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
 
     def rewrite(gm: fx.GraphModule) -> None:
         ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None,
-                          formats=formats)
+                          formats=formats, activation_scales=activation_scales)
         report = run_pipeline(gm, recipe, ctx=ctx)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
@@ -139,14 +142,15 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     for layer, (gm, node) in decisions.items():
         parent, child = _weight_owner(model, layer)
         old = getattr(parent, child)
-        _, qweight, scale, zero, bias, fmt, in_features, *act = node.args  # qa_linear: + act
+        _, qweight, scale, zero, bias, fmt, in_features, *act = node.args  # qa_linear: + act, x_scale
+        act, x_scale = (act + [None, None])[:2]
         tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
         bias_tensor = None if bias is None else getattr(old, "bias", None)
         outliers = None
         if ir.get(node, ir.WEIGHT_QUANT).outliers:
             outliers = tuple(ir.fetch_attr(gm, f"{layer}.outlier_{part}") for part in ("rows", "cols", "values"))
-        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act[0] if act else None,
-                                            outliers))
+        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act, outliers,
+                                            None if x_scale is None else ir.fetch_attr(gm, x_scale.target)))
         replaced += 1
     if replaced == 0:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)
@@ -195,6 +199,26 @@ def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torc
     log.info("compress(%s): calibrated %d layers in %.1f s on %d batches", recipe.name, len(quantized),
              info["seconds"], info["batches"])
     return quantized, info
+
+
+def _static_activation_scales(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],
+                               progress: bool) -> dict[str, torch.Tensor]:
+    """Per layer, one activation scale: the input's abs-max over the calibration data / the code
+    range (measured after any smoothing, on the model as it will be quantized)."""
+    if not (recipe.activation or "").endswith("_static"):
+        return {}
+    _require_data(recipe, batches, f"uses {recipe.activation} activations")
+    from lowbit_compiler.ops import ACTIVATION_MAX
+
+    top = ACTIVATION_MAX[ACTIVATIONS[recipe.activation][0]]
+    scales: dict[str, torch.Tensor] = {}
+
+    def on_block(stats):
+        for layer, (_, observed) in stats.items():
+            scales[layer] = (observed.absmax.max().clamp(min=1e-8) / top).reshape(1).float()
+
+    calibrate(model, batches, recipe.applies_to, on_block, hessian=False, progress=progress)
+    return scales
 
 
 def _smooth(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]], progress: bool) -> dict[str, Any]:

@@ -70,9 +70,11 @@ ACTIVATION_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 
 @torch.library.custom_op("lowbit::qa_linear", mutates_args=())
 def qa_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-              bias: torch.Tensor | None, fmt: str, in_features: int, act: str) -> torch.Tensor:
-    """A linear with quantized weights *and* activations quantized per token at run time
-    (``act``: "int8" or "fp8_e4m3").
+              bias: torch.Tensor | None, fmt: str, in_features: int, act: str,
+              x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear with quantized weights *and* quantized activations (``act``: "int8" or
+    "fp8_e4m3"): per token at run time, or with one static per-tensor scale ``x_scale`` [1]
+    measured on calibration data.
 
     * int8 x int8 weights (W8A8): one integer matmul (``torch._int_mm``), then both scales;
     * int8 x int4 group-wise weights (W4A8): one integer matmul per group on the centred codes
@@ -81,7 +83,7 @@ def qa_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
       fp8 tensor cores do), then both scales.
     """
     f = WeightFormat.parse(fmt)
-    xq, x_scale = quantize_per_token(x, act)
+    xq, x_scale = quantize_activations(x, act, x_scale)
     rows = xq.reshape(-1, x.shape[-1])
     if act == "fp8_e4m3":
         acc = rows.float() @ qweight.float().t() * scale.float()
@@ -102,7 +104,7 @@ def qa_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
 
 
 @qa_linear.register_fake
-def _(x, qweight, scale, zero, bias, fmt, in_features, act):
+def _(x, qweight, scale, zero, bias, fmt, in_features, act, x_scale=None):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
@@ -116,23 +118,38 @@ def _centred_codes(f: WeightFormat, qweight: torch.Tensor, zero: torch.Tensor | 
     return (q - z.repeat_interleave(f.group_size, dim=1)).to(torch.int8)
 
 
+ACTIVATION_MAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+
+
+def quantize_activations(x: torch.Tensor, act: str, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (``static_scale`` None) or with one static scale; values beyond a static scale's
+    range saturate."""
+    if static_scale is None:
+        return quantize_per_token(x, act)
+    return _codes(x.float(), static_scale.float().reshape(1), act)
+
+
 def quantize_per_token(x: torch.Tensor, act: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization of the last dimension: (codes, scale [..., 1] float32); an
     all-zero row gets scale 1 (codes 0), so nothing divides by zero."""
     xf = x.float()
-    top = 127.0 if act == "int8" else 448.0
-    x_scale = xf.abs().amax(-1, keepdim=True) / top
+    x_scale = xf.abs().amax(-1, keepdim=True) / ACTIVATION_MAX[act]
     x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+    return _codes(xf, x_scale, act)
+
+
+def _codes(xf: torch.Tensor, x_scale: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     if act == "int8":
         return torch.round(xf / x_scale).clamp(-127, 127).to(torch.int8), x_scale
     return (xf / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), x_scale
 
 
 def qa_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                        bias: torch.Tensor | None, fmt: str, in_features: int, act: str) -> torch.Tensor:
+                        bias: torch.Tensor | None, fmt: str, in_features: int, act: str,
+                        x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 reference of ``lowbit::qa_linear``: quantized activations times the dequantised
     weights (exact products), then the activation scale."""
-    xq, x_scale = quantize_per_token(x, act)
+    xq, x_scale = quantize_activations(x, act, x_scale)
     w = dequantize_parts(WeightFormat.parse(fmt), qweight, scale, zero)[:, :in_features]
     out = (xq.double() @ w.double().t()) * x_scale.double()
     if bias is not None:

@@ -68,6 +68,8 @@ class PassContext:
     calibrated: bool = False
     # layer FQN -> WeightFormat chosen per layer (mixed precision); the recipe's format elsewhere
     formats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # layer FQN -> static activation scale [1] measured on calibration data (activation "*_static")
+    activation_scales: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def fallback(self, where: str, reason: str) -> None:
         """Report that something was left on the reference path; raises in strict mode."""

@@ -48,7 +48,8 @@ class Recipe:
         options: per-pass keyword options, as ``((pass_name, ((key, value), ...)), ...)``.
         activation: activation quantization of the quantized linears: None (weight-only),
             ``"int8_dynamic"`` (per-token int8 scales computed at run time; int8 or int4 weights) or
-            ``"fp8_dynamic"`` (per-token fp8 e4m3; fp8_e4m3 weights).
+            ``"fp8_dynamic"`` (per-token fp8 e4m3; fp8_e4m3 weights) or ``"int8_static"`` (one
+            per-tensor int8 scale per layer from calibration data: ``compress`` only).
     """
 
     name: str
@@ -115,7 +116,9 @@ class Recipe:
 
 _WEIGHT_ONLY = ("canonicalize", "insert_weight_quant")
 # activation scheme -> (what lowbit::qa_linear's `act` is, the weight formats it multiplies with)
-ACTIVATIONS = {"int8_dynamic": ("int8", ("int8", "int4")), "fp8_dynamic": ("fp8_e4m3", ("fp8_e4m3",))}
+ACTIVATIONS = {"int8_dynamic": ("int8", ("int8", "int4")), "fp8_dynamic": ("fp8_e4m3", ("fp8_e4m3",)),
+               # one per-tensor scale per layer, measured on calibration data (compress)
+               "int8_static": ("int8", ("int8", "int4"))}
 ACTIVATION_SCHEMES = (None, *ACTIVATIONS)
 
 PRESETS: dict[str, Recipe] = {

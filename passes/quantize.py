@@ -126,10 +126,17 @@ class InsertWeightQuant(Pass):
                 q = _register(gm, f"{layer}.qweight", qw.qweight)
                 s = _register(gm, f"{layer}.scale", qw.scale)
                 z = None if qw.zero is None else _register(gm, f"{layer}.zero", qw.zero)
-                if recipe.activation:  # quantized activations too: per-token scales at run time
+                if recipe.activation:  # quantized activations too: per token at run time, or static
                     act = ACTIVATIONS[recipe.activation][0]
+                    x_scale = None
+                    if recipe.activation.endswith("_static"):
+                        if layer not in ctx.activation_scales:
+                            raise LowbitError(f"layer {layer}: activation {recipe.activation!r} needs a scale "
+                                              "measured on calibration data; use lowbit_compiler.compress(model, "
+                                              "recipe, calibration=...)")
+                        x_scale = _register(gm, f"{layer}.x_scale", ctx.activation_scales[layer])
                     new = gm.graph.call_function(torch.ops.lowbit.qa_linear.default,
-                                                 (parts.x, q, s, z, parts.bias, fmt.key, k, act))
+                                                 (parts.x, q, s, z, parts.bias, fmt.key, k, act, x_scale))
                 else:
                     new = gm.graph.call_function(torch.ops.lowbit.wo_linear.default,
                                                  (parts.x, q, s, z, parts.bias, fmt.key, k))

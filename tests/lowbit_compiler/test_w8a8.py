@@ -101,5 +101,33 @@ def test_w4a8_and_fp8_presets_through_both_flows(recipe, arch, floor):
         offline = compress(make_model(arch), recipe)(ids)[0]
     assert sqnr_db(ref, out) >= floor
     torch.testing.assert_close(offline, out)
-    acts = {n.args[-1] for n in rec.graphs[0].graph.nodes if n.target is torch.ops.lowbit.qa_linear.default}
+    acts = {n.args[7] for n in rec.graphs[0].graph.nodes if n.target is torch.ops.lowbit.qa_linear.default}
     assert acts == {"int8" if recipe == "w4a8" else "fp8_e4m3"}
+
+
+def test_static_activation_scales_from_calibration():
+    from lowbit_compiler import get_recipe
+
+    x, w, b = outlier_layer()
+    qw = quantize(w, WeightFormat(8))
+    static = (x.abs().max() / 127).reshape(1)
+    args = (qw.qweight, qw.scale, qw.zero, b, "int8", 512, "int8", static)
+    out = torch.ops.lowbit.qa_linear(x, *args)
+    assert sqnr_db(qa_linear_reference(x, *args), out) > 110
+    # one scale for the whole tensor is coarser than per-token scales on rows without outliers
+    assert sqnr_db(x @ w.T + b, out) < sqnr_db(x @ w.T + b, w8a8(x, w, b))
+
+    recipe = get_recipe("w8a8").replace(name="w8a8-static", activation="int8_static")
+    ids = prompt(32)
+    with torch.no_grad():
+        ref = make_model("llama")(ids).logits
+        model = compress(make_model("llama"), recipe, calibration=CALIBRATION, progress=False)
+        out = model(ids).logits
+    assert sqnr_db(ref, out) > 20
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.x_scale.shape == (1,) and layer.x_scale.item() > 0
+    with pytest.raises(LowbitError, match="uses int8_static activations, which needs calibration data"):
+        compress(make_model("llama"), recipe)
+    with pytest.raises(Exception, match=r"layer model.layers.0.self_attn.q_proj: activation 'int8_static' needs a "
+                                        r"scale measured on calibration data"):
+        torch.compile(make_model("llama"), backend=Recorder(recipe=recipe))(prompt())
