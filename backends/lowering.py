@@ -183,8 +183,9 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
             if not node.users:
                 gm.graph.erase_node(node)
         kernels[call.name] = f"triton:{kernel.name}"
-        records.append(_record(gm, group, spec, kernel, call, args))
-        reports.append((spec, _example_args(gm, args)))
+        example = _example_args(gm, args)
+        records.append(_record(group, spec, kernel, call, example))
+        reports.append((spec, example))
         if dump is not None:
             dump.kernel(kernel.name, kernel.source)
     if dump is not None and dump.enabled and reports:
@@ -208,11 +209,11 @@ def _example_args(gm: fx.GraphModule, args: list[Any], materialize: bool = False
     return out
 
 
-def _record(gm: fx.GraphModule, group: fusion.FusionGroup, spec: codegen.KernelSpec, kernel, call: fx.Node,
-            args: list[Any]) -> dict[str, Any]:
+def _record(group: fusion.FusionGroup, spec: codegen.KernelSpec, kernel, call: fx.Node,
+            example: list[Any]) -> dict[str, Any]:
     """What summary.json says about one generated kernel call: ops, grid, bytes per call."""
     anchor = group.anchors[0]
-    tensors = dict(zip(codegen.launcher_params(spec), _example_args(gm, args)))
+    tensors = dict(zip(codegen.launcher_params(spec), example))
     itemsize = {k: t.element_size() for k, t in tensors.items() if isinstance(t, torch.Tensor)}
     itemsize["out"] = torch.empty((), dtype=codegen.DTYPES[spec.out_dtype]).element_size()
     if spec.bias:

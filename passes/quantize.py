@@ -18,8 +18,8 @@ Options (``[recipe.options.insert_weight_quant]``): ``rounding`` = ``"rtn"`` (de
 (data-free), ``"gptq"`` or ``"awq"`` (need calibration: ``compress(..., calibration=...)`` runs them
 block by block and hands the results over in ``PassContext.quantized``); GPTQ's ``block_size``,
 ``damp``, ``act_order``; HQQ's ``hqq_iters``; ``smoothquant`` (alpha, W8A8 recipes);
-``rounding = "spqr"`` with ``outlier_fraction`` (default 1%: the weights with the largest RTN error
-kept in fp16 beside the dense op, ``+ lowbit::sparse_linear``, their bytes counted);
+``rounding = "spqr"`` with ``outlier_fraction`` (default 1%: the weights that stretch their group's
+range most kept in fp16 beside the dense op, ``+ lowbit::sparse_linear``, their bytes counted);
 ``mixed_bits`` (average bits per weight) with ``mixed_formats`` (the candidates): per-layer formats
 chosen by compress from measured sensitivity, handed over in ``PassContext.formats``. See
 ``lowbit_compiler/rounding.py``, ``scale_folding.py`` and ``offline.py``.
@@ -44,7 +44,8 @@ from lowbit_compiler import rounding as rounding_algorithms
 from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult, register_pass
 from lowbit_compiler.recipe import ACTIVATIONS
 
-# parameter -> {(transposed, format key): (QuantizedWeight, weight SQNR)}; .misses counts real work
+# parameter -> {(transposed, format key, rounding, options): (QuantizedWeight, weight SQNR, outliers)};
+# .misses counts real work
 QUANT_CACHE = IdentityCache()
 
 
@@ -97,11 +98,11 @@ class InsertWeightQuant(Pass):
         if fmt is None:
             return PassResult(False, 0, {"note": "recipe has no weight format"})
         if self.options.get("mixed_bits") is not None and not ctx.calibrated:
-            raise LowbitError(f"recipe {recipe.name!r}: mixed precision measures each layer's sensitivity on "
-                              "calibration data; use lowbit_compiler.compress(model, recipe, calibration=...)")
+            raise _needs_calibration(f"recipe {recipe.name!r}: mixed precision measures each layer's sensitivity on "
+                                     "calibration data")
         if self.options.get("smoothquant") is not None and not ctx.calibrated:
-            raise LowbitError(f"recipe {recipe.name!r}: SmoothQuant migrates activation outliers measured on "
-                              "calibration data; use lowbit_compiler.compress(model, recipe, calibration=...)")
+            raise _needs_calibration(f"recipe {recipe.name!r}: SmoothQuant migrates activation outliers measured on "
+                                     "calibration data")
         quantized, skipped = 0, 0
         for node in list(gm.graph.nodes):
             if not ir.is_linear(node):
@@ -131,9 +132,8 @@ class InsertWeightQuant(Pass):
                     x_scale = None
                     if recipe.activation.endswith("_static"):
                         if layer not in ctx.activation_scales:
-                            raise LowbitError(f"layer {layer}: activation {recipe.activation!r} needs a scale "
-                                              "measured on calibration data; use lowbit_compiler.compress(model, "
-                                              "recipe, calibration=...)")
+                            raise _needs_calibration(f"layer {layer}: activation {recipe.activation!r} needs a "
+                                                     "scale measured on calibration data")
                         x_scale = _register(gm, f"{layer}.x_scale", ctx.activation_scales[layer])
                     new = gm.graph.call_function(torch.ops.lowbit.qa_linear.default,
                                                  (parts.x, q, s, z, parts.bias, fmt.key, k, act, x_scale))
@@ -169,26 +169,30 @@ class InsertWeightQuant(Pass):
             _drop_unused_attrs(gm)
         details = {"quantized": quantized, "skipped": skipped, "rounding": self.rounding,
                    "format": fmt.key if not ctx.formats else "mixed: " + ", ".join(
-                       f"{key} x{n}" for key, n in sorted(collections.Counter(f.key for f in ctx.formats.values()).items())),
+                       f"{key} x{count}" for key, count in sorted(collections.Counter(
+                           f.key for f in ctx.formats.values()).items())),
                    "activation": recipe.activation or "float"}
         if quantized == 0:
             details["note"] = "nothing was quantized: the graph has no selected linear layers"
         return PassResult(quantized > 0, quantized, details)
-
 
     def _quantize(self, layer: str, param: torch.Tensor, transposed: bool, fmt: WeightFormat,
                   ctx: PassContext) -> tuple[QuantizedWeight, float, rounding_algorithms.Outliers | None]:
         if self.rounding in rounding_algorithms.NEEDS_DATA:
             qw = ctx.quantized.get(layer)
             if qw is None or qw.format != fmt:
-                raise LowbitError(f"layer {layer}: rounding {self.rounding!r} needs calibration data; use "
-                                  f"lowbit_compiler.compress(model, recipe, calibration=...) (torch.compile alone "
-                                  "sees no data)")
+                raise _needs_calibration(f"layer {layer}: rounding {self.rounding!r} needs calibration data")
             w = param.detach().t() if transposed else param.detach()
             return qw, sqnr_db(w.float(), dequantize(qw)), None
         options = ({"iters": self.options["hqq_iters"]} if self.rounding == "hqq" else
                    {"fraction": self.options["outlier_fraction"]} if self.rounding == "spqr" else {})
         return quantize_parameter(param, transposed, fmt, self.rounding, **options)
+
+
+def _needs_calibration(what: str) -> LowbitError:
+    """The error for data-driven decisions met without data (torch.compile alone sees none)."""
+    return LowbitError(f"{what}; use lowbit_compiler.compress(model, recipe, calibration=...) "
+                       "(torch.compile alone sees no data)")
 
 
 def _drop_unused_attrs(gm: fx.GraphModule) -> None:
