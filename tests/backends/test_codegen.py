@@ -204,3 +204,10 @@ def test_autotune_hook_is_off_here_and_its_candidates_are_valid_kernels(caplog):
         torch.compile(make_model("llama"), backend=rec)(prompt())
     assert "autotune is off under the Triton interpreter" in caplog.text
     assert {r["kernel"].split("_")[0] for r in rec.summaries[0]["generated_kernels"]} == {"gemm"}
+
+
+def test_fp32_dots_state_their_precision():
+    """ieee products under the interpreter, tf32 named explicitly on a GPU; gemv has no tl.dot."""
+    assert 'input_precision="ieee"' in codegen.render(make_spec(17, "int8", None, "none", "float32"))
+    assert 'input_precision="tf32"' in codegen.render(make_spec(17, "int8", None, "none", "float32", on_gpu=True))
+    assert "tl.dot" not in codegen.render(make_spec(1, "int8", None, "none", "float32"))
