@@ -43,6 +43,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from lowbit_compiler import _dynamo_adapter
 from lowbit_compiler.formats import SCALE_DTYPE, WeightFormat
+from lowbit_compiler.ops import ACTIVATION_MAX
 from lowbit_compiler.backends import fusion
 
 # Row count of the activations: the only symbolic size (N and K are fixed per layer).
@@ -50,7 +51,7 @@ M = sympy.Symbol("M", integer=True, positive=True)
 GEMV_MAX_ROWS = 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
-                torch.int8: "i8", torch.int32: "i32"}
+                torch.int8: "i8", torch.int32: "i32", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,12 @@ class KernelSpec:
         steps: the epilogue program: ``(op, operands)`` per step; operands name ``acc0``/``acc1``
             (matmul results), ``t<i>`` (earlier steps), ``e<j>`` (external tensors) or literals.
         externals: ``"full"`` ([M, N]) or ``"row"`` ([N]) per external tensor.
-        dot: how ``tl.dot`` multiplies: ``"ieee"``, ``"tf32"``, ``"float16"``, ``"bfloat16"``.
+        dot: how ``tl.dot`` multiplies: ``"ieee"``, ``"tf32"``, ``"float16"``, ``"bfloat16"``,
+            ``"int8"`` (int8 x int8 -> int32), ``"fp8"`` (e4m3 x e4m3 -> fp32).
+        act: ``None`` (weight-only), ``"int8"`` or ``"fp8_e4m3"``: the kernel quantizes the
+            activations (after the norm, when one is fused) before the matmul, as
+            ``lowbit::qa_linear`` does -- per token, or with a static per-tensor scale when
+            ``act_static``.
     """
 
     fmt: str
@@ -89,6 +95,13 @@ class KernelSpec:
     steps: tuple[tuple[str, tuple[str, ...]], ...] = ()
     externals: tuple[str, ...] = ()
     dot: str = "ieee"
+    act: str | None = None
+    act_static: bool = False
+
+    @property
+    def integer(self) -> bool:
+        """int8 activations: integer products, exact (int32 accumulator, or one per group)."""
+        return self.act == "int8"
 
     @property
     def format(self) -> WeightFormat:
@@ -97,7 +110,9 @@ class KernelSpec:
     @property
     def fused_ops(self) -> list[str]:
         ops = [f"{self.prologue}_norm"] if self.prologue else []
-        ops += ["wo_linear"] * self.n_weights + (["bias"] * self.n_weights if self.bias else [])
+        ops += [f"quantize_{self.act}"] if self.act else []
+        ops += ["qa_linear" if self.act else "wo_linear"] * self.n_weights
+        ops += ["bias"] * self.n_weights if self.bias else []
         return ops + [op for op, _ in self.steps]
 
     @property
@@ -105,7 +120,7 @@ class KernelSpec:
         """``<variant>_<format>[_<fused ops>]_<hash>``: readable, unique per specialisation."""
         ops = []
         for op in self.fused_ops:
-            if op != "wo_linear" and op not in ops:
+            if op not in ("wo_linear", "qa_linear") and op not in ops:
                 ops.append(op)
         label = "_".join([self.variant, self.fmt] + (["x2"] if self.n_weights == 2 else []) + ops[:6])
         return f"{label}_{self.digest()[:8]}"
@@ -118,23 +133,42 @@ class KernelSpec:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def has_template(fmt: str) -> bool:
-    """Whether ``_weight_block`` can dequantise this format (int8 per-channel, int4 group-wise)."""
+def has_template(fmt: str, act: str | None = None) -> bool:
+    """Whether ``_weight_block`` can dequantise this format (int8 per-channel, int4 group-wise,
+    fp8 e4m3 per-channel) with these activations (float, int8 codes for int weights, fp8 codes
+    for fp8 weights)."""
     f = WeightFormat.parse(fmt)
-    return f.kind == "int" and f.bits in (8, 4)
+    if f.kind == "int" and f.bits in (8, 4):
+        return act in (None, "int8")
+    return f.kind == "fp8_e4m3" and act in (None, "fp8_e4m3")
+
+
+def template_gap(fmt: str, act: str | None = None) -> str | None:
+    """Why there is no template for this weight format and activation scheme (None: there is)."""
+    if has_template(fmt, act):
+        return None
+    if has_template(fmt):
+        return f"format {fmt} with {act} activations has no generated-kernel template yet"
+    return (f"format {fmt} has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
+            f"activations, fp8_e4m3 with float or fp8 activations)")
 
 
 # ---------------------------------------------------------------------------------------------
 # From a fusion group to a spec
 # ---------------------------------------------------------------------------------------------
 
-def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: str) -> dict[str, Any]:
+def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: str,
+                   act: str | None = None) -> dict[str, Any]:
     """Tiling per shape class. ``rows`` is M when static, None when symbolic (prefill)."""
     block_k = fmt.group_size or (128 if rows is not None and rows <= GEMV_MAX_ROWS else 64)
     if rows is not None and rows <= GEMV_MAX_ROWS:
         return dict(variant="gemv", block_m=1, block_n=32, block_k=block_k, num_warps=4, dot="ieee")
-    if not on_gpu:
+    if act == "int8":
+        dot = "int8"  # integer tensor cores on a GPU, numpy integers under the interpreter: exact
+    elif not on_gpu:
         dot = "ieee"  # the interpreter computes in numpy: exact fp32 products, no reduced-precision dots
+    elif act == "fp8_e4m3":
+        dot = "fp8"
     else:
         dot = {"float32": "tf32", "float16": "float16", "bfloat16": "bfloat16"}[x_dtype]
     block_m = 16 if rows is not None and rows <= 64 else 64
@@ -167,12 +201,14 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
         steps.append((step.op, operands))
         names[step.node] = f"t{i}"
     p = group.prologue
+    variant = choose_variant(WeightFormat.parse(anchor.fmt), rows_of(anchor.x), on_gpu, x_dtype, anchor.act)
     return KernelSpec(
-        fmt=anchor.fmt, **choose_variant(WeightFormat.parse(anchor.fmt), rows_of(anchor.x), on_gpu, x_dtype),
+        fmt=anchor.fmt, **variant,
         x_dtype=x_dtype, out_dtype=out_dtype, n_weights=len(group.anchors), bias=anchor.bias is not None,
         prologue=p.kind if p else None, norm_weight=bool(p and p.weight is not None),
         norm_bias=bool(p and p.bias is not None), norm_offset=p.offset if p else 0.0,
-        steps=tuple(steps), externals=tuple(kind for _, kind in group.externals))
+        steps=tuple(steps), externals=tuple(kind for _, kind in group.externals),
+        act=anchor.act, act_static=anchor.x_scale is not None)
 
 
 def launch_args(group: fusion.FusionGroup) -> list[Any]:
@@ -183,6 +219,8 @@ def launch_args(group: fusion.FusionGroup) -> list[Any]:
         args.append(p.weight)
     if p and p.bias is not None:
         args.append(p.bias)
+    if group.anchors[0].x_scale is not None:
+        args.append(group.anchors[0].x_scale)
     for a in group.anchors:
         args += [a.qweight, a.scale] + ([a.zero] if a.zero is not None else []) + ([a.bias] if a.bias is not None else [])
     args += [e for e, _ in group.externals]
@@ -195,6 +233,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     params = ["x"]
     params += ["norm_w"] if spec.norm_weight else []
     params += ["norm_b"] if spec.norm_bias else []
+    params += ["x_scale"] if spec.act_static else []
     asym = spec.format.bits == 4 and not spec.format.symmetric
     for i in range(spec.n_weights):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
@@ -230,7 +269,7 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
     fmt = spec.format
     m_tiles, n_tiles = grid(spec, n)
     scale_size = torch.finfo(SCALE_DTYPE).bits // 8
-    if fmt.bits == 8:
+    if fmt.bits == 8:  # int8 and fp8_e4m3: per-channel
         codes, scales, zeros = n * k, n * scale_size, 0  # scales once per program, after the loop
     else:
         groups = -(-k // fmt.group_size)
@@ -238,10 +277,18 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
         zeros = 0 if fmt.symmetric else n * groups
     weight_bytes = codes + scales + zeros + (n * itemsize["bias"] if spec.bias else 0)
     norm_bytes = k * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
-    x_passes = 2 if spec.prologue else 1  # the norm's statistics read each row once more
-    read = n_tiles * M * k * itemsize["x"] * x_passes + m_tiles * n_tiles * norm_bytes
+    # the norm's statistics read each row once more; the per-token activation scale (absmax of the
+    # normalised row) once more again, with the norm's parameters
+    absmax_pass = bool(spec.act and not spec.act_static)
+    x_passes = 1 + bool(spec.prologue) + absmax_pass
+    read = n_tiles * M * k * itemsize["x"] * x_passes + m_tiles * n_tiles * norm_bytes * (1 + absmax_pass)
+    if spec.act_static:
+        read += m_tiles * n_tiles * itemsize["x_scale"]
+        min_x_scale = itemsize["x_scale"]
+    else:
+        min_x_scale = 0
     read += m_tiles * weight_bytes * spec.n_weights
-    min_read = M * k * itemsize["x"] + norm_bytes + weight_bytes * spec.n_weights
+    min_read = M * k * itemsize["x"] + norm_bytes + weight_bytes * spec.n_weights + min_x_scale
     for j, kind in enumerate(spec.externals):
         size = itemsize[f"e{j}"]
         read += M * n * size if kind == "full" else m_tiles * n * size
@@ -294,8 +341,12 @@ def _signature(spec: KernelSpec) -> str:
         parts = (["norm_w_ptr"] if spec.norm_weight else []) + (["norm_b_ptr"] if spec.norm_bias else []) + ["eps"]
         lines += [f"# {spec.prologue} norm: {'weight [K], ' if spec.norm_weight else ''}"
                   f"{'bias [K], ' if spec.norm_bias else ''}epsilon", ", ".join(parts) + ","]
+    if spec.act_static:
+        lines += [f"# {spec.act} activations: the static per-tensor scale [1] (from calibration)", "x_scale_ptr,"]
     for i in range(spec.n_weights):
-        if fmt.bits == 8:
+        if fmt.kind == "fp8_e4m3":
+            what = "float8_e4m3 codes [N, K], one scale per output channel [N]"
+        elif fmt.bits == 8:
             what = "int8 codes [N, K], one scale per output channel [N]"
         else:
             what = (f"uint8 codes [N, Kp/2], scales [N, Kp/{fmt.group_size}]"
@@ -339,9 +390,51 @@ def _prologue_stats(spec: KernelSpec) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _activation_scale(spec: KernelSpec) -> str:
+    """The activations' quantization scale per row: loaded (static), or absmax / qmax of each
+    (normalised) row, one more pass over K (per token, as ``ops.quantize_per_token``)."""
+    if not spec.act:
+        return ""
+    if spec.act_static:
+        return ("# ---- prologue: the static activation scale (one per tensor, from calibration)\n"
+                "x_scale = tl.load(x_scale_ptr).to(tl.float32) + tl.zeros((BLOCK_M,), dtype=tl.float32)\n\n")
+    qmax = ACTIVATION_MAX[spec.act]
+    lines = [f"# ---- prologue: per-token activation scale = absmax / {qmax} of each "
+             f"{'normalised ' if spec.prologue else ''}row (one more pass over K)",
+             "amax = tl.zeros((BLOCK_M,), dtype=tl.float32)",
+             "for k0 in range(0, K, BLOCK_K):",
+             "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+             "    mask_k = offs_k < K",
+             textwrap.indent(_normalised_x(spec), " " * 4),
+             "    amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))",
+             f"x_scale = amax / {qmax}",
+             "x_scale = tl.where(x_scale > 0.0, x_scale, 1.0)  # an all-zero row: codes 0, no division by zero"]
+    return "\n".join(lines) + "\n\n"
+
+
+def _quantize_x(spec: KernelSpec) -> list[str]:
+    if spec.act == "int8":
+        return ["# quantize to int8 codes, saturating at +-127; adding and subtracting 1.5 * 2^23 rounds an",
+                "# fp32 of magnitude < 2^22 to an integer, half to even (as torch.round)",
+                "x = tl.minimum(tl.maximum(x / x_scale[:, None], -127.0), 127.0)",
+                "x = ((x + 12582912.0) - 12582912.0).to(tl.int32)"]
+    if spec.act == "fp8_e4m3":
+        return ["# quantize to fp8 e4m3 values (kept in fp32): saturate at +-448, round to 3 mantissa bits",
+                "# half to even, subnormals on the 2^-9 grid (step = 2^(exponent - 3), exponent >= -6);",
+                "# written out because the interpreter's fp32 -> fp8 cast rounds wrongly",
+                "x = tl.minimum(tl.maximum(x / x_scale[:, None], -448.0), 448.0)",
+                "step = ((tl.maximum((x.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121) - 3) << 23).to(tl.float32, bitcast=True)",
+                "x = ((x / step + 12582912.0) - 12582912.0) * step"]
+    return []
+
+
 def _activation_block(spec: KernelSpec) -> str:
-    lines = ["# activations: load, upcast" + (", normalise (padding lanes back to zero)" if spec.prologue else ""),
-             "x = " + _x_tile()]
+    header = ["# activations: load, upcast" + (", normalise (padding lanes back to zero)" if spec.prologue else "")]
+    return "\n".join(header + [_normalised_x(spec)] + _quantize_x(spec))
+
+
+def _normalised_x(spec: KernelSpec) -> str:
+    lines = ["x = " + _x_tile()]
     if spec.prologue == "layer":
         lines.append("x = (x - mean[:, None]) * rstd[:, None]")
     elif spec.prologue == "rms":
@@ -360,10 +453,25 @@ def _activation_block(spec: KernelSpec) -> str:
 def _weight_block(spec: KernelSpec, i: int) -> str:
     fmt = spec.format
     if fmt.bits == 8:
+        what, to, other = ("fp8 e4m3 values", "tl.float32", "0.0") if fmt.kind == "fp8_e4m3" else (
+            "int8 codes", "tl.int32" if spec.integer else "tl.float32", "0")
         return "\n".join([
-            f"# weight {i}: int8 codes (the per-channel scale is applied once, after the loop)",
+            f"# weight {i}: {what} (the per-channel scale is applied once, after the loop)",
             f"w{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_k[None, :]",
-                              "mask_n[:, None] & mask_k[None, :]", other="0")])
+                              "mask_n[:, None] & mask_k[None, :]", to=to, other=other)])
+    if spec.integer:  # int8 activations: centred integer codes, the group's scale after its dot
+        zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", to="tl.int32", other="0")
+                + "[:, None]" if not fmt.symmetric else f"z{i} = 8  # symmetric codes are stored offset by 8")
+        return "\n".join([
+            f"# weight {i}: two 4-bit codes per byte (low nibble = even k), centred by the zero point to",
+            "# integers in [-15, 15]; BLOCK_K is one group: its scale multiplies this step's integer dot",
+            "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
+            f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
+                                   "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
+            "group = k0 // BLOCK_K",
+            zero,
+            f"w{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K) - z{i}",
+            f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")])
     zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0")
             if not fmt.symmetric else f"z{i} = 8.0  # symmetric codes are stored offset by 8")
     return "\n".join([
@@ -380,8 +488,14 @@ def _weight_block(spec: KernelSpec, i: int) -> str:
 
 
 def _dot(spec: KernelSpec, i: int) -> str:
+    group_scale = f".to(tl.float32) * s{i}[None, :]" if spec.integer and spec.format.bits == 4 else ""
     if spec.variant == "gemv":
-        return f"acc{i} += tl.sum(x * w{i}, axis=1)[None, :]  # BLOCK_M == 1: a row times a tile"
+        return f"acc{i} += tl.sum(x * w{i}, axis=1)[None, :]{group_scale}  # BLOCK_M == 1: a row times a tile"
+    if spec.dot == "int8":
+        return f"acc{i} += tl.dot(x.to(tl.int8), tl.trans(w{i}.to(tl.int8))){group_scale}  # int8 x int8 -> int32, exact"
+    if spec.dot == "fp8":
+        return (f"acc{i} += tl.dot(x.to(tl.float8e4nv), tl.trans(w{i}.to(tl.float8e4nv)))"
+                "  # e4m3 values convert exactly; fp32 accumulate")
     if spec.dot in ("ieee", "tf32"):
         return f'acc{i} += tl.dot(x, tl.trans(w{i}), input_precision="{spec.dot}")'
     t = "tl.float16" if spec.dot == "float16" else "tl.bfloat16"
@@ -392,12 +506,16 @@ def _epilogue(spec: KernelSpec) -> tuple[str, str]:
     """The epilogue block and the name of the value stored."""
     fmt = spec.format
     lines = ["# ---- epilogue: " + ", ".join(
-        (["per-channel scale"] if fmt.bits == 8 else []) + (["bias"] if spec.bias else [])
-        + [op for op, _ in spec.steps] or ["nothing to fuse"]) + " (fp32 registers)"]
+        (["per-channel scale"] if fmt.bits == 8 else []) + (["activation scale"] if spec.act else [])
+        + (["bias"] if spec.bias else []) + [op for op, _ in spec.steps] or ["nothing to fuse"]) + " (fp32 registers)"]
     for i in range(spec.n_weights):
+        if _int32_acc(spec):
+            lines.append(f"acc{i} = acc{i}.to(tl.float32)")
         if fmt.bits == 8:
             lines += [f"s{i} = " + _load(f"scale{i}_ptr + offs_n", "mask_n"),
                       f"acc{i} = acc{i} * s{i}[None, :]"]
+        if spec.act:
+            lines.append(f"acc{i} = acc{i} * x_scale[:, None]")
         if spec.bias:
             lines += [f"bias{i} = " + _load(f"bias{i}_ptr + offs_n", "mask_n"),
                       f"acc{i} = acc{i} + bias{i}[None, :]"]
@@ -414,10 +532,16 @@ def _epilogue(spec: KernelSpec) -> tuple[str, str]:
     return "\n".join(lines), result
 
 
+def _int32_acc(spec: KernelSpec) -> bool:
+    """int8 x int8 over all of K: one exact int32 accumulator (int4 weights scale each group)."""
+    return spec.integer and spec.format.bits == 8
+
+
 def render(spec: KernelSpec) -> str:
     """The source of the kernel file for ``spec``."""
     name = spec.name
-    accs = "\n".join(f"acc{i} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" for i in range(spec.n_weights))
+    acc_type = "tl.int32" if _int32_acc(spec) else "tl.float32"
+    accs = "\n".join(f"acc{i} = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})" for i in range(spec.n_weights))
     loop_body = "\n\n".join([_activation_block(spec)] + [
         _weight_block(spec, i) + "\n" + _dot(spec, i) for i in range(spec.n_weights)])
     epilogue, result = _epilogue(spec)
@@ -432,6 +556,7 @@ def render(spec: KernelSpec) -> str:
             "mask_m = offs_m < M\n"
             "mask_n = offs_n < N\n\n"
             + _prologue_stats(spec)
+            + _activation_scale(spec)
             + "# ---- main loop: acc[m, n] += x[m, k] * w[n, k], dequantising the weight tile by tile\n"
             + accs + "\n"
             + "for k0 in range(0, K, BLOCK_K):\n"
@@ -472,6 +597,8 @@ def _launcher(spec: KernelSpec) -> str:
     args = ["x, x.stride(0)"]
     if spec.prologue:
         args.append(", ".join((["norm_w"] if spec.norm_weight else []) + (["norm_b"] if spec.norm_bias else []) + ["eps"]))
+    if spec.act_static:
+        args.append("x_scale")
     for i in range(spec.n_weights):
         parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.bits == 4 and not fmt.symmetric else [])
         parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.bits == 4 else [])
@@ -500,6 +627,9 @@ def _reference(spec: KernelSpec) -> str:
         w = "norm_w.float()" if spec.norm_weight else "None"
         b = "norm_b.float()" if spec.norm_bias else "None"
         lines.append(f"    h = F.layer_norm(h, [K], {w}, {b}, eps)")
+    if spec.act:
+        lines += [f"    h, h_scale = quantize_activations(h, {spec.act!r}, {'x_scale' if spec.act_static else 'None'})",
+                  "    h = h.float() * h_scale  # the quantized activations, dequantised"]
     for i in range(spec.n_weights):
         zero = f"zero{i}" if fmt.bits == 4 and not fmt.symmetric else "None"
         bias = f"bias{i}.float()" if spec.bias else "None"
@@ -535,6 +665,7 @@ import triton.language as tl
 
 from lowbit_compiler.backends.codegen import KernelSpec
 from lowbit_compiler.formats import WeightFormat, dequantize_parts
+from lowbit_compiler.ops import quantize_activations
 
 SPEC = {spec}
 FORMAT = WeightFormat.parse(SPEC.fmt)
@@ -601,6 +732,8 @@ def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, devi
         args.append((torch.rand(k, generator=g) + 0.5).to(dtype).to(device))
     if spec.norm_bias:
         args.append(randn(k, scale=0.1))
+    if spec.act_static:  # a calibrated scale that saturates the largest activations a little
+        args.append((args[0].float().abs().amax() / ACTIVATION_MAX[spec.act] * 0.8).reshape(1))
     for _ in range(spec.n_weights):
         w = torch.randn(n, k, generator=g) / k ** 0.5
         if fmt.group_size and k % fmt.group_size:
@@ -631,5 +764,5 @@ def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 9
 
 _GENERATOR_SOURCE_HASH = hashlib.sha256(
     "".join(inspect.getsource(f) for f in (
-        _signature, _prologue_stats, _activation_block, _weight_block, _dot, _epilogue, render, _launcher,
-        _reference, choose_variant)).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]
+        _signature, _prologue_stats, _activation_scale, _quantize_x, _activation_block, _normalised_x,
+        _weight_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant)).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

@@ -3,7 +3,8 @@
 Where it runs: in lowering, for ``target="triton"``, after every pass. It reads the graph and the
 declared meta only; it does not rewrite anything (lowering does, group by group).
 
-A group is built around an **anchor**, a low-bit matmul (today ``lowbit::wo_linear``), in three
+A group is built around an **anchor**, a low-bit matmul (``lowbit::wo_linear``, or
+``lowbit::qa_linear`` whose activation quantization the kernel does in its prologue), in three
 directions, each driven by a rule table a pass author extends:
 
 * **prologue** (``PROLOGUES``): the op that produces the anchor's input, recomputed inside the
@@ -120,7 +121,9 @@ def _classify(node: fx.Node) -> tuple[str, list[Any]] | None:
 
 @dataclasses.dataclass
 class Anchor:
-    """A low-bit matmul: ``y = x @ dequant(qweight, scale, zero).T + bias``."""
+    """A low-bit matmul: ``y = x @ dequant(qweight, scale, zero).T + bias``; with ``act`` set
+    (``lowbit::qa_linear``), ``x`` is quantized first (per token, or with the static per-tensor
+    scale ``x_scale``)."""
 
     node: fx.Node
     x: fx.Node
@@ -131,12 +134,25 @@ class Anchor:
     fmt: str
     in_features: int
     out_features: int
+    act: str | None = None  # "int8" | "fp8_e4m3": activations quantized inside the op
+    x_scale: fx.Node | None = None  # static per-tensor activation scale [1] (None: per token)
+
+    @property
+    def op(self) -> str:
+        return "qa_linear" if self.act else "wo_linear"
 
 
 def wo_linear_anchor(node: fx.Node, gm: fx.GraphModule) -> Anchor:
     x, qweight, scale, zero, bias, fmt, in_features = node.args
     out_features = ir.fetch_attr(gm, scale.target).shape[0]
     return Anchor(node, x, qweight, scale, zero, bias, fmt, in_features, out_features)
+
+
+def qa_linear_anchor(node: fx.Node, gm: fx.GraphModule) -> Anchor:
+    x, qweight, scale, zero, bias, fmt, in_features, act = node.args[:8]
+    x_scale = node.args[8] if len(node.args) > 8 else node.kwargs.get("x_scale")
+    out_features = ir.fetch_attr(gm, scale.target).shape[0]
+    return Anchor(node, x, qweight, scale, zero, bias, fmt, in_features, out_features, act, x_scale)
 
 
 # op -> function building the Anchor; new low-bit matmul ops register here
@@ -148,6 +164,7 @@ def register_anchor(target: Any, build: Callable[[fx.Node, fx.GraphModule], Anch
 
 
 register_anchor(torch.ops.lowbit.wo_linear.default, wo_linear_anchor)
+register_anchor(torch.ops.lowbit.qa_linear.default, qa_linear_anchor)
 
 
 @dataclasses.dataclass
@@ -225,7 +242,8 @@ class FusionGroup:
     @property
     def fused_ops(self) -> list[str]:
         ops = [self.prologue.kind + "_norm"] if self.prologue else []
-        ops += ["wo_linear"] * len(self.anchors)
+        ops += [f"quantize_{self.anchors[0].act}"] if self.anchors[0].act else []
+        ops += [a.op for a in self.anchors]
         ops += ["bias"] * sum(a.bias is not None for a in self.anchors)
         return ops + [s.op for s in self.steps]
 
@@ -299,8 +317,10 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
                 or eligible(node) is not None):
             return None
         a = members[0]
+        # same input, format and shape; quantized activations: per token (one scale for both)
         same = (other.x is a.x and other.fmt == a.fmt and other.in_features == a.in_features
-                and other.out_features == a.out_features
+                and other.out_features == a.out_features and other.act == a.act
+                and other.x_scale is None and a.x_scale is None
                 and (other.bias is None) == (a.bias is None))
         return other if same and not depends_on_region(node) else None
 

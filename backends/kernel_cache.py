@@ -113,6 +113,8 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
         sig["norm_b_ptr"] = ptr(named["norm_b"])
     if spec.prologue:
         sig["eps"] = "fp32"
+    if spec.act_static:
+        sig["x_scale_ptr"] = ptr(named["x_scale"])
     fmt = spec.format
     for i in range(spec.n_weights):
         sig[f"qw{i}_ptr"] = ptr(named[f"qw{i}"])

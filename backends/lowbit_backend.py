@@ -143,8 +143,9 @@ def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     """Layer records for lowbit ops that arrived already quantized (a compress()ed model)."""
     layers = {}
     for node in gm.graph.nodes:
-        if node.target is torch.ops.lowbit.wo_linear.default and ir.get(node, ir.WEIGHT_QUANT) is None:
-            _, _, scale, _, _, fmt, in_features = node.args
+        if (node.target in (torch.ops.lowbit.wo_linear.default, torch.ops.lowbit.qa_linear.default)
+                and ir.get(node, ir.WEIGHT_QUANT) is None):
+            _, _, scale, _, _, fmt, in_features = node.args[:7]
             n = ir.fetch_attr(gm, scale.target).shape[0]
             f = WeightFormat.parse(fmt)
             module = ir.get(node, ir.MODULE)

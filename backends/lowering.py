@@ -63,8 +63,9 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         generated = _lower_triton(gm, ctx, kernels, dump, autotune)
     for node in list(gm.graph.nodes):
         if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default:
-            ctx.fallback(ir.describe(node), "lowbit::qa_linear (quantized activations) has no generated-kernel "
-                         "template yet; it runs its CPU implementation")
+            # not in a fusion group: the op's own CPU implementation (integer matmuls) runs
+            reason = _triton_unsupported(node) or "target 'triton': not in a fusion group"
+            ctx.fallback(ir.describe(node), f"{reason}; lowbit::qa_linear runs its CPU implementation")
             kernels[node.name] = "cpu-op"
             continue
         if not (node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear.default):
@@ -138,8 +139,9 @@ def _triton_unsupported(node: fx.Node) -> str | None:
     if not (torch.cuda.is_available() or _triton_adapter.interpreting()):
         return ("target 'triton' needs a CUDA device; without one, start the process with TRITON_INTERPRET=1 "
                 "to run the generated kernels under Triton's interpreter (slow: for checking numerics)")
-    if not codegen.has_template(node.args[5]):
-        return f"format {node.args[5]} has no generated-kernel template yet (int8 and int4 have)"
+    act = node.args[7] if node.target is torch.ops.lowbit.qa_linear.default else None
+    if (gap := codegen.template_gap(node.args[5], act)) is not None:
+        return gap
     xv = _dynamo_adapter.example_value(node.args[0])
     if xv is None:
         return "no example value for the activation (dtype/device unknown)"

@@ -4,7 +4,8 @@ Dynamo hands a backend a GraphModule whose parameters and buffers are placeholde
 real tensors in ``example_inputs``. Capture *freezes* them: each becomes a ``get_attr`` whose target
 is the module FQN and whose attribute is the very ``nn.Parameter`` object (identity kept), tagged
 ``ir.PARAM``. Each op is tagged with the module that called it (``ir.MODULE``), and ``lowbit::``
-ops called as packets (``torch.ops.lowbit.wo_linear``, as a compressed model's modules do) are
+ops called as packets (``torch.ops.lowbit.wo_linear``, ``qa_linear``, ``sparse_linear``, as a
+compressed model's modules do) are
 bound to their one overload. The remaining placeholders (token ids, cache tensors, symbolic sizes) stay inputs.
 
 :class:`Captured` remembers which positions of Dynamo's argument list survive, so the compiled
@@ -80,7 +81,8 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
         node.replace_all_uses_with(attr)
         graph.erase_node(node)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear:
+        if (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverloadPacket)
+                and node.target._qualified_op_name.startswith("lowbit::")):
             node.target = node.target.default  # lowbit ops called from eager modules (compressed models)
         if node.op in ("call_function", "call_method", "call_module"):
             module = _dynamo_adapter.calling_module(node)

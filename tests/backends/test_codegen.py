@@ -91,6 +91,74 @@ def test_generated_kernels_never_compute_in_16_bit_floats():
     assert any("tl.bfloat16" in p for p in codegen.arithmetic_violations(bad_dot))
 
 
+# Quantized activations (lowbit::qa_linear): weight format / activation scheme pairs
+SCHEMES = {"w8a8": ("int8", "int8", False), "w4a8-asym": ("int4_g64_asym", "int8", False),
+           "w4a8-sym": ("int4_g128_sym", "int8", False), "w8a8-static": ("int8", "int8", True),
+           "w4a8-static": ("int4_g32_sym", "int8", True), "fp8": ("fp8_e4m3", "fp8_e4m3", False)}
+QA_FACTORS = {
+    "rows": [1, 3, 17, 64],
+    "scheme": list(SCHEMES),
+    "k": [256, 200],
+    "n": [97, 128],
+    "prologue": [None, "rms", "layer"],
+    "epilogue": ["none", "bias", "residual", "gated"],
+    "dtype": ["float32", "float16", "bfloat16"],
+}
+QA_PAIRWISE = pairwise(QA_FACTORS)
+
+
+def make_qa_spec(rows, scheme, prologue, epilogue, dtype, on_gpu=False):
+    from lowbit_compiler.formats import WeightFormat
+
+    fmt, act, static = SCHEMES[scheme]
+    epilogue = EPILOGUES[epilogue]
+    if static and epilogue.get("n_weights") == 2:  # static scales are per layer: no gate.up pairing
+        epilogue = EPILOGUES["silu"]
+    tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu, dtype, act)
+    return codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype, **PROLOGUES[prologue],
+                              **epilogue, act=act, act_static=static)
+
+
+@pytest.mark.parametrize("case", QA_PAIRWISE, ids=lambda c: "-".join(map(str, c.values())))
+def test_quantized_activation_kernel_matches_reference_pairwise(case):
+    """The kernel quantizes the (normalised) activations itself, per token or with the static
+    scale, and multiplies codes (int8 x int8 -> int32, or exact fp8 products)."""
+    rows, k, n, dtype = case["rows"], case["k"], case["n"], case["dtype"]
+    spec = make_qa_spec(rows, case["scheme"], case["prologue"], case["epilogue"], dtype)
+    assert codegen.arithmetic_violations(codegen.render(spec)) == []
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, n, k, seed=rows + n + k)
+    out = kernel.launch(*args)
+    assert out.shape == (rows, n) and out.dtype == getattr(torch, dtype)
+    # the fused norm may round an activation across a code boundary the reference's F.rms_norm
+    # does not: one code step in 127 shows as ~50 dB on that row
+    floor = FLOORS[dtype] if case["prologue"] is None else min(FLOORS[dtype], 40.0)
+    db = sqnr_db(kernel.reference(*args).float(), out.float())
+    assert db >= floor, f"{spec.name} M={rows} N={n} K={k}: {db:.1f} dB"
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8-asym", "w4a8-static", "fp8"])
+@pytest.mark.parametrize("rows", [3, 17])
+def test_quantized_activation_kernel_equals_the_cpu_integer_matmul(scheme, rows):
+    """Same codes, same integer products, same order of float scalings as lowbit::qa_linear's CPU
+    implementation (torch._int_mm): bit-identical for int8 activations; fp8 sums in another order."""
+    spec = make_qa_spec(rows, scheme, None, "bias", "float32")
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    x, *rest = codegen.make_inputs(spec, rows, 97, 256, seed=rows)
+    fmt, act, static = SCHEMES[scheme]
+    x_scale = rest.pop(0) if static else None
+    qweight, scale, *rest = rest
+    zero = rest.pop(0) if fmt.endswith("asym") else None
+    bias = rest.pop(0)
+    cpu = torch.ops.lowbit.qa_linear(x, qweight, scale, zero, bias, fmt, 256, act, x_scale)
+    out = kernel.launch(*([x] + ([x_scale] if static else []) + [qweight, scale] + ([zero] if zero is not None else [])
+                          + [bias]))
+    if act == "int8":
+        assert torch.equal(out, cpu)
+    else:
+        assert sqnr_db(cpu, out) >= 120
+
+
 @pytest.mark.parametrize("rows, fmt, k, n, prologue, epilogue", [
     (1, "int4_g64_asym", 256, 97, "rms", "gated"),        # gemv, two weights, norm prologue
     (3, "int8", 200, 97, None, "row"),                     # gemv, ragged K, row operand
@@ -98,7 +166,20 @@ def test_generated_kernels_never_compute_in_16_bit_floats():
     (64, "int8", 256, 97, None, "bias"),                   # gemm, per-channel scale after the loop
 ])
 def test_analytic_bytes_equal_bytes_the_interpreter_moves(rows, fmt, k, n, prologue, epilogue):
-    spec = make_spec(rows, fmt, prologue, epilogue, "float16")
+    check_bytes(make_spec(rows, fmt, prologue, epilogue, "float16"), rows, n, k)
+
+
+@pytest.mark.parametrize("rows, scheme, prologue, epilogue", [
+    (1, "w4a8-asym", "rms", "gated"),   # gemv, per-token absmax pass through the norm
+    (17, "w8a8", "layer", "residual"),  # gemm, int32 accumulator
+    (17, "w4a8-static", None, "bias"),  # the static scale: one load per program
+    (3, "fp8", "rms", "none"),
+])
+def test_analytic_bytes_of_quantized_activation_kernels(rows, scheme, prologue, epilogue):
+    check_bytes(make_qa_spec(rows, scheme, prologue, epilogue, "float16"), rows, 97, 200)
+
+
+def check_bytes(spec, rows, n, k):
     kernel = kernel_cache.get_kernel(spec, interpret=True)
     args = codegen.make_inputs(spec, rows, n, k)
     itemsize = {name: a.element_size() for name, a in zip(codegen.launcher_params(spec), args)
@@ -127,7 +208,12 @@ def test_gpu_compile_for_sm90_reports_resources():
     families = [make_spec(1, "int4_g128_asym", "rms", "gated", "bfloat16"),
                 make_spec(64, "int8", "layer", "residual", "float32"),
                 make_spec(64, "int4_g32_sym", None, "gelu_tanh", "float16", on_gpu=True),
-                make_spec(64, "int4_g64_asym", "rms", "gated", "bfloat16", on_gpu=True)]
+                make_spec(64, "int4_g64_asym", "rms", "gated", "bfloat16", on_gpu=True),
+                # quantized activations: int8 x int8 -> int32 and fp8 x fp8 tensor-core dots
+                make_qa_spec(1, "w4a8-asym", "rms", "gated", "bfloat16", on_gpu=True),
+                make_qa_spec(64, "w8a8", "layer", "residual", "float16", on_gpu=True),
+                make_qa_spec(64, "w4a8-static", None, "bias", "bfloat16", on_gpu=True),
+                make_qa_spec(64, "fp8", "rms", "none", "bfloat16", on_gpu=True)]
     items = [(spec, codegen.make_inputs(spec, 64, 96, 256)) for spec in families]
     reports = kernel_cache.gpu_reports(items)
     for spec, report in zip(families, reports):

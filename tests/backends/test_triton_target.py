@@ -117,14 +117,48 @@ def test_formats_without_a_template_fall_back_with_the_reason():
         torch.compile(make_model("llama"), backend=rec)(prompt())
     summary = rec.summaries[0]
     assert summary["kernel_counts"] == {"reference": 15} and summary["generated_kernels"] == []
-    assert list(summary["fallbacks"]) == ["format nf4_g64 has no generated-kernel template yet (int8 and int4 have)"]
+    assert list(summary["fallbacks"]) == [
+        "format nf4_g64 has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
+        "activations, fp8_e4m3 with float or fp8 activations)"]
 
 
-def test_quantized_activation_linears_report_their_fallback_on_triton():
-    rec = Recorder(recipe="w8a8", target="triton")
+@pytest.mark.parametrize("recipe, arch", [("w8a8", "llama"), ("w4a8", "qwen2"), ("fp8", "llama"),
+                                          ("w8a8", "gpt2"), ("w4a8", "bert")])
+def test_quantized_activation_linears_run_as_generated_kernels(recipe, arch):
+    """W8A8 / W4A8 / FP8: the kernel quantizes the (normalised) activations per token in its
+    prologue and multiplies integer (or fp8) codes; it matches the op's CPU implementation
+    (torch._int_mm), which quantizes the same fp32 values."""
+    ids = prompt()
+    cpu = Recorder(recipe=recipe, target="cpu")
+    gpu = Recorder(recipe=recipe, target="triton", strict=True)
     with torch.no_grad():
-        torch.compile(make_model("llama"), backend=rec)(prompt())
+        ref = torch.compile(make_model(arch), backend=cpu)(ids)[0]
+        out = torch.compile(make_model(arch), backend=gpu)(ids)[0]
+    # a fused norm rounds differently from F.rms_norm, which moves the odd code by one step
+    assert sqnr_db(ref, out) >= 35
+    summary = gpu.summaries[0]
+    assert set(summary["kernel_counts"]) == {"triton"} and summary["fallbacks"] == {}
+    records = summary["generated_kernels"]
+    act = "quantize_fp8_e4m3" if recipe == "fp8" else "quantize_int8"
+    assert records and all(act in r["fused_ops"] and "qa_linear" in r["fused_ops"] for r in records)
+    if arch == "llama":  # the same grouping as weight-only: norm prologues, gate.up, residual adds
+        assert summary["codegen"]["blocks"]["model.layers.0"] == {"kernels": 6, "ops_replaced": 13}
+
+
+def test_static_activation_scales_run_as_generated_kernels():
+    from lowbit_compiler import compress
+    from lowbit_compiler.recipe import get_recipe
+
+    recipe = get_recipe("w8a8").replace(name="w8a8-static", activation="int8_static")
+    calibration = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = compress(make_model("llama"), recipe, calibration=calibration, progress=False)
+    ids = prompt()
+    rec = Recorder(recipe=recipe, target="triton", strict=True)
+    with torch.no_grad():
+        ref = model(ids).logits  # eager: the op's CPU implementation with the same static scales
+        out = torch.compile(model, backend=rec)(ids).logits
+    assert sqnr_db(ref, out) >= 35
     summary = rec.summaries[0]
-    assert summary["kernel_counts"] == {"cpu-op": 15}
-    assert list(summary["fallbacks"]) == ["lowbit::qa_linear (quantized activations) has no generated-kernel "
-                                          "template yet"]
+    assert set(summary["kernel_counts"]) == {"triton"}
+    assert all("qa_linear" in r["fused_ops"] for r in summary["generated_kernels"])
+
