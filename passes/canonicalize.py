@@ -167,6 +167,11 @@ def rms_norm_replacement(gm: fx.GraphModule, node: fx.Node, m: dict) -> fx.Node:
     if m["weight"] is not None:
         w = m["weight"] if m["offset"] == 0.0 else m["weight"].args[1]
         hidden = ir.fetch_attr(gm, _strip_float_cast(w).target).shape[-1]
+    if m["offset"]:  # Gemma computes (1 + w.float()) after the anchor: move it before the norm
+        add = m["weight"]
+        for dep in (add.args[1], add):
+            if isinstance(dep, fx.Node) and dep.op != "get_attr":
+                node.prepend(dep)
     norm = gm.graph.call_function(F.rms_norm, (x, [hidden], m["weight"], m["eps"]))
     ir.put(norm, ir.NORM, ir.NormSpec("rms", float(m["eps"]), m["offset"]))
     norm.meta["example_value"] = m["out"].meta.get("example_value")
@@ -191,6 +196,10 @@ def _annotate_layer_norms(gm: fx.GraphModule) -> int:
         if _is_call(node, F.layer_norm) and ir.get(node, ir.NORM) is None:
             eps = _arg(node, 4, "eps", 1e-5)
             ir.put(node, ir.NORM, ir.NormSpec("layer", float(eps)))
+            count += 1
+        elif _is_call(node, F.rms_norm) and ir.get(node, ir.NORM) is None:  # called directly
+            eps = _arg(node, 3, "eps", None)
+            ir.put(node, ir.NORM, ir.NormSpec("rms", float(eps if eps is not None else torch.finfo(torch.float32).eps)))
             count += 1
     return count
 

@@ -35,6 +35,14 @@ def make_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         model = tf.MistralForCausalLM(tf.MistralConfig(**_decoder_kwargs()))
     elif arch == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**_decoder_kwargs()))
+    elif arch == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**_decoder_kwargs(), pad_token_id=0))
+    elif arch == "gemma":
+        model = tf.GemmaForCausalLM(tf.GemmaConfig(**_decoder_kwargs(), head_dim=HIDDEN // 4))
+    elif arch == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=INTER, num_hidden_layers=2,
+                                               num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=256,
+                                               word_embed_proj_dim=HIDDEN, pad_token_id=1))
     elif arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256,
                                                  bos_token_id=0, eos_token_id=0))
