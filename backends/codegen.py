@@ -100,8 +100,8 @@ class KernelSpec:
 
     @property
     def integer(self) -> bool:
-        """int8 activations: integer products, exact (int32 accumulator, or one per group)."""
-        return self.act == "int8"
+        """int8/int4 activations: integer products, exact (int32 accumulator, or one per group)."""
+        return self.act in ("int8", "int4")
 
     @property
     def format(self) -> WeightFormat:
@@ -139,7 +139,7 @@ def has_template(fmt: str, act: str | None = None) -> bool:
     for fp8 weights)."""
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits in (8, 4):
-        return act in (None, "int8")
+        return act in (None, "int8", "int4")
     return f.kind == "fp8_e4m3" and act in (None, "fp8_e4m3")
 
 
@@ -163,7 +163,7 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
     block_k = fmt.group_size or (128 if rows is not None and rows <= GEMV_MAX_ROWS else 64)
     if rows is not None and rows <= GEMV_MAX_ROWS:
         return dict(variant="gemv", block_m=1, block_n=32, block_k=block_k, num_warps=4, dot="ieee")
-    if act == "int8":
+    if act in ("int8", "int4"):
         dot = "int8"  # integer tensor cores on a GPU, numpy integers under the interpreter: exact
     elif not on_gpu:
         dot = "ieee"  # the interpreter computes in numpy: exact fp32 products, no reduced-precision dots
@@ -413,10 +413,11 @@ def _activation_scale(spec: KernelSpec) -> str:
 
 
 def _quantize_x(spec: KernelSpec) -> list[str]:
-    if spec.act == "int8":
-        return ["# quantize to int8 codes, saturating at +-127; adding and subtracting 1.5 * 2^23 rounds an",
+    if spec.integer:
+        top = ACTIVATION_MAX[spec.act]
+        return [f"# quantize to {spec.act} codes, saturating at +-{top:g}; adding and subtracting 1.5 * 2^23 rounds an",
                 "# fp32 of magnitude < 2^22 to an integer, half to even (as torch.round)",
-                "x = tl.minimum(tl.maximum(x / x_scale[:, None], -127.0), 127.0)",
+                f"x = tl.minimum(tl.maximum(x / x_scale[:, None], -{top}), {top})",
                 "x = ((x + 12582912.0) - 12582912.0).to(tl.int32)"]
     if spec.act == "fp8_e4m3":
         return ["# quantize to fp8 e4m3 values (kept in fp32): saturate at +-448, round to 3 mantissa bits",

@@ -64,15 +64,16 @@ def _(kernel, tensors, eps, out_features, out_dtype):
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
 
 
-# Activation quantization schemes of lowbit::qa_linear: per-token scales computed at run time.
-ACTIVATION_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+# Activation quantization schemes of lowbit::qa_linear: per-token scales computed at run time
+# (int4 codes live in int8 tensors: the integer matmul is the same).
+ACTIVATION_DTYPES = {"int8": torch.int8, "int4": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @torch.library.custom_op("lowbit::qa_linear", mutates_args=())
 def qa_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
               bias: torch.Tensor | None, fmt: str, in_features: int, act: str,
               x_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """A linear with quantized weights *and* quantized activations (``act``: "int8" or
+    """A linear with quantized weights *and* quantized activations (``act``: "int8", "int4" or
     "fp8_e4m3"): per token at run time, or with one static per-tensor scale ``x_scale`` [1]
     measured on calibration data.
 
@@ -118,7 +119,7 @@ def _centred_codes(f: WeightFormat, qweight: torch.Tensor, zero: torch.Tensor | 
     return (q - z.repeat_interleave(f.group_size, dim=1)).to(torch.int8)
 
 
-ACTIVATION_MAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+ACTIVATION_MAX = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}
 
 
 def quantize_activations(x: torch.Tensor, act: str, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +140,9 @@ def quantize_per_token(x: torch.Tensor, act: str = "int8") -> tuple[torch.Tensor
 
 
 def _codes(xf: torch.Tensor, x_scale: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if act == "int8":
-        return torch.round(xf / x_scale).clamp(-127, 127).to(torch.int8), x_scale
+    if act in ("int8", "int4"):  # symmetric: [-127, 127] / [-7, 7]
+        top = ACTIVATION_MAX[act]
+        return torch.round(xf / x_scale).clamp(-top, top).to(torch.int8), x_scale
     return (xf / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), x_scale
 
 
@@ -155,6 +157,28 @@ def qa_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     if bias is not None:
         out = out + bias.double()
     return out.to(x.dtype)
+
+
+@torch.library.custom_op("lowbit::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H_n / sqrt(n)`` over the last dimension: an online rotation (R4 before a
+    down-projection whose weight absorbed ``H``; R3 on queries and keys). Sizes: a power of two
+    times a known Hadamard order (``lowbit_compiler.hadamard``)."""
+    from lowbit_compiler import hadamard as _h
+
+    return _h.transform(x)
+
+
+@hadamard.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def hadamard_reference(x: torch.Tensor) -> torch.Tensor:
+    """Float64 reference: one matmul with the dense orthogonal matrix."""
+    from lowbit_compiler import hadamard as _h
+
+    return (x.double() @ _h.matrix(x.shape[-1])).to(x.dtype)
 
 
 @torch.library.custom_op("lowbit::sparse_linear", mutates_args=())

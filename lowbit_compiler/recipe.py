@@ -115,8 +115,10 @@ class Recipe:
 
 
 _WEIGHT_ONLY = ("canonicalize", "insert_weight_quant")
+_ROTATED = ("canonicalize", "rotate", "insert_weight_quant")
 # activation scheme -> (what lowbit::qa_linear's `act` is, the weight formats it multiplies with)
 ACTIVATIONS = {"int8_dynamic": ("int8", ("int8", "int4")), "fp8_dynamic": ("fp8_e4m3", ("fp8_e4m3",)),
+               "int4_dynamic": ("int4", ("int8", "int4")),  # W4A4 (per-token, symmetric [-7, 7])
                # one per-tensor scale per layer, measured on calibration data (compress)
                "int8_static": ("int8", ("int8", "int4"))}
 ACTIVATION_SCHEMES = (None, *ACTIVATIONS)
@@ -153,6 +155,17 @@ PRESETS: dict[str, Recipe] = {
     # ... with SmoothQuant: activation outliers migrated into the weights (needs calibration)
     "w8a8-smooth": Recipe("w8a8-smooth", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic",
                           options=(("insert_weight_quant", (("smoothquant", 0.5),)),)),
+    # rotations only (R1 on the residual stream, R2 per head): the outputs do not change
+    "rotate": Recipe("rotate", ("canonicalize", "rotate")),
+    # int4 weights x int4 per-token activations; with rotations (QuaRot: R1 + R2 + online R4)
+    "w4a4": Recipe("w4a4", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=True), activation="int4_dynamic"),
+    "w4a4-rot": Recipe("w4a4-rot", _ROTATED, WeightFormat(4, 128, symmetric=True), activation="int4_dynamic",
+                       options=(("rotate", (("r4", True),)),)),
+    "w4a8-rot": Recipe("w4a8-rot", _ROTATED, WeightFormat(4, 128, symmetric=True), activation="int8_dynamic",
+                       options=(("rotate", (("r4", True),)),)),
+    "w4a4-rot-gptq": Recipe("w4a4-rot-gptq", _ROTATED, WeightFormat(4, 128, symmetric=True),
+                            activation="int4_dynamic",
+                            options=(("rotate", (("r4", True),)), ("insert_weight_quant", (("rounding", "gptq"),)))),
     "mxfp4": Recipe("mxfp4", _WEIGHT_ONLY, WeightFormat.parse("mxfp4")),
     "nvfp4": Recipe("nvfp4", _WEIGHT_ONLY, WeightFormat.parse("nvfp4")),
 }
