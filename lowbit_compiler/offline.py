@@ -43,9 +43,10 @@ class LowbitLinear(torch.nn.Module):
     def __init__(self, fmt: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, in_features: int, act: str | None = None,
                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 x_scale: torch.Tensor | None = None):
+                 x_scale: torch.Tensor | None = None, input_hadamard: bool = False):
         super().__init__()
         self.fmt, self.act = fmt, act
+        self.input_hadamard = input_hadamard  # R4: lowbit::hadamard on the input (the weight absorbed H)
         self.register_buffer("x_scale", x_scale)  # static activation scale (None: per token at run time)
         for name, t in zip(("outlier_rows", "outlier_cols", "outlier_values"), outliers or (None,) * 3):
             self.register_buffer(name, t)  # SpQR-style fp16 outliers, added by lowbit::sparse_linear
@@ -57,6 +58,8 @@ class LowbitLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_hadamard:
+            x = torch.ops.lowbit.hadamard(x)
         if self.act:
             return torch.ops.lowbit.qa_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                               self.in_features, self.act, self.x_scale)
@@ -69,7 +72,28 @@ class LowbitLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         act = f", act={self.act}" if self.act else ""
-        return f"{self.fmt}{act}, in_features={self.in_features}, out_features={self.out_features}"
+        rot = ", input_hadamard=True" if self.input_hadamard else ""
+        return f"{self.fmt}{act}{rot}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class FoldedRMSNorm(torch.nn.Module):
+    """A norm whose scale (and LayerNorm's bias) was folded into the linears it feeds, and whose
+    input stream was rotated: ``rms_norm`` without parameters, in float32 at least (as HF norms)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return torch.nn.functional.rms_norm(x.to(compute), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, folded"
+
+
+def _hadamard_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
+    return (torch.ops.lowbit.hadamard(args[0]), *args[1:])
 
 
 def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], example_inputs: Any) -> dict[str, Any]:
@@ -117,6 +141,10 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     recipe = get_recipe(recipe)
     batches = as_batches(calibration, tokenizer)
     kwargs = _example_kwargs(model, batches, example_inputs)
+    rotation_info = None
+    if "rotate" in recipe.passes:  # rotate the float model first: calibration sees the rotated one
+        rotation_info = _rotate(model, recipe, kwargs, strict)
+        recipe = recipe.replace(passes=tuple(p for p in recipe.passes if p != "rotate"))
     precomputed, calibration_info = _calibrate(model, recipe, batches, progress)
     activation_scales = _static_activation_scales(model, recipe, batches, progress)
     formats = {layer: WeightFormat.parse(d["format"]) for layer, d in (calibration_info or {}).get("mixed", {}).items()}
@@ -150,13 +178,68 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         if ir.get(node, ir.WEIGHT_QUANT).outliers:
             outliers = tuple(ir.fetch_attr(gm, f"{layer}.outlier_{part}") for part in ("rows", "cols", "values"))
         setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act, outliers,
-                                            None if x_scale is None else ir.fetch_attr(gm, x_scale.target)))
+                                            None if x_scale is None else ir.fetch_attr(gm, x_scale.target),
+                                            input_hadamard=getattr(old, "lowbit_input_hadamard", False)))
         replaced += 1
-    if replaced == 0:
+    if replaced == 0 and rotation_info is None:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)
     model.lowbit_summary = {"recipe": recipe.to_dict(), "replaced_modules": replaced, "layers": layers,
-                            "passes": passes, "calibration": calibration_info}
+                            "passes": passes, "calibration": calibration_info, "rotation": rotation_info}
     return model
+
+
+def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """Run canonicalize + rotate on the captured graph and write what it changed into the model:
+    the new tensors (rotated, norm-folded, centred), parameter-free norms, untied heads, and a
+    ``lowbit::hadamard`` pre-hook on every R4 layer. R3 (inside attention) exists only in graphs:
+    compile the compressed model with a recipe that asks for it."""
+    options = dict(recipe.pass_options("rotate"))
+    r3 = options.pop("r3", False)
+    analysis_recipe = Recipe(f"{recipe.name}:rotate", ("canonicalize", "rotate"), options=(("rotate", tuple(options.items())),))
+    found: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def rotate(gm: fx.GraphModule) -> None:
+        ctx = PassContext(recipe=analysis_recipe, strict=strict)
+        report = run_pipeline(gm, analysis_recipe, ctx=ctx)
+        found.append((ctx.rotation, next(p.details for p in report.passes if p.name == "rotate")))
+
+    _capture_each(model, kwargs, rotate)
+    if len(found) != 1:
+        raise LowbitError(f"compress({recipe.name}): rotations need the whole forward in one graph; Dynamo "
+                          f"captured {len(found)} (graph breaks)")
+    change, details = found[0]
+    if not change:
+        return details
+    with torch.no_grad():
+        for layer, fqn in change["untied"].items():
+            module = model.get_submodule(layer)
+            module.weight = torch.nn.Parameter(change["tensors"][fqn], requires_grad=False)
+        for fqn, t in change["tensors"].items():
+            if fqn in change["untied"].values():
+                continue
+            owner_name, _, attr = fqn.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            current = getattr(owner, attr, None)
+            if current is None:  # a bias the folding created (a LayerNorm bias into a bias-free reader)
+                setattr(owner, attr, torch.nn.Parameter(t, requires_grad=False))
+            else:
+                current.data = t
+        for fqn, eps in change["norms"]:
+            module = model.get_submodule(fqn) if fqn else None
+            if module is None or list(module.children()) or "norm" not in type(module).__name__.lower():
+                raise LowbitError(f"compress({recipe.name}): a folded norm was computed inside {fqn or 'the model'} "
+                                  f"({type(module).__name__}), not by a norm module that can be replaced; use "
+                                  "torch.compile(backend='lowbit') for this model's rotations")
+            parent, child = _weight_owner(model, fqn)
+            setattr(parent, child, FoldedRMSNorm(eps))
+        for layer in change["hadamard_before"]:
+            module = model.get_submodule(layer)
+            module.lowbit_input_hadamard = True
+            module.register_forward_pre_hook(_hadamard_pre_hook)
+    if r3:
+        details = {**details, "R3": "not applied by compress (inside attention): compile with a recipe "
+                   "whose rotate pass sets r3"}
+    return details
 
 
 def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],

@@ -70,6 +70,9 @@ class PassContext:
     formats: dict[str, Any] = dataclasses.field(default_factory=dict)
     # layer FQN -> static activation scale [1] measured on calibration data (activation "*_static")
     activation_scales: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # what the rotate pass changed (new tensors per FQN, folded norms, online Hadamards): compress
+    # writes it back into the model
+    rotation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def fallback(self, where: str, reason: str) -> None:
         """Report that something was left on the reference path; raises in strict mode."""

@@ -1,0 +1,190 @@
+"""rotate: QuaRot / SpinQuant rotations found from the graph (see ``lowbit_compiler/rotation.py``).
+
+Where it runs: after ``canonicalize``, before ``insert_weight_quant`` (which then quantizes the
+rotated weights, and the activations after the online Hadamards).
+
+What it rewrites, each part optional (pass options):
+
+* ``r1`` (default on): fold every stream norm's affine parameters into its readers (a LayerNorm
+  becomes an RMSNorm, the stream centred), then rotate the residual stream by ``rotation``
+  (``"hadamard"``: a random Hadamard, ``"random"``: a random orthogonal matrix, or a tensor);
+* ``r2`` (default on): a per-head rotation of every attention's value/output path;
+* ``r4``: ``lowbit::hadamard`` before every down projection, its inverse folded into the weight;
+* ``r3``: ``lowbit::hadamard`` on queries and keys after RoPE (for KV-cache quantization).
+
+Every rewrite is exact in exact arithmetic; ``details`` (summary.json, ``lowbit inspect``) says what
+was found, what was rotated, and what was refused and why. Parameters are replaced inside the
+graph module only: the user's model keeps its weights (``compress`` writes them back on purpose).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from lowbit_compiler import hadamard, ir, rotation
+from lowbit_compiler.pass_base import Pass, PassContext, PassResult, register_pass
+
+log = logging.getLogger("lowbit_compiler")
+
+
+def _replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> bool:
+    """Swap the tensor at ``fqn`` inside ``gm`` (not in the user's model); False if absent."""
+    *path, attr = fqn.split(".")
+    owner = gm
+    for atom in path:
+        if not hasattr(owner, atom):
+            return False
+        owner = getattr(owner, atom)
+    if not hasattr(owner, attr):
+        return False
+    delattr(owner, attr)
+    owner.register_buffer(attr, value)
+    return True
+
+
+def _new_param_node(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> fx.Node:
+    ir.set_attr(gm, fqn, value)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        node = gm.graph.get_attr(fqn)
+    ir.put(node, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=True))
+    node.meta["example_value"] = value
+    return node
+
+
+def _set_linear_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
+    if name in node.kwargs:
+        node.update_kwarg(name, value)
+    elif len(node.args) > index:
+        node.update_arg(index, value)
+    else:
+        args = list(node.args) + [None] * (index + 1 - len(node.args))
+        args[index] = value
+        node.args = tuple(args)
+
+
+def _hadamard_before(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> fx.Node:
+    with gm.graph.inserting_before(user):
+        h = gm.graph.call_function(torch.ops.lowbit.hadamard.default, (value,))
+    h.meta.update({k: v for k, v in value.meta.items() if k != ir.META})
+    if ir.get(user, ir.MODULE) is not None:
+        ir.put(h, ir.MODULE, ir.get(user, ir.MODULE))
+    user.replace_input_with(value, h)
+    return h
+
+
+@register_pass
+class Rotate(Pass):
+    name = "rotate"
+    requires = ("canonical",)
+    ensures = ("rotated",)
+
+    def __init__(self, r1: bool = True, r2: bool = True, r3: bool = False, r4: bool = False,
+                 rotation: Any = "hadamard", seed: int = 0):
+        self.r1, self.r2, self.r3, self.r4 = r1, r2, r3, r4
+        self.rotation, self.seed = rotation, seed
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        a = rotation.analyse(gm)
+        details: dict[str, Any] = {
+            "stream": {"hidden": a.hidden, "embeddings": a.embeddings, "norms": len(a.norms),
+                       "readers": [r.layer for r in a.readers], "writers": [w.layer for w in a.writers]},
+            "refused": [],
+        }
+        refused = details["refused"]
+        r1 = None
+        if self.r1:
+            if a.stream_ok:
+                r1 = rotation.orthogonal(a.hidden, self.rotation, self.seed)
+            else:
+                for item in a.refusals or [{"what": "R1", "reason": "no stream norm found"}]:
+                    refused.append({"what": "R1: " + item["what"], "reason": item["reason"]})
+        r2 = None
+        if self.r2:
+            refused += [{"what": "R2: " + h["what"], "reason": h["reason"]} for h in a.head_refusals]
+            dims = {h.head_dim for h in a.heads}
+            if len(dims) == 1:
+                r2 = rotation.orthogonal(dims.pop(), "hadamard", self.seed + 1)
+            elif dims:
+                refused.append({"what": "R2", "reason": f"attentions with different head sizes {sorted(dims)}"})
+        r4_sites = []
+        if self.r4:
+            bad = {item["what"] for item in rotation.r4_refusals(a)}
+            refused += rotation.r4_refusals(a)
+            r4_sites = [w for w in a.down_projections() if f"R4 before {w.layer}" not in bad]
+        for item in refused:
+            ctx.fallback(f"rotate: {item['what']}", item["reason"])
+        if r1 is None and r2 is None and not r4_sites and not self.r3:
+            details["rotated"] = {}
+            return PassResult(False, 0, details)
+        keep = a
+        if r1 is None:  # without R1 the stream is left alone (norms keep their parameters)
+            keep = rotation.Analysis(hidden=a.hidden, heads=a.heads)
+        plan = rotation.plan_weights(keep, lambda fqn: ir.fetch_attr(gm, fqn), r1, r2, r4_sites,
+                                     fold_norms=r1 is not None)
+        self._apply(gm, keep, plan, r1 is not None, r4_sites)
+        r3_sites = self._r3(gm, a, ctx) if self.r3 else 0
+        details["rotated"] = {
+            "R1": {"linears": plan.rotated_linears, "embeddings": len(a.embeddings),
+                   "norms_folded": len(a.norms) if r1 is not None else 0,
+                   "layer_norms_to_rms": sum(n.kind == "layer" for n in a.norms) if r1 is not None else 0} if r1 is not None else None,
+            "R2": {"attentions": len(a.heads), "head_dim": a.heads[0].head_dim} if r2 is not None else None,
+            "R4": [w.layer for w in r4_sites],
+            "R3": r3_sites,
+            "untied": {layer: {"weight": fqn, "extra_bytes": plan.extra_bytes} for layer, fqn in plan.untied.items()},
+        }
+        ctx.rotation = {"tensors": plan.tensors, "untied": plan.untied,
+                        "norms": [(ir.get(n.node, ir.MODULE).fqn if ir.get(n.node, ir.MODULE) else None,
+                                   float(ir.get(n.node, ir.NORM).eps)) for n in a.norms] if r1 is not None else [],
+                        "hadamard_before": [w.layer for w in r4_sites], "r3": r3_sites}
+        matches = plan.rotated_linears + 2 * len(a.heads if r2 is not None else []) + len(r4_sites) + r3_sites
+        return PassResult(True, matches, details)
+
+    def _apply(self, gm: fx.GraphModule, a: rotation.Analysis, plan: rotation.WeightPlan, r1: bool,
+               r4_sites: list[rotation.LinearRef]) -> None:
+        linears = {r.node: r for r in a.readers + a.writers + [h.value for h in a.heads] + [h.output for h in a.heads]
+                   + r4_sites}
+        created = {}
+        for fqn, t in plan.tensors.items():
+            if fqn in plan.untied.values() or not _replace_attr(gm, fqn, t):
+                created[fqn] = t
+        for node, ref in linears.items():
+            if ref.layer in plan.untied:
+                fqn = plan.untied[ref.layer]
+                _set_linear_arg(node, 1, "weight", _new_param_node(gm, fqn, created.pop(fqn)))
+            bias_fqn = f"{ref.layer}.bias"
+            if ref.bias is None and bias_fqn in created:
+                _set_linear_arg(node, 2, "bias", _new_param_node(gm, bias_fqn, created.pop(bias_fqn)))
+        assert not created, f"rotate: tensors with no place in the graph: {sorted(created)}"
+        if r1:
+            for site in a.norms:
+                node = site.node
+                x, shape = node.args[0], node.args[1]
+                eps = float(ir.get(node, ir.NORM).eps)
+                node.target = F.rms_norm
+                node.args, node.kwargs = (x, list(shape), None, eps), {}
+                ir.put(node, ir.NORM, ir.NormSpec("rms", eps))
+        for ref in r4_sites:
+            _hadamard_before(gm, ref.node, ref.node.args[0])
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+    def _r3(self, gm: fx.GraphModule, a: rotation.Analysis, ctx: PassContext) -> int:
+        count = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                q, k = node.args[0], node.args[1]
+                d = rotation._last_dim(q)
+                reason = hadamard.unsupported_reason(d) if d else "unknown head size"
+                if reason:
+                    ctx.fallback(f"rotate: R3 at {node.name}", reason)
+                    continue
+                _hadamard_before(gm, node, q)
+                _hadamard_before(gm, node, k)
+                count += 1
+        gm.recompile()
+        return count

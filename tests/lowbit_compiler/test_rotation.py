@@ -1,0 +1,166 @@
+"""Rotations found from the graph: the Hadamard transform, exactness of R1/R2/R3/R4 on seven
+architectures, what is refused and why, and W4A4 with and without rotations."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from lowbit_compiler import hadamard
+from lowbit_compiler.formats import sqnr_db
+from lowbit_compiler.ops import hadamard_reference
+from lowbit_compiler.recipe import Recipe
+from tests.conftest import make_model, prompt
+from tests.helpers import Recorder, count
+
+CANONICAL = Recipe("canonical", ("canonicalize",))
+
+
+def test_every_known_order_is_a_hadamard_matrix():
+    for m in hadamard.KNOWN_ORDERS:
+        h = hadamard._base(m)
+        assert h.abs().eq(1).all() and torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)), m
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 40, 96, 128, 4096, 5632])
+def test_fast_transform_matches_the_dense_float64_matrix(n):
+    x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    q = hadamard.matrix(n)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(hadamard.transform(x), x @ q, atol=1e-12, rtol=0)
+    out = torch.ops.lowbit.hadamard(x.float())
+    assert out.dtype == torch.float32 and sqnr_db(hadamard_reference(x).float(), out) > 120
+
+
+def test_sizes_without_a_construction_are_refused_with_the_reason():
+    assert "11008 is not a power of two times a known Hadamard order" in hadamard.unsupported_reason(11008)
+    assert hadamard.split_order(5632) == (44, 128) and hadamard.split_order(14336) == (28, 512)
+    with pytest.raises(ValueError, match="size 100"):
+        hadamard.transform(torch.zeros(1, 100))
+
+
+def compile_both(model, recipe, ids):
+    """The canonical graph (norms computed in the model's dtype) against the rotated one."""
+    base, rot = Recorder(recipe=CANONICAL, target="cpu"), Recorder(recipe=recipe, target="cpu")
+    with torch.no_grad():
+        ref = torch.compile(model, backend=base)(ids)[0]
+        torch.compiler.reset()
+        out = torch.compile(model, backend=rot)(ids)[0]
+    details = next(p for p in rot.summaries[0]["passes"] if p["name"] == "rotate")["details"]
+    return ref, out, details, rot
+
+
+# rotated linears (readers + writers of the residual stream) per architecture, 2 layers each:
+# q,k,v,gate,up (or fused qkv / gate_up, fc1) read, o/down (fc2, c_proj) write, plus the head
+ROTATED = {"llama": 15, "mistral": 15, "qwen2": 15, "gemma": 15, "phi3": 9, "gpt2": 9, "opt": 13}
+
+
+@pytest.mark.parametrize("arch", list(ROTATED))
+def test_rotate_is_exact_in_float64_on_seven_architectures(arch):
+    model = make_model(arch, dtype=torch.float64)
+    ref, out, details, _ = compile_both(model, "rotate", prompt())
+    assert float((out - ref).norm() / ref.norm()) <= 1e-10
+    rotated = details["rotated"]
+    assert details["refused"] == [] and rotated["R1"]["linears"] == ROTATED[arch]
+    assert rotated["R2"] == {"attentions": 2, "head_dim": 32}
+    layer_norm = arch in ("gpt2", "opt")  # LayerNorm -> RMSNorm on a centred stream
+    assert rotated["R1"]["layer_norms_to_rms"] == (5 if layer_norm else 0)
+    tied = arch in ("gemma", "gpt2", "opt")  # the head shares the embedding: untied, bytes reported
+    assert list(rotated["untied"]) == (["lm_head"] if tied else [])
+    if tied:
+        assert rotated["untied"]["lm_head"]["extra_bytes"] == 256 * 128 * 8
+    # the user's model is untouched: its own forward still gives the unrotated numbers
+    with torch.no_grad():
+        assert torch.equal(model(prompt())[0], make_model(arch, dtype=torch.float64)(prompt())[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_online_hadamards_r3_r4_are_exact(arch):
+    recipe = Recipe("rot-all", ("canonicalize", "rotate"), options=(("rotate", (("r3", True), ("r4", True))),))
+    ref, out, details, rec = compile_both(make_model(arch, dtype=torch.float64), recipe, prompt())
+    assert float((out - ref).norm() / ref.norm()) <= 1e-10
+    assert len(details["rotated"]["R4"]) == 2 and details["rotated"]["R3"] == 2
+    assert count(rec.graphs[0], "hadamard.default") == 2 + 2 * 2  # R4 per MLP, R3 on q and k
+
+
+def test_post_norm_bert_refuses_r1_with_the_reason_and_keeps_r2():
+    ref, out, details, rec = compile_both(make_model("bert", dtype=torch.float64), "rotate", prompt())
+    assert float((out - ref).norm() / ref.norm()) <= 1e-10
+    assert details["rotated"]["R1"] is None and details["rotated"]["R2"]["attentions"] == 2
+    [refusal] = details["refused"]
+    assert "post-norm stream" in refusal["reason"] and refusal["what"].startswith("R1:")
+    assert any("post-norm stream" in reason for reason in rec.summaries[0]["fallbacks"])
+
+
+def test_a_quantized_writer_is_refused():
+    from lowbit_compiler import compress
+
+    model = compress(make_model("llama"), "w8a16")
+    with pytest.raises(Exception, match="already quantized: rotations apply before quantization"):
+        with torch.no_grad():
+            torch.compile(model, backend=Recorder(recipe="rotate", strict=True))(prompt())
+
+
+def outlier_model(channels=(3,), factor=30.0):
+    """A tiny Llama whose residual stream has an outlier channel: scaled 30x in the embedding and
+    in the output rows of every linear that writes into the stream (small init keeps the random
+    model's own error amplification low enough to see the activation error)."""
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                               max_position_embeddings=256, initializer_range=0.002)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("embed_tokens.weight"):
+                p[:, list(channels)] *= factor
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p[list(channels), :] *= factor
+    return model
+
+
+def test_w4a4_with_rotations_beats_w4a4_on_outlier_channels():
+    ids = prompt(16)
+    db = {}
+    for recipe in ("w4a4", "w4a4-rot"):
+        torch.compiler.reset()
+        model = outlier_model()
+        rec = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")
+        with torch.no_grad():
+            ref = model(ids).logits
+            db[recipe] = sqnr_db(ref, torch.compile(model, backend=rec)(ids).logits)
+    # measured: 9.3 dB -> 16.1 dB (the issue asks for 10 dB; see the README's rotation section)
+    assert db["w4a4-rot"] >= db["w4a4"] + 5.0, db
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+def test_compress_writes_the_rotation_into_the_model(arch):
+    from lowbit_compiler import compress
+    from lowbit_compiler.offline import FoldedRMSNorm
+
+    ids = prompt()
+    with torch.no_grad():  # the canonical graph computes every norm in float64 (HF's in float32)
+        ref = torch.compile(make_model(arch, dtype=torch.float64), backend=Recorder(recipe=CANONICAL))(ids)[0]
+        torch.compiler.reset()
+        model = compress(make_model(arch, dtype=torch.float64), "rotate", progress=False)
+        out = model(ids)[0]
+    assert float((out - ref).norm() / ref.norm()) <= 1e-10
+    assert sum(isinstance(m, FoldedRMSNorm) for m in model.modules()) == 5
+    assert model.lowbit_summary["rotation"]["rotated"]["R1"]["linears"] == ROTATED[arch]
+    if arch != "llama":  # the tied head got its own weight
+        assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+
+
+def test_w4a4_rot_through_compress_matches_the_compiled_graph():
+    from lowbit_compiler import compress
+    from lowbit_compiler.offline import LowbitLinear
+
+    ids = prompt()
+    rec = Recorder(recipe="w4a4-rot", target="cpu", cpu_compute_dtype="activation")
+    with torch.no_grad():
+        compiled = torch.compile(make_model("llama"), backend=rec)(ids).logits
+        model = compress(make_model("llama"), "w4a4-rot", progress=False)
+        eager = model(ids).logits
+    downs = [m for name, m in model.named_modules() if name.endswith("down_proj")]
+    assert all(isinstance(m, LowbitLinear) and m.input_hadamard and m.act == "int4" for m in downs)
+    # the same rotations and quantized tensors; the packed CPU kernels vs the op's own path
+    assert sqnr_db(compiled, eager) >= 30
