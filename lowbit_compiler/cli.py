@@ -23,9 +23,13 @@ def format_summary(s: dict[str, Any]) -> str:
     out = [f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}  target={s.get('target', '?')}  "
            f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
     passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
+               "see 'rotations' below" if p["name"] == "rotate" else
                ", ".join(f"{k}={v}" for k, v in p["details"].items() if v not in (0, None, ""))]
               for p in s.get("passes", [])]
     out.append(_table(passes, ["pass", "ms", "matches", "changed", "details"]) if passes else "(no passes)")
+    for p in s.get("passes", []):
+        if p["name"] == "rotate":
+            out.append(format_rotation(p["details"]))
     layers = s.get("layers", {})
     if layers:
         rows, before, after = [], 0, 0
@@ -47,6 +51,27 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("generated_kernels"):
         out.append(format_generated(s["generated_kernels"], s.get("codegen", {})))
     return "\n".join(out)
+
+
+def format_rotation(d: dict[str, Any]) -> str:
+    """What the rotate pass found in the graph, what it rotated, and what it refused and why."""
+    stream, rotated = d.get("stream", {}), d.get("rotated") or {}
+    lines = ["rotations:",
+             f"  residual stream: hidden {stream.get('hidden')}, embeddings {stream.get('embeddings')}, "
+             f"{stream.get('norms', 0)} norms, {len(stream.get('readers', []))} reading linears, "
+             f"{len(stream.get('writers', []))} writing linears"]
+    r1 = rotated.get("R1")
+    lines.append(f"  R1: {r1['linears']} linears + {r1['embeddings']} embeddings rotated, {r1['norms_folded']} norms "
+                 f"folded ({r1['layer_norms_to_rms']} LayerNorm -> RMSNorm)" if r1 else "  R1: not applied")
+    r2 = rotated.get("R2")
+    lines.append(f"  R2: {r2['attentions']} attentions, head_dim {r2['head_dim']}" if r2 else "  R2: not applied")
+    lines.append(f"  R4 (online Hadamard): {', '.join(rotated.get('R4', [])) or 'none'}")
+    lines.append(f"  R3 (online Hadamard on q, k): {rotated.get('R3', 0)} attentions")
+    for layer, u in rotated.get("untied", {}).items():
+        lines.append(f"  untied {layer} from the embedding: +{u['extra_bytes']} bytes")
+    if d.get("refused"):
+        lines.append(_table([[r["what"], r["reason"]] for r in d["refused"]], ["refused", "why"]))
+    return "\n".join(lines)
 
 
 # The GPU the decode-time model assumes: memory-bound kernels streaming at HBM bandwidth.

@@ -164,3 +164,21 @@ def test_w4a4_rot_through_compress_matches_the_compiled_graph():
     assert all(isinstance(m, LowbitLinear) and m.input_hadamard and m.act == "int4" for m in downs)
     # the same rotations and quantized tensors; the packed CPU kernels vs the op's own path
     assert sqnr_db(compiled, eager) >= 30
+
+
+def test_the_report_is_in_the_dump_and_inspect_prints_it(tmp_path, capsys):
+    from lowbit_compiler.cli import main as cli_main
+
+    rec = Recorder(recipe="w4a4-rot", target="cpu", dump_dir=str(tmp_path))
+    with torch.no_grad():
+        torch.compile(make_model("gpt2"), backend=rec)(prompt())
+    assert cli_main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "R1: 9 linears + 2 embeddings rotated, 5 norms folded (5 LayerNorm -> RMSNorm)" in text
+    assert "R4 (online Hadamard): transformer.h.0.mlp.c_proj, transformer.h.1.mlp.c_proj" in text
+    assert "untied lm_head from the embedding: +131072 bytes" in text
+    rec = Recorder(recipe="rotate", dump_dir=str(tmp_path / "bert"))
+    with torch.no_grad():
+        torch.compile(make_model("bert"), backend=rec)(prompt())
+    assert cli_main(["inspect", str(tmp_path / "bert")]) == 0
+    assert "post-norm stream" in capsys.readouterr().out
