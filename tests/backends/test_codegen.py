@@ -94,7 +94,8 @@ def test_generated_kernels_never_compute_in_16_bit_floats():
 # Quantized activations (lowbit::qa_linear): weight format / activation scheme pairs
 SCHEMES = {"w8a8": ("int8", "int8", False), "w4a8-asym": ("int4_g64_asym", "int8", False),
            "w4a8-sym": ("int4_g128_sym", "int8", False), "w8a8-static": ("int8", "int8", True),
-           "w4a8-static": ("int4_g32_sym", "int8", True), "fp8": ("fp8_e4m3", "fp8_e4m3", False)}
+           "w4a8-static": ("int4_g32_sym", "int8", True), "fp8": ("fp8_e4m3", "fp8_e4m3", False),
+           "w4a4": ("int4_g128_sym", "int4", False)}
 QA_FACTORS = {
     "rows": [1, 3, 17, 64],
     "scheme": list(SCHEMES),
@@ -137,7 +138,7 @@ def test_quantized_activation_kernel_matches_reference_pairwise(case):
     assert db >= floor, f"{spec.name} M={rows} N={n} K={k}: {db:.1f} dB"
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a8-asym", "w4a8-static", "fp8"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8-asym", "w4a8-static", "w4a4", "fp8"])
 @pytest.mark.parametrize("rows", [3, 17])
 def test_quantized_activation_kernel_equals_the_cpu_integer_matmul(scheme, rows):
     """Same codes, same integer products, same order of float scalings as lowbit::qa_linear's CPU
@@ -153,7 +154,7 @@ def test_quantized_activation_kernel_equals_the_cpu_integer_matmul(scheme, rows)
     cpu = torch.ops.lowbit.qa_linear(x, qweight, scale, zero, bias, fmt, 256, act, x_scale)
     out = kernel.launch(*([x] + ([x_scale] if static else []) + [qweight, scale] + ([zero] if zero is not None else [])
                           + [bias]))
-    if act == "int8":
+    if act in ("int8", "int4"):
         assert torch.equal(out, cpu)
     else:
         assert sqnr_db(cpu, out) >= 120

@@ -123,7 +123,7 @@ def test_formats_without_a_template_fall_back_with_the_reason():
 
 
 @pytest.mark.parametrize("recipe, arch", [("w8a8", "llama"), ("w4a8", "qwen2"), ("fp8", "llama"),
-                                          ("w8a8", "gpt2"), ("w4a8", "bert")])
+                                          ("w8a8", "gpt2"), ("w4a8", "bert"), ("w4a4-rot", "llama")])
 def test_quantized_activation_linears_run_as_generated_kernels(recipe, arch):
     """W8A8 / W4A8 / FP8: the kernel quantizes the (normalised) activations per token in its
     prologue and multiplies integer (or fp8) codes; it matches the op's CPU implementation
@@ -139,7 +139,7 @@ def test_quantized_activation_linears_run_as_generated_kernels(recipe, arch):
     summary = gpu.summaries[0]
     assert set(summary["kernel_counts"]) == {"triton"} and summary["fallbacks"] == {}
     records = summary["generated_kernels"]
-    act = "quantize_fp8_e4m3" if recipe == "fp8" else "quantize_int8"
+    act = {"fp8": "quantize_fp8_e4m3", "w4a4-rot": "quantize_int4"}.get(recipe, "quantize_int8")
     assert records and all(act in r["fused_ops"] and "qa_linear" in r["fused_ops"] for r in records)
     if arch == "llama":  # the same grouping as weight-only: norm prologues, gate.up, residual adds
         assert summary["codegen"]["blocks"]["model.layers.0"] == {"kernels": 6, "ops_replaced": 13}
