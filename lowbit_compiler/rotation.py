@@ -42,10 +42,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from lowbit_compiler import hadamard, ir
+from lowbit_compiler.scale_folding import LAYOUT_OPS
 
 CASTS = {"to", "float", "type_as", "contiguous", "half", "bfloat16", "double"}
 VIEWS = {"view", "reshape", torch.reshape}
-HEAD_LAYOUT = {"view", "reshape", "transpose", "contiguous", "permute", torch.reshape, torch.transpose}
 
 
 @dataclasses.dataclass
@@ -116,7 +116,7 @@ def _value(node: Any):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
-def _last_dim(node: Any) -> int | None:
+def last_dim(node: Any) -> int | None:
     v = _value(node)
     try:
         return int(v.shape[-1]) if v is not None and v.dim() > 0 else None
@@ -129,7 +129,7 @@ def _keeps_channels(node: fx.Node, hidden: int) -> bool:
     if node.target in CASTS and node.op == "call_method" or _is(node, torch.Tensor.to):
         return True
     if _is(node, *VIEWS) or _is(node, operator.getitem):
-        return _last_dim(node) == hidden and _last_dim(node.args[0]) == hidden
+        return last_dim(node) == hidden and last_dim(node.args[0]) == hidden
     return False
 
 
@@ -173,7 +173,7 @@ def analyse(gm: fx.GraphModule) -> Analysis:
         a.refusals.append({"what": "residual stream", "reason": "no embedding lookup of a weight parameter"})
         _find_heads(gm, a)
         return a
-    a.hidden = _last_dim(token[0])
+    a.hidden = last_dim(token[0])
     stream: set[fx.Node] = set()
     frontier = [token[0]]
     a.embeddings.append(ir.param_fqn(token[0].args[1]))
@@ -213,7 +213,7 @@ def _classify_user(a: Analysis, v: fx.Node, u: fx.Node, stream: set, frontier: l
             frontier.append(u)
             return None
         src = _through(other, hidden)
-        if _is(src, F.embedding) and ir.param_fqn(src.args[1]) and _last_dim(src) == hidden:
+        if _is(src, F.embedding) and ir.param_fqn(src.args[1]) and last_dim(src) == hidden:
             a.embeddings.append(ir.param_fqn(src.args[1]))  # position embeddings join the stream
             frontier.append(u)
             return None
@@ -270,19 +270,22 @@ def _norm_site(a: Analysis, norm: fx.Node, stream: set) -> str | None:
     return None
 
 
+def _below_layout(v: Any) -> Any:
+    """Down through head-layout ops (view, transpose, ...) to the node that produced the data."""
+    while isinstance(v, fx.Node) and v.op in ("call_function", "call_method") and v.target in LAYOUT_OPS:
+        v = v.args[0]
+    return v
+
+
 def _find_heads(gm: fx.GraphModule, a: Analysis) -> None:
     for sdpa in gm.graph.nodes:
         if not _is(sdpa, F.scaled_dot_product_attention):
             continue
         value = sdpa.args[2] if len(sdpa.args) > 2 else sdpa.kwargs.get("value")
-        head_dim = _last_dim(value)
-        v = value
-        while isinstance(v, fx.Node) and (_is(v, *HEAD_LAYOUT) or v.target in HEAD_LAYOUT):
-            v = v.args[0]
+        head_dim = last_dim(value)
+        v = _below_layout(value)
         if _is(v, torch.cat):
-            v = v.args[0][-1]  # a KV cache: the new values are the last piece
-            while isinstance(v, fx.Node) and (_is(v, *HEAD_LAYOUT) or v.target in HEAD_LAYOUT):
-                v = v.args[0]
+            v = _below_layout(v.args[0][-1])  # a KV cache: the new values are the last piece
         rows = None
         if _is(v, operator.getitem) and _is(v.args[0], torch.split, "split"):
             split, index = v.args
@@ -291,12 +294,12 @@ def _find_heads(gm: fx.GraphModule, a: Analysis) -> None:
                 rows, v = (index * size, (index + 1) * size), split.args[0]
         elif _is(v, operator.getitem) and isinstance(v.args[1], tuple) and isinstance(v.args[1][-1], slice):
             s = v.args[1][-1]
-            full = _last_dim(v.args[0])
+            full = last_dim(v.args[0])
             if s.step in (None, 1) and full is not None:
                 rows, v = (s.start or 0, full if s.stop is None else s.stop), v.args[0]
         ref = linear_ref(v) if isinstance(v, fx.Node) else None
         out = sdpa
-        while len(out.users) == 1 and (next(iter(out.users)).target in HEAD_LAYOUT):
+        while len(out.users) == 1 and (next(iter(out.users)).target in LAYOUT_OPS):
             out = next(iter(out.users))
         oref = linear_ref(next(iter(out.users))) if len(out.users) == 1 else None
         where = f"attention {sdpa.name}"
@@ -307,7 +310,7 @@ def _find_heads(gm: fx.GraphModule, a: Analysis) -> None:
             a.head_refusals.append({"what": where, "reason": "the output does not go straight into a float linear"})
             continue
         if rows is None:
-            rows = (0, _last_dim(v))
+            rows = (0, last_dim(v))
         if head_dim is None or (rows[1] - rows[0]) % head_dim:
             a.head_refusals.append({"what": where, "reason": "the value rows are not whole heads"})
             continue
@@ -447,7 +450,7 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
 def r4_refusals(a: Analysis) -> list[dict[str, str]]:
     out = []
     for ref in a.down_projections():
-        k = _last_dim(ref.node.args[0])
+        k = last_dim(ref.node.args[0])
         reason = hadamard.unsupported_reason(k) if k else "unknown input size"
         if reason:
             out.append({"what": f"R4 before {ref.layer}", "reason": reason})

@@ -127,7 +127,7 @@ class Rotate(Pass):
         plan = rotation.plan_weights(keep, lambda fqn: ir.fetch_attr(gm, fqn), r1, r2, r4_sites,
                                      fold_norms=r1 is not None)
         self._apply(gm, keep, plan, r1 is not None, r4_sites)
-        r3_sites = self._r3(gm, a, ctx) if self.r3 else 0
+        r3_sites = self._r3(gm, ctx) if self.r3 else 0
         details["rotated"] = {
             "R1": {"linears": plan.rotated_linears, "embeddings": len(a.embeddings),
                    "norms_folded": len(a.norms) if r1 is not None else 0,
@@ -173,12 +173,12 @@ class Rotate(Pass):
         gm.graph.eliminate_dead_code()
         gm.recompile()
 
-    def _r3(self, gm: fx.GraphModule, a: rotation.Analysis, ctx: PassContext) -> int:
+    def _r3(self, gm: fx.GraphModule, ctx: PassContext) -> int:
         count = 0
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
                 q, k = node.args[0], node.args[1]
-                d = rotation._last_dim(q)
+                d = rotation.last_dim(q)
                 reason = hadamard.unsupported_reason(d) if d else "unknown head size"
                 if reason:
                     ctx.fallback(f"rotate: R3 at {node.name}", reason)
