@@ -85,7 +85,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     captured = capture(gm, example_inputs, module_state)
     ir_gm = captured.gm
     dump.stage("captured", ir_gm)
-    ctx = PassContext(recipe=opts.recipe, strict=opts.strict)
+    ctx = PassContext(recipe=opts.recipe, strict=opts.strict, inputs=[tuple(captured.call_args(example_inputs))])
     report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
     layers = {**_prequantized_layers(ir_gm), **report.layers}
     lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner, opts.autotune)

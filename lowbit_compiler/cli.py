@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from lowbit_compiler.rotation import ROTATION_PASSES
+
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
@@ -23,12 +25,12 @@ def format_summary(s: dict[str, Any]) -> str:
     out = [f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}  target={s.get('target', '?')}  "
            f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
     passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
-               "see 'rotations' below" if p["name"] == "rotate" else
+               "see 'rotations' below" if p["name"] in ROTATION_PASSES else
                ", ".join(f"{k}={v}" for k, v in p["details"].items() if v not in (0, None, ""))]
               for p in s.get("passes", [])]
     out.append(_table(passes, ["pass", "ms", "matches", "changed", "details"]) if passes else "(no passes)")
     for p in s.get("passes", []):
-        if p["name"] == "rotate":
+        if p["name"] in ROTATION_PASSES:
             out.append(format_rotation(p["details"]))
     layers = s.get("layers", {})
     if layers:
@@ -67,6 +69,13 @@ def format_rotation(d: dict[str, Any]) -> str:
     lines.append(f"  R2: {r2['attentions']} attentions, head_dim {r2['head_dim']}" if r2 else "  R2: not applied")
     lines.append(f"  R4 (online Hadamard): {', '.join(rotated.get('R4', [])) or 'none'}")
     lines.append(f"  R3 (online Hadamard on q, k): {rotated.get('R3', 0)} attentions")
+    learned = d.get("learned")
+    if learned:
+        db = learned["output_sqnr_db"]
+        what = " and ".join(r for r in ("R1", "R2") if learned[r])
+        lines.append(f"  learned (spinquant): {what} by Cayley SGD, {learned['steps']} steps on {learned['inputs']} "
+                     f"calibration input(s), {learned['quantized_linears']} quantized linears; output SQNR "
+                     f"{db[0]:.2f} dB at the start -> {learned['best_sqnr_db']:.2f} dB (kept)")
     for layer, u in rotated.get("untied", {}).items():
         lines.append(f"  untied {layer} from the embedding: +{u['extra_bytes']} bytes")
     if d.get("refused"):

@@ -113,11 +113,14 @@ def _factors_as(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, 
     return tuple(f.to(dtype=dtype, device=device) for f in factors(n))
 
 
-def transform(x: torch.Tensor) -> torch.Tensor:
-    """``x @ H_n / sqrt(n)`` over the last dimension (computed in float32 at least)."""
+def transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``x @ H_n / sqrt(n)`` over the last dimension (computed in float32 at least);
+    ``transpose``: ``x @ H_n^T / sqrt(n)``, the inverse (and the gradient)."""
     n = x.shape[-1]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     fs = _factors_as(n, compute, str(x.device))
+    if transpose:
+        fs = tuple(f.t() for f in fs)
     sizes = [f.shape[0] for f in fs]
     y = x.to(compute).reshape(-1, *sizes)
     rows = y.shape[0]

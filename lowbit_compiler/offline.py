@@ -32,6 +32,7 @@ from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, 
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import ACTIVATIONS, Recipe, get_recipe
+from lowbit_compiler.rotation import ROTATION_PASSES
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -106,15 +107,21 @@ def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], examp
     raise LowbitError("compress: cannot build an input for this model; pass example_inputs=tensor or dict")
 
 
-def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any], handle: Callable[[fx.GraphModule], None]) -> None:
+def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any], handle: Callable[..., None],
+                  with_inputs: bool = False) -> None:
     """Capture the model's forward once (eval mode, no grad) and hand each captured graph to
-    ``handle``; Dynamo's cache entries are dropped afterwards (see ``forget_compiled``)."""
+    ``handle`` (``handle(gm, args)`` with ``with_inputs``: the graph's arguments for this call);
+    Dynamo's cache entries are dropped afterwards (see ``forget_compiled``)."""
     graphs = 0
 
     def backend(gm: fx.GraphModule, example: list[Any]):
         nonlocal graphs
         graphs += 1
-        handle(capture(gm, example).gm)
+        captured = capture(gm, example)
+        if with_inputs:
+            handle(captured.gm, tuple(captured.call_args(example)))
+        else:
+            handle(captured.gm)
         return gm.forward
 
     was_training = model.training
@@ -142,9 +149,9 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     batches = as_batches(calibration, tokenizer)
     kwargs = _example_kwargs(model, batches, example_inputs)
     rotation_info = None
-    if "rotate" in recipe.passes:  # rotate the float model first: calibration sees the rotated one
-        rotation_info = _rotate(model, recipe, kwargs, strict)
-        recipe = recipe.replace(passes=tuple(p for p in recipe.passes if p != "rotate"))
+    if set(recipe.passes) & set(ROTATION_PASSES):  # rotate the float model first: calibration sees it rotated
+        rotation_info = _rotate(model, recipe, kwargs, strict, batches)
+        recipe = recipe.replace(passes=tuple(p for p in recipe.passes if p not in ROTATION_PASSES))
     precomputed, calibration_info = _calibrate(model, recipe, batches, progress)
     activation_scales = _static_activation_scales(model, recipe, batches, progress)
     formats = {layer: WeightFormat.parse(d["format"]) for layer, d in (calibration_info or {}).get("mixed", {}).items()}
@@ -188,22 +195,26 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     return model
 
 
-def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], strict: bool) -> dict[str, Any]:
-    """Run canonicalize + rotate on the captured graph and write what it changed into the model:
-    the new tensors (rotated, norm-folded, centred), parameter-free norms, untied heads, and a
-    ``lowbit::hadamard`` pre-hook on every R4 layer. R3 (inside attention) exists only in graphs:
-    compile the compressed model with a recipe that asks for it."""
-    options = dict(recipe.pass_options("rotate"))
+def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], strict: bool,
+            batches: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Run canonicalize + the rotation pass on the captured graph and write what it changed into
+    the model: the new tensors (rotated, norm-folded, centred), parameter-free norms, untied heads,
+    and a ``lowbit::hadamard`` pre-hook on every R4 layer. R3 (inside attention) exists only in
+    graphs: compile the compressed model with a recipe that asks for it. A learned rotation
+    (``spinquant``) trains on the calibration batches that have the captured batch's shapes."""
+    name = next(p for p in recipe.passes if p in ROTATION_PASSES)
+    options = dict(recipe.pass_options(name))
     r3 = options.pop("r3", False)
-    analysis_recipe = Recipe(f"{recipe.name}:rotate", ("canonicalize", "rotate"), options=(("rotate", tuple(options.items())),))
+    analysis_recipe = recipe.replace(name=f"{recipe.name}:{name}", passes=("canonicalize", name),
+                                     options=((name, tuple(options.items())),))
     found: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
-    def rotate(gm: fx.GraphModule) -> None:
-        ctx = PassContext(recipe=analysis_recipe, strict=strict)
+    def rotate(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
+        ctx = PassContext(recipe=analysis_recipe, strict=strict, inputs=_graph_inputs(args, kwargs, batches))
         report = run_pipeline(gm, analysis_recipe, ctx=ctx)
-        found.append((ctx.rotation, next(p.details for p in report.passes if p.name == "rotate")))
+        found.append((ctx.rotation, next(p.details for p in report.passes if p.name == name)))
 
-    _capture_each(model, kwargs, rotate)
+    _capture_each(model, kwargs, rotate, with_inputs=True)
     if len(found) != 1:
         raise LowbitError(f"compress({recipe.name}): rotations need the whole forward in one graph; Dynamo "
                           f"captured {len(found)} (graph breaks)")
@@ -240,6 +251,32 @@ def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], stri
         details = {**details, "R3": "not applied by compress (inside attention): compile with a recipe "
                    "whose rotate pass sets r3"}
     return details
+
+
+def _graph_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batches: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """The captured graph's arguments for every calibration batch with the captured shapes: each
+    graph argument is found among the capture's keyword inputs (by identity) and taken from the
+    batch under the same key. Batches of other shapes (the graph is specialised) are left out; no
+    calibration data gives no inputs (a learned rotation then keeps its start and says so)."""
+    if not batches:
+        return []
+    keys = []
+    for arg in args:
+        key = next((k for k, v in kwargs.items() if v is arg), None)
+        if key is None:
+            log.info("compress: graph input %s is not one of the model's inputs; learning uses the capture batch only",
+                     type(arg).__name__)
+            return [args]
+        keys.append(key)
+    out = []
+    for batch in batches:
+        values = [batch.get(k) for k in keys]
+        if all(isinstance(v, torch.Tensor) and v.shape == a.shape for v, a in zip(values, args)):
+            out.append(tuple(values))
+    if len(out) < len(batches):
+        log.info("compress: %d of %d calibration batches have the captured shapes and are used to learn rotations",
+                 len(out), len(batches))
+    return out or [args]
 
 
 def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],

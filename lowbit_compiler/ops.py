@@ -174,6 +174,15 @@ def _(x):
     return torch.empty_like(x)
 
 
+def _hadamard_backward(ctx, grad):  # d(x Q)/dx applied to grad: grad Q^T (learned rotations train through it)
+    from lowbit_compiler import hadamard as _h
+
+    return _h.transform(grad, transpose=True)
+
+
+hadamard.register_autograd(_hadamard_backward)
+
+
 def hadamard_reference(x: torch.Tensor) -> torch.Tensor:
     """Float64 reference: one matmul with the dense orthogonal matrix."""
     from lowbit_compiler import hadamard as _h

@@ -73,6 +73,9 @@ class PassContext:
     # what the rotate pass changed (new tensors per FQN, folded norms, online Hadamards): compress
     # writes it back into the model
     rotation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # argument tuples for the graph, for passes that learn from data (spinquant): the compile call's
+    # example inputs under torch.compile; the calibration batches (of the captured shape) in compress
+    inputs: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
 
     def fallback(self, where: str, reason: str) -> None:
         """Report that something was left on the reference path; raises in strict mode."""

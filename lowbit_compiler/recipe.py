@@ -116,6 +116,7 @@ class Recipe:
 
 _WEIGHT_ONLY = ("canonicalize", "insert_weight_quant")
 _ROTATED = ("canonicalize", "rotate", "insert_weight_quant")
+_LEARNED = ("canonicalize", "spinquant", "insert_weight_quant")
 # activation scheme -> (what lowbit::qa_linear's `act` is, the weight formats it multiplies with)
 ACTIVATIONS = {"int8_dynamic": ("int8", ("int8", "int4")), "fp8_dynamic": ("fp8_e4m3", ("fp8_e4m3",)),
                "int4_dynamic": ("int4", ("int8", "int4")),  # W4A4 (per-token, symmetric [-7, 7])
@@ -163,6 +164,8 @@ PRESETS: dict[str, Recipe] = {
                        options=(("rotate", (("r4", True),)),)),
     "w4a8-rot": Recipe("w4a8-rot", _ROTATED, WeightFormat(4, 128, symmetric=True), activation="int8_dynamic",
                        options=(("rotate", (("r4", True),)),)),
+    "w4a4-spin": Recipe("w4a4-spin", _LEARNED, WeightFormat(4, 128, symmetric=True), activation="int4_dynamic",
+                        options=(("spinquant", (("r4", True),)),)),
     "w4a4-rot-gptq": Recipe("w4a4-rot-gptq", _ROTATED, WeightFormat(4, 128, symmetric=True),
                             activation="int4_dynamic",
                             options=(("rotate", (("r4", True),)), ("insert_weight_quant", (("rounding", "gptq"),)))),

@@ -44,6 +44,10 @@ import torch.nn.functional as F
 from lowbit_compiler import hadamard, ir
 from lowbit_compiler.scale_folding import LAYOUT_OPS
 
+# the passes that rotate (compress() runs them on the float model before calibration; inspect
+# prints their report)
+ROTATION_PASSES = ("rotate", "spinquant")
+
 CASTS = {"to", "float", "type_as", "contiguous", "half", "bfloat16", "double"}
 VIEWS = {"view", "reshape", torch.reshape}
 
@@ -425,18 +429,19 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
             if (bkey := bias_of(ref)) is not None:
                 bias[bkey] = r1.T @ bias[bkey]
             rotated += 1
-    if r2 is not None:
+    if r2 is not None:  # out of place throughout: a learned R2 gets its gradient through here
         for site in a.heads:
-            d = site.head_dim
-            w = eff[weight(site.value)]
-            bkey = bias_of(site.value)
-            for start in range(site.rows[0], site.rows[1], d):
-                w[start:start + d] = r2.T @ w[start:start + d]
-                if bkey is not None:
-                    bias[bkey][start:start + d] = r2.T @ bias[bkey][start:start + d]
-            o = eff[weight(site.output)]
-            for start in range(0, o.shape[1], d):
-                o[:, start:start + d] = o[:, start:start + d] @ r2
+            d, (lo, hi) = site.head_dim, site.rows
+            key = weight(site.value)
+            w = eff[key]
+            heads = (w[lo:hi].reshape(-1, d, w.shape[1]).transpose(1, 2) @ r2).transpose(1, 2)
+            eff[key] = torch.cat([w[:lo], heads.reshape(hi - lo, -1), w[hi:]])
+            if (bkey := bias_of(site.value)) is not None:
+                b = bias[bkey]
+                bias[bkey] = torch.cat([b[:lo], (b[lo:hi].reshape(-1, d) @ r2).reshape(-1), b[hi:]])
+            okey = weight(site.output)
+            o = eff[okey]
+            eff[okey] = (o.reshape(o.shape[0], -1, d) @ r2).reshape(o.shape)
     for ref in r4:  # the down projections that get lowbit::hadamard on their input
         key = weight(ref)
         eff[key] = eff[key] @ hadamard.matrix(eff[key].shape[1])

@@ -19,6 +19,7 @@ graph module only: the user's model keeps its weights (``compress`` writes them 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -188,3 +189,54 @@ class Rotate(Pass):
                 count += 1
         gm.recompile()
         return count
+
+
+@register_pass
+class SpinQuant(Rotate):
+    """``rotate``, then R1 and R2 learned by Cayley SGD on the quantized model's output error
+    (``lowbit_compiler/learned_rotation.py``). Same options as ``rotate`` (its ``rotation`` is the
+    starting point), plus ``steps``, ``lr`` (the first step's length; cosine decay), ``momentum``
+    and ``learn_r2``. The data is
+    ``ctx.inputs``: the compile call's example inputs, or compress()'s calibration batches; with
+    none, the starting rotation is kept and the fallback says why."""
+
+    name = "spinquant"
+
+    def __init__(self, r1: bool = True, r2: bool = True, r3: bool = False, r4: bool = False,
+                 rotation: Any = "hadamard", seed: int = 0, steps: int = 60, lr: float = 0.2,
+                 momentum: float = 0.5, learn_r2: bool = True):
+        super().__init__(r1, r2, r3, r4, rotation, seed)
+        self.steps, self.lr, self.momentum, self.learn_r2 = steps, lr, momentum, learn_r2
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        from lowbit_compiler import learned_rotation
+
+        result = super().call(gm, ctx)
+        rotated = result.details.get("rotated") or {}
+        has_r1, has_r2 = rotated.get("R1") is not None, rotated.get("R2") is not None and self.learn_r2
+        if not (has_r1 or has_r2) or self.steps <= 0:
+            return result
+        sites = learned_rotation.quant_sites(gm, ctx.recipe)
+        if not sites:
+            result.details["learned"] = {"skipped": "the recipe quantizes no linear: nothing to learn against"}
+            return result
+        if not ctx.inputs:
+            ctx.fallback("spinquant", "no calibration inputs; kept the starting rotation (compress(model, recipe, "
+                         "calibration=...) provides them)")
+            return result
+        a = rotation.analyse(gm)
+        learned = learned_rotation.learn(gm, a, ctx.inputs, sites, steps=self.steps, lr=self.lr,
+                                         momentum=self.momentum, learn_r1=has_r1, learn_r2=has_r2)
+        if learned.best < learned.losses[0]:
+            keep = a if learned.r1 is not None else rotation.Analysis(hidden=a.hidden, heads=a.heads)
+            plan = rotation.plan_weights(keep, lambda fqn: ir.fetch_attr(gm, fqn), learned.r1, learned.r2,
+                                         fold_norms=False)
+            self._apply(gm, keep, plan, learned.r1 is not None, [])
+            ctx.rotation["tensors"].update(plan.tensors)
+        db = [round(-10 * math.log10(max(x, 1e-30)), 2) for x in learned.losses]
+        result.details["learned"] = {
+            "R1": learned.r1 is not None, "R2": learned.r2 is not None, "inputs": len(ctx.inputs),
+            "quantized_linears": len(sites), "steps": len(learned.losses) - 1,
+            "output_sqnr_db": db, "best_sqnr_db": round(-10 * math.log10(max(learned.best, 1e-30)), 2),
+        }
+        return result
