@@ -1,6 +1,10 @@
 """Rounding algorithms: how a float weight becomes the codes of a :class:`WeightFormat`.
 
 * ``rtn``: round to nearest (``formats.quantize``), data-free.
+* ``mse``: round to nearest under a clipped range, data-free: per group, the range (absmax, or
+  [min, max] for asymmetric formats) is shrunk by each ratio of a grid (1.0 down to 0.5) and the
+  one with the least squared error is kept (QuaRot's ``w_clip``, llm-compressor's MSE observer).
+  Int formats.
 * ``hqq``: Half-Quadratic Quantization (Badri & Shaji, 2023), data-free: alternately fit a sparse
   (l_p, p < 1) error with a generalised soft-threshold and re-solve the group's zero point and
   scale in closed form; keeps the best l2 fit seen. Int formats.
@@ -23,7 +27,7 @@ import torch
 
 from lowbit_compiler.formats import FormatError, QuantizedWeight, WeightFormat, _pack, quantize
 
-ALGORITHMS = ("rtn", "hqq", "gptq", "awq", "spqr")
+ALGORITHMS = ("rtn", "mse", "hqq", "gptq", "awq", "spqr")
 # data-driven: compress(..., calibration=...) computes these block by block (awq: scales searched
 # and folded into the producers by lowbit_compiler.scale_folding, then round to nearest)
 NEEDS_DATA = {"gptq", "awq"}
@@ -72,6 +76,43 @@ def _store(wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, fmt: Wei
 
 def rtn(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     return quantize(w, fmt)
+
+
+def mse(w: torch.Tensor, fmt: WeightFormat, ratios: int = 20, lowest: float = 0.5) -> QuantizedWeight:
+    """Round to nearest with the per-group clipping ratio of least squared error (module docstring).
+    Ratio 1.0 is on the grid, so no group is worse than ``rtn``'s."""
+    _require_int(fmt, "mse")
+    n, k = w.shape
+    w = w.detach().float()
+    kp = fmt.padded_k(k) if fmt.group_size else k
+    if kp != k:
+        w = torch.nn.functional.pad(w, (0, kp - k))
+    g = fmt.group_size or kp
+    wg = w.view(n, kp // g, g)
+    lo_code, hi_code, half = _grid(fmt)
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_scale, best_zero = torch.ones(wg.shape[:2]), torch.zeros(wg.shape[:2])
+    for ratio in torch.linspace(1.0, lowest, ratios).tolist():
+        if fmt.bits == 8:
+            scale = (ratio * wg.abs().amax(-1) / 127.0).clamp(min=1e-12)
+            zero = torch.zeros_like(scale)
+        elif fmt.symmetric:
+            scale = (ratio * wg.abs().amax(-1) / (half - 0.5)).clamp(min=1e-12)
+            zero = torch.full_like(scale, half)
+        else:
+            lo, hi = ratio * wg.amin(-1).clamp(max=0), ratio * wg.amax(-1).clamp(min=0)
+            scale = ((hi - lo) / hi_code).clamp(min=1e-12)
+            zero = torch.round(-lo / scale.to(torch.bfloat16).float()).clamp(0, hi_code)
+        scale = scale.to(torch.bfloat16).float()  # the stored value
+        fq = (torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], lo_code, hi_code) - zero[..., None]) \
+            * scale[..., None]
+        err = (fq - wg).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    wq = _fake(wg, best_scale[..., None], best_zero[..., None], fmt).reshape(n, kp)
+    return _store(wq, best_scale, best_zero, fmt, k)
 
 
 def gptq(w: torch.Tensor, fmt: WeightFormat, hessian: torch.Tensor, block_size: int = 128, damp: float = 0.01,

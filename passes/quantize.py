@@ -62,7 +62,8 @@ def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat,
             qw, outliers = rounding_algorithms.spqr(w, fmt, **options)
             deq = dequantize(qw).index_put((outliers.rows.long(), outliers.cols.long()), outliers.values.float())
         else:
-            qw = rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else quantize(w, fmt)
+            qw = (rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
+                  rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
             deq = dequantize(qw)
         return qw, sqnr_db(w.float(), deq), outliers
 
