@@ -62,6 +62,9 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
     if target == "triton":
         generated = _lower_triton(gm, ctx, kernels, dump, autotune)
     for node in list(gm.graph.nodes):
+        if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.hadamard.default:
+            _lower_hadamard(node, ctx, kernels)
+            continue
         if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default:
             # not in a fusion group: the op's own CPU implementation (integer matmuls) runs
             reason = _triton_unsupported(node) or "target 'triton': not in a fusion group"
@@ -136,13 +139,23 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _triton_unsupported(node: fx.Node) -> str | None:
     """Why the code generator cannot take this low-bit op (None: it can)."""
-    if not (torch.cuda.is_available() or _triton_adapter.interpreting()):
-        return ("target 'triton' needs a CUDA device; without one, start the process with TRITON_INTERPRET=1 "
-                "to run the generated kernels under Triton's interpreter (slow: for checking numerics)")
+    if (reason := _no_triton_device()) is not None:
+        return reason
     act = node.args[7] if node.target is torch.ops.lowbit.qa_linear.default else None
     if (gap := codegen.template_gap(node.args[5], act)) is not None:
         return gap
-    xv = _dynamo_adapter.example_value(node.args[0])
+    return _activation_unsupported(node.args[0])
+
+
+def _no_triton_device() -> str | None:
+    if not (torch.cuda.is_available() or _triton_adapter.interpreting()):
+        return ("target 'triton' needs a CUDA device; without one, start the process with TRITON_INTERPRET=1 "
+                "to run the generated kernels under Triton's interpreter (slow: for checking numerics)")
+    return None
+
+
+def _activation_unsupported(x: Any) -> str | None:
+    xv = _dynamo_adapter.example_value(x)
     if xv is None:
         return "no example value for the activation (dtype/device unknown)"
     if xv.dtype not in TRITON_DTYPES:
@@ -150,6 +163,23 @@ def _triton_unsupported(node: fx.Node) -> str | None:
     if xv.device.type != "cuda" and not _triton_adapter.interpreting():
         return f"activation on {xv.device}: generated kernels run on CUDA (or under TRITON_INTERPRET=1)"
     return None
+
+
+def _lower_hadamard(node: fx.Node, ctx: PassContext, kernels: dict[str, str]) -> None:
+    """``lowbit::hadamard`` -> its Triton kernel (``backends/hadamard_kernel.py``), or the CPU
+    implementation with the reason logged."""
+    from lowbit_compiler.backends import hadamard_kernel
+
+    reason = _no_triton_device() or _activation_unsupported(node.args[0])
+    xv = _dynamo_adapter.example_value(node.args[0])
+    if reason is None:
+        reason = hadamard_kernel.unsupported_reason(int(xv.shape[-1]))
+    if reason is not None:
+        ctx.fallback(ir.describe(node), f"{reason}; lowbit::hadamard runs its CPU implementation")
+        kernels[node.name] = "cpu-op"
+        return
+    node.target = torch.ops.lowbit.hadamard_triton.default
+    kernels[node.name] = f"triton:hadamard_{int(xv.shape[-1])}"
 
 
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],

@@ -100,6 +100,30 @@ def factors(n: int) -> list[torch.Tensor]:
     return out or [torch.ones(1, 1, dtype=torch.float64)]
 
 
+def split_two(n: int) -> tuple[int, int]:
+    """``(A, B)`` with ``H_n = H_A (x) H_B`` (``kron_factor``): ``A = m * 2^c`` carries the known
+    order m, ``B = 2^j``, both as close to sqrt(n) as the split allows (the Triton kernel's two
+    matmuls)."""
+    reason = unsupported_reason(n)
+    if reason is not None:
+        raise ValueError(reason)
+    m, p = split_order(n)
+    best = None
+    c = 1
+    while c <= p:
+        a, b = m * c, p // c
+        if best is None or abs(math.log(a / b)) < abs(math.log(best[0] / best[1])):
+            best = (a, b)
+        c *= 2
+    return best
+
+
+def kron_factor(a: int) -> torch.Tensor:
+    """The unnormalised H_a of :func:`split_two`: ``H_m (x) S_(2^c)`` (Sylvester) for ``a = m * 2^c``."""
+    m, p = split_order(a)
+    return torch.kron(_base(m), _sylvester(p)) if m > 1 else _sylvester(p)
+
+
 def matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The orthogonal ``H_n / sqrt(n)`` (float64 reference; ``transform`` never builds it)."""
     h = torch.ones(1, 1, dtype=torch.float64)

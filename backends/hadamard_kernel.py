@@ -1,0 +1,128 @@
+"""The Triton kernel behind ``lowbit::hadamard`` under ``target="triton"``: ``x @ H_n / sqrt(n)``
+per row, as two small matrix products.
+
+``H_n = H_A (x) H_B`` (:func:`lowbit_compiler.hadamard.split_two`: ``A`` carries the non-power-of-two
+factor, both near ``sqrt(n)``), so one row viewed as ``X`` [A, B] (row-major) maps to
+``H_A^T X H_B`` -- for 4096, two 64 x 64 x 64 ``tl.dot``\\ s per row on tensor cores instead of a
+4096 x 4096 matrix. ``A`` and ``B`` are padded to powers of two >= 16 (``tl.dot``'s minimum) with
+zero rows/columns in the stored factors, so padding contributes nothing. The factors are stored
+as +-1 (exact in any float dtype) and ``1/sqrt(n)`` is applied to the result. 16-bit activations
+go into tensor-core dots as they are (exact products, fp32 accumulation) and the fp32 intermediate
+enters the second product as a 16-bit hi + lo pair; fp32 activations use fp32 products
+(``input_precision="ieee"``: TF32 would cost ~3 decimal digits).
+
+One program per row. Sizes with ``pad(A) * pad(B) > 16384`` (one fp32 row tile above 64 KB) are
+refused with the reason; the op's CPU implementation then runs. Not yet: fusing the transform
+into the following quantized linear's activation prologue (the prologue quantizes K-tiles as it
+streams them, while the transform needs the whole row first).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit_compiler import hadamard
+from lowbit_compiler.backends import _triton_adapter
+
+MAX_TILE = 16384  # elements of the padded [A, B] row tile
+
+
+def _pad(v: int) -> int:
+    return max(16, 1 << (v - 1).bit_length())
+
+
+def unsupported_reason(n: int) -> str | None:
+    if (reason := hadamard.unsupported_reason(n)) is not None:
+        return reason
+    a, b = hadamard.split_two(n)
+    if _pad(a) * _pad(b) > MAX_TILE:
+        return (f"size {n}: the padded row tile {_pad(a)} x {_pad(b)} exceeds {MAX_TILE} fp32 elements of one "
+                "program; the CPU implementation runs")
+    return None
+
+
+@triton.jit
+def hadamard_rows(x_ptr, out_ptr, hat_ptr, hb_ptr, stride_x, stride_o, scale,
+                  A: tl.constexpr, B: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, HALF: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ia = tl.arange(0, PA)
+    ib = tl.arange(0, PB)
+    mask = (ia[:, None] < A) & (ib[None, :] < B)
+    offs = ia[:, None] * B + ib[None, :]
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    hat = tl.load(hat_ptr + ia[:, None] * PA + ia[None, :])  # H_A^T (+-1, zero-padded)
+    hb = tl.load(hb_ptr + ib[:, None] * PB + ib[None, :])    # H_B (+-1, zero-padded)
+    if HALF:
+        # 16-bit x and +-1 factors are exact operands of a tensor-core dot (fp32 accumulation);
+        # the fp32 intermediate goes into the second dot as a 16-bit hi + lo pair (16+ bits kept)
+        y = tl.dot(x, hb)
+        hi = y.to(x_ptr.dtype.element_ty)
+        lo = (y - hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        z = tl.dot(hat, hi) + tl.dot(hat, lo)
+    else:
+        y = tl.dot(x.to(tl.float32), hb, input_precision="ieee")
+        z = tl.dot(hat, y, input_precision="ieee")
+    tl.store(out_ptr + row * stride_o + offs, (z * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _factors(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded H_A^T and H_B (+-1 entries: exact in every float dtype)."""
+    a, b = hadamard.split_two(n)
+    ha, hb = hadamard.kron_factor(a), hadamard.kron_factor(b)
+    pa, pb = _pad(a), _pad(b)
+    hat = torch.zeros(pa, pa, dtype=dtype)
+    hat[:a, :a] = ha.t().to(dtype)
+    hbp = torch.zeros(pb, pb, dtype=dtype)
+    hbp[:b, :b] = hb.to(dtype)
+    return hat.to(device), hbp.to(device)
+
+
+def launch(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H_n / sqrt(n)`` over the last dimension with the Triton kernel (same dtype as x)."""
+    n = x.shape[-1]
+    if (reason := unsupported_reason(n)) is not None:
+        raise ValueError(reason)
+    a, b = hadamard.split_two(n)
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty_like(rows)
+    if rows.shape[0]:
+        # Triton's interpreter computes bf16 arithmetic wrongly (no error): there bf16 takes the
+        # fp32 path (loaded, cast, stored back); the bf16 tensor-core path is compiled for sm_90 only
+        half = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _triton_adapter.interpreting())
+        hat, hb = _factors(n, x.dtype if half else torch.float32, str(x.device))
+        hadamard_rows[(rows.shape[0],)](rows, out, hat, hb, rows.stride(0), out.stride(0), 1.0 / math.sqrt(n),
+                                        A=a, B=b, PA=_pad(a), PB=_pad(b), HALF=half, num_warps=_warps(a, b))
+    return out.reshape(x.shape)
+
+
+def _warps(a: int, b: int) -> int:
+    return 4 if _pad(a) * _pad(b) <= 4096 else 8
+
+
+def aot_job(n: int, dtype: torch.dtype = torch.float16, arch: int = 90) -> dict:
+    """What ``_triton_adapter.compile_for_gpu`` needs to compile the kernel for size ``n``."""
+    a, b = hadamard.split_two(n)
+    ty = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    return {"path": __file__, "name": "hadamard_rows",
+            "signature": {"x_ptr": ty, "out_ptr": ty, "hat_ptr": ty, "hb_ptr": ty,
+                          "stride_x": "i64", "stride_o": "i64", "scale": "fp32"},
+            "constexprs": {"A": a, "B": b, "PA": _pad(a), "PB": _pad(b), "HALF": dtype != torch.float32},
+            "num_warps": _warps(a, b), "arch": arch}
+
+
+@torch.library.custom_op("lowbit::hadamard_triton", mutates_args=())
+def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
+    """``lowbit::hadamard`` lowered for ``target="triton"``: the kernel above."""
+    return launch(x)
+
+
+@hadamard_triton.register_fake
+def _(x):
+    return torch.empty_like(x)
