@@ -23,7 +23,7 @@ def test_every_known_order_is_a_hadamard_matrix():
         assert h.abs().eq(1).all() and torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)), m
 
 
-@pytest.mark.parametrize("n", [1, 2, 12, 40, 96, 128, 4096, 5632])
+@pytest.mark.parametrize("n", [1, 2, 12, 40, 52, 96, 128, 208, 4096, 5632])
 def test_fast_transform_matches_the_dense_float64_matrix(n):
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     q = hadamard.matrix(n)
@@ -102,14 +102,14 @@ def test_a_quantized_writer_is_refused():
             torch.compile(model, backend=Recorder(recipe="rotate", strict=True))(prompt())
 
 
-def outlier_model(channels=(3,), factor=30.0):
-    """A tiny Llama whose residual stream has an outlier channel: scaled 30x in the embedding and
-    in the output rows of every linear that writes into the stream (small init keeps the random
+def outlier_model(channels=(3,), factor=30.0, hidden=128, init=0.002):
+    """A tiny Llama whose residual stream has outlier channels: scaled ``factor``x in the embedding
+    and in the output rows of every linear that writes into the stream (small init keeps the random
     model's own error amplification low enough to see the activation error)."""
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                               max_position_embeddings=256, initializer_range=0.002)).eval()
+                                               max_position_embeddings=256, initializer_range=init)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("embed_tokens.weight"):
@@ -120,17 +120,20 @@ def outlier_model(channels=(3,), factor=30.0):
 
 
 def test_w4a4_with_rotations_beats_w4a4_on_outlier_channels():
-    ids = prompt(16)
+    """The issue's construction (two channels x20) on a hidden-1024 Llama. Logit SQNR: w4a4 4.3 dB,
+    w4a4-rot 15.0 dB (10.6-10.8 dB apart on three token sets); without outliers both give 14.8 dB:
+    the rotation removes their whole cost, and W4A4 itself is the ceiling (the int4 x int4 head
+    alone allows ~15.5 dB). Without rotation the outlier features survive, so w4a4 keeps ~4 dB."""
+    ids = torch.randint(3, 256, (2, 64), generator=torch.Generator().manual_seed(9))
     db = {}
     for recipe in ("w4a4", "w4a4-rot"):
         torch.compiler.reset()
-        model = outlier_model()
+        model = outlier_model(channels=(3, 100), factor=20.0, hidden=1024, init=0.0005)
         rec = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")
         with torch.no_grad():
             ref = model(ids).logits
             db[recipe] = sqnr_db(ref, torch.compile(model, backend=rec)(ids).logits)
-    # measured: 9.3 dB -> 16.1 dB (the issue asks for 10 dB; see the README's rotation section)
-    assert db["w4a4-rot"] >= db["w4a4"] + 5.0, db
+    assert db["w4a4-rot"] >= db["w4a4"] + 10.0, db
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
