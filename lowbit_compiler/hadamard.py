@@ -3,10 +3,10 @@
 A Hadamard matrix ``H`` of order n has entries +-1 and ``H H^T = n I``; ``H / sqrt(n)`` is an
 orthogonal rotation that spreads every input channel over all outputs, which is what flattens
 activation outliers before quantization (QuaRot). Orders supported: ``n = 2^k * m`` with ``m`` one
-of :data:`KNOWN_ORDERS` -- 1 (Sylvester), or an order built by Paley's constructions over a prime
-field: 12, 20, 28, 36, 44, 60, 108, 140 (and so 40 = 2 * 20, 5632 = 44 * 128, 14336 = 28 * 512,
-13824 = 108 * 128). Other sizes are refused with the reason (:func:`unsupported_reason`): 52, 156
-and 172 need a Paley construction over GF(25) or Williamson's (QuaRot ships those tables).
+of :data:`KNOWN_ORDERS` -- 1 (Sylvester), or an order built by Paley's constructions over a finite
+field: 12, 20, 28, 36, 44, 52 (GF(25)), 60, 108, 140 (and so 40 = 2 * 20, 5632 = 44 * 128,
+14336 = 28 * 512, 13824 = 108 * 128). Other sizes are refused with the reason
+(:func:`unsupported_reason`): 156 and 172 need Williamson-type matrices (QuaRot ships tables).
 
 The transform (:func:`transform`) is ``x @ H_n / sqrt(n)`` on the last dimension, computed as a
 chain of small matmuls: ``H_n = H_m (x) H_f1 (x) H_f2 ...`` with Sylvester factors of at most 16,
@@ -24,7 +24,7 @@ import torch
 
 # m -> (construction, q): Paley I (q = 3 mod 4, order q + 1), Paley II (q = 1 mod 4, order 2(q + 1))
 KNOWN_ORDERS = {1: ("sylvester", 1), 12: ("paley1", 11), 20: ("paley1", 19), 28: ("paley2", 13),
-                36: ("paley2", 17), 44: ("paley1", 43), 60: ("paley1", 59), 108: ("paley1", 107),
+                36: ("paley2", 17), 44: ("paley1", 43), 52: ("paley2", 25), 60: ("paley1", 59), 108: ("paley1", 107),
                 140: ("paley1", 139)}
 _MAX_FACTOR = 16  # measured: 16x16x16 beats 64x64 and the radix-2 butterfly for 4096 on CPU
 
@@ -42,8 +42,8 @@ def unsupported_reason(n: int) -> str | None:
         return f"size {n}: a Hadamard transform needs a positive size"
     if split_order(n) is None:
         known = ", ".join(str(m) for m in sorted(KNOWN_ORDERS) if m > 1)
-        return (f"size {n} is not a power of two times a known Hadamard order ({known}); 52, 156 and 172 "
-                "are not constructed here yet")
+        return (f"size {n} is not a power of two times a known Hadamard order ({known}); 156 and 172 "
+                "(Williamson type) are not constructed here yet")
     return None
 
 
@@ -55,9 +55,20 @@ def _legendre(a: int, q: int) -> int:
 
 
 def _jacobsthal(q: int) -> torch.Tensor:
-    idx = torch.arange(q)
-    table = torch.tensor([_legendre(a, q) for a in range(q)], dtype=torch.float64)
-    return table[(idx[None, :] - idx[:, None]) % q]
+    """``Q[i, j] = chi(x_j - x_i)`` over GF(q), chi the quadratic character: q prime, or q = p^2
+    (GF(p)[t] / (t^2 - r), r a non-residue mod p; elements a + b t numbered a + p b)."""
+    if all(q % d for d in range(2, int(q ** 0.5) + 1)):
+        idx = torch.arange(q)
+        table = torch.tensor([_legendre(a, q) for a in range(q)], dtype=torch.float64)
+        return table[(idx[None, :] - idx[:, None]) % q]
+    p = int(round(q ** 0.5))
+    assert p * p == q, q
+    r = next(r for r in range(2, p) if _legendre(r, p) == -1)
+    squares = {((a * a + r * b * b) % p, (2 * a * b) % p) for a in range(p) for b in range(p) if a or b}
+    elems = [(a, b) for b in range(p) for a in range(p)]
+    chi = lambda e: 0 if e == (0, 0) else (1 if e in squares else -1)  # noqa: E731
+    return torch.tensor([[chi(((xj[0] - xi[0]) % p, (xj[1] - xi[1]) % p)) for xj in elems] for xi in elems],
+                        dtype=torch.float64)
 
 
 @functools.lru_cache(maxsize=None)
