@@ -65,6 +65,11 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.hadamard.default:
             _lower_hadamard(node, ctx, kernels)
             continue
+        if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.kron_transform.default:
+            ctx.fallback(ir.describe(node), "no Triton kernel for lowbit::kron_transform yet; its torch "
+                         "implementation (two small matmuls) runs")
+            kernels[node.name] = "cpu-op"
+            continue
         if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default:
             # not in a fusion group: the op's own CPU implementation (integer matmuls) runs
             reason = _triton_unsupported(node) or "target 'triton': not in a fusion group"

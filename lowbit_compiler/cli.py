@@ -26,12 +26,15 @@ def format_summary(s: dict[str, Any]) -> str:
            f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
     passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
                "see 'rotations' below" if p["name"] in ROTATION_PASSES else
+               "see 'affine transforms' below" if p["name"] == "flatquant" and p["details"].get("groups") else
                ", ".join(f"{k}={v}" for k, v in p["details"].items() if v not in (0, None, ""))]
               for p in s.get("passes", [])]
     out.append(_table(passes, ["pass", "ms", "matches", "changed", "details"]) if passes else "(no passes)")
     for p in s.get("passes", []):
         if p["name"] in ROTATION_PASSES:
             out.append(format_rotation(p["details"]))
+        if p["name"] == "flatquant" and p["details"].get("groups"):
+            out.append(format_affine(p["details"]))
     layers = s.get("layers", {})
     if layers:
         rows, before, after = [], 0, 0
@@ -78,6 +81,18 @@ def format_rotation(d: dict[str, Any]) -> str:
                      f"{db[0]:.2f} dB at the start -> {learned['best_sqnr_db']:.2f} dB (kept)")
     for layer, u in rotated.get("untied", {}).items():
         lines.append(f"  untied {layer} from the embedding: +{u['extra_bytes']} bytes")
+    if d.get("refused"):
+        lines.append(_table([[r["what"], r["reason"]] for r in d["refused"]], ["refused", "why"]))
+    return "\n".join(lines)
+
+
+def format_affine(d: dict[str, Any]) -> str:
+    """FlatQuant: one learned transform per group of linears sharing an input."""
+    rows = [[g["linears"][0] + (f" (+{len(g['linears']) - 1})" if len(g["linears"]) > 1 else ""),
+             "x".join(map(str, g["kron"])), f"{g['output_sqnr_db'][0]:.2f}", f"{g['output_sqnr_db'][1]:.2f}",
+             "identity kept" if g.get("kept_identity") else "applied"] for g in d["groups"]]
+    lines = [f"affine transforms (flatquant, learned on {d.get('inputs', '?')} calibration input(s)):",
+             _table(rows, ["group", "P1 x P2", "quantized SQNR dB before", "after", ""])]
     if d.get("refused"):
         lines.append(_table([[r["what"], r["reason"]] for r in d["refused"]], ["refused", "why"]))
     return "\n".join(lines)

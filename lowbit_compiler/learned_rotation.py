@@ -223,3 +223,100 @@ def learn(gm: fx.GraphModule, a: rotation.Analysis, inputs: Sequence[Sequence[An
     r1 = next(it) if q1 is not None else None
     r2 = next(it) if q2 is not None else None
     return Learned(r1, r2, losses, evaluations, best[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# FlatQuant: per-layer affine transforms x -> x (P1 (x) P2), W -> W (P1 (x) P2)^-T
+# ---------------------------------------------------------------------------------------------
+
+def kron_split(k: int) -> tuple[int, int]:
+    """``(a, b)``, ``a * b = k``, ``a <= b`` as close to sqrt(k) as k's divisors allow."""
+    a = max(d for d in range(1, int(k ** 0.5) + 1) if k % d == 0)
+    return a, k // a
+
+
+def kron_rows(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``x @ (left (x) right)`` for rows of x (differentiable; ``lowbit::kron_transform``'s math)."""
+    a, b = left.shape[0], right.shape[0]
+    return (left.t() @ x.reshape(-1, a, b) @ right).reshape(x.shape)
+
+
+@dataclasses.dataclass
+class Affine:
+    left: torch.Tensor    # P1 [a, a]
+    right: torch.Tensor   # P2 [b, b]
+    losses: list[float]   # relative output error of the group's quantized linears (index 0: identity)
+    best: float
+
+
+def learn_affine(x: torch.Tensor, weights: list[torch.Tensor], sites: list[QuantSite], *, steps: int = 100,
+                 lr: float = 5e-3) -> Affine:
+    """FlatQuant for one group of linears sharing the input rows ``x`` [rows, K]: Adam on ``P1``,
+    ``P2`` (from the identity) minimising ``sum ||Q(x P) Q(W P^-T)^T - x W^T||^2 / ||x W^T||^2`` with
+    the fake quantizers above. The best pair seen is returned (the identity if nothing beats it)."""
+    k = x.shape[-1]
+    a, b = kron_split(k)
+    x = x.float()
+    ws = [w.float() for w in weights]
+    targets = [x @ w.t() for w in ws]
+    norm = sum(float(t.pow(2).sum()) for t in targets) or 1.0
+    p1 = torch.eye(a, requires_grad=True)
+    p2 = torch.eye(b, requires_grad=True)
+    opt = torch.optim.Adam([p1, p2], lr=lr)
+
+    def loss_of() -> torch.Tensor:
+        xt = kron_rows(x, p1, p2)
+        i1, i2 = torch.linalg.inv(p1), torch.linalg.inv(p2)
+        total = torch.zeros(())
+        for w, t, site in zip(ws, targets, sites):
+            wt = kron_rows(w, i1.t(), i2.t())
+            xq = fake_quant_activation(xt, site.act) if site.act else xt
+            wq = fake_quant_weight(wt, site.weight) if site.weight is not None else wt
+            total = total + (xq @ wq.t() - t).pow(2).sum()
+        return total / norm
+
+    losses, best = [], (float("inf"), p1.detach().clone(), p2.detach().clone())
+    with torch.enable_grad():
+        for _ in range(steps + 1):
+            loss = loss_of()
+            value = loss.item()
+            losses.append(value)
+            if value < best[0]:
+                best = (value, p1.detach().clone(), p2.detach().clone())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    losses.pop()  # the last optimiser step was never evaluated
+    return Affine(best[1], best[2], losses, best[0])
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps the values of ``wanted`` nodes (as [rows, K] float32)."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.seen: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in wanted}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted and isinstance(out, torch.Tensor):
+            self.seen[n].append(out.detach().reshape(-1, out.shape[-1]).float())
+        return out
+
+
+def record_inputs(gm: fx.GraphModule, inputs: Sequence[Sequence[Any]], nodes: set[fx.Node],
+                  max_rows: int = 4096) -> dict[fx.Node, torch.Tensor]:
+    """The values each node in ``nodes`` takes over the calibration inputs (at most ``max_rows``
+    rows, evenly spaced)."""
+    rec = _Recorder(gm, nodes)
+    with torch.no_grad():
+        for args in inputs:
+            rec.run(*args)
+    out = {}
+    for node, parts in rec.seen.items():
+        rows = torch.cat(parts)
+        if rows.shape[0] > max_rows:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, max_rows).long()]
+        out[node] = rows
+    return out

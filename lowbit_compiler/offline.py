@@ -44,10 +44,15 @@ class LowbitLinear(torch.nn.Module):
     def __init__(self, fmt: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, in_features: int, act: str | None = None,
                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 x_scale: torch.Tensor | None = None, input_hadamard: bool = False):
+                 x_scale: torch.Tensor | None = None, input_hadamard: bool = False,
+                 input_transform: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.fmt, self.act = fmt, act
         self.input_hadamard = input_hadamard  # R4: lowbit::hadamard on the input (the weight absorbed H)
+        # FlatQuant: lowbit::kron_transform(x, P1, P2) after the Hadamard (the weight absorbed its inverse)
+        left, right = input_transform or (None, None)
+        self.register_buffer("transform_left", left)
+        self.register_buffer("transform_right", right)
         self.register_buffer("x_scale", x_scale)  # static activation scale (None: per token at run time)
         for name, t in zip(("outlier_rows", "outlier_cols", "outlier_values"), outliers or (None,) * 3):
             self.register_buffer(name, t)  # SpQR-style fp16 outliers, added by lowbit::sparse_linear
@@ -61,6 +66,8 @@ class LowbitLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_hadamard:
             x = torch.ops.lowbit.hadamard(x)
+        if self.transform_left is not None:
+            x = torch.ops.lowbit.kron_transform(x, self.transform_left, self.transform_right)
         if self.act:
             return torch.ops.lowbit.qa_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                               self.in_features, self.act, self.x_scale)
@@ -74,6 +81,8 @@ class LowbitLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         act = f", act={self.act}" if self.act else ""
         rot = ", input_hadamard=True" if self.input_hadamard else ""
+        if self.transform_left is not None:
+            rot += f", input_transform={self.transform_left.shape[0]}x{self.transform_right.shape[0]}"
         return f"{self.fmt}{act}{rot}, in_features={self.in_features}, out_features={self.out_features}"
 
 
@@ -159,9 +168,10 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
 
-    def rewrite(gm: fx.GraphModule) -> None:
+    def rewrite(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
         ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None,
-                          formats=formats, activation_scales=activation_scales)
+                          formats=formats, activation_scales=activation_scales,
+                          inputs=_graph_inputs(args, kwargs, batches) if "flatquant" in recipe.passes else [])
         report = run_pipeline(gm, recipe, ctx=ctx)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
@@ -171,7 +181,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
                                                         torch.ops.lowbit.qa_linear.default):
                 decisions[decision.layer] = (gm, node)
 
-    _capture_each(model, kwargs, rewrite)
+    _capture_each(model, kwargs, rewrite, with_inputs=True)
 
     replaced = 0
     for layer, (gm, node) in decisions.items():
@@ -184,9 +194,14 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         outliers = None
         if ir.get(node, ir.WEIGHT_QUANT).outliers:
             outliers = tuple(ir.fetch_attr(gm, f"{layer}.outlier_{part}") for part in ("rows", "cols", "values"))
+        transform = None
+        x = node.args[0]
+        if isinstance(x, fx.Node) and x.target is torch.ops.lowbit.kron_transform.default:
+            transform = tuple(ir.fetch_attr(gm, t.target) for t in x.args[1:3])
         setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act, outliers,
                                             None if x_scale is None else ir.fetch_attr(gm, x_scale.target),
-                                            input_hadamard=getattr(old, "lowbit_input_hadamard", False)))
+                                            input_hadamard=getattr(old, "lowbit_input_hadamard", False),
+                                            input_transform=transform))
         replaced += 1
     if replaced == 0 and rotation_info is None:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)

@@ -174,6 +174,29 @@ def _(x):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("lowbit::kron_transform", mutates_args=())
+def kron_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``x @ (left (x) right)`` over the last dimension (FlatQuant's online affine transform): a row
+    viewed as ``X`` [a, b] becomes ``left^T X right``; computed in float32 at least."""
+    a, b = left.shape[0], right.shape[0]
+    if x.shape[-1] != a * b:
+        raise ValueError(f"lowbit::kron_transform: input size {x.shape[-1]} != {a} x {b}")
+    compute = torch.promote_types(x.dtype, torch.float32)
+    rows = x.to(compute).reshape(-1, a, b)
+    out = torch.matmul(left.to(compute).t(), rows) @ right.to(compute)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+@kron_transform.register_fake
+def _(x, left, right):
+    return torch.empty_like(x)
+
+
+def kron_transform_reference(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Float64 reference: the dense Kronecker product."""
+    return (x.double() @ torch.kron(left.double(), right.double())).to(x.dtype)
+
+
 def _hadamard_backward(ctx, grad):  # d(x Q)/dx applied to grad: grad Q^T (learned rotations train through it)
     from lowbit_compiler import hadamard as _h
 

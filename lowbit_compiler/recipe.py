@@ -166,6 +166,8 @@ PRESETS: dict[str, Recipe] = {
                        options=(("rotate", (("r4", True),)),)),
     "w4a4-spin": Recipe("w4a4-spin", _LEARNED, WeightFormat(4, 128, symmetric=True), activation="int4_dynamic",
                         options=(("spinquant", (("r4", True),)),)),
+    "w4a4-flat": Recipe("w4a4-flat", ("canonicalize", "flatquant", "insert_weight_quant"),
+                        WeightFormat(4, 128, symmetric=True), activation="int4_dynamic"),
     "w4a4-rot-gptq": Recipe("w4a4-rot-gptq", _ROTATED, WeightFormat(4, 128, symmetric=True),
                             activation="int4_dynamic",
                             options=(("rotate", (("r4", True),)), ("insert_weight_quant", (("rounding", "gptq"),)))),

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from lowbit_compiler import hadamard, ir, rotation
-from lowbit_compiler.pass_base import Pass, PassContext, PassResult, register_pass
+from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -240,3 +240,96 @@ class SpinQuant(Rotate):
             "output_sqnr_db": db, "best_sqnr_db": round(-10 * math.log10(max(learned.best, 1e-30)), 2),
         }
         return result
+
+
+@register_pass
+class FlatQuant(Pass):
+    """FlatQuant-style learned affine transforms, one per group of quantized linears that share an
+    input (q/k/v, gate/up, o_proj, down_proj, the head): ``x -> x (P1 (x) P2)`` online
+    (``lowbit::kron_transform``, two small matmuls) and ``W -> W (P1 (x) P2)^-T`` folded into each
+    weight, so the float model is unchanged while the quantized one sees flatter activations and
+    weights. ``P1``/``P2`` are learned per group on the calibration inputs (``ctx.inputs``) with
+    Adam from the identity, on the group's quantized output error (``learned_rotation.learn_affine``);
+    a group keeps the identity (no transform) unless learning beats it. Runs after ``rotate`` or
+    on its own, before ``insert_weight_quant``. Options: ``steps`` (100), ``lr`` (5e-3),
+    ``max_rows`` (4096 calibration rows per group). Not done: FlatQuant's learnable clipping and
+    per-channel scales, and fusing the transform into the kernels (it runs as its own op)."""
+
+    name = "flatquant"
+    requires = ("canonical",)
+    ensures = ("transformed",)
+
+    def __init__(self, steps: int = 100, lr: float = 5e-3, max_rows: int = 4096):
+        super().__init__(steps=steps, lr=lr, max_rows=max_rows)
+        self.steps, self.lr, self.max_rows = steps, lr, max_rows
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        from lowbit_compiler import learned_rotation as lr_
+
+        sites = {n: s for n, s in lr_.quant_sites(gm, ctx.recipe).items() if s.act is not None}
+        if not sites:
+            return PassResult(False, 0, {"skipped": "the recipe quantizes no activations: nothing to flatten"})
+        if ctx.quantized or (ctx.recipe.activation or "").endswith("_static"):
+            raise LowbitError(f"flatquant: recipe {ctx.recipe.name!r} computes weights (gptq/awq) or static activation "
+                              "scales from calibration before this pass would change the weights and inputs they "
+                              "were computed for; use round-to-nearest (or hqq/mse) and dynamic activations")
+        if not ctx.inputs:
+            ctx.fallback("flatquant", "no calibration inputs; no transform learned (compress(model, recipe, "
+                         "calibration=...) provides them)")
+            return PassResult(False, 0, {"skipped": "no calibration inputs"})
+        groups: dict[fx.Node, list[fx.Node]] = {}
+        refused = []
+        for node in sites:
+            parts = ir.linear_parts(node)
+            if len(parts.weight_node.users) > 1:
+                refused.append({"what": sites[node].layer, "reason": "its weight is shared with another op (a tied "
+                                "embedding): untie it first (the rotate pass does)"})
+                continue
+            groups.setdefault(parts.x, []).append(node)
+        for item in refused:
+            ctx.fallback(f"flatquant: {item['what']}", item["reason"])
+        recorded = lr_.record_inputs(gm, ctx.inputs, set(groups), self.max_rows)
+        report, transformed = [], 0
+        for x, linears in groups.items():
+            parts = [ir.linear_parts(n) for n in linears]
+            weights = []
+            for p in parts:
+                w = ir.fetch_attr(gm, p.weight_node.target)
+                weights.append(w.t() if p.transposed else w)
+            fit = lr_.learn_affine(recorded[x], weights, [sites[n] for n in linears], steps=self.steps, lr=self.lr)
+            names = [sites[n].layer for n in linears]
+            db = lambda v: round(-10 * math.log10(max(v, 1e-30)), 2)  # noqa: E731
+            entry = {"linears": names, "kron": [fit.left.shape[0], fit.right.shape[0]],
+                     "output_sqnr_db": [db(fit.losses[0]), db(fit.best)]}
+            report.append(entry)
+            if not fit.best < fit.losses[0]:
+                entry["kept_identity"] = True
+                continue
+            base = names[0]
+            left = _new_buffer(gm, f"{base}.flat_left", fit.left)
+            right = _new_buffer(gm, f"{base}.flat_right", fit.right)
+            first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
+            with gm.graph.inserting_before(first):
+                t = gm.graph.call_function(torch.ops.lowbit.kron_transform.default, (x, left, right))
+            t.meta.update({k: v for k, v in x.meta.items() if k != ir.META})
+            if ir.get(first, ir.MODULE) is not None:
+                ir.put(t, ir.MODULE, ir.get(first, ir.MODULE))
+            i1, i2 = torch.linalg.inv(fit.left.double()).t(), torch.linalg.inv(fit.right.double()).t()
+            for node, p, w in zip(linears, parts, weights):
+                new = lr_.kron_rows(w.double(), i1, i2)
+                _replace_attr(gm, p.weight_node.target, (new.t() if p.transposed else new).contiguous().to(w.dtype))
+                node.replace_input_with(x, t)
+            transformed += len(linears)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return PassResult(transformed > 0, transformed, {"groups": report, "refused": refused,
+                                                         "inputs": len(ctx.inputs)})
+
+
+def _new_buffer(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> fx.Node:
+    ir.set_attr(gm, fqn, value)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        node = gm.graph.get_attr(fqn)
+    node.meta["example_value"] = value
+    return node

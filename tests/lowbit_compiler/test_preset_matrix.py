@@ -12,11 +12,11 @@ from tests.helpers import Recorder
 
 CALIBRATION = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 DATA_DRIVEN = {"w4a16-gptq", "w3a16-gptq", "w4a16-awq", "w8a8-smooth", "mixed-4.5", "w4a4-rot-gptq",
-               "w4a4-spin"}  # (spinquant learns from the data it sees: compile and compress differ)
+               "w4a4-spin", "w4a4-flat"}  # (they learn from the data they see: compile and compress differ)
 # logits SQNR floors against float on tiny random models (3-bit formats are coarse there)
 FLOORS = {"w3a16": 4.0, "w3a16-gptq": 6.0, "w4a16-spqr": 4.0,
           # int4 activations: 4-bit per-token codes on a random model
-          "w4a4": 6.0, "w4a4-rot": 6.0, "w4a4-rot-gptq": 6.0, "w4a4-spin": 6.0}
+          "w4a4": 6.0, "w4a4-rot": 6.0, "w4a4-rot-gptq": 6.0, "w4a4-spin": 6.0, "w4a4-flat": 6.0}
 
 
 @pytest.mark.slow
