@@ -3,10 +3,10 @@
 A Hadamard matrix ``H`` of order n has entries +-1 and ``H H^T = n I``; ``H / sqrt(n)`` is an
 orthogonal rotation that spreads every input channel over all outputs, which is what flattens
 activation outliers before quantization (QuaRot). Orders supported: ``n = 2^k * m`` with ``m`` one
-of :data:`KNOWN_ORDERS` -- 1 (Sylvester), or an order built by Paley's constructions over a finite
-field: 12, 20, 28, 36, 44, 52 (GF(25)), 60, 108, 140 (and so 40 = 2 * 20, 5632 = 44 * 128,
-14336 = 28 * 512, 13824 = 108 * 128). Other sizes are refused with the reason
-(:func:`unsupported_reason`): 156 and 172 need Williamson-type matrices (QuaRot ships tables).
+of :data:`KNOWN_ORDERS` -- 1 (Sylvester), an order built by Paley's constructions over a finite
+field: 12, 20, 28, 36, 44, 52 (GF(25)), 60, 108, 140, or by the Goethals-Seidel array: 156, 172
+(and so 40 = 2 * 20, 5632 = 44 * 128, 14336 = 28 * 512, 11008 = 172 * 64, 13824 = 108 * 128).
+Other sizes are refused with the reason (:func:`unsupported_reason`).
 
 The transform (:func:`transform`) is ``x @ H_n / sqrt(n)`` on the last dimension, computed as a
 chain of small matmuls: ``H_n = H_m (x) H_f1 (x) H_f2 ...`` with Sylvester factors of at most 16,
@@ -22,10 +22,12 @@ import math
 
 import torch
 
-# m -> (construction, q): Paley I (q = 3 mod 4, order q + 1), Paley II (q = 1 mod 4, order 2(q + 1))
+# m -> (construction, q): Paley I (q = 3 mod 4, order q + 1), Paley II (q = 1 mod 4, order 2(q + 1)),
+# Goethals-Seidel (order 4q, from the sequences below)
 KNOWN_ORDERS = {1: ("sylvester", 1), 12: ("paley1", 11), 20: ("paley1", 19), 28: ("paley2", 13),
-                36: ("paley2", 17), 44: ("paley1", 43), 52: ("paley2", 25), 60: ("paley1", 59), 108: ("paley1", 107),
-                140: ("paley1", 139)}
+                36: ("paley2", 17), 44: ("paley1", 43), 52: ("paley2", 25), 60: ("paley1", 59),
+                108: ("paley1", 107), 140: ("paley1", 139), 156: ("goethals_seidel", 39),
+                172: ("goethals_seidel", 43)}
 _MAX_FACTOR = 16  # measured: 16x16x16 beats 64x64 and the radix-2 butterfly for 4096 on CPU
 
 
@@ -42,8 +44,7 @@ def unsupported_reason(n: int) -> str | None:
         return f"size {n}: a Hadamard transform needs a positive size"
     if split_order(n) is None:
         known = ", ".join(str(m) for m in sorted(KNOWN_ORDERS) if m > 1)
-        return (f"size {n} is not a power of two times a known Hadamard order ({known}); 156 and 172 "
-                "(Williamson type) are not constructed here yet")
+        return f"size {n} is not a power of two times a known Hadamard order ({known})"
     return None
 
 
@@ -71,11 +72,40 @@ def _jacobsthal(q: int) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+# Goethals-Seidel: four +-1 sequences of length v whose periodic autocorrelations sum to zero give
+# a Hadamard matrix of order 4v. Each sequence is -1 on a set D_i of a supplementary difference set
+# 4-{v; k_1..k_4; sum k - v} built from unions of orbits of a multiplier group (found by a
+# meet-in-the-middle search over those unions): v = 43 with the order-7 subgroup <41> of Z_43^*
+# (k = 15, 21, 21, 21), v = 39 with <16> of Z_39^* (k = 14, 17, 18, 19). Verified H H^T = 4v I.
+_GOETHALS_SEIDEL = {
+    43: ("---+-+++-++-++++-++++--++++-++++-++-+++-+--", "+-+----+++---+++-++---+--++++++-+-+-+--+--+",
+         "+-----++-++--+++-++----++++-++++--+-+-+-+--", "+-----++-++--+++-++----++++-++++--+-+-+-+--"),
+    39: ("--++++++-++----+-+++-+-++++++--++++--++", "-++-++++--+-+--++++---++-++---+-+-+-+++",
+         "+-------+--++++--+-+++-++-+-++++-+-++-+", "-------++--+++---+-+++-++-+-+-++-++-+++"),
+}
+
+
+def _goethals_seidel(v: int) -> torch.Tensor:
+    def circulant(seq: str) -> torch.Tensor:
+        row = torch.tensor([1.0 if c == "+" else -1.0 for c in seq], dtype=torch.float64)
+        idx = torch.arange(v)
+        return row[(idx[None, :] - idx[:, None]) % v]
+
+    a, b, c, d = (circulant(s) for s in _GOETHALS_SEIDEL[v])
+    r = torch.flip(torch.eye(v, dtype=torch.float64), [0])
+    return torch.cat([torch.cat([a, b @ r, c @ r, d @ r], 1),
+                      torch.cat([-b @ r, a, d.T @ r, -c.T @ r], 1),
+                      torch.cat([-c @ r, -d.T @ r, a, b.T @ r], 1),
+                      torch.cat([-d @ r, c.T @ r, -b.T @ r, a], 1)], 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _base(m: int) -> torch.Tensor:
     kind, q = KNOWN_ORDERS[m]
     if kind == "sylvester":
         return torch.ones(1, 1, dtype=torch.float64)
+    if kind == "goethals_seidel":
+        return _goethals_seidel(q)
     Q = _jacobsthal(q)
     ones = torch.ones(q, dtype=torch.float64)
     if kind == "paley1":  # skew conference matrix C, H = I + C

@@ -11,7 +11,7 @@ from tests.conftest import make_model, prompt
 from tests.helpers import Recorder
 
 
-@pytest.mark.parametrize("n", [12, 32, 96, 256, 4096, 5632])
+@pytest.mark.parametrize("n", [12, 32, 96, 256, 688, 4096, 5632])
 def test_the_kernel_matches_the_float64_transform(n):
     a, b = hadamard.split_two(n)
     assert torch.equal(torch.kron(hadamard.kron_factor(a), hadamard.kron_factor(b)) / n ** 0.5, hadamard.matrix(n))
@@ -30,6 +30,7 @@ def test_the_kernel_matches_the_float64_transform(n):
 
 def test_sizes_too_large_for_one_tile_are_refused_with_the_reason():
     assert hadamard_kernel.unsupported_reason(14336) is None  # Llama-3's down projection: 112 x 128
+    assert hadamard_kernel.unsupported_reason(11008) is None  # Llama-2's: 172 x 64, padded 256 x 64
     assert "exceeds 16384" in hadamard_kernel.unsupported_reason(32768)
     assert "not a power of two" in hadamard_kernel.unsupported_reason(100)
 

@@ -18,12 +18,14 @@ CANONICAL = Recipe("canonical", ("canonicalize",))
 
 
 def test_every_known_order_is_a_hadamard_matrix():
+    """Every order the issue names (12 ... 172; 40 = 2 x 20) is here, each checked H H^T = m I."""
+    assert {12, 20, 28, 36, 44, 52, 60, 108, 140, 156, 172} <= set(hadamard.KNOWN_ORDERS)
     for m in hadamard.KNOWN_ORDERS:
         h = hadamard._base(m)
         assert h.abs().eq(1).all() and torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)), m
 
 
-@pytest.mark.parametrize("n", [1, 2, 12, 40, 52, 96, 128, 208, 4096, 5632])
+@pytest.mark.parametrize("n", [1, 2, 12, 40, 52, 96, 128, 156, 208, 344, 4096, 5632])
 def test_fast_transform_matches_the_dense_float64_matrix(n):
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     q = hadamard.matrix(n)
@@ -34,8 +36,9 @@ def test_fast_transform_matches_the_dense_float64_matrix(n):
 
 
 def test_sizes_without_a_construction_are_refused_with_the_reason():
-    assert "11008 is not a power of two times a known Hadamard order" in hadamard.unsupported_reason(11008)
+    assert "size 100 is not a power of two times a known Hadamard order" in hadamard.unsupported_reason(100)
     assert hadamard.split_order(5632) == (44, 128) and hadamard.split_order(14336) == (28, 512)
+    assert hadamard.split_order(11008) == (172, 64)  # Llama-2 7B's MLP: Goethals-Seidel order 172
     with pytest.raises(ValueError, match="size 100"):
         hadamard.transform(torch.zeros(1, 100))
 
