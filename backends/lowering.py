@@ -59,8 +59,9 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
     target = resolve_target(target)
     kernels: dict[str, str] = {}
     generated: list[dict[str, Any]] = []
+    rejected: dict[str, str] = {}  # anchor node name -> why the code generator did not take it
     if target == "triton":
-        generated = _lower_triton(gm, ctx, kernels, dump, autotune)
+        generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune)
     for node in list(gm.graph.nodes):
         if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.hadamard.default:
             _lower_hadamard(node, ctx, kernels)
@@ -72,7 +73,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
             continue
         if target == "triton" and node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default:
             # not in a fusion group: the op's own CPU implementation (integer matmuls) runs
-            reason = _triton_unsupported(node) or "target 'triton': not in a fusion group"
+            reason = rejected.get(node.name, "target 'triton': not in a fusion group")
             ctx.fallback(ir.describe(node), f"{reason}; lowbit::qa_linear runs its CPU implementation")
             kernels[node.name] = "cpu-op"
             continue
@@ -83,7 +84,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         xv = _dynamo_adapter.example_value(x)
         reason = None
         if target == "triton":
-            reason = _triton_unsupported(node) or "target 'triton': not in a fusion group"
+            reason = rejected.get(node.name, "target 'triton': not in a fusion group")
         elif xv is None:
             reason = "no example value for the activation (dtype/device unknown)"
         else:
@@ -188,8 +189,9 @@ def _lower_hadamard(node: fx.Node, ctx: PassContext, kernels: dict[str, str]) ->
 
 
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
-                  dump: DumpWriter | None, autotune: bool = False) -> list[dict[str, Any]]:
-    """Replace each fusion group by one call of its generated kernel; returns the records."""
+                  dump: DumpWriter | None, autotune: bool = False) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Replace each fusion group by one call of its generated kernel; returns the records and the
+    partition's reasons for the anchors it left out."""
     partition = fusion.find_groups(gm, eligible=_triton_unsupported)
     interpret = _triton_adapter.interpreting()
     on_gpu = torch.cuda.is_available() and not interpret
@@ -228,7 +230,7 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
     if dump is not None and dump.enabled and reports:
         for record, report in zip(records, kernel_cache.gpu_reports(reports)):
             record["gpu"] = report
-    return records
+    return records, partition.rejected
 
 
 def _example_args(gm: fx.GraphModule, args: list[Any], materialize: bool = False) -> list[Any]:
