@@ -42,7 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from lowbit_compiler import hadamard, ir
-from lowbit_compiler.scale_folding import LAYOUT_OPS
+from lowbit_compiler.scale_folding import LAYOUT_OPS, sdpa_new_values
 
 # the passes that rotate (compress() runs them on the float model before calibration; inspect
 # prints their report)
@@ -274,22 +274,13 @@ def _norm_site(a: Analysis, norm: fx.Node, stream: set) -> str | None:
     return None
 
 
-def _below_layout(v: Any) -> Any:
-    """Down through head-layout ops (view, transpose, ...) to the node that produced the data."""
-    while isinstance(v, fx.Node) and v.op in ("call_function", "call_method") and v.target in LAYOUT_OPS:
-        v = v.args[0]
-    return v
-
-
 def _find_heads(gm: fx.GraphModule, a: Analysis) -> None:
     for sdpa in gm.graph.nodes:
         if not _is(sdpa, F.scaled_dot_product_attention):
             continue
         value = sdpa.args[2] if len(sdpa.args) > 2 else sdpa.kwargs.get("value")
         head_dim = last_dim(value)
-        v = _below_layout(value)
-        if _is(v, torch.cat):
-            v = _below_layout(v.args[0][-1])  # a KV cache: the new values are the last piece
+        v = sdpa_new_values(value, exclusive=False)  # R2 rotates weights: other users see the same values
         rows = None
         if _is(v, operator.getitem) and _is(v.args[0], torch.split, "split"):
             split, index = v.args

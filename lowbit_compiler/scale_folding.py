@@ -52,10 +52,23 @@ def _linear_layer(node: Any) -> str | None:
     return None
 
 
-def _through_layout(node: Any) -> Any:
-    while isinstance(node, fx.Node) and node.target in LAYOUT_OPS and len(node.users) == 1:
+def _through_layout(node: Any, exclusive: bool = True) -> Any:
+    """Down through head-layout ops (view, transpose, ...) to the node that produced the data;
+    ``exclusive``: only through layout nodes with a single user."""
+    while (isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in LAYOUT_OPS
+           and (not exclusive or len(node.users) == 1)):
         node = node.args[0]
     return node
+
+
+def sdpa_new_values(value: Any, exclusive: bool = True) -> Any:
+    """The node that produced an attention's (new) values: below the head-layout ops and, with a
+    KV cache (``torch.cat`` of past and new values), its last piece. Shared by the scale folding
+    (exclusive chains only: it rescales the values) and the rotation analysis (R2)."""
+    v = _through_layout(value, exclusive)
+    if isinstance(v, fx.Node) and v.target is torch.cat:
+        v = _through_layout(v.args[0][-1], exclusive)
+    return v
 
 
 def _producer(x: fx.Node, consumers: set[fx.Node]) -> tuple[tuple[str, ...] | None, str | None]:
@@ -85,9 +98,7 @@ def _producer(x: fx.Node, consumers: set[fx.Node]) -> tuple[tuple[str, ...] | No
         qv, vv = q.meta.get("example_value"), v.meta.get("example_value")
         if qv is None or vv is None or qv.shape[1] != vv.shape[1]:
             return None, "grouped KV heads: one value channel feeds several output channels"
-        v = _through_layout(v)
-        if isinstance(v, fx.Node) and v.target is torch.cat:  # a KV cache: the new values are the last piece
-            v = _through_layout(v.args[0][-1])
+        v = sdpa_new_values(v)
         if (layer := _linear_layer(v)) is not None:
             return ("linear", layer), None
         return None, "attention values do not come straight from a linear"
