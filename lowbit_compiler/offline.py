@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import _dynamo_adapter, ir, rounding, scale_folding
+from lowbit_compiler import _dynamo_adapter, hadamard, ir, rounding, scale_folding
 from lowbit_compiler.calibration import as_batches, calibrate, weight_of
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, quantize
@@ -214,8 +214,8 @@ def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], stri
             batches: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Run canonicalize + the rotation pass on the captured graph and write what it changed into
     the model: the new tensors (rotated, norm-folded, centred), parameter-free norms, untied heads,
-    and a ``lowbit::hadamard`` pre-hook on every R4 layer. R3 (inside attention) exists only in
-    graphs: compile the compressed model with a recipe that asks for it. A learned rotation
+    a ``lowbit::hadamard`` pre-hook on every R4 layer, and R3 through the attention implementation
+    (:func:`_attention_r3`). A learned rotation
     (``spinquant``) trains on the calibration batches that have the captured batch's shapes."""
     name = next(p for p in recipe.passes if p in ROTATION_PASSES)
     options = dict(recipe.pass_options(name))
@@ -263,9 +263,48 @@ def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], stri
             module.lowbit_input_hadamard = True
             module.register_forward_pre_hook(_hadamard_pre_hook)
     if r3:
-        details = {**details, "R3": "not applied by compress (inside attention): compile with a recipe "
-                   "whose rotate pass sets r3"}
+        details = {**details, "R3": _attention_r3(model, strict)}
     return details
+
+
+_R3_ATTENTIONS: dict[str, str] = {}  # attention implementation -> the registered R3 wrapper's name
+
+
+def _attention_r3(model: torch.nn.Module, strict: bool) -> dict[str, Any]:
+    """R3 in the eager model: ``lowbit::hadamard`` on queries and keys (after RoPE and the cache
+    update, as the graph's R3 before SDPA) through a wrapper registered in Hugging Face's
+    AttentionInterface around the model's own attention implementation."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads if config is not None and hasattr(config, "hidden_size") else None)
+    reason = None
+    if impl is None or impl not in ALL_ATTENTION_FUNCTIONS:
+        reason = (f"R3: attention implementation {impl!r} is not in transformers' AttentionInterface (eager attention "
+                  "is model-specific); load the model with attn_implementation='sdpa'")
+    elif head_dim is None or (reason := hadamard.unsupported_reason(int(head_dim))) is not None:
+        reason = f"R3: head size {head_dim}: {reason or 'unknown'}"
+    if reason is not None:
+        if strict:
+            raise LowbitError(f"[strict] {reason}")
+        log.warning("lowbit fallback: %s", reason)
+        return {"applied": False, "reason": reason}
+    if impl.startswith("lowbit_r3_"):
+        return {"applied": True, "attention": impl, "head_dim": int(head_dim)}
+    if impl not in _R3_ATTENTIONS:
+        base = ALL_ATTENTION_FUNCTIONS[impl]
+
+        def attention_r3(module, query, key, value, attention_mask, **kwargs):
+            return base(module, torch.ops.lowbit.hadamard(query), torch.ops.lowbit.hadamard(key), value,
+                        attention_mask, **kwargs)
+
+        _R3_ATTENTIONS[impl] = f"lowbit_r3_{impl}"
+        AttentionInterface.register(_R3_ATTENTIONS[impl], attention_r3)
+    config._attn_implementation = _R3_ATTENTIONS[impl]
+    return {"applied": True, "attention": _R3_ATTENTIONS[impl], "head_dim": int(head_dim)}
 
 
 def _graph_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batches: list[dict[str, Any]]) -> list[tuple[Any, ...]]:

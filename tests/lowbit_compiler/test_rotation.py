@@ -347,3 +347,26 @@ def test_inspect_prints_the_learned_transforms(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path / "spin")]) == 0
     text = capsys.readouterr().out
     assert "learned (spinquant): R1 and R2 by Cayley SGD, 3 steps on 1 calibration input(s), 15 quantized linears" in text
+
+
+def test_r3_through_compress_wraps_the_attention_implementation():
+    """compress writes R3 (Hadamard on queries and keys) into the eager model through transformers'
+    AttentionInterface; the outputs are unchanged and the compiled graph shows the transforms."""
+    from lowbit_compiler import compress
+
+    ids = prompt(16)
+    recipe = Recipe("rot-r3", ("canonicalize", "rotate"), options=(("rotate", (("r3", True),)),))
+    with torch.no_grad():
+        ref = torch.compile(make_model("llama", dtype=torch.float64), backend=Recorder(recipe=CANONICAL))(ids)[0]
+        torch.compiler.reset()
+        model = compress(make_model("llama", dtype=torch.float64), recipe, progress=False)
+        out = model(ids)[0]
+        assert float((out - ref).norm() / ref.norm()) <= 1e-10
+        assert model.lowbit_summary["rotation"]["R3"] == {"applied": True, "attention": "lowbit_r3_sdpa", "head_dim": 32}
+        rec = Recorder(recipe="none")
+        torch.compile(model, backend=rec)(ids)
+    assert count(rec.graphs[0], "hadamard.default") == 2 * 2  # q and k in both layers
+    eager = make_model("llama")
+    eager.config._attn_implementation = "eager"
+    r3 = compress(eager, recipe, progress=False).lowbit_summary["rotation"]["R3"]
+    assert not r3["applied"] and "attention implementation 'eager' is not in transformers' AttentionInterface" in r3["reason"]
