@@ -56,3 +56,20 @@ def test_the_kernel_compiles_for_sm90_without_spills():
     for job, report in zip(jobs, _triton_adapter.compile_for_gpu(jobs)):
         assert report["arch"] == "sm_90" and 0 < report["registers"] <= 255, report
         assert report["spill_bytes"] == 0, (job["constexprs"], report)
+
+
+def test_flatquant_transform_under_triton_runs_its_torch_implementation_and_says_so():
+    from lowbit_compiler.recipe import PRESETS
+
+    recipe = PRESETS["w4a4-flat"].replace(options=(("flatquant", (("steps", 3),)),))
+    ids = prompt(16)
+    cpu = Recorder(recipe=recipe, target="cpu")
+    gpu = Recorder(recipe=recipe, target="triton")
+    with torch.no_grad():
+        ref = torch.compile(make_model("llama"), backend=cpu)(ids)[0]
+        torch.compiler.reset()
+        out = torch.compile(make_model("llama"), backend=gpu)(ids)[0]
+    assert sqnr_db(ref, out) >= 35
+    fallbacks = gpu.summaries[0]["fallbacks"]
+    transforms = sum(v == "cpu-op" for v in gpu.summaries[0]["kernels"].values())
+    assert transforms > 0 and fallbacks == {"no Triton kernel for lowbit::kron_transform yet": transforms}
