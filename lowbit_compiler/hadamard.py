@@ -134,10 +134,10 @@ def factors(n: int) -> list[torch.Tensor]:
         raise ValueError(reason)
     m, p = split_order(n)
     out = [_base(m)] if m > 1 else []
-    while p > 1:
-        f = min(p, _MAX_FACTOR)
-        out.append(_sylvester(f))
-        p //= f
+    bits = p.bit_length() - 1
+    stages = -(-bits // (_MAX_FACTOR.bit_length() - 1))  # as few stages as factors <= _MAX_FACTOR allow
+    for i in range(stages):  # bits spread evenly: 512 = 8 * 8 * 8, not 16 * 16 * 2 (a 2-wide stage is slow)
+        out.append(_sylvester(2 ** (bits // stages + (i < bits % stages))))
     return out or [torch.ones(1, 1, dtype=torch.float64)]
 
 
