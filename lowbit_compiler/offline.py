@@ -45,10 +45,12 @@ class LowbitLinear(torch.nn.Module):
                  bias: torch.Tensor | None, in_features: int, act: str | None = None,
                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  x_scale: torch.Tensor | None = None, input_hadamard: bool = False,
-                 input_transform: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 input_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 input_signs: torch.Tensor | None = None):
         super().__init__()
         self.fmt, self.act = fmt, act
-        self.input_hadamard = input_hadamard  # R4: lowbit::hadamard on the input (the weight absorbed H)
+        self.input_hadamard = input_hadamard  # R4: lowbit::hadamard on the input (the weight absorbed D H)
+        self.register_buffer("input_signs", input_signs)  # R4's D when applied online (else None)
         # FlatQuant: lowbit::kron_transform(x, P1, P2) after the Hadamard (the weight absorbed its inverse)
         left, right = input_transform or (None, None)
         self.register_buffer("transform_left", left)
@@ -65,6 +67,8 @@ class LowbitLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_hadamard:
+            if self.input_signs is not None:
+                x = x * self.input_signs
             x = torch.ops.lowbit.hadamard(x)
         if self.transform_left is not None:
             x = torch.ops.lowbit.kron_transform(x, self.transform_left, self.transform_right)
@@ -103,7 +107,11 @@ class FoldedRMSNorm(torch.nn.Module):
 
 
 def _hadamard_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
-    return (torch.ops.lowbit.hadamard(args[0]), *args[1:])
+    x = args[0]
+    signs = getattr(module, "lowbit_input_signs", None)
+    if signs is not None:
+        x = x * signs
+    return (torch.ops.lowbit.hadamard(x), *args[1:])
 
 
 def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], example_inputs: Any) -> dict[str, Any]:
@@ -201,7 +209,8 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act, outliers,
                                             None if x_scale is None else ir.fetch_attr(gm, x_scale.target),
                                             input_hadamard=getattr(old, "lowbit_input_hadamard", False),
-                                            input_transform=transform))
+                                            input_transform=transform,
+                                            input_signs=getattr(old, "lowbit_input_signs", None)))
         replaced += 1
     if replaced == 0 and rotation_info is None:
         log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)
@@ -261,6 +270,9 @@ def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], stri
         for layer in change["hadamard_before"]:
             module = model.get_submodule(layer)
             module.lowbit_input_hadamard = True
+            signs = change.get("signs_before", {}).get(layer)
+            if signs is not None:  # R4's random signs, where no gated linear could absorb them
+                module.register_buffer("lowbit_input_signs", signs)
             module.register_forward_pre_hook(_hadamard_pre_hook)
     if r3:
         details = {**details, "R3": _attention_r3(model, strict)}

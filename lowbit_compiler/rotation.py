@@ -28,7 +28,8 @@ the graph, and ``compress`` writes them back into the model.
   ``W <- Q^T W``, ``b <- Q^T b``. A head tied to the embedding is untied (its extra bytes reported);
 * R2 (head_dim x head_dim): value rows per KV head ``W_v,h <- R^T W_v,h``, output columns per head
   ``W_o[:, h] <- W_o[:, h] R`` (one R for all heads, so grouped KV heads are fine);
-* R4: ``lowbit::hadamard`` on the down-projection input, ``W_down <- W_down H``;
+* R4: random signs ``D`` and ``lowbit::hadamard`` on the down-projection input, ``W_down <- W_down D H``;
+  ``D`` is folded into ``up``'s rows in a gated MLP, else applied online (:class:`R4Signs`);
 * R3: ``lowbit::hadamard`` on queries and keys after RoPE (``q k^T`` unchanged).
 """
 from __future__ import annotations
@@ -339,8 +340,38 @@ class WeightPlan:
     rotated_linears: int
 
 
+@dataclasses.dataclass
+class R4Signs:
+    """Random signs ``D`` in front of an R4 Hadamard: the down projection reads ``(x D) H``. Without
+    them a non-negative input (ReLU, GELU MLPs: OPT, GPT-2) puts its mean into the first Hadamard
+    coefficient, an outlier of sqrt(K) times the mean that per-token quantization cannot survive."""
+
+    signs: torch.Tensor              # +-1, float64 [K]
+    fold_into: LinearRef | None      # a gated MLP's linear whose rows absorb D (else x * D runs online)
+
+
+def r4_signs(sites: list[LinearRef], seed: int) -> dict[str, R4Signs]:
+    """Signs per R4 site; folded into ``up`` when the input is ``act(gate) * up`` with ``up`` a float
+    linear used only there (``act(g) * (D u) = D (act(g) * u)``)."""
+    out = {}
+    for i, ref in enumerate(sites):
+        k = last_dim(ref.node.args[0])
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        signs = torch.randint(0, 2, (k,), generator=g).to(torch.float64) * 2 - 1
+        x, fold = ref.node.args[0], None
+        if _is(x, operator.mul, torch.mul, "mul") and len(x.args) == 2:
+            for side in x.args:
+                cand = linear_ref(side) if isinstance(side, fx.Node) and len(side.users) == 1 else None
+                if cand is not None and not cand.quantized:
+                    fold = cand
+                    break
+        out[ref.layer] = R4Signs(signs, fold)
+    return out
+
+
 def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor | None,
-                 r4: list[LinearRef] = (), fold_norms: bool = True) -> WeightPlan:
+                 r4: list[LinearRef] = (), fold_norms: bool = True,
+                 signs: dict[str, R4Signs] | None = None) -> WeightPlan:
     """New tensors for every parameter the rotation touches. ``fetch(fqn)`` returns the current one."""
     eff: dict[str, torch.Tensor] = {}   # weight FQN -> effective [out, in] float64
     bias: dict[str, torch.Tensor] = {}  # bias FQN (or weight FQN + "#bias" when created) -> float64
@@ -433,9 +464,19 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
             okey = weight(site.output)
             o = eff[okey]
             eff[okey] = (o.reshape(o.shape[0], -1, d) @ r2).reshape(o.shape)
-    for ref in r4:  # the down projections that get lowbit::hadamard on their input
+    for ref in r4:  # the down projections that get lowbit::hadamard on their input (after D)
         key = weight(ref)
-        eff[key] = eff[key] @ hadamard.matrix(eff[key].shape[1])
+        h = hadamard.matrix(eff[key].shape[1])
+        site = (signs or {}).get(ref.layer)
+        if site is None:
+            eff[key] = eff[key] @ h
+            continue
+        eff[key] = (eff[key] * site.signs[None, :]) @ h
+        if site.fold_into is not None:
+            fkey = weight(site.fold_into)
+            eff[fkey] = site.signs[:, None] * eff[fkey]
+            if (bkey := bias_of(site.fold_into)) is not None:
+                bias[bkey] = site.signs * bias[bkey]
     tensors = {}
     for key, w in list(eff.items()) + list(bias.items()):
         transposed, dtype = layout[key]

@@ -68,6 +68,11 @@ def _set_linear_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
         node.args = tuple(args)
 
 
+def _value_dtype(node: fx.Node) -> torch.dtype:
+    v = node.meta.get("example_value")
+    return v.dtype if isinstance(v, torch.Tensor) else torch.float32
+
+
 def _hadamard_before(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> fx.Node:
     with gm.graph.inserting_before(user):
         h = gm.graph.call_function(torch.ops.lowbit.hadamard.default, (value,))
@@ -125,9 +130,10 @@ class Rotate(Pass):
         keep = a
         if r1 is None:  # without R1 the stream is left alone (norms keep their parameters)
             keep = rotation.Analysis(hidden=a.hidden, heads=a.heads)
+        signs = rotation.r4_signs(r4_sites, self.seed + 2)
         plan = rotation.plan_weights(keep, lambda fqn: ir.fetch_attr(gm, fqn), r1, r2, r4_sites,
-                                     fold_norms=r1 is not None)
-        self._apply(gm, keep, plan, r1 is not None, r4_sites)
+                                     fold_norms=r1 is not None, signs=signs)
+        self._apply(gm, keep, plan, r1 is not None, r4_sites, signs)
         r3_sites = self._r3(gm, ctx) if self.r3 else 0
         details["rotated"] = {
             "R1": {"linears": plan.rotated_linears, "embeddings": len(a.embeddings),
@@ -135,20 +141,26 @@ class Rotate(Pass):
                    "layer_norms_to_rms": sum(n.kind == "layer" for n in a.norms) if r1 is not None else 0} if r1 is not None else None,
             "R2": {"attentions": len(a.heads), "head_dim": a.heads[0].head_dim} if r2 is not None else None,
             "R4": [w.layer for w in r4_sites],
+            "R4_signs": {"folded_into": [s.fold_into.layer for s in signs.values() if s.fold_into is not None],
+                         "online": [layer for layer, s in signs.items() if s.fold_into is None]},
             "R3": r3_sites,
             "untied": {layer: {"weight": fqn, "extra_bytes": plan.extra_bytes} for layer, fqn in plan.untied.items()},
         }
         ctx.rotation = {"tensors": plan.tensors, "untied": plan.untied,
                         "norms": [(ir.get(n.node, ir.MODULE).fqn if ir.get(n.node, ir.MODULE) else None,
                                    float(ir.get(n.node, ir.NORM).eps)) for n in a.norms] if r1 is not None else [],
-                        "hadamard_before": [w.layer for w in r4_sites], "r3": r3_sites}
+                        "hadamard_before": [w.layer for w in r4_sites], "r3": r3_sites,
+                        "signs_before": {layer: ir.fetch_attr(gm, f"{layer}.r4_signs")
+                                         for layer, s in signs.items() if s.fold_into is None}}
         matches = plan.rotated_linears + 2 * len(a.heads if r2 is not None else []) + len(r4_sites) + r3_sites
         return PassResult(True, matches, details)
 
     def _apply(self, gm: fx.GraphModule, a: rotation.Analysis, plan: rotation.WeightPlan, r1: bool,
-               r4_sites: list[rotation.LinearRef]) -> None:
+               r4_sites: list[rotation.LinearRef], signs: dict[str, rotation.R4Signs] | None = None) -> None:
+        signs = signs or {}
+        folds = [s.fold_into for s in signs.values() if s.fold_into is not None]
         linears = {r.node: r for r in a.readers + a.writers + [h.value for h in a.heads] + [h.output for h in a.heads]
-                   + r4_sites}
+                   + r4_sites + folds}
         created = {}
         for fqn, t in plan.tensors.items():
             if fqn in plan.untied.values() or not _replace_attr(gm, fqn, t):
@@ -170,7 +182,19 @@ class Rotate(Pass):
                 node.args, node.kwargs = (x, list(shape), None, eps), {}
                 ir.put(node, ir.NORM, ir.NormSpec("rms", eps))
         for ref in r4_sites:
-            _hadamard_before(gm, ref.node, ref.node.args[0])
+            x = ref.node.args[0]
+            site = signs.get(ref.layer)
+            if site is not None and site.fold_into is None:  # x * D online (no gated linear to absorb D)
+                value = site.signs.to(_value_dtype(x))
+                d = _new_buffer(gm, f"{ref.layer}.r4_signs", value)
+                with gm.graph.inserting_before(ref.node):
+                    x_signed = gm.graph.call_function(torch.mul, (x, d))
+                x_signed.meta.update({k: v for k, v in x.meta.items() if k != ir.META})
+                if ir.get(ref.node, ir.MODULE) is not None:
+                    ir.put(x_signed, ir.MODULE, ir.get(ref.node, ir.MODULE))
+                ref.node.replace_input_with(x, x_signed)
+                x = x_signed
+            _hadamard_before(gm, ref.node, x)
         gm.graph.eliminate_dead_code()
         gm.recompile()
 
