@@ -91,6 +91,9 @@ class Analysis:
     heads: list[HeadSite] = dataclasses.field(default_factory=list)
     head_refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)
     refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)  # what blocks R1
+    # second linears of MLPs found by shape (linear(act(linear)) / linear(act(gate) * up)): the R4
+    # sites when there is no stream to name the writers (post-norm BERT)
+    mlp_downs: list[LinearRef] = dataclasses.field(default_factory=list)
 
     @property
     def stream_ok(self) -> bool:
@@ -101,6 +104,8 @@ class Analysis:
         return [r for n in self.norms for r in n.readers]
 
     def down_projections(self) -> list[LinearRef]:
+        if not self.writers:
+            return list(self.mlp_downs)
         outputs = {h.output.node for h in self.heads}
         return [w for w in self.writers if w.node not in outputs]
 
@@ -177,6 +182,7 @@ def analyse(gm: fx.GraphModule) -> Analysis:
     if not token:
         a.refusals.append({"what": "residual stream", "reason": "no embedding lookup of a weight parameter"})
         _find_heads(gm, a)
+        _find_mlp_downs(gm, a)
         return a
     a.hidden = last_dim(token[0])
     stream: set[fx.Node] = set()
@@ -196,6 +202,7 @@ def analyse(gm: fx.GraphModule) -> Analysis:
                 a.refusals.append({"what": f"stream user {u.name} ({_target_name(u) if u.op != 'output' else 'output'})",
                                    "reason": reason})
     _find_heads(gm, a)
+    _find_mlp_downs(gm, a)
     return a
 
 
@@ -273,6 +280,22 @@ def _norm_site(a: Analysis, norm: fx.Node, stream: set) -> str | None:
     a.norms.append(NormSite(norm, spec.kind, ir.param_fqn(weight), ir.param_fqn(bias) if bias is not None else None,
                             spec.weight_offset, readers))
     return None
+
+
+_ACTIVATIONS = (F.gelu, F.relu, F.silu, torch.relu, F.gelu, "relu", "gelu")
+
+
+def _find_mlp_downs(gm: fx.GraphModule, a: Analysis) -> None:
+    """Linears fed by an activation of another linear, or by ``act(gate) * up``: MLP down projections."""
+    for node in gm.graph.nodes:
+        ref = linear_ref(node)
+        if ref is None or ref.quantized:
+            continue
+        x = node.args[0]
+        sides = x.args if _is(x, operator.mul, torch.mul, "mul") and len(x.args) == 2 else (x,)
+        if any(_is(side, *_ACTIVATIONS) and isinstance(side.args[0], fx.Node) and linear_ref(side.args[0]) is not None
+               for side in sides):
+            a.mlp_downs.append(ref)
 
 
 def _find_heads(gm: fx.GraphModule, a: Analysis) -> None:

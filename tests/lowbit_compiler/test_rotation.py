@@ -87,10 +87,15 @@ def test_online_hadamards_r3_r4_are_exact(arch):
     assert count(rec.graphs[0], "hadamard.default") == 2 + 2 * 2  # R4 per MLP, R3 on q and k
 
 
-def test_post_norm_bert_refuses_r1_with_the_reason_and_keeps_r2():
-    ref, out, details, rec = compile_both(make_model("bert", dtype=torch.float64), "rotate", prompt())
+def test_post_norm_bert_refuses_r1_with_the_reason_and_keeps_r2_and_r4():
+    """Without a stream the MLP down projections are found by shape (linear(gelu(linear))), so R4
+    still applies; its signs run online (GELU output cannot absorb them)."""
+    recipe = Recipe("rot-r4", ("canonicalize", "rotate"), options=(("rotate", (("r4", True),)),))
+    ref, out, details, rec = compile_both(make_model("bert", dtype=torch.float64), recipe, prompt())
     assert float((out - ref).norm() / ref.norm()) <= 1e-10
     assert details["rotated"]["R1"] is None and details["rotated"]["R2"]["attentions"] == 2
+    assert details["rotated"]["R4"] == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    assert details["rotated"]["R4_signs"]["online"] == details["rotated"]["R4"]
     [refusal] = details["refused"]
     assert "post-norm stream" in refusal["reason"] and refusal["what"].startswith("R1:")
     assert any("post-norm stream" in reason for reason in rec.summaries[0]["fallbacks"])
