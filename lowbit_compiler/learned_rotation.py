@@ -10,20 +10,23 @@ How it works (``passes/rotate.py``'s ``spinquant`` pass drives it):
    :func:`learn` runs a *student* forward of the graph (an ``fx.Interpreter``) whose rotated
    weights are :func:`rotation.plan_weights` of ``R1'``/``R2'`` -- differentiable -- and whose
    selected linears fake-quantize their weight (the recipe's format, round to nearest) and their
-   input (the recipe's per-token activation format), with straight-through gradients.
-   The loss is the error of the model's outputs (not its KV cache) relative to the float graph: ``sum ||y_q - y||^2 / sum ||y||^2``
-   over the calibration inputs (the linear form of the logit SQNR).
-3. Each step takes the Riemannian gradient ``A = G Q^T - Q G^T`` (skew-symmetric) and moves along
-   the Cayley curve ``Q(t) = (I + t/2 A)^-1 (I - t/2 A) Q``, which stays exactly orthogonal. ``A``
-   is normalised so ``t`` is a step length; a step that does not lower the loss is retried at half
-   the length (at most ``tries`` times), an accepted one lengthens the next by 1.5x. The loss on the
-   calibration data therefore never rises; the history is reported.
+   input (the recipe's per-token activation format). Gradients pass the rounding straight through
+   but follow the scale: the error is ``scale * residual`` with the residual held, so a rotation
+   that shrinks a token's or a group's absmax is seen to shrink its error (plain straight-through
+   gradients made the loss rise: the float path is rotation-invariant). The loss is the error of
+   the model's outputs (not its KV cache) relative to the float graph, ``sum ||y_q - y||^2 /
+   sum ||y||^2`` over the calibration inputs (the linear form of the logit SQNR).
+3. Each step takes the Riemannian gradient ``A = G Q^T - Q G^T`` (skew-symmetric), normalised, into
+   a momentum buffer, and moves along the Cayley curve ``Q(t) = (I + t/2 A)^-1 (I - t/2 A) Q``,
+   which stays exactly orthogonal; ``t`` follows a cosine decay from ``lr``. The rotation with the
+   lowest loss seen is kept (the start included), so the calibration loss never ends above the
+   random Hadamard's; the history is reported.
 4. The result ``R1 = H R1'`` (``R2 = H R2'``) is written into the weights exactly like a fixed one.
 
-Cost: one student forward + backward per step and per retry, and the weight plan (a d x d matmul
-with every stream weight) per evaluation: seconds for the tiny models of the tests, minutes for a
-7B model (SpinQuant trains the same way). Static activation scales are not known yet when the
-rotation is learned: a ``*_static`` recipe is trained with per-token scales.
+Cost: one student forward + backward per step, and the weight plan (a d x d matmul with every
+stream weight) per step: seconds for the tiny models of the tests, minutes for the byte Llama on
+2 CPU cores (SpinQuant trains a 7B model the same way, on a GPU). Static activation scales are not
+known yet when the rotation is learned: a ``*_static`` recipe is trained with per-token scales.
 """
 from __future__ import annotations
 

@@ -282,7 +282,7 @@ def _norm_site(a: Analysis, norm: fx.Node, stream: set) -> str | None:
     return None
 
 
-_ACTIVATIONS = (F.gelu, F.relu, F.silu, torch.relu, F.gelu, "relu", "gelu")
+_ACTIVATIONS = (F.gelu, F.relu, F.silu, torch.relu, "relu", "gelu")
 
 
 def _find_mlp_downs(gm: fx.GraphModule, a: Analysis) -> None:

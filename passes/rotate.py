@@ -9,8 +9,12 @@ What it rewrites, each part optional (pass options):
   becomes an RMSNorm, the stream centred), then rotate the residual stream by ``rotation``
   (``"hadamard"``: a random Hadamard, ``"random"``: a random orthogonal matrix, or a tensor);
 * ``r2`` (default on): a per-head rotation of every attention's value/output path;
-* ``r4``: ``lowbit::hadamard`` before every down projection, its inverse folded into the weight;
+* ``r4``: random signs ``D`` and ``lowbit::hadamard`` before every down projection, ``D H`` folded
+  into the weight (``D`` into a gated MLP's ``up`` rows, else ``x * D`` online);
 * ``r3``: ``lowbit::hadamard`` on queries and keys after RoPE (for KV-cache quantization).
+
+Two learned variants share this interface: ``spinquant`` (R1/R2 by Cayley SGD) and
+``flatquant`` (per-layer affine Kronecker transforms); see their classes below.
 
 Every rewrite is exact in exact arithmetic; ``details`` (summary.json, ``lowbit inspect``) says what
 was found, what was rotated, and what was refused and why. Parameters are replaced inside the
@@ -47,12 +51,15 @@ def _replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> bool:
     return True
 
 
-def _new_param_node(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> fx.Node:
+def _new_param_node(gm: fx.GraphModule, fqn: str, value: torch.Tensor, parameter: bool = True) -> fx.Node:
+    """A new tensor in ``gm`` and its ``get_attr`` node (tagged ``ir.PARAM`` when a ``parameter``:
+    a weight or bias the quantization passes may read; buffers like signs and transforms are not)."""
     ir.set_attr(gm, fqn, value)
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first):
         node = gm.graph.get_attr(fqn)
-    ir.put(node, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=True))
+    if parameter:
+        ir.put(node, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=True))
     node.meta["example_value"] = value
     return node
 
@@ -186,7 +193,7 @@ class Rotate(Pass):
             site = signs.get(ref.layer)
             if site is not None and site.fold_into is None:  # x * D online (no gated linear to absorb D)
                 value = site.signs.to(_value_dtype(x))
-                d = _new_buffer(gm, f"{ref.layer}.r4_signs", value)
+                d = _new_param_node(gm, f"{ref.layer}.r4_signs", value, parameter=False)
                 with gm.graph.inserting_before(ref.node):
                     x_signed = gm.graph.call_function(torch.mul, (x, d))
                 x_signed.meta.update({k: v for k, v in x.meta.items() if k != ir.META})
@@ -220,9 +227,9 @@ class SpinQuant(Rotate):
     """``rotate``, then R1 and R2 learned by Cayley SGD on the quantized model's output error
     (``lowbit_compiler/learned_rotation.py``). Same options as ``rotate`` (its ``rotation`` is the
     starting point), plus ``steps``, ``lr`` (the first step's length; cosine decay), ``momentum``
-    and ``learn_r2``. The data is
-    ``ctx.inputs``: the compile call's example inputs, or compress()'s calibration batches; with
-    none, the starting rotation is kept and the fallback says why."""
+    and ``learn_r2``. The data is ``ctx.inputs``: the compile call's example inputs, or
+    compress()'s calibration batches; with none, the starting rotation is kept and the fallback
+    says why."""
 
     name = "spinquant"
 
@@ -330,8 +337,8 @@ class FlatQuant(Pass):
                 entry["kept_identity"] = True
                 continue
             base = names[0]
-            left = _new_buffer(gm, f"{base}.flat_left", fit.left)
-            right = _new_buffer(gm, f"{base}.flat_right", fit.right)
+            left = _new_param_node(gm, f"{base}.flat_left", fit.left, parameter=False)
+            right = _new_param_node(gm, f"{base}.flat_right", fit.right, parameter=False)
             first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
             with gm.graph.inserting_before(first):
                 t = gm.graph.call_function(torch.ops.lowbit.kron_transform.default, (x, left, right))
@@ -349,11 +356,3 @@ class FlatQuant(Pass):
         return PassResult(transformed > 0, transformed, {"groups": report, "refused": refused,
                                                          "inputs": len(ctx.inputs)})
 
-
-def _new_buffer(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> fx.Node:
-    ir.set_attr(gm, fqn, value)
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        node = gm.graph.get_attr(fqn)
-    node.meta["example_value"] = value
-    return node
