@@ -67,9 +67,7 @@ class LowbitLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_hadamard:
-            if self.input_signs is not None:
-                x = x * self.input_signs
-            x = torch.ops.lowbit.hadamard(x)
+            x = r4_input(x, self.input_signs)
         if self.transform_left is not None:
             x = torch.ops.lowbit.kron_transform(x, self.transform_left, self.transform_right)
         if self.act:
@@ -106,12 +104,13 @@ class FoldedRMSNorm(torch.nn.Module):
         return f"eps={self.eps}, folded"
 
 
+def r4_input(x: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
+    """R4 on a down projection's input: ``(x D) H`` (``D`` None when folded into ``up``)."""
+    return torch.ops.lowbit.hadamard(x if signs is None else x * signs)
+
+
 def _hadamard_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
-    x = args[0]
-    signs = getattr(module, "lowbit_input_signs", None)
-    if signs is not None:
-        x = x * signs
-    return (torch.ops.lowbit.hadamard(x), *args[1:])
+    return (r4_input(args[0], getattr(module, "lowbit_input_signs", None)), *args[1:])
 
 
 def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], example_inputs: Any) -> dict[str, Any]:
@@ -124,21 +123,18 @@ def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], examp
     raise LowbitError("compress: cannot build an input for this model; pass example_inputs=tensor or dict")
 
 
-def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any], handle: Callable[..., None],
-                  with_inputs: bool = False) -> None:
+def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any],
+                  handle: Callable[[fx.GraphModule, tuple[Any, ...]], None]) -> None:
     """Capture the model's forward once (eval mode, no grad) and hand each captured graph to
-    ``handle`` (``handle(gm, args)`` with ``with_inputs``: the graph's arguments for this call);
-    Dynamo's cache entries are dropped afterwards (see ``forget_compiled``)."""
+    ``handle(gm, args)``, ``args`` the graph's arguments for this call; Dynamo's cache entries are
+    dropped afterwards (see ``forget_compiled``)."""
     graphs = 0
 
     def backend(gm: fx.GraphModule, example: list[Any]):
         nonlocal graphs
         graphs += 1
         captured = capture(gm, example)
-        if with_inputs:
-            handle(captured.gm, tuple(captured.call_args(example)))
-        else:
-            handle(captured.gm)
+        handle(captured.gm, tuple(captured.call_args(example)))
         return gm.forward
 
     was_training = model.training
@@ -179,7 +175,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     def rewrite(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
         ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None,
                           formats=formats, activation_scales=activation_scales,
-                          inputs=_graph_inputs(args, kwargs, batches) if "flatquant" in recipe.passes else [])
+                          inputs=_graph_inputs(args, kwargs, batches))
         report = run_pipeline(gm, recipe, ctx=ctx)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
@@ -189,7 +185,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
                                                         torch.ops.lowbit.qa_linear.default):
                 decisions[decision.layer] = (gm, node)
 
-    _capture_each(model, kwargs, rewrite, with_inputs=True)
+    _capture_each(model, kwargs, rewrite)
 
     replaced = 0
     for layer, (gm, node) in decisions.items():
@@ -238,7 +234,7 @@ def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], stri
         report = run_pipeline(gm, analysis_recipe, ctx=ctx)
         found.append((ctx.rotation, next(p.details for p in report.passes if p.name == name)))
 
-    _capture_each(model, kwargs, rotate, with_inputs=True)
+    _capture_each(model, kwargs, rotate)
     if len(found) != 1:
         raise LowbitError(f"compress({recipe.name}): rotations need the whole forward in one graph; Dynamo "
                           f"captured {len(found)} (graph breaks)")
@@ -330,8 +326,8 @@ def _graph_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batches: list[d
     for arg in args:
         key = next((k for k, v in kwargs.items() if v is arg), None)
         if key is None:
-            log.info("compress: graph input %s is not one of the model's inputs; learning uses the capture batch only",
-                     type(arg).__name__)
+            log.info("compress: graph input %s is not one of the model's inputs; data-driven passes see the capture "
+                     "batch only", type(arg).__name__)
             return [args]
         keys.append(key)
     out = []
@@ -340,7 +336,7 @@ def _graph_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batches: list[d
         if all(isinstance(v, torch.Tensor) and v.shape == a.shape for v, a in zip(values, args)):
             out.append(tuple(values))
     if len(out) < len(batches):
-        log.info("compress: %d of %d calibration batches have the captured shapes and are used to learn rotations",
+        log.info("compress: %d of %d calibration batches have the captured shapes; data-driven passes see those",
                  len(out), len(batches))
     return out or [args]
 
@@ -483,7 +479,7 @@ def _scale_groups(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> d
     """Layer FQN -> its scale group, from the canonical graph of one capture."""
     graphs: list[fx.GraphModule] = []
 
-    def canonicalize(gm: fx.GraphModule) -> None:
+    def canonicalize(gm: fx.GraphModule, _args: tuple[Any, ...]) -> None:
         run_pipeline(gm, Recipe("scale-analysis", ("canonicalize",)), ctx=PassContext(recipe=None))
         graphs.append(gm)
 
