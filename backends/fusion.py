@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from lowbit_compiler import _dynamo_adapter, ir
+from lowbit_compiler import _dynamo_adapter, ir, opdecl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,29 +142,22 @@ class Anchor:
         return "qa_linear" if self.act else "wo_linear"
 
 
-def wo_linear_anchor(node: fx.Node, gm: fx.GraphModule) -> Anchor:
-    x, qweight, scale, zero, bias, fmt, in_features = node.args
-    out_features = ir.fetch_attr(gm, scale.target).shape[0]
-    return Anchor(node, x, qweight, scale, zero, bias, fmt, in_features, out_features)
+def linear_anchor(node: fx.Node, gm: fx.GraphModule) -> Anchor:
+    """The Anchor of a low-bit linear op, from its arguments by name (``lowbit::wo_linear``,
+    ``lowbit::qa_linear``: the activation scheme and static scale are None for weight-only)."""
+    a = opdecl.args(node)
+    out_features = ir.fetch_attr(gm, a["scale"].target).shape[0]
+    return Anchor(node, a["x"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"], a["in_features"],
+                  out_features, a.get("act"), a.get("x_scale"))
 
 
-def qa_linear_anchor(node: fx.Node, gm: fx.GraphModule) -> Anchor:
-    x, qweight, scale, zero, bias, fmt, in_features, act = node.args[:8]
-    x_scale = node.args[8] if len(node.args) > 8 else node.kwargs.get("x_scale")
-    out_features = ir.fetch_attr(gm, scale.target).shape[0]
-    return Anchor(node, x, qweight, scale, zero, bias, fmt, in_features, out_features, act, x_scale)
-
-
-# op -> function building the Anchor; new low-bit matmul ops register here
-ANCHORS: dict[Any, Callable[[fx.Node, fx.GraphModule], Anchor]] = {}
+# op -> function building the Anchor: every op its declaration calls a fusion anchor
+ANCHORS: dict[Any, Callable[[fx.Node, fx.GraphModule], Anchor]] = {
+    decl.op: linear_anchor for decl in opdecl.DECLARATIONS.values() if decl.fusion_anchor}
 
 
 def register_anchor(target: Any, build: Callable[[fx.Node, fx.GraphModule], Anchor]) -> None:
     ANCHORS[target] = build
-
-
-register_anchor(torch.ops.lowbit.wo_linear.default, wo_linear_anchor)
-register_anchor(torch.ops.lowbit.qa_linear.default, qa_linear_anchor)
 
 
 @dataclasses.dataclass

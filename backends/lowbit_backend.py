@@ -17,6 +17,12 @@ Options (all optional):
                        graph; on CPU it needs a C++ compiler)
     autotune           time candidate tilings per kernel on the GPU (default False; off on CPU and
                        under the interpreter, with the reason logged)
+    calibration        data for the recipe's data-driven passes (gptq, awq, smoothquant, mixed
+                       precision, static activation scales, learned rotations): token-id tensors or
+                       dicts of model inputs, as ``compress(..., calibration=)`` takes; they run on the
+                       graph whose inputs have the batches' shapes (call the compiled model first with
+                       one of them), and the later graphs (decode) reuse the results
+    progress           show the calibration progress bar (default True)
     cpu_compute_dtype  "bfloat16" (default: fp32 activations are cast at the linear's boundary,
                        which is what makes the packed kernels fast) | "activation"
 """
@@ -31,7 +37,8 @@ import torch
 import torch.fx as fx
 
 import lowbit_compiler.ops  # noqa: F401  (registers lowbit:: ops before any graph uses them)
-from lowbit_compiler import _dynamo_adapter, ir
+from lowbit_compiler import _dynamo_adapter, ir, opdecl
+from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter, resolve_dump_dir
@@ -59,6 +66,8 @@ class BackendOptions:
     inner: str = "eager"
     autotune: bool = False
     cpu_compute_dtype: str = "bfloat16"
+    calibration: Any = None
+    progress: bool = True
 
     @staticmethod
     def from_dict(options: dict[str, Any] | None) -> "BackendOptions":
@@ -68,6 +77,7 @@ class BackendOptions:
         if unknown:
             raise LowbitError(f"backend='lowbit': unknown options {sorted(unknown)}; known options: {sorted(known)}")
         options["recipe"] = get_recipe(options.get("recipe"))
+        options["calibration"] = as_batches(options.get("calibration")) or None
         options["dump_dir"] = resolve_dump_dir(options.get("dump_dir"))
         if options.get("target", "auto") not in TARGETS:
             raise LowbitError(f"backend='lowbit': target={options['target']!r}; expected one of {TARGETS}")
@@ -85,7 +95,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     captured = capture(gm, example_inputs, module_state)
     ir_gm = captured.gm
     dump.stage("captured", ir_gm)
-    ctx = PassContext(recipe=opts.recipe, strict=opts.strict, inputs=[tuple(captured.call_args(example_inputs))])
+    calibration = (for_graph(ir_gm, opts.calibration, opts.progress, captured.call_args(example_inputs))
+                   if opts.calibration else None)
+    ctx = PassContext(recipe=opts.recipe, strict=opts.strict, calibration=calibration)
     report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
     layers = {**_prequantized_layers(ir_gm), **report.layers}
     lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner, opts.autotune)
@@ -143,10 +155,10 @@ def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     """Layer records for lowbit ops that arrived already quantized (a compress()ed model)."""
     layers = {}
     for node in gm.graph.nodes:
-        if (node.target in (torch.ops.lowbit.wo_linear.default, torch.ops.lowbit.qa_linear.default)
-                and ir.get(node, ir.WEIGHT_QUANT) is None):
-            _, _, scale, _, _, fmt, in_features = node.args[:7]
-            n = ir.fetch_attr(gm, scale.target).shape[0]
+        if opdecl.is_module(node, opdecl.LINEAR) and ir.get(node, ir.WEIGHT_QUANT) is None:
+            args = ir.op_args(node)
+            fmt, in_features = args["fmt"], args["in_features"]
+            n = ir.fetch_attr(gm, args["scale"].target).shape[0]
             f = WeightFormat.parse(fmt)
             module = ir.get(node, ir.MODULE)
             layers[module.fqn if module else node.name] = {

@@ -6,6 +6,7 @@ A torch upgrade that changes Dynamo's internals should only need edits here.
   came from (``node.meta["grapharg"].source``), e.g.
   ``L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']``.
   We read the module path back from that expression.
+* ``input_name(placeholder)``: the forward argument a graph input came from (``L['input_ids']``).
 * ``graph_break_count()`` / ``reset_counters()``: Dynamo's global counters.
 """
 from __future__ import annotations
@@ -30,6 +31,18 @@ def source_name(node: fx.Node) -> str | None:
         return source.name() if callable(source.name) else str(source.name)
     except Exception:  # a source kind without a printable name
         return None
+
+
+_LOCAL = re.compile(r"^L\['([^']+)'\]$|^L\['kwargs'\]\['([^']+)'\]$")
+
+
+def input_name(node: fx.Node) -> str | None:
+    """The name of the forward argument a (non-parameter) placeholder was read from:
+    ``L['input_ids']`` (or ``L['kwargs']['input_ids']`` through a ``**kwargs`` wrapper) ->
+    ``"input_ids"``; None for anything else (a tensor inside a cache object)."""
+    name = source_name(node)
+    m = _LOCAL.match(name) if name else None
+    return (m.group(1) or m.group(2)) if m else None
 
 
 def module_state_of(node: fx.Node) -> tuple[str, bool] | None:
@@ -62,6 +75,14 @@ def calling_module(node: fx.Node) -> tuple[str, str] | None:
         return None
     path, cls = list(stack.values())[-1]
     return _ROOT_EXPR.sub("", str(path)), getattr(cls, "__name__", str(cls))
+
+
+def backend_error(error: BaseException) -> BaseException | None:
+    """The exception a backend raised, from Dynamo's ``BackendCompilerFailed`` wrapper (None when
+    ``error`` is something else)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    return error.inner_exception if isinstance(error, BackendCompilerFailed) else None
 
 
 def graph_break_count() -> int:

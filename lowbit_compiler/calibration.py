@@ -1,52 +1,85 @@
-"""Calibration: run data through the model, block by block, and hand each block's statistics to a
-callback (the rounding algorithms quantize there, while the Hessians are in memory).
+"""The calibration engine: every data-driven pass runs the captured graph on calibration data here.
 
-How (module hooks in the offline flow, the choice the design allows):
+A data-driven pass (``gptq``, ``awq``, ``smoothquant``, ``mixed_precision``,
+``observe_activations``, ``spinquant``, ``flatquant``) says what it needs and gets it from
+:meth:`Calibration.run`:
 
-1. The repeated blocks are found from the module tree: the ``nn.ModuleList`` holding the most
-   parameters whose children contain linear layers (``model.layers``, ``encoder.layer``, ``h``).
-2. One forward per batch runs until the first block, whose inputs (positional and keyword: masks,
-   rotary embeddings) are stored, then stops.
-3. Each block runs alone on the stored inputs with hooks on its selected linears (``nn.Linear`` or
-   GPT-2's ``Conv1D``) accumulating :class:`LinearStats`; ``on_block`` gets them and may return
-   fake-quantized weights, which are swapped in to compute the block's outputs (the next block's
-   inputs), as GPTQ does, so errors are seen downstream; the float weights are put back.
-4. Linears outside the blocks (an LM head, a pooler) get one more full forward with hooks.
+* per linear input ``x`` [rows, K]: ``hessian`` (``sum x^T x``), ``absmax`` and ``mean_abs`` per
+  input channel, ``samples`` (the rows of ``x``, for one block at a time);
+* per node: ``range`` (min and max of its output);
+* the model's outputs for a loss (:meth:`Calibration.outputs`), and the batches themselves as
+  graph arguments (:attr:`Calibration.args`) for passes that run the graph their own way.
 
-Peak memory: one block's activations for all calibration batches, plus one block's statistics.
-A progress bar (tqdm) shows blocks done and the time left.
+How the graph runs (the same in ``compress(..., calibration=)`` and ``torch.compile(...,
+options={"calibration": ...})``):
+
+1. **Blocks from the graph.** Every node carries the FQN of the module that computed it
+   (``ir.MODULE``). The repeated blocks are the children of the module list that most nodes
+   belong to: the first integer atom of an FQN (``model.layers.3.mlp.up_proj`` -> block
+   ``model.layers.3``), whether or not the model keeps them in an ``nn.ModuleList``. Nodes before
+   the first block (embeddings, masks, rotary tables) form segment 0; nodes after the last one
+   (the final norm, the head) the last segment.
+2. **Sequentially.** Segment by segment, every batch runs through the segment with observers on
+   the nodes the pass selected; the pass's ``on_block`` then decides for that block (quantizes
+   its linears, folds scales, records a choice) and may rewrite the block's nodes. If it did, the
+   segment runs again, so the next block's inputs are computed with everything decided so far
+   (quantized weights included: ``lowbit::`` ops run their float reference here).
+3. **One block in memory.** Between segments only the values a later segment reads (the
+   residual stream, masks, positions) are kept, per batch; a segment's intermediates are dropped
+   as soon as it is done.
+
+One progress bar per run (pass name, block, time left).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
 
+from lowbit_compiler import _dynamo_adapter, ir
 from lowbit_compiler.pass_base import LowbitError
+
+log = logging.getLogger("lowbit_compiler")
+
+NEEDS = frozenset({"hessian", "absmax", "mean_abs", "samples", "range"})
 
 
 @dataclasses.dataclass
 class LinearStats:
-    """What the passes ask for about one linear's input ``x`` [rows, K]."""
+    """What the passes ask for about one observed tensor ``x`` (a linear's input [rows, K], or
+    a node's output for ``range``)."""
 
     rows: int = 0
     hessian: torch.Tensor | None = None  # sum of x^T x (float32); GPTQ uses 2/rows * this
     absmax: torch.Tensor | None = None   # per input channel
     abssum: torch.Tensor | None = None   # per input channel (mean |x| = abssum / rows)
+    samples: list[torch.Tensor] = dataclasses.field(default_factory=list)  # rows of x (float32)
+    min: float = float("inf")            # range of the values seen
+    max: float = float("-inf")
 
-    def add(self, x: torch.Tensor, hessian: bool) -> None:
+    def add(self, x: torch.Tensor, needs: Iterable[str] = ("hessian", "absmax", "mean_abs")) -> None:
+        needs = set(needs)
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.absmax is None:
-            k = x.shape[-1]
-            self.absmax, self.abssum = torch.zeros(k), torch.zeros(k)
-            self.hessian = torch.zeros(k, k) if hessian else None
+        k = x.shape[-1]
         self.rows += x.shape[0]
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        self.abssum += x.abs().sum(0)
-        if self.hessian is not None:
-            self.hessian += x.T @ x
+        if needs & {"absmax", "mean_abs", "hessian"} and self.absmax is None:
+            self.absmax, self.abssum = torch.zeros(k), torch.zeros(k)
+        if self.absmax is not None:
+            self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+            self.abssum += x.abs().sum(0)
+        if "hessian" in needs:
+            self.hessian = x.T @ x if self.hessian is None else self.hessian + x.T @ x
+        if "samples" in needs:
+            self.samples.append(x.clone())
+        if "range" in needs and x.numel():
+            self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -55,6 +88,17 @@ class LinearStats:
     def gptq_hessian(self) -> torch.Tensor:
         return 2.0 * self.hessian / max(self.rows, 1)
 
+    def sample_rows(self, limit: int | None = None) -> torch.Tensor:
+        """The observed rows (at most ``limit``, evenly spaced over all calibration tokens)."""
+        rows = torch.cat(self.samples) if self.samples else torch.empty(0)
+        if limit is not None and rows.shape[0] > limit:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, limit).long()]
+        return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration data: model inputs, and the same batches as arguments of one captured graph
+# --------------------------------------------------------------------------------------------
 
 def as_batches(calibration: Any, tokenizer: Any = None, max_length: int = 512) -> list[dict[str, torch.Tensor]]:
     """Model-input dicts from token-id tensors, dicts, an iterable/DataLoader of either, or strings
@@ -84,120 +128,296 @@ def as_batches(calibration: Any, tokenizer: Any = None, max_length: int = 512) -
     return batches
 
 
-def is_linear_module(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+def fingerprint(batches: Sequence[dict[str, Any]]) -> str:
+    """A digest of the calibration data: results computed from it are cached under it, so the
+    prefill and decode graphs of one compiled model share them."""
+    h = hashlib.sha1()
+    for batch in batches:
+        for key in sorted(batch):
+            value = batch[key]
+            h.update(key.encode())
+            if isinstance(value, torch.Tensor):
+                h.update(str((tuple(value.shape), value.dtype)).encode())
+                h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+    return h.hexdigest()[:16]
 
 
-def weight_of(module: torch.nn.Module) -> torch.Tensor:
-    """[out, in] view of a linear-like module's weight (GPT-2's Conv1D stores [in, out])."""
-    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool = True,
+              example_args: Sequence[Any] | None = None) -> "Calibration":
+    """The batches as argument tuples of ``gm``: each placeholder is found by the name of the
+    model input Dynamo read it from (``input_ids``, ``attention_mask``), or, for a positional
+    argument, as the batch tensor the call passed (``example_args``: the graph's arguments of the
+    captured call). Batches whose shapes differ from the captured ones are left out (the graph is
+    specialised to its shapes); if none is left, or an input is not in the batches,
+    :attr:`Calibration.unusable` says why."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [_dynamo_adapter.input_name(p) for p in placeholders]
+    for i, value in enumerate(example_args or ()):
+        if i < len(names) and names[i] is None and isinstance(value, torch.Tensor):
+            names[i] = next((k for b in batches for k, v in b.items() if v is value), None) or next(
+                (k for b in batches for k, v in b.items() if isinstance(v, torch.Tensor) and v.shape == value.shape
+                 and v.dtype == value.dtype and torch.equal(v, value)), None)
+    shapes = [getattr(_dynamo_adapter.example_value(p), "shape", None) for p in placeholders]
+    fp = fingerprint(batches)
+    keys = sorted({k for b in batches for k in b})
+    missing = [n or p.name for n, p in zip(names, placeholders) if n is None or not any(n in b for b in batches)]
+    if missing:
+        return Calibration(gm, [], fp, progress, unusable=(
+            f"the graph's inputs {missing} are not in the calibration batches (keys {keys}); data-driven passes "
+            "run on graphs whose inputs are model inputs such as input_ids (the first call's graph, not a decode "
+            "step's)"))
+    args, skipped = [], []
+    for batch in batches:
+        values = tuple(batch.get(n) for n in names)
+        if all(isinstance(v, torch.Tensor) and (s is None or tuple(v.shape) == tuple(s)) for v, s in zip(values, shapes)):
+            args.append(values)
+        else:
+            skipped.append({n: tuple(getattr(v, "shape", ())) for n, v in zip(names, values)})
+    if not args:
+        captured = {n: tuple(s) if s is not None else None for n, s in zip(names, shapes)}
+        return Calibration(gm, [], fp, progress, unusable=(
+            f"the graph was captured for input shapes {captured}, and no calibration batch has them (e.g. "
+            f"{skipped[0]}); call the compiled model first with a calibration batch (compiled(**batches[0])) "
+            "so that its graph has the calibration shapes, or use lowbit_compiler.compress"))
+    if skipped:
+        log.info("calibration: %d of %d batches have the captured shapes %s; data-driven passes see those",
+                 len(args), len(batches), [tuple(s) if s is not None else None for s in shapes])
+    return Calibration(gm, args, fp, progress)
 
 
-def find_blocks(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
-    best, best_params = ("", []), 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and all(
-                any(is_linear_module(m) for m in child.modules()) for child in module):
-            params = sum(p.numel() for p in module.parameters())
-            if params > best_params:
-                best, best_params = (name, list(module)), params
-    return best
+# --------------------------------------------------------------------------------------------
+# Blocks, found from the layer FQNs of the graph
+# --------------------------------------------------------------------------------------------
+
+_INDEX = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 
-class _Stop(Exception):
-    pass
+def block_of(fqn: str) -> tuple[str, str] | None:
+    """(module list, block FQN) of a module FQN: its first integer atom (``model.layers.3.mlp`` ->
+    ("model.layers", "model.layers.3")), else None."""
+    m = _INDEX.match(fqn)
+    return (m.group(1), f"{m.group(1)}.{m.group(2)}") if m else None
 
 
-StatsByLayer = dict[str, tuple[torch.nn.Module, LinearStats]]
+def find_blocks(gm: fx.GraphModule) -> tuple[str, list[str]]:
+    """The module list most nodes belong to, and its blocks in graph order ("", [] if none)."""
+    votes: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        module = ir.get(node, ir.MODULE)
+        found = block_of(module.fqn) if module is not None else None
+        if found is not None:
+            votes[found[0]] = votes.get(found[0], 0) + 1
+    if not votes:
+        return "", []
+    prefix = max(votes, key=votes.get)
+    blocks: list[str] = []
+    for node in gm.graph.nodes:
+        module = ir.get(node, ir.MODULE)
+        found = block_of(module.fqn) if module is not None else None
+        if found is not None and found[0] == prefix and found[1] not in blocks:
+            blocks.append(found[1])
+    return prefix, blocks
 
 
-def calibrate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], select: Callable[[str], bool],
-              on_block: Callable[[StatsByLayer], dict[str, torch.Tensor] | None], hessian: bool = True,
-              progress: bool = True) -> dict[str, Any]:
-    """Run ``batches`` through ``model`` block by block (see the module docstring); returns timing."""
-    if not batches:
-        raise LowbitError("calibrate: no calibration batches")
-    start = time.perf_counter()
-    names = {m: n for n, m in model.named_modules()}
-    prefix, blocks = find_blocks(model)
-    extra = _no_cache_kwargs(model)
-    was_training = model.training
-    model.eval()
-    inputs: list[tuple[tuple, dict]] = []
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One segment of the graph as the engine runs it."""
 
-    def grab(module, args, kwargs):
-        inputs.append((args, kwargs))
-        raise _Stop
+    index: int   # 0: before the first block; 1..n: the blocks; n + 1: after the last
+    name: str    # "model.layers.3", "(before blocks)", "(after blocks)"
 
-    with torch.no_grad():
-        done_in_blocks: set[str] = set()
-        if blocks:
-            handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-            try:
-                for batch in batches:
-                    try:
-                        model(**batch, **extra)
-                    except _Stop:
-                        pass
-            finally:
-                handle.remove()
-            bar = _progress(len(blocks), f"calibrating {prefix or 'blocks'}", progress)
-            for block in blocks:
-                linears = {names[m]: m for m in block.modules() if is_linear_module(m) and select(names[m])}
-                done_in_blocks.update(names[m] for m in block.modules() if is_linear_module(m))
-                stats = _observe(linears, hessian, lambda: [block(*a, **k) for a, k in inputs])
-                replacements = on_block(stats) or {}
-                with _swapped(linears, replacements):
-                    outputs = [block(*a, **k) for a, k in inputs]
-                inputs = [((_first(out),) + tuple(a[1:]), k) for out, (a, k) in zip(outputs, inputs)]
+
+def _segments(gm: fx.GraphModule, known: dict[fx.Node, int], blocks: list[str]) -> dict[fx.Node, int]:
+    """Segment of every node: its block's, carried forward through nodes without a block (nodes
+    passes inserted inherit the segment of the node before them); after the last block node,
+    the tail segment."""
+    position = {b: i + 1 for i, b in enumerate(blocks)}
+    nodes = list(gm.graph.nodes)
+    seg: dict[fx.Node, int] = {}
+    last_block_node = -1
+    for i, node in enumerate(nodes):
+        module = ir.get(node, ir.MODULE)
+        found = block_of(module.fqn) if module is not None else None
+        if found is not None and found[1] in position:
+            last_block_node = i
+    running = 0
+    for i, node in enumerate(nodes):
+        if node in known:
+            s = known[node]
+        else:
+            module = ir.get(node, ir.MODULE)
+            found = block_of(module.fqn) if module is not None else None
+            own = position.get(found[1]) if found is not None else None
+            s = own if own is not None else running
+            if i > last_block_node and blocks and node.op != "output":
+                s = len(blocks) + 1
+        running = max(running, s)
+        seg[node] = running
+    return seg
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+def _reference_targets() -> dict[Any, Callable]:
+    """lowbit ops run their float reference during calibration (fp32 dequantised weights, as
+    fake quantization would), not the packed CPU kernels (bf16 compute)."""
+    from lowbit_compiler import ops
+
+    return {torch.ops.lowbit.wo_linear.default: ops.wo_linear_reference}
+
+
+@dataclasses.dataclass
+class Calibration:
+    """The calibration batches of one captured graph, and the engine that runs them."""
+
+    gm: fx.GraphModule
+    args: list[tuple[Any, ...]]   # one argument tuple per usable batch, in placeholder order
+    fingerprint: str
+    progress: bool = True
+    unusable: str | None = None   # why no batch fits this graph (then ``args`` is empty)
+
+    def require(self, pass_name: str) -> None:
+        if not self.args:
+            raise LowbitError(f"pass {pass_name!r} needs calibration data, and none fits this graph: {self.unusable}")
+
+    def run(self, pass_name: str, select: Callable[[fx.Node], bool], needs: Iterable[str],
+            on_block: Callable[[Block, dict[fx.Node, LinearStats]], bool] | None = None,
+            at: str = "input") -> dict[str, Any]:
+        """Run the graph segment by segment over all batches (module docstring). ``select(node)``
+        picks the observed nodes; ``at`` = "input" observes their first argument (a linear's
+        input), "output" their value.
+        ``on_block(block, stats)`` returns whether it rewrote the block (then the block runs again).
+        Returns timing and counts."""
+        self.require(pass_name)
+        needs = set(needs)
+        if needs - NEEDS:
+            raise LowbitError(f"calibration: unknown needs {sorted(needs - NEEDS)}; known: {sorted(NEEDS)}")
+        gm = self.gm
+        start = time.perf_counter()
+        prefix, blocks = find_blocks(gm)
+        seg = _segments(gm, {}, blocks)
+        names = ["(before blocks)", *blocks, "(after blocks)"]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        envs = [dict(zip(placeholders, a)) for a in self.args]
+        bar = _progress(len(names), f"{pass_name}: calibrating {prefix or 'graph'}", self.progress)
+        rewritten = 0
+        with torch.no_grad():
+            for index, name in enumerate(names):
+                seg = _segments(gm, seg, blocks)
+                if not any(s == index for n, s in seg.items() if n.op not in ("placeholder", "get_attr", "output")):
+                    bar.update(1)
+                    continue
+                stats: dict[fx.Node, LinearStats] = {}
+                observe = (select, needs, stats, at)
+                pending = [self._run_segment(index, seg, env, observe) for env in envs]
+                changed = bool(on_block(Block(index, name), stats)) if on_block is not None else False
+                if changed:
+                    rewritten += 1
+                    gm.graph.lint()
+                    seg = _segments(gm, seg, blocks)
+                    pending = [self._run_segment(index, seg, env, None) for env in envs]
+                for env, values in zip(envs, pending):
+                    env.update(values)
+                    self._drop_dead(env, seg, index)
+                bar.set_postfix_str(name)
                 bar.update(1)
-            bar.close()
-        rest = {names[m]: m for m in model.modules()
-                if is_linear_module(m) and names[m] not in done_in_blocks and select(names[m])}
-        if rest:
-            on_block(_observe(rest, hessian, lambda: [model(**b, **extra) for b in batches]))
-    model.train(was_training)
-    return {"seconds": time.perf_counter() - start, "blocks": len(blocks), "batches": len(batches),
-            "tokens": sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)}
+        bar.close()
+        if rewritten:
+            gm.recompile()
+        return {"seconds": round(time.perf_counter() - start, 3), "blocks": len(blocks), "batches": len(self.args),
+                "segments_rewritten": rewritten}
+
+    def outputs(self) -> list[Any]:
+        """The graph's outputs for every batch (the float model's, before later passes change it)."""
+        with torch.no_grad():
+            return [_Executor(self.gm).run_all(a) for a in self.args]
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _run_segment(self, index: int, seg: dict[fx.Node, int], env: dict[fx.Node, Any], observe) -> dict[fx.Node, Any]:
+        """Run one segment for one batch; returns the values a later segment (or the output) reads.
+        Intermediates are dropped as soon as every reader has run."""
+        executor = _Executor(self.gm, env)
+        local = executor.local
+
+        def needed_later(n: fx.Node) -> bool:
+            return any(seg.get(u, index) > index or u.op == "output" for u in n.users)
+
+        executed: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            if seg.get(node) != index or node.op in ("placeholder", "get_attr", "output"):
+                continue
+            local[node] = executor.execute(node)
+            executed.add(node)
+            if observe is not None:
+                select, needs, stats, at = observe
+                if select(node):
+                    value = local[node] if at == "output" else executor.value(node.args[0])
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        stats.setdefault(node, LinearStats()).add(value, needs)
+            for arg in node.all_input_nodes:
+                if arg in local and not needed_later(arg) and all(u in executed for u in arg.users):
+                    del local[arg]
+        return {n: v for n, v in local.items() if needed_later(n)}
+
+    @staticmethod
+    def _drop_dead(env: dict[fx.Node, Any], seg: dict[fx.Node, int], index: int) -> None:
+        for node in list(env):
+            if node.op != "placeholder" and not any(seg.get(u, index + 1) > index or u.op == "output" for u in node.users):
+                del env[node]
 
 
-def _observe(linears: dict[str, torch.nn.Module], hessian: bool, run: Callable[[], Any]) -> StatsByLayer:
-    stats = {name: (m, LinearStats()) for name, m in linears.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, s=s: s.add(args[0], hessian))
-               for m, s in stats.values()]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+class _Executor:
+    """Runs single nodes of a graph against an environment of values (placeholders and the values
+    earlier segments kept); ``get_attr`` reads the graph module; lowbit ops run their reference."""
+
+    def __init__(self, gm: fx.GraphModule, env: dict[fx.Node, Any] | None = None):
+        self.gm, self.env, self.local = gm, env if env is not None else {}, {}
+        self.references = _reference_targets()
+
+    def value(self, node: Any) -> Any:
+        if not isinstance(node, fx.Node):
+            return node
+        if node in self.local:
+            return self.local[node]
+        if node in self.env:
+            return self.env[node]
+        if node.op == "get_attr":
+            return ir.fetch_attr(self.gm, node.target)
+        if node.op == "placeholder":
+            raise LowbitError(f"calibration: no value for graph input {node.name}")
+        # a node of an earlier segment that a pass inserted after that segment ran
+        self.local[node] = self.execute(node)
+        return self.local[node]
+
+    def execute(self, node: fx.Node) -> Any:
+        args = fx.node.map_arg(node.args, self.value)
+        kwargs = fx.node.map_arg(node.kwargs, self.value)
+        if node.op == "call_function":
+            return self.references.get(node.target, node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        raise LowbitError(f"calibration: cannot execute node {node.name} ({node.op})")
+
+    def run_all(self, args: tuple[Any, ...]) -> Any:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self.env = dict(zip(placeholders, args))
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], self.value)
+            if node.op not in ("placeholder", "get_attr"):
+                self.local[node] = self.execute(node)
+        return None
 
 
-class _swapped:
-    """Temporarily replace linear weights (given as [out, in]) by ``replacements``."""
-
-    def __init__(self, linears: dict[str, torch.nn.Module], replacements: dict[str, torch.Tensor]):
-        self.items = [(linears[n], w) for n, w in replacements.items() if n in linears]
-        self.saved: list[torch.Tensor] = []
-
-    def __enter__(self):
-        for module, w in self.items:
-            self.saved.append(module.weight.data)
-            new = w.t() if type(module).__name__ == "Conv1D" else w
-            module.weight.data = new.to(module.weight.dtype).contiguous()
-
-    def __exit__(self, *exc):
-        for (module, _), old in zip(self.items, self.saved):
-            module.weight.data = old
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _no_cache_kwargs(model: torch.nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    return {"use_cache": False} if config is not None and hasattr(config, "use_cache") else {}
+def output_leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _progress(total: int, desc: str, enabled: bool):

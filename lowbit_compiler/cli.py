@@ -21,13 +21,27 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
 
 
+def _detail(key: str, value: Any) -> str:
+    """One pass detail for the pass table: nested records (per-layer or per-group reports) are
+    counted here and shown in full in summary.json."""
+    if key == "calibration" and isinstance(value, dict):
+        if "seconds" in value:
+            return f"calibrated {value.get('blocks')} blocks x {value.get('batches')} batches in {value['seconds']:.1f} s"
+        return "calibration reused (computed for an earlier graph)"
+    if isinstance(value, dict) and all(isinstance(v, (int, float, str)) for v in value.values()) and len(value) <= 4:
+        return f"{key}=" + " ".join(f"{k} x{v}" if isinstance(v, int) else f"{k}:{v}" for k, v in value.items())
+    if isinstance(value, (dict, list)):
+        return f"{key}: {len(value)}"
+    return f"{key}={value}"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     out = [f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}  target={s.get('target', '?')}  "
            f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
     passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
                "see 'rotations' below" if p["name"] in ROTATION_PASSES else
                "see 'affine transforms' below" if p["name"] == "flatquant" and p["details"].get("groups") else
-               ", ".join(f"{k}={v}" for k, v in p["details"].items() if v not in (0, None, ""))]
+               ", ".join(_detail(k, v) for k, v in p["details"].items() if v not in (0, None, "", {}, []))]
               for p in s.get("passes", [])]
     out.append(_table(passes, ["pass", "ms", "matches", "changed", "details"]) if passes else "(no passes)")
     for p in s.get("passes", []):

@@ -256,8 +256,8 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     (K must be a multiple of 8)."""
     n, k = q.shape
     chunks = q.to(torch.int64).view(n, k // 8, 8)
-    word = (chunks << (bits * torch.arange(8))).sum(-1)  # 8 codes -> one `bits`-byte word
-    out = (word[..., None] >> (8 * torch.arange(bits))) & 0xFF
+    word = (chunks << (bits * torch.arange(8, device=q.device))).sum(-1)  # 8 codes -> one `bits`-byte word
+    out = (word[..., None] >> (8 * torch.arange(bits, device=q.device))) & 0xFF
     return out.to(torch.uint8).reshape(n, k * bits // 8).contiguous()
 
 
@@ -297,15 +297,15 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def round_to_grid(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Index of the nearest grid value (float64), ties to the even index (= even mantissa for
     e2m1, and the deterministic choice for NF4)."""
-    d = (values.double()[..., None] - grid.double()).abs()
+    d = (values.double()[..., None] - grid.to(device=values.device, dtype=torch.float64)).abs()
     nearest = d == d.min(-1, keepdim=True).values
-    even = nearest & (torch.arange(len(grid)) % 2 == 0)
+    even = nearest & (torch.arange(len(grid), device=values.device) % 2 == 0)
     return torch.where(even.any(-1), even.int().argmax(-1), nearest.int().argmax(-1))
 
 
 def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     """Values already divided by their scale -> 4-bit sign-magnitude e2m1 codes (saturating at 6)."""
-    mag = round_to_grid(v.abs().clamp(max=E2M1_MAX), torch.tensor(E2M1_GRID, dtype=torch.float64))
+    mag = round_to_grid(v.abs().clamp(max=E2M1_MAX), torch.tensor(E2M1_GRID, dtype=torch.float64, device=v.device))
     return (mag | ((v < 0) & (mag > 0)).long() << 3).to(torch.uint8)
 
 
@@ -356,7 +356,7 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
         q = (torch.round(wg / scale.float()[..., None]) + zero_f[..., None]).clamp(0, top)
     elif fmt.kind == "nf4":
         scale = absmax.clamp(min=1e-12).to(SCALE_DTYPE)
-        q = round_to_grid(wg / scale.float()[..., None], torch.tensor(NF4_GRID, dtype=torch.float64))
+        q = round_to_grid(wg / scale.float()[..., None], torch.tensor(NF4_GRID, dtype=torch.float64, device=w.device))
     elif fmt.kind == "mxfp4":
         # OCP MX: shared exponent floor(log2(amax)) - emax(e2m1); e8m0 stores it biased by 127
         exp = torch.floor(torch.log2(absmax.double().clamp(min=2.0 ** -126))) - MX_EMAX_E2M1
@@ -364,8 +364,8 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
         scale = (exp + 127).to(torch.uint8)
         q = e2m1_encode(wg.double() / torch.exp2(exp)[..., None])
     else:  # nvfp4: e4m3 block scales under an fp32 per-tensor scale
-        amax = float(w.abs().max())
-        zero = torch.tensor([amax / (E2M1_MAX * E4M3_MAX) if amax > 0 else 1.0], dtype=torch.float32)
+        amax = w.abs().amax().double()  # on w's device, no host round trip; float64 as a Python float was
+        zero = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), 1.0).float().reshape(1)
         scale = _e4m3(absmax / E2M1_MAX / zero)
         block = scale.double() * zero.double()
         block = torch.where(block > 0, block, torch.ones_like(block))

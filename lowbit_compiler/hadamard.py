@@ -165,11 +165,12 @@ def kron_factor(a: int) -> torch.Tensor:
     return torch.kron(_base(m), _sylvester(p)) if m > 1 else _sylvester(p)
 
 
-def matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The orthogonal ``H_n / sqrt(n)`` (float64 reference; ``transform`` never builds it)."""
-    h = torch.ones(1, 1, dtype=torch.float64)
+def matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """The orthogonal ``H_n / sqrt(n)`` (built in float64 on ``device``, then cast to ``dtype``;
+    ``transform`` never builds it)."""
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
     for f in factors(n):
-        h = torch.kron(h, f)
+        h = torch.kron(h, f.to(h.device))
     return (h / math.sqrt(n)).to(dtype)
 
 

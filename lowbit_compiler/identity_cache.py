@@ -17,13 +17,24 @@ class IdentityCache:
         self._entries: dict[tuple, tuple[weakref.ref, int, Any]] = {}
         self.misses = 0  # how many values were actually computed
 
+    def get(self, owner: torch.Tensor, key: Hashable, default: Any = None) -> Any:
+        """The value stored for ``owner`` under ``key`` (still alive, not edited in place), else default."""
+        entry = self._entries.get((id(owner), key))
+        if entry is not None and entry[0]() is owner and entry[1] == owner._version:
+            return entry[2]
+        return default
+
     def get_or_create(self, owner: torch.Tensor, key: Hashable, make: Callable[[], Any]) -> Any:
-        full_key = (id(owner), key)
-        entry = self._entries.get(full_key)
+        entry = self._entries.get((id(owner), key))
         if entry is not None and entry[0]() is owner and entry[1] == owner._version:
             return entry[2]
         self.misses += 1
         value = make()
+        self.put(owner, key, value)
+        return value
+
+    def put(self, owner: torch.Tensor, key: Hashable, value: Any) -> None:
+        full_key = (id(owner), key)
         entries = self._entries
 
         def forget(ref: weakref.ref, full_key: tuple = full_key) -> None:
@@ -32,7 +43,6 @@ class IdentityCache:
                 del entries[full_key]
 
         self._entries[full_key] = (weakref.ref(owner, forget), owner._version, value)
-        return value
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -29,9 +29,12 @@ META = "lowbit"
 PARAM = "param"            # ParamInfo on get_attr nodes of frozen parameters/buffers
 MODULE = "module"          # ModuleInfo: the module whose forward called this op (from capture)
 NORM = "norm"              # NormSpec on canonical norm nodes
-WEIGHT_QUANT = "weight_quant"  # WeightQuantDecision on lowbit::wo_linear nodes
+WEIGHT_QUANT = "weight_quant"  # WeightQuantDecision on lowbit::wo_linear / qa_linear nodes
 SKIPPED = "skipped"        # SkipReason on nodes a pass looked at and left alone
-KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED})
+WEIGHT_FORMAT = "weight_format"  # FormatChoice on linears: the format mixed_precision chose
+ACT_SCALE = "activation_scale"   # StaticScale on linears: observe_activations' measured input scale
+OUTLIERS = "outliers"      # OutlierSpec on linears whose fp16 outliers spqr moved to a sparse_linear
+KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +56,13 @@ class ModuleInfo:
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
     """A recognised normalisation. ``kind`` is "rms" or "layer"; ``weight_offset`` is 1.0 for
-    Gemma-style ``(1 + w)`` scales and 0.0 otherwise."""
+    Gemma-style ``(1 + w)`` scales and 0.0 otherwise; ``folded``: a rotation folded its affine
+    parameters into the linears it feeds (and a LayerNorm became an RMSNorm of the centred stream)."""
 
     kind: str
     eps: float
     weight_offset: float = 0.0
+    folded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +82,55 @@ class WeightQuantDecision:
 
 
 @dataclasses.dataclass(frozen=True)
+class FormatChoice:
+    """The weight format a pass chose for one linear (mixed precision), and why."""
+
+    format: str                # WeightFormat.key
+    chosen_by: str             # the pass
+    relative_error: float      # the layer-output error of that format, tr(dW H dW^T) / tr(W H W^T)
+    sensitivity: tuple[tuple[str, float], ...] = ()  # (format key, relative error) per candidate
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticScale:
+    """One per-tensor activation scale for a linear's input, measured on calibration data."""
+
+    scale: float               # absmax / code range (the float32 value, exactly)
+    absmax: float
+    act: str                   # "int8" | "int4" | "fp8_e4m3"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierSpec:
+    """Weights of a linear kept in fp16 beside it (``+ lowbit::sparse_linear``), SpQR-style."""
+
+    count: int
+    nbytes: int                # COO storage: int32 row + int32 column + fp16 value each
+
+
+@dataclasses.dataclass(frozen=True)
 class SkipReason:
     """Why a pass left a node alone (shown in dumps and summary.json)."""
 
     pass_name: str
     reason: str
+
+
+def replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> bool:
+    """Swap the tensor at ``fqn`` inside ``gm`` (never in the user's model, whose tensors the graph
+    module shares by reference); False if ``gm`` has nothing there. The offline flow writes the
+    graph's tensors back into the model afterwards."""
+    *path, attr = fqn.split(".")
+    owner = gm
+    for atom in path:
+        if not hasattr(owner, atom):
+            return False
+        owner = getattr(owner, atom)
+    if not hasattr(owner, attr):
+        return False
+    delattr(owner, attr)
+    owner.register_buffer(attr, value)
+    return True
 
 
 def lowbit_meta(node: fx.Node) -> dict[str, Any]:
@@ -163,6 +212,23 @@ def linear_parts(node: fx.Node) -> LinearParts:
     if not (isinstance(w, fx.Node) and param_fqn(w) is not None):
         w = None
     return LinearParts(x=x, weight_node=w, transposed=transposed, bias=b)
+
+
+def op_args(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a custom-op node by name, defaults filled in from the op's schema
+    (``op_args(n)["qweight"]``), so no code outside an op's declaration indexes ``node.args``."""
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            out[arg.name] = None
+    return out
 
 
 def describe(node: fx.Node) -> str:

@@ -1,38 +1,45 @@
-"""The offline flow: ``compress(model, recipe)`` runs the same passes and writes their decisions back.
+"""The offline flow: ``compress(model, recipe)`` runs the same passes and writes the graph back.
 
 1. Capture the model's forward with Dynamo (on the first calibration batch, ``example_inputs``, or
-   a short dummy prompt for Hugging Face models) and run the recipe's pipeline on each graph.
-2. For every ``lowbit::wo_linear`` the pipeline produced, replace the module that owned the float
-   weight (``nn.Linear``, or GPT-2's ``Conv1D``) by a :class:`LowbitLinear` holding the very
-   quantized tensors the pass made. The float weight is released, so memory really shrinks.
+   a short dummy prompt for Hugging Face models) and run the recipe's pipeline on each captured
+   graph, with the calibration engine (``lowbit_compiler/calibration.py``) over the batches, as
+   ``torch.compile(..., options={"calibration": ...})`` does: the same passes see the same data
+   the same way, so both flows produce bit-identical quantized tensors.
+2. Write the rewritten graph back into the model (:func:`write_back`), from the graph alone:
+
+   * every frozen tensor a pass replaced (rotated, norm-folded, smoothed weights; new biases;
+     untied heads) goes back to its FQN (in place where the graph reads the model's own tensor
+     there, so weights tied in the graph stay tied; as a new parameter where the graph gave the
+     FQN a tensor of its own);
+   * every linear that became a ``lowbit::`` op is replaced by a :class:`LowbitLinear` built from
+     the op's arguments, with the input transforms in front of it (``lowbit::hadamard``, R4's
+     signs, ``lowbit::kron_transform``) and SpQR's ``lowbit::sparse_linear`` beside it; a float
+     linear with input transforms gets them as a forward pre-hook;
+   * norms whose affine parameters a rotation folded become :class:`FoldedRMSNorm`;
+   * Hadamards on attention queries and keys (R3) go through transformers' AttentionInterface.
+
+   A ``lowbit::`` node nothing here can represent raises (never a model that silently computes
+   something else). The float weights are released, so memory really shrinks.
 
 The model keeps its class, ``generate()`` works, ``state_dict()`` holds the quantized buffers, and
-compiling it with ``backend="lowbit"`` lowers its ``lowbit::`` ops directly: ``insert_weight_quant``
-only rewrites float ``F.linear`` nodes, so nothing is quantized twice.
-
-Calibration (``calibration=``: token-id tensors, dicts of model inputs, an iterable/DataLoader of
-either, or strings with ``tokenizer=``): when the recipe's rounding needs data (GPTQ), step 0 runs
-``lowbit_compiler.calibration.calibrate`` block by block; each block's linears are quantized while
-their Hessians are in memory, the block's outputs are recomputed with the quantized weights (so the
-next block sees the error), and the results reach ``insert_weight_quant`` through
-``PassContext.quantized``. Data-free recipes use the first batch only as the capture input.
+compiling it with ``backend="lowbit"`` lowers its ``lowbit::`` ops directly (the quantizing
+passes only rewrite float ``F.linear`` nodes, so nothing is quantized twice).
 """
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import _dynamo_adapter, hadamard, ir, rounding, scale_folding
-from lowbit_compiler.calibration import as_batches, calibrate, weight_of
-from lowbit_compiler.capture import capture
-from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, quantize
-from lowbit_compiler.pass_base import LowbitError, PassContext
+from lowbit_compiler import _dynamo_adapter, hadamard, ir, opdecl
+from lowbit_compiler.calibration import as_batches, for_graph
+from lowbit_compiler.capture import Captured, capture
+from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
 from lowbit_compiler.pipeline import run_pipeline
-from lowbit_compiler.recipe import ACTIVATIONS, Recipe, get_recipe
-from lowbit_compiler.rotation import ROTATION_PASSES
+from lowbit_compiler.recipe import get_recipe
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -66,10 +73,8 @@ class LowbitLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_hadamard:
-            x = r4_input(x, self.input_signs)
-        if self.transform_left is not None:
-            x = torch.ops.lowbit.kron_transform(x, self.transform_left, self.transform_right)
+        transform = None if self.transform_left is None else (self.transform_left, self.transform_right)
+        x = apply_input_transforms(x, self.input_hadamard, self.input_signs, transform)
         if self.act:
             return torch.ops.lowbit.qa_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                               self.in_features, self.act, self.x_scale)
@@ -104,13 +109,28 @@ class FoldedRMSNorm(torch.nn.Module):
         return f"eps={self.eps}, folded"
 
 
+class GraphRMSNorm(torch.nn.Module):
+    """An RMSNorm as the canonical graph computes it: ``rms_norm(x) * (weight + offset)`` in the
+    input's precision (float32 at least); written back for float64 models, whose Hugging Face
+    norm modules would round to float32."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight)
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        w = (self.weight + self.offset).to(compute)
+        return torch.nn.functional.rms_norm(x.to(compute), (x.shape[-1],), w, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", offset={self.offset}" if self.offset else "")
+
+
 def r4_input(x: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
     """R4 on a down projection's input: ``(x D) H`` (``D`` None when folded into ``up``)."""
     return torch.ops.lowbit.hadamard(x if signs is None else x * signs)
-
-
-def _hadamard_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
-    return (r4_input(args[0], getattr(module, "lowbit_input_signs", None)), *args[1:])
 
 
 def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], example_inputs: Any) -> dict[str, Any]:
@@ -124,17 +144,17 @@ def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], examp
 
 
 def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any],
-                  handle: Callable[[fx.GraphModule, tuple[Any, ...]], None]) -> None:
+                  handle: Callable[[Captured, tuple[Any, ...]], None]) -> None:
     """Capture the model's forward once (eval mode, no grad) and hand each captured graph to
-    ``handle(gm, args)``, ``args`` the graph's arguments for this call; Dynamo's cache entries are
-    dropped afterwards (see ``forget_compiled``)."""
+    ``handle(captured, args)``, ``args`` the graph's arguments for this call; Dynamo's cache
+    entries are dropped afterwards (see ``forget_compiled``)."""
     graphs = 0
 
     def backend(gm: fx.GraphModule, example: list[Any]):
         nonlocal graphs
         graphs += 1
         captured = capture(gm, example)
-        handle(captured.gm, tuple(captured.call_args(example)))
+        handle(captured, tuple(captured.call_args(example)))
         return gm.forward
 
     was_training = model.training
@@ -142,6 +162,11 @@ def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any],
     try:
         with torch.no_grad():
             torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+    except Exception as e:  # a LowbitError (bad recipe, no calibration) reaches the user as itself
+        inner = _dynamo_adapter.backend_error(e)
+        if isinstance(inner, LowbitError):
+            raise inner from None
+        raise
     finally:
         _dynamo_adapter.forget_compiled(model.forward)
         model.train(was_training)
@@ -161,118 +186,193 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     recipe = get_recipe(recipe)
     batches = as_batches(calibration, tokenizer)
     kwargs = _example_kwargs(model, batches, example_inputs)
-    rotation_info = None
-    if set(recipe.passes) & set(ROTATION_PASSES):  # rotate the float model first: calibration sees it rotated
-        rotation_info = _rotate(model, recipe, kwargs, strict, batches)
-        recipe = recipe.replace(passes=tuple(p for p in recipe.passes if p not in ROTATION_PASSES))
-    precomputed, calibration_info = _calibrate(model, recipe, batches, progress)
-    activation_scales = _static_activation_scales(model, recipe, batches, progress)
-    formats = {layer: WeightFormat.parse(d["format"]) for layer, d in (calibration_info or {}).get("mixed", {}).items()}
-    decisions: dict[str, tuple[fx.GraphModule, fx.Node]] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    passes: list[dict[str, Any]] = []
+    graphs: list[tuple[Captured, Any]] = []
 
-    def rewrite(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
-        ctx = PassContext(recipe=recipe, strict=strict, quantized=precomputed, calibrated=calibration_info is not None,
-                          formats=formats, activation_scales=activation_scales,
-                          inputs=_graph_inputs(args, kwargs, batches))
-        report = run_pipeline(gm, recipe, ctx=ctx)
-        passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
-        layers.update(report.layers)
-        for node in gm.graph.nodes:
-            decision = ir.get(node, ir.WEIGHT_QUANT)
-            if decision is not None and node.target in (torch.ops.lowbit.wo_linear.default,
-                                                        torch.ops.lowbit.qa_linear.default):
-                decisions[decision.layer] = (gm, node)
+    def rewrite(captured: Captured, args: tuple[Any, ...]) -> None:
+        calibration_ = for_graph(captured.gm, batches, progress, args) if batches else None
+        ctx = PassContext(recipe=recipe, strict=strict, calibration=calibration_)
+        graphs.append((captured, run_pipeline(captured.gm, recipe, ctx=ctx)))
 
     _capture_each(model, kwargs, rewrite)
-
-    replaced = 0
-    for layer, (gm, node) in decisions.items():
-        parent, child = _weight_owner(model, layer)
-        old = getattr(parent, child)
-        _, qweight, scale, zero, bias, fmt, in_features, *act = node.args  # qa_linear: + act, x_scale
-        act, x_scale = (act + [None, None])[:2]
-        tensors = [None if a is None else ir.fetch_attr(gm, a.target) for a in (qweight, scale, zero)]
-        bias_tensor = None if bias is None else getattr(old, "bias", None)
-        outliers = None
-        if ir.get(node, ir.WEIGHT_QUANT).outliers:
-            outliers = tuple(ir.fetch_attr(gm, f"{layer}.outlier_{part}") for part in ("rows", "cols", "values"))
-        transform = None
-        x = node.args[0]
-        if isinstance(x, fx.Node) and x.target is torch.ops.lowbit.kron_transform.default:
-            transform = tuple(ir.fetch_attr(gm, t.target) for t in x.args[1:3])
-        setattr(parent, child, LowbitLinear(fmt, *tensors, bias_tensor, in_features, act, outliers,
-                                            None if x_scale is None else ir.fetch_attr(gm, x_scale.target),
-                                            input_hadamard=getattr(old, "lowbit_input_hadamard", False),
-                                            input_transform=transform,
-                                            input_signs=getattr(old, "lowbit_input_signs", None)))
-        replaced += 1
-    if replaced == 0 and rotation_info is None:
-        log.warning("compress(%s): nothing was quantized (no selected linear layers)", recipe.name)
-    model.lowbit_summary = {"recipe": recipe.to_dict(), "replaced_modules": replaced, "layers": layers,
-                            "passes": passes, "calibration": calibration_info, "rotation": rotation_info}
+    whole = [p for p in recipe.passes if get_pass(p).whole_model]
+    if whole and len(graphs) != 1:
+        raise LowbitError(f"compress({recipe.name}): pass {whole[0]!r} needs the whole forward in one graph; Dynamo "
+                          f"captured {len(graphs)} (graph breaks)")
+    written = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0}
+    layers: dict[str, dict[str, Any]] = {}
+    passes: list[dict[str, Any]] = []
+    r3 = None
+    for captured, report in graphs:
+        counts, wants_r3 = write_back(model, captured, recipe.name)
+        for k, v in counts.items():
+            written[k] += v
+        if wants_r3:
+            r3 = _attention_r3(model, strict)
+        passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
+        layers.update(report.layers)
+    if not any(written.values()) and recipe.passes:
+        log.warning("compress(%s): nothing was written back (no selected linear layers, nothing rotated)", recipe.name)
+    model.lowbit_summary = {"recipe": recipe.to_dict(), **written, "layers": layers, "passes": passes,
+                            "graphs": len(graphs), **({"R3": r3} if r3 is not None else {})}
     return model
 
 
-def _rotate(model: torch.nn.Module, recipe: Recipe, kwargs: dict[str, Any], strict: bool,
-            batches: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """Run canonicalize + the rotation pass on the captured graph and write what it changed into
-    the model: the new tensors (rotated, norm-folded, centred), parameter-free norms, untied heads,
-    a ``lowbit::hadamard`` pre-hook on every R4 layer, and R3 through the attention implementation
-    (:func:`_attention_r3`). A learned rotation
-    (``spinquant``) trains on the calibration batches that have the captured batch's shapes."""
-    name = next(p for p in recipe.passes if p in ROTATION_PASSES)
-    options = dict(recipe.pass_options(name))
-    r3 = options.pop("r3", False)
-    analysis_recipe = recipe.replace(name=f"{recipe.name}:{name}", passes=("canonicalize", name),
-                                     options=((name, tuple(options.items())),))
-    found: list[tuple[dict[str, Any], dict[str, Any]]] = []
+# --------------------------------------------------------------------------------------------
+# Write-back: the rewritten graph -> the model
+# --------------------------------------------------------------------------------------------
 
-    def rotate(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
-        ctx = PassContext(recipe=analysis_recipe, strict=strict, inputs=_graph_inputs(args, kwargs, batches))
-        report = run_pipeline(gm, analysis_recipe, ctx=ctx)
-        found.append((ctx.rotation, next(p.details for p in report.passes if p.name == name)))
+def _is(node: Any, op: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
 
-    _capture_each(model, kwargs, rotate)
-    if len(found) != 1:
-        raise LowbitError(f"compress({recipe.name}): rotations need the whole forward in one graph; Dynamo "
-                          f"captured {len(found)} (graph breaks)")
-    change, details = found[0]
-    if not change:
-        return details
+
+def _input_transforms(gm: fx.GraphModule, x: Any) -> tuple[Any, dict[str, Any], set[fx.Node]]:
+    """Walk back from a linear's input through the transforms passes put in front of it: FlatQuant's
+    ``kron_transform``, R4's ``hadamard`` and its online signs (``x * signs``). Returns the module's
+    own input, the transforms as :class:`LowbitLinear` keywords, and the nodes walked."""
+    found: dict[str, Any] = {}
+    walked: set[fx.Node] = set()
+    if _is(x, torch.ops.lowbit.kron_transform.default):
+        a = opdecl.args(x)
+        found["input_transform"] = (ir.fetch_attr(gm, a["left"].target), ir.fetch_attr(gm, a["right"].target))
+        walked.add(x)
+        x = a["x"]
+    if _is(x, torch.ops.lowbit.hadamard.default) and not all(
+            _is(u, torch.nn.functional.scaled_dot_product_attention) for u in x.users):
+        found["input_hadamard"] = True
+        walked.add(x)
+        x = opdecl.args(x)["x"]
+        if (_is(x, torch.mul) and isinstance(x.args[1], fx.Node) and x.args[1].op == "get_attr"
+                and ir.param_fqn(x.args[1]) is None):  # R4's random signs, online (a buffer, not a weight)
+            found["input_signs"] = ir.fetch_attr(gm, x.args[1].target)
+            walked.add(x)
+            x = x.args[0]
+    return x, found, walked
+
+
+def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str) -> tuple[dict[str, int], bool]:
+    """Write one rewritten graph into ``model`` (module docstring); returns what was written and
+    whether queries and keys get R3 Hadamards."""
+    gm = captured.gm
+    counts = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0}
+    represented: set[fx.Node] = set()
     with torch.no_grad():
-        for layer, fqn in change["untied"].items():
-            module = model.get_submodule(layer)
-            module.weight = torch.nn.Parameter(change["tensors"][fqn], requires_grad=False)
-        for fqn, t in change["tensors"].items():
-            if fqn in change["untied"].values():
-                continue
-            owner_name, _, attr = fqn.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            current = getattr(owner, attr, None)
-            if current is None:  # a bias the folding created (a LayerNorm bias into a bias-free reader)
-                setattr(owner, attr, torch.nn.Parameter(t, requires_grad=False))
-            else:
-                current.data = t
-        for fqn, eps in change["norms"]:
-            module = model.get_submodule(fqn) if fqn else None
-            if module is None or list(module.children()) or "norm" not in type(module).__name__.lower():
-                raise LowbitError(f"compress({recipe.name}): a folded norm was computed inside {fqn or 'the model'} "
-                                  f"({type(module).__name__}), not by a norm module that can be replaced; use "
-                                  "torch.compile(backend='lowbit') for this model's rotations")
+        counts["tensors"] = _write_tensors(model, captured)
+    for node in list(gm.graph.nodes):
+        quantized = opdecl.is_module(node, opdecl.LINEAR)
+        if not (quantized or ir.is_linear(node)):
+            continue
+        module_info = ir.get(node, ir.MODULE)
+        decision = ir.get(node, ir.WEIGHT_QUANT)
+        layer = decision.layer if decision is not None else (module_info.fqn if module_info else None)
+        x = opdecl.args(node)["x"] if quantized else ir.linear_parts(node).x
+        _, transforms, walked = _input_transforms(gm, x)
+        if not quantized:  # a float linear behind transforms (R4 without quantization): a pre-hook
+            if transforms:
+                if not layer:
+                    continue
+                module = model.get_submodule(layer)
+                module.lowbit_input_transforms = transforms
+                module.register_forward_pre_hook(_input_transform_pre_hook)
+                represented.update(walked)
+                counts["input_hooks"] += 1
+            continue
+        represented.update(walked)
+        represented.add(node)
+        if decision is None:  # arrived quantized (the model was compressed before)
+            continue
+        args = opdecl.args(node)
+        tensor = lambda a: None if a is None else ir.fetch_attr(gm, a.target)  # noqa: E731
+        outliers, users = None, list(node.users)
+        if len(users) == 1 and _is(users[0], operator.add) and opdecl.is_module(users[0].args[1], opdecl.SIDE):
+            sparse = opdecl.args(users[0].args[1])
+            outliers = tuple(tensor(sparse[k]) for k in ("rows", "cols", "values"))
+            represented.update({users[0].args[1]})
+        parent, child = _weight_owner(model, layer)
+        setattr(parent, child, LowbitLinear(
+            args["fmt"], tensor(args["qweight"]), tensor(args["scale"]), tensor(args["zero"]), tensor(args["bias"]),
+            args["in_features"], args.get("act"), outliers, tensor(args.get("x_scale")),
+            input_hadamard=transforms.get("input_hadamard", False), input_transform=transforms.get("input_transform"),
+            input_signs=transforms.get("input_signs")))
+        counts["replaced_modules"] += 1
+    for node in gm.graph.nodes:  # norms whose parameters were folded into their readers
+        spec = ir.get(node, ir.NORM)
+        if spec is None:
+            continue
+        module = ir.get(node, ir.MODULE)
+        fqn = module.fqn if module is not None else ""
+        target = model.get_submodule(fqn) if fqn else None
+        if not spec.folded:
+            weight = getattr(target, "weight", None)
+            if (spec.kind == "rms" and isinstance(weight, torch.Tensor) and weight.dtype == torch.float64
+                    and not list(target.children())):
+                # Hugging Face RMSNorms compute in float32 even in a float64 model; the graph (and so the
+                # compiled flow) computes in float64: write back the graph's norm
+                parent, child = _weight_owner(model, fqn)
+                setattr(parent, child, GraphRMSNorm(weight, spec.eps, spec.weight_offset))
+            continue
+        if target is None or list(target.children()) or "norm" not in type(target).__name__.lower():
+            raise LowbitError(f"compress({recipe_name}): a folded norm (node {node.name}) was computed inside "
+                              f"{fqn or 'the model'} ({type(target).__name__}), not by a norm module that can be "
+                              "replaced; use torch.compile(backend='lowbit') for this model's rotations")
+        if not isinstance(target, FoldedRMSNorm):
             parent, child = _weight_owner(model, fqn)
-            setattr(parent, child, FoldedRMSNorm(eps))
-        for layer in change["hadamard_before"]:
-            module = model.get_submodule(layer)
-            module.lowbit_input_hadamard = True
-            signs = change.get("signs_before", {}).get(layer)
-            if signs is not None:  # R4's random signs, where no gated linear could absorb them
-                module.register_buffer("lowbit_input_signs", signs)
-            module.register_forward_pre_hook(_hadamard_pre_hook)
-    if r3:
-        details = {**details, "R3": _attention_r3(model, strict)}
-    return details
+            setattr(parent, child, FoldedRMSNorm(spec.eps))
+            counts["folded_norms"] += 1
+    r3 = False
+    for node in gm.graph.nodes:  # R3: Hadamards on queries and keys right before attention
+        if _is(node, torch.ops.lowbit.hadamard.default) and node not in represented and node.users and all(
+                _is(u, torch.nn.functional.scaled_dot_product_attention) for u in node.users):
+            represented.add(node)
+            r3 = True
+    leftover = [n for n in gm.graph.nodes if opdecl.of(n) is not None and n not in represented]
+    if leftover:
+        raise LowbitError(f"compress({recipe_name}): nodes {[n.name for n in leftover]} ({opdecl.describe(leftover[0])}) "
+                          "are not in a place their module form covers (a linear's input or output, attention's "
+                          "queries and keys); use torch.compile(model, backend='lowbit', options={'recipe': ...}) for "
+                          "this recipe")
+    return counts, r3
+
+
+def _write_tensors(model: torch.nn.Module, captured: Captured) -> int:
+    """Tensors of the model's state that the passes replaced in the graph module, written back."""
+    gm = captured.gm
+    written = 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or ir.get(node, ir.PARAM) is None:
+            continue
+        new = ir.fetch_attr(gm, node.target)
+        owner_name, _, attr = node.target.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            raise LowbitError(f"compress: the graph reads {node.target}, whose module {owner_name!r} is not in the "
+                              "model") from None
+        current = getattr(owner, attr, None)
+        if current is new:
+            continue
+        if isinstance(current, torch.Tensor) and captured.frozen.get(node.target) is current:
+            current.data = new.detach()  # the graph read the model's own tensor here: aliases (tied weights) follow
+        elif attr in dict(owner.named_buffers(recurse=False)):
+            owner.register_buffer(attr, new.detach())
+        else:  # a tensor of its own under this FQN (an untied head, a bias the folding created)
+            setattr(owner, attr, torch.nn.Parameter(new.detach(), requires_grad=False))
+        written += 1
+    return written
+
+
+def _input_transform_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
+    return (apply_input_transforms(args[0], **module.lowbit_input_transforms), *args[1:])
+
+
+def apply_input_transforms(x: torch.Tensor, input_hadamard: bool = False, input_signs: torch.Tensor | None = None,
+                           input_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """What passes put in front of a linear, in graph order: R4 (``(x D) H``), then FlatQuant's
+    ``kron_transform``."""
+    if input_hadamard:
+        x = r4_input(x, input_signs)
+    if input_transform is not None:
+        x = torch.ops.lowbit.kron_transform(x, *input_transform)
+    return x
 
 
 _R3_ATTENTIONS: dict[str, str] = {}  # attention implementation -> the registered R3 wrapper's name
@@ -313,214 +413,3 @@ def _attention_r3(model: torch.nn.Module, strict: bool) -> dict[str, Any]:
         AttentionInterface.register(_R3_ATTENTIONS[impl], attention_r3)
     config._attn_implementation = _R3_ATTENTIONS[impl]
     return {"applied": True, "attention": _R3_ATTENTIONS[impl], "head_dim": int(head_dim)}
-
-
-def _graph_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], batches: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """The captured graph's arguments for every calibration batch with the captured shapes: each
-    graph argument is found among the capture's keyword inputs (by identity) and taken from the
-    batch under the same key. Batches of other shapes (the graph is specialised) are left out; no
-    calibration data gives no inputs (a learned rotation then keeps its start and says so)."""
-    if not batches:
-        return []
-    keys = []
-    for arg in args:
-        key = next((k for k, v in kwargs.items() if v is arg), None)
-        if key is None:
-            log.info("compress: graph input %s is not one of the model's inputs; data-driven passes see the capture "
-                     "batch only", type(arg).__name__)
-            return [args]
-        keys.append(key)
-    out = []
-    for batch in batches:
-        values = [batch.get(k) for k in keys]
-        if all(isinstance(v, torch.Tensor) and v.shape == a.shape for v, a in zip(values, args)):
-            out.append(tuple(values))
-    if len(out) < len(batches):
-        log.info("compress: %d of %d calibration batches have the captured shapes; data-driven passes see those",
-                 len(out), len(batches))
-    return out or [args]
-
-
-def _calibrate(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],
-               progress: bool) -> tuple[dict[str, QuantizedWeight], dict[str, Any] | None]:
-    """Data-driven rounding, block by block (see the module docstring); {} when data-free."""
-    if recipe.smoothquant is not None:
-        _require_data(recipe, batches, "uses SmoothQuant")
-        return {}, _smooth(model, recipe, batches, progress)
-    if recipe.mixed_bits is not None:
-        _require_data(recipe, batches, "assigns formats by measured sensitivity")
-        return {}, _mixed_precision(model, recipe, batches, progress)
-    if recipe.rounding not in rounding.NEEDS_DATA or recipe.weight is None:
-        return {}, None
-    _require_data(recipe, batches, f"rounds with {recipe.rounding}")
-    fmt, options = recipe.weight, recipe.pass_options("insert_weight_quant")
-    gptq_options = {k: options[k] for k in ("block_size", "damp", "act_order") if k in options}
-    quantized: dict[str, QuantizedWeight] = {}
-    groups = _scale_groups(model, batches[0]) if recipe.rounding == "awq" else {}
-    awq_report: dict[str, Any] = {}
-
-    def on_block(stats):
-        if recipe.rounding == "awq":
-            for group in _groups_in(stats, groups):
-                awq_report[group.consumers[0]] = _awq_fold(model, group, stats, fmt)
-        fake = {}
-        for layer, (module, observed) in stats.items():
-            w = weight_of(module).detach()
-            check_layer(fmt, w.shape[1], layer, recipe.pad_to_group)
-            if recipe.rounding == "gptq":
-                quantized[layer] = rounding.gptq(w, fmt, observed.gptq_hessian(), **gptq_options)
-            else:
-                quantized[layer] = quantize(w, fmt)
-            fake[layer] = dequantize(quantized[layer])
-        return fake
-
-    info = calibrate(model, batches, recipe.applies_to, on_block, hessian=True, progress=progress)
-    info["layers"] = len(quantized)
-    if recipe.rounding == "awq":
-        info["awq"] = awq_report
-    log.info("compress(%s): calibrated %d layers in %.1f s on %d batches", recipe.name, len(quantized),
-             info["seconds"], info["batches"])
-    return quantized, info
-
-
-def _static_activation_scales(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],
-                               progress: bool) -> dict[str, torch.Tensor]:
-    """Per layer, one activation scale: the input's abs-max over the calibration data / the code
-    range (measured after any smoothing, on the model as it will be quantized)."""
-    if not (recipe.activation or "").endswith("_static"):
-        return {}
-    _require_data(recipe, batches, f"uses {recipe.activation} activations")
-    from lowbit_compiler.ops import ACTIVATION_MAX
-
-    top = ACTIVATION_MAX[ACTIVATIONS[recipe.activation][0]]
-    scales: dict[str, torch.Tensor] = {}
-
-    def on_block(stats):
-        for layer, (_, observed) in stats.items():
-            scales[layer] = (observed.absmax.max().clamp(min=1e-8) / top).reshape(1).float()
-
-    calibrate(model, batches, recipe.applies_to, on_block, hessian=False, progress=progress)
-    return scales
-
-
-def _smooth(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]], progress: bool) -> dict[str, Any]:
-    """SmoothQuant: per group, s_j = max|x_j|^a / max_i |W_ij|^(1-a), folded into the producer."""
-    alpha = float(recipe.smoothquant)
-    groups = _scale_groups(model, batches[0])
-    report: dict[str, Any] = {}
-
-    def on_block(stats):
-        for group in _groups_in(stats, groups):
-            if group.producer is None:
-                report[group.consumers[0]] = {"consumers": group.consumers, "skipped": group.reason}
-                continue
-            s = scale_folding.smoothquant_scales(stats[group.consumers[0]][1].absmax,
-                                                 [weight_of(stats[layer][0]) for layer in group.consumers], alpha)
-            scale_folding.fold(model, group, s)
-            report[group.consumers[0]] = {"consumers": group.consumers, "producer": list(group.producer),
-                                          "max_scale": float(s.max()), "min_scale": float(s.min())}
-        return None
-
-    info = calibrate(model, batches, recipe.applies_to, on_block, hessian=False, progress=progress)
-    info["smoothquant"] = report
-    return info
-
-
-def _mixed_precision(model: torch.nn.Module, recipe: Any, batches: list[dict[str, torch.Tensor]],
-                     progress: bool) -> dict[str, Any]:
-    """Bits per layer under an average-bits budget, from measured sensitivity (HAWQ / SliM-LLM in
-    spirit): for each layer and candidate format, the layer-output error of round-to-nearest,
-    ``tr(dW H dW^T) / tr(W H W^T)`` with the calibration Hessian; then start every layer at the
-    cheapest format and upgrade, greedily, the layer whose error falls most per extra bit until
-    the budget is spent."""
-    options = recipe.pass_options("insert_weight_quant")
-    budget = float(recipe.mixed_bits)
-    candidates = sorted((WeightFormat.parse(k) for k in options.get("mixed_formats", (
-        "int3_g128_asym", "int4_g128_asym", "int8"))), key=lambda f: f.bits_per_weight(4096, 4096))
-    table: dict[str, list[tuple[float, float]]] = {}  # layer -> [(bits, relative error)] per candidate
-
-    def on_block(stats):
-        for layer, (module, observed) in stats.items():
-            w = weight_of(module).detach().float()
-            h = observed.hessian
-            signal = float(((w @ h) * w).sum()) or 1.0
-            rows = []
-            for fmt in candidates:
-                check_layer(fmt, w.shape[1], layer, recipe.pad_to_group)
-                dw = w - dequantize(quantize(w, fmt))
-                rows.append((fmt.storage_bytes(*w.shape) * 8.0, float(((dw @ h) * dw).sum()) / signal))
-            table[layer] = rows
-
-    info = calibrate(model, batches, recipe.applies_to, on_block, hessian=True, progress=progress)
-    params = {layer: weight_of(model.get_submodule(layer)).numel() for layer in table}
-    choice = {layer: 0 for layer in table}
-    spent = sum(table[layer][0][0] for layer in table)
-    limit = budget * sum(params.values())
-    while True:
-        best, best_gain = None, 0.0
-        for layer, i in choice.items():
-            if i + 1 < len(candidates):
-                (b0, e0), (b1, e1) = table[layer][i], table[layer][i + 1]
-                if spent + b1 - b0 <= limit and (e0 - e1) / (b1 - b0) > best_gain:
-                    best, best_gain = layer, (e0 - e1) / (b1 - b0)
-        if best is None:
-            break
-        spent += table[best][choice[best] + 1][0] - table[best][choice[best]][0]
-        choice[best] += 1
-    info["mixed"] = {layer: {"format": candidates[i].key, "relative_error": table[layer][i][1],
-                             "sensitivity": {candidates[j].key: round(e, 6) for j, (_, e) in enumerate(table[layer])}}
-                     for layer, i in choice.items()}
-    info["average_bits"] = spent / max(sum(params.values()), 1)
-    info["budget_bits"] = budget
-    return info
-
-
-def _scale_groups(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> dict[str, scale_folding.ScaleGroup]:
-    """Layer FQN -> its scale group, from the canonical graph of one capture."""
-    graphs: list[fx.GraphModule] = []
-
-    def canonicalize(gm: fx.GraphModule, _args: tuple[Any, ...]) -> None:
-        run_pipeline(gm, Recipe("scale-analysis", ("canonicalize",)), ctx=PassContext(recipe=None))
-        graphs.append(gm)
-
-    _capture_each(model, example, canonicalize)
-    shared = _tied_parameters(model)
-    groups = {}
-    for gm in graphs:
-        for group in scale_folding.scale_groups(gm):
-            tied = [layer for layer in group.consumers if id(model.get_submodule(layer).weight) in shared]
-            if group.producer is not None and tied:
-                group.producer, group.reason = None, f"weight of {tied[0]} is tied to another module"
-            groups.update({layer: group for layer in group.consumers})
-    return groups
-
-
-def _groups_in(stats: dict[str, Any], groups: dict[str, scale_folding.ScaleGroup]) -> list[scale_folding.ScaleGroup]:
-    """The scale groups whose linears were observed in this block (each once)."""
-    return list({id(groups[layer]): groups[layer] for layer in stats if layer in groups}.values())
-
-
-def _require_data(recipe: Any, batches: list[dict[str, torch.Tensor]], what: str) -> None:
-    if not batches:
-        raise LowbitError(f"compress: recipe {recipe.name!r} {what}, which needs calibration data: "
-                          "compress(model, recipe, calibration=[token-id tensors] or texts with tokenizer=)")
-
-
-def _tied_parameters(model: torch.nn.Module) -> set[int]:
-    """ids of parameters owned by more than one module (a head tied to the embedding)."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    return {i for i, n in owners.items() if n > 1}
-
-
-def _awq_fold(model: torch.nn.Module, group: scale_folding.ScaleGroup, stats, fmt) -> dict[str, Any]:
-    if group.producer is None:
-        return {"consumers": group.consumers, "skipped": group.reason}
-    first = stats[group.consumers[0]][1]
-    weights = [weight_of(stats[layer][0]) for layer in group.consumers]
-    s, alpha, relative = scale_folding.awq_scales(weights, first.hessian, first.mean_abs, fmt)
-    scale_folding.fold(model, group, s)
-    return {"consumers": group.consumers, "producer": list(group.producer), "alpha": alpha,
-            "error_vs_rtn": round(relative, 4)}

@@ -6,26 +6,96 @@ quantized linear for every :class:`~lowbit_compiler.formats.WeightFormat` (``fmt
 
 Implementations:
 
-* :func:`wo_linear_reference`: dequantise to float32, one float32 matmul, cast to x's dtype. It
-  defines the op's numerics; every fast path is tested against it.
-* The op's own CPU kernel (what eager code and the offline flow run) calls the fast CPU kernels in
-  ``lowbit_compiler.backends.cpu_kernels`` and uses the reference where they do not apply. The
+* :func:`wo_linear_reference`: dequantise to float32, one matmul in float32 (float64 for float64
+  activations), cast to x's dtype. It defines the op's numerics; every fast path is tested against it.
+* The op's own implementation (what eager code and the offline flow run) calls the fast CPU kernels
+  in ``lowbit_compiler.backends.cpu_kernels`` and uses the reference where they do not apply. The
   backend chooses explicitly per node at lowering time instead (see ``backends/lowering.py``).
+
+Nothing is silent: an eager call that takes a slow path (the float reference of ``wo_linear``, the
+float32 emulation or per-call unpacking of ``qa_linear``) logs a warning through the
+``lowbit_compiler`` logger once per (op, format, reason) and counts every such call in
+``lowbit_compiler.pass_base.fallback_counter`` (see :func:`eager_fallback`). Every op creates its
+tensors on its inputs' device.
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
 from lowbit_compiler.formats import WeightFormat, dequantize_parts
 
+log = logging.getLogger("lowbit_compiler")
+
+# (op, format, reason) already logged by eager_fallback
+_WARNED: set[tuple[str, str, str]] = set()
+
+_REFERENCE_COST = ("the float reference runs instead (the whole weight is dequantised to float32 on every call: "
+                   "correct, but slow and memory-hungry)")
+
+
+def eager_fallback(op: str, fmt: str, reason: str) -> None:
+    """Report that an eager call of ``op`` took a slow path: a warning once per (op, fmt, reason),
+    and one count per call in ``fallback_counter`` (under the reason's text before its first ";")."""
+    from lowbit_compiler import pass_base
+
+    pass_base.record_fallback(reason)
+    key = (op, fmt, reason)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("lowbit fallback: %s (logged once; later calls are counted in "
+                    "lowbit_compiler.fallback_counter)", reason)
+
+
+def _template_gap(fmt: str, act: str | None = None) -> str | None:
+    from lowbit_compiler.backends import codegen
+
+    return codegen.template_gap(fmt, act)
+
+
+@functools.lru_cache(maxsize=None)
+def wo_linear_fallback_reason(fmt: str, x_dtype: torch.dtype, device_type: str) -> str | None:
+    """Why an eager ``lowbit::wo_linear`` call with these arguments runs the float reference, and
+    what to do about it (None: the packed CPU kernel runs)."""
+    from lowbit_compiler.backends import cpu_kernels
+
+    if cpu_kernels.unsupported_reason(x_dtype, torch.device(device_type), fmt) is None:
+        return None
+    gap = _template_gap(fmt)
+    if device_type != "cpu":
+        advice = (f"compiling does not help ({gap}); int8 and int4 formats have fast kernels" if gap is not None
+                  else "compile the model with torch.compile(model, backend='lowbit') to run generated kernels"
+                  + ("" if x_dtype in cpu_kernels._FAST_DTYPES else " (they take float32/bfloat16/float16 activations)"))
+        return (f"lowbit::wo_linear: format {fmt} on a {device_type} device: the eager op has packed kernels for the "
+                f"CPU only; {_REFERENCE_COST}; {advice}")
+    if x_dtype not in cpu_kernels._FAST_DTYPES:
+        return (f"lowbit::wo_linear: format {fmt} with {x_dtype} activations has no packed CPU kernel (they take "
+                f"float32/bfloat16/float16 activations); {_REFERENCE_COST}; run the model in float32 or bfloat16 "
+                "for the packed kernel")
+    advice = ("on CUDA, torch.compile(model, backend='lowbit') runs a generated kernel for it" if gap is None
+              else "it has no generated-kernel template either, so this format saves memory, not time; use int8 or "
+                   "int4_g<G>_<sym|asym> for speed")
+    return (f"lowbit::wo_linear: format {fmt} has no packed CPU kernel (torch has int8 and int4 group-wise ones); "
+            f"{_REFERENCE_COST}; {advice}")
+
 
 @torch.library.custom_op("lowbit::wo_linear", mutates_args=())
 def wo_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
               bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    return wo_linear_eager(x, qweight, scale, zero, bias, fmt, in_features)
+
+
+def wo_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    """The op's implementation: the packed CPU kernel, else the float reference (logged, counted)."""
     from lowbit_compiler.backends import cpu_kernels
 
     out = cpu_kernels.wo_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
     if out is None:
+        reason = wo_linear_fallback_reason(fmt, x.dtype, x.device.type)
+        eager_fallback("lowbit::wo_linear", fmt, reason or f"lowbit::wo_linear: format {fmt}: {_REFERENCE_COST}")
         out = wo_linear_reference(x, qweight, scale, zero, bias, fmt, in_features)
     return out
 
@@ -40,9 +110,11 @@ def _(x, qweight, scale, zero, bias, fmt, in_features):
 def wo_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                         zero: torch.Tensor | None, bias: torch.Tensor | None, fmt: str,
                         in_features: int) -> torch.Tensor:
-    """Float reference: dequantise, matmul in float32, cast back to x.dtype."""
-    w = dequantize_parts(WeightFormat.parse(fmt), qweight, scale, zero)[:, :in_features]
-    out = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    """Float reference: dequantise (float32), matmul in float32 (float64 for float64 activations),
+    cast back to x.dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    w = dequantize_parts(WeightFormat.parse(fmt), qweight, scale, zero)[:, :in_features].to(compute)
+    out = torch.nn.functional.linear(x.to(compute), w, None if bias is None else bias.to(compute))
     return out.to(x.dtype)
 
 
@@ -82,8 +154,39 @@ def qa_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
       ``q - z`` (in [-15, 15]), each scaled by its group's scale, summed;
     * fp8 x fp8_e4m3 weights: fp8 x fp8 products are exact in float32, accumulated in float32 (what
       fp8 tensor cores do), then both scales.
+
+    The last two are emulations (per call: the weight converted to float32, or its codes unpacked);
+    they log once and count each call (:func:`eager_fallback`).
     """
+    return qa_linear_eager(x, qweight, scale, zero, bias, fmt, in_features, act, x_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def qa_linear_slow_reason(fmt: str, act: str) -> str | None:
+    """Why an eager ``lowbit::qa_linear`` call with this format and activation scheme is an
+    emulation rather than one integer matmul, and what to do (None: it is one ``torch._int_mm``)."""
     f = WeightFormat.parse(fmt)
+    if act != "fp8_e4m3" and f.bits == 8:
+        return None
+    gap = _template_gap(fmt, act)
+    advice = ("on CUDA, torch.compile(model, backend='lowbit') runs a generated kernel for it" if gap is None
+              else f"no faster path exists yet ({gap})")
+    if act == "fp8_e4m3":
+        what = ("is emulated in float32 by the eager op (the whole weight converted to float32 on every call; the "
+                "products are exact, accumulated in float32)")
+    else:
+        what = (f"runs one integer matmul per group of {f.group_size} on codes unpacked and centred on every call "
+                "(the eager op has no packed low-bit integer kernel)")
+    return f"lowbit::qa_linear: format {fmt} with {act} activations {what}; {advice}"
+
+
+def qa_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bias: torch.Tensor | None, fmt: str, in_features: int, act: str,
+                    x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The implementation of ``lowbit::qa_linear`` (see there)."""
+    f = WeightFormat.parse(fmt)
+    if (reason := qa_linear_slow_reason(fmt, act)) is not None:
+        eager_fallback("lowbit::qa_linear", f"{fmt}/{act}", reason)
     xq, x_scale = quantize_activations(x, act, x_scale)
     rows = xq.reshape(-1, x.shape[-1])
     if act == "fp8_e4m3":
@@ -93,7 +196,7 @@ def qa_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
     else:
         codes = _centred_codes(f, qweight, zero)
         g = f.group_size
-        acc = torch.zeros(rows.shape[0], codes.shape[0])
+        acc = torch.zeros(rows.shape[0], codes.shape[0], device=rows.device)
         for j in range(0, in_features, g):
             width = min(g, in_features - j)
             part = torch._int_mm(rows[:, j:j + width].contiguous(), codes[:, j:j + width].t().contiguous())
@@ -115,7 +218,8 @@ def _centred_codes(f: WeightFormat, qweight: torch.Tensor, zero: torch.Tensor | 
 
     q = _unpack(qweight, f.bits).to(torch.int16)
     n, kp = q.shape
-    z = (torch.full((n, kp // f.group_size), 2 ** (f.bits - 1)) if zero is None else zero.to(torch.int16))
+    z = (torch.full((n, kp // f.group_size), 2 ** (f.bits - 1), dtype=torch.int16, device=q.device) if zero is None
+         else zero.to(torch.int16))
     return (q - z.repeat_interleave(f.group_size, dim=1)).to(torch.int8)
 
 
@@ -178,6 +282,11 @@ def _(x):
 def kron_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``x @ (left (x) right)`` over the last dimension (FlatQuant's online affine transform): a row
     viewed as ``X`` [a, b] becomes ``left^T X right``; computed in float32 at least."""
+    return kron_transform_eager(x, left, right)
+
+
+def kron_transform_eager(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The implementation of ``lowbit::kron_transform`` (two batched matmuls; no new tensors)."""
     a, b = left.shape[0], right.shape[0]
     if x.shape[-1] != a * b:
         raise ValueError(f"lowbit::kron_transform: input size {x.shape[-1]} != {a} x {b}")
@@ -210,7 +319,7 @@ def hadamard_reference(x: torch.Tensor) -> torch.Tensor:
     """Float64 reference: one matmul with the dense orthogonal matrix."""
     from lowbit_compiler import hadamard as _h
 
-    return (x.double() @ _h.matrix(x.shape[-1])).to(x.dtype)
+    return (x.double() @ _h.matrix(x.shape[-1], device=x.device)).to(x.dtype)
 
 
 @torch.library.custom_op("lowbit::sparse_linear", mutates_args=())
@@ -218,9 +327,17 @@ def sparse_linear(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, value
                   out_features: int) -> torch.Tensor:
     """``x @ S.T`` for a sparse [N, K] matrix in COO form (SpQR-style outliers beside a quantized
     dense part: the graph adds this to the dense op's output)."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    contrib = flat[:, cols.long()] * values.float()
-    out = torch.zeros(flat.shape[0], out_features).index_add_(1, rows.long(), contrib)
+    return sparse_linear_eager(x, rows, cols, values, out_features)
+
+
+def sparse_linear_eager(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                        out_features: int) -> torch.Tensor:
+    """The implementation of ``lowbit::sparse_linear``: a gather, a product and an ``index_add_``
+    (float32 at least), O(tokens x nonzeros); on the input's device."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    flat = x.reshape(-1, x.shape[-1]).to(compute)
+    contrib = flat[:, cols.long()] * values.to(compute)
+    out = torch.zeros(flat.shape[0], out_features, dtype=compute, device=x.device).index_add_(1, rows.long(), contrib)
     return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 

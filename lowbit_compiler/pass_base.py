@@ -55,27 +55,29 @@ class PassResult:
 
 @dataclasses.dataclass
 class PassContext:
-    """What a pass may read besides the graph: the recipe, strictness, and where to report."""
+    """What a pass may read besides the graph: the recipe, strictness, where to report, and the
+    calibration engine. Decisions never travel here: they live in the graph (constants,
+    ``lowbit::`` ops, ``node.meta["lowbit"]``)."""
 
     recipe: Any
     strict: bool = False
     # per-layer records passes add for summary.json (FQN -> dict)
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    # layer FQN -> QuantizedWeight computed during calibration (compress with data-driven rounding)
-    quantized: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # True when compress() ran calibration (and its data-driven transformations) on the model
-    calibrated: bool = False
-    # layer FQN -> WeightFormat chosen per layer (mixed precision); the recipe's format elsewhere
-    formats: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # layer FQN -> static activation scale [1] measured on calibration data (activation "*_static")
-    activation_scales: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # what the rotate pass changed (new tensors per FQN, folded norms, online Hadamards): compress
-    # writes it back into the model
-    rotation: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # argument tuples for the graph, for passes that learn from data (spinquant): the compile call's
-    # example inputs under torch.compile; the calibration batches (of the captured shape) in compress
-    inputs: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    # the calibration batches of this graph and the engine that runs them
+    # (lowbit_compiler.calibration.Calibration); None when the caller gave no calibration data
+    calibration: Any = None
+
+    def calibration_for(self, pass_name: str) -> Any:
+        """The calibration engine, or the error that says how to give it data."""
+        if self.calibration is None:
+            raise LowbitError(
+                f"pass {pass_name!r} (recipe {getattr(self.recipe, 'name', self.recipe)!r}) needs calibration data: "
+                "torch.compile(model, backend='lowbit', options={'recipe': ..., 'calibration': batches}) or "
+                "lowbit_compiler.compress(model, recipe, calibration=batches) (token-id tensors, dicts of model "
+                "inputs, or texts with tokenizer=)")
+        self.calibration.require(pass_name)
+        return self.calibration
 
     def fallback(self, where: str, reason: str) -> None:
         """Report that something was left on the reference path; raises in strict mode."""
@@ -96,11 +98,32 @@ def record_fallback(reason: str) -> None:
 
 
 class Pass:
-    """Base class of every pass. Subclasses set ``name`` and implement ``call``."""
+    """Base class of every pass. Subclasses set ``name`` and implement ``call``.
+
+    What a recipe checks when it is built (``Recipe`` construction):
+
+    * ``requires``: properties an earlier pass must ensure (``"canonical"``);
+    * ``ensures``: properties this pass establishes;
+    * ``before``: properties no earlier pass may have established (``awq`` rescales float weights,
+      so it refuses to follow a pass that ensured ``"weights_quantized"``);
+    * ``quantizes``: the pass quantizes the selected linears (two such passes in one recipe would
+      quantize the same layers twice).
+
+    ``required(recipe)`` may add requirements that depend on the recipe (static activation
+    scales need ``"activation_scales"``). ``data_driven`` passes get their data from
+    ``ctx.calibration_for(self.name)``.
+    """
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     ensures: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+    quantizes: ClassVar[bool] = False
+    data_driven: ClassVar[bool] = False
+    whole_model: ClassVar[bool] = False  # needs the whole forward in one graph (rotations)
+
+    def required(self, recipe: Any) -> tuple[str, ...]:
+        return self.requires
 
     def __init__(self, **options: Any) -> None:
         self.options = options

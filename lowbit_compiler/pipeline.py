@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from lowbit_compiler import verify
 from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
-from lowbit_compiler.recipe import Recipe
+from lowbit_compiler.recipe import Recipe, instantiate
 
 
 @dataclasses.dataclass
@@ -43,8 +43,8 @@ def run_pipeline(gm: fx.GraphModule, recipe: Recipe, *, strict: bool = False, de
     established: set[str] = set()
     records: list[PassRecord] = []
     for pass_name in recipe.passes:
-        pass_ = get_pass(pass_name)(**recipe.pass_options(pass_name))
-        missing = [r for r in pass_.requires if r not in established]
+        pass_ = instantiate(get_pass(pass_name), recipe)
+        missing = [r for r in pass_.required(recipe) if r not in established]
         if missing:
             raise LowbitError(f"recipe {recipe.name!r}: pass {pass_name!r} requires {missing}, which no "
                               f"earlier pass ensures; put the pass that ensures it first "

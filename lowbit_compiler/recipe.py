@@ -1,26 +1,36 @@
-"""Recipes: which passes run, in which order, with which formats, on which layers.
+"""Recipes: which passes run, in which order, with which options, formats and layers.
 
-A :class:`Recipe` is a frozen dataclass. Named presets live in ``PRESETS``; a recipe can also be
-loaded from a TOML file (``load_recipe("my.toml")``)::
+A recipe is an ordered list of passes read top to bottom, like llm-compressor's list of
+modifiers: composing two algorithms is naming both (``["canonicalize", "smoothquant", "gptq"]``).
+A :class:`Recipe` is a frozen dataclass; it is checked when it is built (every pass exists,
+takes the options given, finds what it requires established by an earlier pass, and no two
+passes quantize the same layers). Named presets live in ``PRESETS``. Options are plain dicts in
+Python::
+
+    Recipe("w4a16-gptq-64", ("canonicalize", "gptq"), WeightFormat(4, 128, symmetric=False),
+           options={"gptq": {"block_size": 64}})
+
+and tables in a TOML file (``load_recipe("my.toml")``)::
 
     [recipe]
     base = "w4a16"                         # optional: start from a preset
-    passes = ["canonicalize", "count_linears", "insert_weight_quant"]
+    passes = ["canonicalize", "awq", "gptq"]
     exclude = ["lm_head", "*.mlp.down_proj"]   # FQN globs (fnmatch)
     pad_to_group = false
 
-    [recipe.weight]                        # the weight-only format
+    [recipe.weight]                        # the weight format the quantizing pass uses
     bits = 4
     group_size = 64
     symmetric = true
 
-    [recipe.options.count_linears]         # keyword options for one pass
-    verbose = true
+    [recipe.options.gptq]                  # keyword options for one pass
+    block_size = 64
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 import os
 import sys
 from typing import Any, Mapping
@@ -34,6 +44,14 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+# activation scheme -> (what lowbit::qa_linear's `act` is, the weight formats it multiplies with)
+ACTIVATIONS = {"int8_dynamic": ("int8", ("int8", "int4")), "fp8_dynamic": ("fp8_e4m3", ("fp8_e4m3",)),
+               "int4_dynamic": ("int4", ("int8", "int4")),  # W4A4 (per-token, symmetric [-7, 7])
+               # one per-tensor scale per layer, measured on calibration data (observe_activations)
+               "int8_static": ("int8", ("int8", "int4"))}
+ACTIVATION_SCHEMES = (None, *ACTIVATIONS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A compression recipe.
@@ -41,15 +59,18 @@ class Recipe:
     Args:
         name: shown in dumps and logs.
         passes: pass names, run in this order (see ``lowbit_compiler.registered_passes()``).
-        weight: the weight-only format applied by ``insert_weight_quant`` (None: no weight quant).
+        weight: the weight format the quantizing pass (``insert_weight_quant``, ``hqq``, ``gptq``)
+            applies (None: no weight quantization); ``mixed_precision`` may choose others per layer.
         include: FQN globs of the linears a pass may rewrite (layer FQN, e.g. ``model.layers.*``).
         exclude: FQN globs left alone even when included.
         pad_to_group: pad K up to a multiple of the group size instead of refusing the layer.
-        options: per-pass keyword options, as ``((pass_name, ((key, value), ...)), ...)``.
+        options: per-pass keyword options: ``{"gptq": {"block_size": 64}}`` (stored as sorted
+            tuples ``((pass_name, ((key, value), ...)), ...)``, which are accepted too).
         activation: activation quantization of the quantized linears: None (weight-only),
             ``"int8_dynamic"`` (per-token int8 scales computed at run time; int8 or int4 weights) or
-            ``"fp8_dynamic"`` (per-token fp8 e4m3; fp8_e4m3 weights) or ``"int8_static"`` (one
-            per-tensor int8 scale per layer from calibration data: ``compress`` only).
+            ``"fp8_dynamic"`` (per-token fp8 e4m3; fp8_e4m3 weights), ``"int4_dynamic"`` (W4A4) or
+            ``"int8_static"`` (one per-tensor int8 scale per layer, measured by the
+            ``observe_activations`` pass on calibration data).
     """
 
     name: str
@@ -77,6 +98,8 @@ class Recipe:
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise LowbitError(f"recipe {self.name!r}: `{field}` must be a list of strings, got {value!r}")
             object.__setattr__(self, field, tuple(value))
+        object.__setattr__(self, "options", _normalise_options(self.name, self.options))
+        check(self)
 
     def applies_to(self, layer: str) -> bool:
         """Whether the include/exclude globs select this layer FQN."""
@@ -85,21 +108,6 @@ class Recipe:
 
     def pass_options(self, pass_name: str) -> dict[str, Any]:
         return dict(dict(self.options).get(pass_name, ()))
-
-    @property
-    def mixed_bits(self) -> float | None:
-        """The average-bits budget of mixed precision (``insert_weight_quant``'s ``mixed_bits``), or None."""
-        return self.pass_options("insert_weight_quant").get("mixed_bits")
-
-    @property
-    def smoothquant(self) -> float | None:
-        """SmoothQuant's migration strength alpha (``insert_weight_quant``'s ``smoothquant``), or None."""
-        return self.pass_options("insert_weight_quant").get("smoothquant")
-
-    @property
-    def rounding(self) -> str:
-        """The weight rounding algorithm (``insert_weight_quant``'s ``rounding`` option)."""
-        return self.pass_options("insert_weight_quant").get("rounding", "rtn")
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -114,66 +122,138 @@ class Recipe:
         }
 
 
+def _normalise_options(name: str, options: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """``{"gptq": {"block_size": 64}}`` (or the tuple form) -> sorted tuples."""
+    try:
+        items = dict(options or {}).items()
+        out = []
+        for pass_name, opts in items:
+            opts = dict(opts or {})
+            out.append((str(pass_name), tuple(sorted((str(k), _frozen(v)) for k, v in opts.items()))))
+    except (TypeError, ValueError) as e:
+        raise LowbitError(f"recipe {name!r}: options must map a pass name to a dict of its keyword options, e.g. "
+                          f"{{'gptq': {{'block_size': 64}}}}; got {options!r} ({e})") from None
+    return tuple(sorted(out))
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check(recipe: Recipe) -> None:
+    """Refuse a recipe that makes no sense, naming the passes: an unknown pass or option, a
+    requirement no earlier pass ensures, a pass that must run before another, two passes
+    quantizing the same layers."""
+    from lowbit_compiler.pass_base import get_pass
+
+    unknown_options = set(dict(recipe.options)) - set(recipe.passes)
+    if unknown_options:
+        raise LowbitError(f"recipe {recipe.name!r}: options for {sorted(unknown_options)}, which the recipe does not run "
+                          f"(passes: {list(recipe.passes)})")
+    established: dict[str, str] = {}  # property -> the pass that ensured it
+    quantizer = None
+    for pass_name in recipe.passes:
+        cls = get_pass(pass_name)
+        pass_ = instantiate(cls, recipe)
+        missing = [r for r in pass_.required(recipe) if r not in established]
+        if missing:
+            providers = _providers(missing)
+            raise LowbitError(f"recipe {recipe.name!r}: pass {pass_name!r} requires {missing}, which no earlier pass "
+                              f"ensures; put {providers or 'the pass that ensures it'} before it")
+        for prop in cls.before:
+            if prop in established:
+                raise LowbitError(f"recipe {recipe.name!r}: pass {pass_name!r} must run before {established[prop]!r} "
+                                  f"(which ensured {prop!r}); reorder the passes")
+        if cls.quantizes:
+            if quantizer is not None:
+                raise LowbitError(f"recipe {recipe.name!r}: passes {quantizer!r} and {pass_name!r} both quantize the "
+                                  "selected linears; keep one (the other algorithms go before it)")
+            quantizer = pass_name
+        for prop in cls.ensures:
+            established.setdefault(prop, pass_name)
+
+
+def instantiate(cls: type, recipe: Recipe) -> Any:
+    """The pass with the recipe's options for it; an unknown option names the ones it takes."""
+    options = recipe.pass_options(cls.name)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "options")]
+        raise LowbitError(f"recipe {recipe.name!r}: pass {cls.name!r} does not take the options {sorted(options)} "
+                          f"({e}); its options: {params}") from None
+
+
+def _providers(props: list[str]) -> str:
+    from lowbit_compiler.pass_base import _REGISTRY, registered_passes
+
+    registered_passes()
+    names = sorted({name for name, cls in _REGISTRY.items() for p in props if p in cls.ensures})
+    return " or ".join(repr(n) for n in names)
+
+
 _WEIGHT_ONLY = ("canonicalize", "insert_weight_quant")
 _ROTATED = ("canonicalize", "rotate", "insert_weight_quant")
 _LEARNED = ("canonicalize", "spinquant", "insert_weight_quant")
-# activation scheme -> (what lowbit::qa_linear's `act` is, the weight formats it multiplies with)
-ACTIVATIONS = {"int8_dynamic": ("int8", ("int8", "int4")), "fp8_dynamic": ("fp8_e4m3", ("fp8_e4m3",)),
-               "int4_dynamic": ("int4", ("int8", "int4")),  # W4A4 (per-token, symmetric [-7, 7])
-               # one per-tensor scale per layer, measured on calibration data (compress)
-               "int8_static": ("int8", ("int8", "int4"))}
-ACTIVATION_SCHEMES = (None, *ACTIVATIONS)
+_INT4 = WeightFormat(4, 128, symmetric=False)
+_INT3 = WeightFormat(3, 128, symmetric=False)
+_INT4_SYM = WeightFormat(4, 128, symmetric=True)
+_R4 = {"rotate": {"r4": True}}
 
-PRESETS: dict[str, Recipe] = {
+PRESETS: dict[str, Recipe] = {r.name: r for r in (
     # capture and run: no pass rewrites anything
-    "none": Recipe("none"),
-    "w8a16": Recipe("w8a16", _WEIGHT_ONLY, WeightFormat(8)),
-    "w4a16": Recipe("w4a16", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False)),
+    Recipe("none"),
+    Recipe("w8a16", _WEIGHT_ONLY, WeightFormat(8)),
+    Recipe("w4a16", _WEIGHT_ONLY, _INT4),
     # 3-bit round-to-nearest: the baseline GPTQ/AWQ are measured against at 3 bits
-    "w3a16": Recipe("w3a16", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False)),
-    # rounding algorithms (lowbit_compiler/rounding.py); gptq needs compress(..., calibration=...)
-    "w4a16-hqq": Recipe("w4a16-hqq", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
-                        options=(("insert_weight_quant", (("rounding", "hqq"),)),)),
-    "w4a16-gptq": Recipe("w4a16-gptq", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
-                         options=(("insert_weight_quant", (("rounding", "gptq"),)),)),
-    # SpQR-style: 1% of the weights (largest RTN error) kept in fp16 beside a 3-bit dense part
-    "w4a16-spqr": Recipe("w4a16-spqr", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False),
-                         options=(("insert_weight_quant", (("rounding", "spqr"),)),)),
-    "w4a16-awq": Recipe("w4a16-awq", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
-                        options=(("insert_weight_quant", (("rounding", "awq"),)),)),
-    "w3a16-gptq": Recipe("w3a16-gptq", _WEIGHT_ONLY, WeightFormat(3, 128, symmetric=False),
-                         options=(("insert_weight_quant", (("rounding", "gptq"),)),)),
-    "nf4": Recipe("nf4", _WEIGHT_ONLY, WeightFormat(4, 64, kind="nf4")),
+    Recipe("w3a16", _WEIGHT_ONLY, _INT3),
+    # rounding algorithms as passes (passes/quantize/); data-driven ones need calibration
+    Recipe("w4a16-hqq", ("canonicalize", "hqq"), _INT4),
+    Recipe("w4a16-gptq", ("canonicalize", "gptq"), _INT4),
+    Recipe("w3a16-gptq", ("canonicalize", "gptq"), _INT3),
+    # AWQ: activation-aware scales folded into the producers, then round to nearest
+    Recipe("w4a16-awq", ("canonicalize", "awq", "insert_weight_quant"), _INT4),
+    # SpQR-style: 1% of the weights (those that stretch their group's range most) kept in fp16
+    # beside a 3-bit dense part
+    Recipe("w4a16-spqr", ("canonicalize", "spqr", "insert_weight_quant"), _INT3),
+    Recipe("nf4", _WEIGHT_ONLY, WeightFormat(4, 64, kind="nf4")),
     # per-layer int3 / int4 / int8 from measured sensitivity, 4.5 bits per weight on average
-    "mixed-4.5": Recipe("mixed-4.5", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False),
-                        options=(("insert_weight_quant", (("mixed_bits", 4.5),)),)),
+    Recipe("mixed-4.5", ("canonicalize", "mixed_precision", "insert_weight_quant"), _INT4,
+           options={"mixed_precision": {"bits": 4.5}}),
     # int8 weights x int8 per-token activations on integer matmuls (torch._int_mm on CPU)
-    "w8a8": Recipe("w8a8", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic"),
+    Recipe("w8a8", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic"),
+    # int8 weights x int8 activations with one static scale per layer from calibration data
+    Recipe("w8a8-static", ("canonicalize", "observe_activations", "insert_weight_quant"), WeightFormat(8),
+           activation="int8_static"),
     # int4 weights x int8 per-token activations (one integer matmul per weight group)
-    "w4a8": Recipe("w4a8", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=False), activation="int8_dynamic"),
+    Recipe("w4a8", _WEIGHT_ONLY, _INT4, activation="int8_dynamic"),
     # fp8 e4m3 weights (per channel) x fp8 e4m3 activations (per token, dynamic)
-    "fp8": Recipe("fp8", _WEIGHT_ONLY, WeightFormat.parse("fp8_e4m3"), activation="fp8_dynamic"),
+    Recipe("fp8", _WEIGHT_ONLY, WeightFormat.parse("fp8_e4m3"), activation="fp8_dynamic"),
     # ... with SmoothQuant: activation outliers migrated into the weights (needs calibration)
-    "w8a8-smooth": Recipe("w8a8-smooth", _WEIGHT_ONLY, WeightFormat(8), activation="int8_dynamic",
-                          options=(("insert_weight_quant", (("smoothquant", 0.5),)),)),
+    Recipe("w8a8-smooth", ("canonicalize", "smoothquant", "insert_weight_quant"), WeightFormat(8),
+           activation="int8_dynamic"),
     # rotations only (R1 on the residual stream, R2 per head): the outputs do not change
-    "rotate": Recipe("rotate", ("canonicalize", "rotate")),
+    Recipe("rotate", ("canonicalize", "rotate")),
     # int4 weights x int4 per-token activations; with rotations (QuaRot: R1 + R2 + online R4)
-    "w4a4": Recipe("w4a4", _WEIGHT_ONLY, WeightFormat(4, 128, symmetric=True), activation="int4_dynamic"),
-    "w4a4-rot": Recipe("w4a4-rot", _ROTATED, WeightFormat(4, 128, symmetric=True), activation="int4_dynamic",
-                       options=(("rotate", (("r4", True),)),)),
-    "w4a8-rot": Recipe("w4a8-rot", _ROTATED, WeightFormat(4, 128, symmetric=True), activation="int8_dynamic",
-                       options=(("rotate", (("r4", True),)),)),
-    "w4a4-spin": Recipe("w4a4-spin", _LEARNED, WeightFormat(4, 128, symmetric=True), activation="int4_dynamic",
-                        options=(("spinquant", (("r4", True),)),)),
-    "w4a4-flat": Recipe("w4a4-flat", ("canonicalize", "flatquant", "insert_weight_quant"),
-                        WeightFormat(4, 128, symmetric=True), activation="int4_dynamic"),
-    "w4a4-rot-gptq": Recipe("w4a4-rot-gptq", _ROTATED, WeightFormat(4, 128, symmetric=True),
-                            activation="int4_dynamic",
-                            options=(("rotate", (("r4", True),)), ("insert_weight_quant", (("rounding", "gptq"),)))),
-    "mxfp4": Recipe("mxfp4", _WEIGHT_ONLY, WeightFormat.parse("mxfp4")),
-    "nvfp4": Recipe("nvfp4", _WEIGHT_ONLY, WeightFormat.parse("nvfp4")),
-}
+    Recipe("w4a4", _WEIGHT_ONLY, _INT4_SYM, activation="int4_dynamic"),
+    Recipe("w4a4-rot", _ROTATED, _INT4_SYM, activation="int4_dynamic", options=_R4),
+    Recipe("w4a8-rot", _ROTATED, _INT4_SYM, activation="int8_dynamic", options=_R4),
+    Recipe("w4a4-spin", _LEARNED, _INT4_SYM, activation="int4_dynamic", options={"spinquant": {"r4": True}}),
+    Recipe("w4a4-flat", ("canonicalize", "flatquant", "insert_weight_quant"), _INT4_SYM, activation="int4_dynamic"),
+    Recipe("mxfp4", _WEIGHT_ONLY, WeightFormat.parse("mxfp4")),
+    Recipe("nvfp4", _WEIGHT_ONLY, WeightFormat.parse("nvfp4")),
+    # compositions: algorithms in order, as llm-compressor's modifier lists
+    Recipe("w8a8-smooth-gptq", ("canonicalize", "smoothquant", "gptq"), WeightFormat(8), activation="int8_dynamic"),
+    Recipe("w4a16-awq-gptq", ("canonicalize", "awq", "gptq"), _INT4),
+    Recipe("w3a16-awq-gptq", ("canonicalize", "awq", "gptq"), _INT3),
+    Recipe("w4a4-rot-gptq", ("canonicalize", "rotate", "gptq"), _INT4_SYM, activation="int4_dynamic", options=_R4),
+    Recipe("w4a4-spin-gptq", ("canonicalize", "spinquant", "gptq"), _INT4_SYM, activation="int4_dynamic",
+           options={"spinquant": {"r4": True}}),
+    Recipe("mixed-4.5-gptq", ("canonicalize", "mixed_precision", "gptq"), _INT4,
+           options={"mixed_precision": {"bits": 4.5}}),
+    # SpQR's fp16 outliers beside a 3-bit dense part rounded by HQQ
+    Recipe("w4a16-spqr-hqq", ("canonicalize", "spqr", "hqq"), _INT3),
+)}
 
 
 def get_recipe(recipe: "str | os.PathLike | Recipe | None") -> Recipe:
@@ -218,7 +298,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
                 raise LowbitError(f"{source}: [recipe.weight]: {e}") from None
     if "options" in data:
         opts = data.pop("options")
-        changes["options"] = tuple((k, tuple(sorted(dict(v).items()))) for k, v in sorted(opts.items()))
+        changes["options"] = opts
     for key in ("passes", "include", "exclude", "pad_to_group", "activation"):
         if key in data:
             changes[key] = data.pop(key)

@@ -345,7 +345,8 @@ def orthogonal(n: int, kind: Any = "hadamard", seed: int = 0) -> torch.Tensor:
     a random Gaussian QR when n has no Hadamard here), ``"random"`` (QR), or a given matrix."""
     if isinstance(kind, torch.Tensor):
         q = kind.double()
-        if q.shape != (n, n) or not torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-6):
+        eye = torch.eye(n, dtype=torch.float64, device=q.device)
+        if q.shape != (n, n) or not torch.allclose(q @ q.T, eye, atol=1e-6):
             raise ValueError(f"the rotation given is not an orthogonal {n} x {n} matrix")
         return q
     if kind == "hadamard" and hadamard.unsupported_reason(n) is None:
@@ -380,7 +381,9 @@ def r4_signs(sites: list[LinearRef], seed: int) -> dict[str, R4Signs]:
     for i, ref in enumerate(sites):
         k = last_dim(ref.node.args[0])
         g = torch.Generator().manual_seed(seed * 1000 + i)
-        signs = torch.randint(0, 2, (k,), generator=g).to(torch.float64) * 2 - 1
+        value = _value(ref.node.args[0])
+        device = value.device if isinstance(value, torch.Tensor) else None  # the activation's (CUDA models)
+        signs = (torch.randint(0, 2, (k,), generator=g).to(torch.float64) * 2 - 1).to(device)
         x, fold = ref.node.args[0], None
         if _is(x, operator.mul, torch.mul, "mul") and len(x.args) == 2:
             for side in x.args:
@@ -395,7 +398,9 @@ def r4_signs(sites: list[LinearRef], seed: int) -> dict[str, R4Signs]:
 def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor | None,
                  r4: list[LinearRef] = (), fold_norms: bool = True,
                  signs: dict[str, R4Signs] | None = None) -> WeightPlan:
-    """New tensors for every parameter the rotation touches. ``fetch(fqn)`` returns the current one."""
+    """New tensors for every parameter the rotation touches. ``fetch(fqn)`` returns the current one.
+    Everything is computed in float64 on the parameters' device (``r1``, ``r2``, the Hadamards and
+    the signs are moved there)."""
     eff: dict[str, torch.Tensor] = {}   # weight FQN -> effective [out, in] float64
     bias: dict[str, torch.Tensor] = {}  # bias FQN (or weight FQN + "#bias" when created) -> float64
     layout: dict[str, tuple[bool, torch.dtype]] = {}
@@ -427,7 +432,7 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
         if key is None:
             key = f"{ref.layer}.bias"
             if key not in bias:
-                bias[key] = torch.zeros(create_rows, dtype=torch.float64)
+                bias[key] = torch.zeros(create_rows, dtype=torch.float64, device=fetch(ref.weight).device)
                 layout[key] = (False, fetch(ref.weight).dtype)
             return key
         if key not in bias:
@@ -462,6 +467,7 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
                 bias[key] -= bias[key].mean()
     rotated = 0
     if r1 is not None:
+        r1 = r1.to(device=eff[a.embeddings[0]].device if a.embeddings else r1.device, dtype=torch.float64)
         for fqn in a.embeddings:
             eff[fqn] = eff[fqn] @ r1
         for ref in a.readers:
@@ -479,6 +485,7 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
             d, (lo, hi) = site.head_dim, site.rows
             key = weight(site.value)
             w = eff[key]
+            r2 = r2.to(device=w.device, dtype=torch.float64)
             heads = (w[lo:hi].reshape(-1, d, w.shape[1]).transpose(1, 2) @ r2).transpose(1, 2)
             eff[key] = torch.cat([w[:lo], heads.reshape(hi - lo, -1), w[hi:]])
             if (bkey := bias_of(site.value)) is not None:
@@ -489,17 +496,18 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
             eff[okey] = (o.reshape(o.shape[0], -1, d) @ r2).reshape(o.shape)
     for ref in r4:  # the down projections that get lowbit::hadamard on their input (after D)
         key = weight(ref)
-        h = hadamard.matrix(eff[key].shape[1])
+        h = hadamard.matrix(eff[key].shape[1], device=eff[key].device)
         site = (signs or {}).get(ref.layer)
         if site is None:
             eff[key] = eff[key] @ h
             continue
-        eff[key] = (eff[key] * site.signs[None, :]) @ h
+        d = site.signs.to(device=eff[key].device, dtype=torch.float64)
+        eff[key] = (eff[key] * d[None, :]) @ h
         if site.fold_into is not None:
             fkey = weight(site.fold_into)
-            eff[fkey] = site.signs[:, None] * eff[fkey]
+            eff[fkey] = d[:, None] * eff[fkey]
             if (bkey := bias_of(site.fold_into)) is not None:
-                bias[bkey] = site.signs * bias[bkey]
+                bias[bkey] = d * bias[bkey]
     tensors = {}
     for key, w in list(eff.items()) + list(bias.items()):
         transposed, dtype = layout[key]

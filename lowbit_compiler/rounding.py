@@ -46,11 +46,12 @@ def _grid(fmt: WeightFormat) -> tuple[int, int, int]:
 
 
 def _params(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (the float32 value of the stored bf16) and zero point per row of one [N, G] group
-    (the whole row for int8), by the format's own scale rule."""
+    """Scales (the float32 values of the stored bf16) and zero points [N, groups] of a [N, Kp]
+    weight by the format's own scale rule (min-max; one group per row for int8): what ``quantize``
+    stores for it."""
     qw = quantize(w, fmt)
-    scale = qw.scale.float().reshape(w.shape[0], -1)[:, 0]
-    zero = qw.zero.float().reshape(w.shape[0], -1)[:, 0] if qw.zero is not None else torch.full_like(scale, _grid(fmt)[2])
+    scale = qw.scale.float().reshape(w.shape[0], -1)
+    zero = qw.zero.float().reshape(scale.shape) if qw.zero is not None else torch.full_like(scale, _grid(fmt)[2])
     return scale, zero
 
 
@@ -116,45 +117,67 @@ def mse(w: torch.Tensor, fmt: WeightFormat, ratios: int = 20, lowest: float = 0.
 
 
 def gptq(w: torch.Tensor, fmt: WeightFormat, hessian: torch.Tensor, block_size: int = 128, damp: float = 0.01,
-         act_order: bool = False) -> QuantizedWeight:
-    """GPTQ for a [N, K] weight with the [K, K] Hessian of its inputs (see the module docstring)."""
+         act_order: bool = True) -> QuantizedWeight:
+    """GPTQ for a [N, K] weight with the [K, K] Hessian of its inputs (see the module docstring).
+
+    The same algorithm as llm-compressor's ``GPTQModifier`` (0.14) with its defaults:
+
+    * static groups: every group's scale and zero point is fixed once, from the weight before any
+      update (dead inputs zeroed), by the format's own min-max rule, in storage order. Refitting a
+      group to the error-updated weights when the loop reaches it stretches its range by the
+      compensation already pushed into it, and loses at 3 bits;
+    * ``act_order`` (default on, llm-compressor's ``actorder="static"``): columns are quantized by
+      decreasing ``diag(H)`` while groups stay in storage order, so the stored format is unchanged.
+      In storage order the inputs that carry the most energy are often rounded late, when the
+      columns that could have absorbed their error are already fixed.
+
+    Never worse than round to nearest in ``tr(dW H dW^T)`` on the given Hessian: where GPTQ's
+    result is worse (heavy damping, an ill-conditioned Hessian), round to nearest's is returned.
+    Scales are the stored bf16 values throughout: the error compensated is the error kernels see."""
     _require_int(fmt, "gptq")
     n, k = w.shape
     kp = fmt.padded_k(k)
-    W = torch.nn.functional.pad(w.detach().float(), (0, kp - k))
-    H = torch.zeros(kp, kp, dtype=torch.float32)
-    H[:k, :k] = hessian.float()
+    g = fmt.group_size or kp
+    W0 = torch.nn.functional.pad(w.detach().float(), (0, kp - k))
+    H = torch.zeros(kp, kp, dtype=torch.float32, device=W0.device)
+    H[:k, :k] = hessian.to(W0.device, torch.float32)
+    expand = lambda p: p.repeat_interleave(g, dim=1)  # noqa: E731  per group -> per column
+    rtn_scales, rtn_zeros = _params(W0, fmt)
+    D = _fake(W0, expand(rtn_scales), expand(rtn_zeros), fmt) - W0
+    rtn_err = float(((D @ H) * D).sum(dtype=torch.float64))  # tr(dW H dW^T) of round to nearest
+    del D
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    g = fmt.group_size or kp
-    groups = kp // g
-    scales, zeros = torch.empty(n, groups), torch.empty(n, groups)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(kp)
-    if act_order:  # static groups: parameters from the weights before any update, in storage order
-        for j in range(groups):
-            scales[:, j], zeros[:, j] = _params(W[:, j * g:(j + 1) * g], fmt)
+    W = W0.masked_fill(dead, 0.0)
+    scales, zeros = _params(W, fmt) if dead.any() else (rtn_scales, rtn_zeros)  # static: before any update
+    order = torch.argsort(torch.diag(H), descending=True, stable=True)  # act order: most energy first
+    perm = order if act_order else torch.arange(kp, device=H.device)
+    S, Z = expand(scales)[:, perm], expand(zeros)[:, perm]  # per column, in quantization order
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(kp)
+    lam = damp * torch.mean(torch.diag(H))
+    H += lam * torch.eye(kp, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    del H
     Q = torch.zeros_like(W)
+    loss = 0.0
     for i1 in range(0, kp, block_size):
         i2 = min(i1 + block_size, kp)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            grp = col // g
-            if not act_order and col % g == 0:  # a new group starts: fit it to the updated weights
-                rest = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scales[:, grp], zeros[:, grp] = _params(rest, fmt)
-            q = _fake(W1[:, i], scales[:, grp], zeros[:, grp], fmt)
+            q = _fake(W1[:, i], S[:, i1 + i], Z[:, i1 + i], fmt)
             Q[:, i1 + i] = q
             err = (W1[:, i] - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        loss += float(Err1.pow(2).sum(dtype=torch.float64))
     Q = Q[:, torch.argsort(perm)]
+    # tr(dW H dW^T) of the result is ||Err||^2 under the damped Hessian (H^-1 = U^T U, dW = Err U),
+    # less the damping's share; dead inputs carry no error (weight and code both 0 there)
+    gptq_err = loss - float(lam) * float((Q - W0.masked_fill(dead, 0.0)).pow(2).sum(dtype=torch.float64))
+    if rtn_err < gptq_err:  # round to nearest is better on this Hessian: keep it
+        return quantize(w, fmt)
     return _store(Q, scales, zeros, fmt, k)
 
 

@@ -1,4 +1,4 @@
-"""Per-channel input scales folded into the producer, found from the graph (AWQ; SmoothQuant next).
+"""Per-channel input scales folded into the producer, found from the graph (AWQ, SmoothQuant).
 
 ``y = W x`` is unchanged when the columns of ``W`` are multiplied by ``s`` and ``x`` is divided by
 ``s`` -- if the division can be folded into whatever produced ``x``. :func:`scale_groups` reads a
@@ -17,7 +17,9 @@ No module names are used.
 
 :func:`awq_scales` searches AWQ's scale ``s = mean|x|^alpha`` (normalised) over a grid of alpha,
 scoring each by the layer-output error ``tr(dW H dW^T)`` with the input Hessian ``H`` (no stored
-activations needed); :func:`fold` applies it to a float model in place.
+activations needed); :func:`fold_in_graph` computes the folded tensors of a group and
+:func:`apply_tensors` puts them into the graph module (never the user's model: the offline flow
+writes them back).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class ScaleGroup:
     consumers: list[str]
     producer: tuple[str, ...] | None  # ("norm", weight_fqn, bias_fqn or "") | ("linear", layer_fqn)
     reason: str | None = None          # why there is no producer
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)  # the consumer linears
+    producer_node: fx.Node | None = None  # the norm or linear whose output is divided by s
 
 
 def _linear_layer(node: Any) -> str | None:
@@ -71,38 +75,38 @@ def sdpa_new_values(value: Any, exclusive: bool = True) -> Any:
     return v
 
 
-def _producer(x: fx.Node, consumers: set[fx.Node]) -> tuple[tuple[str, ...] | None, str | None]:
+def _producer_node(x: fx.Node, consumers: set[fx.Node]) -> tuple[tuple[str, ...] | None, str | None, fx.Node | None]:
     if set(x.users) - consumers:
         users = ", ".join(sorted(u.name for u in set(x.users) - consumers))
-        return None, f"the input {x.name} is also used by {users} (e.g. the residual stream)"
+        return None, f"the input {x.name} is also used by {users} (e.g. the residual stream)", None
     if x.target is operator.getitem and _keeps_channels(x):
-        return _producer(x.args[0], {x})  # row selection (generate() keeps the last position): see through
+        return _producer_node(x.args[0], {x})  # row selection (generate() keeps the last position): see through
     if x.target in (F.rms_norm, F.layer_norm):
         spec = ir.get(x, ir.NORM)
         weight = x.args[2] if len(x.args) > 2 else x.kwargs.get("weight")
         bias = (x.args[3] if len(x.args) > 3 else x.kwargs.get("bias")) if x.target is F.layer_norm else None
         if spec is not None and spec.weight_offset:
-            return None, "the norm scales by (1 + w): fold the offset first"
+            return None, "the norm scales by (1 + w): fold the offset first", None
         if ir.param_fqn(weight) is None:
-            return None, f"norm {x.name} has no weight parameter"
-        return ("norm", ir.param_fqn(weight), ir.param_fqn(bias) or ""), None
+            return None, f"norm {x.name} has no weight parameter", None
+        return ("norm", ir.param_fqn(weight), ir.param_fqn(bias) or ""), None, x
     if (layer := _linear_layer(x)) is not None:
-        return ("linear", layer), None
+        return ("linear", layer), None, x
     if x.target in (operator.mul, torch.mul, "mul") and len(x.args) == 2:
         for side in x.args:
             if (layer := _linear_layer(side)) is not None and len(side.users) == 1:
-                return ("linear", layer), None  # act(gate) * up: scale up's rows
+                return ("linear", layer), None, side  # act(gate) * up: scale up's rows
     src = _through_layout(x)
     if isinstance(src, fx.Node) and src.target is F.scaled_dot_product_attention and len(src.users) == 1:
         q, v = src.args[0], src.args[2] if len(src.args) > 2 else src.kwargs.get("value")
         qv, vv = q.meta.get("example_value"), v.meta.get("example_value")
         if qv is None or vv is None or qv.shape[1] != vv.shape[1]:
-            return None, "grouped KV heads: one value channel feeds several output channels"
+            return None, "grouped KV heads: one value channel feeds several output channels", None
         v = sdpa_new_values(v)
         if (layer := _linear_layer(v)) is not None:
-            return ("linear", layer), None
-        return None, "attention values do not come straight from a linear"
-    return None, f"the input comes from {getattr(x.target, '__name__', x.target)}: no scale can be folded into it"
+            return ("linear", layer), None, v
+        return None, "attention values do not come straight from a linear", None
+    return None, f"the input comes from {getattr(x.target, '__name__', x.target)}: no scale can be folded into it", None
 
 
 def _keeps_channels(node: fx.Node) -> bool:
@@ -122,9 +126,46 @@ def scale_groups(gm: fx.GraphModule) -> list[ScaleGroup]:
             by_input.setdefault(node.args[0], []).append(node)
     groups = []
     for x, linears in by_input.items():
-        producer, reason = _producer(x, set(linears))
-        groups.append(ScaleGroup([_linear_layer(n) for n in linears], producer, reason))
+        producer, reason, node = _producer_node(x, set(linears))
+        shared = [n for n in linears if len(ir.linear_parts(n).weight_node.users) > 1]
+        if producer is not None and shared:  # a head tied to the embedding: scaling it would scale both
+            producer, reason, node = None, f"weight of {_linear_layer(shared[0])} is shared with another op (tied)", None
+        if producer is not None and producer[0] == "linear" and len(ir.linear_parts(node).weight_node.users) > 1:
+            producer, reason, node = None, f"weight of the producer {producer[1]} is shared with another op (tied)", None
+        groups.append(ScaleGroup([_linear_layer(n) for n in linears], producer, reason, list(linears), node))
     return groups
+
+
+def fold_in_graph(gm: fx.GraphModule, group: ScaleGroup, s: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The new tensors of a fold (consumers' input columns times ``s``, the producer's output
+    divided by ``s``), computed in each tensor's dtype from the graph module's current tensors;
+    ``{fqn: tensor}``, to apply with :func:`apply_tensors`."""
+    out: dict[str, torch.Tensor] = {}
+    for node in group.nodes:
+        parts = ir.linear_parts(node)
+        w = ir.fetch_attr(gm, parts.weight_node.target).detach()
+        out[parts.weight_node.target] = w * (s.to(w.dtype)[:, None] if parts.transposed else s.to(w.dtype)[None, :])
+    kind = group.producer[0]
+    p = group.producer_node
+    if kind == "norm":
+        fqns = [f for f in group.producer[1:] if f]
+        for fqn in fqns:
+            t = ir.fetch_attr(gm, fqn).detach()
+            out[fqn] = t / s.to(t.dtype)
+    else:
+        parts = ir.linear_parts(p)
+        w = ir.fetch_attr(gm, parts.weight_node.target).detach()
+        out[parts.weight_node.target] = w / (s.to(w.dtype)[None, :] if parts.transposed else s.to(w.dtype)[:, None])
+        if ir.param_fqn(parts.bias) is not None:
+            b = ir.fetch_attr(gm, parts.bias.target).detach()
+            out[parts.bias.target] = b / s.to(b.dtype)
+    return out
+
+
+def apply_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    for fqn, t in tensors.items():
+        if not ir.replace_attr(gm, fqn, t):
+            raise RuntimeError(f"scale folding: no tensor {fqn} in the graph module")
 
 
 def awq_scales(weights: list[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, fmt: WeightFormat,
@@ -145,34 +186,6 @@ def awq_scales(weights: list[torch.Tensor], hessian: torch.Tensor, mean_abs: tor
         if err < best[2]:
             best = (s, alpha, err)
     return best[0], best[1], best[2] / max(base, 1e-30)
-
-
-def fold(model: torch.nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
-    """Multiply the consumers' input columns by ``s`` and divide the producer's output by ``s``."""
-    with torch.no_grad():
-        for layer in group.consumers:
-            module = model.get_submodule(layer)
-            w = module.weight
-            if type(module).__name__ == "Conv1D":  # [in, out]
-                w.mul_(s.to(w.dtype)[:, None])
-            else:
-                w.mul_(s.to(w.dtype)[None, :])
-        kind, *names = group.producer
-        if kind == "norm":
-            weight_fqn, bias_fqn = names
-            for fqn in (weight_fqn, bias_fqn):
-                if fqn:
-                    p = model.get_parameter(fqn)
-                    p.div_(s.to(p.dtype))
-        else:
-            module = model.get_submodule(names[0])
-            w = module.weight
-            if type(module).__name__ == "Conv1D":
-                w.div_(s.to(w.dtype)[None, :])
-            else:
-                w.div_(s.to(w.dtype)[:, None])
-            if getattr(module, "bias", None) is not None:
-                module.bias.div_(s.to(module.bias.dtype))
 
 
 def smoothquant_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import ir
+from lowbit_compiler import ir, opdecl
 from lowbit_compiler.formats import FormatError, WeightFormat
 
 
@@ -43,13 +43,13 @@ def verify(gm: fx.GraphModule) -> None:
             info = meta.get(ir.PARAM)
             if info is not None and info.fqn != node.target:
                 _fail(node, f"PARAM fqn {info.fqn!r} differs from the target {node.target!r}")
-        if node.op == "call_function" and node.target in (torch.ops.lowbit.wo_linear.default,
-                                                          torch.ops.lowbit.qa_linear.default):
-            _verify_wo_linear(gm, node)
+        if opdecl.is_module(node, opdecl.LINEAR):
+            _verify_quantized_linear(gm, node)
 
 
-def _verify_wo_linear(gm: fx.GraphModule, node: fx.Node) -> None:
-    x, qweight, scale, zero, bias, fmt_key, in_features = node.args[:7]  # qa_linear adds `act`
+def _verify_quantized_linear(gm: fx.GraphModule, node: fx.Node) -> None:
+    a = opdecl.args(node)
+    qweight, scale, zero, fmt_key, in_features = a["qweight"], a["scale"], a["zero"], a["fmt"], a["in_features"]
     try:
         fmt = WeightFormat.parse(fmt_key)
     except FormatError as e:

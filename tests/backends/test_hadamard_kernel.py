@@ -63,8 +63,8 @@ def test_flatquant_transform_under_triton_runs_its_torch_implementation_and_says
 
     recipe = PRESETS["w4a4-flat"].replace(options=(("flatquant", (("steps", 3),)),))
     ids = prompt(16)
-    cpu = Recorder(recipe=recipe, target="cpu")
-    gpu = Recorder(recipe=recipe, target="triton")
+    cpu = Recorder(recipe=recipe, target="cpu", calibration=[ids], progress=False)
+    gpu = Recorder(recipe=recipe, target="triton", calibration=[ids], progress=False)
     with torch.no_grad():
         ref = torch.compile(make_model("llama"), backend=cpu)(ids)[0]
         torch.compiler.reset()

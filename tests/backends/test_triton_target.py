@@ -149,7 +149,7 @@ def test_static_activation_scales_run_as_generated_kernels():
     from lowbit_compiler import compress
     from lowbit_compiler.recipe import get_recipe
 
-    recipe = get_recipe("w8a8").replace(name="w8a8-static", activation="int8_static")
+    recipe = get_recipe("w8a8-static")
     calibration = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     model = compress(make_model("llama"), recipe, calibration=calibration, progress=False)
     ids = prompt()

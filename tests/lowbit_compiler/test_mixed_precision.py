@@ -14,11 +14,11 @@ CALIBRATION = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual
 
 def test_mixed_4_5_spends_its_budget_greedily_by_error_per_bit():
     mixed = compress(make_model("llama"), "mixed-4.5", calibration=CALIBRATION, progress=False)
-    info = mixed.lowbit_summary["calibration"]
+    info = next(p for p in mixed.lowbit_summary["passes"] if p["name"] == "mixed_precision")["details"]
     assert 4.0 <= info["average_bits"] <= 4.5 and info["budget_bits"] == 4.5
-    formats = {layer: d["format"] for layer, d in info["mixed"].items()}
+    formats = {layer: d["format"] for layer, d in info["layers"].items()}
     assert len(set(formats.values())) >= 2
-    for layer, d in info["mixed"].items():  # each layer's measured error falls with more bits
+    for layer, d in info["layers"].items():  # each layer's measured error falls with more bits
         errors = list(d["sensitivity"].values())
         assert errors == sorted(errors, reverse=True), layer
     # all layers are about equally sensitive here, so the budget goes to the smallest layers first:
@@ -28,13 +28,14 @@ def test_mixed_4_5_spends_its_budget_greedily_by_error_per_bit():
     # and what is left of the budget cannot buy one more upgrade
     shapes = {layer: (d["out_features"], d["in_features"]) for layer, d in mixed.lowbit_summary["layers"].items()}
     total = sum(n * k for n, k in shapes.values())
-    order = list(info["mixed"][upgraded[0]]["sensitivity"])
+    order = list(info["layers"][upgraded[0]]["sensitivity"])
     cheapest = min(WeightFormat.parse(order[order.index(f) + 1]).storage_bytes(*shapes[layer]) * 8
                    - WeightFormat.parse(f).storage_bytes(*shapes[layer]) * 8
                    for layer, f in formats.items() if f != order[-1])
     assert info["average_bits"] * total + cheapest > 4.5 * total
     details = mixed.lowbit_summary["passes"][-1]["details"]
-    assert details["format"].startswith("mixed: ") and "int8 x" in details["format"]
+    assert details["formats"] == {f: list(formats.values()).count(f) for f in set(formats.values())}
+    assert mixed.lowbit_summary["layers"][upgraded[0]]["chosen_by"] == "mixed_precision"
     assert mixed.lowbit_summary["layers"][upgraded[0]]["format"] == "int8"
 
 
@@ -48,7 +49,9 @@ def test_mixed_precision_beats_uniform_int4():
 
 
 def test_mixed_precision_needs_calibration():
-    with pytest.raises(LowbitError, match="assigns formats by measured sensitivity, which needs calibration data"):
+    with pytest.raises(LowbitError, match=r"pass 'mixed_precision' \(recipe 'mixed-4.5'\) needs calibration data"):
         compress(make_model("llama"), "mixed-4.5")
-    with pytest.raises(Exception, match="mixed precision measures each layer's sensitivity on calibration data"):
+    with pytest.raises(Exception, match=r"pass 'mixed_precision' \(recipe 'mixed-4.5'\) needs calibration data: "
+                                        r"torch.compile\(model, backend='lowbit', options=\{'recipe': ..., "
+                                        r"'calibration': batches\}\)"):
         torch.compile(make_model("llama"), backend=Recorder(recipe="mixed-4.5"))(prompt())

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from lowbit_compiler import hadamard
+from lowbit_compiler import LowbitError, hadamard
 from lowbit_compiler.formats import sqnr_db
 from lowbit_compiler.ops import hadamard_reference
 from lowbit_compiler.recipe import Recipe
@@ -41,6 +41,10 @@ def test_sizes_without_a_construction_are_refused_with_the_reason():
     assert hadamard.split_order(11008) == (172, 64)  # Llama-2 7B's MLP: Goethals-Seidel order 172
     with pytest.raises(ValueError, match="size 100"):
         hadamard.transform(torch.zeros(1, 100))
+
+
+def pass_details(summary, name):
+    return next(p for p in summary["passes"] if p["name"] == name)["details"]
 
 
 def compile_both(model, recipe, ids):
@@ -157,7 +161,7 @@ def test_compress_writes_the_rotation_into_the_model(arch):
         out = model(ids)[0]
     assert float((out - ref).norm() / ref.norm()) <= 1e-10
     assert sum(isinstance(m, FoldedRMSNorm) for m in model.modules()) == 5
-    assert model.lowbit_summary["rotation"]["rotated"]["R1"]["linears"] == ROTATED[arch]
+    assert pass_details(model.lowbit_summary, "rotate")["rotated"]["R1"]["linears"] == ROTATED[arch]
     if arch != "llama":  # the tied head got its own weight
         assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
 
@@ -226,7 +230,8 @@ def test_learned_r1_beats_the_random_hadamard_it_starts_from():
     for name, recipe in (("hadamard", "w4a4-rot"), ("learned", _spin(learn_r2=False))):
         torch.compiler.reset()
         model = outlier_model()
-        rec = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")
+        rec = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation", calibration=[calibration],
+                       progress=False)
         with torch.no_grad():
             compiled = torch.compile(model, backend=rec)
             compiled(calibration)  # compiles (and learns) on this batch; same shapes: no recompile below
@@ -242,18 +247,19 @@ def test_learned_r1_beats_the_random_hadamard_it_starts_from():
 
 
 def test_learned_rotations_are_still_exact_in_float64():
-    """The learned R1 and R2, written into a float64 model (compress's first step), leave its outputs
-    unchanged; with no quantized linear there is nothing to learn, and the pass says so."""
-    from lowbit_compiler.offline import _rotate
+    """The learned R1 and R2, written into a float64 model by compress (no quantizing pass after
+    them), leave its outputs unchanged; with no quantized linear there is nothing to learn, and
+    the pass says so."""
+    from lowbit_compiler import compress
 
     ids = prompt(16)
     with torch.no_grad():  # the canonical graph computes every norm in float64 (HF's in float32)
         ref = torch.compile(make_model("llama", dtype=torch.float64), backend=Recorder(recipe=CANONICAL))(ids)[0]
         torch.compiler.reset()
-        model = make_model("llama", dtype=torch.float64)
-        details = _rotate(model, _spin(learn_r2=True, steps=4), {"input_ids": ids}, True, [{"input_ids": ids}])
+        recipe = _spin(learn_r2=True, steps=4).replace(name="spin-rotation-only", passes=("canonicalize", "spinquant"))
+        model = compress(make_model("llama", dtype=torch.float64), recipe, calibration=[ids], progress=False)
         out = model(ids).logits
-    learned = details["learned"]
+    learned = pass_details(model.lowbit_summary, "spinquant")["learned"]
     assert learned["R1"] and learned["R2"] and learned["best_sqnr_db"] > learned["output_sqnr_db"][0]
     assert float((out - ref).norm() / ref.norm()) <= 1e-10
     recipe = Recipe("spin-float", ("canonicalize", "spinquant"), options=(("spinquant", (("steps", 3),)),))
@@ -262,10 +268,10 @@ def test_learned_rotations_are_still_exact_in_float64():
     assert details["learned"] == {"skipped": "the recipe quantizes no linear: nothing to learn against"}
 
 
-def test_spinquant_without_calibration_data_keeps_its_start_and_says_why():
+def test_spinquant_without_calibration_data_says_how_to_give_it():
     from lowbit_compiler import compress
 
-    with pytest.raises(Exception, match="no calibration inputs"):
+    with pytest.raises(Exception, match=r"pass 'spinquant' \(recipe 'w4a4-spin-test'\) needs calibration data"):
         compress(make_model("llama"), _spin(learn_r2=True, steps=2), strict=True, progress=False)
 
 
@@ -274,7 +280,7 @@ def test_spinquant_through_compress_learns_on_the_calibration_batches():
 
     batches = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     model = compress(outlier_model(), _spin(learn_r2=True, steps=8), calibration=batches, progress=False)
-    learned = model.lowbit_summary["rotation"]["learned"]
+    learned = pass_details(model.lowbit_summary, "spinquant")["learned"]
     assert learned["inputs"] == 3 and learned["R1"] and learned["R2"]
     assert learned["best_sqnr_db"] > learned["output_sqnr_db"][0]
 
@@ -289,7 +295,7 @@ def test_flatquant_transforms_leave_the_float_model_unchanged():
     ids = prompt(16)
     recipe = PRESETS["w4a4-flat"].replace(name="flat-only", passes=("canonicalize", "flatquant"),
                                           options=(("flatquant", (("steps", 10),)),))
-    base, flat = Recorder(recipe=CANONICAL), Recorder(recipe=recipe)
+    base, flat = Recorder(recipe=CANONICAL), Recorder(recipe=recipe, calibration=[ids], progress=False)
     with torch.no_grad():
         ref = torch.compile(make_model("llama", dtype=torch.float64), backend=base)(ids)[0]
         torch.compiler.reset()
@@ -324,14 +330,20 @@ def test_flatquant_beats_w4a4_and_goes_through_compress():
     assert db["w4a4-flat"] >= db["w4a4"] + 5.0, db
 
 
-def test_flatquant_refuses_weights_rounded_before_it():
+def test_flatquant_composes_with_gptq_and_refuses_to_follow_quantization():
+    """flatquant -> gptq: GPTQ's Hessians are those of the transformed inputs (the engine runs the
+    graph with the transforms in it). flatquant after a quantizing pass is refused when built."""
     from lowbit_compiler import compress
     from lowbit_compiler.recipe import PRESETS
 
-    recipe = PRESETS["w4a4-flat"].replace(name="flat-gptq", options=(("insert_weight_quant", (("rounding", "gptq"),)),))
+    recipe = PRESETS["w4a4-flat"].replace(name="flat-gptq", passes=("canonicalize", "flatquant", "gptq"),
+                                          options={"flatquant": {"steps": 5}})
     calibration = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(1))]
-    with pytest.raises(Exception, match="flatquant: recipe 'flat-gptq' computes weights"):
-        compress(make_model("llama"), recipe, calibration=calibration, progress=False)
+    model = compress(make_model("llama"), recipe, calibration=calibration, progress=False)
+    assert model.lowbit_summary["replaced_modules"] == 15
+    assert pass_details(model.lowbit_summary, "gptq")["quantized"] == 15
+    with pytest.raises(LowbitError, match="pass 'flatquant' must run before 'insert_weight_quant'"):
+        PRESETS["w4a4-flat"].replace(name="bad", passes=("canonicalize", "insert_weight_quant", "flatquant"))
 
 
 def test_inspect_prints_the_learned_transforms(tmp_path, capsys):
@@ -340,7 +352,8 @@ def test_inspect_prints_the_learned_transforms(tmp_path, capsys):
 
     recipe = PRESETS["w4a4-flat"].replace(options=(("flatquant", (("steps", 5),)),))
     with torch.no_grad():
-        torch.compile(make_model("llama"), backend=Recorder(recipe=recipe, dump_dir=str(tmp_path)))(prompt(16))
+        torch.compile(make_model("llama"), backend=Recorder(recipe=recipe, dump_dir=str(tmp_path), calibration=[prompt(16)],
+                                                            progress=False))(prompt(16))
     assert cli_main(["inspect", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "affine transforms (flatquant, learned on 1 calibration input(s)):" in text
@@ -348,7 +361,8 @@ def test_inspect_prints_the_learned_transforms(tmp_path, capsys):
     spin = PRESETS["w4a4-spin"].replace(options=(("spinquant", (("r4", True), ("steps", 3))),))
     with torch.no_grad():
         torch.compiler.reset()
-        torch.compile(make_model("llama"), backend=Recorder(recipe=spin, dump_dir=str(tmp_path / "spin")))(prompt(16))
+        torch.compile(make_model("llama"), backend=Recorder(recipe=spin, dump_dir=str(tmp_path / "spin"),
+                                                            calibration=[prompt(16)], progress=False))(prompt(16))
     assert cli_main(["inspect", str(tmp_path / "spin")]) == 0
     text = capsys.readouterr().out
     assert "learned (spinquant): R1 and R2 by Cayley SGD, 3 steps on 1 calibration input(s), 15 quantized linears" in text
@@ -367,14 +381,16 @@ def test_r3_through_compress_wraps_the_attention_implementation():
         model = compress(make_model("llama", dtype=torch.float64), recipe, progress=False)
         out = model(ids)[0]
         assert float((out - ref).norm() / ref.norm()) <= 1e-10
-        assert model.lowbit_summary["rotation"]["R3"] == {"applied": True, "attention": "lowbit_r3_sdpa", "head_dim": 32}
+        assert model.lowbit_summary["R3"] == {"applied": True, "attention": "lowbit_r3_sdpa", "head_dim": 32}
         rec = Recorder(recipe="none")
         torch.compile(model, backend=rec)(ids)
     assert count(rec.graphs[0], "hadamard.default") == 2 * 2  # q and k in both layers
     eager = make_model("llama")
     eager.config._attn_implementation = "eager"
-    r3 = compress(eager, recipe, progress=False).lowbit_summary["rotation"]["R3"]
-    assert not r3["applied"] and "attention implementation 'eager' is not in transformers' AttentionInterface" in r3["reason"]
+    # eager attention is not one SDPA node: the graph has no place for R3, and nothing is written
+    summary = compress(eager, recipe, progress=False).lowbit_summary
+    assert "R3" not in summary
+    assert next(p for p in summary["passes"] if p["name"] == "rotate")["details"]["rotated"]["R3"] == 0
 
 
 def test_r4_signs_keep_a_relu_input_off_the_first_hadamard_coefficient():

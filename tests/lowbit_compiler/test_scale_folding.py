@@ -47,22 +47,27 @@ def test_scale_groups_are_found_from_the_graph(arch, foldable):
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
-def test_folding_any_scale_is_exact_in_float64(arch):
-    model, groups = groups_of(arch, dtype=torch.float64)
+def test_folding_any_scale_into_the_graph_is_exact_in_float64(arch):
+    model = make_model(arch, dtype=torch.float64)
+    rec = Recorder(recipe=CANON)
     ids = prompt()
+    compiled = torch.compile(model, backend=rec)
     with torch.no_grad():
-        ref = model(ids)[0]
+        ref = compiled(ids)[0]
+        gm = rec.graphs[0]
         g = torch.Generator().manual_seed(0)
         folded = 0
-        for group in groups:
+        for group in scale_folding.scale_groups(gm):
             if group.producer is not None:
-                k = model.get_submodule(group.consumers[0]).weight
-                k = k.shape[0] if type(model.get_submodule(group.consumers[0])).__name__ == "Conv1D" else k.shape[1]
-                scale_folding.fold(model, group, (torch.rand(k, generator=g, dtype=torch.float64) + 0.5))
+                k = group.nodes[0].args[0].meta["example_value"].shape[-1]
+                tensors = scale_folding.fold_in_graph(gm, group, torch.rand(k, generator=g, dtype=torch.float64) + 0.5)
+                scale_folding.apply_tensors(gm, tensors)
                 folded += 1
-        out = model(ids)[0]
-    assert folded > 0
+        out = compiled(ids)[0]  # the same graph, its tensors replaced
+    assert folded > 0 and len(rec.graphs) == 1
+    assert not torch.equal(out, ref)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-12
+    assert all(p is model.get_parameter(n) for n, p in model.named_parameters())  # the user's model is untouched
 
 
 def test_awq_scales_reduce_output_error_on_outlier_inputs():
@@ -82,7 +87,7 @@ def test_awq_scales_reduce_output_error_on_outlier_inputs():
 def test_w4a16_awq_through_compress_reports_what_it_folded():
     calibration = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     model = compress(make_model("llama"), "w4a16-awq", calibration=calibration, progress=False)
-    awq = model.lowbit_summary["calibration"]["awq"]
+    awq = next(p for p in model.lowbit_summary["passes"] if p["name"] == "awq")["details"]["groups"]
     folded = [v for v in awq.values() if "alpha" in v]
     assert len(folded) == 7 and all(v["error_vs_rtn"] <= 1.0 for v in folded)  # 3 per layer + the head
     assert {v["skipped"] for v in awq.values() if "skipped" in v} == {

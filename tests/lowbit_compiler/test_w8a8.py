@@ -76,12 +76,13 @@ def test_w8a8_presets_through_both_flows():
     assert rec.summaries[0]["passes"][1]["details"]["activation"] == "int8_dynamic"
     assert sum(n.target is torch.ops.lowbit.qa_linear.default for n in rec.graphs[0].graph.nodes) == 15
     assert offline.model.layers[0].mlp.down_proj.act == "int8"
-    folded = [v for v in smooth.lowbit_summary["calibration"]["smoothquant"].values() if "producer" in v]
+    groups = next(p for p in smooth.lowbit_summary["passes"] if p["name"] == "smoothquant")["details"]["groups"]
+    folded = [v for v in groups.values() if "producer" in v]
     assert len(folded) == 7
 
 
 def test_smoothquant_and_bad_activation_recipes_say_what_to_do():
-    with pytest.raises(Exception, match="SmoothQuant migrates activation outliers measured on calibration data"):
+    with pytest.raises(Exception, match=r"pass 'smoothquant' \(recipe 'w8a8-smooth'\) needs calibration data"):
         torch.compile(make_model("llama"), backend=Recorder(recipe="w8a8-smooth"))(prompt())
     from lowbit_compiler import Recipe
 
@@ -117,7 +118,7 @@ def test_static_activation_scales_from_calibration():
     # one scale for the whole tensor is coarser than per-token scales on rows without outliers
     assert sqnr_db(x @ w.T + b, out) < sqnr_db(x @ w.T + b, w8a8(x, w, b))
 
-    recipe = get_recipe("w8a8").replace(name="w8a8-static", activation="int8_static")
+    recipe = get_recipe("w8a8-static")
     ids = prompt(32)
     with torch.no_grad():
         ref = make_model("llama")(ids).logits
@@ -126,8 +127,8 @@ def test_static_activation_scales_from_calibration():
     assert sqnr_db(ref, out) > 20
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.x_scale.shape == (1,) and layer.x_scale.item() > 0
-    with pytest.raises(LowbitError, match="uses int8_static activations, which needs calibration data"):
+    with pytest.raises(LowbitError, match=r"pass 'observe_activations' \(recipe 'w8a8-static'\) needs calibration"):
         compress(make_model("llama"), recipe)
-    with pytest.raises(Exception, match=r"layer model.layers.0.self_attn.q_proj: activation 'int8_static' needs a "
-                                        r"scale measured on calibration data"):
-        torch.compile(make_model("llama"), backend=Recorder(recipe=recipe))(prompt())
+    with pytest.raises(LowbitError, match=r"pass 'insert_weight_quant' requires \['activation_scales'\], which no "
+                                          r"earlier pass ensures; put 'observe_activations' before it"):
+        get_recipe("w8a8").replace(name="w8a8-static-bad", activation="int8_static")

@@ -36,19 +36,7 @@ from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult
 log = logging.getLogger("lowbit_compiler")
 
 
-def _replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> bool:
-    """Swap the tensor at ``fqn`` inside ``gm`` (not in the user's model); False if absent."""
-    *path, attr = fqn.split(".")
-    owner = gm
-    for atom in path:
-        if not hasattr(owner, atom):
-            return False
-        owner = getattr(owner, atom)
-    if not hasattr(owner, attr):
-        return False
-    delattr(owner, attr)
-    owner.register_buffer(attr, value)
-    return True
+_replace_attr = ir.replace_attr
 
 
 def _new_param_node(gm: fx.GraphModule, fqn: str, value: torch.Tensor, parameter: bool = True) -> fx.Node:
@@ -62,6 +50,12 @@ def _new_param_node(gm: fx.GraphModule, fqn: str, value: torch.Tensor, parameter
         ir.put(node, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=True))
     node.meta["example_value"] = value
     return node
+
+
+def _first_parameter(gm: fx.GraphModule) -> torch.Tensor | None:
+    """The tensor of the graph's first frozen parameter (an owner to key cached results by)."""
+    node = next((n for n in gm.graph.nodes if n.op == "get_attr" and ir.param_fqn(n) is not None), None)
+    return ir.fetch_attr(gm, node.target) if node is not None else None
 
 
 def _set_linear_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
@@ -95,9 +89,13 @@ class Rotate(Pass):
     name = "rotate"
     requires = ("canonical",)
     ensures = ("rotated",)
+    before = ("weights_quantized", "smoothed", "activation_scales")
+    whole_model = True
 
     def __init__(self, r1: bool = True, r2: bool = True, r3: bool = False, r4: bool = False,
                  rotation: Any = "hadamard", seed: int = 0):
+        super().__init__(r1=r1, r2=r2, r3=r3, r4=r4, rotation=rotation if isinstance(rotation, str) else "matrix",
+                         seed=seed)
         self.r1, self.r2, self.r3, self.r4 = r1, r2, r3, r4
         self.rotation, self.seed = rotation, seed
 
@@ -153,12 +151,6 @@ class Rotate(Pass):
             "R3": r3_sites,
             "untied": {layer: {"weight": fqn, "extra_bytes": plan.extra_bytes} for layer, fqn in plan.untied.items()},
         }
-        ctx.rotation = {"tensors": plan.tensors, "untied": plan.untied,
-                        "norms": [(ir.get(n.node, ir.MODULE).fqn if ir.get(n.node, ir.MODULE) else None,
-                                   float(ir.get(n.node, ir.NORM).eps)) for n in a.norms] if r1 is not None else [],
-                        "hadamard_before": [w.layer for w in r4_sites], "r3": r3_sites,
-                        "signs_before": {layer: ir.fetch_attr(gm, f"{layer}.r4_signs")
-                                         for layer, s in signs.items() if s.fold_into is None}}
         matches = plan.rotated_linears + 2 * len(a.heads if r2 is not None else []) + len(r4_sites) + r3_sites
         return PassResult(True, matches, details)
 
@@ -187,7 +179,7 @@ class Rotate(Pass):
                 eps = float(ir.get(node, ir.NORM).eps)
                 node.target = F.rms_norm
                 node.args, node.kwargs = (x, list(shape), None, eps), {}
-                ir.put(node, ir.NORM, ir.NormSpec("rms", eps))
+                ir.put(node, ir.NORM, ir.NormSpec("rms", eps, folded=True))
         for ref in r4_sites:
             x = ref.node.args[0]
             site = signs.get(ref.layer)
@@ -227,21 +219,25 @@ class SpinQuant(Rotate):
     """``rotate``, then R1 and R2 learned by Cayley SGD on the quantized model's output error
     (``lowbit_compiler/learned_rotation.py``). Same options as ``rotate`` (its ``rotation`` is the
     starting point), plus ``steps``, ``lr`` (the first step's length; cosine decay), ``momentum``
-    and ``learn_r2``. The data is ``ctx.inputs``: the compile call's example inputs, or
-    compress()'s calibration batches; with none, the starting rotation is kept and the fallback
-    says why."""
+    and ``learn_r2``. Data-driven: the calibration batches come from the engine
+    (``ctx.calibration_for("spinquant")``); the learned rotations are cached by the identity of the
+    graph's first weight, so a compiled model's decode graph reuses what its prefill graph learned."""
 
     name = "spinquant"
+    data_driven = True
 
     def __init__(self, r1: bool = True, r2: bool = True, r3: bool = False, r4: bool = False,
                  rotation: Any = "hadamard", seed: int = 0, steps: int = 60, lr: float = 0.2,
                  momentum: float = 0.5, learn_r2: bool = True):
         super().__init__(r1, r2, r3, r4, rotation, seed)
+        self.options.update(steps=steps, lr=lr, momentum=momentum, learn_r2=learn_r2)
         self.steps, self.lr, self.momentum, self.learn_r2 = steps, lr, momentum, learn_r2
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from lowbit_compiler import learned_rotation
+        from lowbit_compiler.passes.quantize import common
 
+        owner = _first_parameter(gm)
         result = super().call(gm, ctx)
         rotated = result.details.get("rotated") or {}
         has_r1, has_r2 = rotated.get("R1") is not None, rotated.get("R2") is not None and self.learn_r2
@@ -251,22 +247,25 @@ class SpinQuant(Rotate):
         if not sites:
             result.details["learned"] = {"skipped": "the recipe quantizes no linear: nothing to learn against"}
             return result
-        if not ctx.inputs:
-            ctx.fallback("spinquant", "no calibration inputs; kept the starting rotation (compress(model, recipe, "
-                         "calibration=...) provides them)")
-            return result
+        key = common.recipe_key(ctx, self.name, self.options)
         a = rotation.analyse(gm)
-        learned = learned_rotation.learn(gm, a, ctx.inputs, sites, steps=self.steps, lr=self.lr,
-                                         momentum=self.momentum, learn_r1=has_r1, learn_r2=has_r2)
+        learned = common.RESULTS.get(owner, key) if owner is not None else None
+        inputs = None
+        if learned is None:
+            inputs = ctx.calibration_for(self.name).args
+            learned = learned_rotation.learn(gm, a, inputs, sites, steps=self.steps, lr=self.lr,
+                                             momentum=self.momentum, learn_r1=has_r1, learn_r2=has_r2)
+            if owner is not None:
+                common.RESULTS.put(owner, key, learned)
         if learned.best < learned.losses[0]:
             keep = a if learned.r1 is not None else rotation.Analysis(hidden=a.hidden, heads=a.heads)
             plan = rotation.plan_weights(keep, lambda fqn: ir.fetch_attr(gm, fqn), learned.r1, learned.r2,
                                          fold_norms=False)
             self._apply(gm, keep, plan, learned.r1 is not None, [])
-            ctx.rotation["tensors"].update(plan.tensors)
         db = [round(-10 * math.log10(max(x, 1e-30)), 2) for x in learned.losses]
         result.details["learned"] = {
-            "R1": learned.r1 is not None, "R2": learned.r2 is not None, "inputs": len(ctx.inputs),
+            "R1": learned.r1 is not None, "R2": learned.r2 is not None,
+            "inputs": len(inputs) if inputs is not None else "cached",
             "quantized_linears": len(sites), "steps": len(learned.losses) - 1,
             "output_sqnr_db": db, "best_sqnr_db": round(-10 * math.log10(max(learned.best, 1e-30)), 2),
         }
@@ -279,8 +278,9 @@ class FlatQuant(Pass):
     input (q/k/v, gate/up, o_proj, down_proj, the head): ``x -> x (P1 (x) P2)`` online
     (``lowbit::kron_transform``, two small matmuls) and ``W -> W (P1 (x) P2)^-T`` folded into each
     weight, so the float model is unchanged while the quantized one sees flatter activations and
-    weights. ``P1``/``P2`` are learned per group on the calibration inputs (``ctx.inputs``) with
-    Adam from the identity, on the group's quantized output error (``learned_rotation.learn_affine``);
+    weights. ``P1``/``P2`` are learned per group on the group's input rows from the calibration
+    engine (block by block) with Adam from the identity, on the group's quantized output error
+    (``learned_rotation.learn_affine``);
     a group keeps the identity (no transform) unless learning beats it. Runs after ``rotate`` or
     on its own, before ``insert_weight_quant``. Options: ``steps`` (100), ``lr`` (5e-3),
     ``max_rows`` (4096 calibration rows per group). Not done: FlatQuant's learnable clipping and
@@ -289,6 +289,9 @@ class FlatQuant(Pass):
     name = "flatquant"
     requires = ("canonical",)
     ensures = ("transformed",)
+    # weights and static scales computed before the transform would be for untransformed tensors
+    before = ("weights_quantized", "activation_scales")
+    data_driven = True
 
     def __init__(self, steps: int = 100, lr: float = 5e-3, max_rows: int = 4096):
         super().__init__(steps=steps, lr=lr, max_rows=max_rows)
@@ -300,14 +303,6 @@ class FlatQuant(Pass):
         sites = {n: s for n, s in lr_.quant_sites(gm, ctx.recipe).items() if s.act is not None}
         if not sites:
             return PassResult(False, 0, {"skipped": "the recipe quantizes no activations: nothing to flatten"})
-        if ctx.quantized or (ctx.recipe.activation or "").endswith("_static"):
-            raise LowbitError(f"flatquant: recipe {ctx.recipe.name!r} computes weights (gptq/awq) or static activation "
-                              "scales from calibration before this pass would change the weights and inputs they "
-                              "were computed for; use round-to-nearest (or hqq/mse) and dynamic activations")
-        if not ctx.inputs:
-            ctx.fallback("flatquant", "no calibration inputs; no transform learned (compress(model, recipe, "
-                         "calibration=...) provides them)")
-            return PassResult(False, 0, {"skipped": "no calibration inputs"})
         groups: dict[fx.Node, list[fx.Node]] = {}
         refused = []
         for node in sites:
@@ -319,15 +314,22 @@ class FlatQuant(Pass):
             groups.setdefault(parts.x, []).append(node)
         for item in refused:
             ctx.fallback(f"flatquant: {item['what']}", item["reason"])
-        recorded = lr_.record_inputs(gm, ctx.inputs, set(groups), self.max_rows)
+        from lowbit_compiler.passes.quantize import common
+
+        key = common.recipe_key(ctx, self.name, self.options)
         report, transformed = [], 0
-        for x, linears in groups.items():
+        firsts = {linears[0]: (x, linears) for x, linears in groups.items()}
+        fits = {n: common.RESULTS.get(ir.fetch_attr(gm, ir.linear_parts(n).weight_node.target), key) for n in firsts}
+        info: dict[str, Any] = {"cached": len(fits)}
+
+        def transform(first: fx.Node, fit) -> None:
+            nonlocal transformed
+            x, linears = firsts[first]
             parts = [ir.linear_parts(n) for n in linears]
             weights = []
             for p in parts:
                 w = ir.fetch_attr(gm, p.weight_node.target)
                 weights.append(w.t() if p.transposed else w)
-            fit = lr_.learn_affine(recorded[x], weights, [sites[n] for n in linears], steps=self.steps, lr=self.lr)
             names = [sites[n].layer for n in linears]
             db = lambda v: round(-10 * math.log10(max(v, 1e-30)), 2)  # noqa: E731
             entry = {"linears": names, "kron": [fit.left.shape[0], fit.right.shape[0]],
@@ -335,11 +337,10 @@ class FlatQuant(Pass):
             report.append(entry)
             if not fit.best < fit.losses[0]:
                 entry["kept_identity"] = True
-                continue
+                return
             base = names[0]
             left = _new_param_node(gm, f"{base}.flat_left", fit.left, parameter=False)
             right = _new_param_node(gm, f"{base}.flat_right", fit.right, parameter=False)
-            first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
             with gm.graph.inserting_before(first):
                 t = gm.graph.call_function(torch.ops.lowbit.kron_transform.default, (x, left, right))
             t.meta.update({k: v for k, v in x.meta.items() if k != ir.META})
@@ -351,8 +352,28 @@ class FlatQuant(Pass):
                 _replace_attr(gm, p.weight_node.target, (new.t() if p.transposed else new).contiguous().to(w.dtype))
                 node.replace_input_with(x, t)
             transformed += len(linears)
+
+        if all(f is not None for f in fits.values()):
+            for first, fit in fits.items():
+                transform(first, fit)
+        else:
+            def on_block(block, stats) -> bool:
+                for first, observed in stats.items():
+                    x, linears = firsts[first]
+                    rows = observed.sample_rows(self.max_rows)
+                    weights = []
+                    for p in (ir.linear_parts(n) for n in linears):
+                        w = ir.fetch_attr(gm, p.weight_node.target)
+                        weights.append(w.t() if p.transposed else w)
+                    owner = ir.fetch_attr(gm, ir.linear_parts(first).weight_node.target)
+                    fit = lr_.learn_affine(rows, weights, [sites[n] for n in linears], steps=self.steps, lr=self.lr)
+                    common.RESULTS.put(owner, key, fit)
+                    transform(first, fit)
+                return bool(stats)
+
+            info = ctx.calibration_for(self.name).run(self.name, lambda n: n in firsts, {"samples"}, on_block)
         gm.graph.eliminate_dead_code()
         gm.recompile()
-        return PassResult(transformed > 0, transformed, {"groups": report, "refused": refused,
-                                                         "inputs": len(ctx.inputs)})
+        return PassResult(transformed > 0, transformed, {"groups": report, "refused": refused, "calibration": info,
+                                                         "inputs": info.get("batches", "cached")})
 

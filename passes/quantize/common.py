@@ -1,0 +1,170 @@
+"""What every quantizing pass shares: which linears it takes, in which format, and how a linear
+becomes a ``lowbit::`` op.
+
+* :func:`select_linears` walks the canonical graph: every ``F.linear`` whose weight is a frozen
+  parameter and whose layer the recipe's globs select is a :class:`Site`; the others get an
+  ``ir.SKIPPED`` reason (and a ``layers`` record) once.
+* :func:`format_of`: the recipe's weight format, or the one ``mixed_precision`` chose for that
+  linear (``ir.WEIGHT_FORMAT``).
+* :func:`replace_linear`: ``F.linear`` -> ``lowbit::wo_linear`` (weight-only) or
+  ``lowbit::qa_linear`` (the recipe's activation scheme; a static scale from
+  ``observe_activations``' ``ir.ACT_SCALE``), the quantized tensors registered under the layer's
+  FQN, and the ``ir.WEIGHT_QUANT`` decision (bytes, bits per weight, weight SQNR; SpQR outliers
+  counted from ``ir.OUTLIERS``).
+* :data:`RESULTS`: data-driven results cached by the identity of the weight they were computed
+  for, the pass, its options, the recipe and the calibration data, so that the prefill and
+  decode graphs of one compiled model (and its recompiles) share them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lowbit_compiler import ir
+from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, sqnr_db
+from lowbit_compiler.identity_cache import IdentityCache
+from lowbit_compiler.pass_base import LowbitError, PassContext
+
+# parameter -> {(pass, options, recipe, calibration, ...): result}; .misses counts real work
+RESULTS = IdentityCache()
+
+
+@dataclasses.dataclass
+class Site:
+    """One float linear a quantizing pass may take."""
+
+    node: fx.Node
+    layer: str
+    param: torch.Tensor          # the weight as stored ([out, in], or [in, out] when transposed)
+    transposed: bool
+    fmt: WeightFormat
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[out, in] view of the weight."""
+        w = self.param.detach()
+        return w.t() if self.transposed else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.weight.shape
+        return n, k
+
+
+def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_groups: bool = True) -> list[Site]:
+    """The float linears the recipe selects (see the module docstring)."""
+    recipe = ctx.recipe
+    sites = []
+    for node in gm.graph.nodes:
+        if not ir.is_linear(node):
+            continue
+        parts = ir.linear_parts(node)
+        if parts.weight_node is None:
+            ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, "weight is computed in the graph, not a parameter"))
+            continue
+        layer = ir.layer_name(node, parts.weight_node.target)
+        if not recipe.applies_to(layer):
+            ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, "excluded by the recipe's include/exclude globs"))
+            ctx.layers[layer] = {"format": "float", "skipped": "excluded by recipe"}
+            continue
+        fmt = format_of(node, recipe)
+        if fmt is None:
+            continue
+        param = ir.fetch_attr(gm, parts.weight_node.target)
+        site = Site(node, layer, param, parts.transposed, fmt)
+        if check_groups:
+            check_layer(fmt, site.shape[1], layer, recipe.pad_to_group)
+        sites.append(site)
+    return sites
+
+
+def format_of(node: fx.Node, recipe: Any) -> WeightFormat | None:
+    choice = ir.get(node, ir.WEIGHT_FORMAT)
+    return WeightFormat.parse(choice.format) if choice is not None else recipe.weight
+
+
+def recipe_key(ctx: PassContext, pass_name: str, options: dict[str, Any]) -> str:
+    """What a cached data-driven result depends on besides its weight: the pass and its options,
+    the whole recipe (earlier passes change the inputs), and the calibration data."""
+    calibration = ctx.calibration.fingerprint if ctx.calibration is not None else None
+    recipe = ctx.recipe.to_dict() if hasattr(ctx.recipe, "to_dict") else repr(ctx.recipe)
+    return json.dumps([pass_name, options, recipe, calibration], sort_keys=True, default=repr)
+
+
+def _register(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> fx.Node:
+    ir.set_attr(gm, target, tensor)
+    return gm.graph.get_attr(target)
+
+
+def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: QuantizedWeight,
+                   sqnr: float | None = None) -> fx.Node:
+    """Replace ``site``'s ``F.linear`` by the quantized op (module docstring); returns the new node."""
+    recipe = ctx.recipe
+    node, fmt, layer = site.node, qw.format, site.layer
+    parts = ir.linear_parts(node)
+    n, k = site.shape
+    if sqnr is None:
+        sqnr = sqnr_db(site.weight.float(), dequantize(qw))
+    with gm.graph.inserting_before(node):
+        q = _register(gm, f"{layer}.qweight", qw.qweight)
+        s = _register(gm, f"{layer}.scale", qw.scale)
+        z = None if qw.zero is None else _register(gm, f"{layer}.zero", qw.zero)
+        if recipe.activation:  # quantized activations too: per token at run time, or static
+            from lowbit_compiler.recipe import ACTIVATIONS
+
+            act = ACTIVATIONS[recipe.activation][0]
+            x_scale = None
+            if recipe.activation.endswith("_static"):
+                observed = ir.get(node, ir.ACT_SCALE)
+                if observed is None:
+                    raise LowbitError(f"layer {layer} (node {node.name}): activation {recipe.activation!r} needs a "
+                                      "static scale measured on calibration data; put 'observe_activations' before "
+                                      "the quantizing pass")
+                x_scale = _register(gm, f"{layer}.x_scale", torch.tensor([observed.scale], dtype=torch.float32))
+            new = gm.graph.call_function(torch.ops.lowbit.qa_linear.default,
+                                         (parts.x, q, s, z, parts.bias, fmt.key, k, act, x_scale))
+        else:
+            new = gm.graph.call_function(torch.ops.lowbit.wo_linear.default, (parts.x, q, s, z, parts.bias, fmt.key, k))
+    new.meta.update(node.meta)
+    outliers = ir.get(node, ir.OUTLIERS)
+    side = outliers.nbytes if outliers is not None else 0
+    decision = ir.WeightQuantDecision(
+        layer=layer, format=fmt.key, in_features=k, out_features=n,
+        bits_per_weight=(qw.nbytes() + side) * 8 / (n * k),
+        bytes_before=site.param.numel() * site.param.element_size(), bytes_after=qw.nbytes() + side,
+        weight_sqnr_db=round(sqnr, 2), padded_in_features=fmt.padded_k(k) if fmt.padded_k(k) != k else 0,
+        outliers=0 if outliers is None else outliers.count)
+    ir.put(new, ir.WEIGHT_QUANT, decision)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    record = {k_: v for k_, v in decision.__dict__.items() if k_ != "layer"}
+    choice = ir.get(new, ir.WEIGHT_FORMAT)
+    if choice is not None:
+        record["chosen_by"] = choice.chosen_by
+    ctx.layers[layer] = record
+    return new
+
+
+def drop_unused_attrs(gm: fx.GraphModule) -> None:
+    """Forget float weights no node reads any more (the user's model still owns them)."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner_path, _, attr = name.rpartition(".")
+            owner = ir.fetch_attr(gm, owner_path) if owner_path else gm
+            delattr(owner, attr)
+
+
+def summary_details(pass_name: str, quantized: list[ir.WeightQuantDecision], sites: int, **extra: Any) -> dict[str, Any]:
+    formats: dict[str, int] = {}
+    for d in quantized:
+        formats[d.format] = formats.get(d.format, 0) + 1
+    details = {"quantized": len(quantized), "formats": formats, **extra}
+    if not quantized:
+        details["note"] = "nothing was quantized: the graph has no selected float linear layers"
+    return details

@@ -1,0 +1,68 @@
+"""gptq: GPTQ (Frantar et al., 2023), block by block on the calibration engine.
+
+Where it runs: after ``canonicalize`` and whatever prepares the weights (``smoothquant``, ``awq``,
+``rotate``, ``spinquant``, ``mixed_precision``, ``spqr``, ``observe_activations``); it is the
+recipe's quantizing pass (instead of ``insert_weight_quant``).
+
+What it does: the engine (``lowbit_compiler/calibration.py``) runs the graph over the calibration
+batches one block at a time; for each block, the Hessian ``H = 2/n X^T X`` of every selected
+linear's input is accumulated, the weight is quantized column by column with its error spread
+through ``H^-1`` (``lowbit_compiler.rounding.gptq``), and the linear becomes a ``lowbit::`` op
+right there, so the next block is calibrated on the outputs of the quantized one, as GPTQ does.
+
+Options: ``block_size`` (lazy-update width, 128), ``damp`` (fraction of mean ``diag(H)`` added,
+0.01), ``act_order`` (default on, as llm-compressor's: columns by decreasing ``diag(H)``, groups kept in storage order).
+
+Results are cached by the identity of each weight (with the recipe and the calibration data):
+the decode graph of a compiled model, whose inputs are not calibration batches, reuses what the
+prefill graph computed. A linear the calibration never reached would fall back to round to
+nearest, reported (never silently).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from lowbit_compiler import ir, rounding
+from lowbit_compiler.formats import quantize
+from lowbit_compiler.pass_base import PassContext, register_pass
+from lowbit_compiler.passes.quantize import common
+from lowbit_compiler.passes.quantize.rtn import QuantizeLinears
+
+
+@register_pass
+class GPTQ(QuantizeLinears):
+    name = "gptq"
+    data_driven = True
+
+    def __init__(self, block_size: int = 128, damp: float = 0.01, act_order: bool = True) -> None:
+        super().__init__(block_size=block_size, damp=damp, act_order=act_order)
+
+    def quantize_sites(self, gm: fx.GraphModule, ctx: PassContext, sites: list[common.Site]):
+        key = common.recipe_key(ctx, self.name, self.options)
+        decisions: list[ir.WeightQuantDecision] = []
+
+        def take(site: common.Site, qw) -> None:
+            decisions.append(ir.get(common.replace_linear(gm, ctx, site, qw), ir.WEIGHT_QUANT))
+
+        cached = [common.RESULTS.get(s.param, (key, s.transposed, s.fmt.key)) for s in sites]
+        if all(c is not None for c in cached):  # computed for an earlier graph of this model
+            for site, qw in zip(sites, cached):
+                take(site, qw)
+            return decisions, {"cached": len(sites)}
+        calibration = ctx.calibration_for(self.name)
+        by_node = {s.node: s for s in sites}
+
+        def on_block(block, stats) -> bool:
+            for node, observed in stats.items():
+                site = by_node.pop(node)
+                qw = rounding.gptq(site.weight, site.fmt, observed.gptq_hessian(), **self.options)
+                common.RESULTS.put(site.param, (key, site.transposed, site.fmt.key), qw)
+                take(site, qw)
+            return bool(stats)
+
+        info = calibration.run(self.name, lambda n: n in by_node, {"hessian"}, on_block)
+        for site in list(by_node.values()):  # never reached by the calibration data
+            ctx.fallback(f"gptq: layer {site.layer}", "no calibration statistics reached this linear; rounded to "
+                                                     "nearest instead")
+            take(site, quantize(site.weight, site.fmt))
+        return decisions, {"calibration": info}

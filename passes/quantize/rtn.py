@@ -1,0 +1,119 @@
+"""insert_weight_quant (round to nearest) and hqq: data-free quantizing passes.
+
+Where they run: after ``canonicalize`` (they require "canonical": every linear is ``F.linear``)
+and after the passes that prepare the weights (``rotate``, ``smoothquant``, ``awq``, ``spqr``,
+``mixed_precision``, ``observe_activations``).
+
+What they rewrite: each selected float linear (``common.select_linears``) becomes::
+
+    lowbit.wo_linear(x, <layer>.qweight, <layer>.scale, <layer>.zero, bias, "<format key>", K)
+
+(``lowbit.qa_linear`` with the recipe's activation scheme), the quantized tensors registered on
+the GraphModule under the layer's FQN, and an ``ir.WEIGHT_QUANT`` decision on the node.
+
+Options: ``insert_weight_quant``'s ``rounding`` = ``"rtn"`` (default, ``formats.quantize``),
+``"mse"`` (per-group clipping of least squared error) or ``"hqq"``; the ``hqq`` pass is
+``insert_weight_quant`` with ``rounding="hqq"`` and its ``iters``. The math is in
+``lowbit_compiler/rounding.py``. Data-driven rounding is its own pass (``gptq``).
+
+Quantized tensors are cached per parameter object (and its in-place version counter), so prefill,
+decode and recompiled graphs of one model share a single copy; ``QUANT_CACHE.misses`` counts
+real work.
+
+What it leaves alone, with the reason in ``ir.SKIPPED``: linears whose weight is computed in the
+graph (not a parameter), layers the recipe excludes. A layer whose K does not fit the group size
+raises (naming the layer and the fix) unless the recipe sets ``pad_to_group``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from lowbit_compiler import ir, rounding as rounding_algorithms
+from lowbit_compiler.formats import QuantizedWeight, WeightFormat, dequantize, quantize, sqnr_db
+from lowbit_compiler.identity_cache import IdentityCache
+from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult, register_pass
+from lowbit_compiler.passes.quantize import common
+
+# parameter -> {(transposed, format key, rounding, options): (QuantizedWeight, weight SQNR)}; .misses counts real work
+QUANT_CACHE = IdentityCache()
+
+DATA_FREE = ("rtn", "mse", "hqq")
+MOVED = {"gptq": "the 'gptq' pass: passes=[..., 'gptq']",
+         "awq": "the 'awq' pass before the quantizing pass: passes=[..., 'awq', 'insert_weight_quant']",
+         "spqr": "the 'spqr' pass before the quantizing pass: passes=[..., 'spqr', 'insert_weight_quant']"}
+
+
+def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat, rounding: str = "rtn",
+                       **options: Any) -> tuple[QuantizedWeight, float]:
+    """The quantized form of one parameter by a data-free rounding and its weight SQNR; cached by
+    identity and in-place version, so the prefill and decode graphs of a model share one copy."""
+
+    def make() -> tuple[QuantizedWeight, float]:
+        w = param.detach().t() if transposed else param.detach()
+        qw = (rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
+              rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
+        return qw, sqnr_db(w.float(), dequantize(qw))
+
+    return QUANT_CACHE.get_or_create(param, (transposed, fmt.key, rounding, tuple(sorted(options.items()))), make)
+
+
+class QuantizeLinears(Pass):
+    """Base of the quantizing passes: select the linears, quantize each (``quantize_sites``),
+    replace them by ``lowbit::`` ops, report."""
+
+    requires = ("canonical",)
+    ensures = ("weights_quantized",)
+    quantizes = True
+
+    def required(self, recipe: Any) -> tuple[str, ...]:
+        static = (getattr(recipe, "activation", None) or "").endswith("_static")
+        return self.requires + (("activation_scales",) if static else ())
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.recipe.weight is None:
+            return PassResult(False, 0, {"note": "recipe has no weight format"})
+        sites = common.select_linears(gm, ctx, self.name)
+        decisions, extra = self.quantize_sites(gm, ctx, sites)
+        if decisions:
+            common.drop_unused_attrs(gm)
+        details = common.summary_details(self.name, decisions, len(sites), **extra,
+                                         activation=ctx.recipe.activation or "float")
+        return PassResult(bool(decisions), len(decisions), details)
+
+    def quantize_sites(self, gm: fx.GraphModule, ctx: PassContext, sites: list[common.Site]):
+        raise NotImplementedError
+
+
+@register_pass
+class InsertWeightQuant(QuantizeLinears):
+    name = "insert_weight_quant"
+
+    def __init__(self, rounding: str = "rtn", hqq_iters: int = 20) -> None:
+        if rounding in MOVED:
+            raise LowbitError(f"insert_weight_quant: rounding={rounding!r} is now {MOVED[rounding]}")
+        if rounding not in DATA_FREE:
+            raise LowbitError(f"insert_weight_quant: rounding={rounding!r}; expected one of {DATA_FREE}")
+        super().__init__(rounding=rounding, hqq_iters=hqq_iters)
+        self.rounding = rounding
+
+    def quantize_sites(self, gm, ctx, sites):
+        options = {"iters": self.options["hqq_iters"]} if self.rounding == "hqq" else {}
+        decisions = []
+        for site in sites:
+            qw, sqnr = quantize_parameter(site.param, site.transposed, site.fmt, self.rounding, **options)
+            new = common.replace_linear(gm, ctx, site, qw, sqnr)
+            decisions.append(ir.get(new, ir.WEIGHT_QUANT))
+        return decisions, {"rounding": self.rounding}
+
+
+@register_pass
+class HQQ(InsertWeightQuant):
+    """Half-Quadratic Quantization (data-free): ``insert_weight_quant`` with ``rounding="hqq"``."""
+
+    name = "hqq"
+
+    def __init__(self, iters: int = 20) -> None:
+        super().__init__(rounding="hqq", hqq_iters=iters)
