@@ -311,6 +311,7 @@ def test_flatquant_transforms_leave_the_float_model_unchanged():
     assert all(g["output_sqnr_db"][1] > g["output_sqnr_db"][0] for g in applied)
 
 
+@pytest.mark.slow  # ~4 min on 2 cores: 100 Adam steps per group, two models
 def test_flatquant_beats_w4a4_and_goes_through_compress():
     """On the outlier model, trained on one batch, measured on another. Measured: w4a4 9.8 dB,
     w4a4-flat 17.3 dB (w4a4-rot 16.5)."""
