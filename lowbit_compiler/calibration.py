@@ -33,6 +33,7 @@ One progress bar per run (pass name, block, time left).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import re
@@ -41,7 +42,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from lowbit_compiler import _dynamo_adapter, ir
 from lowbit_compiler.pass_base import LowbitError
@@ -262,6 +262,7 @@ def _segments(gm: fx.GraphModule, known: dict[fx.Node, int], blocks: list[str]) 
 # The engine
 # --------------------------------------------------------------------------------------------
 
+@functools.cache
 def _reference_targets() -> dict[Any, Callable]:
     """lowbit ops run their float reference during calibration (fp32 dequantised weights, as
     fake quantization would), not the packed CPU kernels (bf16 compute)."""
@@ -414,10 +415,6 @@ class _Executor:
             if node.op not in ("placeholder", "get_attr"):
                 self.local[node] = self.execute(node)
         return None
-
-
-def output_leaves(out: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -8,11 +8,9 @@
 * ``hqq``: Half-Quadratic Quantization (Badri & Shaji, 2023), data-free: alternately fit a sparse
   (l_p, p < 1) error with a generalised soft-threshold and re-solve the group's zero point and
   scale in closed form; keeps the best l2 fit seen. Int formats.
-* ``spqr``: SpQR-style outliers (Dettmers et al., 2023), data-free: the weights that stretch their
-  group's range most are kept in fp16 beside the dense part (see :func:`spqr`).
 * ``gptq``: GPTQ (Frantar et al., 2023): quantize one input column at a time and spread its error
   over the columns not yet quantized through the inverse Hessian ``H = 2/n X^T X`` of the layer's
-  inputs; blocked (lazy batch updates), damped, optional act-order (columns by decreasing
+  inputs; blocked (lazy batch updates), damped, act-order by default (columns by decreasing
   ``diag(H)``, with groups kept in storage order), inputs that never fire ("dead": ``H_ii = 0``)
   get zero weight. Int formats.
 
@@ -21,16 +19,10 @@ byte counts do not know which algorithm ran.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
 from lowbit_compiler.formats import FormatError, QuantizedWeight, WeightFormat, _pack, quantize
-
-ALGORITHMS = ("rtn", "mse", "hqq", "gptq", "awq", "spqr")
-# data-driven: compress(..., calibration=...) computes these block by block (awq: scales searched
-# and folded into the producers by lowbit_compiler.scale_folding, then round to nearest)
-NEEDS_DATA = {"gptq", "awq"}
 
 
 def _require_int(fmt: WeightFormat, algorithm: str) -> None:
@@ -212,35 +204,3 @@ def hqq(w: torch.Tensor, fmt: WeightFormat, iters: int = 20, p: float = 0.7, bet
     s, z = best
     Wq = _fake(W, s, z, fmt).reshape(n, kp)
     return _store(Wq, s.reshape(n, -1), z.reshape(n, -1), fmt, k)
-
-
-@dataclasses.dataclass
-class Outliers:
-    """Weights kept exactly (fp16) beside a quantized dense part: COO rows, columns, values."""
-
-    rows: torch.Tensor    # int32 [nnz]
-    cols: torch.Tensor    # int32 [nnz]
-    values: torch.Tensor  # float16 [nnz]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rows, self.cols, self.values))
-
-
-def spqr(w: torch.Tensor, fmt: WeightFormat, fraction: float = 0.01) -> tuple[QuantizedWeight, Outliers]:
-    """SpQR-style outliers, data-free: the ``fraction`` of weights that stretch their group's range
-    most (largest ``|w|`` relative to the group's median ``|w|``: the ones that make every other
-    weight's grid coarse and carry the largest error there) are kept in fp16 and zeroed in the
-    dense part, which is then quantized with its groups' ranges shrunk."""
-    w = w.detach().float()
-    n, k = w.shape
-    g = fmt.group_size or k
-    kp = fmt.padded_k(k)
-    groups = torch.nn.functional.pad(w.abs(), (0, kp - k)).view(n, kp // g, g)
-    score = (groups / groups.median(-1, keepdim=True).values.clamp(min=1e-12)).view(n, kp)[:, :k]
-    count = max(1, int(fraction * w.numel()))
-    flat = torch.topk(score.flatten(), count).indices
-    rows, cols = flat // k, flat % k
-    dense = w.clone()
-    dense[rows, cols] = 0.0
-    outliers = Outliers(rows.to(torch.int32), cols.to(torch.int32), w[rows, cols].to(torch.float16))
-    return quantize(dense, fmt), outliers
