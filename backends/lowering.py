@@ -103,7 +103,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
             kernels[node.name] = "cpu-op"
             continue
         kernels[node.name] = lowering(node, gm, ctx, state)
-    gm.graph.eliminate_dead_code()
+    ir.eliminate_dead_code(gm)
     gm.recompile()
     if inner == "inductor":
         _generated_calls_as_ops(gm, generated)
@@ -263,7 +263,7 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
         renamed[sink] = call
         replaced = group.nodes
         for node in sorted(replaced, key=lambda n: -order[n]):
-            if not node.users:
+            if not node.users and not ir.has_side_effects(node):
                 gm.graph.erase_node(node)
         kernels[call.name] = f"triton:{kernel.name}"
         example = _example_args(gm, args)

@@ -182,6 +182,44 @@ def set_attr(module: torch.nn.Module, target: str, value: Any) -> None:
         setattr(owner, attr, value)
 
 
+# In-place spellings Dynamo leaves in a graph as functions (``x += y`` is ``operator.iadd``).
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                                operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                                operator.imatmul, operator.setitem})
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """True when removing ``node`` could change what the graph computes even though nothing
+    reads its result: it writes into a tensor (``x[..., :k].copy_(y)``, ``index_put_``,
+    ``x += y``, ``out=``, ``inplace=True``) or fx itself calls it impure (asserts, random ops,
+    mutable schemas). A write into a view is a write into its base: the view node stays because
+    the write reads it. Every dead-code elimination in the project goes through
+    :func:`eliminate_dead_code`, which keeps these nodes."""
+    if node.is_impure():
+        return True
+    if node.op == "call_method":
+        name = node.target
+        return (name.endswith("_") and not name.startswith("__")) or name in (
+            "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):  # torch.relu_, Tensor.copy_ as a function
+            return True
+        schema = getattr(node.target, "_schema", None)
+        return schema is not None and schema.is_mutable
+    return False
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> bool:
+    """``gm.graph.eliminate_dead_code`` that never drops a write (see :func:`has_side_effects`)."""
+    return gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
+
+
 def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.nn.functional.linear
 

@@ -197,7 +197,7 @@ def apply_rules(gm: fx.GraphModule, rules: Iterable[PatternRule]) -> collections
             counts[rule.name] += 1
             break
     if any(counts.values()):
-        gm.graph.eliminate_dead_code()
+        ir.eliminate_dead_code(gm)
         gm.recompile()
     return counts
 

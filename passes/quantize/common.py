@@ -151,7 +151,7 @@ def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: Quantiz
 
 def drop_unused_attrs(gm: fx.GraphModule) -> None:
     """Forget float weights no node reads any more (the user's model still owns them)."""
-    gm.graph.eliminate_dead_code()
+    ir.eliminate_dead_code(gm)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name not in used:

@@ -94,7 +94,7 @@ class SpQR(Pass):
             nbytes = sum(t.numel() * t.element_size() for t in (rows, cols, values))
             ir.put(node, ir.OUTLIERS, ir.OutlierSpec(values.numel(), nbytes))
             total += values.numel()
-        gm.graph.eliminate_dead_code()
+        ir.eliminate_dead_code(gm)
         gm.recompile()
         return PassResult(bool(sites), len(sites), {"linears": len(sites), "outliers": total,
                                                     "fraction": self.fraction})

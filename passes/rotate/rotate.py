@@ -194,7 +194,7 @@ class Rotate(Pass):
                 ref.node.replace_input_with(x, x_signed)
                 x = x_signed
             _hadamard_before(gm, ref.node, x)
-        gm.graph.eliminate_dead_code()
+        ir.eliminate_dead_code(gm)
         gm.recompile()
 
     def _r3(self, gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -372,7 +372,7 @@ class FlatQuant(Pass):
                 return bool(stats)
 
             info = ctx.calibration_for(self.name).run(self.name, lambda n: n in firsts, {"samples"}, on_block)
-        gm.graph.eliminate_dead_code()
+        ir.eliminate_dead_code(gm)
         gm.recompile()
         return PassResult(transformed > 0, transformed, {"groups": report, "refused": refused, "calibration": info,
                                                          "inputs": info.get("batches", "cached")})
