@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -93,6 +93,35 @@ def recipe_key(ctx: PassContext, pass_name: str, options: dict[str, Any]) -> str
     calibration = ctx.calibration.fingerprint if ctx.calibration is not None else None
     recipe = ctx.recipe.to_dict() if hasattr(ctx.recipe, "to_dict") else repr(ctx.recipe)
     return json.dumps([pass_name, options, recipe, calibration], sort_keys=True, default=repr)
+
+
+def calibrate_each(ctx: PassContext, pass_name: str, keys: dict[fx.Node, tuple[torch.Tensor, Any]],
+                   needs: set[str], compute: Callable[[fx.Node, Any], Any], apply: Callable[[fx.Node, Any], None],
+                   rewrites: bool) -> tuple[dict[str, Any], list[fx.Node]]:
+    """The skeleton every per-linear data-driven pass shares: its result for each node of ``keys``
+    (node -> (the tensor it belongs to, a key from :func:`recipe_key`)) comes from :data:`RESULTS`
+    when every one is cached (an earlier graph of this model), else from one calibration run:
+    ``compute(node, stats)`` on the node's :class:`~lowbit_compiler.calibration.LinearStats`,
+    cached, then ``apply(node, result)``. ``rewrites``: the pass changes what its block computes,
+    so the engine runs the block again for the next one. Returns (the engine's run info, or
+    ``{"cached": n}``; the nodes no calibration data reached, which the pass must handle)."""
+    cached = {node: RESULTS.get(owner, key) for node, (owner, key) in keys.items()}
+    if all(c is not None for c in cached.values()):
+        for node, result in cached.items():
+            apply(node, result)
+        return {"cached": len(cached)}, []
+    pending = dict(keys)
+
+    def on_block(block, stats) -> bool:
+        for node, observed in stats.items():
+            owner, key = pending.pop(node)
+            result = compute(node, observed)
+            RESULTS.put(owner, key, result)
+            apply(node, result)
+        return rewrites and bool(stats)
+
+    info = ctx.calibration_for(pass_name).run(pass_name, lambda n: n in pending, needs, on_block)
+    return info, list(pending)
 
 
 def _register(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> fx.Node:

@@ -44,24 +44,14 @@ class GPTQ(QuantizeLinears):
         def take(site: common.Site, qw) -> None:
             decisions.append(ir.get(common.replace_linear(gm, ctx, site, qw), ir.WEIGHT_QUANT))
 
-        cached = [common.RESULTS.get(s.param, (key, s.transposed, s.fmt.key)) for s in sites]
-        if all(c is not None for c in cached):  # computed for an earlier graph of this model
-            for site, qw in zip(sites, cached):
-                take(site, qw)
-            return decisions, {"cached": len(sites)}
-        calibration = ctx.calibration_for(self.name)
         by_node = {s.node: s for s in sites}
-
-        def on_block(block, stats) -> bool:
-            for node, observed in stats.items():
-                site = by_node.pop(node)
-                qw = rounding.gptq(site.weight, site.fmt, observed.gptq_hessian(), **self.options)
-                common.RESULTS.put(site.param, (key, site.transposed, site.fmt.key), qw)
-                take(site, qw)
-            return bool(stats)
-
-        info = calibration.run(self.name, lambda n: n in by_node, {"hessian"}, on_block)
-        for site in list(by_node.values()):  # never reached by the calibration data
+        info, unreached = common.calibrate_each(
+            ctx, self.name, {s.node: (s.param, (key, s.transposed, s.fmt.key)) for s in sites}, {"hessian"},
+            lambda node, observed: rounding.gptq(by_node[node].weight, by_node[node].fmt, observed.gptq_hessian(),
+                                                 **self.options),
+            lambda node, qw: take(by_node[node], qw), rewrites=True)
+        for node in unreached:
+            site = by_node[node]
             ctx.fallback(f"gptq: layer {site.layer}", "no calibration statistics reached this linear; rounded to "
                                                      "nearest instead")
             take(site, quantize(site.weight, site.fmt))

@@ -74,24 +74,15 @@ class MixedPrecision(Pass):
                 check_layer(fmt, site.shape[1], site.layer, ctx.recipe.pad_to_group)
         key = common.recipe_key(ctx, self.name, self.options)
         table: dict[str, list[tuple[float, float]]] = {}
-        cached = [common.RESULTS.get(s.param, (key, s.transposed)) for s in sites]
-        info: dict[str, Any] = {"cached": len(sites)}
-        if all(c is not None for c in cached):
-            table = {s.layer: c for s, c in zip(sites, cached)}
-        else:
-            by_node = {s.node: s for s in sites}
+        by_node = {s.node: s for s in sites}
 
-            def on_block(block, stats) -> bool:
-                for node, observed in stats.items():
-                    site = by_node[node]
-                    w = site.weight.float()
-                    rows = [(f.storage_bytes(*w.shape) * 8.0, sensitivity(w, observed.hessian, f))
-                            for f in self.candidates]
-                    table[site.layer] = rows
-                    common.RESULTS.put(site.param, (key, site.transposed), rows)
-                return False
+        def errors(node: fx.Node, observed) -> list[tuple[float, float]]:
+            w = by_node[node].weight.float()
+            return [(f.storage_bytes(*w.shape) * 8.0, sensitivity(w, observed.hessian, f)) for f in self.candidates]
 
-            info = ctx.calibration_for(self.name).run(self.name, lambda n: n in by_node, {"hessian"}, on_block)
+        info, _ = common.calibrate_each(ctx, self.name, {s.node: (s.param, (key, s.transposed)) for s in sites},
+                                        {"hessian"}, errors,
+                                        lambda node, rows: table.__setitem__(by_node[node].layer, rows), rewrites=False)
         sites = [s for s in sites if s.layer in table]
         params = {s.layer: s.param.numel() for s in sites}
         choice = allocate(table, params, self.budget)

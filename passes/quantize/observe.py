@@ -35,20 +35,14 @@ class ObserveActivations(Pass):
         top = ACTIVATION_MAX[act]
         sites = common.select_linears(gm, ctx, self.name, check_groups=False)
         key = common.recipe_key(ctx, self.name, {})
-        cached = {s.node: common.RESULTS.get(s.param, (key, s.transposed)) for s in sites}
-        info = {"cached": len(sites)}
-        if any(v is None for v in cached.values()):
-            by_node = {s.node: s for s in sites}
+        cached: dict[fx.Node, ir.StaticScale | None] = {s.node: None for s in sites}
 
-            def on_block(block, stats) -> bool:
-                for node, observed in stats.items():
-                    absmax = observed.absmax.max().clamp(min=1e-8)
-                    scale = (absmax / top).reshape(1).float()
-                    cached[node] = ir.StaticScale(float(scale), float(absmax), act)
-                    common.RESULTS.put(by_node[node].param, (key, by_node[node].transposed), cached[node])
-                return False
+        def scale(node: fx.Node, observed) -> ir.StaticScale:
+            absmax = observed.absmax.max().clamp(min=1e-8)
+            return ir.StaticScale(float((absmax / top).reshape(1).float()), float(absmax), act)
 
-            info = ctx.calibration_for(self.name).run(self.name, lambda n: n in by_node, {"absmax"}, on_block)
+        info, _ = common.calibrate_each(ctx, self.name, {s.node: (s.param, (key, s.transposed)) for s in sites},
+                                        {"absmax"}, scale, cached.__setitem__, rewrites=False)
         for node, spec in cached.items():
             if spec is not None:
                 ir.put(node, ir.ACT_SCALE, spec)

@@ -36,32 +36,24 @@ class FoldScales(Pass):
             else:
                 foldable[group.nodes[0]] = group
         key = common.recipe_key(ctx, self.name, self.options)
-        cached = {n: common.RESULTS.get(selected[n].param, key) for n in foldable}
-        info: dict[str, Any] = {"cached": len(foldable)}
         folded = 0
 
-        def apply(group, tensors, entry) -> None:
+        def fold(node: fx.Node, observed) -> tuple[list, dict[str, Any]]:
+            group = foldable[node]
+            s, extra = self.scales(group, observed, gm, ctx)
+            tensors = scale_folding.fold_in_graph(gm, group, s)
+            return tensors, {"consumers": group.consumers, "producer": list(group.producer),
+                             "max_scale": float(s.max()), "min_scale": float(s.min()), **extra}
+
+        def apply(node: fx.Node, result) -> None:
             nonlocal folded
+            tensors, entry = result
             scale_folding.apply_tensors(gm, tensors)
-            report[group.consumers[0]] = entry
+            report[foldable[node].consumers[0]] = entry
             folded += 1
 
-        if all(c is not None for c in cached.values()):
-            for node, (tensors, entry) in cached.items():
-                apply(foldable[node], tensors, entry)
-        elif foldable:
-            def on_block(block, stats) -> bool:
-                for node, observed in stats.items():
-                    group = foldable[node]
-                    s, extra = self.scales(group, observed, gm, ctx)
-                    tensors = scale_folding.fold_in_graph(gm, group, s)
-                    entry = {"consumers": group.consumers, "producer": list(group.producer),
-                             "max_scale": float(s.max()), "min_scale": float(s.min()), **extra}
-                    common.RESULTS.put(selected[node].param, key, (tensors, entry))
-                    apply(group, tensors, entry)
-                return bool(stats)
-
-            info = ctx.calibration_for(self.name).run(self.name, lambda n: n in foldable, self.needs, on_block)
+        info, _ = common.calibrate_each(ctx, self.name, {n: (selected[n].param, key) for n in foldable}, set(self.needs),
+                                        fold, apply, rewrites=True)
         return PassResult(folded > 0, folded, {"groups": report, "folded": folded, "calibration": info})
 
 
