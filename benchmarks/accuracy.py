@@ -14,6 +14,13 @@ Per recipe (each on a fresh copy of the model, through ``lowbit_compiler.compres
   next-token distributions; encoders: mean cosine similarity of mean-pooled embeddings to the
   float model's, and SQNR of the last hidden state (KL does not apply).
 
+``--reference``: for the recipes llm-compressor implements on a CPU (RTN ``w8a16``/``w4a16``/
+``w3a16``, GPTQ ``w4a16-gptq``/``w3a16-gptq``, SmoothQuant + GPTQ ``w8a8-smooth-gptq``; its AWQ
+needs an accelerator), also run llm-compressor's ``oneshot`` with the same format (bits, group,
+symmetry, the recipe's excluded layers), the same calibration sequences and its sequential
+pipeline, and put its perplexity and KL beside ours. llm-compressor pins its own transformers:
+run this script from a virtual environment that has it (see ``benchmarks/gptq_reference.py``).
+
 Quantized linears compute with fp32 activations here (``eager_compute_dtype("activation")``), so
 the numbers are the formats' and algorithms' error, not bf16 activation rounding.
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -38,6 +46,10 @@ from typing import Any
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if importlib.util.find_spec("lowbit_compiler") is None:  # not installed in this environment (llm-compressor's):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # gptq_reference makes this checkout importable
+    import gptq_reference  # noqa: F401,E402
 DEFAULT_RECIPES = ["w8a16", "w4a16", "w4a16-hqq", "w4a16-gptq", "w4a16-awq", "w3a16", "w3a16-gptq", "mixed-4.5", "nf4", "mxfp4", "nvfp4"]
 
 
@@ -118,8 +130,43 @@ def weight_report(summary: dict[str, Any]) -> dict[str, Any]:
             "weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr)}
 
 
+# recipe -> what llm-compressor runs for it (same format; see reference_model)
+REFERENCE = {"w8a16": "rtn", "w4a16": "rtn", "w3a16": "rtn", "w4a16-gptq": "gptq", "w3a16-gptq": "gptq",
+             "w8a8-smooth-gptq": "smoothquant+gptq"}
+
+
+def reference_model(base, recipe_name: str, calibration: list[torch.Tensor]):
+    """llm-compressor's model for one of our presets (see REFERENCE), or None when it has none."""
+    from lowbit_compiler.recipe import PRESETS
+
+    method = REFERENCE.get(recipe_name)
+    if method is None:
+        return None
+    if os.path.join(ROOT, "benchmarks") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gptq_reference import llmc_oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    recipe = PRESETS[recipe_name]
+    fmt = recipe.weight
+    weights = {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric,
+               "strategy": "group" if fmt.group_size else "channel", "group_size": fmt.group_size}
+    ignore = [p for p in recipe.exclude]
+    if method == "smoothquant+gptq":
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        alpha = recipe.options.get("smoothquant", {}).get("alpha", 0.5)
+        modifiers = [SmoothQuantModifier(smoothing_strength=alpha),
+                     GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
+    else:
+        cls = GPTQModifier if method == "gptq" else QuantizationModifier
+        modifiers = cls(ignore=ignore, config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
+    return llmc_oneshot(base, calibration, modifiers)
+
+
 def evaluate(model_dir: str, recipes: list[str], text: str | None, seq_len: int, calib_seqs: int,
-             eval_seqs: int) -> dict[str, Any]:
+             eval_seqs: int, reference_runs: bool = False) -> dict[str, Any]:
     from lowbit_compiler import compress
     from lowbit_compiler.backends.cpu_kernels import eager_compute_dtype
 
@@ -151,9 +198,21 @@ def evaluate(model_dir: str, recipes: list[str], text: str | None, seq_len: int,
                 row.update(causal_metrics(model, reference, evaluation))
             else:
                 row.update(encoder_metrics(encoder_outputs(model, evaluation), reference))
+        if reference_runs and causal:
+            start = time.perf_counter()
+            theirs = reference_model(base, recipe, calibration)
+            if theirs is not None:
+                metrics = causal_metrics(theirs, reference, evaluation)
+                row["reference"] = {"method": f"llm-compressor {REFERENCE[recipe]}",
+                                    "seconds": time.perf_counter() - start, **metrics}
         rows.append(row)
         print(format_row(row, causal), flush=True)
-    return {"model": os.path.abspath(model_dir), "causal": causal, "seq_len": seq_len, "calibration_seqs": calib_seqs,
+    versions = {"torch": torch.__version__}
+    if reference_runs:
+        import llmcompressor
+
+        versions["llmcompressor"] = llmcompressor.__version__
+    return {"model": os.path.abspath(model_dir), "causal": causal, "versions": versions, "seq_len": seq_len, "calibration_seqs": calib_seqs,
             "evaluation_seqs": eval_seqs, "text": text or "python stdlib (disjoint files)", "rows": rows}
 
 
@@ -162,13 +221,18 @@ def evaluate(model_dir: str, recipes: list[str], text: str | None, seq_len: int,
 def format_row(r: dict[str, Any], causal: bool) -> str:
     metric = (f"ppl {r['perplexity']:.3f}  KL {r.get('kl', 0):.4f}" if causal
               else f"cos {r['embedding_cosine']:.5f}  out SQNR {r['output_sqnr_db']:.1f} dB")
-    return f"{r['recipe']:<12} {r['bits_per_weight']:.3f} b/w  {metric}"
+    ref = r.get("reference")
+    theirs = f"  | {ref['method']}: ppl {ref['perplexity']:.3f}  KL {ref['kl']:.4f}" if ref else ""
+    return f"{r['recipe']:<12} {r['bits_per_weight']:.3f} b/w  {metric}{theirs}"
 
 
 def table(result: dict[str, Any]) -> str:
     causal = result["causal"]
     header = ["recipe", "bits/w", "weight SQNR min/med", "calib s"] + (
         ["perplexity", "KL vs float"] if causal else ["emb. cosine", "output SQNR dB"])
+    with_reference = any("reference" in r for r in result["rows"])
+    if with_reference:
+        header += ["llm-compressor perplexity", "llm-compressor KL"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["rows"]:
         sq = f"{r['weight_sqnr_min']:.1f} / {r['weight_sqnr_median']:.1f}" if "weight_sqnr_min" in r else "–"
@@ -177,6 +241,9 @@ def table(result: dict[str, Any]) -> str:
             cells += [f"{r['perplexity']:.3f}", f"{r['kl']:.4f}" if "kl" in r else "0"]
         else:
             cells += [f"{r['embedding_cosine']:.5f}", "∞" if math.isinf(r["output_sqnr_db"]) else f"{r['output_sqnr_db']:.1f}"]
+        if with_reference:
+            ref = r.get("reference")
+            cells += [f"{ref['perplexity']:.3f}", f"{ref['kl']:.4f}"] if ref else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -190,9 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-seqs", type=int, default=8)
     parser.add_argument("--eval-seqs", type=int, default=16)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--reference", action="store_true",
+                        help="also run llm-compressor on the recipes it implements (needs llmcompressor)")
     args = parser.parse_args(argv)
+    if args.reference and importlib.util.find_spec("llmcompressor") is None:
+        raise SystemExit("--reference needs llm-compressor in this environment "
+                         "(see benchmarks/gptq_reference.py for a virtual environment that has it)")
     torch.manual_seed(0)
-    result = evaluate(args.model_dir, args.recipes, args.text, args.seq_len, args.calib_seqs, args.eval_seqs)
+    result = evaluate(args.model_dir, args.recipes, args.text, args.seq_len, args.calib_seqs, args.eval_seqs,
+                      args.reference)
     print(table(result))
     path = args.json or os.path.join("benchmarks", "results",
                                      f"accuracy_{os.path.basename(os.path.normpath(args.model_dir))}.json")
