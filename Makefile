@@ -17,11 +17,13 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/lowbit demo --dump-dir dumps/demo
 	$(VENV)/bin/lowbit inspect dumps/demo/w4a16
 
+# pytest-xdist: one worker per core of a 2-core machine (each test compiles models: CPU-bound Python)
+JOBS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS)
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(JOBS) -m slow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/decode_cpu.py
