@@ -244,7 +244,7 @@ def linear_parts(node: fx.Node) -> LinearParts:
     x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
     transposed = False
     if isinstance(w, fx.Node) and w.op in ("call_function", "call_method") and w.target in (
-        torch.t, "t", operator.attrgetter("T")
+        torch.t, "t"
     ):
         w, transposed = w.args[0], True
     if not (isinstance(w, fx.Node) and param_fqn(w) is not None):

@@ -5,7 +5,11 @@ Where it runs: first in every recipe that rewrites anything (it ``ensures`` "can
 What it rewrites (each rule one line in ``RULES``):
 
 * GPT-2 Conv1D ``addmm(b, x, W)`` with W a parameter stored [in, out]   -> ``linear(x, W.t(), b)``
-* ``matmul(x, W.t())`` / ``x @ W.T`` with W a parameter                  -> ``linear(x, W)``
+  (and ``addmm(b, x, W.T)``                                              -> ``linear(x, W, b)``)
+* ``matmul(x, W.t())`` / ``x @ W.T`` / ``mm`` with W a 2-D parameter, the transpose in any
+  spelling (``.t()``, ``.T``, ``.mT``, ``transpose(0, 1)``, ``permute(1, 0)``)  -> ``linear(x, W)``
+* ``x @ W`` with W a 2-D parameter stored [in, out]                      -> ``linear(x, W.t())``
+* ``linear(x, W) + b`` with b a 1-D parameter (Falcon)                   -> ``linear(x, W, b)``
 * ``view(linear(view(x, (-1, K)), W, b), x.shape[:-1] + (N,))`` (Conv1D's flattening)
                                                                          -> ``linear(x, W, b)``
 * eval-mode ``dropout(x, p, training=False)``                            -> ``x``
@@ -44,31 +48,86 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _param_2d(node: Any) -> bool:
+    return _is_param(node) and ir.fetch_attr(node.graph.owning_module, node.target).dim() == 2
+
+
+def _transposed_param(node: Any) -> fx.Node | None:
+    """The 2-D parameter ``W`` when ``node`` is its transpose, in any spelling: ``W.t()``,
+    ``torch.t(W)``, ``W.T`` / ``W.mT`` (``getattr``), ``W.transpose(0, 1)`` / ``(-1, -2)``,
+    ``torch.transpose``, ``W.permute(1, 0)``."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    t, args = node.target, node.args
+    w = args[0] if args else None
+    if not _param_2d(w):
+        return None
+    if t in (torch.t, "t"):
+        return w
+    if t is getattr and args[1:] in (("T",), ("mT",)):
+        return w
+    if t in (torch.transpose, "transpose") and len(args) == 3 and {args[1] % 2, args[2] % 2} == {0, 1}:
+        return w
+    if t in ("permute", torch.permute):
+        dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return w if tuple(d % 2 for d in dims) == (1, 0) else None
+    return None
+
+
 # ---- addmm(b, x, W) -> linear(x, W.t(), b)   (GPT-2 Conv1D stores W as [in, out]) -------------
+# ---- addmm(b, x, W.T) -> linear(x, W, b)
 def conv1d_addmm_pattern(node: fx.Node) -> dict | None:
-    if _is_call(node, torch.addmm) and len(node.args) == 3 and not node.kwargs and _is_param(node.args[2]):
+    if _is_call(node, torch.addmm) and len(node.args) == 3 and not node.kwargs:
         bias, x, w = node.args
-        return {"bias": bias, "x": x, "w": w}
+        if _param_2d(w):
+            return {"bias": bias, "x": x, "w": w, "stored": "in_out"}
+        if _transposed_param(w) is not None:
+            return {"bias": bias, "x": x, "w": _transposed_param(w), "stored": "out_in"}
     return None
 
 
 def conv1d_addmm_replacement(gm: fx.GraphModule, node: fx.Node, m: dict) -> fx.Node:
-    wt = gm.graph.call_function(torch.t, (m["w"],))
-    return gm.graph.call_function(F.linear, (m["x"], wt, m["bias"]))
+    w = gm.graph.call_function(torch.t, (m["w"],)) if m["stored"] == "in_out" else m["w"]
+    return gm.graph.call_function(F.linear, (m["x"], w, m["bias"]))
 
 
-# ---- matmul(x, W.t()) -> linear(x, W) -------------------------------------------------------
+# ---- matmul(x, W.t()) / x @ W.T / mm -> linear(x, W);  x @ W (W stored [in, out]) -> linear(x, W.t())
 def matmul_transposed_pattern(node: fx.Node) -> dict | None:
-    if _is_call(node, torch.matmul, operator.matmul) and len(node.args) == 2:
+    if _is_call(node, torch.matmul, operator.matmul, torch.mm, "matmul", "mm") and len(node.args) == 2:
         x, wt = node.args
-        if _is_call(wt, torch.t, "t") and _is_param(wt.args[0]) and ir.fetch_attr(
-                wt.graph.owning_module, wt.args[0].target).dim() == 2:
-            return {"x": x, "w": wt.args[0]}
+        if _transposed_param(wt) is not None:
+            return {"x": x, "w": _transposed_param(wt), "stored": "out_in"}
+        if _param_2d(wt) and not _is_param(x):
+            return {"x": x, "w": wt, "stored": "in_out"}
     return None
 
 
 def matmul_transposed_replacement(gm: fx.GraphModule, node: fx.Node, m: dict) -> fx.Node:
-    return gm.graph.call_function(F.linear, (m["x"], m["w"]))
+    w = gm.graph.call_function(torch.t, (m["w"],)) if m["stored"] == "in_out" else m["w"]
+    return gm.graph.call_function(F.linear, (m["x"], w))
+
+
+# ---- linear(x, W) + b (Falcon's ``input @ W.T + bias``) -> linear(x, W, b) --------------------
+def linear_bias_add_pattern(node: fx.Node) -> dict | None:
+    if not (_is_call(node, operator.add, torch.add, "add") and len(node.args) == 2 and not node.kwargs):
+        return None
+    for lin, bias in (node.args, node.args[::-1]):
+        if (_is_call(lin, F.linear) and len(lin.users) == 1 and _arg(lin, 2, "bias") is None and _is_param(bias)
+                and ir.fetch_attr(bias.graph.owning_module, bias.target).dim() == 1):
+            out = _shape(lin)
+            n = ir.fetch_attr(bias.graph.owning_module, bias.target).shape[0]
+            if out is not None and out[-1] == str(n):
+                return {"linear": lin, "bias": bias}
+    return None
+
+
+def linear_bias_add_replacement(gm: fx.GraphModule, node: fx.Node, m: dict) -> fx.Node:
+    lin = m["linear"]
+    x, w = lin.args[0], _arg(lin, 1, "weight")
+    out = gm.graph.call_function(F.linear, (x, w, m["bias"]))
+    out.meta.update({k: v for k, v in lin.meta.items() if k != "example_value"})
+    out.meta["example_value"] = node.meta.get("example_value")
+    return out
 
 
 # ---- view(linear(view(x, (-1, K)), W, b), (*batch, N)) -> linear(x, W, b) -------------------
@@ -185,6 +244,7 @@ RULES = [
     PatternRule("conv1d_addmm_to_linear", conv1d_addmm_pattern, conv1d_addmm_replacement),  # addmm(b,x,W) -> linear(x,W.t(),b)
     PatternRule("matmul_transposed_to_linear", matmul_transposed_pattern, matmul_transposed_replacement),  # x@W.t() -> linear(x,W)
     PatternRule("flattened_linear", flattened_linear_pattern, flattened_linear_replacement),  # view(linear(view(x))) -> linear(x)
+    PatternRule("linear_bias_add", linear_bias_add_pattern, linear_bias_add_replacement),  # linear(x,W) + b -> linear(x,W,b)
     PatternRule("eval_dropout", eval_dropout_pattern, eval_dropout_replacement),  # dropout(x, training=False) -> x
     PatternRule("rms_norm", rms_norm_pattern, rms_norm_replacement, rms_norm_extra_check),  # x*rsqrt(mean(x^2)+eps)*w -> rms_norm
 ]

@@ -98,6 +98,80 @@ def test_golden_graph_for_hand_written_spellings():
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
 
 
+class LinearSpellings(torch.nn.Module):
+    """One linear per spelling users and model authors write (Falcon's ``x @ W.T + b`` among them)."""
+
+    SPELLINGS = ("dotT", "dotT_bias", "mT", "transpose", "transpose_neg", "permute", "torch_transpose",
+                 "mm_t", "matmul_in_out", "addmm_t", "linear_of_t")
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name in self.SPELLINGS:
+            shape = (32, 32)
+            self.register_parameter(f"w_{name}", torch.nn.Parameter(torch.randn(*shape, generator=g) * 0.2))
+        self.bias = torch.nn.Parameter(torch.randn(32, generator=g) * 0.1)
+
+    def forward(self, x):
+        w = {n: getattr(self, f"w_{n}") for n in self.SPELLINGS}
+        h = x @ w["dotT"].T
+        h = h @ w["dotT_bias"].T + self.bias
+        h = h @ w["mT"].mT
+        h = torch.matmul(h, w["transpose"].transpose(0, 1))
+        h = h @ w["transpose_neg"].transpose(-1, -2)
+        h = h @ w["permute"].permute(1, 0)
+        h = h @ torch.transpose(w["torch_transpose"], 0, 1)
+        h = torch.mm(h, w["mm_t"].t())
+        h = h @ w["matmul_in_out"]                      # stored [in, out]
+        h = torch.addmm(self.bias, h, w["addmm_t"].t())
+        return torch.nn.functional.linear(h, w["linear_of_t"].t())  # stored [in, out]
+
+
+def test_every_linear_spelling_becomes_the_canonical_linear():
+    model = LinearSpellings()
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    rec = Recorder(recipe=CANON, strict=True)
+    with torch.no_grad():
+        out = torch.compile(model, backend=rec)(x)
+    gm = rec.graphs[0]
+    names = op_names(gm)
+    assert names.count("linear") == len(LinearSpellings.SPELLINGS), names
+    assert {"matmul", "mm", "addmm", "add", "transpose", "permute", "getattr"}.isdisjoint(names), names
+    weights = {}
+    for node in gm.graph.nodes:
+        if ir.is_linear(node):
+            parts = ir.linear_parts(node)
+            weights[parts.weight_node.target.removeprefix("w_")] = (parts.transposed, parts.bias is not None)
+    assert weights == {n: (n in ("matmul_in_out", "linear_of_t"), n in ("dotT_bias", "addmm_t"))
+                       for n in LinearSpellings.SPELLINGS}
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    # and every one of them is quantized
+    rec = Recorder(recipe="w8a16", strict=True)
+    torch.compiler.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=rec)(x)
+    assert len([v for v in rec.summaries[0]["layers"].values() if "bytes_after" in v]) == len(LinearSpellings.SPELLINGS)
+
+
+def test_falcon_linears_are_all_quantized():
+    """FalconLinear computes ``input @ self.weight.T (+ self.bias)``: 1 of 9 linears before."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, bias=True)).eval()
+    ids = prompt()
+    rec = Recorder(recipe="w8a16", strict=True)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend=rec)(ids).logits
+    from lowbit_compiler.formats import sqnr_db
+
+    quantized = [k for k, v in rec.summaries[0]["layers"].items() if "bytes_after" in v]
+    assert len(quantized) == 9, quantized
+    assert sqnr_db(ref, out) > 25
+
+
 def test_parameters_are_frozen_with_fqn_and_identity():
     model = make_model("llama")
     rec = Recorder(recipe="none")
