@@ -27,6 +27,7 @@ passes only rewrite float ``F.linear`` nodes, so nothing is quantized twice).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 from typing import Any, Callable
@@ -133,17 +134,48 @@ def r4_input(x: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.lowbit.hadamard(x if signs is None else x * signs)
 
 
-def _example_kwargs(model: torch.nn.Module, batches: list[dict[str, Any]], example_inputs: Any) -> dict[str, Any]:
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _with_decoder_ids(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Encoder-decoder models (T5) need decoder ids too: the decoder's start token, once."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in kwargs \
+            and "decoder_inputs_embeds" not in kwargs and isinstance(kwargs.get("input_ids"), torch.Tensor):
+        start = getattr(config, "decoder_start_token_id", None)
+        start = 0 if start is None else start
+        ids = kwargs["input_ids"]
+        kwargs = {**kwargs, "decoder_input_ids": torch.full((ids.shape[0], 1), start, dtype=ids.dtype,
+                                                            device=ids.device)}
+    return kwargs
+
+
+def _example_call(model: torch.nn.Module, batches: list[dict[str, Any]],
+                  example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) for the capture: ``example_inputs`` as given (a dict: keywords; a tensor or a
+    tuple of them: positional, or ``input_ids=`` for a model whose forward takes it), else the
+    first calibration batch, else token ids for a model with a vocabulary."""
     if example_inputs is not None:
-        return example_inputs if isinstance(example_inputs, dict) else {"input_ids": example_inputs}
+        if isinstance(example_inputs, dict):
+            return (), _with_decoder_ids(model, dict(example_inputs))
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        if len(args) == 1 and isinstance(args[0], torch.Tensor) and _takes(model, "input_ids"):
+            return (), _with_decoder_ids(model, {"input_ids": args[0]})
+        return args, {}
     if batches:
-        return dict(batches[0])
+        return (), _with_decoder_ids(model, dict(batches[0]))
     if getattr(getattr(model, "config", None), "vocab_size", None):
-        return {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
-    raise LowbitError("compress: cannot build an input for this model; pass example_inputs=tensor or dict")
+        return (), _with_decoder_ids(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    raise LowbitError(f"compress: cannot build an input for {type(model).__name__} (no config.vocab_size); pass "
+                      "example_inputs=tensor, a tuple of positional tensors, or a dict of keyword inputs")
 
 
-def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any],
+def _capture_each(model: torch.nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]],
                   handle: Callable[[Captured, tuple[Any, ...]], None]) -> None:
     """Capture the model's forward once (eval mode, no grad) and hand each captured graph to
     ``handle(captured, args)``, ``args`` the graph's arguments for this call; Dynamo's cache
@@ -161,7 +193,7 @@ def _capture_each(model: torch.nn.Module, kwargs: dict[str, Any],
     model.eval()
     try:
         with torch.no_grad():
-            torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+            torch.compile(model, backend=backend, dynamic=False)(*call[0], **call[1])
     except Exception as e:  # a LowbitError (bad recipe, no calibration) reaches the user as itself
         inner = _dynamo_adapter.backend_error(e)
         if isinstance(inner, LowbitError):
@@ -185,7 +217,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     """Apply ``recipe`` to ``model`` in place and return it; ``model.lowbit_summary`` says what changed."""
     recipe = get_recipe(recipe)
     batches = as_batches(calibration, tokenizer)
-    kwargs = _example_kwargs(model, batches, example_inputs)
+    call = _example_call(model, batches, example_inputs)
     graphs: list[tuple[Captured, Any]] = []
 
     def rewrite(captured: Captured, args: tuple[Any, ...]) -> None:
@@ -193,23 +225,26 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         ctx = PassContext(recipe=recipe, strict=strict, calibration=calibration_)
         graphs.append((captured, run_pipeline(captured.gm, recipe, ctx=ctx)))
 
-    _capture_each(model, kwargs, rewrite)
+    _capture_each(model, call, rewrite)
     whole = [p for p in recipe.passes if get_pass(p).whole_model]
     if whole and len(graphs) != 1:
         raise LowbitError(f"compress({recipe.name}): pass {whole[0]!r} needs the whole forward in one graph; Dynamo "
                           f"captured {len(graphs)} (graph breaks)")
-    written = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0}
+    written: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
+                               "left_float": {}}
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
     r3 = None
     for captured, report in graphs:
-        counts, wants_r3 = write_back(model, captured, recipe.name)
+        counts, wants_r3 = write_back(model, captured, recipe.name, strict)
         for k, v in counts.items():
-            written[k] += v
+            written[k] = {**written[k], **v} if isinstance(v, dict) else written[k] + v
         if wants_r3:
             r3 = _attention_r3(model, strict)
         passes.extend({"name": p.name, "matches": p.matches, "details": p.details} for p in report.passes)
         layers.update(report.layers)
+        for layer, reason in counts["left_float"].items():  # what the compressed model holds, not the graph
+            layers[layer] = {"format": "float", "skipped": f"not written back: {reason}"}
     if not any(written.values()) and recipe.passes:
         log.warning("compress(%s): nothing was written back (no selected linear layers, nothing rotated)", recipe.name)
     model.lowbit_summary = {"recipe": recipe.to_dict(), **written, "layers": layers, "passes": passes,
@@ -249,11 +284,37 @@ def _input_transforms(gm: fx.GraphModule, x: Any) -> tuple[Any, dict[str, Any], 
     return x, found, walked
 
 
-def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str) -> tuple[dict[str, int], bool]:
+def _not_a_bare_linear(model: torch.nn.Module, gm: fx.GraphModule, node: fx.Node, layer: str,
+                       own: set[fx.Node]) -> str | None:
+    """Why the module at ``layer`` cannot become a :class:`LowbitLinear` (None: it can): its
+    forward must be exactly the linear the graph quantized (``nn.Linear``, Conv1D, FalconLinear),
+    or the replacement would change what it returns (a MoE router returns logits, weights and
+    expert indices)."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        owner = layer.rpartition(".")[0]
+        kind = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
+        return f"its weight is a bare parameter of {kind} ({owner or 'the model'}), not a linear module"
+    if list(module.children()):
+        return f"{type(module).__name__} has submodules: more than a linear"
+    extra = sorted({str(n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.target))
+                    for n in gm.graph.nodes if n is not node and n not in own
+                    and n.op in ("call_function", "call_method", "call_module")
+                    and (info := ir.get(n, ir.MODULE)) is not None and info.fqn == layer})
+    if extra:
+        return f"{type(module).__name__}.forward computes {', '.join(extra)} besides its linear"
+    return None
+
+
+def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
+               strict: bool = False) -> tuple[dict[str, Any], bool]:
     """Write one rewritten graph into ``model`` (module docstring); returns what was written and
-    whether queries and keys get R3 Hadamards."""
+    whether queries and keys get R3 Hadamards. A quantized linear whose module computes more than
+    the linear stays float in the model (``left_float``: layer -> why; strict: an error)."""
     gm = captured.gm
-    counts = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0}
+    counts: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
+                              "left_float": {}}
     represented: set[fx.Node] = set()
     with torch.no_grad():
         counts["tensors"] = _write_tensors(model, captured)
@@ -287,6 +348,17 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str) -> 
             sparse = opdecl.args(users[0].args[1])
             outliers = tuple(tensor(sparse[k]) for k in ("rows", "cols", "values"))
             represented.update({users[0].args[1]})
+        own = walked | ({users[0], users[0].args[1]} if outliers is not None else set())
+        reason = _not_a_bare_linear(model, gm, node, layer, own)
+        if reason is not None:
+            message = (f"compress({recipe_name}): layer {layer} (node {node.name}): {reason}; it stays float in the "
+                       "compressed model (exclude it from the recipe, or use torch.compile(model, backend='lowbit'), "
+                       "which quantizes it inside the graph)")
+            if strict:
+                raise LowbitError(message)
+            log.warning(message)
+            counts["left_float"][layer] = reason
+            continue
         parent, child = _weight_owner(model, layer)
         setattr(parent, child, LowbitLinear(
             args["fmt"], tensor(args["qweight"]), tensor(args["scale"]), tensor(args["zero"]), tensor(args["bias"]),

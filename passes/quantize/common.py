@@ -55,6 +55,28 @@ class Site:
         return n, k
 
 
+_ROUTING_STEPS = frozenset({"softmax", "sigmoid", "float", "to", "type_as", "view", "reshape", "add", "scatter"})
+
+
+def is_router(node: fx.Node, depth: int = 6) -> bool:
+    """A MoE router: the linear's output reaches ``topk`` through elementwise steps only (softmax,
+    sigmoid, casts, a bias add). A quantized router may pick other experts for a token: a discrete
+    change no SQNR floor bounds, so routers stay float."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+                if name == "topk":
+                    return True
+                if name in _ROUTING_STEPS and user not in seen:
+                    seen.add(user)
+                    nxt.append(user)
+        frontier = nxt
+    return False
+
+
 def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_groups: bool = True) -> list[Site]:
     """The float linears the recipe selects (see the module docstring)."""
     recipe = ctx.recipe
@@ -67,6 +89,11 @@ def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_g
             ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, "weight is computed in the graph, not a parameter"))
             continue
         layer = ir.layer_name(node, parts.weight_node.target)
+        if is_router(node):
+            reason = "MoE router (its output picks experts through topk); routers stay float"
+            ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, reason))
+            ctx.layers[layer] = {"format": "float", "skipped": reason}
+            continue
         if not recipe.applies_to(layer):
             ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, "excluded by the recipe's include/exclude globs"))
             ctx.layers[layer] = {"format": "float", "skipped": "excluded by recipe"}
@@ -124,6 +151,17 @@ def calibrate_each(ctx: PassContext, pass_name: str, keys: dict[fx.Node, tuple[t
     return info, list(pending)
 
 
+def tensor_prefix(gm: fx.GraphModule, layer: str) -> str:
+    """Where a layer's new tensors go in the graph module: ``{layer}.qweight`` etc., or, when the
+    layer is itself a tensor (a bare parameter of a module that computes ``x @ self.w.T``),
+    ``{layer}_quantized.qweight``."""
+    try:
+        held = ir.fetch_attr(gm, layer)
+    except AttributeError:
+        return layer
+    return f"{layer}_quantized" if isinstance(held, torch.Tensor) else layer
+
+
 def _register(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> fx.Node:
     ir.set_attr(gm, target, tensor)
     return gm.graph.get_attr(target)
@@ -138,10 +176,11 @@ def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: Quantiz
     n, k = site.shape
     if sqnr is None:
         sqnr = sqnr_db(site.weight.float(), dequantize(qw))
+    prefix = tensor_prefix(gm, layer)
     with gm.graph.inserting_before(node):
-        q = _register(gm, f"{layer}.qweight", qw.qweight)
-        s = _register(gm, f"{layer}.scale", qw.scale)
-        z = None if qw.zero is None else _register(gm, f"{layer}.zero", qw.zero)
+        q = _register(gm, f"{prefix}.qweight", qw.qweight)
+        s = _register(gm, f"{prefix}.scale", qw.scale)
+        z = None if qw.zero is None else _register(gm, f"{prefix}.zero", qw.zero)
         if recipe.activation:  # quantized activations too: per token at run time, or static
             from lowbit_compiler.recipe import ACTIVATIONS
 
@@ -153,7 +192,7 @@ def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: Quantiz
                     raise LowbitError(f"layer {layer} (node {node.name}): activation {recipe.activation!r} needs a "
                                       "static scale measured on calibration data; put 'observe_activations' before "
                                       "the quantizing pass")
-                x_scale = _register(gm, f"{layer}.x_scale", torch.tensor([observed.scale], dtype=torch.float32))
+                x_scale = _register(gm, f"{prefix}.x_scale", torch.tensor([observed.scale], dtype=torch.float32))
             new = gm.graph.call_function(torch.ops.lowbit.qa_linear.default,
                                          (parts.x, q, s, z, parts.bias, fmt.key, k, act, x_scale))
         else:
