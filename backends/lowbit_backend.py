@@ -113,6 +113,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         "frozen_parameters": len(captured.frozen),
         "passes": [dataclasses.asdict(p) for p in report.passes],
         "layers": layers,
+        "coverage": report.coverage,
         "kernels": lowering.kernels,
         "kernel_counts": lowering.counts,
         "generated_kernels": lowering.generated,

@@ -50,7 +50,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("lowbit_compiler") is None:  # not installed in this environment (llm-compressor's):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # gptq_reference makes this checkout importable
     import gptq_reference  # noqa: F401,E402
-DEFAULT_RECIPES = ["w8a16", "w4a16", "w4a16-hqq", "w4a16-gptq", "w4a16-awq", "w3a16", "w3a16-gptq", "mixed-4.5", "nf4", "mxfp4", "nvfp4"]
+DEFAULT_RECIPES = [  # every preset but "none", grouped as the README's tables are
+    "w8a16", "w4a16", "w4a16-hqq", "w4a16-gptq", "w4a16-awq", "w4a16-awq-gptq", "w3a16", "w3a16-gptq",
+    "w3a16-awq-gptq", "w4a16-spqr", "w4a16-spqr-hqq", "mixed-4.5", "mixed-4.5-gptq", "nf4", "mxfp4", "nvfp4",
+    "w8a8", "w8a8-static", "w8a8-smooth", "w8a8-smooth-gptq", "w4a8", "fp8",
+    "rotate", "w4a4", "w4a4-rot", "w4a4-rot-gptq", "w4a8-rot", "w4a4-spin", "w4a4-spin-gptq", "w4a4-flat"]
 
 
 # ---- model and text --------------------------------------------------------------------------

@@ -63,9 +63,17 @@ def format_summary(s: dict[str, Any]) -> str:
                          f"{d['weight_sqnr_db']:.1f}" if "weight_sqnr_db" in d else d.get("source", "-")])
         out.append(_table(rows, ["layer", "format", "KxN", "bits/w", "bytes before", "bytes after", "weight SQNR dB"]))
         if after:
-            out.append(f"total: {before} -> {after} bytes ({before / after:.2f}x smaller)")
+            out.append(f"quantized layers: {before} -> {after} bytes ({before / after:.2f}x smaller)")
     else:
         out.append("(no layers quantized)")
+    totals = s.get("coverage", {}).get("totals")
+    if totals and totals.get("bytes_after"):
+        parts = [f"{label} {totals[key]['bytes_before']} -> {totals[key]['bytes_after']} ({totals[key]['tensors']} tensors)"
+                 for key, label in (("quantized", "quantized"), ("float_matmul", "float matmul weights"),
+                                    ("embeddings", "embeddings"), ("norms", "norms"), ("other", "other"))
+                 if key in totals]
+        out.append(f"whole graph: {totals['bytes_before']} -> {totals['bytes_after']} bytes "
+                   f"({totals['bytes_before'] / totals['bytes_after']:.2f}x smaller): " + "; ".join(parts))
     out.append(f"kernels: {s.get('kernel_counts', {})}   fallbacks: {s.get('fallbacks', {}) or 'none'}")
     if s.get("generated_kernels"):
         out.append(format_generated(s["generated_kernels"], s.get("codegen", {})))

@@ -47,10 +47,9 @@ def main(dump_dir: str = "dumps/demo") -> int:
         print(format_summary(load_summaries(directory)[0]), "\n")
         model._compiled_call_impl = None  # undo model.compile for the next preset
     compressed = compress(tiny_llama(), "w4a16")
-    layers = compressed.lowbit_summary["layers"]
-    before = sum(d["bytes_before"] for d in layers.values())
-    after = sum(d["bytes_after"] for d in layers.values())
-    print(f"compress(model, 'w4a16'): {compressed.lowbit_summary['replaced_modules']} linears replaced, "
+    totals = compressed.lowbit_summary["coverage"]["totals"]
+    before, after = totals["bytes_before"], totals["bytes_after"]
+    print(f"compress(model, 'w4a16'): {compressed.lowbit_summary['replaced_modules']} linears replaced, whole model "
           f"{before} -> {after} bytes ({before / after:.2f}x); dumps in {dump_dir}/ (try: lowbit inspect {dump_dir})")
     return 0
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import _dynamo_adapter, hadamard, ir, opdecl
+from lowbit_compiler import _dynamo_adapter, coverage, hadamard, ir, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import Captured, capture
 from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
@@ -247,7 +247,15 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
             layers[layer] = {"format": "float", "skipped": f"not written back: {reason}"}
     if not any(written.values()) and recipe.passes:
         log.warning("compress(%s): nothing was written back (no selected linear layers, nothing rotated)", recipe.name)
-    model.lowbit_summary = {"recipe": recipe.to_dict(), **written, "layers": layers, "passes": passes,
+    account = coverage.merge([report.coverage for _, report in graphs])
+    for layer, reason in written["left_float"].items():
+        for entry in account["weights"].values():
+            if entry.get("layer") == layer and entry["status"] == "quantized":
+                entry.update(status="float", format="float", reason=f"not written back: {reason}",
+                             bytes_after=entry["bytes"])
+    account["totals"] = coverage.totals(account["weights"])
+    model.lowbit_summary = {"recipe": recipe.to_dict(), **written, "layers": layers, "coverage": account,
+                            "passes": passes,
                             "graphs": len(graphs), **({"R3": r3} if r3 is not None else {})}
     return model
 

@@ -2,7 +2,8 @@
 
 Read top to bottom, ``run_pipeline`` is the whole story: for each pass named by the recipe, check
 that what it requires has been established, run it, lint + verify (strict/debug), time it, record
-what it did, and hand the graph to the dump writer.
+what it did, and hand the graph to the dump writer; at the end, account for every weight
+(``coverage.account``: quantized, or left float and why).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from lowbit_compiler import verify
+from lowbit_compiler import coverage, verify
 from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
 from lowbit_compiler.recipe import Recipe, instantiate
 
@@ -32,6 +33,7 @@ class PipelineReport:
     passes: list[PassRecord]
     layers: dict[str, dict[str, Any]]
     fallbacks: dict[str, int]
+    coverage: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_pipeline(gm: fx.GraphModule, recipe: Recipe, *, strict: bool = False, debug: bool = False,
@@ -61,4 +63,5 @@ def run_pipeline(gm: fx.GraphModule, recipe: Recipe, *, strict: bool = False, de
         records.append(PassRecord(pass_name, seconds, result.modified, result.matches, result.details))
         if on_stage is not None:
             on_stage(pass_name, gm)
-    return PipelineReport(recipe, records, ctx.layers, dict(ctx.fallbacks))
+    account = coverage.account(gm, ctx.layers, recipe, ctx.strict)  # every weight: quantized, or why not
+    return PipelineReport(recipe, records, ctx.layers, dict(ctx.fallbacks), account)

@@ -92,11 +92,12 @@ def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_g
         if is_router(node):
             reason = "MoE router (its output picks experts through topk); routers stay float"
             ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, reason))
-            ctx.layers[layer] = {"format": "float", "skipped": reason}
+            ctx.layers[layer] = {"format": "float", "skipped": reason, "weight": parts.weight_node.target}
             continue
         if not recipe.applies_to(layer):
             ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, "excluded by the recipe's include/exclude globs"))
-            ctx.layers[layer] = {"format": "float", "skipped": "excluded by recipe"}
+            ctx.layers[layer] = {"format": "float", "skipped": "excluded by recipe",
+                                 "weight": parts.weight_node.target}
             continue
         fmt = format_of(node, recipe)
         if fmt is None:
@@ -177,6 +178,7 @@ def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: Quantiz
     if sqnr is None:
         sqnr = sqnr_db(site.weight.float(), dequantize(qw))
     prefix = tensor_prefix(gm, layer)
+    weight_fqn = parts.weight_node.target if parts.weight_node is not None else layer
     with gm.graph.inserting_before(node):
         q = _register(gm, f"{prefix}.qweight", qw.qweight)
         s = _register(gm, f"{prefix}.scale", qw.scale)
@@ -210,6 +212,7 @@ def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: Quantiz
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     record = {k_: v for k_, v in decision.__dict__.items() if k_ != "layer"}
+    record["weight"] = weight_fqn
     choice = ir.get(new, ir.WEIGHT_FORMAT)
     if choice is not None:
         record["chosen_by"] = choice.chosen_by

@@ -81,3 +81,34 @@ def test_compress_leaves_a_module_that_computes_more_than_its_linear_float(caplo
         assert sqnr_db(ref, compressed(x)) > 30
     with pytest.raises(LowbitError, match=r"layer scaled .*ScaledLinear\.forward computes mul"):
         compress(TwoLayers().eval(), "w8a16", example_inputs=(x,), strict=True)
+
+
+def test_coverage_accounts_for_every_weight_of_the_model():
+    """Every matmul weight is quantized or float with a reason (Mixtral's 3-D experts: about 77 %
+    of its parameters, silently float before); totals are over the whole model."""
+    from lowbit_compiler.cli import format_summary
+
+    model = _mixtral()
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    rec = Recorder(recipe="w4a16")
+    with torch.no_grad():
+        torch.compile(model, backend=rec)(ids)
+    summary = rec.summaries[0]
+    weights, totals = summary["coverage"]["weights"], summary["coverage"]["totals"]
+    params = dict(model.named_parameters())
+    experts = [f for f in params if ".experts." in f]
+    assert experts and all(weights[f]["status"] == "float" and "expert" in weights[f]["reason"] for f in experts)
+    assert all(summary["layers"][f]["format"] == "float" for f in experts)  # listed as layers too
+    quantized = {f: w for f, w in weights.items() if w["status"] == "quantized"}
+    assert len(quantized) == 2 * 4 + 1  # attention projections and the head
+    # whole model: every parameter and the one float buffer forward reads (rotary inv_freq) counted
+    # once, quantized ones replaced (original_inv_freq is a buffer forward never reads)
+    tensors = list(params.values()) + [model.model.rotary_emb.inv_freq]
+    assert totals["bytes_before"] == sum(t.numel() * t.element_size() for t in tensors)
+    assert totals["bytes_after"] == totals["bytes_before"] - sum(w["bytes"] - w["bytes_after"] for w in quantized.values())
+    text = format_summary(summary)
+    assert "3-D stacked expert weights" in text and "whole graph:" in text
+    torch.compiler.reset()
+    with pytest.raises(Exception, match=r"strict.*weight\(s\) it selects stay float.*experts"):
+        with torch.no_grad():
+            torch.compile(model, backend=Recorder(recipe="w4a16", strict=True))(ids)
