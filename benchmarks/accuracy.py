@@ -130,6 +130,8 @@ def weight_report(summary: dict[str, Any]) -> dict[str, Any]:
     layers = [d for d in summary["layers"].values() if "bytes_after" in d]
     params = sum(d["in_features"] * d["out_features"] for d in layers)
     sqnr = [d["weight_sqnr_db"] for d in layers]
+    if not layers:  # a recipe that quantizes nothing (rotate alone)
+        return {"layers": 0, "bits_per_weight": 32.0}
     return {"layers": len(layers), "bits_per_weight": sum(d["bytes_after"] for d in layers) * 8 / max(params, 1),
             "weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr)}
 
@@ -160,7 +162,7 @@ def reference_model(base, recipe_name: str, calibration: list[torch.Tensor]):
     if method == "smoothquant+gptq":
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-        alpha = recipe.options.get("smoothquant", {}).get("alpha", 0.5)
+        alpha = recipe.pass_options("smoothquant").get("alpha", 0.5)
         modifiers = [SmoothQuantModifier(smoothing_strength=alpha),
                      GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)]
     else:
