@@ -101,7 +101,8 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     """Run a prepacked weight: casts x to the compute dtype and back, pads K, slices N."""
     out_dtype = x.dtype
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype).contiguous()  # the packed kernels need rows (Mamba's
+    # x_proj input is a transposed view)
     if packed.padded_in_features != packed.in_features:
         x2 = torch.nn.functional.pad(x2, (0, packed.padded_in_features - packed.in_features))
     if packed.fmt == "int8":

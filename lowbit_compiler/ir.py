@@ -189,6 +189,11 @@ _INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, ope
                                 operator.imatmul, operator.setitem})
 
 
+# Calls made for their effect on interpreter state; nothing reads their result.
+_STATE_CHANGES = frozenset({"lazy_load_decompositions", "_set_grad_enabled", "_set_fwd_grad_enabled",
+                            "_enter_dual_level", "_exit_dual_level", "_enter_autocast", "_exit_autocast"})
+
+
 def has_side_effects(node: fx.Node) -> bool:
     """True when removing ``node`` could change what the graph computes even though nothing
     reads its result: it writes into a tensor (``x[..., :k].copy_(y)``, ``index_put_``,
@@ -210,6 +215,8 @@ def has_side_effects(node: fx.Node) -> bool:
         name = getattr(node.target, "__name__", "")
         if name.endswith("_") and not name.startswith("_"):  # torch.relu_, Tensor.copy_ as a function
             return True
+        if name in _STATE_CHANGES or name.endswith(("_increment_nesting", "_decrement_nesting")):
+            return True  # functorch/autograd interpreter state (vmap levels Dynamo inlines: Mamba)
         schema = getattr(node.target, "_schema", None)
         return schema is not None and schema.is_mutable
     return False

@@ -188,7 +188,7 @@ def qa_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     if (reason := qa_linear_slow_reason(fmt, act)) is not None:
         eager_fallback("lowbit::qa_linear", f"{fmt}/{act}", reason)
     xq, x_scale = quantize_activations(x, act, x_scale)
-    rows = xq.reshape(-1, x.shape[-1])
+    rows = xq.reshape(-1, x.shape[-1]).contiguous()  # torch._int_mm needs rows (a transposed view is not)
     if act == "fp8_e4m3":
         acc = rows.float() @ qweight.float().t() * scale.float()
     elif f.bits == 8:
