@@ -54,9 +54,10 @@ class LowbitLinear(torch.nn.Module):
                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  x_scale: torch.Tensor | None = None, input_hadamard: bool = False,
                  input_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 input_signs: torch.Tensor | None = None):
+                 input_signs: torch.Tensor | None = None, weight_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.fmt, self.act = fmt, act
+        self.weight_dtype = weight_dtype  # the float weight's dtype (what .weight reports)
         self.input_hadamard = input_hadamard  # R4: lowbit::hadamard on the input (the weight absorbed D H)
         self.register_buffer("input_signs", input_signs)  # R4's D when applied online (else None)
         # FlatQuant: lowbit::kron_transform(x, P1, P2) after the Hadamard (the weight absorbed its inverse)
@@ -72,6 +73,13 @@ class LowbitLinear(torch.nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A zero-size stand-in with the float weight's dtype and the codes' device, for model code
+        that reads ``.weight.dtype`` / ``.weight.device`` (T5 casts its input to ``wo.weight.dtype``).
+        The weight itself is ``qweight`` + ``scale`` (+ ``zero``): any arithmetic on this raises."""
+        return torch.empty(0, dtype=self.weight_dtype, device=self.qweight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         transform = None if self.transform_left is None else (self.transform_left, self.transform_right)
@@ -368,11 +376,13 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             counts["left_float"][layer] = reason
             continue
         parent, child = _weight_owner(model, layer)
+        old_weight = getattr(getattr(parent, child), "weight", None)
         setattr(parent, child, LowbitLinear(
             args["fmt"], tensor(args["qweight"]), tensor(args["scale"]), tensor(args["zero"]), tensor(args["bias"]),
             args["in_features"], args.get("act"), outliers, tensor(args.get("x_scale")),
             input_hadamard=transforms.get("input_hadamard", False), input_transform=transforms.get("input_transform"),
-            input_signs=transforms.get("input_signs")))
+            input_signs=transforms.get("input_signs"),
+            weight_dtype=old_weight.dtype if isinstance(old_weight, torch.Tensor) else torch.float32))
         counts["replaced_modules"] += 1
     for node in gm.graph.nodes:  # norms whose parameters were folded into their readers
         spec = ir.get(node, ir.NORM)
