@@ -14,11 +14,39 @@ from lowbit_compiler.recipe import PRESETS, Recipe, get_recipe, load_recipe
 
 __version__ = "0.1.0"
 
+
+def _register_with_transformers() -> None:
+    """``quant_method: "lowbit"`` for transformers' save_pretrained / from_pretrained."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    from lowbit_compiler import hf
+
+    hf.register()
+
+
+_register_with_transformers()
+
 __all__ = [
     "FormatError", "LowbitError", "PRESETS", "Pass", "PassContext", "PassResult", "PatternRule", "Recipe",
     "WeightFormat", "apply_rules", "compress", "fallback_counter", "get_recipe", "load_recipe",
-    "register_pass", "registered_passes", "replace_pattern",
+    "register_pass", "registered_passes", "replace_pattern", "save", "load",
 ]
+
+
+def save(model, directory):
+    """Save a compressed model (``lowbit_compiler.checkpoint.save``): safetensors + manifest, no pickle."""
+    from lowbit_compiler.checkpoint import save as _save
+
+    return _save(model, directory)
+
+
+def load(directory, model):
+    """Load a checkpoint written by :func:`save` into a float model of the same architecture."""
+    from lowbit_compiler.checkpoint import load as _load
+
+    return _load(directory, model)
 
 
 def compress(model, recipe, calibration=None, example_inputs=None, **options):

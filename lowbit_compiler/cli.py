@@ -155,6 +155,11 @@ def format_generated(records: list[dict[str, Any]], totals: dict[str, Any]) -> s
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit_compiler.dump import load_summaries
 
+    from lowbit_compiler import checkpoint
+
+    if checkpoint.is_checkpoint(args.dump_dir):  # a saved compressed model: its per-layer table
+        print(format_summary(checkpoint.inspect_summary(args.dump_dir)))
+        return 0
     summaries = load_summaries(args.dump_dir)
     if not summaries:
         print(f"lowbit inspect: no summary.json under {args.dump_dir}", file=sys.stderr)

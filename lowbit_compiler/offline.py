@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import _dynamo_adapter, coverage, hadamard, ir, opdecl
+from lowbit_compiler import _dynamo_adapter, checkpoint, coverage, hadamard, ir, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import Captured, capture
 from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
@@ -265,6 +265,10 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     model.lowbit_summary = {"recipe": recipe.to_dict(), **written, "layers": layers, "coverage": account,
                             "passes": passes,
                             "graphs": len(graphs), **({"R3": r3} if r3 is not None else {})}
+    if checkpoint.is_transformers_model(model):
+        from lowbit_compiler import hf
+
+        hf.attach(model)  # model.save_pretrained(dir) writes a lowbit checkpoint
     return model
 
 
@@ -347,9 +351,7 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             if transforms:
                 if not layer:
                     continue
-                module = model.get_submodule(layer)
-                module.lowbit_input_transforms = transforms
-                module.register_forward_pre_hook(_input_transform_pre_hook)
+                add_input_transforms(model.get_submodule(layer), **transforms)
                 represented.update(walked)
                 counts["input_hooks"] += 1
             continue
@@ -450,8 +452,32 @@ def _write_tensors(model: torch.nn.Module, captured: Captured) -> int:
     return written
 
 
+def add_input_transforms(module: torch.nn.Module, input_hadamard: bool = False,
+                         input_signs: torch.Tensor | None = None,
+                         input_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Input transforms in front of a float linear, as a forward pre-hook; their tensors become
+    buffers of the module (``lowbit_input_signs``, ``lowbit_transform_left/right``), so they are in
+    ``state_dict()`` and saved with the model. ``module.lowbit_input_hadamard`` marks the module."""
+    left, right = input_transform or (None, None)
+    module.lowbit_input_hadamard = input_hadamard
+    for name, t in (("lowbit_input_signs", input_signs), ("lowbit_transform_left", left),
+                    ("lowbit_transform_right", right)):
+        if t is not None:
+            module.register_buffer(name, t)
+    module.register_forward_pre_hook(_input_transform_pre_hook)
+
+
+def input_transforms_of(module: torch.nn.Module) -> dict[str, Any] | None:
+    """The transforms :func:`add_input_transforms` put in front of ``module`` (None: none)."""
+    if not hasattr(module, "lowbit_input_hadamard"):
+        return None
+    left = getattr(module, "lowbit_transform_left", None)
+    return {"input_hadamard": module.lowbit_input_hadamard, "input_signs": getattr(module, "lowbit_input_signs", None),
+            "input_transform": None if left is None else (left, module.lowbit_transform_right)}
+
+
 def _input_transform_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
-    return (apply_input_transforms(args[0], **module.lowbit_input_transforms), *args[1:])
+    return (apply_input_transforms(args[0], **input_transforms_of(module)), *args[1:])
 
 
 def apply_input_transforms(x: torch.Tensor, input_hadamard: bool = False, input_signs: torch.Tensor | None = None,
