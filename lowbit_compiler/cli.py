@@ -2,12 +2,16 @@
 
     lowbit inspect DUMP_DIR     per graph: passes (time, matches), layers (format, bits, bytes, SQNR),
                                 kernels and fallbacks, read from the dumps' summary.json files
+    lowbit inspect CHECKPOINT   the same per-layer table for a saved compressed model
+    lowbit export CHECKPOINT --format {compressed-tensors,gguf} OUT
+                                a saved compressed model written for vLLM or llama.cpp
     lowbit recipes              the preset recipes and registered passes
     lowbit demo                 compile a tiny random Llama with each preset and print what happened
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -168,6 +172,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A saved lowbit checkpoint written in a serving engine's format."""
+    from lowbit_compiler.export.compressed_tensors import load_for_export
+
+    model = load_for_export(args.checkpoint)
+    if args.format == "compressed-tensors":
+        from lowbit_compiler.export.compressed_tensors import export_compressed_tensors
+
+        report = export_compressed_tensors(model, args.out)
+        groups = "; ".join(f"{g['layers']} layers {g['format']} ({g['weights']['num_bits']}-bit "
+                           f"{g['weights']['type']} {g['weights']['strategy']}"
+                           + (f", {g['input_activations']['type']}{g['input_activations']['num_bits']} per token"
+                              if g["input_activations"] else "") + ")" for g in report["groups"].values())
+        print(f"wrote {args.out}: compressed-tensors {report['format']}: {groups}; float linears (ignore): "
+              f"{report['ignore'] or 'none'}; model.safetensors {report['bytes']} bytes")
+    else:
+        from lowbit_compiler.export.gguf import export_gguf
+
+        report = export_gguf(model, args.out)
+        print(json.dumps(report, indent=1, default=str))
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from lowbit_compiler import PRESETS, registered_passes
 
@@ -189,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="print what a dump directory says happened")
     p.add_argument("dump_dir")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("export", help="write a saved lowbit checkpoint for vLLM (compressed-tensors) or llama.cpp (GGUF)")
+    p.add_argument("checkpoint", help="a directory written by save_pretrained of a compressed model")
+    p.add_argument("--format", required=True, choices=("compressed-tensors", "gguf"))
+    p.add_argument("out", help="output directory (compressed-tensors) or .gguf file")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("recipes", help="list presets and registered passes")
     p.set_defaults(fn=cmd_recipes)
     p = sub.add_parser("demo", help="compile a tiny random Llama with each preset")
