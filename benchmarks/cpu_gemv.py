@@ -1,0 +1,94 @@
+"""Low-bit matmuls at decode sizes on the CPU: generated kernels against torch's packed kernels.
+
+For the linear shapes of a Llama-style decoder (hidden 2048, intermediate 5632: the model of
+``decode_cpu.py``) and M in {1, 4, 16} rows, each contender runs interleaved with the others
+(one call of each in turn, medians over ``--repeats``): the generated kernel of
+``backends/cpu_codegen.py`` (float32 accumulation), torch's packed kernel with bf16 activations
+(``aten._weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``: the path ``target="cpu"`` took
+before), and a bf16 ``F.linear`` on the dense weight. Reported: ms per call, speedup of the
+generated kernel over torch's, and the fraction of the read-bandwidth floor (weight bytes / the
+bandwidth of a large fp32 sum measured in this run).
+
+    python benchmarks/cpu_gemv.py [--repeats 21] [--json benchmarks/results/cpu_gemv.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from lowbit_compiler import formats
+from lowbit_compiler.backends import cpu_codegen, cpu_kernels
+from lowbit_compiler.formats import WeightFormat
+
+SHAPES = {"q/o proj": (2048, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)}
+
+
+def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 9) -> float:
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--formats", default="int4_g128_asym,int4_g32_sym,int8")
+    parser.add_argument("--json", default="benchmarks/results/cpu_gemv.json")
+    args = parser.parse_args()
+    bandwidth = read_bandwidth()
+    rows_out = []
+    print(f"threads {torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = ["format", "shape", "M", "generated ms", "torch packed ms", "bf16 dense ms", "gen/torch", "gen floor"]
+    print(" | ".join(header))
+    for fmt in args.formats.split(","):
+        f = WeightFormat.parse(fmt)
+        if cpu_codegen.kernel(fmt) is None:
+            print(f"{fmt}: no generated kernel ({cpu_codegen._disabled_reason})")
+            continue
+        for label, (n, k) in SHAPES.items():
+            w = torch.randn(n, k) * 0.02
+            q = formats.quantize(w, f)
+            packed = cpu_kernels.prepack(q.qweight, q.scale, q.zero, fmt, k, torch.bfloat16)
+            dense = w.to(torch.bfloat16)
+            nbytes = sum(t.numel() * t.element_size() for t in (q.qweight, q.scale, q.zero) if t is not None)
+            for m in (1, 4, 16):
+                x = torch.randn(m, k)
+                calls = {
+                    "generated": lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k),
+                    "torch": lambda: cpu_kernels.packed_linear(x, packed, None, torch.bfloat16),
+                    "dense": lambda: torch.nn.functional.linear(x.to(torch.bfloat16), dense),
+                }
+                times = {name: [] for name in calls}
+                for _ in range(3):
+                    for call in calls.values():
+                        call()
+                for _ in range(args.repeats):
+                    for name, call in calls.items():
+                        start = time.perf_counter()
+                        call()
+                        times[name].append(time.perf_counter() - start)
+                med = {name: statistics.median(t) for name, t in times.items()}
+                floor = nbytes / bandwidth / med["generated"]
+                row = {"format": fmt, "shape": label, "N": n, "K": k, "M": m,
+                       **{f"{name}_ms": round(v * 1e3, 4) for name, v in med.items()},
+                       "speedup_vs_torch": round(med["torch"] / med["generated"], 3), "floor_fraction": round(floor, 3)}
+                rows_out.append(row)
+                print(f"{fmt} | {label} {n}x{k} | {m} | {med['generated'] * 1e3:.3f} | {med['torch'] * 1e3:.3f} | "
+                      f"{med['dense'] * 1e3:.3f} | {row['speedup_vs_torch']:.2f}x | {floor:.0%}")
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump({"threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "rows": rows_out}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
