@@ -8,10 +8,14 @@ A torch upgrade that changes Dynamo's internals should only need edits here.
   We read the module path back from that expression.
 * ``input_name(placeholder)``: the forward argument a graph input came from (``L['input_ids']``).
 * ``graph_break_count()`` / ``reset_counters()``: Dynamo's global counters.
+* ``torch_compile_call()``: the ``torch._TorchCompileWrapper`` of the ``torch.compile(...)`` call
+  that is invoking the backend (it calls ``compiler_fn(gm, inputs, options=...)`` from its
+  ``__call__``), found in the calling frames: what ties the graphs of one call together.
 """
 from __future__ import annotations
 
 import re
+import sys
 
 from typing import Any
 
@@ -75,6 +79,24 @@ def calling_module(node: fx.Node) -> tuple[str, str] | None:
         return None
     path, cls = list(stack.values())[-1]
     return _ROOT_EXPR.sub("", str(path)), getattr(cls, "__name__", str(cls))
+
+
+def torch_compile_call(max_depth: int = 6) -> Any | None:
+    """The object torch.compile made for the call now invoking the backend (one per
+    ``torch.compile(...)`` / ``model.compile(...)`` call, shared by all graphs Dynamo compiles for
+    it), or None when the backend is called some other way."""
+    wrapper = getattr(torch, "_TorchCompileWrapper", None)
+    if wrapper is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, wrapper):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 def backend_error(error: BaseException) -> BaseException | None:

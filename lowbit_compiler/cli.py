@@ -35,8 +35,31 @@ def _detail(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+def format_run(run: dict[str, Any] | None, where: str) -> str:
+    """The header of one run (run.json): which process wrote the graphs below it, and how."""
+    if run is None:
+        return f"### {where} (no run.json: a dump from before run folders)"
+    options = run.get("options", {})
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("dump_dir",) and v not in (None, False))
+    return (f"### {run.get('run', where)}: recipe {run.get('recipe')!r}, pid {run.get('pid')}, started "
+            f"{run.get('started')}" + (f", {shown}" if shown else "")
+            + (f"\n    command: {' '.join(run['argv'])}" if run.get("argv") else ""))
+
+
 def format_summary(s: dict[str, Any]) -> str:
-    out = [f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}  target={s.get('target', '?')}  "
+    if "incomplete" in s:
+        return (f"== {s.get('graph', '?')}  NO summary.json: the compile of this graph did not finish (the process "
+                f"ended while compiling it; stages written: {', '.join(f for f in s['incomplete'] if f.endswith('.py'))})")
+    error = s.get("error")
+    head = f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}"
+    if error:
+        message = error["message"]
+        out = [f"{head}  FAILED in {error.get('stage', '?')}: {error['type']}: {message}"]
+        if s.get("passes_done"):
+            out.append(f"passes that finished: {', '.join(s['passes_done'])}")
+        out.append("(the traceback is in this graph's summary.json, 'error')")
+        return "\n".join(out)
+    out = [f"{head}  target={s.get('target', '?')}  "
            f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
     passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
                "see 'rotations' below" if p["name"] in ROTATION_PASSES else
@@ -75,9 +98,21 @@ def format_summary(s: dict[str, Any]) -> str:
         out.append(f"whole graph: {totals['bytes_before']} -> {totals['bytes_after']} bytes "
                    f"({totals['bytes_before'] / totals['bytes_after']:.2f}x smaller): " + "; ".join(parts))
     out.append(f"kernels: {s.get('kernel_counts', {})}   fallbacks: {s.get('fallbacks', {}) or 'none'}")
+    if s.get("implementations"):
+        out.append(format_implementations(s["implementations"]))
     if s.get("generated_kernels"):
         out.append(format_generated(s["generated_kernels"], s.get("codegen", {})))
     return "\n".join(out)
+
+
+def format_implementations(records: list[dict[str, Any]]) -> str:
+    """What runs each lowbit:: op of the graph, one row per (op, implementation)."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    for r in records:
+        rows.setdefault((r["op"], r["implementation"]), []).append(r.get("layer") or r["node"])
+    table = [[op, impl, len(where), where[0] + (f" (+{len(where) - 1})" if len(where) > 1 else "")]
+             for (op, impl), where in rows.items()]
+    return _table(table, ["lowbit op", "implementation", "calls", "layers"])
 
 
 def format_rotation(d: dict[str, Any]) -> str:
@@ -159,7 +194,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not summaries:
         print(f"lowbit inspect: no summary.json under {args.dump_dir}", file=sys.stderr)
         return 1
-    print("\n\n".join(format_summary(s) for s in summaries))
+    blocks, current = [], object()
+    for s in summaries:
+        run = s.get("run")
+        where = s["graph"].rsplit("/", 1)[0] if "/" in s["graph"] else args.dump_dir
+        key = (run or {}).get("run", where)
+        if key != current:
+            blocks.append(format_run(run, where))
+            current = key
+        blocks.append(format_summary(s))
+    print("\n\n".join(blocks))
+    failed = sum(1 for s in summaries if s.get("error") or "incomplete" in s)
+    if failed:
+        print(f"\n{failed} of {len(summaries)} graph(s) did not compile (see above)")
     return 0
 
 
