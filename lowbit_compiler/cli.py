@@ -122,13 +122,23 @@ def format_rotation(d: dict[str, Any]) -> str:
              f"  residual stream: hidden {stream.get('hidden')}, embeddings {stream.get('embeddings')}, "
              f"{stream.get('norms', 0)} norms, {len(stream.get('readers', []))} reading linears, "
              f"{len(stream.get('writers', []))} writing linears"]
+    requested = d.get("requested", {})
+    refused_steps = {r["what"].split(":")[0].split(" ")[0] for r in d.get("refused", [])}
+
+    def absent(step: str) -> str:
+        if requested.get(step) is False:
+            return "not requested by the recipe"
+        return "refused (below)" if step in refused_steps else "not applied"
+
     r1 = rotated.get("R1")
     lines.append(f"  R1: {r1['linears']} linears + {r1['embeddings']} embeddings rotated, {r1['norms_folded']} norms "
-                 f"folded ({r1['layer_norms_to_rms']} LayerNorm -> RMSNorm)" if r1 else "  R1: not applied")
+                 f"folded ({r1['layer_norms_to_rms']} LayerNorm -> RMSNorm)" if r1 else f"  R1: {absent('R1')}")
     r2 = rotated.get("R2")
-    lines.append(f"  R2: {r2['attentions']} attentions, head_dim {r2['head_dim']}" if r2 else "  R2: not applied")
-    lines.append(f"  R4 (online Hadamard): {', '.join(rotated.get('R4', [])) or 'none'}")
-    lines.append(f"  R3 (online Hadamard on q, k): {rotated.get('R3', 0)} attentions")
+    lines.append(f"  R2: {r2['attentions']} attentions, head_dim {r2['head_dim']}" if r2 else f"  R2: {absent('R2')}")
+    lines.append(f"  R4 (online Hadamard): {', '.join(rotated.get('R4', [])) or absent('R4')}")
+    r3 = rotated.get("R3", 0)
+    lines.append(f"  R3 (online Hadamard on q, k): {r3} attentions" if r3 else f"  R3 (online Hadamard on q, k): "
+                 f"{absent('R3')}")
     learned = d.get("learned")
     if learned:
         db = learned["output_sqnr_db"]
@@ -138,9 +148,12 @@ def format_rotation(d: dict[str, Any]) -> str:
                      f"{db[0]:.2f} dB at the start -> {learned['best_sqnr_db']:.2f} dB (kept)")
     for layer, u in rotated.get("untied", {}).items():
         lines.append(f"  untied {layer} from the embedding: +{u['extra_bytes']} bytes")
-    if d.get("refused"):
-        lines.append(_table([[r["what"], r["reason"]] for r in d["refused"]], ["refused", "why"]))
+    lines += _refusals(d.get("refused"))
     return "\n".join(lines)
+
+
+def _refusals(refused: list[dict[str, str]] | None) -> list[str]:
+    return [f"  refused {r['what']}: {r['reason']}" for r in refused or []]
 
 
 def format_affine(d: dict[str, Any]) -> str:
@@ -150,8 +163,7 @@ def format_affine(d: dict[str, Any]) -> str:
              "identity kept" if g.get("kept_identity") else "applied"] for g in d["groups"]]
     lines = [f"affine transforms (flatquant, learned on {d.get('inputs', '?')} calibration input(s)):",
              _table(rows, ["group", "P1 x P2", "quantized SQNR dB before", "after", ""])]
-    if d.get("refused"):
-        lines.append(_table([[r["what"], r["reason"]] for r in d["refused"]], ["refused", "why"]))
+    lines += _refusals(d.get("refused"))
     return "\n".join(lines)
 
 
