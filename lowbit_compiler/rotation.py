@@ -518,6 +518,8 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
 def no_heads_reason(gm: fx.GraphModule) -> str:
     """Why R2 found no attention to rotate (the graph has none it can read heads from)."""
     if not any(_is(n, F.scaled_dot_product_attention) for n in gm.graph.nodes):
+        if not any(_is(n, F.softmax, torch.softmax, "softmax") for n in gm.graph.nodes):
+            return "no attention in the graph (no scaled_dot_product_attention, no softmax): nothing to rotate"
         return ("no F.scaled_dot_product_attention in the graph: the attention is computed from matmul and softmax "
                 "(an eager attention, e.g. for Gemma-2's logit soft-capping), and R2 finds heads and their value/"
                 "output linears through SDPA's value input")
