@@ -150,11 +150,17 @@ def r4_input(x: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
 
 
 def _takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name``: a parameter of that name, or
+    ``**kwargs`` on a model with a vocabulary (a Hugging Face model's wrapped forward). A plain
+    module's ``forward(*args, **kwargs)`` gets its tensors positionally."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if name in params:
+        return True
+    return (any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            and getattr(getattr(model, "config", None), "vocab_size", None) is not None)
 
 
 def _with_decoder_ids(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
