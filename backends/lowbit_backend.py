@@ -105,6 +105,13 @@ class BackendOptions:
         return BackendOptions(**options)
 
 
+ENCODER_OUTSIDE = (
+    "this graph takes encoder_outputs: the encoder ran outside it (generate() calls model.get_encoder() "
+    "directly, which model.compile / torch.compile(model) does not cover), so the encoder's linears are not "
+    "compiled here; compile the encoder with the same backend too: lowbit_compiler.compile(model, recipe=...) "
+    "does both, or b = lowbit_compiler.backend(...); model.compile(backend=b); model.get_encoder().compile(backend=b)")
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions,
                   module_state: dict[int, tuple[str, bool]] | None = None):
     """Capture, rewrite and lower one Dynamo graph; returns the callable and the summary.
@@ -127,6 +134,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         ir_gm = captured.gm
         dump.stage("captured", ir_gm)
         summary.update(inputs=len(captured.kept_inputs), frozen_parameters=len(captured.frozen))
+        if opts.run.graphs == 1 and any(n.op == "placeholder" and _dynamo_adapter.reads_argument(n, "encoder_outputs")
+                                        for n in gm.graph.nodes):  # the first graph of its run: no encoder graph before
+            summary["notes"] = [ENCODER_OUTSIDE]
         where[0] = "calibration (matching the batches to the graph's inputs)"
         calibration = (for_graph(ir_gm, opts.calibration, opts.progress, captured.call_args(example_inputs))
                        if opts.calibration else None)
@@ -228,6 +238,8 @@ class LowbitBackend:
             compiled, summary = compile_graph(gm, example_inputs, opts)
         except Exception as error:
             return _raises(_ours(error, f"compiling a graph with recipe {opts.recipe.name!r}"))
+        for note in summary.get("notes", ()):
+            log.warning("lowbit: graph %s: %s", summary["graph"] or "(no dump)", note)
         quantized = sum(1 for v in summary["layers"].values() if v.get("format", "float") != "float")
         log.info("lowbit: graph %s compiled with recipe %r: %d layers quantized, kernels %s",
                  summary["graph"] or "(no dump)", opts.recipe.name, quantized, summary["kernel_counts"])

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FormatError", "LowbitError", "PRESETS", "Pass", "PassContext", "PassResult", "PatternRule", "Recipe",
-    "WeightFormat", "apply_rules", "backend", "compress", "fallback_counter", "get_recipe", "load_recipe",
+    "WeightFormat", "apply_rules", "backend", "compile", "compress", "fallback_counter", "get_recipe", "load_recipe",
     "register_pass", "registered_passes", "replace_pattern",
 ]
 
@@ -37,3 +37,15 @@ def backend(**options):
     from lowbit_compiler.backends.lowbit_backend import LowbitBackend
 
     return LowbitBackend(**options)
+
+
+def compile(model, **options):
+    """``model.compile(backend=backend(**options))``, options checked here; for an encoder-decoder
+    model (T5) the encoder too (``generate()`` calls ``model.get_encoder()`` directly, which
+    ``model.compile`` alone does not cover), with the same backend: one run in the dump. Returns
+    ``model``."""
+    compiled_backend = backend(**options)
+    model.compile(backend=compiled_backend)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        model.get_encoder().compile(backend=compiled_backend)
+    return model

@@ -49,6 +49,13 @@ def input_name(node: fx.Node) -> str | None:
     return (m.group(1) or m.group(2)) if m else None
 
 
+def reads_argument(node: fx.Node, name: str) -> bool:
+    """Whether a placeholder's value comes from (inside) the forward argument ``name``:
+    ``L['encoder_outputs']...`` or ``L['kwargs']['encoder_outputs']...``."""
+    source = source_name(node)
+    return source is not None and (f"L['{name}']" in source or f"L['kwargs']['{name}']" in source)
+
+
 def module_state_of(node: fx.Node) -> tuple[str, bool] | None:
     """``(fqn, is_parameter)`` when a placeholder is a module's parameter or buffer, else None.
 

@@ -61,6 +61,7 @@ def format_summary(s: dict[str, Any]) -> str:
         return "\n".join(out)
     out = [f"{head}  target={s.get('target', '?')}  "
            f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
+    out += [f"note: {note}" for note in s.get("notes", [])]
     passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
                "see 'rotations' below" if p["name"] in ROTATION_PASSES else
                "see 'affine transforms' below" if p["name"] == "flatquant" and p["details"].get("groups") else

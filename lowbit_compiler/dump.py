@@ -59,6 +59,7 @@ class DumpRun:
         self.root, self.label, self.info = root, _slug(label), dict(info or {})
         self.dir: str | None = None
         self._graphs = itertools.count()
+        self.graphs = 0  # graphs handed out so far (also without a dump)
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +84,7 @@ class DumpRun:
         return candidate
 
     def graph(self, prefix: str = "graph") -> "DumpWriter":
+        self.graphs += 1
         if self.root is None:
             return DumpWriter(None)
         if self.dir is None:
