@@ -268,6 +268,22 @@ class _raises:
         raise self.error
 
 
+def _dump_option_error(options: dict[str, Any] | None, error: LowbitError) -> None:
+    """Options that do not validate still leave a trace in the dump (when ``dump_dir`` itself is
+    usable): a run folder whose graph summary holds the error, for ``lowbit inspect``."""
+    try:
+        root = resolve_dump_dir((options or {}).get("dump_dir"))
+    except TypeError:
+        return
+    if root is None:
+        return
+    recipe = (options or {}).get("recipe")
+    name = recipe if isinstance(recipe, str) else getattr(recipe, "name", "none" if recipe is None else "?")
+    shown = {k: v for k, v in (options or {}).items() if k != "calibration"}
+    run = DumpRun(root, f"{name}-bad-options", {"recipe": name, "options": shown})
+    run.graph().failure(error, "checking the options (before capture)", {"recipe": {"name": name}})
+
+
 def lowbit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None):
     """Dynamo backend entry point (``backend="lowbit"``). The options arrive here, at the first
     graph; one :class:`LowbitBackend` serves all graphs of one ``torch.compile`` call (one run
@@ -279,7 +295,9 @@ def lowbit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
             backend = LowbitBackend(**(options or {}))
         except Exception as error:
             stats["backend_calls"] += 1
-            return _raises(_ours(error, "checking its options"))
+            error = _ours(error, "checking its options")
+            _dump_option_error(options, error)
+            return _raises(error)
         if call is not None:
             call._lowbit_backend = backend
     return backend(gm, example_inputs)

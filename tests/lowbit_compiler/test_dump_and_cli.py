@@ -193,3 +193,14 @@ def test_a_bad_option_by_name_raises_our_error_at_the_first_forward():
         compiled(prompt())
     assert str(raised.value).splitlines()[0].startswith("backend='lowbit': unknown options ['targte']")
     assert "PyTorch" not in str(raised.value)
+
+
+def test_bad_options_leave_their_error_in_the_dump(tmp_path, capsys):
+    compiled = torch.compile(make_model("llama"), backend="lowbit", options={"recipe": "w5a16", "dump_dir": str(tmp_path)})
+    with pytest.raises(LowbitError, match=r"^unknown recipe 'w5a16'"):
+        compiled(prompt())
+    summary = json.loads((tmp_path / "run_000-w5a16-bad-options" / "graph_000" / "summary.json").read_text())
+    assert summary["error"]["stage"] == "checking the options (before capture)"
+    assert cli_main(["inspect", str(tmp_path)]) == 0
+    assert ("== run_000-w5a16-bad-options/graph_000  recipe=w5a16  FAILED in checking the options (before capture): "
+            "LowbitError: unknown recipe 'w5a16'") in capsys.readouterr().out
