@@ -5,6 +5,13 @@ Registered through the ``torch_dynamo_backends`` entry point, so it works withou
 
     capture -> run_pipeline(recipe) -> lower(target) -> dump -> callable
 
+When options are checked: ``backend=lowbit_compiler.backend(**options)`` checks them (and the
+recipe) right there, inside the ``torch.compile(...)`` / ``model.compile(...)`` call. With
+``backend="lowbit", options={...}`` torch hands the options to the backend only when Dynamo
+compiles the first graph (at the first forward): a bad option, or anything else that stops a graph
+from compiling, then raises a :class:`LowbitError` of ours from that forward (not Dynamo's
+``BackendCompilerFailed`` wrapper), and the dump's summary.json records the error.
+
 Options (all optional):
 
     recipe             preset name ("none", "w8a16", "w4a16"), a .toml path, or a Recipe
@@ -41,7 +48,7 @@ from lowbit_compiler import _dynamo_adapter, ir, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import WeightFormat
-from lowbit_compiler.dump import DumpWriter, resolve_dump_dir
+from lowbit_compiler.dump import DumpRun, resolve_dump_dir
 from lowbit_compiler.pass_base import LowbitError, PassContext
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import Recipe, get_recipe
@@ -68,11 +75,21 @@ class BackendOptions:
     cpu_compute_dtype: str = "bfloat16"
     calibration: Any = None
     progress: bool = True
+    # the run's dump folder (one per BackendOptions, i.e. per torch.compile call): made from dump_dir
+    run: DumpRun = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.run is None:
+            info = {"recipe": self.recipe.name, "options": {
+                f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("recipe", "calibration", "run")},
+                "calibration_batches": len(self.calibration or ())}
+            object.__setattr__(self, "run", DumpRun(self.dump_dir, self.recipe.name, info))
 
     @staticmethod
     def from_dict(options: dict[str, Any] | None) -> "BackendOptions":
         options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(BackendOptions)}
+        known = {f.name for f in dataclasses.fields(BackendOptions)} - {"run"}
         unknown = set(options) - known
         if unknown:
             raise LowbitError(f"backend='lowbit': unknown options {sorted(unknown)}; known options: {sorted(known)}")
@@ -88,41 +105,74 @@ class BackendOptions:
         return BackendOptions(**options)
 
 
+ENCODER_OUTSIDE = (
+    "this graph takes encoder_outputs: the encoder ran outside it (generate() calls model.get_encoder() "
+    "directly, which model.compile / torch.compile(model) does not cover), so the encoder's linears are not "
+    "compiled here; compile the encoder with the same backend too: lowbit_compiler.compile(model, recipe=...) "
+    "does both, or b = lowbit_compiler.backend(...); model.compile(backend=b); model.get_encoder().compile(backend=b)")
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions,
                   module_state: dict[int, tuple[str, bool]] | None = None):
-    """Capture, rewrite and lower one Dynamo graph; returns the callable and the summary."""
-    dump = DumpWriter(opts.dump_dir)
-    captured = capture(gm, example_inputs, module_state)
-    ir_gm = captured.gm
-    dump.stage("captured", ir_gm)
-    calibration = (for_graph(ir_gm, opts.calibration, opts.progress, captured.call_args(example_inputs))
-                   if opts.calibration else None)
-    ctx = PassContext(recipe=opts.recipe, strict=opts.strict, calibration=calibration)
-    report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=dump.stage, ctx=ctx)
-    layers = {**_prequantized_layers(ir_gm), **report.layers}
-    lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner, opts.autotune)
-    dump.stage("lowered", ir_gm)
-    run = ir_gm
-    if opts.inner == "inductor":
-        run = _dynamo_adapter.inductor_compile(ir_gm, captured.call_args(example_inputs))
-    summary = {
-        "graph": dump.name,
-        "recipe": opts.recipe.to_dict(),
+    """Capture, rewrite and lower one Dynamo graph; returns the callable and the summary.
+
+    If anything raises, the graph's summary.json records the error and the stage it was raised in
+    (``lowbit inspect`` shows it), and the exception propagates."""
+    dump = opts.run.graph()
+    summary: dict[str, Any] = {"graph": dump.name, "recipe": opts.recipe.to_dict()}
+    passes = list(opts.recipe.passes)
+    where = ["capture"]  # the stage being worked on (what a failure names)
+    done: list[str] = []  # the passes that finished
+
+    def on_stage(name: str, gm_: fx.GraphModule) -> None:
+        dump.stage(name, gm_)
+        done.append(name)
+        where[0] = f"pass {passes[len(done)]!r}" if len(done) < len(passes) else "coverage (after the passes)"
+
+    try:
+        captured = capture(gm, example_inputs, module_state)
+        ir_gm = captured.gm
+        dump.stage("captured", ir_gm)
+        summary.update(inputs=len(captured.kept_inputs), frozen_parameters=len(captured.frozen))
+        if opts.run.graphs == 1 and any(n.op == "placeholder" and _dynamo_adapter.reads_argument(n, "encoder_outputs")
+                                        for n in gm.graph.nodes):  # the first graph of its run: no encoder graph before
+            summary["notes"] = [ENCODER_OUTSIDE]
+        where[0] = "calibration (matching the batches to the graph's inputs)"
+        calibration = (for_graph(ir_gm, opts.calibration, opts.progress, captured.call_args(example_inputs))
+                       if opts.calibration else None)
+        where[0] = f"pass {passes[0]!r}" if passes else "coverage"
+        ctx = PassContext(recipe=opts.recipe, strict=opts.strict, calibration=calibration)
+        report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=on_stage, ctx=ctx)
+        layers = {**_prequantized_layers(ir_gm), **report.layers}
+        summary.update(passes=[dataclasses.asdict(p) for p in report.passes], layers=layers,
+                       coverage=report.coverage, fallbacks=dict(ctx.fallbacks))
+        where[0] = f"lowering (target {opts.target!r})"
+        lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner, opts.autotune)
+        dump.stage("lowered", ir_gm)
+        run = ir_gm
+        if opts.inner == "inductor":
+            where[0] = "Inductor (inner='inductor')"
+            run = _dynamo_adapter.inductor_compile(ir_gm, captured.call_args(example_inputs))
+    except Exception as error:
+        dump.failure(error, where[0], {**summary, "passes_done": done})
+        raise
+    summary.update({
         "target": lowering.target,
-        "inputs": len(captured.kept_inputs),
-        "frozen_parameters": len(captured.frozen),
-        "passes": [dataclasses.asdict(p) for p in report.passes],
-        "layers": layers,
-        "coverage": report.coverage,
         "kernels": lowering.kernels,
         "kernel_counts": lowering.counts,
+        "implementations": lowering.implementations,
         "generated_kernels": lowering.generated,
         "codegen": codegen_totals(lowering.generated),
         "fallbacks": dict(ctx.fallbacks),
-    }
+    })
+    summary = {k: summary[k] for k in _SUMMARY_ORDER if k in summary} | summary
     dump.summary(summary)
 
     return LowbitCompiled(gm, opts, captured, summary, run), summary
+
+
+_SUMMARY_ORDER = ("graph", "recipe", "target", "inputs", "frozen_parameters", "passes", "layers", "coverage",
+                  "kernels", "kernel_counts", "implementations", "generated_kernels", "codegen", "fallbacks")
 
 
 class LowbitCompiled:
@@ -169,13 +219,85 @@ def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
     return layers
 
 
+class LowbitBackend:
+    """The backend for one ``torch.compile`` call, its options checked when it is made:
+    ``torch.compile(model, backend=lowbit_compiler.backend(recipe="w4a16", dump_dir="dumps"))``
+    raises a :class:`LowbitError` for a bad option or recipe inside that call. Every graph it
+    compiles goes into the same run folder of the dump. A graph that fails to compile raises a
+    :class:`LowbitError` of ours from the forward that triggered it (see :func:`lowbit_backend`)."""
+
+    compiler_name = __name__ = "lowbit"
+
+    def __init__(self, **options: Any):
+        self.options = BackendOptions.from_dict(options)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        stats["backend_calls"] += 1
+        opts = self.options
+        try:
+            compiled, summary = compile_graph(gm, example_inputs, opts)
+        except Exception as error:
+            return _raises(_ours(error, f"compiling a graph with recipe {opts.recipe.name!r}"))
+        for note in summary.get("notes", ()):
+            log.warning("lowbit: graph %s: %s", summary["graph"] or "(no dump)", note)
+        quantized = sum(1 for v in summary["layers"].values() if v.get("format", "float") != "float")
+        log.info("lowbit: graph %s compiled with recipe %r: %d layers quantized, kernels %s",
+                 summary["graph"] or "(no dump)", opts.recipe.name, quantized, summary["kernel_counts"])
+        stats["graphs_lowered"] += 1
+        return compiled
+
+
+def _ours(error: BaseException, doing: str) -> LowbitError:
+    """``error`` as a LowbitError whose first line says what failed (a LowbitError is kept)."""
+    if isinstance(error, LowbitError):
+        return error
+    wrapped = LowbitError(f"backend='lowbit' failed {doing}: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+class _raises:
+    """What Dynamo gets back for a graph that could not be compiled: a callable that raises the
+    error, so the forward that triggered the compile raises it as itself. (Raised inside the
+    backend, Dynamo would wrap it in ``BackendCompilerFailed`` under its own first line.)"""
+
+    def __init__(self, error: LowbitError):
+        self.error = error
+
+    def __call__(self, *args: Any) -> Any:
+        raise self.error
+
+
+def _dump_option_error(options: dict[str, Any] | None, error: LowbitError) -> None:
+    """Options that do not validate still leave a trace in the dump (when ``dump_dir`` itself is
+    usable): a run folder whose graph summary holds the error, for ``lowbit inspect``."""
+    try:
+        root = resolve_dump_dir((options or {}).get("dump_dir"))
+    except TypeError:
+        return
+    if root is None:
+        return
+    recipe = (options or {}).get("recipe")
+    name = recipe if isinstance(recipe, str) else getattr(recipe, "name", "none" if recipe is None else "?")
+    shown = {k: v for k, v in (options or {}).items() if k != "calibration"}
+    run = DumpRun(root, f"{name}-bad-options", {"recipe": name, "options": shown})
+    run.graph().failure(error, "checking the options (before capture)", {"recipe": {"name": name}})
+
+
 def lowbit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None):
-    """Dynamo backend entry point."""
-    stats["backend_calls"] += 1
-    opts = BackendOptions.from_dict(options)
-    compiled, summary = compile_graph(gm, example_inputs, opts)
-    quantized = sum(1 for v in summary["layers"].values() if v.get("format", "float") != "float")
-    log.info("lowbit: graph %s compiled with recipe %r: %d layers quantized, kernels %s",
-             summary["graph"] or "(no dump)", opts.recipe.name, quantized, summary["kernel_counts"])
-    stats["graphs_lowered"] += 1
-    return compiled
+    """Dynamo backend entry point (``backend="lowbit"``). The options arrive here, at the first
+    graph; one :class:`LowbitBackend` serves all graphs of one ``torch.compile`` call (one run
+    folder in the dump)."""
+    call = _dynamo_adapter.torch_compile_call()
+    backend = getattr(call, "_lowbit_backend", None)
+    if backend is None:
+        try:
+            backend = LowbitBackend(**(options or {}))
+        except Exception as error:
+            stats["backend_calls"] += 1
+            error = _ours(error, "checking its options")
+            _dump_option_error(options, error)
+            return _raises(error)
+        if call is not None:
+            call._lowbit_backend = backend
+    return backend(gm, example_inputs)

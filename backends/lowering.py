@@ -45,6 +45,8 @@ class LoweringReport:
     kernels: dict[str, str]  # node name -> implementation
     counts: dict[str, int]
     generated: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one record per fused call
+    # every lowbit:: op of the graph before lowering: {"node", "op", "what", "layer", "implementation"}
+    implementations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def resolve_target(target: str) -> str:
@@ -88,8 +90,12 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
     kernels: dict[str, str] = {}
     generated: list[dict[str, Any]] = []
     rejected: dict[str, str] = {}  # anchor node name -> why the code generator did not take it
+    ops = [{"node": n.name, "op": f"lowbit::{d.name}", "what": opdecl.describe(n),
+            "layer": (m.fqn if (m := ir.get(n, ir.MODULE)) is not None else None), "args": opdecl.args(n)}
+           for n in gm.graph.nodes if (d := opdecl.of(n)) is not None and d.module != opdecl.LOWERED]
+    in_kernels: dict[str, str] = {}  # lowbit node -> the generated call that computes it
     if target == "triton":
-        generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune)
+        generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune, in_kernels)
     state = LoweringState(target, cpu_compute_dtype, inner, rejected)
     for node in list(gm.graph.nodes):
         decl = opdecl.of(node)
@@ -108,7 +114,50 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
     if inner == "inductor":
         _generated_calls_as_ops(gm, generated)
     counts = collections.Counter(v.split(":")[0] for v in kernels.values())
-    return LoweringReport(target, kernels, dict(counts), generated)
+    implementations = []
+    for op in ops:
+        args = op.pop("args")
+        label = in_kernels.get(op["node"]) or kernels.get(op["node"], "?")
+        op["implementation"] = implementation(op["op"], label, args)
+        implementations.append(op)
+    return LoweringReport(target, kernels, dict(counts), generated, implementations)
+
+
+# What runs for each kind of implementation label (``kernels`` values: "cpu:<fmt>:<dtype>",
+# "cpu-op", "reference", "triton:<kernel>"); an op may add what its eager implementation does
+# for these arguments (EAGER_NOTES).
+EAGER_NOTES: dict[str, Callable[[dict[str, Any]], str | None]] = {}
+
+
+def implementation(op: str, label: str, args: dict[str, Any]) -> str:
+    """One line naming the code that runs a ``lowbit::`` op after lowering."""
+    kind, _, rest = label.partition(":")
+    if kind == "cpu":
+        fmt, _, dtype = rest.partition(":")
+        return f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)"
+    if kind == "cpu-op":
+        note = EAGER_NOTES[op](args) if op in EAGER_NOTES else None
+        where = f"eager op (lowbit_compiler/ops.py{'; an extern call inside Inductor' if rest else ''})"
+        return where + (f": {note}" if note else "")
+    if kind == "reference":
+        return "float reference (weights dequantised on every call; see fallbacks)"
+    if kind == "triton":
+        return f"generated Triton kernel {rest}"
+    return label
+
+
+def _qa_linear_note(a: dict[str, Any]) -> str | None:
+    from lowbit_compiler import ops
+
+    slow = ops.qa_linear_slow_reason(a["fmt"], a["act"])
+    if slow is None:
+        return f"one torch._int_mm ({a['act']} x {a['fmt']}) per call, then both scales"
+    return slow.split(";")[0].replace("lowbit::qa_linear: ", "")
+
+
+EAGER_NOTES["lowbit::qa_linear"] = _qa_linear_note
+EAGER_NOTES["lowbit::hadamard"] = lambda a: "fast Walsh-Hadamard transform in torch ops (lowbit_compiler/hadamard.py)"
+EAGER_NOTES["lowbit::wo_linear"] = lambda a: "the packed CPU kernel when one exists for the call's dtype, else the float reference"
 
 
 @register_lowering(torch.ops.lowbit.wo_linear.default, "cpu")
@@ -233,9 +282,11 @@ def _lower_hadamard(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: 
 
 
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
-                  dump: DumpWriter | None, autotune: bool = False) -> tuple[list[dict[str, Any]], dict[str, str]]:
+                  dump: DumpWriter | None, autotune: bool = False,
+                  in_kernels: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Replace each fusion group by one call of its generated kernel; returns the records and the
-    partition's reasons for the anchors it left out."""
+    partition's reasons for the anchors it left out (``in_kernels``: lowbit node name -> the
+    label of the generated kernel that now computes it)."""
     partition = fusion.find_groups(gm, eligible=_triton_unsupported)
     interpret = _triton_adapter.interpreting()
     on_gpu = torch.cuda.is_available() and not interpret
@@ -262,6 +313,8 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
         sink.replace_all_uses_with(call)
         renamed[sink] = call
         replaced = group.nodes
+        if in_kernels is not None:
+            in_kernels.update({n.name: f"triton:{kernel.name}" for n in replaced if opdecl.of(n) is not None})
         for node in sorted(replaced, key=lambda n: -order[n]):
             if not node.users and not ir.has_side_effects(node):
                 gm.graph.erase_node(node)

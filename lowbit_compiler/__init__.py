@@ -2,7 +2,9 @@
 
 Three ways in:
 
-* ``torch.compile(model, backend="lowbit", options={"recipe": "w4a16"})``
+* ``torch.compile(model, backend="lowbit", options={"recipe": "w4a16"})``, or
+  ``torch.compile(model, backend=lowbit_compiler.backend(recipe="w4a16"))``, which checks the options
+  inside the ``torch.compile`` call
 * ``lowbit_compiler.compress(model, "w4a16")``: the offline flow, decisions written into the model
 * your own passes: ``@register_pass`` a :class:`Pass` and name it in a :class:`Recipe`
 """
@@ -30,8 +32,8 @@ _register_with_transformers()
 
 __all__ = [
     "FormatError", "LowbitError", "PRESETS", "Pass", "PassContext", "PassResult", "PatternRule", "Recipe",
-    "WeightFormat", "apply_rules", "compress", "fallback_counter", "get_recipe", "load_recipe",
-    "register_pass", "registered_passes", "replace_pattern", "save", "load",
+    "WeightFormat", "apply_rules", "backend", "compile", "compress", "fallback_counter", "get_recipe", "load",
+    "load_recipe", "register_pass", "registered_passes", "replace_pattern", "save",
 ]
 
 
@@ -54,3 +56,24 @@ def compress(model, recipe, calibration=None, example_inputs=None, **options):
     from lowbit_compiler.offline import compress as _compress
 
     return _compress(model, recipe, calibration=calibration, example_inputs=example_inputs, **options)
+
+
+def backend(**options):
+    """The ``lowbit`` backend with these options, checked now (a bad option or recipe raises
+    :class:`LowbitError` here): ``torch.compile(model, backend=lowbit_compiler.backend(recipe="w4a16"))``.
+    Options as for ``backend="lowbit", options={...}`` (``lowbit_compiler/backends/lowbit_backend.py``)."""
+    from lowbit_compiler.backends.lowbit_backend import LowbitBackend
+
+    return LowbitBackend(**options)
+
+
+def compile(model, **options):
+    """``model.compile(backend=backend(**options))``, options checked here; for an encoder-decoder
+    model (T5) the encoder too (``generate()`` calls ``model.get_encoder()`` directly, which
+    ``model.compile`` alone does not cover), with the same backend: one run in the dump. Returns
+    ``model``."""
+    compiled_backend = backend(**options)
+    model.compile(backend=compiled_backend)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        model.get_encoder().compile(backend=compiled_backend)
+    return model

@@ -8,10 +8,14 @@ A torch upgrade that changes Dynamo's internals should only need edits here.
   We read the module path back from that expression.
 * ``input_name(placeholder)``: the forward argument a graph input came from (``L['input_ids']``).
 * ``graph_break_count()`` / ``reset_counters()``: Dynamo's global counters.
+* ``torch_compile_call()``: the ``torch._TorchCompileWrapper`` of the ``torch.compile(...)`` call
+  that is invoking the backend (it calls ``compiler_fn(gm, inputs, options=...)`` from its
+  ``__call__``), found in the calling frames: what ties the graphs of one call together.
 """
 from __future__ import annotations
 
 import re
+import sys
 
 from typing import Any
 
@@ -45,6 +49,13 @@ def input_name(node: fx.Node) -> str | None:
     return (m.group(1) or m.group(2)) if m else None
 
 
+def reads_argument(node: fx.Node, name: str) -> bool:
+    """Whether a placeholder's value comes from (inside) the forward argument ``name``:
+    ``L['encoder_outputs']...`` or ``L['kwargs']['encoder_outputs']...``."""
+    source = source_name(node)
+    return source is not None and (f"L['{name}']" in source or f"L['kwargs']['{name}']" in source)
+
+
 def module_state_of(node: fx.Node) -> tuple[str, bool] | None:
     """``(fqn, is_parameter)`` when a placeholder is a module's parameter or buffer, else None.
 
@@ -75,6 +86,24 @@ def calling_module(node: fx.Node) -> tuple[str, str] | None:
         return None
     path, cls = list(stack.values())[-1]
     return _ROOT_EXPR.sub("", str(path)), getattr(cls, "__name__", str(cls))
+
+
+def torch_compile_call(max_depth: int = 6) -> Any | None:
+    """The object torch.compile made for the call now invoking the backend (one per
+    ``torch.compile(...)`` / ``model.compile(...)`` call, shared by all graphs Dynamo compiles for
+    it), or None when the backend is called some other way."""
+    wrapper = getattr(torch, "_TorchCompileWrapper", None)
+    if wrapper is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, wrapper):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 def backend_error(error: BaseException) -> BaseException | None:

@@ -160,6 +160,9 @@ def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool 
                 (k for b in batches for k, v in b.items() if isinstance(v, torch.Tensor) and v.shape == value.shape
                  and v.dtype == value.dtype and torch.equal(v, value)), None)
     shapes = [getattr(_dynamo_adapter.example_value(p), "shape", None) for p in placeholders]
+    derived = None
+    if "decoder_input_ids" in names and not any("decoder_input_ids" in b for b in batches):
+        batches, derived = with_decoder_inputs(batches, names, shapes, example_args)
     fp = fingerprint(batches)
     keys = sorted({k for b in batches for k in b})
     missing = [n or p.name for n, p in zip(names, placeholders) if n is None or not any(n in b for b in batches)]
@@ -167,7 +170,7 @@ def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool 
         return Calibration(gm, [], fp, progress, unusable=(
             f"the graph's inputs {missing} are not in the calibration batches (keys {keys}); data-driven passes "
             "run on graphs whose inputs are model inputs such as input_ids (the first call's graph, not a decode "
-            "step's)"))
+            "step's)" + (f"; {derived}" if derived and derived.startswith("cannot") else "")))
     args, skipped = [], []
     for batch in batches:
         values = tuple(batch.get(n) for n in names)
@@ -184,7 +187,37 @@ def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool 
     if skipped:
         log.info("calibration: %d of %d batches have the captured shapes %s; data-driven passes see those",
                  len(args), len(batches), [tuple(s) if s is not None else None for s in shapes])
-    return Calibration(gm, args, fp, progress)
+    if derived:
+        log.info("calibration: %s", derived)
+    return Calibration(gm, args, fp, progress, derived=derived)
+
+
+def with_decoder_inputs(batches: list[dict[str, Any]], names: list[str | None], shapes: list[Any],
+                        example_args: Sequence[Any] | None) -> tuple[list[dict[str, Any]], str]:
+    """Decoder inputs for an encoder-decoder graph (T5) from token-id batches: each batch's
+    ``decoder_input_ids`` are its own ``input_ids`` shifted right behind the decoder's first token
+    (teacher forcing, as ``shift_right(labels)`` builds them), cut to the captured decoder length.
+    The first token is the one the captured call's decoder ids begin with (the decoder start
+    token under ``generate()`` and for ``shift_right(labels)``). Returns the batches and a note
+    for the report (starting with "cannot" when nothing could be built)."""
+    i = names.index("decoder_input_ids")
+    call = example_args[i] if example_args is not None and i < len(example_args) else None
+    shape = shapes[i]
+    if not isinstance(call, torch.Tensor) or call.dim() != 2 or shape is None or len(shape) != 2:
+        return batches, ("cannot build decoder_input_ids for this encoder-decoder graph: give each calibration "
+                         "batch as a dict with 'input_ids' and 'decoder_input_ids' (the decoder start token, then "
+                         "the target tokens)")
+    start, length = int(call.reshape(-1)[0]), int(shape[1])
+    out = []
+    for b in batches:
+        ids = b.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            first = torch.full((ids.shape[0], 1), start, dtype=ids.dtype, device=ids.device)
+            b = {**b, "decoder_input_ids": torch.cat([first, ids[:, : length - 1]], dim=1)}
+        out.append(b)
+    return out, (f"decoder_input_ids built for every batch: the decoder's first token {start} (as the captured call "
+                 f"began), then the batch's input_ids shifted right, {length} positions (the captured decoder "
+                 "length); pass dicts with 'decoder_input_ids' to choose them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +313,7 @@ class Calibration:
     fingerprint: str
     progress: bool = True
     unusable: str | None = None   # why no batch fits this graph (then ``args`` is empty)
+    derived: str | None = None    # inputs built for the batches (an encoder-decoder's decoder ids)
 
     def require(self, pass_name: str) -> None:
         if not self.args:
@@ -330,7 +364,7 @@ class Calibration:
         if rewritten:
             gm.recompile()
         return {"seconds": round(time.perf_counter() - start, 3), "blocks": len(blocks), "batches": len(self.args),
-                "segments_rewritten": rewritten}
+                "segments_rewritten": rewritten, **({"derived_inputs": self.derived} if self.derived else {})}
 
     def outputs(self) -> list[Any]:
         """The graph's outputs for every batch (the float model's, before later passes change it)."""

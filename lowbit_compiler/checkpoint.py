@@ -75,7 +75,8 @@ def module_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
                             "input_hadamard": bool(module.input_hadamard),
                             "weight_dtype": str(module.weight_dtype).removeprefix("torch.")}
         elif isinstance(module, FoldedRMSNorm):
-            records[fqn] = {"kind": "FoldedRMSNorm", "eps": module.eps}
+            records[fqn] = {"kind": "FoldedRMSNorm", "eps": module.eps,
+                            "weight_dtype": str(module.weight.dtype).removeprefix("torch.")}
         elif isinstance(module, GraphRMSNorm):
             records[fqn] = {"kind": "GraphRMSNorm", "eps": module.eps, "offset": module.offset}
         elif (transforms := input_transforms_of(module)) is not None:
@@ -310,8 +311,9 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
                                   input_signs=t(fqn, "input_signs"),
                                   weight_dtype=getattr(torch, record.get("weight_dtype", "float32")))
             _set_module(model, fqn, module)
-        elif kind == "FoldedRMSNorm":
-            _set_module(model, fqn, FoldedRMSNorm(record["eps"]))
+        elif kind == "FoldedRMSNorm":  # its zero-size stand-in weight keeps the folded weight's dtype
+            like = torch.empty(0, dtype=getattr(torch, record.get("weight_dtype", "float32")), device=device)
+            _set_module(model, fqn, FoldedRMSNorm(record["eps"], like))
         elif kind == "GraphRMSNorm":
             _set_module(model, fqn, GraphRMSNorm(_empty(tensors[f"{fqn}.weight"], device), record["eps"],
                                                  record.get("offset", 0.0)))
@@ -342,6 +344,16 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
     if meta.get("R3"):
         _attention_r3(model, strict=True)
     return model
+
+
+def materialize_stand_ins(model: torch.nn.Module) -> None:
+    """Zero-size, non-persistent stand-ins (``FoldedRMSNorm.weight``) built on the meta device
+    while transformers loads: moved to the device of the model's parameters (nothing to load)."""
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "meta" and buffer.numel() == 0:
+                module._buffers[name] = torch.empty(0, dtype=buffer.dtype, device=device)
 
 
 def tie_aliases(model: torch.nn.Module, meta: dict[str, Any]) -> None:

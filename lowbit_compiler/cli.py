@@ -39,9 +39,33 @@ def _detail(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+def format_run(run: dict[str, Any] | None, where: str) -> str:
+    """The header of one run (run.json): which process wrote the graphs below it, and how."""
+    if run is None:
+        return f"### {where} (no run.json: a dump from before run folders)"
+    options = run.get("options", {})
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("dump_dir",) and v not in (None, False))
+    return (f"### {run.get('run', where)}: recipe {run.get('recipe')!r}, pid {run.get('pid')}, started "
+            f"{run.get('started')}" + (f", {shown}" if shown else "")
+            + (f"\n    command: {' '.join(run['argv'])}" if run.get("argv") else ""))
+
+
 def format_summary(s: dict[str, Any]) -> str:
-    out = [f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}  target={s.get('target', '?')}  "
+    if "incomplete" in s:
+        return (f"== {s.get('graph', '?')}  NO summary.json: the compile of this graph did not finish (the process "
+                f"ended while compiling it; stages written: {', '.join(f for f in s['incomplete'] if f.endswith('.py'))})")
+    error = s.get("error")
+    head = f"== {s.get('graph', '?')}  recipe={s['recipe']['name']}"
+    if error:
+        message = error["message"]
+        out = [f"{head}  FAILED in {error.get('stage', '?')}: {error['type']}: {message}"]
+        if s.get("passes_done"):
+            out.append(f"passes that finished: {', '.join(s['passes_done'])}")
+        out.append("(the traceback is in this graph's summary.json, 'error')")
+        return "\n".join(out)
+    out = [f"{head}  target={s.get('target', '?')}  "
            f"inputs={s.get('inputs', '?')}  frozen parameters={s.get('frozen_parameters', '?')}"]
+    out += [f"note: {note}" for note in s.get("notes", [])]
     passes = [[p["name"], f"{p['seconds'] * 1e3:.1f}", p["matches"], "yes" if p["modified"] else "no",
                "see 'rotations' below" if p["name"] in ROTATION_PASSES else
                "see 'affine transforms' below" if p["name"] == "flatquant" and p["details"].get("groups") else
@@ -79,9 +103,21 @@ def format_summary(s: dict[str, Any]) -> str:
         out.append(f"whole graph: {totals['bytes_before']} -> {totals['bytes_after']} bytes "
                    f"({totals['bytes_before'] / totals['bytes_after']:.2f}x smaller): " + "; ".join(parts))
     out.append(f"kernels: {s.get('kernel_counts', {})}   fallbacks: {s.get('fallbacks', {}) or 'none'}")
+    if s.get("implementations"):
+        out.append(format_implementations(s["implementations"]))
     if s.get("generated_kernels"):
         out.append(format_generated(s["generated_kernels"], s.get("codegen", {})))
     return "\n".join(out)
+
+
+def format_implementations(records: list[dict[str, Any]]) -> str:
+    """What runs each lowbit:: op of the graph, one row per (op, implementation)."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    for r in records:
+        rows.setdefault((r["op"], r["implementation"]), []).append(r.get("layer") or r["node"])
+    table = [[op, impl, len(where), where[0] + (f" (+{len(where) - 1})" if len(where) > 1 else "")]
+             for (op, impl), where in rows.items()]
+    return _table(table, ["lowbit op", "implementation", "calls", "layers"])
 
 
 def format_rotation(d: dict[str, Any]) -> str:
@@ -91,13 +127,23 @@ def format_rotation(d: dict[str, Any]) -> str:
              f"  residual stream: hidden {stream.get('hidden')}, embeddings {stream.get('embeddings')}, "
              f"{stream.get('norms', 0)} norms, {len(stream.get('readers', []))} reading linears, "
              f"{len(stream.get('writers', []))} writing linears"]
+    requested = d.get("requested", {})
+    refused_steps = {r["what"].split(":")[0].split(" ")[0] for r in d.get("refused", [])}
+
+    def absent(step: str) -> str:
+        if requested.get(step) is False:
+            return "not requested by the recipe"
+        return "refused (below)" if step in refused_steps else "not applied"
+
     r1 = rotated.get("R1")
     lines.append(f"  R1: {r1['linears']} linears + {r1['embeddings']} embeddings rotated, {r1['norms_folded']} norms "
-                 f"folded ({r1['layer_norms_to_rms']} LayerNorm -> RMSNorm)" if r1 else "  R1: not applied")
+                 f"folded ({r1['layer_norms_to_rms']} LayerNorm -> RMSNorm)" if r1 else f"  R1: {absent('R1')}")
     r2 = rotated.get("R2")
-    lines.append(f"  R2: {r2['attentions']} attentions, head_dim {r2['head_dim']}" if r2 else "  R2: not applied")
-    lines.append(f"  R4 (online Hadamard): {', '.join(rotated.get('R4', [])) or 'none'}")
-    lines.append(f"  R3 (online Hadamard on q, k): {rotated.get('R3', 0)} attentions")
+    lines.append(f"  R2: {r2['attentions']} attentions, head_dim {r2['head_dim']}" if r2 else f"  R2: {absent('R2')}")
+    lines.append(f"  R4 (online Hadamard): {', '.join(rotated.get('R4', [])) or absent('R4')}")
+    r3 = rotated.get("R3", 0)
+    lines.append(f"  R3 (online Hadamard on q, k): {r3} attentions" if r3 else f"  R3 (online Hadamard on q, k): "
+                 f"{absent('R3')}")
     learned = d.get("learned")
     if learned:
         db = learned["output_sqnr_db"]
@@ -107,9 +153,12 @@ def format_rotation(d: dict[str, Any]) -> str:
                      f"{db[0]:.2f} dB at the start -> {learned['best_sqnr_db']:.2f} dB (kept)")
     for layer, u in rotated.get("untied", {}).items():
         lines.append(f"  untied {layer} from the embedding: +{u['extra_bytes']} bytes")
-    if d.get("refused"):
-        lines.append(_table([[r["what"], r["reason"]] for r in d["refused"]], ["refused", "why"]))
+    lines += _refusals(d.get("refused"))
     return "\n".join(lines)
+
+
+def _refusals(refused: list[dict[str, str]] | None) -> list[str]:
+    return [f"  refused {r['what']}: {r['reason']}" for r in refused or []]
 
 
 def format_affine(d: dict[str, Any]) -> str:
@@ -119,8 +168,7 @@ def format_affine(d: dict[str, Any]) -> str:
              "identity kept" if g.get("kept_identity") else "applied"] for g in d["groups"]]
     lines = [f"affine transforms (flatquant, learned on {d.get('inputs', '?')} calibration input(s)):",
              _table(rows, ["group", "P1 x P2", "quantized SQNR dB before", "after", ""])]
-    if d.get("refused"):
-        lines.append(_table([[r["what"], r["reason"]] for r in d["refused"]], ["refused", "why"]))
+    lines += _refusals(d.get("refused"))
     return "\n".join(lines)
 
 
@@ -168,7 +216,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not summaries:
         print(f"lowbit inspect: no summary.json under {args.dump_dir}", file=sys.stderr)
         return 1
-    print("\n\n".join(format_summary(s) for s in summaries))
+    blocks, current = [], object()
+    for s in summaries:
+        run = s.get("run")
+        where = s["graph"].rsplit("/", 1)[0] if "/" in s["graph"] else args.dump_dir
+        key = (run or {}).get("run", where)
+        if key != current:
+            blocks.append(format_run(run, where))
+            current = key
+        blocks.append(format_summary(s))
+    print("\n\n".join(blocks))
+    failed = sum(1 for s in summaries if s.get("error") or "incomplete" in s)
+    if failed:
+        print(f"\n{failed} of {len(summaries)} graph(s) did not compile (see above)")
     return 0
 
 

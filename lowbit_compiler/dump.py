@@ -1,30 +1,40 @@
 """Dumps: what happened to each compiled graph, readable by people and by ``lowbit inspect``.
 
-Layout, per compiled graph (``<dump_dir>/graph_<NNN>/``)::
+Layout: one folder per run (one ``torch.compile(...)`` call, or one ``compress``), one folder per
+compiled graph inside it::
 
-    00_captured.py           the IR right after capture (parameters as FQN get_attrs)
-    01_canonicalize.py       the graph after each pass, as readable code ...
-    01_canonicalize.diff     ... with a unified diff to the stage before
-    ..
-    NN_lowered.py/.diff      the graph that runs (each lowbit op bound to its kernel)
-    summary.json             recipe, pass times and match counts, per-layer decisions, fallbacks
+    <dump_dir>/run_<NNN>-<recipe>/
+        run.json                 the run: recipe, options, process id, start time, command line
+        graph_<NNN>/
+            00_captured.py           the IR right after capture (parameters as FQN get_attrs)
+            01_canonicalize.py       the graph after each pass, as readable code ...
+            01_canonicalize.diff     ... with a unified diff to the stage before
+            ..
+            NN_lowered.py/.diff      the graph that runs (each lowbit op bound to its kernel)
+            summary.json             recipe, pass times and match counts, per-layer decisions,
+                                     fallbacks, the implementation of every lowbit op; for a compile
+                                     that failed, the error (``"error"``) and the stage it failed in
 
-The directory comes from ``options={"dump_dir": ...}`` or the ``LOWBIT_DUMP_DIR`` environment
-variable.
+Two runs into one ``dump_dir`` (two processes, or two ``torch.compile`` calls) never share a
+folder: each takes the next free ``run_<NNN>``. The directory comes from
+``options={"dump_dir": ...}`` or the ``LOWBIT_DUMP_DIR`` environment variable.
 """
 from __future__ import annotations
 
+import datetime
 import difflib
 import itertools
 import json
 import os
 import re
+import sys
+import traceback
 from typing import Any
 
 import torch.fx as fx
 
 ENV_VAR = "LOWBIT_DUMP_DIR"
-_graph_ids: dict[str, itertools.count] = {}  # dump root -> next graph number in this process
+_RUN = re.compile(r"^run_(\d+)")
 
 
 def resolve_dump_dir(option: str | os.PathLike | None) -> str | None:
@@ -37,32 +47,73 @@ def graph_code(gm: fx.GraphModule) -> str:
     return re.sub(r" +$", "", code, flags=re.M)
 
 
-class DumpWriter:
-    """Writes the stages of one graph; a no-op when ``root`` is None."""
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)[:40] or "run"
 
-    def __init__(self, root: str | None, prefix: str = "graph"):
-        self.dir = None
-        self._stage = 0
-        self._previous: str | None = None
-        self._previous_name = ""
-        if root is None:
-            return
-        os.makedirs(root, exist_ok=True)
-        while True:  # never overwrite another process's (or an earlier run's) graph
-            counter = _graph_ids.setdefault(os.path.abspath(root), itertools.count())
-            candidate = os.path.join(root, f"{prefix}_{next(counter):03d}")
+
+class DumpRun:
+    """One run's folder, ``<root>/run_<NNN>-<label>/``, created on the first graph (a run that
+    compiles nothing leaves nothing behind); ``graph()`` hands out its graphs' writers in order."""
+
+    def __init__(self, root: str | None, label: str = "run", info: dict[str, Any] | None = None):
+        self.root, self.label, self.info = root, _slug(label), dict(info or {})
+        self.dir: str | None = None
+        self._graphs = itertools.count()
+        self.graphs = 0  # graphs handed out so far (also without a dump)
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def _create(self) -> str:
+        os.makedirs(self.root, exist_ok=True)
+        taken = [int(m.group(1)) for name in os.listdir(self.root) if (m := _RUN.match(name))]
+        number = max(taken, default=-1) + 1
+        while True:  # never reuse another process's (or an earlier run's) folder
+            candidate = os.path.join(self.root, f"run_{number:03d}-{self.label}")
             try:
                 os.makedirs(candidate)
                 break
             except FileExistsError:
-                continue
-        self.dir = candidate
+                number += 1
+        record = {"run": os.path.basename(candidate), "pid": os.getpid(),
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "argv": list(sys.argv), **self.info}
+        with open(os.path.join(candidate, "run.json"), "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        return candidate
+
+    def graph(self, prefix: str = "graph") -> "DumpWriter":
+        self.graphs += 1
+        if self.root is None:
+            return DumpWriter(None)
+        if self.dir is None:
+            self.dir = self._create()
+        return DumpWriter(os.path.join(self.dir, f"{prefix}_{next(self._graphs):03d}"))
+
+
+class DumpWriter:
+    """Writes the stages of one graph into ``directory`` (created); a no-op when it is None."""
+
+    def __init__(self, directory: str | None):
+        self.dir = directory
+        self._stage = 0
+        self._previous: str | None = None
+        self._previous_name = ""
+        self.last_stage = "capture"  # the stage being worked on (what a failure reports)
+        if directory is not None:
+            os.makedirs(directory)
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.dir) if self.dir else ""
+        """``run_<NNN>-<label>/graph_<NNN>``: the graph and the run it belongs to."""
+        if not self.dir:
+            return ""
+        parent = os.path.dirname(self.dir)
+        return f"{os.path.basename(parent)}/{os.path.basename(self.dir)}"
 
     def stage(self, name: str, gm: fx.GraphModule) -> None:
+        self.last_stage = name
         if self.dir is None:
             return
         code = graph_code(gm)
@@ -95,14 +146,44 @@ class DumpWriter:
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
             json.dump(data, f, indent=2, default=str)
 
+    def failure(self, error: BaseException, stage: str, data: dict[str, Any]) -> None:
+        """The summary of a compile that raised: what is known, plus the error and where."""
+        self.summary({**data, "error": {"type": type(error).__name__, "message": str(error), "stage": stage,
+                                        "traceback": "".join(traceback.format_exception(error))}})
+
+
+def _run_info(directory: str) -> dict[str, Any] | None:
+    path = os.path.join(directory, "run.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
 
 def load_summaries(root: str) -> list[dict[str, Any]]:
-    """Every summary.json under ``root`` (a dump dir or one graph's dir), in name order."""
+    """Every graph under ``root`` (a dump dir, one run's folder, or one graph's folder), in name
+    order: its summary.json with ``graph`` set to its path under ``root`` (``run_000-w4a16/
+    graph_000``) and ``run`` to its run's run.json (None for a dump from before run folders). A
+    graph folder with stage files but no summary.json (the process died while compiling it) is
+    listed too, as ``{"graph", "run", "incomplete": [its files]}``."""
     found = []
-    for dirpath, _, files in sorted(os.walk(root)):
+    root = os.path.normpath(root)
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        is_graph = "summary.json" in files or any(re.match(r"^\d\d_.*\.py$", f) for f in files)
+        if not is_graph:
+            continue
         if "summary.json" in files:
             with open(os.path.join(dirpath, "summary.json")) as f:
                 data = json.load(f)
-            data.setdefault("graph", os.path.basename(dirpath))
-            found.append(data)
+        else:
+            data = {"incomplete": sorted(files)}
+        rel = os.path.relpath(dirpath, os.path.dirname(root) if dirpath == root else root)
+        parent = os.path.dirname(dirpath)
+        run = _run_info(parent)
+        if dirpath == root and run is not None:  # inspect on one graph folder: name it with its run
+            rel = f"{os.path.basename(parent)}/{os.path.basename(dirpath)}"
+        data["graph"] = rel.replace(os.sep, "/")
+        data["run"] = run
+        found.append(data)
     return found

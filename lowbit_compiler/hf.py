@@ -106,6 +106,7 @@ class LowbitHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             meta = self.quantization_config.manifest()
             checkpoint.tie_aliases(model, meta)
+            checkpoint.materialize_stand_ins(model)
             model.lowbit_summary = checkpoint.loaded_summary(meta, getattr(model, "name_or_path", None))
             return model
         from lowbit_compiler.offline import compress

@@ -104,11 +104,18 @@ class LowbitLinear(torch.nn.Module):
 
 class FoldedRMSNorm(torch.nn.Module):
     """A norm whose scale (and LayerNorm's bias) was folded into the linears it feeds, and whose
-    input stream was rotated: ``rms_norm`` without parameters, in float32 at least (as HF norms)."""
+    input stream was rotated: ``rms_norm`` without parameters, in float32 at least (as HF norms).
 
-    def __init__(self, eps: float):
+    ``weight`` is a zero-size stand-in with the folded weight's dtype and device (a buffer, so it
+    follows ``.to()``), for model code that reads ``norm.weight.dtype`` (Mamba casts its input to
+    it); any arithmetic on it raises."""
+
+    def __init__(self, eps: float, like: torch.Tensor | None = None):
         super().__init__()
         self.eps = eps
+        self.register_buffer("weight", torch.empty(0, dtype=like.dtype if like is not None else torch.float32,
+                                                   device=like.device if like is not None else None),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = torch.promote_types(x.dtype, torch.float32)
@@ -143,11 +150,17 @@ def r4_input(x: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
 
 
 def _takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name``: a parameter of that name, or
+    ``**kwargs`` on a model with a vocabulary (a Hugging Face model's wrapped forward). A plain
+    module's ``forward(*args, **kwargs)`` gets its tensors positionally."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if name in params:
+        return True
+    return (any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            and getattr(getattr(model, "config", None), "vocab_size", None) is not None)
 
 
 def _with_decoder_ids(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -408,7 +421,7 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
                               "replaced; use torch.compile(backend='lowbit') for this model's rotations")
         if not isinstance(target, FoldedRMSNorm):
             parent, child = _weight_owner(model, fqn)
-            setattr(parent, child, FoldedRMSNorm(spec.eps))
+            setattr(parent, child, FoldedRMSNorm(spec.eps, getattr(target, "weight", None)))
             counts["folded_norms"] += 1
     r3 = False
     for node in gm.graph.nodes:  # R3: Hadamards on queries and keys right before attention

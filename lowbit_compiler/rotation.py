@@ -515,6 +515,28 @@ def plan_weights(a: Analysis, fetch, r1: torch.Tensor | None, r2: torch.Tensor |
     return WeightPlan(tensors, untied, extra, rotated)
 
 
+def no_heads_reason(gm: fx.GraphModule) -> str:
+    """Why R2 found no attention to rotate (the graph has none it can read heads from)."""
+    if not any(_is(n, F.scaled_dot_product_attention) for n in gm.graph.nodes):
+        if not any(_is(n, F.softmax, torch.softmax, "softmax") for n in gm.graph.nodes):
+            return "no attention in the graph (no scaled_dot_product_attention, no softmax): nothing to rotate"
+        return ("no F.scaled_dot_product_attention in the graph: the attention is computed from matmul and softmax "
+                "(an eager attention, e.g. for Gemma-2's logit soft-capping), and R2 finds heads and their value/"
+                "output linears through SDPA's value input")
+    return "no attention with value and output linears around it"
+
+
+def no_down_projections_reason(a: Analysis) -> str:
+    """Why R4 found no down projection to put a Hadamard before."""
+    names = ", ".join(sorted({_target_name(x) if isinstance(x, fx.Node) else getattr(x, "__name__", str(x))
+                              for x in _ACTIVATIONS}))
+    stream = ("the residual stream has no writing linears" if a.stream_ok
+              else "R1's stream analysis was refused (see above), so the stream names no writing linears")
+    return (f"no MLP down projection found: {stream}, and no linear reads activation(linear) or act(gate) * up "
+            f"with a recognised activation ({names}); an activation spelled out in elementwise ops (the tanh "
+            "GELU of Phi and GPT-J: 0.5 * x * (1 + tanh(...))) is not recognised")
+
+
 def r4_refusals(a: Analysis) -> list[dict[str, str]]:
     out = []
     for ref in a.down_projections():

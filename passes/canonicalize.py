@@ -14,7 +14,8 @@ What it rewrites (each rule one line in ``RULES``):
                                                                          -> ``linear(x, W, b)``
 * eval-mode ``dropout(x, p, training=False)``                            -> ``x``
 * RMSNorm written out (``x * rsqrt(mean(x**2, -1) + eps)``, with the optional fp32 round trip and
-  weight multiply, Gemma's ``(1 + w)`` included)                         -> ``F.rms_norm(x, [H], w, eps)``
+  weight multiply, Gemma's ``(1 + w)`` and T5's upcast inside the mean included)
+                                                                         -> ``F.rms_norm(x, [H], w, eps)``
 
 What it only annotates: ``F.layer_norm`` and ``F.rms_norm`` nodes get an ``ir.NORM`` spec. Attention
 is already one ``scaled_dot_product_attention`` node in every Hugging Face model captured with the
@@ -198,7 +199,10 @@ def rms_norm_pattern(node: fx.Node) -> dict | None:
             and mean.kwargs.get("keepdim", _arg(mean, 2, "keepdim", False))):
         return None
     pow_ = mean.args[0]
-    if not (_is_call(pow_, "pow", torch.pow, operator.pow) and pow_.args[0] is a and pow_.args[1] == 2):
+    # the square is of the same input, upcast or not: Llama upcasts x once (a = x.float()), T5's
+    # T5LayerNorm upcasts only inside the mean (x * rsqrt(mean(x.to(float32) ** 2) + eps))
+    if not (_is_call(pow_, "pow", torch.pow, operator.pow) and pow_.args[1] == 2
+            and _strip_float_cast(pow_.args[0]) is _strip_float_cast(a)):
         return None
     # optional cast back to the input dtype, then the weight multiply
     out, weight, offset = node, None, 0.0

@@ -107,6 +107,7 @@ class Rotate(Pass):
             "refused": [],
         }
         refused = details["refused"]
+        details["requested"] = {"R1": self.r1, "R2": self.r2, "R3": self.r3, "R4": self.r4}
         r1 = None
         if self.r1:
             if a.stream_ok:
@@ -122,11 +123,15 @@ class Rotate(Pass):
                 r2 = rotation.orthogonal(dims.pop(), "hadamard", self.seed + 1)
             elif dims:
                 refused.append({"what": "R2", "reason": f"attentions with different head sizes {sorted(dims)}"})
+            elif not a.head_refusals:
+                refused.append({"what": "R2", "reason": rotation.no_heads_reason(gm)})
         r4_sites = []
         if self.r4:
             bad = {item["what"] for item in rotation.r4_refusals(a)}
             refused += rotation.r4_refusals(a)
             r4_sites = [w for w in a.down_projections() if f"R4 before {w.layer}" not in bad]
+            if not a.down_projections():
+                refused.append({"what": "R4", "reason": rotation.no_down_projections_reason(a)})
         for item in refused:
             ctx.fallback(f"rotate: {item['what']}", item["reason"])
         if r1 is None and r2 is None and not r4_sites and not self.r3:
@@ -139,7 +144,7 @@ class Rotate(Pass):
         plan = rotation.plan_weights(keep, lambda fqn: ir.fetch_attr(gm, fqn), r1, r2, r4_sites,
                                      fold_norms=r1 is not None, signs=signs)
         self._apply(gm, keep, plan, r1 is not None, r4_sites, signs)
-        r3_sites = self._r3(gm, ctx) if self.r3 else 0
+        r3_sites = self._r3(gm, ctx, details["refused"]) if self.r3 else 0
         details["rotated"] = {
             "R1": {"linears": plan.rotated_linears, "embeddings": len(a.embeddings),
                    "norms_folded": len(a.norms) if r1 is not None else 0,
@@ -197,19 +202,24 @@ class Rotate(Pass):
         ir.eliminate_dead_code(gm)
         gm.recompile()
 
-    def _r3(self, gm: fx.GraphModule, ctx: PassContext) -> int:
-        count = 0
+    def _r3(self, gm: fx.GraphModule, ctx: PassContext, refused: list[dict[str, str]]) -> int:
+        count, seen = 0, 0
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                seen += 1
                 q, k = node.args[0], node.args[1]
                 d = rotation.last_dim(q)
                 reason = hadamard.unsupported_reason(d) if d else "unknown head size"
                 if reason:
+                    refused.append({"what": f"R3 at {node.name}", "reason": reason})
                     ctx.fallback(f"rotate: R3 at {node.name}", reason)
                     continue
                 _hadamard_before(gm, node, q)
                 _hadamard_before(gm, node, k)
                 count += 1
+        if not seen:
+            refused.append({"what": "R3", "reason": rotation.no_heads_reason(gm)})
+            ctx.fallback("rotate: R3", refused[-1]["reason"])
         gm.recompile()
         return count
 

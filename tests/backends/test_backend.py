@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowbit_compiler
-from lowbit_compiler import _dynamo_adapter
+from lowbit_compiler import LowbitError, _dynamo_adapter
 from lowbit_compiler.backends import cpu_kernels
 from lowbit_compiler.backends.lowbit_backend import stats
 from lowbit_compiler.formats import sqnr_db
@@ -182,8 +182,10 @@ def test_strict_mode_raises_on_fallback(no_triton_runtime):
 ])
 def test_bad_options_are_refused_with_the_fix(options, message):
     compiled = torch.compile(make_model("llama"), backend="lowbit", options=options)
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(LowbitError, match=message):  # ours, not Dynamo's BackendCompilerFailed
         compiled(prompt())
+    with pytest.raises(LowbitError, match=message):  # checked inside the call
+        torch.compile(make_model("llama"), backend=lowbit_compiler.backend(**options))
 
 
 def test_model_without_linears_compiles_and_says_nothing_was_quantized():

@@ -96,3 +96,59 @@ def test_compress_accepts_calibration_batches_and_globs():
     assert isinstance(model.model.layers[0].self_attn.q_proj, LowbitLinear)
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
     assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = torch.nn.Linear(128, 256), torch.nn.Linear(256, 128)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _AnyArgs(_MLP):
+    def forward(self, *args, **kwargs):  # no input_ids anywhere: the tensor must arrive positionally
+        return super().forward(args[0])
+
+
+class _TwoInputs(_MLP):
+    def forward(self, x, residual):
+        return super().forward(x) + residual
+
+
+@pytest.mark.parametrize("module, example", [
+    (_MLP, lambda: torch.randn(2, 128)),
+    (_AnyArgs, lambda: torch.randn(2, 128)),
+    (_TwoInputs, lambda: (torch.randn(2, 128), torch.randn(2, 128))),
+])
+def test_compress_takes_positional_example_inputs_for_a_plain_module(module, example):
+    model, x = module().eval(), example()
+    args = x if isinstance(x, tuple) else (x,)
+    with torch.no_grad():
+        ref = model(*args)
+        compressed = compress(model, "w8a16", example_inputs=x)
+        out = compressed(*args)
+    assert compressed.lowbit_summary["replaced_modules"] == 2
+    assert isinstance(compressed.up, LowbitLinear) and isinstance(compressed.down, LowbitLinear)
+    assert sqnr_db(ref, out) > 35
+
+
+@pytest.mark.parametrize("example", ["none", "tensor"])
+def test_compress_builds_decoder_inputs_for_an_encoder_decoder_model(example):
+    """T5 without example inputs, or with token ids only: the decoder start token is added, and
+    the encoder's and the decoder's linears are all quantized: 33 = encoder 2 x (q, k, v, o, wi, wo)
+    + decoder 2 x (self q, k, v, o, cross q, k, v, o, wi, wo) + lm_head."""
+    from lowbit_compiler import zoo
+
+    model, inputs = zoo.build("t5")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        compressed = compress(model, "w8a16", example_inputs=None if example == "none" else inputs["input_ids"])
+        out = compressed(**inputs).logits
+    linears = [n for n, m in compressed.named_modules() if isinstance(m, LowbitLinear)]
+    assert any(n.startswith("encoder.") for n in linears) and any(n.startswith("decoder.") for n in linears)
+    assert len(linears) == compressed.lowbit_summary["replaced_modules"] == 33
+    assert not any(isinstance(m, torch.nn.Linear) for m in compressed.modules())
+    assert sqnr_db(ref, out) > 30

@@ -200,6 +200,33 @@ def test_the_report_is_in_the_dump_and_inspect_prints_it(tmp_path, capsys):
     assert "post-norm stream" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("arch, step, reason", [
+    ("gemma2", "R2", "no F.scaled_dot_product_attention in the graph"),  # eager attention (soft-capping)
+    ("phi", "R4", "no MLP down projection found: R1's stream analysis was refused"),  # tanh GELU in elementwise ops
+    ("gptj", "R4", "no MLP down projection found: R1's stream analysis was refused"),
+])
+def test_every_rotation_step_requested_and_not_applied_says_why(tmp_path, capsys, arch, step, reason):
+    from lowbit_compiler import zoo
+    from lowbit_compiler.cli import main as cli_main
+
+    model, inputs = zoo.build(arch)
+    recipe = Recipe("rot-all", ("canonicalize", "rotate"), options=(("rotate", (("r3", True), ("r4", True))),))
+    rec = Recorder(recipe=recipe, target="cpu", dump_dir=str(tmp_path))
+    with torch.no_grad():
+        torch.compile(model, backend=rec)(**inputs)
+    details = pass_details(rec.summaries[0], "rotate")
+    assert details["requested"] == {"R1": True, "R2": True, "R3": True, "R4": True}
+    rotated = details["rotated"]
+    applied = {"R1": rotated.get("R1") is not None, "R2": rotated.get("R2") is not None,
+               "R3": bool(rotated.get("R3")), "R4": bool(rotated.get("R4"))}
+    refused = {r["what"].split(":")[0].split(" ")[0] for r in details["refused"] if r["reason"]}
+    assert all(applied[s] or s in refused for s in applied), (applied, details["refused"])
+    assert not applied[step] and any(r["what"] == step and r["reason"].startswith(reason) for r in details["refused"])
+    assert cli_main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"refused {step}: {reason}" in out and "not applied" not in out
+
+
 # --- learned rotations (SpinQuant) ------------------------------------------------------------
 
 def _spin(learn_r2: bool, steps: int = 40) -> Recipe:
