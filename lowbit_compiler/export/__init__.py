@@ -1,0 +1,1 @@
+"""Exporters of compressed models to other runtimes' formats (GGUF for llama.cpp: ``export.gguf``)."""
