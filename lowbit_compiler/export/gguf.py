@@ -15,8 +15,9 @@ our format                GGUF type    how
 ========================= ============ ==========================================================
 int8 (per channel)        Q8_0         d = the row scale (fp16) in every block of 32, same codes
 intB_gG_sym, B = 2, 3, 4  Q4_0         d = the group scale, code + 8 - 2^(B-1) (Q4_0: (q - 8) d)
-intB_gG_asym              Q4_1         d = s, m = -z s: exact only when m is an fp16 number; else
-                                       Q8_0 with codes q - z (``auto``), still exact
+intB_gG_asym              Q4_1         d = s, m = -z s: exact only when every m is an fp16 number
+intB_gG_asym (else)       Q5_1         d = s, m = -16 s, codes q - z + 16 in [1, 31]: always exact
+any intB                  Q8_0         codes q - z, d = s (when asked for q8_0)
 mxfp4                     MXFP4        the same e8m0 exponent byte and e2m1 codes
 ========================= ============ ==========================================================
 
@@ -45,7 +46,7 @@ from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.pass_base import LowbitError
 
 QK = 32  # elements per block of Q8_0 / Q4_0 / Q4_1 / MXFP4
-WEIGHT_TYPES = ("auto", "q8_0", "q4_0", "q4_1", "mxfp4", "q6_k", "f16", "f32")
+WEIGHT_TYPES = ("auto", "q8_0", "q4_0", "q4_1", "q5_1", "mxfp4", "q6_k", "f16", "f32")
 FLOAT_TYPES = ("f32", "f16")
 
 # model_type -> llama.cpp architecture (convert_hf_to_gguf registers MistralForCausalLM as LlamaModel)
@@ -119,6 +120,19 @@ def encode_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray
     out[..., :2] = _f16_bytes(d)
     out[..., 2:4] = _f16_bytes(m)
     out[..., 4:] = _nibbles(q)
+    return out.reshape(n, -1)
+
+
+def encode_q5_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """codes [N, K] in [0, 31] (value q d + m), d and m [N, K/32] -> Q5_1 bytes [N, K/32*24]: d, m,
+    qh (bit j = the fifth bit of code j, little-endian uint32), then the low nibbles as Q4_1."""
+    n, k = q.shape
+    out = np.empty((n, k // QK, 24), np.uint8)
+    out[..., :2] = _f16_bytes(d)
+    out[..., 2:4] = _f16_bytes(m)
+    qb = q.to(torch.uint8).numpy().reshape(n, k // QK, QK)
+    out[..., 4:8] = np.packbits(qb >> np.uint8(4), axis=-1, bitorder="little")
+    out[..., 8:] = _nibbles(torch.from_numpy(qb.reshape(n, k) & np.uint8(15)))
     return out.reshape(n, -1)
 
 
@@ -226,23 +240,26 @@ def _exact_encoding(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tenso
         if target not in ("auto", "q4_0"):
             return f"{fmt.key} is symmetric: Q4_0 or Q8_0 hold it exactly (asked for {target})"
         return T.Q4_0, encode_q4_0((signed + 8).to(torch.uint8), s), "d = the group scale, codes (q - z) + 8"
-    if target not in ("auto", "q4_1"):
-        return f"{fmt.key} is asymmetric: Q4_1 (when -z*s is an fp16 number) or Q8_0 hold it exactly " \
+    if target not in ("auto", "q4_1", "q5_1"):
+        return f"{fmt.key} is asymmetric: Q4_1 (when -z*s is an fp16 number), Q5_1 or Q8_0 hold it exactly " \
                f"(asked for {target})"
     m = -(z * s.float())  # exact in float32: a 4-bit integer times an 8-bit bf16 significand
-    if _fp16_exact(m):
+    if target != "q5_1" and _fp16_exact(m):
         return T.Q4_1, encode_q4_1(q, s, m), "d = s, m = -z s, same codes"
     bad = int((m.half().float() != m).sum())
     if target == "q4_1":
         return f"{bad} of {m.numel()} blocks have an offset -z*s that is not an fp16 number"
-    return T.Q8_0, encode_q8_0(signed, s), (f"Q8_0 with codes q - z: {bad} of {m.numel()} blocks' Q4_1 offset "
-                                             "-z*s is not an fp16 number")
+    # Q5_1 with codes q - z + 16 in [1, 31] and m = -16 s (an fp16 number whenever s is): always exact
+    why = "asked for q5_1" if target == "q5_1" else \
+        f"{bad} of {m.numel()} blocks' Q4_1 offset -z*s is not an fp16 number"
+    return (T.Q5_1, encode_q5_1((signed + 16).to(torch.uint8), s, -16 * s.float()),
+            f"Q5_1: codes q - z + 16, m = -16 s ({why})")
 
 
 def _requantize(w: np.ndarray, target: str, gguf) -> tuple[Any, np.ndarray]:
     T = gguf.GGMLQuantizationType
-    qtype = {"auto": T.Q8_0, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "mxfp4": T.MXFP4, "q6_k": T.Q6_K,
-             "f16": T.F16, "f32": T.F32}[target]
+    qtype = {"auto": T.Q8_0, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_1": T.Q5_1, "mxfp4": T.MXFP4,
+             "q6_k": T.Q6_K, "f16": T.F16, "f32": T.F32}[target]
     if qtype == T.Q6_K:
         return qtype, quantize_q6_k(w)
     return qtype, gguf.quants.quantize(w, qtype)
@@ -262,7 +279,7 @@ def _encode_linear(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tensor
     if target == "f32":
         return T.F32, ref.astype(np.float32), {"how": "float", "note": "our dequantized weight in float32"}
     block = gguf.GGML_QUANT_SIZES[{"auto": T.Q8_0, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
-                                   "mxfp4": T.MXFP4, "q6_k": T.Q6_K, "f16": T.F16}[target]][0]
+                                   "q5_1": T.Q5_1, "mxfp4": T.MXFP4, "q6_k": T.Q6_K, "f16": T.F16}[target]][0]
     if k % block:
         if k % QK == 0:  # Q6_K on a K that is not a multiple of 256: what convert_hf_to_gguf does, Q8_0
             qtype, data, entry = _encode_linear(fmt, qweight, scale, zero, ref, "auto", gguf)
@@ -479,7 +496,8 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
     main = max(counts, key=counts.get) if counts else "F32"
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                  "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
+                 "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                 "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1, "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
                  "MXFP4": gguf.LlamaFileType.MOSTLY_MXFP4_MOE}[main]
 
     out_path = os.fspath(out_path)
