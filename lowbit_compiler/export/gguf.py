@@ -158,21 +158,30 @@ def quantize_q6_k(w: np.ndarray) -> np.ndarray:
     Q6_K (ggml's ``block_q6_K``): per 256 weights an fp16 super-scale ``d``, 16 int8 sub-scales (one
     per 16 weights) and 6-bit codes ``q`` with value ``d * sc * (q - 32)``; bytes ``ql[128]`` (low 4
     bits), ``qh[64]`` (high 2 bits), ``scales[16]``, ``d``. Our scale choice: each sub-block's
-    absmax / 32 (the negative end reaches -32), sub-scales rounded to int8 against d = max / 127.
+    signed extreme / -32 (ggml's choice: the largest weight is code -32; wider when the other
+    side would pass +31.5), sub-scales rounded away from zero to int8 against d = max / 127, so
+    no code is clipped: every weight is within half a step.
     Not ggml's search-based ``quantize_row_q6_K`` (so not bit-identical to llama-quantize's
     output), but exactly what ``gguf.quants.dequantize`` (and llama.cpp) decode.
     """
     n, k = w.shape
     nb = n * (k // QK_K)
     x = w.astype(np.float32).reshape(nb, 16, 16)
-    sub = np.abs(x).max(-1) / 32.0  # [nb, 16] float scales
-    dmax = sub.max(-1, keepdims=True)
+    # signed sub-block scales, as ggml's make_qx_quants: the largest-magnitude weight maps to -32; widened
+    # where the other side would round past +31 (it only reaches +31.5 before clipping)
+    imax = np.abs(x).argmax(-1)[..., None]
+    xmax = np.take_along_axis(x, imax, -1)  # [nb, 16, 1]
+    opposite = np.where(np.sign(x) == -np.sign(xmax), np.abs(x), 0).max(-1)
+    sub = -np.sign(xmax[..., 0]) * np.maximum(np.abs(xmax[..., 0]) / 32.0, opposite / 31.5)  # [nb, 16]
+    dmax = np.abs(sub).max(-1, keepdims=True)
     d = (dmax / 127.0).astype(np.float16)
+    d = np.where(d.astype(np.float32) * 127.0 < dmax, np.nextafter(d, np.float16(np.inf)), d)  # no sub-scale > 127
     d32 = d.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d32 > 0, np.rint(sub / d32), 0).clip(-128, 127).astype(np.int8)
+        # sub-scales rounded away from zero: |d sc| >= |sub|, so no code is clipped
+        sc = np.where(d32 > 0, np.sign(sub) * np.ceil(np.abs(sub) / d32), 0).clip(-127, 127).astype(np.int8)
         eff = d32 * sc.astype(np.float32)  # the scale the decoder uses, per sub-block
-        q = np.where(eff[..., None] > 0, np.rint(x / eff[..., None]), 0)
+        q = np.where(eff[..., None] != 0, np.rint(x / eff[..., None]), 0)
     q = (q.clip(-32, 31) + 32).astype(np.uint8).reshape(nb, QK_K)
     # layout (dequantize_row_q6_K): two halves of 128; in each, l in [0, 32):
     #   q[l]      = ql[l] & 15      | (qh[l] & 3) << 4
