@@ -198,6 +198,11 @@ def test_other_architectures_are_refused_with_the_reason(tmp_path):
         export_gguf(model, tmp_path / "m.gguf")
     with pytest.raises(LowbitError, match=r"weight_type='q3_k'"):
         export_gguf(_compressed(None), tmp_path / "m.gguf", weight_type="q3_k")
+    mistral, _ = zoo.build("mistral")  # convert_hf_to_gguf writes Mistral as llama; its window exceeds the context
+    assert export_gguf(mistral, tmp_path / "mistral.gguf")["architecture"] == "llama"
+    mistral.config.sliding_window = 64
+    with pytest.raises(LowbitError, match="sliding window of 64"):
+        export_gguf(mistral, tmp_path / "mistral.gguf")
 
 
 def test_q6_k_round_trip_through_ggufs_dequantizer():
