@@ -511,7 +511,8 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
 
     out_path = os.fspath(out_path)
     writer = gguf.GGUFWriter(out_path, arch)
-    writer.add_name(str(getattr(config, "_name_or_path", "") or type(model).__name__))
+    # general.name: the checkpoint directory's name (as convert_hf_to_gguf), never a local path
+    writer.add_name(os.path.basename(str(getattr(config, "_name_or_path", "")).rstrip("/\\")) or type(model).__name__)
     writer.add_block_count(hp["n_layer"])
     writer.add_context_length(hp["n_ctx"])
     writer.add_embedding_length(hp["n_embd"])

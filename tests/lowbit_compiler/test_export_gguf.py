@@ -275,3 +275,24 @@ def _permuted_model_logits(rebuilt: torch.nn.Module, ids: torch.Tensor) -> torch
             layer.self_attn.q_proj.weight.copy_(_hf_permute(layer.self_attn.q_proj.weight, N_HEAD))
             layer.self_attn.k_proj.weight.copy_(_hf_permute(layer.self_attn.k_proj.weight, N_KV))
         return rebuilt(ids).logits
+
+
+def test_a_reloaded_checkpoint_exports_the_same_file(models, tmp_path):
+    """What `lowbit export DIR` sees: save_pretrained, from_pretrained, export: the same bytes as exporting
+    the model that was saved."""
+    import transformers
+
+    model = models["w4a16"]
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    export_gguf(model, tmp_path / "a.gguf")
+    export_gguf(reloaded, tmp_path / "b.gguf")
+    tensors_a, reader_a = _read(tmp_path / "a.gguf")
+    tensors_b, reader_b = _read(tmp_path / "b.gguf")
+    assert reader_b.fields["general.name"].contents() == "ckpt"  # the directory's name, not its path
+    keys = sorted(k for k in reader_a.fields if k != "general.name")
+    assert keys == sorted(k for k in reader_b.fields if k != "general.name")
+    assert [reader_a.fields[k].contents() for k in keys] == [reader_b.fields[k].contents() for k in keys]
+    for name in NAMES:
+        assert tensors_a[name].tensor_type == tensors_b[name].tensor_type, name
+        assert np.array_equal(np.asarray(tensors_a[name].data), np.asarray(tensors_b[name].data)), name
