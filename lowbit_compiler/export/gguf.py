@@ -1,8 +1,9 @@
 """Export a compressed Llama-family model to GGUF, the file format of llama.cpp.
 
 ``export_gguf(model, "model.gguf", weight_type="auto")`` writes the tensors and metadata as
-llama.cpp's ``convert_hf_to_gguf.py`` writes them for its ``llama`` architecture (names from the
-``gguf`` package's ``TensorNameMap``; Q and K rows permuted as its ``LlamaModel.permute`` does),
+llama.cpp's ``convert_hf_to_gguf.py`` writes them for its ``llama`` architecture (Llama, Mistral)
+and ``qwen2`` architecture (Qwen2: q/k/v biases, no permutation): names from the ``gguf``
+package's ``TensorNameMap``; for ``llama``, Q and K rows permuted as its ``LlamaModel.permute`` does;
 and returns a report: per tensor its GGUF type, whether its values are *exactly* ours, and what
 was left out and why. See ``docs/export.md`` ("GGUF (llama.cpp)").
 
@@ -49,11 +50,10 @@ QK = 32  # elements per block of Q8_0 / Q4_0 / Q4_1 / MXFP4
 WEIGHT_TYPES = ("auto", "q8_0", "q4_0", "q4_1", "q5_1", "mxfp4", "q6_k", "f16", "f32")
 FLOAT_TYPES = ("f32", "f16")
 
-# model_type -> llama.cpp architecture (convert_hf_to_gguf registers MistralForCausalLM as LlamaModel)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+# model_type -> llama.cpp architecture (convert_hf_to_gguf registers MistralForCausalLM as LlamaModel);
+# only 'llama' permutes Q/K rows: llama.cpp runs qwen2 with NeoX-style RoPE, Hugging Face's own pairing
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _NOT_SUPPORTED = {
-    "qwen2": "llama.cpp's 'qwen2' architecture (NeoX-style RoPE without the Q/K row permutation, q/k/v biases) "
-             "is not implemented by this exporter",
     "qwen3": "llama.cpp's 'qwen3' architecture (per-head q/k norms) is not implemented by this exporter",
     "mixtral": "mixture-of-experts tensors (merged expert stacks) are not implemented by this exporter",
     "gemma": "Gemma's norm offset (1 + w) and embedding scaling map to llama.cpp's 'gemma' architecture, not "
@@ -229,7 +229,8 @@ def _exact_encoding(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tenso
     if fmt.kind == "mxfp4":
         if target not in ("auto", "mxfp4"):
             return f"{fmt.key} codes are e2m1: only GGUF's MXFP4 holds them exactly"
-        return T.MXFP4, encode_mxfp4(formats.unpack_int4(qweight)[:, :k], scale[:, :k // QK]), "same codes and exponents"
+        codes = formats.unpack_int4(qweight)[:, :k]
+        return T.MXFP4, encode_mxfp4(codes, scale[:, :k // QK]), "same codes and exponents"
     if fmt.kind != "int":
         return f"GGUF has no type with {fmt.key}'s value grid"
     s = _block_values(scale, fmt, k)
@@ -328,6 +329,9 @@ def _hparams(config) -> dict[str, Any]:
                           f"< max_position_embeddings={config.max_position_embeddings}; llama.cpp's llama "
                           "architecture attends to the whole context. Set config.sliding_window = None if the "
                           "model never runs past the window")
+    if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise LowbitError("GGUF export: this Qwen2 uses sliding-window attention (use_sliding_window=True); "
+                          "llama.cpp's qwen2 architecture attends to the whole context")
     return {"n_layer": config.num_hidden_layers, "n_ctx": config.max_position_embeddings, "n_embd": hidden,
             "n_ff": config.intermediate_size, "n_head": n_head,
             "n_head_kv": getattr(config, "num_key_value_heads", None) or n_head, "rope_theta": float(theta),
@@ -385,21 +389,23 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
         reason = _NOT_SUPPORTED.get(model_type, "its tensors and metadata map to another llama.cpp architecture (or "
                                                 "none), which this exporter does not implement")
         raise LowbitError(f"GGUF export supports Llama-family models (model_type {sorted(ARCHITECTURES)}, written as "
-                          f"llama.cpp's 'llama' architecture); {type(model).__name__} (model_type {model_type!r}): "
-                          f"{reason}")
+                          f"llama.cpp's 'llama' / 'qwen2' architectures); {type(model).__name__} (model_type "
+                          f"{model_type!r}): {reason}")
     arch = ARCHITECTURES[model_type]
     hp = _hparams(config)
     T = gguf.GGMLQuantizationType
 
     refused = [r for name, module in model.named_modules() for r in _refusals(name, module)]
     if str(getattr(config, "_attn_implementation", "")).startswith("lowbit_r3_"):
-        refused.append("attention: R3 Hadamards on queries and keys (online, inside attention): llama.cpp has no such op")
+        refused.append("attention: R3 Hadamards on queries and keys (online, inside attention): llama.cpp has no "
+                       "such op")
     if refused:
         raise LowbitError("GGUF export refused: llama.cpp cannot compute\n  " + "\n  ".join(refused)
                           + "\nCompress without online transforms (e.g. w4a16, w8a16, or rotate without r3/r4) to "
                             "export to GGUF")
 
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["n_layer"])
+    tmap = gguf.get_tensor_name_map({"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch],
+                                    hp["n_layer"])
     state_keys = set(model.state_dict())
     consumed: set[str] = set()
     tensors: dict[str, dict[str, Any]] = {}
@@ -409,11 +415,14 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
     def gguf_name(fqn: str, suffix: str) -> str:
         name = tmap.get_name(f"{fqn}.{suffix}", try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise LowbitError(f"GGUF export: {fqn}.{suffix} has no llama.cpp 'llama' tensor name (TensorNameMap); "
+            raise LowbitError(f"GGUF export: {fqn}.{suffix} has no llama.cpp {arch!r} tensor name (TensorNameMap); "
                               "the model has a module this exporter does not know")
         return name
 
     def n_head_of(fqn: str) -> int | None:
+        """Heads whose rows convert_hf_to_gguf permutes (llama only), None: rows as they are."""
+        if arch != "llama":
+            return None
         if fqn.endswith("q_proj"):
             return hp["n_head"]
         if fqn.endswith("k_proj"):

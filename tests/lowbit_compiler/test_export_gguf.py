@@ -193,8 +193,11 @@ def test_activation_quantization_is_dropped_and_reported(tmp_path):
 
 
 def test_other_architectures_are_refused_with_the_reason(tmp_path):
-    model, _ = zoo.build("qwen2")
-    with pytest.raises(LowbitError, match=r"Qwen2ForCausalLM \(model_type 'qwen2'\).*qwen2"):
+    model, _ = zoo.build("gemma")
+    with pytest.raises(LowbitError, match=r"GemmaForCausalLM \(model_type 'gemma'\).*norm offset"):
+        export_gguf(model, tmp_path / "m.gguf")
+    model, _ = zoo.build("gpt2")
+    with pytest.raises(LowbitError, match=r"GPT2LMHeadModel \(model_type 'gpt2'\)"):
         export_gguf(model, tmp_path / "m.gguf")
     with pytest.raises(LowbitError, match=r"weight_type='q3_k'"):
         export_gguf(_compressed(None), tmp_path / "m.gguf", weight_type="q3_k")
@@ -232,7 +235,8 @@ def test_q6_k_export_falls_back_where_k_is_not_a_multiple_of_256(models, tmp_pat
         assert tensors[f"blk.{i}.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q6_K
         assert report["tensors"][f"blk.{i}.ffn_down.weight"]["sqnr_db"] > 30
         entry = report["tensors"][f"blk.{i}.ffn_up.weight"]
-        assert entry["gguf_type"] == "Q8_0" and entry["exact"] and "not a multiple of q6_k's block of 256" in entry["note"]
+        assert entry["gguf_type"] == "Q8_0" and entry["exact"]
+        assert "not a multiple of q6_k's block of 256" in entry["note"]
 
 
 def _llama_from_gguf(path, like: torch.nn.Module) -> torch.nn.Module:
@@ -296,3 +300,42 @@ def test_a_reloaded_checkpoint_exports_the_same_file(models, tmp_path):
     for name in NAMES:
         assert tensors_a[name].tensor_type == tensors_b[name].tensor_type, name
         assert np.array_equal(np.asarray(tensors_a[name].data), np.asarray(tensors_b[name].data)), name
+
+
+@pytest.mark.parametrize("recipe,expected", [("w8a16", "Q8_0"), ("w4g32", "Q4_0")])
+def test_qwen2_exports_as_llama_cpps_qwen2_with_biases_and_unpermuted_rows(tmp_path, recipe, expected):
+    """llama.cpp runs qwen2 with NeoX-style RoPE (Hugging Face's pairing): no row permutation; q/k/v biases."""
+    import transformers
+
+    model, _ = zoo.build("qwen2")
+    compress(model, W4G32 if recipe == "w4g32" else recipe, progress=False)
+    report = export_gguf(model, tmp_path / "m.gguf", strict=True)
+    tensors, reader = _read(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["qwen2.attention.head_count_kv"].contents() == N_KV
+    names = dict(NAMES)
+    for i in range(N_LAYER):
+        for g in ("attn_q", "attn_k", "attn_v"):
+            names[f"blk.{i}.{g}.bias"] = f"model.layers.{i}.{_PROJ[g]}.bias"
+    assert sorted(tensors) == sorted(names)
+    modules = dict(model.named_modules())
+    rebuilt = transformers.Qwen2ForCausalLM(model.config).eval()
+    params = dict(rebuilt.named_parameters())
+    assert sorted(params) == sorted(f"{s}.weight" if not s.endswith(".bias") else s for s in names.values())
+    with torch.no_grad():
+        for gname, source in names.items():
+            t = tensors[gname]
+            got = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+            if source.endswith(".bias"):
+                ours = modules[source.removesuffix(".bias")].bias.detach().float()
+            else:
+                module = modules[source]
+                ours = _our_weight(module, "")  # "": no permutation
+                if isinstance(module, LowbitLinear):
+                    assert t.tensor_type.name == expected and report["tensors"][gname]["exact"], gname
+            assert torch.equal(got.reshape(ours.shape), ours), gname
+            params[source if source.endswith(".bias") else f"{source}.weight"].copy_(got.reshape(ours.shape))
+        ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+        with cpu_kernels.eager_compute_dtype("activation"):
+            ours_logits = model(ids).logits
+        assert torch.allclose(ours_logits, rebuilt(ids).logits, atol=1e-4, rtol=1e-4)
