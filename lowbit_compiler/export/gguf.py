@@ -233,17 +233,25 @@ def _exact_encoding(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tenso
         return T.MXFP4, encode_mxfp4(codes, scale[:, :k // QK]), "same codes and exponents"
     if fmt.kind != "int":
         return f"GGUF has no type with {fmt.key}'s value grid"
+    if fmt.bits == 8 and target not in ("auto", "q8_0"):
+        return f"int8 codes need 8 bits: only Q8_0 holds them exactly (asked for {target})"
     s = _block_values(scale, fmt, k)
-    if not _fp16_exact(s):
-        return f"a {fmt.key} scale is not an fp16 number (GGUF block scales are fp16)"
     if fmt.bits == 8:
-        if target not in ("auto", "q8_0"):
-            return f"int8 codes need 8 bits: only Q8_0 holds them exactly (asked for {target})"
-        return T.Q8_0, encode_q8_0(qweight[:, :k], s), "same codes, d = the row scale"
-    q = (formats.unpack_int4(qweight) if fmt.bits == 4 else formats.unpack_codes(qweight, fmt.bits))[:, :k]
-    half = 2 ** (fmt.bits - 1)
-    z = torch.full_like(s, half, dtype=torch.float32) if zero is None else _block_values(zero, fmt, k).float()
-    signed = q.to(torch.int16) - z.repeat_interleave(QK, dim=1).to(torch.int16)  # q - z in [-15, 15]
+        signed = qweight[:, :k].to(torch.int16)
+    else:
+        q = (formats.unpack_int4(qweight) if fmt.bits == 4 else formats.unpack_codes(qweight, fmt.bits))[:, :k]
+        half = 2 ** (fmt.bits - 1)
+        z = torch.full_like(s, half, dtype=torch.float32) if zero is None else _block_values(zero, fmt, k).float()
+        signed = q.to(torch.int16) - z.repeat_interleave(QK, dim=1).to(torch.int16)  # q - z in [-15, 15]
+    # a block whose codes are all zero decodes to 0 whatever its scale (an all-zero group gets the
+    # quantizer's 1e-12, no fp16 number): write d = 0 there
+    empty = (signed.view(signed.shape[0], -1, QK) == 0).all(-1)
+    s = torch.where(empty, torch.zeros((), dtype=s.dtype), s)
+    if not _fp16_exact(s):
+        bad = int((s.float().half().float() != s.float()).sum())
+        return f"{bad} {fmt.key} block scales are not fp16 numbers (GGUF block scales are fp16)"
+    if fmt.bits == 8:
+        return T.Q8_0, encode_q8_0(signed, s), "same codes, d = the row scale"
     if target == "q8_0":
         return T.Q8_0, encode_q8_0(signed, s), f"codes q - z, d = the group scale ({fmt.bits}-bit codes in 8 bits)"
     if fmt.symmetric:
@@ -458,7 +466,7 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
             k = module.in_features
             nh = n_head_of(fqn)
             qweight, scale, zero = module.qweight, module.scale, module.zero
-            ref_t = formats.dequantize_parts(fmt, qweight, scale, zero)[:, :k]
+            ref_t = formats.dequantize_parts(fmt, qweight, scale, zero)[:, :k].cpu()
             if nh is not None:
                 qweight, scale, zero, ref_t = (_permute_rows(t, nh) for t in (qweight, scale, zero, ref_t))
             ref = ref_t.contiguous().numpy()

@@ -165,10 +165,29 @@ def test_scale_that_is_not_fp16_is_requantized_not_silently_rounded(tmp_path):
     assert up.scale[3].float().half().float() != up.scale[3].float()
     report = export_gguf(model, tmp_path / "m.gguf")
     entry = report["tensors"]["blk.1.ffn_up.weight"]
-    assert entry["how"] == "requantized" and "not an fp16 number" in entry["note"]
+    assert entry["how"] == "requantized"
+    assert "4 int8 block scales are not fp16 numbers" in entry["note"]  # the row's 4 blocks of 32
     assert report["tensors"]["blk.1.ffn_down.weight"]["exact"]
     with pytest.raises(LowbitError, match=r"blk\.1\.ffn_up\.weight.*model\.layers\.1\.mlp\.up_proj"):
         export_gguf(model, tmp_path / "s.gguf", strict=True)
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w4g32", "w4a16"])
+def test_an_all_zero_row_stays_exact(tmp_path, name):
+    """An all-zero weight row gets the quantizer's tiny 1e-12 scale, no fp16 number; its codes decode
+    to 0 whatever the scale, so the blocks get d = 0 and the tensor stays exact."""
+    model, _ = zoo.build("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[7] = 0.0
+    compress(model, W4G32 if name == "w4g32" else name, progress=False)
+    gate = model.model.layers[0].mlp.gate_proj
+    assert gate.scale[7].float().max().item() < 1e-9
+    report = export_gguf(model, tmp_path / "m.gguf", strict=True)
+    assert report["tensors"]["blk.0.ffn_gate.weight"]["exact"]
+    tensors, _ = _read(tmp_path / "m.gguf")
+    t = tensors["blk.0.ffn_gate.weight"]
+    got = gguf.quants.dequantize(t.data, t.tensor_type)
+    assert np.array_equal(got, _our_weight(gate, "blk.0.ffn_gate.weight").numpy()) and not got[7].any()
 
 
 def test_online_hadamard_is_refused_naming_the_layer(tmp_path):
