@@ -368,7 +368,7 @@ def _refusals(name: str, module: torch.nn.Module) -> list[str]:
 
 
 def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type: str = "auto", strict: bool = False,
-                float_type: str = "f32") -> dict[str, Any]:
+                float_type: str = "f32", vocab: str | None = None) -> dict[str, Any]:
     """Write ``model`` (a Llama-family ``*ForCausalLM``, compressed or not) to a GGUF file for llama.cpp.
 
     Args:
@@ -379,6 +379,10 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
         strict: refuse (LowbitError) instead of re-quantizing or dropping activation quantization.
         float_type: ``"f32"`` (exact) or ``"f16"`` for the embeddings and unquantized linears; norms
             are always F32.
+        vocab: None (no ``tokenizer.ggml.*`` metadata: GGUFReader does not need it, llama.cpp
+            does) or ``"bytes"``: the byte-level vocabulary of this project's byte models (vocab
+            256, token id = byte value), written as a SentencePiece-style vocabulary of the 256
+            byte tokens ``<0x00>``..``<0xFF>``, which llama.cpp tokenizes text into byte by byte.
 
     Returns the report: ``tensors`` (GGUF name -> source, our format, GGUF type, ``exact``,
     ``how``, ``sqnr_db`` for lossy ones, ``note``), ``dropped`` (what the GGUF does not carry),
@@ -389,6 +393,8 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
     gguf = _gguf()
     if weight_type not in WEIGHT_TYPES:
         raise LowbitError(f"GGUF export: weight_type={weight_type!r}; expected one of {WEIGHT_TYPES}")
+    if vocab not in (None, "bytes"):
+        raise LowbitError(f"GGUF export: vocab={vocab!r}; expected None or 'bytes'")
     if float_type not in FLOAT_TYPES:
         raise LowbitError(f"GGUF export: float_type={float_type!r}; expected one of {FLOAT_TYPES}")
     config = getattr(model, "config", None)
@@ -402,6 +408,10 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
     arch = ARCHITECTURES[model_type]
     hp = _hparams(config)
     T = gguf.GGMLQuantizationType
+    if vocab == "bytes" and hp["n_vocab"] != 256:
+        raise LowbitError(f"GGUF export: vocab='bytes' is for byte-level models (vocab_size 256); this model has "
+                          f"vocab_size={hp['n_vocab']}: export without vocab and add its tokenizer with llama.cpp's "
+                          "tools")
 
     refused = [r for name, module in model.named_modules() for r in _refusals(name, module)]
     if str(getattr(config, "_attn_implementation", "")).startswith("lowbit_r3_"):
@@ -545,6 +555,18 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
     if hp["rope_linear"] is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(hp["rope_linear"])
+    if vocab == "bytes":  # token id = byte value; llama.cpp's SPM tokenizer falls back to byte tokens
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list([f"<0x{b:02X}>" for b in range(256)])
+        writer.add_token_scores([0.0] * 256)
+        writer.add_token_types([gguf.TokenType.BYTE] * 256)
+        for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+            if isinstance(getattr(config, key, None), int):
+                add(getattr(config, key))
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        writer.add_add_space_prefix(False)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for name, data, qtype in payload:
@@ -557,5 +579,7 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
     return {"path": out_path, "architecture": arch, "weight_type": weight_type, "file_type": file_type.name,
             "file_bytes": os.path.getsize(out_path), "tensors": tensors, "dropped": dropped,
             "metadata": {f"{arch}.{k}": v for k, v in hp.items()},
-            "tokenizer": "none written: llama.cpp needs tokenizer.ggml.* metadata to run the file (GGUFReader does "
-                         "not); convert_hf_to_gguf.py writes it from the Hugging Face tokenizer"}
+            "tokenizer": "byte-level: 256 byte tokens <0x00>..<0xFF>, token id = byte value" if vocab == "bytes" else
+                         "none written: llama.cpp needs tokenizer.ggml.* metadata to run the file (GGUFReader does "
+                         "not); pass vocab='bytes' for a byte-level model, or add the tokenizer with llama.cpp's "
+                         "tools"}

@@ -358,3 +358,19 @@ def test_qwen2_exports_as_llama_cpps_qwen2_with_biases_and_unpermuted_rows(tmp_p
         with cpu_kernels.eager_compute_dtype("activation"):
             ours_logits = model(ids).logits
         assert torch.allclose(ours_logits, rebuilt(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_byte_vocabulary_for_byte_level_models(models, tmp_path):
+    report = export_gguf(models["w8a16"], tmp_path / "v.gguf", vocab="bytes")
+    _, reader = _read(tmp_path / "v.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == VOCAB and tokens[0] == "<0x00>" and tokens[65] == "<0x41>" and tokens[255] == "<0xFF>"
+    assert set(reader.fields["tokenizer.ggml.token_type"].contents()) == {int(gguf.TokenType.BYTE)}
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert report["tokenizer"].startswith("byte-level")
+    export_gguf(models["w8a16"], tmp_path / "none.gguf")
+    _, reader = _read(tmp_path / "none.gguf")
+    assert not any(k.startswith("tokenizer.") for k in reader.fields)
+    with pytest.raises(LowbitError, match="vocab='sentencepiece'"):
+        export_gguf(models["w8a16"], tmp_path / "x.gguf", vocab="sentencepiece")
