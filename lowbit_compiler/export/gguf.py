@@ -459,7 +459,8 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
         if strict and not exact:
             raise LowbitError(f"GGUF export (strict): {name} ({entry['source']}, {entry['format']}) would be stored "
                               f"as {qtype.name}, not exactly our weights ({entry['note']}; SQNR "
-                              f"{entry['sqnr_db']} dB); pass strict=False to accept it, or weight_type='auto'")
+                              f"{entry['sqnr_db']} dB); pass strict=False to accept it, or "
+                              + ("float_type='f32'" if entry["how"] == "float" else "weight_type='auto'"))
         tensors[name] = entry
         payload.append((name, data, qtype))
 
