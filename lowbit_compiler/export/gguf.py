@@ -386,7 +386,8 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
 
     Returns the report: ``tensors`` (GGUF name -> source, our format, GGUF type, ``exact``,
     ``how``, ``sqnr_db`` for lossy ones, ``note``), ``dropped`` (what the GGUF does not carry),
-    ``metadata``, ``file_bytes``. Raises LowbitError naming every refused layer.
+    ``hparams`` (what the metadata was written from), ``file_bytes``, ``tokenizer``. Raises
+    LowbitError naming every refused layer.
     """
     from lowbit_compiler.offline import FoldedRMSNorm, GraphRMSNorm, LowbitLinear
 
@@ -579,7 +580,7 @@ def export_gguf(model: torch.nn.Module, out_path: str | os.PathLike, weight_type
 
     return {"path": out_path, "architecture": arch, "weight_type": weight_type, "file_type": file_type.name,
             "file_bytes": os.path.getsize(out_path), "tensors": tensors, "dropped": dropped,
-            "metadata": {f"{arch}.{k}": v for k, v in hp.items()},
+            "hparams": hp,  # what the llama.* / qwen2.* metadata keys were written from
             "tokenizer": "byte-level: 256 byte tokens <0x00>..<0xFF>, token id = byte value" if vocab == "bytes" else
                          "none written: llama.cpp needs tokenizer.ggml.* metadata to run the file (GGUFReader does "
                          "not); pass vocab='bytes' for a byte-level model, or add the tokenizer with llama.cpp's "
