@@ -250,7 +250,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from lowbit_compiler.export.gguf import export_gguf
 
-        report = export_gguf(model, args.out)
+        report = export_gguf(model, args.out, weight_type=args.weight_type, strict=args.strict,
+                             float_type=args.float_type, vocab=args.vocab)
         print(json.dumps(report, indent=1, default=str))
     return 0
 
@@ -280,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a directory written by save_pretrained of a compressed model")
     p.add_argument("--format", required=True, choices=("compressed-tensors", "gguf"))
     p.add_argument("out", help="output directory (compressed-tensors) or .gguf file")
+    p.add_argument("--weight-type", default="auto", help="gguf: auto (our codes written exactly where a GGUF type "
+                   "holds them), q8_0, q4_0, q6_k, ... (re-quantized where not exact, reported)")
+    p.add_argument("--float-type", default="f32", choices=("f32", "f16"), help="gguf: embeddings and float linears")
+    p.add_argument("--vocab", default=None, choices=("bytes",), help="gguf: write the byte-level vocabulary "
+                   "(models with 256 byte tokens); without it the file has no tokenizer (llama.cpp needs one)")
+    p.add_argument("--strict", action="store_true", help="refuse instead of re-quantizing or dropping activations")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("recipes", help="list presets and registered passes")
     p.set_defaults(fn=cmd_recipes)
