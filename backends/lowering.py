@@ -261,6 +261,25 @@ def _lower_hadamard(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: 
     return f"triton:hadamard_{int(xv.shape[-1])}"
 
 
+@register_lowering(torch.ops.lowbit.grouped_linear.default, "triton")
+def _lower_grouped_linear(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: LoweringState) -> str:
+    """Stacked experts -> the grouped Triton GEMM over tokens sorted by expert
+    (``backends/grouped_kernel.py``), or the op's CPU implementation with the reason logged."""
+    from lowbit_compiler.backends import grouped_kernel
+
+    a = opdecl.args(node)
+    xv = _dynamo_adapter.example_value(a["x"])
+    reason = _no_triton_device() or _activation_unsupported(a["x"])
+    if reason is None:
+        reason = grouped_kernel.unsupported_reason(a["fmt"], a["act"], xv.dtype)
+    if reason is not None:
+        ctx.fallback(ir.describe(node), f"{reason}; lowbit::grouped_linear runs its CPU implementation")
+        return "cpu-op"
+    node.target = torch.ops.lowbit.grouped_linear_triton.default
+    node.args, node.kwargs = tuple(a[k] for k in ("x", "offs", "qweight", "scale", "zero", "fmt", "in_features")), {}
+    return f"triton:grouped_{a['fmt']}"
+
+
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
                   dump: DumpWriter | None, autotune: bool = False) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Replace each fusion group by one call of its generated kernel; returns the records and the
