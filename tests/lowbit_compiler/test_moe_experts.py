@@ -186,5 +186,31 @@ def test_a_compressed_moe_model_compiles_without_quantizing_twice():
         again = torch.compile(compressed, backend=rec)(**inputs).logits
     kernels = rec.summaries[0]["kernels"]
     assert sum(v.endswith(":experts") for v in kernels.values()) == 4  # the existing ops, lowered
-    assert not any(".experts." in k and "experts" in v for k, v in rec.summaries[0]["layers"].items())
+    layers = rec.summaries[0]["layers"]
+    for i in range(2):
+        for attr in ("gate_up_proj", "down_proj"):
+            record = layers[f"model.layers.{i}.mlp.experts.{attr}"]
+            assert record["experts"] == 4 and record["format"] == "int4_g128_asym" and "compress" in record["source"]
     assert sqnr_db(eager, again) >= 60
+
+
+def test_the_verifier_checks_stacked_expert_tensors():
+    from lowbit_compiler.verify import IRError, verify
+
+    def graph(qweight, scale):
+        root = torch.nn.Module()
+        root.register_buffer("qweight", qweight)
+        root.register_buffer("scale", scale)
+        g = torch.fx.Graph()
+        x, offs = g.placeholder("x"), g.placeholder("offs")
+        out = g.call_function(torch.ops.lowbit.grouped_linear.default,
+                              (x, offs, g.get_attr("qweight"), g.get_attr("scale"), None, "int8", 128, None))
+        g.output(out)
+        return torch.fx.GraphModule(root, g)
+
+    int8, bf16 = torch.int8, torch.bfloat16
+    verify(graph(torch.zeros(4, 8, 128, dtype=int8), torch.ones(4, 8, dtype=bf16)))
+    with pytest.raises(IRError, match="disagree on the number of experts"):
+        verify(graph(torch.zeros(4, 8, 128, dtype=int8), torch.ones(3, 8, dtype=bf16)))
+    with pytest.raises(IRError, match=r"qweight is torch.int8\(8, 64\), format int8 with K=128 needs torch.int8\(8, 128\)"):
+        verify(graph(torch.zeros(4, 8, 64, dtype=int8), torch.ones(4, 8, dtype=bf16)))
