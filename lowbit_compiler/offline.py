@@ -15,6 +15,9 @@
      the op's arguments, with the input transforms in front of it (``lowbit::hadamard``, R4's
      signs, ``lowbit::kron_transform``) and SpQR's ``lowbit::sparse_linear`` beside it; a float
      linear with input transforms gets them as a forward pre-hook;
+   * every experts module whose stacked 3-D weights became ``lowbit::grouped_linear`` is replaced
+     by a :class:`LowbitExperts` (transformers' ``grouped_mm`` experts forward on the quantized
+     tensors); a module whose forward it cannot reproduce keeps its float weights, reported;
    * norms whose affine parameters a rotation folded become :class:`FoldedRMSNorm`;
    * Hadamards on attention queries and keys (R3) go through transformers' AttentionInterface.
 

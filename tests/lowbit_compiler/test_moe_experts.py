@@ -214,3 +214,41 @@ def test_the_verifier_checks_stacked_expert_tensors():
         verify(graph(torch.zeros(4, 8, 128, dtype=int8), torch.ones(3, 8, dtype=bf16)))
     with pytest.raises(IRError, match=r"qweight is torch.int8\(8, 64\), format int8 with K=128 needs torch.int8\(8, 128\)"):
         verify(graph(torch.zeros(4, 8, 64, dtype=int8), torch.ones(4, 8, dtype=bf16)))
+
+
+def test_bfloat16_experts_read_by_torch_grouped_mm_are_quantized_in_both_flows():
+    """A bf16 model's experts go through ``torch._grouped_mm`` (the fp32 ones above through
+    transformers' ``grouped_mm_fallback`` op): the same rewrite, and both flows agree exactly."""
+    model, inputs = zoo.build("mixtral")
+    model = model.to(torch.bfloat16)
+    rec = Recorder(recipe="w4a16")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        compiled = torch.compile(model, backend=rec)(**inputs).logits
+        torch.compiler.reset()
+        compressed = compress(copy.deepcopy(model), "w4a16", example_inputs=inputs)
+        out = compressed(**inputs).logits
+    layers = rec.summaries[0]["layers"]
+    assert sum(1 for k, v in layers.items() if ".experts." in k and v["format"] == "int4_g128_asym") == 4
+    assert isinstance(compressed.model.layers[0].mlp.experts, LowbitExperts)
+    assert sqnr_db(ref, compiled) >= 10 and torch.equal(compiled, out)
+
+
+def test_a_projection_the_recipe_excludes_stays_float_inside_lowbit_experts():
+    from lowbit_compiler.recipe import PRESETS
+
+    recipe = PRESETS["w4a16"].replace(exclude=("*.experts.down_proj",))
+    model, inputs = zoo.build("mixtral")
+    rec = Recorder(recipe=recipe)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=rec)(**inputs).logits
+        torch.compiler.reset()
+        compressed = compress(copy.deepcopy(model), recipe, example_inputs=inputs)
+        out = compressed(**inputs).logits
+    layers = rec.summaries[0]["layers"]
+    assert layers["model.layers.0.mlp.experts.down_proj"]["skipped"] == "excluded by recipe"
+    assert layers["model.layers.0.mlp.experts.gate_up_proj"]["format"] == "int4_g128_asym"
+    experts = compressed.model.layers[0].mlp.experts
+    assert isinstance(experts, LowbitExperts) and experts.quantized == ["gate_up_proj"]
+    assert torch.equal(experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
+    assert sqnr_db(compiled, out) >= 60
