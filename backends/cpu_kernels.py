@@ -143,3 +143,41 @@ def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         return None
     dtype = compute_dtype_for(x.dtype, policy or _EAGER_POLICY[-1])
     return packed_linear(x, prepack(qweight, scale, zero, fmt, in_features, dtype), bias, dtype)
+
+
+class PackedExperts(torch.nn.Module):
+    """Stacked expert weights (``lowbit::grouped_linear``), each expert packed for torch's CPU
+    kernel like one ``wo_linear`` weight."""
+
+    def __init__(self, experts: list[PackedWeight]):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(experts)
+        self.out_features = experts[0].out_features if experts else 0
+
+    def extra_repr(self) -> str:
+        return f"{len(self.experts)} experts"
+
+
+def prepack_experts(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+                    in_features: int, dtype: torch.dtype) -> PackedExperts:
+    """Every expert of a stacked quantized weight ([E, ...]) packed for compute dtype ``dtype``;
+    cached by the identity of the stacked tensor (slicing ``qweight[e]`` makes a new tensor per
+    call, so the per-expert packs are made once here, not per call)."""
+    def make() -> PackedExperts:
+        return PackedExperts([_pack(qweight[e], scale[e], None if zero is None else zero[e], fmt, in_features, dtype)
+                              for e in range(qweight.shape[0])])
+
+    return PACK_CACHE.get_or_create(qweight, ("experts", fmt, dtype), make)
+
+
+def packed_grouped_linear(x: torch.Tensor, offs: torch.Tensor, packed: PackedExperts,
+                          compute_dtype: torch.dtype) -> torch.Tensor:
+    """``lowbit::grouped_linear`` on prepacked experts: each expert's packed kernel on the rows
+    routed to it (``x`` sorted by expert, ``offs`` cumulative counts); experts without rows cost
+    nothing, rows past ``offs[-1]`` are zero."""
+    from lowbit_compiler.ops import expert_bounds
+
+    out = x.new_zeros((x.shape[0], packed.out_features))
+    for e, s, t in expert_bounds(offs, x.shape[0]):
+        out[s:t] = packed_linear(x[s:t], packed.experts[e], None, compute_dtype)
+    return out

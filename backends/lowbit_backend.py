@@ -216,6 +216,16 @@ def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
                 "format": fmt, "in_features": in_features, "out_features": n,
                 "bytes_after": f.storage_bytes(n, in_features), "bits_per_weight": f.bits_per_weight(n, in_features),
                 "source": "already quantized in the model (compress)"}
+        elif opdecl.is_module(node, opdecl.EXPERTS) and ir.get(node, ir.WEIGHT_QUANT) is None:
+            args = ir.op_args(node)  # a LowbitExperts: <experts>.<projection>_qweight
+            fmt, in_features = args["fmt"], args["in_features"]
+            experts, n = ir.fetch_attr(gm, args["scale"].target).shape[:2]
+            f = WeightFormat.parse(fmt)
+            layers[args["qweight"].target.removesuffix("_qweight")] = {
+                "format": fmt, "in_features": in_features, "out_features": n, "experts": experts,
+                "bytes_after": experts * f.storage_bytes(n, in_features),
+                "bits_per_weight": f.bits_per_weight(n, in_features),
+                "source": "already quantized in the model (compress)"}
     return layers
 
 

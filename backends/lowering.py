@@ -189,6 +189,35 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
     return f"cpu:{a['fmt']}:{str(dtype).split('.')[-1]}"
 
 
+@register_lowering(torch.ops.lowbit.grouped_linear.default, "cpu")
+def _grouped_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: LoweringState) -> str:
+    """Stacked experts: every expert prepacked here for torch's packed CPU kernel (one pack per
+    expert, cached per stacked tensor), run on the rows routed to it; quantized activations run
+    the op's own per-expert integer matmuls; formats without a packed kernel the float
+    reference, with the reason."""
+    a = opdecl.args(node)
+    xv = _dynamo_adapter.example_value(a["x"])
+    if a["act"] is not None:
+        return f"cpu-op:{a['fmt']}:{a['act']}"
+    reason = ("no example value for the activation (dtype/device unknown)" if xv is None
+              else cpu_kernels.unsupported_reason(xv.dtype, xv.device, a["fmt"]))
+    if reason is not None:
+        return _reference(node, ctx, reason)
+    dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+    if state.inner == "inductor":
+        return f"cpu-op:{a['fmt']}:{str(dtype).split('.')[-1]}"
+    tensors = [None if a[k] is None else ir.fetch_attr(gm, a[k].target) for k in ("qweight", "scale", "zero")]
+    packed = cpu_kernels.prepack_experts(*tensors, a["fmt"], a["in_features"], dtype)
+    # named after the codes (a LowbitExperts holds two projections' codes on one module)
+    packed_name = f"{a['qweight'].target}_packed_{str(dtype).split('.')[-1]}"
+    ir.set_attr(gm, packed_name, packed)
+    with gm.graph.inserting_before(node):
+        packed_node = gm.graph.get_attr(packed_name)
+    node.target = cpu_kernels.packed_grouped_linear
+    node.args, node.kwargs = (a["x"], a["offs"], packed_node, dtype), {}
+    return f"cpu:{a['fmt']}:{str(dtype).split('.')[-1]}:experts"
+
+
 def _reference(node: fx.Node, ctx: PassContext, reason: str) -> str:
     """The op's float reference (dequantise per call), with the reason logged and counted."""
     ctx.fallback(ir.describe(node), reason)
@@ -279,6 +308,25 @@ def _lower_hadamard(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: 
         return "cpu-op"
     node.target = torch.ops.lowbit.hadamard_triton.default
     return f"triton:hadamard_{int(xv.shape[-1])}"
+
+
+@register_lowering(torch.ops.lowbit.grouped_linear.default, "triton")
+def _lower_grouped_linear(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: LoweringState) -> str:
+    """Stacked experts -> the grouped Triton GEMM over tokens sorted by expert
+    (``backends/grouped_kernel.py``), or the op's CPU implementation with the reason logged."""
+    from lowbit_compiler.backends import grouped_kernel
+
+    a = opdecl.args(node)
+    xv = _dynamo_adapter.example_value(a["x"])
+    reason = _no_triton_device() or _activation_unsupported(a["x"])
+    if reason is None:
+        reason = grouped_kernel.unsupported_reason(a["fmt"], a["act"], xv.dtype)
+    if reason is not None:
+        ctx.fallback(ir.describe(node), f"{reason}; lowbit::grouped_linear runs its CPU implementation")
+        return "cpu-op"
+    node.target = torch.ops.lowbit.grouped_linear_triton.default
+    node.args, node.kwargs = tuple(a[k] for k in ("x", "offs", "qweight", "scale", "zero", "fmt", "in_features")), {}
+    return f"triton:grouped_{a['fmt']}"
 
 
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],

@@ -5,7 +5,8 @@ A data-driven pass (``gptq``, ``awq``, ``smoothquant``, ``mixed_precision``,
 :meth:`Calibration.run`:
 
 * per linear input ``x`` [rows, K]: ``hessian`` (``sum x^T x``), ``absmax`` and ``mean_abs`` per
-  input channel, ``samples`` (the rows of ``x``, for one block at a time);
+  input channel, ``samples`` (the rows of ``x``, for one block at a time); for a grouped matmul
+  over stacked experts, the same per expert from the rows routed to it (``LinearStats.experts``);
 * per node: ``range`` (min and max of its output);
 * the model's outputs for a loss (:meth:`Calibration.outputs`), and the batches themselves as
   graph arguments (:attr:`Calibration.args`) for passes that run the graph their own way.
@@ -63,6 +64,18 @@ class LinearStats:
     samples: list[torch.Tensor] = dataclasses.field(default_factory=list)  # rows of x (float32)
     min: float = float("inf")            # range of the values seen
     max: float = float("-inf")
+    experts: list["LinearStats"] | None = None  # a grouped matmul's input: the statistics of each expert's rows
+
+    def add_grouped(self, x: torch.Tensor, offs: torch.Tensor, needs: Iterable[str]) -> None:
+        """A grouped matmul's input (rows sorted by expert, ``offs`` cumulative counts): the rows
+        of expert ``e`` go into ``experts[e]`` (an expert no token reached keeps ``rows == 0``)."""
+        from lowbit_compiler.ops import expert_bounds
+
+        if self.experts is None:
+            self.experts = [LinearStats() for _ in range(offs.shape[0])]
+        self.rows += x.shape[0]
+        for e, start, end in expert_bounds(offs, x.shape[0]):
+            self.experts[e].add(x[start:end], needs)
 
     def add(self, x: torch.Tensor, needs: Iterable[str] = ("hessian", "absmax", "mean_abs")) -> None:
         needs = set(needs)
@@ -301,7 +314,8 @@ def _reference_targets() -> dict[Any, Callable]:
     fake quantization would), not the packed CPU kernels (bf16 compute)."""
     from lowbit_compiler import ops
 
-    return {torch.ops.lowbit.wo_linear.default: ops.wo_linear_reference}
+    return {torch.ops.lowbit.wo_linear.default: ops.wo_linear_reference,
+            torch.ops.lowbit.grouped_linear.default: ops.grouped_linear_reference}
 
 
 @dataclasses.dataclass
@@ -391,9 +405,14 @@ class Calibration:
             if observe is not None:
                 select, needs, stats, at = observe
                 if select(node):
-                    value = local[node] if at == "output" else executor.value(node.args[0])
+                    grouped = ir.grouped_parts(node) if at == "input" else None
+                    value = local[node] if at == "output" else executor.value(
+                        grouped.x if grouped is not None else node.args[0])
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
-                        stats.setdefault(node, LinearStats()).add(value, needs)
+                        if grouped is not None:  # stacked experts: statistics per expert, from its rows
+                            stats.setdefault(node, LinearStats()).add_grouped(value, executor.value(grouped.offs), needs)
+                        else:
+                            stats.setdefault(node, LinearStats()).add(value, needs)
             for arg in node.all_input_nodes:
                 if arg in local and not needed_later(arg) and all(u in executed for u in arg.users):
                     del local[arg]

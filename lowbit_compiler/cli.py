@@ -86,7 +86,8 @@ def format_summary(s: dict[str, Any]) -> str:
                 continue
             if "bytes_before" in d:
                 before, after = before + d["bytes_before"], after + d["bytes_after"]
-            rows.append([fqn, d["format"], f"{d['in_features']}x{d['out_features']}", f"{d['bits_per_weight']:.3f}",
+            shape = (f"{d['experts']}x" if d.get("experts") else "") + f"{d['in_features']}x{d['out_features']}"
+            rows.append([fqn, d["format"], shape, f"{d['bits_per_weight']:.3f}",
                          d.get("bytes_before", "-"), d["bytes_after"],
                          f"{d['weight_sqnr_db']:.1f}" if "weight_sqnr_db" in d else d.get("source", "-")])
         out.append(_table(rows, ["layer", "format", "KxN", "bits/w", "bytes before", "bytes after", "weight SQNR dB"]))

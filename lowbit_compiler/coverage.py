@@ -7,7 +7,8 @@ weight (``F.linear``, ``matmul``/``mm``/``bmm``/``baddbmm``/``addmm``, ``grouped
 **embedding** table, a **norm** weight, or **other**. Matmul weights of at least
 :data:`MIN_ELEMENTS` elements that are left float get a reason: the pass's own
 ``ir.SKIPPED`` reason on the linear (excluded by the recipe, a MoE router, ...), or what no pass
-handles yet (3-D expert weights). Quantized layers come from the passes' layer records (their
+handles yet (3-D expert weights read other than by a grouped matmul: transformers'
+``batched_mm`` experts). Quantized layers come from the passes' layer records (their
 ``weight`` FQN). A weight a recipe selects and leaves float for a reason that is not the recipe's
 own choice raises in strict mode.
 
@@ -95,8 +96,11 @@ def _float_reason(reader: fx.Node | None, value: torch.Tensor, quantizes: bool) 
         return skipped.reason
     name = _name(reader.target) if reader is not None else "?"
     if value.dim() == 3 or "grouped_mm" in str(reader.target if reader is not None else ""):
-        return (f"{value.dim()}-D stacked expert weights read by {name}: no grouped low-bit matmul op yet; "
-                "left float")
+        if not quantizes:
+            return "the recipe quantizes no weights"
+        return (f"{value.dim()}-D stacked expert weights read by {name}: only a grouped matmul of a frozen 3-D weight "
+                "(transformers' default experts_implementation='grouped_mm') becomes lowbit::grouped_linear; left "
+                "float (load the model with experts_implementation='grouped_mm')")
     if not quantizes:
         return "the recipe quantizes no weights"
     if reader is not None and ir.is_linear(reader):
@@ -114,7 +118,8 @@ def account(gm: fx.GraphModule, layers: dict[str, dict[str, Any]], recipe: Any, 
     for layer, record in layers.items():
         if "bytes_after" in record and record.get("format", "float") != "float":
             fqn = record.get("weight", f"{layer}.weight")
-            weights[fqn] = {"elements": record.get("in_features", 0) * record.get("out_features", 0),
+            weights[fqn] = {"elements": record.get("in_features", 0) * record.get("out_features", 0)
+                            * max(record.get("experts", 0), 1),
                             "bytes": record.get("bytes_before", 0), "bytes_after": record["bytes_after"],
                             "role": "matmul", "status": "quantized", "layer": layer, "format": record["format"]}
     skipped = {r["weight"]: r["skipped"] for r in layers.values() if "skipped" in r and "weight" in r}

@@ -79,6 +79,7 @@ class WeightQuantDecision:
     weight_sqnr_db: float      # dequantised vs float weight
     padded_in_features: int = 0  # K after pad_to_group (0: no padding)
     outliers: int = 0            # weights kept in the sparse fp16 side tensor (SpQR-style)
+    experts: int = 0             # stacked expert weights (lowbit::grouped_linear): E [N, K] matrices; 0: a linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +258,60 @@ def linear_parts(node: fx.Node) -> LinearParts:
     if not (isinstance(w, fx.Node) and param_fqn(w) is not None):
         w = None
     return LinearParts(x=x, weight_node=w, transposed=transposed, bias=b)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedParts:
+    """A grouped matmul over stacked expert weights, ``y[rows of e] = x[rows of e] @ W_e.T``
+    (``torch._grouped_mm``, ``F.grouped_mm``, transformers' ``grouped_mm_fallback``: the matmul
+    of transformers' default ``grouped_mm`` experts implementation).
+
+    ``weight_node`` is the get_attr of the 3-D parameter; ``transposed`` False when it is stored
+    [E, N, K] (the linear layout: Mixtral's ``gate_up_proj`` [E, 2I, H], read through
+    ``transpose(-2, -1)``), True when stored [E, K, N] and read as it is. ``offs``: cumulative row
+    counts per expert."""
+
+    x: fx.Node
+    weight_node: fx.Node
+    transposed: bool
+    offs: fx.Node
+
+
+_GROUPED_MM_NAMES = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", "") or ""
+    text = str(node.target)
+    return name.split(".")[0] in _GROUPED_MM_NAMES or text.removesuffix(".default").endswith(
+        ("transformers.grouped_mm_fallback", "aten._grouped_mm"))
+
+
+def grouped_parts(node: fx.Node) -> GroupedParts | None:
+    """The pieces of a grouped matmul whose weight is a frozen parameter (None: another grouped
+    matmul, a bias or an output dtype fused in, or a computed weight)."""
+    if not is_grouped_mm(node):
+        return None
+    names = ("x", "w", "offs")
+    values = dict(zip(names, node.args))
+    for key, alias in (("x", ("input", "mat_a", "self")), ("w", ("weight", "mat_b")), ("offs", ("offs",))):
+        for a in alias:
+            if a in node.kwargs:
+                values[key] = node.kwargs[a]
+    if any(node.kwargs.get(k) is not None for k in ("bias", "out_dtype", "scale_a", "scale_b")) or len(node.args) > 3:
+        return None
+    x, w, offs = values.get("x"), values.get("w"), values.get("offs")
+    if not isinstance(x, fx.Node) or not isinstance(offs, fx.Node):
+        return None
+    transposed = True
+    if (isinstance(w, fx.Node) and w.op in ("call_method", "call_function") and w.target in ("transpose", torch.transpose)
+            and tuple(w.args[1:]) in ((-2, -1), (-1, -2), (1, 2), (2, 1))):
+        w, transposed = w.args[0], False
+    if param_fqn(w) is None:
+        return None
+    return GroupedParts(x=x, weight_node=w, transposed=transposed, offs=offs)
 
 
 def op_args(node: fx.Node) -> dict[str, Any]:

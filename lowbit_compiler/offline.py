@@ -15,6 +15,9 @@
      the op's arguments, with the input transforms in front of it (``lowbit::hadamard``, R4's
      signs, ``lowbit::kron_transform``) and SpQR's ``lowbit::sparse_linear`` beside it; a float
      linear with input transforms gets them as a forward pre-hook;
+   * every experts module whose stacked 3-D weights became ``lowbit::grouped_linear`` is replaced
+     by a :class:`LowbitExperts` (transformers' ``grouped_mm`` experts forward on the quantized
+     tensors); a module whose forward it cannot reproduce keeps its float weights, reported;
    * norms whose affine parameters a rotation folded become :class:`FoldedRMSNorm`;
    * Hadamards on attention queries and keys (R3) go through transformers' AttentionInterface.
 
@@ -100,6 +103,97 @@ class LowbitLinear(torch.nn.Module):
         if self.transform_left is not None:
             rot += f", input_transform={self.transform_left.shape[0]}x{self.transform_right.shape[0]}"
         return f"{self.fmt}{act}{rot}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class LowbitExperts(torch.nn.Module):
+    """A transformers experts module (stacked 3-D expert weights, ``experts_implementation=
+    "grouped_mm"``) whose stacked weights are quantized: the same computation as transformers'
+    ``grouped_mm_experts_forward`` (tokens sorted by expert, one grouped matmul per projection,
+    the module's own gate, routing weights, tokens restored), each quantized projection one
+    ``lowbit::grouped_linear`` over the stacked per-expert tensors; a projection the recipe left
+    float keeps its float weight (transformers' grouped matmul)."""
+
+    def __init__(self, experts: torch.nn.Module, quantized: dict[str, dict[str, Any]]):
+        super().__init__()
+        self.experts_class = type(experts).__name__
+        self._gate_fn = getattr(type(experts), "_apply_gate", None)
+        for key, value in vars(experts).items():  # num_experts, has_gate, is_transposed, a custom gate's constants
+            if not key.startswith("_") and key != "training" and isinstance(value, (bool, int, float, str, type(None))):
+                setattr(self, key, value)
+        for name, child in experts.named_children():  # act_fn (and any module a custom gate uses)
+            self.add_module(name, child)
+        self.quantized = sorted(quantized)
+        for name, param in experts.named_parameters(recurse=False):
+            if name in quantized:
+                spec = quantized[name]
+                for key in ("qweight", "scale", "zero"):
+                    self.register_buffer(f"{name}_{key}", spec[key])
+                setattr(self, f"{name}_spec", (spec["fmt"], spec["in_features"], spec["act"], param.dtype))
+            else:  # float: another projection, biases
+                setattr(self, name, param)
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._gate_fn(self, gate_up)
+
+    def _project(self, name: str, x: torch.Tensor, offsets: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if name in self.quantized:
+            fmt, in_features, act, dtype = getattr(self, f"{name}_spec")
+            out = torch.ops.lowbit.grouped_linear(x.to(dtype), offsets, getattr(self, f"{name}_qweight"),
+                                                  getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero"), fmt,
+                                                  in_features, act)
+        else:
+            from transformers.integrations.moe import _grouped_mm
+
+            weight = getattr(self, name)
+            out = _grouped_mm(x, weight if self.is_transposed else weight.transpose(-2, -1), offs=offsets)
+        if getattr(self, "has_bias", False):
+            out = out + getattr(self, f"{name}_bias")[expert_ids]
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        device = hidden_states.device
+        num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
+        sample_weights, expert_ids = top_k_weights.reshape(-1), top_k_index.reshape(-1)
+        expert_ids_g, perm = torch.sort(expert_ids)
+        selected = hidden_states[perm // num_top_k]
+        sample_weights_g = sample_weights[perm]
+        histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
+        tokens_per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        if self.has_gate:
+            out = self._apply_gate(self._project("gate_up_proj", selected, offsets, expert_ids_g))
+        else:
+            out = self.act_fn(self._project("up_proj", selected, offsets, expert_ids_g))
+        out = self._project("down_proj", out, offsets, expert_ids_g)
+        weighted = out * sample_weights_g.unsqueeze(-1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.size(0), device=device)
+        weighted = weighted[inv_perm]
+        return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        specs = ", ".join(f"{n}={getattr(self, f'{n}_spec')[0]}" + (f"/{getattr(self, f'{n}_spec')[2]}"
+                                                                      if getattr(self, f"{n}_spec")[2] else "")
+                          for n in self.quantized)
+        return f"{self.experts_class}, {getattr(self, 'num_experts', '?')} experts, {specs}"
+
+
+def _not_grouped_mm_experts(module: torch.nn.Module) -> str | None:
+    """Why an experts module cannot become a :class:`LowbitExperts` (None: it can): it must be a
+    transformers experts module running the ``grouped_mm`` implementation, whose forward
+    LowbitExperts reproduces."""
+    if not hasattr(module, "has_gate") or not hasattr(module, "is_transposed"):
+        return (f"{type(module).__name__} is not a transformers experts module (@use_experts_implementation); its "
+                "forward cannot be reproduced")
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if impl != "grouped_mm":
+        return f"{type(module).__name__} runs experts_implementation={impl!r}, not 'grouped_mm'"
+    if getattr(module, "_is_expert_parallel", False):
+        return f"{type(module).__name__} is expert-parallel (sentinel rows); not supported"
+    if getattr(module, "has_post_expert_norm", False):
+        return f"{type(module).__name__} has a post-expert norm; not supported"
+    return None
 
 
 class FoldedRMSNorm(torch.nn.Module):
@@ -351,6 +445,7 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
     represented: set[fx.Node] = set()
     with torch.no_grad():
         counts["tensors"] = _write_tensors(model, captured)
+    _write_experts(model, gm, recipe_name, strict, counts, represented)
     for node in list(gm.graph.nodes):
         quantized = opdecl.is_module(node, opdecl.LINEAR)
         if not (quantized or ir.is_linear(node)):
@@ -436,6 +531,45 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
                           "queries and keys); use torch.compile(model, backend='lowbit', options={'recipe': ...}) for "
                           "this recipe")
     return counts, r3
+
+
+def _write_experts(model: torch.nn.Module, gm: fx.GraphModule, recipe_name: str, strict: bool,
+                   counts: dict[str, Any], represented: set[fx.Node]) -> None:
+    """Each experts module whose stacked weights became ``lowbit::grouped_linear`` nodes ->
+    a :class:`LowbitExperts` holding the very tensors of those nodes. A module whose forward
+    LowbitExperts cannot reproduce keeps its float weights, with a warning and ``left_float``
+    (strict: an error), as a linear inside a larger module does."""
+    owners: dict[str, dict[str, dict[str, Any]]] = {}
+    for node in gm.graph.nodes:
+        if not opdecl.is_module(node, opdecl.EXPERTS):
+            continue
+        represented.add(node)
+        decision = ir.get(node, ir.WEIGHT_QUANT)
+        if decision is None:  # arrived quantized (a LowbitExperts compiled again)
+            continue
+        a = opdecl.args(node)
+        owner, _, attr = decision.layer.rpartition(".")
+        owners.setdefault(owner, {})[attr] = {"layer": decision.layer,
+            "fmt": a["fmt"], "in_features": a["in_features"], "act": a["act"],
+            **{k: None if a[k] is None else ir.fetch_attr(gm, a[k].target) for k in ("qweight", "scale", "zero")}}
+    for owner, quantized in owners.items():
+        module = model.get_submodule(owner)
+        reason = _not_grouped_mm_experts(module)
+        if reason is None and (missing := sorted(set(quantized) - {n for n, _ in module.named_parameters(recurse=False)})):
+            reason = f"{type(module).__name__} has no parameters {missing}"
+        if reason is not None:
+            message = (f"compress({recipe_name}): experts {owner or '(the model)'}: {reason}; their weights stay float "
+                       "in the compressed "
+                       "model (use torch.compile(model, backend='lowbit'), which quantizes them inside the graph)")
+            if strict:
+                raise LowbitError(message)
+            log.warning(message)
+            for spec in quantized.values():
+                counts["left_float"][spec["layer"]] = reason
+            continue
+        parent, child = _weight_owner(model, owner)
+        setattr(parent, child, LowbitExperts(module, quantized))
+        counts["replaced_modules"] += 1
 
 
 def _write_tensors(model: torch.nn.Module, captured: Captured) -> int:

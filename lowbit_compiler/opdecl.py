@@ -29,6 +29,7 @@ INPUT_TRANSFORM = "input"      # applied to a linear's input: part of that Lowbi
 SIDE = "side"                  # added to a linear's output (``linear + op``): part of that LowbitLinear
 ATTENTION = "attention"        # on queries/keys before attention: the attention implementation wraps it
 LOWERED = "lowered"            # only the backend creates it (a generated kernel's call): no module form
+EXPERTS = "experts"            # a grouped matmul over stacked expert weights: a LowbitExperts replaces the experts module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class OpDeclaration:
         name: the op's name in the ``lowbit`` namespace.
         summary: one line: what it computes.
         reference: float reference with the op's signature (every fast path is tested against it).
-        module: its form in the offline flow (LINEAR, INPUT_TRANSFORM, SIDE, ATTENTION, LOWERED).
+        module: its form in the offline flow (LINEAR, INPUT_TRANSFORM, SIDE, ATTENTION, LOWERED, EXPERTS).
         no_kernel: why the generated-kernel target has no lowering for it (None: the backend
             registers one); the op's own CPU implementation then runs, and the reason is logged.
         fusion_anchor: a low-bit matmul the fusion groups form around (``backends/fusion.py``).
@@ -110,6 +111,10 @@ def _declare_builtins() -> None:
     declare(OpDeclaration(
         "qa_linear", "quantized weights x quantized activations (per token, or one static scale)",
         ops.qa_linear_reference, LINEAR, fusion_anchor=True, describe=linear_text))
+    declare(OpDeclaration(
+        "grouped_linear", "grouped low-bit matmul over stacked expert weights: rows sorted by expert, each row times "
+        "its expert's dequantised weight (MoE)", ops.grouped_linear_reference, EXPERTS,
+        describe=lambda a: linear_text(a) + ", stacked experts"))
     declare(OpDeclaration(
         "hadamard", "x @ H_n / sqrt(n) over the last dimension (online rotation: R3, R4)", ops.hadamard_reference,
         INPUT_TRANSFORM, describe=lambda a: "online Hadamard"))

@@ -344,3 +344,81 @@ def sparse_linear_eager(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
 @sparse_linear.register_fake
 def _(x, rows, cols, values, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped low-bit matmul over stacked expert weights (MoE)
+# --------------------------------------------------------------------------------------------
+
+def expert_bounds(offs: torch.Tensor, rows: int) -> list[tuple[int, int, int]]:
+    """``(expert, first row, end row)`` of every expert that received rows: ``offs`` [E] holds the
+    cumulative row counts (``offs[e]`` is the end of expert ``e``'s rows, as ``torch._grouped_mm``
+    and transformers' ``grouped_mm_fallback`` take them); rows past ``offs[-1]`` belong to no expert."""
+    bounds, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        end = min(int(end), rows)
+        if end > start:
+            bounds.append((e, start, end))
+        start = max(start, end)
+    return bounds
+
+
+def _expert(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if t is None else t[e]
+
+
+@torch.library.custom_op("lowbit::grouped_linear", mutates_args=())
+def grouped_linear(x: torch.Tensor, offs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None, fmt: str, in_features: int, act: str | None = None) -> torch.Tensor:
+    """Grouped low-bit matmul over stacked expert weights: ``x`` [S, K] holds the routed tokens
+    sorted by expert, ``offs`` [E] the cumulative row count per expert; row ``r`` of expert ``e``
+    gives ``x[r] @ dequantize(qweight[e], scale[e], zero[e])[:, :K].T`` (rows past ``offs[-1]``:
+    zero). ``qweight``/``scale``/``zero`` are the per-expert tensors of ``lowbit::wo_linear``
+    stacked on a leading expert dimension (same formats). ``act`` (``"int8"``, ``"int4"``,
+    ``"fp8_e4m3"``): activations quantized per token, as ``lowbit::qa_linear``."""
+    return grouped_linear_eager(x, offs, qweight, scale, zero, fmt, in_features, act)
+
+
+def grouped_linear_eager(x: torch.Tensor, offs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                         zero: torch.Tensor | None, fmt: str, in_features: int, act: str | None = None) -> torch.Tensor:
+    """The op's implementation: per expert that received tokens, the packed CPU kernel of
+    ``wo_linear`` (prepacked once per stacked weight) or ``qa_linear``'s integer matmul on its
+    rows; formats without a packed kernel run the float reference (logged once, counted)."""
+    from lowbit_compiler.backends import cpu_kernels
+
+    if act is not None:
+        out = x.new_zeros((x.shape[0], scale.shape[1]))
+        for e, s, t in expert_bounds(offs, x.shape[0]):
+            out[s:t] = qa_linear_eager(x[s:t], qweight[e], scale[e], _expert(zero, e), None, fmt, in_features, act)
+        return out
+    if (reason := wo_linear_fallback_reason(fmt, x.dtype, x.device.type)) is not None:
+        eager_fallback("lowbit::grouped_linear", fmt, reason.replace("lowbit::wo_linear", "lowbit::grouped_linear"))
+        return grouped_linear_reference(x, offs, qweight, scale, zero, fmt, in_features, act)
+    dtype = cpu_kernels.compute_dtype_for(x.dtype, cpu_kernels._EAGER_POLICY[-1])
+    packed = cpu_kernels.prepack_experts(qweight, scale, zero, fmt, in_features, dtype)
+    return cpu_kernels.packed_grouped_linear(x, offs, packed, dtype)
+
+
+@grouped_linear.register_fake
+def _(x, offs, qweight, scale, zero, fmt, in_features, act=None):
+    torch._check(x.shape[-1] == in_features, lambda: f"lowbit::grouped_linear: x has K={x.shape[-1]}, "
+                 f"the expert weights expect K={in_features}")
+    return x.new_empty((x.shape[0], scale.shape[1]))
+
+
+def grouped_linear_reference(x: torch.Tensor, offs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                             zero: torch.Tensor | None, fmt: str, in_features: int,
+                             act: str | None = None) -> torch.Tensor:
+    """Float reference: per expert, ``wo_linear_reference`` (dequantised float32 weight, float32
+    matmul; float64 for float64 activations) or ``qa_linear_reference`` on its rows."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros((x.shape[0], scale.shape[1]), dtype=compute, device=x.device)
+    for e, s, t in expert_bounds(offs, x.shape[0]):
+        rows = x[s:t]
+        if act is not None:
+            out[s:t] = qa_linear_reference(rows, qweight[e], scale[e], _expert(zero, e), None, fmt, in_features,
+                                           act).to(compute)
+        else:
+            out[s:t] = wo_linear_reference(rows.to(compute), qweight[e], scale[e], _expert(zero, e), None, fmt,
+                                           in_features)
+    return out.to(x.dtype)

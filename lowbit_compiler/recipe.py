@@ -106,6 +106,12 @@ class Recipe:
         return (any(fnmatch.fnmatchcase(layer, p) for p in self.include)
                 and not any(fnmatch.fnmatchcase(layer, p) for p in self.exclude))
 
+    def names(self, layer: str) -> bool:
+        """Whether an include glob other than the default ``"*"`` selects this layer (and no exclude
+        glob drops it): how a recipe opts in to what stays float by default (MoE routers)."""
+        return (any(p != "*" and fnmatch.fnmatchcase(layer, p) for p in self.include)
+                and not any(fnmatch.fnmatchcase(layer, p) for p in self.exclude))
+
     def pass_options(self, pass_name: str) -> dict[str, Any]:
         return dict(dict(self.options).get(pass_name, ()))
 

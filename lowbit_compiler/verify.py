@@ -5,7 +5,8 @@ It checks the conventions of ``lowbit_compiler/ir.py`` that lint cannot know abo
 * every ``get_attr`` resolves, and frozen ones carry ``ir.PARAM`` whose FQN is the target;
 * ``node.meta["lowbit"]`` holds only known keys with frozen-dataclass values;
 * every ``lowbit::wo_linear`` has a valid format key, consistent tensor shapes and dtypes, and
-  a ``WEIGHT_QUANT`` decision that agrees with them;
+  a ``WEIGHT_QUANT`` decision that agrees with them; every ``lowbit::grouped_linear`` the same
+  per expert, with one expert count across its tensors;
 * no frozen parameter is left as a placeholder.
 """
 from __future__ import annotations
@@ -45,9 +46,13 @@ def verify(gm: fx.GraphModule) -> None:
                 _fail(node, f"PARAM fqn {info.fqn!r} differs from the target {node.target!r}")
         if opdecl.is_module(node, opdecl.LINEAR):
             _verify_quantized_linear(gm, node)
+        if opdecl.is_module(node, opdecl.EXPERTS):
+            _verify_quantized_linear(gm, node, stacked=True)
 
 
-def _verify_quantized_linear(gm: fx.GraphModule, node: fx.Node) -> None:
+def _verify_quantized_linear(gm: fx.GraphModule, node: fx.Node, stacked: bool = False) -> None:
+    """A quantized linear's tensors against its format's layout; ``stacked``: every tensor has a
+    leading expert dimension (the same for all) and the layout holds per expert."""
     a = opdecl.args(node)
     qweight, scale, zero, fmt_key, in_features = a["qweight"], a["scale"], a["zero"], a["fmt"], a["in_features"]
     try:
@@ -61,6 +66,13 @@ def _verify_quantized_linear(gm: fx.GraphModule, node: fx.Node) -> None:
         if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
             _fail(node, f"{name} must be a get_attr constant")
         tensors[name] = ir.fetch_attr(gm, arg.target)
+    experts = 0
+    if stacked:
+        counts = {name: t.shape[0] if t.dim() else None for name, t in tensors.items()}
+        if len(set(counts.values())) != 1:
+            _fail(node, f"stacked expert tensors disagree on the number of experts: {counts}")
+        experts = counts["scale"]
+        tensors = {name: t[0] for name, t in tensors.items()}  # one expert's layout
     n = tensors["scale"].shape[0]
     layout = fmt.layout(n, in_features)
     for name in ("qweight", "scale", "zero"):
@@ -71,5 +83,6 @@ def _verify_quantized_linear(gm: fx.GraphModule, node: fx.Node) -> None:
             _fail(node, f"{name} is {got.dtype}{tuple(got.shape)}, format {fmt.key} with K={in_features} "
                   f"needs {want[0]}{want[1]}")
     decision = ir.get(node, ir.WEIGHT_QUANT)
-    if decision is not None and (decision.format, decision.out_features, decision.in_features) != (fmt.key, n, in_features):
+    if decision is not None and (decision.format, decision.out_features, decision.in_features, decision.experts) != (
+            fmt.key, n, in_features, experts):
         _fail(node, f"WEIGHT_QUANT decision {decision} disagrees with the op arguments")

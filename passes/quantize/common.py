@@ -11,6 +11,11 @@ becomes a ``lowbit::`` op.
   ``observe_activations``' ``ir.ACT_SCALE``), the quantized tensors registered under the layer's
   FQN, and the ``ir.WEIGHT_QUANT`` decision (bytes, bits per weight, weight SQNR; SpQR outliers
   counted from ``ir.OUTLIERS``).
+* :func:`select_experts` / :func:`replace_experts`: the same for the grouped matmuls over stacked
+  3-D expert weights (``ir.grouped_parts``: transformers' ``grouped_mm`` experts), which become
+  ``lowbit::grouped_linear`` with every expert quantized in the linear's format and stacked;
+  the layer is the weight's FQN (``model.layers.0.mlp.experts.gate_up_proj``), so recipe globs
+  select experts as they select linears.
 * :data:`RESULTS`: data-driven results cached by the identity of the weight they were computed
   for, the pass, its options, the recipe and the calibration data, so that the prefill and
   decode graphs of one compiled model (and its recompiles) share them.
@@ -55,6 +60,116 @@ class Site:
         return n, k
 
 
+@dataclasses.dataclass
+class ExpertSite:
+    """One grouped matmul over a stacked 3-D expert weight a quantizing pass may take."""
+
+    node: fx.Node
+    layer: str                   # the weight's FQN
+    param: torch.Tensor          # [E, N, K], or [E, K, N] when transposed
+    transposed: bool
+    fmt: WeightFormat
+    parts: ir.GroupedParts
+
+    @property
+    def experts(self) -> int:
+        return self.param.shape[0]
+
+    def weight(self, e: int) -> torch.Tensor:
+        """[N, K] view of expert ``e``'s weight."""
+        w = self.param.detach()[e]
+        return w.t() if self.transposed else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.weight(0).shape
+        return n, k
+
+
+def select_experts(gm: fx.GraphModule, ctx: PassContext, pass_name: str) -> list[ExpertSite]:
+    """The grouped matmuls over frozen 3-D expert weights the recipe selects (module docstring);
+    the others get an ``ir.SKIPPED`` reason and a layer record."""
+    recipe, sites = ctx.recipe, []
+    for node in gm.graph.nodes:
+        parts = ir.grouped_parts(node)
+        if parts is None:
+            continue
+        layer = parts.weight_node.target
+        param = ir.fetch_attr(gm, layer)
+        if not isinstance(param, torch.Tensor) or param.dim() != 3:
+            continue
+        if not recipe.applies_to(layer):
+            ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, "excluded by the recipe's include/exclude globs"))
+            ctx.layers[layer] = {"format": "float", "skipped": "excluded by recipe", "weight": layer}
+            continue
+        fmt = format_of(node, recipe)
+        if fmt is None:
+            continue
+        site = ExpertSite(node, layer, param, parts.transposed, fmt, parts)
+        check_layer(fmt, site.shape[1], layer, recipe.pad_to_group)
+        sites.append(site)
+    return sites
+
+
+def stack_experts(qws: list[QuantizedWeight]) -> QuantizedWeight:
+    """Per-expert quantized weights -> one with a leading expert dimension on every tensor."""
+    first = qws[0]
+    zero = None if first.zero is None else torch.stack([q.zero for q in qws])
+    return QuantizedWeight(first.format, torch.stack([q.qweight for q in qws]), torch.stack([q.scale for q in qws]),
+                           zero, first.in_features)
+
+
+def experts_sqnr(site: ExpertSite, qws: list[QuantizedWeight]) -> float:
+    """Weight SQNR over all experts together."""
+    ref = torch.stack([site.weight(e).float() for e in range(site.experts)])
+    return sqnr_db(ref, torch.stack([dequantize(q) for q in qws]))
+
+
+def replace_experts(gm: fx.GraphModule, ctx: PassContext, site: ExpertSite, qws: list[QuantizedWeight],
+                    sqnr: float | None = None) -> fx.Node:
+    """Replace ``site``'s grouped matmul by ``lowbit::grouped_linear`` over the stacked quantized
+    experts (registered under ``<weight FQN>_quantized.*``); returns the new node. Activation
+    schemes: per-token ones are applied per expert (as ``qa_linear``); a static scheme has no
+    per-expert scales, so the experts are quantized weight-only, reported as a fallback."""
+    recipe, node, layer = ctx.recipe, site.node, site.layer
+    stacked = stack_experts(qws)
+    n, k = site.shape
+    if sqnr is None:
+        sqnr = experts_sqnr(site, qws)
+    act = None
+    if recipe.activation:
+        from lowbit_compiler.recipe import ACTIVATIONS
+
+        if recipe.activation.endswith("_static"):
+            ctx.fallback(f"layer {layer} (node {node.name})",
+                         f"activation {recipe.activation!r}: no static scales per expert (observe_activations observes "
+                         "linears); these stacked experts are quantized weight-only")
+        else:
+            act = ACTIVATIONS[recipe.activation][0]
+    prefix = tensor_prefix(gm, layer)
+    with gm.graph.inserting_before(node):
+        q = _register(gm, f"{prefix}.qweight", stacked.qweight)
+        s = _register(gm, f"{prefix}.scale", stacked.scale)
+        z = None if stacked.zero is None else _register(gm, f"{prefix}.zero", stacked.zero)
+        new = gm.graph.call_function(torch.ops.lowbit.grouped_linear.default,
+                                     (site.parts.x, site.parts.offs, q, s, z, site.fmt.key, k, act))
+    new.meta.update(node.meta)
+    nbytes = stacked.nbytes()
+    decision = ir.WeightQuantDecision(
+        layer=layer, format=site.fmt.key, in_features=k, out_features=n, bits_per_weight=nbytes * 8 / (site.experts * n * k),
+        bytes_before=site.param.numel() * site.param.element_size(), bytes_after=nbytes, weight_sqnr_db=round(sqnr, 2),
+        padded_in_features=site.fmt.padded_k(k) if site.fmt.padded_k(k) != k else 0, experts=site.experts)
+    ir.put(new, ir.WEIGHT_QUANT, decision)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    record = {k_: v for k_, v in decision.__dict__.items() if k_ != "layer"}
+    record["weight"] = layer
+    if act is not None:
+        record["activation"] = act
+    ctx.layers[layer] = record
+    return new
+
+
 _ROUTING_STEPS = frozenset({"softmax", "sigmoid", "float", "to", "type_as", "view", "reshape", "add", "scatter"})
 
 
@@ -89,8 +204,9 @@ def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_g
             ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, "weight is computed in the graph, not a parameter"))
             continue
         layer = ir.layer_name(node, parts.weight_node.target)
-        if is_router(node):
-            reason = "MoE router (its output picks experts through topk); routers stay float"
+        if is_router(node) and not recipe.names(layer):
+            reason = ("MoE router (its output picks experts through topk); routers stay float unless an include glob "
+                      "names them")
             ir.put(node, ir.SKIPPED, ir.SkipReason(pass_name, reason))
             ctx.layers[layer] = {"format": "float", "skipped": reason, "weight": parts.weight_node.target}
             continue

@@ -20,6 +20,10 @@ Quantized tensors are cached per parameter object (and its in-place version coun
 decode and recompiled graphs of one model share a single copy; ``QUANT_CACHE.misses`` counts
 real work.
 
+Stacked 3-D expert weights read by a grouped matmul (transformers' ``grouped_mm`` experts:
+``common.select_experts``) become ``lowbit.grouped_linear(x, offs, <weight>_quantized.qweight,
+..., "<format key>", K, act)``: every expert rounded the same way as a linear, then stacked.
+
 What it leaves alone, with the reason in ``ir.SKIPPED``: linears whose weight is computed in the
 graph (not a parameter), layers the recipe excludes. A layer whose K does not fit the group size
 raises (naming the layer and the fix) unless the recipe sets ``pad_to_group``.
@@ -60,6 +64,24 @@ def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat,
     return QUANT_CACHE.get_or_create(param, (transposed, fmt.key, rounding, tuple(sorted(options.items()))), make)
 
 
+def quantize_experts(param: torch.Tensor, transposed: bool, fmt: WeightFormat, rounding: str = "rtn",
+                     **options: Any) -> tuple[list[QuantizedWeight], float]:
+    """Every expert of a stacked [E, N, K] (or [E, K, N]) parameter rounded like one linear, and
+    the weight SQNR over all of them; cached as :func:`quantize_parameter`."""
+
+    def make() -> tuple[list[QuantizedWeight], float]:
+        qws = []
+        for e in range(param.shape[0]):
+            w = param.detach()[e].t() if transposed else param.detach()[e]
+            qws.append(rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
+                       rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
+        ref = param.detach().transpose(1, 2) if transposed else param.detach()
+        return qws, sqnr_db(ref.float(), torch.stack([dequantize(q) for q in qws]))
+
+    return QUANT_CACHE.get_or_create(param, ("experts", transposed, fmt.key, rounding, tuple(sorted(options.items()))),
+                                     make)
+
+
 class QuantizeLinears(Pass):
     """Base of the quantizing passes: select the linears, quantize each (``quantize_sites``),
     replace them by ``lowbit::`` ops, report."""
@@ -75,7 +97,7 @@ class QuantizeLinears(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.recipe.weight is None:
             return PassResult(False, 0, {"note": "recipe has no weight format"})
-        sites = common.select_linears(gm, ctx, self.name)
+        sites = common.select_linears(gm, ctx, self.name) + common.select_experts(gm, ctx, self.name)
         decisions, extra = self.quantize_sites(gm, ctx, sites)
         if decisions:
             common.drop_unused_attrs(gm)
@@ -83,7 +105,7 @@ class QuantizeLinears(Pass):
                                          activation=ctx.recipe.activation or "float")
         return PassResult(bool(decisions), len(decisions), details)
 
-    def quantize_sites(self, gm: fx.GraphModule, ctx: PassContext, sites: list[common.Site]):
+    def quantize_sites(self, gm: fx.GraphModule, ctx: PassContext, sites: list[common.Site | common.ExpertSite]):
         raise NotImplementedError
 
 
@@ -103,8 +125,12 @@ class InsertWeightQuant(QuantizeLinears):
         options = {"iters": self.options["hqq_iters"]} if self.rounding == "hqq" else {}
         decisions = []
         for site in sites:
-            qw, sqnr = quantize_parameter(site.param, site.transposed, site.fmt, self.rounding, **options)
-            new = common.replace_linear(gm, ctx, site, qw, sqnr)
+            if isinstance(site, common.ExpertSite):
+                qws, sqnr = quantize_experts(site.param, site.transposed, site.fmt, self.rounding, **options)
+                new = common.replace_experts(gm, ctx, site, qws, sqnr)
+            else:
+                qw, sqnr = quantize_parameter(site.param, site.transposed, site.fmt, self.rounding, **options)
+                new = common.replace_linear(gm, ctx, site, qw, sqnr)
             decisions.append(ir.get(new, ir.WEIGHT_QUANT))
         return decisions, {"rounding": self.rounding}
 

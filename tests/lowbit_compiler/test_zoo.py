@@ -34,10 +34,9 @@ def test_zoo(arch, recipe, flow):
     assert record["quantized"] > 0
     for weight, reason in record["float_matmul"].items():
         assert reason, f"{weight} stays float without a reason"
-    if arch in ("mixtral", "qwen3_moe", "deepseek_v3"):  # stacked experts: reported, not yet quantized
-        assert any("expert" in r for r in record["float_matmul"].values())
-    else:
-        assert record["float_matmul"] == {}, record["float_matmul"]
+    assert record["float_matmul"] == {}, record["float_matmul"]  # MoE experts too (lowbit::grouped_linear)
+    if arch in ("mixtral", "qwen3_moe", "deepseek_v3") and recipe == "w4a16":
+        assert record["ratio"] >= 3.5, record  # whole model; 1.14x for Mixtral while its experts stayed float
 
 
 @pytest.mark.slow  # about 30 s on 2 busy cores
