@@ -65,11 +65,21 @@ def _dtype_name(t: torch.Tensor, key: str) -> str:
 
 def module_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """What the compression put into ``model``, module by module, without tensors."""
-    from lowbit_compiler.offline import FoldedRMSNorm, GraphRMSNorm, LowbitLinear, input_transforms_of
+    from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear,
+                                         input_transforms_of)
 
     records: dict[str, dict[str, Any]] = {}
     for fqn, module in model.named_modules():
-        if isinstance(module, LowbitLinear):
+        if isinstance(module, LowbitExperts):
+            records[fqn] = {"kind": "LowbitExperts", "projections": {}}
+            for name in module.quantized:
+                fmt, in_features, act, dtype = getattr(module, f"{name}_spec")
+                qweight = getattr(module, f"{name}_qweight")
+                records[fqn]["projections"][name] = {
+                    "fmt": fmt, "act": act, "in_features": in_features, "num_experts": qweight.shape[0],
+                    "out_features": getattr(module, f"{name}_scale").shape[1],
+                    "weight_dtype": str(dtype).removeprefix("torch.")}
+        elif isinstance(module, LowbitLinear):
             records[fqn] = {"kind": "LowbitLinear", "fmt": module.fmt, "act": module.act,
                             "in_features": module.in_features, "out_features": module.out_features,
                             "input_hadamard": bool(module.input_hadamard),
@@ -222,6 +232,33 @@ def _declared(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {**tensors, **{k: tensors[v] for k, v in meta.get("aliases", {}).items()}}
 
 
+def _check_experts(fqn: str, record: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Stacked experts: each projection's tensors are its format's layout with the experts in front."""
+    projections = record.get("projections")
+    if not isinstance(projections, dict) or not projections:
+        raise LowbitError(f"checkpoint: module {fqn}: LowbitExperts without projections")
+    for name, p in projections.items():
+        where = f"{fqn}.{name}"
+        try:
+            fmt = WeightFormat.parse(p["fmt"])
+        except (FormatError, KeyError, TypeError) as e:
+            raise LowbitError(f"checkpoint: module {where}: unknown weight format {p.get('fmt')!r} ({e})") from None
+        if p.get("act") not in ACTIVATIONS:
+            raise LowbitError(f"checkpoint: module {where}: unknown activation format {p.get('act')!r}")
+        e, n, k = p.get("num_experts"), p.get("out_features"), p.get("in_features")
+        if not all(isinstance(v, int) and v > 0 for v in (e, n, k)):
+            raise LowbitError(f"checkpoint: module {where}: num_experts/out_features/in_features must be positive "
+                              f"integers, got {e!r}/{n!r}/{k!r}")
+        for part, entry in fmt.layout(n, k).items():
+            key = f"{fqn}.{name}_{part}"
+            if entry is None:
+                if key in tensors:
+                    raise LowbitError(f"checkpoint: tensor {key} is present but format {fmt.key} has no {part}")
+                continue
+            dtype, shape = entry
+            _expect(key, tensors.get(key), dtype, (e, *shape), f"format {fmt.key} for {e} experts of [{n}, {k}]")
+
+
 def validate(meta: dict[str, Any], stored: dict[str, dict[str, Any]] | None = None) -> None:
     """Check a manifest (and, given the files' tensor table ``stored``, the files against it);
     raises :class:`LowbitError` naming the first mismatch."""
@@ -246,6 +283,8 @@ def validate(meta: dict[str, Any], stored: dict[str, dict[str, Any]] | None = No
         kind = record.get("kind")
         if kind == "LowbitLinear":
             _check_linear(fqn, record, declared)
+        elif kind == "LowbitExperts":
+            _check_experts(fqn, record, declared)
         elif kind not in ("FoldedRMSNorm", "GraphRMSNorm", "InputTransforms"):
             raise LowbitError(f"checkpoint: module {fqn}: unknown module kind {kind!r}")
     if stored is None:
@@ -287,7 +326,8 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
     modules replaced as the manifest says, with empty tensors of the declared dtypes and shapes;
     tensors the float model does not have (biases folding created, untied heads) added. The
     tensors are then loaded by name."""
-    from lowbit_compiler.offline import FoldedRMSNorm, GraphRMSNorm, LowbitLinear, _attention_r3, add_input_transforms
+    from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, _attention_r3,
+                                         add_input_transforms)
 
     tensors = meta["tensors"]
     declared = _declared(meta)
@@ -310,6 +350,16 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
                                   input_transform=None if left is None else (left, right),
                                   input_signs=t(fqn, "input_signs"),
                                   weight_dtype=getattr(torch, record.get("weight_dtype", "float32")))
+            _set_module(model, fqn, module)
+        elif kind == "LowbitExperts":  # built around the float experts module (its gate, act_fn, flags)
+            quantized = {name: {"qweight": t(fqn, f"{name}_qweight"), "scale": t(fqn, f"{name}_scale"),
+                                "zero": t(fqn, f"{name}_zero"), "fmt": p["fmt"], "in_features": p["in_features"],
+                                "act": p.get("act")}
+                         for name, p in record["projections"].items()}
+            module = LowbitExperts(current, quantized)
+            for name, p in record["projections"].items():  # the float weight's dtype, as write-back keeps it
+                fmt, in_features, act, _ = getattr(module, f"{name}_spec")
+                setattr(module, f"{name}_spec", (fmt, in_features, act, getattr(torch, p.get("weight_dtype", "float32"))))
             _set_module(model, fqn, module)
         elif kind == "FoldedRMSNorm":  # its zero-size stand-in weight keeps the folded weight's dtype
             like = torch.empty(0, dtype=getattr(torch, record.get("weight_dtype", "float32")), device=device)

@@ -107,6 +107,7 @@ class LowbitHfQuantizer(HfQuantizer):
             meta = self.quantization_config.manifest()
             checkpoint.tie_aliases(model, meta)
             checkpoint.materialize_stand_ins(model)
+            keep_names(model)
             model.lowbit_summary = checkpoint.loaded_summary(meta, getattr(model, "name_or_path", None))
             return model
         from lowbit_compiler.offline import compress
@@ -154,9 +155,17 @@ def refresh(model: Any) -> LowbitConfig:
     return config
 
 
+def keep_names(model: Any) -> None:
+    """Save tensors under the model's own names: transformers' save_pretrained otherwise reverts its
+    load-time renamings (Mixtral's ``mlp`` -> ``block_sparse_moe``) on the way out, and the manifest
+    names the modules as they are; loading accepts the new names as they are."""
+    model._weight_conversions = []
+
+
 def attach(model: Any) -> None:
     """Make a compressed transformers model saveable with ``save_pretrained``."""
     config = refresh(model)
+    keep_names(model)
     model.hf_quantizer = LowbitHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = checkpoint.QUANT_METHOD

@@ -145,7 +145,7 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
     expressed, before writing anything."""
     from safetensors.torch import save_file
 
-    from lowbit_compiler.offline import FoldedRMSNorm, GraphRMSNorm, LowbitLinear, input_transforms_of
+    from lowbit_compiler.offline import FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, input_transforms_of
 
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
         raise LowbitError(f"export compressed-tensors: {type(model).__name__} is not a transformers model; "
@@ -162,7 +162,11 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
     owned: set[str] = set()
     for fqn, module in model.named_modules():
         prefix = f"{fqn}." if fqn else ""
-        if isinstance(module, LowbitLinear):
+        if isinstance(module, LowbitExperts):
+            owned.update(prefix + name for name, _ in module.named_buffers(recurse=False))
+            refused.append(f"{fqn}: quantized stacked MoE experts (lowbit::grouped_linear); this exporter does not "
+                           "write compressed-tensors' expert layout yet")
+        elif isinstance(module, LowbitLinear):
             owned.update(prefix + name for name, _ in module.named_buffers(recurse=False))
             owned.update(prefix + name for name, _ in module.named_parameters(recurse=False))
             found = scheme_of(module)

@@ -22,11 +22,11 @@ from lowbit_compiler.pass_base import get_pass
 from lowbit_compiler.recipe import get_recipe
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "checkpoint_v1")
-ARCHS = ("llama", "qwen2", "gpt2", "bert", "phi3")
+ARCHS = ("llama", "qwen2", "gpt2", "bert", "phi3", "mixtral")  # mixtral: stacked experts (LowbitExperts)
 # the default suite: one preset per architecture (weight-only, rotated, GPTQ, W8A8, fp4, SpQR); the
 # whole matrix (every preset x five architectures) is slow
 FAST = {("llama", "w4a4-rot"), ("qwen2", "w4a16-gptq"), ("gpt2", "w8a8"), ("bert", "w4a16-spqr"),
-        ("phi3", "nvfp4")}
+        ("phi3", "nvfp4"), ("mixtral", "w4a16")}
 
 
 def _calibration(recipe: str):

@@ -101,3 +101,11 @@ def test_cli_exports_a_saved_checkpoint(tmp_path, capsys):
     state = loaded.state_dict()
     for fqn, w in _our_weights(model).items():
         assert torch.equal(state[fqn + ".weight"], w), fqn
+
+
+def test_quantized_moe_experts_are_refused(tmp_path):
+    model, _ = zoo.build("mixtral")
+    compress(model, "w4a16", progress=False)
+    with pytest.raises(LowbitError, match=r"mlp\.experts: quantized stacked MoE experts"):
+        export_compressed_tensors(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
