@@ -88,13 +88,27 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             const float s = bf16_to_f32(scale[n * groups + g]);
             const float z = {zero_expr};
             const uint8_t* b = row + g * (G / 2);
+            if (M == 1) {{  /* decode: convert and multiply in one pass */
+                float d = 0.0f;
+                #pragma omp simd reduction(+:d)
+                for (int64_t j = 0; j < G / 2; j++)
+                    d += (float)(b[j] & 15) * xe[g * (G / 2) + j] + (float)(b[j] >> 4) * xo[g * (G / 2) + j];
+                acc[0] += s * (d - z * xs[g]);
+                continue;
+            }}
+            float lo[G / 2], hi[G / 2];  /* several rows: convert the group's codes once */
+            #pragma omp simd
+            for (int64_t j = 0; j < G / 2; j++) {{
+                lo[j] = (float)(b[j] & 15);
+                hi[j] = (float)(b[j] >> 4);
+            }}
             for (int64_t m = 0; m < M; m++) {{
                 const float* e = xe + m * half + g * (G / 2);
                 const float* o = xo + m * half + g * (G / 2);
                 float d = 0.0f;
                 #pragma omp simd reduction(+:d)
                 for (int64_t j = 0; j < G / 2; j++)
-                    d += (float)(b[j] & 15) * e[j] + (float)(b[j] >> 4) * o[j];
+                    d += lo[j] * e[j] + hi[j] * o[j];
                 acc[m] += s * (d - z * xs[m * groups + g]);
             }}
         }}
@@ -114,14 +128,24 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
     for (int64_t n = 0; n < N; n++) {{
         const int8_t* w = codes + n * K;
         const float s = bf16_to_f32(scale[n]);
-        for (int64_t m = 0; m < M; m++) {{
-            const float* xm = x + m * K;
-            float d = 0.0f;
-            #pragma omp simd reduction(+:d)
-            for (int64_t k = 0; k < K; k++)
-                d += (float)w[k] * xm[k];
-            y[m * N + n] = s * d + (bias ? bias[n] : 0.0f);
+        float d[{max_rows}] = {{0}};
+        for (int64_t k0 = 0; k0 < K; k0 += 256) {{  /* a block of the row converted once for all rows */
+            const int64_t k1 = k0 + 256 < K ? k0 + 256 : K;
+            float wf[256];
+            #pragma omp simd
+            for (int64_t k = k0; k < k1; k++)
+                wf[k - k0] = (float)w[k];
+            for (int64_t m = 0; m < M; m++) {{
+                const float* xm = x + m * K;
+                float t = 0.0f;
+                #pragma omp simd reduction(+:t)
+                for (int64_t k = k0; k < k1; k++)
+                    t += wf[k - k0] * xm[k];
+                d[m] += t;
+            }}
         }}
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = s * d[m] + (bias ? bias[n] : 0.0f);
     }}
 }}
 """
@@ -146,7 +170,7 @@ def source(fmt: str) -> str:
     f = WeightFormat.parse(fmt)
     name = kernel_name(fmt)
     if f.bits == 8:
-        body = _INT8.format(name=name)
+        body = _INT8.format(name=name, max_rows=MAX_ROWS)
     else:
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS,
                             zero_expr="(float)zero[n * groups + g]" if f.has_zero_points else "8.0f")
