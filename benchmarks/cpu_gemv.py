@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -25,18 +26,10 @@ from lowbit_compiler import formats
 from lowbit_compiler.backends import cpu_codegen, cpu_kernels
 from lowbit_compiler.formats import WeightFormat
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_cpu import read_bandwidth  # noqa: E402  (the same bandwidth measurement as the decode benchmark)
+
 SHAPES = {"q/o proj": (2048, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)}
-
-
-def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 9) -> float:
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times)
 
 
 def main() -> None:

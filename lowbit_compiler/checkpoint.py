@@ -189,6 +189,20 @@ def _expect(key: str, declared: dict[str, Any] | None, dtype: torch.dtype, shape
         raise LowbitError(f"checkpoint: tensor {key} has shape {declared['shape']}; {why} needs {list(shape)}")
 
 
+def _check_layout(fmt: WeightFormat, n: int, k: int, prefix: str, lead: tuple[int, ...], tensors: dict[str, Any],
+                  why: str) -> None:
+    """The stored tensors (``<prefix>qweight`` / ``scale`` / ``zero``) are ``fmt.layout(n, k)``, with
+    ``lead`` dimensions in front (the experts of stacked weights)."""
+    for part, entry in fmt.layout(n, k).items():
+        key = prefix + part
+        if entry is None:
+            if key in tensors:
+                raise LowbitError(f"checkpoint: tensor {key} is present but format {fmt.key} has no {part}")
+            continue
+        dtype, shape = entry
+        _expect(key, tensors.get(key), dtype, (*lead, *shape), why)
+
+
 def _check_linear(fqn: str, record: dict[str, Any], tensors: dict[str, Any]) -> None:
     try:
         fmt = WeightFormat.parse(record["fmt"])
@@ -204,13 +218,7 @@ def _check_linear(fqn: str, record: dict[str, Any], tensors: dict[str, Any]) -> 
                           f"{k!r}/{n!r}")
     if fmt.group_size and fmt.padded_k(k) - k >= fmt.group_size:
         raise LowbitError(f"checkpoint: module {fqn}: format {fmt.key} does not fit in_features={k}")
-    for name, entry in fmt.layout(n, k).items():
-        key = f"{fqn}.{name}"
-        if entry is None:
-            if key in tensors:
-                raise LowbitError(f"checkpoint: tensor {key} is present but format {fmt.key} has no {name}")
-            continue
-        _expect(key, tensors.get(key), *entry, f"format {fmt.key} for a [{n}, {k}] weight")
+    _check_layout(fmt, n, k, f"{fqn}.", (), tensors, f"format {fmt.key} for a [{n}, {k}] weight")
     for name, shape in (("bias", (n,)), ("x_scale", None), ("input_signs", (k,))):
         declared = tensors.get(f"{fqn}.{name}")
         if declared is not None and shape is not None and tuple(declared["shape"]) != shape:
@@ -249,14 +257,7 @@ def _check_experts(fqn: str, record: dict[str, Any], tensors: dict[str, Any]) ->
         if not all(isinstance(v, int) and v > 0 for v in (e, n, k)):
             raise LowbitError(f"checkpoint: module {where}: num_experts/out_features/in_features must be positive "
                               f"integers, got {e!r}/{n!r}/{k!r}")
-        for part, entry in fmt.layout(n, k).items():
-            key = f"{fqn}.{name}_{part}"
-            if entry is None:
-                if key in tensors:
-                    raise LowbitError(f"checkpoint: tensor {key} is present but format {fmt.key} has no {part}")
-                continue
-            dtype, shape = entry
-            _expect(key, tensors.get(key), dtype, (e, *shape), f"format {fmt.key} for {e} experts of [{n}, {k}]")
+        _check_layout(fmt, n, k, f"{fqn}.{name}_", (e,), tensors, f"format {fmt.key} for {e} experts of [{n}, {k}]")
 
 
 def validate(meta: dict[str, Any], stored: dict[str, dict[str, Any]] | None = None) -> None:
