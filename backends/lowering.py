@@ -160,33 +160,51 @@ EAGER_NOTES["lowbit::hadamard"] = lambda a: "fast Walsh-Hadamard transform in to
 EAGER_NOTES["lowbit::wo_linear"] = lambda a: "the packed CPU kernel when one exists for the call's dtype, else the float reference"
 
 
+def _cpu_compute_dtype(node: fx.Node, ctx: PassContext, state: LoweringState,
+                       a: dict[str, Any]) -> torch.dtype | None:
+    """The compute dtype of torch's packed CPU kernels for this call, or None after binding the
+    node to its float reference (with the reason logged and counted)."""
+    xv = _dynamo_adapter.example_value(a["x"])
+    reason = ("no example value for the activation (dtype/device unknown)" if xv is None
+              else cpu_kernels.unsupported_reason(xv.dtype, xv.device, a["fmt"]))
+    if reason is not None:
+        _reference(node, ctx, reason)
+        return None
+    return cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+
+
+def _call_prepacked(gm: fx.GraphModule, node: fx.Node, packed: torch.nn.Module, name: str, target: Any,
+                    args: Callable[[fx.Node], tuple]) -> None:
+    """Hold ``packed`` on the graph module as ``name`` and make ``node`` call ``target(*args(packed))``."""
+    ir.set_attr(gm, name, packed)
+    with gm.graph.inserting_before(node):
+        packed_node = gm.graph.get_attr(name)
+    node.target = target
+    node.args, node.kwargs = args(packed_node), {}
+
+
+def _quantized_tensors(gm: fx.GraphModule, a: dict[str, Any]) -> list[torch.Tensor | None]:
+    return [None if a[k] is None else ir.fetch_attr(gm, a[k].target) for k in ("qweight", "scale", "zero")]
+
+
 @register_lowering(torch.ops.lowbit.wo_linear.default, "cpu")
 def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: LoweringState) -> str:
     """The packed CPU kernels (prepacked here, at compile time, cached per quantized tensor), or the
     float reference with the reason."""
     a = opdecl.args(node)
-    xv = _dynamo_adapter.example_value(a["x"])
-    if xv is None:
-        reason = "no example value for the activation (dtype/device unknown)"
-    else:
-        reason = cpu_kernels.unsupported_reason(xv.dtype, xv.device, a["fmt"])
-    if reason is not None:
-        return _reference(node, ctx, reason)
-    dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+    dtype = _cpu_compute_dtype(node, ctx, state, a)
+    if dtype is None:
+        return "reference"
+    dtype_name = str(dtype).split(".")[-1]
     if state.inner == "inductor":
         # Inductor traces the graph: the op stays, and its CPU implementation (the same packed
         # kernels, packed once per weight) runs as an extern call inside Inductor's code
-        return f"cpu-op:{a['fmt']}:{str(dtype).split('.')[-1]}"
-    tensors = [None if a[k] is None else ir.fetch_attr(gm, a[k].target) for k in ("qweight", "scale", "zero")]
-    packed = cpu_kernels.prepack(*tensors, a["fmt"], a["in_features"], dtype)
+        return f"cpu-op:{a['fmt']}:{dtype_name}"
+    packed = cpu_kernels.prepack(*_quantized_tensors(gm, a), a["fmt"], a["in_features"], dtype)
     base = a["qweight"].target.rsplit(".", 1)[0]
-    packed_name = f"{base}.packed_{str(dtype).split('.')[-1]}"
-    ir.set_attr(gm, packed_name, packed)
-    with gm.graph.inserting_before(node):
-        packed_node = gm.graph.get_attr(packed_name)
-    node.target = cpu_kernels.packed_linear
-    node.args, node.kwargs = (a["x"], packed_node, a["bias"], dtype), {}
-    return f"cpu:{a['fmt']}:{str(dtype).split('.')[-1]}"
+    _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
+                    lambda p: (a["x"], p, a["bias"], dtype))
+    return f"cpu:{a['fmt']}:{dtype_name}"
 
 
 @register_lowering(torch.ops.lowbit.grouped_linear.default, "cpu")
@@ -196,26 +214,19 @@ def _grouped_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, sta
     the op's own per-expert integer matmuls; formats without a packed kernel the float
     reference, with the reason."""
     a = opdecl.args(node)
-    xv = _dynamo_adapter.example_value(a["x"])
     if a["act"] is not None:
         return f"cpu-op:{a['fmt']}:{a['act']}"
-    reason = ("no example value for the activation (dtype/device unknown)" if xv is None
-              else cpu_kernels.unsupported_reason(xv.dtype, xv.device, a["fmt"]))
-    if reason is not None:
-        return _reference(node, ctx, reason)
-    dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+    dtype = _cpu_compute_dtype(node, ctx, state, a)
+    if dtype is None:
+        return "reference"
+    dtype_name = str(dtype).split(".")[-1]
     if state.inner == "inductor":
-        return f"cpu-op:{a['fmt']}:{str(dtype).split('.')[-1]}"
-    tensors = [None if a[k] is None else ir.fetch_attr(gm, a[k].target) for k in ("qweight", "scale", "zero")]
-    packed = cpu_kernels.prepack_experts(*tensors, a["fmt"], a["in_features"], dtype)
+        return f"cpu-op:{a['fmt']}:{dtype_name}"
+    packed = cpu_kernels.prepack_experts(*_quantized_tensors(gm, a), a["fmt"], a["in_features"], dtype)
     # named after the codes (a LowbitExperts holds two projections' codes on one module)
-    packed_name = f"{a['qweight'].target}_packed_{str(dtype).split('.')[-1]}"
-    ir.set_attr(gm, packed_name, packed)
-    with gm.graph.inserting_before(node):
-        packed_node = gm.graph.get_attr(packed_name)
-    node.target = cpu_kernels.packed_grouped_linear
-    node.args, node.kwargs = (a["x"], a["offs"], packed_node, dtype), {}
-    return f"cpu:{a['fmt']}:{str(dtype).split('.')[-1]}:experts"
+    _call_prepacked(gm, node, packed, f"{a['qweight'].target}_packed_{dtype_name}", cpu_kernels.packed_grouped_linear,
+                    lambda p: (a["x"], a["offs"], p, dtype))
+    return f"cpu:{a['fmt']}:{dtype_name}:experts"
 
 
 def _reference(node: fx.Node, ctx: PassContext, reason: str) -> str:
