@@ -256,7 +256,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     if fn is None or rows > MAX_ROWS or qweight.device.type != "cpu":
         return None
     k = in_features
-    if WeightFormat.parse(fmt).padded_k(k) != k:
+    f = WeightFormat.parse(fmt)
+    if f.padded_k(k) != k:
         return None
     if scale.dtype != torch.bfloat16:
         return None
@@ -267,7 +268,7 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     zeros = None if zero is None else zero.contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(rows, n, dtype=torch.float32)
-    groups = k // (WeightFormat.parse(fmt).group_size or k)
+    groups = k // (f.group_size or k)
     scratch = torch.empty(rows * (k + groups) if codes.dtype == torch.uint8 else 1, dtype=torch.float32)
     fn(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), _ptr(zeros), _ptr(b), y.data_ptr(), scratch.data_ptr(),
        rows, n, k, torch.get_num_threads())

@@ -167,7 +167,8 @@ def read_header(path: str) -> dict[str, dict[str, Any]]:
     return header
 
 
-def _headers(files: list[str]) -> dict[str, dict[str, Any]]:
+def headers(files: list[str]) -> dict[str, dict[str, Any]]:
+    """The tensor table of several weight files (each entry names its file)."""
     found: dict[str, dict[str, Any]] = {}
     for path in files:
         for name, entry in read_header(path).items():
@@ -492,7 +493,7 @@ def load(directory: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Modul
     directory = os.fspath(directory)
     meta = read_manifest(directory)
     files = weight_files(directory)
-    validate(meta, _headers(files))
+    validate(meta, headers(files))
     prepare(model, meta)
     state: dict[str, torch.Tensor] = {}
     for path in files:
@@ -527,7 +528,7 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
 def inspect_summary(directory: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint as ``lowbit inspect`` prints a dump's graph: recipe, per-layer table, totals."""
     meta = read_manifest(directory)
-    validate(meta, _headers(weight_files(os.fspath(directory))))
+    validate(meta, headers(weight_files(os.fspath(directory))))
     summary = loaded_summary(meta, os.fspath(directory))
     stored = sum(math.prod(e["shape"]) * _bits(DTYPES[e["dtype"]]) // 8 for e in meta["tensors"].values())
     return {**summary, "graph": f"checkpoint {os.fspath(directory)} (format version {meta['format_version']}, "

@@ -235,9 +235,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A saved lowbit checkpoint written in a serving engine's format."""
-    from lowbit_compiler.export.compressed_tensors import load_for_export
+    from lowbit_compiler.hf import load_pretrained
 
-    model = load_for_export(args.checkpoint)
+    model = load_pretrained(args.checkpoint)
     if args.format == "compressed-tensors":
         from lowbit_compiler.export.compressed_tensors import export_compressed_tensors
 

@@ -15,6 +15,8 @@ transformers (``register_quantization_config`` / ``register_quantizer``), so tha
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from transformers.quantizers import HfQuantizer
@@ -71,11 +73,10 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         config = self.quantization_config
-        if self.pre_quantized:
+        if self.pre_quantized:  # the manifest is validated with the files' tables before any weight is read
             if not config.is_checkpoint:
                 raise LowbitError("from_pretrained: the checkpoint's quantization_config (quant_method 'lowbit') has no "
                                   "module table; it was not written by save_pretrained of a compressed model")
-            checkpoint.validate(config.manifest())
             return
         from lowbit_compiler.pass_base import get_pass
         from lowbit_compiler.recipe import get_recipe
@@ -97,8 +98,7 @@ class LowbitHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model
         meta = self.quantization_config.manifest()
-        if checkpoint_files:
-            checkpoint.validate(meta, checkpoint._headers(list(checkpoint_files)))
+        checkpoint.validate(meta, checkpoint.headers(list(checkpoint_files)) if checkpoint_files else None)
         checkpoint.prepare(model, meta, device="meta")
         return model
 
@@ -177,3 +177,21 @@ def register() -> None:
         register_quantization_config(checkpoint.QUANT_METHOD)(LowbitConfig)
     if checkpoint.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(checkpoint.QUANT_METHOD)(LowbitHfQuantizer)
+
+
+def load_pretrained(directory: str | os.PathLike) -> Any:
+    """A saved lowbit checkpoint (``save_pretrained`` of a compressed transformers model), loaded
+    with the architecture class its ``config.json`` names (what ``lowbit export`` reads)."""
+    import transformers
+
+    directory = os.fspath(directory)
+    meta = checkpoint.read_manifest(directory)
+    if meta.get("quant_method") != checkpoint.QUANT_METHOD:
+        raise LowbitError(f"{directory} is not a lowbit checkpoint (quant_method {meta.get('quant_method')!r})")
+    with open(os.path.join(directory, "config.json")) as f:
+        architectures = json.load(f).get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise LowbitError(f"{directory}/config.json names architectures {architectures}, which transformers does not "
+                          "have; load the model yourself and call the export function on it")
+    return cls.from_pretrained(directory).eval()

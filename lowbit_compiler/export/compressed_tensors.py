@@ -242,22 +242,3 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
 def _fqn_of(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
-
-def load_for_export(directory: str | os.PathLike) -> Any:
-    """A saved lowbit checkpoint (``save_pretrained`` of a compressed transformers model), loaded
-    with the architecture class its ``config.json`` names."""
-    import transformers
-
-    from lowbit_compiler import checkpoint
-
-    directory = os.fspath(directory)
-    meta = checkpoint.read_manifest(directory)
-    if meta.get("quant_method") != checkpoint.QUANT_METHOD:
-        raise LowbitError(f"export: {directory} is not a lowbit checkpoint (quant_method {meta.get('quant_method')!r})")
-    with open(os.path.join(directory, "config.json")) as f:
-        architectures = json.load(f).get("architectures") or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        raise LowbitError(f"export: {directory}/config.json names architectures {architectures}, which transformers "
-                          "does not have; load the model yourself and call the export function on it")
-    return cls.from_pretrained(directory).eval()
