@@ -12,7 +12,9 @@ enters the second product as a 16-bit hi + lo pair; fp32 activations use fp32 pr
 (``input_precision="ieee"``: TF32 would cost ~3 decimal digits).
 
 One program per row. Sizes with ``pad(A) * pad(B) > 16384`` (one fp32 row tile above 64 KB) are
-refused with the reason; the op's CPU implementation then runs. Not yet: fusing the transform
+refused with the reason, and so are sizes whose factors and row tile do not fit the device's shared
+memory (:func:`shared_bytes`; on an H200, Llama-2's 11008 in fp32 needs 336 KB of its 227 KB); the
+op's torch implementation then runs. Not yet: fusing the transform
 into the following quantized linear's activation prologue (the prologue quantizes K-tiles as it
 streams them, while the transform needs the whole row first).
 """
@@ -35,13 +37,33 @@ def _pad(v: int) -> int:
     return max(16, 1 << (v - 1).bit_length())
 
 
-def unsupported_reason(n: int) -> str | None:
+SM90_SHARED_BYTES = 232448  # an H100/H200 block's opt-in shared memory (what the AOT check assumes)
+
+
+def shared_bytes(n: int, dtype: torch.dtype) -> int:
+    """Shared memory one program needs: H_A^T, H_B and one row tile, in the dtype the dots use
+    (fp32 rows use fp32 factors). Matches Triton's report: 11008 fp32 (256 x 64 padded) 344064."""
+    a, b = hadamard.split_two(n)
+    pa, pb = _pad(a), _pad(b)
+    return (pa * pa + pa * pb + pb * pb) * (4 if dtype == torch.float32 else 2)
+
+
+def unsupported_reason(n: int, dtype: torch.dtype = torch.float16, device: torch.device | str | None = None) -> str | None:
+    """Why the kernel cannot transform rows of ``n`` ``dtype`` values on ``device`` (a CUDA device's
+    own shared-memory limit; sm_90's without one), or None."""
     if (reason := hadamard.unsupported_reason(n)) is not None:
         return reason
     a, b = hadamard.split_two(n)
     if _pad(a) * _pad(b) > MAX_TILE:
         return (f"size {n}: the padded row tile {_pad(a)} x {_pad(b)} exceeds {MAX_TILE} fp32 elements of one "
                 "program; the CPU implementation runs")
+    limit = SM90_SHARED_BYTES
+    if device is not None and torch.device(device).type == "cuda":
+        limit = torch.cuda.get_device_properties(torch.device(device)).shared_memory_per_block_optin
+    if (need := shared_bytes(n, dtype)) > limit:
+        return (f"size {n} in {str(dtype).removeprefix('torch.')}: the kernel needs {need // 1024} KB of shared "
+                f"memory per program (H_A^T, H_B and the row tile), the device allows {limit // 1024} KB; "
+                "16-bit activations need half")
     return None
 
 
@@ -85,7 +107,7 @@ def _factors(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, tor
 def launch(x: torch.Tensor) -> torch.Tensor:
     """``x @ H_n / sqrt(n)`` over the last dimension with the Triton kernel (same dtype as x)."""
     n = x.shape[-1]
-    if (reason := unsupported_reason(n)) is not None:
+    if (reason := unsupported_reason(n, x.dtype, x.device if x.is_cuda else None)) is not None:
         raise ValueError(reason)
     a, b = hadamard.split_two(n)
     rows = x.reshape(-1, n)

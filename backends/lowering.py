@@ -313,7 +313,7 @@ def _lower_hadamard(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: 
     reason = _no_triton_device() or _activation_unsupported(x)
     xv = _dynamo_adapter.example_value(x)
     if reason is None:
-        reason = hadamard_kernel.unsupported_reason(int(xv.shape[-1]))
+        reason = hadamard_kernel.unsupported_reason(int(xv.shape[-1]), xv.dtype, xv.device if xv.is_cuda else None)
     if reason is not None:
         ctx.fallback(ir.describe(node), f"{reason}; lowbit::hadamard runs its CPU implementation")
         return "cpu-op"

@@ -17,9 +17,14 @@ def test_the_kernel_matches_the_float64_transform(n):
     assert torch.equal(torch.kron(hadamard.kron_factor(a), hadamard.kron_factor(b)) / n ** 0.5, hadamard.matrix(n))
     x = torch.randn(3, 2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     ref = x @ hadamard.matrix(n)
-    out = hadamard_kernel.launch(x.float())
-    assert out.dtype == torch.float32 and out.shape == x.shape
-    assert sqnr_db(ref, out.double()) > 125  # fp32 products (no TF32)
+    if (reason := hadamard_kernel.unsupported_reason(n, torch.float32)) is None:
+        out = hadamard_kernel.launch(x.float())
+        assert out.dtype == torch.float32 and out.shape == x.shape
+        assert sqnr_db(ref, out.double()) > 125  # fp32 products (no TF32)
+    else:  # 688 = 172 x 4, padded 256 x 16: fp32 factors exceed an H200's shared memory
+        assert n == 688 and "shared memory" in reason
+        with pytest.raises(ValueError, match="shared memory"):
+            hadamard_kernel.launch(x.float())
     # loaded and stored in dtype, computed in fp32 (another summation order than the CPU op's, and
     # the interpreter's fp32 -> bf16 store rounds its own way): within one step of the CPU op
     for dtype, bits in ((torch.float16, 10), (torch.bfloat16, 7)):
@@ -33,6 +38,18 @@ def test_sizes_too_large_for_one_tile_are_refused_with_the_reason():
     assert hadamard_kernel.unsupported_reason(11008) is None  # Llama-2's: 172 x 64, padded 256 x 64
     assert "exceeds 16384" in hadamard_kernel.unsupported_reason(32768)
     assert "not a power of two" in hadamard_kernel.unsupported_reason(100)
+    # fp32 factors for 11008 (256 x 64 padded) need 336 KB of shared memory: an H200 refused the
+    # launch (OutOfResources, 344064 > 232448 bytes); 16-bit ones need half and ran there
+    assert "336 KB of shared memory" in hadamard_kernel.unsupported_reason(11008, torch.float32)
+    assert hadamard_kernel.unsupported_reason(11008, torch.bfloat16) is None
+    assert hadamard_kernel.unsupported_reason(14336, torch.float32) is None  # 192 KB: ran on the H200
+
+
+def test_the_shared_memory_model_matches_the_compiler():
+    jobs = [hadamard_kernel.aot_job(n, dtype) for n, dtype in ((4096, torch.float32), (14336, torch.float16))]
+    for job, report, (n, dtype) in zip(jobs, _triton_adapter.compile_for_gpu(jobs),
+                                       ((4096, torch.float32), (14336, torch.float16))):
+        assert report["shared_bytes"] <= hadamard_kernel.shared_bytes(n, dtype), (n, dtype, report)
 
 
 def test_w4a4_rot_lowers_every_hadamard_to_the_kernel():
