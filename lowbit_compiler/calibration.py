@@ -83,7 +83,7 @@ class LinearStats:
         k = x.shape[-1]
         self.rows += x.shape[0]
         if needs & {"absmax", "mean_abs", "hessian"} and self.absmax is None:
-            self.absmax, self.abssum = torch.zeros(k), torch.zeros(k)
+            self.absmax, self.abssum = torch.zeros(k, device=x.device), torch.zeros(k, device=x.device)
         if self.absmax is not None:
             self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
             self.abssum += x.abs().sum(0)
@@ -173,6 +173,9 @@ def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool 
                 (k for b in batches for k, v in b.items() if isinstance(v, torch.Tensor) and v.shape == value.shape
                  and v.dtype == value.dtype and torch.equal(v, value)), None)
     shapes = [getattr(_dynamo_adapter.example_value(p), "shape", None) for p in placeholders]
+    # batches are usually made on the CPU (tokenizers return CPU tensors): each goes to the device
+    # the graph was captured on
+    devices = [getattr(_dynamo_adapter.example_value(p), "device", None) for p in placeholders]
     derived = None
     if "decoder_input_ids" in names and not any("decoder_input_ids" in b for b in batches):
         batches, derived = with_decoder_inputs(batches, names, shapes, example_args)
@@ -186,7 +189,8 @@ def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool 
             "step's)" + (f"; {derived}" if derived and derived.startswith("cannot") else "")))
     args, skipped = [], []
     for batch in batches:
-        values = tuple(batch.get(n) for n in names)
+        values = tuple(v.to(d) if isinstance(v, torch.Tensor) and d is not None and v.device != d else v
+                       for v, d in zip((batch.get(n) for n in names), devices))
         if all(isinstance(v, torch.Tensor) and (s is None or tuple(v.shape) == tuple(s)) for v, s in zip(values, shapes)):
             args.append(values)
         else:

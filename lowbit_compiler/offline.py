@@ -270,6 +270,16 @@ def _with_decoder_ids(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[st
     return kwargs
 
 
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs must live: the device of its first parameter (CPU without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _to_device(batches: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    """Calibration batches on the model's device (tokenizers return CPU tensors)."""
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+
+
 def _example_call(model: torch.nn.Module, batches: list[dict[str, Any]],
                   example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(args, kwargs) for the capture: ``example_inputs`` as given (a dict: keywords; a tensor or a
@@ -285,7 +295,8 @@ def _example_call(model: torch.nn.Module, batches: list[dict[str, Any]],
     if batches:
         return (), _with_decoder_ids(model, dict(batches[0]))
     if getattr(getattr(model, "config", None), "vocab_size", None):
-        return (), _with_decoder_ids(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+        return (), _with_decoder_ids(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long,
+                                                                      device=_input_device(model))})
     raise LowbitError(f"compress: cannot build an input for {type(model).__name__} (no config.vocab_size); pass "
                       "example_inputs=tensor, a tuple of positional tensors, or a dict of keyword inputs")
 
@@ -331,7 +342,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
              strict: bool = False, tokenizer: Any = None, progress: bool = True) -> torch.nn.Module:
     """Apply ``recipe`` to ``model`` in place and return it; ``model.lowbit_summary`` says what changed."""
     recipe = get_recipe(recipe)
-    batches = as_batches(calibration, tokenizer)
+    batches = _to_device(as_batches(calibration, tokenizer), _input_device(model))
     call = _example_call(model, batches, example_inputs)
     graphs: list[tuple[Captured, Any]] = []
 
