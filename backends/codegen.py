@@ -14,8 +14,10 @@ Python file in the style of Triton's matrix-multiplication tutorial:
 
 Two shape classes (chosen per graph from the row count M, static or symbolic):
 
-* ``gemv`` (M <= 4, decode): one row per program, ``BLOCK_N`` outputs per program, the dot
-  product as a multiply and a row sum in registers;
+* ``gemv`` (M <= 4, decode): all rows in one program (``BLOCK_M`` = M rounded up to a power of
+  two: the weights are streamed once), ``BLOCK_N`` outputs per program (8 or 16: enough programs
+  to fill a GPU's SMs), products accumulated elementwise in a ``[BLOCK_M, BLOCK_N, BLOCK_K]``
+  register tile and reduced over K once, after the loop;
 * ``gemm`` (prefill): ``BLOCK_M x BLOCK_N`` tiles with ``tl.dot`` (float32 operands use
   ``input_precision="ieee"`` under the interpreter and ``"tf32"`` on a GPU; fp16/bf16 models feed
   ``tl.dot`` in their own dtype on a GPU).
@@ -60,7 +62,7 @@ class KernelSpec:
 
     Args:
         fmt: weight format key (``int8``, ``int4_g128_asym``, ...).
-        variant: ``"gemv"`` (one row per program) or ``"gemm"`` (tiles with ``tl.dot``).
+        variant: ``"gemv"`` (elementwise products, one K reduction) or ``"gemm"`` (``tl.dot`` tiles).
         block_m, block_n, block_k, num_warps: tiling (block_k is the group size for int4).
         x_dtype, out_dtype: activation and output dtypes (torch names).
         n_weights: 1, or 2 for a horizontally fused pair (gate and up) reading the same input.
@@ -162,7 +164,13 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
     """Tiling per shape class. ``rows`` is M when static, None when symbolic (prefill)."""
     block_k = fmt.group_size or (128 if rows is not None and rows <= GEMV_MAX_ROWS else 64)
     if rows is not None and rows <= GEMV_MAX_ROWS:
-        return dict(variant="gemv", block_m=1, block_n=32, block_k=block_k, num_warps=4, dot="ieee")
+        # every row in one program (weights read once); narrow N tiles so that a 4096-wide layer
+        # launches 256-512 programs (a 132-SM H100/H200 ran the 32-wide, one-row-per-program
+        # version at 6-24 % of its copy bandwidth); 4 rows x 8 columns x 128 K fp32 partial sums
+        # are 32 registers per accumulator at 4 warps
+        block_m = 1 if rows <= 1 else 2 if rows == 2 else 4
+        return dict(variant="gemv", block_m=block_m, block_n=16 if block_m <= 2 else 8, block_k=block_k,
+                    num_warps=4, dot="ieee")
     if act in ("int8", "int4"):
         dot = "int8"  # integer tensor cores on a GPU, numpy integers under the interpreter: exact
     elif not on_gpu:
@@ -246,7 +254,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def grid(spec: KernelSpec, n: int) -> tuple[sympy.Expr, sympy.Expr]:
-    rows = M if spec.variant == "gemv" else sympy.ceiling(M / spec.block_m)
+    rows = M if spec.block_m == 1 else sympy.ceiling(M / spec.block_m)
     return rows, sympy.Integer(-(-n // spec.block_n))
 
 
@@ -490,8 +498,10 @@ def _weight_block(spec: KernelSpec, i: int) -> str:
 
 def _dot(spec: KernelSpec, i: int) -> str:
     group_scale = f".to(tl.float32) * s{i}[None, :]" if spec.integer and spec.format.bits == 4 else ""
-    if spec.variant == "gemv":
-        return f"acc{i} += tl.sum(x * w{i}, axis=1)[None, :]{group_scale}  # BLOCK_M == 1: a row times a tile"
+    if spec.variant == "gemv":  # partial sums per k lane: reduced once, after the loop
+        if group_scale:
+            return f"acc{i} += (x[:, None, :] * w{i}[None, :, :]).to(tl.float32) * s{i}[None, :, None]"
+        return f"acc{i} += x[:, None, :] * w{i}[None, :, :]"
     if spec.dot == "int8":
         return f"acc{i} += tl.dot(x.to(tl.int8), tl.trans(w{i}.to(tl.int8))){group_scale}  # int8 x int8 -> int32, exact"
     if spec.dot == "fp8":
@@ -542,7 +552,15 @@ def render(spec: KernelSpec) -> str:
     """The source of the kernel file for ``spec``."""
     name = spec.name
     acc_type = "tl.int32" if _int32_acc(spec) else "tl.float32"
-    accs = "\n".join(f"acc{i} = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})" for i in range(spec.n_weights))
+    if spec.variant == "gemv":
+        acc_type = "tl.float32" if spec.integer and spec.format.bits == 4 else acc_type
+        accs = "\n".join(f"acc{i} = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype={acc_type})"
+                         for i in range(spec.n_weights))
+        reduce = "# ---- the K reduction, once\n" + "\n".join(
+            f"acc{i} = tl.sum(acc{i}, axis=2)" for i in range(spec.n_weights)) + "\n\n"
+    else:
+        accs = "\n".join(f"acc{i} = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})" for i in range(spec.n_weights))
+        reduce = ""
     loop_body = "\n\n".join([_activation_block(spec)] + [
         _weight_block(spec, i) + "\n" + _dot(spec, i) for i in range(spec.n_weights)])
     epilogue, result = _epilogue(spec)
@@ -564,6 +582,7 @@ def render(spec: KernelSpec) -> str:
             + "    offs_k = k0 + tl.arange(0, BLOCK_K)\n"
             + "    mask_k = offs_k < K\n"
             + textwrap.indent(loop_body, " " * 4) + "\n\n"
+            + reduce
             + epilogue + "\n\n"
             + "# ---- store, in the output's dtype\n"
             + f"tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], {result}.to(out_ptr.dtype.element_ty),\n"
@@ -593,7 +612,7 @@ def _launcher(spec: KernelSpec) -> str:
         lines.append(f"    e{j} = e{j}.reshape({'M, N' if kind == 'full' else 'N'}).contiguous()")
     lines += ["    # -- allocate the output",
               f"    out = torch.empty((M, N), device=x.device, dtype=torch.{spec.out_dtype})",
-              f"    # -- launch: one program per {'row' if spec.variant == 'gemv' else 'BLOCK_M rows'} and BLOCK_N columns",
+              "    # -- launch: one program per BLOCK_M rows and BLOCK_N columns",
               f"    grid = ({grid_m}, {grid_n})"]
     args = ["x, x.stride(0)"]
     if spec.prologue:

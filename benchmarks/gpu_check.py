@@ -250,11 +250,73 @@ def decode_step(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _warm(spec, rows: int, n: int, k: int) -> str | None:
+    """Compile (and run once) one tiling in a worker: Triton's disk cache then serves the timing
+    process."""
+    import torch
+
+    from lowbit_compiler.backends import codegen, kernel_cache
+
+    try:
+        kernel = kernel_cache.get_kernel(spec, interpret=False)
+        kernel.launch(*codegen.make_inputs(spec, rows, n, k, device=DEVICE))
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:300]
+
+
+def sweep() -> dict[str, Any]:
+    """Time a grid of tilings (BLOCK_N x num_warps) per decode/small-batch case, so the defaults in
+    ``codegen.choose_variant`` come from measurements on a GPU."""
+    import dataclasses
+
+    from triton.testing import do_bench
+
+    import kernels_gpu
+    from lowbit_compiler.backends import codegen, kernel_cache
+
+    jobs = []
+    for fmt in ("int4_g128_asym", "int8"):
+        for case in (kernels_gpu.LAYER[0], kernels_gpu.LAYER[2], kernels_gpu.LAYER[3]):
+            for rows in (1, 4, 16):
+                base = kernels_gpu.spec_for(case, fmt, rows)
+                tilings = ([(bn, w) for bn in (8, 16, 32, 64) for w in (2, 4, 8)] if base.variant == "gemv"
+                           else [(bn, 4) for bn in (16, 32, 64)])
+                for bn, w in tilings:
+                    jobs.append((fmt, case, rows, base, dataclasses.replace(base, block_n=bn, num_warps=w)))
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=12, mp_context=ctx) as pool:
+        errors = list(pool.map(_warm, [j[4] for j in jobs], [j[2] for j in jobs], [j[1].n for j in jobs],
+                               [j[1].k for j in jobs]))
+    rows_out = []
+    for (fmt, case, rows, base, spec), error in zip(jobs, errors):
+        row = {"format": fmt, "group": case.label, "M": rows, "variant": spec.variant, "block_m": spec.block_m,
+               "block_n": spec.block_n, "num_warps": spec.num_warps, "default": spec == base}
+        if error:
+            row["error"] = error
+        else:
+            kernel = kernel_cache.get_kernel(spec, interpret=False)
+            inputs = codegen.make_inputs(spec, rows, case.n, case.k, device=DEVICE)
+            row["us"] = do_bench(lambda: kernel.launch(*inputs)) * 1e3
+        rows_out.append(row)
+    best: dict[str, Any] = {}
+    for r in rows_out:
+        key = f"{r['format']} {r['group']} M={r['M']}"
+        if "us" in r and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    for key, r in best.items():
+        default = next((x for x in rows_out if x["default"] and f"{x['format']} {x['group']} M={x['M']}" == key), {})
+        print(f"  {key}: best BLOCK_N={r['block_n']} warps={r['num_warps']} {r['us']:.1f} us; "
+              f"default BLOCK_N={default.get('block_n')} warps={default.get('num_warps')} {default.get('us', float('nan')):.1f} us")
+    return {"rows": rows_out}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--quick", action="store_true", help="a few cases per section (to try the script)")
-    parser.add_argument("--sections", nargs="+", default=["bench", "numerics", "kernels", "models", "decode"])
+    parser.add_argument("--sections", nargs="+", default=["bench", "numerics", "kernels", "models", "decode", "sweep"])
     args = parser.parse_args(argv)
     import torch
     import triton
@@ -273,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
              "--json", os.path.join(args.out, "kernels_gpu.json")] if not args.quick else
             ["--formats", "int8", "--rows", "1", "--json", os.path.join(args.out, "kernels_gpu.json")]),
         "numerics": lambda: numerics(args.quick),
+        "sweep": sweep,
         "kernels": other_kernels,
         "models": lambda: models(args.quick),
         "decode": lambda: decode_step(args.quick),
