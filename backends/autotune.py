@@ -20,8 +20,8 @@ _chosen: dict[tuple, codegen.KernelSpec] = {}
 
 def candidates(spec: codegen.KernelSpec) -> list[codegen.KernelSpec]:
     """Tilings worth timing for ``spec`` (BLOCK_K stays: it is the int4 group size)."""
-    if spec.variant == "gemv":
-        grid = [(1, bn, w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)]
+    if spec.variant == "gemv":  # BLOCK_M stays: all rows in one program
+        grid = [(spec.block_m, bn, w) for bn in (8, 16, 32, 64) for w in (2, 4, 8)]
     else:
         grid = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)]
     return [dataclasses.replace(spec, block_m=bm, block_n=bn, num_warps=w) for bm, bn, w in grid]

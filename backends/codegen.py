@@ -164,13 +164,14 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
     """Tiling per shape class. ``rows`` is M when static, None when symbolic (prefill)."""
     block_k = fmt.group_size or (128 if rows is not None and rows <= GEMV_MAX_ROWS else 64)
     if rows is not None and rows <= GEMV_MAX_ROWS:
-        # every row in one program (weights read once); narrow N tiles so that a 4096-wide layer
-        # launches 256-512 programs (a 132-SM H100/H200 ran the 32-wide, one-row-per-program
-        # version at 6-24 % of its copy bandwidth); 4 rows x 8 columns x 128 K fp32 partial sums
-        # are 32 registers per accumulator at 4 warps
+        # every row in one program (weights read once); 8-wide N tiles, so a 4096-wide layer
+        # launches 512 programs (a 132-SM H200 ran the 32-wide, one-row-per-program version at
+        # 6-24 % of its copy bandwidth). BLOCK_N 8 at 4 warps was the fastest or within 10 % of it
+        # for Llama-2-7B's groups at M = 1 and 4 in a sweep of BLOCK_N 8-64 x 2-8 warps on the H200
+        # (benchmarks/gpu_check.py, section "sweep"); 4 rows x 8 x 128 fp32 partial sums are 32
+        # registers per accumulator
         block_m = 1 if rows <= 1 else 2 if rows == 2 else 4
-        return dict(variant="gemv", block_m=block_m, block_n=16 if block_m <= 2 else 8, block_k=block_k,
-                    num_warps=4, dot="ieee")
+        return dict(variant="gemv", block_m=block_m, block_n=8, block_k=block_k, num_warps=4, dot="ieee")
     if act in ("int8", "int4"):
         dot = "int8"  # integer tensor cores on a GPU, numpy integers under the interpreter: exact
     elif not on_gpu:
@@ -180,10 +181,13 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
     else:
         dot = {"float32": "tf32", "float16": "float16", "bfloat16": "bfloat16"}[x_dtype]
     block_m = 16 if rows is not None and rows <= 64 else 64
+    # small batches (M <= 16): 32-wide N tiles, twice the programs of 64 (measured on the H200:
+    # 0.7-0.9x the time of 64 for every Llama-2-7B group at M = 16)
+    block_n = 32 if rows is not None and rows <= 16 else 64
     # 64x64 tiles with a dequantised 64xBLOCK_K weight tile spill at 4 warps on sm_90 (1-2 KB for
     # int4, measured with the resource report); 8 warps cut that to 0.2-0.7 KB (int8: none)
     num_warps = 4 if block_m == 16 else 8
-    return dict(variant="gemm", block_m=block_m, block_n=64, block_k=block_k, num_warps=num_warps, dot=dot)
+    return dict(variant="gemm", block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, dot=dot)
 
 
 def rows_of(node: fx.Node) -> int | None:
