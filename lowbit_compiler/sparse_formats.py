@@ -177,6 +177,37 @@ class SparseFormat:
         values = formats.dequantize(inner)
         return self.expand(values, index, inner.in_features * self.m // self.n)
 
+    @property
+    def dense_format(self) -> WeightFormat:
+        """The dense int format that stores the same weight with zeros (exports: vLLM takes 2:4
+        models as dense weights with zeros): the inner format with groups of ``G * M / N`` input
+        columns, which hold exactly the ``G`` kept values of one compressed group."""
+        g = self.inner.group_size
+        return WeightFormat(self.inner.bits, None if g is None else g * self.m // self.n, self.inner.symmetric)
+
+    def to_dense(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> QuantizedWeight:
+        """The stored weight as :attr:`dense_format` codes (pruned positions hold the code of 0),
+        the same scales and zero points: dequantizes to exactly the same matrix."""
+        inner, index = self.unpack(qweight, scale, zero)
+        rows, kc = index.shape
+        k = kc * self.m // self.n
+        if self.inner.bits == 8:
+            codes = inner.qweight.to(torch.int16)
+            zero_code = torch.zeros(rows, k, dtype=torch.int16)
+        else:
+            codes = formats._unpack(inner.qweight, self.inner.bits).to(torch.int16)
+            g = self.inner.group_size
+            z = (zero.to(torch.int16) if zero is not None
+                 else torch.full(scale.shape, 2 ** (self.inner.bits - 1), dtype=torch.int16))
+            zero_code = z.repeat_interleave(g * self.m // self.n, dim=1)
+        dense = zero_code.clone()
+        kept = self.expand(torch.ones_like(codes, dtype=torch.bool), index, k)
+        dense[kept] = codes.reshape(-1)  # row-major order of the kept positions = compressed order
+        fmt = self.dense_format
+        if self.inner.bits == 8:
+            return QuantizedWeight(fmt, dense.to(torch.int8).contiguous(), scale, None, k)
+        return QuantizedWeight(fmt, formats._pack(dense.to(torch.uint8), self.inner.bits), scale, zero, k)
+
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
         """Magnitude N:M pruning, then round to nearest of the kept values. A weight already N:M
         sparse (a pruning pass ran) keeps exactly its nonzeros."""
