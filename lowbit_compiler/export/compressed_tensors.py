@@ -21,6 +21,11 @@ weight-only                                                     packed bytes: th
                                                                 [N, 1]; dynamic per-token fp8 inputs
 =================================== ========================== =====================================
 
+N:M sparse formats (``s24+int4_g64_asym``, ``s24+int8``: ``sparse_formats.py``) are written dense
+with zeros (vLLM takes 2:4 models that way): the inner format with groups of ``G * M / N`` input
+columns, the code of 0 at pruned positions, the same scales, and a ``sparsity_config`` naming the
+pattern; groups that come out outside 32/64/128 (``s24+int4_g128``: 256 columns) are refused.
+
 Scales are written in the model's float dtype (our bf16 scales convert exactly to float32; a bf16
 model keeps them as they are), so compressed-tensors' dequantization, ``(q - z) * s``, reproduces
 ours bit for bit. Rotations folded into the weights (R1, R2) need nothing at inference; norms

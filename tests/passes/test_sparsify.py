@@ -36,7 +36,7 @@ def _max_kept(w: torch.Tensor, m: int) -> int:
     return int((w.reshape(w.shape[0], -1, m) != 0).sum(-1).max())
 
 
-@pytest.mark.parametrize("preset", ["s24", "s24-wanda", "s24-sparsegpt"])
+@pytest.mark.parametrize("preset", ["s24", pytest.param("s24-wanda", marks=pytest.mark.slow), "s24-sparsegpt"])
 def test_every_linear_is_pruned_two_of_four(preset):
     model = make_model("llama")
     compress(model, preset, calibration=_calibration(), progress=False)
@@ -53,7 +53,7 @@ def test_every_linear_is_pruned_two_of_four(preset):
         assert (record["output_error"] is None) == (preset == "s24")
 
 
-@pytest.mark.parametrize("options, m, target", [({"pattern": "4:8"}, 8, 0.5), ({"pattern": "1:4"}, 4, 0.75),
+@pytest.mark.parametrize("options, m, target", [({"pattern": "4:8"}, 8, 0.5), pytest.param({"pattern": "1:4"}, 4, 0.75, marks=pytest.mark.slow),
                                                 ({"pattern": None, "sparsity": 0.6}, None, 0.6)])
 def test_other_patterns_and_unstructured_through_options(options, m, target):
     model = make_model("llama")
