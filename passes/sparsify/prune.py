@@ -235,9 +235,11 @@ class SparseGPTQuant(QuantizeLinears):
         decisions = []
         linears = [s for s in sites if isinstance(s, common.Site)]
         for site in sites:
-            if isinstance(site, common.ExpertSite):  # stacked experts: dense int codes, reported
-                raise LowbitError(f"sparsegpt_quant: layer {site.layer} is a grouped matmul over stacked experts, "
-                                  "which sparse formats do not store yet; exclude it (exclude=['*experts*'])")
+            if isinstance(site, common.ExpertSite):  # stacked experts: no sparse grouped storage yet, reported
+                reason = "stacked expert weights (grouped matmul): sparse formats do not store them yet; left float"
+                ctx.fallback(f"sparsegpt_quant: layer {site.layer}", reason)
+                ir.put(site.node, ir.SKIPPED, ir.SkipReason(self.name, reason))
+                ctx.layers[site.layer] = {"format": "float", "skipped": reason, "weight": site.layer}
         key = common.recipe_key(ctx, self.name, self.options)
         by_node = {s.node: s for s in linears}
 
