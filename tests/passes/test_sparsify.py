@@ -176,3 +176,20 @@ def test_export_compressed_tensors_as_dense_with_zeros(tmp_path):
             ours = formats.dequantize_parts(WeightFormat.parse(m.fmt), m.qweight, m.scale, m.zero)
             assert torch.equal(state[fqn + ".weight"], ours.to(state[fqn + ".weight"].dtype)), fqn
             assert _max_kept(state[fqn + ".weight"], 4) <= 2
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_generated_sparse_kernel_matches_the_float_reference(rows):
+    from lowbit_compiler.backends import cpu_codegen
+    from lowbit_compiler.ops import wo_linear_reference
+
+    if cpu_codegen.kernel("s24+int8") is None:
+        pytest.skip(f"no C compiler: {cpu_codegen._disabled_reason}")
+    g = torch.Generator().manual_seed(rows)
+    n, k = 40, 272
+    qw = formats.quantize(torch.randn(n, k, generator=g), WeightFormat.parse("s24+int8"))
+    x, bias = torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
+    expected = wo_linear_reference(x.double(), qw.qweight, qw.scale, None, bias.double(), "s24+int8", k)
+    out = torch.ops.lowbit.wo_linear(x, qw.qweight, qw.scale, None, bias, "s24+int8", k)  # the op's CPU path
+    assert torch.equal(out, cpu_codegen.linear(x, qw.qweight, qw.scale, None, bias, "s24+int8", k))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
