@@ -153,8 +153,8 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
 # 2:4 sparse + int8 (``sparse_formats.py``: ``s24+int8``): per row, KC = K/2 int8 codes of the kept
 # values, then their 2-bit indices inside each group of 4 (kept value j: bits [2j, 2j+2) of the
 # index stream), scale bf16 [N]. Only the kept values and their indices are read (0.625 bytes per
-# weight instead of int8's 1); a block of a row is decoded once (values to float, indices to
-# absolute columns) and gathered against every row of x.
+# weight instead of int8's 1); AVX2: an index byte (4 kept values) looks up its 4 columns in a
+# 256-entry table and the activations are permuted into place in registers (no gathers).
 _S24_INT8 = r"""
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -190,29 +190,34 @@ void {name}(const float* x, const uint8_t* qweight, const uint16_t* scale, const
         float d[{max_rows}] = {{0}};
         int64_t j = 0;
 #ifdef __AVX2__
-        /* 8 kept values = 16 columns of x: the first 4 come from columns 0-7, the last 4 from 8-15;
-           each half of x is permuted into place in registers, then one FMA per row of x */
-        __m256 acc[{max_rows}];
-        for (int64_t m = 0; m < M; m++)
-            acc[m] = _mm256_setzero_ps();
-        for (; j + 8 <= KC; j += 8) {{
-            const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(v + j))));
-            const __m128i lo = _mm_loadu_si128((const __m128i*)s24_columns[idx[j >> 2]]);
-            const __m128i hi = _mm_loadu_si128((const __m128i*)s24_columns[idx[(j >> 2) + 1]]);
-            const __m256i perm = _mm256_set_m128i(hi, lo);
-            const int64_t c = 2 * j;  /* first column of these 8 kept values */
-            for (int64_t m = 0; m < M; m++) {{
-                const float* xm = x + m * K + c;
-                const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xm), perm);
-                const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xm + 8), perm);
-                acc[m] = _mm256_fmadd_ps(w, _mm256_blend_ps(a, b, 0xF0), acc[m]);
-            }}
-        }}
+        /* 16 kept values = 32 columns of x a step: each half of a 16-column span is permuted into
+           place in registers (kept values 0-3 come from columns 0-7, 4-7 from 8-15), two
+           independent accumulators; a row of x at a time (the weight row stays in L1) */
+        int64_t j_end = 0;
         for (int64_t m = 0; m < M; m++) {{
+            const float* xm = x + m * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t jj = 0;
+            for (; jj + 16 <= KC; jj += 16) {{
+                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(v + jj))));
+                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(v + jj + 8))));
+                const uint8_t* b = idx + (jj >> 2);
+                const __m256i p0 = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)s24_columns[b[1]]),
+                                                     _mm_loadu_si128((const __m128i*)s24_columns[b[0]]));
+                const __m256i p1 = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)s24_columns[b[3]]),
+                                                     _mm_loadu_si128((const __m128i*)s24_columns[b[2]]));
+                const float* xc = xm + 2 * jj;
+                a0 = _mm256_fmadd_ps(w0, _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), p0),
+                                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), p0), 0xF0), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 16), p1),
+                                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 24), p1), 0xF0), a1);
+            }}
             float t[8];
-            _mm256_storeu_ps(t, acc[m]);
+            _mm256_storeu_ps(t, _mm256_add_ps(a0, a1));
             d[m] = t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+            j_end = jj;
         }}
+        j = j_end;
 #endif
         for (; j < KC; j++) {{  /* scalar: kept value j sits in group j/2, columns 4*(j/2) .. +3 */
             const int64_t c = 2 * (j & ~(int64_t)1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3);
