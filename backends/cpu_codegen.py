@@ -240,7 +240,7 @@ def supported(fmt: str) -> str | None:
         return None
     if f.kind == "sparse" and (f.n, f.m) == (2, 4) and f.inner.key == "int8":
         return None
-    return f"format {fmt}: generated CPU kernels exist for int8, int4 group-wise and 2:4 + int8 (s24+int8) weights"
+    return f"format {fmt}: generated CPU kernels exist for int8 and int4 group-wise weights, and 2:4 + int8 (s24+int8)"
 
 
 def kernel_name(fmt: str) -> str:
