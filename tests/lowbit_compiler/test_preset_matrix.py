@@ -42,5 +42,7 @@ def test_every_preset_through_both_flows(recipe, arch):
     if recipe == "rotate":
         rotated = next(p for p in offline.lowbit_summary["passes"] if p["name"] == "rotate")["details"]["rotated"]
         assert rotated["R2"]["attentions"] == 2
+    elif offline.lowbit_summary["recipe"]["weight"] is None:  # pruning on float weights: tensors written back
+        assert offline.lowbit_summary["tensors"] > 0
     else:
         assert offline.lowbit_summary["replaced_modules"] > 0
