@@ -150,6 +150,86 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
 }}
 """
 
+# 2:4 sparse + int8 (``sparse_formats.py``: ``s24+int8``): per row, KC = K/2 int8 codes of the kept
+# values, then their 2-bit indices inside each group of 4 (kept value j: bits [2j, 2j+2) of the
+# index stream), scale bf16 [N]. Only the kept values and their indices are read (0.625 bytes per
+# weight instead of int8's 1); AVX2: an index byte (4 kept values) looks up its 4 columns in a
+# 256-entry table and the activations are permuted into place in registers (no gathers).
+_S24_INT8 = r"""
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+/* one index byte = the 2-bit positions of 4 kept values (two groups of 4 columns) -> their
+   columns among the 8 the byte covers */
+static int32_t s24_columns[256][4];
+static int s24_ready = 0;
+
+static void s24_init(void) {{
+    for (int b = 0; b < 256; b++) {{
+        s24_columns[b][0] = b & 3;
+        s24_columns[b][1] = (b >> 2) & 3;
+        s24_columns[b][2] = 4 + ((b >> 4) & 3);
+        s24_columns[b][3] = 4 + ((b >> 6) & 3);
+    }}
+    s24_ready = 1;
+}}
+
+void {name}(const float* x, const uint8_t* qweight, const uint16_t* scale, const uint8_t* zero,
+            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+{{
+    (void)zero; (void)scratch;
+    if (!s24_ready)
+        s24_init();
+    const int64_t KC = K / 2, row_bytes = KC + KC / 4;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {{
+        const int8_t* v = (const int8_t*)(qweight + n * row_bytes);
+        const uint8_t* idx = qweight + n * row_bytes + KC;
+        const float s = bf16_to_f32(scale[n]);
+        float d[{max_rows}] = {{0}};
+        int64_t j = 0;
+#ifdef __AVX2__
+        /* 16 kept values = 32 columns of x a step: each half of a 16-column span is permuted into
+           place in registers (kept values 0-3 come from columns 0-7, 4-7 from 8-15), two
+           independent accumulators; a row of x at a time (the weight row stays in L1) */
+        int64_t j_end = 0;
+        for (int64_t m = 0; m < M; m++) {{
+            const float* xm = x + m * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t jj = 0;
+            for (; jj + 16 <= KC; jj += 16) {{
+                const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(v + jj))));
+                const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(v + jj + 8))));
+                const uint8_t* b = idx + (jj >> 2);
+                const __m256i p0 = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)s24_columns[b[1]]),
+                                                     _mm_loadu_si128((const __m128i*)s24_columns[b[0]]));
+                const __m256i p1 = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)s24_columns[b[3]]),
+                                                     _mm_loadu_si128((const __m128i*)s24_columns[b[2]]));
+                const float* xc = xm + 2 * jj;
+                a0 = _mm256_fmadd_ps(w0, _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), p0),
+                                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), p0), 0xF0), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 16), p1),
+                                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 24), p1), 0xF0), a1);
+            }}
+            float t[8];
+            _mm256_storeu_ps(t, _mm256_add_ps(a0, a1));
+            d[m] = t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+            j_end = jj;
+        }}
+        j = j_end;
+#endif
+        for (; j < KC; j++) {{  /* scalar: kept value j sits in group j/2, columns 4*(j/2) .. +3 */
+            const int64_t c = 2 * (j & ~(int64_t)1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3);
+            for (int64_t m = 0; m < M; m++)
+                d[m] += (float)v[j] * x[m * K + c];
+        }}
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = s * d[m] + (bias ? bias[n] : 0.0f);
+    }}
+}}
+"""
+
 
 def supported(fmt: str) -> str | None:
     """Why no generated CPU kernel exists for ``fmt`` (None: one does)."""
@@ -158,18 +238,22 @@ def supported(fmt: str) -> str | None:
         return None
     if f.kind == "int" and f.bits == 4 and f.group_size is not None:
         return None
-    return f"format {fmt}: generated CPU kernels exist for int8 and int4 group-wise weights"
+    if f.kind == "sparse" and (f.n, f.m) == (2, 4) and f.inner.key == "int8":
+        return None
+    return f"format {fmt}: generated CPU kernels exist for int8 and int4 group-wise weights, and 2:4 + int8 (s24+int8)"
 
 
 def kernel_name(fmt: str) -> str:
-    return "lowbit_cpu_" + fmt.replace("-", "_")
+    return "lowbit_cpu_" + fmt.replace("-", "_").replace("+", "_")
 
 
 def source(fmt: str) -> str:
     """The C source of the kernel for ``fmt`` (readable; dumped beside the Triton kernels)."""
     f = WeightFormat.parse(fmt)
     name = kernel_name(fmt)
-    if f.bits == 8:
+    if f.kind == "sparse":
+        body = _S24_INT8.format(name=name, max_rows=MAX_ROWS)
+    elif f.bits == 8:
         body = _INT8.format(name=name, max_rows=MAX_ROWS)
     else:
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS,
@@ -269,7 +353,7 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     b = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(rows, n, dtype=torch.float32)
     groups = k // (f.group_size or k)
-    scratch = torch.empty(rows * (k + groups) if codes.dtype == torch.uint8 else 1, dtype=torch.float32)
+    scratch = torch.empty(rows * (k + groups) if f.kind == "int" and f.bits == 4 else 1, dtype=torch.float32)
     fn(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), _ptr(zeros), _ptr(b), y.data_ptr(), scratch.data_ptr(),
        rows, n, k, torch.get_num_threads())
     return y

@@ -139,10 +139,40 @@ def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                    zero: torch.Tensor | None, bias: torch.Tensor | None, fmt: str,
                    in_features: int, policy: str | None = None) -> torch.Tensor | None:
     """The fast path for one call, or None when it does not apply (the caller uses the reference)."""
+    if WeightFormat.parse(fmt).kind == "sparse":
+        return sparse_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
     if unsupported_reason(x.dtype, x.device, fmt) is not None:
         return None
     dtype = compute_dtype_for(x.dtype, policy or _EAGER_POLICY[-1])
     return packed_linear(x, prepack(qweight, scale, zero, fmt, in_features, dtype), bias, dtype)
+
+
+def sparse_reason(x_dtype: torch.dtype, device: torch.device, rows: int, fmt: str) -> str | None:
+    """Why the generated kernel over N:M compressed weights (``cpu_codegen``: 2:4 + int8, decode
+    sizes) cannot run this call, or None when it can."""
+    from lowbit_compiler.backends import cpu_codegen
+
+    if device.type != "cpu" or x_dtype not in _FAST_DTYPES:
+        return f"{x_dtype} activations on {device}: the sparse kernel takes float32/bfloat16/float16 on the CPU"
+    if (why := cpu_codegen.supported(fmt)) is not None:
+        return why
+    if rows > cpu_codegen.MAX_ROWS:
+        return f"{rows} rows: the sparse kernel is for decode sizes (M <= {cpu_codegen.MAX_ROWS})"
+    return None
+
+
+def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor | None:
+    """``lowbit::wo_linear`` over an N:M sparse format by the generated kernel that reads only the
+    kept values and their indices (float32 accumulation), or None (the caller runs the reference)."""
+    from lowbit_compiler.backends import cpu_codegen
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if sparse_reason(x.dtype, x.device, x2.shape[0], fmt) is not None:
+        return None
+    y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
+    return None if y is None else y.reshape(*lead, y.shape[-1]).to(x.dtype)
 
 
 class PackedExperts(torch.nn.Module):

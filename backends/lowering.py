@@ -29,9 +29,10 @@ import torch
 import torch.fx as fx
 
 from lowbit_compiler import _dynamo_adapter, ir, opdecl
+from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter
 from lowbit_compiler.pass_base import PassContext
-from lowbit_compiler.backends import _triton_adapter, codegen, cpu_kernels, fusion, kernel_cache
+from lowbit_compiler.backends import _triton_adapter, codegen, cpu_codegen, cpu_kernels, fusion, kernel_cache
 from lowbit_compiler.backends import autotune as tuning
 
 log = logging.getLogger("lowbit_compiler")
@@ -192,6 +193,17 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
     """The packed CPU kernels (prepacked here, at compile time, cached per quantized tensor), or the
     float reference with the reason."""
     a = opdecl.args(node)
+    if WeightFormat.parse(a["fmt"]).kind == "sparse":  # N:M compressed: the op's generated sparse kernel
+        xv = _dynamo_adapter.example_value(a["x"])
+        try:
+            rows = 0 if xv is None else int(xv.numel()) // max(int(xv.shape[-1]), 1)
+        except (TypeError, RuntimeError):  # symbolic sizes: any number of rows may come
+            rows = cpu_codegen.MAX_ROWS + 1
+        reason = ("no example value for the activation" if xv is None
+                  else cpu_kernels.sparse_reason(xv.dtype, xv.device, rows, a["fmt"]))
+        if reason is not None or cpu_codegen.kernel(a["fmt"]) is None:
+            return _reference(node, ctx, reason or f"format {a['fmt']}: the generated sparse kernel did not compile")
+        return f"cpu-op:{a['fmt']}:sparse"
     dtype = _cpu_compute_dtype(node, ctx, state, a)
     if dtype is None:
         return "reference"

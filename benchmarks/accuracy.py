@@ -54,7 +54,8 @@ DEFAULT_RECIPES = [  # every preset but "none", grouped as the README's tables a
     "w8a16", "w4a16", "w4a16-hqq", "w4a16-gptq", "w4a16-awq", "w4a16-awq-gptq", "w3a16", "w3a16-gptq",
     "w3a16-awq-gptq", "w4a16-spqr", "w4a16-spqr-hqq", "mixed-4.5", "mixed-4.5-gptq", "nf4", "mxfp4", "nvfp4",
     "w8a8", "w8a8-static", "w8a8-smooth", "w8a8-smooth-gptq", "w4a8", "fp8",
-    "rotate", "w4a4", "w4a4-rot", "w4a4-rot-gptq", "w4a8-rot", "w4a4-spin", "w4a4-spin-gptq", "w4a4-flat"]
+    "rotate", "w4a4", "w4a4-rot", "w4a4-rot-gptq", "w4a8-rot", "w4a4-spin", "w4a4-spin-gptq", "w4a4-flat",
+    "s24", "s24-wanda", "s24-sparsegpt", "s24-w8a16", "s24-w4a16"]
 
 
 # ---- model and text --------------------------------------------------------------------------
@@ -128,12 +129,15 @@ def encoder_metrics(outputs: list[torch.Tensor], reference: list[torch.Tensor]) 
 
 def weight_report(summary: dict[str, Any]) -> dict[str, Any]:
     layers = [d for d in summary["layers"].values() if "bytes_after" in d]
+    pruned = [d for d in summary["layers"].values() if "sparsity" in d]  # sparsify passes (float or stored sparse)
+    sparsity = {"sparsity": statistics.mean(d["sparsity"] for d in pruned)} if pruned else {}
     params = sum(d["in_features"] * d["out_features"] for d in layers)
-    sqnr = [d["weight_sqnr_db"] for d in layers]
-    if not layers:  # a recipe that quantizes nothing (rotate alone)
-        return {"layers": 0, "bits_per_weight": 32.0}
+    sqnr = [d["weight_sqnr_db"] for d in (layers or pruned)]
+    if not layers:  # a recipe that quantizes nothing (rotate alone; pruning with float weights)
+        extra = {"weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr)} if sqnr else {}
+        return {"layers": len(pruned), "bits_per_weight": 32.0, **extra, **sparsity}
     return {"layers": len(layers), "bits_per_weight": sum(d["bytes_after"] for d in layers) * 8 / max(params, 1),
-            "weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr)}
+            "weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr), **sparsity}
 
 
 # recipe -> what llm-compressor runs for it (same format; see reference_model)
@@ -242,7 +246,8 @@ def table(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["rows"]:
         sq = f"{r['weight_sqnr_min']:.1f} / {r['weight_sqnr_median']:.1f}" if "weight_sqnr_min" in r else "–"
-        cells = [r["recipe"], f"{r['bits_per_weight']:.2f}", sq, f"{r['seconds']:.1f}" if "seconds" in r else "–"]
+        name = r["recipe"] + (f" ({r['sparsity']:.0%} zeros)" if "sparsity" in r else "")
+        cells = [name, f"{r['bits_per_weight']:.2f}", sq, f"{r['seconds']:.1f}" if "seconds" in r else "–"]
         if causal:
             cells += [f"{r['perplexity']:.3f}", f"{r['kl']:.4f}" if "kl" in r else "0"]
         else:

@@ -164,8 +164,12 @@ class WeightFormat:
             return WeightFormat(int(m.group(1)), int(m.group(2)), m.group(3) == "sym")
         if m := re.fullmatch(r"nf4_g(\d+)", key):
             return WeightFormat(4, int(m.group(1)), True, "nf4")
+        if "+" in key:  # N:M sparse kept values in an int format: lowbit_compiler/sparse_formats.py
+            from lowbit_compiler.sparse_formats import SparseFormat
+
+            return SparseFormat.parse(key)
         raise FormatError(f"unknown weight format {key!r}; expected 'int8', 'int<2|3|4>_g<G>_<sym|asym>', "
-                          "'nf4_g<G>', 'fp8_e4m3', 'mxfp4' or 'nvfp4'")
+                          "'nf4_g<G>', 'fp8_e4m3', 'mxfp4', 'nvfp4' or 's<N><M>+<int format>'")
 
     # -- the description ------------------------------------------------------------------
     @property
@@ -238,6 +242,9 @@ class QuantizedWeight:
 
 def check_layer(fmt: WeightFormat, k: int, layer: str, pad_to_group: bool) -> None:
     """Raise a FormatError naming the layer and the fix when K does not fit the format."""
+    if fmt.kind == "sparse":
+        fmt.check(k, layer)
+        return
     g = fmt.group_size
     if g is None or k % g == 0 or pad_to_group:
         return
@@ -326,6 +333,8 @@ def _e4m3(x: torch.Tensor) -> torch.Tensor:
 def quantize(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     """Round-to-nearest quantization of a [N, K] weight (computed in float32; float64 for the
     table formats). Never produces NaN/Inf: all-zero groups get a tiny positive scale."""
+    if fmt.kind == "sparse":
+        return fmt.quantize(w)
     n, k = w.shape
     w = w.detach().float()
     if fmt.kind == "int" and fmt.bits == 8:
@@ -377,6 +386,8 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
 def dequantize_parts(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tensor,
                      zero: torch.Tensor | None) -> torch.Tensor:
     """The reference dequantiser: float32 [N, Kp] (padded columns included)."""
+    if fmt.kind == "sparse":
+        return fmt.dequantize_parts(qweight, scale, zero)
     if fmt.kind == "int" and fmt.bits == 8:
         return qweight.float() * scale.float()[:, None]
     if fmt.kind == "fp8_e4m3":

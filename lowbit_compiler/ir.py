@@ -34,7 +34,8 @@ SKIPPED = "skipped"        # SkipReason on nodes a pass looked at and left alone
 WEIGHT_FORMAT = "weight_format"  # FormatChoice on linears: the format mixed_precision chose
 ACT_SCALE = "activation_scale"   # StaticScale on linears: observe_activations' measured input scale
 OUTLIERS = "outliers"      # OutlierSpec on linears whose fp16 outliers spqr moved to a sparse_linear
-KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS})
+SPARSITY = "sparsity"      # SparsitySpec on linears a sparsify pass pruned (passes/sparsify)
+KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS, SPARSITY})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,18 @@ class OutlierSpec:
 
     count: int
     nbytes: int                # COO storage: int32 row + int32 column + fp16 value each
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsitySpec:
+    """What a sparsify pass did to one linear's weight."""
+
+    pattern: str               # "2:4", "4:8", ... or "unstructured"
+    score: str                 # magnitude / wanda / sparsegpt
+    sparsity: float            # fraction of the weight that is zero afterwards
+    kept_fraction: float       # fraction the mask keeps (N/M for N:M)
+    weight_sqnr_db: float      # pruned vs original weight
+    output_error: float | None  # tr(dW H dW^T) / tr(W H W^T) on calibration inputs (None: data-free)
 
 
 @dataclasses.dataclass(frozen=True)

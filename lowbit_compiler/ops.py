@@ -94,7 +94,10 @@ def wo_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
     out = cpu_kernels.wo_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
     if out is None:
-        reason = wo_linear_fallback_reason(fmt, x.dtype, x.device.type)
+        sparse = WeightFormat.parse(fmt).kind == "sparse"
+        reason = (f"lowbit::wo_linear: N:M sparse format {fmt}: "
+                  f"{cpu_kernels.sparse_reason(x.dtype, x.device, x.numel() // max(x.shape[-1], 1), fmt)}; "
+                  f"{_REFERENCE_COST}" if sparse else wo_linear_fallback_reason(fmt, x.dtype, x.device.type))
         eager_fallback("lowbit::wo_linear", fmt, reason or f"lowbit::wo_linear: format {fmt}: {_REFERENCE_COST}")
         out = wo_linear_reference(x, qweight, scale, zero, bias, fmt, in_features)
     return out

@@ -259,6 +259,17 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
            options={"mixed_precision": {"bits": 4.5}}),
     # SpQR's fp16 outliers beside a 3-bit dense part rounded by HQQ
     Recipe("w4a16-spqr-hqq", ("canonicalize", "spqr", "hqq"), _INT3),
+    # N:M weight sparsity (passes/sparsify; other patterns: options={"prune": {"pattern": "4:8"}}).
+    # Float-weight presets keep dense weights with zeros; sparse formats store kept values + indices
+    Recipe("s24", ("canonicalize", "prune")),
+    Recipe("s24-wanda", ("canonicalize", "wanda")),
+    Recipe("s24-sparsegpt", ("canonicalize", "sparsegpt")),
+    # SparseGPT 2:4 jointly with int4 (a scale per 64 kept values = per 128 input columns, as int4
+    # g128; K needs only be a multiple of 128): 3.19 bits per weight. "s24+int4_g128_asym" (3.09
+    # bits) fits layers whose K is a multiple of 256: recipe.replace(weight=...)
+    Recipe("s24-w4a16", ("canonicalize", "sparsegpt_quant"), WeightFormat.parse("s24+int4_g64_asym")),
+    # Wanda 2:4, then int8 per channel on the kept values: 2:4 + int8 storage (~5 bits per weight)
+    Recipe("s24-w8a16", ("canonicalize", "wanda", "insert_weight_quant"), WeightFormat.parse("s24+int8")),
 )}
 
 

@@ -21,6 +21,11 @@ weight-only                                                     packed bytes: th
                                                                 [N, 1]; dynamic per-token fp8 inputs
 =================================== ========================== =====================================
 
+N:M sparse formats (``s24+int4_g64_asym``, ``s24+int8``: ``sparse_formats.py``) are written dense
+with zeros (vLLM takes 2:4 models that way): the inner format with groups of ``G * M / N`` input
+columns, the code of 0 at pruned positions, the same scales, and a ``sparsity_config`` naming the
+pattern; groups that come out outside 32/64/128 (``s24+int4_g128``: 256 columns) are refused.
+
 Scales are written in the model's float dtype (our bf16 scales convert exactly to float32; a bf16
 model keeps them as they are), so compressed-tensors' dequantization, ``(q - z) * s``, reproduces
 ours bit for bit. Rotations folded into the weights (R1, R2) need nothing at inference; norms
@@ -60,8 +65,33 @@ def _token_args(kind: str) -> dict[str, Any]:
     return {"num_bits": 8, "type": kind, "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
 
 
+def dense_view(module: Any) -> Any:
+    """A LowbitLinear with an N:M sparse format (``sparse_formats.py``) seen as its dense-with-zeros
+    equivalent (``SparseFormat.to_dense``: the same scales, the code of 0 at pruned positions,
+    groups of ``G * M / N`` columns); any other module as it is."""
+    import types
+
+    from lowbit_compiler.formats import FormatError
+
+    fmt = WeightFormat.parse(module.fmt)
+    if fmt.kind != "sparse":
+        return module
+    try:
+        dense = fmt.to_dense(module.qweight, module.scale, module.zero)
+    except FormatError as e:
+        return f"format {fmt.key}: {e}"
+    fields = {name: getattr(module, name) for name in ("input_hadamard", "input_signs", "transform_left",
+                                                        "outlier_values", "x_scale", "in_features", "out_features",
+                                                        "act", "bias")}
+    return types.SimpleNamespace(**fields, fmt=dense.format.key, qweight=dense.qweight, scale=dense.scale,
+                                 zero=dense.zero, sparsity=fmt.pattern)
+
+
 def scheme_of(module: Any) -> tuple[str, dict[str, Any]] | str:
     """(compressed-tensors format, scheme without targets) for a LowbitLinear, or why it has none."""
+    module = dense_view(module)
+    if isinstance(module, str):
+        return module
     if module.input_hadamard or module.input_signs is not None:
         return "an online Hadamard (R4) runs on its input; compressed-tensors has no online transforms"
     if module.transform_left is not None:
@@ -95,6 +125,7 @@ def scheme_of(module: Any) -> tuple[str, dict[str, Any]] | str:
 
 def _tensors(module: Any, fmt_name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A LowbitLinear's compressed-tensors tensors (local names)."""
+    module = dense_view(module)
     fmt = WeightFormat.parse(module.fmt)
     n, k = module.out_features, module.in_features
     scale = module.scale.to(dtype)  # bf16 -> the model's dtype: exact for float32 and bfloat16
@@ -159,6 +190,7 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, dict[str, Any]] = {}  # json(scheme) -> {format, scheme, targets}
     float_linears: list[str] = []
+    sparse_targets: dict[str, list[str]] = {}  # N:M pattern -> layers stored dense with zeros
     owned: set[str] = set()
     for fqn, module in model.named_modules():
         prefix = f"{fqn}." if fqn else ""
@@ -174,6 +206,9 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
                 refused.append(f"{fqn}: {found}")
                 continue
             fmt_name, scheme = found
+            pattern = getattr(dense_view(module), "sparsity", None)
+            if pattern is not None:
+                sparse_targets.setdefault(pattern, []).append(fqn)
             key = json.dumps([fmt_name, scheme], sort_keys=True)
             groups.setdefault(key, {"format": fmt_name, "scheme": scheme, "targets": []})["targets"].append(fqn)
             for name, t in _tensors(module, fmt_name, dtype).items():
@@ -215,6 +250,14 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
         "quant_method": "compressed-tensors", "format": formats[0] if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed", "config_groups": config_groups, "ignore": sorted(float_linears),
         "kv_cache_scheme": None, "global_compression_ratio": None}
+    if sparse_targets:  # compressed-tensors' sparsity config: the zeros are in the dense tensors
+        if len(sparse_targets) > 1:
+            raise LowbitError(f"export compressed-tensors: layers use several N:M patterns {sorted(sparse_targets)}; "
+                              "a compressed-tensors sparsity config has one")
+        (pattern, targets), = sparse_targets.items()
+        quantization_config["sparsity_config"] = {"format": "dense", "sparsity_structure": pattern,
+                                                  "targets": sorted(targets), "ignore": sorted(float_linears),
+                                                  "global_sparsity": None}
     os.makedirs(out_dir, exist_ok=True)
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config

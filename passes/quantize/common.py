@@ -46,7 +46,7 @@ class Site:
     layer: str
     param: torch.Tensor          # the weight as stored ([out, in], or [in, out] when transposed)
     transposed: bool
-    fmt: WeightFormat
+    fmt: WeightFormat | None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -192,8 +192,11 @@ def is_router(node: fx.Node, depth: int = 6) -> bool:
     return False
 
 
-def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_groups: bool = True) -> list[Site]:
-    """The float linears the recipe selects (see the module docstring)."""
+def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_groups: bool = True,
+                   needs_format: bool = True) -> list[Site]:
+    """The float linears the recipe selects (see the module docstring). ``needs_format=False``
+    (passes that change float weights: pruning): also when the recipe quantizes nothing (the
+    site's ``fmt`` is then None)."""
     recipe = ctx.recipe
     sites = []
     for node in gm.graph.nodes:
@@ -216,11 +219,11 @@ def select_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, check_g
                                  "weight": parts.weight_node.target}
             continue
         fmt = format_of(node, recipe)
-        if fmt is None:
+        if fmt is None and needs_format:
             continue
         param = ir.fetch_attr(gm, parts.weight_node.target)
         site = Site(node, layer, param, parts.transposed, fmt)
-        if check_groups:
+        if check_groups and fmt is not None:
             check_layer(fmt, site.shape[1], layer, recipe.pad_to_group)
         sites.append(site)
     return sites
@@ -329,6 +332,9 @@ def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: Quantiz
     gm.graph.erase_node(node)
     record = {k_: v for k_, v in decision.__dict__.items() if k_ != "layer"}
     record["weight"] = weight_fqn
+    pruned = ir.get(node, ir.SPARSITY)
+    if pruned is not None:  # a sparsify pass ran first: its sparsity and errors stay in the record
+        record.update({f"pruned_{k_}" if k_ == "weight_sqnr_db" else k_: v for k_, v in pruned.__dict__.items()})
     choice = ir.get(new, ir.WEIGHT_FORMAT)
     if choice is not None:
         record["chosen_by"] = choice.chosen_by

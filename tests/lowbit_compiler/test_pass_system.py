@@ -20,7 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # algorithm -> its family folder under passes/
 FAMILIES = {"insert_weight_quant": "quantize", "hqq": "quantize", "gptq": "quantize", "spqr": "quantize",
             "mixed_precision": "quantize", "observe_activations": "quantize", "awq": "smooth",
-            "smoothquant": "smooth", "rotate": "rotate", "spinquant": "rotate", "flatquant": "rotate"}
+            "smoothquant": "smooth", "rotate": "rotate", "spinquant": "rotate", "flatquant": "rotate",
+            "prune": "sparsify", "wanda": "sparsify", "sparsegpt": "sparsify", "sparsegpt_quant": "sparsify"}
 
 
 def test_every_algorithm_is_a_registered_pass_found_by_name_in_the_tree():
