@@ -42,10 +42,17 @@ log = logging.getLogger("lowbit_compiler")
 MAX_ROWS = 16  # decode and small batches; larger M goes to torch's packed kernels
 ENV = "LOWBIT_CPU_CODEGEN"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# the compiler's default target (no AVX2 on x86-64): builds the portable loops; the tests use it to
+# check the fallback a host without AVX2 + FMA runs
+PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 
 _PRELUDE = r"""
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOWBIT_AVX2 1  /* explicit AVX2 + FMA below; otherwise the portable loops the compiler vectorises */
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -53,14 +60,63 @@ static inline float bf16_to_f32(uint16_t h) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
+
+#ifdef LOWBIT_AVX2
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 """
 
 # int4 group-wise: codes uint8 [N, K/2] (code k at bits [4k, 4k + 4) of the row: low nibble = even
 # k), scale bf16 [N, K/G], zero uint8 [N, K/G] (asymmetric) or none (symmetric: codes centred on 8).
-# x is split once per call into its even and odd columns (so the inner loop is unit-stride and
-# vectorises: sum_j lo_j * x_even_j + hi_j * x_odd_j), and each group's sum of x is computed once,
-# so that a group contributes s * (sum q x - z * sum x) without a subtraction per weight.
+# x is split once per call into its even and odd columns, so that 8 bytes of codes widen to 8 int32
+# lanes whose low nibbles meet 8 even columns and whose high nibbles meet 8 odd ones; each group's
+# sum of x is computed once, so that a group contributes s * (sum q x) - s * z * sum x without a
+# subtraction per weight. Rows are done in tiles of up to 4 per pass over an output channel's
+# codes (the codes stream from memory once; later tiles re-read them from L1), each row with two
+# independent FMA chains (low and high nibbles) so that M = 1 is not bound by FMA latency.
 _INT4 = r"""
+#ifdef LOWBIT_AVX2
+static inline __attribute__((always_inline)) void {name}_tile(
+    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const float* xe, const float* xo,
+    const float* xs, float* out, int64_t half, int64_t groups, const int MT)
+{{
+    const int64_t G = {group};
+    const __m256i low4 = _mm256_set1_epi32(15);
+    __m256 acc[4];
+    float zsum[4];
+    for (int r = 0; r < MT; r++) {{ acc[r] = _mm256_setzero_ps(); zsum[r] = 0.0f; }}
+    for (int64_t g = 0; g < groups; g++) {{
+        const float s = bf16_to_f32(scale[g]);
+        const float z = {zero_expr};
+        const uint8_t* b = row + g * (G / 2);
+        __m256 dl[4], dh[4];
+        for (int r = 0; r < MT; r++) {{ dl[r] = _mm256_setzero_ps(); dh[r] = _mm256_setzero_ps(); }}
+        for (int64_t j = 0; j < G / 2; j += 8) {{
+            const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(b + j)));
+            const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(w, low4));
+            const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+            const int64_t at = g * (G / 2) + j;
+            for (int r = 0; r < MT; r++) {{
+                dl[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xe + r * half + at), dl[r]);
+                dh[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xo + r * half + at), dh[r]);
+            }}
+        }}
+        const __m256 sv = _mm256_set1_ps(s);
+        for (int r = 0; r < MT; r++) {{
+            acc[r] = _mm256_fmadd_ps(sv, _mm256_add_ps(dl[r], dh[r]), acc[r]);
+            zsum[r] += s * z * xs[r * groups + g];
+        }}
+    }}
+    for (int r = 0; r < MT; r++)
+        out[r] = hsum256(acc[r]) - zsum[r];
+}}
+#endif
+
 void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const uint8_t* zero,
             const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
 {{
@@ -82,21 +138,26 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
     }}
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {{
-        float acc[{max_rows}] = {{0}};
         const uint8_t* row = codes + n * half;
+        const uint16_t* sc = scale + n * groups;
+        const uint8_t* zp = {zero_row};
+        float out[{max_rows}];
+#ifdef LOWBIT_AVX2
+        for (int64_t m = 0; m < M; m += 4) {{  /* constant tile sizes: the accumulators stay in registers */
+            const int64_t t = M - m < 4 ? M - m : 4;
+            const float *e = xe + m * half, *o = xo + m * half, *s = xs + m * groups;
+            if (t == 4) {name}_tile(row, sc, zp, e, o, s, out + m, half, groups, 4);
+            else if (t == 3) {name}_tile(row, sc, zp, e, o, s, out + m, half, groups, 3);
+            else if (t == 2) {name}_tile(row, sc, zp, e, o, s, out + m, half, groups, 2);
+            else {name}_tile(row, sc, zp, e, o, s, out + m, half, groups, 1);
+        }}
+#else
+        for (int64_t m = 0; m < M; m++) out[m] = 0.0f;
         for (int64_t g = 0; g < groups; g++) {{
-            const float s = bf16_to_f32(scale[n * groups + g]);
+            const float s = bf16_to_f32(sc[g]);
             const float z = {zero_expr};
             const uint8_t* b = row + g * (G / 2);
-            if (M == 1) {{  /* decode: convert and multiply in one pass */
-                float d = 0.0f;
-                #pragma omp simd reduction(+:d)
-                for (int64_t j = 0; j < G / 2; j++)
-                    d += (float)(b[j] & 15) * xe[g * (G / 2) + j] + (float)(b[j] >> 4) * xo[g * (G / 2) + j];
-                acc[0] += s * (d - z * xs[g]);
-                continue;
-            }}
-            float lo[G / 2], hi[G / 2];  /* several rows: convert the group's codes once */
+            float lo[G / 2], hi[G / 2];  /* the group's codes converted once for all rows */
             #pragma omp simd
             for (int64_t j = 0; j < G / 2; j++) {{
                 lo[j] = (float)(b[j] & 15);
@@ -109,17 +170,43 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
                 #pragma omp simd reduction(+:d)
                 for (int64_t j = 0; j < G / 2; j++)
                     d += lo[j] * e[j] + hi[j] * o[j];
-                acc[m] += s * (d - z * xs[m * groups + g]);
+                out[m] += s * (d - z * xs[m * groups + g]);
             }}
         }}
+#endif
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = acc[m] + (bias ? bias[n] : 0.0f);
+            y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
     }}
 }}
 """
 
-# int8 per channel: codes int8 [N, K], scale bf16 [N]
+# int8 per channel: codes int8 [N, K], scale bf16 [N]. Rows in tiles of up to 4 per pass over a
+# channel's codes, two FMA chains per row; a scalar tail for K not a multiple of 16.
 _INT8 = r"""
+#ifdef LOWBIT_AVX2
+static inline __attribute__((always_inline)) void {name}_tile(
+    const int8_t* w, const float* x, float* out, int64_t K, const int MT)
+{{
+    __m256 a0[4], a1[4];
+    for (int r = 0; r < MT; r++) {{ a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }}
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {{
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 8))));
+        for (int r = 0; r < MT; r++) {{
+            a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), a0[r]);
+            a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + 8), a1[r]);
+        }}
+    }}
+    for (int r = 0; r < MT; r++) {{
+        float t = hsum256(_mm256_add_ps(a0[r], a1[r]));
+        for (int64_t kk = k; kk < K; kk++)
+            t += (float)w[kk] * x[r * K + kk];
+        out[r] = t;
+    }}
+}}
+#endif
+
 void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const uint8_t* zero,
             const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
 {{
@@ -128,7 +215,17 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
     for (int64_t n = 0; n < N; n++) {{
         const int8_t* w = codes + n * K;
         const float s = bf16_to_f32(scale[n]);
-        float d[{max_rows}] = {{0}};
+        float d[{max_rows}];
+#ifdef LOWBIT_AVX2
+        for (int64_t m = 0; m < M; m += 4) {{
+            const int64_t t = M - m < 4 ? M - m : 4;
+            if (t == 4) {name}_tile(w, x + m * K, d + m, K, 4);
+            else if (t == 3) {name}_tile(w, x + m * K, d + m, K, 3);
+            else if (t == 2) {name}_tile(w, x + m * K, d + m, K, 2);
+            else {name}_tile(w, x + m * K, d + m, K, 1);
+        }}
+#else
+        for (int64_t m = 0; m < M; m++) d[m] = 0.0f;
         for (int64_t k0 = 0; k0 < K; k0 += 256) {{  /* a block of the row converted once for all rows */
             const int64_t k1 = k0 + 256 < K ? k0 + 256 : K;
             float wf[256];
@@ -144,6 +241,7 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
                 d[m] += t;
             }}
         }}
+#endif
         for (int64_t m = 0; m < M; m++)
             y[m * N + n] = s * d[m] + (bias ? bias[n] : 0.0f);
     }}
@@ -156,9 +254,9 @@ def supported(fmt: str) -> str | None:
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits == 8:
         return None
-    if f.kind == "int" and f.bits == 4 and f.group_size is not None:
-        return None
-    return f"format {fmt}: generated CPU kernels exist for int8 and int4 group-wise weights"
+    if f.kind == "int" and f.bits == 4 and f.group_size is not None and f.group_size % 16 == 0:
+        return None  # a group is whole 8-byte loads of codes
+    return f"format {fmt}: generated CPU kernels exist for int8 and int4 group-wise weights (group a multiple of 16)"
 
 
 def kernel_name(fmt: str) -> str:
@@ -173,7 +271,8 @@ def source(fmt: str) -> str:
         body = _INT8.format(name=name, max_rows=MAX_ROWS)
     else:
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS,
-                            zero_expr="(float)zero[n * groups + g]" if f.has_zero_points else "8.0f")
+                            zero_expr="(float)zp[g]" if f.has_zero_points else "8.0f",
+                            zero_row="zero + n * groups" if f.has_zero_points else "0")
     return f"/* lowbit generated CPU kernel: {fmt} weights, float32 rows (M <= {MAX_ROWS}) */\n" + _PRELUDE + body
 
 
@@ -193,8 +292,9 @@ _disabled_reason: list[str] = []
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(fmt: str):
-    """The compiled kernel for ``fmt`` (a ctypes function), or None (reason logged once)."""
+def kernel(fmt: str, portable: bool = False):
+    """The compiled kernel for ``fmt`` (a ctypes function), or None (reason logged once).
+    ``portable=True`` builds for the compiler's default target instead of the host's ISA."""
     if os.environ.get(ENV, "1") == "0":
         return None
     why = supported(fmt)
@@ -205,7 +305,8 @@ def kernel(fmt: str):
         _note("no C compiler on PATH (gcc/cc/clang, or $CC); torch's packed CPU kernels run instead")
         return None
     text = source(fmt)
-    key = hashlib.sha256("\n".join([text, compiler, " ".join(FLAGS), platform.machine(), _host_flags()])
+    flags = PORTABLE_FLAGS if portable else FLAGS
+    key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
     lib = _cache_dir() / f"{kernel_name(fmt)}_{key}.so"
     if not lib.exists():
@@ -213,7 +314,7 @@ def kernel(fmt: str):
             src = pathlib.Path(tmp) / "kernel.c"
             src.write_text(text)
             out = pathlib.Path(tmp) / "kernel.so"
-            result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+            result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             if result.returncode != 0:
                 _note(f"compiling the {fmt} kernel with {compiler} failed ({result.stderr.strip()[:300]}); torch's "
                       "packed CPU kernels run instead")
@@ -248,10 +349,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-           bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor | None:
+           bias: torch.Tensor | None, fmt: str, in_features: int, portable: bool = False) -> torch.Tensor | None:
     """``x[M, K] @ dequantize(W).T + bias`` in float32 by the generated kernel, or None when it
     does not apply (no kernel, too many rows, padded K): the caller runs torch's kernels."""
-    fn = kernel(fmt)
+    fn = kernel(fmt, portable)
     rows = x.shape[0]
     if fn is None or rows > MAX_ROWS or qweight.device.type != "cpu":
         return None

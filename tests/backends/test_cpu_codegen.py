@@ -14,7 +14,7 @@ from lowbit_compiler.backends import cpu_codegen
 from lowbit_compiler.formats import WeightFormat
 
 FORMATS = ("int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_asym", "int4_g128_sym", "int4_g256_asym")
-ROWS = (1, 3, 16)
+ROWS = (1, 2, 3, 5, 16)  # row tiles of 4: every remainder, and four full tiles
 SHAPES = ((33, 256), (97, 512))  # odd N; K a multiple of every group size
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -24,6 +24,7 @@ def _grid():
     others = itertools.cycle(itertools.product(SHAPES, (True, False), DTYPES))
     for fmt, rows in itertools.product(FORMATS, ROWS):
         (n, k), bias, dtype = next(others)
+        k += 8 if fmt == "int8" else 0  # int8: K not a multiple of 16 (the scalar tail); int4 K is whole groups
         yield pytest.param(fmt, rows, n, k, bias, dtype, id=f"{fmt}-M{rows}-N{n}-K{k}-{'bias' if bias else 'nobias'}-"
                                                            f"{str(dtype).split('.')[-1]}")
 
@@ -71,6 +72,22 @@ def test_without_a_compiler_it_says_so_once(monkeypatch, caplog):
 
 def test_source_is_readable_and_specialised():
     text = cpu_codegen.source("int4_g64_asym")
-    assert "const int64_t G = 64" in text and "zero[n * groups + g]" in text
+    assert "const int64_t G = 64" in text and "zp[g]" in text and "zero + n * groups" in text
     assert "8.0f" in cpu_codegen.source("int4_g64_sym")
-    assert "#pragma omp parallel for" in cpu_codegen.source("int8")
+    for fmt in ("int8", "int4_g64_asym"):  # explicit AVX2 under the preprocessor, the portable loops otherwise
+        text = cpu_codegen.source(fmt)
+        assert "#pragma omp parallel for" in text and "_mm256_fmadd_ps" in text and "#else" in text
+
+
+@pytest.mark.parametrize("fmt, rows", [("int8", 5), ("int4_g32_asym", 1), ("int4_g128_sym", 6)])
+def test_portable_build_matches_the_float_reference(fmt, rows):
+    """The loops a host without AVX2 + FMA runs (the compiler's default target)."""
+    if cpu_codegen.kernel(fmt, portable=True) is None:
+        pytest.fail(f"no portable build for {fmt}: {cpu_codegen._disabled_reason}")
+    g = torch.Generator().manual_seed(rows)
+    n, k = 37, 256 + (24 if fmt == "int8" else 0)  # int8: K not a multiple of 16 (the scalar tail)
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt))
+    x = torch.randn(rows, k, generator=g)
+    y = cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k, portable=True)
+    reference = ops.wo_linear_reference(x.double(), q.qweight, q.scale, q.zero, None, fmt, k)
+    assert formats.sqnr_db(reference, y.double()) >= 110.0
