@@ -17,11 +17,12 @@ Layouts are our storage formats (``formats.py``): the generated kernels read the
 tensors as ``compress`` and the passes wrote them, so they need no repacked copy.
 
 Which kernel runs (``cpu_kernels.packed_linear``): the generated one for ``M <= MAX_ROWS`` rows,
-torch's packed kernels above (prefill), measured by ``benchmarks/decode_cpu.py`` and
-``benchmarks/cpu_gemv.py``. ``LOWBIT_CPU_CODEGEN=0`` turns generated kernels off.
+torch's packed kernels above (prefill), a static rule measured by ``benchmarks/cpu_gemv.py``.
+``LOWBIT_CPU_CODEGEN=0`` turns generated kernels off (read at every call; logged once).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import hashlib
@@ -291,12 +292,21 @@ def _compiler() -> str | None:
 _disabled_reason: list[str] = []
 
 
-@functools.lru_cache(maxsize=None)
+# calls per kernel name (what ran: tests and benchmarks read it)
+calls: collections.Counter = collections.Counter()
+
+
 def kernel(fmt: str, portable: bool = False):
     """The compiled kernel for ``fmt`` (a ctypes function), or None (reason logged once).
     ``portable=True`` builds for the compiler's default target instead of the host's ISA."""
     if os.environ.get(ENV, "1") == "0":
+        _note(f"turned off by {ENV}=0; torch's packed CPU kernels run instead")
         return None
+    return _build(fmt, portable)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(fmt: str, portable: bool):
     why = supported(fmt)
     if why is not None:
         return None
@@ -371,6 +381,7 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     y = torch.empty(rows, n, dtype=torch.float32)
     groups = k // (f.group_size or k)
     scratch = torch.empty(rows * (k + groups) if codes.dtype == torch.uint8 else 1, dtype=torch.float32)
+    calls[kernel_name(fmt)] += 1
     fn(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), _ptr(zeros), _ptr(b), y.data_ptr(), scratch.data_ptr(),
        rows, n, k, torch.get_num_threads())
     return y
