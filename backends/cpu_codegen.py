@@ -69,6 +69,13 @@ static inline float hsum256(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+static inline int32_t hsum256_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
 #endif
 """
 
@@ -250,8 +257,75 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
 """
 
 
+# W8A8 (lowbit::qa_linear, int8 weights x int8 activations): y[m, n] = sum_k x[m, k] w[n, k] in
+# int32, exact; the caller applies both scales (as after torch._int_mm). AVX2 has no signed x
+# signed byte product, so each 32-byte step multiplies |w| (unsigned) by x carrying w's sign
+# (_mm256_sign_epi8), pairs summed to int16 by maddubs and to int32 by madd. Exact when x is in
+# [-127, 127] (our activation codes; sign(-128) would wrap): a pair is at most 2 * 128 * 127 =
+# 32512, below int16 saturation. Rows in tiles of up to 4 per pass over a channel.
+_W8A8 = r"""
+#ifdef LOWBIT_AVX2
+static inline __attribute__((always_inline)) void {name}_tile(
+    const int8_t* w, const int8_t* x, int32_t* out, int64_t K, const int MT)
+{{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4];
+    for (int r = 0; r < MT; r++) acc[r] = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {{
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + k));
+        const __m256i wa = _mm256_sign_epi8(wv, wv);  /* |w| as unsigned bytes */
+        for (int r = 0; r < MT; r++) {{
+            const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(x + r * K + k)), wv);
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones));
+        }}
+    }}
+    for (int r = 0; r < MT; r++) {{
+        int32_t t = hsum256_epi32(acc[r]);
+        for (int64_t kk = k; kk < K; kk++)
+            t += (int32_t)w[kk] * (int32_t)x[r * K + kk];
+        out[r] = t;
+    }}
+}}
+#endif
+
+void {name}(const int8_t* x, const int8_t* codes, int32_t* y, int64_t M, int64_t N, int64_t K, int threads)
+{{
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {{
+        const int8_t* w = codes + n * K;
+        int32_t d[{max_rows}];
+#ifdef LOWBIT_AVX2
+        for (int64_t m = 0; m < M; m += 4) {{
+            const int64_t t = M - m < 4 ? M - m : 4;
+            if (t == 4) {name}_tile(w, x + m * K, d + m, K, 4);
+            else if (t == 3) {name}_tile(w, x + m * K, d + m, K, 3);
+            else if (t == 2) {name}_tile(w, x + m * K, d + m, K, 2);
+            else {name}_tile(w, x + m * K, d + m, K, 1);
+        }}
+#else
+        for (int64_t m = 0; m < M; m++) {{
+            int32_t t = 0;
+            #pragma omp simd reduction(+:t)
+            for (int64_t k = 0; k < K; k++)
+                t += (int32_t)w[k] * (int32_t)x[m * K + k];
+            d[m] = t;
+        }}
+#endif
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = d[m];
+    }}
+}}
+"""
+
+# the kernel key of the W8A8 matmul (the weight-only kernels are keyed by their weight format)
+W8A8 = "w8a8"
+
+
 def supported(fmt: str) -> str | None:
     """Why no generated CPU kernel exists for ``fmt`` (None: one does)."""
+    if fmt == W8A8:
+        return None
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits == 8:
         return None
@@ -266,8 +340,11 @@ def kernel_name(fmt: str) -> str:
 
 def source(fmt: str) -> str:
     """The C source of the kernel for ``fmt`` (readable; dumped beside the Triton kernels)."""
-    f = WeightFormat.parse(fmt)
     name = kernel_name(fmt)
+    if fmt == W8A8:
+        return (f"/* lowbit generated CPU kernel: int8 weights x int8 activations, int32 sums (M <= {MAX_ROWS}) */\n"
+                + _PRELUDE + _W8A8.format(name=name, max_rows=MAX_ROWS))
+    f = WeightFormat.parse(fmt)
     if f.bits == 8:
         body = _INT8.format(name=name, max_rows=MAX_ROWS)
     else:
@@ -332,7 +409,8 @@ def _build(fmt: str, portable: bool):
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
     fn = getattr(ctypes.CDLL(str(lib)), kernel_name(fmt))
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    pointers = 3 if fmt == W8A8 else 7
+    fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return fn
 
 
@@ -384,4 +462,22 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     calls[kernel_name(fmt)] += 1
     fn(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), _ptr(zeros), _ptr(b), y.data_ptr(), scratch.data_ptr(),
        rows, n, k, torch.get_num_threads())
+    return y
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, portable: bool = False) -> torch.Tensor | None:
+    """``x[M, K] @ weight[N, K].T`` for int8 codes in int32 (exact; what ``torch._int_mm`` gives)
+    by the generated W8A8 kernel, or None when it does not apply (no kernel, too many rows, not the
+    CPU, an activation code of -128, which the kernel's sign trick cannot take)."""
+    fn = kernel(W8A8, portable)
+    rows = x.shape[0]
+    if fn is None or rows > MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.int8 or weight.dtype != torch.int8:
+        return None
+    xc, wc = x.contiguous(), weight.contiguous()
+    if rows and int(xc.min()) == -128:
+        return None
+    n, k = wc.shape
+    y = torch.empty(rows, n, dtype=torch.int32)
+    calls[kernel_name(W8A8)] += 1
+    fn(xc.data_ptr(), wc.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads())
     return y

@@ -127,6 +127,15 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         y = cpu_codegen.linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt, packed.in_features)
         if y is not None:
             return y.reshape(*lead, packed.out_features).to(out_dtype)
+    return torch_packed_linear(x, packed, bias, compute_dtype)
+
+
+def torch_packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                        compute_dtype: torch.dtype) -> torch.Tensor:
+    """torch's packed kernel for any number of rows (casts x to the compute dtype and back, pads
+    K, slices N)."""
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype).contiguous()  # the packed kernels need rows (Mamba's
     # x_proj input is a transposed view)
     if packed.padded_in_features != packed.in_features:

@@ -156,7 +156,9 @@ def _qa_linear_note(a: dict[str, Any]) -> str | None:
 
     slow = ops.qa_linear_slow_reason(a["fmt"], a["act"])
     if slow is None:
-        return f"one torch._int_mm ({a['act']} x {a['fmt']}) per call, then both scales"
+        kernel = cpu_codegen.kernel_name(cpu_codegen.W8A8) if cpu_codegen.kernel(cpu_codegen.W8A8) else None
+        first = f"the generated C kernel {kernel} for M <= {cpu_codegen.MAX_ROWS} rows, else " if kernel else ""
+        return f"{first}one torch._int_mm ({a['act']} x {a['fmt']}) per call, then both scales"
     return slow.split(";")[0].replace("lowbit::qa_linear: ", "")
 
 

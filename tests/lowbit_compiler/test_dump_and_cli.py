@@ -151,8 +151,8 @@ def test_inspect_lists_a_graph_whose_compile_never_finished(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("recipe, expected", [
-    ("w8a8", {("lowbit::qa_linear", "eager op (lowbit_compiler/ops.py): one torch._int_mm (int8 x int8) per call, "
-                                    "then both scales"): 15}),
+    ("w8a8", {("lowbit::qa_linear", "eager op (lowbit_compiler/ops.py): the generated C kernel lowbit_cpu_w8a8 for "
+                                    "M <= 16 rows, else one torch._int_mm (int8 x int8) per call, then both scales"): 15}),
     ("w4a4-rot", {("lowbit::qa_linear", "eager op (lowbit_compiler/ops.py): format int4_g128_sym with int4 "
                                         "activations runs one integer matmul per group of 128 on codes unpacked and "
                                         "centred on every call (the eager op has no packed low-bit integer kernel)"): 15,
