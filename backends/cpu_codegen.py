@@ -42,12 +42,20 @@ log = logging.getLogger("lowbit_compiler")
 
 MAX_ROWS = 16  # decode and small batches; larger M goes to torch's packed kernels
 ENV = "LOWBIT_CPU_CODEGEN"
+# "1": int4 weight-only calls quantize their activations to int8 per group first (faster, lossy)
+INT8_ACTIVATIONS_ENV = "LOWBIT_CPU_INT8_ACTIVATIONS"
+
+
+def int8_activations_enabled() -> bool:
+    """Whether dispatch runs int4 weights with int8-quantized activations (opt-in; read per call)."""
+    return os.environ.get(INT8_ACTIVATIONS_ENV, "0") == "1"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 # the compiler's default target (no AVX2 on x86-64): builds the portable loops; the tests use it to
 # check the fallback a host without AVX2 + FMA runs
 PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 
 _PRELUDE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -318,14 +326,133 @@ void {name}(const int8_t* x, const int8_t* codes, int32_t* y, int64_t M, int64_t
 }}
 """
 
+
+# int4 group-wise weights x int8 activations (llama.cpp's scheme; opt-in, lossy): each row of x is
+# quantized per weight group to int8 (dx = absmax / 127, round half away from zero), laid out per
+# 16 code bytes as [16 even columns | 16 odd columns] so that a 16-byte load of codes split into
+# [low nibbles | high nibbles] meets them lane by lane. Codes are unsigned (0..15), so
+# _mm256_maddubs_epi16 multiplies them by the signed activations directly (a pair is at most
+# 2 * 15 * 127: no saturation), _mm256_madd_epi16 sums to int32, one conversion to float per group
+# and row: y = sum_g s_g dx_g (sum q xq - z sum xq). About 3x less arithmetic than the float path.
+_INT4_A8 = r"""
+#ifdef LOWBIT_AVX2
+static inline __attribute__((always_inline)) void {name}_tile(
+    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const int8_t* xq, const float* dx,
+    const int32_t* sx, float* out, int64_t K, int64_t groups, const int MT)
+{{
+    const int64_t G = {group};
+    const __m128i low4 = _mm_set1_epi8(15);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    float zsum[4];
+    for (int r = 0; r < MT; r++) {{ acc[r] = _mm256_setzero_ps(); zsum[r] = 0.0f; }}
+    for (int64_t g = 0; g < groups; g++) {{
+        const float s = bf16_to_f32(scale[g]);
+        const float z = {zero_expr};
+        const uint8_t* b = row + g * (G / 2);
+        __m256i vi[4];
+        for (int r = 0; r < MT; r++) vi[r] = _mm256_setzero_si256();
+        for (int64_t c = 0; c < G / 32; c++) {{
+            const __m128i q = _mm_loadu_si128((const __m128i*)(b + c * 16));
+            const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4), _mm_and_si128(q, low4));
+            for (int r = 0; r < MT; r++) {{
+                const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(xq + r * K + g * G + c * 32)));
+                vi[r] = _mm256_add_epi32(vi[r], _mm256_madd_epi16(p, ones));
+            }}
+        }}
+        for (int r = 0; r < MT; r++) {{
+            const float sd = s * dx[r * groups + g];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(vi[r]), _mm256_set1_ps(sd), acc[r]);
+            zsum[r] += sd * z * (float)sx[r * groups + g];
+        }}
+    }}
+    for (int r = 0; r < MT; r++)
+        out[r] = hsum256(acc[r]) - zsum[r];
+}}
+#endif
+
+void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const uint8_t* zero,
+            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+{{
+    const int64_t G = {group}, half = K / 2, groups = K / G;
+    int8_t* xq = (int8_t*)scratch;                        /* [M, K] int8, [even 16 | odd 16] per 32 */
+    float* dx = scratch + (M * K + 3) / 4;                /* [M, K/G] activation scales */
+    int32_t* sx = (int32_t*)(dx + M * groups);            /* [M, K/G] sum of the int8 codes */
+    for (int64_t m = 0; m < M; m++) {{
+        for (int64_t g = 0; g < groups; g++) {{
+            const float* xg = x + m * K + g * G;
+            float amax = 0.0f;
+            for (int64_t k = 0; k < G; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;
+            const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t t = 0;
+            for (int64_t c = 0; c < G / 32; c++) {{
+                int8_t* out = xq + m * K + g * G + c * 32;
+                for (int64_t j = 0; j < 16; j++) {{
+                    const float e = xg[c * 32 + 2 * j] * inv, o = xg[c * 32 + 2 * j + 1] * inv;
+                    out[j] = (int8_t)(e >= 0.0f ? e + 0.5f : e - 0.5f);
+                    out[16 + j] = (int8_t)(o >= 0.0f ? o + 0.5f : o - 0.5f);
+                    t += out[j] + out[16 + j];
+                }}
+            }}
+            dx[m * groups + g] = d;
+            sx[m * groups + g] = t;
+        }}
+    }}
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {{
+        const uint8_t* row = codes + n * half;
+        const uint16_t* sc = scale + n * groups;
+        const uint8_t* zp = {zero_row};
+        float out[{max_rows}];
+#ifdef LOWBIT_AVX2
+        for (int64_t m = 0; m < M; m += 4) {{
+            const int64_t t = M - m < 4 ? M - m : 4;
+            const int8_t* q = xq + m * K;
+            const float* d = dx + m * groups;
+            const int32_t* s = sx + m * groups;
+            if (t == 4) {name}_tile(row, sc, zp, q, d, s, out + m, K, groups, 4);
+            else if (t == 3) {name}_tile(row, sc, zp, q, d, s, out + m, K, groups, 3);
+            else if (t == 2) {name}_tile(row, sc, zp, q, d, s, out + m, K, groups, 2);
+            else {name}_tile(row, sc, zp, q, d, s, out + m, K, groups, 1);
+        }}
+#else
+        for (int64_t m = 0; m < M; m++) out[m] = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {{
+            const float s = bf16_to_f32(sc[g]);
+            const float z = {zero_expr};
+            const uint8_t* b = row + g * (G / 2);
+            for (int64_t m = 0; m < M; m++) {{
+                const int8_t* xg = xq + m * K + g * G;
+                int32_t dot = 0;
+                for (int64_t c = 0; c < G / 32; c++)
+                    for (int64_t j = 0; j < 16; j++)
+                        dot += (int32_t)(b[c * 16 + j] & 15) * xg[c * 32 + j]
+                               + (int32_t)(b[c * 16 + j] >> 4) * xg[c * 32 + 16 + j];
+                out[m] += s * dx[m * groups + g] * ((float)dot - z * (float)sx[m * groups + g]);
+            }}
+        }}
+#endif
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
+    }}
+}}
+"""
+
 # the kernel key of the W8A8 matmul (the weight-only kernels are keyed by their weight format)
 W8A8 = "w8a8"
+# suffix of the key of an int4 kernel that quantizes the activations to int8 (``int4_g128_asym+a8``)
+A8 = "+a8"
 
 
 def supported(fmt: str) -> str | None:
     """Why no generated CPU kernel exists for ``fmt`` (None: one does)."""
     if fmt == W8A8:
         return None
+    if fmt.endswith(A8):
+        f = WeightFormat.parse(fmt[: -len(A8)])
+        if f.kind == "int" and f.bits == 4 and f.group_size is not None and f.group_size % 32 == 0:
+            return None
+        return f"format {fmt}: int8-activation kernels exist for int4 weights with groups a multiple of 32"
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits == 8:
         return None
@@ -335,7 +462,7 @@ def supported(fmt: str) -> str | None:
 
 
 def kernel_name(fmt: str) -> str:
-    return "lowbit_cpu_" + fmt.replace("-", "_")
+    return "lowbit_cpu_" + fmt.replace("-", "_").replace("+", "_")
 
 
 def source(fmt: str) -> str:
@@ -344,6 +471,13 @@ def source(fmt: str) -> str:
     if fmt == W8A8:
         return (f"/* lowbit generated CPU kernel: int8 weights x int8 activations, int32 sums (M <= {MAX_ROWS}) */\n"
                 + _PRELUDE + _W8A8.format(name=name, max_rows=MAX_ROWS))
+    if fmt.endswith(A8):
+        f = WeightFormat.parse(fmt[: -len(A8)])
+        body = _INT4_A8.format(name=name, group=f.group_size, max_rows=MAX_ROWS,
+                               zero_expr="(float)zp[g]" if f.has_zero_points else "8.0f",
+                               zero_row="zero + n * groups" if f.has_zero_points else "0")
+        return (f"/* lowbit generated CPU kernel: {fmt[: -len(A8)]} weights, rows quantized to int8 per group "
+                f"(M <= {MAX_ROWS}) */\n" + _PRELUDE + body)
     f = WeightFormat.parse(fmt)
     if f.bits == 8:
         body = _INT8.format(name=name, max_rows=MAX_ROWS)
@@ -437,10 +571,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-           bias: torch.Tensor | None, fmt: str, in_features: int, portable: bool = False) -> torch.Tensor | None:
+           bias: torch.Tensor | None, fmt: str, in_features: int, portable: bool = False,
+           int8_activations: bool = False) -> torch.Tensor | None:
     """``x[M, K] @ dequantize(W).T + bias`` in float32 by the generated kernel, or None when it
-    does not apply (no kernel, too many rows, padded K): the caller runs torch's kernels."""
-    fn = kernel(fmt, portable)
+    does not apply (no kernel, too many rows, padded K): the caller runs torch's kernels.
+    ``int8_activations=True`` (int4 only) runs the kernel that quantizes x per group to int8 first
+    (lossy: see docs/codegen.md)."""
+    key = fmt + A8 if int8_activations else fmt
+    fn = kernel(key, portable)
     rows = x.shape[0]
     if fn is None or rows > MAX_ROWS or qweight.device.type != "cpu":
         return None
@@ -459,7 +597,7 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     y = torch.empty(rows, n, dtype=torch.float32)
     groups = k // (f.group_size or k)
     scratch = torch.empty(rows * (k + groups) if codes.dtype == torch.uint8 else 1, dtype=torch.float32)
-    calls[kernel_name(fmt)] += 1
+    calls[kernel_name(key)] += 1
     fn(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), _ptr(zeros), _ptr(b), y.data_ptr(), scratch.data_ptr(),
        rows, n, k, torch.get_num_threads())
     return y

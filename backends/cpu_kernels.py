@@ -124,7 +124,9 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     out_dtype = x.dtype
     lead = x.shape[:-1]
     if packed.quantized is not None and x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1]:
-        y = cpu_codegen.linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt, packed.in_features)
+        a8 = cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(packed.fmt + cpu_codegen.A8) is None
+        y = cpu_codegen.linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt, packed.in_features,
+                               int8_activations=a8)
         if y is not None:
             return y.reshape(*lead, packed.out_features).to(out_dtype)
     return torch_packed_linear(x, packed, bias, compute_dtype)
