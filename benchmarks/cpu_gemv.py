@@ -7,7 +7,9 @@ For the linear shapes of a Llama-style decoder (hidden 2048, intermediate 5632: 
 accumulation: what ``cpu_kernels.packed_linear`` runs for M <= 16), torch's packed kernel with
 bf16 activations (``aten._weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``: what runs
 without the generated kernels, and for M > 16), and a bf16 ``F.linear`` on the dense weight.
-``w8a8``: the generated int8 x int8 kernel against ``torch._int_mm`` on the same int8 codes.
+``w8a8``: the generated int8 x int8 kernel against ``torch._int_mm`` on the same int8 codes. For
+int4 formats the last column times the opt-in kernel that quantizes activations to int8
+(``LOWBIT_CPU_INT8_ACTIVATIONS=1``; lossy).
 Reported: ms per call (medians), speedup of the generated kernel over torch's (of the medians,
 and of the fastest call of each: steadier when other processes share the cores), and the fraction of the
 read-bandwidth floor (weight bytes / the bandwidth of a large fp32 sum measured in this run). The
@@ -50,7 +52,7 @@ def main() -> None:
     rows_out = []
     print(f"threads {torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     header = ["format", "shape", "M", "generated ms", "torch packed ms", "bf16 dense ms", "gen/torch",
-              "gen/torch (best)", "gen floor"]
+              "gen/torch (best)", "gen floor", "int8-act ms (best vs torch)"]
     print(" | ".join(header))
     for fmt in args.formats.split(","):
         f = WeightFormat.parse("int8" if fmt == cpu_codegen.W8A8 else fmt)
@@ -79,6 +81,9 @@ def main() -> None:
                         "torch": lambda: cpu_kernels.torch_packed_linear(x, packed, None, torch.bfloat16),
                         "dense": lambda: torch.nn.functional.linear(x.to(torch.bfloat16), dense),
                     }
+                    if cpu_codegen.supported(fmt + cpu_codegen.A8) is None:  # opt-in int8 activations
+                        calls["int8act"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
+                                                                      int8_activations=True)
                 times = {name: [] for name in calls}
                 for _ in range(3):
                     for call in calls.values():
@@ -98,9 +103,13 @@ def main() -> None:
                        "speedup_vs_torch_best": round(best["torch"] / best["generated"], 3),
                        "floor_fraction": round(floor, 3)}
                 rows_out.append(row)
+                if "int8act" in best:
+                    row["int8act_speedup_vs_torch_best"] = round(best["torch"] / best["int8act"], 3)
+                a8 = (f"{med['int8act'] * 1e3:.3f} ({row['int8act_speedup_vs_torch_best']:.2f}x)" if "int8act" in med
+                      else "-")
                 print(f"{fmt} | {label} {n}x{k} | {m} | {med['generated'] * 1e3:.3f} | {med['torch'] * 1e3:.3f} | "
                       f"{med['dense'] * 1e3:.3f} | {row['speedup_vs_torch']:.2f}x | "
-                      f"{row['speedup_vs_torch_best']:.2f}x | {floor:.0%}")
+                      f"{row['speedup_vs_torch_best']:.2f}x | {floor:.0%} | {a8}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "rows": rows_out}, fh, indent=1)
