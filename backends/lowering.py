@@ -139,7 +139,11 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
         generated = cpu_kernels.generated_kernel(fmt, args["in_features"]) if "in_features" in args else None
         if generated is None:
             return packed
-        return f"generated C kernel {generated} (M <= {cpu_codegen.MAX_ROWS} rows, float32), else {packed}"
+        if cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(fmt + cpu_codegen.A8) is None:
+            generated, numerics = cpu_codegen.kernel_name(fmt + cpu_codegen.A8), "int8 activations"
+        else:
+            numerics = "float32"
+        return f"generated C kernel {generated} (M <= {cpu_codegen.MAX_ROWS} rows, {numerics}), else {packed}"
     if kind == "cpu-op":
         note = EAGER_NOTES[op](args) if op in EAGER_NOTES else None
         where = f"eager op (lowbit_compiler/ops.py{'; an extern call inside Inductor' if rest else ''})"
