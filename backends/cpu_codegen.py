@@ -577,6 +577,8 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     does not apply (no kernel, too many rows, padded K): the caller runs torch's kernels.
     ``int8_activations=True`` (int4 only) runs the kernel that quantizes x per group to int8 first
     (lossy: see docs/codegen.md)."""
+    if int8_activations and not bool(torch.isfinite(x).all()):
+        int8_activations = False  # an inf or NaN has no int8 code: the float kernel propagates it
     key = fmt + A8 if int8_activations else fmt
     fn = kernel(key, portable)
     rows = x.shape[0]
