@@ -36,7 +36,7 @@ import tempfile
 
 import torch
 
-from lowbit_compiler.formats import WeightFormat
+from lowbit_compiler.formats import NF4_GRID, WeightFormat
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -96,6 +96,7 @@ static inline int32_t hsum256_epi32(__m256i v) {
 # codes (the codes stream from memory once; later tiles re-read them from L1), each row with two
 # independent FMA chains (low and high nibbles) so that M = 1 is not bound by FMA latency.
 _INT4 = r"""
+{decode_defs}
 #ifdef LOWBIT_AVX2
 static inline __attribute__((always_inline)) void {name}_tile(
     const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const float* xe, const float* xo,
@@ -114,8 +115,8 @@ static inline __attribute__((always_inline)) void {name}_tile(
         for (int r = 0; r < MT; r++) {{ dl[r] = _mm256_setzero_ps(); dh[r] = _mm256_setzero_ps(); }}
         for (int64_t j = 0; j < G / 2; j += 8) {{
             const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(b + j)));
-            const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(w, low4));
-            const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+            const __m256 lo = {name}_decode(_mm256_and_si256(w, low4));
+            const __m256 hi = {name}_decode(_mm256_srli_epi32(w, 4));
             const int64_t at = g * (G / 2) + j;
             for (int r = 0; r < MT; r++) {{
                 dl[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xe + r * half + at), dl[r]);
@@ -176,8 +177,8 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             float lo[G / 2], hi[G / 2];  /* the group's codes converted once for all rows */
             #pragma omp simd
             for (int64_t j = 0; j < G / 2; j++) {{
-                lo[j] = (float)(b[j] & 15);
-                hi[j] = (float)(b[j] >> 4);
+                lo[j] = {name}_value(b[j] & 15);
+                hi[j] = {name}_value(b[j] >> 4);
             }}
             for (int64_t m = 0; m < M; m++) {{
                 const float* e = xe + m * half + g * (G / 2);
@@ -194,6 +195,29 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
     }}
 }}
+"""
+
+
+# What a 4-bit code means: an integer (int4: the code itself, its zero point subtracted per group)
+# or an entry of a 16-value table (NF4: looked up in registers, two 8-entry permutes and a blend
+# on the code's bit 3; no zero point).
+_DECODE_INT = r"""
+static inline float {name}_value(int c) {{ return (float)c; }}
+#ifdef LOWBIT_AVX2
+static inline __m256 {name}_decode(__m256i c) {{ return _mm256_cvtepi32_ps(c); }}
+#endif
+"""
+
+_DECODE_TABLE = r"""
+static const float {name}_table[16] = {{{values}}};
+static inline float {name}_value(int c) {{ return {name}_table[c]; }}
+#ifdef LOWBIT_AVX2
+static inline __m256 {name}_decode(__m256i c) {{
+    const __m256 low = _mm256_loadu_ps({name}_table), high = _mm256_loadu_ps({name}_table + 8);
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  /* sign bit = code bit 3 */
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c), bit3);
+}}
+#endif
 """
 
 # int8 per channel: codes int8 [N, K], scale bf16 [N]. Rows in tiles of up to 4 per pass over a
@@ -456,9 +480,9 @@ def supported(fmt: str) -> str | None:
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits == 8:
         return None
-    if f.kind == "int" and f.bits == 4 and f.group_size is not None and f.group_size % 16 == 0:
+    if f.kind in ("int", "nf4") and f.bits == 4 and f.group_size is not None and f.group_size % 16 == 0:
         return None  # a group is whole 8-byte loads of codes
-    return f"format {fmt}: generated CPU kernels exist for int8 and int4 group-wise weights (group a multiple of 16)"
+    return f"format {fmt}: generated CPU kernels exist for int8, and int4 and NF4 group-wise weights (group a multiple of 16)"
 
 
 def kernel_name(fmt: str) -> str:
@@ -482,8 +506,13 @@ def source(fmt: str) -> str:
     if f.bits == 8:
         body = _INT8.format(name=name, max_rows=MAX_ROWS)
     else:
-        body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS,
-                            zero_expr="(float)zp[g]" if f.has_zero_points else "8.0f",
+        if f.kind == "nf4":
+            decode = _DECODE_TABLE.format(name=name, values=", ".join(f"{float(v)!r}f" for v in NF4_GRID))
+            zero_expr = "0.0f"
+        else:
+            decode = _DECODE_INT.format(name=name)
+            zero_expr = "(float)zp[g]" if f.has_zero_points else "8.0f"
+        body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS, decode_defs=decode, zero_expr=zero_expr,
                             zero_row="zero + n * groups" if f.has_zero_points else "0")
     return f"/* lowbit generated CPU kernel: {fmt} weights, float32 rows (M <= {MAX_ROWS}) */\n" + _PRELUDE + body
 

@@ -9,7 +9,9 @@ bf16 activations (``aten._weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``
 without the generated kernels, and for M > 16), and a bf16 ``F.linear`` on the dense weight.
 ``w8a8``: the generated int8 x int8 kernel against ``torch._int_mm`` on the same int8 codes. For
 int4 formats the last column times the opt-in kernel that quantizes activations to int8
-(``LOWBIT_CPU_INT8_ACTIVATIONS=1``; lossy).
+(``LOWBIT_CPU_INT8_ACTIVATIONS=1``; lossy). NF4 (``--formats nf4_g64``; table lookups in
+registers) has no torch kernel: its "torch packed" column is torch's int4 kernel at the same
+group size, the path a user would otherwise take.
 Reported: ms per call (medians), speedup of the generated kernel over torch's (of the medians,
 and of the fastest call of each: steadier when other processes share the cores), and the fraction of the
 read-bandwidth floor (weight bytes / the bandwidth of a large fp32 sum measured in this run). The
@@ -62,8 +64,9 @@ def main() -> None:
         for label, (n, k) in SHAPES.items():
             w = torch.randn(n, k) * 0.02
             q = formats.quantize(w, f)
-            packed = cpu_kernels.prepack(q.qweight, q.scale, q.zero, "int8" if fmt == cpu_codegen.W8A8 else fmt, k,
-                                         torch.bfloat16)
+            torch_fmt = {"int": f.key, "nf4": f"int4_g{f.group_size}_sym"}[f.kind]  # NF4: torch's int4 kernel
+            tq = q if torch_fmt == f.key else formats.quantize(w, WeightFormat.parse(torch_fmt))
+            packed = cpu_kernels.prepack(tq.qweight, tq.scale, tq.zero, torch_fmt, k, torch.bfloat16)
             dense = w.to(torch.bfloat16)
             nbytes = sum(t.numel() * t.element_size() for t in (q.qweight, q.scale, q.zero) if t is not None)
             for m in (1, 4, 16):

@@ -13,7 +13,7 @@ from lowbit_compiler import formats, ops
 from lowbit_compiler.backends import cpu_codegen
 from lowbit_compiler.formats import WeightFormat
 
-FORMATS = ("int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_asym", "int4_g128_sym", "int4_g256_asym")
+FORMATS = ("int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_asym", "int4_g128_sym", "int4_g256_asym", "nf4_g64")
 ROWS = (1, 2, 3, 5, 16)  # row tiles of 4: every remainder, and four full tiles
 SHAPES = ((33, 256), (97, 512))  # odd N; K a multiple of every group size
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,9 +48,9 @@ def test_declines_what_it_does_not_cover():
     q = formats.quantize(torch.randn(16, 128), WeightFormat.parse("int4_g128_asym"))
     many_rows = torch.randn(cpu_codegen.MAX_ROWS + 1, 128)
     assert cpu_codegen.linear(many_rows, q.qweight, q.scale, q.zero, None, "int4_g128_asym", 128) is None
-    nf4 = formats.quantize(torch.randn(16, 128), WeightFormat.parse("nf4_g64"))
-    assert cpu_codegen.linear(torch.randn(1, 128), nf4.qweight, nf4.scale, nf4.zero, None, "nf4_g64", 128) is None
-    assert "int8 and int4" in cpu_codegen.supported("nf4_g64")
+    int3 = formats.quantize(torch.randn(16, 128), WeightFormat.parse("int3_g64_sym"))
+    assert cpu_codegen.linear(torch.randn(1, 128), int3.qweight, int3.scale, int3.zero, None, "int3_g64_sym", 128) is None
+    assert "int8, and int4 and NF4" in cpu_codegen.supported("int3_g64_sym")
     padded = formats.quantize(torch.nn.functional.pad(torch.randn(16, 100), (0, 28)), WeightFormat.parse("int4_g128_asym"))
     assert cpu_codegen.linear(torch.randn(1, 100), padded.qweight, padded.scale, padded.zero, None,
                               "int4_g128_asym", 100) is None  # K padded to the group: torch's kernels
@@ -74,6 +74,7 @@ def test_source_is_readable_and_specialised():
     text = cpu_codegen.source("int4_g64_asym")
     assert "const int64_t G = 64" in text and "zp[g]" in text and "zero + n * groups" in text
     assert "8.0f" in cpu_codegen.source("int4_g64_sym")
+    assert "_mm256_permutevar8x32_ps" in cpu_codegen.source("nf4_g64")  # NF4: the 16 values in registers
     for fmt in ("int8", "int4_g64_asym"):  # explicit AVX2 under the preprocessor, the portable loops otherwise
         text = cpu_codegen.source(fmt)
         assert "#pragma omp parallel for" in text and "_mm256_fmadd_ps" in text and "#else" in text
