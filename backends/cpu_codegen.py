@@ -230,6 +230,22 @@ static inline __attribute__((always_inline)) void {name}_tile(
     __m256 a0[4], a1[4];
     for (int r = 0; r < MT; r++) {{ a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }}
     int64_t k = 0;
+    if (MT == 1) {{  /* decode: four chains over 32 bytes, the next lines of codes prefetched */
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (; k + 32 <= K; k += 32) {{
+            _mm_prefetch((const char*)(w + k + 512), _MM_HINT_T0);
+            a0[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k)))),
+                                    _mm256_loadu_ps(x + k), a0[0]);
+            a1[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 8)))),
+                                    _mm256_loadu_ps(x + k + 8), a1[0]);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 16)))),
+                                 _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 24)))),
+                                 _mm256_loadu_ps(x + k + 24), a3);
+        }}
+        a0[0] = _mm256_add_ps(a0[0], a2);
+        a1[0] = _mm256_add_ps(a1[0], a3);
+    }}
     for (; k + 16 <= K; k += 16) {{
         const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
         const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 8))));
