@@ -217,6 +217,9 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
     generated = cpu_kernels.generated_kernel(a["fmt"], a["in_features"])
     if generated is not None and state.dump is not None:
         state.dump.kernel(generated, cpu_codegen.source(a["fmt"]), ext="c")
+        a8 = a["fmt"] + cpu_codegen.A8
+        if cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(a8) is None:
+            state.dump.kernel(cpu_codegen.kernel_name(a8), cpu_codegen.source(a8), ext="c")
     base = a["qweight"].target.rsplit(".", 1)[0]
     _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
                     lambda p: (a["x"], p, a["bias"], dtype))
