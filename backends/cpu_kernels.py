@@ -1,4 +1,11 @@
-"""Fast CPU kernels for ``lowbit::wo_linear``: torch's packed low-bit matmuls.
+"""Fast CPU kernels for ``lowbit::wo_linear``: our generated kernels for decode-sized calls,
+torch's packed low-bit matmuls for the rest.
+
+Which one runs (:func:`packed_linear`, a static rule backed by ``benchmarks/cpu_gemv.py``; see
+docs/codegen.md): the generated C kernel of ``backends/cpu_codegen.py`` for calls of at most
+``cpu_codegen.MAX_ROWS`` rows whose format it covers (int8; int4 with groups a multiple of 16;
+K not padded), reading the quantized tensors as stored, float32 activations and accumulation;
+torch's packed kernels otherwise (prefill, other formats, no compiler, ``LOWBIT_CPU_CODEGEN=0``).
 
 * int8 per-channel: ``aten._weight_int8pack_mm(x[M, K], w int8 [N, K], scale[N])``.
 * int4 group-wise: ``aten._weight_int4pack_mm_for_cpu(x[M, K], packed, group, scales_and_zeros)``
@@ -20,6 +27,7 @@ import contextlib
 
 import torch
 
+from lowbit_compiler.backends import cpu_codegen
 from lowbit_compiler.formats import WeightFormat, unpack_int4
 from lowbit_compiler.identity_cache import IdentityCache
 
@@ -34,9 +42,13 @@ class PackedWeight(torch.nn.Module):
     """
 
     def __init__(self, fmt: str, weight: torch.Tensor, scales: torch.Tensor, out_features: int,
-                 in_features: int, padded_in_features: int):
+                 in_features: int, padded_in_features: int,
+                 quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None):
         super().__init__()
         self.fmt = fmt
+        # the quantized tensors as stored (not copies; not buffers, so not in the state dict): the
+        # generated kernels read them directly for decode-sized calls
+        self.quantized = quantized
         self.register_buffer("weight", weight)   # int8 [N, Kp] or the int4pack layout
         self.register_buffer("scales", scales)   # int8: [N]; int4: scales_and_zeros [Kp/g, Np, 2]
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
@@ -61,6 +73,14 @@ def unsupported_reason(x_dtype: torch.dtype, device: torch.device, fmt: str) -> 
     return None
 
 
+def generated_kernel(fmt: str, in_features: int) -> str | None:
+    """The name of the generated kernel that runs decode-sized calls of this weight, or None
+    (torch's packed kernel runs every call)."""
+    if cpu_codegen.kernel(fmt) is None or WeightFormat.parse(fmt).padded_k(in_features) != in_features:
+        return None
+    return cpu_codegen.kernel_name(fmt)
+
+
 def compute_dtype_for(x_dtype: torch.dtype, policy: str = "bfloat16") -> torch.dtype:
     if policy not in COMPUTE_DTYPES:
         raise ValueError(f"cpu_compute_dtype={policy!r}; expected one of {sorted(COMPUTE_DTYPES)}")
@@ -79,7 +99,8 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     f = WeightFormat.parse(fmt)
     n = scale.shape[0]
     if f.bits == 8:
-        packed = PackedWeight(fmt, qweight.contiguous(), scale.to(dtype), n, in_features, in_features)
+        packed = PackedWeight(fmt, qweight.contiguous(), scale.to(dtype), n, in_features, in_features,
+                              (qweight, scale, zero))
     else:
         q = unpack_int4(qweight).to(torch.int32)
         kp = q.shape[1]
@@ -92,13 +113,29 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
             z = torch.nn.functional.pad(z, (0, 0, 0, np_ - n), value=8)
         scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        packed = PackedWeight(fmt, w, scales_and_zeros, n, in_features, kp)
+        packed = PackedWeight(fmt, w, scales_and_zeros, n, in_features, kp, (qweight, scale, zero))
     return packed
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
                   compute_dtype: torch.dtype) -> torch.Tensor:
-    """Run a prepacked weight: casts x to the compute dtype and back, pads K, slices N."""
+    """Run a prepacked weight: the generated kernel for decode-sized calls (float32), else torch's
+    packed kernel (casts x to the compute dtype and back, pads K, slices N)."""
+    out_dtype = x.dtype
+    lead = x.shape[:-1]
+    if packed.quantized is not None and x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1]:
+        a8 = cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(packed.fmt + cpu_codegen.A8) is None
+        y = cpu_codegen.linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt, packed.in_features,
+                               int8_activations=a8)
+        if y is not None:
+            return y.reshape(*lead, packed.out_features).to(out_dtype)
+    return torch_packed_linear(x, packed, bias, compute_dtype)
+
+
+def torch_packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                        compute_dtype: torch.dtype) -> torch.Tensor:
+    """torch's packed kernel for any number of rows (casts x to the compute dtype and back, pads
+    K, slices N)."""
     out_dtype = x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype).contiguous()  # the packed kernels need rows (Mamba's

@@ -67,6 +67,7 @@ class LoweringState:
     cpu_compute_dtype: str
     inner: str
     rejected: dict[str, str]
+    dump: DumpWriter | None = None
 
 
 # (target, op) -> lowering(node, gm, ctx, state) -> implementation label; an op without a
@@ -97,7 +98,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
     in_kernels: dict[str, str] = {}  # lowbit node -> the generated call that computes it
     if target == "triton":
         generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune, in_kernels)
-    state = LoweringState(target, cpu_compute_dtype, inner, rejected)
+    state = LoweringState(target, cpu_compute_dtype, inner, rejected, dump)
     for node in list(gm.graph.nodes):
         decl = opdecl.of(node)
         if decl is None or decl.module == opdecl.LOWERED:
@@ -135,7 +136,15 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
     kind, _, rest = label.partition(":")
     if kind == "cpu":
         fmt, _, dtype = rest.partition(":")
-        return f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)"
+        packed = f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)"
+        generated = cpu_kernels.generated_kernel(fmt, args["in_features"]) if "in_features" in args else None
+        if generated is None:
+            return packed
+        if cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(fmt + cpu_codegen.A8) is None:
+            generated, numerics = cpu_codegen.kernel_name(fmt + cpu_codegen.A8), "int8 activations"
+        else:
+            numerics = "float32"
+        return f"generated C kernel {generated} (M <= {cpu_codegen.MAX_ROWS} rows, {numerics}), else {packed}"
     if kind == "cpu-op":
         note = EAGER_NOTES[op](args) if op in EAGER_NOTES else None
         where = f"eager op (lowbit_compiler/ops.py{'; an extern call inside Inductor' if rest else ''})"
@@ -152,13 +161,17 @@ def _qa_linear_note(a: dict[str, Any]) -> str | None:
 
     slow = ops.qa_linear_slow_reason(a["fmt"], a["act"])
     if slow is None:
-        return f"one torch._int_mm ({a['act']} x {a['fmt']}) per call, then both scales"
+        kernel = cpu_codegen.kernel_name(cpu_codegen.W8A8) if cpu_codegen.kernel(cpu_codegen.W8A8) else None
+        first = f"the generated C kernel {kernel} for M <= {cpu_codegen.MAX_ROWS} rows, else " if kernel else ""
+        return f"{first}one torch._int_mm ({a['act']} x {a['fmt']}) per call, then both scales"
     return slow.split(";")[0].replace("lowbit::qa_linear: ", "")
 
 
 EAGER_NOTES["lowbit::qa_linear"] = _qa_linear_note
 EAGER_NOTES["lowbit::hadamard"] = lambda a: "fast Walsh-Hadamard transform in torch ops (lowbit_compiler/hadamard.py)"
-EAGER_NOTES["lowbit::wo_linear"] = lambda a: "the packed CPU kernel when one exists for the call's dtype, else the float reference"
+EAGER_NOTES["lowbit::wo_linear"] = lambda a: (
+    "the generated C kernel for M <= 16 rows, the packed CPU kernel above, when they exist for the format and "
+    "the call's dtype, else the float reference")
 
 
 def _cpu_compute_dtype(node: fx.Node, ctx: PassContext, state: LoweringState,
@@ -213,6 +226,12 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
         # kernels, packed once per weight) runs as an extern call inside Inductor's code
         return f"cpu-op:{a['fmt']}:{dtype_name}"
     packed = cpu_kernels.prepack(*_quantized_tensors(gm, a), a["fmt"], a["in_features"], dtype)
+    generated = cpu_kernels.generated_kernel(a["fmt"], a["in_features"])
+    if generated is not None and state.dump is not None:
+        state.dump.kernel(generated, cpu_codegen.source(a["fmt"]), ext="c")
+        a8 = a["fmt"] + cpu_codegen.A8
+        if cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(a8) is None:
+            state.dump.kernel(cpu_codegen.kernel_name(a8), cpu_codegen.source(a8), ext="c")
     base = a["qweight"].target.rsplit(".", 1)[0]
     _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
                     lambda p: (a["x"], p, a["bias"], dtype))

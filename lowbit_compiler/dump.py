@@ -14,6 +14,7 @@ compiled graph inside it::
             summary.json             recipe, pass times and match counts, per-layer decisions,
                                      fallbacks, the implementation of every lowbit op; for a compile
                                      that failed, the error (``"error"``) and the stage it failed in
+            kernels/                 generated kernels: Triton ``<name>.py``, CPU C ``<name>.c``
 
 Two runs into one ``dump_dir`` (two processes, or two ``torch.compile`` calls) never share a
 folder: each takes the next free ``run_<NNN>``. The directory comes from
@@ -132,12 +133,13 @@ class DumpWriter:
     def enabled(self) -> bool:
         return self.dir is not None
 
-    def kernel(self, name: str, source: str) -> None:
-        """A generated kernel's source, as ``kernels/<name>.py`` (runnable on its own)."""
+    def kernel(self, name: str, source: str, ext: str = "py") -> None:
+        """A generated kernel's source, as ``kernels/<name>.<ext>`` (Triton: ``.py``, runnable on
+        its own; the generated CPU kernels: ``.c``)."""
         if self.dir is None:
             return
         os.makedirs(os.path.join(self.dir, "kernels"), exist_ok=True)
-        with open(os.path.join(self.dir, "kernels", name + ".py"), "w") as f:
+        with open(os.path.join(self.dir, "kernels", f"{name}.{ext}"), "w") as f:
             f.write(source)
 
     def summary(self, data: dict[str, Any]) -> None:

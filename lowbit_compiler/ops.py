@@ -195,7 +195,7 @@ def qa_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     if act == "fp8_e4m3":
         acc = rows.float() @ qweight.float().t() * scale.float()
     elif f.bits == 8:
-        acc = torch._int_mm(rows, qweight.t()).float() * scale.float()
+        acc = _int8_matmul(rows, qweight).float() * scale.float()
     else:
         codes = _centred_codes(f, qweight, zero)
         g = f.group_size
@@ -213,6 +213,15 @@ def qa_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 @qa_linear.register_fake
 def _(x, qweight, scale, zero, bias, fmt, in_features, act, x_scale=None):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
+
+def _int8_matmul(rows: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """int8 x int8 -> int32: the generated CPU kernel for decode-sized calls (M <= 16 rows; torch's
+    CPU ``_int_mm`` is a reference loop there), else ``torch._int_mm``; both exact."""
+    from lowbit_compiler.backends import cpu_codegen
+
+    out = cpu_codegen.int8_matmul(rows, qweight)
+    return torch._int_mm(rows, qweight.t()) if out is None else out
 
 
 def _centred_codes(f: WeightFormat, qweight: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import pytest
 
 import lowbit_compiler
 from lowbit_compiler import LowbitError
+from lowbit_compiler.backends import cpu_codegen
 from lowbit_compiler.cli import main as cli_main
 from tests.conftest import make_model, prompt
 
@@ -24,7 +25,10 @@ def test_dump_has_every_stage_with_diffs_and_a_summary(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "run_000-w4a16")) == ["graph_000", "run.json"]
     assert sorted(os.listdir(graph_dir)) == [
         "00_captured.py", "01_canonicalize.diff", "01_canonicalize.py", "02_insert_weight_quant.diff",
-        "02_insert_weight_quant.py", "03_lowered.diff", "03_lowered.py", "summary.json"]
+        "02_insert_weight_quant.py", "03_lowered.diff", "03_lowered.py", "kernels", "summary.json"]
+    # the generated CPU kernel's C source, beside where Triton kernels go
+    assert os.listdir(graph_dir / "kernels") == ["lowbit_cpu_int4_g128_asym.c"]
+    assert (graph_dir / "kernels" / "lowbit_cpu_int4_g128_asym.c").read_text() == cpu_codegen.source("int4_g128_asym")
     captured = (graph_dir / "00_captured.py").read_text()
     assert 'getattr(self.model.layers, "0").mlp.down_proj.weight' in captured
     quant_diff = (graph_dir / "02_insert_weight_quant.diff").read_text()
@@ -44,7 +48,8 @@ def test_dump_has_every_stage_with_diffs_and_a_summary(tmp_path, capsys):
     assert "insert_weight_quant" in out and "model.layers.1.mlp.down_proj" in out and "int4_g128_asym" in out
     assert "kernels: {'cpu': 15}" in out
     assert "### run_000-w4a16: recipe 'w4a16'" in out and "== run_000-w4a16/graph_000" in out
-    assert "cpu_kernels.packed_linear (packed int4_g128_asym weights, bfloat16 compute)" in out
+    assert ("generated C kernel lowbit_cpu_int4_g128_asym (M <= 16 rows, float32), else "
+            "cpu_kernels.packed_linear (packed int4_g128_asym weights, bfloat16 compute)") in out
 
 
 def test_dump_dir_from_environment(tmp_path):
@@ -146,8 +151,8 @@ def test_inspect_lists_a_graph_whose_compile_never_finished(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("recipe, expected", [
-    ("w8a8", {("lowbit::qa_linear", "eager op (lowbit_compiler/ops.py): one torch._int_mm (int8 x int8) per call, "
-                                    "then both scales"): 15}),
+    ("w8a8", {("lowbit::qa_linear", "eager op (lowbit_compiler/ops.py): the generated C kernel lowbit_cpu_w8a8 for "
+                                    "M <= 16 rows, else one torch._int_mm (int8 x int8) per call, then both scales"): 15}),
     ("w4a4-rot", {("lowbit::qa_linear", "eager op (lowbit_compiler/ops.py): format int4_g128_sym with int4 "
                                         "activations runs one integer matmul per group of 128 on codes unpacked and "
                                         "centred on every call (the eager op has no packed low-bit integer kernel)"): 15,
