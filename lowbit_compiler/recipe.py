@@ -259,6 +259,17 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
            options={"mixed_precision": {"bits": 4.5}}),
     # SpQR's fp16 outliers beside a 3-bit dense part rounded by HQQ
     Recipe("w4a16-spqr-hqq", ("canonicalize", "spqr", "hqq"), _INT3),
+    # activation sparsity (passes/act_sparsity/): inputs zeroed below per-site thresholds calibrated to 50 %
+    # (option sparsity); on float weights, and composed with int8 / int4 weights, the threshold fused into the
+    # quantized matmul (the decode GEMV skips the weight rows of zeroed inputs)
+    Recipe("teal-50", ("canonicalize", "teal")),
+    Recipe("cats-50", ("canonicalize", "cats")),
+    Recipe("wina-50", ("canonicalize", "wina")),
+    Recipe("teal-50+w8a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
+    Recipe("teal-50+w4a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), _INT4),
+    Recipe("wina-50+w8a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
+    Recipe("wina-50+w4a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), _INT4),
+    Recipe("cats-50+w4a16", ("canonicalize", "cats", "insert_weight_quant"), _INT4),
 )}
 
 
