@@ -195,27 +195,44 @@ class ActivationSparsity(Pass):
                 apply(site, result)
             info: dict[str, Any] = {"cached": len(cached)}
         else:
-            pending = dict(sites)
-
-            def on_block(block, stats) -> bool:
-                for node, observed in stats.items():
-                    site = pending.pop(node)
-                    result = compute(site, observed)
-                    common.RESULTS.put(site.owner, (key, site.name), result)
-                    apply(site, result)
-                return bool(stats)
-
             engine = ctx.calibration_for(self.name)
-            info = engine.run(self.name, lambda n: n in pending, {"samples"}, on_block, at=self.at)
-            for site in pending.values():
-                ctx.fallback(f"{self.name}: site {site.name}",
-                             "no calibration data reached it; its input stays dense")
+            info = {"runs": []}
+            for level in _levels(gm, list(sites.values())):
+                pending = {s.observe: s for s in level}
+
+                def on_block(block, stats) -> bool:
+                    for node, observed in stats.items():
+                        site = pending.pop(node)
+                        result = compute(site, observed)
+                        common.RESULTS.put(site.owner, (key, site.name), result)
+                        apply(site, result)
+                    return bool(stats)
+
+                info["runs"].append(engine.run(self.name, lambda n: n in pending, {"samples"}, on_block, at=self.at))
+                for site in pending.values():
+                    ctx.fallback(f"{self.name}: site {site.name}",
+                                 "no calibration data reached it; its input stays dense")
         gm.graph.lint()
         gm.recompile()
         achieved = [r["achieved"] for r in report.values()]
         return PassResult(bool(report), len(report), {
             "sites": report, "skipped": skipped, "calibration": info, "target": sparsity,
             "mean_achieved": round(sum(achieved) / len(achieved), 4) if achieved else None})
+
+
+def _levels(gm: fx.GraphModule, sites: list[ActSite]) -> list[list[ActSite]]:
+    """Sites grouped so that each is calibrated after every site before it in its block: level
+    ``i`` holds the ``i``-th site of every block (q/k/v, then o, then gate/up, then down), so the
+    o projection's threshold is measured on the attention output of thresholded q/k/v inputs, as
+    it runs. One calibration run per level."""
+    order = _position(gm)
+    per_block: dict[str, list[ActSite]] = {}
+    for site in sorted(sites, key=lambda s: order(s.observe)):
+        module = ir.get(site.observe, ir.MODULE)
+        found = calibration.block_of(module.fqn) if module is not None else None
+        per_block.setdefault(found[1] if found else site.name, []).append(site)
+    depth = max((len(v) for v in per_block.values()), default=0)
+    return [[v[i] for v in per_block.values() if i < len(v)] for i in range(depth)]
 
 
 def _layer_of(node: fx.Node) -> str | None:
