@@ -1,5 +1,7 @@
 """Activation-sparse decode on the CPU: the generated K-major GEMV (``backends/cpu_sparse.py``) at
-TEAL sparsities against the dense generated kernel of the same weight format (``cpu_codegen``).
+TEAL sparsities against the dense generated kernel of the same weight format (``cpu_codegen``),
+and against torch's packed kernel of that format with bf16 activations (what ``w8a16``/``w4a16``
+run on the CPU today).
 
 Shapes: the linears of one block of a 0.49B Qwen2-style decoder (hidden 896, intermediate 4864,
 2 KV heads of 64: q 896x896, k/v 128x896, o 896x896, gate/up 4864x896, down 896x4864), batch 1.
@@ -22,7 +24,7 @@ import time
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen, cpu_sparse
+from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
 from lowbit_compiler.formats import WeightFormat, quantize
 
 SHAPES = {"q_proj": (896, 896), "k_proj": (128, 896), "v_proj": (128, 896), "o_proj": (896, 896),
@@ -53,9 +55,11 @@ def main() -> None:
             qw = weights[name]
             assert cpu_codegen.linear(torch.randn(1, k), qw.qweight, qw.scale, qw.zero, None, fmt, k) is not None
             assert cpu_sparse.linear(torch.randn(1, k), qw.qweight, qw.scale, qw.zero, None, fmt, k) is not None
+        packed = {name: cpu_kernels.prepack(weights[name].qweight, weights[name].scale, weights[name].zero, fmt, k,
+                                            torch.bfloat16) for name, (n, k) in SHAPES.items()}
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             xs = {name: _thresholded(k, sparsity, gen) for name, (n, k) in SHAPES.items()}
-            dense_t, sparse_t = {n: [] for n in SHAPES}, {n: [] for n in SHAPES}
+            dense_t, sparse_t, torch_t = {n: [] for n in SHAPES}, {n: [] for n in SHAPES}, {n: [] for n in SHAPES}
             for _ in range(args.repeats):
                 for name, (n, k) in SHAPES.items():  # interleaved: dense, sparse, per shape
                     qw, x = weights[name], xs[name]
@@ -64,19 +68,27 @@ def main() -> None:
                     t1 = time.perf_counter()
                     cpu_sparse.linear(x, qw.qweight, qw.scale, qw.zero, None, fmt, k)
                     t2 = time.perf_counter()
+                    cpu_kernels.packed_linear(x, packed[name], None, torch.bfloat16)
+                    t3 = time.perf_counter()
                     dense_t[name].append(t1 - t0)
                     sparse_t[name].append(t2 - t1)
+                    torch_t[name].append(t3 - t2)
             dense_step = statistics.median([sum(dense_t[n][i] for n in SHAPES) for i in range(args.repeats)])
             sparse_step = statistics.median([sum(sparse_t[n][i] for n in SHAPES) for i in range(args.repeats)])
+            torch_step = statistics.median([sum(torch_t[n][i] for n in SHAPES) for i in range(args.repeats)])
             per_shape = {n: round(statistics.median(dense_t[n]) / statistics.median(sparse_t[n]), 2) for n in SHAPES}
             rows.append({"format": fmt, "sparsity": sparsity, "dense_ms": round(dense_step * 1e3, 3),
                          "sparse_ms": round(sparse_step * 1e3, 3), "speedup": round(dense_step / sparse_step, 2),
+                         "torch_packed_ms": round(torch_step * 1e3, 3),
+                         "vs_torch_packed": round(torch_step / sparse_step, 2),
                          "per_shape_speedup": per_shape})
     print(f"threads={torch.get_num_threads()}  (interleaved medians; the machine may be shared)")
-    print(f"{'format':<16}{'sparsity':>9}{'dense ms':>10}{'sparse ms':>11}{'speedup':>9}  per shape")
+    print(f"{'format':<16}{'sparsity':>9}{'dense ms':>10}{'sparse ms':>11}{'speedup':>9}{'torch ms':>10}"
+          f"{'vs torch':>10}  per shape (vs dense)")
     for r in rows:
         print(f"{r['format']:<16}{r['sparsity']:>9.2f}{r['dense_ms']:>10.3f}{r['sparse_ms']:>11.3f}"
-              f"{r['speedup']:>8.2f}x  " + " ".join(f"{k}={v}" for k, v in r["per_shape_speedup"].items()))
+              f"{r['speedup']:>8.2f}x{r['torch_packed_ms']:>10.3f}{r['vs_torch_packed']:>9.2f}x  "
+              + " ".join(f"{k}={v}" for k, v in r["per_shape_speedup"].items()))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "repeats": args.repeats, "shapes": SHAPES, "rows": rows},
