@@ -5,9 +5,9 @@ run on the CPU today).
 
 Shapes: the linears of one block of a 0.49B Qwen2-style decoder (hidden 896, intermediate 4864,
 2 KV heads of 64: q 896x896, k/v 128x896, o 896x896, gate/up 4864x896, down 896x4864), batch 1.
-Per format and sparsity, the block's seven GEMVs run as one decode step; the dense step and the
-sparse step alternate (interleaved, one of each in turn) and the ratio of their medians over
-``--repeats`` is reported, with per-shape ratios. The input is a standard-normal row thresholded
+Per format and sparsity, the block's seven GEMVs run in turn, each as dense, sparse and torch
+calls back to back (interleaved), ``--repeats`` times; a step's time is the sum of the seven
+per-shape medians, and the ratios of those sums are reported, with per-shape ratios. The input is a standard-normal row thresholded
 to the target fraction of zeros (what ``lowbit::act_sparsify`` leaves). The machine may be shared:
 ratios measured in the same process are what to compare; re-measure absolute times on an idle
 machine.
@@ -73,9 +73,10 @@ def main() -> None:
                     dense_t[name].append(t1 - t0)
                     sparse_t[name].append(t2 - t1)
                     torch_t[name].append(t3 - t2)
-            dense_step = statistics.median([sum(dense_t[n][i] for n in SHAPES) for i in range(args.repeats)])
-            sparse_step = statistics.median([sum(sparse_t[n][i] for n in SHAPES) for i in range(args.repeats)])
-            torch_step = statistics.median([sum(torch_t[n][i] for n in SHAPES) for i in range(args.repeats)])
+            # a step is the sum of the per-shape medians (robust to another process taking the core mid-step)
+            dense_step = sum(statistics.median(dense_t[n]) for n in SHAPES)
+            sparse_step = sum(statistics.median(sparse_t[n]) for n in SHAPES)
+            torch_step = sum(statistics.median(torch_t[n]) for n in SHAPES)
             per_shape = {n: round(statistics.median(dense_t[n]) / statistics.median(sparse_t[n]), 2) for n in SHAPES}
             rows.append({"format": fmt, "sparsity": sparsity, "dense_ms": round(dense_step * 1e3, 3),
                          "sparse_ms": round(sparse_step * 1e3, 3), "speedup": round(dense_step / sparse_step, 2),
