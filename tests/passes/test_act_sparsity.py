@@ -147,3 +147,16 @@ def test_teal_w4a16_both_flows_agree_fuse_and_reload(tmp_path):
     reloaded = load(tmp_path, make_model("llama", seed=3))
     with torch.no_grad():
         assert torch.equal(reloaded(CALIBRATION[1]).logits, model(CALIBRATION[1]).logits)
+
+
+def test_recipes_place_and_bound_the_sparsity_passes():
+    from lowbit_compiler import LowbitError, Recipe
+    from lowbit_compiler.recipe import PRESETS
+
+    with pytest.raises(LowbitError, match="pass 'teal' must run before 'insert_weight_quant'"):
+        Recipe("late", ("canonicalize", "insert_weight_quant", "teal"), WeightFormat(8))
+    with pytest.raises(LowbitError, match="fuse_sparse_input' requires"):
+        Recipe("unquantized", ("canonicalize", "teal", "fuse_sparse_input"))
+    with pytest.raises(LowbitError, match=r"sparsity=1.5; give the fraction"):
+        PRESETS["teal-50"].replace(name="bad", options={"teal": {"sparsity": 1.5}})
+    assert PRESETS["wina-50+w4a16"].passes[-1] == "fuse_sparse_input"
