@@ -104,3 +104,34 @@ def aot_job(fmt: str, in_features: int = 4096, dtype: torch.dtype = torch.float1
             "constexprs": {"BITS": f.bits, "GROUP": f.group_size or in_features, "HAS_ZERO": f.bits == 4,
                            "TILE": cpu_sparse.TILE, "BLOCK_K": block_k(fmt, in_features), "BLOCK_N": BLOCK_N},
             "num_warps": 4, "arch": arch}
+
+
+def unsupported_reason(fmt: str, x_dtype: torch.dtype, rows: int, out_features: int) -> str | None:
+    """Why a ``sparse_input_linear`` call cannot take the Triton kernel (None: it can)."""
+    if (why := cpu_sparse.supported(fmt)) is not None:
+        return why
+    if rows != 1:
+        return (f"{rows} rows: the activation-sparse Triton kernel is a decode GEMV (one row); prefill shapes run "
+                "the op's CPU implementation (the threshold, then the dense kernels)")
+    if x_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"activation dtype {x_dtype} has no Triton kernel (use float32/bfloat16/float16)"
+    if WeightFormat.parse(fmt).bits == 4 and out_features % 2:
+        return f"N={out_features} is odd (int4 columns of the K-major copy are packed in pairs)"
+    return None
+
+
+@torch.library.custom_op("lowbit::sparse_input_linear_triton", mutates_args=())
+def sparse_input_linear_triton(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                               qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                               bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    """``lowbit::sparse_input_linear`` lowered for ``target="triton"`` (one row): the threshold,
+    then the kernel above over the weight's K-major copy (made once, cached by identity)."""
+    from lowbit_compiler.ops import act_sparsify_reference
+
+    xs = act_sparsify_reference(x, threshold, col_scale)
+    return launch(xs, cpu_sparse.kmajor(qweight, scale, zero, fmt, in_features), bias, fmt)
+
+
+@sparse_input_linear_triton.register_fake
+def _(x, threshold, col_scale, qweight, scale, zero, bias, fmt, in_features):
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))

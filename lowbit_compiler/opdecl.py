@@ -139,8 +139,6 @@ def _declare_builtins() -> None:
     declare(OpDeclaration(
         "sparse_input_linear", "act_sparsify fused into a weight-only quantized linear: the decode GEMV reads only "
         "the weight rows of the inputs kept", ops.sparse_input_linear_reference, LINEAR,
-        no_kernel="no Triton lowering for lowbit::sparse_input_linear yet; its CPU implementation (the generated "
-                  "activation-sparse GEMV for one row, the packed kernels above) runs",
         describe=lambda a: linear_text(a) + ", sparse input"))
     declare(OpDeclaration(
         "generated", "one call of a generated kernel (inner='inductor')", ops.generated, LOWERED))

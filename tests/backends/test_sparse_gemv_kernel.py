@@ -51,3 +51,25 @@ def test_the_kernel_compiles_for_sm90_without_spills():
     for job, report in zip(jobs, _triton_adapter.compile_for_gpu(jobs)):
         assert report["arch"] == "sm_90" and report["spill_bytes"] == 0, (job["constexprs"], report)
         assert 0 < report["registers"] <= 255, report
+
+
+@pytest.mark.slow  # about 35 s on one core: the decode graph interpreted
+def test_decode_row_lowers_to_the_triton_kernel_and_matches_compress():
+    from lowbit_compiler import compress
+    from lowbit_compiler.backends.cpu_kernels import eager_compute_dtype
+    from tests.conftest import make_model
+    from tests.helpers import Recorder, count
+
+    calibration = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    recipe = "teal-50+w8a16"
+    offline = compress(make_model("llama"), recipe, calibration=calibration, progress=False)
+    rec = Recorder(recipe=recipe, calibration=calibration, progress=False, target="triton")
+    compiled = torch.compile(make_model("llama"), backend=rec)
+    token = calibration[1][:, :1]
+    with torch.no_grad():
+        compiled(calibration[0])  # the calibration-shaped graph computes the thresholds
+        y = compiled(token).logits  # one row: every fused linear runs the Triton GEMV
+        with eager_compute_dtype("activation"):  # the compressed model's dense head in fp32, as the kernels
+            ref = offline(token).logits
+    assert count(rec.graphs[-1], "sparse_input_linear_triton.default") == 14
+    assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
