@@ -11,8 +11,9 @@ output with atomics (split-K). The launcher zero-fills the output and adds the b
 
 Checked under the interpreter against the float reference (and that the bytes loaded follow the
 sparsity, ``_triton_adapter.count_traffic``), compiled for sm_90 with registers and spills
-reported (tests/backends/test_sparse_gemv_kernel.py). Not wired into ``target="triton"`` lowering
-yet: ``sparse_input_linear`` runs its CPU implementation there (logged).
+reported (tests/backends/test_sparse_gemv_kernel.py). ``target="triton"`` lowers a one-row
+``sparse_input_linear`` to :func:`sparse_input_linear_triton` (``backends/lowering.py``); prefill
+shapes run the op's CPU implementation there (logged).
 """
 from __future__ import annotations
 
