@@ -68,6 +68,9 @@ def scheme_of(module: Any) -> tuple[str, dict[str, Any]] | str:
         return "a FlatQuant transform runs on its input; compressed-tensors has no online transforms"
     if module.outlier_values is not None:
         return "it has SpQR outliers (a sparse fp16 side matrix); compressed-tensors has no such tensor"
+    if module.input_threshold is not None:
+        return ("activation sparsity thresholds its input (TEAL/WINA, online); compressed-tensors has no place for "
+                "it (the model would run dense)")
     if module.x_scale is not None:
         return "its activations use a static scale; this exporter writes dynamic per-token activations only"
     fmt = WeightFormat.parse(module.fmt)
@@ -189,7 +192,11 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
             if prefix + "bias" in skeleton:
                 tensors[prefix + "bias"] = torch.zeros(skeleton[prefix + "bias"].shape, dtype=expected.dtype)
         elif input_transforms_of(module) is not None:
-            refused.append(f"{fqn}: online input transforms (R4 / FlatQuant) in front of a float linear")
+            refused.append(f"{fqn}: online input transforms (R4 / FlatQuant / an activation-sparsity threshold) in "
+                           "front of a float linear")
+        elif hasattr(module, "lowbit_output_threshold"):
+            refused.append(f"{fqn}: CATS thresholds this activation's output online; compressed-tensors has no place "
+                           "for it")
         elif isinstance(module, torch.nn.Linear) and not isinstance(module, GraphRMSNorm):
             float_linears.append(fqn)
     for key, t in state.items():
