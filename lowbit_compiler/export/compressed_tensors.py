@@ -28,7 +28,8 @@ whose scale was folded are written as all-ones weights.
 
 Refused, with the reason (the export raises; nothing is written): online transforms in front of a
 linear (R4 Hadamards and signs, FlatQuant's Kronecker transforms) and on queries/keys (R3), which
-compressed-tensors checkpoints have no place for; SpQR outliers; static activation scales; int2/int3
+compressed-tensors checkpoints have no place for; activation-sparsity thresholds (TEAL/WINA on a
+linear's input, CATS on an activation's output); SpQR outliers; static activation scales; int2/int3
 (their packing differs between versions of compressed-tensors: dense since 0.20, padded before),
 NF4, MXFP4/NVFP4 (compressed-tensors' own fp4 layouts are not written by this exporter), int4 with
 group 256 or padded K, W4A4/W4A8 activations; tensors the float architecture does not have (a bias
