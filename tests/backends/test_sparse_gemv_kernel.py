@@ -45,6 +45,7 @@ def test_weight_rows_of_zeroed_inputs_are_not_read():
     assert reads["half"][0] - x_and_scales == reads["half"][1] * 128  # only the kept inputs' rows
 
 
+@pytest.mark.slow  # the ahead-of-time compile runs in a child process (~10-25 s)
 def test_the_kernel_compiles_for_sm90_without_spills():
     """Measured: int8 (BLOCK_K 64) 72 registers, int4 g128 (BLOCK_K 128) 152, BLOCK_N 64, 4 warps, no spills."""
     jobs = [sparse_gemv_kernel.aot_job(fmt) for fmt in ("int8", "int4_g128_asym")]

@@ -92,7 +92,7 @@ def _zero_fraction(model, prefixes):
     return {n: z / t for n, (z, t) in seen.items()}
 
 
-@pytest.mark.parametrize("recipe,sites", [("teal-50", 8), ("wina-50", 8)])
+@pytest.mark.parametrize("recipe,sites", [("teal-50", 8), pytest.param("wina-50", 8, marks=pytest.mark.slow)])
 def test_teal_and_wina_sites_and_achieved_sparsity_on_calibration_data(recipe, sites):
     model = compress(make_model("llama"), recipe, calibration=CALIBRATION, progress=False)
     summary = _pass_details(model, recipe.split("-")[0])
@@ -162,7 +162,7 @@ def test_recipes_place_and_bound_the_sparsity_passes():
     assert PRESETS["wina-50+w4a16"].passes[-1] == "fuse_sparse_input"
 
 
-@pytest.mark.parametrize("recipe", ["teal-50+w8a16", "cats-50"])
+@pytest.mark.parametrize("recipe", ["teal-50+w8a16", pytest.param("cats-50", marks=pytest.mark.slow)])
 def test_exporters_refuse_thresholds_they_cannot_express(tmp_path, recipe):
     from lowbit_compiler import LowbitError
     from lowbit_compiler.export.compressed_tensors import export_compressed_tensors
