@@ -142,7 +142,8 @@ def source(fmt: str) -> str:
     """The C source of the activation-sparse GEMV for ``fmt`` (readable; see the module docstring)."""
     f = WeightFormat.parse(fmt)
     if f.bits == 8:
-        fields = dict(code_t="int8_t", group="K", row_bytes="N", tile_offset="n0", inner=_INNER_INT8, inner4=_INNER4_INT8)
+        fields = dict(code_t="int8_t", group="K", row_bytes="N", tile_offset="n0", inner=_INNER_INT8,
+                      inner4=_INNER4_INT8)
     else:
         fields = dict(code_t="uint8_t", group=str(f.group_size), row_bytes="N / 2", tile_offset="n0 / 2",
                       inner=_INNER_INT4, inner4=_INNER4_INT4)
@@ -155,7 +156,8 @@ def kernel(fmt: str):
     """The compiled kernel (a ctypes function), or None (why: logged once by ``cpu_codegen``)."""
     if os.environ.get(cpu_codegen.ENV, "1") == "0" or supported(fmt) is not None:
         return None
-    return cpu_codegen.build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 2 + [ctypes.c_int],
+    return cpu_codegen.build(kernel_name(fmt), source(fmt),
+                             [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 2 + [ctypes.c_int],
                              what=f"the activation-sparse {fmt} kernel")
 
 

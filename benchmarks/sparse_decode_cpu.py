@@ -1,16 +1,16 @@
-"""Activation-sparse decode on the CPU: the generated K-major GEMV (``backends/cpu_sparse.py``) at
-TEAL sparsities against the dense generated kernel of the same weight format (``cpu_codegen``),
-and against torch's packed kernel of that format with bf16 activations (what ``w8a16``/``w4a16``
-run on the CPU today).
+"""Activation-sparse decode on the CPU: the generated K-major GEMV (``backends/cpu_sparse.py``) at TEAL
+sparsities against the dense generated kernel of the same weight format (``cpu_codegen``), and
+against torch's packed kernel of that format with bf16 activations (what ``w8a16``/``w4a16`` run on
+the CPU today).
 
-Shapes: the linears of one block of a 0.49B Qwen2-style decoder (hidden 896, intermediate 4864,
-2 KV heads of 64: q 896x896, k/v 128x896, o 896x896, gate/up 4864x896, down 896x4864), batch 1.
-Per format and sparsity, the block's seven GEMVs run in turn, each as dense, sparse and torch
-calls back to back (interleaved), ``--repeats`` times; a step's time is the sum of the seven
-per-shape medians, and the ratios of those sums are reported, with per-shape ratios. The input is a standard-normal row thresholded
-to the target fraction of zeros (what ``lowbit::act_sparsify`` leaves). The machine may be shared:
-ratios measured in the same process are what to compare; re-measure absolute times on an idle
-machine.
+Shapes: the linears of one block of a 0.49B Qwen2-style decoder (hidden 896, intermediate 4864, 2 KV
+heads of 64: q 896x896, k/v 128x896, o 896x896, gate/up 4864x896, down 896x4864), batch 1. Per
+format and sparsity, the block's seven GEMVs run in turn, each as dense, sparse and torch calls back
+to back (interleaved), ``--repeats`` times; a step's time is the sum of the seven per-shape medians,
+and the ratios of those sums are reported, with per-shape ratios. The input is a standard-normal row
+thresholded to the target fraction of zeros (what ``lowbit::act_sparsify`` leaves). The machine may
+be shared: ratios measured in the same process are what to compare; re-measure absolute times on an
+idle machine.
 
     python benchmarks/sparse_decode_cpu.py [--repeats 31] [--json benchmarks/results/sparse_decode_cpu.json]
 """

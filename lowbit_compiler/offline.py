@@ -357,8 +357,8 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     if whole and len(graphs) != 1:
         raise LowbitError(f"compress({recipe.name}): pass {whole[0]!r} needs the whole forward in one graph; Dynamo "
                           f"captured {len(graphs)} (graph breaks)")
-    written: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0, "output_hooks": 0,
-                               "left_float": {}}
+    written: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
+                               "output_hooks": 0, "left_float": {}}
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
     r3 = None
@@ -459,8 +459,8 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
     whether queries and keys get R3 Hadamards. A quantized linear whose module computes more than
     the linear stays float in the model (``left_float``: layer -> why; strict: an error)."""
     gm = captured.gm
-    counts: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0, "output_hooks": 0,
-                              "left_float": {}}
+    counts: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
+                              "output_hooks": 0, "left_float": {}}
     represented: set[fx.Node] = set()
     with torch.no_grad():
         counts["tensors"] = _write_tensors(model, captured)
