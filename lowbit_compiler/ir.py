@@ -34,7 +34,9 @@ SKIPPED = "skipped"        # SkipReason on nodes a pass looked at and left alone
 WEIGHT_FORMAT = "weight_format"  # FormatChoice on linears: the format mixed_precision chose
 ACT_SCALE = "activation_scale"   # StaticScale on linears: observe_activations' measured input scale
 OUTLIERS = "outliers"      # OutlierSpec on linears whose fp16 outliers spqr moved to a sparse_linear
-KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS})
+ACT_SPARSITY = "activation_sparsity"  # ActSparsitySpec on lowbit::act_sparsify / sparse_input_linear nodes
+KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS,
+                        ACT_SPARSITY})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,18 @@ class OutlierSpec:
 
     count: int
     nbytes: int                # COO storage: int32 row + int32 column + fp16 value each
+
+
+@dataclasses.dataclass(frozen=True)
+class ActSparsitySpec:
+    """A threshold an activation-sparsity pass calibrated: the site, the target and the fraction of
+    the calibration data's scores below it."""
+
+    pass_name: str             # "teal" | "wina" | "cats"
+    site: str
+    target: float
+    achieved: float
+    threshold: float
 
 
 @dataclasses.dataclass(frozen=True)

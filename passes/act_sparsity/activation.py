@@ -181,7 +181,9 @@ class ActivationSparsity(Pass):
 
         def apply(site: ActSite, result) -> None:
             threshold, achieved, scale = result
-            insert_threshold(gm, site, threshold, scale)
+            node = insert_threshold(gm, site, threshold, scale)
+            ir.put(node, ir.ACT_SPARSITY, ir.ActSparsitySpec(self.name, site.name, sparsity, round(achieved, 4),
+                                                             threshold))
             report[site.name] = {"target": sparsity, "achieved": round(achieved, 4), "threshold": threshold,
                                  "readers": len(site.readers), "score": "|x|" if scale is None else "|x|*||W[:,i]||"}
             for reader in site.readers:
@@ -297,15 +299,18 @@ def _thresholded_wo_linear(node: fx.Node) -> dict[str, Any] | None:
     args = ir.op_args(node)
     x = args["x"]
     if isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.lowbit.act_sparsify.default:
-        return {"linear": args, "sparsify": ir.op_args(x)}
+        return {"linear": args, "sparsify": ir.op_args(x), "spec": ir.get(x, ir.ACT_SPARSITY)}
     return None
 
 
 def _sparse_input_linear(gm: fx.GraphModule, node: fx.Node, match: dict[str, Any]) -> fx.Node:
     a, s = match["linear"], match["sparsify"]
-    return gm.graph.call_function(torch.ops.lowbit.sparse_input_linear.default, (
+    new = gm.graph.call_function(torch.ops.lowbit.sparse_input_linear.default, (
         s["x"], s["threshold"], s["col_scale"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
         a["in_features"]))
+    if match["spec"] is not None:
+        ir.put(new, ir.ACT_SPARSITY, match["spec"])
+    return new
 
 
 FUSE_SPARSE_INPUT = PatternRule("act_sparsify + wo_linear -> sparse_input_linear", _thresholded_wo_linear,
@@ -324,5 +329,9 @@ class FuseSparseInput(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         counts = apply_rules(gm, [FUSE_SPARSE_INPUT])
         fused = counts[FUSE_SPARSE_INPUT.name]
+        for node in gm.graph.nodes:  # the quantizer rewrote the layer records: the achieved sparsity back in
+            spec, decision = ir.get(node, ir.ACT_SPARSITY), ir.get(node, ir.WEIGHT_QUANT)
+            if spec is not None and decision is not None and decision.layer in ctx.layers:
+                ctx.layers[decision.layer]["activation_sparsity"] = spec.achieved
         left = [u.name for n in gm.graph.nodes if n.target is torch.ops.lowbit.act_sparsify.default for u in n.users]
         return PassResult(fused > 0, fused, {"fused": fused, "unfused_readers": left})

@@ -131,6 +131,11 @@ def test_teal_w4a16_both_flows_agree_fuse_and_reload(tmp_path):
     recipe = "teal-50+w4a16"
     model = compress(make_model("llama"), recipe, calibration=CALIBRATION, progress=False)
     assert _pass_details(model, "fuse_sparse_input")["fused"] == 14  # every block linear (q,k,v,o,gate,up,down x 2)
+    teal = _pass_details(model, "teal")["sites"]
+    layers = model.lowbit_summary["layers"]
+    down = "model.layers.1.mlp.down_proj"
+    assert layers[down]["activation_sparsity"] == teal[down]["achieved"]
+    assert layers["model.layers.0.self_attn.k_proj"]["format"] == "int4_g128_asym"
     rec = Recorder(recipe=recipe, calibration=CALIBRATION, progress=False)
     compiled = torch.compile(make_model("llama"), backend=rec)
     with torch.no_grad():
