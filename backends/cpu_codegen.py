@@ -651,15 +651,23 @@ def _build(fmt: str, portable: bool):
     why = supported(fmt)
     if why is not None:
         return None
+    pointers = 3 if fmt == W8A8 else 7
+    return build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
+                 what=f"the {fmt} kernel", portable=portable)
+
+
+def build(name: str, text: str, argtypes: list, what: str, portable: bool = False):
+    """Compile the C source ``text`` (at first use; cached on disk by a hash of source, compiler,
+    flags and host) and return its function ``name`` with ``argtypes``, or None (reason logged
+    once): the mechanism every generated CPU kernel uses (this module's and ``cpu_sparse.py``'s)."""
     compiler = _compiler()
     if compiler is None:
         _note("no C compiler on PATH (gcc/cc/clang, or $CC); torch's packed CPU kernels run instead")
         return None
-    text = source(fmt)
     flags = PORTABLE_FLAGS if portable else FLAGS
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
-    lib = _cache_dir() / f"{kernel_name(fmt)}_{key}.so"
+    lib = _cache_dir() / f"{name}_{key}.so"
     if not lib.exists():
         with tempfile.TemporaryDirectory() as tmp:
             src = pathlib.Path(tmp) / "kernel.c"
@@ -667,14 +675,13 @@ def _build(fmt: str, portable: bool):
             out = pathlib.Path(tmp) / "kernel.so"
             result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             if result.returncode != 0:
-                _note(f"compiling the {fmt} kernel with {compiler} failed ({result.stderr.strip()[:300]}); torch's "
+                _note(f"compiling {what} with {compiler} failed ({result.stderr.strip()[:300]}); torch's "
                       "packed CPU kernels run instead")
                 return None
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
-    fn = getattr(ctypes.CDLL(str(lib)), kernel_name(fmt))
+    fn = getattr(ctypes.CDLL(str(lib)), name)
     fn.restype = None
-    pointers = 3 if fmt == W8A8 else 7
-    fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.argtypes = argtypes
     return fn
 
 

@@ -371,6 +371,27 @@ def _lower_grouped_linear(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, s
     return f"triton:grouped_{a['fmt']}"
 
 
+@register_lowering(torch.ops.lowbit.sparse_input_linear.default, "triton")
+def _lower_sparse_input_linear(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: LoweringState) -> str:
+    """Activation sparsity fused into a weight-only linear, one row -> the split-K Triton GEMV over
+    the K-major weight (``backends/sparse_gemv_kernel.py``), or the op's CPU implementation with
+    the reason logged."""
+    from lowbit_compiler.backends import sparse_gemv_kernel
+
+    a = opdecl.args(node)
+    xv = _dynamo_adapter.example_value(a["x"])
+    reason = _no_triton_device() or _activation_unsupported(a["x"])
+    if reason is None:
+        sv = _dynamo_adapter.example_value(a["scale"]) if a["scale"].op != "get_attr" else ir.fetch_attr(
+            gm, a["scale"].target)
+        reason = sparse_gemv_kernel.unsupported_reason(a["fmt"], xv.dtype, xv.numel() // xv.shape[-1], sv.shape[0])
+    if reason is not None:
+        ctx.fallback(ir.describe(node), f"{reason}; lowbit::sparse_input_linear runs its CPU implementation")
+        return "cpu-op"
+    node.target = torch.ops.lowbit.sparse_input_linear_triton.default
+    return f"triton:sparse_input_gemv_{a['fmt']}"
+
+
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
                   dump: DumpWriter | None, autotune: bool = False,
                   in_kernels: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:

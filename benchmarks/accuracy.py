@@ -58,6 +58,21 @@ DEFAULT_RECIPES = [  # every preset but "none", grouped as the README's tables a
     "s24", "s24-wanda", "s24-sparsegpt", "s24-w8a16", "s24-w4a16"]
 
 
+SPARSITY_RECIPES = [  # activation sparsity at 25 / 40 / 50 % (not presets: see activation_sparsity_recipe)
+    f"{algo}-{pct}" for algo in ("teal", "wina", "cats") for pct in (25, 40, 50)]
+
+
+def activation_sparsity_recipe(name: str):
+    """``teal-40`` / ``wina-25`` / ``cats-40`` (any percentage): the ``*-50`` preset with the pass's
+    ``sparsity`` option set; every other name is a preset, returned as given."""
+    from lowbit_compiler.recipe import PRESETS
+
+    algo, _, pct = name.partition("-")
+    if name in PRESETS or algo not in ("teal", "wina", "cats") or not pct.isdigit():
+        return name
+    return PRESETS[f"{algo}-50"].replace(name=name, options={algo: {"sparsity": int(pct) / 100}})
+
+
 # ---- model and text --------------------------------------------------------------------------
 
 def load(model_dir: str):
@@ -201,7 +216,7 @@ def evaluate(model_dir: str, recipes: list[str], text: str | None, seq_len: int,
     for recipe in recipes:
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        model = compress(model, recipe, calibration=calibration, progress=False)
+        model = compress(model, activation_sparsity_recipe(recipe), calibration=calibration, progress=False)
         row = {"recipe": recipe, "seconds": time.perf_counter() - start, **weight_report(model.lowbit_summary)}
         with eager_compute_dtype("activation"):
             if causal:

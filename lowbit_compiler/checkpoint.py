@@ -91,6 +91,8 @@ def module_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             records[fqn] = {"kind": "GraphRMSNorm", "eps": module.eps, "offset": module.offset}
         elif (transforms := input_transforms_of(module)) is not None:
             records[fqn] = {"kind": "InputTransforms", "input_hadamard": bool(transforms["input_hadamard"])}
+        elif hasattr(module, "lowbit_output_threshold"):  # CATS: a threshold on an activation's output
+            records[fqn] = {"kind": "OutputThreshold"}
     return records
 
 
@@ -287,7 +289,7 @@ def validate(meta: dict[str, Any], stored: dict[str, dict[str, Any]] | None = No
             _check_linear(fqn, record, declared)
         elif kind == "LowbitExperts":
             _check_experts(fqn, record, declared)
-        elif kind not in ("FoldedRMSNorm", "GraphRMSNorm", "InputTransforms"):
+        elif kind not in ("FoldedRMSNorm", "GraphRMSNorm", "InputTransforms", "OutputThreshold"):
             raise LowbitError(f"checkpoint: module {fqn}: unknown module kind {kind!r}")
     if stored is None:
         return
@@ -329,7 +331,7 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
     tensors the float model does not have (biases folding created, untied heads) added. The
     tensors are then loaded by name."""
     from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, _attention_r3,
-                                         add_input_transforms)
+                                         add_input_transforms, add_output_threshold)
 
     tensors = meta["tensors"]
     declared = _declared(meta)
@@ -351,7 +353,9 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
                                   input_hadamard=record.get("input_hadamard", False),
                                   input_transform=None if left is None else (left, right),
                                   input_signs=t(fqn, "input_signs"),
-                                  weight_dtype=getattr(torch, record.get("weight_dtype", "float32")))
+                                  weight_dtype=getattr(torch, record.get("weight_dtype", "float32")),
+                                  input_threshold=t(fqn, "input_threshold"),
+                                  input_col_scale=t(fqn, "input_col_scale"))
             _set_module(model, fqn, module)
         elif kind == "LowbitExperts":  # built around the float experts module (its gate, act_fn, flags)
             quantized = {name: {"qweight": t(fqn, f"{name}_qweight"), "scale": t(fqn, f"{name}_scale"),
@@ -372,7 +376,10 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
         elif kind == "InputTransforms":
             left = t(fqn, "lowbit_transform_left")
             add_input_transforms(current, record.get("input_hadamard", False), t(fqn, "lowbit_input_signs"),
-                                 None if left is None else (left, t(fqn, "lowbit_transform_right")))
+                                 None if left is None else (left, t(fqn, "lowbit_transform_right")),
+                                 t(fqn, "lowbit_input_threshold"), t(fqn, "lowbit_input_col_scale"))
+        elif kind == "OutputThreshold":
+            add_output_threshold(current, t(fqn, "lowbit_output_threshold"), t(fqn, "lowbit_output_col_scale"))
     # tensors the float model lacks, or shares where the compressed model does not (an untied head)
     aliases = meta.get("aliases", {})
     present = model.state_dict(keep_vars=True)

@@ -35,7 +35,9 @@ WEIGHT_FORMAT = "weight_format"  # FormatChoice on linears: the format mixed_pre
 ACT_SCALE = "activation_scale"   # StaticScale on linears: observe_activations' measured input scale
 OUTLIERS = "outliers"      # OutlierSpec on linears whose fp16 outliers spqr moved to a sparse_linear
 SPARSITY = "sparsity"      # SparsitySpec on linears a sparsify pass pruned (passes/sparsify)
-KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS, SPARSITY})
+ACT_SPARSITY = "activation_sparsity"  # ActSparsitySpec on lowbit::act_sparsify / sparse_input_linear nodes
+KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS, SPARSITY,
+                        ACT_SPARSITY})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,18 @@ class SparsitySpec:
     kept_fraction: float       # fraction the mask keeps (N/M for N:M)
     weight_sqnr_db: float      # pruned vs original weight
     output_error: float | None  # tr(dW H dW^T) / tr(W H W^T) on calibration inputs (None: data-free)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActSparsitySpec:
+    """A threshold an activation-sparsity pass calibrated: the site, the target and the fraction of
+    the calibration data's scores below it."""
+
+    pass_name: str             # "teal" | "wina" | "cats"
+    site: str
+    target: float
+    achieved: float
+    threshold: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,8 @@ class LowbitLinear(torch.nn.Module):
                  outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  x_scale: torch.Tensor | None = None, input_hadamard: bool = False,
                  input_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 input_signs: torch.Tensor | None = None, weight_dtype: torch.dtype = torch.float32):
+                 input_signs: torch.Tensor | None = None, weight_dtype: torch.dtype = torch.float32,
+                 input_threshold: torch.Tensor | None = None, input_col_scale: torch.Tensor | None = None):
         super().__init__()
         self.fmt, self.act = fmt, act
         self.weight_dtype = weight_dtype  # the float weight's dtype (what .weight reports)
@@ -68,6 +69,10 @@ class LowbitLinear(torch.nn.Module):
         self.register_buffer("transform_left", left)
         self.register_buffer("transform_right", right)
         self.register_buffer("x_scale", x_scale)  # static activation scale (None: per token at run time)
+        # activation sparsity (TEAL/WINA): inputs whose |x| (x column norm) is below the threshold are zeroed, and
+        # the weight-only matmul skips their weight rows (lowbit::sparse_input_linear)
+        self.register_buffer("input_threshold", input_threshold)
+        self.register_buffer("input_col_scale", input_col_scale)
         for name, t in zip(("outlier_rows", "outlier_cols", "outlier_values"), outliers or (None,) * 3):
             self.register_buffer(name, t)  # SpQR-style fp16 outliers, added by lowbit::sparse_linear
         self.in_features = in_features
@@ -87,6 +92,11 @@ class LowbitLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         transform = None if self.transform_left is None else (self.transform_left, self.transform_right)
         x = apply_input_transforms(x, self.input_hadamard, self.input_signs, transform)
+        if self.input_threshold is not None and not self.act and self.outlier_values is None:
+            return torch.ops.lowbit.sparse_input_linear(x, self.input_threshold, self.input_col_scale, self.qweight,
+                                                        self.scale, self.zero, self.bias, self.fmt, self.in_features)
+        if self.input_threshold is not None:
+            x = torch.ops.lowbit.act_sparsify(x, self.input_threshold, self.input_col_scale)
         if self.act:
             return torch.ops.lowbit.qa_linear(x, self.qweight, self.scale, self.zero, self.bias, self.fmt,
                                               self.in_features, self.act, self.x_scale)
@@ -102,6 +112,8 @@ class LowbitLinear(torch.nn.Module):
         rot = ", input_hadamard=True" if self.input_hadamard else ""
         if self.transform_left is not None:
             rot += f", input_transform={self.transform_left.shape[0]}x{self.transform_right.shape[0]}"
+        if self.input_threshold is not None:
+            rot += ", sparse_input=" + ("wina" if self.input_col_scale is not None else "threshold")
         return f"{self.fmt}{act}{rot}, in_features={self.in_features}, out_features={self.out_features}"
 
 
@@ -357,7 +369,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         raise LowbitError(f"compress({recipe.name}): pass {whole[0]!r} needs the whole forward in one graph; Dynamo "
                           f"captured {len(graphs)} (graph breaks)")
     written: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
-                               "left_float": {}}
+                               "output_hooks": 0, "left_float": {}}
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
     r3 = None
@@ -400,10 +412,17 @@ def _is(node: Any, op: Any) -> bool:
 
 def _input_transforms(gm: fx.GraphModule, x: Any) -> tuple[Any, dict[str, Any], set[fx.Node]]:
     """Walk back from a linear's input through the transforms passes put in front of it: FlatQuant's
-    ``kron_transform``, R4's ``hadamard`` and its online signs (``x * signs``). Returns the module's
+    ``kron_transform``, R4's ``hadamard`` and its online signs (``x * signs``), activation sparsity's
+    ``act_sparsify``. Returns the module's
     own input, the transforms as :class:`LowbitLinear` keywords, and the nodes walked."""
     found: dict[str, Any] = {}
     walked: set[fx.Node] = set()
+    if _is(x, torch.ops.lowbit.act_sparsify.default):  # activation sparsity: the last step before the matmul
+        a = opdecl.args(x)
+        found["input_threshold"] = ir.fetch_attr(gm, a["threshold"].target)
+        found["input_col_scale"] = None if a["col_scale"] is None else ir.fetch_attr(gm, a["col_scale"].target)
+        walked.add(x)
+        x = a["x"]
     if _is(x, torch.ops.lowbit.kron_transform.default):
         a = opdecl.args(x)
         found["input_transform"] = (ir.fetch_attr(gm, a["left"].target), ir.fetch_attr(gm, a["right"].target))
@@ -452,7 +471,7 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
     the linear stays float in the model (``left_float``: layer -> why; strict: an error)."""
     gm = captured.gm
     counts: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
-                              "left_float": {}}
+                              "output_hooks": 0, "left_float": {}}
     represented: set[fx.Node] = set()
     with torch.no_grad():
         counts["tensors"] = _write_tensors(model, captured)
@@ -480,6 +499,8 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             continue
         args = opdecl.args(node)
         tensor = lambda a: None if a is None else ir.fetch_attr(gm, a.target)  # noqa: E731
+        if "threshold" in args:  # lowbit::sparse_input_linear: the threshold is fused into the matmul
+            transforms.update(input_threshold=tensor(args["threshold"]), input_col_scale=tensor(args["col_scale"]))
         outliers, users = None, list(node.users)
         if len(users) == 1 and _is(users[0], operator.add) and opdecl.is_module(users[0].args[1], opdecl.SIDE):
             sparse = opdecl.args(users[0].args[1])
@@ -503,7 +524,8 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             args["in_features"], args.get("act"), outliers, tensor(args.get("x_scale")),
             input_hadamard=transforms.get("input_hadamard", False), input_transform=transforms.get("input_transform"),
             input_signs=transforms.get("input_signs"),
-            weight_dtype=old_weight.dtype if isinstance(old_weight, torch.Tensor) else torch.float32))
+            weight_dtype=old_weight.dtype if isinstance(old_weight, torch.Tensor) else torch.float32,
+            input_threshold=transforms.get("input_threshold"), input_col_scale=transforms.get("input_col_scale")))
         counts["replaced_modules"] += 1
     for node in gm.graph.nodes:  # norms whose parameters were folded into their readers
         spec = ir.get(node, ir.NORM)
@@ -529,6 +551,15 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             parent, child = _weight_owner(model, fqn)
             setattr(parent, child, FoldedRMSNorm(spec.eps, getattr(target, "weight", None)))
             counts["folded_norms"] += 1
+    for node in gm.graph.nodes:  # CATS: a threshold on an activation module's output (a forward hook)
+        if _is(node, torch.ops.lowbit.act_sparsify.default) and node not in represented:
+            a = opdecl.args(node)
+            module = _activation_module(model, a["x"])
+            if module is not None:
+                add_output_threshold(module, ir.fetch_attr(gm, a["threshold"].target),
+                                     None if a["col_scale"] is None else ir.fetch_attr(gm, a["col_scale"].target))
+                represented.add(node)
+                counts["output_hooks"] += 1
     r3 = False
     for node in gm.graph.nodes:  # R3: Hadamards on queries and keys right before attention
         if _is(node, torch.ops.lowbit.hadamard.default) and node not in represented and node.users and all(
@@ -610,16 +641,50 @@ def _write_tensors(model: torch.nn.Module, captured: Captured) -> int:
     return written
 
 
+def _activation_module(model: torch.nn.Module, x: Any) -> torch.nn.Module | None:
+    """The module whose whole forward computed ``x`` when it is a parameter-free leaf (an MLP's
+    ``act_fn``): a threshold on its output becomes a forward hook. None otherwise."""
+    info = ir.get(x, ir.MODULE) if isinstance(x, fx.Node) else None
+    if info is None or not info.fqn:
+        return None
+    try:
+        module = model.get_submodule(info.fqn)
+    except AttributeError:
+        return None
+    if list(module.children()) or list(module.parameters(recurse=False)):
+        return None
+    others = [n for n in x.graph.nodes if n is not x and n.op in ("call_function", "call_method", "call_module")
+              and (i := ir.get(n, ir.MODULE)) is not None and i.fqn == info.fqn
+              and n.target is not torch.ops.lowbit.act_sparsify.default]
+    return None if others else module
+
+
+def add_output_threshold(module: torch.nn.Module, threshold: torch.Tensor,
+                         col_scale: torch.Tensor | None = None) -> None:
+    """``lowbit::act_sparsify`` on ``module``'s output, as a forward hook (CATS on the gate
+    activation); the tensors become buffers (``lowbit_output_threshold``, ``lowbit_output_col_scale``)."""
+    module.register_buffer("lowbit_output_threshold", threshold)
+    module.register_buffer("lowbit_output_col_scale", col_scale)
+    module.register_forward_hook(_output_threshold_hook)
+
+
+def _output_threshold_hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return torch.ops.lowbit.act_sparsify(out, module.lowbit_output_threshold, module.lowbit_output_col_scale)
+
+
 def add_input_transforms(module: torch.nn.Module, input_hadamard: bool = False,
                          input_signs: torch.Tensor | None = None,
-                         input_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                         input_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         input_threshold: torch.Tensor | None = None,
+                         input_col_scale: torch.Tensor | None = None) -> None:
     """Input transforms in front of a float linear, as a forward pre-hook; their tensors become
     buffers of the module (``lowbit_input_signs``, ``lowbit_transform_left/right``), so they are in
     ``state_dict()`` and saved with the model. ``module.lowbit_input_hadamard`` marks the module."""
     left, right = input_transform or (None, None)
     module.lowbit_input_hadamard = input_hadamard
     for name, t in (("lowbit_input_signs", input_signs), ("lowbit_transform_left", left),
-                    ("lowbit_transform_right", right)):
+                    ("lowbit_transform_right", right), ("lowbit_input_threshold", input_threshold),
+                    ("lowbit_input_col_scale", input_col_scale)):
         if t is not None:
             module.register_buffer(name, t)
     module.register_forward_pre_hook(_input_transform_pre_hook)
@@ -631,7 +696,9 @@ def input_transforms_of(module: torch.nn.Module) -> dict[str, Any] | None:
         return None
     left = getattr(module, "lowbit_transform_left", None)
     return {"input_hadamard": module.lowbit_input_hadamard, "input_signs": getattr(module, "lowbit_input_signs", None),
-            "input_transform": None if left is None else (left, module.lowbit_transform_right)}
+            "input_transform": None if left is None else (left, module.lowbit_transform_right),
+            "input_threshold": getattr(module, "lowbit_input_threshold", None),
+            "input_col_scale": getattr(module, "lowbit_input_col_scale", None)}
 
 
 def _input_transform_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
@@ -639,13 +706,17 @@ def _input_transform_pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
 
 
 def apply_input_transforms(x: torch.Tensor, input_hadamard: bool = False, input_signs: torch.Tensor | None = None,
-                           input_transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           input_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           input_threshold: torch.Tensor | None = None,
+                           input_col_scale: torch.Tensor | None = None) -> torch.Tensor:
     """What passes put in front of a linear, in graph order: R4 (``(x D) H``), then FlatQuant's
-    ``kron_transform``."""
+    ``kron_transform``, then activation sparsity's threshold."""
     if input_hadamard:
         x = r4_input(x, input_signs)
     if input_transform is not None:
         x = torch.ops.lowbit.kron_transform(x, *input_transform)
+    if input_threshold is not None:
+        x = torch.ops.lowbit.act_sparsify(x, input_threshold, input_col_scale)
     return x
 
 

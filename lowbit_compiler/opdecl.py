@@ -130,6 +130,17 @@ def _declare_builtins() -> None:
                   "(gather + index_add) runs beside the fused kernel",
         describe=lambda a: f"fp16 outliers, N={a['out_features']}"))
     declare(OpDeclaration(
+        "act_sparsify", "x with the entries whose |x| (or |x| * column norm) is below a calibrated threshold zeroed "
+        "(TEAL, CATS, WINA)", ops.act_sparsify_reference, INPUT_TRANSFORM,
+        no_kernel="no Triton kernel for lowbit::act_sparsify outside a fused sparse_input_linear; its torch "
+                  "implementation (one compare, one select) runs",
+        describe=lambda a: "activation threshold" + (" x column norm (WINA)" if a.get("col_scale") is not None
+                                                     else "")))
+    declare(OpDeclaration(
+        "sparse_input_linear", "act_sparsify fused into a weight-only quantized linear: the decode GEMV reads only "
+        "the weight rows of the inputs kept", ops.sparse_input_linear_reference, LINEAR,
+        describe=lambda a: linear_text(a) + ", sparse input"))
+    declare(OpDeclaration(
         "generated", "one call of a generated kernel (inner='inductor')", ops.generated, LOWERED))
 
 

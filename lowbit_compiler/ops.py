@@ -434,3 +434,62 @@ def grouped_linear_reference(x: torch.Tensor, offs: torch.Tensor, qweight: torch
             out[s:t] = wo_linear_reference(rows.to(compute), qweight[e], scale[e], _expert(zero, e), None, fmt,
                                            in_features)
     return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation sparsity (TEAL, CATS, WINA): thresholded inputs, and the matmul that skips them
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lowbit::act_sparsify", mutates_args=())
+def act_sparsify(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero the entries of ``x`` whose score is below ``threshold``: the score is ``|x|`` (TEAL,
+    CATS) or ``|x_i| * col_scale_i`` (WINA: ``col_scale`` [K] is the column norm ``||W[:, i]||_2``
+    of the weights that read ``x``). ``threshold`` is [1] (one per site) or [K] (per channel).
+    Kept entries are unchanged (exact)."""
+    return act_sparsify_reference(x, threshold, col_scale)
+
+
+@act_sparsify.register_fake
+def _(x, threshold, col_scale=None):
+    return torch.empty_like(x)
+
+
+def act_sparsify_reference(x: torch.Tensor, threshold: torch.Tensor,
+                           col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's definition (also its implementation: one comparison and one select)."""
+    score = x.abs() if col_scale is None else x.abs() * col_scale.to(x.dtype)
+    return torch.where(score >= threshold.to(x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@torch.library.custom_op("lowbit::sparse_input_linear", mutates_args=())
+def sparse_input_linear(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                        qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    """``lowbit::act_sparsify`` fused into the weight-only quantized linear that reads it:
+    ``wo_linear(act_sparsify(x, threshold, col_scale), qweight, ...)``. For one row (decode) the
+    generated CPU kernel reads only the weight rows (of its K-major copy) of the inputs kept
+    (``backends/cpu_sparse.py``); more rows run the dense kernels on the thresholded input."""
+    return sparse_input_linear_eager(x, threshold, col_scale, qweight, scale, zero, bias, fmt, in_features)
+
+
+def sparse_input_linear_eager(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                              qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                              bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    from lowbit_compiler.backends import cpu_sparse
+
+    xs = act_sparsify_reference(x, threshold, col_scale)
+    out = cpu_sparse.linear(xs, qweight, scale, zero, bias, fmt, in_features)
+    return out if out is not None else wo_linear_eager(xs, qweight, scale, zero, bias, fmt, in_features)
+
+
+@sparse_input_linear.register_fake
+def _(x, threshold, col_scale, qweight, scale, zero, bias, fmt, in_features):
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
+
+def sparse_input_linear_reference(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                                  qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                                  bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    """Float reference: the threshold, then ``wo_linear_reference``."""
+    return wo_linear_reference(act_sparsify_reference(x, threshold, col_scale), qweight, scale, zero, bias, fmt,
+                               in_features)

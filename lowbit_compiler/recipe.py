@@ -270,6 +270,17 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("s24-w4a16", ("canonicalize", "sparsegpt_quant"), WeightFormat.parse("s24+int4_g64_asym")),
     # Wanda 2:4, then int8 per channel on the kept values: 2:4 + int8 storage (~5 bits per weight)
     Recipe("s24-w8a16", ("canonicalize", "wanda", "insert_weight_quant"), WeightFormat.parse("s24+int8")),
+    # activation sparsity (passes/act_sparsity/): inputs zeroed below per-site thresholds calibrated to 50 %
+    # (option sparsity); on float weights, and composed with int8 / int4 weights, the threshold fused into the
+    # quantized matmul (the decode GEMV skips the weight rows of zeroed inputs)
+    Recipe("teal-50", ("canonicalize", "teal")),
+    Recipe("cats-50", ("canonicalize", "cats")),
+    Recipe("wina-50", ("canonicalize", "wina")),
+    Recipe("teal-50+w8a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
+    Recipe("teal-50+w4a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), _INT4),
+    Recipe("wina-50+w8a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
+    Recipe("wina-50+w4a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), _INT4),
+    Recipe("cats-50+w4a16", ("canonicalize", "cats", "insert_weight_quant"), _INT4),
 )}
 
 

@@ -33,7 +33,8 @@ whose scale was folded are written as all-ones weights.
 
 Refused, with the reason (the export raises; nothing is written): online transforms in front of a
 linear (R4 Hadamards and signs, FlatQuant's Kronecker transforms) and on queries/keys (R3), which
-compressed-tensors checkpoints have no place for; SpQR outliers; static activation scales; int2/int3
+compressed-tensors checkpoints have no place for; activation-sparsity thresholds (TEAL/WINA on a
+linear's input, CATS on an activation's output); SpQR outliers; static activation scales; int2/int3
 (their packing differs between versions of compressed-tensors: dense since 0.20, padded before),
 NF4, MXFP4/NVFP4 (compressed-tensors' own fp4 layouts are not written by this exporter), int4 with
 group 256 or padded K, W4A4/W4A8 activations; tensors the float architecture does not have (a bias
@@ -81,8 +82,8 @@ def dense_view(module: Any) -> Any:
     except FormatError as e:
         return f"format {fmt.key}: {e}"
     fields = {name: getattr(module, name) for name in ("input_hadamard", "input_signs", "transform_left",
-                                                        "outlier_values", "x_scale", "in_features", "out_features",
-                                                        "act", "bias")}
+                                                        "outlier_values", "input_threshold", "x_scale", "in_features",
+                                                        "out_features", "act", "bias")}
     return types.SimpleNamespace(**fields, fmt=dense.format.key, qweight=dense.qweight, scale=dense.scale,
                                  zero=dense.zero, sparsity=fmt.pattern)
 
@@ -98,6 +99,9 @@ def scheme_of(module: Any) -> tuple[str, dict[str, Any]] | str:
         return "a FlatQuant transform runs on its input; compressed-tensors has no online transforms"
     if module.outlier_values is not None:
         return "it has SpQR outliers (a sparse fp16 side matrix); compressed-tensors has no such tensor"
+    if module.input_threshold is not None:
+        return ("activation sparsity thresholds its input (TEAL/WINA, online); compressed-tensors has no place for "
+                "it (the model would run dense)")
     if module.x_scale is not None:
         return "its activations use a static scale; this exporter writes dynamic per-token activations only"
     fmt = WeightFormat.parse(module.fmt)
@@ -224,7 +228,11 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
             if prefix + "bias" in skeleton:
                 tensors[prefix + "bias"] = torch.zeros(skeleton[prefix + "bias"].shape, dtype=expected.dtype)
         elif input_transforms_of(module) is not None:
-            refused.append(f"{fqn}: online input transforms (R4 / FlatQuant) in front of a float linear")
+            refused.append(f"{fqn}: online input transforms (R4 / FlatQuant / an activation-sparsity threshold) in "
+                           "front of a float linear")
+        elif hasattr(module, "lowbit_output_threshold"):
+            refused.append(f"{fqn}: CATS thresholds this activation's output online; compressed-tensors has no place "
+                           "for it")
         elif isinstance(module, torch.nn.Linear) and not isinstance(module, GraphRMSNorm):
             float_linears.append(fqn)
     for key, t in state.items():

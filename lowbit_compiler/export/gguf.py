@@ -361,9 +361,15 @@ def _refusals(name: str, module: torch.nn.Module) -> list[str]:
         if module.outlier_values is not None:
             why.append(f"{module.outlier_values.numel()} SpQR fp16 outliers beside the dense weight (GGUF has no "
                        "sparse add)")
+        if module.input_threshold is not None:
+            why.append("an activation-sparsity threshold on its input (TEAL/WINA): llama.cpp has no such op")
     elif (t := input_transforms_of(module)) is not None and (t["input_hadamard"] or t["input_signs"] is not None
-                                                             or t["input_transform"] is not None):
-        why.append("online input transforms (Hadamard / signs / Kronecker) in a forward pre-hook")
+                                                             or t["input_transform"] is not None
+                                                             or t["input_threshold"] is not None):
+        why.append("online input transforms (Hadamard / signs / Kronecker / activation threshold) in a forward "
+                   "pre-hook")
+    elif hasattr(module, "lowbit_output_threshold"):
+        why.append("CATS's threshold on this activation's output (a forward hook): llama.cpp has no such op")
     return [f"{name}: {w}" for w in why]
 
 
