@@ -34,7 +34,8 @@ SKIPPED = "skipped"        # SkipReason on nodes a pass looked at and left alone
 WEIGHT_FORMAT = "weight_format"  # FormatChoice on linears: the format mixed_precision chose
 ACT_SCALE = "activation_scale"   # StaticScale on linears: observe_activations' measured input scale
 OUTLIERS = "outliers"      # OutlierSpec on linears whose fp16 outliers spqr moved to a sparse_linear
-KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS})
+KV_CACHE = "kv_cache"      # KVDecision on attention consumers: how mark_kv_cache stores that layer's K/V
+KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS, KV_CACHE})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,28 @@ class OutlierSpec:
 
     count: int
     nbytes: int                # COO storage: int32 row + int32 column + fp16 value each
+
+
+@dataclasses.dataclass(frozen=True)
+class KVDecision:
+    """One attention found by ``mark_kv_cache``: where its keys and values come from and go, and
+    the KV format its cache uses (``lowbit_compiler.kv.KVFormat``)."""
+
+    attention: str             # module FQN of the attention (``model.layers.0.self_attn``)
+    layer_index: int           # position among the graph's attentions (the cache's layer index)
+    consumer: str              # "sdpa" | "eager" (matmul-softmax-matmul)
+    kind: str                  # "MHA" | "GQA" | "MQA"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    format: str                # KVFormat.key
+    scheme: str
+    bits: int
+    group: int
+    window: int
+    sinks: int
+    keys_quantized: str        # "post_rope" (what the cache receives) | "no_rope"
+    nodes: tuple[tuple[str, str], ...] = ()  # (role, node name): key/value producers, RoPE, cache update
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,4 +2,4 @@
 
 Importing this package registers every built-in pass by name (see ``registered_passes()``).
 """
-from lowbit_compiler.passes import canonicalize, quantize, rotate, smooth  # noqa: F401  (registration)
+from lowbit_compiler.passes import canonicalize, kv_cache, quantize, rotate, smooth  # noqa: F401  (registration)
