@@ -115,7 +115,7 @@ KV_FORMATS: dict[str, KVFormat] = {
     "int8": KVFormat("int", 8, 64),
     "int4": KVFormat("int", 4, 64),
     "int3": KVFormat("int", 3, 64),
-    "int2": KVFormat("int", 2, 32),
+    "int2": KVFormat("int", 2, 64),
     "fp8": KVFormat("fp8", 8, 64),
     # KIVI: per-channel keys in groups of 64 tokens, per-token values, 64 recent tokens in float
     "kivi2": KVFormat("kivi", 2, 64, window=64),
@@ -311,8 +311,10 @@ class PackedKV:
         b, h, _, d = self.layer._float_k.shape
         return torch.Size((b, h, self.layer.get_seq_length(), d))
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        raise LowbitError(f"the compressed KV cache's {self.which} were used by {getattr(func, '__name__', func)} "
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        which = next((a.which for a in args if isinstance(a, PackedKV)), "keys/values")
+        raise LowbitError(f"the compressed KV cache's {which} were used by {getattr(func, '__name__', func)} "
                           f"outside the '{ATTENTION_NAME}' attention (config._attn_implementation was changed, or the "
                           "model's attention edits keys after the cache); use the model's own cache for it "
                           "(lowbit_compiler.kv.uninstall(model))")
@@ -342,9 +344,10 @@ def _make_layer_class():
                 raise LowbitError(f"KV format {self.fmt.key}: head size {d} is not a multiple of 8 (packing)")
             self._k = _Store(self.fmt, self.fmt.keys, d)
             self._v = _Store(self.fmt, "per_token", d)
-            empty = key_states[:, :, :0]
-            self._float_k, self._float_v = empty, value_states[:, :, :0]
-            self._sink_k, self._sink_v = empty, value_states[:, :, :0]
+            # new empty tensors, not slices: a slice would keep the caller's whole float tensor alive
+            b, h = key_states.shape[:2]
+            self._float_k = self._sink_k = key_states.new_empty(b, h, 0, d)
+            self._float_v = self._sink_v = value_states.new_empty(b, h, 0, value_states.shape[-1])
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
