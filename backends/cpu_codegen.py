@@ -200,14 +200,21 @@ def kernel(fmt: str):
     why = supported(fmt)
     if why is not None:
         return None
+    return build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int],
+                 "torch's packed CPU kernels run instead")
+
+
+def build(name: str, text: str, argtypes: list, fallback: str) -> "ctypes._CFuncPtr | None":
+    """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
+    of source, compiler and host flags; the ctypes function, or None (why logged once, naming
+    ``fallback``: what runs instead)."""
     compiler = _compiler()
     if compiler is None:
-        _note("no C compiler on PATH (gcc/cc/clang, or $CC); torch's packed CPU kernels run instead")
+        _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    text = source(fmt)
     key = hashlib.sha256("\n".join([text, compiler, " ".join(FLAGS), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
-    lib = _cache_dir() / f"{kernel_name(fmt)}_{key}.so"
+    lib = _cache_dir() / f"{name}_{key}.so"
     if not lib.exists():
         with tempfile.TemporaryDirectory() as tmp:
             src = pathlib.Path(tmp) / "kernel.c"
@@ -215,13 +222,12 @@ def kernel(fmt: str):
             out = pathlib.Path(tmp) / "kernel.so"
             result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
             if result.returncode != 0:
-                _note(f"compiling the {fmt} kernel with {compiler} failed ({result.stderr.strip()[:300]}); torch's "
-                      "packed CPU kernels run instead")
+                _note(f"compiling {name} with {compiler} failed ({result.stderr.strip()[:300]}); {fallback}")
                 return None
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
-    fn = getattr(ctypes.CDLL(str(lib)), kernel_name(fmt))
+    fn = getattr(ctypes.CDLL(str(lib)), name)
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.argtypes = argtypes
     return fn
 
 

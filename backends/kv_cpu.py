@@ -1,12 +1,197 @@
-"""CPU decode attention over the packed KV cache (placeholder until the generated C kernel lands):
-returns None, and :func:`lowbit_compiler.kv.packed_attention` uses the blocked torch reference."""
+"""CPU decode attention over the packed KV cache: a generated C kernel (``cpu_codegen.build``: gcc
+at first use, cached on disk under ``$LOWBIT_CACHE_DIR/cpu``, ctypes), one per (bits, key layout,
+channel group, key token group).
+
+What it computes, for one query token per sequence (decode, ``Q == 1``): for each (batch, KV head),
+for each token of the packed store, unpack and dequantize the key row in registers, dot it with the
+``g`` query heads that share the KV head (GQA/MQA), fold it into an online softmax, and accumulate
+the dequantized value row. The packed store is read once per step; nothing dequantized is stored.
+It returns the unnormalised accumulator with its running max and sum, so the float tokens (sinks
+and the recent window, a few dozen) are folded in by torch afterwards (:func:`decode_attention`).
+
+Runs for the ``int`` and ``kivi`` schemes (``fp8`` and prefill take the blocked torch reference in
+``lowbit_compiler.kv``); ``LOWBIT_CPU_CODEGEN=0``, no compiler or a failed compile: the reference,
+logged once.
+"""
 from __future__ import annotations
 
+import ctypes
+import functools
+import math
+import os
 from typing import Any
 
 import torch
 
+from lowbit_compiler.backends import cpu_codegen
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float f16_to_f32(uint16_t h) {{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, u;
+    if (exp == 0) {{
+        if (mant == 0) u = sign;
+        else {{ /* subnormal: renormalise */
+            exp = 113;
+            while (!(mant & 0x400)) {{ mant <<= 1; exp--; }}
+            u = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }}
+    }} else if (exp == 31) u = sign | 0x7f800000 | (mant << 13);
+    else u = sign | ((exp + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}}
+
+/* codes of one token row: D values of BITS bits, 8 values in BITS bytes (little endian) */
+static inline void unpack_row(const uint8_t* p, float* out) {{
+    for (int64_t w = 0; w < {D} / 8; w++) {{
+        uint64_t word = 0;
+        memcpy(&word, p + w * {BITS}, {BITS});
+        for (int i = 0; i < 8; i++)
+            out[w * 8 + i] = (float)((word >> (i * {BITS})) & {MASK}u);
+    }}
+}}
+
+/* q [B, HKV, G, D] float32 (already scaled); key/value codes [B, HKV, Tcap, D*BITS/8];
+   key scales: per token [B, HKV, Tcap, D/CG] or per channel [B, HKV, Tcap/KG, D] (fp16, + zero);
+   value scales per token [B, HKV, Tcap, D/CG]; mask [B, T] uint8 (1 attends) or NULL.
+   out: acc [B, HKV, G, D], m [B, HKV, G], s [B, HKV, G]. */
+void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_t* kz,
+            const uint8_t* vc, const uint16_t* vs, const uint16_t* vz, const uint8_t* mask,
+            float* acc, float* m_out, float* s_out, int64_t B, int64_t HKV, int64_t G, int64_t T,
+            int64_t Tcap, int threads)
+{{
+    const int64_t D = {D}, row = {D} * {BITS} / 8, CG = {CG}, KG = {KG};
+    const int64_t ngroups = D / CG;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * HKV; bh++) {{
+        const int64_t b = bh / HKV;
+        float k[{D}], v[{D}], m[{GMAX}], s[{GMAX}];
+        float* a = acc + bh * G * D;
+        const float* qq = q + bh * G * D;
+        for (int64_t g = 0; g < G; g++) {{ m[g] = -INFINITY; s[g] = 0.0f; }}
+        memset(a, 0, sizeof(float) * G * D);
+        for (int64_t t = 0; t < T; t++) {{
+            if (mask && !mask[b * T + t]) continue;
+            unpack_row(kc + (bh * Tcap + t) * row, k);
+#if {KEY_PER_CHANNEL}
+            const uint16_t* sk = ks + (bh * (Tcap / KG) + t / KG) * D;
+            const uint16_t* zk = kz + (bh * (Tcap / KG) + t / KG) * D;
+            for (int64_t d = 0; d < D; d++) k[d] = k[d] * f16_to_f32(sk[d]) + f16_to_f32(zk[d]);
+#else
+            const uint16_t* sk = ks + (bh * Tcap + t) * ngroups;
+            const uint16_t* zk = kz + (bh * Tcap + t) * ngroups;
+            for (int64_t c = 0; c < ngroups; c++) {{
+                const float sc = f16_to_f32(sk[c]), ze = f16_to_f32(zk[c]);
+                for (int64_t d = c * CG; d < (c + 1) * CG; d++) k[d] = k[d] * sc + ze;
+            }}
+#endif
+            unpack_row(vc + (bh * Tcap + t) * row, v);
+            const uint16_t* sv = vs + (bh * Tcap + t) * ngroups;
+            const uint16_t* zv = vz + (bh * Tcap + t) * ngroups;
+            for (int64_t c = 0; c < ngroups; c++) {{
+                const float sc = f16_to_f32(sv[c]), ze = f16_to_f32(zv[c]);
+                for (int64_t d = c * CG; d < (c + 1) * CG; d++) v[d] = v[d] * sc + ze;
+            }}
+            for (int64_t g = 0; g < G; g++) {{
+                float score = 0.0f;
+                for (int64_t d = 0; d < D; d++) score += qq[g * D + d] * k[d];
+                const float mn = score > m[g] ? score : m[g];
+                const float corr = expf(m[g] - mn), p = expf(score - mn);
+                s[g] = s[g] * corr + p;
+                float* ag = a + g * D;
+                for (int64_t d = 0; d < D; d++) ag[d] = ag[d] * corr + p * v[d];
+                m[g] = mn;
+            }}
+        }}
+        for (int64_t g = 0; g < G; g++) {{ m_out[bh * G + g] = m[g]; s_out[bh * G + g] = s[g]; }}
+    }}
+}}
+"""
+
+GMAX = 64  # query heads per KV head the kernel's stack buffers hold
+
+
+def source(bits: int, head_dim: int, channel_group: int, key_group: int, per_channel_keys: bool) -> tuple[str, str]:
+    name = f"lowbit_kv_decode_b{bits}_d{head_dim}_cg{channel_group}_kg{key_group}_{'pc' if per_channel_keys else 'pt'}"
+    return name, _SOURCE.format(name=name, BITS=bits, MASK=(1 << bits) - 1, D=head_dim, CG=channel_group,
+                                KG=key_group, KEY_PER_CHANNEL=int(per_channel_keys), GMAX=GMAX)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(bits: int, head_dim: int, channel_group: int, key_group: int, per_channel_keys: bool):
+    if os.environ.get(cpu_codegen.ENV, "1") == "0":
+        return None
+    name, text = source(bits, head_dim, channel_group, key_group, per_channel_keys)
+    return cpu_codegen.build(name, text, [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 5 + [ctypes.c_int],
+                             "the packed KV cache is read by the blocked torch attention (lowbit_compiler.kv)")
+
+
+def unsupported(query: torch.Tensor, layer: Any) -> str | None:
+    """Why the generated kernel does not run for this call (None: it does)."""
+    fmt = layer.fmt
+    if query.device.type != "cpu":
+        return "not a CPU tensor"
+    if query.shape[2] != 1:
+        return "prefill (more than one query token)"
+    if fmt.scheme == "fp8":
+        return "fp8 codes"
+    if layer._k.length == 0:
+        return "nothing packed yet"
+    if query.shape[1] // layer._float_k.shape[1] > GMAX:
+        return f"more than {GMAX} query heads per KV head"
+    return None
+
 
 def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None, scaling: float,
                      softcap: float | None = None) -> torch.Tensor | None:
-    return None
+    """Attention of one query token over the layer's cache (B, 1, Hq, D), or None when the
+    generated kernel does not apply (:func:`unsupported`; the caller runs the torch reference)."""
+    if softcap or unsupported(query, layer) is not None:
+        return None
+    fmt, store_k, store_v = layer.fmt, layer._k, layer._v
+    b, hq, _, d = query.shape
+    hkv = layer._float_k.shape[1]
+    g = hq // hkv
+    per_channel = store_k.axis == "per_channel"
+    fn = kernel(fmt.bits, d, fmt.channel_group(d), fmt.group if per_channel else 1, per_channel)
+    if fn is None:
+        return None
+    n, total = store_k.length, layer.get_seq_length()
+    sinks = layer._sink_k.shape[2]
+    q = (query.float() * scaling).reshape(b, hkv, g, d).contiguous()
+    packed_mask = None
+    if mask is not None:
+        mask = mask[:, 0, -1, :total]
+        if mask.dtype != torch.bool:
+            mask = mask > -1e30  # additive masks: -inf (or the dtype's min) masks out
+        packed_mask = mask[:, sinks:sinks + n].to(torch.uint8).contiguous()
+    tensors = [store_k.codes, store_k.scale, store_k.zero, store_v.codes, store_v.scale, store_v.zero]
+    if any(not t.is_contiguous() for t in tensors):
+        return None
+    acc = torch.empty(b, hkv, g, d)
+    m = torch.empty(b, hkv, g)
+    s = torch.empty(b, hkv, g)
+    fn(q.data_ptr(), *(t.data_ptr() for t in tensors), None if packed_mask is None else packed_mask.data_ptr(),
+       acc.data_ptr(), m.data_ptr(), s.data_ptr(), b, hkv, g, n, store_k.codes.shape[2], torch.get_num_threads())
+    m, s = m.unsqueeze(-1), s.unsqueeze(-1)
+    # the float tokens (sinks, window): folded into the same softmax by torch
+    for start, kf, vf in ((0, layer._sink_k, layer._sink_v), (sinks + n, layer._float_k, layer._float_v)):
+        if kf.shape[2] == 0:
+            continue
+        scores = torch.einsum("bhgd,bhtd->bhgt", q, kf.float())
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, start:start + kf.shape[2]], -math.inf)
+        m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(scores - safe)
+        corr = torch.exp(m - safe)
+        s = s * corr + p.sum(-1, keepdim=True)
+        acc = acc * corr + torch.einsum("bhgt,bhtd->bhgd", p, vf.float())
+        m = m_new
+    out = acc / s.clamp_min(1e-30)
+    return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)

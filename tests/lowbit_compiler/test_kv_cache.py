@@ -212,3 +212,22 @@ def test_generate_trained_model(recipe, min_agreement):
         compressed = compress(copy.deepcopy(model), recipe, progress=False)
         out = compressed.generate(ids, max_new_tokens=64, do_sample=False)
     assert (out[0, 40:] == reference[0, 40:]).float().mean().item() >= min_agreement
+
+
+@pytest.mark.parametrize("fmt", [kv.KVFormat("int", 4, 32, window=8, sinks=4), kv.KVFormat("int", 3, 64),
+                                 kv.KVFormat("int", 8, 64), kv.KVFormat("kivi", 2, 16, window=16)],
+                         ids=lambda f: f.key)
+def test_generated_cpu_decode_kernel_matches_reference(fmt):
+    """The generated C kernel (GQA: 4 query heads per KV head, a padded sequence) against the
+    blocked torch attention over the same packed cache."""
+    from lowbit_compiler.backends import kv_cpu
+
+    k, v = _kv(333, b=2)
+    layer = _filled(fmt, k, v, 330)
+    q = torch.randn(2, 8, 1, D)
+    mask = torch.ones(2, 1, 1, 333, dtype=torch.bool)
+    mask[1, ..., :5] = False
+    out = kv_cpu.decode_attention(q, layer, mask, D ** -0.5)
+    if kv_cpu.kernel(fmt.bits, D, fmt.channel_group(D), fmt.token_block, fmt.keys == "per_channel") is None:
+        pytest.skip("no C compiler: the fallback is the reference itself")
+    torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, D ** -0.5), atol=2e-6, rtol=1e-5)
