@@ -3,10 +3,12 @@ at first use, cached on disk under ``$LOWBIT_CACHE_DIR/cpu``, ctypes), one per (
 channel group, key token group).
 
 What it computes, for one query token per sequence (decode, ``Q == 1``): for each (batch, KV head),
-for each token of the packed store, unpack and dequantize the key row in registers, dot it with the
-``g`` query heads that share the KV head (GQA/MQA), fold it into an online softmax, and accumulate
-the dequantized value row. The packed store is read once per step; nothing dequantized is stored.
-It returns the unnormalised accumulator with its running max and sum, so the float tokens (sinks
+first pass: for each token of the packed store, unpack the key codes in registers and dot them with
+the ``g`` query heads that share the KV head (GQA/MQA), the per-group scales and zeros applied to
+the partial dot products; second pass: the softmax weights times the unpacked value codes, scales
+folded into the weights. The packed store is read once per step and nothing dequantized is stored
+(the scores, T floats per query head, are). It returns the unnormalised accumulator with its max
+and sum, so the float tokens (sinks
 and the recent window, a few dozen) are folded in by torch afterwards (:func:`decode_attention`).
 
 Runs for the ``int`` and ``kivi`` schemes (``fp8`` and prefill take the blocked torch reference in
@@ -48,64 +50,110 @@ static inline float f16_to_f32(uint16_t h) {{
 
 /* codes of one token row: D values of BITS bits, 8 values in BITS bytes (little endian) */
 static inline void unpack_row(const uint8_t* p, float* out) {{
+#if {BITS} == 8
+    for (int64_t j = 0; j < {D}; j++) out[j] = (float)p[j];
+#elif {BITS} == 4 || {BITS} == 2
+    /* whole values per byte: value i of byte j at bits [i * BITS, (i + 1) * BITS) (vectorises) */
+    for (int64_t j = 0; j < {D} * {BITS} / 8; j++)
+        for (int i = 0; i < 8 / {BITS}; i++)
+            out[j * (8 / {BITS}) + i] = (float)((p[j] >> (i * {BITS})) & {MASK}u);
+#else
     for (int64_t w = 0; w < {D} / 8; w++) {{
         uint64_t word = 0;
         memcpy(&word, p + w * {BITS}, {BITS});
         for (int i = 0; i < 8; i++)
             out[w * 8 + i] = (float)((word >> (i * {BITS})) & {MASK}u);
     }}
+#endif
 }}
 
 /* q [B, HKV, G, D] float32 (already scaled); key/value codes [B, HKV, Tcap, D*BITS/8];
    key scales: per token [B, HKV, Tcap, D/CG] or per channel [B, HKV, Tcap/KG, D] (fp16, + zero);
    value scales per token [B, HKV, Tcap, D/CG]; mask [B, T] uint8 (1 attends) or NULL.
-   out: acc [B, HKV, G, D], m [B, HKV, G], s [B, HKV, G]. */
+   out: acc [B, HKV, G, D] (unnormalised), m [B, HKV, G] (max score), s [B, HKV, G] (sum of exp).
+   Two passes over the tokens of one (batch, KV head): scores, then values weighted by
+   exp(score - max); the scales factor out of the dot products: for a per-token group,
+   q . (c s + z) = s (q . c) + z (sum q), and p (c s + z) accumulates as (p s) c + p z. */
 void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_t* kz,
             const uint8_t* vc, const uint16_t* vs, const uint16_t* vz, const uint8_t* mask,
-            float* acc, float* m_out, float* s_out, int64_t B, int64_t HKV, int64_t G, int64_t T,
-            int64_t Tcap, int threads)
+            float* acc, float* m_out, float* s_out, float* scratch, int64_t B, int64_t HKV, int64_t G,
+            int64_t T, int64_t Tcap, int threads)
 {{
     const int64_t D = {D}, row = {D} * {BITS} / 8, CG = {CG}, KG = {KG};
     const int64_t ngroups = D / CG;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < B * HKV; bh++) {{
         const int64_t b = bh / HKV;
-        float k[{D}], v[{D}], m[{GMAX}], s[{GMAX}];
+        float c[{D}], sk[{D}], zk[{D}], qsum[{GMAX} * ({D} / {CG})], m[{GMAX}], s[{GMAX}];
+        float* scores = scratch + bh * G * T;   /* [G, T] */
+        int64_t loaded = -1;                    /* the key token group whose scales sk, zk hold */
         float* a = acc + bh * G * D;
         const float* qq = q + bh * G * D;
-        for (int64_t g = 0; g < G; g++) {{ m[g] = -INFINITY; s[g] = 0.0f; }}
+        for (int64_t g = 0; g < G; g++) {{
+            m[g] = -INFINITY;
+            s[g] = 0.0f;
+            for (int64_t cg = 0; cg < ngroups; cg++) {{
+                float t = 0.0f;
+                for (int64_t d = cg * CG; d < (cg + 1) * CG; d++) t += qq[g * D + d];
+                qsum[g * ngroups + cg] = t;
+            }}
+        }}
+        /* ---- pass 1: scores ---- */
+        for (int64_t t = 0; t < T; t++) {{
+            if (mask && !mask[b * T + t]) {{
+                for (int64_t g = 0; g < G; g++) scores[g * T + t] = -INFINITY;
+                continue;
+            }}
+            unpack_row(kc + (bh * Tcap + t) * row, c);
+#if {KEY_PER_CHANNEL}
+            if (t / KG != loaded) {{  /* one fp16 -> float conversion per token group */
+                loaded = t / KG;
+                const uint16_t* ps = ks + (bh * (Tcap / KG) + t / KG) * D;
+                const uint16_t* pz = kz + (bh * (Tcap / KG) + t / KG) * D;
+                for (int64_t d = 0; d < D; d++) {{ sk[d] = f16_to_f32(ps[d]); zk[d] = f16_to_f32(pz[d]); }}
+            }}
+            for (int64_t d = 0; d < D; d++) c[d] = c[d] * sk[d] + zk[d];
+            for (int64_t g = 0; g < G; g++) {{
+                float dot = 0.0f;
+                for (int64_t d = 0; d < D; d++) dot += qq[g * D + d] * c[d];
+                scores[g * T + t] = dot;
+            }}
+#else
+            const uint16_t* ps = ks + (bh * Tcap + t) * ngroups;
+            const uint16_t* pz = kz + (bh * Tcap + t) * ngroups;
+            for (int64_t g = 0; g < G; g++) {{
+                float dot = 0.0f;
+                for (int64_t cg = 0; cg < ngroups; cg++) {{
+                    float part = 0.0f;
+                    for (int64_t d = cg * CG; d < (cg + 1) * CG; d++) part += qq[g * D + d] * c[d];
+                    dot += f16_to_f32(ps[cg]) * part + f16_to_f32(pz[cg]) * qsum[g * ngroups + cg];
+                }}
+                scores[g * T + t] = dot;
+            }}
+#endif
+        }}
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t t = 0; t < T; t++) m[g] = scores[g * T + t] > m[g] ? scores[g * T + t] : m[g];
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t t = 0; t < T; t++) {{
+                const float p = m[g] == -INFINITY ? 0.0f : expf(scores[g * T + t] - m[g]);
+                scores[g * T + t] = p;
+                s[g] += p;
+            }}
+        /* ---- pass 2: values ---- */
         memset(a, 0, sizeof(float) * G * D);
         for (int64_t t = 0; t < T; t++) {{
             if (mask && !mask[b * T + t]) continue;
-            unpack_row(kc + (bh * Tcap + t) * row, k);
-#if {KEY_PER_CHANNEL}
-            const uint16_t* sk = ks + (bh * (Tcap / KG) + t / KG) * D;
-            const uint16_t* zk = kz + (bh * (Tcap / KG) + t / KG) * D;
-            for (int64_t d = 0; d < D; d++) k[d] = k[d] * f16_to_f32(sk[d]) + f16_to_f32(zk[d]);
-#else
-            const uint16_t* sk = ks + (bh * Tcap + t) * ngroups;
-            const uint16_t* zk = kz + (bh * Tcap + t) * ngroups;
-            for (int64_t c = 0; c < ngroups; c++) {{
-                const float sc = f16_to_f32(sk[c]), ze = f16_to_f32(zk[c]);
-                for (int64_t d = c * CG; d < (c + 1) * CG; d++) k[d] = k[d] * sc + ze;
-            }}
-#endif
-            unpack_row(vc + (bh * Tcap + t) * row, v);
-            const uint16_t* sv = vs + (bh * Tcap + t) * ngroups;
-            const uint16_t* zv = vz + (bh * Tcap + t) * ngroups;
-            for (int64_t c = 0; c < ngroups; c++) {{
-                const float sc = f16_to_f32(sv[c]), ze = f16_to_f32(zv[c]);
-                for (int64_t d = c * CG; d < (c + 1) * CG; d++) v[d] = v[d] * sc + ze;
-            }}
-            for (int64_t g = 0; g < G; g++) {{
-                float score = 0.0f;
-                for (int64_t d = 0; d < D; d++) score += qq[g * D + d] * k[d];
-                const float mn = score > m[g] ? score : m[g];
-                const float corr = expf(m[g] - mn), p = expf(score - mn);
-                s[g] = s[g] * corr + p;
-                float* ag = a + g * D;
-                for (int64_t d = 0; d < D; d++) ag[d] = ag[d] * corr + p * v[d];
-                m[g] = mn;
+            unpack_row(vc + (bh * Tcap + t) * row, c);
+            const uint16_t* ps = vs + (bh * Tcap + t) * ngroups;
+            const uint16_t* pz = vz + (bh * Tcap + t) * ngroups;
+            for (int64_t cg = 0; cg < ngroups; cg++) {{
+                const float sc = f16_to_f32(ps[cg]), ze = f16_to_f32(pz[cg]);
+                for (int64_t g = 0; g < G; g++) {{
+                    const float p = scores[g * T + t], ps_ = p * sc, pz_ = p * ze;
+                    float* ag = a + g * D;
+                    for (int64_t d = cg * CG; d < (cg + 1) * CG; d++) ag[d] += ps_ * c[d] + pz_;
+                }}
             }}
         }}
         for (int64_t g = 0; g < G; g++) {{ m_out[bh * G + g] = m[g]; s_out[bh * G + g] = s[g]; }}
@@ -127,7 +175,7 @@ def kernel(bits: int, head_dim: int, channel_group: int, key_group: int, per_cha
     if os.environ.get(cpu_codegen.ENV, "1") == "0":
         return None
     name, text = source(bits, head_dim, channel_group, key_group, per_channel_keys)
-    return cpu_codegen.build(name, text, [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 5 + [ctypes.c_int],
+    return cpu_codegen.build(name, text, [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_int],
                              "the packed KV cache is read by the blocked torch attention (lowbit_compiler.kv)")
 
 
@@ -176,8 +224,10 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
     acc = torch.empty(b, hkv, g, d)
     m = torch.empty(b, hkv, g)
     s = torch.empty(b, hkv, g)
+    scratch = torch.empty(b * hkv * g * n)  # the scores of the packed tokens
     fn(q.data_ptr(), *(t.data_ptr() for t in tensors), None if packed_mask is None else packed_mask.data_ptr(),
-       acc.data_ptr(), m.data_ptr(), s.data_ptr(), b, hkv, g, n, store_k.codes.shape[2], torch.get_num_threads())
+       acc.data_ptr(), m.data_ptr(), s.data_ptr(), scratch.data_ptr(), b, hkv, g, n, store_k.codes.shape[2],
+       torch.get_num_threads())
     m, s = m.unsqueeze(-1), s.unsqueeze(-1)
     # the float tokens (sinks, window): folded into the same softmax by torch
     for start, kf, vf in ((0, layer._sink_k, layer._sink_v), (sinks + n, layer._float_k, layer._float_v)):
