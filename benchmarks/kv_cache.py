@@ -212,6 +212,43 @@ def decode_step_time(model_dir: str, context: int, repeats: int) -> dict[str, fl
                                         lambda: compressed(token, cache=packed_cache)}, repeats)
 
 
+def zoo_table(new_tokens: int = 24) -> list[dict]:
+    """Every architecture of ``lowbit_compiler.zoo`` through ``compress(model, "kv8")``: whether the
+    compressed cache was installed; prefill logits SQNR against the float cache; generate() with a
+    window that keeps every token in float (the cache and attention machinery alone: tokens must
+    equal the float cache's) and with int8 (random weights have near-tied logits, so a few flips
+    are expected)."""
+    from lowbit_compiler import compress, zoo
+    from lowbit_compiler.formats import sqnr_db
+
+    rows = []
+    for arch in zoo.ARCHITECTURES:
+        model, inputs = zoo.build(arch)
+        row = {"arch": arch}
+        try:
+            with torch.no_grad():
+                compressed = compress(copy.deepcopy(model), "kv8", example_inputs=inputs, progress=False)
+                info = compressed.lowbit_summary.get("kv_cache") or {"applied": False,
+                                                                     "reason": "mark_kv_cache found no attention"}
+                row.update(installed=info["applied"], reason=info.get("reason", ""), layers=len(info.get("layers", {})))
+                if info["applied"]:
+                    ids = inputs["input_ids"]
+                    reference = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                    row["logits_sqnr_db"] = round(sqnr_db(model(ids).logits, compressed(ids, use_cache=True).logits), 1)
+                    out = compressed.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                    row["int8_tokens_equal"] = (out == reference).float().mean().item()
+                    formats = compressed.base_model._lowbit_kv_formats
+                    compressed.base_model._lowbit_kv_formats = [
+                        None if f is None else kv.KVFormat(f.scheme, f.bits, f.group, window=10 ** 6) for f in formats]
+                    out = compressed.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                    row["float_window_tokens_equal"] = bool(torch.equal(out, reference))
+        except Exception as e:  # the table says what failed
+            row.update(installed=False, reason=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        print(f"  {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="../shared/models/byte-llama-stdlib")
@@ -222,8 +259,21 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default="benchmarks/results/kv_cache.json")
+    parser.add_argument("--zoo", action="store_true", help="only the zoo table (every tiny architecture, kv8)")
     args = parser.parse_args()
     result: dict = {"threads": torch.get_num_threads(), "args": vars(args)}
+    if args.zoo:
+        rows = zoo_table()
+        print(_table([[r["arch"], "yes" if r["installed"] else "no", r.get("layers", 0),
+                       {True: "yes", False: "NO"}.get(r.get("float_window_tokens_equal"), "-"),
+                       r.get("logits_sqnr_db", "-"), r.get("int8_tokens_equal", "-"), r.get("reason", "")] for r in rows],
+                     ["arch", "compressed cache", "layers", "generate = float (all-float window)",
+                      "kv8 prefill logits SQNR dB", "kv8 generate tokens = float", "reason"]))
+        path = args.json.replace(".json", "_zoo.json")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+        return
 
     rows = measured_bytes()
     result["bytes"] = rows

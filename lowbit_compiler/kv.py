@@ -500,9 +500,10 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, val
             kwargs["is_causal"] = False
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if kwargs.get("sliding_window"):
+    if kwargs.get("sliding_window") and attention_mask is None:
+        # the cache keeps every token; the window is applied by the mask, which must be there
         raise LowbitError(f"compressed KV cache: layer {getattr(module, 'layer_idx', '?')} uses sliding-window "
-                          "attention, which the packed attention does not implement; exclude it (kv layers option)")
+                          "attention and got no mask to apply the window with; use the model's own cache")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     from lowbit_compiler.backends import kv_cpu
 
