@@ -554,8 +554,9 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
         layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
         if getattr(config, "is_encoder_decoder", False):
             reason = "encoder-decoder models keep an EncoderDecoderCache (not handled)"
-        elif layer_types - {"full_attention"}:
-            reason = f"layer types {sorted(layer_types - {'full_attention'})}: only full-attention layers are handled"
+        elif layer_types - {"full_attention", "sliding_attention"}:
+            reason = (f"layer types {sorted(layer_types - {'full_attention', 'sliding_attention'})}: only full and "
+                      "sliding-window attention layers are handled")
         elif config._attn_implementation not in ("sdpa", "eager", ATTENTION_NAME):
             reason = f"attention implementation {config._attn_implementation!r}; load the model with sdpa or eager"
     if reason is not None:

@@ -231,3 +231,23 @@ def test_generated_cpu_decode_kernel_matches_reference(fmt):
     if kv_cpu.kernel(fmt.bits, D, fmt.channel_group(D), fmt.token_block, fmt.keys == "per_channel") is None:
         pytest.skip("no C compiler: the fallback is the reference itself")
     torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, D ** -0.5), atol=2e-6, rtol=1e-5)
+
+
+def test_sliding_window_layers_are_masked_not_cropped():
+    """Mistral with a 6-token window over a 9-token prompt and 6 decode steps: the compressed cache
+    keeps every token and the mask applies the window; with every token in the float window the
+    logits equal the model's own sliding cache's."""
+    from lowbit_compiler import zoo
+
+    model, inputs = zoo.build("mistral")
+    model.config.sliding_window = 6
+    ids = inputs["input_ids"]
+    compressed = copy.deepcopy(model)
+    kv.install(compressed, {i: kv.KVFormat("int", 8, 64, window=10 ** 6) for i in range(2)})
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+        out = compressed.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert sqnr_db(torch.cat(reference.logits), torch.cat(out.logits)) > 100
