@@ -124,7 +124,7 @@ def accuracy(model_dir: str, seqs: int, length: int, chunk: int, new_tokens: int
             nll, agree, same, count = 0.0, 0, 0, 0
             for ids, (ref_logits, ref_gen) in zip(batches, reference):
                 logits, cache = _chunked_logits(model, ids, chunk, lambda: kv.CompressedKVCache(
-                    model.base_model._lowbit_kv_formats) if name != "float" else DynamicCache(config=base.config))
+                    model._lowbit_kv_formats) if name != "float" else DynamicCache(config=base.config))
                 nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
                 agree += (logits[0].argmax(-1) == ref_logits[0].argmax(-1)).sum().item()
                 count += ids.shape[1] - 1
@@ -200,7 +200,7 @@ def decode_step_time(model_dir: str, context: int, repeats: int) -> dict[str, fl
     with torch.no_grad():
         float_cache = _chunked_logits(base, data, 512, lambda: DynamicCache(config=base.config))[1]
         packed_cache = _chunked_logits(compressed, data, 512, lambda: kv.CompressedKVCache(
-            compressed.base_model._lowbit_kv_formats))[1]
+            compressed._lowbit_kv_formats))[1]
         # a step appends one token to the cache it is given; the float one is cropped back after
         # each step, the packed one grows by one token per step (under 1 % of the context over a run)
         def float_step():
@@ -234,11 +234,13 @@ def zoo_table(new_tokens: int = 24) -> list[dict]:
                 if info["applied"]:
                     ids = inputs["input_ids"]
                     reference = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-                    row["logits_sqnr_db"] = round(sqnr_db(model(ids).logits, compressed(ids, use_cache=True).logits), 1)
+                    cached = compressed(ids, use_cache=True)
+                    row["cache"] = type(cached.past_key_values).__name__  # the compressed one, or the table says so
+                    row["logits_sqnr_db"] = round(sqnr_db(model(ids).logits, cached.logits), 1)
                     out = compressed.generate(ids, max_new_tokens=new_tokens, do_sample=False)
                     row["int8_tokens_equal"] = (out == reference).float().mean().item()
-                    formats = compressed.base_model._lowbit_kv_formats
-                    compressed.base_model._lowbit_kv_formats = [
+                    formats = compressed._lowbit_kv_formats
+                    compressed._lowbit_kv_formats = [
                         None if f is None else kv.KVFormat(f.scheme, f.bits, f.group, window=10 ** 6) for f in formats]
                     out = compressed.generate(ids, max_new_tokens=new_tokens, do_sample=False)
                     row["float_window_tokens_equal"] = bool(torch.equal(out, reference))
@@ -264,10 +266,10 @@ def main() -> None:
     result: dict = {"threads": torch.get_num_threads(), "args": vars(args)}
     if args.zoo:
         rows = zoo_table()
-        print(_table([[r["arch"], "yes" if r["installed"] else "no", r.get("layers", 0),
+        print(_table([[r["arch"], r.get("cache", "no") if r["installed"] else "no", r.get("layers", 0),
                        {True: "yes", False: "NO"}.get(r.get("float_window_tokens_equal"), "-"),
                        r.get("logits_sqnr_db", "-"), r.get("int8_tokens_equal", "-"), r.get("reason", "")] for r in rows],
-                     ["arch", "compressed cache", "layers", "generate = float (all-float window)",
+                     ["arch", "cache used", "layers", "generate = float (all-float window)",
                       "kv8 prefill logits SQNR dB", "kv8 generate tokens = float", "reason"]))
         path = args.json.replace(".json", "_zoo.json")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -569,7 +569,9 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
     n_layers = text.num_hidden_layers
     per_layer = [formats.get(i) for i in range(n_layers)]
     config._attn_implementation = ATTENTION_NAME
-    base = getattr(model, "base_model", model)
+    # the hook sits on the model given (its forward passes `cache` down; OPT's head calls its
+    # decoder directly, past the base model)
+    base = model
     if not hasattr(base, "_lowbit_kv_hook"):
         def pre_hook(module, args, kwargs):
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -589,7 +591,7 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
 
 def uninstall(model: torch.nn.Module, attention: str = "sdpa") -> None:
     """Back to the model's own float cache and ``attention``."""
-    base = getattr(model, "base_model", model)
+    base = model
     hook = getattr(base, "_lowbit_kv_hook", None)
     if hook is not None:
         hook.remove()

@@ -218,6 +218,13 @@ class MarkKVCache(Pass):
                 reason = "the key/query shapes are unknown (symbolic or not 4-D); the cache stays float"
             elif site["k_linear"] is None:
                 reason = "its keys do not come from a linear the pass can find; the cache stays float"
+            elif None in site["cache_update"]:
+                # the packed cache hands the attention handles, not tensors: nothing may sit between
+                # the cache update and the attention (MLA's value padding does), and without an update
+                # in the graph (captured with use_cache=False) that cannot be checked
+                reason = ("no cache update (cat along the sequence) feeds the attention's keys and values through "
+                          "layout ops alone (captured with use_cache=False, or the model edits keys/values after "
+                          "the cache, as MLA pads its values); the cache stays float")
             else:
                 try:
                     self.format.channel_group(heads[2])
