@@ -228,8 +228,10 @@ def zoo_table(new_tokens: int = 24) -> list[dict]:
         try:
             with torch.no_grad():
                 compressed = compress(copy.deepcopy(model), "kv8", example_inputs=inputs, progress=False)
-                info = compressed.lowbit_summary.get("kv_cache") or {"applied": False,
-                                                                     "reason": "mark_kv_cache found no attention"}
+                marked = [p["details"] for p in compressed.lowbit_summary["passes"] if p["name"] == "mark_kv_cache"]
+                refused = sorted({why for d in marked for why in d["refused"].values()})
+                info = compressed.lowbit_summary.get("kv_cache") or {
+                    "applied": False, "reason": "; ".join(refused) or "mark_kv_cache found no attention"}
                 row.update(installed=info["applied"], reason=info.get("reason", ""), layers=len(info.get("layers", {})))
                 if info["applied"]:
                     ids = inputs["input_ids"]

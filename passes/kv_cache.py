@@ -214,17 +214,17 @@ class MarkKVCache(Pass):
             reason = None
             if not ctx.recipe.applies_to(site["attention"]):
                 reason = "excluded by the recipe"
-            elif heads is None:
-                reason = "the key/query shapes are unknown (symbolic or not 4-D); the cache stays float"
-            elif site["k_linear"] is None:
-                reason = "its keys do not come from a linear the pass can find; the cache stays float"
             elif None in site["cache_update"]:
                 # the packed cache hands the attention handles, not tensors: nothing may sit between
                 # the cache update and the attention (MLA's value padding does), and without an update
                 # in the graph (captured with use_cache=False) that cannot be checked
                 reason = ("no cache update (cat along the sequence) feeds the attention's keys and values through "
-                          "layout ops alone (captured with use_cache=False, or the model edits keys/values after "
+                          "layout ops alone (an encoder, a forward captured with use_cache=False, or a model that edits keys/values after "
                           "the cache, as MLA pads its values); the cache stays float")
+            elif heads is None:
+                reason = "the key/query shapes are unknown (symbolic or not 4-D); the cache stays float"
+            elif site["k_linear"] is None:
+                reason = "its keys do not come from a linear the pass can find; the cache stays float"
             else:
                 try:
                     self.format.channel_group(heads[2])
