@@ -151,13 +151,14 @@ def llama():
 
 
 def test_generate_int8_cache_matches_float(llama):
+    """kv.install directly (compress's path to it is the next test's)."""
     model, inputs = llama
     ids = inputs["input_ids"]
     with torch.no_grad():
         reference = model.generate(ids, max_new_tokens=24, do_sample=False)
-        compressed = compress(copy.deepcopy(model), "kv8", progress=False)
-        assert compressed.lowbit_summary["kv_cache"]["applied"]
-        assert compressed.lowbit_summary["kv_cache"]["layers"] == {0: "int8-g64", 1: "int8-g64"}
+        compressed = copy.deepcopy(model)
+        info = kv.install(compressed, {0: kv.get_format("int8"), 1: kv.get_format("int8")})
+        assert info["applied"] and info["layers"] == {0: "int8-g64", 1: "int8-g64"}
         out = compressed.generate(ids, max_new_tokens=24, do_sample=False)
         cache = compressed(ids, use_cache=True).past_key_values
     assert type(cache).__name__ == "CompressedKVCache" and cache.nbytes()["packed"] > 0
@@ -172,7 +173,8 @@ def test_generate_w4a16_plus_kv4(llama):
     model, inputs = llama
     ids = inputs["input_ids"]
     compressed = compress(copy.deepcopy(model), "w4a16+kv4", progress=False)
-    assert compressed.lowbit_summary["replaced_modules"] > 0 and compressed.lowbit_summary["kv_cache"]["applied"]
+    assert compressed.lowbit_summary["replaced_modules"] > 0
+    assert compressed.lowbit_summary["kv_cache"]["layers"] == {0: "int4-g64", 1: "int4-g64"}
     with torch.no_grad():
         out = compressed.generate(ids, max_new_tokens=32, do_sample=False)
         with_cache = compressed(ids, use_cache=True).logits

@@ -37,7 +37,7 @@ def _decisions(arch: str, recipe: Recipe, eager: bool = False):
 
 
 @pytest.mark.parametrize("arch,kind,heads,kv_heads,prefix,rope", [
-    ("gpt2", "MHA", 4, 4, "transformer.h", False),          # no RoPE, fused c_attn
+    pytest.param("gpt2", "MHA", 4, 4, "transformer.h", False, marks=pytest.mark.slow),  # no RoPE, fused c_attn
     ("llama", "GQA", 4, 2, "model.layers", True),
     ("falcon", "MQA", 4, 1, "transformer.h", True),          # fused query_key_value
 ])
@@ -61,6 +61,7 @@ def test_decisions_per_layer(arch, kind, heads, kv_heads, prefix, rope):
     assert f"{prefix}.1.{suffix}" in shown and "int4-g64" in shown and f"{kind} {heads}/{kv_heads}x32" in shown
 
 
+@pytest.mark.slow
 def test_llama_keys_before_and_after_rope_and_eager_consumer():
     _, sdpa = _decisions("llama", get_recipe("kv2-kivi"))
     _, eager = _decisions("llama", get_recipe("kv2-kivi"), eager=True)
