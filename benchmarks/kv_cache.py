@@ -291,6 +291,16 @@ def main() -> None:
     print(_table([[r["model"], r["scheme"], *(f"{r[c]:.2f}" for c in ("4096", "8192", "16384", "32768"))] for r in mem],
                  ["model", "scheme", "4k", "8k", "16k", "32k"]))
 
+    if args.repeats == 0:  # --repeats 0: no timings (accuracy only)
+        if os.path.isdir(args.model):
+            result["byte_llama"] = acc = accuracy(args.model, args.seqs, args.length, args.chunk, args.new_tokens)
+            print(_table([[r["scheme"], f"{r['bits_per_byte']:.4f}", f"{r['argmax_agreement']:.4f}",
+                           f"{r['greedy_tokens_equal']:.3f}"] for r in acc],
+                         ["scheme", "bits/byte", "argmax = float cache", "greedy tokens = float cache"]))
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     times = decode_attention_time(args.context, args.repeats)
     result["decode_attention_ms"] = times
     print(f"\nCPU decode attention, one layer (32 q heads / 8 KV heads x 128), context {args.context}, "
