@@ -253,3 +253,21 @@ def test_sliding_window_layers_are_masked_not_cropped():
                                   return_dict_in_generate=True)
     assert torch.equal(out.sequences, reference.sequences)
     assert sqnr_db(torch.cat(reference.logits), torch.cat(out.logits)) > 100
+
+
+@pytest.mark.slow
+def test_compiled_flow_records_decisions_and_reports_the_float_cache(llama):
+    from lowbit_compiler.pass_base import fallback_counter
+    from tests.helpers import Recorder
+
+    model, inputs = llama
+    before = sum(n for reason, n in fallback_counter.items() if reason.startswith("KV cache"))
+    recorder = Recorder(recipe="kv4", progress=False)
+    with torch.no_grad():
+        out = torch.compile(copy.deepcopy(model), backend=recorder)(**inputs).logits
+        reference = model(**inputs).logits
+    torch.compiler.reset()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)  # the float cache: no KV loss
+    marked = [p for s in recorder.summaries for p in s["passes"] if p["name"] == "mark_kv_cache"]
+    assert marked and marked[0]["matches"] == 2
+    assert sum(n for reason, n in fallback_counter.items() if reason.startswith("KV cache")) > before
