@@ -68,6 +68,8 @@ def test_packed_attention_prefill_with_mask():
     fmt = kv.KVFormat("int", 8, 64, window=8, sinks=4)
     k, v = _kv(600, b=2)
     layer = _filled(fmt, k, v, 600)
+    assert torch.equal(layer._sink_k, k[:, :, :4]) and torch.equal(layer._sink_v, v[:, :, :4])  # sinks stay exact
+    assert layer._k.length + 4 + layer._float_k.shape[2] == 600 and layer._float_k.shape[2] == 8
     q = torch.randn(2, 4, 5, D)
     mask = torch.ones(2, 1, 5, 600, dtype=torch.bool).tril(600 - 5)
     mask[1, :, :, 0] = False
