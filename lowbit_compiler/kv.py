@@ -18,10 +18,11 @@ dequantizes one block at a time and folds it into an online softmax, so no dequa
 whole cache exists at any step. :func:`install` puts both on a model (``compress(model, "kv4")``
 calls it from the decisions the ``mark_kv_cache`` pass recorded).
 
-What is not here (see docs/kv_cache.md): pre-RoPE keys (transformers 5 hands the cache post-RoPE
-keys and no cos/sin), KVQuant's non-uniform codebooks and sparse outliers, GEAR's low-rank residual,
-sliding-window layers, and the compiled flow (``torch.compile(backend="lowbit")`` records the
-decisions but keeps the model's own cache).
+Sliding-window layers get a full compressed layer; the mask applies the window. What is not here
+(see docs/kv_cache.md): pre-RoPE keys (transformers 5 hands the cache post-RoPE keys and no
+cos/sin), KVQuant's non-uniform codebooks and sparse outliers, GEAR's low-rank residual, and the
+compiled flow (``torch.compile(backend="lowbit")`` records the decisions but keeps the model's
+own cache).
 """
 from __future__ import annotations
 
