@@ -653,16 +653,19 @@ def _build(fmt: str, portable: bool):
         return None
     pointers = 3 if fmt == W8A8 else 7
     return build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
-                 what=f"the {fmt} kernel", portable=portable)
+                 "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", portable=portable)
 
 
-def build(name: str, text: str, argtypes: list, what: str, portable: bool = False):
-    """Compile the C source ``text`` (at first use; cached on disk by a hash of source, compiler,
-    flags and host) and return its function ``name`` with ``argtypes``, or None (reason logged
-    once): the mechanism every generated CPU kernel uses (this module's and ``cpu_sparse.py``'s)."""
+def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
+          what: str | None = None, portable: bool = False) -> "ctypes._CFuncPtr | None":
+    """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
+    of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
+    naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
+    module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``portable`` builds for the compiler's
+    default target instead of the host's ISA."""
     compiler = _compiler()
     if compiler is None:
-        _note("no C compiler on PATH (gcc/cc/clang, or $CC); torch's packed CPU kernels run instead")
+        _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
     flags = PORTABLE_FLAGS if portable else FLAGS
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
@@ -675,8 +678,7 @@ def build(name: str, text: str, argtypes: list, what: str, portable: bool = Fals
             out = pathlib.Path(tmp) / "kernel.so"
             result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             if result.returncode != 0:
-                _note(f"compiling {what} with {compiler} failed ({result.stderr.strip()[:300]}); torch's "
-                      "packed CPU kernels run instead")
+                _note(f"compiling {what or name} with {compiler} failed ({result.stderr.strip()[:300]}); {fallback}")
                 return None
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
     fn = getattr(ctypes.CDLL(str(lib)), name)

@@ -77,6 +77,8 @@ def format_summary(s: dict[str, Any]) -> str:
             out.append(format_rotation(p["details"]))
         if p["name"] == "flatquant" and p["details"].get("groups"):
             out.append(format_affine(p["details"]))
+        if p["name"] == "mark_kv_cache":
+            out.append(format_kv_cache(p["details"]))
     layers = s.get("layers", {})
     if layers:
         rows, before, after = [], 0, 0
@@ -108,6 +110,27 @@ def format_summary(s: dict[str, Any]) -> str:
         out.append(format_implementations(s["implementations"]))
     if s.get("generated_kernels"):
         out.append(format_generated(s["generated_kernels"], s.get("codegen", {})))
+    return "\n".join(out)
+
+
+def format_kv_cache(d: dict[str, Any]) -> str:
+    """mark_kv_cache's per-layer decisions: the attention, its heads, where its keys and values
+    come from, and the KV format with its bytes per token against bf16."""
+    rows = []
+    for attention, a in d.get("attentions", {}).items():
+        nodes = a.get("nodes", {})
+        rope = (f"{nodes.get('keys_pre_rope')} -> {nodes.get('keys_post_rope')}" if a["keys_quantized"] == "post_rope"
+                else "none")
+        rows.append([attention, a["layer_index"], a["consumer"], f"{a['kind']} {a['heads']}/{a['kv_heads']}x{a['head_dim']}",
+                     f"{nodes.get('k_proj')}/{nodes.get('v_proj')}", rope, nodes.get("key_cache_update", "-"),
+                     a["format"], a["keys_quantized"].replace("_", "-"),
+                     f"{a['bytes_per_token']:.0f}/{a['bf16_bytes_per_token']}"])
+    out = [f"KV cache ({d.get('format')}; stored by compress(): lowbit_compiler.kv.CompressedKVCache)"]
+    if rows:
+        out.append(_table(rows, ["attention", "layer", "consumer", "heads q/kv x dim", "k/v producers",
+                                 "RoPE (pre -> post)", "cache update", "format", "keys quantized",
+                                 "bytes/token vs bf16"]))
+    out += [f"  left float: {a}: {why}" for a, why in d.get("refused", {}).items()]
     return "\n".join(out)
 
 

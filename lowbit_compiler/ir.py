@@ -36,8 +36,9 @@ ACT_SCALE = "activation_scale"   # StaticScale on linears: observe_activations' 
 OUTLIERS = "outliers"      # OutlierSpec on linears whose fp16 outliers spqr moved to a sparse_linear
 SPARSITY = "sparsity"      # SparsitySpec on linears a sparsify pass pruned (passes/sparsify)
 ACT_SPARSITY = "activation_sparsity"  # ActSparsitySpec on lowbit::act_sparsify / sparse_input_linear nodes
+KV_CACHE = "kv_cache"      # KVDecision on attention consumers: how mark_kv_cache stores that layer's K/V
 KNOWN_KEYS = frozenset({PARAM, MODULE, NORM, WEIGHT_QUANT, SKIPPED, WEIGHT_FORMAT, ACT_SCALE, OUTLIERS, SPARSITY,
-                        ACT_SPARSITY})
+                        ACT_SPARSITY, KV_CACHE})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,28 @@ class ActSparsitySpec:
     target: float
     achieved: float
     threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class KVDecision:
+    """One attention found by ``mark_kv_cache``: where its keys and values come from and go, and
+    the KV format its cache uses (``lowbit_compiler.kv.KVFormat``)."""
+
+    attention: str             # module FQN of the attention (``model.layers.0.self_attn``)
+    layer_index: int           # position among the graph's attentions (the cache's layer index)
+    consumer: str              # "sdpa" | "eager" (matmul-softmax-matmul)
+    kind: str                  # "MHA" | "GQA" | "MQA"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    format: str                # KVFormat.key
+    scheme: str
+    bits: int
+    group: int
+    window: int
+    sinks: int
+    keys_quantized: str        # "post_rope" (what the cache receives) | "no_rope"
+    nodes: tuple[tuple[str, str], ...] = ()  # (role, node name): key/value producers, RoPE, cache update
 
 
 @dataclasses.dataclass(frozen=True)

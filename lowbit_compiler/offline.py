@@ -383,7 +383,8 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         layers.update(report.layers)
         for layer, reason in counts["left_float"].items():  # what the compressed model holds, not the graph
             layers[layer] = {"format": "float", "skipped": f"not written back: {reason}"}
-    if not any(written.values()) and recipe.passes:
+    kv_cache = _install_kv_cache(model, [captured.gm for captured, _ in graphs], recipe, strict)
+    if not any(written.values()) and recipe.passes and kv_cache is None:
         log.warning("compress(%s): nothing was written back (no selected linear layers, nothing rotated)", recipe.name)
     account = coverage.merge([report.coverage for _, report in graphs])
     for layer, reason in written["left_float"].items():
@@ -394,12 +395,37 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     account["totals"] = coverage.totals(account["weights"])
     model.lowbit_summary = {"recipe": recipe.to_dict(), **written, "layers": layers, "coverage": account,
                             "passes": passes,
-                            "graphs": len(graphs), **({"R3": r3} if r3 is not None else {})}
+                            "graphs": len(graphs), **({"R3": r3} if r3 is not None else {}),
+                            **({"kv_cache": kv_cache} if kv_cache is not None else {})}
     if checkpoint.is_transformers_model(model):
         from lowbit_compiler import hf
 
         hf.attach(model)  # model.save_pretrained(dir) writes a lowbit checkpoint
     return model
+
+
+def _install_kv_cache(model: torch.nn.Module, graphs: list[fx.GraphModule], recipe: Any,
+                      strict: bool) -> dict[str, Any] | None:
+    """The KV decisions ``mark_kv_cache`` recorded -> a compressed cache and its attention on the
+    model (``lowbit_compiler.kv.install``); None when the recipe marks no KV cache."""
+    from lowbit_compiler import kv
+
+    decisions = [d for gm in graphs for n in gm.graph.nodes if (d := ir.get(n, ir.KV_CACHE)) is not None]
+    if not decisions:
+        return None
+    formats: dict[int, kv.KVFormat] = {}
+    for d in decisions:
+        index = getattr(_submodule(model, d.attention), "layer_idx", None)
+        index = d.layer_index if index is None else int(index)
+        formats[index] = kv.KVFormat(d.scheme, d.bits, d.group, d.window, d.sinks)
+    return kv.install(model, formats, strict)
+
+
+def _submodule(model: torch.nn.Module, fqn: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -205,6 +205,7 @@ _INT4 = WeightFormat(4, 128, symmetric=False)
 _INT3 = WeightFormat(3, 128, symmetric=False)
 _INT4_SYM = WeightFormat(4, 128, symmetric=True)
 _R4 = {"rotate": {"r4": True}}
+_KV = ("canonicalize", "mark_kv_cache")
 
 PRESETS: dict[str, Recipe] = {r.name: r for r in (
     # capture and run: no pass rewrites anything
@@ -281,7 +282,46 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("wina-50+w8a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
     Recipe("wina-50+w4a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), _INT4),
     Recipe("cats-50+w4a16", ("canonicalize", "cats", "insert_weight_quant"), _INT4),
+    # KV-cache compression (lowbit_compiler/kv.py): the weights stay float; compose with a weight
+    # preset by name, "w4a16+kv4" (see get_recipe)
+    Recipe("kv8", _KV, options={"mark_kv_cache": {"scheme": "int8"}}),
+    Recipe("kv4", _KV, options={"mark_kv_cache": {"scheme": "int4"}}),
+    Recipe("kv3", _KV, options={"mark_kv_cache": {"scheme": "int3"}}),
+    Recipe("kv2", _KV, options={"mark_kv_cache": {"scheme": "int2"}}),
+    Recipe("kv-fp8", _KV, options={"mark_kv_cache": {"scheme": "fp8"}}),
+    # KIVI: per-channel keys (groups of 64 tokens), per-token values, 64 recent tokens in float
+    Recipe("kv2-kivi", _KV, options={"mark_kv_cache": {"scheme": "kivi2"}}),
+    Recipe("kv3-kivi", _KV, options={"mark_kv_cache": {"scheme": "kivi3"}}),
+    Recipe("kv4-kivi", _KV, options={"mark_kv_cache": {"scheme": "kivi4"}}),
 )}
+
+
+def compose(names: list[str]) -> Recipe:
+    """One recipe from several, as llm-compressor composes modifiers by listing them: the passes in
+    order (each once), the options of each, the one weight format and activation scheme given
+    (two different ones are refused). ``get_recipe("w4a16+kv4")`` calls this."""
+    parts = [get_recipe(n) for n in names]
+    passes: list[str] = []
+    options: dict[str, Any] = {}
+    weight, activation = None, None
+    for r in parts:
+        for p in r.passes:
+            if p not in passes:
+                passes.append(p)
+        for pass_name, opts in r.options:
+            if pass_name in options and options[pass_name] != dict(opts):
+                raise LowbitError(f"recipe {'+'.join(names)!r}: {r.name!r} and an earlier part give pass {pass_name!r} "
+                                  "different options; keep one")
+            options[pass_name] = dict(opts)
+        for field, current in (("weight", weight), ("activation", activation)):
+            value = getattr(r, field)
+            if value is not None and current is not None and value != current:
+                raise LowbitError(f"recipe {'+'.join(names)!r}: two {field}s ({current!r} and {value!r}); a composed "
+                                  "recipe takes one weight preset")
+        weight, activation = weight or r.weight, activation or r.activation
+    kv_last = [p for p in passes if p == "mark_kv_cache"]
+    passes = [p for p in passes if p != "mark_kv_cache"] + kv_last  # after every weight pass
+    return Recipe("+".join(names), tuple(passes), weight, options=options, activation=activation)
 
 
 def get_recipe(recipe: "str | os.PathLike | Recipe | None") -> Recipe:
@@ -293,6 +333,8 @@ def get_recipe(recipe: "str | os.PathLike | Recipe | None") -> Recipe:
     text = os.fspath(recipe)
     if text.endswith(".toml"):
         return load_recipe(text)
+    if "+" in text and text not in PRESETS:
+        return compose(text.split("+"))
     if text not in PRESETS:
         raise LowbitError(f"unknown recipe {text!r}; presets: {sorted(PRESETS)}, "
                           "or give a path to a .toml recipe file")

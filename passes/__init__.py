@@ -2,4 +2,5 @@
 
 Importing this package registers every built-in pass by name (see ``registered_passes()``).
 """
-from lowbit_compiler.passes import act_sparsity, canonicalize, quantize, rotate, smooth, sparsify  # noqa: F401  (registration)
+from lowbit_compiler.passes import (act_sparsity, canonicalize, kv_cache, quantize, rotate, smooth,  # noqa: F401
+                                    sparsify)  # (registration)
