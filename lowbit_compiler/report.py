@@ -163,9 +163,24 @@ def assign_blocks(nodes: list[dict[str, Any]]) -> dict[str, str | None]:
     return out
 
 
+def assign_groups(nodes: list[dict[str, Any]], min_nodes: int = 4) -> dict[str, str | None]:
+    """The boxes a stage's picture collapses: the blocks (:func:`assign_blocks`), and outside them
+    any module with at least ``min_nodes`` ops (``model.rotary_emb``)."""
+    groups = assign_blocks(nodes)
+    loose: dict[str, int] = {}
+    for n in nodes:
+        if groups.get(n["name"]) is None and n["op"] in ("call_function", "call_method", "call_module") and n.get("module"):
+            loose[n["module"]] = loose.get(n["module"], 0) + 1
+    for n in nodes:
+        if groups.get(n["name"]) is None and loose.get(n.get("module") or "", 0) >= min_nodes \
+                and n["op"] in ("call_function", "call_method", "call_module"):
+            groups[n["name"]] = n["module"]
+    return groups
+
+
 # ---- layered layout --------------------------------------------------------------------------
 
-NODE_W, NODE_H, GAP_X, GAP_Y = 150, 26, 18, 34
+NODE_W, NODE_H, GAP_X, GAP_Y = 180, 22, 16, 22
 
 
 def layered_layout(units: list[str], edges: list[tuple[str, str]], sweeps: int = 4) -> dict[str, tuple[float, float]]:
@@ -180,7 +195,8 @@ def layered_layout(units: list[str], edges: list[tuple[str, str]], sweeps: int =
         succs[a].append(b)
     layer: dict[str, int] = {}
     for u in units:  # units come in graph (topological) order
-        layer[u] = max((layer[p] + 1 for p in preds[u]), default=0)
+        layer[u] = max((layer[p] + 1 for p in preds[u] if p in layer), default=0)  # a back edge (a group
+        # that is not contiguous in the graph) does not move a unit down
     rows: dict[int, list[str]] = {}
     for u in units:
         rows.setdefault(layer[u], []).append(u)
@@ -274,17 +290,17 @@ def graph_svg(nodes: list[dict[str, Any]], status: dict[str, str], sid: str, blo
         if u.startswith("block:"):
             info = box[u]
             cls = "node block" + (" changed" if info["changed"] else "")
-            text = f'{info["block"]} ({info["nodes"]} ops' + (f', {info["changed"]} new' if info["changed"] else "") + ")"
+            text = f'{info["block"]}: {info["nodes"]} ops' + (f', {info["changed"]} new' if info["changed"] else "")
             out.append(f'<g class="{cls}" data-block="{_esc(info["block"])}" data-stage="{sid}">'
                        f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8"/>'
-                       f'<text x="{x + NODE_W / 2:.0f}" y="{y + 17:.0f}">{_esc(text[:30])}</text></g>')
+                       f'<text x="{x + NODE_W / 2:.0f}" y="{y + 15:.0f}">{_esc(text if len(text) <= 30 else "…" + text[-29:])}</text></g>')
             continue
         n = by_name[u]
         kind = kind_of(n)
         cls = f"node k-{kind}" + (f" {status[u]}" if status.get(u) else "")
         out.append(f'<g class="{cls}" data-node="{_esc(u)}" data-stage="{sid}"><title>{_esc(n["target"])}</title>'
                    f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="4" '
-                   f'fill="{KINDS[kind][0]}"/><text x="{x + NODE_W / 2:.0f}" y="{y + 17:.0f}">{_esc(_label(n))}</text></g>')
+                   f'fill="{KINDS[kind][0]}"/><text x="{x + NODE_W / 2:.0f}" y="{y + 15:.0f}">{_esc(_label(n))}</text></g>')
     out.append("</svg>")
     return "".join(out)
 
@@ -367,7 +383,7 @@ def layers_table(summary: dict[str, Any]) -> str:
         return '<p class="none">No layers quantized.</p>'
     head = [("layer", "s"), ("format", "s"), ("KxN", "s"), ("bits/w", "n"), ("bytes before", "n"), ("bytes after", "n"),
             ("weight SQNR dB", "n"), ("output SQNR dB", "n"), ("outliers", "n"), ("rotation", "s"), ("float because / note", "s")]
-    out = ['<table class="sortable layers"><thead><tr>'
+    out = ['<div class="tablewrap"><table class="sortable layers"><thead><tr>'
            + "".join(f'<th data-type="{t}">{_esc(h)}</th>' for h, t in head) + "</tr></thead><tbody>"]
     for r in rows:
         cells = [r["layer"], r["format"], r["shape"], _num(r["bits"], 3), r["before"] if r["before"] is not None else "–",
@@ -389,7 +405,7 @@ def layers_table(summary: dict[str, Any]) -> str:
         out.append(f'<tr><td>whole graph (every tensor it reads)</td><td></td><td></td><td></td>'
                    f"<td>{totals['bytes_before']}</td><td>{totals['bytes_after']}</td>"
                    f'<td colspan="5">{totals["bytes_before"] / totals["bytes_after"]:.2f}x smaller</td></tr>')
-    out.append("</tfoot></table>")
+    out.append("</tfoot></table></div>")
     return "".join(out)
 
 
@@ -408,9 +424,15 @@ def _refusals(value: Any, where: str = "") -> list[tuple[str, str]]:
     return found
 
 
-def _detail_text(details: dict[str, Any]) -> str:
-    from lowbit_compiler.cli import _detail
+def _detail_text(name: str, details: dict[str, Any]) -> str:
+    """A pass's details as ``lowbit inspect`` prints them (rotations and affine transforms in full)."""
+    from lowbit_compiler.cli import _detail, format_affine, format_rotation
+    from lowbit_compiler.rotation import ROTATION_PASSES
 
+    if name in ROTATION_PASSES:
+        return format_rotation(details)
+    if name == "flatquant" and details.get("groups"):
+        return format_affine(details)
     return ", ".join(_detail(k, v) for k, v in details.items() if v not in (0, None, "", {}, []))
 
 
@@ -434,7 +456,7 @@ def timeline(summary: dict[str, Any]) -> str:
         more = f"<li>... {len(refused) - 50} more in summary.json</li>" if len(refused) > 50 else ""
         rows.append(f'<tr class="pass-row"><td><span class="swatch" style="background:hsl({(i * 67) % 360},55%,70%)">'
                     f'</span>{_esc(p["name"])}</td><td>{p["seconds"] * 1e3:.1f}</td><td>{p["matches"]}</td>'
-                    f'<td>{"yes" if p.get("modified") else "no"}</td><td>{_esc(_detail_text(p.get("details") or {}))}</td>'
+                    f'<td>{"yes" if p.get("modified") else "no"}</td><td class="details">{_esc(_detail_text(p["name"], p.get("details") or {}))}</td>'
                     f'<td>{len(refused)}{f"<details><summary>why</summary><ul>{ref}{more}</ul></details>" if refused else ""}'
                     "</td></tr>")
     return ("".join(bar) + '<table class="passes"><thead><tr><th>pass</th><th>ms</th><th>matches</th><th>changed</th>'
@@ -515,7 +537,7 @@ def _stages_html(g: dict[str, Any], gid: str, details: dict[str, Any]) -> str:
             previous = None
             continue
         status, removed = stage_status(nodes, previous)
-        blocks = assign_blocks(nodes)
+        blocks = assign_groups(nodes)
         counts = {s: sum(1 for v in status.values() if v == s) for s in ("added", "changed")}
         block_names = list(dict.fromkeys(b for b in (blocks.get(n["name"]) for n in nodes if n["op"] != "get_attr") if b))
         node_data = {}  # name -> [record index, status]: a node unchanged across stages is stored once
@@ -539,8 +561,8 @@ def _stages_html(g: dict[str, Any], gid: str, details: dict[str, Any]) -> str:
         last = stage is g["stages"][-1]
         code = (f'<details><summary>code</summary><pre>{_esc(stage["code"] or "")}</pre></details>'
                 if previous is None or last else "")  # the stages between: their diffs say it
-        out.append(f'<div class="stage" data-stage="{sid}">{head}<p class="meta">{change}; '
-                   f'{len(block_names)} blocks collapsed (click one to expand it; click a node for its details)</p>'
+        out.append(f'<div class="stage" data-stage="{sid}" data-name="{_esc(stage["name"])}">{head}<p class="meta">{change}; '
+                   f'{len(block_names)} blocks and modules collapsed (click one to expand it; click a node for its details)</p>'
                    f'<div class="svgwrap">{graph_svg(nodes, status, sid, None, blocks)}</div>{sub}{code}'
                    f'<details{" open" if stage["diff"] and len(stage["diff"]) < 6000 else ""}><summary>diff to the '
                    f'stage before</summary>{diff_html(stage["diff"])}</details></div>')
@@ -564,8 +586,10 @@ def _graph_html(g: dict[str, Any], gid: str, details: dict[str, Any]) -> str:
                  f'{_esc(error["message"])}</p><details><summary>traceback</summary><pre>'
                  f'{_esc(error.get("traceback", ""))}</pre></details>')
     return (f'<section class="graph-section" id="{gid}"><h2>{title}</h2>{head}'
-            f"<h3>Pipeline</h3>{timeline(g)}<h3>Layers</h3>{layers_table(g)}"
-            f"<h3>Kernels</h3>{kernels_table(g, gid)}<h3>Stages</h3>{_stages_html(g, gid, details)}</section>")
+            f'<div class="part pipeline"><h3>Pipeline</h3>{timeline(g)}</div>'
+            f'<div class="part layers"><h3>Layers</h3>{layers_table(g)}</div>'
+            f'<div class="part kernels"><h3>Kernels</h3>{kernels_table(g, gid)}</div>'
+            f'<div class="part stages"><h3>Stages</h3>{_stages_html(g, gid, details)}</div></section>')
 
 
 def counts(data: dict[str, Any]) -> dict[str, int]:
@@ -587,8 +611,8 @@ h4{margin:14px 0 2px}table{border-collapse:collapse;margin:4px 0}td,th{border:1p
 td:first-child,th:first-child{text-align:left}th{background:#eee;cursor:default}table.sortable th{cursor:pointer}
 th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}tfoot td{font-weight:bold;background:#fafafa}
 tr.float td{color:#775}.warn{color:#a00}.note,.meta,.none{color:#666}
-.svgwrap,.block-view{overflow:auto;max-height:620px;border:1px solid #ddd;margin:4px 0}
-svg.graph text{font:11px monospace;text-anchor:middle;pointer-events:none}
+.passes td.details{white-space:pre-wrap;text-align:left;font-size:12px}.tablewrap{max-height:420px;overflow:auto}td{white-space:nowrap}.svgwrap,.block-view{overflow:auto;max-height:620px;border:1px solid #ddd;margin:4px 0}
+svg.graph text{font:11px monospace;}svg.graph .block text{font-size:10px;text-anchor:middle;pointer-events:none}
 svg.graph .edge{fill:none;stroke:#999;stroke-width:1}
 svg.graph .node rect{stroke:#666;stroke-width:1;cursor:pointer}
 svg.graph .node.added rect{stroke:#d00;stroke-width:3}svg.graph .node.changed rect{stroke:#06c;stroke-width:3;stroke-dasharray:4 2}
@@ -607,6 +631,7 @@ var errors=[];
 window.addEventListener('error',function(e){errors.push(String(e.message));mark();});
 function mark(){document.body.setAttribute('data-rendered',errors.length?'error: '+errors.join('; '):'ok');}
 try{
+var mode=location.search.slice(1);
 var details=JSON.parse(document.getElementById('node-data').textContent);
 var panel=document.getElementById('panel');
 function show(stage,name,g){
@@ -623,7 +648,7 @@ document.querySelectorAll('svg.graph .node').forEach(function(g){
     var stage=g.getAttribute('data-stage');
     if(g.classList.contains('block')){
       var v=document.querySelector('.stage[data-stage="'+stage+'"] .block-view[data-block="'+g.getAttribute('data-block')+'"]');
-      if(v){v.hidden=!v.hidden;if(!v.hidden)v.scrollIntoView({block:'nearest'});}
+      if(v){v.hidden=!v.hidden;if(!v.hidden&&mode!=='screenshot')v.scrollIntoView({block:'nearest'});}
     }else show(stage,g.getAttribute('data-node'),g);});});
 document.querySelectorAll('button.collapse').forEach(function(b){b.addEventListener('click',function(){b.closest('.block-view').hidden=true;});});
 document.getElementById('panel-close').addEventListener('click',function(){panel.hidden=true;});
@@ -640,6 +665,32 @@ var seen={layers:document.querySelectorAll('tr.layer-row').length,kernels:docume
   svgs:document.querySelectorAll('.svgwrap > svg.graph').length};
 document.getElementById('render-counts').textContent='rendered: '+seen.layers+' layer rows, '+seen.kernels+
   ' kernel rows, '+seen.svgs+' stage graphs';
+if(mode==='selftest'){  // what a person would click, checked (the browser test reads data-selftest)
+  var problems=[],node=document.querySelector('svg.graph .node:not(.block)');
+  if(node){node.dispatchEvent(new MouseEvent('click',{bubbles:true}));
+    if(panel.hidden||panel.textContent.indexOf('node.meta["lowbit"]')<0)problems.push('node click showed no details');}
+  var blk=document.querySelector('svg.graph .node.block');
+  if(blk){blk.dispatchEvent(new MouseEvent('click',{bubbles:true}));
+    var v=document.querySelector('.stage[data-stage="'+blk.getAttribute('data-stage')+'"] .block-view[data-block="'+blk.getAttribute('data-block')+'"]');
+    if(!v||v.hidden||!v.querySelector('svg.graph'))problems.push('block click did not expand it');}
+  var th=document.querySelector('table.layers th:nth-child(7)');
+  if(th){th.click();th.click();var cells=Array.prototype.map.call(th.closest('table').tBodies[0].rows,function(r){
+      var x=parseFloat(r.cells[6].textContent);return isNaN(x)?-Infinity:x;});
+    for(var i=1;i<cells.length;i++)if(cells[i]>cells[i-1])problems.push('sort by weight SQNR failed');}
+  document.body.setAttribute('data-selftest',problems.length?problems.join('; '):'ok');}
+if(mode==='screenshot'){  // the README's picture: a graph's timeline, then the first stage its passes changed,
+  // a block open, a lowbit op selected (everything else of the page hidden)
+  var changed=document.querySelector('.stage[data-name^="rotate"] svg.graph .node.block.changed')||
+    document.querySelector('svg.graph .node.block.changed');
+  if(changed){var st=changed.closest('.stage'),sec=st.closest('.graph-section');
+    Array.prototype.forEach.call(document.querySelector('main').children,function(e){
+      if(e!==sec&&e.tagName!=='H1')e.style.display='none';});
+    sec.querySelectorAll('.part.layers,.part.kernels,.part.stages').forEach(function(e){e.style.display='none';});
+    sec.appendChild(st);
+    st.querySelectorAll('details').forEach(function(d){d.open=false;});st.querySelector('.svgwrap').style.maxHeight='330px';
+    changed.dispatchEvent(new MouseEvent('click',{bubbles:true}));
+    var op=st.querySelector('.block-view:not([hidden]) .node.k-lowbit');
+    if(op)op.dispatchEvent(new MouseEvent('click',{bubbles:true}));window.scrollTo(0,0);}}
 }catch(e){errors.push(String(e&&e.stack||e));}
 mark();
 })();
