@@ -109,6 +109,8 @@ def kind_of(node: dict[str, Any]) -> str:
     target = node["target"].lower()
     if node["op"] in ("placeholder", "output"):
         return "io"
+    if node["op"] == "get_attr":
+        return "param"  # not drawn: the details of the nodes that read it list it
     if "lowbit" in target or "lowbit" in node.get("lowbit", {}).get("weight_quant", {}).get("format", "") \
             or node.get("lowbit", {}).get("weight_quant"):
         return "lowbit"

@@ -23,8 +23,9 @@ def test_dump_has_every_stage_with_diffs_and_a_summary(tmp_path, capsys):
     graph_dir = tmp_path / "run_000-w4a16" / "graph_000"
     assert sorted(os.listdir(tmp_path / "run_000-w4a16")) == ["graph_000", "run.json"]
     assert sorted(os.listdir(graph_dir)) == [
-        "00_captured.py", "01_canonicalize.diff", "01_canonicalize.py", "02_insert_weight_quant.diff",
-        "02_insert_weight_quant.py", "03_lowered.diff", "03_lowered.py", "summary.json"]
+        "00_captured.json", "00_captured.py", "01_canonicalize.diff", "01_canonicalize.json", "01_canonicalize.py",
+        "02_insert_weight_quant.diff", "02_insert_weight_quant.json", "02_insert_weight_quant.py", "03_lowered.diff",
+        "03_lowered.json", "03_lowered.py", "summary.json"]
     captured = (graph_dir / "00_captured.py").read_text()
     assert 'getattr(self.model.layers, "0").mlp.down_proj.weight' in captured
     quant_diff = (graph_dir / "02_insert_weight_quant.diff").read_text()
