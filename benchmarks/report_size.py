@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update(render_seconds=round(seconds, 2), rendered=mark)
         if args.screenshot:
             os.makedirs(os.path.dirname(args.screenshot) or ".", exist_ok=True)
-            browser("--hide-scrollbars", "--window-size=1280,900", f"--screenshot={os.path.abspath(args.screenshot)}",
+            browser("--hide-scrollbars", "--window-size=1280,1400", f"--screenshot={os.path.abspath(args.screenshot)}",
                     "file://" + os.path.abspath(page) + "?screenshot")
             row["screenshot"] = args.screenshot
     else:

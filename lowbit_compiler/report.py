@@ -234,7 +234,7 @@ def _label(node: dict[str, Any]) -> str:
     if node["op"] in ("placeholder", "output", "get_attr"):
         text = node["name"] if node["op"] != "get_attr" else target
     else:
-        text = target.rsplit(".", 1)[-1]
+        text = re.sub(r"\.default$", "", target).rsplit(".", 1)[-1]  # lowbit.hadamard.default -> hadamard
         decision = node.get("lowbit", {}).get("weight_quant")
         if decision:
             text += f" {decision.get('format', '')}"
@@ -614,7 +614,7 @@ td:first-child,th:first-child{text-align:left}th{background:#eee;cursor:default}
 th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}tfoot td{font-weight:bold;background:#fafafa}
 tr.float td{color:#775}.warn{color:#a00}.note,.meta,.none{color:#666}
 .passes td.details{white-space:pre-wrap;text-align:left;font-size:12px}.tablewrap{max-height:420px;overflow:auto}td{white-space:nowrap}.svgwrap,.block-view{overflow:auto;max-height:620px;border:1px solid #ddd;margin:4px 0}
-svg.graph text{font:11px monospace;}svg.graph .block text{font-size:10px;text-anchor:middle;pointer-events:none}
+svg.graph text{font:11px monospace;text-anchor:middle;pointer-events:none}svg.graph .block text{font-size:10px}
 svg.graph .edge{fill:none;stroke:#999;stroke-width:1}
 svg.graph .node rect{stroke:#666;stroke-width:1;cursor:pointer}
 svg.graph .node.added rect{stroke:#d00;stroke-width:3}svg.graph .node.changed rect{stroke:#06c;stroke-width:3;stroke-dasharray:4 2}
@@ -689,10 +689,13 @@ if(mode==='screenshot'){  // the README's picture: a graph's timeline, then the 
       if(e!==sec&&e.tagName!=='H1')e.style.display='none';});
     sec.querySelectorAll('.part.layers,.part.kernels,.part.stages').forEach(function(e){e.style.display='none';});
     sec.appendChild(st);
-    st.querySelectorAll('details').forEach(function(d){d.open=false;});st.querySelector('.svgwrap').style.maxHeight='330px';
+    st.querySelectorAll('details').forEach(function(d){d.open=false;});st.querySelector('.svgwrap').style.maxHeight='250px';
     changed.dispatchEvent(new MouseEvent('click',{bubbles:true}));
-    var op=st.querySelector('.block-view:not([hidden]) .node.k-lowbit');
-    if(op)op.dispatchEvent(new MouseEvent('click',{bubbles:true}));window.scrollTo(0,0);}}
+    var view=st.querySelector('.block-view:not([hidden])'),op=view&&(view.querySelector('.node.k-lowbit.added')||view.querySelector('.node.k-lowbit'));
+    if(op){op.dispatchEvent(new MouseEvent('click',{bubbles:true}));var r=op.querySelector('rect');
+      view.scrollLeft=Math.max(0,+r.getAttribute('x')-view.clientWidth/2);view.scrollTop=Math.max(0,+r.getAttribute('y')-60);
+      panel.style.left='8px';panel.style.right='auto';panel.style.width='360px';}
+    window.scrollTo(0,0);}}
 }catch(e){errors.push(String(e&&e.stack||e));}
 mark();
 })();
