@@ -111,8 +111,7 @@ def kind_of(node: dict[str, Any]) -> str:
         return "io"
     if node["op"] == "get_attr":
         return "param"  # not drawn: the details of the nodes that read it list it
-    if "lowbit" in target or "lowbit" in node.get("lowbit", {}).get("weight_quant", {}).get("format", "") \
-            or node.get("lowbit", {}).get("weight_quant"):
+    if "lowbit" in target or "weight_quant" in node.get("lowbit", {}):  # a lowbit:: op, or bound to its kernel
         return "lowbit"
     if "norm" in target:
         return "norm"

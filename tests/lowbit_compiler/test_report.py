@@ -18,7 +18,7 @@ import subprocess
 import pytest
 import torch
 
-from lowbit_compiler import report
+from lowbit_compiler import PRESETS, report
 from lowbit_compiler.cli import main as cli_main
 from tests.conftest import make_model, prompt
 
@@ -189,3 +189,24 @@ def test_report_renders_in_chromium(triton_dump, tmp_path):
     shot = tmp_path / "report.png"
     _browser(chromium, "--window-size=1280,900", f"--screenshot={shot}", url + "?screenshot")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(PRESETS))
+def test_report_of_every_preset(recipe, tmp_path):
+    """Every preset's dump (tiny Llama, calibration for the data-driven ones) makes a report whose
+    rows and pictures are what its summaries hold, and which renders without script errors."""
+    calibration = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        torch.compile(make_model("llama"), backend="lowbit", options={
+            "recipe": recipe, "dump_dir": str(tmp_path / "d"), "calibration": calibration, "progress": False})(calibration[0])
+    page, counts = report.write_report(str(tmp_path / "d"), str(tmp_path / "r.html"))
+    summaries = [json.load(open(p)) for p in glob.glob(str(tmp_path / "d" / "run_*" / "graph_*" / "summary.json"))]
+    assert counts["layer_rows"] == sum(len(s["layers"]) for s in summaries) > 0
+    assert counts["stage_svgs"] == len(glob.glob(str(tmp_path / "d" / "run_*" / "graph_*" / "[0-9][0-9]_*.py")))
+    assert counts["stage_svgs"] == sum(len(s["passes"]) + 2 for s in summaries)  # captured + passes + lowered
+    html_text = open(page).read()
+    assert html_text.count('<tr class="pass-row"') == sum(len(s["passes"]) for s in summaries)
+    if shutil.which("chromium"):
+        dom = _browser(shutil.which("chromium"), "--dump-dom", "file://" + page + "?selftest").stdout
+        assert 'data-rendered="ok"' in dom and 'data-selftest="ok"' in dom
