@@ -2,7 +2,7 @@
 
     python benchmarks/report_size.py                    # random Llama like decode_cpu.py's model
                                                         # (hidden 2048, 8 layers, 0.49B parameters)
-    python benchmarks/report_size.py --layers 24        # as many blocks as Qwen2.5-0.5B
+    python benchmarks/report_size.py --layers 24 --hidden 512   # as many blocks as Qwen2.5-0.5B
     python benchmarks/report_size.py --model ../shared/models/byte-llama-stdlib --recipe w4a4-rot \\
         --screenshot docs/img/report.png                # the README's screenshot
 
@@ -63,12 +63,12 @@ def model_and_prompt(args: argparse.Namespace):
         text = open(os.path.join(os.path.dirname(os.__file__), "textwrap.py"), "rb").read()[: args.prompt]
         return model, torch.tensor([list(text)]), os.path.basename(os.path.normpath(args.model))
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers, num_attention_heads=16,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     params = sum(p.numel() for p in model.parameters())
-    return model, ids, f"random Llama hidden 2048, {args.layers} layers ({params / 1e9:.2f}B parameters)"
+    return model, ids, f"random Llama hidden {args.hidden}, {args.layers} layers ({params / 1e9:.2f}B parameters)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a local Hugging Face causal LM (default: random Llama)")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048, help="random Llama: hidden size (intermediate 2.75x); the "
+                        "report's size does not depend on it")
     parser.add_argument("--recipe", default="w4a16")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

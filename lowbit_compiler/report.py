@@ -127,8 +127,9 @@ def kind_of(node: dict[str, Any]) -> str:
 
 def assign_blocks(nodes: list[dict[str, Any]]) -> dict[str, str | None]:
     """Block of every node (``model.layers.3``) from its module FQN, the module list most nodes
-    belong to winning (as the calibration engine finds blocks); nodes without a module (inserted by
-    a pass) take the block of the node before them while that block continues after them."""
+    belong to winning (as the calibration engine finds blocks); a node whose module names no block
+    (inserted by a pass, or a plain function such as ``apply_rotary_pos_emb``) joins the block of the
+    nodes around it when the nearest such nodes before and after it are in the same block."""
     votes: dict[str, int] = {}
     found = {}
     for n in nodes:
@@ -142,11 +143,10 @@ def assign_blocks(nodes: list[dict[str, Any]]) -> dict[str, str | None]:
     direct = {name: (b[1] if b and b[0] == prefix else None) for name, b in found.items()}
     out: dict[str, str | None] = {}
     names = [n["name"] for n in nodes if n["op"] not in ("placeholder", "get_attr", "output")]
-    # a node without a module sits inside a block when the nearest moduled nodes on both sides agree
     before: str | None = None
     known_before: dict[str, str | None] = {}
     for name in names:
-        if nodes and found[name] is not None:
+        if found[name] is not None:
             before = direct[name]
         known_before[name] = before
     after: str | None = None
@@ -370,6 +370,7 @@ def layer_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         shape = (f"{d['experts']}x" if d.get("experts") else "") + f"{d.get('in_features', '?')}x{d.get('out_features', '?')}"
         outliers = d.get("outliers") or 0
         rows.append({"layer": fqn, "format": d.get("format", "?"), "shape": shape, "bits": d.get("bits_per_weight"),
+                     "elements": elements,
                      "before": d.get("bytes_before"), "after": d.get("bytes_after"),
                      "weight_sqnr": d.get("weight_sqnr_db"), "output_sqnr": d.get("output_sqnr_db"),
                      "sparsity": outliers / elements if outliers and elements else None,
@@ -399,7 +400,7 @@ def layers_table(summary: dict[str, Any]) -> str:
     out.append("</tbody><tfoot>")
     if after:
         out.append(f'<tr><td>quantized layers ({len(quantized)})</td><td></td><td></td>'
-                   f"<td>{8 * after / max(before / 4, 1):.3f}</td><td>{before}</td><td>{after}</td>"
+                   f"<td>{8 * after / max(sum(r['elements'] for r in quantized), 1):.3f}</td><td>{before}</td><td>{after}</td>"
                    f'<td colspan="5">{before / after:.2f}x smaller</td></tr>')
     totals = (summary.get("coverage") or {}).get("totals") or {}
     if totals.get("bytes_after"):
