@@ -451,9 +451,16 @@ def timeline(summary: dict[str, Any]) -> str:
                    f'<title>{_esc(p["name"])}: {p["seconds"] * 1e3:.1f} ms</title></rect>')
         x += w
     bar.append("</svg>")
+    skipped: dict[str, list[tuple[str, str]]] = {}  # pass -> the nodes it left alone (ir.SKIPPED), last stage
+    last = next((st["nodes"] for st in reversed(summary.get("stages") or []) if st["nodes"]), [])
+    for n in last:
+        skip = (n.get("lowbit") or {}).get("skipped")
+        if isinstance(skip, dict) and skip.get("pass_name"):
+            skipped.setdefault(skip["pass_name"], []).append((n.get("module") or n["name"], skip.get("reason", "")))
     rows = []
     for i, p in enumerate(passes):
         refused = _refusals(p.get("details") or {})
+        refused += [(w, r) for w, r in skipped.get(p["name"], []) if (w, r) not in refused]
         ref = "".join(f"<li><b>{_esc(w)}</b>: {_esc(r)}</li>" for w, r in refused[:50])
         more = f"<li>... {len(refused) - 50} more in summary.json</li>" if len(refused) > 50 else ""
         rows.append(f'<tr class="pass-row"><td><span class="swatch" style="background:hsl({(i * 67) % 360},55%,70%)">'

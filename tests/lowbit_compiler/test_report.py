@@ -91,6 +91,23 @@ def test_node_kinds_and_source_lines(triton_dump):
     assert blocks[[n for n in kinds["lowbit"] if n["module"] == "lm_head"][0]["name"]] is None
 
 
+def test_timeline_lists_what_a_pass_left_alone_and_why(tmp_path):
+    """Layers excluded by the recipe: the pass's refusals name them with the reason, and the layer
+    table shows them float with it."""
+    from lowbit_compiler import PRESETS as presets
+
+    recipe = presets["w8a16"].replace(exclude=("lm_head", "*.mlp.down_proj"))
+    with torch.no_grad():
+        torch.compile(make_model("llama"), backend="lowbit", options={"recipe": recipe, "dump_dir": str(tmp_path)})(prompt())
+    page, _ = report.write_report(str(tmp_path), str(tmp_path / "r.html"))
+    text = open(page).read()
+    row = re.search(r'<tr class="pass-row">.*?insert_weight_quant.*?</tr>', text, re.S).group(0)
+    assert re.search(r"</td><td>3<details>", row)  # lm_head and two down_proj
+    for layer in ("lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"):
+        assert f"<li><b>{layer}</b>: excluded by the recipe" in row
+        assert re.search(rf'<tr class="layer-row float"><td>{re.escape(layer)}</td>(?:(?!</tr>).)*excluded by', text)
+
+
 def test_layered_layout_puts_edges_downward_without_overlap():
     units = ["a", "b", "c", "d", "e", "f"]
     edges = [("a", "c"), ("b", "d"), ("a", "e"), ("c", "e"), ("d", "f"), ("b", "f")]
