@@ -565,7 +565,7 @@ def _stages_html(g: dict[str, Any], gid: str, details: dict[str, Any]) -> str:
         change = (f'{counts["added"]} nodes added, {counts["changed"]} changed, {len(removed)} removed'
                   if previous is not None else f"{len(node_data)} nodes")
         sub = "".join(f'<div class="block-view" data-block="{_esc(b)}" hidden><h5>{_esc(b)} '
-                      f'<button class="collapse">collapse</button></h5>{graph_svg(nodes, status, sid, b, blocks)}</div>'
+                      f'<button class="collapse">collapse</button></h5><template>{graph_svg(nodes, status, sid, b, blocks)}</template></div>'
                       for b in block_names)
         last = stage is g["stages"][-1]
         code = (f'<details><summary>code</summary><pre>{_esc(stage["code"] or "")}</pre></details>'
@@ -652,13 +652,15 @@ function show(stage,name,g){
   if(d.source)text+='source: '+d.source+'\n';text+='inputs: '+d.inputs.join(', ')+'\n';
   text+='node.meta["lowbit"]: '+(d.lowbit?JSON.stringify(d.lowbit,null,1):'(none)');
   panel.textContent=text;panel.hidden=false;}
-document.querySelectorAll('svg.graph .node').forEach(function(g){
-  g.addEventListener('click',function(){
-    var stage=g.getAttribute('data-stage');
-    if(g.classList.contains('block')){
-      var v=document.querySelector('.stage[data-stage="'+stage+'"] .block-view[data-block="'+g.getAttribute('data-block')+'"]');
-      if(v){v.hidden=!v.hidden;if(!v.hidden&&mode!=='screenshot')v.scrollIntoView({block:'nearest'});}
-    }else show(stage,g.getAttribute('data-node'),g);});});
+document.addEventListener('click',function(e){  // one listener: block pictures are filled in on first expand
+  var g=e.target.closest?e.target.closest('svg.graph .node'):null;if(!g)return;
+  var stage=g.getAttribute('data-stage');
+  if(g.classList.contains('block')){
+    var v=document.querySelector('.stage[data-stage="'+stage+'"] .block-view[data-block="'+g.getAttribute('data-block')+'"]');
+    if(!v)return;var tpl=v.querySelector('template');
+    if(tpl){v.appendChild(tpl.content.cloneNode(true));tpl.remove();}
+    v.hidden=!v.hidden;if(!v.hidden&&mode!=='screenshot')v.scrollIntoView({block:'nearest'});
+  }else show(stage,g.getAttribute('data-node'),g);});
 document.querySelectorAll('button.collapse').forEach(function(b){b.addEventListener('click',function(){b.closest('.block-view').hidden=true;});});
 document.getElementById('panel-close').addEventListener('click',function(){panel.hidden=true;});
 document.querySelectorAll('table.sortable').forEach(function(t){
