@@ -124,7 +124,7 @@ def accuracy_svg(result: dict[str, Any], width: int = 900, height: int = 540) ->
 
 def decode_svg(result: dict[str, Any], width: int = 760) -> str:
     rows = result["rows"]
-    bar_h, left, right, top = 24, 130, 90, 44
+    bar_h, left, right, top = 24, 130, 140, 44
     height = top + len(rows) * (bar_h + 8) + 34
     worst = max(r["ms_per_token"] for r in rows) or 1.0
     pw = width - left - right
