@@ -55,12 +55,12 @@ def _graph_folder(directory: str) -> dict[str, Any]:
         stages.append({"index": int(m.group(1)), "name": m.group(2), "code": _read(os.path.join(directory, name)),
                        "diff": _read(os.path.join(directory, stem + ".diff")),
                        "nodes": json.loads(nodes)["nodes"] if nodes else None})
-    kernels = {}
+    kernels = {}  # kernels/<name>.py (generated Triton) and kernels/<name>.c (generated CPU C), by file name
     kdir = os.path.join(directory, "kernels")
     if os.path.isdir(kdir):
         for name in sorted(os.listdir(kdir)):
-            if name.endswith(".py"):
-                kernels[name[:-3]] = _read(os.path.join(kdir, name))
+            if name.endswith((".py", ".c")):
+                kernels[name] = _read(os.path.join(kdir, name))
     return {"stages": stages, "kernel_sources": kernels}
 
 
@@ -487,8 +487,8 @@ def kernels_table(summary: dict[str, Any], gid: str) -> str:
             ops = [o for o in r.get("fused_ops", []) if o != "wo_linear"]
             regs = f"{gpu['registers']}/{gpu['spill_bytes']}" if gpu else "–"
             layers = r.get("layers") or [r.get("layer", "")]
-            source = (f'<a href="#src-{gid}-{_esc(r["kernel"])}">{_esc(r["kernel"])}.py</a>'
-                      if r.get("kernel") in summary.get("kernel_sources", {}) else "–")
+            source = (f'<a href="#src-{gid}-{_esc(r["kernel"])}.py">{_esc(r["kernel"])}.py</a>'
+                      if f'{r.get("kernel")}.py' in summary.get("kernel_sources", {}) else "–")
             out.append(f'<tr class="kernel-row"><td>{_esc(r["call"])}</td><td title="{_esc(" ".join(layers))}">'
                        f'{_esc(layers[0])}{f" (+{len(layers) - 1})" if len(layers) > 1 else ""}</td>'
                        f'<td>{_esc(r.get("variant", ""))}</td><td>{_esc(" ".join(ops) or "–")}</td>'
@@ -506,14 +506,16 @@ def kernels_table(summary: dict[str, Any], gid: str) -> str:
         out.append('<table class="impls"><thead><tr><th>lowbit op</th><th>runs on</th><th>calls</th><th>layers</th>'
                    "</tr></thead><tbody>")
         for (op, impl), where in grouped.items():
-            out.append(f'<tr class="impl-row"><td>{_esc(op)}</td><td>{_esc(impl)}</td><td>{len(where)}</td>'
+            links = "".join(f' <a href="#src-{gid}-{_esc(f)}">{_esc(f)}</a>' for f in summary.get("kernel_sources", {})
+                            if f.rsplit(".", 1)[0] in impl)  # a generated CPU kernel named in the text
+            out.append(f'<tr class="impl-row"><td>{_esc(op)}</td><td>{_esc(impl)}{links}</td><td>{len(where)}</td>'
                        f'<td>{_esc(", ".join(where[:6]))}{" ..." if len(where) > 6 else ""}</td></tr>')
         out.append("</tbody></table>")
     fallbacks = summary.get("fallbacks") or {}
     if fallbacks:
         out.append("<p class=\"warn\">fallbacks: " + _esc(", ".join(f"{k} x{v}" for k, v in fallbacks.items())) + "</p>")
     for name, source in summary.get("kernel_sources", {}).items():
-        out.append(f'<details class="source" id="src-{gid}-{_esc(name)}"><summary>kernels/{_esc(name)}.py</summary>'
+        out.append(f'<details class="source" id="src-{gid}-{_esc(name)}"><summary>kernels/{_esc(name)}</summary>'
                    f"<pre>{_esc(source)}</pre></details>")
     return "".join(out) or '<p class="none">No lowbit ops to run (nothing quantized, or the graph did not lower).</p>'
 

@@ -59,7 +59,7 @@ def test_report_holds_what_the_summary_holds(triton_dump, tmp_path, capsys):
     assert not re.search(r'(src|href)="(https?:)?//', page)
     # every generated kernel's source is in the page and its row links to it
     for name in {r["kernel"] for r in summary["generated_kernels"]}:
-        assert f'href="#src-g0-{name}"' in page and f'id="src-g0-{name}"' in page
+        assert f'href="#src-g0-{name}.py"' in page and f'id="src-g0-{name}.py"' in page
     # the quantizing stage: wo_linear nodes added, with their decision in the node data
     data = json.loads(re.search(r'<script type="application/json" id="node-data">(.*?)</script>', page, re.S).group(1))
     quant_stage = data["stages"]["g0-s2"]
@@ -153,6 +153,16 @@ def test_report_of_a_dump_from_before_stage_json(triton_dump, tmp_path):
     page = (tmp_path / "o.html").read_text()
     assert counts["stage_svgs"] == 0 and counts["layer_rows"] == 15
     assert "a dump from before graph pictures" in page and '<pre class="diff">' in page
+
+
+def test_a_generated_cpu_kernel_named_by_an_implementation_links_to_its_c_source():
+    """Dumps from main's CPU code generator write kernels/<name>.c; the op's row links to it."""
+    summary = {"implementations": [{"op": "lowbit::wo_linear", "layer": "m.l0", "node": "n",
+                                    "implementation": "generated C kernel lowbit_cpu_int4 (M <= 16 rows), else packed"}],
+               "kernel_sources": {"lowbit_cpu_int4.c": "void f(void) {}", "other.c": "void g(void) {}"}}
+    html_text = report.kernels_table(summary, "g0")
+    assert html_text.count('<a href="#src-g0-lowbit_cpu_int4.c">') == 1 and 'href="#src-g0-other.c"' not in html_text
+    assert 'id="src-g0-lowbit_cpu_int4.c"' in html_text and "void f(void) {}" in html_text
 
 
 def test_report_on_nothing_fails_clearly(tmp_path, capsys):
