@@ -2,7 +2,12 @@
 
     python benchmarks/accuracy.py MODEL_DIR [--recipes w8a16 w4a16 ...] [--text FILE]
                                   [--seq-len 256] [--calib-seqs 8] [--eval-seqs 16]
-                                  [--json benchmarks/results/accuracy_<model>.json]
+                                  [--json benchmarks/results/accuracy_<model>.json] [--plot [SVG]]
+    python benchmarks/accuracy.py --from-json benchmarks/results/accuracy_<model>.json --plot [SVG]
+
+``--plot`` also draws bits per weight against the accuracy loss of every recipe, the Pareto front
+marked (``benchmarks/plots.py``; default ``benchmarks/results/accuracy_<model>.svg``); with
+``--from-json`` it plots an earlier run without measuring again.
 
 Per recipe (each on a fresh copy of the model, through ``lowbit_compiler.compress``):
 
@@ -276,7 +281,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir")
+    parser.add_argument("model_dir", nargs="?", help="the model (not needed with --from-json)")
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
     parser.add_argument("--text", default=None)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -285,7 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--reference", action="store_true",
                         help="also run llm-compressor on the recipes it implements (needs llmcompressor)")
+    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="SVG",
+                        help="draw bits/weight against accuracy loss (default benchmarks/results/accuracy_<model>.svg)")
+    parser.add_argument("--from-json", default=None, help="plot (and print) this earlier result instead of measuring")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        print(table(result))
+        plot(result, args.plot if args.plot is not None else "")
+        return 0
+    if args.model_dir is None:
+        parser.error("model_dir is required (or --from-json with an earlier result)")
     if args.reference and importlib.util.find_spec("llmcompressor") is None:
         raise SystemExit("--reference needs llm-compressor in this environment "
                          "(see benchmarks/gptq_reference.py for a virtual environment that has it)")
@@ -298,7 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2, default=str)
+    if args.plot is not None:
+        plot(result, args.plot)
     return 0
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """The SVG of bits/weight against accuracy loss (``path`` "": next to the results JSON)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from plots import accuracy_svg
+
+    path = path or os.path.join("benchmarks", "results",
+                                f"accuracy_{os.path.basename(os.path.normpath(result['model']))}.svg")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(accuracy_svg(result))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ hits all alike. Reported: median ms per token, speedup against eager fp32 and ea
 fraction of the memory-bandwidth floor (bytes that must be read per token / read bandwidth
 measured in this run, divided by the measured time).
 
-    python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--json benchmarks/results/decode_cpu.json]
+    python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--json benchmarks/results/decode_cpu.json] [--plot [SVG]]
+    python benchmarks/decode_cpu.py --from-json benchmarks/results/decode_cpu.json --plot [SVG]   (plot only)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -80,7 +82,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--json", default="benchmarks/results/decode_cpu.json")
+    parser.add_argument("--plot", nargs="?", const="benchmarks/results/decode_cpu.svg", default=None, metavar="SVG",
+                        help="also draw ms/token per contender (default benchmarks/results/decode_cpu.svg)")
+    parser.add_argument("--from-json", default=None, help="only plot this earlier result (with --plot)")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            plot(json.load(f), args.plot or "benchmarks/results/decode_cpu.svg")
+        return
 
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64  # three compiled contenders share one forward
@@ -136,6 +145,19 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "read_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}, f, indent=2)
+    if args.plot:
+        plot({"config": vars(args), "read_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}, args.plot)
+
+
+def plot(result: dict, path: str) -> None:
+    """ms/token per contender as an SVG (benchmarks/plots.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import decode_svg
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(decode_svg(result))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     lowbit inspect DUMP_DIR     per graph: passes (time, matches), layers (format, bits, bytes, SQNR),
                                 kernels and fallbacks, read from the dumps' summary.json files
     lowbit inspect CHECKPOINT   the same per-layer table for a saved compressed model
+    lowbit inspect PATH --json  the same as JSON, for scripts: {"source", "kind", "graphs": [summary]}
+    lowbit report PATH [-o report.html]
+                                one self-contained HTML page of a dump or checkpoint: pipeline
+                                timeline, every stage's graph as a picture, layers, kernels, diffs
     lowbit export CHECKPOINT --format {compressed-tensors,gguf} OUT
                                 a saved compressed model written for vLLM or llama.cpp
     lowbit recipes              the preset recipes and registered passes
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -234,12 +239,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit_compiler import checkpoint
 
     if checkpoint.is_checkpoint(args.dump_dir):  # a saved compressed model: its per-layer table
-        print(format_summary(checkpoint.inspect_summary(args.dump_dir)))
+        summary = checkpoint.inspect_summary(args.dump_dir)
+        if args.json:
+            print(json.dumps({"source": args.dump_dir, "kind": "checkpoint", "graphs": [summary]}, indent=1, default=str))
+        else:
+            print(format_summary(summary))
         return 0
     summaries = load_summaries(args.dump_dir)
     if not summaries:
         print(f"lowbit inspect: no summary.json under {args.dump_dir}", file=sys.stderr)
         return 1
+    if args.json:  # the summaries as they are on disk, with "graph" and "run" (see dump.load_summaries)
+        print(json.dumps({"source": args.dump_dir, "kind": "dump", "graphs": summaries}, indent=1, default=str))
+        return 0
     blocks, current = [], object()
     for s in summaries:
         run = s.get("run")
@@ -253,6 +265,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     failed = sum(1 for s in summaries if s.get("error") or "incomplete" in s)
     if failed:
         print(f"\n{failed} of {len(summaries)} graph(s) did not compile (see above)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lowbit_compiler.report import write_report
+
+    try:
+        out, counts = write_report(args.path, args.output)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({os.path.getsize(out)} bytes): {counts['graphs']} graph(s), {counts['layer_rows']} layer rows, "
+          f"{counts['kernel_rows']} generated kernel rows, {counts['stage_svgs']} stage graphs")
     return 0
 
 
@@ -300,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print what a dump directory says happened")
     p.add_argument("dump_dir")
+    p.add_argument("--json", action="store_true", help="print the summaries as JSON (for scripts) instead of tables")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("report", help="write one self-contained HTML page of a dump directory or checkpoint")
+    p.add_argument("path", help="a dump directory, a run or graph folder in it, or a saved checkpoint")
+    p.add_argument("-o", "--output", default=None, help="the HTML file to write (default report.html)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("export", help="write a saved lowbit checkpoint for vLLM (compressed-tensors) or llama.cpp (GGUF)")
     p.add_argument("checkpoint", help="a directory written by save_pretrained of a compressed model")
     p.add_argument("--format", required=True, choices=("compressed-tensors", "gguf"))

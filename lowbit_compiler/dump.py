@@ -9,6 +9,9 @@ compiled graph inside it::
             00_captured.py           the IR right after capture (parameters as FQN get_attrs)
             01_canonicalize.py       the graph after each pass, as readable code ...
             01_canonicalize.diff     ... with a unified diff to the stage before
+            01_canonicalize.json     ... and its nodes as data (``graph_record``: op, target, inputs,
+                                     module, shape, source line, node.meta["lowbit"]) for
+                                     ``lowbit report``; dumps without these still read
             ..
             NN_lowered.py/.diff      the graph that runs (each lowbit op bound to its kernel)
             summary.json             recipe, pass times and match counts, per-layer decisions,
@@ -22,10 +25,12 @@ folder: each takes the next free ``run_<NNN>``. The directory comes from
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -46,6 +51,81 @@ def resolve_dump_dir(option: str | os.PathLike | None) -> str | None:
 def graph_code(gm: fx.GraphModule) -> str:
     code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
     return re.sub(r" +$", "", code, flags=re.M)
+
+
+def _plain(value: Any) -> Any:
+    """A node.meta["lowbit"] spec (frozen dataclasses, WeightFormat, tuples) as JSON data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _target(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", None)
+    if name is None:
+        return str(target)
+    return f"{module}.{name}" if module and not module.startswith("torch._ops") else str(target)
+
+
+def _source_line(node: fx.Node) -> str | None:
+    """The user's source line that produced ``node`` (Dynamo's stack trace, innermost frame)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [line.strip() for line in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            where = re.sub(r"File \"[^\"]*?(site-packages/|/work/[^/]+/)", "File \"", lines[i])
+            return f"{where}: {code}" if code else where
+    return lines[-1]
+
+
+def _shape(node: fx.Node) -> str | None:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return None
+    return f"{str(getattr(value, 'dtype', '')).replace('torch.', '')}[{', '.join(str(d) for d in shape)}]"
+
+
+def graph_record(gm: fx.GraphModule) -> dict[str, Any]:
+    """One stage's nodes as data, for ``lowbit report`` (the picture of the graph, what each pass
+    added or changed, and what it decided per node)::
+
+        {"nodes": [{"name", "op", "target", "inputs": [node names], "module": FQN | None,
+                    "shape": "float32[1, 9, 256]" | None, "source": "File ..., line N, in forward: code",
+                    "lowbit": {key: spec as data}}]}
+    """
+    from lowbit_compiler import ir
+
+    nodes = []
+    for node in gm.graph.nodes:
+        module = ir.get(node, ir.MODULE)
+        param = ir.get(node, ir.PARAM) if node.op == "get_attr" else None
+        record = {"name": node.name, "op": node.op, "target": _target(node),
+                  "inputs": [n.name for n in node.all_input_nodes],
+                  "module": module.fqn if module is not None else (param.fqn if param is not None else None)}
+        for key, value in (("shape", _shape(node)), ("source", _source_line(node))):
+            if value:
+                record[key] = value
+        meta = node.meta.get(ir.META) or {}
+        if meta:
+            record["lowbit"] = {key: _plain(spec) for key, spec in meta.items()}
+        nodes.append(record)
+    return {"nodes": nodes}
 
 
 def _slug(text: str) -> str:
@@ -126,6 +206,8 @@ class DumpWriter:
                                         fromfile=self._previous_name + ".py", tofile=stem + ".py")
             with open(os.path.join(self.dir, stem + ".diff"), "w") as f:
                 f.writelines(diff)
+        with open(os.path.join(self.dir, stem + ".json"), "w") as f:
+            json.dump(graph_record(gm), f, separators=(",", ":"), default=str)
         self._previous, self._previous_name = code, stem
         self._stage += 1
 

@@ -24,8 +24,9 @@ def test_dump_has_every_stage_with_diffs_and_a_summary(tmp_path, capsys):
     graph_dir = tmp_path / "run_000-w4a16" / "graph_000"
     assert sorted(os.listdir(tmp_path / "run_000-w4a16")) == ["graph_000", "run.json"]
     assert sorted(os.listdir(graph_dir)) == [
-        "00_captured.py", "01_canonicalize.diff", "01_canonicalize.py", "02_insert_weight_quant.diff",
-        "02_insert_weight_quant.py", "03_lowered.diff", "03_lowered.py", "kernels", "summary.json"]
+        "00_captured.json", "00_captured.py", "01_canonicalize.diff", "01_canonicalize.json", "01_canonicalize.py",
+        "02_insert_weight_quant.diff", "02_insert_weight_quant.json", "02_insert_weight_quant.py", "03_lowered.diff",
+        "03_lowered.json", "03_lowered.py", "kernels", "summary.json"]
     # the generated CPU kernel's C source, beside where Triton kernels go
     assert os.listdir(graph_dir / "kernels") == ["lowbit_cpu_int4_g128_asym.c"]
     assert (graph_dir / "kernels" / "lowbit_cpu_int4_g128_asym.c").read_text() == cpu_codegen.source("int4_g128_asym")
