@@ -28,7 +28,7 @@ import contextlib
 import torch
 
 from lowbit_compiler.backends import cpu_codegen
-from lowbit_compiler.formats import WeightFormat, unpack_int4
+from lowbit_compiler.formats import CHUNK_ELEMENTS, WeightFormat, unpack_int4
 from lowbit_compiler.identity_cache import IdentityCache
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -102,19 +102,39 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
         packed = PackedWeight(fmt, qweight.contiguous(), scale.to(dtype), n, in_features, in_features,
                               (qweight, scale, zero))
     else:
-        q = unpack_int4(qweight).to(torch.int32)
-        kp = q.shape[1]
+        kp = qweight.shape[1] * 2
         np_ = (n + 15) // 16 * 16
         s = scale.float()
         z = torch.full_like(s, 8) if zero is None else zero.float()
         if np_ != n:  # zero rows: their outputs are sliced away
-            q = torch.nn.functional.pad(q, (0, 0, 0, np_ - n), value=8)
             s = torch.nn.functional.pad(s, (0, 0, 0, np_ - n))
             z = torch.nn.functional.pad(z, (0, 0, 0, np_ - n), value=8)
         scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        packed = PackedWeight(fmt, w, scales_and_zeros, n, in_features, kp, (qweight, scale, zero))
+        packed = PackedWeight(fmt, _int4pack_rows(qweight, np_), scales_and_zeros, n, in_features, kp,
+                              (qweight, scale, zero))
     return packed
+
+
+def _int4pack_rows(qweight: torch.Tensor, padded_n: int) -> torch.Tensor:
+    """torch's int4pack layout of packed int4 codes [N, Kp/2], padded with code-8 rows to
+    ``padded_n``. The converter wants int32 codes (4 bytes per weight: a 32000 x 2048 head would
+    need a 262 MB temporary), so it runs on slices of rows: a multiple of 64 rows per slice keeps
+    the layout's row blocks whole, so the result is the same bytes as converting at once."""
+    n, half = qweight.shape
+    rows = max(64, (CHUNK_ELEMENTS // max(2 * half, 1)) // 64 * 64)
+    out = None
+    for start in range(0, padded_n, rows):
+        stop = min(padded_n, start + rows)
+        q = unpack_int4(qweight[start:min(stop, n)]).to(torch.int32)
+        if q.shape[0] != stop - start:  # zero rows past N: their outputs are sliced away
+            q = torch.nn.functional.pad(q, (0, 0, 0, stop - start - q.shape[0]), value=8)
+        part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if start == 0 and stop == padded_n:
+            return part
+        if out is None:  # allocated once (pieces joined by torch.cat would fragment the heap)
+            out = part.new_empty((padded_n, *part.shape[1:]))
+        out[start:stop] = part
+    return out
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,

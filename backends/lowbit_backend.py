@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 
 import lowbit_compiler.ops  # noqa: F401  (registers lowbit:: ops before any graph uses them)
-from lowbit_compiler import _dynamo_adapter, ir, opdecl
+from lowbit_compiler import _dynamo_adapter, ir, memory, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import WeightFormat
@@ -152,6 +152,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
                        coverage=report.coverage, fallbacks=dict(ctx.fallbacks))
         where[0] = f"lowering (target {opts.target!r})"
         lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner, opts.autotune)
+        memory.release_freed()  # packing's temporaries
         dump.stage("lowered", ir_gm)
         run = ir_gm
         if opts.inner == "inductor":

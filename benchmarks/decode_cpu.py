@@ -3,9 +3,14 @@
 A Llama-style decoder with random weights (hidden 2048, intermediate 5632, 8 layers, 16 heads /
 4 KV heads, vocab 32000). Every contender decodes from its own DynamicCache after the same
 prefill; steps are interleaved (one step of each contender in turn) so that drift in machine speed
-hits all alike. Reported: median ms per token, speedup against eager fp32 and eager bf16, and the
+hits all alike. Reported: median ms per token, speedup against eager fp32 and eager bf16, the
 fraction of the memory-bandwidth floor (bytes that must be read per token / read bandwidth
-measured in this run, divided by the measured time).
+measured in this run, divided by the measured time), and compile + first token (the prompt and
+one decode step, the first time: for compiled contenders this includes compiling both graphs).
+
+Peers (``--no-peers`` leaves them out): ``torch.compile`` (Inductor) on the bf16 model, and
+torchao's int8 weight-only quantization + Inductor when torchao is installed (the ``bench``
+extra pins the version that works with torch 2.13).
 
     python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--json benchmarks/results/decode_cpu.json] [--plot [SVG]]
     python benchmarks/decode_cpu.py --from-json benchmarks/results/decode_cpu.json --plot [SVG]   (plot only)
@@ -63,9 +68,14 @@ class Contender:
         self.next_token = None
 
     def prefill(self, ids: torch.Tensor) -> None:
+        """The prompt, then one decode step; ``first_s`` is their time: for a compiled contender,
+        compile (prefill and decode graphs) + first token."""
+        start = time.perf_counter()
         self.cache = DynamicCache()
         out = self.call(input_ids=ids, cache=self.cache, use_cache=True)
         self.next_token = out.logits[:, -1:].argmax(-1)
+        self.step(record=False)
+        self.first_s = time.perf_counter() - start
 
     def step(self, record: bool) -> None:
         start = time.perf_counter()
@@ -85,6 +95,7 @@ def main() -> None:
     parser.add_argument("--plot", nargs="?", const="benchmarks/results/decode_cpu.svg", default=None, metavar="SVG",
                         help="also draw ms/token per contender (default benchmarks/results/decode_cpu.svg)")
     parser.add_argument("--from-json", default=None, help="only plot this earlier result (with --plot)")
+    parser.add_argument("--no-peers", action="store_true", help="leave out Inductor and torchao")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -104,6 +115,22 @@ def main() -> None:
         Contender("eager fp32", fp32, fp32, linear_bytes(fp32, 4)),
         Contender("eager bf16", bf16, bf16, linear_bytes(bf16, 2)),
     ]
+    if not args.no_peers:
+        # the peers a user would pick: Inductor on the bf16 model, and torchao's int8 weight-only
+        # quantization + Inductor (pip install -e '.[bench]')
+        contenders.append(Contender("Inductor bf16", bf16, torch.compile(bf16), linear_bytes(bf16, 2)))
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            print("torchao is not installed (pip install -e '.[bench]'): its contender is left out")
+        else:
+            tao = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+            tao.load_state_dict(bf16.state_dict())
+            quantize_(tao, Int8WeightOnlyConfig())
+            # int8 codes + one bf16 scale per output channel
+            tao_bytes = sum(m.weight.shape[0] * (m.weight.shape[1] + 2) for m in bf16.modules()
+                            if isinstance(m, torch.nn.Linear))
+            contenders.append(Contender("torchao int8wo + Inductor", tao, torch.compile(tao), tao_bytes))
     dumps = tempfile.mkdtemp(prefix="lowbit-bench-")
     for recipe in ("none", "w8a16", "w4a16"):
         dump_dir = os.path.join(dumps, recipe)
@@ -117,7 +144,9 @@ def main() -> None:
         for step in range(args.warmup + args.steps):
             for c in contenders:
                 c.step(record=step >= args.warmup)
-    for c in contenders[2:]:
+    for c in contenders:
+        if not c.name.startswith("lowbit"):
+            continue
         recipe = c.name.split()[-1]
         c.bytes_per_token = (linear_bytes(fp32, 4) if recipe == "none"
                              else quantized_bytes(os.path.join(dumps, recipe), fp32))
@@ -132,15 +161,17 @@ def main() -> None:
                      "speedup_vs_eager_fp32": round(base["eager fp32"] / base[c.name], 2),
                      "speedup_vs_eager_bf16": round(base["eager bf16"] / base[c.name], 2),
                      "weight_MB_per_token": round(c.bytes_per_token / 1e6, 1),
-                     "bandwidth_floor_fraction": round(floor_ms / ms, 2)})
-    header = ["contender", "ms/token", "vs fp32", "vs bf16", "MB read/token", "of BW floor"]
+                     "bandwidth_floor_fraction": round(floor_ms / ms, 2),
+                     "compile_plus_first_token_s": round(c.first_s, 2)})
+    header = ["contender", "ms/token", "vs fp32", "vs bf16", "MB read/token", "of BW floor", "compile + first token"]
     print(f"decode, batch 1, {args.layers} layers, prompt {args.prompt}, median of {args.steps} steps; "
           f"threads={torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['contender']} | {r['ms_per_token']:.1f} | {r['speedup_vs_eager_fp32']:.2f}x | "
-              f"{r['speedup_vs_eager_bf16']:.2f}x | {r['weight_MB_per_token']:.0f} | {r['bandwidth_floor_fraction']:.2f} |")
+              f"{r['speedup_vs_eager_bf16']:.2f}x | {r['weight_MB_per_token']:.0f} | {r['bandwidth_floor_fraction']:.2f} | "
+              f"{r['compile_plus_first_token_s']:.1f} s |")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -32,7 +32,7 @@ _register_with_transformers()
 
 __all__ = [
     "FormatError", "LowbitError", "PRESETS", "Pass", "PassContext", "PassResult", "PatternRule", "Recipe",
-    "WeightFormat", "apply_rules", "backend", "compile", "compress", "fallback_counter", "get_recipe", "load",
+    "WeightFormat", "apply_rules", "backend", "compile", "compress", "drop_float_weights", "fallback_counter", "get_recipe", "load",
     "load_recipe", "register_pass", "registered_passes", "replace_pattern", "save",
 ]
 
@@ -56,6 +56,14 @@ def compress(model, recipe, calibration=None, example_inputs=None, **options):
     from lowbit_compiler.offline import compress as _compress
 
     return _compress(model, recipe, calibration=calibration, example_inputs=example_inputs, **options)
+
+
+def drop_float_weights(model):
+    """Free the float weights ``torch.compile(model, backend="lowbit")`` quantized, when the eager
+    model is no longer needed (``lowbit_compiler.memory.drop_float_weights``)."""
+    from lowbit_compiler.memory import drop_float_weights as _drop
+
+    return _drop(model)
 
 
 def backend(**options):

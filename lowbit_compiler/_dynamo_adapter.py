@@ -106,6 +106,21 @@ def torch_compile_call(max_depth: int = 6) -> Any | None:
     return None
 
 
+def forget_backend(fn: Any) -> None:
+    """Drop Dynamo's global reference to a backend function: every ``torch.compile(backend=fn)``
+    keeps its backend (through the ``_TorchCompileWrapper``) in ``eval_frame.cached_backends`` until
+    ``torch._dynamo.reset()``, and with it everything the function's closure holds (``compress``'s
+    captured graphs hold the model's float weights: they would never be freed)."""
+    from torch._dynamo import eval_frame
+
+    cached = getattr(eval_frame, "cached_backends", None)
+    if not isinstance(cached, dict):
+        return
+    for key, backend in list(cached.items()):
+        if backend is fn or getattr(backend, "compiler_fn", None) is fn:
+            del cached[key]
+
+
 def backend_error(error: BaseException) -> BaseException | None:
     """The exception a backend raised, from Dynamo's ``BackendCompilerFailed`` wrapper (None when
     ``error`` is something else)."""

@@ -330,11 +330,47 @@ def _e4m3(x: torch.Tensor) -> torch.Tensor:
 # Quantize / dequantize
 # ---------------------------------------------------------------------------------------------
 
+# Elements per slice of rows that quantize / sqnr_db / weight_sqnr_db work on at a time: their
+# float32/float64 temporaries stay a few MB whatever the weight's size (a 32000 x 2048 head in one
+# piece would need several full-size float64 copies: 2.6 GB). Rows are independent in every format
+# (nvfp4's one per-tensor scale is computed over the whole weight first), so slicing changes no bit.
+CHUNK_ELEMENTS = 1 << 19
+
+
+def row_chunks(n: int, k: int, chunk_elements: int = CHUNK_ELEMENTS):
+    """(start, stop) row ranges of about ``chunk_elements`` elements each."""
+    rows = max(1, chunk_elements // max(k, 1))
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
 def quantize(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
     """Round-to-nearest quantization of a [N, K] weight (computed in float32; float64 for the
-    table formats). Never produces NaN/Inf: all-zero groups get a tiny positive scale."""
+    table formats). Never produces NaN/Inf: all-zero groups get a tiny positive scale.
+
+    Works on slices of rows (:data:`CHUNK_ELEMENTS`), so its temporaries stay small; the result is
+    the same bits as quantizing the whole weight at once."""
     if fmt.kind == "sparse":
         return fmt.quantize(w)
+    n, k = w.shape
+    if n * k <= CHUNK_ELEMENTS or n == 1:
+        return _quantize_rows(w, fmt)
+    tensor_scale = None
+    if fmt.kind == "nvfp4":
+        tensor_scale = _nvfp4_tensor_scale(w.detach().abs().amax().float())
+    parts = [_quantize_rows(w[a:b], fmt, tensor_scale) for a, b in row_chunks(n, k)]
+    first = parts[0]
+    zero = None if first.zero is None else (
+        first.zero if fmt.kind == "nvfp4" else torch.cat([p.zero for p in parts]))
+    return QuantizedWeight(fmt, torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]), zero, k)
+
+
+def _nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    amax = amax.double()  # on w's device, no host round trip; float64 as a Python float was
+    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), 1.0).float().reshape(1)
+
+
+def _quantize_rows(w: torch.Tensor, fmt: WeightFormat, tensor_scale: torch.Tensor | None = None) -> QuantizedWeight:
     n, k = w.shape
     w = w.detach().float()
     if fmt.kind == "int" and fmt.bits == 8:
@@ -373,8 +409,7 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
         scale = (exp + 127).to(torch.uint8)
         q = e2m1_encode(wg.double() / torch.exp2(exp)[..., None])
     else:  # nvfp4: e4m3 block scales under an fp32 per-tensor scale
-        amax = w.abs().amax().double()  # on w's device, no host round trip; float64 as a Python float was
-        zero = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), 1.0).float().reshape(1)
+        zero = tensor_scale if tensor_scale is not None else _nvfp4_tensor_scale(w.abs().amax())
         scale = _e4m3(absmax / E2M1_MAX / zero)
         block = scale.double() * zero.double()
         block = torch.where(block > 0, block, torch.ones_like(block))
@@ -414,9 +449,41 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (float64)."""
-    ref, err = reference.double(), (approx.double() - reference.double())
-    noise = err.pow(2).sum().item()
+    """Signal-to-quantization-noise ratio in dB (float64), over slices of the leading dimension
+    so that the float64 temporaries stay small (:data:`CHUNK_ELEMENTS`)."""
+    ref2 = reference.reshape(reference.shape[0], -1) if reference.dim() > 1 else reference.reshape(-1, 1)
+    app2 = approx.reshape(ref2.shape)
+    signal = noise = 0.0
+    for a, b in row_chunks(ref2.shape[0], ref2.shape[1]):
+        s, e = _sums(ref2[a:b], app2[a:b])
+        signal, noise = signal + s, noise + e
+    return _db(signal, noise)
+
+
+def weight_sqnr_db(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    """``sqnr_db(w, dequantize(qw))`` without a full-size dequantized copy: slice by slice of rows."""
+    return weights_sqnr_db([(w, qw)])
+
+
+def weights_sqnr_db(pairs: list[tuple[torch.Tensor, QuantizedWeight]]) -> float:
+    """The SQNR of several [N, K] weights together (stacked experts), each against its quantized form."""
+    signal = noise = 0.0
+    for w, qw in pairs:
+        n, k = w.shape
+        for a, b in row_chunks(n, k):
+            zero = None if qw.zero is None else (qw.zero if qw.format.kind == "nvfp4" else qw.zero[a:b])
+            approx = dequantize_parts(qw.format, qw.qweight[a:b], qw.scale[a:b], zero)[:, :k]
+            s, e = _sums(w[a:b], approx)
+            signal, noise = signal + s, noise + e
+    return _db(signal, noise)
+
+
+def _sums(reference: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    ref = reference.double()
+    return ref.pow(2).sum().item(), (approx.double() - ref).pow(2).sum().item()
+
+
+def _db(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
-    return 10 * math.log10(ref.pow(2).sum().item() / noise)
+    return 10 * math.log10(signal / noise)

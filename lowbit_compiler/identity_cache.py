@@ -44,5 +44,10 @@ class IdentityCache:
 
         self._entries[full_key] = (weakref.ref(owner, forget), owner._version, value)
 
+    def holds(self, owner: torch.Tensor) -> bool:
+        """Whether any live entry (owner alive, not edited in place since) belongs to ``owner``."""
+        return any(key[0] == id(owner) and entry[0]() is owner and entry[1] == owner._version
+                   for key, entry in self._entries.items())
+
     def __len__(self) -> int:
         return len(self._entries)

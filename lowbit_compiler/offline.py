@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import _dynamo_adapter, checkpoint, coverage, hadamard, ir, opdecl
+from lowbit_compiler import _dynamo_adapter, checkpoint, coverage, hadamard, ir, memory, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import Captured, capture
 from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
@@ -339,6 +339,7 @@ def _capture_each(model: torch.nn.Module, call: tuple[tuple[Any, ...], dict[str,
         raise
     finally:
         _dynamo_adapter.forget_compiled(model.forward)
+        _dynamo_adapter.forget_backend(backend)  # its closure holds the captured graphs (and float weights)
         model.train(was_training)
     if not graphs:
         raise LowbitError("compress: Dynamo did not hand the forward to the capture (a cached graph or the "
@@ -401,6 +402,8 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         from lowbit_compiler import hf
 
         hf.attach(model)  # model.save_pretrained(dir) writes a lowbit checkpoint
+    graphs.clear()
+    memory.release_freed()  # the float weights written over are gone: give their pages back
     return model
 
 

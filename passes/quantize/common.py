@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from lowbit_compiler import ir
-from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, dequantize, sqnr_db
+from lowbit_compiler.formats import QuantizedWeight, WeightFormat, check_layer, weight_sqnr_db, weights_sqnr_db
 from lowbit_compiler.identity_cache import IdentityCache
 from lowbit_compiler.pass_base import LowbitError, PassContext
 
@@ -121,8 +121,7 @@ def stack_experts(qws: list[QuantizedWeight]) -> QuantizedWeight:
 
 def experts_sqnr(site: ExpertSite, qws: list[QuantizedWeight]) -> float:
     """Weight SQNR over all experts together."""
-    ref = torch.stack([site.weight(e).float() for e in range(site.experts)])
-    return sqnr_db(ref, torch.stack([dequantize(q) for q in qws]))
+    return weights_sqnr_db([(site.weight(e), q) for e, q in enumerate(qws)])
 
 
 def replace_experts(gm: fx.GraphModule, ctx: PassContext, site: ExpertSite, qws: list[QuantizedWeight],
@@ -295,7 +294,7 @@ def replace_linear(gm: fx.GraphModule, ctx: PassContext, site: Site, qw: Quantiz
     parts = ir.linear_parts(node)
     n, k = site.shape
     if sqnr is None:
-        sqnr = sqnr_db(site.weight.float(), dequantize(qw))
+        sqnr = weight_sqnr_db(site.weight, qw)
     prefix = tensor_prefix(gm, layer)
     weight_fqn = parts.weight_node.target if parts.weight_node is not None else layer
     with gm.graph.inserting_before(node):

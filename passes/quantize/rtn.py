@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import ir, rounding as rounding_algorithms
-from lowbit_compiler.formats import QuantizedWeight, WeightFormat, dequantize, quantize, sqnr_db
+from lowbit_compiler import ir, memory, rounding as rounding_algorithms
+from lowbit_compiler.formats import QuantizedWeight, WeightFormat, quantize, weight_sqnr_db, weights_sqnr_db
 from lowbit_compiler.identity_cache import IdentityCache
 from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult, register_pass
 from lowbit_compiler.passes.quantize import common
@@ -59,7 +59,7 @@ def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat,
         w = param.detach().t() if transposed else param.detach()
         qw = (rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
               rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
-        return qw, sqnr_db(w.float(), dequantize(qw))
+        return qw, weight_sqnr_db(w, qw)
 
     return QUANT_CACHE.get_or_create(param, (transposed, fmt.key, rounding, tuple(sorted(options.items()))), make)
 
@@ -76,7 +76,7 @@ def quantize_experts(param: torch.Tensor, transposed: bool, fmt: WeightFormat, r
             qws.append(rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
                        rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
         ref = param.detach().transpose(1, 2) if transposed else param.detach()
-        return qws, sqnr_db(ref.float(), torch.stack([dequantize(q) for q in qws]))
+        return qws, weights_sqnr_db(list(zip(ref, qws)))
 
     return QUANT_CACHE.get_or_create(param, ("experts", transposed, fmt.key, rounding, tuple(sorted(options.items()))),
                                      make)
@@ -101,6 +101,7 @@ class QuantizeLinears(Pass):
         decisions, extra = self.quantize_sites(gm, ctx, sites)
         if decisions:
             common.drop_unused_attrs(gm)
+            memory.release_freed()  # the rounding's float temporaries (glibc keeps them in the heap)
         details = common.summary_details(self.name, decisions, len(sites), **extra,
                                          activation=ctx.recipe.activation or "float")
         return PassResult(bool(decisions), len(decisions), details)

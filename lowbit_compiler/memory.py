@@ -1,0 +1,84 @@
+"""Giving freed memory back to the operating system.
+
+Quantizing a model frees many float temporaries of a few MB each (``formats.CHUNK_ELEMENTS``).
+glibc's allocator keeps freed blocks below its mmap threshold (raised dynamically up to 32 MB as
+large blocks are freed) in the process heap, so the resident set stays high after the work is
+done, and the next allocations of other sizes (packed weights, activations) grow it further.
+:func:`release_freed` asks glibc to return free heap pages (``malloc_trim(0)``) once a batch of
+work is over: after a quantizing pass, after lowering, at the end of ``compress``. Elsewhere
+(another libc, macOS, Windows) it does nothing.
+
+:func:`drop_float_weights` frees the float weights a ``torch.compile(backend="lowbit")`` model no
+longer reads, for users who do not need the eager model any more.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from typing import Any
+
+import torch
+
+_TRIM = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        trim = None
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                trim = getattr(libc, "malloc_trim", None)
+            except OSError:
+                trim = None
+        _TRIM.append(trim)
+    return _TRIM[0]
+
+
+def release_freed() -> bool:
+    """Return the allocator's free heap pages to the OS; True when glibc's ``malloc_trim`` ran."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def drop_float_weights(model: torch.nn.Module) -> dict[str, Any]:
+    """Free the float storage of every parameter of ``model`` that ``torch.compile(model,
+    backend="lowbit")`` has quantized, for a user who no longer runs the model eagerly.
+
+    The compiled graphs read the quantized (and packed) copies only; the float weights stay in the
+    model for eager calls and recompiles. This releases their memory in place
+    (``untyped_storage().resize_(0)``): each parameter keeps its identity, shape and version, so
+    the compiled graphs, Dynamo's guards and recompiles for new shapes (which find the quantized
+    tensors in the cache by the parameter's identity) still work. Running the model eagerly, or a
+    recompile that must quantize again (another recipe), raises torch's storage error instead of
+    computing with missing weights. Parameters shared by several modules (tied embeddings) and
+    parameters nothing quantized are kept. Returns ``{"dropped": [FQN...], "bytes_freed": n,
+    "kept_tied": [FQN...]}``."""
+    from lowbit_compiler.passes.quantize import common
+    from lowbit_compiler.passes.quantize.rtn import QUANT_CACHE
+
+    owners: dict[int, list[str]] = {}
+    params: dict[int, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    report: dict[str, Any] = {"dropped": [], "bytes_freed": 0, "kept_tied": []}
+    for key, p in params.items():
+        if not (QUANT_CACHE.holds(p) or common.RESULTS.holds(p)):
+            continue
+        names = owners[key]
+        if len({n.rpartition(".")[0] for n in names}) > 1:
+            report["kept_tied"].append(names[0])
+            continue
+        storage = p.untyped_storage()
+        if storage.nbytes() == 0:
+            continue
+        report["bytes_freed"] += storage.nbytes()
+        storage.resize_(0)
+        report["dropped"].append(names[0])
+    release_freed()
+    return report

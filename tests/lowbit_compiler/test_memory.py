@@ -1,0 +1,114 @@
+"""Memory while compressing and compiling: peak resident memory against the float model's,
+the float weights actually freed, slice-wise quantization and packing that change no bit, and
+``drop_float_weights`` for compiled models."""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lowbit_compiler
+from lowbit_compiler import formats
+from lowbit_compiler.backends import cpu_kernels
+from lowbit_compiler.formats import WeightFormat, dequantize, pack_int4, quantize
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "memory_cpu.py")
+
+
+def _tiny(tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _peak(flow: str) -> dict:
+    """One flow of benchmarks/memory_cpu.py in its own process, on a ~240 MB float model (the
+    baseline, the runtime before the model is built, warmed by compressing a tiny model, is
+    measured in the same process)."""
+    cmd = [sys.executable, BENCH, "--child", flow, "--layers", "1", "--hidden", "1024", "--intermediate", "2816",
+           "--vocab", "24000", "--recipe", "w4a16", "--prompt", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS counters")
+def test_compress_peak_memory_within_a_quarter_of_the_float_model():
+    floaty, compressed = _peak("float"), _peak("compress")
+    float_above = floaty["peak_MB"] - floaty["baseline_MB"]
+    compress_above = compressed["peak_MB"] - compressed["baseline_MB"]
+    assert float_above > 150, floaty  # the model dominates what is measured
+    # 1.25x the float model, plus 64 MB for what tracing this model's forward costs (Dynamo)
+    assert compress_above <= 1.25 * float_above + 64, (floaty, compressed)
+    # afterwards: the quantized model's tensors (float embedding + int4 linears), not the float ones
+    assert compressed["model_tensors_MB"] < 0.5 * floaty["model_tensors_MB"]
+    assert compressed["end_MB"] - compressed["baseline_MB"] < compressed["model_tensors_MB"] + 64, (floaty, compressed)
+
+
+def test_compress_frees_the_float_weights_it_replaced():
+    model = _tiny()
+    old = weakref.ref(model.model.layers[0].mlp.up_proj.weight)
+    head = weakref.ref(model.lm_head.weight)
+    lowbit_compiler.compress(model, "w4a16", progress=False)
+    gc.collect()
+    # Dynamo keeps every torch.compile backend (and so compress's captured graphs) until reset
+    assert old() is None and head() is None
+
+
+FORMATS = ["int4_g32_asym", "int4_g32_sym", "int8", "int3_g32_asym", "nf4_g32", "mxfp4", "nvfp4", "fp8_e4m3"]
+
+
+@pytest.mark.parametrize("key", FORMATS)
+def test_quantize_in_row_slices_is_bit_identical(monkeypatch, key):
+    fmt = WeightFormat.parse(key)
+    torch.manual_seed(1)
+    w = torch.randn(100, 96) * torch.logspace(-2, 1, 100)[:, None]
+    whole = quantize(w, fmt)  # 9600 elements: one slice
+    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", 96 * 7)  # 15 slices, the last one ragged
+    sliced = quantize(w, fmt)
+    for a, b in zip((whole.qweight, whole.scale, whole.zero), (sliced.qweight, sliced.scale, sliced.zero)):
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
+    # the SQNR in slices equals the float64 one computed at once
+    ref, deq = w.double(), dequantize(sliced).double()
+    expected = 10 * math.log10(ref.pow(2).sum().item() / (deq - ref).pow(2).sum().item())
+    assert formats.weight_sqnr_db(w, sliced) == pytest.approx(expected, rel=1e-9)
+    assert formats.sqnr_db(w, dequantize(sliced)) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("n,k", [(176, 256), (300, 128), (16, 64)])
+def test_int4pack_in_row_slices_is_the_same_bytes(monkeypatch, n, k):
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    padded = (n + 15) // 16 * 16
+    once = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.nn.functional.pad(q.to(torch.int32), (0, 0, 0, padded - n), value=8), 1)
+    monkeypatch.setattr(cpu_kernels, "CHUNK_ELEMENTS", 64 * k)  # 64-row slices
+    assert torch.equal(cpu_kernels._int4pack_rows(pack_int4(q), padded), once)
+
+
+def test_drop_float_weights_keeps_the_compiled_model_working():
+    torch._dynamo.reset()
+    model = _tiny(tie=True)
+    compiled = torch.compile(model, backend="lowbit", options={"recipe": "w4a16"})
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        before = compiled(input_ids=ids).logits
+        report = lowbit_compiler.drop_float_weights(model)
+        # the 7 linears of each layer; the head is tied to the embedding, which reads it as float
+        assert len(report["dropped"]) == 14 and report["kept_tied"] == ["model.embed_tokens.weight"]
+        assert report["bytes_freed"] == sum(model.get_parameter(n).numel() * 4 for n in report["dropped"])
+        assert model.model.layers[0].mlp.up_proj.weight.untyped_storage().nbytes() == 0
+        assert torch.equal(compiled(input_ids=ids).logits, before)
+        longer = compiled(input_ids=torch.arange(11)[None]).logits  # a recompile finds the quantized tensors
+        assert longer.shape == (1, 11, 512) and torch.isfinite(longer).all()
+        with pytest.raises(RuntimeError, match="storage"):
+            model(input_ids=ids)  # eager has no float weights any more: an error, not garbage
