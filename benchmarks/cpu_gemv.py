@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -35,7 +33,7 @@ from lowbit_compiler.backends import cpu_codegen, cpu_kernels
 from lowbit_compiler.formats import WeightFormat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_cpu import read_bandwidth  # noqa: E402  (the same bandwidth measurement as the decode benchmark)
+from decode_cpu import interleaved, read_bandwidth  # noqa: E402  (the decode benchmark's measurements)
 
 SHAPES = {"q/o proj": (2048, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)}
 
@@ -87,17 +85,7 @@ def main() -> None:
                     if cpu_codegen.supported(fmt + cpu_codegen.A8) is None:  # opt-in int8 activations
                         calls["int8act"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
                                                                       int8_activations=True)
-                times = {name: [] for name in calls}
-                for _ in range(3):
-                    for call in calls.values():
-                        call()
-                for _ in range(args.repeats):
-                    for name, call in calls.items():
-                        start = time.perf_counter()
-                        call()
-                        times[name].append(time.perf_counter() - start)
-                med = {name: statistics.median(t) for name, t in times.items()}
-                best = {name: min(t) for name, t in times.items()}
+                med, best = interleaved(calls, args.repeats)
                 floor = nbytes / bandwidth / med["generated"]
                 row = {"format": fmt, "shape": label, "N": n, "K": k, "M": m,
                        **{f"{name}_ms": round(v * 1e3, 4) for name, v in med.items()},

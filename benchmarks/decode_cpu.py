@@ -41,6 +41,21 @@ def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 9) -> float:
     return nbytes / statistics.median(times)
 
 
+def interleaved(calls: dict, repeats: int, warmup: int = 3) -> tuple[dict, dict]:
+    """Time each call ``repeats`` times, one call of each in turn (so drift in machine speed hits
+    all alike) after ``warmup`` rounds: (median seconds, fastest seconds) per name."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return ({name: statistics.median(t) for name, t in times.items()}, {name: min(t) for name, t in times.items()})
+
+
 def linear_bytes(model: torch.nn.Module, dtype_bytes: int) -> int:
     return sum(m.weight.numel() * dtype_bytes for m in model.modules() if isinstance(m, torch.nn.Linear))
 

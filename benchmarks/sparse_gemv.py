@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 
 import torch
 
 from lowbit_compiler import formats
 from lowbit_compiler.backends import cpu_codegen, cpu_kernels
 from lowbit_compiler.formats import WeightFormat
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_cpu import interleaved  # noqa: E402  (one-call-each-in-turn timing, as every CPU benchmark)
 
 SHAPES = {"q/o proj": (2048, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)}
 
@@ -57,17 +59,7 @@ def main() -> None:
                 "int8_torch": lambda: cpu_kernels.packed_linear(x, packed, None, torch.bfloat16),
             }
             torch.testing.assert_close(calls["sparse"](), x @ pruned.T, rtol=1e-4, atol=1e-4)
-            times = {name: [] for name in calls}
-            for _ in range(3):
-                for call in calls.values():
-                    call()
-            for _ in range(args.repeats):
-                for name, call in calls.items():
-                    start = time.perf_counter()
-                    call()
-                    times[name].append(time.perf_counter() - start)
-            med = {name: statistics.median(t) for name, t in times.items()}
-            low = {name: min(t) for name, t in times.items()}
+            med, low = interleaved(calls, args.repeats)
             row = {"shape": label, "N": n, "K": k, "M": m, **{f"{a}_ms": round(v * 1e3, 4) for a, v in med.items()},
                    **{f"{a}_min_ms": round(v * 1e3, 4) for a, v in low.items()},
                    "speedup_vs_int8_generated": round(med["int8_generated"] / med["sparse"], 3),
