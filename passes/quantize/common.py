@@ -281,6 +281,21 @@ def tensor_prefix(gm: fx.GraphModule, layer: str) -> str:
     return f"{layer}_quantized" if isinstance(held, torch.Tensor) else layer
 
 
+def replace_linear_weight(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, fqn: str) -> None:
+    """Point the linear ``node`` at ``weight`` ([out, in], float): swapped in place when the linear
+    is its weight's only reader and stores it [out, in], else a copy of its own at ``fqn`` (the
+    weight is shared with another op, e.g. a tied embedding, or stored [in, out])."""
+    parts = ir.linear_parts(node)
+    if len(parts.weight_node.users) == 1 and not parts.transposed:
+        ir.replace_attr(gm, parts.weight_node.target, weight)
+        return
+    ir.set_attr(gm, fqn, weight)
+    with gm.graph.inserting_before(node):
+        new_w = gm.graph.get_attr(fqn)
+    ir.put(new_w, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=False))
+    node.args, node.kwargs = (parts.x, new_w, parts.bias), {}
+
+
 def _register(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> fx.Node:
     ir.set_attr(gm, target, tensor)
     return gm.graph.get_attr(target)

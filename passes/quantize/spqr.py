@@ -70,15 +70,7 @@ class SpQR(Pass):
             parts = ir.linear_parts(node)
             n = site.shape[0]
             prefix = common.tensor_prefix(gm, site.layer)
-            if len(parts.weight_node.users) == 1 and not parts.transposed:
-                ir.replace_attr(gm, parts.weight_node.target, dense)
-            else:  # shared with another op (a tied embedding) or stored [in, out]: a dense copy of its own
-                fqn = f"{prefix}.spqr_dense"
-                ir.set_attr(gm, fqn, dense)
-                with gm.graph.inserting_before(node):
-                    new_w = gm.graph.get_attr(fqn)
-                ir.put(new_w, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=False))
-                node.args, node.kwargs = (parts.x, new_w, parts.bias), {}
+            common.replace_linear_weight(gm, node, dense, f"{prefix}.spqr_dense")
             with gm.graph.inserting_before(node):
                 r = common._register(gm, f"{prefix}.outlier_rows", rows)
                 c = common._register(gm, f"{prefix}.outlier_cols", cols)

@@ -167,19 +167,9 @@ def summary(score: str, pattern, sparsity: float, layers: dict[str, dict[str, An
 
 
 def _write_weight(gm: fx.GraphModule, site: common.Site, pruned: torch.Tensor) -> None:
-    """Point the linear at its pruned [out, in] weight: swapped in place when the linear is the
-    weight's only reader and stores it [out, in], else a copy of its own (``<layer>.pruned``)."""
-    node = site.node
-    parts = ir.linear_parts(node)
-    if len(parts.weight_node.users) == 1 and not parts.transposed:
-        ir.replace_attr(gm, parts.weight_node.target, pruned)
-        return
-    fqn = f"{common.tensor_prefix(gm, site.layer)}.pruned"
-    ir.set_attr(gm, fqn, pruned)
-    with gm.graph.inserting_before(node):
-        new_w = gm.graph.get_attr(fqn)
-    ir.put(new_w, ir.PARAM, ir.ParamInfo(fqn=fqn, is_parameter=False))
-    node.args, node.kwargs = (parts.x, new_w, parts.bias), {}
+    """Point the linear at its pruned [out, in] weight (a copy of its own, ``<layer>.pruned``, when
+    the weight is shared or stored transposed)."""
+    common.replace_linear_weight(gm, site.node, pruned, f"{common.tensor_prefix(gm, site.layer)}.pruned")
 
 
 @register_pass
