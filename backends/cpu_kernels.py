@@ -24,6 +24,7 @@ tensors themselves are cached per parameter (``passes/quantize.py``), so every g
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -39,22 +40,37 @@ class PackedWeight(torch.nn.Module):
     """A quantized weight in the layout of torch's CPU kernel for one compute dtype.
 
     A module (holding two buffers) so that lowered graphs can reference it with ``get_attr``.
+    The int4 layout of torch's kernel is a second copy of the codes (plus a scale-and-zero table in
+    the compute dtype); it serves only calls of more than ``cpu_codegen.MAX_ROWS`` rows when the
+    generated kernel covers the format, so it is built at the first such call (``torch_layout``),
+    not when the weight is packed: a decode-only model, or a compile whose first forward is short,
+    never holds it.
     """
 
-    def __init__(self, fmt: str, weight: torch.Tensor, scales: torch.Tensor, out_features: int,
+    def __init__(self, fmt: str, weight: torch.Tensor | None, scales: torch.Tensor | None, out_features: int,
                  in_features: int, padded_in_features: int,
-                 quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None):
+                 quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+                 make_layout: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__()
         self.fmt = fmt
         # the quantized tensors as stored (not copies; not buffers, so not in the state dict): the
         # generated kernels read them directly for decode-sized calls
         self.quantized = quantized
-        self.register_buffer("weight", weight)   # int8 [N, Kp] or the int4pack layout
+        self.register_buffer("weight", weight)   # int8 [N, Kp] or the int4pack layout (None until built)
         self.register_buffer("scales", scales)   # int8: [N]; int4: scales_and_zeros [Kp/g, Np, 2]
+        self._make_layout = make_layout
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
 
+    def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, scales) in torch's packed-kernel layout, built at the first call that needs it."""
+        if self.weight is None:
+            self.weight, self.scales = self._make_layout()
+            self._make_layout = None
+        return self.weight, self.scales
+
     def extra_repr(self) -> str:
-        return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
+        built = "" if self.weight is not None else ", torch layout not built"
+        return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}{built}"
 
 
 # quantized tensor -> {compute dtype: PackedWeight}; .misses counts real repacking
@@ -104,14 +120,19 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     else:
         kp = qweight.shape[1] * 2
         np_ = (n + 15) // 16 * 16
-        s = scale.float()
-        z = torch.full_like(s, 8) if zero is None else zero.float()
-        if np_ != n:  # zero rows: their outputs are sliced away
-            s = torch.nn.functional.pad(s, (0, 0, 0, np_ - n))
-            z = torch.nn.functional.pad(z, (0, 0, 0, np_ - n), value=8)
-        scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        packed = PackedWeight(fmt, _int4pack_rows(qweight, np_), scales_and_zeros, n, in_features, kp,
-                              (qweight, scale, zero))
+
+        def make_layout() -> tuple[torch.Tensor, torch.Tensor]:
+            s = scale.float()
+            z = torch.full_like(s, 8) if zero is None else zero.float()
+            if np_ != n:  # zero rows: their outputs are sliced away
+                s = torch.nn.functional.pad(s, (0, 0, 0, np_ - n))
+                z = torch.nn.functional.pad(z, (0, 0, 0, np_ - n), value=8)
+            scales_and_zeros = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+            return _int4pack_rows(qweight, np_), scales_and_zeros
+
+        lazy = generated_kernel(fmt, in_features) is not None  # else every call needs torch's layout
+        weight, scales = (None, None) if lazy else make_layout()
+        packed = PackedWeight(fmt, weight, scales, n, in_features, kp, (qweight, scale, zero), make_layout)
     return packed
 
 
@@ -162,11 +183,12 @@ def torch_packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tenso
     # x_proj input is a transposed view)
     if packed.padded_in_features != packed.in_features:
         x2 = torch.nn.functional.pad(x2, (0, packed.padded_in_features - packed.in_features))
+    weight, scales = packed.torch_layout()
     if packed.fmt == "int8":
-        y = torch.ops.aten._weight_int8pack_mm(x2, packed.weight, packed.scales)
+        y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
     else:
         group = WeightFormat.parse(packed.fmt).group_size
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed.weight, group, packed.scales)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group, scales)
         if y.shape[-1] != packed.out_features:
             y = y[:, : packed.out_features]
     if bias is not None:

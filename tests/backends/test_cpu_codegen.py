@@ -193,3 +193,24 @@ def test_int8_activation_kernel_meets_its_floor(fmt, rows, portable, monkeypatch
     assert torch.equal(cpu_kernels.packed_linear(x, packed, None, torch.bfloat16),
                        cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k, int8_activations=True))
     assert cpu_codegen.calls[name] == before + 2
+
+
+def test_torch_layout_is_built_only_for_calls_past_the_generated_kernel():
+    """An int4 weight the generated kernel covers holds no second (int4pack) copy of its codes until
+    a call of more than MAX_ROWS rows needs torch's kernel; that call matches the float reference,
+    and the decode-sized calls before it did not build the copy."""
+    from lowbit_compiler.backends import cpu_kernels
+
+    g = torch.Generator().manual_seed(3)
+    fmt, n, k = "int4_g64_asym", 40, 256
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt))
+    packed = cpu_kernels._pack(q.qweight, q.scale, q.zero, fmt, k, torch.float32)
+    small, large = torch.randn(3, k, generator=g), torch.randn(cpu_codegen.MAX_ROWS + 5, k, generator=g)
+    cpu_kernels.packed_linear(small, packed, None, torch.float32)
+    assert packed.weight is None and packed.scales is None and "not built" in repr(packed)
+    y = cpu_kernels.packed_linear(large, packed, None, torch.float32)
+    assert packed.weight is not None and packed.weight.dtype != torch.float32
+    reference = ops.wo_linear_reference(large.double(), q.qweight, q.scale, q.zero, None, fmt, k)
+    assert formats.sqnr_db(reference, y.double()) >= 60.0
+    unpacked = cpu_kernels._pack(q.qweight, q.scale, q.zero, fmt, k - 6, torch.float32)  # K padded to a group
+    assert unpacked.weight is not None  # no generated kernel for a padded K: torch layout built at once
