@@ -54,8 +54,41 @@ def build_config(layers: int, hidden: int = 2048, intermediate: int = 5632, voca
                        max_position_embeddings=4096, tie_word_embeddings=False)
 
 
+class PeakStack:
+    """Samples the resident set every 2 ms in a thread and keeps the main thread's Python stack
+    (the frames of this project) at the highest sample: where the peak happens."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.main = threading.get_ident()
+        self.top, self.stack, self.running = 0, [], True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import time
+        import traceback
+
+        while self.running:
+            rss = status_kb("VmRSS")
+            if rss > self.top:
+                self.top = rss
+                frame = sys._current_frames().get(self.main)
+                if frame is not None:
+                    self.stack = [f"{os.path.relpath(f.filename)}:{f.lineno} {f.name}"
+                                  for f in traceback.extract_stack(frame)
+                                  if "site-packages" not in f.filename and "<frozen" not in f.filename]
+            time.sleep(0.002)
+
+    def stop(self) -> dict:
+        self.running = False
+        self.thread.join()
+        return {"sampled_peak_MB": self.top / 1024, "peak_stack": self.stack}
+
+
 def run_flow(flow: str, cfg_kwargs: dict, recipe: str, checkpoint_dir: str | None, prompt: int,
-             warm: bool = True) -> dict:
+             warm: bool = True, peak_stack: bool = False) -> dict:
     """One flow in this process (the child); returns its measurements in MB."""
     import torch
     import transformers  # noqa: F401  (in the baseline)
@@ -79,6 +112,7 @@ def run_flow(flow: str, cfg_kwargs: dict, recipe: str, checkpoint_dir: str | Non
     baseline = status_kb("VmRSS")
     reset_peak()
     trace = os.environ.get("LOWBIT_MEMORY_TRACE") == "1"
+    sampler = PeakStack() if peak_stack else None
 
     def mark(stage: str) -> None:
         if trace:
@@ -109,8 +143,11 @@ def run_flow(flow: str, cfg_kwargs: dict, recipe: str, checkpoint_dir: str | Non
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in list(model.parameters()) + list(model.buffers())}
     params = sum(storages.values())  # what the tensors hold (dropped float weights hold nothing)
-    return {"flow": flow, "baseline_MB": baseline / 1024, "peak_MB": status_kb("VmHWM") / 1024,
-            "end_MB": status_kb("VmRSS") / 1024, "model_tensors_MB": params / 2 ** 20}
+    result = {"flow": flow, "baseline_MB": baseline / 1024, "peak_MB": status_kb("VmHWM") / 1024,
+              "end_MB": status_kb("VmRSS") / 1024, "model_tensors_MB": params / 2 ** 20}
+    if sampler is not None:
+        result.update(sampler.stop())
+    return result
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -127,7 +164,8 @@ def child_main(args: argparse.Namespace) -> None:
         lowbit_compiler.compress(model, args.recipe, progress=False)
         model.save_pretrained(args.checkpoint)
         return
-    result = run_flow(args.flow, cfg_kwargs, args.recipe, args.checkpoint, args.prompt, not args.cold)
+    result = run_flow(args.flow, cfg_kwargs, args.recipe, args.checkpoint, args.prompt, not args.cold,
+                      args.peak_stack)
     print("RESULT " + json.dumps(result))
 
 
@@ -139,6 +177,8 @@ def measure(flow: str, args: argparse.Namespace, checkpoint_dir: str | None = No
         cmd += ["--checkpoint", checkpoint_dir]
     if args.cold:
         cmd.append("--cold")
+    if args.peak_stack:
+        cmd.append("--peak-stack")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stderr.splitlines():
         if line.startswith("TRACE "):
@@ -164,6 +204,11 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="baseline = the imports only (default: also a tiny model compressed first, so that "
                              "Dynamo's and the passes' own memory counts as runtime, not as the flow's)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each flow N times (fresh processes); the table shows the median run by peak, "
+                             "and the min-max of the peak above baseline")
+    parser.add_argument("--peak-stack", action="store_true",
+                        help="sample RSS every 2 ms and print this project's Python stack at each flow's peak")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +229,16 @@ def main() -> None:
         for flow in flows:
             if flow == "load":
                 measure("save", args, ckpt)
-            rows.append(measure(flow, args, ckpt if flow == "load" else None))
+            runs = sorted((measure(flow, args, ckpt if flow == "load" else None) for _ in range(args.repeat)),
+                          key=lambda r: r["peak_MB"] - r["baseline_MB"])
+            row = dict(runs[len(runs) // 2])
+            above = [r["peak_MB"] - r["baseline_MB"] for r in runs]
+            row["runs_peak_above_baseline_MB"] = above
+            if args.peak_stack:
+                for r in runs:
+                    print(f"{flow}: peak {r['peak_MB'] - r['baseline_MB']:.0f} MB above baseline at\n    "
+                          + "\n    ".join(r["peak_stack"][-8:]))
+            rows.append(row)
     float_above = rows[0]["peak_MB"] - rows[0]["baseline_MB"]
     for r in rows:
         r["peak_above_baseline_MB"] = r["peak_MB"] - r["baseline_MB"]
@@ -196,13 +250,15 @@ def main() -> None:
     print(f"peak resident memory, Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
           f"recipe {args.recipe}, prompt {args.prompt} tokens; each flow in its own process")
     header = ["flow", "baseline MB", "peak MB", "peak - baseline MB", "vs float (peak)", "vs float (above baseline)",
-              "end MB", "model tensors MB"]
+              "end MB", "model tensors MB"] + ([f"vs float (above baseline), {args.repeat} runs"] if args.repeat > 1 else [])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['flow']} | {r['baseline_MB']:.0f} | {r['peak_MB']:.0f} | {r['peak_above_baseline_MB']:.0f} | "
               f"{r['vs_float_peak']:.2f}x | {r['vs_float_above_baseline']:.2f}x | {r['end_MB']:.0f} | "
-              f"{r['model_tensors_MB']:.0f} |")
+              f"{r['model_tensors_MB']:.0f} |"
+              + (f" {min(r['runs_peak_above_baseline_MB']) / float_above:.2f}-"
+                 f"{max(r['runs_peak_above_baseline_MB']) / float_above:.2f}x |" if args.repeat > 1 else ""))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
