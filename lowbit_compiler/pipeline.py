@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from lowbit_compiler import coverage, verify
+from lowbit_compiler import coverage, memory, verify
 from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
 from lowbit_compiler.recipe import Recipe, instantiate
 
@@ -42,6 +42,7 @@ def run_pipeline(gm: fx.GraphModule, recipe: Recipe, *, strict: bool = False, de
     """Run ``recipe.passes`` on ``gm`` in place. ``on_stage(name, gm)`` sees the graph after each;
     ``ctx`` (optional) lets the caller keep reporting into the same context afterwards."""
     ctx = ctx if ctx is not None else PassContext(recipe=recipe, strict=strict)
+    memory.pin_mmap_threshold()  # a fixed threshold keeps quantizing's peak the same from run to run
     established: set[str] = set()
     records: list[PassRecord] = []
     for pass_name in recipe.passes:

@@ -115,3 +115,31 @@ def test_drop_float_weights_keeps_the_compiled_model_working():
         assert longer.shape == (1, 11, 512) and torch.isfinite(longer).all()
         with pytest.raises(RuntimeError, match="storage"):
             model(input_ids=ids)  # eager has no float weights any more: an error, not garbage
+
+
+def test_pipeline_pins_the_mmap_threshold_so_large_frees_go_back_to_the_os():
+    """A fresh process: nothing is pinned before a recipe runs; after it, the threshold is pinned
+    and a freed 2 MiB block is unmapped at once (blocks past 1 MiB are their own mappings)."""
+    script = r"""
+import torch, lowbit_compiler
+from lowbit_compiler import memory
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+print('before', memory._PINNED)
+model = torch.nn.Sequential(torch.nn.Linear(128, 128))
+lowbit_compiler.compress(model, 'w8a16', example_inputs=(torch.randn(2, 128),), progress=False)
+print('after', memory._PINNED)
+blocks = [torch.empty(2 << 20, dtype=torch.uint8).fill_(1) for _ in range(16)]  # 32 MiB in 2 MiB blocks
+held = rss()
+del blocks
+print('released', (held - rss()) / 2**20)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "LOWBIT_PIN_MMAP_THRESHOLD")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert lines["before"] == "[]"
+    if not sys.platform.startswith("linux"):
+        assert "not pinned" in lines["after"]
+        return
+    assert lines["after"] == "['pinned at 1048576 bytes']"
+    assert float(lines["released"]) > 30  # every 2 MiB block was its own mapping: unmapped on free
