@@ -657,17 +657,18 @@ def _build(fmt: str, portable: bool):
 
 
 def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
-          what: str | None = None, portable: bool = False) -> "ctypes._CFuncPtr | None":
+          what: str | None = None, portable: bool = False,
+          flags: tuple[str, ...] | None = None) -> "ctypes._CFuncPtr | None":
     """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
     of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
     naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
     module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``portable`` builds for the compiler's
-    default target instead of the host's ISA."""
+    default target instead of the host's ISA; ``flags`` replaces the compiler flags altogether."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    flags = PORTABLE_FLAGS if portable else FLAGS
+    flags = flags or (PORTABLE_FLAGS if portable else FLAGS)
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
     lib = _cache_dir() / f"{name}_{key}.so"
