@@ -134,8 +134,13 @@ static int64_t sp_compact(const float* x, int64_t K, int64_t G, int32_t* idx, fl
    o[0 .. TW) += acc (int8), or += s * (acc - z * xg) with the group's scales sc and zero points zp
    (int4). The same tile of the next row is prefetched one tile ahead (the next tile pass). */
 static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64_t b, const {code_t}* codes,
-                           int64_t row, int64_t c0, float* o, const uint16_t* sc, const uint8_t* zp, float xg)
+                           int64_t row, int64_t c0, float* o, const uint16_t* sc, const uint8_t* zp, float xg,
+                           int64_t pf_shift, int64_t pf_c, int64_t pmax)
 {{
+    /* prefetch: for row p, tile bytes pf_c of kept row p + pf_shift (the same row PFD tiles on, or,
+       near the end of the task's tiles, the row of the next chunk: one stream across chunks) */
+#define SP_PF(p, l) _mm_prefetch((const char*)(codes + (int64_t)idx[(p) + pf_shift < pmax ? (p) + pf_shift : pmax - 1] * row \
+                                               + pf_c + (l)), _MM_HINT_T0)
     (void)sc; (void)zp; (void)xg;
 #if defined(SP_AVX512)
     __m512 acc[TW / 16];
@@ -143,7 +148,7 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
     for (int64_t p = a; p < b; p++) {{
         const {code_t}* r = codes + (int64_t)idx[p] * row + c0;
         for (int l = 0; l < TB; l += 64)
-            _mm_prefetch((const char*)(r + PFD * TB + l), _MM_HINT_T0);
+            SP_PF(p, l);
         const __m512 xb = _mm512_set1_ps(xv[p]);
 #if BITS == 8
         for (int i = 0; i < TW / 16; i++)
@@ -180,7 +185,7 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
         for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
         for (int64_t p = a; p < b; p++) {{
             const {code_t}* r = codes + (int64_t)idx[p] * row + c0 + h * BITS / 8;
-            _mm_prefetch((const char*)(r + PFD * TB), _MM_HINT_T0);
+            SP_PF(p, h * BITS / 8);
             const __m256 xb = _mm256_set1_ps(xv[p]);
 #if BITS == 8
             for (int i = 0; i < 8; i++)
@@ -276,10 +281,14 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
             /* a group whose inputs were all zeroed has no chunk: its rows are never read */
             for (int64_t a = p0; a < p1; a += CHUNK) {{
                 const int64_t b = a + CHUNK < p1 ? a + CHUNK : p1;
-                for (int64_t tile = t0; tile < t1; tile++)
+                for (int64_t tile = t0; tile < t1; tile++) {{
+                    const int64_t ahead = tile + PFD < t1 ? 0 : b - a;  /* past the last tile: the next chunk */
+                    const int64_t pf_tile = ahead ? t0 + (tile + PFD - t1) % (t1 - t0) : tile + PFD;
                     sp_tile(idx, xv, a, b, codes, row, tile * TB, o + tile * TW,
                             GROUP ? scale + g * Np + tile * TW : 0, HAS_ZERO ? zero + g * Np + tile * TW : 0,
-                            a == p0 ? xs[g] : 0.0f);  /* the zero points' term once per group */
+                            a == p0 ? xs[g] : 0.0f,  /* the zero points' term once per group */
+                            ahead, pf_tile * TB, nnz);
+                }}
             }}
         }}
     }}

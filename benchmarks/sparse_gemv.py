@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rows", default="1,4,16")
     parser.add_argument("--json", default="benchmarks/results/sparse_gemv.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +52,7 @@ def main() -> None:
         pruned = formats.dequantize(qs)  # the same weight, dense with zeros
         qd = formats.quantize(pruned, dense)
         packed = cpu_kernels.prepack(qd.qweight, qd.scale, None, dense.key, k, torch.bfloat16)
-        for m in (1, 4, 16):
+        for m in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(m, k)
             calls = {
                 "sparse": lambda: cpu_codegen.linear(x, qs.qweight, qs.scale, None, None, sparse.key, k),
