@@ -53,6 +53,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import logging
 import os
 import time
@@ -498,14 +499,49 @@ def _dispatch_file():
     return cpu_codegen._cache_dir() / "sparse_dispatch.json"
 
 
-def _plan_key(fmt: str, n: int, k: int, threads: int) -> str:
-    digest = hashlib.sha256("\n".join([source(fmt), cpu_codegen.source(fmt), " ".join(cpu_codegen.FLAGS),
-                                        cpu_codegen._host_flags()]).encode()).hexdigest()[:16]
-    return f"{fmt}|N={n}|K={k}|threads={threads}|{digest}"
+def _digest(*sources: str) -> str:
+    return hashlib.sha256("\n".join([*sources, " ".join(cpu_codegen.FLAGS), cpu_codegen._host_flags()])
+                          .encode()).hexdigest()[:16]
 
 
 def _timer() -> float:
     return time.perf_counter()
+
+
+def _fastest(calls: dict, repeats: int = REPEATS) -> dict[str, float]:
+    """Minimum seconds per call of each contender, calls interleaved (one of each in turn)."""
+    best = {name: float("inf") for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = _timer()
+            call()
+            best[name] = min(best[name], _timer() - t0)
+    return best
+
+
+def cached_plan(memo_key: tuple, key: str, make) -> dict:
+    """A dispatch decision: from memory, else from the disk cache (``key``, which names the
+    kernels' sources and the host), else ``make()`` (a measurement), stored in both."""
+    found = _PLANS.get(memo_key)
+    if found is not None:
+        return found
+    path = _dispatch_file()
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        stored = {}
+    if key not in stored:
+        stored[key] = make()
+        try:  # merged with what other processes wrote meanwhile; atomic replace
+            current = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            current = {}
+        current[key] = stored[key]
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    _PLANS[memo_key] = stored[key]
+    return stored[key]
 
 
 def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
@@ -525,17 +561,12 @@ def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
              "sparse_quarter": lambda: run(quarter, w, None, fmt, k)}
     if calls["dense"]() is None:
         return {"max_nnz": k, "reason": "no dense generated kernel for this call: the sparse kernel always runs"}
-    best = {name: float("inf") for name in calls}
-    for _ in range(REPEATS):
-        for name, call in calls.items():
-            t0 = _timer()
-            call()
-            best[name] = min(best[name], _timer() - t0)
+    best = _fastest(calls)
     dense, t_all, t_q = best["dense"], best["sparse_all"], best["sparse_quarter"]
     slope = max((t_all - t_q) / max(k - nq, 1), 1e-15)
     at0 = t_q - slope * nq
     crossover = (dense / MARGIN - at0) / slope
-    max_nnz = int(max(-1, min(k, crossover)))
+    max_nnz = max(-1, min(k, math.floor(crossover)))  # at most max_nnz kept: the sparse kernel
     return {"max_nnz": max_nnz, "max_kept_fraction": round(max(max_nnz, 0) / k, 3),
             "dense_ms": round(dense * 1e3, 4), "sparse_all_ms": round(t_all * 1e3, 4),
             "sparse_quarter_ms": round(t_q * 1e3, 4), "quarter_kept": nq}
@@ -545,27 +576,66 @@ def plan(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     """The dispatch plan of one (format, N, K, threads): measured at first use, cached in memory
     and on disk. ``max_nnz``: the most kept inputs the sparse kernel takes (-1: never)."""
     n, threads = scale.shape[0], torch.get_num_threads()
-    found = _PLANS.get((fmt, n, in_features, threads))
-    if found is not None:
-        return found
-    key = _plan_key(fmt, n, in_features, threads)
-    path = _dispatch_file()
-    try:
-        stored = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        stored = {}
-    if key not in stored:
-        stored[key] = measure(qweight, scale, zero, fmt, in_features)
-        try:  # merged with what other processes wrote meanwhile; atomic replace
-            current = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            current = {}
-        current[key] = stored[key]
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    _PLANS[(fmt, n, in_features, threads)] = stored[key]
-    return stored[key]
+    return cached_plan(("act", fmt, n, in_features, threads),
+                       f"act|{fmt}|N={n}|K={in_features}|threads={threads}|{_digest(source(fmt), cpu_codegen.source(fmt))}",
+                       lambda: measure(qweight, scale, zero, fmt, in_features))
+
+
+def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> dict:
+    """Whether the N:M kernel over compressed weights (``cpu_codegen``, ``s24+int8``) is faster than
+    the dense kernel over the same weight decompressed (:func:`dense_copy`), for ``rows`` rows:
+    measured at first use per (format, N, K, threads, rows), cached like :func:`plan`.
+    ``sparse``: True when it is (or when no dense kernel exists)."""
+    n, threads = scale.shape[0], torch.get_num_threads()
+
+    def make() -> dict:
+        dense = WeightFormat.parse(fmt).to_dense(qweight, scale, None)  # not cached: only the dense path keeps one
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
+        dfmt = dense.format.key
+        calls = {"dense": lambda: cpu_codegen.linear(x, dense.qweight, dense.scale, None, None, dfmt, in_features),
+                 "sparse": lambda: cpu_codegen.linear(x, qweight, scale, None, None, fmt, in_features)}
+        if calls["dense"]() is None or calls["sparse"]() is None:
+            return {"sparse": True, "reason": "no dense generated kernel to compare with"}
+        best = _fastest(calls)
+        return {"sparse": best["dense"] / best["sparse"] >= MARGIN, "dense_ms": round(best["dense"] * 1e3, 4),
+                "sparse_ms": round(best["sparse"] * 1e3, 4), "speedup": round(best["dense"] / best["sparse"], 3)}
+
+    return cached_plan(("nm", fmt, n, in_features, threads, rows),
+                       f"nm|{fmt}|N={n}|K={in_features}|threads={threads}|rows={rows}|"
+                       f"{_digest(cpu_codegen.source(fmt), cpu_codegen.source('int8'))}", make)
+
+
+DENSE_CACHE = IdentityCache()
+
+
+def dense_copy(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int):
+    """The N:M weight decompressed to its dense format's codes (``SparseFormat.to_dense``: exactly
+    the same matrix), cached by the identity of ``qweight``: what the dense kernel reads when the
+    measured dispatch finds the N:M kernel slower (1 byte per weight more, for int8)."""
+    f = WeightFormat.parse(fmt)
+    return DENSE_CACHE.get_or_create(qweight, ("dense", fmt), lambda: f.to_dense(qweight, scale, None))
+
+
+def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> bool:
+    """Whether a call of ``rows`` rows over N:M ``fmt`` runs the N:M kernel (else the dense kernel
+    over :func:`dense_copy`, counted and logged once per shape): :data:`DISPATCH_ENV`, else
+    :func:`plan_24`."""
+    mode = os.environ.get(DISPATCH_ENV, "measure")
+    if mode == "sparse":
+        return True
+    n = scale.shape[0]
+    if mode == "dense":
+        why = f"{DISPATCH_ENV}=dense"
+    else:
+        entry = plan_24(qweight, scale, fmt, in_features, rows)
+        if entry["sparse"]:
+            dispatch_counter[(fmt, "sparse")] += 1
+            return True
+        why = (f"the N:M kernel measured {entry['speedup']:.2f}x the dense kernel at {rows} rows: the dense kernel "
+               f"runs over a decompressed copy (1 byte per weight more; {DISPATCH_ENV}=sparse keeps the compressed "
+               "kernel)")
+    _note_dense(fmt, n, in_features, rows, why)
+    return False
 
 
 def max_kept(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
@@ -596,12 +666,12 @@ def describe(entry: dict, in_features: int, sparsity: float | None = None) -> st
     return text
 
 
-def _note_dense(fmt: str, n: int, k: int, nnz_limit: int, why: str) -> None:
+def _note_dense(fmt: str, n: int, k: int, _unused: int, why: str) -> None:
     dispatch_counter[(fmt, "dense")] += 1
     key = f"{fmt}|{n}|{k}|{why}"
     if key not in _LOGGED:
         _LOGGED.add(key)
-        log.info("lowbit: activation-sparse %s %dx%d runs the dense kernel: %s (logged once per shape; counted in "
+        log.info("lowbit: sparse %s %dx%d runs the dense kernel: %s (logged once per shape; counted in "
                  "cpu_sparse.dispatch_counter)", fmt, n, k, why)
 
 
