@@ -519,12 +519,13 @@ def _fastest(calls: dict, repeats: int = REPEATS) -> dict[str, float]:
     return best
 
 
-def cached_plan(memo_key: tuple, key: str, make) -> dict:
-    """A dispatch decision: from memory, else from the disk cache (``key``, which names the
+def cached_plan(memo_key: tuple, disk_key, make) -> dict:
+    """A dispatch decision: from memory, else from the disk cache (``disk_key()``, which names the
     kernels' sources and the host), else ``make()`` (a measurement), stored in both."""
     found = _PLANS.get(memo_key)
     if found is not None:
         return found
+    key = disk_key()
     path = _dispatch_file()
     try:
         stored = json.loads(path.read_text()) if path.exists() else {}
@@ -577,7 +578,8 @@ def plan(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     and on disk. ``max_nnz``: the most kept inputs the sparse kernel takes (-1: never)."""
     n, threads = scale.shape[0], torch.get_num_threads()
     return cached_plan(("act", fmt, n, in_features, threads),
-                       f"act|{fmt}|N={n}|K={in_features}|threads={threads}|{_digest(source(fmt), cpu_codegen.source(fmt))}",
+                       lambda: f"act|{fmt}|N={n}|K={in_features}|threads={threads}|"
+                               f"{_digest(source(fmt), cpu_codegen.source(fmt))}",
                        lambda: measure(qweight, scale, zero, fmt, in_features))
 
 
@@ -601,8 +603,8 @@ def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: i
                 "sparse_ms": round(best["sparse"] * 1e3, 4), "speedup": round(best["dense"] / best["sparse"], 3)}
 
     return cached_plan(("nm", fmt, n, in_features, threads, rows),
-                       f"nm|{fmt}|N={n}|K={in_features}|threads={threads}|rows={rows}|"
-                       f"{_digest(cpu_codegen.source(fmt), cpu_codegen.source('int8'))}", make)
+                       lambda: f"nm|{fmt}|N={n}|K={in_features}|threads={threads}|rows={rows}|"
+                               f"{_digest(cpu_codegen.source(fmt), cpu_codegen.source('int8'))}", make)
 
 
 DENSE_CACHE = IdentityCache()
@@ -699,3 +701,12 @@ def linear(xs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: t
         return None
     dispatch_counter[(fmt, "sparse")] += 1
     return y if xs.dtype == torch.float32 else y.to(xs.dtype)
+
+
+def sparse_or_dense(xs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor | None:
+    """What ``lowbit::sparse_input_linear`` runs for a thresholded row on the CPU: :func:`linear`,
+    else the dense generated kernel (benchmarks time this)."""
+    y = linear(xs, qweight, scale, zero, bias, fmt, in_features)
+    return y if y is not None else cpu_codegen.linear(xs.reshape(-1, in_features), qweight, scale, zero, bias, fmt,
+                                                      in_features)
