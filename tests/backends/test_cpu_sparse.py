@@ -105,8 +105,9 @@ def measured(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_sparse, "_PLANS", {})
     times = FakeClock()
 
-    def fastest(calls, repeats=cpu_sparse.REPEATS):
+    def fastest(calls, repeats=cpu_sparse.REPEATS, cold=None):
         times.calls += 1
+        assert set(cold) == set(calls)  # every contender's weights are evicted before its timing
         for call in calls.values():
             call()  # the real calls still run (and must work)
         return {name: times[name] for name in calls}
@@ -213,3 +214,11 @@ def test_layer_records_say_which_kernel_the_target_sparsity_gets(measured, spars
     record = model.lowbit_summary["layers"]["model.layers.0.mlp.down_proj"]["sparse_kernel"]
     expected = "activation-sparse kernel" if sparse_wins else "dense kernel"
     assert record.startswith(f"{expected} at the target 50% sparsity (measured: dense 1.0000 ms"), record
+
+
+def test_evicting_a_weight_keeps_its_values():
+    """The dispatch times kernels on weights evicted from the caches (clflush): data unchanged."""
+    t = torch.randn(4096)
+    before = t.clone()
+    cpu_sparse._evict([t, None])
+    assert torch.equal(t, before)
