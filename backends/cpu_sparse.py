@@ -669,7 +669,7 @@ def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_featu
     """Whether a call of ``rows`` rows over N:M ``fmt`` runs the N:M kernel (else the dense kernel
     over :func:`dense_copy`, counted and logged once per shape): :data:`DISPATCH_ENV`, else
     :func:`plan_24`."""
-    mode = os.environ.get(DISPATCH_ENV, "measure")
+    mode = _mode()
     if mode == "sparse":
         return True
     n = scale.shape[0]
@@ -687,10 +687,18 @@ def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_featu
     return False
 
 
+def _mode() -> str:
+    mode = os.environ.get(DISPATCH_ENV, "measure")
+    if mode not in ("measure", "sparse", "dense"):
+        raise ValueError(f"{DISPATCH_ENV}={mode!r}: expected 'measure' (default: time at first use), 'sparse' "
+                         "(always the sparse kernels) or 'dense' (never)")
+    return mode
+
+
 def max_kept(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
              in_features: int) -> int:
     """The most kept inputs a call may have to run the sparse kernel (:data:`DISPATCH_ENV`)."""
-    mode = os.environ.get(DISPATCH_ENV, "measure")
+    mode = _mode()
     if mode == "sparse":
         return in_features
     if mode == "dense":

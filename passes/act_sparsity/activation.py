@@ -331,7 +331,7 @@ def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
                for name in ("qweight", "scale", "zero")]
     if (why := cpu_sparse.supported(fmt)) is not None:
         return f"dense kernels: {why}"
-    mode = os.environ.get(cpu_sparse.DISPATCH_ENV, "measure")
+    mode = cpu_sparse._mode()
     if mode != "measure":
         return f"{'activation-sparse' if mode == 'sparse' else 'dense'} kernel: {cpu_sparse.DISPATCH_ENV}={mode}"
     qweight, scale, zero = tensors

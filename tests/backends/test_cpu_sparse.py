@@ -222,3 +222,10 @@ def test_evicting_a_weight_keeps_its_values():
     before = t.clone()
     cpu_sparse._evict([t, None])
     assert torch.equal(t, before)
+
+
+def test_an_unknown_dispatch_mode_is_an_error(monkeypatch):
+    monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, "fastest")
+    qw = quantize(torch.randn(128, 128), WeightFormat.parse("int8"))
+    with pytest.raises(ValueError, match="LOWBIT_SPARSE_DISPATCH='fastest'"):
+        cpu_sparse.linear(torch.randn(1, 128), qw.qweight, qw.scale, None, None, "int8", 128)
