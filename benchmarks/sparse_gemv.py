@@ -96,7 +96,8 @@ def activation_sparse(args) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     for fmt in args.act_formats.split(","):
         f = WeightFormat.parse(fmt)
-        weights = {label: formats.quantize(torch.randn(n, k, generator=gen) * 0.02, f) for label, (n, k) in SHAPES.items()}
+        weights = {label: formats.quantize(torch.randn(n, k, generator=gen) * 0.02, f)
+                   for label, (n, k) in SHAPES.items()}
         for sparsity in [float(s) for s in args.act_sparsities.split(",")]:
             total = {"dense": 0.0, "sparse": 0.0, "dispatched": 0.0}
             for label, (n, k) in SHAPES.items():

@@ -321,8 +321,6 @@ def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
     """Which CPU kernel one row of this layer gets at its target sparsity, and why: the measured
     dispatch of ``backends/cpu_sparse.py`` (timed here on this host, cached on disk; the runtime
     decides per call by the number of inputs kept)."""
-    import os
-
     from lowbit_compiler.backends import cpu_sparse
 
     a = ir.op_args(node)

@@ -14,7 +14,8 @@ from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
 from lowbit_compiler.formats import WeightFormat, dequantize, quantize
 from lowbit_compiler.ops import sparse_input_linear, sparse_input_linear_reference, wo_linear_reference
 
-pytestmark = pytest.mark.skipif(cpu_sparse.kernel("int8") is None, reason=f"no C compiler: {cpu_codegen._disabled_reason}")
+pytestmark = pytest.mark.skipif(cpu_sparse.kernel("int8") is None,
+                                reason=f"no C compiler: {cpu_codegen._disabled_reason}")
 
 
 def _row(k: int, gen: torch.Generator, sparsity: float = 0.5) -> torch.Tensor:
@@ -209,7 +210,8 @@ def test_layer_records_say_which_kernel_the_target_sparsity_gets(measured, spars
     from tests.conftest import make_model
 
     calibration = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    measured.update(dense=1e-3, sparse_all=0.8e-3 if sparse_wins else 3e-3, sparse_quarter=0.3e-3 if sparse_wins else 1.5e-3)
+    measured.update(dense=1e-3, sparse_all=0.8e-3 if sparse_wins else 3e-3,
+                    sparse_quarter=0.3e-3 if sparse_wins else 1.5e-3)
     model = compress(make_model("llama"), "teal-50+w8a16", calibration=calibration, progress=False)
     record = model.lowbit_summary["layers"]["model.layers.0.mlp.down_proj"]["sparse_kernel"]
     expected = "activation-sparse kernel" if sparse_wins else "dense kernel"
