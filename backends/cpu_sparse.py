@@ -310,10 +310,9 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
 def supported(fmt: str) -> str | None:
     """Why the activation-sparse kernel does not take ``fmt`` (None: it does)."""
     f = WeightFormat.parse(fmt)
-    if f.kind == "int" and (f.bits == 8 or (f.bits == 4 and f.group_size is not None and f.group_size % 16 == 0)):
+    if f.kind == "int" and (f.bits == 8 or (f.bits == 4 and f.group_size is not None)):
         return None
-    return (f"format {fmt}: the activation-sparse CPU kernel exists for int8 and int4 group-wise weights (group a "
-            "multiple of 16)")
+    return f"format {fmt}: the activation-sparse CPU kernel exists for int8 and int4 group-wise weights"
 
 
 def kernel_name(fmt: str) -> str:
