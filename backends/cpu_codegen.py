@@ -307,10 +307,12 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
 # 2:4 sparse + int8 (``sparse_formats.py``: ``s24+int8``): per row, KC = K/2 int8 codes of the kept
 # values, then their 2-bit indices inside each group of 4 (kept value j: bits [2j, 2j+2) of the
 # index stream), scale bf16 [N]. Only the kept values and their indices are read (0.625 bytes per
-# weight instead of int8's 1); AVX2: an index byte (4 kept values) looks up its 4 columns in a
-# 256-entry table and the activations are permuted into place in registers (no gathers).
+# weight instead of int8's 1). AVX-512: the index bits of 16 kept values decode to their columns
+# with a broadcast, a variable shift and a mask, and one two-source permute (vpermt2ps) gathers x
+# in registers; AVX2: an index byte (4 kept values) looks up its 4 columns in a 256-entry table and
+# the activations are permuted into place (two permutes and a blend per 8 kept values).
 _S24_INT8 = r"""
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -343,7 +345,34 @@ void {name}(const float* x, const uint8_t* qweight, const uint16_t* scale, const
         const float s = bf16_to_f32(scale[n]);
         float d[{max_rows}] = {{0}};
         int64_t j = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__)
+        /* 64 kept values = 128 columns of x a step, in quarters of 16: the 32 index bits of 16 kept
+           values, broadcast, shifted per lane and masked, give each value's column among the 32
+           its quarter spans (4 * (j / 2) + position), and one two-source permute (vpermt2ps)
+           brings those columns of x into place; four independent accumulators; a row of x at a time */
+        const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+        const __m512i three = _mm512_set1_epi32(3);
+        int64_t j_end = 0;
+        for (int64_t m = 0; m < M; m++) {{
+            const float* xm = x + m * K;
+            __m512 acc[4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+            int64_t jj = 0;
+            for (; jj + {s24_step} <= KC; jj += {s24_step}) {{
+                for (int q = 0; q < {s24_step} / 16; q++) {{
+                    /* (bits >> 2j) & 3 | base in one ternary-logic op (base has its low two bits clear) */
+                    const __m512i c = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(
+                        _mm512_set1_epi32(*(const int32_t*)(idx + (jj >> 2) + 4 * q)), shifts), three, base, 0xEA);
+                    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(v + jj + 16 * q))));
+                    const float* xc = xm + 2 * jj + 32 * q;
+                    acc[q] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(_mm512_loadu_ps(xc), c, _mm512_loadu_ps(xc + 16)), acc[q]);
+                }}
+            }}
+            d[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+            j_end = jj;
+        }}
+        j = j_end;
+#elif defined(__AVX2__)
         /* 16 kept values = 32 columns of x a step: each half of a 16-column span is permuted into
            place in registers (kept values 0-3 come from columns 0-7, 4-7 from 8-15), two
            independent accumulators; a row of x at a time (the weight row stays in L1) */
@@ -558,6 +587,8 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
 }}
 """
 
+S24_STEP = 32  # 2:4 kernel, AVX-512: kept values per step (16 per accumulator)
+
 # the kernel key of the W8A8 matmul (the weight-only kernels are keyed by their weight format)
 W8A8 = "w8a8"
 # suffix of the key of an int4 kernel that quantizes the activations to int8 (``int4_g128_asym+a8``)
@@ -603,7 +634,7 @@ def source(fmt: str) -> str:
                 f"(M <= {MAX_ROWS}) */\n" + _PRELUDE + body)
     f = WeightFormat.parse(fmt)
     if f.kind == "sparse":
-        body = _S24_INT8.format(name=name, max_rows=MAX_ROWS)
+        body = _S24_INT8.format(name=name, max_rows=MAX_ROWS, s24_step=S24_STEP)
     elif f.bits == 8:
         body = _INT8.format(name=name, max_rows=MAX_ROWS)
     else:
@@ -657,17 +688,18 @@ def _build(fmt: str, portable: bool):
 
 
 def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
-          what: str | None = None, portable: bool = False) -> "ctypes._CFuncPtr | None":
+          what: str | None = None, portable: bool = False,
+          flags: tuple[str, ...] | None = None) -> "ctypes._CFuncPtr | None":
     """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
     of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
     naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
     module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``portable`` builds for the compiler's
-    default target instead of the host's ISA."""
+    default target instead of the host's ISA; ``flags`` replaces the compiler flags altogether."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    flags = PORTABLE_FLAGS if portable else FLAGS
+    flags = flags or (PORTABLE_FLAGS if portable else FLAGS)
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
     lib = _cache_dir() / f"{name}_{key}.so"

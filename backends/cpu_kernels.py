@@ -246,11 +246,17 @@ def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     kept values and their indices (float32 accumulation), or None (the caller runs the reference)."""
     from lowbit_compiler.backends import cpu_codegen
 
+    from lowbit_compiler.backends import cpu_sparse
+
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if sparse_reason(x.dtype, x.device, x2.shape[0], fmt) is not None:
         return None
-    y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
+    if cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0]):  # measured: faster than dense
+        y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
+    else:
+        d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features)
+        y = cpu_codegen.linear(x2, d.qweight, d.scale, d.zero, bias, d.format.key, in_features)
     return None if y is None else y.reshape(*lead, y.shape[-1]).to(x.dtype)
 
 

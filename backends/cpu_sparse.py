@@ -3,18 +3,43 @@ inputs a threshold kept (TEAL / CATS / WINA, ``lowbit::sparse_input_linear``).
 
 Why a K-major copy: in our storage (``formats.py``) a weight is [N, K], so the K codes one input
 multiplies are spread over N rows; skipping an input saves nothing there. The kernel reads a
-transposed copy made once per weight (cached by identity, like ``cpu_kernels.prepack``): codes
-[K, N] (int8) or [K, N/2] (int4, two columns per byte), scales and zero points [groups, N] in
-float32 (bf16 -> float32 is exact). Input ``k`` is one contiguous row; a zero input is a row never
-fetched. This is TEAL's column-major GEMV, with low-bit codes and their scales fused in.
+transposed copy made once per weight (:func:`kmajor_cpu`, cached by identity like
+``cpu_kernels.prepack``): codes [K, Np] int8 or [K, Np/2] uint8 (int4), scales bf16 [groups, Np]
+(int8: [1, Np]) and zero points uint8 [groups, Np] (asymmetric int4), ``Np`` = N rounded up to
+``TW`` = 128 columns (padding columns have zero scales; their outputs are dropped). Input ``k`` is
+one contiguous row; a zero input is a row never fetched, so at 50 % sparsity half the code bytes
+are read. This is TEAL's column-major GEMV, with low-bit codes and their scales fused in.
 
-Layout of an int4 row: the columns are cut in tiles of ``TILE`` (the last one may be shorter);
-within a tile of width ``w``, byte ``j`` holds column ``j`` in its low nibble and column
-``w/2 + j`` in its high nibble, so both halves accumulate with unit stride (the loops vectorise).
+int4 rows are cut in chunks of 32 columns (16 bytes): byte ``j`` holds column ``j`` in its low
+nibble and column ``16 + j`` in its high nibble, so one 16-byte load widens to 16 lanes of each
+(AVX-512) or two 8-byte loads to 8 lanes (AVX2).
 
-The computation, per output tile (threads over tiles) and per group ``g`` with a kept input:
-``acc[n] = sum_{k in g, x_k != 0} x_k q[k, n]``, then ``y[n] += s[g, n] (acc[n] - z[g, n] sum_g x)``
-(int8: one group, ``z = 0``). Groups whose inputs were all zeroed are skipped whole.
+The computation (:data:`_SOURCE`):
+
+1. compact the nonzero inputs into (index, value) lists, per scale group (AVX-512: a compare and
+   two compresses per 16 inputs), with each group's sum of inputs (zero points);
+2. threads over tasks = output tiles of ``TW`` columns (x a split of the groups when there are
+   fewer tiles than threads: partial sums added after); per task and group, the tile's
+   accumulators stay in registers (8 zmm with AVX-512; two halves of 8 ymm with AVX2) while the
+   kept rows stream through them (one broadcast ``x_k``, ``TW`` widened codes, FMAs; the row
+   ``PF`` ahead prefetched); then ``out += s * (acc - z * sum_g x)`` (int8: one group, the
+   per-channel scale applied once at the end). Groups whose inputs were all zeroed are skipped.
+
+The ISA is chosen at compile time (``-march=native``, the host flags in the cache key): AVX-512F,
+else AVX2 + FMA, else fixed-width loops the compiler vectorises for whatever it has. The tests
+build all three on an AVX-512 host (:func:`kernel` ``isa=``).
+
+Dispatch by measurement (:func:`max_kept`): skipping rows pays only below some fraction of kept
+inputs, which depends on the shape, the format, the ISA and the dense kernel it competes with. At
+the first call for a (format, N, K, threads) the kernel and the dense generated kernel are timed
+on that weight (interleaved, minimum of a few calls; sparse at all and at a quarter of the inputs
+kept, a straight line in between) and the crossover is cached on disk
+(``$LOWBIT_CACHE_DIR/cpu/sparse_dispatch.json``, keyed by both kernels' sources and the host
+flags). A call keeping more inputs than that gets -1 from the kernel right after the compaction
+and runs the dense kernel on the thresholded input (counted in :data:`dispatch_counter`, logged
+once per shape); the compress/compile summary's layer record says which kernel the layer's target
+sparsity gets and why (``fuse_sparse_input``). ``LOWBIT_SPARSE_DISPATCH=sparse`` (always the
+sparse kernel) / ``dense`` (never) override the measurement.
 
 One row only (decode); more rows return None and the caller runs the dense kernels on the
 thresholded input. Compiled like ``cpu_codegen`` (``cpu_codegen.build``: gcc at first use, disk
@@ -22,10 +47,16 @@ cache, logged fallback); ``LOWBIT_CPU_CODEGEN=0`` turns it off.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import functools
+import hashlib
+import json
+import math
+import logging
 import os
+import time
 
 import torch
 
@@ -33,97 +64,247 @@ from lowbit_compiler.backends import cpu_codegen
 from lowbit_compiler.formats import WeightFormat, _unpack
 from lowbit_compiler.identity_cache import IdentityCache
 
-TILE = 512  # output columns per task: a row segment of 512 bytes (int8) or 256 bytes (int4)
+log = logging.getLogger("lowbit_compiler")
 
+TW = 128    # output columns per task of the CPU kernel (its accumulators fit the registers)
+PFD = 2  # prefetch distance along a row, in tiles
+CHUNK = {8: 16, 4: 64}  # kept rows per sweep over a task's column tiles, by code bits (module docstring)
+TILE = 512  # column tile of the int4 nibble layout of :func:`kmajor` (the Triton GEMV's copy)
+DISPATCH_ENV = "LOWBIT_SPARSE_DISPATCH"  # "measure" (default), "sparse" (always), "dense" (never)
+ISAS = {"native": None, "avx2": ("-mno-avx512f",), "portable": ()}  # extra flags; () = the compiler's default target
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SP_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SP_AVX2 1
+#endif
 
-/* x [K] float32 (already thresholded); codes K-major; scale, zero float32 [groups, N] (zero may be
-   NULL: int8); idx int64 scratch [K + groups + 1]; xs float32 scratch [groups]. */
-void {name}(const float* x, const {code_t}* codes, const float* scale, const float* zero,
-            const float* bias, float* y, int64_t* idx, float* xs, int64_t N, int64_t K, int threads)
+#define TW {tw}          /* output columns whose accumulators stay in registers */
+#define GROUP {group}    /* input channels per scale group (int8: 0 = one group, K) */
+#define CHUNK {chunk}    /* kept rows per sweep over the task's column tiles */
+#define BITS {bits}
+#define HAS_ZERO {has_zero}
+#define TB (TW * BITS / 8)  /* bytes of one row of a tile */
+#define PFD {pfd}         /* prefetch distance in tiles along a row */
+
+static inline float sp_bf16(uint16_t h) {{ uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }}
+
+/* Compact the nonzero inputs: idx[p], xv[p] for p < nnz, in order; gstart[g] = first p of group g
+   (gstart[groups] = nnz); xs[g] = sum of the group's inputs (int4 zero points). Returns nnz. */
+static int64_t sp_compact(const float* x, int64_t K, int64_t G, int32_t* idx, float* xv, int64_t* gstart, float* xs)
 {{
-    const int64_t G = {group}, groups = K / G, row = {row_bytes};
-    int64_t* gstart = idx + K;
+    const int64_t groups = K / G;
     int64_t nnz = 0;
-    for (int64_t g = 0; g < groups; g++) {{  /* the kept inputs, in order, and where each group begins */
-        float t = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {{
         gstart[g] = nnz;
-        for (int64_t k = g * G; k < (g + 1) * G; k++)
+        float t = 0.0f;
+        int64_t k = g * G;
+#ifdef SP_AVX512
+        const __m512i step = _mm512_set1_epi32(16);
+        __m512i iota = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32((int32_t)k));
+        __m512 tv = _mm512_setzero_ps();
+        for (; k + 16 <= (g + 1) * G; k += 16) {{
+            const __m512 v = _mm512_loadu_ps(x + k);
+            const __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            _mm512_storeu_ps(xv + nnz, _mm512_maskz_compress_ps(m, v));
+            _mm512_storeu_si512((void*)(idx + nnz), _mm512_maskz_compress_epi32(m, iota));
+            nnz += __builtin_popcount((unsigned)m);
+            tv = _mm512_add_ps(tv, v);
+            iota = _mm512_add_epi32(iota, step);
+        }}
+        t = _mm512_reduce_add_ps(tv);
+#endif
+        for (; k < (g + 1) * G; k++)
             if (x[k] != 0.0f) {{
-                idx[nnz++] = k;
+                idx[nnz] = (int32_t)k;
+                xv[nnz++] = x[k];
                 t += x[k];
             }}
         xs[g] = t;
     }}
     gstart[groups] = nnz;
-    const int64_t tiles = (N + {tile} - 1) / {tile};
+    return nnz;
+}}
+
+/* Kept rows [a, b) times the TW columns of one tile whose bytes start at c0 in every row:
+   o[0 .. TW) += acc (int8), or += s * (acc - z * xg) with the group's scales sc and zero points zp
+   (int4). The same tile of the next row is prefetched one tile ahead (the next tile pass). */
+static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64_t b, const {code_t}* codes,
+                           int64_t row, int64_t c0, float* o, const uint16_t* sc, const uint8_t* zp, float xg,
+                           int64_t pf_shift, int64_t pf_c, int64_t pmax)
+{{
+    /* prefetch: for row p, tile bytes pf_c of kept row p + pf_shift (the same row PFD tiles on, or,
+       near the end of the task's tiles, the row of the next chunk: one stream across chunks) */
+#define SP_PF(p, l) _mm_prefetch((const char*)(codes + (int64_t)idx[(p) + pf_shift < pmax ? (p) + pf_shift : pmax - 1] * row \
+                                               + pf_c + (l)), _MM_HINT_T0)
+    (void)sc; (void)zp; (void)xg;
+#if defined(SP_AVX512)
+    __m512 acc[TW / 16];
+    for (int i = 0; i < TW / 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t p = a; p < b; p++) {{
+        const {code_t}* r = codes + (int64_t)idx[p] * row + c0;
+        for (int l = 0; l < TB; l += 64)
+            SP_PF(p, l);
+        const __m512 xb = _mm512_set1_ps(xv[p]);
+#if BITS == 8
+        for (int i = 0; i < TW / 16; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + 16 * i)))),
+                                     xb, acc[i]);
+#else
+        const __m512i low4 = _mm512_set1_epi32(15);
+        for (int c = 0; c < TW / 32; c++) {{
+            const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r + 16 * c)));
+            acc[2 * c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(w, low4)), xb, acc[2 * c]);
+            acc[2 * c + 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4)), xb, acc[2 * c + 1]);
+        }}
+#endif
+    }}
+#if BITS == 8
+    for (int i = 0; i < TW / 16; i++)
+        _mm512_storeu_ps(o + 16 * i, _mm512_add_ps(_mm512_loadu_ps(o + 16 * i), acc[i]));
+#else
+    const __m512 xgv = _mm512_set1_ps(xg);
+    for (int i = 0; i < TW / 16; i++) {{
+        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(sc + 16 * i))), 16));
+#if HAS_ZERO
+        const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zp + 16 * i))));
+#else
+        const __m512 z = _mm512_set1_ps(8.0f);
+#endif
+        _mm512_storeu_ps(o + 16 * i, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xgv, acc[i]), _mm512_loadu_ps(o + 16 * i)));
+    }}
+#endif
+#elif defined(SP_AVX2)
+    for (int h = 0; h < TW; h += 64) {{  /* halves of 64 columns: 8 accumulators of the 16 registers */
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t p = a; p < b; p++) {{
+            const {code_t}* r = codes + (int64_t)idx[p] * row + c0 + h * BITS / 8;
+            SP_PF(p, h * BITS / 8);
+            const __m256 xb = _mm256_set1_ps(xv[p]);
+#if BITS == 8
+            for (int i = 0; i < 8; i++)
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + 8 * i)))),
+                                         xb, acc[i]);
+#else
+            const __m256i low4 = _mm256_set1_epi32(15);
+            for (int c = 0; c < 2; c++)       /* a chunk: 16 bytes = 32 columns (low: 0-15, high: 16-31) */
+                for (int e = 0; e < 2; e++) {{ /* bytes 8e .. 8e+7: columns 8e.. (low), 16+8e.. (high) */
+                    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r + 16 * c + 8 * e)));
+                    acc[4 * c + e] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, low4)), xb, acc[4 * c + e]);
+                    acc[4 * c + 2 + e] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4)), xb, acc[4 * c + 2 + e]);
+                }}
+#endif
+        }}
+        float* oh = o + h;
+#if BITS == 8
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(oh + 8 * i, _mm256_add_ps(_mm256_loadu_ps(oh + 8 * i), acc[i]));
+#else
+        const __m256 xgv = _mm256_set1_ps(xg);
+        for (int i = 0; i < 8; i++) {{
+            const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(sc + h + 8 * i))), 16));
+#if HAS_ZERO
+            const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(zp + h + 8 * i))));
+#else
+            const __m256 z = _mm256_set1_ps(8.0f);
+#endif
+            _mm256_storeu_ps(oh + 8 * i, _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, xgv, acc[i]), _mm256_loadu_ps(oh + 8 * i)));
+        }}
+#endif
+    }}
+#else   /* portable: fixed-width loops the compiler vectorises for the target it has */
+    float acc[TW];
+    memset(acc, 0, sizeof acc);
+    for (int64_t p = a; p < b; p++) {{
+        const {code_t}* r = codes + (int64_t)idx[p] * row + c0;
+        const float xb = xv[p];
+#if BITS == 8
+        for (int j = 0; j < TW; j++)
+            acc[j] += xb * (float)r[j];
+#else
+        for (int c = 0; c < TW / 32; c++)
+            for (int j = 0; j < 16; j++) {{
+                acc[32 * c + j] += xb * (float)(r[16 * c + j] & 15);
+                acc[32 * c + 16 + j] += xb * (float)(r[16 * c + j] >> 4);
+            }}
+#endif
+    }}
+#if BITS == 8
+    for (int j = 0; j < TW; j++)
+        o[j] += acc[j];
+#else
+    for (int j = 0; j < TW; j++)
+        o[j] += sp_bf16(sc[j]) * (acc[j] - (HAS_ZERO ? (float)zp[j] : 8.0f) * xg);
+#endif
+#endif
+}}
+
+/* y[N] = x[K] W^T + bias over the K-major copy (codes [K, Np] int8, or [K, Np/2] uint8 in chunks of
+   32 columns; scale bf16 [groups, Np]; zero uint8 [groups, Np] or NULL). Returns the number of
+   kept inputs, or -1 without computing anything more when over max_nnz were kept (the dense
+   kernel is faster there: the caller runs it). Tasks: ``parts`` contiguous column ranges (whole
+   tiles) x ``ksplit`` ranges of the kept inputs (ksplit > 1 only when there are fewer tiles than
+   threads). Per task, the kept rows go in chunks (a scale group; int8: CHUNK rows) and each chunk
+   sweeps the task's tiles with the accumulators in registers, so every row is read in full,
+   tile after tile, while the task's outputs stay in L1. scratch: int32 idx [K + 16], float xv
+   [K + 16], int64 gstart [groups + 1], float xs [groups], float out [ksplit * Np]. */
+int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, const uint8_t* zero,
+               const float* bias, float* y, void* scratch, int64_t N, int64_t Np, int64_t K,
+               int64_t max_nnz, int64_t ksplit, int threads)
+{{
+    const int64_t G = GROUP ? GROUP : K, groups = K / G, row = Np * BITS / 8;
+    int32_t* idx = (int32_t*)scratch;
+    float* xv = (float*)(idx + K + 16);
+    int64_t* gstart = (int64_t*)(xv + K + 16);
+    float* xs = (float*)(gstart + groups + 1);
+    float* out = xs + groups;
+    const int64_t nnz = sp_compact(x, K, G, idx, xv, gstart, xs);
+    if (nnz > max_nnz)
+        return -1;
+    const int64_t tiles = Np / TW, parts = ksplit > 1 ? tiles : (tiles < threads ? tiles : threads);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {{
-        const int64_t n0 = t * {tile}, w = (N - n0 < {tile}) ? N - n0 : {tile};
-        float out[{tile}], acc[{tile}];
-        memset(out, 0, sizeof out);
-        for (int64_t g = 0; g < groups; g++) {{
-            if (gstart[g] == gstart[g + 1])
-                continue;  /* every input of the group zeroed: its rows are never read */
-            memset(acc, 0, sizeof acc);
-            int64_t p = gstart[g];
-            for (; p + 4 <= gstart[g + 1]; p += 4) {{  /* four kept rows per pass over acc: 4 FMAs per load/store */
-                const float x0 = x[idx[p]], x1 = x[idx[p + 1]], x2 = x[idx[p + 2]], x3 = x[idx[p + 3]];
-                const {code_t}* r0 = codes + idx[p] * row + {tile_offset};
-                const {code_t}* r1 = codes + idx[p + 1] * row + {tile_offset};
-                const {code_t}* r2 = codes + idx[p + 2] * row + {tile_offset};
-                const {code_t}* r3 = codes + idx[p + 3] * row + {tile_offset};
-{inner4}
-            }}
-            for (; p < gstart[g + 1]; p++) {{
-                const float xv = x[idx[p]];
-                const {code_t}* r = codes + idx[p] * row + {tile_offset};
-{inner}
-            }}
-            const float* s = scale + g * N + n0;
-            const float xg = xs[g];
-            if (zero) {{
-                const float* z = zero + g * N + n0;
-                #pragma omp simd
-                for (int64_t j = 0; j < w; j++)
-                    out[j] += s[j] * (acc[j] - z[j] * xg);
-            }} else {{
-                #pragma omp simd
-                for (int64_t j = 0; j < w; j++)
-                    out[j] += s[j] * acc[j];
+    for (int64_t t = 0; t < parts * ksplit; t++) {{
+        const int64_t part = t % parts, s = t / parts;
+        const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
+        float* o = out + s * Np;
+        memset(o + t0 * TW, 0, (size_t)(t1 - t0) * TW * sizeof(float));
+        const int64_t g0 = GROUP ? groups * s / ksplit : 0, g1 = GROUP ? groups * (s + 1) / ksplit : 1;
+        for (int64_t g = g0; g < g1; g++) {{
+            const int64_t p0 = GROUP ? gstart[g] : nnz * s / ksplit, p1 = GROUP ? gstart[g + 1] : nnz * (s + 1) / ksplit;
+            /* a group whose inputs were all zeroed has no chunk: its rows are never read */
+            for (int64_t a = p0; a < p1; a += CHUNK) {{
+                const int64_t b = a + CHUNK < p1 ? a + CHUNK : p1;
+                for (int64_t tile = t0; tile < t1; tile++) {{
+                    const int64_t ahead = tile + PFD < t1 ? 0 : b - a;  /* past the last tile: the next chunk */
+                    const int64_t pf_tile = ahead ? t0 + (tile + PFD - t1) % (t1 - t0) : tile + PFD;
+                    sp_tile(idx, xv, a, b, codes, row, tile * TB, o + tile * TW,
+                            GROUP ? scale + g * Np + tile * TW : 0, HAS_ZERO ? zero + g * Np + tile * TW : 0,
+                            a == p0 ? xs[g] : 0.0f,  /* the zero points' term once per group */
+                            ahead, pf_tile * TB, nnz);
+                }}
             }}
         }}
-        for (int64_t j = 0; j < w; j++)
-            y[n0 + j] = out[j] + (bias ? bias[n0 + j] : 0.0f);
     }}
+    for (int64_t n = 0; n < N; n++) {{
+        float v = out[n];
+        for (int64_t s = 1; s < ksplit; s++)
+            v += out[s * Np + n];
+#if BITS == 8
+        v *= sp_bf16(scale[n]);
+#endif
+        y[n] = v + (bias ? bias[n] : 0.0f);
+    }}
+    return nnz;
 }}
 """
-
-_INNER_INT8 = """                #pragma omp simd
-                for (int64_t j = 0; j < w; j++)
-                    acc[j] += xv * (float)r[j];"""
-
-_INNER4_INT8 = """                #pragma omp simd
-                for (int64_t j = 0; j < w; j++)
-                    acc[j] += x0 * (float)r0[j] + x1 * (float)r1[j] + x2 * (float)r2[j] + x3 * (float)r3[j];"""
-
-_INNER4_INT4 = """                const int64_t h = w / 2;
-                #pragma omp simd
-                for (int64_t j = 0; j < h; j++) {
-                    acc[j] += x0 * (float)(r0[j] & 15) + x1 * (float)(r1[j] & 15) + x2 * (float)(r2[j] & 15)
-                              + x3 * (float)(r3[j] & 15);
-                    acc[h + j] += x0 * (float)(r0[j] >> 4) + x1 * (float)(r1[j] >> 4) + x2 * (float)(r2[j] >> 4)
-                                  + x3 * (float)(r3[j] >> 4);
-                }"""
-
-_INNER_INT4 = """                const int64_t h = w / 2;
-                #pragma omp simd
-                for (int64_t j = 0; j < h; j++) {
-                    acc[j] += xv * (float)(r[j] & 15);
-                    acc[h + j] += xv * (float)(r[j] >> 4);
-                }"""
 
 
 def supported(fmt: str) -> str | None:
@@ -141,24 +322,33 @@ def kernel_name(fmt: str) -> str:
 def source(fmt: str) -> str:
     """The C source of the activation-sparse GEMV for ``fmt`` (readable; see the module docstring)."""
     f = WeightFormat.parse(fmt)
-    if f.bits == 8:
-        fields = dict(code_t="int8_t", group="K", row_bytes="N", tile_offset="n0", inner=_INNER_INT8,
-                      inner4=_INNER4_INT8)
-    else:
-        fields = dict(code_t="uint8_t", group=str(f.group_size), row_bytes="N / 2", tile_offset="n0 / 2",
-                      inner=_INNER_INT4, inner4=_INNER4_INT4)
+    fields = dict(code_t="int8_t", group=0, bits=8, has_zero=0) if f.bits == 8 else dict(
+        code_t="uint8_t", group=f.group_size, bits=4, has_zero=int(f.has_zero_points))
     return (f"/* lowbit generated CPU kernel: activation-sparse decode GEMV, {fmt} weights, K-major */\n"
-            + _SOURCE.format(name=kernel_name(fmt), tile=TILE, **fields))
+            + _SOURCE.format(name=kernel_name(fmt), tw=TW, chunk=CHUNK[f.bits], pfd=PFD, **fields))
+
+
+def kernel(fmt: str, isa: str = "native"):
+    """The compiled kernel (a ctypes function), or None (why: logged once by ``cpu_codegen``).
+    ``isa``: ``native`` (the host's: AVX-512 here), ``avx2`` (AVX-512 turned off) or ``portable``
+    (the compiler's default target): the tests check every path on one host."""
+    if os.environ.get(cpu_codegen.ENV, "1") == "0" or supported(fmt) is not None:
+        return None
+    return _build(fmt, isa)
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(fmt: str):
-    """The compiled kernel (a ctypes function), or None (why: logged once by ``cpu_codegen``)."""
-    if os.environ.get(cpu_codegen.ENV, "1") == "0" or supported(fmt) is not None:
-        return None
-    return cpu_codegen.build(kernel_name(fmt), source(fmt),
-                             [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 2 + [ctypes.c_int],
-                             what=f"the activation-sparse {fmt} kernel")
+def _build(fmt: str, isa: str):
+    extra = ISAS[isa]
+    flags = cpu_codegen.FLAGS if extra is None else (
+        cpu_codegen.PORTABLE_FLAGS if extra == () else cpu_codegen.FLAGS + extra)
+    fn = cpu_codegen.build(kernel_name(fmt), source(fmt),
+                           [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int],
+                           "the dense kernels run on the thresholded input", what=f"the activation-sparse {fmt} kernel",
+                           flags=flags)
+    if fn is not None:
+        fn.restype = ctypes.c_int64
+    return fn
 
 
 @dataclasses.dataclass
@@ -203,40 +393,374 @@ def kmajor(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
     return KMAJOR_CACHE.get_or_create(qweight, ("kmajor", fmt), make)
 
 
-def unsupported_reason(x: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int) -> str | None:
-    """Why a call cannot take the kernel (None: it can). Not an error: the dense path runs."""
+@dataclasses.dataclass
+class CpuKMajor:
+    """A weight's K-major copy for the CPU kernel (module docstring): N padded to ``Np``."""
+
+    codes: torch.Tensor        # int8 [K, Np] or uint8 [K, Np/2] (chunks of 32 columns)
+    scale: torch.Tensor        # bf16 viewed as int16 [groups, Np] (int8: [1, Np])
+    zero: torch.Tensor | None  # uint8 [groups, Np] (asymmetric int4), else None
+    out_features: int
+    padded_out: int
+    in_features: int
+
+    def __post_init__(self) -> None:
+        groups = self.scale.shape[0]
+        self.scratch = 2 * (self.in_features + 16) + 2 * (groups + 1) + groups  # float32 words (run())
+        self.zero_ptr = None if self.zero is None else self.zero.data_ptr()
+
+
+def chunk_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[K, Np] codes in [0, 15] (Np a multiple of 32) -> [K, Np/2] bytes: per chunk of 32 columns,
+    byte j = column j (low nibble) | column 16 + j (high nibble)."""
+    k, n = q.shape
+    c = q.reshape(k, n // 32, 2, 16).to(torch.uint8)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(k, n // 2).contiguous()
+
+
+def kmajor_cpu(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+               in_features: int) -> CpuKMajor:
+    """The CPU kernel's K-major copy of one quantized weight (cached by the identity of ``qweight``)."""
+    def make() -> CpuKMajor:
+        f = WeightFormat.parse(fmt)
+        n = scale.shape[0]
+        np_ = -(-n // TW) * TW
+        pad = np_ - n
+        s = torch.nn.functional.pad(scale.to(torch.bfloat16).reshape(n, -1).t(), (0, pad))  # zero scale: padding
+        if f.bits == 8:
+            codes = torch.nn.functional.pad(qweight.t(), (0, pad)).contiguous()
+            return CpuKMajor(codes, s.contiguous().view(torch.int16), None, n, np_, in_features)
+        q = _unpack(qweight, 4)[:, :in_features].t()
+        codes = chunk_nibbles(torch.nn.functional.pad(q, (0, pad)))
+        z = None if zero is None else torch.nn.functional.pad(zero.t().to(torch.uint8), (0, pad)).contiguous()
+        return CpuKMajor(codes, s.contiguous().view(torch.int16), z, n, np_, in_features)
+
+    return KMAJOR_CACHE.get_or_create(qweight, ("kmajor_cpu", fmt), make)
+
+
+@functools.lru_cache(maxsize=None)
+def _static_reason(fmt: str, in_features: int) -> str | None:
+    """What does not depend on the call (cached: the decode loop pays one dict look-up)."""
     if (why := supported(fmt)) is not None:
         return why
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows != 1:
-        return f"{rows} rows: the activation-sparse kernel is a decode GEMV (one row); the dense kernels run"
-    if x.device.type != "cpu":
-        return f"x on {x.device.type}: this is the CPU kernel"
     f = WeightFormat.parse(fmt)
     if f.padded_k(in_features) != in_features:
         return f"K={in_features} is padded to the group size"
-    if f.bits == 4 and scale.shape[0] % 2:
-        return f"N={scale.shape[0]} is odd (int4 columns are packed in pairs)"
-    if kernel(fmt) is None:
+    if _build(fmt, "native") is None:
         return "the kernel did not compile (logged)"
     return None
+
+
+def unsupported_reason(x: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int) -> str | None:
+    """Why a call cannot take the kernel (None: it can). Not an error: the dense path runs."""
+    if os.environ.get(cpu_codegen.ENV, "1") == "0":
+        return f"turned off by {cpu_codegen.ENV}=0"
+    if x.numel() != in_features:
+        rows = x.numel() // max(x.shape[-1], 1)
+        return f"{rows} rows: the activation-sparse kernel is a decode GEMV (one row); the dense kernels run"
+    if x.device.type != "cpu":
+        return f"x on {x.device.type}: this is the CPU kernel"
+    return _static_reason(fmt, in_features)
+
+
+def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, max_nnz: int,
+        isa: str = "native", lead: tuple = ()) -> torch.Tensor | None:
+    """One call of the kernel on a contiguous float32 row ``x32`` (K values): ``y`` [*lead, N]
+    float32, or None when more than ``max_nnz`` inputs are nonzero (nothing computed past the
+    compaction)."""
+    k, n, np_ = w.in_features, w.out_features, w.padded_out
+    threads = torch.get_num_threads()
+    tiles = np_ // TW
+    ksplit = 1 if tiles >= threads else -(-threads // tiles)  # enough tasks for every thread
+    y = torch.empty(lead + (n,), dtype=torch.float32)
+    # int32 idx [K + 16], float xv [K + 16], int64 gstart [groups + 1], float xs [groups], partials
+    scratch = torch.empty(w.scratch + ksplit * np_, dtype=torch.float32)
+    # every tensor whose pointer the kernel gets is held by a local until the call returns
+    got = _build(fmt, isa)(x32.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr,
+                           None if bias is None else bias.data_ptr(), y.data_ptr(), scratch.data_ptr(), n, np_, k,
+                           max_nnz, ksplit, threads)
+    return None if got < 0 else y
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch by measurement
+# ------------------------------------------------------------------------------------------------
+
+MARGIN = 1.05  # the sparse kernel must be predicted this much faster than the dense one
+REPEATS = 7
+# (fmt, "sparse"|"dense:measured"|...) -> calls: what ran (tests and benchmarks read it)
+dispatch_counter: collections.Counter = collections.Counter()
+_PLANS: dict[str, dict] = {}
+_LOGGED: set[str] = set()
+
+
+def _dispatch_file():
+    return cpu_codegen._cache_dir() / "sparse_dispatch.json"
+
+
+def _digest(*sources: str) -> str:
+    return hashlib.sha256("\n".join([*sources, " ".join(cpu_codegen.FLAGS), cpu_codegen._host_flags()])
+                          .encode()).hexdigest()[:16]
+
+
+def _timer() -> float:
+    return time.perf_counter()
+
+
+_FLUSH_SOURCE = r"""
+#include <stdint.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+/* evict [p, p + n) from every cache level (x86: clflush; elsewhere nothing: returns 0) */
+int lowbit_flush(const char* p, int64_t n)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    for (int64_t i = 0; i < n; i += 64)
+        _mm_clflush(p + i);
+    _mm_mfence();
+    return 1;
+#else
+    (void)p; (void)n;
+    return 0;
+#endif
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _flush_fn():
+    fn = cpu_codegen.build("lowbit_flush", _FLUSH_SOURCE, [ctypes.c_void_p, ctypes.c_int64],
+                           "the dispatch times the kernels with their weights in cache", what="the cache-flush helper")
+    if fn is not None:
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _evict(tensors) -> None:
+    """Evict the tensors' bytes from the caches: a decode step finds a layer's weights in memory,
+    not in cache (a model's weights are many times the last-level cache), so that is how the
+    dispatch times both kernels."""
+    fn = _flush_fn()
+    if fn is None:
+        return
+    for t in tensors:
+        if t is not None:
+            fn(t.data_ptr(), t.numel() * t.element_size())
+
+
+def _fastest(calls: dict, repeats: int = REPEATS, cold: dict | None = None) -> dict[str, float]:
+    """Minimum seconds per call of each contender, calls interleaved (one of each in turn); the
+    tensors ``cold[name]`` are evicted from the caches before each call of ``name``."""
+    best = {name: float("inf") for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            _evict((cold or {}).get(name, ()))
+            t0 = _timer()
+            call()
+            best[name] = min(best[name], _timer() - t0)
+    return best
+
+
+def cached_plan(memo_key: tuple, disk_key, make) -> dict:
+    """A dispatch decision: from memory, else from the disk cache (``disk_key()``, which names the
+    kernels' sources and the host), else ``make()`` (a measurement), stored in both."""
+    found = _PLANS.get(memo_key)
+    if found is not None:
+        return found
+    key = disk_key()
+    path = _dispatch_file()
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        stored = {}
+    if key not in stored:
+        stored[key] = make()
+        try:  # merged with what other processes wrote meanwhile; atomic replace
+            current = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            current = {}
+        current[key] = stored[key]
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    _PLANS[memo_key] = stored[key]
+    return stored[key]
+
+
+def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+            in_features: int) -> dict:
+    """Time the sparse kernel (all inputs kept, a quarter kept) and the dense generated kernel on
+    this weight, calls interleaved, each weight evicted from the caches before its call (as in a
+    decode step: :func:`_evict`), minimum of :data:`REPEATS`; the crossover ``max_nnz`` is where
+    the straight line through the two sparse times meets the dense time / :data:`MARGIN`."""
+    w = kmajor_cpu(qweight, scale, zero, fmt, in_features)
+    k = in_features
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(k, generator=gen).abs() + 0.1
+    quarter = torch.where(torch.rand(k, generator=gen) < 0.25, full, torch.zeros(()))
+    nq = int((quarter != 0).sum())
+    x2 = full.reshape(1, k)
+    calls = {"dense": lambda: cpu_codegen.linear(x2, qweight, scale, zero, None, fmt, k),
+             "sparse_all": lambda: run(full, w, None, fmt, k),
+             "sparse_quarter": lambda: run(quarter, w, None, fmt, k)}
+    if calls["dense"]() is None:
+        return {"max_nnz": k, "reason": "no dense generated kernel for this call: the sparse kernel always runs"}
+    dense_tensors, sparse_tensors = (qweight, scale, zero), (w.codes, w.scale, w.zero)
+    best = _fastest(calls, cold={"dense": dense_tensors, "sparse_all": sparse_tensors,
+                                 "sparse_quarter": sparse_tensors})
+    dense, t_all, t_q = best["dense"], best["sparse_all"], best["sparse_quarter"]
+    slope = max((t_all - t_q) / max(k - nq, 1), 1e-15)
+    at0 = t_q - slope * nq
+    crossover = (dense / MARGIN - at0) / slope
+    max_nnz = max(-1, min(k, math.floor(crossover)))  # at most max_nnz kept: the sparse kernel
+    return {"max_nnz": max_nnz, "max_kept_fraction": round(max(max_nnz, 0) / k, 3),
+            "dense_ms": round(dense * 1e3, 4), "sparse_all_ms": round(t_all * 1e3, 4),
+            "sparse_quarter_ms": round(t_q * 1e3, 4), "quarter_kept": nq}
+
+
+def plan(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str, in_features: int) -> dict:
+    """The dispatch plan of one (format, N, K, threads): measured at first use, cached in memory
+    and on disk. ``max_nnz``: the most kept inputs the sparse kernel takes (-1: never)."""
+    n, threads = scale.shape[0], torch.get_num_threads()
+    return cached_plan(("act", fmt, n, in_features, threads),
+                       lambda: f"act|{fmt}|N={n}|K={in_features}|threads={threads}|"
+                               f"{_digest(source(fmt), cpu_codegen.source(fmt))}",
+                       lambda: measure(qweight, scale, zero, fmt, in_features))
+
+
+def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> dict:
+    """Whether the N:M kernel over compressed weights (``cpu_codegen``, ``s24+int8``) is faster than
+    the dense kernel over the same weight decompressed (:func:`dense_copy`), for ``rows`` rows:
+    measured at first use per (format, N, K, threads, rows), cached like :func:`plan`.
+    ``sparse``: True when it is (or when no dense kernel exists)."""
+    n, threads = scale.shape[0], torch.get_num_threads()
+
+    def make() -> dict:
+        dense = WeightFormat.parse(fmt).to_dense(qweight, scale, None)  # not cached: only the dense path keeps one
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
+        dfmt = dense.format.key
+        calls = {"dense": lambda: cpu_codegen.linear(x, dense.qweight, dense.scale, None, None, dfmt, in_features),
+                 "sparse": lambda: cpu_codegen.linear(x, qweight, scale, None, None, fmt, in_features)}
+        if calls["dense"]() is None or calls["sparse"]() is None:
+            return {"sparse": True, "reason": "no dense generated kernel to compare with"}
+        best = _fastest(calls, cold={"dense": (dense.qweight, dense.scale), "sparse": (qweight, scale)})
+        return {"sparse": best["dense"] / best["sparse"] >= MARGIN, "dense_ms": round(best["dense"] * 1e3, 4),
+                "sparse_ms": round(best["sparse"] * 1e3, 4), "speedup": round(best["dense"] / best["sparse"], 3)}
+
+    return cached_plan(("nm", fmt, n, in_features, threads, rows),
+                       lambda: f"nm|{fmt}|N={n}|K={in_features}|threads={threads}|rows={rows}|"
+                               f"{_digest(cpu_codegen.source(fmt), cpu_codegen.source('int8'))}", make)
+
+
+DENSE_CACHE = IdentityCache()
+
+
+def dense_copy(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int):
+    """The N:M weight decompressed to its dense format's codes (``SparseFormat.to_dense``: exactly
+    the same matrix), cached by the identity of ``qweight``: what the dense kernel reads when the
+    measured dispatch finds the N:M kernel slower (1 byte per weight more, for int8)."""
+    f = WeightFormat.parse(fmt)
+    return DENSE_CACHE.get_or_create(qweight, ("dense", fmt), lambda: f.to_dense(qweight, scale, None))
+
+
+def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> bool:
+    """Whether a call of ``rows`` rows over N:M ``fmt`` runs the N:M kernel (else the dense kernel
+    over :func:`dense_copy`, counted and logged once per shape): :data:`DISPATCH_ENV`, else
+    :func:`plan_24`."""
+    mode = _mode()
+    if mode == "sparse":
+        return True
+    n = scale.shape[0]
+    if mode == "dense":
+        why = f"{DISPATCH_ENV}=dense"
+    else:
+        entry = plan_24(qweight, scale, fmt, in_features, rows)
+        if entry["sparse"]:
+            dispatch_counter[(fmt, "sparse")] += 1
+            return True
+        why = (f"the N:M kernel measured {entry['speedup']:.2f}x the dense kernel at {rows} rows: the dense kernel "
+               f"runs over a decompressed copy (1 byte per weight more; {DISPATCH_ENV}=sparse keeps the compressed "
+               "kernel)")
+    _note_dense(fmt, n, in_features, rows, why)
+    return False
+
+
+def _mode() -> str:
+    mode = os.environ.get(DISPATCH_ENV, "measure")
+    if mode not in ("measure", "sparse", "dense"):
+        raise ValueError(f"{DISPATCH_ENV}={mode!r}: expected 'measure' (default: time at first use), 'sparse' "
+                         "(always the sparse kernels) or 'dense' (never)")
+    return mode
+
+
+def max_kept(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+             in_features: int) -> int:
+    """The most kept inputs a call may have to run the sparse kernel (:data:`DISPATCH_ENV`)."""
+    mode = _mode()
+    if mode == "sparse":
+        return in_features
+    if mode == "dense":
+        return -1
+    return plan(qweight, scale, zero, fmt, in_features)["max_nnz"]
+
+
+def describe(entry: dict, in_features: int, sparsity: float | None = None) -> str:
+    """A plan in words (layer records, logs)."""
+    if "dense_ms" not in entry:
+        return entry.get("reason", "")
+    frac = max(entry["max_nnz"], 0) / in_features
+    text = (f"measured: dense {entry['dense_ms']:.4f} ms, sparse {entry['sparse_all_ms']:.4f} ms with every input "
+            f"kept and {entry['sparse_quarter_ms']:.4f} ms with a quarter kept; the sparse kernel runs when at most "
+            f"{frac:.0%} of the inputs are kept")
+    if sparsity is not None:
+        kept = 1 - sparsity
+        speed = entry["dense_ms"] / (entry["sparse_quarter_ms"] + (entry["sparse_all_ms"] - entry["sparse_quarter_ms"])
+                                     * (kept * in_features - entry["quarter_kept"])
+                                     / max(in_features - entry["quarter_kept"], 1))
+        text += f"; at {sparsity:.0%} sparsity about {speed:.2f}x dense"
+    return text
+
+
+def _note_dense(fmt: str, n: int, k: int, _unused: int, why: str) -> None:
+    dispatch_counter[(fmt, "dense")] += 1
+    key = f"{fmt}|{n}|{k}|{why}"
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("lowbit: sparse %s %dx%d runs the dense kernel: %s (logged once per shape; counted in "
+                 "cpu_sparse.dispatch_counter)", fmt, n, k, why)
 
 
 def linear(xs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
            bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor | None:
     """``xs @ dequantize(W).T + bias`` for one thresholded row, reading only the weight rows of its
-    nonzero inputs; None when the kernel does not apply (:func:`unsupported_reason`)."""
+    nonzero inputs; None when the kernel does not apply (:func:`unsupported_reason`) or when the
+    row keeps more inputs than the measured crossover (:func:`max_kept`): the caller runs the
+    dense kernels."""
     if unsupported_reason(xs, scale, fmt, in_features) is not None:
         return None
-    w = kmajor(qweight, scale, zero, fmt, in_features)
-    k, n = in_features, w.out_features
-    groups = w.scale.shape[0]
-    # every tensor whose pointer the kernel gets is held by a local until the call returns
-    x32 = xs.reshape(k).to(torch.float32).contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = torch.empty(n, dtype=torch.float32)
-    idx = torch.empty(k + groups + 1, dtype=torch.int64)
-    xsum = torch.empty(groups, dtype=torch.float32)
-    kernel(fmt)(x32.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), cpu_codegen._ptr(w.zero), cpu_codegen._ptr(b),
-                y.data_ptr(), idx.data_ptr(), xsum.data_ptr(), n, k, torch.get_num_threads())
-    return y.reshape(*xs.shape[:-1], n).to(xs.dtype)
+    limit = max_kept(qweight, scale, zero, fmt, in_features)
+    n = scale.shape[0]
+    if limit < 0:
+        _note_dense(fmt, n, in_features, limit, "the sparse kernel is slower at every sparsity on this host "
+                    f"({os.environ.get(DISPATCH_ENV, 'measured')})")
+        return None
+    w = KMAJOR_CACHE.get(qweight, ("kmajor_cpu", fmt)) or kmajor_cpu(qweight, scale, zero, fmt, in_features)
+    x32 = xs if xs.dtype == torch.float32 and xs.is_contiguous() else xs.to(torch.float32).contiguous()
+    b = None if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else (
+        bias.to(torch.float32).contiguous())
+    y = run(x32, w, bias if b is None else b, fmt, limit, lead=tuple(xs.shape[:-1]))
+    if y is None:
+        _note_dense(fmt, n, in_features, limit, f"more than {limit} of {in_features} inputs kept (measured crossover)")
+        return None
+    dispatch_counter[(fmt, "sparse")] += 1
+    return y if xs.dtype == torch.float32 else y.to(xs.dtype)
+
+
+def sparse_or_dense(xs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor | None:
+    """What ``lowbit::sparse_input_linear`` runs for a thresholded row on the CPU: :func:`linear`,
+    else the dense generated kernel (benchmarks time this)."""
+    y = linear(xs, qweight, scale, zero, bias, fmt, in_features)
+    return y if y is not None else cpu_codegen.linear(xs.reshape(-1, in_features), qweight, scale, zero, bias, fmt,
+                                                      in_features)

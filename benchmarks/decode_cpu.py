@@ -111,6 +111,10 @@ def main() -> None:
                         help="also draw ms/token per contender (default benchmarks/results/decode_cpu.svg)")
     parser.add_argument("--from-json", default=None, help="only plot this earlier result (with --plot)")
     parser.add_argument("--no-peers", action="store_true", help="leave out Inductor and torchao")
+    parser.add_argument("--recipes", default="none,w8a16,w4a16",
+                        help="lowbit recipes to compile (comma-separated); data-driven ones (teal-50+w8a16, "
+                             "s24-w8a16, ...) calibrate on --calibration random prompts")
+    parser.add_argument("--calibration", type=int, default=4, help="random 64-token prompts for data-driven recipes")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -147,9 +151,14 @@ def main() -> None:
                             if isinstance(m, torch.nn.Linear))
             contenders.append(Contender("torchao int8wo + Inductor", tao, torch.compile(tao), tao_bytes))
     dumps = tempfile.mkdtemp(prefix="lowbit-bench-")
-    for recipe in ("none", "w8a16", "w4a16"):
+    calibration = [torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(100 + i))
+                   for i in range(args.calibration)]
+    for recipe in args.recipes.split(","):
         dump_dir = os.path.join(dumps, recipe)
-        compiled = torch.compile(fp32, backend="lowbit", options={"recipe": recipe, "dump_dir": dump_dir})
+        options = {"recipe": recipe, "dump_dir": dump_dir, "progress": False}
+        if recipe.startswith(("teal", "wina", "cats", "s24-")):  # data-driven: activation thresholds, Wanda scores
+            options["calibration"] = calibration
+        compiled = torch.compile(fp32, backend="lowbit", options=options)
         contenders.append(Contender(f"lowbit {recipe}", fp32, compiled, 0))
 
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))

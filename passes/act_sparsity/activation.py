@@ -317,6 +317,30 @@ FUSE_SPARSE_INPUT = PatternRule("act_sparsify + wo_linear -> sparse_input_linear
                                 _sparse_input_linear)
 
 
+def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
+    """Which CPU kernel one row of this layer gets at its target sparsity, and why: the measured
+    dispatch of ``backends/cpu_sparse.py`` (timed here on this host, cached on disk; the runtime
+    decides per call by the number of inputs kept)."""
+    from lowbit_compiler.backends import cpu_sparse
+
+    a = ir.op_args(node)
+    fmt, k = a["fmt"], a["in_features"]
+    tensors = [ir.fetch_attr(gm, a[name].target) if isinstance(a[name], fx.Node) and a[name].op == "get_attr" else None
+               for name in ("qweight", "scale", "zero")]
+    if (why := cpu_sparse.supported(fmt)) is not None:
+        return f"dense kernels: {why}"
+    mode = cpu_sparse._mode()
+    if mode != "measure":
+        return f"{'activation-sparse' if mode == 'sparse' else 'dense'} kernel: {cpu_sparse.DISPATCH_ENV}={mode}"
+    qweight, scale, zero = tensors
+    if qweight is None or scale is None or qweight.device.type != "cpu" or cpu_sparse.kernel(fmt) is None:
+        return "decided at the first call (the weight is not a CPU constant here, or the kernel did not compile)"
+    entry = cpu_sparse.plan(qweight, scale, zero, fmt, k)
+    target = float(spec.target)
+    kernel = "activation-sparse" if entry["max_nnz"] >= round((1 - target) * k) else "dense"
+    return f"{kernel} kernel at the target {target:.0%} sparsity ({cpu_sparse.describe(entry, k, target)})"
+
+
 @register_pass
 class FuseSparseInput(Pass):
     """``wo_linear(act_sparsify(x))`` -> ``sparse_input_linear(x)``: the decode GEMV then reads only
@@ -333,5 +357,7 @@ class FuseSparseInput(Pass):
             spec, decision = ir.get(node, ir.ACT_SPARSITY), ir.get(node, ir.WEIGHT_QUANT)
             if spec is not None and decision is not None and decision.layer in ctx.layers:
                 ctx.layers[decision.layer]["activation_sparsity"] = spec.achieved
+                if node.target is torch.ops.lowbit.sparse_input_linear.default:
+                    ctx.layers[decision.layer]["sparse_kernel"] = _cpu_kernel_record(gm, node, spec)
         left = [u.name for n in gm.graph.nodes if n.target is torch.ops.lowbit.act_sparsify.default for u in n.users]
         return PassResult(fused > 0, fused, {"fused": fused, "unfused_readers": left})

@@ -39,7 +39,7 @@ def test_threshold_for_reaches_the_target_fraction():
 @pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g64_sym"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_sparse_input_linear_matches_the_float_reference(fmt, rows):
-    n, k = 1040, 384  # N spans a partial column tile (TILE = 512)
+    n, k = 1040, 384  # N spans a partial column tile (TW = 128: N is padded to 1152 in the K-major copy)
     gen = torch.Generator().manual_seed(1)
     qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse(fmt))
     x = torch.randn(rows, k, generator=gen)
@@ -63,7 +63,7 @@ def test_kernel_skips_all_zero_groups_and_reads_only_kept_rows():
     x[0, 200] = -0.02
     thr = torch.tensor([0.5])
     ref = sparse_input_linear_reference(x.double(), thr, None, qw.qweight, qw.scale, qw.zero, None, fmt, k)
-    w = cpu_sparse.kmajor(qw.qweight, qw.scale, qw.zero, fmt, k)
+    w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, qw.zero, fmt, k)
     w.codes[64:128] = 255
     w.codes[200] = 255
     y = sparse_input_linear(x, thr, None, qw.qweight, qw.scale, qw.zero, None, fmt, k)
