@@ -59,6 +59,7 @@ class PackedWeight(torch.nn.Module):
         self.register_buffer("weight", weight)   # int8 [N, Kp] or the int4pack layout (None until built)
         self.register_buffer("scales", scales)   # int8: [N]; int4: scales_and_zeros [Kp/g, Np, 2]
         self._make_layout = make_layout
+        self._bound: dict[bool, "cpu_codegen.Bound | None"] = {}  # int8 activations? -> bound kernel
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
 
     def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +68,20 @@ class PackedWeight(torch.nn.Module):
             self.weight, self.scales = self._make_layout()
             self._make_layout = None
         return self.weight, self.scales
+
+    def generated(self, int8_activations: bool = False) -> "cpu_codegen.Bound | None":
+        """This weight bound to its generated kernel (bound at the first call, kept), or None
+        (no kernel: torch's runs). ``LOWBIT_CPU_CODEGEN=0`` is still read at every call;
+        ``int8_activations`` picks the opt-in int4 kernel with int8 activations where it exists."""
+        if cpu_codegen.kernel_disabled():
+            return None
+        if int8_activations and cpu_codegen.supported(self.fmt + cpu_codegen.A8) is not None:
+            int8_activations = False
+        bound = self._bound.get(int8_activations, False)
+        if bound is False:
+            bound = self._bound[int8_activations] = cpu_codegen.bind(*self.quantized, self.fmt, self.in_features,
+                                                                     int8_activations=int8_activations)
+        return bound
 
     def extra_repr(self) -> str:
         built = "" if self.weight is not None else ", torch layout not built"
@@ -165,11 +180,11 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     out_dtype = x.dtype
     lead = x.shape[:-1]
     if packed.quantized is not None and x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1]:
-        a8 = cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(packed.fmt + cpu_codegen.A8) is None
-        y = cpu_codegen.linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt, packed.in_features,
-                               int8_activations=a8)
-        if y is not None:
-            return y.reshape(*lead, packed.out_features).to(out_dtype)
+        bound = packed.generated(cpu_codegen.int8_activations_enabled() and bool(torch.isfinite(x).all()))
+        if bound is not None:
+            y = bound(x.reshape(-1, x.shape[-1]), bias)
+            return y.view(*lead, packed.out_features) if out_dtype == torch.float32 else \
+                y.view(*lead, packed.out_features).to(out_dtype)
     return torch_packed_linear(x, packed, bias, compute_dtype)
 
 
