@@ -53,6 +53,11 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 # the compiler's default target (no AVX2 on x86-64): builds the portable loops; the tests use it to
 # check the fallback a host without AVX2 + FMA runs
 PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
+# which ISA a build targets: "native" (the host's: AVX-512 + VNNI paths where it has them),
+# "avx2" (the host's without AVX-512: what an AVX2-only machine runs), "portable" (the compiler's
+# default target). Only "native" is dispatched; the others exist so that one machine tests every
+# path a user's machine may take.
+ISA_FLAGS = {"native": FLAGS, "avx2": FLAGS + ("-mno-avx512f",), "portable": PORTABLE_FLAGS}
 
 _PRELUDE = r"""
 #include <math.h>
@@ -62,6 +67,25 @@ _PRELUDE = r"""
 #include <immintrin.h>
 #define LOWBIT_AVX2 1  /* explicit AVX2 + FMA below; otherwise the portable loops the compiler vectorises */
 #endif
+#if defined(LOWBIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LOWBIT_AVX512 1  /* 16-lane paths where a kernel has one (the AVX2 code stays for the rest) */
+#endif
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+#define LOWBIT_VNNI 1  /* vpdpbusd: four byte products summed into int32 in one instruction */
+#endif
+
+/* which explicit path this build runs (tests and benchmarks read it) */
+const char* lowbit_isa(void) {
+#if defined(LOWBIT_VNNI)
+    return "avx512_vnni";
+#elif defined(LOWBIT_AVX512)
+    return "avx512";
+#elif defined(LOWBIT_AVX2)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -134,6 +158,61 @@ static inline __attribute__((always_inline)) void {name}_tile(
 }}
 #endif
 
+#if defined(LOWBIT_AVX512) && {wide}
+#define {name}_W512 1
+/* 16 code bytes (32 weights) a step: vpmovzxbd to 16 int32 lanes, low nibbles against 16 even
+   columns, high nibbles against 16 odd ones. One row (decode) keeps four FMA chains (two per
+   nibble) so that a 64-byte group is not bound by FMA latency; tiles of 2-4 rows keep two. */
+static inline __attribute__((always_inline)) void {name}_tile512(
+    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const float* xe, const float* xo,
+    const float* xs, float* out, int64_t half, int64_t groups, const int MT)
+{{
+    const int64_t G = {group};
+    const __m512i low4 = _mm512_set1_epi32(15);
+    __m512 acc[4];
+    float zsum[4];
+    for (int r = 0; r < MT; r++) {{ acc[r] = _mm512_setzero_ps(); zsum[r] = 0.0f; }}
+    for (int64_t g = 0; g < groups; g++) {{
+        const float s = bf16_to_f32(scale[g]);
+        const float z = {zero_expr};
+        const uint8_t* b = row + g * (G / 2);
+        const int64_t at0 = g * (G / 2);
+        __m512 dl[4], dh[4];
+        for (int r = 0; r < MT; r++) {{ dl[r] = _mm512_setzero_ps(); dh[r] = _mm512_setzero_ps(); }}
+        int64_t j = 0;
+        if (MT == 1) {{
+            __m512 el = _mm512_setzero_ps(), eh = _mm512_setzero_ps();
+            for (; j + 32 <= G / 2; j += 32) {{
+                const __m512i w0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b + j)));
+                const __m512i w1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b + j + 16)));
+                dl[0] = _mm512_fmadd_ps({name}_decode512(_mm512_and_si512(w0, low4)), _mm512_loadu_ps(xe + at0 + j), dl[0]);
+                dh[0] = _mm512_fmadd_ps({name}_decode512(_mm512_srli_epi32(w0, 4)), _mm512_loadu_ps(xo + at0 + j), dh[0]);
+                el = _mm512_fmadd_ps({name}_decode512(_mm512_and_si512(w1, low4)), _mm512_loadu_ps(xe + at0 + j + 16), el);
+                eh = _mm512_fmadd_ps({name}_decode512(_mm512_srli_epi32(w1, 4)), _mm512_loadu_ps(xo + at0 + j + 16), eh);
+            }}
+            dl[0] = _mm512_add_ps(dl[0], el);
+            dh[0] = _mm512_add_ps(dh[0], eh);
+        }}
+        for (; j < G / 2; j += 16) {{
+            const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b + j)));
+            const __m512 lo = {name}_decode512(_mm512_and_si512(w, low4));
+            const __m512 hi = {name}_decode512(_mm512_srli_epi32(w, 4));
+            for (int r = 0; r < MT; r++) {{
+                dl[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xe + r * half + at0 + j), dl[r]);
+                dh[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xo + r * half + at0 + j), dh[r]);
+            }}
+        }}
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int r = 0; r < MT; r++) {{
+            acc[r] = _mm512_fmadd_ps(sv, _mm512_add_ps(dl[r], dh[r]), acc[r]);
+            zsum[r] += s * z * xs[r * groups + g];
+        }}
+    }}
+    for (int r = 0; r < MT; r++)
+        out[r] = _mm512_reduce_add_ps(acc[r]) - zsum[r];
+}}
+#endif
+
 void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const uint8_t* zero,
             const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
 {{
@@ -159,7 +238,16 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
         const uint16_t* sc = scale + n * groups;
         const uint8_t* zp = {zero_row};
         float out[{max_rows}];
-#ifdef LOWBIT_AVX2
+#if defined({name}_W512)
+        for (int64_t m = 0; m < M; m += 4) {{  /* constant tile sizes: the accumulators stay in registers */
+            const int64_t t = M - m < 4 ? M - m : 4;
+            const float *e = xe + m * half, *o = xo + m * half, *s = xs + m * groups;
+            if (t == 4) {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 4);
+            else if (t == 3) {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 3);
+            else if (t == 2) {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 2);
+            else {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 1);
+        }}
+#elif defined(LOWBIT_AVX2)
         for (int64_t m = 0; m < M; m += 4) {{  /* constant tile sizes: the accumulators stay in registers */
             const int64_t t = M - m < 4 ? M - m : 4;
             const float *e = xe + m * half, *o = xo + m * half, *s = xs + m * groups;
@@ -206,6 +294,9 @@ static inline float {name}_value(int c) {{ return (float)c; }}
 #ifdef LOWBIT_AVX2
 static inline __m256 {name}_decode(__m256i c) {{ return _mm256_cvtepi32_ps(c); }}
 #endif
+#ifdef LOWBIT_AVX512
+static inline __m512 {name}_decode512(__m512i c) {{ return _mm512_cvtepi32_ps(c); }}
+#endif
 """
 
 _DECODE_TABLE = r"""
@@ -217,6 +308,10 @@ static inline __m256 {name}_decode(__m256i c) {{
     const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  /* sign bit = code bit 3 */
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c), bit3);
 }}
+#endif
+#ifdef LOWBIT_AVX512
+/* all 16 values in one register: one permute per 16 codes */
+static inline __m512 {name}_decode512(__m512i c) {{ return _mm512_permutexvar_ps(c, _mm512_loadu_ps({name}_table)); }}
 #endif
 """
 
@@ -263,6 +358,46 @@ static inline __attribute__((always_inline)) void {name}_tile(
 }}
 #endif
 
+#ifdef LOWBIT_AVX512
+/* 16 codes a step (vpmovsxbd to 16 int32 lanes); one row keeps four chains over 64 bytes */
+static inline __attribute__((always_inline)) void {name}_tile512(
+    const int8_t* w, const float* x, float* out, int64_t K, const int MT)
+{{
+    __m512 a0[4], a1[4];
+    for (int r = 0; r < MT; r++) {{ a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }}
+    int64_t k = 0;
+    if (MT == 1) {{
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        for (; k + 64 <= K; k += 64) {{
+            a0[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k)))),
+                                    _mm512_loadu_ps(x + k), a0[0]);
+            a1[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16)))),
+                                    _mm512_loadu_ps(x + k + 16), a1[0]);
+            a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 32)))),
+                                 _mm512_loadu_ps(x + k + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 48)))),
+                                 _mm512_loadu_ps(x + k + 48), a3);
+        }}
+        a0[0] = _mm512_add_ps(a0[0], a2);
+        a1[0] = _mm512_add_ps(a1[0], a3);
+    }}
+    for (; k + 32 <= K; k += 32) {{
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16))));
+        for (int r = 0; r < MT; r++) {{
+            a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), a0[r]);
+            a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), a1[r]);
+        }}
+    }}
+    for (int r = 0; r < MT; r++) {{
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+        for (int64_t kk = k; kk < K; kk++)
+            t += (float)w[kk] * x[r * K + kk];
+        out[r] = t;
+    }}
+}}
+#endif
+
 void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const uint8_t* zero,
             const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
 {{
@@ -272,7 +407,15 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
         const int8_t* w = codes + n * K;
         const float s = bf16_to_f32(scale[n]);
         float d[{max_rows}];
-#ifdef LOWBIT_AVX2
+#if defined(LOWBIT_AVX512)
+        for (int64_t m = 0; m < M; m += 4) {{
+            const int64_t t = M - m < 4 ? M - m : 4;
+            if (t == 4) {name}_tile512(w, x + m * K, d + m, K, 4);
+            else if (t == 3) {name}_tile512(w, x + m * K, d + m, K, 3);
+            else if (t == 2) {name}_tile512(w, x + m * K, d + m, K, 2);
+            else {name}_tile512(w, x + m * K, d + m, K, 1);
+        }}
+#elif defined(LOWBIT_AVX2)
         for (int64_t m = 0; m < M; m += 4) {{
             const int64_t t = M - m < 4 ? M - m : 4;
             if (t == 4) {name}_tile(w, x + m * K, d + m, K, 4);
@@ -417,13 +560,54 @@ static inline __attribute__((always_inline)) void {name}_tile(
 }}
 #endif
 
+#ifdef LOWBIT_AVX512
+/* 64 bytes a step, the same sign trick; with VNNI one vpdpbusd sums the four u8 x s8 products of
+   each int32 lane into the accumulator (no int16 intermediate, no saturation: vpdpbusd, not
+   vpdpbusds); without it maddubs + madd as above, 64 lanes wide */
+static inline __attribute__((always_inline)) void {name}_tile512(
+    const int8_t* w, const int8_t* x, int32_t* out, int64_t K, const int MT)
+{{
+    __m512i acc[4];
+    for (int r = 0; r < MT; r++) acc[r] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {{
+        const __m512i wv = _mm512_loadu_si512((const void*)(w + k));
+        const __m512i wa = _mm512_abs_epi8(wv);  /* |w| as unsigned bytes (-128 -> 128) */
+        const __mmask64 neg = _mm512_movepi8_mask(wv);
+        for (int r = 0; r < MT; r++) {{
+            const __m512i xv = _mm512_loadu_si512((const void*)(x + r * K + k));
+            const __m512i xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);  /* x * sign(w) */
+#ifdef LOWBIT_VNNI
+            acc[r] = _mm512_dpbusd_epi32(acc[r], wa, xs);
+#else
+            acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(_mm512_maddubs_epi16(wa, xs), _mm512_set1_epi16(1)));
+#endif
+        }}
+    }}
+    for (int r = 0; r < MT; r++) {{
+        int32_t t = _mm512_reduce_add_epi32(acc[r]);
+        for (int64_t kk = k; kk < K; kk++)
+            t += (int32_t)w[kk] * (int32_t)x[r * K + kk];
+        out[r] = t;
+    }}
+}}
+#endif
+
 void {name}(const int8_t* x, const int8_t* codes, int32_t* y, int64_t M, int64_t N, int64_t K, int threads)
 {{
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {{
         const int8_t* w = codes + n * K;
         int32_t d[{max_rows}];
-#ifdef LOWBIT_AVX2
+#if defined(LOWBIT_AVX512)
+        for (int64_t m = 0; m < M; m += 4) {{
+            const int64_t t = M - m < 4 ? M - m : 4;
+            if (t == 4) {name}_tile512(w, x + m * K, d + m, K, 4);
+            else if (t == 3) {name}_tile512(w, x + m * K, d + m, K, 3);
+            else if (t == 2) {name}_tile512(w, x + m * K, d + m, K, 2);
+            else {name}_tile512(w, x + m * K, d + m, K, 1);
+        }}
+#elif defined(LOWBIT_AVX2)
         for (int64_t m = 0; m < M; m += 4) {{
             const int64_t t = M - m < 4 ? M - m : 4;
             if (t == 4) {name}_tile(w, x + m * K, d + m, K, 4);
@@ -476,8 +660,12 @@ static inline __attribute__((always_inline)) void {name}_tile(
             const __m128i q = _mm_loadu_si128((const __m128i*)(b + c * 16));
             const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4), _mm_and_si128(q, low4));
             for (int r = 0; r < MT; r++) {{
-                const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(xq + r * K + g * G + c * 32)));
-                vi[r] = _mm256_add_epi32(vi[r], _mm256_madd_epi16(p, ones));
+                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * G + c * 32));
+#ifdef LOWBIT_VNNI
+                vi[r] = _mm256_dpbusd_epi32(vi[r], w, xv);  /* the four u8 x s8 products per lane, summed */
+#else
+                vi[r] = _mm256_add_epi32(vi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
+#endif
             }}
         }}
         for (int r = 0; r < MT; r++) {{
@@ -614,6 +802,7 @@ def source(fmt: str) -> str:
             decode = _DECODE_INT.format(name=name)
             zero_expr = "(float)zp[g]" if f.has_zero_points else "8.0f"
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS, decode_defs=decode, zero_expr=zero_expr,
+                            wide=int(f.group_size % 32 == 0),  # the 16-lane path reads 16 code bytes a step
                             zero_row="zero + n * groups" if f.has_zero_points else "0")
     return f"/* lowbit generated CPU kernel: {fmt} weights, float32 rows (M <= {MAX_ROWS}) */\n" + _PRELUDE + body
 
@@ -645,36 +834,54 @@ def kernel_disabled() -> bool:
     return False
 
 
-def kernel(fmt: str, portable: bool = False):
+def kernel(fmt: str, portable: bool = False, isa: str | None = None):
     """The compiled kernel for ``fmt`` (a ctypes function), or None (reason logged once).
-    ``portable=True`` builds for the compiler's default target instead of the host's ISA."""
+    ``isa`` (see ``ISA_FLAGS``; default "native", or "portable" with ``portable=True``) builds for
+    another target than the host's full ISA; ``isa_of(fn)`` says which explicit path it runs."""
     if kernel_disabled():
         return None
-    return _build(fmt, portable)
+    return _build(fmt, isa or ("portable" if portable else "native"))
 
 
 @functools.lru_cache(maxsize=None)
-def _build(fmt: str, portable: bool):
+def _build(fmt: str, isa: str):
     why = supported(fmt)
     if why is not None:
         return None
     pointers = 3 if fmt == W8A8 else 7
     return build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
-                 "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", portable=portable)
+                 "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", isa=isa)
+
+
+# ctypes function -> the explicit path its build runs ("avx512_vnni", "avx512", "avx2", "portable")
+_ISA_OF: dict[int, str] = {}
+
+
+def isa_of(fn) -> str | None:
+    """Which explicit path a kernel built from this module's templates runs (None: not one of them)."""
+    return _ISA_OF.get(id(fn))
+
+
+def host_isa() -> str:
+    """The path a native build takes on this host (from its CPU flags; what ``isa_of`` reports)."""
+    flags = set(_host_flags().split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
+        return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "portable"
 
 
 def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
-          what: str | None = None, portable: bool = False) -> "ctypes._CFuncPtr | None":
+          what: str | None = None, portable: bool = False, isa: str | None = None) -> "ctypes._CFuncPtr | None":
     """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
     of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
     naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
-    module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``portable`` builds for the compiler's
-    default target instead of the host's ISA."""
+    module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``isa`` (``ISA_FLAGS``; ``portable=True``
+    means "portable") builds for another target than the host's full ISA."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    flags = PORTABLE_FLAGS if portable else FLAGS
+    flags = ISA_FLAGS[isa or ("portable" if portable else "native")]
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
     lib = _cache_dir() / f"{name}_{key}.so"
@@ -688,9 +895,13 @@ def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed 
                 _note(f"compiling {what or name} with {compiler} failed ({result.stderr.strip()[:300]}); {fallback}")
                 return None
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
-    fn = getattr(ctypes.CDLL(str(lib)), name)
+    library = ctypes.CDLL(str(lib))
+    fn = getattr(library, name)
     fn.restype = None
     fn.argtypes = argtypes
+    if hasattr(library, "lowbit_isa"):
+        library.lowbit_isa.restype = ctypes.c_char_p
+        _ISA_OF[id(fn)] = library.lowbit_isa().decode()
     return fn
 
 
@@ -752,11 +963,11 @@ class Bound:
 
 
 def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str, in_features: int,
-         portable: bool = False, int8_activations: bool = False) -> Bound | None:
+         portable: bool = False, int8_activations: bool = False, isa: str | None = None) -> Bound | None:
     """The weight bound to its generated kernel, or None when no kernel applies (none for the
     format, no compiler, K padded to the group, scales not bf16, not on the CPU)."""
     key = fmt + A8 if int8_activations else fmt
-    fn = kernel(key, portable)
+    fn = kernel(key, portable, isa)
     if fn is None or qweight.device.type != "cpu" or scale.dtype != torch.bfloat16:
         return None
     if WeightFormat.parse(fmt).padded_k(in_features) != in_features:
@@ -766,7 +977,7 @@ def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
            bias: torch.Tensor | None, fmt: str, in_features: int, portable: bool = False,
-           int8_activations: bool = False) -> torch.Tensor | None:
+           int8_activations: bool = False, isa: str | None = None) -> torch.Tensor | None:
     """``x[M, K] @ dequantize(W).T + bias`` in float32 by the generated kernel, or None when it
     does not apply (no kernel, too many rows, padded K): the caller runs torch's kernels.
     ``int8_activations=True`` (int4 only) runs the kernel that quantizes x per group to int8 first
@@ -775,15 +986,16 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         int8_activations = False  # an inf or NaN has no int8 code: the float kernel propagates it
     if x.shape[0] > MAX_ROWS:
         return None
-    bound = bind(qweight, scale, zero, fmt, in_features, portable, int8_activations)
+    bound = bind(qweight, scale, zero, fmt, in_features, portable, int8_activations, isa)
     return None if bound is None else bound(x, bias)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, portable: bool = False) -> torch.Tensor | None:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, portable: bool = False,
+                isa: str | None = None) -> torch.Tensor | None:
     """``x[M, K] @ weight[N, K].T`` for int8 codes in int32 (exact; what ``torch._int_mm`` gives)
     by the generated W8A8 kernel, or None when it does not apply (no kernel, too many rows, not the
     CPU, an activation code of -128, which the kernel's sign trick cannot take)."""
-    fn = kernel(W8A8, portable)
+    fn = kernel(W8A8, portable, isa)
     rows = x.shape[0]
     if fn is None or rows > MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.int8 or weight.dtype != torch.int8:
         return None

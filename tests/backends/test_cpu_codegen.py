@@ -94,6 +94,58 @@ def test_portable_build_matches_the_float_reference(fmt, rows):
     assert formats.sqnr_db(reference, y.double()) >= 110.0
 
 
+def test_native_build_runs_the_widest_path_the_host_has():
+    """The dispatched (native) build takes the AVX-512 / VNNI paths exactly when the host's CPU
+    flags have them (the flags are in the cache key, so a cached build never crosses machines)."""
+    for fmt in ("int8", "int4_g128_asym", cpu_codegen.W8A8):
+        assert cpu_codegen.isa_of(cpu_codegen.kernel(fmt)) == cpu_codegen.host_isa()
+    assert cpu_codegen.isa_of(cpu_codegen.kernel("int8", portable=True)) == "portable"
+
+
+_HOST = set(cpu_codegen._host_flags().split())
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _HOST, reason="the host has no AVX2 + FMA to run an AVX2 build")
+@pytest.mark.parametrize("fmt", [f if f in ("int8", "int4_g32_sym", "int4_g128_asym", "nf4_g64")
+                                 else pytest.param(f, marks=pytest.mark.slow) for f in FORMATS])  # a build each
+def test_avx2_build_matches_the_float_reference(fmt):
+    """What a host with AVX2 but no AVX-512 runs (``isa="avx2"``: the host's flags minus AVX-512),
+    over every format, every row-tile remainder, odd N, bias; on an AVX-512 host this covers the
+    path it does not dispatch, on an AVX2 host it is the dispatched one."""
+    fn = cpu_codegen.kernel(fmt, isa="avx2")
+    assert fn is not None and cpu_codegen.isa_of(fn) == "avx2"
+    g = torch.Generator().manual_seed(7)
+    n, k = 37, 256 + (24 if fmt == "int8" else 0)
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt))
+    bias = torch.randn(n, generator=g)
+    for rows in (1, 6):
+        x = torch.randn(rows, k, generator=g)
+        y = cpu_codegen.linear(x, q.qweight, q.scale, q.zero, bias, fmt, k, isa="avx2")
+        reference = ops.wo_linear_reference(x.double(), q.qweight, q.scale, q.zero, bias.double(), fmt, k)
+        assert formats.sqnr_db(reference, y.double()) >= 110.0
+        native = cpu_codegen.linear(x, q.qweight, q.scale, q.zero, bias, fmt, k)
+        assert formats.sqnr_db(native.double(), y.double()) >= 110.0  # the paths agree to float32 rounding
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _HOST, reason="the host has no AVX2 + FMA to run an AVX2 build")
+def test_avx2_builds_of_the_integer_kernels():
+    """W8A8 (maddubs instead of VNNI's vpdpbusd) exact, and the int8-activation int4 kernel equal
+    to the native one, in the AVX2 build."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-127, 128, (5, 300), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (19, 300), dtype=torch.int8, generator=g)
+    x[0], w[0] = 127, -128
+    y = cpu_codegen.int8_matmul(x, w, isa="avx2")
+    assert cpu_codegen.isa_of(cpu_codegen.kernel(cpu_codegen.W8A8, isa="avx2")) == "avx2"
+    assert torch.equal(y.long(), x.long() @ w.long().T)
+    q = formats.quantize(torch.randn(37, 512, generator=g) * 0.05, WeightFormat.parse("int4_g64_asym"))
+    xf = torch.randn(3, 512, generator=g)
+    avx2 = cpu_codegen.linear(xf, q.qweight, q.scale, q.zero, None, "int4_g64_asym", 512, int8_activations=True,
+                              isa="avx2")
+    native = cpu_codegen.linear(xf, q.qweight, q.scale, q.zero, None, "int4_g64_asym", 512, int8_activations=True)
+    assert formats.sqnr_db(native.double(), avx2.double()) >= 110.0  # integer sums: equal up to float rounding
+
+
 def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
     """Decode-sized calls (9 rows) of a w4a16 model, eager after ``compress`` and under
     ``torch.compile``, run the generated kernel; they match torch's packed path (bf16 compute,
