@@ -42,6 +42,8 @@ log = logging.getLogger("lowbit_compiler")
 
 MAX_ROWS = 16  # decode and small batches; larger M goes to torch's packed kernels
 ENV = "LOWBIT_CPU_CODEGEN"
+# "0": the CPU lowering leaves q/k/v and gate.up as separate generated calls (read when compiling)
+FUSE_ENV = "LOWBIT_CPU_FUSE"
 # "1": int4 weight-only calls quantize their activations to int8 per group first (faster, lossy)
 INT8_ACTIVATIONS_ENV = "LOWBIT_CPU_INT8_ACTIVATIONS"
 
@@ -213,8 +215,8 @@ static inline __attribute__((always_inline)) void {name}_tile512(
 }}
 #endif
 
-void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const uint8_t* zero,
-            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+/* once per call: x split into even / odd columns and summed per group (scratch [M, K + K/G]) */
+static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
 {{
     const int64_t G = {group}, half = K / 2, groups = K / G;
     float* xe = scratch;                  /* [M, K/2] even columns of x */
@@ -232,12 +234,23 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             xs[m * groups + g] = t;
         }}
     }}
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {{
+}}
+
+/* output channel n of every row (no bias): out[m] = x[m] . dequant(W[n]) */
+static inline __attribute__((always_inline)) void {name}_channel(
+    const void* codes_, const uint16_t* scale, const uint8_t* zero, const float* x, const float* scratch,
+    int64_t n, int64_t M, int64_t K, float* out)
+{{
+    (void)x;
+    const int64_t G = {group}, half = K / 2, groups = K / G;
+    const float* xe = scratch;
+    const float* xo = scratch + M * half;
+    const float* xs = scratch + 2 * M * half;
+    const uint8_t* codes = (const uint8_t*)codes_;
+    {{
         const uint8_t* row = codes + n * half;
         const uint16_t* sc = scale + n * groups;
         const uint8_t* zp = {zero_row};
-        float out[{max_rows}];
 #if defined({name}_W512)
         for (int64_t m = 0; m < M; m += 4) {{  /* constant tile sizes: the accumulators stay in registers */
             const int64_t t = M - m < 4 ? M - m : 4;
@@ -279,12 +292,64 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             }}
         }}
 #endif
+    }}
+}}
+""" + "{drivers}"
+
+
+# The entry points over {name}_prepare / {name}_channel (int8, int4, NF4): one weight, and several
+# weights of one input in one parallel loop (a fusion group: q/k/v side by side, or gate.up with
+# SiLU(gate) * up as its epilogue), so x is prepared once and one OpenMP region runs instead of
+# two or three. Each output channel is computed by the same code in both, so a fused output
+# equals the separate calls' bit for bit (the epilogue aside).
+_DRIVERS = r"""
+void {name}(const float* x, const void* codes, const uint16_t* scale, const uint8_t* zero,
+            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+{{
+    {name}_prepare(x, scratch, M, K);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {{
+        float out[{max_rows}];
+        {name}_channel(codes, scale, zero, x, scratch, n, M, K, out);
         for (int64_t m = 0; m < M; m++)
             y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
     }}
 }}
-"""
 
+/* epilogue 0: y [M, sum Ns] = the nw outputs side by side (q/k/v); epilogue 1 (nw = 2, equal N):
+   y [M, N] = silu(x W0^T + b0) * (x W1^T + b1) (a gated MLP's gate and up) */
+void {name}_multi(const float* x, const void* const* codes, const uint16_t* const* scale,
+                  const uint8_t* const* zero, const float* const* bias, float* y, float* scratch, int64_t M,
+                  const int64_t* Ns, int64_t nw, int64_t K, int64_t epilogue, int threads)
+{{
+    {name}_prepare(x, scratch, M, K);
+    if (epilogue == 1) {{
+        const int64_t N = Ns[0];
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {{
+            float a[{max_rows}], b[{max_rows}];
+            {name}_channel(codes[0], scale[0], zero[0], x, scratch, n, M, K, a);
+            {name}_channel(codes[1], scale[1], zero[1], x, scratch, n, M, K, b);
+            for (int64_t m = 0; m < M; m++) {{
+                const float g = a[m] + (bias[0] ? bias[0][n] : 0.0f), u = b[m] + (bias[1] ? bias[1][n] : 0.0f);
+                y[m * N + n] = g / (1.0f + expf(-g)) * u;
+            }}
+        }}
+        return;
+    }}
+    int64_t total = 0;
+    for (int64_t i = 0; i < nw; i++) total += Ns[i];
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < total; t++) {{
+        int64_t i = 0, n = t;
+        while (n >= Ns[i]) {{ n -= Ns[i]; i++; }}
+        float out[{max_rows}];
+        {name}_channel(codes[i], scale[i], zero[i], x, scratch, n, M, K, out);
+        for (int64_t m = 0; m < M; m++)
+            y[m * total + t] = out[m] + (bias[i] ? bias[i][n] : 0.0f);
+    }}
+}}
+"""
 
 # What a 4-bit code means: an integer (int4: the code itself, its zero point subtracted per group)
 # or an entry of a 16-value table (NF4: looked up in registers, two 8-entry permutes and a blend
@@ -398,12 +463,18 @@ static inline __attribute__((always_inline)) void {name}_tile512(
 }}
 #endif
 
-void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const uint8_t* zero,
-            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+    (void)x; (void)scratch; (void)M; (void)K;  /* int8 reads x as it is */
+}}
+
+static inline __attribute__((always_inline)) void {name}_channel(
+    const void* codes_, const uint16_t* scale, const uint8_t* zero, const float* x, const float* scratch,
+    int64_t n, int64_t M, int64_t K, float* out)
 {{
     (void)zero; (void)scratch;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {{
+    const int8_t* codes = (const int8_t*)codes_;
+    {{
         const int8_t* w = codes + n * K;
         const float s = bf16_to_f32(scale[n]);
         float d[{max_rows}];
@@ -442,10 +513,10 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
         }}
 #endif
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = s * d[m] + (bias ? bias[n] : 0.0f);
+            out[m] = s * d[m];
     }}
 }}
-"""
+""" + "{drivers}"
 
 # 2:4 sparse + int8 (``sparse_formats.py``: ``s24+int8``): per row, KC = K/2 int8 codes of the kept
 # values, then their 2-bit indices inside each group of 4 (kept value j: bits [2j, 2j+2) of the
@@ -793,7 +864,7 @@ def source(fmt: str) -> str:
     if f.kind == "sparse":
         body = _S24_INT8.format(name=name, max_rows=MAX_ROWS)
     elif f.bits == 8:
-        body = _INT8.format(name=name, max_rows=MAX_ROWS)
+        body = _INT8.format(name=name, max_rows=MAX_ROWS, drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS))
     else:
         if f.kind == "nf4":
             decode = _DECODE_TABLE.format(name=name, values=", ".join(f"{float(v)!r}f" for v in NF4_GRID))
@@ -803,6 +874,7 @@ def source(fmt: str) -> str:
             zero_expr = "(float)zp[g]" if f.has_zero_points else "8.0f"
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS, decode_defs=decode, zero_expr=zero_expr,
                             wide=int(f.group_size % 32 == 0),  # the 16-lane path reads 16 code bytes a step
+                            drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS),
                             zero_row="zero + n * groups" if f.has_zero_points else "0")
     return f"/* lowbit generated CPU kernel: {fmt} weights, float32 rows (M <= {MAX_ROWS}) */\n" + _PRELUDE + body
 
@@ -853,6 +925,25 @@ def _build(fmt: str, isa: str):
                  "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", isa=isa)
 
 
+def multi_kernel(fmt: str, isa: str | None = None):
+    """The several-weights entry point of ``fmt``'s kernel (``{name}_multi``: q/k/v side by side, or
+    gate.up with SiLU * mul), or None (no kernel for the format; reason logged once)."""
+    if kernel_disabled():
+        return None
+    return _build_multi(fmt, isa or "native")
+
+
+@functools.lru_cache(maxsize=None)
+def _build_multi(fmt: str, isa: str):
+    if supported(fmt) is not None or fmt in (W8A8,) or fmt.endswith(A8) or WeightFormat.parse(fmt).kind == "sparse":
+        return None
+    return build(kernel_name(fmt), source(fmt),
+                 [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_int64, ctypes.c_int],
+                 "the group's linears run one by one", what=f"the {fmt} kernel", isa=isa,
+                 entry=kernel_name(fmt) + "_multi")
+
+
 # ctypes function -> the explicit path its build runs ("avx512_vnni", "avx512", "avx2", "portable")
 _ISA_OF: dict[int, str] = {}
 
@@ -871,12 +962,14 @@ def host_isa() -> str:
 
 
 def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
-          what: str | None = None, portable: bool = False, isa: str | None = None) -> "ctypes._CFuncPtr | None":
+          what: str | None = None, portable: bool = False, isa: str | None = None,
+          entry: str | None = None) -> "ctypes._CFuncPtr | None":
     """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
     of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
     naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
     module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``isa`` (``ISA_FLAGS``; ``portable=True``
-    means "portable") builds for another target than the host's full ISA."""
+    means "portable") builds for another target than the host's full ISA; ``entry`` names another
+    function of the same library (one build, several entry points)."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
@@ -896,7 +989,7 @@ def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed 
                 return None
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
     library = ctypes.CDLL(str(lib))
-    fn = getattr(library, name)
+    fn = getattr(library, entry or name)
     fn.restype = None
     fn.argtypes = argtypes
     if hasattr(library, "lowbit_isa"):
@@ -934,14 +1027,14 @@ class Bound:
     of Python per linear, ~0.5 ms per token of a 57-linear model). Holds the tensors whose pointers
     it keeps."""
 
-    __slots__ = ("fn", "name", "tensors", "codes", "scales", "zeros", "n", "k", "scratch")
+    __slots__ = ("fn", "name", "fmt", "tensors", "codes", "scales", "zeros", "n", "k", "scratch")
 
     def __init__(self, fn, key: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  fmt: str, in_features: int):
         f = WeightFormat.parse(fmt)
         codes, scales = qweight.contiguous(), scale.contiguous().view(torch.int16)
         zeros = None if zero is None else zero.contiguous()
-        self.fn, self.name, self.tensors = fn, kernel_name(key), (codes, scales, zeros)
+        self.fn, self.name, self.fmt, self.tensors = fn, kernel_name(key), key, (codes, scales, zeros)
         self.codes, self.scales, self.zeros = codes.data_ptr(), scales.data_ptr(), _ptr(zeros)
         self.n, self.k = scale.shape[0], in_features
         groups = in_features // (f.group_size or in_features)
@@ -960,6 +1053,53 @@ class Bound:
         self.fn(x32.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
                 y.data_ptr(), scratch.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
         return y
+
+
+SILU_MUL = 1  # the multi kernel's epilogue code for silu(first) * second
+
+
+class BoundGroup:
+    """Several weights of one input (same format and K) bound to their kernel's ``_multi`` entry:
+    ``(x, biases) -> [M, sum N]`` outputs side by side, or with ``epilogue=SILU_MUL`` (two
+    weights, equal N) ``silu(x W0^T + b0) * (x W1^T + b1)``."""
+
+    __slots__ = ("fn", "name", "members", "codes", "scales", "zeros", "ns", "nw", "k", "scratch", "epilogue", "n_out")
+
+    def __init__(self, fn, members: list[Bound], epilogue: int = 0):
+        self.fn, self.members, self.epilogue = fn, members, epilogue
+        self.name = members[0].name + ("_silu_mul" if epilogue == SILU_MUL else f"_x{len(members)}")
+        self.nw, self.k, self.scratch = len(members), members[0].k, members[0].scratch
+        arr = ctypes.c_void_p * self.nw
+        self.codes = arr(*[b.codes for b in members])
+        self.scales = arr(*[b.scales for b in members])
+        self.zeros = arr(*[b.zeros for b in members])
+        self.ns = (ctypes.c_int64 * self.nw)(*[b.n for b in members])
+        self.n_out = members[0].n if epilogue == SILU_MUL else sum(b.n for b in members)
+
+    def __call__(self, x: torch.Tensor, biases: list[torch.Tensor | None]) -> torch.Tensor:
+        rows = x.shape[0]
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
+        bias_ptrs = (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
+        y = torch.empty(rows, self.n_out, dtype=torch.float32)
+        scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
+        calls[self.name] += 1
+        self.fn(x32.data_ptr(), self.codes, self.scales, self.zeros, bias_ptrs, y.data_ptr(), scratch.data_ptr(),
+                rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads())
+        return y
+
+
+def bind_group(members: list[Bound], epilogue: int = 0, isa: str | None = None) -> BoundGroup | None:
+    """Bound weights of one input as one fused call, or None (different formats or K, the format
+    has no multi kernel, SiLU * mul over weights of different N)."""
+    fmts = {b.name for b in members}
+    if len(members) < 2 or len(fmts) != 1 or len({b.k for b in members}) != 1:
+        return None
+    if epilogue == SILU_MUL and (len(members) != 2 or members[0].n != members[1].n):
+        return None
+    fmt = members[0].fmt
+    fn = multi_kernel(fmt, isa)
+    return None if fn is None else BoundGroup(fn, members, epilogue)
 
 
 def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str, in_features: int,

@@ -188,6 +188,50 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     return torch_packed_linear(x, packed, bias, compute_dtype)
 
 
+class FusedWeights(torch.nn.Module):
+    """Several packed weights of one input run as one generated call (a CPU fusion group, made by
+    ``lowering._fuse_cpu_groups``): q/k/v side by side (``epilogue=0``) or a gated MLP's gate and up
+    with ``silu(gate) * up`` (``cpu_codegen.SILU_MUL``). A module so lowered graphs hold it with
+    ``get_attr``; the bound group is made at the first decode-sized call and kept."""
+
+    def __init__(self, members: list[PackedWeight], epilogue: int = 0):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.epilogue = epilogue
+        self._bound: "cpu_codegen.BoundGroup | None | bool" = False
+
+    def bound(self) -> "cpu_codegen.BoundGroup | None":
+        if cpu_codegen.kernel_disabled():
+            return None
+        if self._bound is False:
+            parts = [m.generated() for m in self.members]
+            self._bound = None if any(p is None for p in parts) else cpu_codegen.bind_group(parts, self.epilogue)
+        return self._bound
+
+    def extra_repr(self) -> str:
+        what = "silu(gate) * up" if self.epilogue == cpu_codegen.SILU_MUL else "outputs side by side"
+        return f"{len(self.members)} weights of one input, {what}"
+
+
+def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dtype: torch.dtype):
+    """A CPU fusion group: one generated call for decode-sized inputs (float32), else each weight
+    by ``packed_linear`` and the epilogue in torch (what the graph did before fusing). Returns the
+    tensor (SiLU * mul) or a tuple of outputs (side by side)."""
+    lead = x.shape[:-1]
+    silu_mul = fused.epilogue == cpu_codegen.SILU_MUL
+    if x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1] and not cpu_codegen.int8_activations_enabled():
+        bound = fused.bound()
+        if bound is not None:
+            y = bound(x.reshape(-1, x.shape[-1]), biases)
+            if x.dtype != torch.float32:
+                y = y.to(x.dtype)
+            if silu_mul:
+                return y.view(*lead, y.shape[-1])
+            return tuple(t.view(*lead, t.shape[-1]) for t in y.split([m.out_features for m in fused.members], dim=1))
+    outs = [packed_linear(x, m, b, compute_dtype) for m, b in zip(fused.members, biases)]
+    return torch.nn.functional.silu(outs[0]) * outs[1] if silu_mul else tuple(outs)
+
+
 def torch_packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
                         compute_dtype: torch.dtype) -> torch.Tensor:
     """torch's packed kernel for any number of rows (casts x to the compute dtype and back, pads
