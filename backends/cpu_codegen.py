@@ -59,6 +59,9 @@ PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 # "avx2" (the host's without AVX-512: what an AVX2-only machine runs), "portable" (the compiler's
 # default target). Only "native" is dispatched; the others exist so that one machine tests every
 # path a user's machine may take.
+# which build dispatch uses (default "native"): "avx2" or "portable" run what a machine without
+# AVX-512 (or AVX2) would, for comparisons on one machine; read when a weight is first bound
+ISA_ENV = "LOWBIT_CPU_ISA"
 ISA_FLAGS = {"native": FLAGS, "avx2": FLAGS + ("-mno-avx512f",), "portable": PORTABLE_FLAGS}
 
 _PRELUDE = r"""
@@ -215,9 +218,112 @@ static inline __attribute__((always_inline)) void {name}_tile512(
 }}
 #endif
 
-/* once per call: x split into even / odd columns and summed per group (scratch [M, K + K/G]) */
+#if defined(LOWBIT_VNNI) && {exact16}
+#define {name}_I16 1
+/* Integer codes with VNNI: x is written per group as d * (xh + xl / 65536) with xh, xl int16
+   (d = absmax / 32766; what is left after xh, rounded again: ~2^-32 of the group's absmax, below
+   float32's own rounding), so that codes (0..15, widened to int16) meet activations in vpdpwssd:
+   16 int16 pairs multiplied and summed into 8 int32 lanes in one instruction, exact (a group of
+   G <= 4096 sums below 2^31). Per 16 code bytes (32 weights): one widening load, an and, a shift
+   and four vpdpwssd per row, against fourteen 256-bit operations for the float path (which is
+   bound by its unpack: int -> float conversions). Each group's two int32 sums become float once:
+   y = sum_g s_g (d_g (H_g + L_g / 65536) - z_g sum x_g). A non-finite activation makes its row's
+   outputs NaN. */
+static inline __attribute__((always_inline)) void {name}_tile16(
+    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const int16_t* xq, const float* dg,
+    const float* xs, float* out, int64_t K, int64_t groups, const int MT)
+{{
+    const int64_t G = {group}, half = K / 2;
+    const __m256i low4 = _mm256_set1_epi16(15);
+    __m256 acc[4];
+    float zsum[4];
+    for (int r = 0; r < MT; r++) {{ acc[r] = _mm256_setzero_ps(); zsum[r] = 0.0f; }}
+    for (int64_t g = 0; g < groups; g++) {{
+        const float s = bf16_to_f32(scale[g]);
+        const float z = {zero_expr};
+        const uint8_t* b = row + g * (G / 2);
+        const int64_t at = g * (G / 2);
+        __m256i h[4], l[4], h2[4], l2[4];
+        for (int r = 0; r < MT; r++) {{
+            h[r] = _mm256_setzero_si256(); l[r] = _mm256_setzero_si256();
+            h2[r] = _mm256_setzero_si256(); l2[r] = _mm256_setzero_si256();
+        }}
+        for (int64_t c = 0; c < G / 2; c += 16) {{
+            const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(b + c)));
+            const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_srli_epi16(w, 4);
+            for (int r = 0; r < MT; r++) {{  /* per row: [even high | even low | odd high | odd low] */
+                const int16_t* xr = xq + r * 2 * K + at + c;
+                h[r] = _mm256_dpwssd_epi32(h[r], lo, _mm256_loadu_si256((const __m256i*)xr));
+                l[r] = _mm256_dpwssd_epi32(l[r], lo, _mm256_loadu_si256((const __m256i*)(xr + half)));
+                h2[r] = _mm256_dpwssd_epi32(h2[r], hi, _mm256_loadu_si256((const __m256i*)(xr + K)));
+                l2[r] = _mm256_dpwssd_epi32(l2[r], hi, _mm256_loadu_si256((const __m256i*)(xr + K + half)));
+            }}
+        }}
+        for (int r = 0; r < MT; r++) {{
+            const float sd = s * dg[r * groups + g];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(h[r], h2[r])), _mm256_set1_ps(sd), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l[r], l2[r])),
+                                     _mm256_set1_ps(sd * (1.0f / 65536.0f)), acc[r]);
+            zsum[r] += s * z * xs[r * groups + g];
+        }}
+    }}
+    for (int r = 0; r < MT; r++)
+        out[r] = hsum256(acc[r]) - zsum[r];
+}}
+
+static inline void {name}_split(float v, double inv, double d, int16_t* h, int16_t* l)
+{{
+    double q = nearbyint((double)v * inv);
+    q = q > 32767.0 ? 32767.0 : (q < -32767.0 ? -32767.0 : q);
+    double t = nearbyint(((double)v - q * d) * inv * 65536.0);
+    t = t > 32767.0 ? 32767.0 : (t < -32767.0 ? -32767.0 : t);
+    *h = (int16_t)q;
+    *l = (int16_t)t;
+}}
+
+/* once per call: per row [even high | even low | odd high | odd low] int16 (K/2 each), then the
+   group scales d [M, K/G] and sums of x [M, K/G] (scratch [M, K + 2 K/G] floats) */
+static void {name}_prepare16(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+    const int64_t G = {group}, half = K / 2, groups = K / G;
+    int16_t* xq = (int16_t*)scratch;
+    float* dg = scratch + M * K;
+    float* xs = dg + M * groups;
+    for (int64_t m = 0; m < M; m++) {{
+        int16_t* eh = xq + m * 2 * K;
+        for (int64_t g = 0; g < groups; g++) {{
+            const float* xg = x + m * K + g * G;
+            float amax = 0.0f, t = 0.0f;
+            for (int64_t k = 0; k < G; k++) {{
+                const float a = fabsf(xg[k]);
+                amax = a > amax ? a : amax;
+                t += xg[k];
+            }}
+            const int finite = isfinite(amax) && isfinite(t);
+            const double d = amax > 0.0f && finite ? (double)amax / 32766.0 : 1.0, inv = 1.0 / d;
+            for (int64_t j = 0; j < G / 2; j++) {{
+                const int64_t at = g * (G / 2) + j;
+                {name}_split(finite ? xg[2 * j] : 0.0f, inv, d, eh + at, eh + half + at);
+                {name}_split(finite ? xg[2 * j + 1] : 0.0f, inv, d, eh + K + at, eh + K + half + at);
+            }}
+            dg[m * groups + g] = finite ? (float)d : NAN;
+            xs[m * groups + g] = finite ? t : NAN;
+        }}
+    }}
+}}
+#endif
+
+/* once per call: x split into even / odd columns and summed per group (scratch [M, K + K/G]);
+   with the int16 path, one row (decode) goes there instead: at 2 or more rows the float path's
+   FMAs are as fast and its unpack is shared by the rows */
 static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
 {{
+#if defined({name}_I16)
+    if (M == 1) {{
+        {name}_prepare16(x, scratch, M, K);
+        return;
+    }}
+#endif
     const int64_t G = {group}, half = K / 2, groups = K / G;
     float* xe = scratch;                  /* [M, K/2] even columns of x */
     float* xo = scratch + M * half;       /* [M, K/2] odd columns */
@@ -236,6 +342,7 @@ static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
     }}
 }}
 
+
 /* output channel n of every row (no bias): out[m] = x[m] . dequant(W[n]) */
 static inline __attribute__((always_inline)) void {name}_channel(
     const void* codes_, const uint16_t* scale, const uint8_t* zero, const float* x, const float* scratch,
@@ -251,6 +358,13 @@ static inline __attribute__((always_inline)) void {name}_channel(
         const uint8_t* row = codes + n * half;
         const uint16_t* sc = scale + n * groups;
         const uint8_t* zp = {zero_row};
+#if defined({name}_I16)
+        if (M == 1) {{  /* the layout {name}_prepare16 wrote */
+            const float* dg = scratch + K;
+            {name}_tile16(row, sc, zp, (const int16_t*)scratch, dg, dg + groups, out, K, groups, 1);
+            return;
+        }}
+#endif
 #if defined({name}_W512)
         for (int64_t m = 0; m < M; m += 4) {{  /* constant tile sizes: the accumulators stay in registers */
             const int64_t t = M - m < 4 ? M - m : 4;
@@ -874,6 +988,8 @@ def source(fmt: str) -> str:
             zero_expr = "(float)zp[g]" if f.has_zero_points else "8.0f"
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS, decode_defs=decode, zero_expr=zero_expr,
                             wide=int(f.group_size % 32 == 0),  # the 16-lane path reads 16 code bytes a step
+                            # per group two int32 -> float conversions: worth it from 64 up (measured)
+                            exact16=int(f.kind == "int" and f.group_size % 64 == 0 and f.group_size <= 4096),
                             drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS),
                             zero_row="zero + n * groups" if f.has_zero_points else "0")
     return f"/* lowbit generated CPU kernel: {fmt} weights, float32 rows (M <= {MAX_ROWS}) */\n" + _PRELUDE + body
@@ -912,7 +1028,7 @@ def kernel(fmt: str, portable: bool = False, isa: str | None = None):
     another target than the host's full ISA; ``isa_of(fn)`` says which explicit path it runs."""
     if kernel_disabled():
         return None
-    return _build(fmt, isa or ("portable" if portable else "native"))
+    return _build(fmt, isa or ("portable" if portable else os.environ.get(ISA_ENV, "native")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -930,7 +1046,7 @@ def multi_kernel(fmt: str, isa: str | None = None):
     gate.up with SiLU * mul), or None (no kernel for the format; reason logged once)."""
     if kernel_disabled():
         return None
-    return _build_multi(fmt, isa or "native")
+    return _build_multi(fmt, isa or os.environ.get(ISA_ENV, "native"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1039,7 +1155,7 @@ class Bound:
         self.n, self.k = scale.shape[0], in_features
         groups = in_features // (f.group_size or in_features)
         # scratch floats per row of x: the int4 kernels split x into even/odd columns + group sums
-        self.scratch = in_features + groups if f.kind in ("int", "nf4") and f.bits == 4 else 0
+        self.scratch = in_features + 2 * groups if f.kind in ("int", "nf4") and f.bits == 4 else 0
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x[M, K]`` (M <= MAX_ROWS) -> float32 ``[M, N]``."""

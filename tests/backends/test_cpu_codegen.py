@@ -45,6 +45,21 @@ def test_generated_kernel_matches_the_float_reference(fmt, rows, n, k, with_bias
     assert formats.sqnr_db(reference, y.double()) >= 110.0  # float32 accumulation (measured 124-140 dB)
 
 
+@pytest.mark.parametrize("fmt", ["int4_g128_asym", "int4_g32_sym", "int8"])
+def test_a_non_finite_activation_shows_in_the_output(fmt):
+    """One row (the int16 VNNI path for int4 groups of 64+ where the host has it) and several:
+    an inf or NaN in x never comes out as finite numbers."""
+    q = formats.quantize(torch.randn(21, 256) * 0.05, WeightFormat.parse(fmt))
+    for rows in (1, 3):
+        for bad in (float("inf"), float("nan")):
+            x = torch.randn(rows, 256)
+            x[0, 5] = bad
+            y = cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, 256)
+            assert not torch.isfinite(y[0]).any()
+            if rows > 1:
+                assert torch.isfinite(y[1:]).all()
+
+
 def test_declines_what_it_does_not_cover():
     q = formats.quantize(torch.randn(16, 128), WeightFormat.parse("int4_g128_asym"))
     many_rows = torch.randn(cpu_codegen.MAX_ROWS + 1, 128)
