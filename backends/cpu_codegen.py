@@ -60,7 +60,7 @@ PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 # default target). Only "native" is dispatched; the others exist so that one machine tests every
 # path a user's machine may take.
 # which build dispatch uses (default "native"): "avx2" or "portable" run what a machine without
-# AVX-512 (or AVX2) would, for comparisons on one machine; read when a weight is first bound
+# AVX-512 (or AVX2) would, for comparisons on one machine (read per call)
 ISA_ENV = "LOWBIT_CPU_ISA"
 ISA_FLAGS = {"native": FLAGS, "avx2": FLAGS + ("-mno-avx512f",), "portable": PORTABLE_FLAGS}
 
@@ -1014,6 +1014,14 @@ _disabled_reason: list[str] = []
 calls: collections.Counter = collections.Counter()
 
 
+def isa_choice() -> str:
+    """The build dispatch uses: ``LOWBIT_CPU_ISA`` (read per call), default "native"."""
+    isa = os.environ.get(ISA_ENV, "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r}; expected one of {sorted(ISA_FLAGS)}")
+    return isa
+
+
 def kernel_disabled() -> bool:
     """Whether ``LOWBIT_CPU_CODEGEN=0`` turns generated kernels off (read at every call; logged once)."""
     if os.environ.get(ENV, "1") == "0":
@@ -1028,7 +1036,7 @@ def kernel(fmt: str, portable: bool = False, isa: str | None = None):
     another target than the host's full ISA; ``isa_of(fn)`` says which explicit path it runs."""
     if kernel_disabled():
         return None
-    return _build(fmt, isa or ("portable" if portable else os.environ.get(ISA_ENV, "native")))
+    return _build(fmt, isa or ("portable" if portable else isa_choice()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1046,7 +1054,7 @@ def multi_kernel(fmt: str, isa: str | None = None):
     gate.up with SiLU * mul), or None (no kernel for the format; reason logged once)."""
     if kernel_disabled():
         return None
-    return _build_multi(fmt, isa or os.environ.get(ISA_ENV, "native"))
+    return _build_multi(fmt, isa or isa_choice())
 
 
 @functools.lru_cache(maxsize=None)
