@@ -42,6 +42,8 @@ log = logging.getLogger("lowbit_compiler")
 
 MAX_ROWS = 16  # decode and small batches; larger M goes to torch's packed kernels
 ENV = "LOWBIT_CPU_CODEGEN"
+# "0": the CPU lowering leaves q/k/v and gate.up as separate generated calls (read when compiling)
+FUSE_ENV = "LOWBIT_CPU_FUSE"
 # "1": int4 weight-only calls quantize their activations to int8 per group first (faster, lossy)
 INT8_ACTIVATIONS_ENV = "LOWBIT_CPU_INT8_ACTIVATIONS"
 
@@ -53,6 +55,14 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 # the compiler's default target (no AVX2 on x86-64): builds the portable loops; the tests use it to
 # check the fallback a host without AVX2 + FMA runs
 PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
+# which ISA a build targets: "native" (the host's: AVX-512 + VNNI paths where it has them),
+# "avx2" (the host's without AVX-512: what an AVX2-only machine runs), "portable" (the compiler's
+# default target). Only "native" is dispatched; the others exist so that one machine tests every
+# path a user's machine may take.
+# which build dispatch uses (default "native"): "avx2" or "portable" run what a machine without
+# AVX-512 (or AVX2) would, for comparisons on one machine (read per call)
+ISA_ENV = "LOWBIT_CPU_ISA"
+ISA_FLAGS = {"native": FLAGS, "avx2": FLAGS + ("-mno-avx512f",), "portable": PORTABLE_FLAGS}
 
 _PRELUDE = r"""
 #include <math.h>
@@ -62,6 +72,25 @@ _PRELUDE = r"""
 #include <immintrin.h>
 #define LOWBIT_AVX2 1  /* explicit AVX2 + FMA below; otherwise the portable loops the compiler vectorises */
 #endif
+#if defined(LOWBIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LOWBIT_AVX512 1  /* 16-lane paths where a kernel has one (the AVX2 code stays for the rest) */
+#endif
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+#define LOWBIT_VNNI 1  /* vpdpbusd: four byte products summed into int32 in one instruction */
+#endif
+
+/* which explicit path this build runs (tests and benchmarks read it) */
+const char* lowbit_isa(void) {
+#if defined(LOWBIT_VNNI)
+    return "avx512_vnni";
+#elif defined(LOWBIT_AVX512)
+    return "avx512";
+#elif defined(LOWBIT_AVX2)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -134,9 +163,167 @@ static inline __attribute__((always_inline)) void {name}_tile(
 }}
 #endif
 
-void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const uint8_t* zero,
-            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+#if defined(LOWBIT_AVX512) && {wide}
+#define {name}_W512 1
+/* 16 code bytes (32 weights) a step: vpmovzxbd to 16 int32 lanes, low nibbles against 16 even
+   columns, high nibbles against 16 odd ones. One row (decode) keeps four FMA chains (two per
+   nibble) so that a 64-byte group is not bound by FMA latency; tiles of 2-4 rows keep two. */
+static inline __attribute__((always_inline)) void {name}_tile512(
+    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const float* xe, const float* xo,
+    const float* xs, float* out, int64_t half, int64_t groups, const int MT)
 {{
+    const int64_t G = {group};
+    const __m512i low4 = _mm512_set1_epi32(15);
+    __m512 acc[4];
+    float zsum[4];
+    for (int r = 0; r < MT; r++) {{ acc[r] = _mm512_setzero_ps(); zsum[r] = 0.0f; }}
+    for (int64_t g = 0; g < groups; g++) {{
+        const float s = bf16_to_f32(scale[g]);
+        const float z = {zero_expr};
+        const uint8_t* b = row + g * (G / 2);
+        const int64_t at0 = g * (G / 2);
+        __m512 dl[4], dh[4];
+        for (int r = 0; r < MT; r++) {{ dl[r] = _mm512_setzero_ps(); dh[r] = _mm512_setzero_ps(); }}
+        int64_t j = 0;
+        if (MT == 1) {{
+            __m512 el = _mm512_setzero_ps(), eh = _mm512_setzero_ps();
+            for (; j + 32 <= G / 2; j += 32) {{
+                const __m512i w0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b + j)));
+                const __m512i w1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b + j + 16)));
+                dl[0] = _mm512_fmadd_ps({name}_decode512(_mm512_and_si512(w0, low4)), _mm512_loadu_ps(xe + at0 + j), dl[0]);
+                dh[0] = _mm512_fmadd_ps({name}_decode512(_mm512_srli_epi32(w0, 4)), _mm512_loadu_ps(xo + at0 + j), dh[0]);
+                el = _mm512_fmadd_ps({name}_decode512(_mm512_and_si512(w1, low4)), _mm512_loadu_ps(xe + at0 + j + 16), el);
+                eh = _mm512_fmadd_ps({name}_decode512(_mm512_srli_epi32(w1, 4)), _mm512_loadu_ps(xo + at0 + j + 16), eh);
+            }}
+            dl[0] = _mm512_add_ps(dl[0], el);
+            dh[0] = _mm512_add_ps(dh[0], eh);
+        }}
+        for (; j < G / 2; j += 16) {{
+            const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b + j)));
+            const __m512 lo = {name}_decode512(_mm512_and_si512(w, low4));
+            const __m512 hi = {name}_decode512(_mm512_srli_epi32(w, 4));
+            for (int r = 0; r < MT; r++) {{
+                dl[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xe + r * half + at0 + j), dl[r]);
+                dh[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xo + r * half + at0 + j), dh[r]);
+            }}
+        }}
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int r = 0; r < MT; r++) {{
+            acc[r] = _mm512_fmadd_ps(sv, _mm512_add_ps(dl[r], dh[r]), acc[r]);
+            zsum[r] += s * z * xs[r * groups + g];
+        }}
+    }}
+    for (int r = 0; r < MT; r++)
+        out[r] = _mm512_reduce_add_ps(acc[r]) - zsum[r];
+}}
+#endif
+
+#if defined(LOWBIT_VNNI) && {exact16}
+#define {name}_I16 1
+/* Integer codes with VNNI: x is written per group as d * (xh + xl / 65536) with xh, xl int16
+   (d = absmax / 32766; what is left after xh, rounded again: ~2^-32 of the group's absmax, below
+   float32's own rounding), so that codes (0..15, widened to int16) meet activations in vpdpwssd:
+   16 int16 pairs multiplied and summed into 8 int32 lanes in one instruction, exact (a group of
+   G <= 4096 sums below 2^31). Per 16 code bytes (32 weights): one widening load, an and, a shift
+   and four vpdpwssd per row, against fourteen 256-bit operations for the float path (which is
+   bound by its unpack: int -> float conversions). Each group's two int32 sums become float once:
+   y = sum_g s_g (d_g (H_g + L_g / 65536) - z_g sum x_g). A non-finite activation makes its row's
+   outputs NaN. */
+static inline __attribute__((always_inline)) void {name}_tile16(
+    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const int16_t* xq, const float* dg,
+    const float* xs, float* out, int64_t K, int64_t groups, const int MT)
+{{
+    const int64_t G = {group}, half = K / 2;
+    const __m256i low4 = _mm256_set1_epi16(15);
+    __m256 acc[4];
+    float zsum[4];
+    for (int r = 0; r < MT; r++) {{ acc[r] = _mm256_setzero_ps(); zsum[r] = 0.0f; }}
+    for (int64_t g = 0; g < groups; g++) {{
+        const float s = bf16_to_f32(scale[g]);
+        const float z = {zero_expr};
+        const uint8_t* b = row + g * (G / 2);
+        const int64_t at = g * (G / 2);
+        __m256i h[4], l[4], h2[4], l2[4];
+        for (int r = 0; r < MT; r++) {{
+            h[r] = _mm256_setzero_si256(); l[r] = _mm256_setzero_si256();
+            h2[r] = _mm256_setzero_si256(); l2[r] = _mm256_setzero_si256();
+        }}
+        for (int64_t c = 0; c < G / 2; c += 16) {{
+            const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(b + c)));
+            const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_srli_epi16(w, 4);
+            for (int r = 0; r < MT; r++) {{  /* per row: [even high | even low | odd high | odd low] */
+                const int16_t* xr = xq + r * 2 * K + at + c;
+                h[r] = _mm256_dpwssd_epi32(h[r], lo, _mm256_loadu_si256((const __m256i*)xr));
+                l[r] = _mm256_dpwssd_epi32(l[r], lo, _mm256_loadu_si256((const __m256i*)(xr + half)));
+                h2[r] = _mm256_dpwssd_epi32(h2[r], hi, _mm256_loadu_si256((const __m256i*)(xr + K)));
+                l2[r] = _mm256_dpwssd_epi32(l2[r], hi, _mm256_loadu_si256((const __m256i*)(xr + K + half)));
+            }}
+        }}
+        for (int r = 0; r < MT; r++) {{
+            const float sd = s * dg[r * groups + g];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(h[r], h2[r])), _mm256_set1_ps(sd), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l[r], l2[r])),
+                                     _mm256_set1_ps(sd * (1.0f / 65536.0f)), acc[r]);
+            zsum[r] += s * z * xs[r * groups + g];
+        }}
+    }}
+    for (int r = 0; r < MT; r++)
+        out[r] = hsum256(acc[r]) - zsum[r];
+}}
+
+static inline void {name}_split(float v, double inv, double d, int16_t* h, int16_t* l)
+{{
+    double q = nearbyint((double)v * inv);
+    q = q > 32767.0 ? 32767.0 : (q < -32767.0 ? -32767.0 : q);
+    double t = nearbyint(((double)v - q * d) * inv * 65536.0);
+    t = t > 32767.0 ? 32767.0 : (t < -32767.0 ? -32767.0 : t);
+    *h = (int16_t)q;
+    *l = (int16_t)t;
+}}
+
+/* once per call: per row [even high | even low | odd high | odd low] int16 (K/2 each), then the
+   group scales d [M, K/G] and sums of x [M, K/G] (scratch [M, K + 2 K/G] floats) */
+static void {name}_prepare16(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+    const int64_t G = {group}, half = K / 2, groups = K / G;
+    int16_t* xq = (int16_t*)scratch;
+    float* dg = scratch + M * K;
+    float* xs = dg + M * groups;
+    for (int64_t m = 0; m < M; m++) {{
+        int16_t* eh = xq + m * 2 * K;
+        for (int64_t g = 0; g < groups; g++) {{
+            const float* xg = x + m * K + g * G;
+            float amax = 0.0f, t = 0.0f;
+            for (int64_t k = 0; k < G; k++) {{
+                const float a = fabsf(xg[k]);
+                amax = a > amax ? a : amax;
+                t += xg[k];
+            }}
+            const int finite = isfinite(amax) && isfinite(t);
+            const double d = amax > 0.0f && finite ? (double)amax / 32766.0 : 1.0, inv = 1.0 / d;
+            for (int64_t j = 0; j < G / 2; j++) {{
+                const int64_t at = g * (G / 2) + j;
+                {name}_split(finite ? xg[2 * j] : 0.0f, inv, d, eh + at, eh + half + at);
+                {name}_split(finite ? xg[2 * j + 1] : 0.0f, inv, d, eh + K + at, eh + K + half + at);
+            }}
+            dg[m * groups + g] = finite ? (float)d : NAN;
+            xs[m * groups + g] = finite ? t : NAN;
+        }}
+    }}
+}}
+#endif
+
+/* once per call: x split into even / odd columns and summed per group (scratch [M, K + K/G]);
+   with the int16 path, one row (decode) goes there instead: at 2 or more rows the float path's
+   FMAs are as fast and its unpack is shared by the rows */
+static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+#if defined({name}_I16)
+    if (M == 1) {{
+        {name}_prepare16(x, scratch, M, K);
+        return;
+    }}
+#endif
     const int64_t G = {group}, half = K / 2, groups = K / G;
     float* xe = scratch;                  /* [M, K/2] even columns of x */
     float* xo = scratch + M * half;       /* [M, K/2] odd columns */
@@ -153,13 +340,41 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             xs[m * groups + g] = t;
         }}
     }}
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {{
+}}
+
+
+/* output channel n of every row (no bias): out[m] = x[m] . dequant(W[n]) */
+static inline __attribute__((always_inline)) void {name}_channel(
+    const void* codes_, const uint16_t* scale, const uint8_t* zero, const float* x, const float* scratch,
+    int64_t n, int64_t M, int64_t K, float* out)
+{{
+    (void)x;
+    const int64_t G = {group}, half = K / 2, groups = K / G;
+    const float* xe = scratch;
+    const float* xo = scratch + M * half;
+    const float* xs = scratch + 2 * M * half;
+    const uint8_t* codes = (const uint8_t*)codes_;
+    {{
         const uint8_t* row = codes + n * half;
         const uint16_t* sc = scale + n * groups;
         const uint8_t* zp = {zero_row};
-        float out[{max_rows}];
-#ifdef LOWBIT_AVX2
+#if defined({name}_I16)
+        if (M == 1) {{  /* the layout {name}_prepare16 wrote */
+            const float* dg = scratch + K;
+            {name}_tile16(row, sc, zp, (const int16_t*)scratch, dg, dg + groups, out, K, groups, 1);
+            return;
+        }}
+#endif
+#if defined({name}_W512)
+        for (int64_t m = 0; m < M; m += 4) {{  /* constant tile sizes: the accumulators stay in registers */
+            const int64_t t = M - m < 4 ? M - m : 4;
+            const float *e = xe + m * half, *o = xo + m * half, *s = xs + m * groups;
+            if (t == 4) {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 4);
+            else if (t == 3) {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 3);
+            else if (t == 2) {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 2);
+            else {name}_tile512(row, sc, zp, e, o, s, out + m, half, groups, 1);
+        }}
+#elif defined(LOWBIT_AVX2)
         for (int64_t m = 0; m < M; m += 4) {{  /* constant tile sizes: the accumulators stay in registers */
             const int64_t t = M - m < 4 ? M - m : 4;
             const float *e = xe + m * half, *o = xo + m * half, *s = xs + m * groups;
@@ -191,12 +406,64 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             }}
         }}
 #endif
+    }}
+}}
+""" + "{drivers}"
+
+
+# The entry points over {name}_prepare / {name}_channel (int8, int4, NF4): one weight, and several
+# weights of one input in one parallel loop (a fusion group: q/k/v side by side, or gate.up with
+# SiLU(gate) * up as its epilogue), so x is prepared once and one OpenMP region runs instead of
+# two or three. Each output channel is computed by the same code in both, so a fused output
+# equals the separate calls' bit for bit (the epilogue aside).
+_DRIVERS = r"""
+void {name}(const float* x, const void* codes, const uint16_t* scale, const uint8_t* zero,
+            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+{{
+    {name}_prepare(x, scratch, M, K);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {{
+        float out[{max_rows}];
+        {name}_channel(codes, scale, zero, x, scratch, n, M, K, out);
         for (int64_t m = 0; m < M; m++)
             y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
     }}
 }}
-"""
 
+/* epilogue 0: y [M, sum Ns] = the nw outputs side by side (q/k/v); epilogue 1 (nw = 2, equal N):
+   y [M, N] = silu(x W0^T + b0) * (x W1^T + b1) (a gated MLP's gate and up) */
+void {name}_multi(const float* x, const void* const* codes, const uint16_t* const* scale,
+                  const uint8_t* const* zero, const float* const* bias, float* y, float* scratch, int64_t M,
+                  const int64_t* Ns, int64_t nw, int64_t K, int64_t epilogue, int threads)
+{{
+    {name}_prepare(x, scratch, M, K);
+    if (epilogue == 1) {{
+        const int64_t N = Ns[0];
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {{
+            float a[{max_rows}], b[{max_rows}];
+            {name}_channel(codes[0], scale[0], zero[0], x, scratch, n, M, K, a);
+            {name}_channel(codes[1], scale[1], zero[1], x, scratch, n, M, K, b);
+            for (int64_t m = 0; m < M; m++) {{
+                const float g = a[m] + (bias[0] ? bias[0][n] : 0.0f), u = b[m] + (bias[1] ? bias[1][n] : 0.0f);
+                y[m * N + n] = g / (1.0f + expf(-g)) * u;
+            }}
+        }}
+        return;
+    }}
+    int64_t total = 0;
+    for (int64_t i = 0; i < nw; i++) total += Ns[i];
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < total; t++) {{
+        int64_t i = 0, n = t;
+        while (n >= Ns[i]) {{ n -= Ns[i]; i++; }}
+        float out[{max_rows}];
+        {name}_channel(codes[i], scale[i], zero[i], x, scratch, n, M, K, out);
+        for (int64_t m = 0; m < M; m++)
+            y[m * total + t] = out[m] + (bias[i] ? bias[i][n] : 0.0f);
+    }}
+}}
+"""
 
 # What a 4-bit code means: an integer (int4: the code itself, its zero point subtracted per group)
 # or an entry of a 16-value table (NF4: looked up in registers, two 8-entry permutes and a blend
@@ -205,6 +472,9 @@ _DECODE_INT = r"""
 static inline float {name}_value(int c) {{ return (float)c; }}
 #ifdef LOWBIT_AVX2
 static inline __m256 {name}_decode(__m256i c) {{ return _mm256_cvtepi32_ps(c); }}
+#endif
+#ifdef LOWBIT_AVX512
+static inline __m512 {name}_decode512(__m512i c) {{ return _mm512_cvtepi32_ps(c); }}
 #endif
 """
 
@@ -217,6 +487,10 @@ static inline __m256 {name}_decode(__m256i c) {{
     const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  /* sign bit = code bit 3 */
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, c), _mm256_permutevar8x32_ps(high, c), bit3);
 }}
+#endif
+#ifdef LOWBIT_AVX512
+/* all 16 values in one register: one permute per 16 codes */
+static inline __m512 {name}_decode512(__m512i c) {{ return _mm512_permutexvar_ps(c, _mm512_loadu_ps({name}_table)); }}
 #endif
 """
 
@@ -263,16 +537,70 @@ static inline __attribute__((always_inline)) void {name}_tile(
 }}
 #endif
 
-void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const uint8_t* zero,
-            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+#ifdef LOWBIT_AVX512
+/* 16 codes a step (vpmovsxbd to 16 int32 lanes); one row keeps four chains over 64 bytes */
+static inline __attribute__((always_inline)) void {name}_tile512(
+    const int8_t* w, const float* x, float* out, int64_t K, const int MT)
+{{
+    __m512 a0[4], a1[4];
+    for (int r = 0; r < MT; r++) {{ a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }}
+    int64_t k = 0;
+    if (MT == 1) {{
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        for (; k + 64 <= K; k += 64) {{
+            a0[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k)))),
+                                    _mm512_loadu_ps(x + k), a0[0]);
+            a1[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16)))),
+                                    _mm512_loadu_ps(x + k + 16), a1[0]);
+            a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 32)))),
+                                 _mm512_loadu_ps(x + k + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 48)))),
+                                 _mm512_loadu_ps(x + k + 48), a3);
+        }}
+        a0[0] = _mm512_add_ps(a0[0], a2);
+        a1[0] = _mm512_add_ps(a1[0], a3);
+    }}
+    for (; k + 32 <= K; k += 32) {{
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16))));
+        for (int r = 0; r < MT; r++) {{
+            a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), a0[r]);
+            a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), a1[r]);
+        }}
+    }}
+    for (int r = 0; r < MT; r++) {{
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+        for (int64_t kk = k; kk < K; kk++)
+            t += (float)w[kk] * x[r * K + kk];
+        out[r] = t;
+    }}
+}}
+#endif
+
+static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+    (void)x; (void)scratch; (void)M; (void)K;  /* int8 reads x as it is */
+}}
+
+static inline __attribute__((always_inline)) void {name}_channel(
+    const void* codes_, const uint16_t* scale, const uint8_t* zero, const float* x, const float* scratch,
+    int64_t n, int64_t M, int64_t K, float* out)
 {{
     (void)zero; (void)scratch;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {{
+    const int8_t* codes = (const int8_t*)codes_;
+    {{
         const int8_t* w = codes + n * K;
         const float s = bf16_to_f32(scale[n]);
         float d[{max_rows}];
-#ifdef LOWBIT_AVX2
+#if defined(LOWBIT_AVX512)
+        for (int64_t m = 0; m < M; m += 4) {{
+            const int64_t t = M - m < 4 ? M - m : 4;
+            if (t == 4) {name}_tile512(w, x + m * K, d + m, K, 4);
+            else if (t == 3) {name}_tile512(w, x + m * K, d + m, K, 3);
+            else if (t == 2) {name}_tile512(w, x + m * K, d + m, K, 2);
+            else {name}_tile512(w, x + m * K, d + m, K, 1);
+        }}
+#elif defined(LOWBIT_AVX2)
         for (int64_t m = 0; m < M; m += 4) {{
             const int64_t t = M - m < 4 ? M - m : 4;
             if (t == 4) {name}_tile(w, x + m * K, d + m, K, 4);
@@ -299,10 +627,10 @@ void {name}(const float* x, const int8_t* codes, const uint16_t* scale, const ui
         }}
 #endif
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = s * d[m] + (bias ? bias[n] : 0.0f);
+            out[m] = s * d[m];
     }}
 }}
-"""
+""" + "{drivers}"
 
 # 2:4 sparse + int8 (``sparse_formats.py``: ``s24+int8``): per row, KC = K/2 int8 codes of the kept
 # values, then their 2-bit indices inside each group of 4 (kept value j: bits [2j, 2j+2) of the
@@ -446,13 +774,54 @@ static inline __attribute__((always_inline)) void {name}_tile(
 }}
 #endif
 
+#ifdef LOWBIT_AVX512
+/* 64 bytes a step, the same sign trick; with VNNI one vpdpbusd sums the four u8 x s8 products of
+   each int32 lane into the accumulator (no int16 intermediate, no saturation: vpdpbusd, not
+   vpdpbusds); without it maddubs + madd as above, 64 lanes wide */
+static inline __attribute__((always_inline)) void {name}_tile512(
+    const int8_t* w, const int8_t* x, int32_t* out, int64_t K, const int MT)
+{{
+    __m512i acc[4];
+    for (int r = 0; r < MT; r++) acc[r] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {{
+        const __m512i wv = _mm512_loadu_si512((const void*)(w + k));
+        const __m512i wa = _mm512_abs_epi8(wv);  /* |w| as unsigned bytes (-128 -> 128) */
+        const __mmask64 neg = _mm512_movepi8_mask(wv);
+        for (int r = 0; r < MT; r++) {{
+            const __m512i xv = _mm512_loadu_si512((const void*)(x + r * K + k));
+            const __m512i xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);  /* x * sign(w) */
+#ifdef LOWBIT_VNNI
+            acc[r] = _mm512_dpbusd_epi32(acc[r], wa, xs);
+#else
+            acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(_mm512_maddubs_epi16(wa, xs), _mm512_set1_epi16(1)));
+#endif
+        }}
+    }}
+    for (int r = 0; r < MT; r++) {{
+        int32_t t = _mm512_reduce_add_epi32(acc[r]);
+        for (int64_t kk = k; kk < K; kk++)
+            t += (int32_t)w[kk] * (int32_t)x[r * K + kk];
+        out[r] = t;
+    }}
+}}
+#endif
+
 void {name}(const int8_t* x, const int8_t* codes, int32_t* y, int64_t M, int64_t N, int64_t K, int threads)
 {{
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {{
         const int8_t* w = codes + n * K;
         int32_t d[{max_rows}];
-#ifdef LOWBIT_AVX2
+#if defined(LOWBIT_AVX512)
+        for (int64_t m = 0; m < M; m += 4) {{
+            const int64_t t = M - m < 4 ? M - m : 4;
+            if (t == 4) {name}_tile512(w, x + m * K, d + m, K, 4);
+            else if (t == 3) {name}_tile512(w, x + m * K, d + m, K, 3);
+            else if (t == 2) {name}_tile512(w, x + m * K, d + m, K, 2);
+            else {name}_tile512(w, x + m * K, d + m, K, 1);
+        }}
+#elif defined(LOWBIT_AVX2)
         for (int64_t m = 0; m < M; m += 4) {{
             const int64_t t = M - m < 4 ? M - m : 4;
             if (t == 4) {name}_tile(w, x + m * K, d + m, K, 4);
@@ -505,8 +874,12 @@ static inline __attribute__((always_inline)) void {name}_tile(
             const __m128i q = _mm_loadu_si128((const __m128i*)(b + c * 16));
             const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4), _mm_and_si128(q, low4));
             for (int r = 0; r < MT; r++) {{
-                const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i*)(xq + r * K + g * G + c * 32)));
-                vi[r] = _mm256_add_epi32(vi[r], _mm256_madd_epi16(p, ones));
+                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * K + g * G + c * 32));
+#ifdef LOWBIT_VNNI
+                vi[r] = _mm256_dpbusd_epi32(vi[r], w, xv);  /* the four u8 x s8 products per lane, summed */
+#else
+                vi[r] = _mm256_add_epi32(vi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
+#endif
             }}
         }}
         for (int r = 0; r < MT; r++) {{
@@ -636,7 +1009,7 @@ def source(fmt: str) -> str:
     if f.kind == "sparse":
         body = _S24_INT8.format(name=name, max_rows=MAX_ROWS, s24_step=S24_STEP)
     elif f.bits == 8:
-        body = _INT8.format(name=name, max_rows=MAX_ROWS)
+        body = _INT8.format(name=name, max_rows=MAX_ROWS, drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS))
     else:
         if f.kind == "nf4":
             decode = _DECODE_TABLE.format(name=name, values=", ".join(f"{float(v)!r}f" for v in NF4_GRID))
@@ -645,6 +1018,10 @@ def source(fmt: str) -> str:
             decode = _DECODE_INT.format(name=name)
             zero_expr = "(float)zp[g]" if f.has_zero_points else "8.0f"
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS, decode_defs=decode, zero_expr=zero_expr,
+                            wide=int(f.group_size % 32 == 0),  # the 16-lane path reads 16 code bytes a step
+                            # per group two int32 -> float conversions: worth it from 64 up (measured)
+                            exact16=int(f.kind == "int" and f.group_size % 64 == 0 and f.group_size <= 4096),
+                            drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS),
                             zero_row="zero + n * groups" if f.has_zero_points else "0")
     return f"/* lowbit generated CPU kernel: {fmt} weights, float32 rows (M <= {MAX_ROWS}) */\n" + _PRELUDE + body
 
@@ -668,38 +1045,92 @@ _disabled_reason: list[str] = []
 calls: collections.Counter = collections.Counter()
 
 
-def kernel(fmt: str, portable: bool = False):
-    """The compiled kernel for ``fmt`` (a ctypes function), or None (reason logged once).
-    ``portable=True`` builds for the compiler's default target instead of the host's ISA."""
+def isa_choice() -> str:
+    """The build dispatch uses: ``LOWBIT_CPU_ISA`` (read per call), default "native"."""
+    isa = os.environ.get(ISA_ENV, "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r}; expected one of {sorted(ISA_FLAGS)}")
+    return isa
+
+
+def kernel_disabled() -> bool:
+    """Whether ``LOWBIT_CPU_CODEGEN=0`` turns generated kernels off (read at every call; logged once)."""
     if os.environ.get(ENV, "1") == "0":
         _note(f"turned off by {ENV}=0; torch's packed CPU kernels run instead")
+        return True
+    return False
+
+
+def kernel(fmt: str, portable: bool = False, isa: str | None = None):
+    """The compiled kernel for ``fmt`` (a ctypes function), or None (reason logged once).
+    ``isa`` (see ``ISA_FLAGS``; default "native", or "portable" with ``portable=True``) builds for
+    another target than the host's full ISA; ``isa_of(fn)`` says which explicit path it runs."""
+    if kernel_disabled():
         return None
-    return _build(fmt, portable)
+    return _build(fmt, isa or ("portable" if portable else isa_choice()))
 
 
 @functools.lru_cache(maxsize=None)
-def _build(fmt: str, portable: bool):
+def _build(fmt: str, isa: str):
     why = supported(fmt)
     if why is not None:
         return None
     pointers = 3 if fmt == W8A8 else 7
     return build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
-                 "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", portable=portable)
+                 "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", isa=isa)
+
+
+def multi_kernel(fmt: str, isa: str | None = None):
+    """The several-weights entry point of ``fmt``'s kernel (``{name}_multi``: q/k/v side by side, or
+    gate.up with SiLU * mul), or None (no kernel for the format; reason logged once)."""
+    if kernel_disabled():
+        return None
+    return _build_multi(fmt, isa or isa_choice())
+
+
+@functools.lru_cache(maxsize=None)
+def _build_multi(fmt: str, isa: str):
+    if supported(fmt) is not None or fmt in (W8A8,) or fmt.endswith(A8) or WeightFormat.parse(fmt).kind == "sparse":
+        return None
+    return build(kernel_name(fmt), source(fmt),
+                 [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_int64, ctypes.c_int],
+                 "the group's linears run one by one", what=f"the {fmt} kernel", isa=isa,
+                 entry=kernel_name(fmt) + "_multi")
+
+
+# ctypes function -> the explicit path its build runs ("avx512_vnni", "avx512", "avx2", "portable")
+_ISA_OF: dict[int, str] = {}
+
+
+def isa_of(fn) -> str | None:
+    """Which explicit path a kernel built from this module's templates runs (None: not one of them)."""
+    return _ISA_OF.get(id(fn))
+
+
+def host_isa() -> str:
+    """The path a native build takes on this host (from its CPU flags; what ``isa_of`` reports)."""
+    flags = set(_host_flags().split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= flags:
+        return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "portable"
 
 
 def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
-          what: str | None = None, portable: bool = False,
-          flags: tuple[str, ...] | None = None) -> "ctypes._CFuncPtr | None":
+          what: str | None = None, portable: bool = False, isa: str | None = None,
+          entry: str | None = None, flags: tuple[str, ...] | None = None) -> "ctypes._CFuncPtr | None":
     """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
     of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
     naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
-    module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``portable`` builds for the compiler's
-    default target instead of the host's ISA; ``flags`` replaces the compiler flags altogether."""
+    module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``isa`` (``ISA_FLAGS``; ``portable=True``
+    means "portable") builds for another target than the host's full ISA; ``entry`` names another
+    function of the same library (one build, several entry points); ``flags`` replaces the
+    compiler flags altogether."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    flags = flags or (PORTABLE_FLAGS if portable else FLAGS)
+    flags = flags or ISA_FLAGS[isa or ("portable" if portable else "native")]
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
     lib = _cache_dir() / f"{name}_{key}.so"
@@ -713,9 +1144,13 @@ def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed 
                 _note(f"compiling {what or name} with {compiler} failed ({result.stderr.strip()[:300]}); {fallback}")
                 return None
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
-    fn = getattr(ctypes.CDLL(str(lib)), name)
+    library = ctypes.CDLL(str(lib))
+    fn = getattr(library, entry or name)
     fn.restype = None
     fn.argtypes = argtypes
+    if hasattr(library, "lowbit_isa"):
+        library.lowbit_isa.restype = ctypes.c_char_p
+        _ISA_OF[id(fn)] = library.lowbit_isa().decode()
     return fn
 
 
@@ -741,46 +1176,122 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class Bound:
+    """One quantized weight bound to its generated kernel: the pointers, sizes and scratch size
+    worked out once, so that a decode call costs a ctypes call and two small allocations
+    (``packed_linear`` keeps one per weight and kernel; building the arguments per call was ~9 us
+    of Python per linear, ~0.5 ms per token of a 57-linear model). Holds the tensors whose pointers
+    it keeps."""
+
+    __slots__ = ("fn", "name", "fmt", "tensors", "codes", "scales", "zeros", "n", "k", "scratch")
+
+    def __init__(self, fn, key: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 fmt: str, in_features: int):
+        f = WeightFormat.parse(fmt)
+        codes, scales = qweight.contiguous(), scale.contiguous().view(torch.int16)
+        zeros = None if zero is None else zero.contiguous()
+        self.fn, self.name, self.fmt, self.tensors = fn, kernel_name(key), key, (codes, scales, zeros)
+        self.codes, self.scales, self.zeros = codes.data_ptr(), scales.data_ptr(), _ptr(zeros)
+        self.n, self.k = scale.shape[0], in_features
+        groups = in_features // (f.group_size or in_features)
+        # scratch floats per row of x: the int4 kernels split x into even/odd columns + group sums
+        self.scratch = in_features + 2 * groups if f.kind in ("int", "nf4") and f.bits == 4 else 0
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x[M, K]`` (M <= MAX_ROWS) -> float32 ``[M, N]``."""
+        rows = x.shape[0]
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.to(torch.float32).contiguous()
+        y = torch.empty(rows, self.n, dtype=torch.float32)
+        scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
+        calls[self.name] += 1
+        self.fn(x32.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
+                y.data_ptr(), scratch.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
+        return y
+
+
+SILU_MUL = 1  # the multi kernel's epilogue code for silu(first) * second
+
+
+class BoundGroup:
+    """Several weights of one input (same format and K) bound to their kernel's ``_multi`` entry:
+    ``(x, biases) -> [M, sum N]`` outputs side by side, or with ``epilogue=SILU_MUL`` (two
+    weights, equal N) ``silu(x W0^T + b0) * (x W1^T + b1)``."""
+
+    __slots__ = ("fn", "name", "members", "codes", "scales", "zeros", "ns", "nw", "k", "scratch", "epilogue", "n_out")
+
+    def __init__(self, fn, members: list[Bound], epilogue: int = 0):
+        self.fn, self.members, self.epilogue = fn, members, epilogue
+        self.name = members[0].name + ("_silu_mul" if epilogue == SILU_MUL else f"_x{len(members)}")
+        self.nw, self.k, self.scratch = len(members), members[0].k, members[0].scratch
+        arr = ctypes.c_void_p * self.nw
+        self.codes = arr(*[b.codes for b in members])
+        self.scales = arr(*[b.scales for b in members])
+        self.zeros = arr(*[b.zeros for b in members])
+        self.ns = (ctypes.c_int64 * self.nw)(*[b.n for b in members])
+        self.n_out = members[0].n if epilogue == SILU_MUL else sum(b.n for b in members)
+
+    def __call__(self, x: torch.Tensor, biases: list[torch.Tensor | None]) -> torch.Tensor:
+        rows = x.shape[0]
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
+        bias_ptrs = (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
+        y = torch.empty(rows, self.n_out, dtype=torch.float32)
+        scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
+        calls[self.name] += 1
+        self.fn(x32.data_ptr(), self.codes, self.scales, self.zeros, bias_ptrs, y.data_ptr(), scratch.data_ptr(),
+                rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads())
+        return y
+
+
+def bind_group(members: list[Bound], epilogue: int = 0, isa: str | None = None) -> BoundGroup | None:
+    """Bound weights of one input as one fused call, or None (different formats or K, the format
+    has no multi kernel, SiLU * mul over weights of different N)."""
+    fmts = {b.name for b in members}
+    if len(members) < 2 or len(fmts) != 1 or len({b.k for b in members}) != 1:
+        return None
+    if epilogue == SILU_MUL and (len(members) != 2 or members[0].n != members[1].n):
+        return None
+    fmt = members[0].fmt
+    fn = multi_kernel(fmt, isa)
+    return None if fn is None else BoundGroup(fn, members, epilogue)
+
+
+def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str, in_features: int,
+         portable: bool = False, int8_activations: bool = False, isa: str | None = None) -> Bound | None:
+    """The weight bound to its generated kernel, or None when no kernel applies (none for the
+    format, no compiler, K padded to the group, scales not bf16, not on the CPU)."""
+    key = fmt + A8 if int8_activations else fmt
+    fn = kernel(key, portable, isa)
+    if fn is None or qweight.device.type != "cpu" or scale.dtype != torch.bfloat16:
+        return None
+    if WeightFormat.parse(fmt).padded_k(in_features) != in_features:
+        return None
+    return Bound(fn, key, qweight, scale, zero, fmt, in_features)
+
+
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
            bias: torch.Tensor | None, fmt: str, in_features: int, portable: bool = False,
-           int8_activations: bool = False) -> torch.Tensor | None:
+           int8_activations: bool = False, isa: str | None = None) -> torch.Tensor | None:
     """``x[M, K] @ dequantize(W).T + bias`` in float32 by the generated kernel, or None when it
     does not apply (no kernel, too many rows, padded K): the caller runs torch's kernels.
     ``int8_activations=True`` (int4 only) runs the kernel that quantizes x per group to int8 first
     (lossy: see docs/codegen.md)."""
     if int8_activations and not bool(torch.isfinite(x).all()):
         int8_activations = False  # an inf or NaN has no int8 code: the float kernel propagates it
-    key = fmt + A8 if int8_activations else fmt
-    fn = kernel(key, portable)
-    rows = x.shape[0]
-    if fn is None or rows > MAX_ROWS or qweight.device.type != "cpu":
+    if x.shape[0] > MAX_ROWS:
         return None
-    k = in_features
-    f = WeightFormat.parse(fmt)
-    if f.padded_k(k) != k:
-        return None
-    if scale.dtype != torch.bfloat16:
-        return None
-    n = scale.shape[0]
-    # every tensor whose pointer the kernel gets is held by a local until the call returns
-    x32 = x.to(torch.float32).contiguous()
-    codes, scales = qweight.contiguous(), scale.contiguous().view(torch.int16)
-    zeros = None if zero is None else zero.contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    y = torch.empty(rows, n, dtype=torch.float32)
-    groups = k // (f.group_size or k)
-    scratch = torch.empty(rows * (k + groups) if f.kind in ("int", "nf4") and f.bits == 4 else 1, dtype=torch.float32)
-    calls[kernel_name(key)] += 1
-    fn(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), _ptr(zeros), _ptr(b), y.data_ptr(), scratch.data_ptr(),
-       rows, n, k, torch.get_num_threads())
-    return y
+    bound = bind(qweight, scale, zero, fmt, in_features, portable, int8_activations, isa)
+    return None if bound is None else bound(x, bias)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, portable: bool = False) -> torch.Tensor | None:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, portable: bool = False,
+                isa: str | None = None) -> torch.Tensor | None:
     """``x[M, K] @ weight[N, K].T`` for int8 codes in int32 (exact; what ``torch._int_mm`` gives)
     by the generated W8A8 kernel, or None when it does not apply (no kernel, too many rows, not the
     CPU, an activation code of -128, which the kernel's sign trick cannot take)."""
-    fn = kernel(W8A8, portable)
+    fn = kernel(W8A8, portable, isa)
     rows = x.shape[0]
     if fn is None or rows > MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.int8 or weight.dtype != torch.int8:
         return None

@@ -59,6 +59,7 @@ class PackedWeight(torch.nn.Module):
         self.register_buffer("weight", weight)   # int8 [N, Kp] or the int4pack layout (None until built)
         self.register_buffer("scales", scales)   # int8: [N]; int4: scales_and_zeros [Kp/g, Np, 2]
         self._make_layout = make_layout
+        self._bound: dict[tuple, "cpu_codegen.Bound | None"] = {}  # (int8 activations?, isa) -> bound kernel
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
 
     def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +68,21 @@ class PackedWeight(torch.nn.Module):
             self.weight, self.scales = self._make_layout()
             self._make_layout = None
         return self.weight, self.scales
+
+    def generated(self, int8_activations: bool = False) -> "cpu_codegen.Bound | None":
+        """This weight bound to its generated kernel (bound at the first call, kept), or None
+        (no kernel: torch's runs). ``LOWBIT_CPU_CODEGEN=0`` is still read at every call;
+        ``int8_activations`` picks the opt-in int4 kernel with int8 activations where it exists."""
+        if cpu_codegen.kernel_disabled():
+            return None
+        if int8_activations and cpu_codegen.supported(self.fmt + cpu_codegen.A8) is not None:
+            int8_activations = False
+        key = (int8_activations, cpu_codegen.isa_choice())
+        bound = self._bound.get(key, False)
+        if bound is False:
+            bound = self._bound[key] = cpu_codegen.bind(*self.quantized, self.fmt, self.in_features,
+                                                        int8_activations=int8_activations, isa=key[1])
+        return bound
 
     def extra_repr(self) -> str:
         built = "" if self.weight is not None else ", torch layout not built"
@@ -165,12 +181,58 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     out_dtype = x.dtype
     lead = x.shape[:-1]
     if packed.quantized is not None and x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1]:
-        a8 = cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(packed.fmt + cpu_codegen.A8) is None
-        y = cpu_codegen.linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt, packed.in_features,
-                               int8_activations=a8)
-        if y is not None:
-            return y.reshape(*lead, packed.out_features).to(out_dtype)
+        bound = packed.generated(cpu_codegen.int8_activations_enabled() and bool(torch.isfinite(x).all()))
+        if bound is not None:
+            y = bound(x.reshape(-1, x.shape[-1]), bias)
+            return y.view(*lead, packed.out_features) if out_dtype == torch.float32 else \
+                y.view(*lead, packed.out_features).to(out_dtype)
     return torch_packed_linear(x, packed, bias, compute_dtype)
+
+
+class FusedWeights(torch.nn.Module):
+    """Several packed weights of one input run as one generated call (a CPU fusion group, made by
+    ``lowering._fuse_cpu_groups``): q/k/v side by side (``epilogue=0``) or a gated MLP's gate and up
+    with ``silu(gate) * up`` (``cpu_codegen.SILU_MUL``). A module so lowered graphs hold it with
+    ``get_attr``; the bound group is made at the first decode-sized call and kept."""
+
+    def __init__(self, members: list[PackedWeight], epilogue: int = 0):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.epilogue = epilogue
+        self._bound: dict[str, "cpu_codegen.BoundGroup | None"] = {}  # isa -> bound group
+
+    def bound(self) -> "cpu_codegen.BoundGroup | None":
+        if cpu_codegen.kernel_disabled():
+            return None
+        isa = cpu_codegen.isa_choice()
+        if isa not in self._bound:
+            parts = [m.generated() for m in self.members]
+            self._bound[isa] = (None if any(p is None for p in parts)
+                                else cpu_codegen.bind_group(parts, self.epilogue, isa=isa))
+        return self._bound[isa]
+
+    def extra_repr(self) -> str:
+        what = "silu(gate) * up" if self.epilogue == cpu_codegen.SILU_MUL else "outputs side by side"
+        return f"{len(self.members)} weights of one input, {what}"
+
+
+def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dtype: torch.dtype):
+    """A CPU fusion group: one generated call for decode-sized inputs (float32), else each weight
+    by ``packed_linear`` and the epilogue in torch (what the graph did before fusing). Returns the
+    tensor (SiLU * mul) or a tuple of outputs (side by side)."""
+    lead = x.shape[:-1]
+    silu_mul = fused.epilogue == cpu_codegen.SILU_MUL
+    if x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1] and not cpu_codegen.int8_activations_enabled():
+        bound = fused.bound()
+        if bound is not None:
+            y = bound(x.reshape(-1, x.shape[-1]), biases)
+            if x.dtype != torch.float32:
+                y = y.to(x.dtype)
+            if silu_mul:
+                return y.view(*lead, y.shape[-1])
+            return tuple(t.view(*lead, t.shape[-1]) for t in y.split([m.out_features for m in fused.members], dim=1))
+    outs = [packed_linear(x, m, b, compute_dtype) for m, b in zip(fused.members, biases)]
+    return torch.nn.functional.silu(outs[0]) * outs[1] if silu_mul else tuple(outs)
 
 
 def torch_packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,

@@ -21,6 +21,7 @@ lowbit op runs as captured (``inner="eager"``).
 from __future__ import annotations
 
 import collections
+import operator
 import dataclasses
 import logging
 from typing import Any, Callable
@@ -111,6 +112,8 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
             kernels[node.name] = "cpu-op"
             continue
         kernels[node.name] = lowering(node, gm, ctx, state)
+    if target == "cpu" and inner == "eager":
+        _fuse_cpu_groups(gm, kernels)
     ir.eliminate_dead_code(gm)
     gm.recompile()
     if inner == "inductor":
@@ -136,6 +139,7 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
     kind, _, rest = label.partition(":")
     if kind == "cpu":
         fmt, _, dtype = rest.partition(":")
+        dtype, _, fused = dtype.partition(":")  # "x3" / "silu_mul": in a CPU fusion group
         packed = f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)"
         generated = cpu_kernels.generated_kernel(fmt, args["in_features"]) if "in_features" in args else None
         if generated is None:
@@ -144,6 +148,10 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
             generated, numerics = cpu_codegen.kernel_name(fmt + cpu_codegen.A8), "int8 activations"
         else:
             numerics = "float32"
+        if fused:
+            what = "gate.up + SiLU * mul" if fused == "silu_mul" else f"{fused[1:]} weights of one input"
+            return (f"generated C kernel {generated}_multi ({what}; M <= {cpu_codegen.MAX_ROWS} rows, float32), "
+                    f"else {packed} per weight")
         return f"generated C kernel {generated} (M <= {cpu_codegen.MAX_ROWS} rows, {numerics}), else {packed}"
     if kind == "cpu-op":
         note = EAGER_NOTES[op](args) if op in EAGER_NOTES else None
@@ -236,6 +244,88 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
     _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
                     lambda p: (a["x"], p, a["bias"], dtype))
     return f"cpu:{a['fmt']}:{dtype_name}"
+
+
+def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
+    """CPU fusion groups over the lowered ``packed_linear`` calls whose weights have a generated
+    kernel: a gated MLP's ``silu(gate(x)) * up(x)`` becomes one call (x read once, the product
+    written), and the other linears that share an input (q/k/v) one call with their outputs side
+    by side (``cpu_kernels.fused_linear``: one OpenMP region instead of two or three; more than
+    ``MAX_ROWS`` rows run the members one by one, as before). The same groups the Triton generator
+    finds (``fusion._classify`` names the SiLU and the mul); ``LOWBIT_CPU_FUSE=0`` turns it off."""
+    import os
+
+    if os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0":
+        return
+
+    def member(node: Any) -> cpu_kernels.PackedWeight | None:
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is cpu_kernels.packed_linear):
+            return None
+        packed = ir.fetch_attr(gm, node.args[1].target)
+        if packed.quantized is None or cpu_kernels.generated_kernel(packed.fmt, packed.in_features) is None:
+            return None
+        return packed if cpu_codegen.multi_kernel(packed.fmt) is not None else None
+
+    def alike(a: fx.Node, b: fx.Node) -> bool:
+        pa, pb = member(a), member(b)
+        return (pa is not None and pb is not None and a is not b and a.args[0] is b.args[0] and pa.fmt == pb.fmt
+                and pa.in_features == pb.in_features and a.args[3] == b.args[3])
+
+    def replace(nodes: list[fx.Node], epilogue: int, sink: fx.Node | None, name: str) -> None:
+        fused = cpu_kernels.FusedWeights([member(n) for n in nodes], epilogue)
+        ir.set_attr(gm, name, fused)
+        first = min(nodes, key=order.__getitem__)
+        for n in nodes:  # a side-by-side group runs where its first member ran: its biases move up
+            bias = n.args[2]
+            if sink is None and isinstance(bias, fx.Node) and order[bias] > order[first]:
+                first.prepend(bias)  # a get_attr (checked by the caller): nothing it reads moves
+        with gm.graph.inserting_before(sink if sink is not None else first):
+            holder = gm.graph.get_attr(name)
+            call = gm.graph.call_function(cpu_kernels.fused_linear, (
+                first.args[0], holder, tuple(n.args[2] for n in nodes), first.args[3]))
+        if sink is not None:
+            call.meta.update(sink.meta)
+            sink.replace_all_uses_with(call)
+        else:  # every member's users read its part
+            for i, n in enumerate(nodes):
+                with gm.graph.inserting_after(call):
+                    part = gm.graph.call_function(operator.getitem, (call, i))
+                part.meta.update(n.meta)
+                n.replace_all_uses_with(part)
+        for n in nodes:
+            kernels[n.name] = kernels[n.name] + (":silu_mul" if epilogue else f":x{len(nodes)}")
+        claimed.update(nodes)
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    claimed: set[fx.Node] = set()
+    for node in list(gm.graph.nodes):  # gate.up: mul(silu(gate(x)), up(x))
+        classified = fusion._classify(node)
+        if classified is None or classified[0] != "mul":
+            continue
+        for act, up in (node.args, node.args[::-1]):
+            op = fusion._classify(act) if isinstance(act, fx.Node) else None
+            if op is None or op[0] != "silu" or len(act.users) != 1:
+                continue
+            gate = op[1][0]
+            if (alike(gate, up) and len(gate.users) == 1 and len(up.users) == 1 and gate not in claimed
+                    and up not in claimed and member(gate).out_features == member(up).out_features):
+                replace([gate, up], cpu_codegen.SILU_MUL, node, f"{_fqn_base(gm, gate)}.gate_up_fused")
+                break
+    by_input: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:  # siblings of one input (q/k/v)
+        if node not in claimed and member(node) is not None and isinstance(node.args[0], fx.Node):
+            by_input.setdefault(node.args[0], []).append(node)
+    for nodes in by_input.values():
+        nodes = [n for n in nodes if (alike(nodes[0], n) or n is nodes[0])
+                 and (not isinstance(n.args[2], fx.Node) or n.args[2].op == "get_attr"
+                      or order[n.args[2]] < order[nodes[0]])]
+        if len(nodes) >= 2:
+            replace(nodes, 0, None, f"{_fqn_base(gm, nodes[0])}.siblings_fused")
+
+
+def _fqn_base(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``model.layers.0.mlp`` for the packed weight ``model.layers.0.mlp.gate_proj.packed_bfloat16``."""
+    return node.args[1].target.rsplit(".", 2)[0]
 
 
 @register_lowering(torch.ops.lowbit.grouped_linear.default, "cpu")

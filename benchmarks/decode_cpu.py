@@ -12,7 +12,7 @@ Peers (``--no-peers`` leaves them out): ``torch.compile`` (Inductor) on the bf16
 torchao's int8 weight-only quantization + Inductor when torchao is installed (the ``bench``
 extra pins the version that works with torch 2.13).
 
-    python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--json benchmarks/results/decode_cpu.json] [--plot [SVG]]
+    python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--no-peers] [--builds] [--json benchmarks/results/decode_cpu.json] [--plot [SVG]]
     python benchmarks/decode_cpu.py --from-json benchmarks/results/decode_cpu.json --plot [SVG]   (plot only)
 """
 from __future__ import annotations
@@ -115,6 +115,9 @@ def main() -> None:
                         help="lowbit recipes to compile (comma-separated); data-driven ones (teal-50+w8a16, "
                              "s24-w8a16, ...) calibrate on --calibration random prompts")
     parser.add_argument("--calibration", type=int, default=4, help="random 64-token prompts for data-driven recipes")
+    parser.add_argument("--builds", action="store_true",
+                        help="also w4a16 with the AVX2 build of the generated kernels and without the CPU fusion "
+                             "groups (LOWBIT_CPU_ISA / LOWBIT_CPU_FUSE): before/after ratios on one machine")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -161,6 +164,12 @@ def main() -> None:
         compiled = torch.compile(fp32, backend="lowbit", options=options)
         contenders.append(Contender(f"lowbit {recipe}", fp32, compiled, 0))
 
+    if args.builds:
+        for label, env in (("AVX2 build, unfused", {"LOWBIT_CPU_ISA": "avx2", "LOWBIT_CPU_FUSE": "0"}),
+                           ("unfused", {"LOWBIT_CPU_FUSE": "0"}), ("AVX2 build", {"LOWBIT_CPU_ISA": "avx2"})):
+            compiled = torch.compile(fp32, backend="lowbit", options={"recipe": "w4a16"})
+            contenders.append(Contender(f"lowbit w4a16 ({label})", fp32, with_env(compiled, env), 0))
+
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for c in contenders:
@@ -169,11 +178,14 @@ def main() -> None:
             for c in contenders:
                 c.step(record=step >= args.warmup)
     for c in contenders:
-        if not c.name.startswith("lowbit"):
+        if not c.name.startswith("lowbit") or "(" in c.name:
             continue
         recipe = c.name.split()[-1]
         c.bytes_per_token = (linear_bytes(fp32, 4) if recipe == "none"
                              else quantized_bytes(os.path.join(dumps, recipe), fp32))
+    for c in contenders:
+        if c.name.startswith("lowbit w4a16 ("):  # the same weights, other builds
+            c.bytes_per_token = next(d.bytes_per_token for d in contenders if d.name == "lowbit w4a16")
     bandwidth = read_bandwidth()
 
     base = {c.name: statistics.median(c.times) for c in contenders}
@@ -202,6 +214,22 @@ def main() -> None:
             json.dump({"config": vars(args), "read_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}, f, indent=2)
     if args.plot:
         plot({"config": vars(args), "read_bandwidth_GBps": round(bandwidth / 1e9, 2), "rows": rows}, args.plot)
+
+
+def with_env(call, env: dict):
+    """``call`` with ``env`` set during each call (compile included) and restored after it."""
+    def wrapped(*args, **kwargs):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return wrapped
 
 
 def plot(result: dict, path: str) -> None:

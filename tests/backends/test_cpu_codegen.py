@@ -3,6 +3,7 @@ float64 over formats x rows x shapes x bias x activation dtypes, when they decli
 happens without a compiler."""
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 
@@ -42,6 +43,21 @@ def test_generated_kernel_matches_the_float_reference(fmt, rows, n, k, with_bias
     reference = ops.wo_linear_reference(x.double(), q.qweight, q.scale, q.zero,
                                         None if bias is None else bias.double(), fmt, k)
     assert formats.sqnr_db(reference, y.double()) >= 110.0  # float32 accumulation (measured 124-140 dB)
+
+
+@pytest.mark.parametrize("fmt", ["int4_g128_asym", "int4_g32_sym", "int8"])
+def test_a_non_finite_activation_shows_in_the_output(fmt):
+    """One row (the int16 VNNI path for int4 groups of 64+ where the host has it) and several:
+    an inf or NaN in x never comes out as finite numbers."""
+    q = formats.quantize(torch.randn(21, 256) * 0.05, WeightFormat.parse(fmt))
+    for rows in (1, 3):
+        for bad in (float("inf"), float("nan")):
+            x = torch.randn(rows, 256)
+            x[0, 5] = bad
+            y = cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, 256)
+            assert not torch.isfinite(y[0]).any()
+            if rows > 1:
+                assert torch.isfinite(y[1:]).all()
 
 
 def test_declines_what_it_does_not_cover():
@@ -94,6 +110,58 @@ def test_portable_build_matches_the_float_reference(fmt, rows):
     assert formats.sqnr_db(reference, y.double()) >= 110.0
 
 
+def test_native_build_runs_the_widest_path_the_host_has():
+    """The dispatched (native) build takes the AVX-512 / VNNI paths exactly when the host's CPU
+    flags have them (the flags are in the cache key, so a cached build never crosses machines)."""
+    for fmt in ("int8", "int4_g128_asym", cpu_codegen.W8A8):
+        assert cpu_codegen.isa_of(cpu_codegen.kernel(fmt)) == cpu_codegen.host_isa()
+    assert cpu_codegen.isa_of(cpu_codegen.kernel("int8", portable=True)) == "portable"
+
+
+_HOST = set(cpu_codegen._host_flags().split())
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _HOST, reason="the host has no AVX2 + FMA to run an AVX2 build")
+@pytest.mark.parametrize("fmt", [f if f in ("int8", "int4_g32_sym", "int4_g128_asym", "nf4_g64")
+                                 else pytest.param(f, marks=pytest.mark.slow) for f in FORMATS])  # a build each
+def test_avx2_build_matches_the_float_reference(fmt):
+    """What a host with AVX2 but no AVX-512 runs (``isa="avx2"``: the host's flags minus AVX-512),
+    over every format, every row-tile remainder, odd N, bias; on an AVX-512 host this covers the
+    path it does not dispatch, on an AVX2 host it is the dispatched one."""
+    fn = cpu_codegen.kernel(fmt, isa="avx2")
+    assert fn is not None and cpu_codegen.isa_of(fn) == "avx2"
+    g = torch.Generator().manual_seed(7)
+    n, k = 37, 256 + (24 if fmt == "int8" else 0)
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt))
+    bias = torch.randn(n, generator=g)
+    for rows in (1, 6):
+        x = torch.randn(rows, k, generator=g)
+        y = cpu_codegen.linear(x, q.qweight, q.scale, q.zero, bias, fmt, k, isa="avx2")
+        reference = ops.wo_linear_reference(x.double(), q.qweight, q.scale, q.zero, bias.double(), fmt, k)
+        assert formats.sqnr_db(reference, y.double()) >= 110.0
+        native = cpu_codegen.linear(x, q.qweight, q.scale, q.zero, bias, fmt, k)
+        assert formats.sqnr_db(native.double(), y.double()) >= 110.0  # the paths agree to float32 rounding
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _HOST, reason="the host has no AVX2 + FMA to run an AVX2 build")
+def test_avx2_builds_of_the_integer_kernels():
+    """W8A8 (maddubs instead of VNNI's vpdpbusd) exact, and the int8-activation int4 kernel equal
+    to the native one, in the AVX2 build."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-127, 128, (5, 300), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (19, 300), dtype=torch.int8, generator=g)
+    x[0], w[0] = 127, -128
+    y = cpu_codegen.int8_matmul(x, w, isa="avx2")
+    assert cpu_codegen.isa_of(cpu_codegen.kernel(cpu_codegen.W8A8, isa="avx2")) == "avx2"
+    assert torch.equal(y.long(), x.long() @ w.long().T)
+    q = formats.quantize(torch.randn(37, 512, generator=g) * 0.05, WeightFormat.parse("int4_g64_asym"))
+    xf = torch.randn(3, 512, generator=g)
+    avx2 = cpu_codegen.linear(xf, q.qweight, q.scale, q.zero, None, "int4_g64_asym", 512, int8_activations=True,
+                              isa="avx2")
+    native = cpu_codegen.linear(xf, q.qweight, q.scale, q.zero, None, "int4_g64_asym", 512, int8_activations=True)
+    assert formats.sqnr_db(native.double(), avx2.double()) >= 110.0  # integer sums: equal up to float rounding
+
+
 def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
     """Decode-sized calls (9 rows) of a w4a16 model, eager after ``compress`` and under
     ``torch.compile``, run the generated kernel; they match torch's packed path (bf16 compute,
@@ -107,12 +175,17 @@ def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
     with torch.no_grad():
         compiled_model = make_model("llama")
         rec = Recorder(recipe="w4a16", strict=True)
-        before = cpu_codegen.calls[name]
+        before = dict(cpu_codegen.calls)
         compiled = torch.compile(compiled_model, backend=rec)(ids).logits
-        assert cpu_codegen.calls[name] - before == 15
-        implementations = {r["implementation"] for r in rec.summaries[0]["implementations"]}
-        assert implementations == {f"generated C kernel {name} (M <= 16 rows, float32), else "
-                                   "cpu_kernels.packed_linear (packed int4_g128_asym weights, bfloat16 compute)"}
+        ran = {k: v - before.get(k, 0) for k, v in cpu_codegen.calls.items() if v != before.get(k, 0)}
+        # per layer o and down alone, q/k/v in one call, gate.up + SiLU * mul in one; the LM head
+        assert ran == {name: 5, name + "_x3": 2, name + "_silu_mul": 2}
+        implementations = collections.Counter(r["implementation"] for r in rec.summaries[0]["implementations"])
+        packed = "cpu_kernels.packed_linear (packed int4_g128_asym weights, bfloat16 compute)"
+        assert implementations == {
+            f"generated C kernel {name} (M <= 16 rows, float32), else {packed}": 5,
+            f"generated C kernel {name}_multi (3 weights of one input; M <= 16 rows, float32), else {packed} per weight": 6,
+            f"generated C kernel {name}_multi (gate.up + SiLU * mul; M <= 16 rows, float32), else {packed} per weight": 4}
 
         model = compress(make_model("llama"), "w4a16")
         before = cpu_codegen.calls[name]
@@ -123,6 +196,52 @@ def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
         assert cpu_codegen.calls[name] - before == 15  # turned off: torch's packed kernels ran
     assert formats.sqnr_db(packed.double(), generated.double()) >= 40.0  # measured 46.8 dB
     assert formats.sqnr_db(generated.double(), compiled.double()) >= 100.0  # the same kernel: measured identical
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64"])
+def test_fused_calls_equal_the_separate_kernels(fmt):
+    """The several-weights entry point (a CPU fusion group): q/k/v-like weights of one input (odd,
+    unequal N, biases) side by side equal the separate calls bit for bit (the same per-channel
+    code); gate.up with SiLU * mul matches the float64 SiLU of the separate outputs times up."""
+    g = torch.Generator().manual_seed(11)
+    k = 256 + (24 if fmt == "int8" else 0)
+    qs = [formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt)) for n in (67, 33, 33)]
+    bound = [cpu_codegen.bind(q.qweight, q.scale, q.zero, fmt, k) for q in qs]
+    biases = [torch.randn(b.n, generator=g) for b in bound]
+    side, gate_up = cpu_codegen.bind_group(bound), cpu_codegen.bind_group(bound[1:], cpu_codegen.SILU_MUL)
+    assert cpu_codegen.bind_group(bound[:2], cpu_codegen.SILU_MUL) is None  # unequal N: no SiLU * mul
+    for rows in (1, 6):
+        x = torch.randn(rows, k, generator=g)
+        assert torch.equal(side(x, biases), torch.cat([b(x, bias) for b, bias in zip(bound, biases)], dim=1))
+        reference = torch.nn.functional.silu(ops.wo_linear_reference(
+            x.double(), qs[1].qweight, qs[1].scale, qs[1].zero, biases[1].double(), fmt, k)) * ops.wo_linear_reference(
+            x.double(), qs[2].qweight, qs[2].scale, qs[2].zero, biases[2].double(), fmt, k)
+        assert formats.sqnr_db(reference, gate_up(x, biases[1:]).double()) >= 110.0
+
+
+def test_cpu_fusion_groups_keep_the_model_output(monkeypatch):
+    """A compiled w8a16 Llama with the CPU fusion groups (q/k/v, gate.up + SiLU * mul) gives the
+    logits of the same model compiled without them (LOWBIT_CPU_FUSE=0) to float32 rounding, at
+    decode sizes (fused) and past MAX_ROWS (the members one by one)."""
+    from tests.conftest import make_model
+
+    name = cpu_codegen.kernel_name("int8")
+    with torch.no_grad():
+        model = make_model("llama")
+        short = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+        long = torch.randint(0, 100, (1, cpu_codegen.MAX_ROWS + 3), generator=torch.Generator().manual_seed(1))
+        fused = torch.compile(model, backend="lowbit", options={"recipe": "w8a16"}, dynamic=False)
+        before = cpu_codegen.calls[name + "_silu_mul"]
+        out_short, out_long = fused(short).logits, fused(long).logits
+        assert cpu_codegen.calls[name + "_silu_mul"] - before == 2  # only the short call ran it
+        torch._dynamo.reset()
+        monkeypatch.setenv(cpu_codegen.FUSE_ENV, "0")
+        plain = torch.compile(make_model("llama"), backend="lowbit", options={"recipe": "w8a16"}, dynamic=False)
+        before = cpu_codegen.calls[name + "_silu_mul"]
+        ref_short, ref_long = plain(short).logits, plain(long).logits
+        assert cpu_codegen.calls[name + "_silu_mul"] == before
+    assert formats.sqnr_db(ref_short.double(), out_short.double()) >= 110.0
+    assert torch.equal(ref_long, out_long)
 
 
 @pytest.mark.parametrize("rows, n, k, portable", [(1, 37, 4104, False), (5, 64, 300, False), (16, 33, 1024, False),
