@@ -10,6 +10,11 @@ A :class:`KVFormat` says how one layer's keys and values are stored:
   head, calibrated), values per token; both as indices into a per-layer non-uniform codebook of
   ``2**bits`` levels fitted by Lloyd on calibration activations (:func:`fit_kvquant`); the
   ``outliers`` fraction of each token row kept exactly (fp16 value + uint8 index);
+* ``gear`` (GEAR): uniform per-token codes of each row (its outliers, the same fraction, kept
+  sparse and replaced by the row mean first), plus a rank-``rank`` approximation of what the codes
+  miss, one per ``chunk`` tokens of a KV head (an SVD of the chunk's residual: fp16 factors, one
+  ``rank``-vector per token and one ``rank x head_dim`` matrix per chunk); tokens wait in float
+  until a chunk fills;
 * ``sinks``: the first tokens of the sequence stay in the model's float dtype (attention sinks, as
   KVQuant keeps them).
 
@@ -29,7 +34,7 @@ whole cache exists at any step. :func:`install` puts both on a model (``compress
 calls it from the decisions the ``mark_kv_cache`` pass recorded).
 
 Sliding-window layers get a full compressed layer; the mask applies the window. What is not here
-(see docs/kv_cache.md): a generated kernel for the codebook formats (they take the blocked torch
+(see docs/kv_cache.md): a generated kernel for the codebook and GEAR formats (they take the blocked torch
 attention), and the compiled flow (``torch.compile(backend="lowbit")`` records the decisions but
 keeps the model's own cache).
 """
@@ -182,6 +187,8 @@ KV_FORMATS: dict[str, KVFormat] = {
     "kvquant2": KVFormat("kvquant", 2, 128, sinks=4, outliers=0.01, key_rope="pre"),
     "kvquant3": KVFormat("kvquant", 3, 128, sinks=4, outliers=0.01, key_rope="pre"),
     "kvquant4": KVFormat("kvquant", 4, 128, sinks=4, outliers=0.01, key_rope="pre"),
+    # GEAR: uniform int4 per token (one scale per head row) + rank-2 residual per 64 tokens + 1 % outliers
+    "gear4": KVFormat("gear", 4, 128, outliers=0.01, rank=2, chunk=64),
 }
 
 
@@ -574,6 +581,50 @@ class _KVQuantStore(_FieldStore):
         return self._scatter_outliers(x, f)
 
 
+class _GearStore(_FieldStore):
+    """GEAR: per ``chunk`` tokens of one KV head, the sparse outliers of each row (fp16 value +
+    uint8 index, farthest from the row mean), uniform per-token codes of the rest (as ``int``),
+    and a rank-``rank`` approximation ``A B`` of what the codes miss (A: fp16 per token, B: fp16
+    per chunk; from an SVD of the chunk's residual)."""
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fmt = self.fmt
+        b, h, n, d = x.shape
+        xf = x.float()
+        out: dict[str, torch.Tensor] = {}
+        dense = xf
+        k = fmt.n_outliers(d)
+        if k:
+            centre = xf.mean(-1, keepdim=True)
+            out["oidx"], out["oval"] = _outliers(xf, k, centre)
+            # the outliers' places take the row mean, so they do not stretch the row's range
+            dense = xf.scatter(-1, out["oidx"], centre.expand(*centre.shape[:-1], k))
+            out["oidx"] = out["oidx"].to(torch.uint8 if d <= 256 else torch.int16)
+        uniform = KVFormat("int", fmt.bits, fmt.group)
+        packed = quantize(dense, uniform, "per_token")
+        out.update(codes=packed.codes, scale=packed.scale, zero=packed.zero)
+        if fmt.rank:
+            residual = dense - dequantize(packed, uniform, "per_token", d)
+            r = residual.reshape(b, h, n // fmt.chunk, fmt.chunk, d)
+            u, s, vh = torch.linalg.svd(r, full_matrices=False)
+            rank = min(fmt.rank, s.shape[-1])
+            a = (u[..., :rank] * s[..., None, :rank]).to(torch.float16)  # (b, h, chunks, chunk, rank)
+            out["lr_a"] = a.reshape(b, h, n, rank)
+            out["lr_b"] = vh[..., :rank, :].to(torch.float16).reshape(b, h, n // fmt.chunk, rank * d)
+        return out
+
+    def _decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        fmt, d = self.fmt, self.head_dim
+        x = dequantize(Packed(f["codes"], f["scale"], f["zero"]), KVFormat("int", fmt.bits, fmt.group),
+                       "per_token", d)
+        if "lr_a" in f:
+            b, h, n, rank = f["lr_a"].shape
+            a = f["lr_a"].float().reshape(b, h, n // fmt.chunk, fmt.chunk, rank)
+            bm = f["lr_b"].float().reshape(b, h, n // fmt.chunk, rank, d)
+            x = x + (a @ bm).reshape(b, h, n, d)
+        return self._scatter_outliers(x, f)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], -1)
@@ -672,6 +723,8 @@ def _make_layer_class():
                                       "embedding; build the cache with lowbit_compiler.kv.new_cache(model)")
                 self._k = _KVQuantStore(self.fmt, d, "keys", params)
                 self._v = _KVQuantStore(self.fmt, d, "values", params)
+            elif self.fmt.scheme == "gear":
+                self._k, self._v = _GearStore(self.fmt, d), _GearStore(self.fmt, d)
             else:
                 self._k = _Store(self.fmt, self.fmt.keys, d)
                 self._v = _Store(self.fmt, "per_token", d)

@@ -298,6 +298,8 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("kv3-kvquant", _KV, options={"mark_kv_cache": {"scheme": "kvquant3"}}),
     Recipe("kv2-kvquant", _KV, options={"mark_kv_cache": {"scheme": "kvquant2"}}),
     Recipe("kv4-kvquant", _KV, options={"mark_kv_cache": {"scheme": "kvquant4"}}),
+    # GEAR: int4 per token + rank-2 residual per 64 tokens + 1 % sparse outliers
+    Recipe("kv4-gear", _KV, options={"mark_kv_cache": {"scheme": "gear4"}}),
 )}
 
 

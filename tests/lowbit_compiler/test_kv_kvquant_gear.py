@@ -96,7 +96,8 @@ def test_kvquant_outliers_are_exact_and_sinks_float():
     assert torch.equal(layer._k.fields["oidx"].long()[..., 0], u.abs().argmax(-1))
 
 
-@pytest.mark.parametrize("name,formula,min_ratio", [("kvquant3", 8 * (2 * 48 + 2 * 3 + 4) + 4, 4.5)])
+@pytest.mark.parametrize("name,formula,min_ratio", [
+    ("kvquant3", 8 * (2 * 48 + 2 * 3 + 4) + 4, 4.5), ("gear4", 8 * 2 * (64 + 4 + 3 + 2 * 2 + 128 * 2 * 2 / 64), 3.0)])
 def test_bytes_per_token_are_what_the_cache_holds(name, formula, min_ratio):
     """Llama-3-8B attention shape (8 KV heads x 128): every tensor the layer references is counted;
     codes, scales, outliers (fp16 + index), low-rank factors and positions are all in the packed
@@ -130,6 +131,18 @@ def test_bytes_per_token_are_what_the_cache_holds(name, formula, min_ratio):
     assert layer.nbytes()["packed"] == pytest.approx(formula * layer._k.length)
     assert layer.nbytes()["float"] == layer._float_k.numel() * 2 * 2  # nothing float but what waits for a chunk
     assert 2 * heads * d * 2 / formula >= min_ratio
+
+
+def test_gear4_roundtrip_beats_int4_and_the_low_rank_part_helps():
+    k, v = _kv(256, seed=5)
+    int4 = _roundtrip(_layer(kv.get_format("int4"), k, v))
+    gear = _roundtrip(_layer(kv.get_format("gear4"), k, v))
+    no_rank = _roundtrip(_layer(dataclasses.replace(kv.get_format("gear4"), rank=0), k, v))
+    for x, a, b, c in zip((k, v), int4, gear, no_rank):
+        assert sqnr_db(x, b) >= sqnr_db(x, a) + 4  # the outliers no longer stretch the per-token ranges
+        assert sqnr_db(x, b) > sqnr_db(x, c) + 0.3  # the rank-2 residual adds on top
+    layer = _layer(kv.get_format("gear4"), k[:, :, :100], v[:, :, :100])
+    assert layer._k.length == 64 and layer._float_k.shape[2] == 36  # a chunk waits in float until it fills
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +212,7 @@ def test_kv3_kvquant_codebooks_come_from_the_calibration_engine(llama):
     assert decisions[0]["bytes_per_token"] == formats[0].bytes_per_token(2, cfg.head_dim)
 
 
-@pytest.mark.parametrize("scheme", ["kvquant3"])
+@pytest.mark.parametrize("scheme", ["kvquant3", "gear4"])
 def test_generate_at_high_rate_gives_the_float_tokens(llama, scheme):
     """The whole path (calibration, install, pre-RoPE store, RoPE at read time, the blocked
     attention in prefill and decode) at 8 bits gives the float cache's greedy tokens; at the
