@@ -11,7 +11,7 @@ folded into the weights. The packed store is read once per step and nothing dequ
 and sum, so the float tokens (sinks
 and the recent window, a few dozen) are folded in by torch afterwards (:func:`decode_attention`).
 
-Runs for the ``int`` and ``kivi`` schemes (``fp8`` and prefill take the blocked torch reference in
+Runs for the ``int`` and ``kivi`` schemes (``fp8``, ``kvquant``, ``gear`` and prefill take the blocked torch reference in
 ``lowbit_compiler.kv``); ``LOWBIT_CPU_CODEGEN=0``, no compiler or a failed compile: the reference,
 logged once.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import os
 from typing import Any
@@ -162,6 +163,8 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
 """
 
 GMAX = 64  # query heads per KV head the kernel's stack buffers hold
+_LOGGED: set[str] = set()
+log = logging.getLogger("lowbit_compiler")
 
 
 def source(bits: int, head_dim: int, channel_group: int, key_group: int, per_channel_keys: bool) -> tuple[str, str]:
@@ -188,6 +191,8 @@ def unsupported(query: torch.Tensor, layer: Any) -> str | None:
         return "prefill (more than one query token)"
     if fmt.scheme == "fp8":
         return "fp8 codes"
+    if fmt.scheme in ("kvquant", "gear"):
+        return f"{fmt.scheme}: the kernel reads uniform codes only (not codebooks, outliers or low-rank factors)"
     if layer._k.length == 0:
         return "nothing packed yet"
     if query.shape[1] // layer._float_k.shape[1] > GMAX:
@@ -199,7 +204,12 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
                      softcap: float | None = None) -> torch.Tensor | None:
     """Attention of one query token over the layer's cache (B, 1, Hq, D), or None when the
     generated kernel does not apply (:func:`unsupported`; the caller runs the torch reference)."""
-    if softcap or unsupported(query, layer) is not None:
+    why = unsupported(query, layer)
+    if softcap or why is not None:
+        if why is not None and why.startswith(layer.fmt.scheme) and why not in _LOGGED:
+            _LOGGED.add(why)
+            log.warning("lowbit fallback: CPU decode attention over the %s cache: %s; it takes the blocked torch "
+                        "attention (lowbit_compiler.kv.packed_attention_reference)", layer.fmt.key, why)
         return None
     fmt, store_k, store_v = layer.fmt, layer._k, layer._v
     b, hq, _, d = query.shape

@@ -8,7 +8,9 @@
    ``--length`` bytes run in chunks of ``--chunk`` tokens through the cache, so that every chunk
    attends to the compressed past: bits per byte, the fraction of positions whose argmax equals
    the float cache's, and greedy tokens generated after the sequence that equal the float
-   cache's. (The model was trained on 256-byte sequences: beyond that its loss rises for every
+   cache's. KVQuant's codebooks are fitted through ``compress(model, "kv3-kvquant",
+   calibration=...)`` on 8 held-out sequences of 512 bytes that overlap none of the evaluated ones.
+   ``--schemes`` picks the rows. (The model was trained on 256-byte sequences: beyond that its loss rises for every
    scheme alike; the comparison is against the float cache on the same positions.)
 3. CPU decode attention at ``--context`` tokens, one layer of Llama-3-8B shape (32 query heads,
    8 KV heads, 128): torch SDPA over a bf16 and a float32 cache against the generated C kernel
@@ -33,9 +35,9 @@ import torch
 
 from lowbit_compiler import kv
 
-SCHEMES = ["int8", "fp8", "int4", "int3", "kivi4", "kivi3", "int2", "kivi2"]
+SCHEMES = ["int8", "fp8", "int4", "gear4", "kivi4", "int3", "kivi3", "kvquant3", "int2", "kivi2"]
 RECIPE_OF = {"int8": "kv8", "fp8": "kv-fp8", "int4": "kv4", "int3": "kv3", "int2": "kv2", "kivi4": "kv4-kivi",
-             "kivi3": "kv3-kivi", "kivi2": "kv2-kivi"}
+             "kivi3": "kv3-kivi", "kivi2": "kv2-kivi", "kvquant3": "kv3-kvquant", "gear4": "kv4-gear"}
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -57,15 +59,19 @@ def measured_bytes(tokens: int = 4096, heads: int = 8, head_dim: int = 128) -> l
     rows = []
     for name in SCHEMES:
         fmt = kv.get_format(name)
-        layer = kv.classes()[0](fmt)
+        rope = None
+        if fmt.scheme == "kvquant":  # codebooks fitted on the same random data; positions stored, RoPE the identity
+            fmt = kv.KVFormat(**{**vars(fmt), "params": kv.fit_kvquant(k.float(), v.float(), fmt)})
+            rope = lambda pos: (torch.ones(*pos.shape, head_dim), torch.zeros(*pos.shape, head_dim))  # noqa: E731
+        layer = kv.classes()[0](fmt, rope)
         layer.update(k, v)
         held = layer.nbytes()
         packed_tokens = layer._k.length
         per_token = held["packed"] / packed_tokens
         rows.append({"scheme": name, "format": fmt.key, "bytes_per_token": per_token,
                      "formula": fmt.bytes_per_token(heads, head_dim), "bf16_bytes_per_token": bf16,
-                     "ratio": bf16 / per_token, "window_bytes": held["float"],
-                     "ratio_with_window": bf16 * tokens / (held["packed"] + held["float"])})
+                     "ratio": bf16 / per_token, "window_bytes": held["float"], "constant_bytes": held["constant"],
+                     "ratio_with_window": bf16 * tokens / (held["packed"] + held["float"] + held["constant"])})
     return rows
 
 
@@ -81,8 +87,10 @@ def memory_table(contexts=(4096, 8192, 16384, 32768)) -> list[dict]:
                     total = layers * 2 * heads * d * 2 * ctx
                 else:
                     fmt = kv.get_format(name)
-                    window = fmt.window + fmt.token_block - 1 if fmt.window else 0  # at most, in bf16
-                    total = layers * (fmt.bytes_per_token(heads, d) * (ctx - window) + 2 * heads * d * 2 * window)
+                    # float tokens at most, in bf16: window + a token group or GEAR chunk waiting, sinks
+                    window = fmt.window + fmt.token_block - 1 + fmt.sinks
+                    total = layers * (fmt.bytes_per_token(heads, d) * (ctx - window) + 2 * heads * d * 2 * window
+                                      + fmt.constant_bytes(heads, d))
                 row[str(ctx)] = total / 2 ** 30
             rows.append(row)
     return rows
@@ -102,13 +110,38 @@ def _chunked_logits(model, ids: torch.Tensor, chunk: int, make_cache) -> tuple[t
     return torch.cat(out, 1), cache
 
 
-def accuracy(model_dir: str, seqs: int, length: int, chunk: int, new_tokens: int) -> list[dict]:
+def calibration_batches(data: torch.Tensor, starts: list[int], length: int, count: int = 8,
+                        size: int = 512) -> list[torch.Tensor]:
+    """``count`` held-out sequences of ``size`` bytes that overlap none of the evaluated ones (for
+    KVQuant's codebooks): spread over the gap between the first two evaluated sequences."""
+    lo = starts[0] + length
+    hi = starts[1] if len(starts) > 1 else len(data)
+    if hi - lo < count * size:
+        raise SystemExit(f"no room for {count} x {size} calibration bytes between the evaluated sequences")
+    return [data[s:s + size][None] for s in torch.linspace(lo, hi - size, count).long().tolist()]
+
+
+def compressed_model(base, name: str, calibration: list[torch.Tensor]):
+    """``base`` with the ``name`` cache: through compress() (and the calibration engine) for the
+    data-driven KVQuant, else kv.install with the named format."""
+    from lowbit_compiler import compress
+
+    model = copy.deepcopy(base)
+    if kv.get_format(name).scheme == "kvquant":
+        return compress(model, RECIPE_OF[name], calibration=calibration, progress=False)
+    kv.install(model, {i: kv.get_format(name) for i in range(base.config.num_hidden_layers)})
+    return model
+
+
+def accuracy(model_dir: str, seqs: int, length: int, chunk: int, new_tokens: int,
+             schemes: list[str] = SCHEMES) -> list[dict]:
     from transformers import DynamicCache, LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     data = torch.load(os.path.join(model_dir, "heldout_bytes.pt"))
     starts = torch.linspace(0, len(data) - length - 1, seqs).long().tolist()
     batches = [data[s:s + length][None] for s in starts]
+    calibration = calibration_batches(data, starts, length)
     rows = []
     with torch.no_grad():
         reference = []
@@ -116,21 +149,22 @@ def accuracy(model_dir: str, seqs: int, length: int, chunk: int, new_tokens: int
             logits, cache = _chunked_logits(base, ids, chunk, lambda: DynamicCache(config=base.config))
             gen = _greedy(base, ids, logits, cache, new_tokens)
             reference.append((logits, gen))
-        for name in ["float", *SCHEMES]:
-            model = base
-            if name != "float":
-                model = copy.deepcopy(base)
-                kv.install(model, {i: kv.get_format(name) for i in range(base.config.num_hidden_layers)})
+        for name in ["float", *schemes]:
+            model = base if name == "float" else compressed_model(base, name, calibration)
             nll, agree, same, count = 0.0, 0, 0, 0
             for ids, (ref_logits, ref_gen) in zip(batches, reference):
-                logits, cache = _chunked_logits(model, ids, chunk, lambda: kv.CompressedKVCache(
-                    model._lowbit_kv_formats) if name != "float" else DynamicCache(config=base.config))
+                logits, cache = _chunked_logits(model, ids, chunk, lambda: kv.new_cache(
+                    model) if name != "float" else DynamicCache(config=base.config))
                 nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
                 agree += (logits[0].argmax(-1) == ref_logits[0].argmax(-1)).sum().item()
                 count += ids.shape[1] - 1
                 gen = _greedy(model, ids, logits, cache, new_tokens)
                 same += (gen == ref_gen).sum().item()
-            rows.append({"scheme": name, "bits_per_byte": nll / count / math.log(2),
+            fmt = None if name == "float" else model._lowbit_kv_formats[0]
+            rows.append({"scheme": name, "format": "bf16" if fmt is None else fmt.key,
+                         "bytes_per_token": 2 * 2 * base.config.num_key_value_heads * base.config.head_dim
+                         if fmt is None else fmt.bytes_per_token(base.config.num_key_value_heads, base.config.head_dim),
+                         "bits_per_byte": nll / count / math.log(2),
                          "argmax_agreement": agree / (count + len(batches)),
                          "greedy_tokens_equal": same / (new_tokens * len(batches))})
             print(f"  {name}: {rows[-1]}", flush=True)
@@ -199,8 +233,7 @@ def decode_step_time(model_dir: str, context: int, repeats: int) -> dict[str, fl
     token = data[:, -1:]
     with torch.no_grad():
         float_cache = _chunked_logits(base, data, 512, lambda: DynamicCache(config=base.config))[1]
-        packed_cache = _chunked_logits(compressed, data, 512, lambda: kv.CompressedKVCache(
-            compressed._lowbit_kv_formats))[1]
+        packed_cache = _chunked_logits(compressed, data, 512, lambda: kv.new_cache(compressed))[1]
         # a step appends one token to the cache it is given; the float one is cropped back after
         # each step, the packed one grows by one token per step (under 1 % of the context over a run)
         def float_step():
@@ -264,6 +297,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default="benchmarks/results/kv_cache.json")
     parser.add_argument("--zoo", action="store_true", help="only the zoo table (every tiny architecture, kv8)")
+    parser.add_argument("--schemes", default=",".join(SCHEMES),
+                        help="comma-separated formats for the byte-Llama accuracy rows (default: all)")
     args = parser.parse_args()
     result: dict = {"threads": torch.get_num_threads(), "args": vars(args)}
     if args.zoo:
@@ -293,10 +328,12 @@ def main() -> None:
 
     if args.repeats == 0:  # --repeats 0: no timings (accuracy only)
         if os.path.isdir(args.model):
-            result["byte_llama"] = acc = accuracy(args.model, args.seqs, args.length, args.chunk, args.new_tokens)
-            print(_table([[r["scheme"], f"{r['bits_per_byte']:.4f}", f"{r['argmax_agreement']:.4f}",
-                           f"{r['greedy_tokens_equal']:.3f}"] for r in acc],
-                         ["scheme", "bits/byte", "argmax = float cache", "greedy tokens = float cache"]))
+            result["byte_llama"] = acc = accuracy(args.model, args.seqs, args.length, args.chunk, args.new_tokens,
+                                                  args.schemes.split(","))
+            print(_table([[r["scheme"], r["format"], f"{r['bytes_per_token']:.0f}", f"{r['bits_per_byte']:.4f}",
+                           f"{r['argmax_agreement']:.4f}", f"{r['greedy_tokens_equal']:.3f}"] for r in acc],
+                         ["scheme", "format", "bytes/token/layer", "bits/byte", "argmax = float cache",
+                          "greedy tokens = float cache"]))
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -310,11 +347,12 @@ def main() -> None:
 
     if os.path.isdir(args.model):
         print(f"\nbyte-Llama: {args.seqs} x {args.length} bytes in chunks of {args.chunk}, then {args.new_tokens} greedy tokens")
-        acc = accuracy(args.model, args.seqs, args.length, args.chunk, args.new_tokens)
+        acc = accuracy(args.model, args.seqs, args.length, args.chunk, args.new_tokens, args.schemes.split(","))
         result["byte_llama"] = acc
-        print(_table([[r["scheme"], f"{r['bits_per_byte']:.4f}", f"{r['argmax_agreement']:.4f}",
-                       f"{r['greedy_tokens_equal']:.3f}"] for r in acc],
-                     ["scheme", "bits/byte", "argmax = float cache", "greedy tokens = float cache"]))
+        print(_table([[r["scheme"], r["format"], f"{r['bytes_per_token']:.0f}", f"{r['bits_per_byte']:.4f}",
+                       f"{r['argmax_agreement']:.4f}", f"{r['greedy_tokens_equal']:.3f}"] for r in acc],
+                     ["scheme", "format", "bytes/token/layer", "bits/byte", "argmax = float cache",
+                      "greedy tokens = float cache"]))
         step = decode_step_time(args.model, args.context, args.repeats)
         result["byte_llama_decode_step_ms"] = step
         print(f"\nbyte-Llama whole decode step at context {args.context}, median ms")

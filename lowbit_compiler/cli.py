@@ -124,8 +124,8 @@ def format_kv_cache(d: dict[str, Any]) -> str:
     rows = []
     for attention, a in d.get("attentions", {}).items():
         nodes = a.get("nodes", {})
-        rope = (f"{nodes.get('keys_pre_rope')} -> {nodes.get('keys_post_rope')}" if a["keys_quantized"] == "post_rope"
-                else "none")
+        rope = (f"{nodes.get('keys_pre_rope')} -> {nodes.get('keys_post_rope')}"
+                if a["keys_quantized"] in ("post_rope", "pre_rope") else "none")
         rows.append([attention, a["layer_index"], a["consumer"], f"{a['kind']} {a['heads']}/{a['kv_heads']}x{a['head_dim']}",
                      f"{nodes.get('k_proj')}/{nodes.get('v_proj')}", rope, nodes.get("key_cache_update", "-"),
                      a["format"], a["keys_quantized"].replace("_", "-"),

@@ -155,8 +155,10 @@ class KVDecision:
     group: int
     window: int
     sinks: int
-    keys_quantized: str        # "post_rope" (what the cache receives) | "no_rope"
+    keys_quantized: str        # "post_rope" (what the cache receives) | "pre_rope" (KVQuant) | "no_rope"
     nodes: tuple[tuple[str, str], ...] = ()  # (role, node name): key/value producers, RoPE, cache update
+    # the whole lowbit_compiler.kv.KVFormat (with KVQuant's calibrated codebooks), for kv.install
+    kv_format: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,23 @@ A :class:`KVFormat` says how one layer's keys and values are stored:
   per-token groups of ``group`` channels for keys and values alike;
 * ``kivi`` (KIVI): keys per channel with groups of ``group`` *tokens*, values per token, and the
   ``window`` most recent tokens in full precision (tokens reach the packed store ``group`` at a time);
+* ``kvquant`` (KVQuant): keys before RoPE, per channel (a centre and half-range per channel and KV
+  head, calibrated), values per token; both as indices into a per-layer non-uniform codebook of
+  ``2**bits`` levels fitted by Lloyd on calibration activations (:func:`fit_kvquant`); the
+  ``outliers`` fraction of each token row kept exactly (fp16 value + uint8 index);
+* ``gear`` (GEAR): uniform per-token codes of each row (its outliers, the same fraction, kept
+  sparse and replaced by the row mean first), plus a rank-``rank`` approximation of what the codes
+  miss, one per ``chunk`` tokens of a KV head (an SVD of the chunk's residual: fp16 factors, one
+  ``rank``-vector per token and one ``rank x head_dim`` matrix per chunk); tokens wait in float
+  until a chunk fills;
 * ``sinks``: the first tokens of the sequence stay in the model's float dtype (attention sinks, as
   KVQuant keeps them).
+
+Keys before RoPE (``key_rope="pre"``): transformers hands ``cache.update`` the keys after RoPE and
+the ``position_ids`` (no cos/sin), so the layer undoes the rotation with the model's own rotary
+embedding at those positions (:func:`rope_function`; exact for full-width rotate_half RoPE, the
+models in :data:`ROTATE_HALF_MODELS`), packs the pre-RoPE keys with their positions (int32), and
+rotates each dequantized block again at read time.
 
 :class:`CompressedKVCache` (a transformers ``Cache`` of :class:`CompressedKVLayer`) stores only the
 packed codes (``bits`` bits per element, packed 8 values into ``bits`` bytes), their fp16 scales and
@@ -19,10 +34,9 @@ whole cache exists at any step. :func:`install` puts both on a model (``compress
 calls it from the decisions the ``mark_kv_cache`` pass recorded).
 
 Sliding-window layers get a full compressed layer; the mask applies the window. What is not here
-(see docs/kv_cache.md): pre-RoPE keys (transformers 5 hands the cache post-RoPE keys and no
-cos/sin), KVQuant's non-uniform codebooks and sparse outliers, GEAR's low-rank residual, and the
-compiled flow (``torch.compile(backend="lowbit")`` records the decisions but keeps the model's
-own cache).
+(see docs/kv_cache.md): a generated kernel for the codebook and GEAR formats (they take the blocked torch
+attention), and the compiled flow (``torch.compile(backend="lowbit")`` records the decisions but
+keeps the model's own cache).
 """
 from __future__ import annotations
 
@@ -39,7 +53,7 @@ log = logging.getLogger("lowbit_compiler")
 
 BLOCK_TOKENS = 256      # tokens dequantized at once by the attention (the unit of its online softmax)
 ATTENTION_NAME = "lowbit_kv"  # the name registered in transformers' AttentionInterface
-SCHEMES = ("int", "fp8", "kivi")
+SCHEMES = ("int", "fp8", "kivi", "kvquant", "gear")
 FP8_MAX = 448.0
 
 
@@ -48,13 +62,25 @@ class KVFormat:
     """How one attention layer's cache is stored.
 
     Args:
-        scheme: ``"int"`` (uniform per-token groups), ``"fp8"`` (e4m3, per-token group scales) or
-            ``"kivi"`` (keys per channel with groups along tokens, values per token).
-        bits: code width (2..8 for int/kivi; 8 for fp8).
+        scheme: ``"int"`` (uniform per-token groups), ``"fp8"`` (e4m3, per-token group scales),
+            ``"kivi"`` (keys per channel with groups along tokens, values per token), ``"kvquant"``
+            (KVQuant: per-layer non-uniform codebooks, keys per channel with calibrated centres and
+            scales, values per token, sparse outliers; needs :attr:`params`) or ``"gear"`` (GEAR:
+            uniform per-token codes + a low-rank approximation of the residual per ``chunk`` tokens
+            + sparse outliers).
+        bits: code width (2..8 for int/kivi/kvquant/gear; 8 for fp8).
         group: channels per scale for per-token groups (capped at the head size); tokens per scale
             for KIVI's per-channel keys.
         window: recent tokens kept in float (KIVI's residual).
         sinks: first tokens kept in float (attention sinks).
+        outliers: fraction of each token row (per KV head) kept exactly as fp16 value + uint8 index
+            (dense-and-sparse; at least one per row when > 0). kvquant and gear only.
+        rank: GEAR's rank of the residual's approximation per chunk.
+        chunk: GEAR's tokens per low-rank chunk (tokens wait in float until a chunk fills).
+        key_rope: ``"post"``: keys stored as the cache receives them (after RoPE, or models without
+            it); ``"pre"``: keys stored before RoPE (the cache undoes the rotation with the model's
+            rotary embedding and redoes it on the dequantized keys at read time; kvquant only).
+        params: a :class:`KVQuantParams` (calibrated codebooks and key channel scales), per layer.
     """
 
     scheme: str = "int"
@@ -62,6 +88,11 @@ class KVFormat:
     group: int = 64
     window: int = 0
     sinks: int = 0
+    outliers: float = 0.0
+    rank: int = 0
+    chunk: int = 64
+    key_rope: str = "post"
+    params: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -73,16 +104,23 @@ class KVFormat:
         if self.group < 1 or self.window < 0 or self.sinks < 0:
             raise LowbitError(f"KV format: group={self.group}, window={self.window}, sinks={self.sinks} must be >= 0 "
                               "(group >= 1)")
+        if not 0.0 <= self.outliers < 0.5 or (self.outliers and self.scheme not in ("kvquant", "gear")):
+            raise LowbitError(f"KV format: outliers={self.outliers}; a fraction in [0, 0.5), for kvquant and gear only")
+        if self.rank < 0 or (self.rank and self.scheme != "gear") or self.chunk < 1:
+            raise LowbitError(f"KV format: rank={self.rank}, chunk={self.chunk}; rank is GEAR's (>= 0), chunk >= 1")
+        if self.key_rope not in ("post", "pre") or (self.key_rope == "pre" and self.scheme != "kvquant"):
+            raise LowbitError(f"KV format: key_rope={self.key_rope!r}; 'post', or 'pre' for kvquant")
 
     @property
     def keys(self) -> str:
-        """Where key scales run: ``"per_token"`` groups of channels, or ``"per_channel"`` groups of tokens."""
-        return "per_channel" if self.scheme == "kivi" else "per_token"
+        """Where key scales run: ``"per_token"`` groups of channels, or ``"per_channel"`` (KIVI: groups
+        of tokens; KVQuant: one calibrated centre and scale per channel)."""
+        return "per_channel" if self.scheme in ("kivi", "kvquant") else "per_token"
 
     @property
     def token_block(self) -> int:
-        """Tokens that enter the packed store together (KIVI's key groups; 1 otherwise)."""
-        return self.group if self.scheme == "kivi" else 1
+        """Tokens that enter the packed store together (KIVI's key groups, GEAR's chunks; 1 otherwise)."""
+        return self.group if self.scheme == "kivi" else (self.chunk if self.scheme == "gear" else 1)
 
     def channel_group(self, head_dim: int) -> int:
         """Channels per per-token scale: ``group``, capped at the head size (which it must divide)."""
@@ -92,23 +130,45 @@ class KVFormat:
                               f"use a group that divides {head_dim}")
         return g
 
+    def n_outliers(self, head_dim: int) -> int:
+        """Sparse outliers per token row of one KV head."""
+        return max(1, round(self.outliers * head_dim)) if self.outliers else 0
+
     @property
     def key(self) -> str:
         parts = [f"{self.scheme}{self.bits}" if self.scheme != "fp8" else "fp8_e4m3", f"g{self.group}"]
         parts += [f"w{self.window}"] * bool(self.window) + [f"s{self.sinks}"] * bool(self.sinks)
+        parts += [f"o{self.outliers * 100:g}%"] * bool(self.outliers) + [f"r{self.rank}c{self.chunk}"] * bool(self.rank)
+        parts += ["prerope"] * (self.key_rope == "pre")
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "keys": self.keys, "values": "per_token", "key_rope": "post"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "params"}
+        return {**out, "keys": self.keys, "values": "per_token"}
 
     def bytes_per_token(self, heads: int, head_dim: int) -> float:
-        """Packed bytes per token per layer for keys + values, scales included (window and sinks,
-        a constant per sequence, not included)."""
+        """Packed bytes per token per layer for keys + values: codes, per-token scales and zeros,
+        sparse outliers (fp16 value + index), GEAR's low-rank factors (its per-chunk factor spread
+        over the chunk's tokens) and, for pre-RoPE keys, the token's position (int32, shared by the
+        heads). Window, sinks and per-layer constants (:meth:`constant_bytes`) are not included."""
         code = head_dim * self.bits / 8
         g = self.channel_group(head_dim)
+        sparse = self.n_outliers(head_dim) * (2 + (1 if head_dim <= 256 else 2))
+        if self.scheme == "kvquant":  # keys: codes + outliers; values: + one scale and centre per group
+            return heads * (2 * code + 2 * sparse + (head_dim // g) * 4) + 4 * (self.key_rope == "pre")
+        if self.scheme == "gear":
+            low_rank = self.rank * 2 + head_dim * self.rank * 2 / self.chunk
+            return heads * 2 * (code + (head_dim // g) * 4 + sparse + low_rank)
         per_token_scales = (head_dim // g) * (2 if self.scheme != "fp8" else 1) * 2  # fp16 scale (+ zero)
         key_scales = head_dim * 2 * 2 / self.group if self.keys == "per_channel" else per_token_scales
         return heads * (2 * code + key_scales + per_token_scales)
+
+    def constant_bytes(self, heads: int, head_dim: int) -> int:
+        """Bytes per layer that do not grow with the tokens: KVQuant's codebooks (float32) and key
+        channel centres and scales (fp16)."""
+        if self.scheme != "kvquant":
+            return 0
+        return 2 * (1 << self.bits) * 4 + 2 * heads * head_dim * 2
 
 
 # named formats; recipes pick one by name (``mark_kv_cache``'s ``scheme`` option)
@@ -122,6 +182,13 @@ KV_FORMATS: dict[str, KVFormat] = {
     "kivi2": KVFormat("kivi", 2, 64, window=64),
     "kivi3": KVFormat("kivi", 3, 64, window=64),
     "kivi4": KVFormat("kivi", 4, 64, window=64),
+    # KVQuant: pre-RoPE per-channel keys, per-layer codebooks (calibrated), per-token values (one
+    # scale per head row), 1 % outliers per row, 4 attention-sink tokens in float
+    "kvquant2": KVFormat("kvquant", 2, 128, sinks=4, outliers=0.01, key_rope="pre"),
+    "kvquant3": KVFormat("kvquant", 3, 128, sinks=4, outliers=0.01, key_rope="pre"),
+    "kvquant4": KVFormat("kvquant", 4, 128, sinks=4, outliers=0.01, key_rope="pre"),
+    # GEAR: uniform int4 per token (one scale per head row) + rank-2 residual per 64 tokens + 1 % outliers
+    "gear4": KVFormat("gear", 4, 128, outliers=0.01, rank=2, chunk=64),
 }
 
 
@@ -291,6 +358,303 @@ def _grow(t: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# KVQuant and GEAR: non-uniform codebooks, dense-and-sparse outliers, low-rank residual
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class KVQuantParams:
+    """One layer's calibrated KVQuant constants (:func:`fit_kvquant`): the non-uniform levels of the
+    keys and of the values (sorted, in [-1, 1]: codes index them), and the per-channel centre and
+    half-range that map pre-RoPE keys onto [-1, 1] (the dense part; what falls outside is clamped
+    unless it is among its row's outliers)."""
+
+    key_codebook: torch.Tensor    # (2**bits,) float32
+    value_codebook: torch.Tensor  # (2**bits,) float32
+    key_center: torch.Tensor      # (KV heads, head_dim) fp16
+    key_scale: torch.Tensor       # (KV heads, head_dim) fp16
+    tokens: int = 0               # calibration tokens (per head) they were fitted on
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.key_codebook, self.value_codebook, self.key_center, self.key_scale))
+
+
+def lloyd_codebook(x: torch.Tensor, levels: int, iters: int = 100, max_samples: int = 1 << 18) -> torch.Tensor:
+    """``levels`` sorted scalar levels minimising the squared error of rounding ``x`` to the nearest
+    (Lloyd's 1-D k-means from the quantiles; at most ``max_samples`` values, a fixed random subset).
+    On sorted values each iteration is ``levels`` binary searches and prefix-sum differences."""
+    x = x.reshape(-1).float()
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        raise LowbitError("KVQuant codebook: no calibration values to fit it on")
+    if x.numel() > max_samples:
+        x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:max_samples].to(x.device)]
+    xs = x.sort().values
+    prefix = torch.cat([xs.new_zeros(1, dtype=torch.float64), xs.double().cumsum(0)])
+    n = xs.numel()
+    c = xs[((torch.arange(levels, device=x.device) + 0.5) / levels * n).long().clamp_max(n - 1)]
+    for _ in range(iters):
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device),
+                            torch.searchsorted(xs, (c[1:] + c[:-1]) / 2),
+                            torch.full((1,), n, dtype=torch.long, device=x.device)])
+        count = (bounds[1:] - bounds[:-1]).double()
+        total = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        new = torch.where(count > 0, total / count.clamp_min(1), c.double()).float().sort().values
+        done = torch.allclose(new, c, atol=1e-6, rtol=0)
+        c = new
+        if done:
+            break
+    return c
+
+
+def _nearest(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of a sorted codebook."""
+    return torch.bucketize(u.contiguous(), ((codebook[1:] + codebook[:-1]) / 2).contiguous())
+
+
+def _outliers(x: torch.Tensor, k: int, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, fp16 values) of the ``k`` entries of each row of ``x`` farthest from ``centre``."""
+    idx = (x - centre).abs().topk(k, -1).indices
+    return idx, x.gather(-1, idx).to(torch.float16)
+
+
+def _value_rows(x: torch.Tensor, fmt: KVFormat) -> dict[str, torch.Tensor]:
+    """KVQuant values, per token: the outliers of each row (farthest from the row mean), then each
+    channel group's centre and half-range over the rest (fp16), and the rest normalised to
+    [-1, 1] (``u``, outliers set to 0; NaN there when ``mark`` for fitting)."""
+    d = x.shape[-1]
+    g = fmt.channel_group(d)
+    xf = x.float()
+    k = fmt.n_outliers(d)
+    out: dict[str, torch.Tensor] = {}
+    keep = torch.ones_like(xf, dtype=torch.bool)
+    if k:
+        out["oidx"], out["oval"] = _outliers(xf, k, xf.mean(-1, keepdim=True))
+        keep.scatter_(-1, out["oidx"], False)
+    xg, kg = xf.reshape(*xf.shape[:-1], d // g, g), keep.reshape(*xf.shape[:-1], d // g, g)
+    hi = xg.masked_fill(~kg, -math.inf).amax(-1)
+    lo = xg.masked_fill(~kg, math.inf).amin(-1)
+    mid = ((hi + lo) / 2).to(torch.float16)
+    half = ((hi - lo) / 2).clamp_min(1e-6).to(torch.float16)
+    u = ((xg - mid.float().unsqueeze(-1)) / half.float().unsqueeze(-1)).clamp(-1, 1).reshape(xf.shape)
+    out.update(mid=mid, half=half, u=u, keep=keep)
+    return out
+
+
+def _key_rows(x: torch.Tensor, fmt: KVFormat, center: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """KVQuant keys (pre-RoPE), per channel: normalised by the calibrated centre and half-range
+    (``u``, clamped to [-1, 1]); the outliers of each row are the entries farthest outside."""
+    xf = x.float()
+    u = (xf - center.float()[None, :, None]) / scale.float()[None, :, None]
+    k = fmt.n_outliers(x.shape[-1])
+    out: dict[str, torch.Tensor] = {}
+    keep = torch.ones_like(xf, dtype=torch.bool)
+    if k:
+        out["oidx"] = u.abs().topk(k, -1).indices
+        out["oval"] = xf.gather(-1, out["oidx"]).to(torch.float16)
+        keep.scatter_(-1, out["oidx"], False)
+    out.update(u=u.clamp(-1, 1), keep=keep)
+    return out
+
+
+def fit_kvquant(keys: torch.Tensor, values: torch.Tensor, fmt: KVFormat, max_tokens: int = 8192) -> KVQuantParams:
+    """Fit one layer's :class:`KVQuantParams` on calibration keys (before RoPE) and values, both
+    (B, KV heads, T, head_dim): per channel, the centre and half-range of the keys between the
+    ``outliers / 2`` and ``1 - outliers / 2`` quantiles (min and max without outliers); then the
+    keys' and the values' codebooks by Lloyd on the normalised values, outliers excluded
+    (unweighted: KVQuant's Fisher-information weighting needs gradients, which the calibration
+    engine does not compute). ``mark_kv_cache`` calls this with the calibration engine's
+    activations."""
+    h, d = keys.shape[1], keys.shape[-1]
+    levels = 1 << fmt.bits
+    kf = keys.float().transpose(0, 1).reshape(h, -1, d)
+    if kf.shape[1] > max_tokens:
+        kf = kf[:, torch.linspace(0, kf.shape[1] - 1, max_tokens).long()]
+    cut = int(fmt.outliers / 2 * kf.shape[1])  # tokens beyond each end of a channel's range
+    lo, hi = kf.kthvalue(cut + 1, dim=1).values, kf.kthvalue(kf.shape[1] - cut, dim=1).values
+    center = ((hi + lo) / 2).to(torch.float16)
+    scale = ((hi - lo) / 2).clamp_min(1e-4).to(torch.float16)
+    rows = _key_rows(kf[None], fmt, center, scale)
+    key_codebook = lloyd_codebook(rows["u"][rows["keep"]], levels)
+    vf = values.float().transpose(0, 1).reshape(h, -1, d)
+    if vf.shape[1] > max_tokens:
+        vf = vf[:, torch.linspace(0, vf.shape[1] - 1, max_tokens).long()]
+    rows = _value_rows(vf[None], fmt)
+    value_codebook = lloyd_codebook(rows["u"][rows["keep"]], levels)
+    return KVQuantParams(key_codebook, value_codebook, center, scale, tokens=kf.shape[1])
+
+
+class _FieldStore:
+    """Token-indexed tensors (B, H, T / per, ...) of one layer's keys or values, grown by doubling
+    capacity; ``per[name]`` tokens share one entry (GEAR's per-chunk factor). Subclasses encode
+    (:meth:`_encode`) and decode (:meth:`_decode`)."""
+
+    axis = "per_token"
+
+    def __init__(self, fmt: KVFormat, head_dim: int):
+        self.fmt, self.head_dim = fmt, head_dim
+        self.tokens_per_scale = fmt.token_block
+        self.fields: dict[str, torch.Tensor] = {}
+        self.per: dict[str, int] = {}
+        self.length = 0
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        return self.fields.get("codes")
+
+    def append(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        n = x.shape[2]
+        parts = self._encode(x)
+        if positions is not None:  # (B, n): the tokens' positions, for RoPE at read time
+            parts["pos"] = positions.to(torch.int32)[:, None, :]
+        need = self.length + n
+        for name, value in parts.items():
+            per = self.per.setdefault(name, n // value.shape[2])
+            t = self.fields.get(name)
+            if t is None:
+                self.fields[name] = value
+                continue
+            if need // per > t.shape[2]:
+                t = self.fields[name] = _grow(t, max(need // per, 2 * t.shape[2]))
+            t[:, :, self.length // per:need // per] = value
+        self.length = need
+
+    def slices(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        return {k: t[:, :, start // self.per[k]:stop // self.per[k]] for k, t in self.fields.items()}
+
+    def block(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized tokens [start, stop) (multiples of ``tokens_per_scale``)."""
+        return self._decode(self.slices(start, stop)).to(dtype)
+
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        return self.fields["pos"][:, 0, start:stop].long()
+
+    def nbytes(self, allocated: bool = False) -> int:
+        if allocated:
+            return sum(t.numel() * t.element_size() for t in self.fields.values())
+        return sum(t[:, :, :1].numel() * t.element_size() * (self.length // self.per[k])
+                   for k, t in self.fields.items())
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self.fields = {k: t.index_select(0, index.to(t.device)) for k, t in self.fields.items()}
+
+    @staticmethod
+    def _scatter_outliers(x: torch.Tensor, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "oidx" in f:
+            x = x.scatter(-1, f["oidx"].long(), f["oval"].float())
+        return x
+
+
+class _KVQuantStore(_FieldStore):
+    """KVQuant codes of one layer's keys (``role="keys"``: per-channel calibrated normalisation,
+    given pre-RoPE) or values (per-token groups): codebook indices packed at ``bits`` bits, the
+    outliers as fp16 value + uint8 index, the values' fp16 group centre and half-range."""
+
+    def __init__(self, fmt: KVFormat, head_dim: int, role: str, params: KVQuantParams):
+        super().__init__(fmt, head_dim)
+        self.role, self.params = role, params
+        self.axis = "per_channel" if role == "keys" else "per_token"
+        self.codebook = params.key_codebook if role == "keys" else params.value_codebook
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        p = self.params
+        rows = (_key_rows(x, self.fmt, p.key_center.to(x.device), p.key_scale.to(x.device)) if self.role == "keys"
+                else _value_rows(x, self.fmt))
+        codebook = self.codebook.to(x.device)
+        out = {"codes": pack(_nearest(rows["u"], codebook), self.fmt.bits)}
+        if self.role == "values":
+            out.update(mid=rows["mid"], half=rows["half"])
+        if "oidx" in rows:
+            out.update(oidx=rows["oidx"].to(torch.uint8 if self.head_dim <= 256 else torch.int16), oval=rows["oval"])
+        return out
+
+    def _decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        d = self.head_dim
+        u = self.codebook.to(f["codes"].device)[unpack(f["codes"], self.fmt.bits, d)]
+        if self.role == "keys":
+            p = self.params
+            x = u * p.key_scale.float().to(u.device)[None, :, None] + p.key_center.float().to(u.device)[None, :, None]
+        else:
+            g = d // f["mid"].shape[-1]
+            ug = u.reshape(*u.shape[:-1], d // g, g)
+            x = (ug * f["half"].float().unsqueeze(-1) + f["mid"].float().unsqueeze(-1)).reshape(u.shape)
+        return self._scatter_outliers(x, f)
+
+
+class _GearStore(_FieldStore):
+    """GEAR: per ``chunk`` tokens of one KV head, the sparse outliers of each row (fp16 value +
+    uint8 index, farthest from the row mean), uniform per-token codes of the rest (as ``int``),
+    and a rank-``rank`` approximation ``A B`` of what the codes miss (A: fp16 per token, B: fp16
+    per chunk; from an SVD of the chunk's residual)."""
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fmt = self.fmt
+        b, h, n, d = x.shape
+        xf = x.float()
+        out: dict[str, torch.Tensor] = {}
+        dense = xf
+        k = fmt.n_outliers(d)
+        if k:
+            centre = xf.mean(-1, keepdim=True)
+            out["oidx"], out["oval"] = _outliers(xf, k, centre)
+            # the outliers' places take the row mean, so they do not stretch the row's range
+            dense = xf.scatter(-1, out["oidx"], centre.expand(*centre.shape[:-1], k))
+            out["oidx"] = out["oidx"].to(torch.uint8 if d <= 256 else torch.int16)
+        uniform = KVFormat("int", fmt.bits, fmt.group)
+        packed = quantize(dense, uniform, "per_token")
+        out.update(codes=packed.codes, scale=packed.scale, zero=packed.zero)
+        if fmt.rank:
+            residual = dense - dequantize(packed, uniform, "per_token", d)
+            r = residual.reshape(b, h, n // fmt.chunk, fmt.chunk, d)
+            u, s, vh = torch.linalg.svd(r, full_matrices=False)
+            rank = min(fmt.rank, s.shape[-1])
+            a = (u[..., :rank] * s[..., None, :rank]).to(torch.float16)  # (b, h, chunks, chunk, rank)
+            out["lr_a"] = a.reshape(b, h, n, rank)
+            out["lr_b"] = vh[..., :rank, :].to(torch.float16).reshape(b, h, n // fmt.chunk, rank * d)
+        return out
+
+    def _decode(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        fmt, d = self.fmt, self.head_dim
+        x = dequantize(Packed(f["codes"], f["scale"], f["zero"]), KVFormat("int", fmt.bits, fmt.group),
+                       "per_token", d)
+        if "lr_a" in f:
+            b, h, n, rank = f["lr_a"].shape
+            a = f["lr_a"].float().reshape(b, h, n // fmt.chunk, fmt.chunk, rank)
+            bm = f["lr_b"].float().reshape(b, h, n // fmt.chunk, rank, d)
+            x = x + (a @ bm).reshape(b, h, n, d)
+        return self._scatter_outliers(x, f)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+# models whose attention applies full-width rotate_half RoPE from the base model's rotary_emb
+# (cos, sin of shape (B, T, head_dim)): the ones the cache can undo and redo
+ROTATE_HALF_MODELS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "granite", "olmo", "gemma")
+
+
+def rope_function(model: torch.nn.Module) -> tuple[Any, str | None]:
+    """(positions (B, T) -> (cos, sin) float32 (B, T, head_dim), None), or (None, why not): the
+    model's own rotary embedding, for caches that store keys before RoPE."""
+    config = model.config.get_text_config(decoder=True)
+    kind = getattr(config, "model_type", None)
+    if kind not in ROTATE_HALF_MODELS or getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        return None, (f"keys before RoPE: the cache re-applies full-width rotate_half RoPE, as {ROTATE_HALF_MODELS} "
+                      f"use; {kind!r} is not one of them (or rotates part of the head); use kv3 or kv3-kivi")
+    rotary = next((m for name, m in model.named_modules() if name.split(".")[-1] == "rotary_emb"), None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return None, f"keys before RoPE: {type(model).__name__} has no rotary_emb module with inv_freq"
+
+    def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rotary(torch.empty(0, device=positions.device, dtype=torch.float32), positions)
+        return cos.float(), sin.float()
+
+    return rope, None
+
+
+# --------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------
 
@@ -329,12 +693,14 @@ def _make_layer_class():
 
         is_croppable = False
 
-        def __init__(self, fmt: KVFormat):
+        def __init__(self, fmt: KVFormat, rope: Any = None):
             super().__init__()
             self.fmt = fmt
+            self.rope = rope  # positions -> (cos, sin): for keys stored before RoPE (rope_function)
             self.sinks: torch.Tensor | None = None
-            self._k = self._v = None   # _Store
+            self._k = self._v = None   # _Store (or _KVQuantStore, _GearStore)
             self._float_k = self._float_v = None  # float tokens after the packed ones (window + pending)
+            self._float_pos = None  # their positions (keys stored before RoPE)
             self._sink_k = self._sink_v = None
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -343,10 +709,27 @@ def _make_layer_class():
             self.fmt.channel_group(d)  # refuse a group that does not divide the head size, now
             if self.fmt.bits not in (8,) and d % 8:
                 raise LowbitError(f"KV format {self.fmt.key}: head size {d} is not a multiple of 8 (packing)")
-            self._k = _Store(self.fmt, self.fmt.keys, d)
-            self._v = _Store(self.fmt, "per_token", d)
-            # new empty tensors, not slices: a slice would keep the caller's whole float tensor alive
             b, h = key_states.shape[:2]
+            if self.fmt.scheme == "kvquant":
+                params = self.fmt.params
+                if params is None or tuple(params.key_center.shape) != (h, d):
+                    raise LowbitError(
+                        f"KV format {self.fmt.key}: KVQuant needs calibrated codebooks and key channel scales for "
+                        f"{h} KV heads x {d} (got {None if params is None else tuple(params.key_center.shape)}); "
+                        "use compress(model, 'kv3-kvquant', calibration=batches), or KVFormat(params="
+                        "lowbit_compiler.kv.fit_kvquant(keys, values, fmt))")
+                if self.fmt.key_rope == "pre" and self.rope is None:
+                    raise LowbitError(f"KV format {self.fmt.key}: keys stored before RoPE need the model's rotary "
+                                      "embedding; build the cache with lowbit_compiler.kv.new_cache(model)")
+                self._k = _KVQuantStore(self.fmt, d, "keys", params)
+                self._v = _KVQuantStore(self.fmt, d, "values", params)
+            elif self.fmt.scheme == "gear":
+                self._k, self._v = _GearStore(self.fmt, d), _GearStore(self.fmt, d)
+            else:
+                self._k = _Store(self.fmt, self.fmt.keys, d)
+                self._v = _Store(self.fmt, "per_token", d)
+            # new empty tensors, not slices: a slice would keep the caller's whole float tensor alive
+            self._float_pos = torch.zeros(b, 0, dtype=torch.long, device=key_states.device)
             self._float_k = self._sink_k = key_states.new_empty(b, h, 0, d)
             self._float_v = self._sink_v = value_states.new_empty(b, h, 0, value_states.shape[-1])
             self.is_initialized = True
@@ -354,21 +737,43 @@ def _make_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            pre_rope = self.fmt.key_rope == "pre"
+            if pre_rope:
+                positions = _positions(kwargs, key_states, self.get_seq_length())
             sinks = self.fmt.sinks - self._sink_k.shape[2]
             if sinks > 0:
                 self._sink_k = torch.cat([self._sink_k, key_states[:, :, :sinks]], 2)
                 self._sink_v = torch.cat([self._sink_v, value_states[:, :, :sinks]], 2)
                 key_states, value_states = key_states[:, :, sinks:], value_states[:, :, sinks:]
+                if pre_rope:
+                    positions = positions[:, sinks:]
             self._float_k = torch.cat([self._float_k, key_states], 2)
             self._float_v = torch.cat([self._float_v, value_states], 2)
+            if pre_rope:
+                self._float_pos = torch.cat([self._float_pos, positions], 1)
             over = self._float_k.shape[2] - self.fmt.window
             flush = over - over % self.fmt.token_block if over > 0 else 0
             if flush:
-                self._k.append(self._float_k[:, :, :flush])
+                if pre_rope:  # the packed keys are the keys before RoPE: undo the model's rotation
+                    pos = self._float_pos[:, :flush]
+                    cos, sin = self.rope(pos)
+                    self._check_rope(cos)
+                    k = self._float_k[:, :, :flush].float()
+                    cos, sin = cos[:, None], sin[:, None]
+                    self._k.append((k * cos - rotate_half(k) * sin) / (cos * cos + sin * sin), positions=pos)
+                    self._float_pos = self._float_pos[:, flush:].clone()
+                else:
+                    self._k.append(self._float_k[:, :, :flush])
                 self._v.append(self._float_v[:, :, :flush])
                 self._float_k = self._float_k[:, :, flush:].clone()
                 self._float_v = self._float_v[:, :, flush:].clone()
             return PackedKV(self, "keys"), PackedKV(self, "values")
+
+        def _check_rope(self, cos: torch.Tensor) -> None:
+            if cos.shape[-1] != self._float_k.shape[-1]:
+                raise LowbitError(f"KV format {self.fmt.key}: the model's rotary embedding covers {cos.shape[-1]} of "
+                                  f"{self._float_k.shape[-1]} channels; keys before RoPE need full-width RoPE "
+                                  "(use kv3 or kv3-kivi)")
 
         def get_seq_length(self) -> int:
             if not self.is_initialized:
@@ -378,9 +783,12 @@ def _make_layer_class():
         def nbytes(self, allocated: bool = False) -> dict[str, int]:
             """Bytes this layer holds: packed codes + scales, and float tokens (sinks + window)."""
             if not self.is_initialized:
-                return {"packed": 0, "float": 0}
+                return {"packed": 0, "float": 0, "constant": 0}
             floats = sum(t.numel() * t.element_size() for t in (self._sink_k, self._sink_v, self._float_k, self._float_v))
-            return {"packed": self._k.nbytes(allocated) + self._v.nbytes(allocated), "float": floats}
+            floats += self._float_pos.numel() * self._float_pos.element_size()
+            params = self.fmt.params
+            return {"packed": self._k.nbytes(allocated) + self._v.nbytes(allocated), "float": floats,
+                    "constant": params.nbytes() if self.fmt.scheme == "kvquant" else 0}
 
         def blocks(self, dtype: torch.dtype):
             """(start token, keys, values) in sequence order: sinks, packed blocks, float tail."""
@@ -391,20 +799,25 @@ def _make_layer_class():
             step = max(BLOCK_TOKENS - BLOCK_TOKENS % self.fmt.token_block, self.fmt.token_block)
             for start in range(0, n, step):
                 stop = min(n, start + step)
-                yield base + start, self._k.block(start, stop, dtype), self._v.block(start, stop, dtype)
+                k = self._k.block(start, stop, dtype)
+                if self.fmt.key_rope == "pre":  # RoPE on the dequantized keys, from their positions
+                    cos, sin = self.rope(self._k.positions(start, stop))
+                    cos, sin = cos[:, None], sin[:, None]
+                    k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+                yield base + start, k, self._v.block(start, stop, dtype)
             if self._float_k.shape[2]:
                 yield base + n, self._float_k.to(dtype), self._float_v.to(dtype)
 
         def reset(self) -> None:
             self.is_initialized = False
-            self._k = self._v = self._float_k = self._float_v = self._sink_k = self._sink_v = None
+            self._k = self._v = self._float_k = self._float_v = self._sink_k = self._sink_v = self._float_pos = None
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             if not self.is_initialized:
                 return
             self._k.select_batch(beam_idx)
             self._v.select_batch(beam_idx)
-            for name in ("_float_k", "_float_v", "_sink_k", "_sink_v"):
+            for name in ("_float_k", "_float_v", "_sink_k", "_sink_v", "_float_pos"):
                 setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
 
         def crop(self, tokens_to_remove: int) -> None:
@@ -414,13 +827,13 @@ def _make_layer_class():
     class CompressedKVCache(Cache):
         """A transformers ``Cache`` whose layers store packed K/V (module docstring)."""
 
-        def __init__(self, formats: "list[KVFormat | None]"):
-            layers = [CompressedKVLayer(f) if f is not None else DynamicLayer() for f in formats]
+        def __init__(self, formats: "list[KVFormat | None]", rope: Any = None):
+            layers = [CompressedKVLayer(f, rope) if f is not None else DynamicLayer() for f in formats]
             super().__init__(layers=layers)
             self.formats = list(formats)
 
         def nbytes(self, allocated: bool = False) -> dict[str, int]:
-            total = {"packed": 0, "float": 0}
+            total = {"packed": 0, "float": 0, "constant": 0}
             for layer in self.layers:
                 if isinstance(layer, CompressedKVLayer):
                     for k, v in layer.nbytes(allocated).items():
@@ -444,8 +857,25 @@ def classes() -> tuple[type, type]:
     return _CLASSES
 
 
-def CompressedKVCache(formats: "list[KVFormat | None]"):  # noqa: N802 (a class, built lazily)
-    return classes()[1](formats)
+def CompressedKVCache(formats: "list[KVFormat | None]", rope: Any = None):  # noqa: N802 (a class, built lazily)
+    return classes()[1](formats, rope)
+
+
+def new_cache(model: torch.nn.Module):
+    """A fresh :class:`CompressedKVCache` for a model :func:`install` was run on (what its forward
+    creates when given none)."""
+    return CompressedKVCache(model._lowbit_kv_formats, getattr(model, "_lowbit_kv_rope", None))
+
+
+def _positions(kwargs: dict[str, Any], key_states: torch.Tensor, seen: int) -> torch.Tensor:
+    """(B, n) positions of the new keys: the ``position_ids`` the attention received (transformers
+    passes them to ``cache.update`` in ``kwargs``), else the next ``n`` after the ``seen`` tokens."""
+    b, _, n, _ = key_states.shape
+    inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+    pos = inner.get("position_ids") if isinstance(inner, dict) else None
+    if not isinstance(pos, torch.Tensor) or pos.shape[-1] != n:
+        pos = torch.arange(seen, seen + n, device=key_states.device)
+    return pos.reshape(-1, n).expand(b, n).to(key_states.device, torch.long)
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,6 +990,9 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
                       "sliding-window attention layers are handled")
         elif config._attn_implementation not in ("sdpa", "eager", ATTENTION_NAME):
             reason = f"attention implementation {config._attn_implementation!r}; load the model with sdpa or eager"
+    rope = None
+    if reason is None and any(f.key_rope == "pre" for f in formats.values() if f is not None):
+        rope, reason = rope_function(model)
     if reason is not None:
         message = f"KV cache compression: {reason}; the model keeps its own float cache"
         if strict:
@@ -581,11 +1014,12 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
             fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
             if use_cache and fresh:
                 kwargs.pop("past_key_values", None)
-                kwargs["cache"] = CompressedKVCache(base._lowbit_kv_formats)
+                kwargs["cache"] = new_cache(base)
             return args, kwargs
 
         base._lowbit_kv_hook = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
     base._lowbit_kv_formats = per_layer
+    base._lowbit_kv_rope = rope
     return {"applied": True, "attention": ATTENTION_NAME,
             "layers": {i: f.key for i, f in enumerate(per_layer) if f is not None}}
 

@@ -420,7 +420,8 @@ def _install_kv_cache(model: torch.nn.Module, graphs: list[fx.GraphModule], reci
     for d in decisions:
         index = getattr(_submodule(model, d.attention), "layer_idx", None)
         index = d.layer_index if index is None else int(index)
-        formats[index] = kv.KVFormat(d.scheme, d.bits, d.group, d.window, d.sinks)
+        formats[index] = d.kv_format if d.kv_format is not None else kv.KVFormat(d.scheme, d.bits, d.group, d.window,
+                                                                                 d.sinks)
     return kv.install(model, formats, strict)
 
 

@@ -293,6 +293,13 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("kv2-kivi", _KV, options={"mark_kv_cache": {"scheme": "kivi2"}}),
     Recipe("kv3-kivi", _KV, options={"mark_kv_cache": {"scheme": "kivi3"}}),
     Recipe("kv4-kivi", _KV, options={"mark_kv_cache": {"scheme": "kivi4"}}),
+    # KVQuant (needs calibration data): pre-RoPE per-channel keys, per-layer 2**bits-level codebooks
+    # fitted on the calibration activations, 1 % sparse outliers per row, 4 sink tokens in float
+    Recipe("kv3-kvquant", _KV, options={"mark_kv_cache": {"scheme": "kvquant3"}}),
+    Recipe("kv2-kvquant", _KV, options={"mark_kv_cache": {"scheme": "kvquant2"}}),
+    Recipe("kv4-kvquant", _KV, options={"mark_kv_cache": {"scheme": "kvquant4"}}),
+    # GEAR: int4 per token + rank-2 residual per 64 tokens + 1 % sparse outliers
+    Recipe("kv4-gear", _KV, options={"mark_kv_cache": {"scheme": "gear4"}}),
 )}
 
 

@@ -191,23 +191,33 @@ def _heads(site: dict[str, Any]) -> tuple[int, int, int] | None:
 @register_pass
 class MarkKVCache(Pass):
     """Options: ``scheme`` (a name in ``lowbit_compiler.kv.KV_FORMATS``: int8, int4, int3, int2, fp8,
-    kivi2, kivi4, ...), and ``group`` / ``window`` / ``sinks`` to override that format's."""
+    kivi2, kivi4, kvquant3, gear4, ...), and ``bits`` / ``group`` / ``window`` / ``sinks`` / ``outliers`` /
+    ``rank`` to override that format's.
+
+    ``kvquant*`` is data-driven: the calibration engine runs the graph on the calibration batches,
+    observing each attention's keys before RoPE (``keys_pre_rope``; the new keys when the model has
+    no RoPE) and its values, and :func:`lowbit_compiler.kv.fit_kvquant` fits that layer's codebooks
+    and key channel scales; the fitted :class:`lowbit_compiler.kv.KVFormat` rides on the decision."""
 
     name = "mark_kv_cache"
     requires = ("canonical",)
     ensures = ("kv_cache_marked",)
 
     def __init__(self, scheme: str = "int4", group: int | None = None, window: int | None = None,
-                 sinks: int | None = None) -> None:
-        super().__init__(scheme=scheme, group=group, window=window, sinks=sinks)
+                 sinks: int | None = None, outliers: float | None = None, rank: int | None = None,
+                 bits: int | None = None) -> None:
+        super().__init__(scheme=scheme, group=group, window=window, sinks=sinks, outliers=outliers, rank=rank,
+                         bits=bits)
         base = kv.get_format(scheme)
-        changes = {k: v for k, v in (("group", group), ("window", window), ("sinks", sinks)) if v is not None}
+        changes = {k: v for k, v in (("group", group), ("window", window), ("sinks", sinks), ("outliers", outliers),
+                                     ("rank", rank), ("bits", bits)) if v is not None}
         self.format = kv.KVFormat(**{**vars(base), **changes}) if changes else base
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sites = find_attentions(gm)
         decisions: dict[str, dict[str, Any]] = {}
         refused: dict[str, str] = {}
+        accepted: list[tuple[int, dict[str, Any], tuple[int, int, int]]] = []
         for index, site in enumerate(sites):
             where = f"attention {site['attention']} (node {site['node'].name})"
             heads = _heads(site)
@@ -235,23 +245,89 @@ class MarkKVCache(Pass):
                 if reason != "excluded by the recipe":
                     ctx.fallback(where, reason)
                 continue
+            accepted.append((index, site, heads))
+        formats = {id(site): self.format for _, site, _ in accepted}
+        calibration = None
+        if self.format.scheme == "kvquant" and accepted:
+            formats, calibration = self._calibrate(accepted, ctx, refused)
+        for index, site, heads in accepted:
+            fmt = formats.get(id(site))
+            if fmt is None:
+                continue
             hq, hkv, d = heads
             kind = "MHA" if hq == hkv else ("MQA" if hkv == 1 else "GQA")
             nodes = [("k_proj", site["k_linear"]), ("v_proj", site["v_linear"]), ("keys_pre_rope", site["pre_rope"]),
                      ("keys_post_rope", site["post_rope"] if site["pre_rope"] is not None else None),
                      ("values", site["new_values"]), ("key_cache_update", site["cache_update"][0]),
                      ("value_cache_update", site["cache_update"][1]), ("consumer", site["node"])]
+            rope = site["pre_rope"] is not None
             decision = ir.KVDecision(
                 attention=site["attention"], layer_index=index, consumer=site["consumer"], kind=kind, heads=hq,
-                kv_heads=hkv, head_dim=d, format=self.format.key, scheme=self.format.scheme, bits=self.format.bits,
-                group=self.format.group, window=self.format.window, sinks=self.format.sinks,
-                keys_quantized="post_rope" if site["pre_rope"] is not None else "no_rope",
-                nodes=tuple((role, n.name) for role, n in nodes if n is not None))
+                kv_heads=hkv, head_dim=d, format=fmt.key, scheme=fmt.scheme, bits=fmt.bits,
+                group=fmt.group, window=fmt.window, sinks=fmt.sinks,
+                keys_quantized=("pre_rope" if fmt.key_rope == "pre" else "post_rope") if rope else "no_rope",
+                nodes=tuple((role, n.name) for role, n in nodes if n is not None), kv_format=fmt)
             ir.put(site["node"], ir.KV_CACHE, decision)
-            decisions[site["attention"]] = {k: v for k, v in vars(decision).items() if k not in ("attention", "nodes")}
+            decisions[site["attention"]] = {k: v for k, v in vars(decision).items()
+                                            if k not in ("attention", "nodes", "kv_format")}
             decisions[site["attention"]]["nodes"] = dict(decision.nodes)
-            f = self.format
-            decisions[site["attention"]]["bytes_per_token"] = f.bytes_per_token(hkv, d)
+            decisions[site["attention"]]["bytes_per_token"] = fmt.bytes_per_token(hkv, d)
+            decisions[site["attention"]]["constant_bytes"] = fmt.constant_bytes(hkv, d)
             decisions[site["attention"]]["bf16_bytes_per_token"] = 2 * 2 * hkv * d
+            if fmt.params is not None:
+                decisions[site["attention"]]["codebooks"] = {
+                    "keys": [round(float(c), 4) for c in fmt.params.key_codebook],
+                    "values": [round(float(c), 4) for c in fmt.params.value_codebook],
+                    "calibration_tokens": fmt.params.tokens}
         return PassResult(False, len(decisions), {"format": self.format.key, "attentions": decisions,
-                                                  "refused": refused})
+                                                  "refused": refused,
+                                                  **({"calibration": calibration} if calibration else {})})
+
+    def _calibrate(self, accepted: list, ctx: PassContext, refused: dict[str, str]) -> tuple[dict[int, Any], dict]:
+        """KVQuant's per-layer constants from the calibration engine: each accepted attention's keys
+        before RoPE and values, observed on every calibration batch, fitted by ``kv.fit_kvquant``.
+        Returns (id(site) -> fitted format, the engine's run info); a layer whose activations cannot
+        be read as (B, KV heads, T, head_dim) is reported and left float."""
+        engine = ctx.calibration_for(self.name)
+        observe: dict[fx.Node, tuple[dict[str, Any], str]] = {}
+        for _, site, _ in accepted:
+            observe[site["pre_rope"] if site["pre_rope"] is not None else site["new_keys"]] = (site, "keys")
+            observe[site["new_values"]] = (site, "values")
+        seen: dict[fx.Node, Any] = {}
+
+        def on_block(block, stats) -> bool:
+            seen.update(stats)
+            return False
+
+        info = engine.run(self.name, lambda n: n in observe, {"samples"}, on_block, at="output")
+        fitted: dict[int, Any] = {}
+        for _, site, (hq, hkv, d) in accepted:
+            where = f"attention {site['attention']} (node {site['node'].name})"
+            tensors, why = {}, None
+            for node, (owner, role) in observe.items():
+                if owner is not site:
+                    continue
+                stats = seen.get(node)
+                shape = _shape(node)
+                if stats is None or not stats.samples:
+                    why = f"no calibration data reached its {role} ({node.name})"
+                elif shape is None or len(shape) != 4 or shape[-1] != d or hkv not in shape[1:3]:
+                    why = (f"its {role} ({node.name}) have shape {shape}, not (batch, {hkv} KV heads, tokens, {d}) "
+                           "or (batch, tokens, heads, dim)")
+                else:
+                    parts = [x.reshape(-1, *shape[1:]) for x in stats.samples]
+                    parts = [x if x.shape[1] == hkv else x.transpose(1, 2) for x in parts]
+                    tensors[role] = torch.cat([x.reshape(1, hkv, -1, d) for x in parts], 2)
+            if why is None:
+                try:
+                    params = kv.fit_kvquant(tensors["keys"], tensors["values"], self.format)
+                except Exception as e:  # noqa: BLE001 (the message says what failed)
+                    why = f"fitting its codebooks failed: {e}"
+            if why is not None:
+                reason = f"KVQuant: {why}; the cache stays float"
+                refused[site["attention"]] = reason
+                ctx.fallback(where, reason)
+                continue
+            rope = "pre" if site["pre_rope"] is not None and self.format.key_rope == "pre" else "post"
+            fitted[id(site)] = kv.KVFormat(**{**vars(self.format), "key_rope": rope, "params": params})
+        return fitted, info
