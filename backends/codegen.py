@@ -200,6 +200,11 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
         dot = "fp8"
     else:
         dot = {"float32": "tf32", "float16": "float16", "bfloat16": "bfloat16"}[x_dtype]
+    if not decode and fmt.group_size and fmt.group_size > 32:
+        # prefill: 32 columns of a group per step (its scale re-loaded from cache each step): at sm_90
+        # a 64 x 128 dequantised int4 tile spilled 192-672 bytes per thread (64 x 64 tiles, 8 warps),
+        # 64 x 64 still 8 bytes on gate.up; 64 x 32 none (174 registers)
+        block_k = 32
     if decode and rows <= FMA_MAX_ROWS:
         # every row in one program (weights read once); 8-wide N tiles. BLOCK_N 8 at 4 warps was
         # the fastest or within 10 % of it for Llama-2-7B's groups at M = 1 and 4 in a sweep of
@@ -356,12 +361,14 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
     acc_size = 4  # fp32 or int32 partial sums
     if fmt.bits == 8:  # int8 and fp8_e4m3: per-channel scale, loaded in the epilogue (once per tile)
         codes, step_scales, tile_scales = n * k, 0, n * scale_size
+        min_scales = 0
     else:  # int4: one scale (and zero) per group step; the K splits partition the steps
         groups = -(-k // fmt.group_size)
-        codes, step_scales = n * -(-k // 2), n * groups * (scale_size + (0 if fmt.symmetric else 1))
+        codes, step_scales = n * -(-k // 2), n * -(-k // spec.block_k) * (scale_size + (0 if fmt.symmetric else 1))
+        min_scales = n * groups * (scale_size + (0 if fmt.symmetric else 1))
         tile_scales = 0
     bias = n * itemsize["bias"] if spec.bias else 0
-    weight_bytes = (codes + step_scales + tile_scales + bias) * spec.n_weights
+    weight_bytes = (codes + min_scales + tile_scales + bias) * spec.n_weights
     norm_bytes = k * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
     x_bytes = M * k * itemsize["x"]
     ext_bytes = sum(M * n * itemsize[f"e{j}"] if kind == "full" else n * itemsize[f"e{j}"]
@@ -590,24 +597,24 @@ def _weight_block(spec: KernelSpec, i: int) -> str:
                 + "[:, None]" if not fmt.symmetric else f"z{i} = 8  # symmetric codes are stored offset by 8")
         return "\n".join([
             f"# weight {i}: two 4-bit codes per byte (low nibble = even k), centred by the zero point to",
-            "# integers in [-15, 15]; BLOCK_K is one group: its scale multiplies this step's integer dot",
+            "# integers in [-15, 15]; BLOCK_K is one group or part of one: its scale multiplies this step's integer dot",
             "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
             f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
                                    "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
-            "group = k0 // BLOCK_K",
+            f"group = k0 // {fmt.group_size}",
             zero,
             f"w{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K) - z{i}",
             f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")])
     zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0")
             if not fmt.symmetric else f"z{i} = 8.0  # symmetric codes are stored offset by 8")
     return "\n".join([
-        f"# weight {i}: two 4-bit codes per byte (low nibble = even k); BLOCK_K is one group, so one",
+        f"# weight {i}: two 4-bit codes per byte (low nibble = even k); BLOCK_K is one group (or part of one), so one",
         f"# scale{'' if fmt.symmetric else ' and zero point'} per output channel per step",
         "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
         f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
                                "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
         f"codes{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K)",
-        "group = k0 // BLOCK_K",
+        f"group = k0 // {fmt.group_size}",
         f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n"),
         zero,
         f"w{i} = (codes{i}.to(tl.float32) - z{i}{'' if fmt.symmetric else '[:, None]'}) * s{i}[:, None]"])

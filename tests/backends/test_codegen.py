@@ -15,7 +15,7 @@ from lowbit_compiler.formats import sqnr_db
 from tests.helpers import covers_all_pairs, pairwise
 
 FACTORS = {
-    "rows": [1, 3, 17, 64],
+    "rows": [1, 3, 12, 17, 64],  # FMA decode, FMA decode (4-row tile), tl.dot decode, gemm, gemm
     "fmt": ["int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_sym", "int4_g128_asym"],
     "k": [256, 200],  # 200: not a multiple of any block (int4 pads the weight to the group)
     "n": [97, 128],
@@ -48,7 +48,8 @@ def make_spec(rows, fmt, prologue, epilogue, dtype, on_gpu=False, n=None, k=None
 
 
 def check_case(rows, fmt, k, n, prologue, epilogue, dtype):
-    spec = make_spec(rows, fmt, prologue, epilogue, dtype)
+    spec = make_spec(rows, fmt, prologue, epilogue, dtype, n=n, k=k)  # decode rows: split-K as for this shape
+    assert (spec.split_k > 1) == (rows <= codegen.GEMV_MAX_ROWS)
     kernel = kernel_cache.get_kernel(spec, interpret=True)
     args = codegen.make_inputs(spec, rows, n, k, seed=rows + n + k)
     out = kernel.launch(*args)
@@ -97,7 +98,7 @@ SCHEMES = {"w8a8": ("int8", "int8", False), "w4a8-asym": ("int4_g64_asym", "int8
            "w4a8-static": ("int4_g32_sym", "int8", True), "fp8": ("fp8_e4m3", "fp8_e4m3", False),
            "w4a4": ("int4_g128_sym", "int4", False)}
 QA_FACTORS = {
-    "rows": [1, 3, 17, 64],
+    "rows": [1, 3, 12, 17, 64],  # FMA decode, FMA decode (4-row tile), tl.dot decode, gemm, gemm
     "scheme": list(SCHEMES),
     "k": [256, 200],
     "n": [97, 128],
@@ -125,7 +126,7 @@ def test_quantized_activation_kernel_matches_reference_pairwise(case):
     """The kernel quantizes the (normalised) activations itself, per token or with the static
     scale, and multiplies codes (int8 x int8 -> int32, or exact fp8 products)."""
     rows, k, n, dtype = case["rows"], case["k"], case["n"], case["dtype"]
-    spec = make_qa_spec(rows, case["scheme"], case["prologue"], case["epilogue"], dtype)
+    spec = make_qa_spec(rows, case["scheme"], case["prologue"], case["epilogue"], dtype, n=n, k=k)
     assert codegen.arithmetic_violations(codegen.render(spec)) == []
     kernel = kernel_cache.get_kernel(spec, interpret=True)
     args = codegen.make_inputs(spec, rows, n, k, seed=rows + n + k)
