@@ -14,15 +14,17 @@ Python file in the style of Triton's matrix-multiplication tutorial:
 
 Two shape classes (chosen per graph from the row count M, static or symbolic):
 
-* ``gemv`` (M <= 4, decode): all rows in one program (``BLOCK_M`` = M rounded up to a power of
-  two: the weights are streamed once), ``BLOCK_N`` outputs per program (8 or 16: enough programs
-  to fill a GPU's SMs), products accumulated elementwise in a ``[BLOCK_M, BLOCK_N, BLOCK_K]``
-  register tile and reduced over K once, after the loop;
+* ``gemv`` (M <= 16 static rows, decode): all rows in one program per output tile (the weights are
+  streamed once) and K split across programs so a call launches >= 4 x 132 programs; each split
+  adds its partial sums into a workspace with atomics and the last one runs the epilogue. Up to 4
+  rows: FMAs into a ``[BLOCK_M, BLOCK_N, BLOCK_K]`` register tile reduced over K once after the
+  loop; 5-16 rows: one 16-row ``tl.dot`` tile;
 * ``gemm`` (prefill): ``BLOCK_M x BLOCK_N`` tiles with ``tl.dot`` (float32 operands use
   ``input_precision="ieee"`` under the interpreter and ``"tf32"`` on a GPU; fp16/bf16 models feed
   ``tl.dot`` in their own dtype on a GPU).
 
-Grid and traffic are sympy expressions of the symbolic row count ``M`` (N and K are fixed per
+Norm statistics and per-token activation scales come from ``<name>_stats``, one program per row,
+once per call. Grid and traffic are sympy expressions of the symbolic row count ``M`` (N and K are fixed per
 layer), so one generator serves static and dynamic shapes: see :func:`grid` and :func:`traffic`.
 
 Extending the generator (a new fused op): register the op in ``backends/fusion.py``
