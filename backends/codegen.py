@@ -165,12 +165,14 @@ class KernelSpec:
 
 
 def has_template(fmt: str, act: str | None = None) -> bool:
-    """Whether ``_weight_block`` can dequantise this format (int8 per-channel, int4 group-wise,
-    fp8 e4m3 per-channel) with these activations (float, int8 codes for int weights, fp8 codes
-    for fp8 weights)."""
+    """Whether ``_weight_block`` can dequantise this format (int8 per-channel; int4 group-wise; int3,
+    int2 and NF4 group-wise with float activations; fp8 e4m3 per-channel) with these activations
+    (float, int8 codes for int8/int4 weights, fp8 codes for fp8 weights)."""
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits in (8, 4):
         return act in (None, "int8", "int4")
+    if (f.kind == "int" and f.bits in (2, 3)) or f.kind == "nf4":
+        return act is None  # int2/int3/NF4: float activations (dequantised in registers)
     return f.kind == "fp8_e4m3" and act in (None, "fp8_e4m3")
 
 
@@ -181,7 +183,7 @@ def template_gap(fmt: str, act: str | None = None) -> str | None:
     if has_template(fmt):
         return f"format {fmt} with {act} activations has no generated-kernel template yet"
     return (f"format {fmt} has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
-            f"activations, fp8_e4m3 with float or fp8 activations)")
+            f"activations, int3/int2/NF4 with float activations, fp8_e4m3 with float or fp8 activations)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     params += ["norm_w"] if spec.norm_weight else []
     params += ["norm_b"] if spec.norm_bias else []
     params += ["x_scale"] if spec.act_static else []
-    asym = spec.format.bits == 4 and not spec.format.symmetric
+    asym = spec.format.has_zero_points
     for i in range(spec.n_weights):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
     params += [f"e{j}" for j in range(len(spec.externals))]
@@ -366,8 +368,13 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
         min_scales = 0
     else:  # int4: one scale (and zero) per group step; the K splits partition the steps
         groups = -(-k // fmt.group_size)
-        codes, step_scales = n * -(-k // 2), n * -(-k // spec.block_k) * (scale_size + (0 if fmt.symmetric else 1))
-        min_scales = n * groups * (scale_size + (0 if fmt.symmetric else 1))
+        zero_size = 1 if fmt.has_zero_points else 0
+        # bytes of codes loaded: whole units (int4/NF4: a byte of 2, int2: a byte of 4, int3: 3 bytes of 8)
+        # that hold a column < K
+        per_unit, unit_bytes = {4: (2, 1), 2: (4, 1), 3: (8, 3)}[fmt.bits]
+        codes = n * -(-k // per_unit) * unit_bytes
+        step_scales = n * -(-k // spec.block_k) * (scale_size + zero_size)
+        min_scales = n * groups * (scale_size + zero_size)
         tile_scales = 0
     bias = n * itemsize["bias"] if spec.bias else 0
     weight_bytes = (codes + min_scales + tile_scales + bias) * spec.n_weights
@@ -461,10 +468,11 @@ def _signature(spec: KernelSpec) -> str:
         elif fmt.bits == 8:
             what = "int8 codes [N, K], one scale per output channel [N]"
         else:
-            what = (f"uint8 codes [N, Kp/2], scales [N, Kp/{fmt.group_size}]"
-                    + ("" if fmt.symmetric else f", zero points [N, Kp/{fmt.group_size}]"))
-        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.bits == 4 and not fmt.symmetric else [])
-        parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.bits == 4 else [])
+            what = (f"uint8 codes [N, Kp*{fmt.bits}/8] ({'NF4 indices' if fmt.kind == 'nf4' else f'{fmt.bits}-bit'}), "
+                    f"scales [N, Kp/{fmt.group_size}]"
+                    + (f", zero points [N, Kp/{fmt.group_size}]" if fmt.has_zero_points else ""))
+        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.has_zero_points else [])
+        parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.group_size else [])
         lines += [f"# weight {i} ({spec.fmt}{', with bias [N]' if spec.bias else ''}): {what}", ", ".join(parts) + ","]
     if spec.externals:
         desc = ", ".join(f"e{j} {'[M, N]' if kind == 'full' else '[N]'}" for j, kind in enumerate(spec.externals))
@@ -607,19 +615,64 @@ def _weight_block(spec: KernelSpec, i: int) -> str:
             zero,
             f"w{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K) - z{i}",
             f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")])
-    zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0")
-            if not fmt.symmetric else f"z{i} = 8.0  # symmetric codes are stored offset by 8")
-    return "\n".join([
-        f"# weight {i}: two 4-bit codes per byte (low nibble = even k); BLOCK_K is one group (or part of one), so one",
-        f"# scale{'' if fmt.symmetric else ' and zero point'} per output channel per step",
-        "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
-        f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
-                               "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
-        f"codes{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K)",
-        f"group = k0 // {fmt.group_size}",
-        f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n"),
-        zero,
-        f"w{i} = (codes{i}.to(tl.float32) - z{i}{'' if fmt.symmetric else '[:, None]'}) * s{i}[:, None]"])
+    lines = _unpack_codes(fmt, i)
+    lines += [f"group = k0 // {fmt.group_size}",
+              f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")]
+    if fmt.kind == "nf4":
+        lines += [f"# NF4: the 16-value table in registers, selected by the code's bits (no memory lookup)",
+                  f"w{i} = {_nf4_select(f'codes{i}')} * s{i}[:, None]"]
+        return "\n".join(lines)
+    half = 2 ** (fmt.bits - 1)
+    if fmt.symmetric:
+        lines.append(f"z{i} = {half:.1f}  # symmetric codes are stored offset by {half}")
+    else:
+        lines.append(f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0"))
+    lines.append(f"w{i} = (codes{i}.to(tl.float32) - z{i}{'' if fmt.symmetric else '[:, None]'}) * s{i}[:, None]")
+    return "\n".join(lines)
+
+
+def _unpack_codes(fmt: WeightFormat, i: int) -> list[str]:
+    """Load this step's packed codes and unpack them to ``codes<i>`` [BLOCK_N, BLOCK_K] (int32).
+    The storage is a little-endian bit stream per row (formats.pack_codes): int4/NF4 two codes a
+    byte (low nibble first), int2 four, int3 eight codes in three bytes. Nested ``tl.join``s put
+    the codes of one byte (or 3-byte word) next to each other: the outermost join is the fastest
+    axis after the reshape."""
+    head = (f"# weight {i} ({fmt.key}): {fmt.bits}-bit codes, BLOCK_K is one group (or part of one), so one "
+            f"scale{'' if not fmt.has_zero_points else ' and zero point'} per output channel per step")
+    if fmt.bits == 4:
+        return [head, "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
+                f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
+                                       "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
+                f"codes{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K)"]
+    if fmt.bits == 2:
+        c = [f"((packed{i} >> {2 * j}) & 3)" for j in range(4)]
+        return [head, "offs_kb = k0 // 4 + tl.arange(0, BLOCK_K // 4)",
+                f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
+                                       "mask_n[:, None] & (offs_kb[None, :] * 4 < K)", to="tl.int32", other="0"),
+                f"codes{i} = tl.join(tl.join({c[0]}, {c[2]}),",
+                f"                  tl.join({c[1]}, {c[3]})).reshape(BLOCK_N, BLOCK_K)"]
+    if fmt.bits == 3:
+        c = [f"((word{i} >> {3 * j}) & 7)" for j in range(8)]
+        lines = [head, "offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # 3-byte words of 8 codes",
+                 "mask_w = mask_n[:, None] & (offs_kw[None, :] * 8 < K)"]
+        for b in range(3):
+            lines.append(f"b{b} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kw[None, :] * 3 + {b}",
+                                            "mask_w", to="tl.int32", other="0"))
+        return lines + [f"word{i} = b0 | (b1 << 8) | (b2 << 16)",
+                        f"codes{i} = tl.join(tl.join(tl.join({c[0]}, {c[4]}), tl.join({c[2]}, {c[6]})),",
+                        f"                  tl.join(tl.join({c[1]}, {c[5]}), tl.join({c[3]}, {c[7]}))).reshape(BLOCK_N, BLOCK_K)"]
+    raise NotImplementedError(f"no code unpacking for {fmt.key}")
+
+
+def _nf4_select(code: str) -> str:
+    """NF4_GRID[code] as a tree of 15 selects on the code's bits, the table values as immediates."""
+    from lowbit_compiler.formats import NF4_GRID
+
+    level = [repr(float(v)) for v in NF4_GRID]
+    for bit in range(4):
+        cond = f"(({code} >> {bit}) & 1) != 0"
+        level = [f"tl.where({cond}, {level[2 * j + 1]}, {level[2 * j]})" for j in range(len(level) // 2)]
+    return level[0]
 
 
 def _dot(spec: KernelSpec, i: int) -> str:
@@ -765,9 +818,8 @@ def _launcher(spec: KernelSpec) -> str:
              "    N = scale0.shape[0]",
              "    x = x.reshape(-1, K).contiguous()",
              "    M = x.shape[0]"]
-    packing = 2 if fmt.bits == 4 else 1
     for i in range(spec.n_weights):
-        lines.append(f"    assert qw{i}.shape[0] == N and qw{i}.shape[1] * {packing} >= K, "
+        lines.append(f"    assert qw{i}.shape[0] == N and qw{i}.shape[1] * 8 // {fmt.bits} >= K, "
                      f"f\"weight {i}: codes {{tuple(qw{i}.shape)}} do not fit N={{N}}, K={{K}}\"")
     for j, kind in enumerate(spec.externals):
         lines.append(f"    e{j} = e{j}.reshape({'M, N' if kind == 'full' else 'N'}).contiguous()")
@@ -792,8 +844,8 @@ def _launcher(spec: KernelSpec) -> str:
     if spec.act_static:
         args.append("x_scale")
     for i in range(spec.n_weights):
-        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.bits == 4 and not fmt.symmetric else [])
-        parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.bits == 4 else [])
+        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.has_zero_points else [])
+        parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.group_size else [])
         args.append(", ".join(parts))
     for j, kind in enumerate(spec.externals):
         args.append(f"e{j}, e{j}.stride(0)" if kind == "full" else f"e{j}")
@@ -841,7 +893,7 @@ def _reference(spec: KernelSpec) -> str:
         lines += [f"    h, h_scale = quantize_activations(h, {spec.act!r}, {'x_scale' if spec.act_static else 'None'})",
                   "    h = h.float() * h_scale  # the quantized activations, dequantised"]
     for i in range(spec.n_weights):
-        zero = f"zero{i}" if fmt.bits == 4 and not fmt.symmetric else "None"
+        zero = f"zero{i}" if fmt.has_zero_points else "None"
         bias = f"bias{i}.float()" if spec.bias else "None"
         lines.append(f"    acc{i} = F.linear(h, dequantize_parts(FORMAT, qw{i}, scale{i}, {zero})[:, :K], {bias})")
     for j, kind in enumerate(spec.externals):
@@ -975,5 +1027,5 @@ def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 9
 _GENERATOR_SOURCE_HASH = hashlib.sha256(
     "".join(inspect.getsource(f) for f in (
         _signature, _stats_kernel, _row_stats, _quantize_x, _activation_block, _normalised_x,
-        _weight_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
+        _weight_block, _unpack_codes, _nf4_select, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
         split_k_for, split_workspace)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

@@ -120,12 +120,12 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
     for i in range(spec.n_weights):
         sig[f"qw{i}_ptr"] = ptr(named[f"qw{i}"])
         sig[f"scale{i}_ptr"] = ptr(named[f"scale{i}"])
-        if fmt.bits == 4 and not fmt.symmetric:
+        if fmt.has_zero_points:
             sig[f"zero{i}_ptr"] = ptr(named[f"zero{i}"])
         if spec.bias:
             sig[f"bias{i}_ptr"] = ptr(named[f"bias{i}"])
         sig[f"stride_qw{i}"] = "i32"
-        if fmt.bits == 4:
+        if fmt.group_size:
             sig[f"stride_s{i}"] = "i32"
     for j, kind in enumerate(spec.externals):
         sig[f"e{j}_ptr"] = ptr(named[f"e{j}"])

@@ -79,6 +79,28 @@ def test_kernel_matches_reference_full_grid(values):
     check_case(**dict(zip(FACTORS, values)))
 
 
+@pytest.mark.parametrize("rows, fmt, k, prologue, epilogue, dtype", [
+    (1, "nf4_g64", 256, "rms", "gated", "float32"),            # FMA decode, split-K, table in registers
+    (12, "int3_g64_asym", 200, None, "residual", "float16"),   # tl.dot decode, 8 codes in 3 bytes, padded K
+    (3, "int2_g32_sym", 128, "layer", "bias", "bfloat16"),     # FMA decode, 4 codes a byte
+    (17, "int3_g128_sym", 256, "rms", "silu", "float32"),      # gemm: 32 columns of a 128-group per step
+    (20, "nf4_g64", 128, None, "none", "float16"),             # gemm
+])
+def test_int3_int2_and_nf4_templates_match_the_reference(rows, fmt, k, prologue, epilogue, dtype):
+    """The formats that dequantised the whole weight per call: codes unpacked from the bit stream and
+    (NF4) looked up in registers, against formats.dequantize_parts; bytes as the model counts them."""
+    assert codegen.has_template(fmt) and not codegen.has_template(fmt, "int8")
+    spec = make_spec(rows, fmt, prologue, epilogue, dtype, n=40, k=k)
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, 40, k, seed=rows)
+    out = kernel.launch(*args)
+    assert out.shape == (rows, 40)
+    db = sqnr_db(kernel.reference(*args).float(), out.float())
+    assert db >= FLOORS[dtype], f"{spec.name}: {db:.1f} dB"
+    if dtype == "float16":
+        check_bytes(spec, rows, 40, k)
+
+
 def test_generated_kernels_never_compute_in_16_bit_floats():
     for case in PAIRWISE:
         spec = make_spec(case["rows"], case["fmt"], case["prologue"], case["epilogue"], case["dtype"])

@@ -89,6 +89,12 @@ def test_decode_variants_compile_for_sm90_without_spills():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int3_g128_asym", "int2_g64_sym", "nf4_g64"])
+def test_packed_and_lookup_formats_compile_for_sm90_without_spills(fmt):
+    check_sm90([(g, fmt, r) for g in GROUPS for r in (1, 4, 16, PREFILL_ROWS)])
+
+
+@pytest.mark.slow
 def test_every_group_and_shape_class_compiles_for_sm90_without_spills():
     check_sm90(gpu_cases(full=True))
 

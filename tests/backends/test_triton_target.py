@@ -112,14 +112,29 @@ def test_a_compressed_model_lowers_onto_generated_kernels():
 
 
 def test_formats_without_a_template_fall_back_with_the_reason():
-    rec = Recorder(recipe="nf4", target="triton")
+    rec = Recorder(recipe="mxfp4", target="triton")
     with torch.no_grad():
         torch.compile(make_model("llama"), backend=rec)(prompt())
     summary = rec.summaries[0]
     assert summary["kernel_counts"] == {"reference": 15} and summary["generated_kernels"] == []
     assert list(summary["fallbacks"]) == [
-        "format nf4_g64 has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
-        "activations, fp8_e4m3 with float or fp8 activations)"]
+        "format mxfp4 has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
+        "activations, int3/int2/NF4 with float activations, fp8_e4m3 with float or fp8 activations)"]
+
+
+@pytest.mark.parametrize("recipe", ["nf4", pytest.param("w3a16", marks=pytest.mark.slow)])
+def test_lookup_and_3_bit_formats_run_as_generated_kernels(recipe):
+    """NF4 (table in registers) and int3 (8 codes in 3 bytes) have templates now: every linear is a
+    generated kernel, none dequantises its whole weight per call."""
+    ids = prompt()
+    cpu = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")
+    gpu = Recorder(recipe=recipe, target="triton", strict=True)
+    with torch.no_grad():
+        ref = torch.compile(make_model("llama"), backend=cpu)(ids).logits
+        out = torch.compile(make_model("llama"), backend=gpu)(ids).logits
+    assert sqnr_db(ref, out) >= 40
+    summary = gpu.summaries[0]
+    assert set(summary["kernel_counts"]) == {"triton"} and summary["fallbacks"] == {}
 
 
 @pytest.mark.parametrize("recipe, arch", [("w8a8", "llama"), ("w4a8", "qwen2"), ("fp8", "llama"),
