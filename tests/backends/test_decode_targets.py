@@ -15,7 +15,7 @@ from tests.backends.test_codegen import make_spec
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 GROUPS = {  # name: (N, K, prologue, epilogue)
-    "q|k|v": (HIDDEN, HIDDEN, "rms", "none"),
+    "q/k/v": (HIDDEN, HIDDEN, "rms", "none"),
     "o": (HIDDEN, HIDDEN, None, "residual"),
     "gate.up": (INTERMEDIATE, HIDDEN, "rms", "gated"),
     "down": (HIDDEN, INTERMEDIATE, None, "residual"),
@@ -55,12 +55,12 @@ def test_decode_reads_each_byte_about_once_and_fills_the_sms(group, fmt):
 def test_the_targets_can_fail():
     """The same model flags what the issue measured: one program per row (weights streamed M
     times) and the statistics pass per column tile (the lanes' loads, ~2x the activations)."""
-    n, k, _, _ = GROUPS["q|k|v"]
+    n, k, _, _ = GROUPS["q/k/v"]
     per_row = codegen.KernelSpec(fmt="int4_g128_asym", variant="gemv", block_m=1, block_n=8, block_k=128,
                                  num_warps=4, x_dtype=DTYPE, out_dtype=DTYPE)
     t = codegen.traffic(per_row, n, k, ITEMSIZE)
     assert t.at(4)["loaded"] > 3.5 * t.at(4)["min_read"]  # M = 4 rows, each streaming the weight
-    unsplit = spec("q|k|v", "int4_g128_asym", 1)
+    unsplit = spec("q/k/v", "int4_g128_asym", 1)
     assert int(codegen.programs(unsplit.__class__(**{**unsplit.__dict__, "split_k": 1}), n).subs(codegen.M, 1)) \
         < codegen.MIN_DECODE_PROGRAMS  # without split-K, 512 programs for 528 wanted
     # a split-K workspace as large as the weight would break the 1.1x bound
