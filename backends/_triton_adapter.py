@@ -35,11 +35,13 @@ def load_module(path: str, name: str) -> types.ModuleType:
 
 @contextlib.contextmanager
 def count_traffic() -> Iterator[dict[str, int]]:
-    """Count bytes loaded and stored by unmasked lanes of interpreted kernels in this block."""
+    """Count bytes loaded, stored and atomically updated by unmasked lanes of interpreted kernels
+    in this block (``read``, ``written``, ``atomic``)."""
     from triton.runtime.interpreter import InterpreterBuilder
 
-    counts = {"read": 0, "written": 0}
+    counts = {"read": 0, "written": 0, "atomic": 0}
     load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+    rmw = InterpreterBuilder.create_atomic_rmw
 
     def lanes_bytes(ptrs, mask) -> int:
         return int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
@@ -52,11 +54,17 @@ def count_traffic() -> Iterator[dict[str, int]]:
         counts["written"] += lanes_bytes(ptrs, mask)
         return store(self, ptrs, value, mask, *args)
 
+    def counted_rmw(self, op, ptrs, value, mask, *args):
+        counts["atomic"] += lanes_bytes(ptrs, mask)
+        return rmw(self, op, ptrs, value, mask, *args)
+
     InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = counted_load, counted_store
+    InterpreterBuilder.create_atomic_rmw = counted_rmw
     try:
         yield counts
     finally:
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
+        InterpreterBuilder.create_atomic_rmw = rmw
 
 
 def jit_function(kernel: Any) -> Any:

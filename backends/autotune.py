@@ -20,8 +20,10 @@ _chosen: dict[tuple, codegen.KernelSpec] = {}
 
 def candidates(spec: codegen.KernelSpec) -> list[codegen.KernelSpec]:
     """Tilings worth timing for ``spec`` (BLOCK_K stays: it is the int4 group size)."""
-    if spec.variant == "gemv":  # BLOCK_M stays: all rows in one program
+    if spec.fma:  # BLOCK_M stays: all rows in one program
         grid = [(spec.block_m, bn, w) for bn in (8, 16, 32, 64) for w in (2, 4, 8)]
+    elif spec.variant == "gemv":  # tl.dot needs 16 columns or more (split_k stays: chosen per shape)
+        grid = [(spec.block_m, bn, w) for bn in (16, 32, 64) for w in (4, 8)]
     else:
         grid = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)]
     return [dataclasses.replace(spec, block_m=bm, block_n=bn, num_warps=w) for bm, bn, w in grid]

@@ -14,20 +14,22 @@ Python file in the style of Triton's matrix-multiplication tutorial:
 
 Two shape classes (chosen per graph from the row count M, static or symbolic):
 
-* ``gemv`` (M <= 4, decode): all rows in one program (``BLOCK_M`` = M rounded up to a power of
-  two: the weights are streamed once), ``BLOCK_N`` outputs per program (8 or 16: enough programs
-  to fill a GPU's SMs), products accumulated elementwise in a ``[BLOCK_M, BLOCK_N, BLOCK_K]``
-  register tile and reduced over K once, after the loop;
+* ``gemv`` (M <= 16 static rows, decode): all rows in one program per output tile (the weights are
+  streamed once) and K split across programs so a call launches >= 4 x 132 programs; each split
+  adds its partial sums into a workspace with atomics and the last one runs the epilogue. Up to 4
+  rows: FMAs into a ``[BLOCK_M, BLOCK_N, BLOCK_K]`` register tile reduced over K once after the
+  loop; 5-16 rows: one 16-row ``tl.dot`` tile;
 * ``gemm`` (prefill): ``BLOCK_M x BLOCK_N`` tiles with ``tl.dot`` (float32 operands use
   ``input_precision="ieee"`` under the interpreter and ``"tf32"`` on a GPU; fp16/bf16 models feed
   ``tl.dot`` in their own dtype on a GPU).
 
-Grid and traffic are sympy expressions of the symbolic row count ``M`` (N and K are fixed per
+Norm statistics and per-token activation scales come from ``<name>_stats``, one program per row,
+once per call. Grid and traffic are sympy expressions of the symbolic row count ``M`` (N and K are fixed per
 layer), so one generator serves static and dynamic shapes: see :func:`grid` and :func:`traffic`.
 
 Extending the generator (a new fused op): register the op in ``backends/fusion.py``
 (``register_elementwise`` for epilogue ops, ``PROLOGUES`` for ops feeding the matmul), and, for a
-new prologue or weight format, add its block here (``_prologue_stats``/``_activation_block`` or
+new prologue or weight format, add its block here (``_stats_kernel``/``_activation_block`` or
 ``_weight_block``). docs/codegen.md walks through one.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import re
 import textwrap
 from typing import Any
 
@@ -50,7 +53,16 @@ from lowbit_compiler.backends import fusion
 
 # Row count of the activations: the only symbolic size (N and K are fixed per layer).
 M = sympy.Symbol("M", integer=True, positive=True)
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 16  # decode: every row in one program per output tile, split-K for parallelism
+FMA_MAX_ROWS = 4  # up to here the decode kernel multiplies with FMAs; above, with tl.dot
+# the GPU the grid is sized for: an H100/H200 SXM has 132 SMs; a decode kernel launches at least
+# 4 programs per SM (split-K when the output tiles alone are fewer), so every SM has several
+# programs' loads in flight while the weights stream through
+SMS = 132
+MIN_DECODE_PROGRAMS = 4 * SMS
+# what the DRAM byte model assumes stays in L2 between programs: half of an H100's 50 MB
+L2_BYTES = 25 * 2 ** 20
+STATS_BLOCK = 1024  # elements of a row per step of the statistics kernel
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
                 torch.int8: "i8", torch.int32: "i32", torch.float8_e4m3fn: "fp8e4nv"}
@@ -72,6 +84,8 @@ class KernelSpec:
         steps: the epilogue program: ``(op, operands)`` per step; operands name ``acc0``/``acc1``
             (matmul results), ``t<i>`` (earlier steps), ``e<j>`` (external tensors) or literals.
         externals: ``"full"`` ([M, N]) or ``"row"`` ([N]) per external tensor.
+        split_k: programs sharing one output tile along K (decode, to fill the SMs); each adds its
+            partial sums into a workspace with atomics and the last one runs the epilogue.
         dot: how ``tl.dot`` multiplies: ``"ieee"``, ``"tf32"``, ``"float16"``, ``"bfloat16"``,
             ``"int8"`` (int8 x int8 -> int32), ``"fp8"`` (e4m3 x e4m3 -> fp32).
         act: ``None`` (weight-only), ``"int8"`` or ``"fp8_e4m3"``: the kernel quantizes the
@@ -99,6 +113,21 @@ class KernelSpec:
     dot: str = "ieee"
     act: str | None = None
     act_static: bool = False
+    split_k: int = 1
+
+    @property
+    def fma(self) -> bool:
+        """The decode kernel's inner product for M <= 4: elementwise FMAs into a
+        ``[BLOCK_M, BLOCK_N, BLOCK_K]`` register tile, reduced over K once after the loop (no
+        ``tl.dot``: its 16-row minimum would waste 3/4 of every MMA or more)."""
+        return self.variant == "gemv" and self.block_m <= FMA_MAX_ROWS
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """Per-row values the statistics kernel computes once per call (slots of ``stats[M, 3]``):
+        ``mean`` (LayerNorm), ``rstd`` (either norm), ``x_scale`` (per-token activation scale)."""
+        out = (("mean",) if self.prologue == "layer" else ()) + (("rstd",) if self.prologue else ())
+        return out + (("x_scale",) if self.act and not self.act_static else ())
 
     @property
     def integer(self) -> bool:
@@ -136,12 +165,14 @@ class KernelSpec:
 
 
 def has_template(fmt: str, act: str | None = None) -> bool:
-    """Whether ``_weight_block`` can dequantise this format (int8 per-channel, int4 group-wise,
-    fp8 e4m3 per-channel) with these activations (float, int8 codes for int weights, fp8 codes
-    for fp8 weights)."""
+    """Whether ``_weight_block`` can dequantise this format (int8 per-channel; int4 group-wise; int3,
+    int2 and NF4 group-wise with float activations; fp8 e4m3 per-channel) with these activations
+    (float, int8 codes for int8/int4 weights, fp8 codes for fp8 weights)."""
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits in (8, 4):
         return act in (None, "int8", "int4")
+    if (f.kind == "int" and f.bits in (2, 3)) or f.kind == "nf4":
+        return act is None  # int2/int3/NF4: float activations (dequantised in registers)
     return f.kind == "fp8_e4m3" and act in (None, "fp8_e4m3")
 
 
@@ -152,7 +183,7 @@ def template_gap(fmt: str, act: str | None = None) -> str | None:
     if has_template(fmt):
         return f"format {fmt} with {act} activations has no generated-kernel template yet"
     return (f"format {fmt} has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
-            f"activations, fp8_e4m3 with float or fp8 activations)")
+            f"activations, int3/int2/NF4 with float activations, fp8_e4m3 with float or fp8 activations)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,18 +191,11 @@ def template_gap(fmt: str, act: str | None = None) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: str,
-                   act: str | None = None) -> dict[str, Any]:
-    """Tiling per shape class. ``rows`` is M when static, None when symbolic (prefill)."""
-    block_k = fmt.group_size or (128 if rows is not None and rows <= GEMV_MAX_ROWS else 64)
-    if rows is not None and rows <= GEMV_MAX_ROWS:
-        # every row in one program (weights read once); 8-wide N tiles, so a 4096-wide layer
-        # launches 512 programs (a 132-SM H200 ran the 32-wide, one-row-per-program version at
-        # 6-24 % of its copy bandwidth). BLOCK_N 8 at 4 warps was the fastest or within 10 % of it
-        # for Llama-2-7B's groups at M = 1 and 4 in a sweep of BLOCK_N 8-64 x 2-8 warps on the H200
-        # (benchmarks/gpu_check.py, section "sweep"); 4 rows x 8 x 128 fp32 partial sums are 32
-        # registers per accumulator
-        block_m = 1 if rows <= 1 else 2 if rows == 2 else 4
-        return dict(variant="gemv", block_m=block_m, block_n=8, block_k=block_k, num_warps=4, dot="ieee")
+                   act: str | None = None, n: int | None = None, k: int | None = None) -> dict[str, Any]:
+    """Tiling per shape class. ``rows`` is M when static, None when symbolic (prefill); with the
+    layer's ``n`` and ``k`` the decode class also gets its split-K count."""
+    decode = rows is not None and rows <= GEMV_MAX_ROWS
+    block_k = fmt.group_size or (128 if decode else 64)
     if act in ("int8", "int4"):
         dot = "int8"  # integer tensor cores on a GPU, numpy integers under the interpreter: exact
     elif not on_gpu:
@@ -180,14 +204,48 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
         dot = "fp8"
     else:
         dot = {"float32": "tf32", "float16": "float16", "bfloat16": "bfloat16"}[x_dtype]
-    block_m = 16 if rows is not None and rows <= 64 else 64
-    # small batches (M <= 16): 32-wide N tiles, twice the programs of 64 (measured on the H200:
-    # 0.7-0.9x the time of 64 for every Llama-2-7B group at M = 16)
-    block_n = 32 if rows is not None and rows <= 16 else 64
-    # 64x64 tiles with a dequantised 64xBLOCK_K weight tile spill at 4 warps on sm_90 (1-2 KB for
-    # int4, measured with the resource report); 8 warps cut that to 0.2-0.7 KB (int8: none)
-    num_warps = 4 if block_m == 16 else 8
-    return dict(variant="gemm", block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, dot=dot)
+    if not decode and fmt.group_size and fmt.group_size > 32:
+        # prefill: 32 columns of a group per step (its scale re-loaded from cache each step): at sm_90
+        # a 64 x 128 dequantised int4 tile spilled 192-672 bytes per thread (64 x 64 tiles, 8 warps),
+        # 64 x 64 still 8 bytes on gate.up; 64 x 32 none (174 registers)
+        block_k = 32
+    if decode and rows <= FMA_MAX_ROWS:
+        # every row in one program (weights read once); 8-wide N tiles. BLOCK_N 8 at 4 warps was
+        # the fastest or within 10 % of it for Llama-2-7B's groups at M = 1 and 4 in a sweep of
+        # BLOCK_N 8-64 x 2-8 warps on an H200 (benchmarks/gpu_check.py, section "sweep"); 4 rows x
+        # 8 x 128 fp32 partial sums are 32 registers per accumulator
+        block_m = 1 if rows <= 1 else 2 if rows == 2 else 4
+        tiling = dict(variant="gemv", block_m=block_m, block_n=8, block_k=block_k, num_warps=4, dot="ieee")
+    elif decode:
+        # 5-16 rows: FMAs would be compute-bound (16 rows x 2 flops per int4 weight at 3.35 TB/s is
+        # ~200 TFLOP/s, three times an H100's fp32 FMA rate), so one 16-row tl.dot tile holds every
+        # row; BLOCK_N 32 was the faster small-batch tiling in the same sweep. 8 warps: at 4, gate.up
+        # (two dequantised 32 x 128 tiles) spills 72-392 bytes per thread at sm_90 (int4 bf16, fp8, W8A8)
+        tiling = dict(variant="gemv", block_m=16, block_n=32, block_k=block_k, num_warps=8, dot=dot)
+    else:
+        block_m = 16 if rows is not None and rows <= 64 else 64
+        # 64x64 tiles with a dequantised 64xBLOCK_K weight tile spill at 4 warps on sm_90 (1-2 KB for
+        # int4, measured with the resource report); 8 warps cut that to 0.2-0.7 KB (int8: none)
+        num_warps = 4 if block_m == 16 else 8
+        return dict(variant="gemm", block_m=block_m, block_n=64, block_k=block_k, num_warps=num_warps, dot=dot)
+    if n is not None and k is not None:
+        tiling["split_k"] = split_k_for(-(-rows // tiling["block_m"]), -(-n // tiling["block_n"]), k, block_k)
+    return tiling
+
+
+def split_k_for(m_tiles: int, n_tiles: int, k: int, block_k: int) -> int:
+    """How many programs share an output tile along K so that a decode call launches at least
+    ``MIN_DECODE_PROGRAMS``: the smallest count that reaches it and divides the K steps evenly
+    (up to twice the minimum), else the minimum with the steps spread as evenly as they go."""
+    steps = -(-k // block_k)
+    need = min(steps, -(-MIN_DECODE_PROGRAMS // (m_tiles * n_tiles)))
+    if need <= 1:
+        return 1
+    for s in range(need, min(steps, 2 * need) + 1):
+        if steps % s == 0:
+            return s
+    per = -(-steps // need)
+    return -(-steps // per)
 
 
 def rows_of(node: fx.Node) -> int | None:
@@ -213,7 +271,8 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
         steps.append((step.op, operands))
         names[step.node] = f"t{i}"
     p = group.prologue
-    variant = choose_variant(WeightFormat.parse(anchor.fmt), rows_of(anchor.x), on_gpu, x_dtype, anchor.act)
+    variant = choose_variant(WeightFormat.parse(anchor.fmt), rows_of(anchor.x), on_gpu, x_dtype, anchor.act,
+                             n=anchor.out_features, k=anchor.in_features)
     return KernelSpec(
         fmt=anchor.fmt, **variant,
         x_dtype=x_dtype, out_dtype=out_dtype, n_weights=len(group.anchors), bias=anchor.bias is not None,
@@ -246,7 +305,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     params += ["norm_w"] if spec.norm_weight else []
     params += ["norm_b"] if spec.norm_bias else []
     params += ["x_scale"] if spec.act_static else []
-    asym = spec.format.bits == 4 and not spec.format.symmetric
+    asym = spec.format.has_zero_points
     for i in range(spec.n_weights):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
     params += [f"e{j}" for j in range(len(spec.externals))]
@@ -257,56 +316,102 @@ def launcher_params(spec: KernelSpec) -> list[str]:
 # Grid and memory traffic (sympy)
 # ---------------------------------------------------------------------------------------------
 
-def grid(spec: KernelSpec, n: int) -> tuple[sympy.Expr, sympy.Expr]:
+def grid(spec: KernelSpec, n: int) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """Programs along (rows, output columns, K splits)."""
     rows = M if spec.block_m == 1 else sympy.ceiling(M / spec.block_m)
-    return rows, sympy.Integer(-(-n // spec.block_n))
+    return rows, sympy.Integer(-(-n // spec.block_n)), sympy.Integer(spec.split_k)
+
+
+def programs(spec: KernelSpec, n: int) -> sympy.Expr:
+    gm, gn, gk = grid(spec, n)
+    return gm * gn * gk
 
 
 @dataclasses.dataclass(frozen=True)
 class Traffic:
-    """Bytes per call as expressions of M: what the kernel loads and stores (exactly: every
-    unmasked lane), and the minimum (each input and the output touched once)."""
+    """Bytes per call as expressions of M, at two levels.
+
+    * ``loaded`` / ``stored`` / ``atomic``: what the kernels' lanes load, store and update
+      atomically (exactly: every unmasked lane; a test counts them under the interpreter). Most
+      loads are served by L2 or L1: the activations are re-read by every column tile.
+    * ``read`` / ``written``: the DRAM traffic this model predicts, what decode time is bound by.
+      Each tensor comes from DRAM once when the programs that share it run while it is still in L2
+      (``L2_BYTES``): weight tiles are shared by the row tiles, which run next to each other (axis 0
+      is launched first); the activations are shared by every column tile, so they are read once
+      when they fit in L2 and once per column tile when not. The statistics buffer and the split-K
+      workspace are counted in full although they stay in L2 (small: M x 3 and M x N floats).
+    * ``min_read`` / ``min_written``: each input and the output once.
+    """
 
     read: sympy.Expr
     written: sympy.Expr
     min_read: sympy.Expr
     min_written: sympy.Expr
+    loaded: sympy.Expr = sympy.Integer(0)
+    stored: sympy.Expr = sympy.Integer(0)
+    atomic: sympy.Expr = sympy.Integer(0)
 
     def at(self, rows: int) -> dict[str, int]:
         return {f.name: int(getattr(self, f.name).subs(M, rows)) for f in dataclasses.fields(self)}
 
 
 def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traffic:
-    """``itemsize``: bytes per element of ``x``, ``out``, ``norm_w``, ``norm_b``, ``bias``, ``e<j>``."""
+    """``itemsize``: bytes per element of ``x``, ``out``, ``norm_w``, ``norm_b``, ``bias``, ``e<j>``,
+    ``x_scale``. Covers the statistics kernel (when the spec has one) and the main kernel."""
     fmt = spec.format
-    m_tiles, n_tiles = grid(spec, n)
+    m_tiles, n_tiles, splits = grid(spec, n)
+    tiles = m_tiles * n_tiles
     scale_size = torch.finfo(SCALE_DTYPE).bits // 8
-    if fmt.bits == 8:  # int8 and fp8_e4m3: per-channel
-        codes, scales, zeros = n * k, n * scale_size, 0  # scales once per program, after the loop
-    else:
+    acc_size = 4  # fp32 or int32 partial sums
+    if fmt.bits == 8:  # int8 and fp8_e4m3: per-channel scale, loaded in the epilogue (once per tile)
+        codes, step_scales, tile_scales = n * k, 0, n * scale_size
+        min_scales = 0
+    else:  # int4: one scale (and zero) per group step; the K splits partition the steps
         groups = -(-k // fmt.group_size)
-        codes, scales = n * -(-k // 2), n * groups * scale_size  # scales once per group step
-        zeros = 0 if fmt.symmetric else n * groups
-    weight_bytes = codes + scales + zeros + (n * itemsize["bias"] if spec.bias else 0)
+        zero_size = 1 if fmt.has_zero_points else 0
+        # bytes of codes loaded: whole units (int4/NF4: a byte of 2, int2: a byte of 4, int3: 3 bytes of 8)
+        # that hold a column < K
+        per_unit, unit_bytes = {4: (2, 1), 2: (4, 1), 3: (8, 3)}[fmt.bits]
+        codes = n * -(-k // per_unit) * unit_bytes
+        step_scales = n * -(-k // spec.block_k) * (scale_size + zero_size)
+        min_scales = n * groups * (scale_size + zero_size)
+        tile_scales = 0
+    bias = n * itemsize["bias"] if spec.bias else 0
+    weight_bytes = (codes + min_scales + tile_scales + bias) * spec.n_weights
     norm_bytes = k * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
-    # the norm's statistics read each row once more; the per-token activation scale (absmax of the
-    # normalised row) once more again, with the norm's parameters
-    absmax_pass = bool(spec.act and not spec.act_static)
-    x_passes = 1 + bool(spec.prologue) + absmax_pass
-    read = n_tiles * M * k * itemsize["x"] * x_passes + m_tiles * n_tiles * norm_bytes * (1 + absmax_pass)
-    if spec.act_static:
-        read += m_tiles * n_tiles * itemsize["x_scale"]
-        min_x_scale = itemsize["x_scale"]
-    else:
-        min_x_scale = 0
-    read += m_tiles * weight_bytes * spec.n_weights
-    min_read = M * k * itemsize["x"] + norm_bytes + weight_bytes * spec.n_weights + min_x_scale
-    for j, kind in enumerate(spec.externals):
-        size = itemsize[f"e{j}"]
-        read += M * n * size if kind == "full" else m_tiles * n * size
-        min_read += M * n * size if kind == "full" else n * size
+    x_bytes = M * k * itemsize["x"]
+    ext_bytes = sum(M * n * itemsize[f"e{j}"] if kind == "full" else n * itemsize[f"e{j}"]
+                    for j, kind in enumerate(spec.externals))
+    static_scale = itemsize["x_scale"] if spec.act_static else 0
+    slots = len(spec.stats)
+
+    # ---- what the lanes move (exact)
+    loaded = stored = atomic = sympy.Integer(0)
+    if slots:  # statistics kernel: one program per row
+        absmax = int(bool(spec.act and not spec.act_static))
+        loaded += x_bytes * (int(bool(spec.prologue)) + absmax) + M * norm_bytes * absmax
+        stored += M * slots * 4
+    loaded += n_tiles * x_bytes + tiles * norm_bytes + n_tiles * splits * M * slots * 4
+    loaded += tiles * splits * static_scale
+    loaded += m_tiles * (codes + step_scales) * spec.n_weights + m_tiles * (tile_scales + bias) * spec.n_weights
+    loaded += sum(M * n * itemsize[f"e{j}"] if kind == "full" else m_tiles * n * itemsize[f"e{j}"]
+                  for j, kind in enumerate(spec.externals))
     written = M * n * itemsize["out"]
-    return Traffic(sympy.expand(read), written, sympy.expand(min_read), written)
+    stored += written
+    workspace = 0
+    if spec.split_k > 1:  # partial sums added atomically; the last split reads them back and zeroes them
+        workspace = spec.n_weights * M * n * acc_size
+        atomic += splits * workspace + tiles * splits * 4  # + the tile's arrival counter
+        loaded += workspace
+        stored += workspace + tiles * 4
+
+    # ---- DRAM (modelled) and the minimum
+    x_dram = sympy.Piecewise((x_bytes, x_bytes <= L2_BYTES), (n_tiles * x_bytes, True))
+    read = x_dram + norm_bytes + weight_bytes + ext_bytes + static_scale + M * slots * 4 + workspace
+    min_read = x_bytes + norm_bytes + weight_bytes + ext_bytes + static_scale
+    dram_written = written + M * slots * 4 + (workspace + tiles * 4 if spec.split_k > 1 else 0)
+    return Traffic(sympy.expand(read), dram_written, sympy.expand(min_read), written,
+                   sympy.expand(loaded), sympy.expand(stored), sympy.expand(atomic))
 
 
 class _LauncherPrinter(PythonCodePrinter):
@@ -349,10 +454,12 @@ def _signature(spec: KernelSpec) -> str:
     fmt = spec.format
     lines = [f"# activations{' (the input of the fused norm)' if spec.prologue else ''}: [M, K], row stride",
              "x_ptr, stride_xm,"]
-    if spec.prologue:
-        parts = (["norm_w_ptr"] if spec.norm_weight else []) + (["norm_b_ptr"] if spec.norm_bias else []) + ["eps"]
+    if spec.norm_weight or spec.norm_bias:
+        parts = (["norm_w_ptr"] if spec.norm_weight else []) + (["norm_b_ptr"] if spec.norm_bias else [])
         lines += [f"# {spec.prologue} norm: {'weight [K], ' if spec.norm_weight else ''}"
-                  f"{'bias [K], ' if spec.norm_bias else ''}epsilon", ", ".join(parts) + ","]
+                  f"{'bias [K]' if spec.norm_bias else ''}".rstrip(", "), ", ".join(parts) + ","]
+    if spec.stats:
+        lines += [f"# per-row statistics [M, 3] from {spec.name}_stats ({', '.join(spec.stats)})", "stats_ptr,"]
     if spec.act_static:
         lines += [f"# {spec.act} activations: the static per-tensor scale [1] (from calibration)", "x_scale_ptr,"]
     for i in range(spec.n_weights):
@@ -361,10 +468,11 @@ def _signature(spec: KernelSpec) -> str:
         elif fmt.bits == 8:
             what = "int8 codes [N, K], one scale per output channel [N]"
         else:
-            what = (f"uint8 codes [N, Kp/2], scales [N, Kp/{fmt.group_size}]"
-                    + ("" if fmt.symmetric else f", zero points [N, Kp/{fmt.group_size}]"))
-        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.bits == 4 and not fmt.symmetric else [])
-        parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.bits == 4 else [])
+            what = (f"uint8 codes [N, Kp*{fmt.bits}/8] ({'NF4 indices' if fmt.kind == 'nf4' else f'{fmt.bits}-bit'}), "
+                    f"scales [N, Kp/{fmt.group_size}]"
+                    + (f", zero points [N, Kp/{fmt.group_size}]" if fmt.has_zero_points else ""))
+        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.has_zero_points else [])
+        parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.group_size else [])
         lines += [f"# weight {i} ({spec.fmt}{', with bias [N]' if spec.bias else ''}): {what}", ", ".join(parts) + ","]
     if spec.externals:
         desc = ", ".join(f"e{j} {'[M, N]' if kind == 'full' else '[N]'}" for j, kind in enumerate(spec.externals))
@@ -372,7 +480,12 @@ def _signature(spec: KernelSpec) -> str:
         for j, kind in enumerate(spec.externals):
             parts += [f"e{j}_ptr"] + ([f"stride_e{j}m"] if kind == "full" else [])
         lines += [f"# epilogue operands: {desc}", ", ".join(parts) + ","]
-    lines += ["# output: [M, N]", "out_ptr, stride_om,", "# problem size", "M, N, K,", "# tiling",
+    lines += ["# output: [M, N]", "out_ptr, stride_om,"]
+    if spec.split_k > 1:
+        acc = "int32" if _int32_acc(spec) else "fp32"
+        lines += [f"# split-K: {acc} partial sums [{spec.n_weights}, M, N] and arrivals per output tile, both left zeroed",
+                  "ws_ptr, count_ptr,"]
+    lines += ["# problem size", "M, N, K,", "# tiling",
               "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,"]
     return textwrap.indent("\n".join(lines), " " * 4)
 
@@ -381,47 +494,64 @@ def _x_tile() -> str:
     return _load("x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]", "mask_m[:, None] & mask_k[None, :]")
 
 
-def _prologue_stats(spec: KernelSpec) -> str:
-    if not spec.prologue:
-        return ""
-    lines = [f"# ---- prologue: {spec.prologue} norm statistics of each row (one extra pass over K)",
-             "sum_xx = tl.zeros((BLOCK_M,), dtype=tl.float32)"]
-    if spec.prologue == "layer":
-        lines.append("sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)")
-    lines += ["for k0 in range(0, K, BLOCK_K):",
-              "    offs_k = k0 + tl.arange(0, BLOCK_K)",
-              "    mask_k = offs_k < K",
-              "    x = " + _x_tile()]
-    if spec.prologue == "layer":
-        lines += ["    sum_x += tl.sum(x, axis=1)"]
-    lines += ["    sum_xx += tl.sum(x * x, axis=1)"]
-    if spec.prologue == "layer":
-        lines += ["mean = sum_x / K", "rstd = tl.rsqrt(sum_xx / K - mean * mean + eps)"]
-    else:
-        lines += ["rstd = tl.rsqrt(sum_xx / K + eps)"]
-    return "\n".join(lines) + "\n\n"
+STATS_SLOTS = {"mean": 0, "rstd": 1, "x_scale": 2}
 
 
-def _activation_scale(spec: KernelSpec) -> str:
-    """The activations' quantization scale per row: loaded (static), or absmax / qmax of each
-    (normalised) row, one more pass over K (per token, as ``ops.quantize_per_token``)."""
-    if not spec.act:
-        return ""
+def _stats_kernel(spec: KernelSpec) -> str:
+    """``<name>_stats``: one program per row computes the row's norm statistics and per-token
+    activation scale once per call (instead of once per column tile and K split) into ``stats``."""
+    lines = ["# ---- one program per row; lanes accumulate elementwise, reduced once after each pass",
+             "offs_m = tl.program_id(0) + tl.arange(0, 1)",
+             "mask_m = offs_m < M"]
+    if spec.prologue:
+        lines += [f"# {spec.prologue} norm statistics", "sum_xx = tl.zeros((1, BLOCK_K), dtype=tl.float32)"]
+        if spec.prologue == "layer":
+            lines.append("sum_x = tl.zeros((1, BLOCK_K), dtype=tl.float32)")
+        lines += ["for k0 in range(0, K, BLOCK_K):",
+                  "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+                  "    mask_k = offs_k < K",
+                  "    x = " + _x_tile()]
+        if spec.prologue == "layer":
+            lines.append("    sum_x += x")
+        lines.append("    sum_xx += x * x")
+        if spec.prologue == "layer":
+            lines += ["mean = tl.sum(sum_x, axis=1) / K", "rstd = tl.rsqrt(tl.sum(sum_xx, axis=1) / K - mean * mean + eps)"]
+        else:
+            lines += ["rstd = tl.rsqrt(tl.sum(sum_xx, axis=1) / K + eps)"]
+    if "x_scale" in spec.stats:
+        qmax = ACTIVATION_MAX[spec.act]
+        lines += [f"# per-token activation scale = absmax / {qmax} of each {'normalised ' if spec.prologue else ''}row",
+                  "amax = tl.zeros((1, BLOCK_K), dtype=tl.float32)",
+                  "for k0 in range(0, K, BLOCK_K):",
+                  "    offs_k = k0 + tl.arange(0, BLOCK_K)",
+                  "    mask_k = offs_k < K",
+                  textwrap.indent(_normalised_x(spec), " " * 4),
+                  "    amax = tl.maximum(amax, tl.abs(x))",
+                  f"x_scale = tl.max(amax, axis=1) / {qmax}",
+                  "x_scale = tl.where(x_scale > 0.0, x_scale, 1.0)  # an all-zero row: codes 0, no division by zero"]
+    for stat in spec.stats:
+        lines.append(f"tl.store(stats_ptr + offs_m * 3 + {STATS_SLOTS[stat]}, {stat}, mask=mask_m)")
+    params = ["x_ptr, stride_xm,"]
+    if spec.norm_weight or spec.norm_bias:
+        params.append(", ".join((["norm_w_ptr"] if spec.norm_weight else []) + (["norm_b_ptr"] if spec.norm_bias else [])) + ",")
+    params += (["eps,"] if spec.prologue else []) + ["stats_ptr,", "M, K,", "BLOCK_K: tl.constexpr,"]
+    return (f"@triton.jit\ndef {spec.name}_stats(\n" + textwrap.indent("\n".join(params), " " * 4) + "\n):\n"
+            + textwrap.indent("\n".join(lines), " " * 4) + "\n")
+
+
+def _row_stats(spec: KernelSpec) -> str:
+    """The main kernel's per-row values: loaded from the statistics kernel's output, or the static
+    activation scale."""
+    lines = []
+    if spec.stats:
+        lines.append(f"# ---- per-row {', '.join(spec.stats)}: computed once per call by {spec.name}_stats")
+        for stat in spec.stats:
+            other = "1.0" if stat == "x_scale" else "0.0"
+            lines.append(f"{stat} = " + _load(f"stats_ptr + offs_m * 3 + {STATS_SLOTS[stat]}", "mask_m", other=other))
     if spec.act_static:
-        return ("# ---- prologue: the static activation scale (one per tensor, from calibration)\n"
-                "x_scale = tl.load(x_scale_ptr).to(tl.float32) + tl.zeros((BLOCK_M,), dtype=tl.float32)\n\n")
-    qmax = ACTIVATION_MAX[spec.act]
-    lines = [f"# ---- prologue: per-token activation scale = absmax / {qmax} of each "
-             f"{'normalised ' if spec.prologue else ''}row (one more pass over K)",
-             "amax = tl.zeros((BLOCK_M,), dtype=tl.float32)",
-             "for k0 in range(0, K, BLOCK_K):",
-             "    offs_k = k0 + tl.arange(0, BLOCK_K)",
-             "    mask_k = offs_k < K",
-             textwrap.indent(_normalised_x(spec), " " * 4),
-             "    amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))",
-             f"x_scale = amax / {qmax}",
-             "x_scale = tl.where(x_scale > 0.0, x_scale, 1.0)  # an all-zero row: codes 0, no division by zero"]
-    return "\n".join(lines) + "\n\n"
+        lines += ["# ---- the static activation scale (one per tensor, from calibration)",
+                  "x_scale = tl.load(x_scale_ptr).to(tl.float32) + tl.zeros((BLOCK_M,), dtype=tl.float32)"]
+    return "\n".join(lines) + "\n\n" if lines else ""
 
 
 def _quantize_x(spec: KernelSpec) -> list[str]:
@@ -477,32 +607,77 @@ def _weight_block(spec: KernelSpec, i: int) -> str:
                 + "[:, None]" if not fmt.symmetric else f"z{i} = 8  # symmetric codes are stored offset by 8")
         return "\n".join([
             f"# weight {i}: two 4-bit codes per byte (low nibble = even k), centred by the zero point to",
-            "# integers in [-15, 15]; BLOCK_K is one group: its scale multiplies this step's integer dot",
+            "# integers in [-15, 15]; BLOCK_K is one group or part of one: its scale multiplies this step's integer dot",
             "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
             f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
                                    "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
-            "group = k0 // BLOCK_K",
+            f"group = k0 // {fmt.group_size}",
             zero,
             f"w{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K) - z{i}",
             f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")])
-    zero = (f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0")
-            if not fmt.symmetric else f"z{i} = 8.0  # symmetric codes are stored offset by 8")
-    return "\n".join([
-        f"# weight {i}: two 4-bit codes per byte (low nibble = even k); BLOCK_K is one group, so one",
-        f"# scale{'' if fmt.symmetric else ' and zero point'} per output channel per step",
-        "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
-        f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
-                               "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
-        f"codes{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K)",
-        "group = k0 // BLOCK_K",
-        f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n"),
-        zero,
-        f"w{i} = (codes{i}.to(tl.float32) - z{i}{'' if fmt.symmetric else '[:, None]'}) * s{i}[:, None]"])
+    lines = _unpack_codes(fmt, i)
+    lines += [f"group = k0 // {fmt.group_size}",
+              f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")]
+    if fmt.kind == "nf4":
+        lines += [f"# NF4: the 16-value table in registers, selected by the code's bits (no memory lookup)",
+                  f"w{i} = {_nf4_select(f'codes{i}')} * s{i}[:, None]"]
+        return "\n".join(lines)
+    half = 2 ** (fmt.bits - 1)
+    if fmt.symmetric:
+        lines.append(f"z{i} = {half:.1f}  # symmetric codes are stored offset by {half}")
+    else:
+        lines.append(f"z{i} = " + _load(f"zero{i}_ptr + offs_n * stride_s{i} + group", "mask_n", other="0"))
+    lines.append(f"w{i} = (codes{i}.to(tl.float32) - z{i}{'' if fmt.symmetric else '[:, None]'}) * s{i}[:, None]")
+    return "\n".join(lines)
+
+
+def _unpack_codes(fmt: WeightFormat, i: int) -> list[str]:
+    """Load this step's packed codes and unpack them to ``codes<i>`` [BLOCK_N, BLOCK_K] (int32).
+    The storage is a little-endian bit stream per row (formats.pack_codes): int4/NF4 two codes a
+    byte (low nibble first), int2 four, int3 eight codes in three bytes. Nested ``tl.join``s put
+    the codes of one byte (or 3-byte word) next to each other: the outermost join is the fastest
+    axis after the reshape."""
+    head = (f"# weight {i} ({fmt.key}): {fmt.bits}-bit codes, BLOCK_K is one group (or part of one), so one "
+            f"scale{'' if not fmt.has_zero_points else ' and zero point'} per output channel per step")
+    if fmt.bits == 4:
+        return [head, "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
+                f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
+                                       "mask_n[:, None] & (offs_kb[None, :] * 2 < K)", to="tl.int32", other="0"),
+                f"codes{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K)"]
+    if fmt.bits == 2:
+        c = [f"((packed{i} >> {2 * j}) & 3)" for j in range(4)]
+        return [head, "offs_kb = k0 // 4 + tl.arange(0, BLOCK_K // 4)",
+                f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
+                                       "mask_n[:, None] & (offs_kb[None, :] * 4 < K)", to="tl.int32", other="0"),
+                f"codes{i} = tl.join(tl.join({c[0]}, {c[2]}),",
+                f"                  tl.join({c[1]}, {c[3]})).reshape(BLOCK_N, BLOCK_K)"]
+    if fmt.bits == 3:
+        c = [f"((word{i} >> {3 * j}) & 7)" for j in range(8)]
+        lines = [head, "offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # 3-byte words of 8 codes",
+                 "mask_w = mask_n[:, None] & (offs_kw[None, :] * 8 < K)"]
+        for b in range(3):
+            lines.append(f"b{b} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kw[None, :] * 3 + {b}",
+                                            "mask_w", to="tl.int32", other="0"))
+        return lines + [f"word{i} = b0 | (b1 << 8) | (b2 << 16)",
+                        f"codes{i} = tl.join(tl.join(tl.join({c[0]}, {c[4]}), tl.join({c[2]}, {c[6]})),",
+                        f"                  tl.join(tl.join({c[1]}, {c[5]}), tl.join({c[3]}, {c[7]}))).reshape(BLOCK_N, BLOCK_K)"]
+    raise NotImplementedError(f"no code unpacking for {fmt.key}")
+
+
+def _nf4_select(code: str) -> str:
+    """NF4_GRID[code] as a tree of 15 selects on the code's bits, the table values as immediates."""
+    from lowbit_compiler.formats import NF4_GRID
+
+    level = [repr(float(v)) for v in NF4_GRID]
+    for bit in range(4):
+        cond = f"(({code} >> {bit}) & 1) != 0"
+        level = [f"tl.where({cond}, {level[2 * j + 1]}, {level[2 * j]})" for j in range(len(level) // 2)]
+    return level[0]
 
 
 def _dot(spec: KernelSpec, i: int) -> str:
     group_scale = f".to(tl.float32) * s{i}[None, :]" if spec.integer and spec.format.bits == 4 else ""
-    if spec.variant == "gemv":  # partial sums per k lane: reduced once, after the loop
+    if spec.fma:  # partial sums per k lane: reduced once, after the loop
         if group_scale:
             return f"acc{i} += (x[:, None, :] * w{i}[None, :, :]).to(tl.float32) * s{i}[None, :, None]"
         return f"acc{i} += x[:, None, :] * w{i}[None, :, :]"
@@ -556,7 +731,7 @@ def render(spec: KernelSpec) -> str:
     """The source of the kernel file for ``spec``."""
     name = spec.name
     acc_type = "tl.int32" if _int32_acc(spec) else "tl.float32"
-    if spec.variant == "gemv":
+    if spec.fma:
         acc_type = "tl.float32" if spec.integer and spec.format.bits == 4 else acc_type
         accs = "\n".join(f"acc{i} = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype={acc_type})"
                          for i in range(spec.n_weights))
@@ -568,29 +743,64 @@ def render(spec: KernelSpec) -> str:
     loop_body = "\n\n".join([_activation_block(spec)] + [
         _weight_block(spec, i) + "\n" + _dot(spec, i) for i in range(spec.n_weights)])
     epilogue, result = _epilogue(spec)
+    store = ("# ---- store, in the output's dtype\n"
+             f"tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], {result}.to(out_ptr.dtype.element_ty),\n"
+             "         mask=mask_m[:, None] & mask_n[None, :])\n")
+    if spec.split_k > 1:
+        k_range = ("# this split's share of K: whole BLOCK_K steps (int4: whole groups)\n"
+                   "k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K\n"
+                   "k_lo = pid_k * k_per_split\n"
+                   "k_hi = tl.minimum(K, k_lo + k_per_split)\n")
+        loop = "for k0 in range(k_lo, k_hi, BLOCK_K):\n"
+        ws_type = "tl.int32" if acc_type == "tl.int32" else "tl.float32"
+        # the partial sums are part<i>; acc<i> (the totals) is defined inside the last split's branch
+        accs, loop_body, reduce = (re.sub(r"\bacc(\d)\b", r"part\1", t) for t in (accs, loop_body, reduce))
+        adds = "\n".join(f"tl.atomic_add(ws_ptr + {i} * M * N + ws_offs, part{i}, mask=ws_mask, sem=\"relaxed\")"
+                         for i in range(spec.n_weights))
+        reads = "\n".join(
+            f"acc{i} = tl.load(ws_ptr + {i} * M * N + ws_offs, mask=ws_mask, other=0, cache_modifier=\".cg\").to({ws_type})\n"
+            f"tl.store(ws_ptr + {i} * M * N + ws_offs, tl.zeros((BLOCK_M, BLOCK_N), dtype={ws_type}), mask=ws_mask)"
+            for i in range(spec.n_weights))
+        finish = (
+            f"# ---- split-K over {spec.split_k} programs: add this split's partial sums into the workspace (atomics\n"
+            "# resolve in L2); the last split to arrive at the tile reads the totals, leaves the workspace\n"
+            "# and its counter zeroed for the next call, and runs the epilogue\n"
+            "ws_offs = offs_m[:, None] * N + offs_n[None, :]\n"
+            "ws_mask = mask_m[:, None] & mask_n[None, :]\n"
+            + adds + "\n"
+            "tl.debug_barrier()  # every thread's adds are issued before the arrival is counted\n"
+            "tile = pid_m * tl.num_programs(1) + pid_n\n"
+            "arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: orders the adds before it\n"
+            "if arrived == SPLIT_K - 1:\n"
+            + textwrap.indent(reads + "\n" + "tl.store(count_ptr + tile, 0)\n\n" + epilogue + "\n\n" + store, " " * 4))
+    else:
+        k_range, loop = "", "for k0 in range(0, K, BLOCK_K):\n"
+        finish = epilogue + "\n\n" + store
     kernel = (
         f"@triton.jit\ndef {name}_kernel(\n{_signature(spec)}\n):\n"
         + textwrap.indent(
             "# ---- which output tile this program computes\n"
             "pid_m = tl.program_id(0)\n"
             "pid_n = tl.program_id(1)\n"
-            "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\n"
+            + ("pid_k = tl.program_id(2)\n" if spec.split_k > 1 else "")
+            + "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\n"
             "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
             "mask_m = offs_m < M\n"
             "mask_n = offs_n < N\n\n"
-            + _prologue_stats(spec)
-            + _activation_scale(spec)
+            + _row_stats(spec)
             + "# ---- main loop: acc[m, n] += x[m, k] * w[n, k], dequantising the weight tile by tile\n"
+            + k_range
             + accs + "\n"
-            + "for k0 in range(0, K, BLOCK_K):\n"
+            + loop
             + "    offs_k = k0 + tl.arange(0, BLOCK_K)\n"
             + "    mask_k = offs_k < K\n"
             + textwrap.indent(loop_body, " " * 4) + "\n\n"
             + reduce
-            + epilogue + "\n\n"
-            + "# ---- store, in the output's dtype\n"
-            + f"tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], {result}.to(out_ptr.dtype.element_ty),\n"
-            + "         mask=mask_m[:, None] & mask_n[None, :])\n", " " * 4))
+            + finish, " " * 4))
+    if spec.split_k > 1:
+        kernel = kernel.replace("BLOCK_K: tl.constexpr,\n", "BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,\n", 1)
+    if spec.stats:
+        kernel = _stats_kernel(spec) + "\n\n" + kernel
     return _HEADER.format(name=name, ops=", ".join(spec.fused_ops), spec=repr(spec)) + _align(kernel) + "\n\n" + \
         _launcher(spec) + "\n\n\n" + _reference(spec) + _MAIN
 
@@ -598,7 +808,7 @@ def render(spec: KernelSpec) -> str:
 def _launcher(spec: KernelSpec) -> str:
     fmt = spec.format
     params = launcher_params(spec)
-    gm, gn = grid(spec, 0)  # gn is rendered from N below
+    gm, _, _ = grid(spec, 0)  # the column tiles are rendered from N below
     grid_m = to_python(gm)
     grid_n = f"triton.cdiv(N, {spec.block_n})"
     lines = [f"def {spec.name}({', '.join(params)}):",
@@ -608,34 +818,62 @@ def _launcher(spec: KernelSpec) -> str:
              "    N = scale0.shape[0]",
              "    x = x.reshape(-1, K).contiguous()",
              "    M = x.shape[0]"]
-    packing = 2 if fmt.bits == 4 else 1
     for i in range(spec.n_weights):
-        lines.append(f"    assert qw{i}.shape[0] == N and qw{i}.shape[1] * {packing} >= K, "
+        lines.append(f"    assert qw{i}.shape[0] == N and qw{i}.shape[1] * 8 // {fmt.bits} >= K, "
                      f"f\"weight {i}: codes {{tuple(qw{i}.shape)}} do not fit N={{N}}, K={{K}}\"")
     for j, kind in enumerate(spec.externals):
         lines.append(f"    e{j} = e{j}.reshape({'M, N' if kind == 'full' else 'N'}).contiguous()")
     lines += ["    # -- allocate the output",
-              f"    out = torch.empty((M, N), device=x.device, dtype=torch.{spec.out_dtype})",
-              "    # -- launch: one program per BLOCK_M rows and BLOCK_N columns",
-              f"    grid = ({grid_m}, {grid_n})"]
+              f"    out = torch.empty((M, N), device=x.device, dtype=torch.{spec.out_dtype})"]
+    norm = (["norm_w"] if spec.norm_weight else []) + (["norm_b"] if spec.norm_bias else [])
+    if spec.stats:
+        lines += [f"    # -- per-row {', '.join(spec.stats)}, once per call",
+                  "    stats = torch.empty((M, 3), device=x.device, dtype=torch.float32)",
+                  f"    {spec.name}_stats[(M,)](x, x.stride(0), " + "".join(f"{t}, " for t in norm)
+                  + ("eps, " if spec.prologue else "") + f"stats, M, K, BLOCK_K={STATS_BLOCK}, num_warps=4)"]
+    lines += ["    # -- launch: one program per BLOCK_M rows, BLOCK_N columns" + (" and K split" if spec.split_k > 1 else ""),
+              f"    grid = ({grid_m}, {grid_n}" + (f", {spec.split_k})" if spec.split_k > 1 else ")")]
+    if spec.split_k > 1:
+        lines.append(f"    ws, count = split_workspace(x.device, {spec.n_weights}, M, N, grid[0] * grid[1], "
+                     f"{_int32_acc(spec)})")
     args = ["x, x.stride(0)"]
-    if spec.prologue:
-        args.append(", ".join((["norm_w"] if spec.norm_weight else []) + (["norm_b"] if spec.norm_bias else []) + ["eps"]))
+    if norm:
+        args.append(", ".join(norm))
+    if spec.stats:
+        args.append("stats")
     if spec.act_static:
         args.append("x_scale")
     for i in range(spec.n_weights):
-        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.bits == 4 and not fmt.symmetric else [])
-        parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.bits == 4 else [])
+        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.has_zero_points else [])
+        parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.group_size else [])
         args.append(", ".join(parts))
     for j, kind in enumerate(spec.externals):
         args.append(f"e{j}, e{j}.stride(0)" if kind == "full" else f"e{j}")
-    args += ["out, out.stride(0)", "M, N, K",
-             f"BLOCK_M={spec.block_m}, BLOCK_N={spec.block_n}, BLOCK_K={spec.block_k}, num_warps={spec.num_warps}"]
+    args += ["out, out.stride(0)"] + (["ws, count"] if spec.split_k > 1 else []) + ["M, N, K",
+             f"BLOCK_M={spec.block_m}, BLOCK_N={spec.block_n}, BLOCK_K={spec.block_k}"
+             + (f", SPLIT_K={spec.split_k}" if spec.split_k > 1 else "") + f", num_warps={spec.num_warps}"]
     lines.append(f"    {spec.name}_kernel[grid](\n        " + ",\n        ".join(args) + ")")
     lines.append("    return out.view(*x_shape_prefix, N)")
     # keep the caller's leading dims: captured before the reshape above
     lines.insert(3, "    x_shape_prefix = x.shape[:-1]")
     return "\n".join(lines)
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_workspace(device: torch.device, n_weights: int, rows: int, n: int, tiles: int,
+                    integer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed partial-sum workspace ``[n_weights, rows, n]`` and per-tile arrival counters of a
+    split-K launch, kept per device and shape: the kernel leaves both zeroed, so a call costs no
+    memset launch (and a captured CUDA graph keeps pointing at them). Two launches of the same shape
+    must not run concurrently on different streams."""
+    key = (str(device), n_weights, rows, n, tiles, integer)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros((n_weights, rows, n), device=device,
+                                        dtype=torch.int32 if integer else torch.float32),
+                            torch.zeros(tiles, device=device, dtype=torch.int32))
+    return _WORKSPACES[key]
 
 
 def _reference(spec: KernelSpec) -> str:
@@ -655,7 +893,7 @@ def _reference(spec: KernelSpec) -> str:
         lines += [f"    h, h_scale = quantize_activations(h, {spec.act!r}, {'x_scale' if spec.act_static else 'None'})",
                   "    h = h.float() * h_scale  # the quantized activations, dequantised"]
     for i in range(spec.n_weights):
-        zero = f"zero{i}" if fmt.bits == 4 and not fmt.symmetric else "None"
+        zero = f"zero{i}" if fmt.has_zero_points else "None"
         bias = f"bias{i}.float()" if spec.bias else "None"
         lines.append(f"    acc{i} = F.linear(h, dequantize_parts(FORMAT, qw{i}, scale{i}, {zero})[:, :K], {bias})")
     for j, kind in enumerate(spec.externals):
@@ -687,7 +925,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-from lowbit_compiler.backends.codegen import KernelSpec
+from lowbit_compiler.backends.codegen import KernelSpec, split_workspace
 from lowbit_compiler.formats import WeightFormat, dequantize_parts
 from lowbit_compiler.ops import quantize_activations
 
@@ -788,5 +1026,6 @@ def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 9
 
 _GENERATOR_SOURCE_HASH = hashlib.sha256(
     "".join(inspect.getsource(f) for f in (
-        _signature, _prologue_stats, _activation_scale, _quantize_x, _activation_block, _normalised_x,
-        _weight_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant)).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]
+        _signature, _stats_kernel, _row_stats, _quantize_x, _activation_block, _normalised_x,
+        _weight_block, _unpack_codes, _nf4_select, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
+        split_k_for, split_workspace)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

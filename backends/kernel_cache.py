@@ -88,7 +88,8 @@ def gpu_reports(items: list[tuple[codegen.KernelSpec, list[Any]]], arch: int = 9
         paths.append(path)
         if not path.exists():
             jobs.append({"path": str(source_path), "name": f"{spec.name}_kernel", "signature": signature,
-                         "constexprs": {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, "BLOCK_K": spec.block_k},
+                         "constexprs": {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, "BLOCK_K": spec.block_k,
+                                        **({"SPLIT_K": spec.split_k} if spec.split_k > 1 else {})},
                          "num_warps": spec.num_warps, "arch": arch, "out": str(path)})
     unique = {job["out"]: job for job in jobs}
     if unique:
@@ -111,27 +112,29 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
         sig["norm_w_ptr"] = ptr(named["norm_w"])
     if spec.norm_bias:
         sig["norm_b_ptr"] = ptr(named["norm_b"])
-    if spec.prologue:
-        sig["eps"] = "fp32"
+    if spec.stats:
+        sig["stats_ptr"] = "*fp32"
     if spec.act_static:
         sig["x_scale_ptr"] = ptr(named["x_scale"])
     fmt = spec.format
     for i in range(spec.n_weights):
         sig[f"qw{i}_ptr"] = ptr(named[f"qw{i}"])
         sig[f"scale{i}_ptr"] = ptr(named[f"scale{i}"])
-        if fmt.bits == 4 and not fmt.symmetric:
+        if fmt.has_zero_points:
             sig[f"zero{i}_ptr"] = ptr(named[f"zero{i}"])
         if spec.bias:
             sig[f"bias{i}_ptr"] = ptr(named[f"bias{i}"])
         sig[f"stride_qw{i}"] = "i32"
-        if fmt.bits == 4:
+        if fmt.group_size:
             sig[f"stride_s{i}"] = "i32"
     for j, kind in enumerate(spec.externals):
         sig[f"e{j}_ptr"] = ptr(named[f"e{j}"])
         if kind == "full":
             sig[f"stride_e{j}m"] = "i32"
-    sig.update({"out_ptr": "*" + codegen.TRITON_TYPES[codegen.DTYPES[spec.out_dtype]], "stride_om": "i32",
-                "M": "i32", "N": "i32", "K": "i32"})
+    sig.update({"out_ptr": "*" + codegen.TRITON_TYPES[codegen.DTYPES[spec.out_dtype]], "stride_om": "i32"})
+    if spec.split_k > 1:
+        sig.update({"ws_ptr": "*i32" if codegen._int32_acc(spec) else "*fp32", "count_ptr": "*i32"})
+    sig.update({"M": "i32", "N": "i32", "K": "i32"})
     return sig
 
 

@@ -15,7 +15,7 @@ from lowbit_compiler.formats import sqnr_db
 from tests.helpers import covers_all_pairs, pairwise
 
 FACTORS = {
-    "rows": [1, 3, 17, 64],
+    "rows": [1, 3, 12, 17, 64],  # FMA decode, FMA decode (4-row tile), tl.dot decode, gemm, gemm
     "fmt": ["int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_sym", "int4_g128_asym"],
     "k": [256, 200],  # 200: not a multiple of any block (int4 pads the weight to the group)
     "n": [97, 128],
@@ -39,16 +39,17 @@ PROLOGUES = {None: {}, "rms": {"prologue": "rms", "norm_weight": True},
 FLOORS = {"float32": 90.0, "float16": 60.0, "bfloat16": 40.0}
 
 
-def make_spec(rows, fmt, prologue, epilogue, dtype, on_gpu=False):
+def make_spec(rows, fmt, prologue, epilogue, dtype, on_gpu=False, n=None, k=None):
     from lowbit_compiler.formats import WeightFormat
 
-    tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu, dtype)
+    tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu, dtype, n=n, k=k)
     return codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype, **PROLOGUES[prologue],
                               **EPILOGUES[epilogue])
 
 
 def check_case(rows, fmt, k, n, prologue, epilogue, dtype):
-    spec = make_spec(rows, fmt, prologue, epilogue, dtype)
+    spec = make_spec(rows, fmt, prologue, epilogue, dtype, n=n, k=k)  # decode rows: split-K as for this shape
+    assert (spec.split_k > 1) == (rows <= codegen.GEMV_MAX_ROWS)
     kernel = kernel_cache.get_kernel(spec, interpret=True)
     args = codegen.make_inputs(spec, rows, n, k, seed=rows + n + k)
     out = kernel.launch(*args)
@@ -78,6 +79,28 @@ def test_kernel_matches_reference_full_grid(values):
     check_case(**dict(zip(FACTORS, values)))
 
 
+@pytest.mark.parametrize("rows, fmt, k, prologue, epilogue, dtype", [
+    (1, "nf4_g64", 256, "rms", "gated", "float32"),            # FMA decode, split-K, table in registers
+    (12, "int3_g64_asym", 200, None, "residual", "float16"),   # tl.dot decode, 8 codes in 3 bytes, padded K
+    (3, "int2_g32_sym", 128, "layer", "bias", "bfloat16"),     # FMA decode, 4 codes a byte
+    (17, "int3_g128_sym", 256, "rms", "silu", "float32"),      # gemm: 32 columns of a 128-group per step
+    (20, "nf4_g64", 128, None, "none", "float16"),             # gemm
+])
+def test_int3_int2_and_nf4_templates_match_the_reference(rows, fmt, k, prologue, epilogue, dtype):
+    """The formats that dequantised the whole weight per call: codes unpacked from the bit stream and
+    (NF4) looked up in registers, against formats.dequantize_parts; bytes as the model counts them."""
+    assert codegen.has_template(fmt) and not codegen.has_template(fmt, "int8")
+    spec = make_spec(rows, fmt, prologue, epilogue, dtype, n=40, k=k)
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, 40, k, seed=rows)
+    out = kernel.launch(*args)
+    assert out.shape == (rows, 40)
+    db = sqnr_db(kernel.reference(*args).float(), out.float())
+    assert db >= FLOORS[dtype], f"{spec.name}: {db:.1f} dB"
+    if dtype == "float16":
+        check_bytes(spec, rows, 40, k)
+
+
 def test_generated_kernels_never_compute_in_16_bit_floats():
     for case in PAIRWISE:
         spec = make_spec(case["rows"], case["fmt"], case["prologue"], case["epilogue"], case["dtype"])
@@ -97,7 +120,7 @@ SCHEMES = {"w8a8": ("int8", "int8", False), "w4a8-asym": ("int4_g64_asym", "int8
            "w4a8-static": ("int4_g32_sym", "int8", True), "fp8": ("fp8_e4m3", "fp8_e4m3", False),
            "w4a4": ("int4_g128_sym", "int4", False)}
 QA_FACTORS = {
-    "rows": [1, 3, 17, 64],
+    "rows": [1, 3, 12, 17, 64],  # FMA decode, FMA decode (4-row tile), tl.dot decode, gemm, gemm
     "scheme": list(SCHEMES),
     "k": [256, 200],
     "n": [97, 128],
@@ -108,14 +131,14 @@ QA_FACTORS = {
 QA_PAIRWISE = pairwise(QA_FACTORS)
 
 
-def make_qa_spec(rows, scheme, prologue, epilogue, dtype, on_gpu=False):
+def make_qa_spec(rows, scheme, prologue, epilogue, dtype, on_gpu=False, n=None, k=None):
     from lowbit_compiler.formats import WeightFormat
 
     fmt, act, static = SCHEMES[scheme]
     epilogue = EPILOGUES[epilogue]
     if static and epilogue.get("n_weights") == 2:  # static scales are per layer: no gate.up pairing
         epilogue = EPILOGUES["silu"]
-    tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu, dtype, act)
+    tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu, dtype, act, n=n, k=k)
     return codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype, **PROLOGUES[prologue],
                               **epilogue, act=act, act_static=static)
 
@@ -125,7 +148,7 @@ def test_quantized_activation_kernel_matches_reference_pairwise(case):
     """The kernel quantizes the (normalised) activations itself, per token or with the static
     scale, and multiplies codes (int8 x int8 -> int32, or exact fp8 products)."""
     rows, k, n, dtype = case["rows"], case["k"], case["n"], case["dtype"]
-    spec = make_qa_spec(rows, case["scheme"], case["prologue"], case["epilogue"], dtype)
+    spec = make_qa_spec(rows, case["scheme"], case["prologue"], case["epilogue"], dtype, n=n, k=k)
     assert codegen.arithmetic_violations(codegen.render(spec)) == []
     kernel = kernel_cache.get_kernel(spec, interpret=True)
     args = codegen.make_inputs(spec, rows, n, k, seed=rows + n + k)
@@ -161,13 +184,16 @@ def test_quantized_activation_kernel_equals_the_cpu_integer_matmul(scheme, rows)
 
 
 @pytest.mark.parametrize("rows, fmt, k, n, prologue, epilogue", [
-    (1, "int4_g64_asym", 256, 97, "rms", "gated"),        # gemv, two weights, norm prologue
-    (3, "int8", 200, 97, None, "row"),                     # gemv, ragged K, row operand
+    (1, "int4_g64_asym", 256, 97, "rms", "gated"),        # gemv (FMA), split-K 4, two weights, norm statistics
+    (3, "int8", 200, 97, None, "row"),                     # gemv (FMA), split-K 2, ragged K, row operand
+    (9, "int4_g32_sym", 200, 97, "layer", "residual"),     # gemv (tl.dot), split-K 7, padded int4
     (17, "int4_g32_sym", 200, 128, "layer", "residual"),   # gemm, padded int4, both norm tensors
     (64, "int8", 256, 97, None, "bias"),                   # gemm, per-channel scale after the loop
 ])
 def test_analytic_bytes_equal_bytes_the_interpreter_moves(rows, fmt, k, n, prologue, epilogue):
-    check_bytes(make_spec(rows, fmt, prologue, epilogue, "float16"), rows, n, k)
+    spec = make_spec(rows, fmt, prologue, epilogue, "float16", n=n, k=k)  # the split-K count of this shape
+    assert (spec.split_k > 1) == (rows <= codegen.GEMV_MAX_ROWS)
+    check_bytes(spec, rows, n, k)
 
 
 @pytest.mark.parametrize("rows, scheme, prologue, epilogue", [
@@ -175,9 +201,10 @@ def test_analytic_bytes_equal_bytes_the_interpreter_moves(rows, fmt, k, n, prolo
     (17, "w8a8", "layer", "residual"),  # gemm, int32 accumulator
     (17, "w4a8-static", None, "bias"),  # the static scale: one load per program
     (3, "fp8", "rms", "none"),
+    (12, "w8a8", "rms", "bias"),        # gemv (int8 tl.dot), split-K into an int32 workspace
 ])
 def test_analytic_bytes_of_quantized_activation_kernels(rows, scheme, prologue, epilogue):
-    check_bytes(make_qa_spec(rows, scheme, prologue, epilogue, "float16"), rows, 97, 200)
+    check_bytes(make_qa_spec(rows, scheme, prologue, epilogue, "float16", n=97, k=200), rows, 97, 200)
 
 
 def check_bytes(spec, rows, n, k):
@@ -189,17 +216,22 @@ def check_bytes(spec, rows, n, k):
     with _triton_adapter.count_traffic() as moved:
         kernel.launch(*args)
     model = codegen.traffic(spec, n, k, itemsize).at(rows)
-    assert (model["read"], model["written"]) == (moved["read"], moved["written"])
-    assert model["min_read"] <= model["read"] and model["min_written"] == model["written"]
+    assert (model["loaded"], model["stored"], model["atomic"]) == (moved["read"], moved["written"], moved["atomic"])
+    assert model["min_read"] <= model["read"] <= model["loaded"] + model["atomic"]
+    assert model["min_written"] <= model["written"] <= model["stored"] + model["atomic"]
 
 
 def test_grid_and_bytes_are_symbolic_in_the_row_count():
     spec = make_spec(None, "int4_g128_asym", "rms", "none", "bfloat16")  # symbolic M: prefill tiling
-    gm, gn = codegen.grid(spec, 4096)
-    assert str(gm) == "ceiling(M/64)" and int(gn) == 64
+    gm, gn, gk = codegen.grid(spec, 4096)
+    assert str(gm) == "ceiling(M/64)" and int(gn) == 64 and int(gk) == 1
     assert codegen.to_python(gm) == "triton.cdiv(M, 64)"
     t = codegen.traffic(spec, 4096, 4096, {"x": 2, "out": 2, "norm_w": 2})
-    assert t.written == 2 * 4096 * codegen.M
+    assert t.min_written == 2 * 4096 * codegen.M
+    assert t.written == (2 * 4096 + 4) * codegen.M  # + each row's rstd from the statistics kernel
+    # DRAM: the activations once while they fit in L2 (25 MB = 3200 rows of 4096 bf16), else per column tile
+    assert t.at(3200)["read"] - t.at(3200)["min_read"] == 3200 * 4
+    assert t.at(3201)["read"] - t.at(3201)["min_read"] == 3201 * 4 + 63 * 3201 * 4096 * 2
     # weight codes + scales + zeros once per row tile
     assert t.at(64)["min_read"] == 64 * 4096 * 2 + 4096 * 2 + 4096 * 2048 + 4096 * 32 * 3
 
@@ -290,7 +322,8 @@ def test_autotune_hook_is_off_here_and_its_candidates_are_valid_kernels(caplog):
     with caplog.at_level("INFO", logger="lowbit_compiler"), torch.no_grad():
         torch.compile(make_model("llama"), backend=rec)(prompt())
     assert "autotune is off under the Triton interpreter" in caplog.text
-    assert {r["kernel"].split("_")[0] for r in rec.summaries[0]["generated_kernels"]} == {"gemm"}
+    # 9 rows: the decode class (all rows in one 16-row tl.dot tile, split-K)
+    assert {r["kernel"].split("_")[0] for r in rec.summaries[0]["generated_kernels"]} == {"gemv"}
 
 
 def test_fp32_dots_state_their_precision():

@@ -1,0 +1,117 @@
+"""Issue 15's cost-model targets at Llama-2-7B shapes (hidden 4096, intermediate 11008, 32 heads,
+no grouped KV), checked without a GPU: modelled DRAM bytes against the minimum, the launch grid
+against an H100's 132 SMs, and the sm_90 compile (registers, spills) of the variant a GPU runs.
+
+The groups are the six kernels per decoder layer that ``fusion.find_groups`` builds for Llama
+(asserted on the test model in tests/backends/test_fusion.py): q, k and v each with the RMSNorm
+(same shape, so one spec), o + residual, gate.up + RMSNorm + SiLU.mul, down + residual.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lowbit_compiler.backends import codegen, kernel_cache
+from tests.backends.test_codegen import make_spec
+
+HIDDEN, INTERMEDIATE = 4096, 11008
+GROUPS = {  # name: (N, K, prologue, epilogue)
+    "q/k/v": (HIDDEN, HIDDEN, "rms", "none"),
+    "o": (HIDDEN, HIDDEN, None, "residual"),
+    "gate.up": (INTERMEDIATE, HIDDEN, "rms", "gated"),
+    "down": (HIDDEN, INTERMEDIATE, None, "residual"),
+}
+FORMATS = ["int4_g128_asym", "int8"]  # w4a16's and w8a16's weight formats
+DECODE_ROWS, PREFILL_ROWS = (1, 4, 16), 512
+DTYPE = "float16"
+ITEMSIZE = {"x": 2, "out": 2, "norm_w": 2, "e0": 2, "bias": 2}
+
+
+def spec(group: str, fmt: str, rows: int):
+    n, k, prologue, epilogue = GROUPS[group]
+    return make_spec(rows, fmt, prologue, epilogue, DTYPE, on_gpu=True, n=n, k=k)
+
+
+def cost(group: str, fmt: str, rows: int) -> tuple[float, int]:
+    """(modelled DRAM bytes read / the minimum, programs launched)."""
+    n, k, _, _ = GROUPS[group]
+    s = spec(group, fmt, rows)
+    t = codegen.traffic(s, n, k, ITEMSIZE).at(rows)
+    return t["read"] / t["min_read"], int(codegen.programs(s, n).subs(codegen.M, rows))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_decode_reads_each_byte_about_once_and_fills_the_sms(group, fmt):
+    for rows in DECODE_ROWS:
+        ratio, programs = cost(group, fmt, rows)
+        assert ratio <= 1.1, f"{group} {fmt} M={rows}: reads {ratio:.3f}x the minimum"
+        assert programs >= codegen.MIN_DECODE_PROGRAMS, f"{group} {fmt} M={rows}: {programs} programs"
+        s = spec(group, fmt, rows)
+        assert s.variant == "gemv" and s.fma == (rows <= 4)
+    ratio, _ = cost(group, fmt, PREFILL_ROWS)
+    assert ratio <= 1.5, f"{group} {fmt} M={PREFILL_ROWS}: reads {ratio:.3f}x the minimum"
+
+
+def test_the_targets_can_fail():
+    """The same model flags what the issue measured: one program per row (weights streamed M
+    times) and the statistics pass per column tile (the lanes' loads, ~2x the activations)."""
+    n, k, _, _ = GROUPS["q/k/v"]
+    per_row = codegen.KernelSpec(fmt="int4_g128_asym", variant="gemv", block_m=1, block_n=8, block_k=128,
+                                 num_warps=4, x_dtype=DTYPE, out_dtype=DTYPE)
+    t = codegen.traffic(per_row, n, k, ITEMSIZE)
+    assert t.at(4)["loaded"] > 3.5 * t.at(4)["min_read"]  # M = 4 rows, each streaming the weight
+    unsplit = dataclasses.replace(spec("q/k/v", "int4_g128_asym", 1), split_k=1)
+    assert int(codegen.programs(unsplit, n).subs(codegen.M, 1)) < codegen.MIN_DECODE_PROGRAMS  # 512 of 528
+    # a split-K workspace (M x N fp32) comparable to the weight (here K = 64) breaks the 1.1x bound
+    t = codegen.traffic(spec("o", "int8", 16), n, 64, ITEMSIZE).at(16)
+    assert t["read"] > 1.1 * t["min_read"]
+
+
+def gpu_cases(full: bool):
+    if not full:  # default suite: gate.up int4 (two dequantised tiles, the most registers) per decode kernel
+        return [("gate.up", "int4_g128_asym", 4), ("gate.up", "int4_g128_asym", 16)]
+    return [(g, f, r) for g in GROUPS for f in FORMATS for r in (1, 4, 16, PREFILL_ROWS)]
+
+
+def check_sm90(cases):
+    specs = [spec(*c) for c in cases]
+    reports = kernel_cache.gpu_reports([(s, codegen.make_inputs(s, 4, 64, 256)) for s in specs])
+    for case, report in zip(cases, reports):
+        assert report["arch"] == "sm_90" and 0 < report["registers"] <= 255, (case, report)
+        assert report["spill_bytes"] == 0, (case, report)
+    return reports
+
+
+def test_decode_variants_compile_for_sm90_without_spills():
+    """The GPU variant (fp16 tensor-core dots, native conversions), as lowering builds it on CUDA."""
+    check_sm90(gpu_cases(full=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int3_g128_asym", "int2_g64_sym", "nf4_g64"])
+def test_packed_and_lookup_formats_compile_for_sm90_without_spills(fmt):
+    check_sm90([(g, fmt, r) for g in GROUPS for r in (1, 4, 16, PREFILL_ROWS)])
+
+
+@pytest.mark.slow
+def test_every_group_and_shape_class_compiles_for_sm90_without_spills():
+    check_sm90(gpu_cases(full=True))
+
+
+if __name__ == "__main__":  # the README's table: python -m tests.backends.test_decode_targets
+    cases = gpu_cases(full=True)
+    reports = dict(zip(cases, kernel_cache.gpu_reports([(spec(*c), codegen.make_inputs(spec(*c), 4, 64, 256))
+                                                         for c in cases])))
+    print("| group | format | M | kernel | split-K | programs | DRAM read / min | lane loads / min | registers | spills |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for g, f, r in cases:
+        n, k, _, _ = GROUPS[g]
+        s = spec(g, f, r)
+        t = codegen.traffic(s, n, k, ITEMSIZE).at(r)
+        ratio, programs = cost(g, f, r)
+        kind = "gemm" if s.variant == "gemm" else "gemv (FMA)" if s.fma else "gemv (tl.dot)"
+        rep = reports[(g, f, r)]
+        print(f"| {g} | {f} | {r} | {kind} | {s.split_k} | {programs} | {ratio:.3f} | {t['loaded'] / t['min_read']:.2f} "
+              f"| {rep['registers']} | {rep['spill_bytes']} |")
