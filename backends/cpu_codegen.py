@@ -657,17 +657,20 @@ def _build(fmt: str, portable: bool):
 
 
 def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
-          what: str | None = None, portable: bool = False) -> "ctypes._CFuncPtr | None":
+          what: str | None = None, portable: bool = False,
+          extra_flags: tuple[str, ...] = ()) -> "ctypes._CFuncPtr | None":
     """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
     of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
     naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
     module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``portable`` builds for the compiler's
-    default target instead of the host's ISA."""
+    default target instead of the host's ISA; ``extra_flags`` are appended (``portable=True,
+    extra_flags=("-mavx2", "-mfma")`` builds an AVX2 host's code on any machine that runs it: the
+    tests use it to check the AVX2 branch on an AVX-512 host)."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    flags = PORTABLE_FLAGS if portable else FLAGS
+    flags = (PORTABLE_FLAGS if portable else FLAGS) + tuple(extra_flags)
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
     lib = _cache_dir() / f"{name}_{key}.so"

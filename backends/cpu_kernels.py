@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen
+from lowbit_compiler.backends import cpu_codegen, cpu_lut
 from lowbit_compiler.formats import CHUNK_ELEMENTS, WeightFormat, unpack_int4
 from lowbit_compiler.identity_cache import IdentityCache
 
@@ -220,6 +220,9 @@ def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """The fast path for one call, or None when it does not apply (the caller uses the reference)."""
     if WeightFormat.parse(fmt).kind == "sparse":
         return sparse_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
+    if cpu_lut.supported(fmt) is None:  # int3/int2: the lookup-table kernel for decode-sized calls
+        y = cpu_lut.linear(x.reshape(-1, x.shape[-1]), qweight, scale, zero, bias, fmt, in_features)
+        return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if unsupported_reason(x.dtype, x.device, fmt) is not None:
         return None
     dtype = compute_dtype_for(x.dtype, policy or _EAGER_POLICY[-1])

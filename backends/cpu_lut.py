@@ -267,21 +267,28 @@ def source(fmt: str) -> str:
             f"sums (T-MAC), float32 rows (M <= {cpu_codegen.MAX_ROWS}) */\n" + cpu_codegen._PRELUDE + body)
 
 
-def kernel(fmt: str, portable: bool = False):
+# builds: the host's ISA (AVX-512BW, AVX2 or neither: the preprocessor picks the branch), and two the
+# tests force: AVX2 + FMA without AVX-512, and the compiler's default target (the portable loops)
+ISA_FLAGS = {"native": (False, ()), "avx2": (True, ("-mavx2", "-mfma")), "portable": (True, ())}
+
+
+def kernel(fmt: str, isa: str = "native"):
     """The compiled kernel (ctypes function), or None (reason logged once): no compiler, compiling
-    failed, or ``LOWBIT_CPU_CODEGEN=0``."""
+    failed, or ``LOWBIT_CPU_CODEGEN=0``. ``isa``: one of ``ISA_FLAGS``."""
     if os.environ.get(cpu_codegen.ENV, "1") == "0":
         cpu_codegen._note(f"turned off by {cpu_codegen.ENV}=0; {FALLBACK}")
         return None
     if supported(fmt) is not None:
         return None
-    return _build(fmt, portable)
+    return _build(fmt, isa)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(fmt: str, portable: bool):
+def _build(fmt: str, isa: str):
+    portable, extra = ISA_FLAGS[isa]
     return cpu_codegen.build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int],
-                             f"int3/int2 calls: {FALLBACK}", what=f"the {fmt} lookup-table kernel", portable=portable)
+                             f"int3/int2 calls: {FALLBACK}", what=f"the {fmt} lookup-table kernel ({isa})",
+                             portable=portable, extra_flags=extra)
 
 
 class LutWeight:
@@ -357,13 +364,14 @@ calls = cpu_codegen.calls  # one counter for every generated CPU kernel
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-           bias: torch.Tensor | None, fmt: str, in_features: int, portable: bool = False) -> torch.Tensor | None:
+           bias: torch.Tensor | None, fmt: str, in_features: int, isa: str = "native") -> torch.Tensor | None:
     """``x[M, K] @ dequantize(W).T + bias`` in float32 by the lookup-table kernel, or None when it
-    does not apply (:func:`unsupported_reason`, no compiler, non-finite activations)."""
+    does not apply (:func:`unsupported_reason`, no compiler, non-finite activations). ``isa``
+    forces a build (``ISA_FLAGS``; tests)."""
     rows = x.shape[0]
     if unsupported_reason(x, fmt, rows) is not None or qweight.device.type != "cpu":
         return None
-    fn = kernel(fmt, portable)
+    fn = kernel(fmt, isa)
     if fn is None:
         return None
     if not bool(torch.isfinite(x).all()):
