@@ -55,10 +55,11 @@ _KERNEL = r"""
 #define PB (BLK / 8)   /* chunk pairs per block */
 
 /* tables: per row m and 4-channel chunk c, 16 int8 partial sums of x; ts per (row, block) */
-static void {name}_tables(const float* x, int8_t* tab, float* ts, float* xs, int64_t M, int64_t K, int threads)
+static int {name}_tables(const float* x, int8_t* tab, float* ts, float* xs, int64_t M, int64_t K, int threads)
 {{
     const int64_t C = K / 4, nblk = K / BLK;
-    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    int bad = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2) reduction(|:bad)
     for (int64_t m = 0; m < M; m++)
         for (int64_t bk = 0; bk < nblk; bk++) {{
             const float* xb = x + m * K + bk * BLK;
@@ -69,6 +70,7 @@ static void {name}_tables(const float* x, int8_t* tab, float* ts, float* xs, int
                 sum += (xb[4 * c] + xb[4 * c + 1]) + (xb[4 * c + 2] + xb[4 * c + 3]);
             }}
             /* entries are centred (bits as +-1/2: |T| <= amax / 2), so the int8 step is amax / 254 */
+            if (!isfinite(amax) || !isfinite(sum)) bad = 1;  /* an inf or NaN has no int8 table */
             const float scale = amax / 254.0f, inv = amax > 0.0f ? 254.0f / amax : 0.0f;
             ts[m * nblk + bk] = scale;
             xs[m * nblk + bk] = sum;
@@ -88,6 +90,7 @@ static void {name}_tables(const float* x, int8_t* tab, float* ts, float* xs, int
                 }}
             }}
         }}
+    return bad;
 }}
 
 /* one tile of 32 output channels for rows [m0, m0 + MT): out[r * 32 + i] */
@@ -210,11 +213,12 @@ static inline __attribute__((always_inline)) void {name}_tile(
 #endif
 }}
 
-void {name}(const float* x, const uint8_t* idx, const float* sc, const float* zs, const float* bias, float* y,
-            int8_t* tab, float* ts, float* xs, int64_t M, int64_t N, int64_t K, int threads)
+/* returns 1 (and computes nothing) when x holds an inf or NaN, else 0 */
+int {name}(const float* x, const uint8_t* idx, const float* sc, const float* zs, const float* bias, float* y,
+           int8_t* tab, float* ts, float* xs, int64_t M, int64_t N, int64_t K, int threads)
 {{
     const int64_t C = K / 4, nblk = K / BLK, tiles = (N + 31) / 32;
-    {name}_tables(x, tab, ts, xs, M, K, threads);
+    if ({name}_tables(x, tab, ts, xs, M, K, threads)) return 1;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {{
         float out[4 * 32];
@@ -235,6 +239,7 @@ void {name}(const float* x, const uint8_t* idx, const float* sc, const float* zs
                     y[(m0 + r) * N + n0 + i] = out[r * 32 + i] + (bias ? bias[n0 + i] : 0.0f);
         }}
     }}
+    return 0;
 }}
 """
 
@@ -286,9 +291,12 @@ def kernel(fmt: str, isa: str = "native"):
 @functools.lru_cache(maxsize=None)
 def _build(fmt: str, isa: str):
     portable, extra = ISA_FLAGS[isa]
-    return cpu_codegen.build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int],
+    fn = cpu_codegen.build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int],
                              f"int3/int2 calls: {FALLBACK}", what=f"the {fmt} lookup-table kernel ({isa})",
                              portable=portable, extra_flags=extra)
+    if fn is not None:
+        fn.restype = ctypes.c_int  # 1: non-finite activations, nothing computed
+    return fn
 
 
 class LutWeight:
@@ -374,8 +382,6 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     fn = kernel(fmt, isa)
     if fn is None:
         return None
-    if not bool(torch.isfinite(x).all()):
-        return None  # an inf or NaN has no int8 table: the reference propagates it
     w = relayout(qweight, scale, zero, fmt)
     x32 = x.to(torch.float32)
     if w.kp != in_features:  # padded columns: their codes meet zero activations
@@ -384,10 +390,12 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
     nblk = w.kp // block(WeightFormat.parse(fmt))
     b = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(rows, w.n, dtype=torch.float32)
-    tab = torch.empty(max(rows, 1) * (w.kp // 4) * 16, dtype=torch.int8)
-    ts = torch.empty(max(rows, 1) * nblk, dtype=torch.float32)
-    xs = torch.empty_like(ts)
+    # one scratch buffer: int8 tables [M, K/4, 16], then table scales and block sums [M, blocks] each
+    scratch = torch.empty(rows * (w.kp * 4 + 8 * nblk), dtype=torch.uint8)
+    base = scratch.data_ptr()
+    ts = base + rows * w.kp * 4
+    if fn(x32.data_ptr(), w.idx.data_ptr(), w.sc.data_ptr(), w.zs.data_ptr(), None if b is None else b.data_ptr(),
+          y.data_ptr(), base, ts, ts + rows * nblk * 4, rows, w.n, w.kp, torch.get_num_threads()):
+        return None  # an inf or NaN has no int8 table: the caller's reference propagates it
     calls[kernel_name(fmt)] += 1
-    fn(x32.data_ptr(), w.idx.data_ptr(), w.sc.data_ptr(), w.zs.data_ptr(), None if b is None else b.data_ptr(),
-       y.data_ptr(), tab.data_ptr(), ts.data_ptr(), xs.data_ptr(), rows, w.n, w.kp, torch.get_num_threads())
     return y
