@@ -6,6 +6,9 @@ docs/codegen.md): the generated C kernel of ``backends/cpu_codegen.py`` for call
 ``cpu_codegen.MAX_ROWS`` rows whose format it covers (int8; int4 with groups a multiple of 16;
 K not padded), reading the quantized tensors as stored, float32 activations and accumulation;
 torch's packed kernels otherwise (prefill, other formats, no compiler, ``LOWBIT_CPU_CODEGEN=0``).
+int3 and int2 group-wise weights (no torch kernel) run the generated lookup-table kernel of
+``backends/cpu_lut.py`` for calls of at most ``MAX_ROWS`` rows, the float reference above
+(:func:`wo_linear_fast` returns None; the op reports why).
 
 * int8 per-channel: ``aten._weight_int8pack_mm(x[M, K], w int8 [N, K], scale[N])``.
 * int4 group-wise: ``aten._weight_int4pack_mm_for_cpu(x[M, K], packed, group, scales_and_zeros)``
