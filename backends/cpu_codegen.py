@@ -1118,19 +1118,22 @@ def host_isa() -> str:
 
 def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed CPU kernels run instead",
           what: str | None = None, portable: bool = False, isa: str | None = None,
-          entry: str | None = None, flags: tuple[str, ...] | None = None) -> "ctypes._CFuncPtr | None":
+          entry: str | None = None, flags: tuple[str, ...] | None = None,
+          extra_flags: tuple[str, ...] = ()) -> "ctypes._CFuncPtr | None":
     """Compile ``text`` (C defining the function ``name``) at first use, cached on disk by a hash
     of source, compiler, flags and host flags; the ctypes function, or None (why logged once,
     naming ``fallback``: what runs instead). The mechanism every generated CPU kernel uses (this
-    module's, ``cpu_sparse.py``'s and ``kv_cpu.py``'s). ``isa`` (``ISA_FLAGS``; ``portable=True``
-    means "portable") builds for another target than the host's full ISA; ``entry`` names another
-    function of the same library (one build, several entry points); ``flags`` replaces the
-    compiler flags altogether."""
+    module's, ``cpu_sparse.py``'s, ``cpu_lut.py``'s and ``kv_cpu.py``'s). ``isa`` (``ISA_FLAGS``;
+    ``portable=True`` means "portable") builds for another target than the host's full ISA;
+    ``entry`` names another function of the same library (one build, several entry points);
+    ``flags`` replaces the compiler flags altogether; ``extra_flags`` are appended
+    (``portable=True, extra_flags=("-mavx2", "-mfma")`` builds an AVX2 host's code on any machine
+    that runs it)."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    flags = flags or ISA_FLAGS[isa or ("portable" if portable else "native")]
+    flags = (flags or ISA_FLAGS[isa or ("portable" if portable else "native")]) + tuple(extra_flags)
     key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
                          .encode()).hexdigest()[:20]
     lib = _cache_dir() / f"{name}_{key}.so"

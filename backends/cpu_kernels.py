@@ -6,6 +6,9 @@ docs/codegen.md): the generated C kernel of ``backends/cpu_codegen.py`` for call
 ``cpu_codegen.MAX_ROWS`` rows whose format it covers (int8; int4 with groups a multiple of 16;
 K not padded), reading the quantized tensors as stored, float32 activations and accumulation;
 torch's packed kernels otherwise (prefill, other formats, no compiler, ``LOWBIT_CPU_CODEGEN=0``).
+int3 and int2 group-wise weights (no torch kernel) run the generated lookup-table kernel of
+``backends/cpu_lut.py`` for calls of at most ``MAX_ROWS`` rows, the float reference above
+(:func:`wo_linear_fast` returns None; the op reports why).
 
 * int8 per-channel: ``aten._weight_int8pack_mm(x[M, K], w int8 [N, K], scale[N])``.
 * int4 group-wise: ``aten._weight_int4pack_mm_for_cpu(x[M, K], packed, group, scales_and_zeros)``
@@ -28,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen
+from lowbit_compiler.backends import cpu_codegen, cpu_lut
 from lowbit_compiler.formats import CHUNK_ELEMENTS, WeightFormat, unpack_int4
 from lowbit_compiler.identity_cache import IdentityCache
 
@@ -282,6 +285,9 @@ def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """The fast path for one call, or None when it does not apply (the caller uses the reference)."""
     if WeightFormat.parse(fmt).kind == "sparse":
         return sparse_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
+    if cpu_lut.supported(fmt) is None:  # int3/int2: the lookup-table kernel for decode-sized calls
+        y = cpu_lut.linear(x.reshape(-1, x.shape[-1]), qweight, scale, zero, bias, fmt, in_features)
+        return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if unsupported_reason(x.dtype, x.device, fmt) is not None:
         return None
     dtype = compute_dtype_for(x.dtype, policy or _EAGER_POLICY[-1])

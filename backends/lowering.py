@@ -33,7 +33,7 @@ from lowbit_compiler import _dynamo_adapter, ir, opdecl
 from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter
 from lowbit_compiler.pass_base import PassContext
-from lowbit_compiler.backends import _triton_adapter, codegen, cpu_codegen, cpu_kernels, fusion, kernel_cache
+from lowbit_compiler.backends import _triton_adapter, codegen, cpu_codegen, cpu_kernels, cpu_lut, fusion, kernel_cache
 from lowbit_compiler.backends import autotune as tuning
 
 log = logging.getLogger("lowbit_compiler")
@@ -178,6 +178,8 @@ def _qa_linear_note(a: dict[str, Any]) -> str | None:
 EAGER_NOTES["lowbit::qa_linear"] = _qa_linear_note
 EAGER_NOTES["lowbit::hadamard"] = lambda a: "fast Walsh-Hadamard transform in torch ops (lowbit_compiler/hadamard.py)"
 EAGER_NOTES["lowbit::wo_linear"] = lambda a: (
+    f"the generated lookup-table C kernel {cpu_lut.kernel_name(a['fmt'])} for M <= {cpu_codegen.MAX_ROWS} rows, "
+    "else the float reference" if "fmt" in a and cpu_lut.supported(a["fmt"]) is None else
     "the generated C kernel for M <= 16 rows, the packed CPU kernel above, when they exist for the format and "
     "the call's dtype, else the float reference")
 
@@ -225,6 +227,8 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
         if reason is not None or cpu_codegen.kernel(a["fmt"]) is None:
             return _reference(node, ctx, reason or f"format {a['fmt']}: the generated sparse kernel did not compile")
         return f"cpu-op:{a['fmt']}:sparse"
+    if cpu_lut.supported(a["fmt"]) is None:  # int3/int2: the eager op runs the lookup-table kernel
+        return _wo_linear_lut(node, ctx, state, a)
     dtype = _cpu_compute_dtype(node, ctx, state, a)
     if dtype is None:
         return "reference"
@@ -326,6 +330,28 @@ def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
 def _fqn_base(gm: fx.GraphModule, node: fx.Node) -> str:
     """``model.layers.0.mlp`` for the packed weight ``model.layers.0.mlp.gate_proj.packed_bfloat16``."""
     return node.args[1].target.rsplit(".", 2)[0]
+
+
+def _wo_linear_lut(node: fx.Node, ctx: PassContext, state: LoweringState, a: dict[str, Any]) -> str:
+    """int3/int2 weights: the node stays the eager op, whose CPU implementation runs the generated
+    lookup-table kernel (``cpu_lut``) for calls of at most ``MAX_ROWS`` rows; a graph whose rows are
+    known to exceed that, or a call the kernel cannot take, is bound to the float reference with
+    the reason."""
+    from lowbit_compiler import ops
+
+    xv = _dynamo_adapter.example_value(a["x"])
+    if xv is None:
+        return _reference(node, ctx, "no example value for the activation (dtype/device unknown)")
+    try:
+        rows = int(xv.numel()) // max(int(xv.shape[-1]), 1)
+    except (TypeError, RuntimeError):  # symbolic sizes: decided per call by the eager op (logged there)
+        rows = None
+    reason = ops.wo_linear_fallback_reason(a["fmt"], xv.dtype, xv.device.type, rows)
+    if reason is not None:
+        return _reference(node, ctx, reason)
+    if state.dump is not None:
+        state.dump.kernel(cpu_lut.kernel_name(a["fmt"]), cpu_lut.source(a["fmt"]), ext="c")
+    return "cpu-op"
 
 
 @register_lowering(torch.ops.lowbit.grouped_linear.default, "cpu")

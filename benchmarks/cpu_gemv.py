@@ -12,6 +12,11 @@ int4 formats the last column times the opt-in kernel that quantizes activations 
 (``LOWBIT_CPU_INT8_ACTIVATIONS=1``; lossy). NF4 (``--formats nf4_g64``; table lookups in
 registers) has no torch kernel: its "torch packed" column is torch's int4 kernel at the same
 group size, the path a user would otherwise take.
+int3 / int2 (``--formats int3_g128_asym,int2_g64_sym``; ``backends/cpu_lut.py``: T-MAC-style
+lookup tables): the "torch packed" column is torch's int4 kernel at the same group size and
+symmetry (the w4a16 path the issue's target compares against), and a last column times the float
+reference these formats ran before (``ops.wo_linear_reference``: dequantise, then matmul; timed
+after the others, not interleaved with them, since it evicts the caches).
 Reported: ms per call (medians), speedup of the generated kernel over torch's (of the medians,
 and of the fastest call of each: steadier when other processes share the cores), and the fraction of the
 read-bandwidth floor (weight bytes / the bandwidth of a large fp32 sum measured in this run). The
@@ -28,8 +33,8 @@ import sys
 
 import torch
 
-from lowbit_compiler import formats
-from lowbit_compiler.backends import cpu_codegen, cpu_kernels
+from lowbit_compiler import formats, ops
+from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_lut
 from lowbit_compiler.formats import WeightFormat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,21 +60,26 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"generated kernels: {cpu_codegen.host_isa()}")
     header = ["format", "shape", "M", "generated ms", "torch packed ms", "bf16 dense ms", "gen/torch",
-              "gen/torch (best)", "gen floor", "int8-act ms (best vs torch)"] + (["vs AVX2 build (best)"] if wide else [])
+              "gen/torch (best)", "gen floor", "int8-act ms (best vs torch) | float ref ms (gen speedup)"] + (
+                  ["vs AVX2 build (best)"] if wide else [])
     print(" | ".join(header))
     for fmt in args.formats.split(","):
         f = WeightFormat.parse("int8" if fmt == cpu_codegen.W8A8 else fmt)
-        if cpu_codegen.kernel(fmt) is None:
+        lut = cpu_lut.supported(fmt) is None
+        if (cpu_lut.kernel(fmt) if lut else cpu_codegen.kernel(fmt)) is None:
             print(f"{fmt}: no generated kernel ({cpu_codegen._disabled_reason})")
             continue
         for label, (n, k) in SHAPES.items():
             w = torch.randn(n, k) * 0.02
             q = formats.quantize(w, f)
-            torch_fmt = {"int": f.key, "nf4": f"int4_g{f.group_size}_sym"}[f.kind]  # NF4: torch's int4 kernel
+            # NF4, int3, int2: torch's int4 kernel at the same group (and symmetry)
+            torch_fmt = (f"int4_g{f.group_size}_{'sym' if f.symmetric else 'asym'}" if lut
+                         else {"int": f.key, "nf4": f"int4_g{f.group_size}_sym"}[f.kind])
             tq = q if torch_fmt == f.key else formats.quantize(w, WeightFormat.parse(torch_fmt))
             packed = cpu_kernels.prepack(tq.qweight, tq.scale, tq.zero, torch_fmt, k, torch.bfloat16)
             dense = w.to(torch.bfloat16)
-            nbytes = sum(t.numel() * t.element_size() for t in (q.qweight, q.scale, q.zero) if t is not None)
+            nbytes = (cpu_lut.relayout(q.qweight, q.scale, q.zero, fmt).nbytes if lut  # what the kernel reads
+                      else sum(t.numel() * t.element_size() for t in (q.qweight, q.scale, q.zero) if t is not None))
             for m in (1, 4, 16):
                 x = torch.randn(m, k)
                 if fmt == cpu_codegen.W8A8:  # the integer matmul of qa_linear on int8 activation codes
@@ -81,6 +91,12 @@ def main() -> None:
                     }
                     if wide:
                         calls["avx2"] = lambda: cpu_codegen.int8_matmul(xq, q.qweight, isa="avx2")
+                elif lut:
+                    calls = {
+                        "generated": lambda: cpu_lut.linear(x, q.qweight, q.scale, q.zero, None, fmt, k),
+                        "torch": lambda: cpu_kernels.torch_packed_linear(x, packed, None, torch.bfloat16),
+                        "dense": lambda: torch.nn.functional.linear(x.to(torch.bfloat16), dense),
+                    }
                 else:
                     calls = {
                         "generated": lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k),
@@ -94,6 +110,11 @@ def main() -> None:
                         calls["int8act"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
                                                                       int8_activations=True)
                 med, best = interleaved(calls, args.repeats)
+                if lut:  # the float reference int3/int2 ran before: timed on its own (it evicts the caches)
+                    rmed, rbest = interleaved({"reference": lambda: ops.wo_linear_reference(
+                        x, q.qweight, q.scale, q.zero, None, fmt, k)}, max(3, args.repeats // 4), warmup=1)
+                    med.update(rmed)
+                    best.update(rbest)
                 floor = nbytes / bandwidth / med["generated"]
                 row = {"format": fmt, "shape": label, "N": n, "K": k, "M": m,
                        **{f"{name}_ms": round(v * 1e3, 4) for name, v in med.items()},
@@ -106,7 +127,10 @@ def main() -> None:
                     row["speedup_vs_avx2_build_best"] = round(best["avx2"] / best["generated"], 3)
                 if "int8act" in best:
                     row["int8act_speedup_vs_torch_best"] = round(best["torch"] / best["int8act"], 3)
+                if "reference" in med:
+                    row["speedup_vs_reference"] = round(med["reference"] / med["generated"], 2)
                 a8 = (f"{med['int8act'] * 1e3:.3f} ({row['int8act_speedup_vs_torch_best']:.2f}x)" if "int8act" in med
+                      else f"{med['reference'] * 1e3:.3f} ({row['speedup_vs_reference']:.1f}x)" if "reference" in med
                       else "-")
                 print(f"{fmt} | {label} {n}x{k} | {m} | {med['generated'] * 1e3:.3f} | {med['torch'] * 1e3:.3f} | "
                       f"{med['dense'] * 1e3:.3f} | {row['speedup_vs_torch']:.2f}x | "

@@ -55,10 +55,30 @@ def _template_gap(fmt: str, act: str | None = None) -> str | None:
     return codegen.template_gap(fmt, act)
 
 
-@functools.lru_cache(maxsize=None)
-def wo_linear_fallback_reason(fmt: str, x_dtype: torch.dtype, device_type: str) -> str | None:
+def wo_linear_fallback_reason(fmt: str, x_dtype: torch.dtype, device_type: str, rows: int | None = None) -> str | None:
     """Why an eager ``lowbit::wo_linear`` call with these arguments runs the float reference, and
-    what to do about it (None: the packed CPU kernel runs)."""
+    what to do about it (None: a packed or generated CPU kernel runs). ``rows``: the call's row
+    count (None: a decode-sized call); int3/int2 weights have a generated lookup-table kernel for
+    calls of at most ``cpu_codegen.MAX_ROWS`` rows and none above."""
+    from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_lut
+
+    if device_type == "cpu" and x_dtype in cpu_kernels._FAST_DTYPES and cpu_lut.supported(fmt) is None:
+        if rows is not None and rows > cpu_codegen.MAX_ROWS:
+            return (f"lowbit::wo_linear: format {fmt} with more than {cpu_codegen.MAX_ROWS} rows has no CPU kernel "
+                    f"(its lookup-table kernel covers decode-sized calls; torch has no int3/int2 kernel); "
+                    f"{_REFERENCE_COST}; this call has {rows} rows")
+        if cpu_lut.kernel(fmt) is None:
+            return (f"lowbit::wo_linear: format {fmt}: the generated lookup-table kernel is unavailable "
+                    f"({'; '.join(cpu_codegen._disabled_reason) or 'not built'}); {_REFERENCE_COST}")
+        return None
+    return packed_kernel_reason(fmt, x_dtype, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def packed_kernel_reason(fmt: str, x_dtype: torch.dtype, device_type: str) -> str | None:
+    """Why torch's packed CPU kernels (and the int8/int4 generated ones beside them) cannot run a
+    call with these arguments, and what to do about it (None: they can). Stacked experts
+    (``grouped_linear``) use these only."""
     from lowbit_compiler.backends import cpu_kernels
 
     if cpu_kernels.unsupported_reason(x_dtype, torch.device(device_type), fmt) is None:
@@ -95,9 +115,13 @@ def wo_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     out = cpu_kernels.wo_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
     if out is None:
         sparse = WeightFormat.parse(fmt).kind == "sparse"
+        rows = x.numel() // max(x.shape[-1], 1)
         reason = (f"lowbit::wo_linear: N:M sparse format {fmt}: "
-                  f"{cpu_kernels.sparse_reason(x.dtype, x.device, x.numel() // max(x.shape[-1], 1), fmt)}; "
-                  f"{_REFERENCE_COST}" if sparse else wo_linear_fallback_reason(fmt, x.dtype, x.device.type))
+                  f"{cpu_kernels.sparse_reason(x.dtype, x.device, rows, fmt)}; "
+                  f"{_REFERENCE_COST}" if sparse else wo_linear_fallback_reason(fmt, x.dtype, x.device.type, rows))
+        if reason is None and not bool(torch.isfinite(x).all()):  # the lookup-table kernel declines them
+            reason = (f"lowbit::wo_linear: format {fmt}: non-finite activations have no int8 lookup table; "
+                      "the float reference runs instead and propagates them")
         eager_fallback("lowbit::wo_linear", fmt, reason or f"lowbit::wo_linear: format {fmt}: {_REFERENCE_COST}")
         out = wo_linear_reference(x, qweight, scale, zero, bias, fmt, in_features)
     return out
@@ -403,7 +427,7 @@ def grouped_linear_eager(x: torch.Tensor, offs: torch.Tensor, qweight: torch.Ten
         for e, s, t in expert_bounds(offs, x.shape[0]):
             out[s:t] = qa_linear_eager(x[s:t], qweight[e], scale[e], _expert(zero, e), None, fmt, in_features, act)
         return out
-    if (reason := wo_linear_fallback_reason(fmt, x.dtype, x.device.type)) is not None:
+    if (reason := packed_kernel_reason(fmt, x.dtype, x.device.type)) is not None:
         eager_fallback("lowbit::grouped_linear", fmt, reason.replace("lowbit::wo_linear", "lowbit::grouped_linear"))
         return grouped_linear_reference(x, offs, qweight, scale, zero, fmt, in_features, act)
     dtype = cpu_kernels.compute_dtype_for(x.dtype, cpu_kernels._EAGER_POLICY[-1])
