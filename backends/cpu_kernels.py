@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen, cpu_lut
+from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_lut
 from lowbit_compiler.formats import CHUNK_ELEMENTS, WeightFormat, unpack_int4
 from lowbit_compiler.identity_cache import IdentityCache
 
@@ -63,14 +63,21 @@ class PackedWeight(torch.nn.Module):
         self.register_buffer("scales", scales)   # int8: [N]; int4: scales_and_zeros [Kp/g, Np, 2]
         self._make_layout = make_layout
         self._bound: dict[tuple, "cpu_codegen.Bound | None"] = {}  # (int8 activations?, isa) -> bound kernel
+        self._dispatch: dict[tuple, str] = {}  # (rows, compute dtype, environment) -> kernel (cpu_dispatch.choose)
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
 
     def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, scales) in torch's packed-kernel layout, built at the first call that needs it."""
         if self.weight is None:
             self.weight, self.scales = self._make_layout()
-            self._make_layout = None
         return self.weight, self.scales
+
+    def drop_torch_layout(self) -> None:
+        """Free torch's int4 layout again (the dispatch built it only to time torch's kernel, and
+        chose another); rebuilt by :meth:`torch_layout` if a later call needs it. int8 weights
+        keep theirs: it is the quantized tensor itself."""
+        if self._make_layout is not None:
+            self.weight = self.scales = None
 
     def generated(self, int8_activations: bool = False) -> "cpu_codegen.Bound | None":
         """This weight bound to its generated kernel (bound at the first call, kept), or None
@@ -179,16 +186,35 @@ def _int4pack_rows(qweight: torch.Tensor, padded_n: int) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
                   compute_dtype: torch.dtype) -> torch.Tensor:
-    """Run a prepacked weight: the generated kernel for decode-sized calls (float32), else torch's
-    packed kernel (casts x to the compute dtype and back, pads K, slices N)."""
+    """Run a prepacked weight by the kernel ``cpu_dispatch.choose`` picks for this many rows on this
+    host (measured at the first call of each row class, cached; ``LOWBIT_CPU_DISPATCH``): the
+    generated kernel (float32), torch's packed kernel (casts x to the compute dtype and back, pads
+    K, slices N) or dequantize-then-matmul."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return run_candidate(cpu_dispatch.choose(packed, rows, compute_dtype), x, packed, bias, compute_dtype)
+
+
+def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                  compute_dtype: torch.dtype) -> torch.Tensor:
+    """One call by the kernel ``name`` (``cpu_dispatch.CANDIDATES``); a kernel that cannot take
+    the call (no generated kernel, too many rows, no dequantization kernel) gives torch's."""
     out_dtype = x.dtype
     lead = x.shape[:-1]
-    if packed.quantized is not None and x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1]:
+    if name == "generated" and x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1]:
         bound = packed.generated(cpu_codegen.int8_activations_enabled() and bool(torch.isfinite(x).all()))
         if bound is not None:
+            cpu_dispatch.counter[(packed.fmt, name)] += 1
             y = bound(x.reshape(-1, x.shape[-1]), bias)
             return y.view(*lead, packed.out_features) if out_dtype == torch.float32 else \
                 y.view(*lead, packed.out_features).to(out_dtype)
+    elif name in ("dequant_bf16", "dequant_fp32"):
+        dtype = torch.bfloat16 if name == "dequant_bf16" else torch.float32
+        y = cpu_dispatch.dequant_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
+                                        packed.in_features, dtype)
+        if y is not None:
+            cpu_dispatch.counter[(packed.fmt, name)] += 1
+            return y.reshape(*lead, packed.out_features).to(out_dtype)
+    cpu_dispatch.counter[(packed.fmt, "torch")] += 1
     return torch_packed_linear(x, packed, bias, compute_dtype)
 
 
@@ -225,7 +251,9 @@ def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dt
     tensor (SiLU * mul) or a tuple of outputs (side by side)."""
     lead = x.shape[:-1]
     silu_mul = fused.epilogue == cpu_codegen.SILU_MUL
-    if x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1] and not cpu_codegen.int8_activations_enabled():
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (rows <= cpu_codegen.MAX_ROWS and not cpu_codegen.int8_activations_enabled()
+            and all(cpu_dispatch.choose(m, rows, compute_dtype) == "generated" for m in fused.members)):
         bound = fused.bound()
         if bound is not None:
             y = bound(x.reshape(-1, x.shape[-1]), biases)

@@ -51,16 +51,13 @@ import collections
 import ctypes
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import logging
 import os
-import time
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen
+from lowbit_compiler.backends import cpu_codegen, cpu_dispatch
 from lowbit_compiler.formats import WeightFormat, _unpack
 from lowbit_compiler.identity_cache import IdentityCache
 
@@ -499,93 +496,26 @@ def _dispatch_file():
 
 
 def _digest(*sources: str) -> str:
-    return hashlib.sha256("\n".join([*sources, " ".join(cpu_codegen.FLAGS), cpu_codegen._host_flags()])
-                          .encode()).hexdigest()[:16]
+    return cpu_dispatch.digest(*sources)
 
 
-def _timer() -> float:
-    return time.perf_counter()
-
-
-_FLUSH_SOURCE = r"""
-#include <stdint.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-/* evict [p, p + n) from every cache level (x86: clflush; elsewhere nothing: returns 0) */
-int lowbit_flush(const char* p, int64_t n)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    for (int64_t i = 0; i < n; i += 64)
-        _mm_clflush(p + i);
-    _mm_mfence();
-    return 1;
-#else
-    (void)p; (void)n;
-    return 0;
-#endif
-}
-"""
-
-
-@functools.lru_cache(maxsize=1)
-def _flush_fn():
-    fn = cpu_codegen.build("lowbit_flush", _FLUSH_SOURCE, [ctypes.c_void_p, ctypes.c_int64],
-                           "the dispatch times the kernels with their weights in cache", what="the cache-flush helper")
-    if fn is not None:
-        fn.restype = ctypes.c_int
-    return fn
-
-
-def _evict(tensors) -> None:
-    """Evict the tensors' bytes from the caches: a decode step finds a layer's weights in memory,
-    not in cache (a model's weights are many times the last-level cache), so that is how the
-    dispatch times both kernels."""
-    fn = _flush_fn()
-    if fn is None:
-        return
-    for t in tensors:
-        if t is not None:
-            fn(t.data_ptr(), t.numel() * t.element_size())
+# the timing, eviction and plan cache are the shared CPU dispatch's (backends/cpu_dispatch.py); the
+# names stay here because the tests replace them (a fake clock, a plan file of their own)
+_timer = cpu_dispatch.timer
+_evict = cpu_dispatch.evict
 
 
 def _fastest(calls: dict, repeats: int = REPEATS, cold: dict | None = None) -> dict[str, float]:
-    """Minimum seconds per call of each contender, calls interleaved (one of each in turn); the
-    tensors ``cold[name]`` are evicted from the caches before each call of ``name``."""
-    best = {name: float("inf") for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            _evict((cold or {}).get(name, ()))
-            t0 = _timer()
-            call()
-            best[name] = min(best[name], _timer() - t0)
-    return best
+    """Minimum seconds per call of each contender (``cpu_dispatch.fastest``: interleaved, the
+    tensors ``cold[name]`` evicted from the caches before each call of ``name``)."""
+    return cpu_dispatch.fastest(calls, repeats, cold, clock=_timer)
 
 
 def cached_plan(memo_key: tuple, disk_key, make) -> dict:
     """A dispatch decision: from memory, else from the disk cache (``disk_key()``, which names the
-    kernels' sources and the host), else ``make()`` (a measurement), stored in both."""
-    found = _PLANS.get(memo_key)
-    if found is not None:
-        return found
-    key = disk_key()
-    path = _dispatch_file()
-    try:
-        stored = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        stored = {}
-    if key not in stored:
-        stored[key] = make()
-        try:  # merged with what other processes wrote meanwhile; atomic replace
-            current = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            current = {}
-        current[key] = stored[key]
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    _PLANS[memo_key] = stored[key]
-    return stored[key]
+    kernels' sources and the host), else ``make()`` (a measurement), stored in both
+    (``cpu_dispatch.cached_plan`` over ``sparse_dispatch.json``)."""
+    return cpu_dispatch.cached_plan(_PLANS, memo_key, _dispatch_file(), disk_key, make)
 
 
 def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
@@ -687,11 +617,7 @@ def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_featu
 
 
 def _mode() -> str:
-    mode = os.environ.get(DISPATCH_ENV, "measure")
-    if mode not in ("measure", "sparse", "dense"):
-        raise ValueError(f"{DISPATCH_ENV}={mode!r}: expected 'measure' (default: time at first use), 'sparse' "
-                         "(always the sparse kernels) or 'dense' (never)")
-    return mode
+    return cpu_dispatch.env_mode(DISPATCH_ENV, ("measure", "sparse", "dense"))
 
 
 def max_kept(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,

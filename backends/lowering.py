@@ -33,7 +33,8 @@ from lowbit_compiler import _dynamo_adapter, ir, opdecl
 from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter
 from lowbit_compiler.pass_base import PassContext
-from lowbit_compiler.backends import _triton_adapter, codegen, cpu_codegen, cpu_kernels, cpu_lut, fusion, kernel_cache
+from lowbit_compiler.backends import (_triton_adapter, codegen, cpu_codegen, cpu_dispatch, cpu_kernels, cpu_lut, fusion,
+                                      kernel_cache)
 from lowbit_compiler.backends import autotune as tuning
 
 log = logging.getLogger("lowbit_compiler")
@@ -142,6 +143,15 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
         dtype, _, fused = dtype.partition(":")  # "x3" / "silu_mul": in a CPU fusion group
         packed = f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)"
         generated = cpu_kernels.generated_kernel(fmt, args["in_features"]) if "in_features" in args else None
+        mode = cpu_dispatch.env_mode(cpu_dispatch.ENV, cpu_dispatch.MODES)
+        if mode != "generated":  # chosen per call by cpu_dispatch (the static rule's text below otherwise)
+            kernel = f"generated C kernel {generated} (M <= {cpu_codegen.MAX_ROWS} rows), " if generated else ""
+            how = ("chosen per row class by a timing at first use" if mode == "measure"
+                   else f"{cpu_dispatch.ENV}={mode}")
+            return (f"cpu_kernels.packed_linear, {how} (cpu_dispatch): {kernel}torch's packed {fmt} kernel "
+                    f"({dtype} compute) or dequantize + matmul (M > {cpu_codegen.MAX_ROWS} rows)"
+                    + (f"; one fused {generated}_multi call when every member's choice is the generated kernel"
+                       if fused and generated else ""))
         if generated is None:
             return packed
         if cpu_codegen.int8_activations_enabled() and cpu_codegen.supported(fmt + cpu_codegen.A8) is None:
@@ -233,6 +243,7 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
     if dtype is None:
         return "reference"
     dtype_name = str(dtype).split(".")[-1]
+    _record_cpu_dispatch(node, ctx, a, dtype)
     if state.inner == "inductor":
         # Inductor traces the graph: the op stays, and its CPU implementation (the same packed
         # kernels, packed once per weight) runs as an extern call inside Inductor's code
@@ -248,6 +259,15 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
     _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
                     lambda p: (a["x"], p, a["bias"], dtype))
     return f"cpu:{a['fmt']}:{dtype_name}"
+
+
+def _record_cpu_dispatch(node: fx.Node, ctx: PassContext, a: dict[str, Any], dtype: torch.dtype) -> None:
+    """The layer record's ``cpu_kernel``: how the CPU kernel of each row count is chosen, filled in
+    per row class as calls come (``cpu_dispatch.layer_record``)."""
+    decision = ir.get(node, ir.WEIGHT_QUANT)
+    if decision is not None and decision.layer in ctx.layers:
+        ctx.layers[decision.layer]["cpu_kernel"] = cpu_dispatch.layer_record(
+            a["fmt"], decision.out_features, a["in_features"], dtype)
 
 
 def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
@@ -367,6 +387,7 @@ def _grouped_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, sta
     if dtype is None:
         return "reference"
     dtype_name = str(dtype).split(".")[-1]
+    _record_cpu_dispatch(node, ctx, a, dtype)
     if state.inner == "inductor":
         return f"cpu-op:{a['fmt']}:{dtype_name}"
     packed = cpu_kernels.prepack_experts(*_quantized_tensors(gm, a), a["fmt"], a["in_features"], dtype)

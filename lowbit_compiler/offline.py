@@ -384,6 +384,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         layers.update(report.layers)
         for layer, reason in counts["left_float"].items():  # what the compressed model holds, not the graph
             layers[layer] = {"format": "float", "skipped": f"not written back: {reason}"}
+    _record_cpu_dispatch(layers)
     kv_cache = _install_kv_cache(model, [captured.gm for captured, _ in graphs], recipe, strict)
     if not any(written.values()) and recipe.passes and kv_cache is None:
         log.warning("compress(%s): nothing was written back (no selected linear layers, nothing rotated)", recipe.name)
@@ -405,6 +406,19 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     graphs.clear()
     memory.release_freed()  # the float weights written over are gone: give their pages back
     return model
+
+
+def _record_cpu_dispatch(layers: dict[str, dict[str, Any]]) -> None:
+    """Each weight-only int8/int4 layer's ``cpu_kernel``: how its CPU kernel is chosen per row count
+    (``backends/cpu_dispatch.py``; filled in per row class as the compressed model runs)."""
+    from lowbit_compiler.backends import cpu_dispatch, cpu_kernels
+
+    for record in layers.values():
+        fmt = record.get("format", "float")
+        if (fmt != "float" and not record.get("activation") and not record.get("experts")
+                and cpu_kernels.unsupported_reason(torch.float32, torch.device("cpu"), fmt) is None):
+            record["cpu_kernel"] = cpu_dispatch.layer_record(fmt, record["out_features"], record["in_features"],
+                                                             cpu_kernels.compute_dtype_for(torch.float32))
 
 
 def _install_kv_cache(model: torch.nn.Module, graphs: list[fx.GraphModule], recipe: Any,

@@ -16,6 +16,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences Triton 3.9's 
 # kernel wherever it applies; tests/backends/test_cpu_sparse.py checks the measured dispatch with a
 # fake clock.
 os.environ.setdefault("LOWBIT_SPARSE_DISPATCH", "sparse")
+# Likewise the dense CPU kernels (backends/cpu_dispatch.py): the suite pins the static rule (the
+# generated kernel for <= 16 rows, torch's packed kernels above); tests/backends/test_cpu_dispatch.py
+# checks every candidate and the measured choice with a fake clock.
+os.environ.setdefault("LOWBIT_CPU_DISPATCH", "generated")
 
 import pytest
 import torch

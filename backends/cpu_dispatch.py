@@ -1,0 +1,587 @@
+"""Which CPU kernel runs a quantized linear, decided by measurement on this host: one mechanism for
+the dense weight-only calls (:func:`choose`, used by ``cpu_kernels.packed_linear``, so by compiled
+graphs and ``compress``ed models alike) and the sparse kernels (``cpu_sparse.plan`` /
+``plan_24`` use :func:`fastest`, :func:`evict` and :func:`cached_plan`).
+
+Why measure: which kernel is fastest depends on the host (ISA, cores, caches, torch's build), the
+shape, the format and the number of rows. On an AVX2 host torch's packed int4/int8 kernels were
+slow from 2 rows up and bf16 matmuls 7x slower than fp32 ones; on an AVX-512 + AVX512_BF16 host
+(AMD Zen 4) torch's packed kernels win from 4-16 rows and a bf16 matmul is 2.5x faster than
+torch's packed kernels at prefill sizes. A static rule is wrong on one of them.
+
+**Candidates** for ``lowbit::wo_linear`` over int8 / int4 weights (``cpu_kernels``):
+
+* ``generated``: the generated C kernel of ``cpu_codegen`` (float32 activations and accumulation;
+  at most ``cpu_codegen.MAX_ROWS`` rows; int8 and int4 with groups a multiple of 16, K not padded);
+* ``torch``: torch's packed kernel (``aten._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``)
+  with activations in the compute dtype (bf16 by default);
+* ``dequant_bf16`` / ``dequant_fp32`` (more than ``MAX_ROWS`` rows): the weight dequantized by a
+  generated C kernel (:data:`DEQUANT_SOURCE`: AVX-512 with ``vcvtneps2bf16`` where the host has
+  AVX512_BF16, AVX2, portable) in blocks of rows into a small temporary (:data:`BLOCK_BYTES`, so a
+  32000 x 2048 head never has a full-size float copy), each block multiplied by torch's dense
+  matmul (oneDNN) in that dtype. ``dequant_bf16`` is a candidate only when the compute dtype is
+  bf16 (the activations are rounded to bf16 anyway; the weights' rounding to bf16 adds about as
+  much error again: see docs/codegen.md), ``dequant_fp32`` always.
+
+**How it is decided** (``LOWBIT_CPU_DISPATCH``, read per call):
+
+* ``measure`` (default): per (format, N, K, row class, compute dtype, threads, ISA build,
+  int8-activation mode) the candidates are timed on the weight itself at its first call of that
+  row class: interleaved, each weight evicted from the caches before each call (a decode step
+  finds a layer's weights in memory, not in cache), minimum of :data:`REPEATS` calls (prefill
+  classes: :data:`PREFILL_REPEATS`, candidates more than 1.3x slower than the best after one round
+  dropped). The static rule's choice (``generated`` up to ``MAX_ROWS`` rows, ``torch`` above) is
+  kept unless another candidate is :data:`MARGIN` faster. Row classes (:data:`ROW_CLASSES`) are
+  timed at their upper end (the open class at 512 rows). The plan is cached in memory and on disk
+  (``$LOWBIT_CACHE_DIR/cpu/dispatch.json``, keyed by a version, the shape, the host's CPU flags,
+  torch's version and the sources of the generated kernels), so a process pays each timing once
+  and later processes not at all; logged once per shape and class (INFO) with the times.
+* ``generated``: the static rule (generated kernel where it applies, torch's packed kernel
+  otherwise; what the test suite pins, since timings on a shared machine vary);
+* ``torch``: torch's packed kernel for every call; ``dequant``: dequantize-then-matmul in the
+  compute dtype for every call.
+
+Each compiled or compressed layer's record (``cpu_kernel``) holds :func:`layer_record`: the rule,
+and for every row class decided so far which kernel runs and why (filled in as calls come).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+
+from lowbit_compiler.backends import cpu_codegen
+from lowbit_compiler.formats import WeightFormat
+
+log = logging.getLogger("lowbit_compiler")
+
+ENV = "LOWBIT_CPU_DISPATCH"
+MODES = ("measure", "generated", "torch", "dequant")
+VERSION = 1  # in every dense plan's disk key: a change in how plans are made invalidates the old ones
+MARGIN = 1.05  # a candidate must be this much faster than the static rule's choice to replace it
+REPEATS = 11
+PREFILL_REPEATS = 3
+PREFILL_ROWS = 512  # the open row class is timed at this many rows
+BLOCK_BYTES = 32 << 20  # dequantize-then-matmul: bytes of the dequantized block of weight rows (smaller blocks
+# make oneDNN's matmul markedly slower: 2048-row blocks of a 5632 x 2048 bf16 weight cost 1.3x one block)
+# (first row, last row or None, rows timed): a call of M rows takes the plan of the class holding M
+ROW_CLASSES = ((1, 1, 1), (2, 2, 2), (3, 4, 4), (5, 8, 8), (9, 16, 16), (17, 64, 64), (65, 256, 256),
+               (257, None, PREFILL_ROWS))
+CANDIDATES = ("generated", "torch", "dequant_bf16", "dequant_fp32")
+DESCRIPTION = {"generated": "the generated C kernel (float32)", "torch": "torch's packed kernel",
+               "dequant_bf16": "dequantize (generated C) + bf16 matmul, blockwise",
+               "dequant_fp32": "dequantize (generated C) + fp32 matmul, blockwise"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared machinery: timing, cache eviction, plans cached in memory and on disk
+# ------------------------------------------------------------------------------------------------
+
+def timer() -> float:
+    return time.perf_counter()
+
+
+_FLUSH_SOURCE = r"""
+#include <stdint.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+/* evict [p, p + n) from every cache level (x86: clflush; elsewhere nothing: returns 0) */
+int lowbit_flush(const char* p, int64_t n)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    for (int64_t i = 0; i < n; i += 64)
+        _mm_clflush(p + i);
+    _mm_mfence();
+    return 1;
+#else
+    (void)p; (void)n;
+    return 0;
+#endif
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _flush_fn():
+    fn = cpu_codegen.build("lowbit_flush", _FLUSH_SOURCE, [ctypes.c_void_p, ctypes.c_int64],
+                           "the dispatch times the kernels with their weights in cache", what="the cache-flush helper")
+    if fn is not None:
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def evict(tensors) -> None:
+    """Evict the tensors' bytes from the caches: a decode step finds a layer's weights in memory,
+    not in cache (a model's weights are many times the last-level cache), so that is how the
+    dispatch times the kernels."""
+    fn = _flush_fn()
+    if fn is None:
+        return
+    for t in tensors:
+        if t is not None:
+            fn(t.data_ptr(), t.numel() * t.element_size())
+
+
+def fastest(calls: dict, repeats: int = REPEATS, cold: dict | None = None,
+            clock: Callable[[], float] = timer, drop_above: float | None = None) -> dict[str, float]:
+    """Minimum seconds per call of each contender, calls interleaved (one of each in turn); the
+    tensors ``cold[name]`` are evicted from the caches before each call of ``name``. With
+    ``drop_above``, contenders slower than that many times the best after the first round are
+    not timed again (their one time is kept)."""
+    best = {name: float("inf") for name in calls}
+    live = dict(calls)
+    for i in range(repeats):
+        for name, call in live.items():
+            evict((cold or {}).get(name, ()))
+            t0 = clock()
+            call()
+            best[name] = min(best[name], clock() - t0)
+        if i == 0 and drop_above is not None:
+            top = min(best.values())
+            live = {n: c for n, c in live.items() if best[n] <= drop_above * top}
+    return best
+
+
+def digest(*sources: str) -> str:
+    """A short hash of kernel sources, the compiler flags and the host's CPU flags (a plan is only
+    valid for the kernels and the machine it was measured with)."""
+    return hashlib.sha256("\n".join([*sources, " ".join(cpu_codegen.FLAGS), cpu_codegen._host_flags()])
+                          .encode()).hexdigest()[:16]
+
+
+def cached_plan(memo: dict, memo_key: tuple, path, disk_key: Callable[[], str], make: Callable[[], dict]) -> dict:
+    """A dispatch decision: from ``memo``, else from the JSON file ``path`` (``disk_key()``, which
+    names the kernels' sources and the host), else ``make()`` (a measurement), stored in both (the
+    file merged with what other processes wrote meanwhile; atomic replace)."""
+    found = memo.get(memo_key)
+    if found is not None:
+        return found
+    key = disk_key()
+    stored = _read(path)
+    if key not in stored:
+        stored[key] = make()
+        current = _read(path)
+        current[key] = stored[key]
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as error:  # a read-only cache: the plan holds for this process only
+            log.warning("lowbit: could not write the CPU dispatch plans to %s (%s); they are measured again in "
+                        "the next process", path, error)
+    memo[memo_key] = stored[key]
+    return stored[key]
+
+
+def _read(path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def env_mode(env: str, modes: tuple[str, ...], default: str = "measure") -> str:
+    """The value of a dispatch override variable, checked."""
+    mode = os.environ.get(env, default)
+    if mode not in modes:
+        raise ValueError(f"{env}={mode!r}: expected one of {', '.join(modes)} ('{default}' when unset)")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------
+# The dequantization kernel (candidates dequant_bf16 / dequant_fp32)
+# ------------------------------------------------------------------------------------------------
+
+DEQUANT_SOURCE = r"""
+/* lowbit generated CPU kernel: int8 / int4 weights (our storage layout) -> bf16 or float32 rows */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define DQ_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DQ_AVX2 1
+#endif
+
+const char* lowbit_isa(void)
+{
+#if defined(DQ_AVX512) && defined(__AVX512BF16__)
+    return "avx512_bf16";
+#elif defined(DQ_AVX512)
+    return "avx512";
+#elif defined(DQ_AVX2)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
+
+static inline float dq_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+/* float32 -> bf16, round to nearest even (finite values) */
+static inline uint16_t dq_round(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); return (uint16_t)(u >> 16); }
+static inline void dq_put(void* out, int64_t i, float v, int bf16)
+{
+    if (bf16) ((uint16_t*)out)[i] = dq_round(v);
+    else ((float*)out)[i] = v;
+}
+
+#if defined(DQ_AVX512)
+static inline void dq_store16(void* out, int64_t i, __m512 v, int bf16)
+{
+    if (bf16) {
+#if defined(__AVX512BF16__)
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+        __m512i u = _mm512_castps_si512(v);
+        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+#endif
+    } else {
+        _mm512_storeu_ps((float*)out + i, v);
+    }
+}
+#elif defined(DQ_AVX2)
+static inline void dq_store8(void* out, int64_t i, __m256 v, int bf16)
+{
+    if (bf16) {
+        __m256i u = _mm256_castps_si256(v);
+        u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+        u = _mm256_srli_epi32(u, 16);
+        _mm_storeu_si128((__m128i*)((uint16_t*)out + i),
+                         _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+    } else {
+        _mm256_storeu_ps((float*)out + i, v);
+    }
+}
+#endif
+
+/* Rows [n0, n0 + rows) of a quantized [N, K] weight, dequantized into out [rows, K] (bf16 when
+   bf16 != 0, else float32). bits 8: codes int8 [N, row_bytes], scale bf16 [N]. bits 4: codes
+   [N, row_bytes] two per byte (column 2j in the low nibble of byte j, 2j + 1 in the high one),
+   scale bf16 [N, groups], zero uint8 [N, groups] or NULL (8); groups of `group` columns, the last
+   one may reach past K (padded columns are not written). w = (q - z) * s, float32, then rounded. */
+void lowbit_dequant(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, void* out,
+                    int64_t n0, int64_t rows, int64_t K, int64_t row_bytes, int64_t group, int64_t groups,
+                    int64_t bits, int bf16, int threads)
+{
+    const int64_t esize = bf16 ? 2 : 4;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t n = n0 + r;
+        const uint8_t* c = codes + n * row_bytes;
+        char* o = (char*)out + r * K * esize;
+        if (bits == 8) {
+            const float s = dq_bf16(scale[n]);
+            const int8_t* q = (const int8_t*)c;
+            int64_t k = 0;
+#if defined(DQ_AVX512)
+            const __m512 sv = _mm512_set1_ps(s);
+            for (; k + 16 <= K; k += 16)
+                dq_store16(o, k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm_loadu_si128((const __m128i*)(q + k)))), sv), bf16);
+#elif defined(DQ_AVX2)
+            const __m256 sv = _mm256_set1_ps(s);
+            for (; k + 8 <= K; k += 8)
+                dq_store8(o, k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                    _mm_loadl_epi64((const __m128i*)(q + k)))), sv), bf16);
+#endif
+            for (; k < K; k++)
+                dq_put(o, k, (float)q[k] * s, bf16);
+            continue;
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = dq_bf16(scale[n * groups + g]);
+            const float off = -(zero ? (float)zero[n * groups + g] : 8.0f) * s;
+            const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+            int64_t k = k0;  /* even: groups are a multiple of 2 columns */
+#if defined(DQ_AVX512)
+            const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(off);
+            const __m128i low4 = _mm_set1_epi8(15);
+            for (; k + 32 <= k1; k += 32) {
+                const __m128i b = _mm_loadu_si128((const __m128i*)(c + k / 2));
+                const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                dq_store16(o, k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))),
+                                                 sv, ov), bf16);
+                dq_store16(o, k + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))),
+                                                      sv, ov), bf16);
+            }
+#elif defined(DQ_AVX2)
+            const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(off);
+            const __m128i low4 = _mm_set1_epi8(15);
+            for (; k + 16 <= k1; k += 16) {
+                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + k / 2));
+                const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                const __m128i w = _mm_unpacklo_epi8(lo, hi);  /* columns k .. k + 15 in order */
+                dq_store8(o, k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(w)), sv, ov), bf16);
+                dq_store8(o, k + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(w, 8))),
+                                                    sv, ov), bf16);
+            }
+#endif
+            for (; k < k1; k++) {
+                const uint8_t b = c[k / 2];
+                dq_put(o, k, (float)((k & 1) ? (b >> 4) : (b & 15)) * s + off, bf16);
+            }
+        }
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant_build(isa: str):
+    return cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE,
+                             [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_int],
+                             "the dequantize-then-matmul candidate is left out of the CPU dispatch",
+                             what="the dequantization kernel", isa=isa)
+
+
+def dequant_kernel(isa: str | None = None):
+    """The compiled dequantization kernel (ctypes), or None (no compiler, or turned off by
+    ``LOWBIT_CPU_CODEGEN=0``; logged once)."""
+    if cpu_codegen.kernel_disabled():
+        return None
+    return _dequant_build(isa or cpu_codegen.isa_choice())
+
+
+def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+                 in_features: int, n0: int, rows: int, dtype: torch.dtype, out: torch.Tensor | None = None,
+                 isa: str | None = None) -> torch.Tensor | None:
+    """Rows ``[n0, n0 + rows)`` of the weight dequantized to ``dtype`` (bf16 or float32), ``[rows,
+    in_features]`` (into ``out`` when given), or None when the kernel is not available."""
+    fn = dequant_kernel(isa)
+    f = WeightFormat.parse(fmt)
+    if fn is None or not (f.kind == "int" and f.bits in (4, 8)) or dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if out is None:
+        out = torch.empty(rows, in_features, dtype=dtype)
+    codes = qweight if qweight.is_contiguous() else qweight.contiguous()
+    scales = scale.contiguous().view(torch.int16)
+    zeros = None if zero is None else zero.contiguous()
+    group = f.group_size or in_features
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    fn(codes.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), out.data_ptr(),
+       n0, rows, in_features, codes.shape[1], group, groups, f.bits, int(dtype == torch.bfloat16),
+       torch.get_num_threads())
+    return out
+
+
+def block_rows(in_features: int, dtype: torch.dtype, out_features: int) -> int:
+    """Weight rows per dequantized block: :data:`BLOCK_BYTES` of ``dtype``, a multiple of 16."""
+    per_row = in_features * (2 if dtype == torch.bfloat16 else 4)
+    return max(16, min(out_features, BLOCK_BYTES // max(per_row, 1)) // 16 * 16)
+
+
+def dequant_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   bias: torch.Tensor | None, fmt: str, in_features: int, dtype: torch.dtype,
+                   isa: str | None = None) -> torch.Tensor | None:
+    """``x2[M, K] @ dequantize(W).T + bias`` in ``dtype``: the weight dequantized block by block of
+    rows (:func:`block_rows`) into one reused temporary, each block multiplied by ``torch.mm`` into
+    its rows of the transposed output. Returns ``[M, N]`` in ``dtype`` (a transposed view), or None
+    when the dequantization kernel is not available."""
+    n = scale.shape[0]
+    xd = x2.to(dtype)
+    xt = xd.t()  # [K, M]: each block's product W_b [b, K] @ x^T [K, M] lands in whole rows of y^T
+    yt = torch.empty(n, x2.shape[0], dtype=dtype)
+    step = block_rows(in_features, dtype, n)
+    tmp = torch.empty(min(step, n), in_features, dtype=dtype)
+    for n0 in range(0, n, step):
+        rows = min(step, n - n0)
+        w = dequant_rows(qweight, scale, zero, fmt, in_features, n0, rows, dtype, tmp[:rows], isa)
+        if w is None:
+            return None
+        torch.mm(w, xt, out=yt[n0:n0 + rows])
+    y = yt.t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# The dense dispatch
+# ------------------------------------------------------------------------------------------------
+
+_PLANS: dict[tuple, dict] = {}
+_LOGGED: set[tuple] = set()
+# (fmt, N, K, compute dtype) -> {row class: what runs and why}: the live part of the layer records
+_RECORDS: dict[tuple, dict] = {}
+# (fmt, candidate) -> calls (tests and benchmarks read it)
+import collections  # noqa: E402
+
+counter: collections.Counter = collections.Counter()
+
+
+def dispatch_file():
+    return cpu_codegen._cache_dir() / "dispatch.json"
+
+
+def row_class(rows: int) -> tuple[int, int | None, int]:
+    for lo, hi, timed in ROW_CLASSES:
+        if hi is None or rows <= hi:
+            return lo, hi, timed
+    raise AssertionError(rows)
+
+
+def class_label(cls: tuple) -> str:
+    lo, hi, _ = cls
+    return f"{lo}+ rows" if hi is None else (f"{lo} row" + ("s" if lo > 1 else "") if lo == hi else f"{lo}-{hi} rows")
+
+
+def _env_key() -> tuple:
+    e = os.environ
+    return (e.get(ENV), e.get(cpu_codegen.ISA_ENV), e.get(cpu_codegen.INT8_ACTIVATIONS_ENV), e.get(cpu_codegen.ENV))
+
+
+def static_choice(packed, rows: int) -> str:
+    """The static rule: the generated kernel for decode sizes where it exists, torch's above."""
+    if rows <= cpu_codegen.MAX_ROWS and packed.generated(cpu_codegen.int8_activations_enabled()) is not None:
+        return "generated"
+    return "torch"
+
+
+def candidates(packed, rows: int, compute_dtype: torch.dtype) -> list[str]:
+    """The kernels that can run a call of ``rows`` rows on this weight here."""
+    out = []
+    if rows <= cpu_codegen.MAX_ROWS and packed.generated(cpu_codegen.int8_activations_enabled()) is not None:
+        out.append("generated")
+    out.append("torch")
+    if rows > cpu_codegen.MAX_ROWS and dequant_kernel() is not None:
+        if compute_dtype == torch.bfloat16:
+            out.append("dequant_bf16")
+        out.append("dequant_fp32")
+    return out
+
+
+def choose(packed, rows: int, compute_dtype: torch.dtype) -> str:
+    """The kernel a call of ``rows`` rows on ``packed`` runs (one of :data:`CANDIDATES`): memoised
+    on the weight per (rows, dtype, environment), so a decode step pays a dictionary lookup."""
+    key = (rows, compute_dtype, _env_key())
+    got = packed._dispatch.get(key)
+    if got is None:
+        got = packed._dispatch[key] = _decide(packed, rows, compute_dtype)
+    return got
+
+
+def _decide(packed, rows: int, compute_dtype: torch.dtype) -> str:
+    mode = env_mode(ENV, MODES)
+    cls = row_class(rows)
+    if mode == "generated":
+        choice, why = static_choice(packed, rows), f"{ENV}=generated (the static rule)"
+    elif mode == "torch":
+        choice, why = "torch", f"{ENV}=torch"
+    elif mode == "dequant":
+        dq = "dequant_bf16" if compute_dtype == torch.bfloat16 else "dequant_fp32"
+        choice, why = (dq, f"{ENV}=dequant") if dequant_kernel() is not None else (
+            "torch", f"{ENV}=dequant, but the dequantization kernel is not available")
+    else:
+        entry = plan(packed, cls, compute_dtype)
+        choice, why = entry["choice"], describe(entry)
+    _note(packed, cls, compute_dtype, choice, why)
+    return choice
+
+
+def plan(packed, cls: tuple, compute_dtype: torch.dtype) -> dict:
+    """The measured plan of one (format, N, K, row class, compute dtype, threads, ISA, activation
+    mode): from memory, from disk, or timed now on this weight."""
+    threads, isa = torch.get_num_threads(), cpu_codegen.isa_choice()
+    a8 = cpu_codegen.int8_activations_enabled()
+    dname = str(compute_dtype).split(".")[-1]
+    n, k, fmt = packed.out_features, packed.in_features, packed.fmt
+    memo_key = (fmt, n, k, cls, dname, threads, isa, a8)
+
+    def disk_key() -> str:
+        sources = [DEQUANT_SOURCE]
+        if cpu_codegen.supported(fmt) is None:
+            sources.append(cpu_codegen.source(fmt + cpu_codegen.A8 if a8 and cpu_codegen.supported(
+                fmt + cpu_codegen.A8) is None else fmt))
+        return (f"dense-v{VERSION}|{fmt}|N={n}|K={k}|rows={cls[0]}-{cls[1]}|{dname}|threads={threads}|isa={isa}|"
+                f"a8={int(a8)}|torch={torch.__version__}|{digest(*sources)}")
+
+    return cached_plan(_PLANS, memo_key, dispatch_file(), disk_key, lambda: measure(packed, cls, compute_dtype))
+
+
+def measure(packed, cls: tuple, compute_dtype: torch.dtype, clock: Callable[[], float] = timer) -> dict:
+    """Time every candidate for the row class (at its timed row count) on this weight; the entry
+    names the choice and every candidate's best time (ms)."""
+    from lowbit_compiler.backends import cpu_kernels
+
+    rows = cls[2]
+    names = candidates(packed, rows, compute_dtype)
+    default = static_choice(packed, rows)
+    if len(names) == 1:
+        return {"choice": names[0], "rows": rows, "ms": {}, "default": default,
+                "reason": "the only kernel for this call"}
+    had_layout = packed.weight is not None
+    x = torch.randn(rows, packed.in_features, generator=torch.Generator().manual_seed(0))
+    calls = {c: functools.partial(cpu_kernels.run_candidate, c, x, packed, None, compute_dtype) for c in names}
+    with torch.no_grad():
+        for c in names:  # warm-up: builds, torch's lazy layout, first-touch allocations
+            calls[c]()
+        q = [t for t in packed.quantized if t is not None]
+        cold = {c: (list(packed.torch_layout()) if c == "torch" else q) for c in names}
+        prefill = rows > cpu_codegen.MAX_ROWS
+        best = fastest(calls, PREFILL_REPEATS if prefill else REPEATS, cold, clock,
+                       drop_above=1.3 if prefill else None)
+    choice = min(best, key=best.get)
+    if best[default] <= MARGIN * best[choice]:
+        choice = default
+    if not had_layout and choice != "torch" and not any(v == "torch" for v in packed._dispatch.values()):
+        packed.drop_torch_layout()  # timed only: the second copy of the weight is not kept
+    entry = {"choice": choice, "rows": rows, "default": default,
+             "ms": {c: round(t * 1e3, 4) for c, t in best.items()}}
+    load, cpus = _load()
+    if load is not None and load > cpus:  # other processes shared the cores: the times may mislead
+        entry["busy"] = f"load {load:.1f} on {cpus} CPUs"
+    return entry
+
+
+def _load() -> tuple[float | None, int]:
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return None, os.cpu_count() or 1
+
+
+def describe(entry: dict) -> str:
+    """A plan in words (logs, layer records)."""
+    if not entry.get("ms"):
+        return entry.get("reason", "")
+    times = ", ".join(f"{c} {t:.3f} ms" for c, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
+    kept = " (the static rule's choice: no other kernel was 5% faster)" if entry["choice"] == entry["default"] else ""
+    busy = (f"; timed while the machine was busy ({entry['busy']}): delete {dispatch_file()} or set {ENV} to "
+            "choose again" if "busy" in entry else "")
+    return f"measured at {entry['rows']} rows: {times}{kept}{busy}"
+
+
+def layer_record(fmt: str, out_features: int, in_features: int, compute_dtype: torch.dtype) -> dict:
+    """The ``cpu_kernel`` entry of a layer record: how the kernel is chosen, and per row class
+    decided so far which one runs and why (the same dict object, filled in as calls come)."""
+    dname = str(compute_dtype).split(".")[-1]
+    record = _RECORDS.get((fmt, out_features, in_features, dname))
+    if record is None:
+        mode = os.environ.get(ENV, "measure")
+        rule = ("timed per row class at the first call of that class on this host, cached on disk "
+                f"({ENV}=measure)" if mode == "measure" else f"{ENV}={mode}")
+        record = _RECORDS[(fmt, out_features, in_features, dname)] = {"rule": rule}
+    return record
+
+
+def _note(packed, cls: tuple, compute_dtype: torch.dtype, choice: str, why: str) -> None:
+    label = class_label(cls)
+    text = f"{DESCRIPTION[choice]}: {why}"
+    layer_record(packed.fmt, packed.out_features, packed.in_features, compute_dtype)[label] = text
+    key = (packed.fmt, packed.out_features, packed.in_features, cls, str(compute_dtype), text)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info("lowbit: CPU dispatch %s %dx%d, %s, %s compute: %s (logged once per shape and row class)",
+                 packed.fmt, packed.out_features, packed.in_features, label, str(compute_dtype).split(".")[-1], text)

@@ -1,0 +1,204 @@
+"""The CPU dispatch (``backends/cpu_dispatch.py``): every candidate kernel of a weight-only linear
+against a float64 reference on the same inputs, the dequantization kernel's builds bit for bit,
+the measured choice (with a fake clock: real timings on a shared machine would make the decisions
+vary) honoured per row class and cached on disk, the overrides, and the layer record."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_kernels
+from lowbit_compiler.formats import WeightFormat, dequantize_parts, quantize, sqnr_db
+
+pytestmark = pytest.mark.skipif(cpu_dispatch.dequant_kernel() is None,
+                                reason=f"no C compiler: {cpu_codegen._disabled_reason}")
+
+# float64-reference floors (dB) per candidate; measured on the test shapes: generated and
+# dequant_fp32 138-146, torch (bf16 activations and output) 49-52, dequant_bf16 (bf16 activations
+# and weights) 47-50
+FLOORS = {"generated": 110, "dequant_fp32": 110, "torch": 40, "dequant_bf16": 40}
+
+
+def _weight(fmt: str, n: int, k: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = quantize(torch.randn(n, k, generator=gen) * 0.05, WeightFormat.parse(fmt))
+    return q, cpu_kernels.prepack(q.qweight, q.scale, q.zero, fmt, k, torch.bfloat16)
+
+
+def _reference(x: torch.Tensor, q, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    w = dequantize_parts(q.format, q.qweight, q.scale, q.zero)[:, :k].double()
+    return x.double() @ w.T + (0 if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym"])
+def test_every_candidate_meets_the_float64_reference(fmt):
+    """Each kernel the dispatch may pick, on the same inputs: odd N (torch's int4 layout pads it),
+    decode and prefill row counts, bias; the counter shows that candidate ran (no silent
+    fallback to torch's)."""
+    n, k = 200, 256
+    q, packed = _weight(fmt, n, k)
+    gen = torch.Generator().manual_seed(1)
+    bias = torch.randn(n, generator=gen)
+    for rows in (3, 40):
+        x = torch.randn(rows, k, generator=gen)
+        names = cpu_dispatch.candidates(packed, rows, torch.bfloat16)
+        assert names == (["generated", "torch"] if rows <= cpu_codegen.MAX_ROWS
+                         else ["torch", "dequant_bf16", "dequant_fp32"])
+        ref = _reference(x, q, k, bias)
+        for name in names:
+            before = cpu_dispatch.counter[(fmt, name)]
+            y = cpu_kernels.run_candidate(name, x, packed, bias, torch.bfloat16)
+            assert cpu_dispatch.counter[(fmt, name)] == before + 1, name
+            assert y.shape == (rows, n) and y.dtype == torch.float32
+            assert sqnr_db(ref, y.double()) >= FLOORS[name], (name, rows, sqnr_db(ref, y.double()))
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+def test_dequantization_kernel_is_exact_on_every_build(isa):
+    """bf16 and float32 rows equal the reference dequantiser (rounded once to bf16) bit for bit:
+    int8, int4 sym/asym at groups 32-128, K padded to the group (200 of 256 columns), a block of
+    rows from the middle."""
+    for fmt in ("int8", "int4_g128_asym", "int4_g32_sym", "int4_g64_asym"):
+        for k in (256, 200):
+            q, _ = _weight(fmt, 37, k, seed=2)
+            ref = dequantize_parts(q.format, q.qweight, q.scale, q.zero)[:, :k]
+            for dtype in (torch.float32, torch.bfloat16):
+                out = cpu_dispatch.dequant_rows(q.qweight, q.scale, q.zero, fmt, k, 3, 30, dtype, isa=isa)
+                assert torch.equal(out, ref[3:33].to(dtype)), (fmt, k, dtype)
+    built = cpu_codegen.isa_of(cpu_dispatch._dequant_build(isa))
+    assert built == {"avx2": "avx2", "portable": "portable"}.get(isa, built)
+    if isa == "native" and "avx512_bf16" in cpu_codegen._host_flags().split():
+        assert built == "avx512_bf16"
+
+
+def test_blocks_of_rows_give_the_one_block_result(monkeypatch):
+    """dequantize-then-matmul over several blocks of rows (a last, shorter block) equals one block."""
+    q, packed = _weight("int4_g128_asym", 200, 256, seed=3)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(3))
+    whole = cpu_dispatch.dequant_linear(x, q.qweight, q.scale, q.zero, None, q.format.key, 256, torch.float32)
+    monkeypatch.setattr(cpu_dispatch, "BLOCK_BYTES", 64 * 256 * 4)  # 64 rows per block: 64, 64, 64, 8
+    assert cpu_dispatch.block_rows(256, torch.float32, 200) == 64
+    blocks = cpu_dispatch.dequant_linear(x, q.qweight, q.scale, q.zero, None, q.format.key, 256, torch.float32)
+    assert sqnr_db(whole.double(), blocks.double()) >= 130
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Measured dispatch with a private plan file and memory and a fake clock: ``times[rows]`` maps
+    each candidate to the seconds it takes at that many rows; ``times["calls"]`` counts timings."""
+    monkeypatch.setenv(cpu_dispatch.ENV, "measure")
+    monkeypatch.setattr(cpu_dispatch, "dispatch_file", lambda: tmp_path / "dispatch.json")
+    monkeypatch.setattr(cpu_dispatch, "_PLANS", {})
+    monkeypatch.setattr(cpu_dispatch, "_RECORDS", {})
+    times: dict = {"calls": 0}
+
+    def fastest(calls, repeats=cpu_dispatch.REPEATS, cold=None, clock=None, drop_above=None):
+        times["calls"] += 1
+        assert set(cold) == set(calls)  # every contender's weights are evicted before its timing
+        for call in calls.values():
+            call()  # the real calls still run (and must work)
+        rows = times["rows"]
+        return {name: times[rows][name] for name in calls}
+
+    monkeypatch.setattr(cpu_dispatch, "fastest", fastest)
+    return times
+
+
+def test_the_measured_choice_is_honoured_per_row_class_and_cached_on_disk(measured, caplog):
+    fmt, n, k = "int4_g128_asym", 200, 256
+    q, packed = _weight(fmt, n, k, seed=4)
+    measured[1] = {"generated": 1.04e-3, "torch": 1.0e-3}  # torch within the 5% margin: the static rule stays
+    measured[4] = {"generated": 2.0e-3, "torch": 1.0e-3}  # torch clearly faster
+    measured[512] = {"torch": 9e-3, "dequant_bf16": 3e-3, "dequant_fp32": 6e-3}
+    x1, x3, x300 = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in (1, 3, 300))
+    with caplog.at_level(logging.INFO, logger="lowbit_compiler"):
+        for rows, x, want in ((1, x1, "generated"), (4, x3, "torch"), (512, x300, "dequant_bf16")):
+            measured["rows"] = rows
+            cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)  # timed (the candidates run) and decided
+            before = cpu_dispatch.counter[(fmt, want)]
+            y = cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+            assert cpu_dispatch.counter[(fmt, want)] == before + 1, (rows, want)
+            assert torch.equal(y, cpu_kernels.run_candidate(want, x, packed, None, torch.bfloat16))
+    assert measured["calls"] == 3
+    record = cpu_dispatch.layer_record(fmt, n, k, torch.bfloat16)
+    assert "timed per row class" in record["rule"]
+    assert record["1 row"].startswith("the generated C kernel") and "no other kernel was 5% faster" in record["1 row"]
+    assert record["3-4 rows"].startswith("torch's packed kernel: measured at 4 rows: torch 1.000 ms, generated 2.000")
+    assert record["257+ rows"].startswith("dequantize (generated C) + bf16 matmul")
+    assert "CPU dispatch int4_g128_asym 200x256, 3-4 rows" in caplog.text
+    stored = json.loads((cpu_dispatch.dispatch_file()).read_text())
+    assert len(stored) == 3 and all(key.startswith(f"dense-v{cpu_dispatch.VERSION}|{fmt}|N=200|K=256|")
+                                    for key in stored)
+    assert sorted(v["choice"] for v in stored.values()) == ["dequant_bf16", "generated", "torch"]
+
+    # a new process: plans from disk, nothing timed again; same rows, same choices
+    cpu_dispatch._PLANS.clear()
+    packed._dispatch.clear()
+    for rows, x, want in ((1, x1, "generated"), (4, x3, "torch"), (512, x300, "dequant_bf16")):
+        before = cpu_dispatch.counter[(fmt, want)]
+        cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+        assert cpu_dispatch.counter[(fmt, want)] == before + 1
+    assert measured["calls"] == 3
+
+
+def test_torchs_layout_is_dropped_when_only_timed(measured):
+    """int4: torch's layout (a second copy of the weight) is built to time torch's kernel and
+    freed again when the generated kernel wins."""
+    fmt, k = "int4_g64_asym", 256
+    q, packed = _weight(fmt, 128, k, seed=5)
+    assert packed.weight is None
+    measured["rows"], measured[1] = 1, {"generated": 1e-3, "torch": 2e-3}
+    cpu_kernels.packed_linear(torch.randn(1, k), packed, None, torch.bfloat16)
+    assert packed.weight is None and packed._dispatch and set(packed._dispatch.values()) == {"generated"}
+
+
+@pytest.mark.parametrize("mode,rows,want", [("torch", 1, "torch"), ("torch", 40, "torch"),
+                                            ("generated", 2, "generated"), ("generated", 40, "torch"),
+                                            ("dequant", 40, "dequant_bf16"), ("dequant", 1, "dequant_bf16")])
+def test_the_override_is_honoured(monkeypatch, mode, rows, want):
+    monkeypatch.setenv(cpu_dispatch.ENV, mode)
+    fmt, k = "int8", 128
+    q, packed = _weight(fmt, 64, k, seed=6)
+    before = cpu_dispatch.counter[(fmt, want)]
+    cpu_kernels.packed_linear(torch.randn(rows, k), packed, None, torch.bfloat16)
+    assert cpu_dispatch.counter[(fmt, want)] == before + 1
+    assert cpu_dispatch.layer_record(fmt, 64, k, torch.bfloat16)[cpu_dispatch.class_label(
+        cpu_dispatch.row_class(rows))].endswith(f"{cpu_dispatch.ENV}={mode}" + (" (the static rule)" if mode == "generated" else ""))
+
+
+def test_an_unknown_mode_names_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu_dispatch.ENV, "fastest")
+    q, packed = _weight("int8", 64, 128, seed=7)
+    with pytest.raises(ValueError, match="LOWBIT_CPU_DISPATCH='fastest'.*measure, generated, torch, dequant"):
+        cpu_kernels.packed_linear(torch.randn(1, 128), packed, None, torch.bfloat16)
+
+
+def test_compressed_and_compiled_layer_records_name_the_dispatch(measured):
+    """compress: each int4 layer's record holds the live ``cpu_kernel`` entry, filled in by the
+    calls (a prompt of 9 rows, then one row); compile: the same entry from the lowering."""
+    from lowbit_compiler import compress
+
+    from tests.conftest import make_model, prompt
+    from tests.helpers import Recorder
+
+    measured[16] = {"generated": 2e-3, "torch": 1e-3}
+    measured[1] = {"generated": 1e-3, "torch": 2e-3}
+    model = compress(make_model("llama"), "w4a16", progress=False)
+    record = model.lowbit_summary["layers"]["model.layers.0.mlp.gate_proj"]["cpu_kernel"]
+    assert set(record) == {"rule"}
+    with torch.no_grad():
+        measured["rows"] = 16
+        model(prompt(9))
+        measured["rows"] = 1
+        model(prompt(1))
+    assert record["9-16 rows"].startswith("torch's packed kernel: measured at 16 rows")
+    assert record["1 row"].startswith("the generated C kernel (float32): measured at 1 rows")
+
+    rec = Recorder(recipe="w4a16", progress=False)
+    with torch.no_grad():
+        torch.compile(make_model("llama"), backend=rec)(prompt(9))
+    cpu_record = rec.summaries[0]["layers"]["model.layers.0.mlp.gate_proj"]["cpu_kernel"]
+    assert cpu_record is record  # same format and shape: one live entry
