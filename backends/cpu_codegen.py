@@ -16,8 +16,9 @@ torch's packed kernels run.
 Layouts are our storage formats (``formats.py``): the generated kernels read the quantized
 tensors as ``compress`` and the passes wrote them, so they need no repacked copy.
 
-Which kernel runs (``cpu_kernels.packed_linear``): the generated one for ``M <= MAX_ROWS`` rows,
-torch's packed kernels above (prefill), a static rule measured by ``benchmarks/cpu_gemv.py``.
+Which kernel runs (``cpu_kernels.packed_linear``): the one ``cpu_dispatch.choose`` measures fastest
+on this host per shape and row class, among this module's kernel (for ``M <= MAX_ROWS`` rows),
+torch's packed kernels and dequantize-then-matmul (``backends/cpu_dispatch.py``).
 ``LOWBIT_CPU_CODEGEN=0`` turns generated kernels off (read at every call; logged once).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from lowbit_compiler.formats import NF4_GRID, WeightFormat
 
 log = logging.getLogger("lowbit_compiler")
 
-MAX_ROWS = 16  # decode and small batches; larger M goes to torch's packed kernels
+MAX_ROWS = 16  # decode and small batches; larger M: torch's packed kernels or dequantize-then-matmul
 ENV = "LOWBIT_CPU_CODEGEN"
 # "0": the CPU lowering leaves q/k/v and gate.up as separate generated calls (read when compiling)
 FUSE_ENV = "LOWBIT_CPU_FUSE"

@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -382,28 +383,51 @@ def block_rows(in_features: int, dtype: torch.dtype, out_features: int) -> int:
     return max(16, min(out_features, BLOCK_BYTES // max(per_row, 1)) // 16 * 16)
 
 
+_SCRATCH = threading.local()  # one reused temporary per thread for the dequantized blocks
+
+
+def _scratch(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[rows, in_features]`` temporary in ``dtype`` from this thread's reused buffer (grown to
+    the largest block seen, at most :data:`BLOCK_BYTES` plus a row): a fresh tensor of that size
+    per call would cost its page faults (tens of MB zeroed by the kernel) every call."""
+    nbytes = rows * in_features * torch.tensor([], dtype=dtype).element_size()
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _SCRATCH.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes].view(dtype).view(rows, in_features)
+
+
 def dequant_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                    bias: torch.Tensor | None, fmt: str, in_features: int, dtype: torch.dtype,
-                   isa: str | None = None) -> torch.Tensor | None:
-    """``x2[M, K] @ dequantize(W).T + bias`` in ``dtype``: the weight dequantized block by block of
-    rows (:func:`block_rows`) into one reused temporary, each block multiplied by ``torch.mm`` into
-    its rows of the transposed output. Returns ``[M, N]`` in ``dtype`` (a transposed view), or None
-    when the dequantization kernel is not available."""
+                   out_dtype: torch.dtype | None = None, isa: str | None = None) -> torch.Tensor | None:
+    """``x2[M, K] @ dequantize(W).T + bias`` in ``dtype``, as a contiguous ``[M, N]`` tensor of
+    ``out_dtype`` (default ``dtype``), or None when the dequantization kernel is not available.
+    The weight is dequantized block by block of rows (:func:`block_rows`) into one reused
+    temporary; one block (the usual case) is one ``addmm``; several write the transposed output
+    block by block (whole rows of y^T), copied out once at the end."""
     n = scale.shape[0]
     xd = x2.to(dtype)
+    step = block_rows(in_features, dtype, n)
+    tmp = _scratch(min(step, n), in_features, dtype)
+    b = None if bias is None else bias.to(dtype)
+    if step >= n:
+        w = dequant_rows(qweight, scale, zero, fmt, in_features, 0, n, dtype, tmp, isa)
+        if w is None:
+            return None
+        y = torch.mm(xd, w.t()) if b is None else torch.addmm(b, xd, w.t())
+        return y if out_dtype in (None, dtype) else y.to(out_dtype)
     xt = xd.t()  # [K, M]: each block's product W_b [b, K] @ x^T [K, M] lands in whole rows of y^T
     yt = torch.empty(n, x2.shape[0], dtype=dtype)
-    step = block_rows(in_features, dtype, n)
-    tmp = torch.empty(min(step, n), in_features, dtype=dtype)
     for n0 in range(0, n, step):
         rows = min(step, n - n0)
         w = dequant_rows(qweight, scale, zero, fmt, in_features, n0, rows, dtype, tmp[:rows], isa)
         if w is None:
             return None
         torch.mm(w, xt, out=yt[n0:n0 + rows])
-    y = yt.t()
-    if bias is not None:
-        y = y + bias.to(dtype)
+    if b is not None:
+        yt += b[:, None]
+    y = torch.empty(x2.shape[0], n, dtype=out_dtype or dtype)
+    y.copy_(yt.t())  # one pass: transposed back and cast
     return y
 
 
@@ -437,9 +461,18 @@ def class_label(cls: tuple) -> str:
     return f"{lo}+ rows" if hi is None else (f"{lo} row" + ("s" if lo > 1 else "") if lo == hi else f"{lo}-{hi} rows")
 
 
+# the variables a choice depends on, read at every call: through os.environ's own byte-keyed dict
+# where it has one (POSIX CPython: ~50 ns a lookup against ~0.5 us for os.environ.get)
+_ENV_NAMES = (ENV, cpu_codegen.ISA_ENV, cpu_codegen.INT8_ACTIVATIONS_ENV, cpu_codegen.ENV)
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_KEYS = tuple(os.fsencode(name) for name in _ENV_NAMES)
+
+
 def _env_key() -> tuple:
-    e = os.environ
-    return (e.get(ENV), e.get(cpu_codegen.ISA_ENV), e.get(cpu_codegen.INT8_ACTIVATIONS_ENV), e.get(cpu_codegen.ENV))
+    if isinstance(_ENV_DATA, dict):
+        get = _ENV_DATA.get
+        return tuple(get(name) for name in _ENV_KEYS)
+    return tuple(os.environ.get(name) for name in _ENV_NAMES)
 
 
 def static_choice(packed, rows: int) -> str:

@@ -1,11 +1,15 @@
-"""Fast CPU kernels for ``lowbit::wo_linear``: our generated kernels for decode-sized calls,
-torch's packed low-bit matmuls for the rest.
+"""Fast CPU kernels for ``lowbit::wo_linear``: our generated kernels, torch's packed low-bit
+matmuls, and dequantize-then-matmul, whichever is fastest for the call.
 
-Which one runs (:func:`packed_linear`, a static rule backed by ``benchmarks/cpu_gemv.py``; see
-docs/codegen.md): the generated C kernel of ``backends/cpu_codegen.py`` for calls of at most
-``cpu_codegen.MAX_ROWS`` rows whose format it covers (int8; int4 with groups a multiple of 16;
-K not padded), reading the quantized tensors as stored, float32 activations and accumulation;
-torch's packed kernels otherwise (prefill, other formats, no compiler, ``LOWBIT_CPU_CODEGEN=0``).
+Which one runs (:func:`packed_linear`): ``cpu_dispatch.choose`` decides per (format, N, K, row
+class, compute dtype) by timing the candidates on this host at the first call of the class
+(cached on disk; ``LOWBIT_CPU_DISPATCH=measure|generated|torch|dequant``; see
+``backends/cpu_dispatch.py`` and docs/codegen.md): the generated C kernel of
+``backends/cpu_codegen.py`` for calls of at most ``cpu_codegen.MAX_ROWS`` rows whose format it
+covers (int8; int4 with groups a multiple of 16; K not padded), reading the quantized tensors as
+stored, float32 activations and accumulation; torch's packed kernels (any rows; the only choice
+without a compiler or with ``LOWBIT_CPU_CODEGEN=0``); for more rows, the weight dequantized in
+blocks by a generated kernel and multiplied by a dense bf16 or float32 matmul.
 int3 and int2 group-wise weights (no torch kernel) run the generated lookup-table kernel of
 ``backends/cpu_lut.py`` for calls of at most ``MAX_ROWS`` rows, the float reference above
 (:func:`wo_linear_fast` returns None; the op reports why).
@@ -44,10 +48,10 @@ class PackedWeight(torch.nn.Module):
 
     A module (holding two buffers) so that lowered graphs can reference it with ``get_attr``.
     The int4 layout of torch's kernel is a second copy of the codes (plus a scale-and-zero table in
-    the compute dtype); it serves only calls of more than ``cpu_codegen.MAX_ROWS`` rows when the
-    generated kernel covers the format, so it is built at the first such call (``torch_layout``),
-    not when the weight is packed: a decode-only model, or a compile whose first forward is short,
-    never holds it.
+    the compute dtype); when the generated kernel covers the format it serves only the calls the
+    dispatch gives to torch's kernel, so it is built at the first such call (``torch_layout``),
+    not when the weight is packed, and freed again when it was built only to be timed
+    (``drop_torch_layout``): a model whose calls all go to other kernels never holds it.
     """
 
     def __init__(self, fmt: str, weight: torch.Tensor | None, scales: torch.Tensor | None, out_features: int,
@@ -210,10 +214,10 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
     elif name in ("dequant_bf16", "dequant_fp32"):
         dtype = torch.bfloat16 if name == "dequant_bf16" else torch.float32
         y = cpu_dispatch.dequant_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
-                                        packed.in_features, dtype)
+                                        packed.in_features, dtype, out_dtype)
         if y is not None:
             cpu_dispatch.counter[(packed.fmt, name)] += 1
-            return y.reshape(*lead, packed.out_features).to(out_dtype)
+            return y.view(*lead, packed.out_features)
     cpu_dispatch.counter[(packed.fmt, "torch")] += 1
     return torch_packed_linear(x, packed, bias, compute_dtype)
 

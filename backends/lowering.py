@@ -190,8 +190,9 @@ EAGER_NOTES["lowbit::hadamard"] = lambda a: "fast Walsh-Hadamard transform in to
 EAGER_NOTES["lowbit::wo_linear"] = lambda a: (
     f"the generated lookup-table C kernel {cpu_lut.kernel_name(a['fmt'])} for M <= {cpu_codegen.MAX_ROWS} rows, "
     "else the float reference" if "fmt" in a and cpu_lut.supported(a["fmt"]) is None else
-    "the generated C kernel for M <= 16 rows, the packed CPU kernel above, when they exist for the format and "
-    "the call's dtype, else the float reference")
+    "the kernel cpu_dispatch picks per row class (the generated C kernel for M <= 16 rows, torch's packed CPU "
+    "kernel, dequantize + matmul above), when they exist for the format and the call's dtype, else the float "
+    "reference")
 
 
 def _cpu_compute_dtype(node: fx.Node, ctx: PassContext, state: LoweringState,

@@ -17,6 +17,10 @@ lookup tables): the "torch packed" column is torch's int4 kernel at the same gro
 symmetry (the w4a16 path the issue's target compares against), and a last column times the float
 reference these formats ran before (``ops.wo_linear_reference``: dequantise, then matmul; timed
 after the others, not interleaved with them, since it evicts the caches).
+For int8 / int4 a last column runs ``cpu_kernels.packed_linear`` as a model does: the kernel
+``backends/cpu_dispatch.py`` chose by timing at its first call (the choice, and its speed against
+torch's packed kernel: the "after" of the measured dispatch, where "gen/torch" is the static
+rule's "before"; ``LOWBIT_CPU_DISPATCH`` applies).
 Reported: ms per call (medians), speedup of the generated kernel over torch's (of the medians,
 and of the fastest call of each: steadier when other processes share the cores), and the fraction of the
 read-bandwidth floor (weight bytes / the bandwidth of a large fp32 sum measured in this run). The
@@ -34,7 +38,7 @@ import sys
 import torch
 
 from lowbit_compiler import formats, ops
-from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_lut
+from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_kernels, cpu_lut
 from lowbit_compiler.formats import WeightFormat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +65,7 @@ def main() -> None:
           f"generated kernels: {cpu_codegen.host_isa()}")
     header = ["format", "shape", "M", "generated ms", "torch packed ms", "bf16 dense ms", "gen/torch",
               "gen/torch (best)", "gen floor", "int8-act ms (best vs torch) | float ref ms (gen speedup)"] + (
-                  ["vs AVX2 build (best)"] if wide else [])
+                  ["vs AVX2 build (best)"] if wide else []) + ["dispatched: choice, vs torch"]
     print(" | ".join(header))
     for fmt in args.formats.split(","):
         f = WeightFormat.parse("int8" if fmt == cpu_codegen.W8A8 else fmt)
@@ -106,6 +110,9 @@ def main() -> None:
                     if wide:
                         calls["avx2"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
                                                                    isa="avx2")
+                    # what packed_linear runs after cpu_dispatch's choice (timed at this first call, cached)
+                    cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+                    calls["dispatched"] = lambda: cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
                     if cpu_codegen.supported(fmt + cpu_codegen.A8) is None:  # opt-in int8 activations
                         calls["int8act"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
                                                                       int8_activations=True)
@@ -127,6 +134,9 @@ def main() -> None:
                     row["speedup_vs_avx2_build_best"] = round(best["avx2"] / best["generated"], 3)
                 if "int8act" in best:
                     row["int8act_speedup_vs_torch_best"] = round(best["torch"] / best["int8act"], 3)
+                if "dispatched" in med:
+                    row["dispatched"] = cpu_dispatch.choose(packed, m, torch.bfloat16)
+                    row["dispatched_vs_torch"] = round(med["torch"] / med["dispatched"], 3)
                 if "reference" in med:
                     row["speedup_vs_reference"] = round(med["reference"] / med["generated"], 2)
                 a8 = (f"{med['int8act'] * 1e3:.3f} ({row['int8act_speedup_vs_torch_best']:.2f}x)" if "int8act" in med
@@ -135,7 +145,8 @@ def main() -> None:
                 print(f"{fmt} | {label} {n}x{k} | {m} | {med['generated'] * 1e3:.3f} | {med['torch'] * 1e3:.3f} | "
                       f"{med['dense'] * 1e3:.3f} | {row['speedup_vs_torch']:.2f}x | "
                       f"{row['speedup_vs_torch_best']:.2f}x | {floor:.0%} | {a8}"
-                      + (f" | {row['speedup_vs_avx2_build_best']:.2f}x" if "avx2" in best else ""))
+                      + (f" | {row['speedup_vs_avx2_build_best']:.2f}x" if "avx2" in best else "")
+                      + (f" | {row['dispatched']} {row['dispatched_vs_torch']:.2f}x" if "dispatched" in row else ""))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "rows": rows_out}, fh, indent=1)

@@ -16,10 +16,10 @@ from lowbit_compiler.formats import WeightFormat, dequantize_parts, quantize, sq
 pytestmark = pytest.mark.skipif(cpu_dispatch.dequant_kernel() is None,
                                 reason=f"no C compiler: {cpu_codegen._disabled_reason}")
 
-# float64-reference floors (dB) per candidate; measured on the test shapes: generated and
-# dequant_fp32 138-146, torch (bf16 activations and output) 49-52, dequant_bf16 (bf16 activations
-# and weights) 47-50
-FLOORS = {"generated": 110, "dequant_fp32": 110, "torch": 40, "dequant_bf16": 40}
+# float64-reference floors (dB) per candidate; measured on the test shapes: generated 132-145,
+# dequant_fp32 138-139, torch's (bf16 activations and output) 51-52, dequant_bf16 (bf16 activations,
+# weights and output) 51: the weights' rounding to bf16 costs about nothing next to the output's
+FLOORS = {"generated": 110, "dequant_fp32": 110, "torch": 45, "dequant_bf16": 45}
 
 
 def _weight(fmt: str, n: int, k: int, seed: int = 0):
@@ -52,7 +52,8 @@ def test_every_candidate_meets_the_float64_reference(fmt):
             before = cpu_dispatch.counter[(fmt, name)]
             y = cpu_kernels.run_candidate(name, x, packed, bias, torch.bfloat16)
             assert cpu_dispatch.counter[(fmt, name)] == before + 1, name
-            assert y.shape == (rows, n) and y.dtype == torch.float32
+            # contiguous: a strided output would send the attention after q/k/v to SDPA's slow math path
+            assert y.shape == (rows, n) and y.dtype == torch.float32 and y.is_contiguous()
             assert sqnr_db(ref, y.double()) >= FLOORS[name], (name, rows, sqnr_db(ref, y.double()))
 
 
@@ -75,14 +76,21 @@ def test_dequantization_kernel_is_exact_on_every_build(isa):
 
 
 def test_blocks_of_rows_give_the_one_block_result(monkeypatch):
-    """dequantize-then-matmul over several blocks of rows (a last, shorter block) equals one block."""
+    """dequantize-then-matmul over several blocks of rows (a last, shorter block; bias; output cast)
+    equals one block."""
     q, packed = _weight("int4_g128_asym", 200, 256, seed=3)
-    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(3))
-    whole = cpu_dispatch.dequant_linear(x, q.qweight, q.scale, q.zero, None, q.format.key, 256, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    x, bias = torch.randn(40, 256, generator=gen), torch.randn(200, generator=gen)
+    args = (q.qweight, q.scale, q.zero, bias, q.format.key, 256)
+    whole = cpu_dispatch.dequant_linear(x, *args, torch.float32)
     monkeypatch.setattr(cpu_dispatch, "BLOCK_BYTES", 64 * 256 * 4)  # 64 rows per block: 64, 64, 64, 8
     assert cpu_dispatch.block_rows(256, torch.float32, 200) == 64
-    blocks = cpu_dispatch.dequant_linear(x, q.qweight, q.scale, q.zero, None, q.format.key, 256, torch.float32)
-    assert sqnr_db(whole.double(), blocks.double()) >= 130
+    blocks = cpu_dispatch.dequant_linear(x, *args, torch.float32)
+    assert blocks.is_contiguous() and sqnr_db(whole.double(), blocks.double()) >= 130
+    assert sqnr_db(_reference(x, q, 256, bias), blocks.double()) >= FLOORS["dequant_fp32"]
+    halves = cpu_dispatch.dequant_linear(x, *args, torch.bfloat16, torch.float32)
+    assert halves.dtype == torch.float32 and halves.is_contiguous()
+    assert sqnr_db(_reference(x, q, 256, bias), halves.double()) >= FLOORS["dequant_bf16"]
 
 
 @pytest.fixture
@@ -177,28 +185,30 @@ def test_an_unknown_mode_names_the_variable(monkeypatch):
 
 
 def test_compressed_and_compiled_layer_records_name_the_dispatch(measured):
-    """compress: each int4 layer's record holds the live ``cpu_kernel`` entry, filled in by the
-    calls (a prompt of 9 rows, then one row); compile: the same entry from the lowering."""
+    """compress: an int4 layer's record holds the live ``cpu_kernel`` entry, filled in by the calls
+    (9 rows, then one); compile: the same entry, from the lowering."""
     from lowbit_compiler import compress
 
-    from tests.conftest import make_model, prompt
     from tests.helpers import Recorder
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(256, 136)).eval()
 
     measured[16] = {"generated": 2e-3, "torch": 1e-3}
     measured[1] = {"generated": 1e-3, "torch": 2e-3}
-    model = compress(make_model("llama"), "w4a16", progress=False)
-    record = model.lowbit_summary["layers"]["model.layers.0.mlp.gate_proj"]["cpu_kernel"]
-    assert set(record) == {"rule"}
+    compressed = compress(model(), "w4a16", example_inputs=torch.randn(2, 256), progress=False)
+    record = compressed.lowbit_summary["layers"]["0"]["cpu_kernel"]
+    assert set(record) == {"rule"} and "timed per row class" in record["rule"]
     with torch.no_grad():
         measured["rows"] = 16
-        model(prompt(9))
+        compressed(torch.randn(9, 256))
         measured["rows"] = 1
-        model(prompt(1))
+        compressed(torch.randn(1, 256))
     assert record["9-16 rows"].startswith("torch's packed kernel: measured at 16 rows")
     assert record["1 row"].startswith("the generated C kernel (float32): measured at 1 rows")
 
     rec = Recorder(recipe="w4a16", progress=False)
     with torch.no_grad():
-        torch.compile(make_model("llama"), backend=rec)(prompt(9))
-    cpu_record = rec.summaries[0]["layers"]["model.layers.0.mlp.gate_proj"]["cpu_kernel"]
-    assert cpu_record is record  # same format and shape: one live entry
+        torch.compile(model(), backend=rec)(torch.randn(9, 256))
+    assert rec.summaries[0]["layers"]["0"]["cpu_kernel"] is record  # same format and shape: one live entry
