@@ -403,8 +403,8 @@ def dequant_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """``x2[M, K] @ dequantize(W).T + bias`` in ``dtype``, as a contiguous ``[M, N]`` tensor of
     ``out_dtype`` (default ``dtype``), or None when the dequantization kernel is not available.
     The weight is dequantized block by block of rows (:func:`block_rows`) into one reused
-    temporary; one block (the usual case) is one ``addmm``; several write the transposed output
-    block by block (whole rows of y^T), copied out once at the end."""
+    temporary; one block (the usual case) is one ``addmm``; with several, each block's product is
+    written (and cast) into its columns of the output."""
     n = scale.shape[0]
     xd = x2.to(dtype)
     step = block_rows(in_features, dtype, n)
@@ -416,18 +416,13 @@ def dequant_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
             return None
         y = torch.mm(xd, w.t()) if b is None else torch.addmm(b, xd, w.t())
         return y if out_dtype in (None, dtype) else y.to(out_dtype)
-    xt = xd.t()  # [K, M]: each block's product W_b [b, K] @ x^T [K, M] lands in whole rows of y^T
-    yt = torch.empty(n, x2.shape[0], dtype=dtype)
-    for n0 in range(0, n, step):
+    y = torch.empty(x2.shape[0], n, dtype=out_dtype or dtype)
+    for n0 in range(0, n, step):  # each block's product written (and cast) into its columns of y
         rows = min(step, n - n0)
         w = dequant_rows(qweight, scale, zero, fmt, in_features, n0, rows, dtype, tmp[:rows], isa)
         if w is None:
             return None
-        torch.mm(w, xt, out=yt[n0:n0 + rows])
-    if b is not None:
-        yt += b[:, None]
-    y = torch.empty(x2.shape[0], n, dtype=out_dtype or dtype)
-    y.copy_(yt.t())  # one pass: transposed back and cast
+        y[:, n0:n0 + rows] = torch.mm(xd, w.t()) if b is None else torch.addmm(b[n0:n0 + rows], xd, w.t())
     return y
 
 
