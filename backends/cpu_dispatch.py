@@ -161,7 +161,9 @@ def digest(*sources: str) -> str:
 def cached_plan(memo: dict, memo_key: tuple, path, disk_key: Callable[[], str], make: Callable[[], dict]) -> dict:
     """A dispatch decision: from ``memo``, else from the JSON file ``path`` (``disk_key()``, which
     names the kernels' sources and the host), else ``make()`` (a measurement), stored in both (the
-    file merged with what other processes wrote meanwhile; atomic replace)."""
+    file merged with what other processes wrote meanwhile; atomic replace). A measurement marked
+    ``busy`` (timed while the load average exceeded the CPU count) is kept in memory only, so a
+    later process on a quieter machine times again."""
     found = memo.get(memo_key)
     if found is not None:
         return found
@@ -169,6 +171,9 @@ def cached_plan(memo: dict, memo_key: tuple, path, disk_key: Callable[[], str], 
     stored = _read(path)
     if key not in stored:
         stored[key] = make()
+        if stored[key].get("busy"):  # timed on a busy machine: for this process only, timed again next time
+            memo[memo_key] = stored[key]
+            return stored[key]
         current = _read(path)
         current[key] = stored[key]
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -586,8 +591,8 @@ def describe(entry: dict) -> str:
         return entry.get("reason", "")
     times = ", ".join(f"{c} {t:.3f} ms" for c, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
     kept = " (the static rule's choice: no other kernel was 5% faster)" if entry["choice"] == entry["default"] else ""
-    busy = (f"; timed while the machine was busy ({entry['busy']}): delete {dispatch_file()} or set {ENV} to "
-            "choose again" if "busy" in entry else "")
+    busy = (f"; timed while the machine was busy ({entry['busy']}): kept for this process only, timed again "
+            f"by the next (or set {ENV})" if "busy" in entry else "")
     return f"measured at {entry['rows']} rows: {times}{kept}{busy}"
 
 

@@ -101,6 +101,7 @@ def measured(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_dispatch, "dispatch_file", lambda: tmp_path / "dispatch.json")
     monkeypatch.setattr(cpu_dispatch, "_PLANS", {})
     monkeypatch.setattr(cpu_dispatch, "_RECORDS", {})
+    monkeypatch.setattr(cpu_dispatch, "_load", lambda: (0.5, 2))  # a quiet machine (see the busy test)
     times: dict = {"calls": 0}
 
     def fastest(calls, repeats=cpu_dispatch.REPEATS, cold=None, clock=None, drop_above=None):
@@ -150,6 +151,19 @@ def test_the_measured_choice_is_honoured_per_row_class_and_cached_on_disk(measur
         cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
         assert cpu_dispatch.counter[(fmt, want)] == before + 1
     assert measured["calls"] == 3
+
+
+def test_a_plan_timed_on_a_busy_machine_is_not_kept_on_disk(measured, monkeypatch):
+    monkeypatch.setattr(cpu_dispatch, "_load", lambda: (9.5, 2))
+    q, packed = _weight("int8", 64, 128, seed=8)
+    measured["rows"], measured[2] = 2, {"generated": 1e-3, "torch": 2e-3}
+    cpu_kernels.packed_linear(torch.randn(2, 128), packed, None, torch.bfloat16)
+    record = cpu_dispatch.layer_record("int8", 64, 128, torch.bfloat16)["2 rows"]
+    assert "timed while the machine was busy (load 9.5 on 2 CPUs): kept for this process only" in record
+    assert not cpu_dispatch.dispatch_file().exists() and measured["calls"] == 1
+    packed._dispatch.clear()  # the same process: the plan from memory, not timed again
+    cpu_kernels.packed_linear(torch.randn(2, 128), packed, None, torch.bfloat16)
+    assert measured["calls"] == 1
 
 
 def test_torchs_layout_is_dropped_when_only_timed(measured):
