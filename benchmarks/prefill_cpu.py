@@ -5,7 +5,8 @@ compressed (``compress``, run eagerly).
 
 Calls are interleaved (one forward of each contender in turn, ``--rounds`` times) so that drift in
 machine speed hits all alike; reported: median seconds per prompt and the speed against eager fp32
-and eager bf16.
+and eager bf16; then which kernel the CPU dispatch (``backends/cpu_dispatch.py``) chose for each
+quantized shape, with the times it measured (``LOWBIT_CPU_DISPATCH`` applies).
 
     python benchmarks/prefill_cpu.py [--prompt 512] [--layers 4] [--rounds 5] [--json benchmarks/results/prefill_cpu.json]
 """
@@ -73,10 +74,23 @@ def main() -> None:
     for r in rows:
         print(f"| {r['contender']} | {r['seconds']:.2f} | {r['speedup_vs_eager_fp32']:.2f}x | "
               f"{r['speedup_vs_eager_bf16']:.2f}x | {r['first_call_s']:.1f} s |")
+    from lowbit_compiler.backends import cpu_dispatch
+
+    plans = [{"format": key[0], "N": key[1], "K": key[2], "rows": f"{key[3][0]}-{key[3][1] or ''}",
+              "choice": entry["choice"], "ms": entry.get("ms", {}),
+              **({"busy": entry["busy"]} if "busy" in entry else {})}
+             for key, entry in cpu_dispatch._PLANS.items()]
+    mode = os.environ.get(cpu_dispatch.ENV, "measure")
+    print(f"CPU dispatch ({cpu_dispatch.ENV}={mode}): what each quantized shape ran")
+    for p in plans:
+        print(f"  {p['format']} {p['N']}x{p['K']}, {p['rows']} rows: {p['choice']} "
+              + ", ".join(f"{c} {t:.1f} ms" for c, t in sorted(p["ms"].items(), key=lambda kv: kv[1]))
+              + (f" (timed while busy: {p['busy']})" if "busy" in p else ""))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+            json.dump({"config": vars(args), "threads": torch.get_num_threads(), "rows": rows, "cpu_dispatch": plans},
+                      f, indent=2)
 
 
 if __name__ == "__main__":

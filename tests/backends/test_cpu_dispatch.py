@@ -187,8 +187,9 @@ def test_the_override_is_honoured(monkeypatch, mode, rows, want):
     before = cpu_dispatch.counter[(fmt, want)]
     cpu_kernels.packed_linear(torch.randn(rows, k), packed, None, torch.bfloat16)
     assert cpu_dispatch.counter[(fmt, want)] == before + 1
-    assert cpu_dispatch.layer_record(fmt, 64, k, torch.bfloat16)[cpu_dispatch.class_label(
-        cpu_dispatch.row_class(rows))].endswith(f"{cpu_dispatch.ENV}={mode}" + (" (the static rule)" if mode == "generated" else ""))
+    label = cpu_dispatch.class_label(cpu_dispatch.row_class(rows))
+    suffix = " (the static rule)" if mode == "generated" else ""
+    assert cpu_dispatch.layer_record(fmt, 64, k, torch.bfloat16)[label].endswith(f"{cpu_dispatch.ENV}={mode}{suffix}")
 
 
 def test_an_unknown_mode_names_the_variable(monkeypatch):
