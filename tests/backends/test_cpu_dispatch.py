@@ -57,6 +57,18 @@ def test_every_candidate_meets_the_float64_reference(fmt):
             assert sqnr_db(ref, y.double()) >= FLOORS[name], (name, rows, sqnr_db(ref, y.double()))
 
 
+def test_k_padded_to_the_group_has_no_generated_candidate_and_dequantizes_right():
+    """K = 200 with groups of 128 (stored padded to 256): the generated kernel does not take it, the
+    dequantize candidates read only the 200 real columns."""
+    fmt, n, k = "int4_g128_asym", 72, 200
+    q, packed = _weight(fmt, n, k, seed=9)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(9))
+    assert cpu_dispatch.candidates(packed, 3, torch.bfloat16) == ["torch"]
+    ref = _reference(x, q, k, None)
+    for name in ("dequant_bf16", "dequant_fp32"):
+        assert sqnr_db(ref, cpu_kernels.run_candidate(name, x, packed, None, torch.bfloat16).double()) >= FLOORS[name]
+
+
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 def test_dequantization_kernel_is_exact_on_every_build(isa):
     """bf16 and float32 rows equal the reference dequantiser (rounded once to bf16) bit for bit:
