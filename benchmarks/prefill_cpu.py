@@ -76,14 +76,14 @@ def main() -> None:
               f"{r['speedup_vs_eager_bf16']:.2f}x | {r['first_call_s']:.1f} s |")
     from lowbit_compiler.backends import cpu_dispatch
 
-    plans = [{"format": key[0], "N": key[1], "K": key[2], "rows": f"{key[3][0]}-{key[3][1] or ''}",
+    plans = [{"format": key[0], "N": key[1], "K": key[2], "rows": cpu_dispatch.class_label(key[3]),
               "choice": entry["choice"], "ms": entry.get("ms", {}),
               **({"busy": entry["busy"]} if "busy" in entry else {})}
              for key, entry in cpu_dispatch._PLANS.items()]
     mode = os.environ.get(cpu_dispatch.ENV, "measure")
     print(f"CPU dispatch ({cpu_dispatch.ENV}={mode}): what each quantized shape ran")
     for p in plans:
-        print(f"  {p['format']} {p['N']}x{p['K']}, {p['rows']} rows: {p['choice']} "
+        print(f"  {p['format']} {p['N']}x{p['K']}, {p['rows']}: {p['choice']}; measured "
               + ", ".join(f"{c} {t:.1f} ms" for c, t in sorted(p["ms"].items(), key=lambda kv: kv[1]))
               + (f" (timed while busy: {p['busy']})" if "busy" in p else ""))
     if args.json:
