@@ -47,7 +47,7 @@ def test_generated_kernel_matches_the_float_reference(fmt, rows, n, k, with_bias
 
 @pytest.mark.parametrize("fmt", ["int4_g128_asym", "int4_g32_sym", "int8"])
 def test_a_non_finite_activation_shows_in_the_output(fmt):
-    """One row (the int16 VNNI path for int4 groups of 64+ where the host has it) and several:
+    """One row and several (the split-int8 path for int4 groups of 64+, and int8 with VNNI):
     an inf or NaN in x never comes out as finite numbers."""
     q = formats.quantize(torch.randn(21, 256) * 0.05, WeightFormat.parse(fmt))
     for rows in (1, 3):
@@ -333,3 +333,44 @@ def test_torch_layout_is_built_only_for_calls_past_the_generated_kernel():
     assert formats.sqnr_db(reference, y.double()) >= 60.0
     unpacked = cpu_kernels._pack(q.qweight, q.scale, q.zero, fmt, k - 6, torch.float32)  # K padded to a group
     assert unpacked.weight is not None  # no generated kernel for a padded K: torch layout built at once
+
+
+@pytest.mark.parametrize("fmt, k", [("int8", 2112), ("int4_g128_asym", 768)] + [  # four builds each: the rest slow
+    pytest.param(f, k, marks=pytest.mark.slow)
+    for f, k in (("int8", 544), ("int4_g64_asym", 512), ("int4_g128_sym", 768), ("int4_g256_asym", 1024))])
+def test_split8_path_matches_the_float_reference(fmt, k):
+    """The split-int8 integer path (x as three int8 parts per block, u8 x s8 dot products: vpdpbusd
+    with VNNI; maddubs + madd in the AVX2 build for int4) against float64, against the float path
+    of the same kernel built without it (``split8=False``), with an outlier 100x the rest in one
+    block (the parts are scaled per block / group, so the other blocks keep their precision).
+    int8 K = 2112 ends in a partial 64-column block."""
+    g = torch.Generator().manual_seed(k)
+    n = 45
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt))
+    assert cpu_codegen.source(fmt) != cpu_codegen.source(fmt, split8=False)  # the path is compiled out
+    isas = ["native"] + (["avx2"] if {"avx2", "fma"} <= _HOST else [])
+    for isa in isas:
+        split, plain = cpu_codegen._build(fmt, isa, True), cpu_codegen._build(fmt, isa, False)
+        for rows in (1, 3, 6, 16):
+            x = torch.randn(rows, k, generator=g)
+            x[0, 7] = 100.0
+            reference = ops.wo_linear_reference(x.double(), q.qweight, q.scale, q.zero, None, fmt, k)
+            y = cpu_codegen.Bound(split, fmt, q.qweight, q.scale, q.zero, fmt, k)(x, None)
+            y0 = cpu_codegen.Bound(plain, fmt, q.qweight, q.scale, q.zero, fmt, k)(x, None)
+            assert formats.sqnr_db(reference, y.double()) >= 110.0, (isa, rows)  # measured 114-139 dB
+            assert formats.sqnr_db(reference, y0.double()) >= 110.0
+            assert formats.sqnr_db(y0.double(), y.double()) >= 105.0  # two float32-accurate paths
+            if fmt != "int8" or cpu_codegen.isa_of(split) == "avx512_vnni":  # int8 has it with VNNI only
+                assert not torch.equal(y, y0)  # the integer path did run
+
+
+def test_split8_switch_is_read_per_call(monkeypatch):
+    """``LOWBIT_CPU_SPLIT8=0`` (before/after comparisons) binds the build without the integer path."""
+    q = formats.quantize(torch.randn(16, 256) * 0.05, WeightFormat.parse("int4_g128_asym"))
+    on = cpu_codegen.kernel("int4_g128_asym")
+    monkeypatch.setenv(cpu_codegen.SPLIT8_ENV, "0")
+    off = cpu_codegen.kernel("int4_g128_asym")
+    assert on is not off and off is cpu_codegen._build("int4_g128_asym", "native", False)
+    x = torch.randn(1, 256)
+    assert formats.sqnr_db(cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, "int4_g128_asym", 256).double(),
+                           (x.double() @ formats.dequantize(q).double().T)) >= 110
