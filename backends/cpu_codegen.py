@@ -245,6 +245,11 @@ static inline __attribute__((always_inline)) void {name}_tile512(
 
 #if defined(LOWBIT_AVX2) && {split8}
 #define {name}_S8 1
+#ifdef LOWBIT_VNNI
+#define {name}_S8_ROWS {split_rows}
+#else
+#define {name}_S8_ROWS 1  /* maddubs + madd: two ops per dot product; from 2 rows the float path's shared unpack wins (measured) */
+#endif
 /* Integer codes, x in three int8 parts (lowbit_split3, per group: d = absmax / 127), so that the
    codes meet the activations in u8 x s8 dot products (vpdpbusd with VNNI: 32 products summed into
    8 int32 lanes per instruction; maddubs + madd without, exact for codes <= 15): per 32 code bytes
@@ -328,12 +333,12 @@ static void {name}_prepare8(const float* x, float* scratch, int64_t M, int64_t K
 #endif
 
 /* once per call: x split into even / odd columns and summed per group (scratch [M, K + K/G]);
-   calls the split-int8 path takes (integer groups of 64+, at most {split_rows} rows) get its layout
+   calls the split-int8 path takes (integer groups of 64+, at most {name}_S8_ROWS rows) get its layout
    instead */
 static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
 {{
 #if defined({name}_S8)
-    if (M <= {split_rows}) {{
+    if (M <= {name}_S8_ROWS) {{
         {name}_prepare8(x, scratch, M, K);
         return;
     }}
@@ -373,7 +378,7 @@ static inline __attribute__((always_inline)) void {name}_channel(
         const uint16_t* sc = scale + n * groups;
         const uint8_t* zp = {zero_row};
 #if defined({name}_S8)
-        if (M <= {split_rows}) {{  /* the layout {name}_prepare8 wrote */
+        if (M <= {name}_S8_ROWS) {{  /* the layout {name}_prepare8 wrote */
             const float* dg = scratch + (3 * M * K) / 4;
             for (int64_t m = 0; m < M; m += 4) {{
                 const int64_t t = M - m < 4 ? M - m : 4;
