@@ -108,6 +108,31 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* acc + the four u8 x s8 products of each int32 lane: vpdpbusd with VNNI (exact), else maddubs + madd
+   (exact while a pair of products stays below 2^15, which the caller must guarantee) */
+static inline __m256i lowbit_dot_u8s8(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* a (x / d, |a| <= 127) as h + m / 254 + l / 254^2 with h, m, l in [-127, 127]: each residual is
+   computed exactly (a - round(a) is exact in float32, and the fma forms r * 254 - m without
+   rounding), so what is left is at most 0.5 / 254^2 of d, ~2^-24 of the block's absmax */
+static inline void lowbit_split3(float a, int8_t* h, int8_t* m, int8_t* l) {
+    float vh = nearbyintf(a);
+    vh = vh > 127.0f ? 127.0f : (vh < -127.0f ? -127.0f : vh);
+    const float r = a - vh;
+    const float vm = nearbyintf(r * 254.0f);
+    float vl = nearbyintf(fmaf(r, 254.0f, -vm) * 254.0f);
+    vl = vl > 127.0f ? 127.0f : (vl < -127.0f ? -127.0f : vl);
+    *h = (int8_t)vh;
+    *m = (int8_t)(vm > 127.0f ? 127.0f : (vm < -127.0f ? -127.0f : vm));
+    *l = (int8_t)vl;
+}
+
 static inline int32_t hsum256_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -219,23 +244,26 @@ static inline __attribute__((always_inline)) void {name}_tile512(
 }}
 #endif
 
-#if defined(LOWBIT_VNNI) && {exact16}
-#define {name}_I16 1
-/* Integer codes with VNNI: x is written per group as d * (xh + xl / 65536) with xh, xl int16
-   (d = absmax / 32766; what is left after xh, rounded again: ~2^-32 of the group's absmax, below
-   float32's own rounding), so that codes (0..15, widened to int16) meet activations in vpdpwssd:
-   16 int16 pairs multiplied and summed into 8 int32 lanes in one instruction, exact (a group of
-   G <= 4096 sums below 2^31). Per 16 code bytes (32 weights): one widening load, an and, a shift
-   and four vpdpwssd per row, against fourteen 256-bit operations for the float path (which is
-   bound by its unpack: int -> float conversions). Each group's two int32 sums become float once:
-   y = sum_g s_g (d_g (H_g + L_g / 65536) - z_g sum x_g). A non-finite activation makes its row's
-   outputs NaN. */
-static inline __attribute__((always_inline)) void {name}_tile16(
-    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const int16_t* xq, const float* dg,
+#if defined(LOWBIT_AVX2) && {split8}
+#define {name}_S8 1
+#ifdef LOWBIT_VNNI
+#define {name}_S8_ROWS {split_rows}
+#else
+#define {name}_S8_ROWS 1  /* maddubs + madd: two ops per dot product; from 2 rows the float path's shared unpack wins (measured) */
+#endif
+/* Integer codes, x in three int8 parts (lowbit_split3, per group: d = absmax / 127), so that the
+   codes meet the activations in u8 x s8 dot products (vpdpbusd with VNNI: 32 products summed into
+   8 int32 lanes per instruction; maddubs + madd without, exact for codes <= 15): per 32 code bytes
+   (64 weights) one load, three ops to split the nibbles, six dot products per row. The sums are
+   exact integers; each group's three become float once: y = sum_g s_g (d_g (H + M/254 + L/254^2)
+   - z_g sum x_g). A non-finite activation makes its row's outputs NaN. */
+static inline __attribute__((always_inline)) void {name}_tile8(
+    const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const int8_t* xq, const float* dg,
     const float* xs, float* out, int64_t K, int64_t groups, const int MT)
 {{
-    const int64_t G = {group}, half = K / 2;
-    const __m256i low4 = _mm256_set1_epi16(15);
+    const int64_t G = {group};
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m256 c1 = _mm256_set1_ps(1.0f / 254.0f), c2 = _mm256_set1_ps(1.0f / 64516.0f);
     __m256 acc[4];
     float zsum[4];
     for (int r = 0; r < MT; r++) {{ acc[r] = _mm256_setzero_ps(); zsum[r] = 0.0f; }}
@@ -243,28 +271,27 @@ static inline __attribute__((always_inline)) void {name}_tile16(
         const float s = bf16_to_f32(scale[g]);
         const float z = {zero_expr};
         const uint8_t* b = row + g * (G / 2);
-        const int64_t at = g * (G / 2);
-        __m256i h[4], l[4], h2[4], l2[4];
+        __m256i h[4], m[4], l[4];
         for (int r = 0; r < MT; r++) {{
-            h[r] = _mm256_setzero_si256(); l[r] = _mm256_setzero_si256();
-            h2[r] = _mm256_setzero_si256(); l2[r] = _mm256_setzero_si256();
+            h[r] = _mm256_setzero_si256(); m[r] = _mm256_setzero_si256(); l[r] = _mm256_setzero_si256();
         }}
-        for (int64_t c = 0; c < G / 2; c += 16) {{
-            const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(b + c)));
-            const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_srli_epi16(w, 4);
-            for (int r = 0; r < MT; r++) {{  /* per row: [even high | even low | odd high | odd low] */
-                const int16_t* xr = xq + r * 2 * K + at + c;
-                h[r] = _mm256_dpwssd_epi32(h[r], lo, _mm256_loadu_si256((const __m256i*)xr));
-                l[r] = _mm256_dpwssd_epi32(l[r], lo, _mm256_loadu_si256((const __m256i*)(xr + half)));
-                h2[r] = _mm256_dpwssd_epi32(h2[r], hi, _mm256_loadu_si256((const __m256i*)(xr + K)));
-                l2[r] = _mm256_dpwssd_epi32(l2[r], hi, _mm256_loadu_si256((const __m256i*)(xr + K + half)));
+        for (int64_t c = 0; c < G / 2; c += 32) {{
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(b + c));
+            const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+            for (int r = 0; r < MT; r++) {{  /* per 64 columns: [32 even | 32 odd] of each part */
+                const int8_t* xr = xq + r * 3 * K + g * G + 2 * c;
+                h[r] = lowbit_dot_u8s8(h[r], lo, _mm256_loadu_si256((const __m256i*)xr));
+                h[r] = lowbit_dot_u8s8(h[r], hi, _mm256_loadu_si256((const __m256i*)(xr + 32)));
+                m[r] = lowbit_dot_u8s8(m[r], lo, _mm256_loadu_si256((const __m256i*)(xr + K)));
+                m[r] = lowbit_dot_u8s8(m[r], hi, _mm256_loadu_si256((const __m256i*)(xr + K + 32)));
+                l[r] = lowbit_dot_u8s8(l[r], lo, _mm256_loadu_si256((const __m256i*)(xr + 2 * K)));
+                l[r] = lowbit_dot_u8s8(l[r], hi, _mm256_loadu_si256((const __m256i*)(xr + 2 * K + 32)));
             }}
         }}
         for (int r = 0; r < MT; r++) {{
-            const float sd = s * dg[r * groups + g];
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(h[r], h2[r])), _mm256_set1_ps(sd), acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(l[r], l2[r])),
-                                     _mm256_set1_ps(sd * (1.0f / 65536.0f)), acc[r]);
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l[r]), c2,
+                                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(m[r]), c1, _mm256_cvtepi32_ps(h[r])));
+            acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * dg[r * groups + g]), acc[r]);
             zsum[r] += s * z * xs[r * groups + g];
         }}
     }}
@@ -272,26 +299,15 @@ static inline __attribute__((always_inline)) void {name}_tile16(
         out[r] = hsum256(acc[r]) - zsum[r];
 }}
 
-static inline void {name}_split(float v, double inv, double d, int16_t* h, int16_t* l)
+/* once per call: per row the three int8 parts of x (K bytes each, [32 even | 32 odd] per 64
+   columns), then the group scales d [M, K/G] and sums of x [M, K/G] */
+static void {name}_prepare8(const float* x, float* scratch, int64_t M, int64_t K)
 {{
-    double q = nearbyint((double)v * inv);
-    q = q > 32767.0 ? 32767.0 : (q < -32767.0 ? -32767.0 : q);
-    double t = nearbyint(((double)v - q * d) * inv * 65536.0);
-    t = t > 32767.0 ? 32767.0 : (t < -32767.0 ? -32767.0 : t);
-    *h = (int16_t)q;
-    *l = (int16_t)t;
-}}
-
-/* once per call: per row [even high | even low | odd high | odd low] int16 (K/2 each), then the
-   group scales d [M, K/G] and sums of x [M, K/G] (scratch [M, K + 2 K/G] floats) */
-static void {name}_prepare16(const float* x, float* scratch, int64_t M, int64_t K)
-{{
-    const int64_t G = {group}, half = K / 2, groups = K / G;
-    int16_t* xq = (int16_t*)scratch;
-    float* dg = scratch + M * K;
+    const int64_t G = {group}, groups = K / G;
+    int8_t* xq = (int8_t*)scratch;
+    float* dg = scratch + (3 * M * K) / 4;
     float* xs = dg + M * groups;
     for (int64_t m = 0; m < M; m++) {{
-        int16_t* eh = xq + m * 2 * K;
         for (int64_t g = 0; g < groups; g++) {{
             const float* xg = x + m * K + g * G;
             float amax = 0.0f, t = 0.0f;
@@ -301,13 +317,16 @@ static void {name}_prepare16(const float* x, float* scratch, int64_t M, int64_t 
                 t += xg[k];
             }}
             const int finite = isfinite(amax) && isfinite(t);
-            const double d = amax > 0.0f && finite ? (double)amax / 32766.0 : 1.0, inv = 1.0 / d;
-            for (int64_t j = 0; j < G / 2; j++) {{
-                const int64_t at = g * (G / 2) + j;
-                {name}_split(finite ? xg[2 * j] : 0.0f, inv, d, eh + at, eh + half + at);
-                {name}_split(finite ? xg[2 * j + 1] : 0.0f, inv, d, eh + K + at, eh + K + half + at);
+            const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int64_t c = 0; c < G; c += 64) {{
+                int8_t* p = xq + m * 3 * K + g * G + c;
+                for (int64_t j = 0; j < 32; j++) {{
+                    lowbit_split3(finite ? xg[c + 2 * j] * inv : 0.0f, p + j, p + K + j, p + 2 * K + j);
+                    lowbit_split3(finite ? xg[c + 2 * j + 1] * inv : 0.0f, p + 32 + j, p + K + 32 + j,
+                                  p + 2 * K + 32 + j);
+                }}
             }}
-            dg[m * groups + g] = finite ? (float)d : NAN;
+            dg[m * groups + g] = finite ? (inv > 0.0f ? 1.0f / inv : 0.0f) : NAN;
             xs[m * groups + g] = finite ? t : NAN;
         }}
     }}
@@ -315,13 +334,13 @@ static void {name}_prepare16(const float* x, float* scratch, int64_t M, int64_t 
 #endif
 
 /* once per call: x split into even / odd columns and summed per group (scratch [M, K + K/G]);
-   with the int16 path, one row (decode) goes there instead: at 2 or more rows the float path's
-   FMAs are as fast and its unpack is shared by the rows */
+   calls the split-int8 path takes (integer groups of 64+, at most {name}_S8_ROWS rows) get its layout
+   instead */
 static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
 {{
-#if defined({name}_I16)
-    if (M == 1) {{
-        {name}_prepare16(x, scratch, M, K);
+#if defined({name}_S8)
+    if (M <= {name}_S8_ROWS) {{
+        {name}_prepare8(x, scratch, M, K);
         return;
     }}
 #endif
@@ -359,10 +378,18 @@ static inline __attribute__((always_inline)) void {name}_channel(
         const uint8_t* row = codes + n * half;
         const uint16_t* sc = scale + n * groups;
         const uint8_t* zp = {zero_row};
-#if defined({name}_I16)
-        if (M == 1) {{  /* the layout {name}_prepare16 wrote */
-            const float* dg = scratch + K;
-            {name}_tile16(row, sc, zp, (const int16_t*)scratch, dg, dg + groups, out, K, groups, 1);
+#if defined({name}_S8)
+        if (M <= {name}_S8_ROWS) {{  /* the layout {name}_prepare8 wrote */
+            const float* dg = scratch + (3 * M * K) / 4;
+            for (int64_t m = 0; m < M; m += 4) {{
+                const int64_t t = M - m < 4 ? M - m : 4;
+                const int8_t* q = (const int8_t*)scratch + m * 3 * K;
+                const float *d = dg + m * groups, *s = dg + M * groups + m * groups;
+                if (t == 4) {name}_tile8(row, sc, zp, q, d, s, out + m, K, groups, 4);
+                else if (t == 3) {name}_tile8(row, sc, zp, q, d, s, out + m, K, groups, 3);
+                else if (t == 2) {name}_tile8(row, sc, zp, q, d, s, out + m, K, groups, 2);
+                else {name}_tile8(row, sc, zp, q, d, s, out + m, K, groups, 1);
+            }}
             return;
         }}
 #endif
@@ -578,9 +605,93 @@ static inline __attribute__((always_inline)) void {name}_tile512(
 }}
 #endif
 
+#if defined(LOWBIT_VNNI) && {split8}
+#define {name}_S8 1
+#define {name}_BLOCK 256
+/* With VNNI, x in three int8 parts per block of 256 columns (lowbit_split3, d = absmax / 127) and
+   the codes made unsigned (w + 128: an xor), so that vpdpbusd multiplies 32 codes by 32 parts and
+   sums them in 8 int32 lanes per instruction: per 32 codes one load and xor, three dot products
+   per row, against the float path's widen, convert and FMA per 16 codes. The sums are exact
+   integers; each block's three become float once, and the offset's sum 128 * sum(x) (the same
+   for every channel) is subtracted once per row: y = s (sum_b d_b (H + M/254 + L/254^2) - C). */
+static inline __attribute__((always_inline)) void {name}_tile8(
+    const int8_t* w, const int8_t* xq, const float* db, const float* corr, float* out, int64_t K,
+    int64_t blocks, const int MT)
+{{
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m256 c1 = _mm256_set1_ps(1.0f / 254.0f), c2 = _mm256_set1_ps(1.0f / 64516.0f);
+    __m256 acc[4];
+    for (int r = 0; r < MT; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {{
+        const int64_t k0 = b * {name}_BLOCK, k1 = k0 + {name}_BLOCK < K ? k0 + {name}_BLOCK : K;
+        __m256i h[4], m[4], l[4];
+        for (int r = 0; r < MT; r++) {{
+            h[r] = _mm256_setzero_si256(); m[r] = _mm256_setzero_si256(); l[r] = _mm256_setzero_si256();
+        }}
+        for (int64_t k = k0; k < k1; k += 32) {{
+            const __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + k)), flip);
+            for (int r = 0; r < MT; r++) {{
+                const int8_t* xr = xq + r * 3 * K + k;
+                h[r] = _mm256_dpbusd_epi32(h[r], wu, _mm256_loadu_si256((const __m256i*)xr));
+                m[r] = _mm256_dpbusd_epi32(m[r], wu, _mm256_loadu_si256((const __m256i*)(xr + K)));
+                l[r] = _mm256_dpbusd_epi32(l[r], wu, _mm256_loadu_si256((const __m256i*)(xr + 2 * K)));
+            }}
+        }}
+        for (int r = 0; r < MT; r++) {{
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(l[r]), c2,
+                                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(m[r]), c1, _mm256_cvtepi32_ps(h[r])));
+            acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(db[r * blocks + b]), acc[r]);
+        }}
+    }}
+    for (int r = 0; r < MT; r++)
+        out[r] = hsum256(acc[r]) - corr[r];
+}}
+
+/* once per call: per row the three int8 parts of x (K bytes each, in column order), the block
+   scales d [M, blocks] and the offset's sums C [M] */
+static void {name}_prepare8(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+    const int64_t blocks = (K + {name}_BLOCK - 1) / {name}_BLOCK;
+    int8_t* xq = (int8_t*)scratch;
+    float* db = scratch + (3 * M * K) / 4;
+    float* corr = db + M * blocks;
+    for (int64_t m = 0; m < M; m++) {{
+        double c = 0.0;
+        for (int64_t b = 0; b < blocks; b++) {{
+            const int64_t k0 = b * {name}_BLOCK, k1 = k0 + {name}_BLOCK < K ? k0 + {name}_BLOCK : K;
+            const float* xm = x + m * K;
+            float amax = 0.0f, t = 0.0f;  /* t: NaN iff some x is inf or NaN (the max skips a NaN) */
+            for (int64_t k = k0; k < k1; k++) {{
+                const float a = fabsf(xm[k]);
+                amax = a > amax ? a : amax;
+                t += xm[k] * 0.0f;
+            }}
+            const int finite = isfinite(amax) && isfinite(t);
+            const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+            int8_t* p = xq + m * 3 * K;
+            int32_t sh = 0, sm = 0, sl = 0;
+            for (int64_t k = k0; k < k1; k++) {{
+                lowbit_split3(finite ? xm[k] * inv : 0.0f, p + k, p + K + k, p + 2 * K + k);
+                sh += p[k]; sm += p[K + k]; sl += p[2 * K + k];
+            }}
+            const float d = finite ? (inv > 0.0f ? 1.0f / inv : 0.0f) : NAN;
+            db[m * blocks + b] = d;
+            c += 128.0 * (double)d * ((double)sh + (double)sm / 254.0 + (double)sl / 64516.0);
+        }}
+        corr[m] = (float)c;
+    }}
+}}
+#endif
+
 static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
 {{
-    (void)x; (void)scratch; (void)M; (void)K;  /* int8 reads x as it is */
+#if defined({name}_S8)
+    if (M <= {split_rows} && K % 32 == 0) {{
+        {name}_prepare8(x, scratch, M, K);
+        return;
+    }}
+#endif
+    (void)x; (void)scratch; (void)M; (void)K;  /* the float path reads x as it is */
 }}
 
 static inline __attribute__((always_inline)) void {name}_channel(
@@ -593,6 +704,24 @@ static inline __attribute__((always_inline)) void {name}_channel(
         const int8_t* w = codes + n * K;
         const float s = bf16_to_f32(scale[n]);
         float d[{max_rows}];
+#if defined({name}_S8)
+        if (M <= {split_rows} && K % 32 == 0) {{  /* the layout {name}_prepare8 wrote */
+            const int64_t blocks = (K + {name}_BLOCK - 1) / {name}_BLOCK;
+            const float* db = scratch + (3 * M * K) / 4;
+            for (int64_t m = 0; m < M; m += 4) {{
+                const int64_t t = M - m < 4 ? M - m : 4;
+                const int8_t* q = (const int8_t*)scratch + m * 3 * K;
+                const float *b = db + m * blocks, *c = db + M * blocks + m;
+                if (t == 4) {name}_tile8(w, q, b, c, d + m, K, blocks, 4);
+                else if (t == 3) {name}_tile8(w, q, b, c, d + m, K, blocks, 3);
+                else if (t == 2) {name}_tile8(w, q, b, c, d + m, K, blocks, 2);
+                else {name}_tile8(w, q, b, c, d + m, K, blocks, 1);
+            }}
+            for (int64_t m = 0; m < M; m++)
+                out[m] = s * d[m];
+            return;
+        }}
+#endif
 #if defined(LOWBIT_AVX512)
         for (int64_t m = 0; m < M; m += 4) {{
             const int64_t t = M - m < 4 ? M - m : 4;
@@ -962,6 +1091,17 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
 """
 
 S24_STEP = 32  # 2:4 kernel, AVX-512: kept values per step (16 per accumulator)
+# calls of at most this many rows take the split-int8 integer path (int4 groups of 64+, int8 with VNNI)
+SPLIT8_ROWS = int(os.environ.get("LOWBIT_CPU_SPLIT8_ROWS", MAX_ROWS))
+
+
+SPLIT8_ENV = "LOWBIT_CPU_SPLIT8"
+
+
+def split8_enabled() -> bool:
+    """Whether the int4/int8 kernels keep their split-int8 integer paths (``LOWBIT_CPU_SPLIT8=0``:
+    the float path only, for before/after comparisons; read per call like ``LOWBIT_CPU_ISA``)."""
+    return os.environ.get(SPLIT8_ENV, "1") != "0"
 
 # the kernel key of the W8A8 matmul (the weight-only kernels are keyed by their weight format)
 W8A8 = "w8a8"
@@ -993,8 +1133,11 @@ def kernel_name(fmt: str) -> str:
     return "lowbit_cpu_" + fmt.replace("-", "_").replace("+", "_")
 
 
-def source(fmt: str) -> str:
-    """The C source of the kernel for ``fmt`` (readable; dumped beside the Triton kernels)."""
+def source(fmt: str, split8: bool | None = None) -> str:
+    """The C source of the kernel for ``fmt`` (readable; dumped beside the Triton kernels).
+    ``split8`` (default: ``split8_enabled()``) keeps the split-int8 integer paths of int4 (groups of
+    64+) and int8 weights; without it those calls take the float path."""
+    split8 = split8_enabled() if split8 is None else split8
     name = kernel_name(fmt)
     if fmt == W8A8:
         return (f"/* lowbit generated CPU kernel: int8 weights x int8 activations, int32 sums (M <= {MAX_ROWS}) */\n"
@@ -1010,7 +1153,8 @@ def source(fmt: str) -> str:
     if f.kind == "sparse":
         body = _S24_INT8.format(name=name, max_rows=MAX_ROWS, s24_step=S24_STEP)
     elif f.bits == 8:
-        body = _INT8.format(name=name, max_rows=MAX_ROWS, drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS))
+        body = _INT8.format(name=name, max_rows=MAX_ROWS, drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS),
+                            split8=int(split8), split_rows=SPLIT8_ROWS)
     else:
         if f.kind == "nf4":
             decode = _DECODE_TABLE.format(name=name, values=", ".join(f"{float(v)!r}f" for v in NF4_GRID))
@@ -1021,7 +1165,9 @@ def source(fmt: str) -> str:
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS, decode_defs=decode, zero_expr=zero_expr,
                             wide=int(f.group_size % 32 == 0),  # the 16-lane path reads 16 code bytes a step
                             # per group two int32 -> float conversions: worth it from 64 up (measured)
-                            exact16=int(f.kind == "int" and f.group_size % 64 == 0 and f.group_size <= 4096),
+                            split8=int(split8 and f.kind == "int" and f.group_size % 64 == 0
+                                       and f.group_size <= 4096),
+                            split_rows=SPLIT8_ROWS,
                             drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS),
                             zero_row="zero + n * groups" if f.has_zero_points else "0")
     return f"/* lowbit generated CPU kernel: {fmt} weights, float32 rows (M <= {MAX_ROWS}) */\n" + _PRELUDE + body
@@ -1068,16 +1214,16 @@ def kernel(fmt: str, portable: bool = False, isa: str | None = None):
     another target than the host's full ISA; ``isa_of(fn)`` says which explicit path it runs."""
     if kernel_disabled():
         return None
-    return _build(fmt, isa or ("portable" if portable else isa_choice()))
+    return _build(fmt, isa or ("portable" if portable else isa_choice()), split8_enabled())
 
 
 @functools.lru_cache(maxsize=None)
-def _build(fmt: str, isa: str):
+def _build(fmt: str, isa: str, split8: bool = True):
     why = supported(fmt)
     if why is not None:
         return None
     pointers = 3 if fmt == W8A8 else 7
-    return build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
+    return build(kernel_name(fmt), source(fmt, split8), [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
                  "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", isa=isa)
 
 
@@ -1086,14 +1232,14 @@ def multi_kernel(fmt: str, isa: str | None = None):
     gate.up with SiLU * mul), or None (no kernel for the format; reason logged once)."""
     if kernel_disabled():
         return None
-    return _build_multi(fmt, isa or isa_choice())
+    return _build_multi(fmt, isa or isa_choice(), split8_enabled())
 
 
 @functools.lru_cache(maxsize=None)
-def _build_multi(fmt: str, isa: str):
+def _build_multi(fmt: str, isa: str, split8: bool = True):
     if supported(fmt) is not None or fmt in (W8A8,) or fmt.endswith(A8) or WeightFormat.parse(fmt).kind == "sparse":
         return None
-    return build(kernel_name(fmt), source(fmt),
+    return build(kernel_name(fmt), source(fmt, split8),
                  [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                           ctypes.c_int64, ctypes.c_int],
                  "the group's linears run one by one", what=f"the {fmt} kernel", isa=isa,
@@ -1199,7 +1345,11 @@ class Bound:
         self.n, self.k = scale.shape[0], in_features
         groups = in_features // (f.group_size or in_features)
         # scratch floats per row of x: the int4 kernels split x into even/odd columns + group sums
-        self.scratch = in_features + 2 * groups if f.kind in ("int", "nf4") and f.bits == 4 else 0
+        # (int4 split-int8 path: 3K bytes + 2 K/G floats); int8 with VNNI: x in three int8 parts
+        # (3K bytes) + a scale per 256 columns + one sum
+        self.scratch = (in_features + 2 * groups if f.kind in ("int", "nf4") and f.bits == 4
+                        else (3 * in_features) // 4 + in_features // 256 + 2 if f.kind == "int" and f.bits == 8
+                        else 0)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x[M, K]`` (M <= MAX_ROWS) -> float32 ``[M, N]``."""

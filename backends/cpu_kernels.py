@@ -66,7 +66,7 @@ class PackedWeight(torch.nn.Module):
         self.register_buffer("weight", weight)   # int8 [N, Kp] or the int4pack layout (None until built)
         self.register_buffer("scales", scales)   # int8: [N]; int4: scales_and_zeros [Kp/g, Np, 2]
         self._make_layout = make_layout
-        self._bound: dict[tuple, "cpu_codegen.Bound | None"] = {}  # (int8 activations?, isa) -> bound kernel
+        self._bound: dict[tuple, "cpu_codegen.Bound | None"] = {}  # (int8 activations?, isa, split8) -> bound
         self._dispatch: dict[tuple, str] = {}  # (rows, compute dtype, environment) -> kernel (cpu_dispatch.choose)
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
 
@@ -91,7 +91,7 @@ class PackedWeight(torch.nn.Module):
             return None
         if int8_activations and cpu_codegen.supported(self.fmt + cpu_codegen.A8) is not None:
             int8_activations = False
-        key = (int8_activations, cpu_codegen.isa_choice())
+        key = (int8_activations, cpu_codegen.isa_choice(), cpu_codegen.split8_enabled())
         bound = self._bound.get(key, False)
         if bound is False:
             bound = self._bound[key] = cpu_codegen.bind(*self.quantized, self.fmt, self.in_features,
@@ -232,17 +232,18 @@ class FusedWeights(torch.nn.Module):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.epilogue = epilogue
-        self._bound: dict[str, "cpu_codegen.BoundGroup | None"] = {}  # isa -> bound group
+        self._bound: dict[tuple, "cpu_codegen.BoundGroup | None"] = {}  # (isa, split8) -> bound group
 
     def bound(self) -> "cpu_codegen.BoundGroup | None":
         if cpu_codegen.kernel_disabled():
             return None
         isa = cpu_codegen.isa_choice()
-        if isa not in self._bound:
+        key = (isa, cpu_codegen.split8_enabled())
+        if key not in self._bound:
             parts = [m.generated() for m in self.members]
-            self._bound[isa] = (None if any(p is None for p in parts)
+            self._bound[key] = (None if any(p is None for p in parts)
                                 else cpu_codegen.bind_group(parts, self.epilogue, isa=isa))
-        return self._bound[isa]
+        return self._bound[key]
 
     def extra_repr(self) -> str:
         what = "silu(gate) * up" if self.epilogue == cpu_codegen.SILU_MUL else "outputs side by side"

@@ -7,7 +7,9 @@ For the linear shapes of a Llama-style decoder (hidden 2048, intermediate 5632: 
 accumulation: what ``cpu_kernels.packed_linear`` runs for M <= 16), torch's packed kernel with
 bf16 activations (``aten._weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``: what runs
 without the generated kernels, and for M > 16), and a bf16 ``F.linear`` on the dense weight.
-``w8a8``: the generated int8 x int8 kernel against ``torch._int_mm`` on the same int8 codes. For
+``w8a8``: the generated int8 x int8 kernel against ``torch._int_mm`` on the same int8 codes. For int8 and
+int4 groups of 64+, a trailing column puts the split-int8 integer path beside the float path of
+the same kernel (``source(fmt, split8=False)``; both bound once, interleaved). For
 int4 formats the last column times the opt-in kernel that quantizes activations to int8
 (``LOWBIT_CPU_INT8_ACTIVATIONS=1``; lossy). NF4 (``--formats nf4_g64``; table lookups in
 registers) has no torch kernel: its "torch packed" column is torch's int4 kernel at the same
@@ -113,6 +115,14 @@ def main() -> None:
                     # what packed_linear runs after cpu_dispatch's choice (timed at this first call, cached)
                     cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
                     calls["dispatched"] = lambda: cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+                    if cpu_codegen.source(fmt) != cpu_codegen.source(fmt, split8=False):
+                        # the split-int8 integer path against the float path of the same kernel (both bound once)
+                        split = cpu_codegen.Bound(cpu_codegen._build(fmt, "native", True), fmt, q.qweight, q.scale,
+                                                  q.zero, fmt, k)
+                        plain = cpu_codegen.Bound(cpu_codegen._build(fmt, "native", False), fmt, q.qweight,
+                                                  q.scale, q.zero, fmt, k)
+                        calls["split8"] = lambda: split(x, None)
+                        calls["float_path"] = lambda: plain(x, None)
                     if cpu_codegen.supported(fmt + cpu_codegen.A8) is None:  # opt-in int8 activations
                         calls["int8act"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
                                                                       int8_activations=True)
@@ -132,6 +142,9 @@ def main() -> None:
                 rows_out.append(row)
                 if "avx2" in best:
                     row["speedup_vs_avx2_build_best"] = round(best["avx2"] / best["generated"], 3)
+                if "split8" in best:
+                    row["split8_vs_float_path_best"] = round(best["float_path"] / best["split8"], 3)
+                    row["split8_vs_float_path"] = round(med["float_path"] / med["split8"], 3)
                 if "int8act" in best:
                     row["int8act_speedup_vs_torch_best"] = round(best["torch"] / best["int8act"], 3)
                 if "dispatched" in med:
@@ -146,7 +159,9 @@ def main() -> None:
                       f"{med['dense'] * 1e3:.3f} | {row['speedup_vs_torch']:.2f}x | "
                       f"{row['speedup_vs_torch_best']:.2f}x | {floor:.0%} | {a8}"
                       + (f" | {row['speedup_vs_avx2_build_best']:.2f}x" if "avx2" in best else "")
-                      + (f" | {row['dispatched']} {row['dispatched_vs_torch']:.2f}x" if "dispatched" in row else ""))
+                      + (f" | {row['dispatched']} {row['dispatched_vs_torch']:.2f}x" if "dispatched" in row else "")
+                      + (f" | split8 vs float path {row['split8_vs_float_path']:.2f}x (best "
+                         f"{row['split8_vs_float_path_best']:.2f}x)" if "split8" in best else ""))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "rows": rows_out}, fh, indent=1)

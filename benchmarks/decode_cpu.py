@@ -116,8 +116,9 @@ def main() -> None:
                              "s24-w8a16, ...) calibrate on --calibration random prompts")
     parser.add_argument("--calibration", type=int, default=4, help="random 64-token prompts for data-driven recipes")
     parser.add_argument("--builds", action="store_true",
-                        help="also w4a16 with the AVX2 build of the generated kernels and without the CPU fusion "
-                             "groups (LOWBIT_CPU_ISA / LOWBIT_CPU_FUSE): before/after ratios on one machine")
+                        help="also w4a16 and w8a16 without the split-int8 integer path (LOWBIT_CPU_SPLIT8=0), and "
+                             "w4a16 with the AVX2 build and without the CPU fusion groups (LOWBIT_CPU_ISA / "
+                             "LOWBIT_CPU_FUSE): before/after ratios on one machine")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -165,10 +166,12 @@ def main() -> None:
         contenders.append(Contender(f"lowbit {recipe}", fp32, compiled, 0))
 
     if args.builds:
-        for label, env in (("AVX2 build, unfused", {"LOWBIT_CPU_ISA": "avx2", "LOWBIT_CPU_FUSE": "0"}),
-                           ("unfused", {"LOWBIT_CPU_FUSE": "0"}), ("AVX2 build", {"LOWBIT_CPU_ISA": "avx2"})):
-            compiled = torch.compile(fp32, backend="lowbit", options={"recipe": "w4a16"})
-            contenders.append(Contender(f"lowbit w4a16 ({label})", fp32, with_env(compiled, env), 0))
+        for recipe, label, env in (
+                ("w4a16", "float path", {"LOWBIT_CPU_SPLIT8": "0"}), ("w8a16", "float path", {"LOWBIT_CPU_SPLIT8": "0"}),
+                ("w4a16", "AVX2 build, unfused", {"LOWBIT_CPU_ISA": "avx2", "LOWBIT_CPU_FUSE": "0"}),
+                ("w4a16", "unfused", {"LOWBIT_CPU_FUSE": "0"}), ("w4a16", "AVX2 build", {"LOWBIT_CPU_ISA": "avx2"})):
+            compiled = torch.compile(fp32, backend="lowbit", options={"recipe": recipe})
+            contenders.append(Contender(f"lowbit {recipe} ({label})", fp32, with_env(compiled, env), 0))
 
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -184,8 +187,8 @@ def main() -> None:
         c.bytes_per_token = (linear_bytes(fp32, 4) if recipe == "none"
                              else quantized_bytes(os.path.join(dumps, recipe), fp32))
     for c in contenders:
-        if c.name.startswith("lowbit w4a16 ("):  # the same weights, other builds
-            c.bytes_per_token = next(d.bytes_per_token for d in contenders if d.name == "lowbit w4a16")
+        if c.name.startswith(("lowbit w4a16 (", "lowbit w8a16 (")):  # the same weights, other builds
+            c.bytes_per_token = next(d.bytes_per_token for d in contenders if d.name == c.name.split(" (")[0])
     bandwidth = read_bandwidth()
 
     base = {c.name: statistics.median(c.times) for c in contenders}

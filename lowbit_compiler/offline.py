@@ -90,6 +90,11 @@ class LowbitLinear(torch.nn.Module):
         return torch.empty(0, dtype=self.weight_dtype, device=self.qweight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("_eager_group")  # linears of one input in one call (backends/eager_groups.py)
+        if group is not None:
+            y = group.output(self, x)
+            if y is not None:
+                return y
         transform = None if self.transform_left is None else (self.transform_left, self.transform_right)
         x = apply_input_transforms(x, self.input_hadamard, self.input_signs, transform)
         if self.input_threshold is not None and not self.act and self.outlier_values is None:
@@ -370,7 +375,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         raise LowbitError(f"compress({recipe.name}): pass {whole[0]!r} needs the whole forward in one graph; Dynamo "
                           f"captured {len(graphs)} (graph breaks)")
     written: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
-                               "output_hooks": 0, "left_float": {}}
+                               "output_hooks": 0, "eager_groups": 0, "left_float": {}}
     layers: dict[str, dict[str, Any]] = {}
     passes: list[dict[str, Any]] = []
     r3 = None
@@ -515,11 +520,12 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
     the linear stays float in the model (``left_float``: layer -> why; strict: an error)."""
     gm = captured.gm
     counts: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
-                              "output_hooks": 0, "left_float": {}}
+                              "output_hooks": 0, "eager_groups": 0, "left_float": {}}
     represented: set[fx.Node] = set()
     with torch.no_grad():
         counts["tensors"] = _write_tensors(model, captured)
     _write_experts(model, gm, recipe_name, strict, counts, represented)
+    one_input: dict[fx.Node, list[LowbitLinear]] = {}  # plain weight-only linears by the node they read
     for node in list(gm.graph.nodes):
         quantized = opdecl.is_module(node, opdecl.LINEAR)
         if not (quantized or ir.is_linear(node)):
@@ -571,6 +577,14 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             weight_dtype=old_weight.dtype if isinstance(old_weight, torch.Tensor) else torch.float32,
             input_threshold=transforms.get("input_threshold"), input_col_scale=transforms.get("input_col_scale")))
         counts["replaced_modules"] += 1
+        written = getattr(parent, child)
+        if (opdecl.of(node).name == "wo_linear" and not transforms and outliers is None
+                and isinstance(args["x"], fx.Node)):
+            one_input.setdefault(args["x"], []).append(written)
+    from lowbit_compiler.backends import eager_groups
+
+    counts["eager_groups"] += eager_groups.link(  # same format and K: one generated call (eager_groups.py)
+        [[m for m in ms if (m.fmt, m.in_features) == (ms[0].fmt, ms[0].in_features)] for ms in one_input.values()])
     for node in gm.graph.nodes:  # norms whose parameters were folded into their readers
         spec = ir.get(node, ir.NORM)
         if spec is None:

@@ -47,7 +47,7 @@ def test_generated_kernel_matches_the_float_reference(fmt, rows, n, k, with_bias
 
 @pytest.mark.parametrize("fmt", ["int4_g128_asym", "int4_g32_sym", "int8"])
 def test_a_non_finite_activation_shows_in_the_output(fmt):
-    """One row (the int16 VNNI path for int4 groups of 64+ where the host has it) and several:
+    """One row and several (the split-int8 path for int4 groups of 64+, and int8 with VNNI):
     an inf or NaN in x never comes out as finite numbers."""
     q = formats.quantize(torch.randn(21, 256) * 0.05, WeightFormat.parse(fmt))
     for rows in (1, 3):
@@ -188,12 +188,15 @@ def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
             f"generated C kernel {name}_multi (gate.up + SiLU * mul; M <= 16 rows, float32), else {packed} per weight": 4}
 
         model = compress(make_model("llama"), "w4a16")
-        before = cpu_codegen.calls[name]
+        assert model.lowbit_summary["eager_groups"] == 4  # q/k/v and gate/up per layer (backends/eager_groups.py)
+        before = dict(cpu_codegen.calls)
         generated = model(ids).logits
-        assert cpu_codegen.calls[name] - before == 15
+        ran = {k: v - before.get(k, 0) for k, v in cpu_codegen.calls.items() if v != before.get(k, 0)}
+        assert ran == {name: 5, name + "_x3": 2, name + "_x2": 2}  # eager: gate and up side by side
+        before = dict(cpu_codegen.calls)
         monkeypatch.setenv(cpu_codegen.ENV, "0")
         packed = model(ids).logits
-        assert cpu_codegen.calls[name] - before == 15  # turned off: torch's packed kernels ran
+        assert dict(cpu_codegen.calls) == before  # turned off: torch's packed kernels ran
     assert formats.sqnr_db(packed.double(), generated.double()) >= 40.0  # measured 46.8 dB
     assert formats.sqnr_db(generated.double(), compiled.double()) >= 100.0  # the same kernel: measured identical
 
@@ -333,3 +336,83 @@ def test_torch_layout_is_built_only_for_calls_past_the_generated_kernel():
     assert formats.sqnr_db(reference, y.double()) >= 60.0
     unpacked = cpu_kernels._pack(q.qweight, q.scale, q.zero, fmt, k - 6, torch.float32)  # K padded to a group
     assert unpacked.weight is not None  # no generated kernel for a padded K: torch layout built at once
+
+
+@pytest.mark.parametrize("fmt, k", [("int8", 2112), ("int4_g128_asym", 768)] + [  # four builds each: the rest slow
+    pytest.param(f, k, marks=pytest.mark.slow)
+    for f, k in (("int8", 544), ("int4_g64_asym", 512), ("int4_g128_sym", 768), ("int4_g256_asym", 1024))])
+def test_split8_path_matches_the_float_reference(fmt, k):
+    """The split-int8 integer path (x as three int8 parts per block, u8 x s8 dot products: vpdpbusd
+    with VNNI; maddubs + madd in the AVX2 build for int4 at one row) against float64, against the float path
+    of the same kernel built without it (``split8=False``), with an outlier 100x the rest in one
+    block (the parts are scaled per block / group, so the other blocks keep their precision).
+    int8 K = 2112 ends in a partial 64-column block."""
+    g = torch.Generator().manual_seed(k)
+    n = 45
+    q = formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt))
+    assert cpu_codegen.source(fmt) != cpu_codegen.source(fmt, split8=False)  # the path is compiled out
+    isas = ["native"] + (["avx2"] if {"avx2", "fma"} <= _HOST else [])
+    for isa in isas:
+        split, plain = cpu_codegen._build(fmt, isa, True), cpu_codegen._build(fmt, isa, False)
+        for rows in (1, 3, 6, 16):
+            x = torch.randn(rows, k, generator=g)
+            x[0, 7] = 100.0
+            reference = ops.wo_linear_reference(x.double(), q.qweight, q.scale, q.zero, None, fmt, k)
+            y = cpu_codegen.Bound(split, fmt, q.qweight, q.scale, q.zero, fmt, k)(x, None)
+            y0 = cpu_codegen.Bound(plain, fmt, q.qweight, q.scale, q.zero, fmt, k)(x, None)
+            assert formats.sqnr_db(reference, y.double()) >= 110.0, (isa, rows)  # measured 114-139 dB
+            assert formats.sqnr_db(reference, y0.double()) >= 110.0
+            assert formats.sqnr_db(y0.double(), y.double()) >= 105.0  # two float32-accurate paths
+            if cpu_codegen.isa_of(split) == "avx512_vnni" or (fmt != "int8" and rows == 1):
+                assert not torch.equal(y, y0)  # the integer path ran (without VNNI: int4, one row only)
+            else:
+                assert torch.equal(y, y0)
+
+
+def test_split8_switch_is_read_per_call(monkeypatch):
+    """``LOWBIT_CPU_SPLIT8=0`` (before/after comparisons) binds the build without the integer path."""
+    q = formats.quantize(torch.randn(16, 256) * 0.05, WeightFormat.parse("int4_g128_asym"))
+    on = cpu_codegen.kernel("int4_g128_asym")
+    monkeypatch.setenv(cpu_codegen.SPLIT8_ENV, "0")
+    off = cpu_codegen.kernel("int4_g128_asym")
+    assert on is not off and off is cpu_codegen._build("int4_g128_asym", "native", False)
+    x = torch.randn(1, 256)
+    assert formats.sqnr_db(cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, "int4_g128_asym", 256).double(),
+                           (x.double() @ formats.dequantize(q).double().T)) >= 110
+
+
+def test_eager_groups_of_a_compressed_model(monkeypatch):
+    """``compress`` links the linears that read one input (q/k/v, gate/up); run eagerly, the first
+    member's call runs them all in one generated call and the others return their part: logits
+    bit for bit those of the unfused calls (``LOWBIT_CPU_FUSE=0``), one group call per group and
+    step; more rows than ``MAX_ROWS`` and a member called on another tensor run alone."""
+    from lowbit_compiler import compress
+    from lowbit_compiler.backends import eager_groups
+    from tests.conftest import make_model, prompt
+
+    with torch.no_grad():
+        model = compress(make_model("llama"), "w4a16")
+        attn = model.model.layers[0].self_attn
+        group = attn.q_proj._eager_group
+        assert isinstance(group, eager_groups.EagerGroup) and attn.k_proj._eager_group is group
+        assert "_eager_group" not in vars(attn.o_proj)  # reads another input
+        ids = prompt()
+        fused = model(ids).logits
+        assert group.calls == 1
+        monkeypatch.setenv(cpu_codegen.FUSE_ENV, "0")
+        alone = model(ids).logits
+        assert group.calls == 1 and torch.equal(fused, alone)
+        monkeypatch.delenv(cpu_codegen.FUSE_ENV)
+        x = torch.randn(1, 3, attn.q_proj.in_features)
+        q = attn.q_proj(x)
+        assert group.calls == 2
+        x[0, 0, 0] += 1.0  # changed in place after q: the outputs kept for k and v are stale
+        monkeypatch.setenv(cpu_codegen.FUSE_ENV, "0")
+        k_alone = attn.k_proj(x)
+        monkeypatch.delenv(cpu_codegen.FUSE_ENV)
+        assert torch.equal(attn.k_proj(x), k_alone) and group.calls == 3  # recomputed, not the kept one
+        big = torch.randn(1, cpu_codegen.MAX_ROWS + 1, attn.q_proj.in_features)
+        before = group.calls
+        attn.q_proj(big)
+        assert group.calls == before  # prefill sizes: each member its own call
+    assert q.shape[-1] == attn.q_proj.out_features

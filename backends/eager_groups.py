@@ -1,0 +1,84 @@
+"""CPU fusion groups for eager ``compress``ed models: linears that read one input run as one call.
+
+Under ``torch.compile`` the CPU lowering fuses the ``packed_linear`` calls of one input into one
+generated call (``lowering._fuse_cpu_groups``). A ``compress``ed model run eagerly has no graph to
+rewrite: the model's own code calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` one after another.
+``compress`` knows from the graph it captured which written-back linears read the same input node
+(:func:`link`), and links those :class:`~lowbit_compiler.offline.LowbitLinear` modules to one
+:class:`EagerGroup`. At run time the first member called with an input runs every member's weight
+in one generated call (``cpu_kernels.fused_linear``: x prepared once, one OpenMP region, outputs
+side by side, each bit for bit what the member's own call gives) and keeps the other outputs for
+that very tensor (same object, same ``_version``); the next members return theirs. Anything else
+(another input, more than ``MAX_ROWS`` rows, autograd, not the CPU, tracing under
+``torch.compile``, ``LOWBIT_CPU_FUSE=0``) takes each member's own path, so the group never changes
+a result, only how many calls produce it.
+
+What eager mode cannot fuse: a gated MLP's ``silu(gate(x)) * up(x)`` is computed by the MLP's own
+forward between the two linears, so gate and up are fused side by side (x read once, one call) and
+the SiLU and product stay in torch; norm prologues and residual epilogues likewise belong to the
+model's code.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lowbit_compiler.backends import cpu_codegen, cpu_kernels
+
+
+class EagerGroup:
+    """Linears of one input (same weight-only format and in_features) run as one generated call."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        self.members = list(members)  # (each member holds the group: a cycle the collector handles)
+        self._fused: dict[torch.dtype, cpu_kernels.FusedWeights] = {}
+        self._stash: tuple | None = None  # (x, x._version, {member index: output})
+        self.calls = 0  # fused calls made (tests read it)
+
+    def output(self, member: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output for ``x`` from the group's one call, or None (the member runs alone)."""
+        index = next((i for i, m in enumerate(self.members) if m is member), None)
+        if index is None:  # a copy of a member whose group was not copied with it
+            return None
+        stash = self._stash
+        if stash is not None and stash[0] is x and stash[1] == x._version and index in stash[2]:
+            out = stash[2].pop(index)
+            if not stash[2]:
+                self._stash = None
+            return out
+        if (torch.compiler.is_compiling() or os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0"
+                or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                or x.numel() > cpu_codegen.MAX_ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        modules = self.members
+        policy = cpu_kernels._EAGER_POLICY[-1]
+        dtype = cpu_kernels.compute_dtype_for(x.dtype, policy)
+        fused = self._fused.get(dtype)
+        if fused is None:
+            fused = self._fused[dtype] = cpu_kernels.FusedWeights(
+                [cpu_kernels.prepack(m.qweight, m.scale, m.zero, m.fmt, m.in_features, dtype) for m in modules])
+        if fused.bound() is None or cpu_codegen.int8_activations_enabled():
+            return None  # no generated kernel: each member's own call (which says why, if anything)
+        outs = cpu_kernels.fused_linear(x, fused, tuple(m.bias for m in modules), dtype)
+        self.calls += 1
+        self._stash = (x, x._version, {i: o for i, o in enumerate(outs) if i != index})
+        return outs[index]
+
+    def __getstate__(self) -> dict:
+        # the bound kernels (ctypes) and a kept output are rebuilt after pickling or copying
+        return {**self.__dict__, "_fused": {}, "_stash": None}
+
+
+def link(groups: list[list[torch.nn.Module]]) -> int:
+    """Give each list of modules (LowbitLinears reading one input: same format and in_features,
+    weight-only, no input transforms or outliers) one :class:`EagerGroup`; returns how many."""
+    made = 0
+    for members in groups:
+        if len(members) < 2 or cpu_codegen.multi_kernel(members[0].fmt) is None:
+            continue
+        group = EagerGroup(members)
+        for m in members:
+            m._eager_group = group
+        made += 1
+    return made
