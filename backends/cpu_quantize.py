@@ -188,6 +188,77 @@ void lowbit_quantize_rtn(const void* w, int64_t ld, int dtype, int64_t N, int64_
         free(q);
     }
 }
+
+/* the reference dequantiser of the int formats (formats.dequantize_parts), the same float32 ops:
+   int8: q * s; int2/3/4: (q - z) * s, z the zero point or 2^(bits-1). out: float32 [N, Kp]. */
+void lowbit_dequantize_int(const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros, float* out,
+                           int64_t N, int64_t Kp, int bits, int64_t G, int threads)
+{
+    const int64_t groups = Kp / G;
+    const int64_t row_bytes = Kp * bits / 8;
+    const float half = bits == 8 ? 0.0f : (float)(1 << (bits - 1));
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* row = codes + n * row_bytes;
+        float* o = out + n * Kp;
+        for (int64_t gi = 0; gi < groups; gi++) {
+            const float s = bf16_to_f32(scales[bits == 8 ? n : n * groups + gi]);
+            const float z = zeros != NULL ? (float)zeros[n * groups + gi] : half;
+            const uint8_t* src = row + gi * G * bits / 8;
+            float* dst = o + gi * G;
+            if (bits == 8) {
+                for (int64_t j = 0; j < G; j++) dst[j] = (float)((const int8_t*)src)[j] * s;
+            } else if (bits == 4) {
+                for (int64_t j = 0; j < G / 2; j++) {
+                    dst[2 * j] = ((float)(src[j] & 15) - z) * s;
+                    dst[2 * j + 1] = ((float)(src[j] >> 4) - z) * s;
+                }
+            } else if (bits == 2) {
+                for (int64_t j = 0; j < G / 4; j++)
+                    for (int l = 0; l < 4; l++) dst[4 * j + l] = ((float)((src[j] >> (2 * l)) & 3) - z) * s;
+            } else {
+                for (int64_t j = 0; j < G / 8; j++) {
+                    const uint32_t word = (uint32_t)src[3 * j] | ((uint32_t)src[3 * j + 1] << 8)
+                                        | ((uint32_t)src[3 * j + 2] << 16);
+                    for (int l = 0; l < 8; l++) dst[8 * j + l] = ((float)((word >> (3 * l)) & 7) - z) * s;
+                }
+            }
+        }
+    }
+}
+
+/* packed codes (bits 2/3/4, formats.pack_codes' bit stream) -> one code per element: uint8 (wide == 0)
+   or int32 (wide == 1, what torch's int4pack converter takes) [N, Kp] */
+void lowbit_unpack_codes(const uint8_t* codes, void* out, int64_t N, int64_t Kp, int bits, int wide, int threads)
+{
+    const int64_t row_bytes = Kp * bits / 8;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t* src = codes + n * row_bytes;
+        uint8_t c[64];
+        for (int64_t k0 = 0; k0 < Kp; k0 += 64) {  /* 64 codes: 8 * bits bytes */
+            const int64_t m = Kp - k0 < 64 ? Kp - k0 : 64;
+            const uint8_t* b = src + k0 * bits / 8;
+            if (bits == 4) {
+                for (int64_t j = 0; j < m / 2; j++) { c[2 * j] = b[j] & 15; c[2 * j + 1] = b[j] >> 4; }
+            } else if (bits == 2) {
+                for (int64_t j = 0; j < m / 4; j++)
+                    for (int l = 0; l < 4; l++) c[4 * j + l] = (b[j] >> (2 * l)) & 3;
+            } else {
+                for (int64_t j = 0; j < m / 8; j++) {
+                    const uint32_t word = (uint32_t)b[3 * j] | ((uint32_t)b[3 * j + 1] << 8) | ((uint32_t)b[3 * j + 2] << 16);
+                    for (int l = 0; l < 8; l++) c[8 * j + l] = (word >> (3 * l)) & 7;
+                }
+            }
+            if (wide) {
+                int32_t* o = (int32_t*)out + n * Kp + k0;
+                for (int64_t j = 0; j < m; j++) o[j] = c[j];
+            } else {
+                memcpy((uint8_t*)out + n * Kp + k0, c, (size_t)m);
+            }
+        }
+    }
+}
 """
 
 # builds: the host's full ISA (what runs), AVX2 without AVX-512 and the compiler's default target
@@ -233,6 +304,72 @@ def _build(isa: str):
         FALLBACK, what="the quantization kernel", isa=isa, extra_flags=("-ffp-contract=off", "-fno-trapping-math"))
 
 
+@functools.lru_cache(maxsize=None)
+def _build_dequantize(isa: str):
+    return cpu_codegen.build(
+        NAME, source(),
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int],
+        "the torch reference dequantiser runs", what="the dequantization kernel", isa=isa,
+        extra_flags=("-ffp-contract=off", "-fno-trapping-math"), entry="lowbit_dequantize_int")
+
+
+def dequantize(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               isa: str = "native") -> torch.Tensor | None:
+    """``formats.dequantize_parts`` (float32 ``[N, Kp]``, the same bits) for int formats on the CPU
+    in one pass over the codes, without the int64 temporaries of ``unpack_codes``; None when the
+    kernel cannot run (the caller uses ``dequantize_parts``)."""
+    if (supported(fmt) is not None or qweight.device.type != "cpu" or disabled()
+            or (fmt.bits == 8 and qweight.dtype != torch.int8)):
+        return None
+    fn = _build_dequantize(isa)
+    if fn is None:
+        return None
+    n = scale.shape[0]
+    kp = qweight.shape[1] * 8 // fmt.bits
+    codes, scales = qweight.contiguous(), scale.contiguous().view(torch.int16)
+    zeros = None if zero is None else zero.contiguous()
+    out = torch.empty(n, kp, dtype=torch.float32)
+    fn(codes.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), out.data_ptr(), n, kp,
+       fmt.bits, fmt.group_size or kp, _threads(n * kp))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _build_unpack(isa: str):
+    return cpu_codegen.build(
+        NAME, source(), [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_int],
+        "the torch unpacking runs", what="the unpacking kernel", isa=isa,
+        extra_flags=("-ffp-contract=off", "-fno-trapping-math"), entry="lowbit_unpack_codes")
+
+
+# below this many elements a kernel runs on one thread: a copy-like loop over a slice takes about a
+# millisecond, less than a team of threads costs to start and join when the machine is busy (a
+# descheduled thread holds the barrier for a time slice: measured 0.3-1 s instead of 3-35 ms for the
+# 22 slices of one 5632 x 2048 weight on the loaded 2-core machine)
+PARALLEL_ELEMENTS = 1 << 22
+
+
+def _threads(elements: int) -> int:
+    return torch.get_num_threads() if elements >= PARALLEL_ELEMENTS else 1
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8,
+                 isa: str = "native") -> torch.Tensor:
+    """``formats.unpack_codes(packed, bits).to(dtype)`` (``dtype`` uint8 or int32) in one pass over
+    the packed bytes (no int64 temporaries); the torch path when the kernel cannot run."""
+    from lowbit_compiler.formats import _unpack
+
+    fn = None if (bits not in (2, 3, 4) or packed.device.type != "cpu" or disabled()) else _build_unpack(isa)
+    if fn is None or (packed.shape[1] * 8) % (bits * 8):
+        return _unpack(packed, bits).to(dtype)
+    packed = packed.contiguous()
+    n, kp = packed.shape[0], packed.shape[1] * 8 // bits
+    out = torch.empty(n, kp, dtype=dtype)
+    fn(packed.data_ptr(), out.data_ptr(), n, kp, bits, int(dtype == torch.int32), _threads(n * kp))
+    return out
+
+
 def available(fmt: WeightFormat) -> bool:
     """Whether :func:`quantize_with_sums` runs for ``fmt`` (int format, compiler present, not off)."""
     return supported(fmt) is None and kernel() is not None
@@ -256,7 +393,7 @@ def quantize_with_sums(w: torch.Tensor, fmt: WeightFormat, isa: str = "native"
     zero = torch.empty(n, groups, dtype=torch.uint8) if fmt.has_zero_points else None
     sums = torch.empty(n, 2, dtype=torch.float64)
     w = w.detach()
-    threads = torch.get_num_threads()
+    threads = _threads(n * k)
     global calls
     calls += 1
 

@@ -148,3 +148,31 @@ def test_the_quantizing_pass_uses_the_kernel_and_matches_the_torch_path(monkeypa
     for key in fast_state:
         assert torch.equal(fast_state[key], slow_state[key]), key
     assert torch.equal(fast_logits, slow_logits)
+
+
+@pytest.mark.parametrize("isa", ("native", "portable"))
+@pytest.mark.parametrize("key", FORMATS)
+def test_dequantize_and_unpack_are_bit_identical_to_the_torch_reference(key, isa):
+    """The C dequantiser the float reference runs (int3/int2 calls of more than 16 rows) and the
+    C unpacking behind torch's int4pack layout and the lookup-table relayout: the same bits as
+    formats.dequantize_parts / unpack_codes, without their int64 temporaries."""
+    fmt = WeightFormat.parse(key)
+    qw = formats.quantize(torch.randn(45, 1000 if fmt.group_size else 512) * 0.1, fmt)
+    got = cpu_quantize.dequantize(fmt, qw.qweight, qw.scale, qw.zero, isa)
+    assert got is not None and torch.equal(got, formats.dequantize_parts(fmt, qw.qweight, qw.scale, qw.zero))
+    if fmt.bits < 8:
+        ref = formats.unpack_codes(qw.qweight, fmt.bits)
+        assert torch.equal(cpu_quantize.unpack_codes(qw.qweight, fmt.bits, isa=isa), ref)
+        wide = cpu_quantize.unpack_codes(qw.qweight, fmt.bits, torch.int32, isa=isa)
+        assert wide.dtype == torch.int32 and torch.equal(wide, ref.to(torch.int32))
+
+
+def test_int3_prefill_reference_uses_the_c_dequantiser(monkeypatch):
+    from lowbit_compiler import ops
+
+    monkeypatch.setattr(ops, "dequantize_parts", lambda *a: pytest.fail("the torch dequantiser ran"))
+    fmt = WeightFormat.parse("int3_g64_asym")
+    qw = formats.quantize(torch.randn(70, 256), fmt)
+    x = torch.randn(40, 256)
+    expected = torch.nn.functional.linear(x, formats.dequantize(qw))
+    assert torch.equal(ops.wo_linear_reference(x, qw.qweight, qw.scale, qw.zero, None, fmt.key, 256), expected)
