@@ -35,8 +35,8 @@ from typing import Callable
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_lut
-from lowbit_compiler.formats import CHUNK_ELEMENTS, WeightFormat, unpack_int4
+from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_lut, cpu_quantize
+from lowbit_compiler.formats import CHUNK_ELEMENTS, WeightFormat
 from lowbit_compiler.identity_cache import IdentityCache
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -176,7 +176,7 @@ def _int4pack_rows(qweight: torch.Tensor, padded_n: int) -> torch.Tensor:
     out = None
     for start in range(0, padded_n, rows):
         stop = min(padded_n, start + rows)
-        q = unpack_int4(qweight[start:min(stop, n)]).to(torch.int32)
+        q = cpu_quantize.unpack_codes(qweight[start:min(stop, n)], 4, torch.int32)  # C, one pass (torch fallback)
         if q.shape[0] != stop - start:  # zero rows past N: their outputs are sliced away
             q = torch.nn.functional.pad(q, (0, 0, 0, stop - start - q.shape[0]), value=8)
         part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)

@@ -37,8 +37,8 @@ import os
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen
-from lowbit_compiler.formats import WeightFormat, unpack_codes
+from lowbit_compiler.backends import cpu_codegen, cpu_quantize
+from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.identity_cache import IdentityCache
 
 TILE = 32          # output rows per 32-byte index load
@@ -332,7 +332,7 @@ def _relayout(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     weights = torch.tensor([1, 2, 4, 8], dtype=torch.uint8)
     for start in range(0, tiles * TILE, ROWS_PER_SLICE):
         stop = min(start + ROWS_PER_SLICE, tiles * TILE)
-        q = unpack_codes(qweight[start:min(stop, n)], bits)  # [rows, Kp] uint8
+        q = cpu_quantize.unpack_codes(qweight[start:min(stop, n)], bits)  # [rows, Kp] uint8 (C, one pass)
         if q.shape[0] != stop - start:  # padded channels: code 0, scale 0 -> output 0 (sliced away)
             q = torch.nn.functional.pad(q, (0, 0, 0, stop - start - q.shape[0]))
         for b in range(bits):

@@ -18,7 +18,15 @@ Cases (``--cases`` picks some):
   ``from_pretrained`` (timed separately: "load s") and ``torch.compile(backend="lowbit")`` + first
   forward with the warm kernel cache: what a user who ships the compressed checkpoint pays.
 
-    python benchmarks/compile_time.py [--layers 8] [--recipe w4a16] [--json benchmarks/results/compile_time.json]
+``--phases`` splits the lowbit cases' time (perf_counter around the functions named below, in
+the child): ``capture``, ``quantize`` (``insert_weight_quant``: rounding, packing and the weight
+SQNR, by the one-pass C kernel or the torch path), the rest of ``pipeline`` (the other passes),
+``lowering``, the backend's remainder (dumps, summary), ``torch layout`` (torch's int4pack copy
+built at the first call of more than 16 rows: the 32-token prompt), ``forward`` (a second call of
+the same prompt: the compute itself) and ``dynamo`` (what is left: tracing and guards).
+``LOWBIT_QUANTIZE_KERNEL=0`` in the environment times the torch path.
+
+    python benchmarks/compile_time.py [--layers 8] [--recipe w4a16] [--phases] [--json benchmarks/results/compile_time.json]
 """
 from __future__ import annotations
 
@@ -45,7 +53,37 @@ def build_model(layers: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def child(case: str, layers: int, recipe: str, checkpoint: str | None) -> dict:
+# (module, attribute, phase): timed with --phases (nested phases are subtracted from their parents)
+PHASES = (("lowbit_compiler.backends.lowbit_backend", "compile_graph", "backend"),
+          ("lowbit_compiler.backends.lowbit_backend", "capture", "capture"),
+          ("lowbit_compiler.backends.lowbit_backend", "run_pipeline", "pipeline"),
+          ("lowbit_compiler.passes.quantize.rtn.InsertWeightQuant", "quantize_sites", "quantize"),
+          ("lowbit_compiler.backends.lowbit_backend", "lower", "lowering"),
+          ("lowbit_compiler.backends.cpu_kernels.PackedWeight", "torch_layout", "torch layout"))
+
+
+def _time_phases() -> dict:
+    import importlib
+
+    totals: dict = {}
+    for module, attr, phase in PHASES:
+        owner_path, _, cls = module.rpartition(".") if module.endswith(("InsertWeightQuant", "PackedWeight")) else (module, "", "")
+        owner = importlib.import_module(owner_path)
+        owner = getattr(owner, cls) if cls else owner
+        inner = getattr(owner, attr)
+
+        def timed(*a, _inner=inner, _phase=phase, **k):
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                totals[_phase] = totals.get(_phase, 0.0) + time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+    return totals
+
+
+def child(case: str, layers: int, recipe: str, checkpoint: str | None, phases: bool = False) -> dict:
     import torch
 
     import lowbit_compiler  # noqa: F401  (registers the backend; importing is not compiling)
@@ -69,6 +107,7 @@ def child(case: str, layers: int, recipe: str, checkpoint: str | None) -> dict:
             if case.startswith("inductor"):
                 model = model.to(torch.bfloat16)
         backend_s = [0.0]
+        totals = _time_phases() if phases and case.startswith("lowbit") else None
         if case.startswith("lowbit"):  # lowbit's own share: passes, quantizing, lowering, kernel builds
             from lowbit_compiler.backends import lowbit_backend
 
@@ -91,12 +130,23 @@ def child(case: str, layers: int, recipe: str, checkpoint: str | None) -> dict:
         result["compile_first_token_s"] = time.perf_counter() - start
         if case.startswith("lowbit"):
             result["backend_s"] = backend_s[0]
+        if totals is not None:
+            start = time.perf_counter()
+            compiled(input_ids=ids, use_cache=True)
+            forward = time.perf_counter() - start
+            get = lambda name: totals.get(name, 0.0)  # noqa: E731
+            result["phases"] = {
+                "capture": get("capture"), "quantize": get("quantize"),
+                "other passes": get("pipeline") - get("quantize"), "lowering": get("lowering"),
+                "backend rest": get("backend") - get("capture") - get("pipeline") - get("lowering"),
+                "torch layout": get("torch layout"), "forward": forward,
+                "dynamo": result["compile_first_token_s"] - get("backend") - get("torch layout") - forward}
     return result
 
 
 def run(case: str, args: argparse.Namespace, env: dict, checkpoint: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--layers", str(args.layers),
-           "--recipe", args.recipe]
+           "--recipe", args.recipe] + (["--phases"] if args.phases else [])
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
@@ -111,12 +161,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--recipe", default="w4a16")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--phases", action="store_true", help="split the lowbit cases' time by phase")
     parser.add_argument("--json", default="benchmarks/results/compile_time.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.layers, args.recipe, args.checkpoint)))
+        print("RESULT " + json.dumps(child(args.child, args.layers, args.recipe, args.checkpoint, args.phases)))
         return
     cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(cases) - set(CASES))
@@ -143,6 +194,8 @@ def main() -> None:
             print(f"{case:14s} compile + first token {r['compile_first_token_s']:6.1f} s"
                   + (f"   (lowbit backend {r['backend_s']:.1f} s)" if "backend_s" in r else "")
                   + (f"   (load {r['load_s']:.1f} s)" if "load_s" in r else ""), flush=True)
+            if "phases" in r:
+                print("    " + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items()), flush=True)
     print(f"\ncompile + first token, {args.layers}-layer decode model, 32-token prompt, recipe {args.recipe}\n")
     print("| case | compile + first token s | of which lowbit backend s | load s |\n|---|---|---|---|")
     for r in rows:

@@ -41,6 +41,7 @@ import torch.fx as fx
 from lowbit_compiler import _dynamo_adapter, checkpoint, coverage, hadamard, ir, memory, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import Captured, capture
+from lowbit_compiler.formats import FormatError
 from lowbit_compiler.pass_base import LowbitError, PassContext, get_pass
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import get_recipe
@@ -337,9 +338,9 @@ def _capture_each(model: torch.nn.Module, call: tuple[tuple[Any, ...], dict[str,
     try:
         with torch.no_grad():
             torch.compile(model, backend=backend, dynamic=False)(*call[0], **call[1])
-    except Exception as e:  # a LowbitError (bad recipe, no calibration) reaches the user as itself
-        inner = _dynamo_adapter.backend_error(e)
-        if isinstance(inner, LowbitError):
+    except Exception as e:  # a LowbitError (bad recipe, no calibration) or a FormatError (a layer the
+        inner = _dynamo_adapter.backend_error(e)  # format cannot take, a non-finite weight) reaches the user as itself
+        if isinstance(inner, (LowbitError, FormatError)):
             raise inner from None
         raise
     finally:

@@ -139,8 +139,12 @@ def wo_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
                         in_features: int) -> torch.Tensor:
     """Float reference: dequantise (float32), matmul in float32 (float64 for float64 activations),
     cast back to x.dtype."""
+    from lowbit_compiler.backends import cpu_quantize
+
     compute = torch.promote_types(x.dtype, torch.float32)
-    w = dequantize_parts(WeightFormat.parse(fmt), qweight, scale, zero)[:, :in_features].to(compute)
+    f = WeightFormat.parse(fmt)
+    w = cpu_quantize.dequantize(f, qweight, scale, zero) if x.device.type == "cpu" else None  # same bits, one pass
+    w = (dequantize_parts(f, qweight, scale, zero) if w is None else w)[:, :in_features].to(compute)
     out = torch.nn.functional.linear(x.to(compute), w, None if bias is None else bias.to(compute))
     return out.to(x.dtype)
 

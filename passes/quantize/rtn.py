@@ -30,12 +30,14 @@ raises (naming the layer and the fix) unless the recipe sets ``pad_to_group``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from lowbit_compiler import ir, memory, rounding as rounding_algorithms
+from lowbit_compiler.backends import cpu_quantize
 from lowbit_compiler.formats import QuantizedWeight, WeightFormat, quantize, weight_sqnr_db, weights_sqnr_db
 from lowbit_compiler.identity_cache import IdentityCache
 from lowbit_compiler.pass_base import LowbitError, Pass, PassContext, PassResult, register_pass
@@ -51,35 +53,64 @@ MOVED = {"gptq": "the 'gptq' pass: passes=[..., 'gptq']",
 
 
 def quantize_parameter(param: torch.Tensor, transposed: bool, fmt: WeightFormat, rounding: str = "rtn",
-                       **options: Any) -> tuple[QuantizedWeight, float]:
+                       *, layer: str = "?", **options: Any) -> tuple[QuantizedWeight, float]:
     """The quantized form of one parameter by a data-free rounding and its weight SQNR; cached by
-    identity and in-place version, so the prefill and decode graphs of a model share one copy."""
+    identity and in-place version, so the prefill and decode graphs of a model share one copy.
+
+    Round to nearest on int formats runs the one-pass C kernel (``backends/cpu_quantize.py``: the
+    same bits, codes + scales + SQNR sums in one read of the weight); the torch path otherwise
+    (other roundings and formats, no compiler: logged once). A weight holding inf or NaN raises a
+    ``FormatError`` naming ``layer`` on either path."""
 
     def make() -> tuple[QuantizedWeight, float]:
         w = param.detach().t() if transposed else param.detach()
-        qw = (rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
-              rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
-        return qw, weight_sqnr_db(w, qw)
+        return _quantize_with_sqnr(w, fmt, rounding, layer, options)
 
     return QUANT_CACHE.get_or_create(param, (transposed, fmt.key, rounding, tuple(sorted(options.items()))), make)
 
 
 def quantize_experts(param: torch.Tensor, transposed: bool, fmt: WeightFormat, rounding: str = "rtn",
-                     **options: Any) -> tuple[list[QuantizedWeight], float]:
+                     *, layer: str = "?", **options: Any) -> tuple[list[QuantizedWeight], float]:
     """Every expert of a stacked [E, N, K] (or [E, K, N]) parameter rounded like one linear, and
     the weight SQNR over all of them; cached as :func:`quantize_parameter`."""
 
     def make() -> tuple[list[QuantizedWeight], float]:
-        qws = []
-        for e in range(param.shape[0]):
-            w = param.detach()[e].t() if transposed else param.detach()[e]
-            qws.append(rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
-                       rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
-        ref = param.detach().transpose(1, 2) if transposed else param.detach()
-        return qws, weights_sqnr_db(list(zip(ref, qws)))
+        weights = [param.detach()[e].t() if transposed else param.detach()[e] for e in range(param.shape[0])]
+        if rounding == "rtn" and cpu_quantize.available(fmt):  # one pass per expert, sums added up
+            qws, signal, noise = [], 0.0, 0.0
+            for w in weights:
+                qw, sums = cpu_quantize.quantize_with_sums(w, fmt)
+                qws.append(qw)
+                signal, noise = signal + float(sums[:, 0].sum()), noise + float(sums[:, 1].sum())
+            if not math.isfinite(signal):
+                raise cpu_quantize.non_finite_error(layer, param.detach())
+            return qws, math.inf if noise == 0 else 10 * math.log10(signal / noise)
+        qws = [_round(w, fmt, rounding, options) for w in weights]
+        sqnr = weights_sqnr_db(list(zip(weights, qws)))
+        if math.isnan(sqnr):
+            raise cpu_quantize.non_finite_error(layer, param.detach())
+        return qws, sqnr
 
     return QUANT_CACHE.get_or_create(param, ("experts", transposed, fmt.key, rounding, tuple(sorted(options.items()))),
                                      make)
+
+
+def _round(w: torch.Tensor, fmt: WeightFormat, rounding: str, options: dict) -> QuantizedWeight:
+    return (rounding_algorithms.hqq(w, fmt, **options) if rounding == "hqq" else
+            rounding_algorithms.mse(w, fmt) if rounding == "mse" else quantize(w, fmt))
+
+
+def _quantize_with_sqnr(w: torch.Tensor, fmt: WeightFormat, rounding: str, layer: str,
+                        options: dict) -> tuple[QuantizedWeight, float]:
+    if rounding == "rtn":
+        fast = cpu_quantize.quantize_with_sqnr(w, fmt, layer)
+        if fast is not None:
+            return fast
+    qw = _round(w, fmt, rounding, options)
+    sqnr = weight_sqnr_db(w, qw)
+    if math.isnan(sqnr):  # inf or NaN in the weight (a finite weight's SQNR is never NaN)
+        raise cpu_quantize.non_finite_error(layer, w)
+    return qw, sqnr
 
 
 class QuantizeLinears(Pass):
@@ -127,10 +158,12 @@ class InsertWeightQuant(QuantizeLinears):
         decisions = []
         for site in sites:
             if isinstance(site, common.ExpertSite):
-                qws, sqnr = quantize_experts(site.param, site.transposed, site.fmt, self.rounding, **options)
+                qws, sqnr = quantize_experts(site.param, site.transposed, site.fmt, self.rounding, layer=site.layer,
+                                             **options)
                 new = common.replace_experts(gm, ctx, site, qws, sqnr)
             else:
-                qw, sqnr = quantize_parameter(site.param, site.transposed, site.fmt, self.rounding, **options)
+                qw, sqnr = quantize_parameter(site.param, site.transposed, site.fmt, self.rounding, layer=site.layer,
+                                                 **options)
                 new = common.replace_linear(gm, ctx, site, qw, sqnr)
             decisions.append(ir.get(new, ir.WEIGHT_QUANT))
         return decisions, {"rounding": self.rounding}
