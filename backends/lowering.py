@@ -90,6 +90,10 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
           cpu_compute_dtype: str = "bfloat16", dump: DumpWriter | None = None, inner: str = "eager",
           autotune: bool = False) -> LoweringReport:
     target = resolve_target(target)
+    if target == "triton":  # the W8A8 matmul keeps its generated kernel; its threshold stays a torch op in front
+        from lowbit_compiler.passes.act_sparsity.activation import unfuse_sparse_input_qa
+
+        unfuse_sparse_input_qa(gm)
     kernels: dict[str, str] = {}
     generated: list[dict[str, Any]] = []
     rejected: dict[str, str] = {}  # anchor node name -> why the code generator did not take it

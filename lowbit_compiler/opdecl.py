@@ -141,6 +141,10 @@ def _declare_builtins() -> None:
         "the weight rows of the inputs kept", ops.sparse_input_linear_reference, LINEAR,
         describe=lambda a: linear_text(a) + ", sparse input"))
     declare(OpDeclaration(
+        "sparse_input_qa_linear", "act_sparsify fused into a linear with quantized activations (W8A8 + TEAL/WINA): "
+        "one row runs the activation-sparse GEMV on the activation codes", ops.sparse_input_qa_linear_reference,
+        LINEAR, describe=lambda a: linear_text(a) + ", sparse input"))
+    declare(OpDeclaration(
         "generated", "one call of a generated kernel (inner='inductor')", ops.generated, LOWERED))
 
 

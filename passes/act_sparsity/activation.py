@@ -317,6 +317,53 @@ FUSE_SPARSE_INPUT = PatternRule("act_sparsify + wo_linear -> sparse_input_linear
                                 _sparse_input_linear)
 
 
+def _thresholded_qa_linear(node: fx.Node) -> dict[str, Any] | None:
+    if not (node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default):
+        return None
+    args = ir.op_args(node)
+    x = args["x"]
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.lowbit.act_sparsify.default:
+        return {"linear": args, "sparsify": ir.op_args(x), "spec": ir.get(x, ir.ACT_SPARSITY)}
+    return None
+
+
+def _sparse_input_qa_linear(gm: fx.GraphModule, node: fx.Node, match: dict[str, Any]) -> fx.Node:
+    a, s = match["linear"], match["sparsify"]
+    new = gm.graph.call_function(torch.ops.lowbit.sparse_input_qa_linear.default, (
+        s["x"], s["threshold"], s["col_scale"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
+        a["in_features"], a["act"], a["x_scale"]))
+    if match["spec"] is not None:
+        ir.put(new, ir.ACT_SPARSITY, match["spec"])
+    return new
+
+
+FUSE_SPARSE_INPUT_QA = PatternRule("act_sparsify + qa_linear -> sparse_input_qa_linear", _thresholded_qa_linear,
+                                   _sparse_input_qa_linear)
+_FUSED = (torch.ops.lowbit.sparse_input_linear.default, torch.ops.lowbit.sparse_input_qa_linear.default)
+
+
+def unfuse_sparse_input_qa(gm: fx.GraphModule) -> int:
+    """``sparse_input_qa_linear`` -> ``act_sparsify`` + ``qa_linear`` (the Triton target: there the
+    W8A8 matmul is a fusion-group anchor with its own generated kernel, which the fused op would
+    lose). Returns how many were split."""
+    split = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.lowbit.sparse_input_qa_linear.default:
+            continue
+        a = ir.op_args(node)
+        with gm.graph.inserting_before(node):
+            thr = gm.graph.call_function(torch.ops.lowbit.act_sparsify.default, (a["x"], a["threshold"], a["col_scale"]))
+            thr.meta.update({k: v for k, v in a["x"].meta.items() if k in ("val", "example_value", "tensor_meta")})
+            new = gm.graph.call_function(torch.ops.lowbit.qa_linear.default, (
+                thr, a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"], a["in_features"], a["act"],
+                a["x_scale"]))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        split += 1
+    return split
+
+
 def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
     """Which CPU kernel one row of this layer gets at its target sparsity, and why: the measured
     dispatch of ``backends/cpu_sparse.py`` (timed here on this host, cached on disk; the runtime
@@ -343,21 +390,22 @@ def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
 
 @register_pass
 class FuseSparseInput(Pass):
-    """``wo_linear(act_sparsify(x))`` -> ``sparse_input_linear(x)``: the decode GEMV then reads only
-    the weight rows of the inputs kept. Thresholds in front of float or ``qa_linear`` matmuls stay
-    as they are (reported)."""
+    """``wo_linear(act_sparsify(x))`` -> ``sparse_input_linear(x)`` and ``qa_linear(act_sparsify(x))``
+    -> ``sparse_input_qa_linear(x)``: the decode GEMV then reads only the weight rows of the inputs
+    kept. Thresholds in front of float matmuls stay as they are (reported)."""
 
     name = "fuse_sparse_input"
     requires = ("activation_sparse", "weights_quantized")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        counts = apply_rules(gm, [FUSE_SPARSE_INPUT])
-        fused = counts[FUSE_SPARSE_INPUT.name]
+        counts = apply_rules(gm, [FUSE_SPARSE_INPUT, FUSE_SPARSE_INPUT_QA])
+        fused = counts[FUSE_SPARSE_INPUT.name] + counts[FUSE_SPARSE_INPUT_QA.name]
         for node in gm.graph.nodes:  # the quantizer rewrote the layer records: the achieved sparsity back in
             spec, decision = ir.get(node, ir.ACT_SPARSITY), ir.get(node, ir.WEIGHT_QUANT)
             if spec is not None and decision is not None and decision.layer in ctx.layers:
                 ctx.layers[decision.layer]["activation_sparsity"] = spec.achieved
-                if node.target is torch.ops.lowbit.sparse_input_linear.default:
+                if node.target in _FUSED:
                     ctx.layers[decision.layer]["sparse_kernel"] = _cpu_kernel_record(gm, node, spec)
         left = [u.name for n in gm.graph.nodes if n.target is torch.ops.lowbit.act_sparsify.default for u in n.users]
-        return PassResult(fused > 0, fused, {"fused": fused, "unfused_readers": left})
+        return PassResult(fused > 0, fused, {"fused": fused, "fused_qa": counts[FUSE_SPARSE_INPUT_QA.name],
+                                             "unfused_readers": left})

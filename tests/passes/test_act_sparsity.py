@@ -53,6 +53,81 @@ def test_sparse_input_linear_matches_the_float_reference(fmt, rows):
     assert (y.double() - ref).abs().max() <= tol * ref.abs().max(), fmt
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_sparse_input_qa_linear_matches_float64_and_reads_only_kept_rows(fmt, rows):
+    """W8A8 / W4A8 + a threshold, fused: one row runs the activation-sparse kernel on the activation
+    codes (counted), more rows the integer matmul on the thresholded input; both against the float64
+    reference (threshold, per-token int8 codes, dequantised weight)."""
+    from lowbit_compiler.ops import sparse_input_qa_linear, sparse_input_qa_linear_reference
+
+    n, k = 520, 384
+    gen = torch.Generator().manual_seed(7)
+    qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse(fmt))
+    x, bias, thr = torch.randn(rows, k, generator=gen), torch.randn(n, generator=gen), torch.tensor([0.67])
+    before = cpu_sparse.dispatch_counter[(fmt, "sparse")]
+    y = sparse_input_qa_linear(x, thr, None, qw.qweight, qw.scale, qw.zero, bias, fmt, k, "int8")
+    ref = sparse_input_qa_linear_reference(x.double(), thr, None, qw.qweight, qw.scale, qw.zero, bias.double(), fmt,
+                                           k, "int8")
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, rows)
+    assert cpu_sparse.dispatch_counter[(fmt, "sparse")] - before == (1 if rows == 1 else 0)
+
+
+def test_teal_w8a8_fuses_the_threshold_into_qa_linear_and_reloads(tmp_path):
+    recipe = "teal-50+w8a8"
+    model = compress(make_model("llama"), recipe, calibration=CALIBRATION, progress=False)
+    details = _pass_details(model, "fuse_sparse_input")
+    assert details["fused"] == details["fused_qa"] == 14 and details["unfused_readers"] == []
+    teal = _pass_details(model, "teal")
+    assert abs(teal["mean_achieved"] - 0.5) <= 0.01
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.act == "int8" and q.input_threshold is not None
+    rec = Recorder(recipe=recipe, calibration=CALIBRATION, progress=False)
+    compiled = torch.compile(make_model("llama"), backend=rec)
+    with torch.no_grad():
+        y_compiled = compiled(CALIBRATION[0]).logits
+        y_offline = model(CALIBRATION[0]).logits
+        before = cpu_sparse.dispatch_counter[("int8", "sparse")]
+        model(CALIBRATION[0][:, :1])  # one row: every fused layer runs the sparse kernel on int8 codes
+        assert cpu_sparse.dispatch_counter[("int8", "sparse")] - before == 14
+    gm = rec.graphs[0]
+    assert count(gm, "sparse_input_qa_linear.default") == 14 and count(gm, "act_sparsify.default") == 0
+    assert torch.allclose(y_compiled, y_offline, rtol=0, atol=5e-2 * y_offline.abs().max())
+    save(model, tmp_path)
+    reloaded = load(tmp_path, make_model("llama", seed=3))
+    with torch.no_grad():
+        assert torch.equal(reloaded(CALIBRATION[1]).logits, model(CALIBRATION[1]).logits)
+
+
+def test_triton_target_splits_the_fused_w8a8_op_back():
+    """Under target='triton' the W8A8 matmul is a fusion-group anchor with its own kernel: the fused
+    op is split back into act_sparsify + qa_linear (what lowering does first), same numbers."""
+    import torch.fx as fx
+
+    from lowbit_compiler.passes.act_sparsity.activation import unfuse_sparse_input_qa
+
+    n, k = 64, 128
+    qw = quantize(torch.randn(n, k), WeightFormat.parse("int8"))
+    root = torch.nn.Module()
+    root.register_buffer("thr", torch.tensor([0.67]))
+    root.register_buffer("qweight", qw.qweight)
+    root.register_buffer("scale", qw.scale)
+    g = fx.Graph()
+    x = g.placeholder("x")
+    node = g.call_function(torch.ops.lowbit.sparse_input_qa_linear.default,
+                           (x, g.get_attr("thr"), None, g.get_attr("qweight"), g.get_attr("scale"), None, None, "int8",
+                            k, "int8", None))
+    g.output(node)
+    gm = fx.GraphModule(root, g)
+    xs = torch.randn(2, 1, k)
+    y_fused = gm(xs)
+    assert unfuse_sparse_input_qa(gm) == 1
+    gm.recompile()
+    assert count(gm, "sparse_input_qa_linear.default") == 0
+    assert count(gm, "qa_linear.default") == 1 and count(gm, "act_sparsify.default") == 1
+    assert torch.equal(gm(xs), y_fused)
+
+
 def test_kernel_skips_all_zero_groups_and_reads_only_kept_rows():
     # a whole int4 group of zero inputs, and a weight whose rows for zeroed inputs are garbage in the
     # K-major copy: the result must not change (those rows are never read)
