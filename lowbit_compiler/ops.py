@@ -566,3 +566,22 @@ def sparse_input_linear_reference(x: torch.Tensor, threshold: torch.Tensor, col_
     """Float reference: the threshold, then ``wo_linear_reference``."""
     return wo_linear_reference(act_sparsify_reference(x, threshold, col_scale), qweight, scale, zero, bias, fmt,
                                in_features)
+
+
+@torch.library.custom_op("lowbit::lowrank_residual", mutates_args=())
+def lowrank_residual(x: torch.Tensor, kept: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """R-Sparse's low-rank part: ``((x - kept) @ right.T) @ left.T``, the inputs a threshold zeroed
+    (``kept`` = ``act_sparsify(x)``) times a rank-``r`` factorisation ``left @ right`` ([N, r] x
+    [r, K]) of the weight that reads them; added to the linear over the kept inputs."""
+    return lowrank_residual_reference(x, kept, left, right)
+
+
+@lowrank_residual.register_fake
+def _(x, kept, left, right):
+    return x.new_empty((*x.shape[:-1], left.shape[0]))
+
+
+def lowrank_residual_reference(x: torch.Tensor, kept: torch.Tensor, left: torch.Tensor,
+                               right: torch.Tensor) -> torch.Tensor:
+    """The op's definition (also its implementation: two small matmuls in x's dtype)."""
+    return ((x - kept) @ right.to(x.dtype).t()) @ left.to(x.dtype).t()

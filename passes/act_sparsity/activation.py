@@ -18,6 +18,9 @@ achieved fraction on the same data is in the summary per site (``achieved``).
 * ``cats`` (Lee et al., 2024): score ``|act(gate(x))|`` at the output of the MLP's gate activation
   (a SiLU/GELU/ReLU whose output multiplies the up projection before the down projection): MLP
   only. Its zeros feed an elementwise product, not a matmul, so it is not fused.
+* ``rsparse`` (Zhang et al., 2025): TEAL's sites and score, plus, per reading linear, a rank-``r``
+  SVD of its float weight applied to the inputs the threshold zeroed (``lowbit::lowrank_residual``
+  added to the linear's output; see :class:`RSparse`).
 
 What they leave alone: linears outside the repeated blocks (the head, embeddings' projections),
 MoE routers, layers the recipe excludes, grouped expert matmuls (reported as ``skipped``).
@@ -162,6 +165,9 @@ class ActivationSparsity(Pass):
     def col_scale(self, site: ActSite) -> torch.Tensor | None:
         return None
 
+    def after_threshold(self, gm: fx.GraphModule, site: ActSite, thresholded: fx.Node, entry: dict[str, Any]) -> None:
+        """Called once the site's threshold node is in the graph (``entry``: its summary record)."""
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         skipped: dict[str, str] = {}
         sites = {s.observe: s for s in self.sites(gm, ctx, skipped)}
@@ -186,6 +192,7 @@ class ActivationSparsity(Pass):
                                                              threshold))
             report[site.name] = {"target": sparsity, "achieved": round(achieved, 4), "threshold": threshold,
                                  "readers": len(site.readers), "score": "|x|" if scale is None else "|x|*||W[:,i]||"}
+            self.after_threshold(gm, site, node, report[site.name])
             for reader in site.readers:
                 layer = _layer_of(reader)
                 if layer:
@@ -287,6 +294,50 @@ class Cats(ActivationSparsity):
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext, skipped: dict[str, str]) -> list[ActSite]:
         return gate_activation_sites(gm, ctx, self.name, skipped)
+
+
+@register_pass
+class RSparse(ActivationSparsity):
+    """R-Sparse (Zhang et al., 2025): TEAL's thresholds at the linears' inputs, plus, for each
+    reading linear ``W`` [N, K], a rank-``rank`` factorisation ``W ~ L R`` (truncated SVD of the
+    float weight: ``L`` = U_r S_r [N, r], ``R`` = V_r^T [r, K]) applied to the inputs the threshold
+    zeroed: ``y = W sparse(x) + L (R (x - sparse(x)))`` (``lowbit::lowrank_residual``). The
+    thresholds are calibrated with the low-rank parts of earlier sites in place. Float weights only
+    (the preset ``rsparse-50``); the low-rank part has no module form yet, so ``compress`` refuses
+    it by name and ``torch.compile`` runs it. Each site's summary gives the rank and the relative
+    error of the factorisation, ``||W - L R||_F / ||W||_F``, per reader."""
+
+    name = "rsparse"
+
+    def __init__(self, sparsity: float = 0.5, rank: int = 32) -> None:
+        super().__init__(sparsity)
+        if int(rank) < 1:
+            raise LowbitError(f"pass 'rsparse': rank={rank}; give the rank of the low-rank part (>= 1)")
+        self.options["rank"] = int(rank)
+
+    def after_threshold(self, gm: fx.GraphModule, site: ActSite, thresholded: fx.Node, entry: dict[str, Any]) -> None:
+        errors = []
+        for i, (reader, weight) in enumerate(zip(site.readers, site.weights)):
+            w = weight.double()
+            r = min(self.options["rank"], *w.shape)
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            left, right = (u[:, :r] * sv[:r]).to(weight.dtype), vh[:r].to(weight.dtype)
+            errors.append(round(float(torch.linalg.matrix_norm(w - left.double() @ right.double())
+                                      / torch.linalg.matrix_norm(w).clamp_min(1e-30)), 4))
+            prefix = f"{site.prefix}.lowrank{i}" if len(site.readers) > 1 else f"{site.prefix}.lowrank"
+            with gm.graph.inserting_before(reader.next):  # right after the reader, in this order
+                ln = common._register(gm, f"{prefix}_left", left.contiguous())
+                rn = common._register(gm, f"{prefix}_right", right.contiguous())
+                low = gm.graph.call_function(torch.ops.lowbit.lowrank_residual.default,
+                                             (site.value, thresholded, ln, rn))
+                total = gm.graph.call_function(operator.add, (reader, low))
+            total.meta.update({k: v for k, v in reader.meta.items() if k in ("val", "example_value", "tensor_meta")})
+            module = ir.get(reader, ir.MODULE)
+            if module is not None:
+                ir.put(low, ir.MODULE, module)
+                ir.put(total, ir.MODULE, module)
+            reader.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        entry.update(rank=self.options["rank"], lowrank_rel_error=errors)
 
 
 # --------------------------------------------------------------------------------------------
