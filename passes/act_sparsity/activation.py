@@ -393,26 +393,47 @@ FUSE_SPARSE_INPUT_QA = PatternRule("act_sparsify + qa_linear -> sparse_input_qa_
 _FUSED = (torch.ops.lowbit.sparse_input_linear.default, torch.ops.lowbit.sparse_input_qa_linear.default)
 
 
-def unfuse_sparse_input_qa(gm: fx.GraphModule) -> int:
-    """``sparse_input_qa_linear`` -> ``act_sparsify`` + ``qa_linear`` (the Triton target: there the
-    W8A8 matmul is a fusion-group anchor with its own generated kernel, which the fused op would
-    lose). Returns how many were split."""
-    split = 0
+def _rows(node: fx.Node) -> int | None:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    rows = value.numel() // max(int(value.shape[-1]), 1)
+    return rows if isinstance(rows, int) else None
+
+
+def unfuse_for_triton(gm: fx.GraphModule) -> dict[str, int]:
+    """Before Triton lowering: ``sparse_input_qa_linear`` -> ``act_sparsify`` + ``qa_linear`` (there
+    the W8A8 matmul anchors a fusion group with its own generated kernel, which the fused op would
+    lose), and ``sparse_input_linear`` over more than one row (prefill: nothing to skip, the
+    activation-sparse GEMV is a decode kernel) -> ``act_sparsify`` + ``wo_linear``, so prefill runs
+    the generated dense kernel on the thresholded input instead of the op's CPU implementation.
+    One-row ``sparse_input_linear`` stays (the Triton sparse GEMV). Returns the counts split."""
+    counts = {"qa": 0, "prefill": 0}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.lowbit.sparse_input_qa_linear.default:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.lowbit.sparse_input_qa_linear.default:
+            kind, op, extra = "qa", torch.ops.lowbit.qa_linear.default, ("act", "x_scale")
+        elif node.target is torch.ops.lowbit.sparse_input_linear.default and (_rows(ir.op_args(node)["x"]) or 1) > 1:
+            kind, op, extra = "prefill", torch.ops.lowbit.wo_linear.default, ()
+        else:
             continue
         a = ir.op_args(node)
         with gm.graph.inserting_before(node):
             thr = gm.graph.call_function(torch.ops.lowbit.act_sparsify.default, (a["x"], a["threshold"], a["col_scale"]))
             thr.meta.update({k: v for k, v in a["x"].meta.items() if k in ("val", "example_value", "tensor_meta")})
-            new = gm.graph.call_function(torch.ops.lowbit.qa_linear.default, (
-                thr, a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"], a["in_features"], a["act"],
-                a["x_scale"]))
-        new.meta.update(node.meta)
+            new = gm.graph.call_function(op, (thr, a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
+                                              a["in_features"], *(a[k] for k in extra)))
+        for key in ("val", "example_value", "tensor_meta"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        for key in (ir.MODULE, ir.WEIGHT_QUANT, ir.ACT_SPARSITY):
+            if (value := ir.get(node, key)) is not None:
+                ir.put(new, key, value)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        split += 1
-    return split
+        counts[kind] += 1
+    return counts
 
 
 def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:

@@ -104,7 +104,7 @@ def test_triton_target_splits_the_fused_w8a8_op_back():
     op is split back into act_sparsify + qa_linear (what lowering does first), same numbers."""
     import torch.fx as fx
 
-    from lowbit_compiler.passes.act_sparsity.activation import unfuse_sparse_input_qa
+    from lowbit_compiler.passes.act_sparsity.activation import unfuse_for_triton
 
     n, k = 64, 128
     qw = quantize(torch.randn(n, k), WeightFormat.parse("int8"))
@@ -121,11 +121,44 @@ def test_triton_target_splits_the_fused_w8a8_op_back():
     gm = fx.GraphModule(root, g)
     xs = torch.randn(2, 1, k)
     y_fused = gm(xs)
-    assert unfuse_sparse_input_qa(gm) == 1
+    assert unfuse_for_triton(gm) == {"qa": 1, "prefill": 0}
     gm.recompile()
     assert count(gm, "sparse_input_qa_linear.default") == 0
     assert count(gm, "qa_linear.default") == 1 and count(gm, "act_sparsify.default") == 1
     assert torch.equal(gm(xs), y_fused)
+
+
+def test_triton_target_runs_prefill_shaped_sparse_input_as_threshold_plus_dense_kernel():
+    """A fused sparse_input_linear over several rows (prefill) is split for the Triton target into
+    act_sparsify + wo_linear (which the generated dense kernels take); a one-row call stays fused
+    (the sparse GEMV). Same numbers either way."""
+    import torch.fx as fx
+
+    from lowbit_compiler.passes.act_sparsity.activation import unfuse_for_triton
+
+    n, k, fmt = 64, 128, "int4_g64_asym"
+    qw = quantize(torch.randn(n, k), WeightFormat.parse(fmt))
+    root = torch.nn.Module()
+    for name, t in (("thr", torch.tensor([0.67])), ("qweight", qw.qweight), ("scale", qw.scale), ("zero", qw.zero)):
+        root.register_buffer(name, t)
+    g = fx.Graph()
+    outs = []
+    for rows in (5, 1):
+        x = g.placeholder(f"x{rows}")
+        x.meta["val"] = torch.empty(1, rows, k)
+        outs.append(g.call_function(torch.ops.lowbit.sparse_input_linear.default,
+                                    (x, g.get_attr("thr"), None, g.get_attr("qweight"), g.get_attr("scale"),
+                                     g.get_attr("zero"), None, fmt, k)))
+    g.output(tuple(outs))
+    gm = fx.GraphModule(root, g)
+    xs = (torch.randn(1, 5, k), torch.randn(1, 1, k))
+    before = gm(*xs)
+    assert unfuse_for_triton(gm) == {"qa": 0, "prefill": 1}
+    gm.recompile()
+    assert count(gm, "wo_linear.default") == 1 and count(gm, "sparse_input_linear.default") == 1
+    after = gm(*xs)
+    assert torch.allclose(after[0], before[0], rtol=0, atol=1e-5 * before[0].abs().max())
+    assert torch.equal(after[1], before[1])
 
 
 def test_kernel_skips_all_zero_groups_and_reads_only_kept_rows():
