@@ -91,6 +91,10 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
           cpu_compute_dtype: str = "bfloat16", dump: DumpWriter | None = None, inner: str = "eager",
           autotune: bool = False) -> LoweringReport:
     target = resolve_target(target)
+    if target == "triton":  # W8A8 and prefill-shaped thresholded matmuls take the generated dense kernels
+        from lowbit_compiler.passes.act_sparsity.activation import unfuse_for_triton
+
+        unfuse_for_triton(gm)
     kernels: dict[str, str] = {}
     generated: list[dict[str, Any]] = []
     rejected: dict[str, str] = {}  # anchor node name -> why the code generator did not take it

@@ -13,7 +13,9 @@ Checked under the interpreter against the float reference (and that the bytes lo
 sparsity, ``_triton_adapter.count_traffic``), compiled for sm_90 with registers and spills
 reported (tests/backends/test_sparse_gemv_kernel.py). ``target="triton"`` lowers a one-row
 ``sparse_input_linear`` to :func:`sparse_input_linear_triton` (``backends/lowering.py``); prefill
-shapes run the op's CPU implementation there (logged).
+shapes with a known row count are split first into the threshold + ``wo_linear``, which the
+generated dense kernels take (``activation.unfuse_for_triton``); others run the op's CPU
+implementation (logged).
 """
 from __future__ import annotations
 
@@ -112,8 +114,9 @@ def unsupported_reason(fmt: str, x_dtype: torch.dtype, rows: int, out_features: 
     if (why := cpu_sparse.supported(fmt)) is not None:
         return why
     if rows != 1:
-        return (f"{rows} rows: the activation-sparse Triton kernel is a decode GEMV (one row); prefill shapes run "
-                "the op's CPU implementation (the threshold, then the dense kernels)")
+        return (f"{rows} rows: the activation-sparse Triton kernel is a decode GEMV (one row); prefill shapes "
+                "whose row count is known at compile time are split into the threshold + the generated dense "
+                "kernel; this one runs the op's CPU implementation (the threshold, then the dense kernels)")
     if x_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"activation dtype {x_dtype} has no Triton kernel (use float32/bfloat16/float16)"
     if WeightFormat.parse(fmt).bits == 4 and out_features % 2:

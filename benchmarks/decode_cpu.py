@@ -12,7 +12,15 @@ Peers (``--no-peers`` leaves them out): ``torch.compile`` (Inductor) on the bf16
 torchao's int8 weight-only quantization + Inductor when torchao is installed (the ``bench``
 extra pins the version that works with torch 2.13).
 
-    python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--no-peers] [--builds] [--json benchmarks/results/decode_cpu.json] [--plot [SVG]]
+Sparse recipes (issue 13) run beside the dense recipe of the same weight format in the same run:
+``--recipes w8a16,w4a16,teal-50+w8a16,teal-50+w4a16,s24-w8a16`` (or ``--sparse``, which also
+leaves the peers out). Each sparse row gets ``vs dense format`` (the dense recipe's ms/token over
+its own: ``teal-50+w8a16`` and ``s24-w8a16`` against ``w8a16``, ``teal-50+w4a16`` against
+``w4a16``) and ``sparse calls`` (what the sparse CPU kernels' dispatch ran during the timed steps,
+from ``cpu_sparse.dispatch_counter``: a TEAL row whose calls all ran the dense kernel measures the
+threshold op, not the sparse kernel).
+
+    python benchmarks/decode_cpu.py [--steps 16] [--layers 8] [--no-peers] [--builds] [--sparse] [--json benchmarks/results/decode_cpu.json] [--plot [SVG]]
     python benchmarks/decode_cpu.py --from-json benchmarks/results/decode_cpu.json --plot [SVG]   (plot only)
 """
 from __future__ import annotations
@@ -25,8 +33,21 @@ import sys
 import tempfile
 import time
 
+import collections
+
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from lowbit_compiler.backends import cpu_sparse
+
+SPARSE_RECIPES = "w8a16,w4a16,teal-50+w8a16,teal-50+w4a16,s24-w8a16"
+
+
+def dense_baseline(recipe: str) -> str | None:
+    """The dense recipe of the same weight format as a sparse one (None: not a sparse recipe)."""
+    if recipe.startswith(("teal", "wina", "cats")) and "+" in recipe:
+        return recipe.split("+", 1)[1]
+    return {"s24-w8a16": "w8a16", "s24-w4a16": "w4a16"}.get(recipe)
 
 
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 9) -> float:
@@ -60,13 +81,17 @@ def linear_bytes(model: torch.nn.Module, dtype_bytes: int) -> int:
     return sum(m.weight.numel() * dtype_bytes for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def quantized_bytes(dump_dir: str, model: torch.nn.Module) -> int:
-    """Bytes of the quantized linears (from the dump) plus the float linears left alone."""
+def quantized_bytes(dump_dir: str | dict, model: torch.nn.Module) -> int:
+    """Bytes of the quantized linears (from the dump, or a ``compress`` summary's ``layers``) plus
+    the float linears left alone."""
     from lowbit_compiler.dump import load_summaries
 
     layers: dict[str, dict] = {}
-    for summary in load_summaries(dump_dir):
-        layers.update(summary["layers"])
+    if isinstance(dump_dir, dict):
+        layers = dump_dir
+    else:
+        for summary in load_summaries(dump_dir):
+            layers.update(summary["layers"])
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -79,6 +104,7 @@ class Contender:
     def __init__(self, name: str, model: torch.nn.Module, call, bytes_per_token: int):
         self.name, self.model, self.call, self.bytes_per_token = name, model, call, bytes_per_token
         self.times: list[float] = []
+        self.ran: collections.Counter = collections.Counter()  # sparse dispatch during the timed steps
         self.cache = None
         self.next_token = None
 
@@ -93,11 +119,14 @@ class Contender:
         self.first_s = time.perf_counter() - start
 
     def step(self, record: bool) -> None:
+        before = collections.Counter(cpu_sparse.dispatch_counter)
         start = time.perf_counter()
         out = self.call(input_ids=self.next_token, cache=self.cache, use_cache=True)
         self.next_token = out.logits[:, -1:].argmax(-1)
         if record:
             self.times.append(time.perf_counter() - start)
+            self.ran.update({f"{fmt}:{kind}": n for (fmt, kind), n in
+                             (collections.Counter(cpu_sparse.dispatch_counter) - before).items()})
 
 
 def main() -> None:
@@ -115,11 +144,20 @@ def main() -> None:
                         help="lowbit recipes to compile (comma-separated); data-driven ones (teal-50+w8a16, "
                              "s24-w8a16, ...) calibrate on --calibration random prompts")
     parser.add_argument("--calibration", type=int, default=4, help="random 64-token prompts for data-driven recipes")
+    parser.add_argument("--flow", choices=("compile", "compress"), default="compile",
+                        help="compile: torch.compile(fp32, backend='lowbit', options={'recipe': ...}); compress: "
+                             "compress(copy of fp32, recipe) then torch.compile(backend='lowbit'). Data-driven recipes "
+                             "always take compress (the compile flow cannot calibrate the decode step's graph)")
+    parser.add_argument("--sparse", action="store_true",
+                        help=f"--recipes {SPARSE_RECIPES} --no-peers: the sparse recipes against the dense "
+                             "ones of the same weight format")
     parser.add_argument("--builds", action="store_true",
                         help="also w4a16 and w8a16 without the split-int8 integer path (LOWBIT_CPU_SPLIT8=0), and "
                              "w4a16 with the AVX2 build and without the CPU fusion groups (LOWBIT_CPU_ISA / "
                              "LOWBIT_CPU_FUSE): before/after ratios on one machine")
     args = parser.parse_args()
+    if args.sparse:  # every recipe through the same flow: the rows differ only by the sparsity
+        args.recipes, args.no_peers, args.flow = SPARSE_RECIPES, True, "compress"
     if args.from_json:
         with open(args.from_json) as f:
             plot(json.load(f), args.plot or "benchmarks/results/decode_cpu.svg")
@@ -157,11 +195,21 @@ def main() -> None:
     dumps = tempfile.mkdtemp(prefix="lowbit-bench-")
     calibration = [torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(100 + i))
                    for i in range(args.calibration)]
+    summaries = {}  # recipe -> compress summary's layers (compress flow)
     for recipe in args.recipes.split(","):
         dump_dir = os.path.join(dumps, recipe)
+        data_driven = recipe.startswith(("teal", "wina", "cats", "s24-"))  # activation thresholds, Wanda scores
+        if (args.flow == "compress" or data_driven) and recipe != "none":
+            from lowbit_compiler import compress
+
+            model = LlamaForCausalLM(cfg).eval()
+            model.load_state_dict(fp32.state_dict())
+            compress(model, recipe, calibration=calibration if data_driven else None, progress=False)
+            summaries[recipe] = model.lowbit_summary["layers"]
+            compiled = torch.compile(model, backend="lowbit", options={"dump_dir": dump_dir, "progress": False})
+            contenders.append(Contender(f"lowbit {recipe}", model, compiled, 0))
+            continue
         options = {"recipe": recipe, "dump_dir": dump_dir, "progress": False}
-        if recipe.startswith(("teal", "wina", "cats", "s24-")):  # data-driven: activation thresholds, Wanda scores
-            options["calibration"] = calibration
         compiled = torch.compile(fp32, backend="lowbit", options=options)
         contenders.append(Contender(f"lowbit {recipe}", fp32, compiled, 0))
 
@@ -185,7 +233,7 @@ def main() -> None:
             continue
         recipe = c.name.split()[-1]
         c.bytes_per_token = (linear_bytes(fp32, 4) if recipe == "none"
-                             else quantized_bytes(os.path.join(dumps, recipe), fp32))
+                             else quantized_bytes(summaries.get(recipe) or os.path.join(dumps, recipe), fp32))
     for c in contenders:
         if c.name.startswith(("lowbit w4a16 (", "lowbit w8a16 (")):  # the same weights, other builds
             c.bytes_per_token = next(d.bytes_per_token for d in contenders if d.name == c.name.split(" (")[0])
@@ -202,6 +250,12 @@ def main() -> None:
                      "weight_MB_per_token": round(c.bytes_per_token / 1e6, 1),
                      "bandwidth_floor_fraction": round(floor_ms / ms, 2),
                      "compile_plus_first_token_s": round(c.first_s, 2)})
+        dense = dense_baseline(c.name.split()[-1]) if c.name.startswith("lowbit") else None
+        if dense is not None and f"lowbit {dense}" in base:
+            rows[-1]["vs_dense_format"] = round(base[f"lowbit {dense}"] / base[c.name], 2)
+            rows[-1]["dense_format"] = dense
+        if c.ran:
+            rows[-1]["sparse_calls"] = dict(c.ran)
     header = ["contender", "ms/token", "vs fp32", "vs bf16", "MB read/token", "of BW floor", "compile + first token"]
     print(f"decode, batch 1, {args.layers} layers, prompt {args.prompt}, median of {args.steps} steps; "
           f"threads={torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -211,6 +265,10 @@ def main() -> None:
         print(f"| {r['contender']} | {r['ms_per_token']:.1f} | {r['speedup_vs_eager_fp32']:.2f}x | "
               f"{r['speedup_vs_eager_bf16']:.2f}x | {r['weight_MB_per_token']:.0f} | {r['bandwidth_floor_fraction']:.2f} | "
               f"{r['compile_plus_first_token_s']:.1f} s |")
+    for r in rows:
+        if "vs_dense_format" in r or "sparse_calls" in r:
+            print(f"{r['contender']}: {r.get('vs_dense_format', '-')}x lowbit {r.get('dense_format', '-')} in this run; "
+                  f"sparse calls {r.get('sparse_calls', {})}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

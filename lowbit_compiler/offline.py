@@ -71,7 +71,7 @@ class LowbitLinear(torch.nn.Module):
         self.register_buffer("transform_right", right)
         self.register_buffer("x_scale", x_scale)  # static activation scale (None: per token at run time)
         # activation sparsity (TEAL/WINA): inputs whose |x| (x column norm) is below the threshold are zeroed, and
-        # the weight-only matmul skips their weight rows (lowbit::sparse_input_linear)
+        # the matmul skips their weight rows (lowbit::sparse_input_linear, sparse_input_qa_linear)
         self.register_buffer("input_threshold", input_threshold)
         self.register_buffer("input_col_scale", input_col_scale)
         for name, t in zip(("outlier_rows", "outlier_cols", "outlier_values"), outliers or (None,) * 3):
@@ -101,6 +101,10 @@ class LowbitLinear(torch.nn.Module):
         if self.input_threshold is not None and not self.act and self.outlier_values is None:
             return torch.ops.lowbit.sparse_input_linear(x, self.input_threshold, self.input_col_scale, self.qweight,
                                                         self.scale, self.zero, self.bias, self.fmt, self.in_features)
+        if self.input_threshold is not None and self.outlier_values is None:
+            return torch.ops.lowbit.sparse_input_qa_linear(x, self.input_threshold, self.input_col_scale, self.qweight,
+                                                           self.scale, self.zero, self.bias, self.fmt,
+                                                           self.in_features, self.act, self.x_scale)
         if self.input_threshold is not None:
             x = torch.ops.lowbit.act_sparsify(x, self.input_threshold, self.input_col_scale)
         if self.act:
@@ -550,7 +554,7 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             continue
         args = opdecl.args(node)
         tensor = lambda a: None if a is None else ir.fetch_attr(gm, a.target)  # noqa: E731
-        if "threshold" in args:  # lowbit::sparse_input_linear: the threshold is fused into the matmul
+        if "threshold" in args:  # lowbit::sparse_input_(qa_)linear: the threshold is fused into the matmul
             transforms.update(input_threshold=tensor(args["threshold"]), input_col_scale=tensor(args["col_scale"]))
         outliers, users = None, list(node.users)
         if len(users) == 1 and _is(users[0], operator.add) and opdecl.is_module(users[0].args[1], opdecl.SIDE):

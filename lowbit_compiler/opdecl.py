@@ -30,6 +30,7 @@ SIDE = "side"                  # added to a linear's output (``linear + op``): p
 ATTENTION = "attention"        # on queries/keys before attention: the attention implementation wraps it
 LOWERED = "lowered"            # only the backend creates it (a generated kernel's call): no module form
 EXPERTS = "experts"            # a grouped matmul over stacked expert weights: a LowbitExperts replaces the experts module
+GRAPH = "graph"                # no module form yet: compress refuses it (names the node), torch.compile runs it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,16 @@ def _declare_builtins() -> None:
         "sparse_input_linear", "act_sparsify fused into a weight-only quantized linear: the decode GEMV reads only "
         "the weight rows of the inputs kept", ops.sparse_input_linear_reference, LINEAR,
         describe=lambda a: linear_text(a) + ", sparse input"))
+    declare(OpDeclaration(
+        "sparse_input_qa_linear", "act_sparsify fused into a linear with quantized activations (W8A8 + TEAL/WINA): "
+        "one row runs the activation-sparse GEMV on the activation codes", ops.sparse_input_qa_linear_reference,
+        LINEAR, describe=lambda a: linear_text(a) + ", sparse input"))
+    declare(OpDeclaration(
+        "lowrank_residual", "R-Sparse's low-rank part: the thresholded-away inputs times a rank-r factorisation of "
+        "the weight, added to the linear over the kept inputs", ops.lowrank_residual_reference, GRAPH,
+        no_kernel="no Triton kernel for lowbit::lowrank_residual yet; its torch implementation (two small matmuls) "
+                  "runs",
+        describe=lambda a: "R-Sparse low-rank residual"))
     declare(OpDeclaration(
         "generated", "one call of a generated kernel (inner='inductor')", ops.generated, LOWERED))
 

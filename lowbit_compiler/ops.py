@@ -515,9 +515,77 @@ def _(x, threshold, col_scale, qweight, scale, zero, bias, fmt, in_features):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
+@torch.library.custom_op("lowbit::sparse_input_qa_linear", mutates_args=())
+def sparse_input_qa_linear(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                           qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                           bias: torch.Tensor | None, fmt: str, in_features: int, act: str,
+                           x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``lowbit::act_sparsify`` fused into the linear with quantized activations that reads it:
+    ``qa_linear(act_sparsify(x, threshold, col_scale), qweight, ...)`` (W8A8 / W4A8 + TEAL or WINA).
+    The activation codes of a thresholded row are zero where the input was zeroed (the per-token
+    scale is the kept row's maximum, as unfused), so for one row the activation-sparse CPU kernel
+    (``backends/cpu_sparse.py``) runs on the codes and reads only the weight rows of the inputs
+    kept: ``x_scale * (codes @ dequantize(W).T) + bias``, the same products as the integer
+    matmul, accumulated in float32. More rows, and formats that kernel lacks, run ``qa_linear``
+    on the thresholded input."""
+    return sparse_input_qa_linear_eager(x, threshold, col_scale, qweight, scale, zero, bias, fmt, in_features, act,
+                                        x_scale)
+
+
+def sparse_input_qa_linear_eager(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                                 qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                                 bias: torch.Tensor | None, fmt: str, in_features: int, act: str,
+                                 x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    from lowbit_compiler.backends import cpu_sparse
+
+    xs = act_sparsify_reference(x, threshold, col_scale)
+    if act in ("int8", "int4") and cpu_sparse.unsupported_reason(xs, scale, fmt, in_features) is None:
+        xq, s = quantize_activations(xs, act, x_scale)
+        acc = cpu_sparse.linear(xq.float(), qweight, scale, zero, None, fmt, in_features)
+        if acc is not None:
+            out = acc * s.float().reshape(-1)[0]
+            if bias is not None:
+                out = out + bias.float()
+            return out.to(x.dtype)
+    return qa_linear_eager(xs, qweight, scale, zero, bias, fmt, in_features, act, x_scale)
+
+
+@sparse_input_qa_linear.register_fake
+def _(x, threshold, col_scale, qweight, scale, zero, bias, fmt, in_features, act, x_scale=None):
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
+
+def sparse_input_qa_linear_reference(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                                     qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                                     bias: torch.Tensor | None, fmt: str, in_features: int, act: str,
+                                     x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 reference: the threshold, then ``qa_linear_reference``."""
+    return qa_linear_reference(act_sparsify_reference(x, threshold, col_scale), qweight, scale, zero, bias, fmt,
+                               in_features, act, x_scale)
+
+
 def sparse_input_linear_reference(x: torch.Tensor, threshold: torch.Tensor, col_scale: torch.Tensor | None,
                                   qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                                   bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
     """Float reference: the threshold, then ``wo_linear_reference``."""
     return wo_linear_reference(act_sparsify_reference(x, threshold, col_scale), qweight, scale, zero, bias, fmt,
                                in_features)
+
+
+@torch.library.custom_op("lowbit::lowrank_residual", mutates_args=())
+def lowrank_residual(x: torch.Tensor, kept: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """R-Sparse's low-rank part: ``((x - kept) @ right.T) @ left.T``, the inputs a threshold zeroed
+    (``kept`` = ``act_sparsify(x)``) times a rank-``r`` factorisation ``left @ right`` ([N, r] x
+    [r, K]) of the weight that reads them; added to the linear over the kept inputs."""
+    return lowrank_residual_reference(x, kept, left, right)
+
+
+@lowrank_residual.register_fake
+def _(x, kept, left, right):
+    return x.new_empty((*x.shape[:-1], left.shape[0]))
+
+
+def lowrank_residual_reference(x: torch.Tensor, kept: torch.Tensor, left: torch.Tensor,
+                               right: torch.Tensor) -> torch.Tensor:
+    """The op's definition (also its implementation: two small matmuls in x's dtype)."""
+    return ((x - kept) @ right.to(x.dtype).t()) @ left.to(x.dtype).t()

@@ -277,9 +277,15 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("teal-50", ("canonicalize", "teal")),
     Recipe("cats-50", ("canonicalize", "cats")),
     Recipe("wina-50", ("canonicalize", "wina")),
+    # R-Sparse: TEAL's thresholds + a rank-32 SVD of each weight over the zeroed inputs (float weights;
+    # torch.compile only: the low-rank part has no module form for compress yet)
+    Recipe("rsparse-50", ("canonicalize", "rsparse")),
     Recipe("teal-50+w8a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
     Recipe("teal-50+w4a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), _INT4),
     Recipe("wina-50+w8a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
+    # W8A8 (int8 activations per token) behind TEAL's thresholds, fused: lowbit::sparse_input_qa_linear
+    Recipe("teal-50+w8a8", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8),
+           activation="int8_dynamic"),
     Recipe("wina-50+w4a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), _INT4),
     Recipe("cats-50+w4a16", ("canonicalize", "cats", "insert_weight_quant"), _INT4),
     # KV-cache compression (lowbit_compiler/kv.py): the weights stay float; compose with a weight

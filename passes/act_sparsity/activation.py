@@ -18,6 +18,9 @@ achieved fraction on the same data is in the summary per site (``achieved``).
 * ``cats`` (Lee et al., 2024): score ``|act(gate(x))|`` at the output of the MLP's gate activation
   (a SiLU/GELU/ReLU whose output multiplies the up projection before the down projection): MLP
   only. Its zeros feed an elementwise product, not a matmul, so it is not fused.
+* ``rsparse`` (Zhang et al., 2025): TEAL's sites and score, plus, per reading linear, a rank-``r``
+  SVD of its float weight applied to the inputs the threshold zeroed (``lowbit::lowrank_residual``
+  added to the linear's output; see :class:`RSparse`).
 
 What they leave alone: linears outside the repeated blocks (the head, embeddings' projections),
 MoE routers, layers the recipe excludes, grouped expert matmuls (reported as ``skipped``).
@@ -162,6 +165,9 @@ class ActivationSparsity(Pass):
     def col_scale(self, site: ActSite) -> torch.Tensor | None:
         return None
 
+    def after_threshold(self, gm: fx.GraphModule, site: ActSite, thresholded: fx.Node, entry: dict[str, Any]) -> None:
+        """Called once the site's threshold node is in the graph (``entry``: its summary record)."""
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         skipped: dict[str, str] = {}
         sites = {s.observe: s for s in self.sites(gm, ctx, skipped)}
@@ -186,6 +192,7 @@ class ActivationSparsity(Pass):
                                                              threshold))
             report[site.name] = {"target": sparsity, "achieved": round(achieved, 4), "threshold": threshold,
                                  "readers": len(site.readers), "score": "|x|" if scale is None else "|x|*||W[:,i]||"}
+            self.after_threshold(gm, site, node, report[site.name])
             for reader in site.readers:
                 layer = _layer_of(reader)
                 if layer:
@@ -289,6 +296,50 @@ class Cats(ActivationSparsity):
         return gate_activation_sites(gm, ctx, self.name, skipped)
 
 
+@register_pass
+class RSparse(ActivationSparsity):
+    """R-Sparse (Zhang et al., 2025): TEAL's thresholds at the linears' inputs, plus, for each
+    reading linear ``W`` [N, K], a rank-``rank`` factorisation ``W ~ L R`` (truncated SVD of the
+    float weight: ``L`` = U_r S_r [N, r], ``R`` = V_r^T [r, K]) applied to the inputs the threshold
+    zeroed: ``y = W sparse(x) + L (R (x - sparse(x)))`` (``lowbit::lowrank_residual``). The
+    thresholds are calibrated with the low-rank parts of earlier sites in place. Float weights only
+    (the preset ``rsparse-50``); the low-rank part has no module form yet, so ``compress`` refuses
+    it by name and ``torch.compile`` runs it. Each site's summary gives the rank and the relative
+    error of the factorisation, ``||W - L R||_F / ||W||_F``, per reader."""
+
+    name = "rsparse"
+
+    def __init__(self, sparsity: float = 0.5, rank: int = 32) -> None:
+        super().__init__(sparsity)
+        if int(rank) < 1:
+            raise LowbitError(f"pass 'rsparse': rank={rank}; give the rank of the low-rank part (>= 1)")
+        self.options["rank"] = int(rank)
+
+    def after_threshold(self, gm: fx.GraphModule, site: ActSite, thresholded: fx.Node, entry: dict[str, Any]) -> None:
+        errors = []
+        for i, (reader, weight) in enumerate(zip(site.readers, site.weights)):
+            w = weight.double()
+            r = min(self.options["rank"], *w.shape)
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            left, right = (u[:, :r] * sv[:r]).to(weight.dtype), vh[:r].to(weight.dtype)
+            errors.append(round(float(torch.linalg.matrix_norm(w - left.double() @ right.double())
+                                      / torch.linalg.matrix_norm(w).clamp_min(1e-30)), 4))
+            prefix = f"{site.prefix}.lowrank{i}" if len(site.readers) > 1 else f"{site.prefix}.lowrank"
+            with gm.graph.inserting_before(reader.next):  # right after the reader, in this order
+                ln = common._register(gm, f"{prefix}_left", left.contiguous())
+                rn = common._register(gm, f"{prefix}_right", right.contiguous())
+                low = gm.graph.call_function(torch.ops.lowbit.lowrank_residual.default,
+                                             (site.value, thresholded, ln, rn))
+                total = gm.graph.call_function(operator.add, (reader, low))
+            total.meta.update({k: v for k, v in reader.meta.items() if k in ("val", "example_value", "tensor_meta")})
+            module = ir.get(reader, ir.MODULE)
+            if module is not None:
+                ir.put(low, ir.MODULE, module)
+                ir.put(total, ir.MODULE, module)
+            reader.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+        entry.update(rank=self.options["rank"], lowrank_rel_error=errors)
+
+
 # --------------------------------------------------------------------------------------------
 # The threshold fused into the quantized matmul that reads it
 # --------------------------------------------------------------------------------------------
@@ -317,6 +368,74 @@ FUSE_SPARSE_INPUT = PatternRule("act_sparsify + wo_linear -> sparse_input_linear
                                 _sparse_input_linear)
 
 
+def _thresholded_qa_linear(node: fx.Node) -> dict[str, Any] | None:
+    if not (node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default):
+        return None
+    args = ir.op_args(node)
+    x = args["x"]
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.lowbit.act_sparsify.default:
+        return {"linear": args, "sparsify": ir.op_args(x), "spec": ir.get(x, ir.ACT_SPARSITY)}
+    return None
+
+
+def _sparse_input_qa_linear(gm: fx.GraphModule, node: fx.Node, match: dict[str, Any]) -> fx.Node:
+    a, s = match["linear"], match["sparsify"]
+    new = gm.graph.call_function(torch.ops.lowbit.sparse_input_qa_linear.default, (
+        s["x"], s["threshold"], s["col_scale"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
+        a["in_features"], a["act"], a["x_scale"]))
+    if match["spec"] is not None:
+        ir.put(new, ir.ACT_SPARSITY, match["spec"])
+    return new
+
+
+FUSE_SPARSE_INPUT_QA = PatternRule("act_sparsify + qa_linear -> sparse_input_qa_linear", _thresholded_qa_linear,
+                                   _sparse_input_qa_linear)
+_FUSED = (torch.ops.lowbit.sparse_input_linear.default, torch.ops.lowbit.sparse_input_qa_linear.default)
+
+
+def _rows(node: fx.Node) -> int | None:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    rows = value.numel() // max(int(value.shape[-1]), 1)
+    return rows if isinstance(rows, int) else None
+
+
+def unfuse_for_triton(gm: fx.GraphModule) -> dict[str, int]:
+    """Before Triton lowering: ``sparse_input_qa_linear`` -> ``act_sparsify`` + ``qa_linear`` (there
+    the W8A8 matmul anchors a fusion group with its own generated kernel, which the fused op would
+    lose), and ``sparse_input_linear`` over more than one row (prefill: nothing to skip, the
+    activation-sparse GEMV is a decode kernel) -> ``act_sparsify`` + ``wo_linear``, so prefill runs
+    the generated dense kernel on the thresholded input instead of the op's CPU implementation.
+    One-row ``sparse_input_linear`` stays (the Triton sparse GEMV). Returns the counts split."""
+    counts = {"qa": 0, "prefill": 0}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.lowbit.sparse_input_qa_linear.default:
+            kind, op, extra = "qa", torch.ops.lowbit.qa_linear.default, ("act", "x_scale")
+        elif node.target is torch.ops.lowbit.sparse_input_linear.default and (_rows(ir.op_args(node)["x"]) or 1) > 1:
+            kind, op, extra = "prefill", torch.ops.lowbit.wo_linear.default, ()
+        else:
+            continue
+        a = ir.op_args(node)
+        with gm.graph.inserting_before(node):
+            thr = gm.graph.call_function(torch.ops.lowbit.act_sparsify.default, (a["x"], a["threshold"], a["col_scale"]))
+            thr.meta.update({k: v for k, v in a["x"].meta.items() if k in ("val", "example_value", "tensor_meta")})
+            new = gm.graph.call_function(op, (thr, a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
+                                              a["in_features"], *(a[k] for k in extra)))
+        for key in ("val", "example_value", "tensor_meta"):
+            if key in node.meta:
+                new.meta[key] = node.meta[key]
+        for key in (ir.MODULE, ir.WEIGHT_QUANT, ir.ACT_SPARSITY):
+            if (value := ir.get(node, key)) is not None:
+                ir.put(new, key, value)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        counts[kind] += 1
+    return counts
+
+
 def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
     """Which CPU kernel one row of this layer gets at its target sparsity, and why: the measured
     dispatch of ``backends/cpu_sparse.py`` (timed here on this host, cached on disk; the runtime
@@ -343,21 +462,22 @@ def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
 
 @register_pass
 class FuseSparseInput(Pass):
-    """``wo_linear(act_sparsify(x))`` -> ``sparse_input_linear(x)``: the decode GEMV then reads only
-    the weight rows of the inputs kept. Thresholds in front of float or ``qa_linear`` matmuls stay
-    as they are (reported)."""
+    """``wo_linear(act_sparsify(x))`` -> ``sparse_input_linear(x)`` and ``qa_linear(act_sparsify(x))``
+    -> ``sparse_input_qa_linear(x)``: the decode GEMV then reads only the weight rows of the inputs
+    kept. Thresholds in front of float matmuls stay as they are (reported)."""
 
     name = "fuse_sparse_input"
     requires = ("activation_sparse", "weights_quantized")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        counts = apply_rules(gm, [FUSE_SPARSE_INPUT])
-        fused = counts[FUSE_SPARSE_INPUT.name]
+        counts = apply_rules(gm, [FUSE_SPARSE_INPUT, FUSE_SPARSE_INPUT_QA])
+        fused = counts[FUSE_SPARSE_INPUT.name] + counts[FUSE_SPARSE_INPUT_QA.name]
         for node in gm.graph.nodes:  # the quantizer rewrote the layer records: the achieved sparsity back in
             spec, decision = ir.get(node, ir.ACT_SPARSITY), ir.get(node, ir.WEIGHT_QUANT)
             if spec is not None and decision is not None and decision.layer in ctx.layers:
                 ctx.layers[decision.layer]["activation_sparsity"] = spec.achieved
-                if node.target is torch.ops.lowbit.sparse_input_linear.default:
+                if node.target in _FUSED:
                     ctx.layers[decision.layer]["sparse_kernel"] = _cpu_kernel_record(gm, node, spec)
         left = [u.name for n in gm.graph.nodes if n.target is torch.ops.lowbit.act_sparsify.default for u in n.users]
-        return PassResult(fused > 0, fused, {"fused": fused, "unfused_readers": left})
+        return PassResult(fused > 0, fused, {"fused": fused, "fused_qa": counts[FUSE_SPARSE_INPUT_QA.name],
+                                             "unfused_readers": left})

@@ -53,7 +53,7 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def _cases():
     for arch in ARCHS:
         for recipe in PRESETS:
-            if recipe == "none":
+            if recipe in ("none", "rsparse-50"):  # rsparse-50: torch.compile only (compress refuses it)
                 continue
             marks = () if (arch, recipe) in FAST else (pytest.mark.slow,)
             yield pytest.param(arch, recipe, marks=marks, id=f"{arch}-{recipe}")

@@ -21,13 +21,17 @@ FLOORS = {"w3a16": 4.0, "w3a16-gptq": 6.0, "w4a16-spqr": 4.0,
           # 50 % of the block linears' inputs zeroed on a random model (measured on Llama: teal-50 ~9 dB,
           # wina-50 8.9, teal-50+w4a16 8.0, cats-50 20.4; BERT 33)
           **{r: 6.0 for r in ("teal-50", "wina-50", "teal-50+w4a16", "teal-50+w8a16", "wina-50+w4a16",
-                              "wina-50+w8a16")}, "cats-50": 12.0, "cats-50+w4a16": 10.0}
+                              "wina-50+w8a16", "teal-50+w8a8")}, "cats-50": 12.0, "cats-50+w4a16": 10.0}
+# presets compress refuses by design (a part with no module form yet): torch.compile only, tested
+# in their own files (rsparse-50: tests/passes/test_act_sparsity.py)
+COMPILE_ONLY = {"rsparse-50"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "bert"])
 # the KV presets change the cache, not the weights: tests/lowbit_compiler/test_kv_cache.py
-@pytest.mark.parametrize("recipe", sorted(r for r in set(PRESETS) - {"none"} if "mark_kv_cache" not in PRESETS[r].passes))
+@pytest.mark.parametrize("recipe", sorted(r for r in set(PRESETS) - {"none"} - COMPILE_ONLY
+                                           if "mark_kv_cache" not in PRESETS[r].passes))
 def test_every_preset_through_both_flows(recipe, arch):
     ids = prompt(32)
     with torch.no_grad():
