@@ -238,8 +238,16 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
     fn(q.data_ptr(), *(t.data_ptr() for t in tensors), None if packed_mask is None else packed_mask.data_ptr(),
        acc.data_ptr(), m.data_ptr(), s.data_ptr(), scratch.data_ptr(), b, hkv, g, n, store_k.codes.shape[2],
        torch.get_num_threads())
-    m, s = m.unsqueeze(-1), s.unsqueeze(-1)
-    # the float tokens (sinks, window): folded into the same softmax by torch
+    return fold_float_tokens(q, layer, mask, acc, m.unsqueeze(-1), s.unsqueeze(-1), query.dtype)
+
+
+def fold_float_tokens(q: torch.Tensor, layer: Any, mask: torch.Tensor | None, acc: torch.Tensor, m: torch.Tensor,
+                      s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fold the layer's float tokens (sinks, window) into the packed tokens' unnormalised softmax
+    (acc [B, HKV, G, D], max and sum [B, HKV, G, 1]) and normalise: (B, 1, Hq, D) in ``dtype``.
+    ``q``: the scaled queries [B, HKV, G, D]; ``mask``: [B, T] bool over all tokens, or None."""
+    b, hkv, g, d = q.shape
+    sinks, n = layer._sink_k.shape[2], layer._k.length
     for start, kf, vf in ((0, layer._sink_k, layer._sink_v), (sinks + n, layer._float_k, layer._float_v)):
         if kf.shape[2] == 0:
             continue
@@ -254,4 +262,4 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
         acc = acc * corr + torch.einsum("bhgt,bhtd->bhgd", p, vf.float())
         m = m_new
     out = acc / s.clamp_min(1e-30)
-    return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)
+    return out.reshape(b, hkv * g, 1, d).transpose(1, 2).to(dtype)

@@ -33,9 +33,9 @@ dequantizes one block at a time and folds it into an online softmax, so no dequa
 whole cache exists at any step. :func:`install` puts both on a model (``compress(model, "kv4")``
 calls it from the decisions the ``mark_kv_cache`` pass recorded).
 
-Sliding-window layers get a full compressed layer; the mask applies the window. What is not here
-(see docs/kv_cache.md): a generated kernel for the codebook and GEAR formats (they take the blocked torch
-attention), and the compiled flow (``torch.compile(backend="lowbit")`` records the decisions but
+Sliding-window layers get a full compressed layer; the mask applies the window. Decode on CUDA reads the packed cache in the generated Triton kernel
+(``backends/kv_triton.py``, every scheme but fp8), on CPU in the generated C kernel
+(``backends/kv_cpu.py``). What is not here (see docs/kv_cache.md): the compiled flow (``torch.compile(backend="lowbit")`` records the decisions but
 keeps the model's own cache).
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -651,6 +652,7 @@ def rope_function(model: torch.nn.Module) -> tuple[Any, str | None]:
         cos, sin = rotary(torch.empty(0, device=positions.device, dtype=torch.float32), positions)
         return cos.float(), sin.float()
 
+    rope.rotary = rotary  # the Triton kernel recomputes cos/sin from its inv_freq and attention_scaling
     return rope, None
 
 
@@ -938,10 +940,27 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, val
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     from lowbit_compiler.backends import kv_cpu
 
-    out = kv_cpu.decode_attention(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
+    out = None
+    if query.shape[2] == 1 and _use_triton(query):  # decode on CUDA (or LOWBIT_KV_KERNEL=triton, interpreted)
+        from lowbit_compiler.backends import kv_triton
+
+        out = kv_triton.decode_attention(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
+    elif os.environ.get("LOWBIT_KV_KERNEL", "auto") != "torch":
+        out = kv_cpu.decode_attention(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
     if out is None:
         out = packed_attention_reference(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
     return out, None
+
+
+def _use_triton(query: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernel (``LOWBIT_KV_KERNEL``: ``auto``/``triton``; ``torch`` or
+    ``c`` keep it off); CPU tensors only with ``LOWBIT_KV_KERNEL=triton`` under TRITON_INTERPRET=1."""
+    mode = os.environ.get("LOWBIT_KV_KERNEL", "auto")
+    if mode in ("torch", "c") or not (query.is_cuda or mode == "triton"):
+        return False
+    from lowbit_compiler.backends import kv_triton
+
+    return kv_triton.wanted(query)
 
 
 def _mask_function():
