@@ -1043,6 +1043,88 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
             "layers": {i: f.key for i, f in enumerate(per_layer) if f is not None}}
 
 
+# --------------------------------------------------------------------------------------------
+# Saving and loading the KV setup (the checkpoint manifest's "kv_cache" entry)
+# --------------------------------------------------------------------------------------------
+
+_FORMAT_FIELDS = ("scheme", "bits", "group", "window", "sinks", "outliers", "rank", "chunk", "key_rope")
+_TENSOR_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _tensor_entry(t: torch.Tensor) -> dict[str, Any]:
+    import base64
+
+    t = t.detach().cpu().contiguous()
+    name = next(k for k, v in _TENSOR_DTYPES.items() if v == t.dtype)
+    return {"dtype": name, "shape": list(t.shape), "data": base64.b64encode(t.numpy().tobytes()).decode()}
+
+
+def _tensor_from(entry: Any, what: str) -> torch.Tensor:
+    import base64
+
+    import numpy as np
+
+    try:
+        dtype = _TENSOR_DTYPES[entry["dtype"]]
+        raw = base64.b64decode(entry["data"], validate=True)
+        shape = [int(s) for s in entry["shape"]]
+        array = np.frombuffer(raw, dtype={torch.float32: np.float32, torch.float16: np.float16}[dtype])
+        return torch.from_numpy(array.copy()).reshape(shape)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LowbitError(f"checkpoint: kv_cache {what}: bad tensor entry ({type(e).__name__}: {e}); the manifest "
+                          "was edited or truncated: save the model again") from None
+
+
+def manifest_entry(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The KV setup :func:`install` put on ``model``, as JSON: per layer index its format fields and,
+    for KVQuant, its calibrated codebooks and key channel scales (base64 of the raw float32/fp16
+    bytes); None when the model has no compressed cache installed."""
+    formats = getattr(model, "_lowbit_kv_formats", None)
+    if formats is None or getattr(model, "_lowbit_kv_hook", None) is None:
+        return None
+    layers: dict[str, Any] = {}
+    for i, fmt in enumerate(formats):
+        if fmt is None:
+            continue
+        entry: dict[str, Any] = {k: getattr(fmt, k) for k in _FORMAT_FIELDS}
+        p = fmt.params
+        if p is not None:
+            entry["params"] = {"tokens": p.tokens, **{k: _tensor_entry(getattr(p, k)) for k in
+                                                      ("key_codebook", "value_codebook", "key_center", "key_scale")}}
+        layers[str(i)] = entry
+    return {"attention": ATTENTION_NAME, "layers": layers}
+
+
+def formats_from_manifest(entry: dict[str, Any]) -> dict[int, KVFormat]:
+    """Inverse of :func:`manifest_entry`: layer index -> :class:`KVFormat` (checked)."""
+    layers = entry.get("layers") if isinstance(entry, dict) else None
+    if not isinstance(layers, dict):
+        raise LowbitError(f"checkpoint: kv_cache entry {str(entry)[:80]} has no 'layers' table")
+    out: dict[int, KVFormat] = {}
+    for index, spec in layers.items():
+        if not isinstance(spec, dict) or set(_FORMAT_FIELDS) - set(spec):
+            raise LowbitError(f"checkpoint: kv_cache layer {index}: expected the fields {_FORMAT_FIELDS}, got {spec}")
+        params = None
+        if spec.get("params") is not None:
+            p = spec["params"]
+            params = KVQuantParams(*(_tensor_from(p.get(k), f"layer {index} {k}") for k in
+                                     ("key_codebook", "value_codebook", "key_center", "key_scale")),
+                                   tokens=int(p.get("tokens", 0)))
+        fmt = KVFormat(**{k: spec[k] for k in _FORMAT_FIELDS}, params=params)  # __post_init__ checks the fields
+        if fmt.scheme == "kvquant" and params is None:
+            raise LowbitError(f"checkpoint: kv_cache layer {index} is {fmt.key} but has no calibrated params")
+        out[int(index)] = fmt
+    return out
+
+
+def install_from_manifest(model: torch.nn.Module, meta: dict[str, Any], strict: bool = False) -> dict[str, Any] | None:
+    """Install the KV setup a checkpoint's manifest records (``kv_cache``), or nothing when it has none."""
+    entry = meta.get("kv_cache")
+    if not entry:
+        return None
+    return install(model, formats_from_manifest(entry), strict)
+
+
 def uninstall(model: torch.nn.Module, attention: str = "sdpa") -> None:
     """Back to the model's own float cache and ``attention``."""
     base = model
