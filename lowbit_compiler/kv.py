@@ -736,6 +736,7 @@ def _make_layer_class():
             self._float_v = self._sink_v = value_states.new_empty(b, h, 0, value_states.shape[-1])
             self.is_initialized = True
 
+        @torch.compiler.disable  # opaque to Dynamo: see _attend_packed
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
@@ -938,18 +939,28 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, val
         raise LowbitError(f"compressed KV cache: layer {getattr(module, 'layer_idx', '?')} uses sliding-window "
                           "attention and got no mask to apply the window with; use the model's own cache")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _attend_packed(query, key.layer, attention_mask, scaling, kwargs.get("softcap")), None
+
+
+@torch.compiler.disable
+def _attend_packed(query: torch.Tensor, layer: Any, mask: torch.Tensor | None, scaling: float,
+                   softcap: float | None) -> torch.Tensor:
+    """The packed cache's attention, opaque to Dynamo (as the cache's ``update``): under
+    ``torch.compile`` of a compressed model the graph breaks here and this runs eagerly. Traced, the
+    kernels' ``data_ptr()`` calls would be baked into the compiled code as constants (a crash, seen
+    before this was added) and the cache's growing Python state would be guarded on at every step."""
     from lowbit_compiler.backends import kv_cpu
 
     out = None
     if query.shape[2] == 1 and _use_triton(query):  # decode on CUDA (or LOWBIT_KV_KERNEL=triton, interpreted)
         from lowbit_compiler.backends import kv_triton
 
-        out = kv_triton.decode_attention(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
+        out = kv_triton.decode_attention(query, layer, mask, scaling, softcap)
     elif os.environ.get("LOWBIT_KV_KERNEL", "auto") != "torch":
-        out = kv_cpu.decode_attention(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
+        out = kv_cpu.decode_attention(query, layer, mask, scaling, softcap)
     if out is None:
-        out = packed_attention_reference(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
-    return out, None
+        out = packed_attention_reference(query, layer, mask, scaling, softcap)
+    return out
 
 
 def _use_triton(query: torch.Tensor) -> bool:

@@ -273,3 +273,45 @@ def test_compiled_flow_records_decisions_and_reports_the_float_cache(llama):
     marked = [p for s in recorder.summaries for p in s["passes"] if p["name"] == "mark_kv_cache"]
     assert marked and marked[0]["matches"] == 2
     assert sum(n for reason, n in fallback_counter.items() if reason.startswith("KV cache")) > before
+
+
+def test_packed_attention_under_dynamo_runs_eagerly_and_matches():
+    """torch.compile of code calling the packed attention: the cache's update and the attention are
+    opaque to Dynamo (a graph break, run eagerly). Traced, the C kernel's data_ptr() calls were baked
+    into the compiled code as constants and corrupted the heap on the next call (malloc abort)."""
+    k, v = _kv(100)
+    layer = kv.classes()[0](kv.get_format("int4"))
+    layer.update(k, v)
+
+    class Attention(torch.nn.Module):
+        layer_idx = 0
+
+    def attend(q):
+        return kv.packed_attention(Attention(), q * 1.0, kv.PackedKV(layer, "keys"), kv.PackedKV(layer, "values"), None,
+                                   scaling=D ** -0.5)[0]
+
+    compiled = torch.compile(attend, backend="eager")
+    for seed in range(3):  # new query tensors each call: stale pointers would read freed memory
+        q = torch.randn(1, 4, 1, D, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(compiled(q), attend(q), atol=0, rtol=0)
+    torch.compiler.reset()
+
+
+@pytest.mark.slow  # ~20 s: the lowbit backend compiles the graphs around the cache's breaks
+def test_compress_then_compile_generates_the_compress_flow_tokens(llama):
+    """compress(model, "kv4"), then model.compile(backend="lowbit"): generate() under the compiled
+    model uses the CompressedKVCache and gives the eager compressed model's tokens and logits."""
+    model, inputs = llama
+    ids = inputs["input_ids"]
+    compressed = compress(copy.deepcopy(model), "kv4", progress=False)
+    with torch.no_grad():
+        reference = compressed.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+        compressed.compile(backend="lowbit")
+        out = compressed.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+        cache = compressed(ids, use_cache=True).past_key_values
+    torch.compiler.reset()
+    assert type(cache).__name__ == "CompressedKVCache" and cache.nbytes()["packed"] > 0
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.cat(out.logits), torch.cat(reference.logits), atol=1e-5, rtol=1e-5)
