@@ -453,7 +453,7 @@ def _field_decode(q: torch.Tensor, layer: Any, packed_mask: torch.Tensor | None,
         p = sk.params
         kscale, kzero = p.key_scale.float().contiguous(), p.key_center.float().contiguous()  # float tables
         # padded to 16 levels: the kernel loads the codebook as one in-register table
-        kcb, vcb = (torch.nn.functional.pad(c.float(), (0, 16 - c.numel())) for c in (sk.codebook, sv.codebook))
+        kcb, vcb = (torch.nn.functional.pad(c.float(), (0, max(0, 16 - c.numel()))) for c in (sk.codebook, sv.codebook))
         vzero = vf["mid"]
     else:
         kscale, kzero, vzero = kf["scale"], kf["zero"], vf["zero"]
