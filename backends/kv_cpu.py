@@ -13,8 +13,8 @@ and the recent window, a few dozen) are folded in by torch afterwards (:func:`de
 
 Runs for the ``int`` and ``kivi`` schemes; ``kvquant`` and ``gear`` take a second kernel
 (:func:`field_kernel`: codebook levels, per-channel key tables, sparse outliers, low-rank terms,
-keys before RoPE rotated with the model's cos/sin table). ``fp8`` and prefill take the blocked torch
-reference in ``lowbit_compiler.kv``; ``LOWBIT_CPU_CODEGEN=0``, no compiler or a failed compile: the
+keys before RoPE rotated with the model's cos/sin table) and ``fp8`` (a 256-level codebook of the
+e4m3 values). Prefill takes the blocked torch reference in ``lowbit_compiler.kv``; ``LOWBIT_CPU_CODEGEN=0``, no compiler or a failed compile: the
 reference, logged once.
 """
 from __future__ import annotations
@@ -248,7 +248,7 @@ static inline void deq_row(const uint8_t* codes, const float* cb, const uint16_t
                            const uint16_t* la, const float* lbf, const uint8_t* oi, const uint16_t* ov, float* x) {{
     levels(codes, cb, x);
     for (int64_t g = 0; g < {D} / cg; g++) {{
-        const float sc = f16_to_f32(srow[g]), ze = f16_to_f32(zrow[g]);
+        const float sc = f16_to_f32(srow[g]), ze = zrow ? f16_to_f32(zrow[g]) : 0.0f;  /* fp8: no zero */
         for (int64_t d = g * cg; d < (g + 1) * cg; d++) x[d] = x[d] * sc + ze;
     }}
 #if {RANK} > 0
@@ -316,7 +316,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
 #if {RANK} > 0
             if (t / {CHUNK} != chunk) {{ chunk = t / {CHUNK}; load_chunk(klb + (bh * klbcap + chunk) * {RANK} * D, lbf); }}
 #endif
-            deq_row(kc + r * row, kcb, ks + r * (D / {KCG}), kz + r * (D / {KCG}), {KCG}, kla + r * {RANK}, lbf,
+            deq_row(kc + r * row, kcb, ks + r * (D / {KCG}), kz ? kz + r * (D / {KCG}) : 0, {KCG}, kla + r * {RANK}, lbf,
                     koi + r * {NOUT}, kov + r * {NOUT}, x);
 #endif
 #if {PRE_ROPE}
@@ -353,7 +353,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
 #if {RANK} > 0
             if (t / {CHUNK} != chunk) {{ chunk = t / {CHUNK}; load_chunk(vlb + (bh * vlbcap + chunk) * {RANK} * D, lbf); }}
 #endif
-            deq_row(vc + r * row, vcb, vs + r * (D / {VCG}), vz + r * (D / {VCG}), {VCG}, vla + r * {RANK}, lbf,
+            deq_row(vc + r * row, vcb, vs + r * (D / {VCG}), vz ? vz + r * (D / {VCG}) : 0, {VCG}, vla + r * {RANK}, lbf,
                     voi + r * {NOUT}, vov + r * {NOUT}, x);
             for (int64_t g = 0; g < G; g++) {{
                 const float p = scores[g * T + t];
@@ -432,12 +432,21 @@ def rope_table(rope: Any, positions: int, device: Any) -> tuple[torch.Tensor, to
     return table[1], table[2]
 
 
+@functools.lru_cache(maxsize=None)
+def _fp8_levels() -> torch.Tensor:
+    """The float value of each of the 256 e4m3 codes (NaN codes are never written: values are clamped)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().nan_to_num(0.0)
+
+
 def _field_decode(q: torch.Tensor, layer: Any, packed_mask: torch.Tensor | None, b: int, hkv: int, g: int, d: int):
     """The KVQuant / GEAR kernel's (acc, max, sum) over the packed tokens, or None (no compiler)."""
     from lowbit_compiler import kv
 
     fmt, sk, sv = layer.fmt, layer._k, layer._v
-    kf, vf = sk.fields, sv.fields
+    if fmt.scheme == "fp8":  # e4m3 codes: a 256-level codebook of their values, one scale per group, no zero
+        kf, vf = {"codes": sk.codes, "scale": sk.scale}, {"codes": sv.codes, "scale": sv.scale}
+    else:
+        kf, vf = sk.fields, sv.fields
     kvq = isinstance(sk, kv._KVQuantStore)
     nout = fmt.n_outliers(d)
     rank = fmt.rank if fmt.scheme == "gear" else 0
@@ -456,8 +465,8 @@ def _field_decode(q: torch.Tensor, layer: Any, packed_mask: torch.Tensor | None,
         kcb, vcb = (torch.nn.functional.pad(c.float(), (0, max(0, 16 - c.numel()))) for c in (sk.codebook, sv.codebook))
         vzero = vf["mid"]
     else:
-        kscale, kzero, vzero = kf["scale"], kf["zero"], vf["zero"]
-        kcb = vcb = None
+        kscale, kzero, vzero = kf["scale"], kf.get("zero"), vf.get("zero")
+        kcb = vcb = _fp8_levels() if fmt.scheme == "fp8" else None
     rope_cos = rope_sin = pos = None
     if pre_rope:
         pos = kf["pos"]
@@ -490,8 +499,6 @@ def unsupported(query: torch.Tensor, layer: Any) -> str | None:
         return "not a CPU tensor"
     if query.shape[2] != 1:
         return "prefill (more than one query token)"
-    if fmt.scheme == "fp8":
-        return "fp8 codes"
     if fmt.scheme in ("kvquant", "gear") and query.shape[-1] > 256:
         return f"{fmt.scheme}: head size {query.shape[-1]} > 256 (outlier indices are not uint8)"
     if layer._k.length == 0:
@@ -525,7 +532,7 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
         if mask.dtype != torch.bool:
             mask = mask > -1e30  # additive masks: -inf (or the dtype's min) masks out
         packed_mask = mask[:, sinks:sinks + n].to(torch.uint8).contiguous()
-    if fmt.scheme in ("kvquant", "gear"):
+    if fmt.scheme in ("kvquant", "gear", "fp8"):
         out = _field_decode(q, layer, packed_mask, b, hkv, g, d)
         if out is None:
             return None

@@ -315,3 +315,21 @@ def test_compress_then_compile_generates_the_compress_flow_tokens(llama):
     assert type(cache).__name__ == "CompressedKVCache" and cache.nbytes()["packed"] > 0
     assert torch.equal(out.sequences, reference.sequences)
     torch.testing.assert_close(torch.cat(out.logits), torch.cat(reference.logits), atol=1e-5, rtol=1e-5)
+
+
+def test_generated_cpu_decode_kernel_reads_fp8_codes():
+    """fp8 (e4m3) codes through the C kernel's codebook path (a 256-entry table of the codes'
+    values, one fp16 scale per group, no zero): against the blocked torch attention."""
+    from lowbit_compiler.backends import kv_cpu
+
+    fmt = kv.KVFormat("fp8", 8, 32, window=8, sinks=2)
+    k, v = _kv(150, b=2)
+    layer = _filled(fmt, k * 3, v, 100)
+    q = torch.randn(2, 8, 1, D)
+    mask = torch.ones(2, 1, 1, 150, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    assert kv_cpu.unsupported(q, layer) is None
+    out = kv_cpu.decode_attention(q, layer, mask, D ** -0.5)
+    if out is None:
+        pytest.skip("no C compiler: the fallback is the reference itself")
+    torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, D ** -0.5), atol=3e-6, rtol=1e-5)
