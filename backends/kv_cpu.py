@@ -11,9 +11,11 @@ folded into the weights. The packed store is read once per step and nothing dequ
 and sum, so the float tokens (sinks
 and the recent window, a few dozen) are folded in by torch afterwards (:func:`decode_attention`).
 
-Runs for the ``int`` and ``kivi`` schemes (``fp8``, ``kvquant``, ``gear`` and prefill take the blocked torch reference in
-``lowbit_compiler.kv``); ``LOWBIT_CPU_CODEGEN=0``, no compiler or a failed compile: the reference,
-logged once.
+Runs for the ``int`` and ``kivi`` schemes; ``kvquant`` and ``gear`` take a second kernel
+(:func:`field_kernel`: codebook levels, per-channel key tables, sparse outliers, low-rank terms,
+keys before RoPE rotated with the model's cos/sin table) and ``fp8`` (a 256-level codebook of the
+e4m3 values). Prefill takes the blocked torch reference in ``lowbit_compiler.kv``; ``LOWBIT_CPU_CODEGEN=0``, no compiler or a failed compile: the
+reference, logged once.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ _SOURCE = r"""
 #include <string.h>
 #include <math.h>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float f16_to_f32(uint16_t h) {{ return _cvtsh_ss(h); }}
+#else
 static inline float f16_to_f32(uint16_t h) {{
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, u;
     if (exp == 0) {{
@@ -48,6 +54,7 @@ static inline float f16_to_f32(uint16_t h) {{
     memcpy(&f, &u, sizeof f);
     return f;
 }}
+#endif
 
 /* codes of one token row: D values of BITS bits, 8 values in BITS bytes (little endian) */
 static inline void unpack_row(const uint8_t* p, float* out) {{
@@ -59,11 +66,16 @@ static inline void unpack_row(const uint8_t* p, float* out) {{
         for (int i = 0; i < 8 / {BITS}; i++)
             out[j * (8 / {BITS}) + i] = (float)((p[j] >> (i * {BITS})) & {MASK}u);
 #else
-    for (int64_t w = 0; w < {D} / 8; w++) {{
-        uint64_t word = 0;
-        memcpy(&word, p + w * {BITS}, {BITS});
-        for (int i = 0; i < 8; i++)
-            out[w * 8 + i] = (float)((word >> (i * {BITS})) & {MASK}u);
+    /* odd widths: 8 values in BITS bytes, 8 words at a time so the shifts vectorise */
+    for (int64_t w0 = 0; w0 < {D} / 8; w0 += 8) {{
+        uint64_t word[8];
+        for (int k = 0; k < 8; k++) {{
+            word[k] = 0;
+            if (w0 + k < {D} / 8)
+                for (int i = 0; i < {BITS}; i++) word[k] |= (uint64_t)p[(w0 + k) * {BITS} + i] << (8 * i);
+        }}
+        for (int k = 0; k < 8 && w0 + k < {D} / 8; k++)
+            for (int i = 0; i < 8; i++) out[(w0 + k) * 8 + i] = (float)((word[k] >> (i * {BITS})) & {MASK}u);
     }}
 #endif
 }}
@@ -162,6 +174,198 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
 }}
 """
 
+_FIELD_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float f16_to_f32(uint16_t h) {{ return _cvtsh_ss(h); }}
+#else
+static inline float f16_to_f32(uint16_t h) {{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, u;
+    if (exp == 0) {{
+        if (mant == 0) u = sign;
+        else {{
+            exp = 113;
+            while (!(mant & 0x400)) {{ mant <<= 1; exp--; }}
+            u = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }}
+    }} else if (exp == 31) u = sign | 0x7f800000 | (mant << 13);
+    else u = sign | ((exp + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}}
+#endif
+
+/* codes of one token row -> their levels: the code, or its codebook entry (cb != NULL) */
+static inline void levels(const uint8_t* p, const float* cb, float* out) {{
+    int32_t code[{D}];
+#if {BITS} == 8
+    for (int64_t j = 0; j < {D}; j++) code[j] = p[j];
+#elif {BITS} == 4 || {BITS} == 2
+    for (int64_t j = 0; j < {D} * {BITS} / 8; j++)
+        for (int i = 0; i < 8 / {BITS}; i++) code[j * (8 / {BITS}) + i] = (p[j] >> (i * {BITS})) & {MASK};
+#else
+    /* odd widths: 8 codes in BITS bytes, unpacked 8 words at a time so the shifts vectorise */
+    for (int64_t w0 = 0; w0 < {D} / 8; w0 += 8) {{
+        uint64_t word[8];
+        for (int k = 0; k < 8; k++) {{
+            word[k] = 0;
+            if (w0 + k < {D} / 8)
+                for (int i = 0; i < {BITS}; i++) word[k] |= (uint64_t)p[(w0 + k) * {BITS} + i] << (8 * i);
+        }}
+        for (int k = 0; k < 8 && w0 + k < {D} / 8; k++)
+            for (int i = 0; i < 8; i++) code[(w0 + k) * 8 + i] = (int32_t)((word[k] >> (i * {BITS})) & {MASK});
+    }}
+#endif
+    if (!cb) {{
+        for (int64_t j = 0; j < {D}; j++) out[j] = (float)code[j];
+        return;
+    }}
+    /* the codebook (padded to 16 floats) as an in-register table: one permute per 16 (8) codes */
+#if defined(__AVX512F__) && {BITS} <= 4 && {D} % 16 == 0
+    const __m512 table = _mm512_loadu_ps(cb);
+    for (int64_t j = 0; j < {D}; j += 16)
+        _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(_mm512_loadu_si512((const void*)(code + j)), table));
+#elif defined(__AVX2__) && {BITS} <= 3 && {D} % 8 == 0
+    const __m256 table = _mm256_loadu_ps(cb);
+    for (int64_t j = 0; j < {D}; j += 8)
+        _mm256_storeu_ps(out + j, _mm256_permutevar8x32_ps(table, _mm256_loadu_si256((const __m256i*)(code + j))));
+#else
+    for (int64_t j = 0; j < {D}; j++) out[j] = cb[code[j]];
+#endif
+}}
+
+/* one dequantized row: levels * S + Z (fp16 S, Z per channel group of cg), + the rank-R term
+   (A: the row's fp16 factors, lbf: its chunk's B already in float), then the outliers put back */
+static inline void deq_row(const uint8_t* codes, const float* cb, const uint16_t* srow, const uint16_t* zrow, int cg,
+                           const uint16_t* la, const float* lbf, const uint8_t* oi, const uint16_t* ov, float* x) {{
+    levels(codes, cb, x);
+    for (int64_t g = 0; g < {D} / cg; g++) {{
+        const float sc = f16_to_f32(srow[g]), ze = zrow ? f16_to_f32(zrow[g]) : 0.0f;  /* fp8: no zero */
+        for (int64_t d = g * cg; d < (g + 1) * cg; d++) x[d] = x[d] * sc + ze;
+    }}
+#if {RANK} > 0
+    for (int r = 0; r < {RANK}; r++) {{
+        const float a = f16_to_f32(la[r]);
+        for (int64_t d = 0; d < {D}; d++) x[d] += a * lbf[r * {D} + d];
+    }}
+#endif
+#if {NOUT} > 0
+    for (int j = 0; j < {NOUT}; j++) x[oi[j]] = f16_to_f32(ov[j]);
+#endif
+}}
+
+/* KVQuant keys: levels * S + Z with the head's per-channel tables in float, then the outliers */
+static inline void deq_row_table(const uint8_t* codes, const float* cb, const float* S, const float* Z,
+                                 const uint8_t* oi, const uint16_t* ov, float* x) {{
+    levels(codes, cb, x);
+    for (int64_t d = 0; d < {D}; d++) x[d] = x[d] * S[d] + Z[d];
+#if {NOUT} > 0
+    for (int j = 0; j < {NOUT}; j++) x[oi[j]] = f16_to_f32(ov[j]);
+#endif
+}}
+
+/* the chunk's low-rank B [R, D] in float, converted once per chunk */
+static inline void load_chunk(const uint16_t* lb, float* lbf) {{
+    for (int64_t i = 0; i < {RANK} * {D}; i++) lbf[i] = f16_to_f32(lb[i]);
+}}
+
+/* KVQuant / GEAR decode attention: q [B, HKV, G, D] float32 (scaled). Keys: codes [BH, kcap, D*BITS/8],
+   scales/zeros [BH, kcap, D/KCG] (GEAR) or the head's channel table [HKV, D] in float32 (KVQuant, KCG = 1,
+   KEY_TABLE), codebook (or NULL), outliers [BH, kcap, NOUT] (uint8 index, fp16 value), low-rank
+   A [BH, kcap, R], B [BH, klbcap, R*D], positions [B, poscap] int32 and the model's cos / sin
+   [positions, D/2] float32 (PRE_ROPE: rotate_half RoPE applied to each dequantized key row). Values: the same fields with per-token groups of VCG. Out as the
+   uniform kernel: unnormalised acc, max, sum. */
+void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, const float* kcb,
+            const uint8_t* koi, const uint16_t* kov, const uint16_t* kla, const uint16_t* klb,
+            const int32_t* kpos, const float* rope_cos, const float* rope_sin,
+            const uint8_t* vc, const uint16_t* vs, const uint16_t* vz, const float* vcb,
+            const uint8_t* voi, const uint16_t* vov, const uint16_t* vla, const uint16_t* vlb,
+            const uint8_t* mask, float* acc, float* m_out, float* s_out, float* scratch,
+            int64_t B, int64_t HKV, int64_t G, int64_t T, int64_t kcap, int64_t vcap, int64_t klbcap, int64_t vlbcap,
+            int64_t poscap, int threads)
+{{
+    const int64_t D = {D}, row = {D} * {BITS} / 8;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * HKV; bh++) {{
+        const int64_t b = bh / HKV, h = bh % HKV;
+        float x[{D}], m[{GMAX}], s[{GMAX}], lbf[{RANK} * {D} + 1];
+        int64_t chunk = -1;
+        float* scores = scratch + bh * G * T;
+        float* a = acc + bh * G * D;
+        const float* qq = q + bh * G * D;
+        for (int64_t g = 0; g < G; g++) {{ m[g] = -INFINITY; s[g] = 0.0f; }}
+        /* ---- pass 1: scores ---- */
+        for (int64_t t = 0; t < T; t++) {{
+            if (mask && !mask[b * T + t]) {{
+                for (int64_t g = 0; g < G; g++) scores[g * T + t] = -INFINITY;
+                continue;
+            }}
+            const int64_t r = bh * kcap + t;
+#if {KEY_TABLE}
+            deq_row_table(kc + r * row, kcb, (const float*)ks + h * D, (const float*)kz + h * D, koi + r * {NOUT},
+                          kov + r * {NOUT}, x);
+#else
+#if {RANK} > 0
+            if (t / {CHUNK} != chunk) {{ chunk = t / {CHUNK}; load_chunk(klb + (bh * klbcap + chunk) * {RANK} * D, lbf); }}
+#endif
+            deq_row(kc + r * row, kcb, ks + r * (D / {KCG}), kz ? kz + r * (D / {KCG}) : 0, {KCG}, kla + r * {RANK}, lbf,
+                    koi + r * {NOUT}, kov + r * {NOUT}, x);
+#endif
+#if {PRE_ROPE}
+            {{  /* RoPE at the token's position, from the model's own cos/sin table */
+                const float* c = rope_cos + (int64_t)kpos[b * poscap + t] * (D / 2);
+                const float* si = rope_sin + (int64_t)kpos[b * poscap + t] * (D / 2);
+                for (int64_t j = 0; j < D / 2; j++) {{
+                    const float x0 = x[j], x1 = x[j + D / 2];
+                    x[j] = x0 * c[j] - x1 * si[j];
+                    x[j + D / 2] = x1 * c[j] + x0 * si[j];
+                }}
+            }}
+#endif
+            for (int64_t g = 0; g < G; g++) {{
+                float dot = 0.0f;
+                for (int64_t d = 0; d < D; d++) dot += qq[g * D + d] * x[d];
+                scores[g * T + t] = dot;
+            }}
+        }}
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t t = 0; t < T; t++) m[g] = scores[g * T + t] > m[g] ? scores[g * T + t] : m[g];
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t t = 0; t < T; t++) {{
+                const float p = m[g] == -INFINITY ? 0.0f : expf(scores[g * T + t] - m[g]);
+                scores[g * T + t] = p;
+                s[g] += p;
+            }}
+        /* ---- pass 2: values ---- */
+        memset(a, 0, sizeof(float) * G * D);
+        chunk = -1;
+        for (int64_t t = 0; t < T; t++) {{
+            if (mask && !mask[b * T + t]) continue;
+            const int64_t r = bh * vcap + t;
+#if {RANK} > 0
+            if (t / {CHUNK} != chunk) {{ chunk = t / {CHUNK}; load_chunk(vlb + (bh * vlbcap + chunk) * {RANK} * D, lbf); }}
+#endif
+            deq_row(vc + r * row, vcb, vs + r * (D / {VCG}), vz ? vz + r * (D / {VCG}) : 0, {VCG}, vla + r * {RANK}, lbf,
+                    voi + r * {NOUT}, vov + r * {NOUT}, x);
+            for (int64_t g = 0; g < G; g++) {{
+                const float p = scores[g * T + t];
+                float* ag = a + g * D;
+                for (int64_t d = 0; d < D; d++) ag[d] += p * x[d];
+            }}
+        }}
+        for (int64_t g = 0; g < G; g++) {{ m_out[bh * G + g] = m[g]; s_out[bh * G + g] = s[g]; }}
+    }}
+}}
+"""
+
 GMAX = 64  # query heads per KV head the kernel's stack buffers hold
 _LOGGED: set[str] = set()
 log = logging.getLogger("lowbit_compiler")
@@ -182,6 +386,112 @@ def kernel(bits: int, head_dim: int, channel_group: int, key_group: int, per_cha
                              "the packed KV cache is read by the blocked torch attention (lowbit_compiler.kv)")
 
 
+def field_source(bits: int, head_dim: int, key_cg: int, value_cg: int, key_table: bool, nout: int, rank: int,
+                 chunk: int, pre_rope: bool) -> tuple[str, str]:
+    name = (f"lowbit_kv_decode_fields_b{bits}_d{head_dim}_k{'tab' if key_table else key_cg}_v{value_cg}_o{nout}_r{rank}"
+            f"c{chunk}{'_rope' if pre_rope else ''}")
+    return name, _FIELD_SOURCE.format(name=name, BITS=bits, MASK=(1 << bits) - 1, D=head_dim, KCG=key_cg, VCG=value_cg,
+                                      KEY_TABLE=int(key_table), NOUT=nout, RANK=rank, CHUNK=chunk,
+                                      PRE_ROPE=int(pre_rope), GMAX=GMAX)
+
+
+def field_kernel(bits: int, head_dim: int, key_cg: int, value_cg: int, key_table: bool, nout: int, rank: int,
+                 chunk: int, pre_rope: bool, isa: str | None = None):
+    """The KVQuant / GEAR kernel (codebooks, per-channel key tables, outliers, low-rank terms, RoPE),
+    built for ``isa`` (default ``LOWBIT_CPU_ISA``, else the host's: AVX-512 / AVX2 codebook permutes,
+    or portable C)."""
+    return _field_kernel(bits, head_dim, key_cg, value_cg, key_table, nout, rank, chunk, pre_rope,
+                         isa or cpu_codegen.isa_choice())
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kernel(bits, head_dim, key_cg, value_cg, key_table, nout, rank, chunk, pre_rope, isa):
+    if os.environ.get(cpu_codegen.ENV, "1") == "0":
+        return None
+    name, text = field_source(bits, head_dim, key_cg, value_cg, key_table, nout, rank, chunk, pre_rope)
+    return cpu_codegen.build(name, text, [ctypes.c_void_p] * 25 + [ctypes.c_int64] * 9 + [ctypes.c_int],
+                             "the packed KV cache is read by the blocked torch attention (lowbit_compiler.kv)",
+                             isa=isa)
+
+
+def rope_table(rope: Any, positions: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [positions, D/2] float32 of the model's own rotary embedding at 0..positions-1,
+    kept on the rope function and extended by doubling (one table per model, shared by its layers;
+    rebuilt when the embedding's ``inv_freq`` changes, as dynamic RoPE variants change it). The
+    values are the ones ``kv.packed_attention_reference`` rotates with."""
+    rotary = getattr(rope, "rotary", None)
+    version = None if rotary is None else (getattr(rotary, "inv_freq", None)._version,
+                                           float(getattr(rotary, "attention_scaling", 1.0) or 1.0))
+    table = getattr(rope, "_lowbit_table", None)
+    if table is None or table[0] != version or table[1].shape[0] < positions:
+        size = max(positions, 2 * table[1].shape[0] if table is not None and table[0] == version else 256)
+        cos, sin = rope(torch.arange(size, device=device)[None])
+        half = cos.shape[-1] // 2
+        table = (version, cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous())
+        rope._lowbit_table = table
+    return table[1], table[2]
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_levels() -> torch.Tensor:
+    """The float value of each of the 256 e4m3 codes (NaN codes are never written: values are clamped)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().nan_to_num(0.0)
+
+
+def _field_decode(q: torch.Tensor, layer: Any, packed_mask: torch.Tensor | None, b: int, hkv: int, g: int, d: int):
+    """The KVQuant / GEAR kernel's (acc, max, sum) over the packed tokens, or None (no compiler)."""
+    from lowbit_compiler import kv
+
+    fmt, sk, sv = layer.fmt, layer._k, layer._v
+    if fmt.scheme == "fp8":  # e4m3 codes: a 256-level codebook of their values, one scale per group, no zero
+        kf, vf = {"codes": sk.codes, "scale": sk.scale}, {"codes": sv.codes, "scale": sv.scale}
+    else:
+        kf, vf = sk.fields, sv.fields
+    kvq = isinstance(sk, kv._KVQuantStore)
+    nout = fmt.n_outliers(d)
+    rank = fmt.rank if fmt.scheme == "gear" else 0
+    pre_rope = fmt.key_rope == "pre"
+    vscale = vf["half"] if kvq else vf["scale"]
+    key_cg = 1 if kvq else d // kf["scale"].shape[-1]
+    fn = field_kernel(fmt.bits, d, key_cg, d // vscale.shape[-1], kvq, nout, rank, fmt.chunk, pre_rope)
+    if fn is None:
+        return None
+    n = sk.length
+    dummy = torch.zeros(1)
+    if kvq:
+        p = sk.params
+        kscale, kzero = p.key_scale.float().contiguous(), p.key_center.float().contiguous()  # float tables
+        # padded to 16 levels: the kernel loads the codebook as one in-register table
+        kcb, vcb = (torch.nn.functional.pad(c.float(), (0, max(0, 16 - c.numel()))) for c in (sk.codebook, sv.codebook))
+        vzero = vf["mid"]
+    else:
+        kscale, kzero, vzero = kf["scale"], kf.get("zero"), vf.get("zero")
+        kcb = vcb = _fp8_levels() if fmt.scheme == "fp8" else None
+    rope_cos = rope_sin = pos = None
+    if pre_rope:
+        pos = kf["pos"]
+        rope_cos, rope_sin = rope_table(layer.rope, int(pos[:, 0, :n].max()) + 1, q.device)
+    tensors = [kf["codes"], kscale, kzero, kcb, kf.get("oidx"), kf.get("oval"), kf.get("lr_a"), kf.get("lr_b"), pos,
+               rope_cos, rope_sin, vf["codes"], vscale, vzero, vcb, vf.get("oidx"), vf.get("oval"), vf.get("lr_a"),
+               vf.get("lr_b")]
+    caps = {t.shape[2] for t in (kf["codes"], kf.get("oidx"), kf.get("lr_a"), kscale if not kvq else None) if t is not None}
+    caps_v = {t.shape[2] for t in (vf["codes"], vf.get("oidx"), vf.get("lr_a"), vscale) if t is not None}
+    if len(caps) != 1 or len(caps_v) != 1 or any(t is not None and not t.is_contiguous() for t in tensors):
+        return None
+    if nout and (kf["oidx"].dtype != torch.uint8 or vf["oidx"].dtype != torch.uint8):
+        return None
+    acc = torch.empty(b, hkv, g, d)
+    m = torch.empty(b, hkv, g)
+    s = torch.empty(b, hkv, g)
+    scratch = torch.empty(b * hkv * g * n)
+    ptr = [None if t is None else t.data_ptr() for t in tensors]
+    fn(q.data_ptr(), *ptr, None if packed_mask is None else packed_mask.data_ptr(), acc.data_ptr(), m.data_ptr(),
+       s.data_ptr(), scratch.data_ptr(), b, hkv, g, n, kf["codes"].shape[2], vf["codes"].shape[2],
+       kf["lr_b"].shape[2] if rank else 1, vf["lr_b"].shape[2] if rank else 1, pos.shape[-1] if pre_rope else 1,
+       torch.get_num_threads())
+    return acc, m, s
+
+
 def unsupported(query: torch.Tensor, layer: Any) -> str | None:
     """Why the generated kernel does not run for this call (None: it does)."""
     fmt = layer.fmt
@@ -189,10 +499,8 @@ def unsupported(query: torch.Tensor, layer: Any) -> str | None:
         return "not a CPU tensor"
     if query.shape[2] != 1:
         return "prefill (more than one query token)"
-    if fmt.scheme == "fp8":
-        return "fp8 codes"
-    if fmt.scheme in ("kvquant", "gear"):
-        return f"{fmt.scheme}: the kernel reads uniform codes only (not codebooks, outliers or low-rank factors)"
+    if fmt.scheme in ("kvquant", "gear") and query.shape[-1] > 256:
+        return f"{fmt.scheme}: head size {query.shape[-1]} > 256 (outlier indices are not uint8)"
     if layer._k.length == 0:
         return "nothing packed yet"
     if query.shape[1] // layer._float_k.shape[1] > GMAX:
@@ -215,10 +523,6 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
     b, hq, _, d = query.shape
     hkv = layer._float_k.shape[1]
     g = hq // hkv
-    per_channel = store_k.axis == "per_channel"
-    fn = kernel(fmt.bits, d, fmt.channel_group(d), fmt.group if per_channel else 1, per_channel)
-    if fn is None:
-        return None
     n, total = store_k.length, layer.get_seq_length()
     sinks = layer._sink_k.shape[2]
     q = (query.float() * scaling).reshape(b, hkv, g, d).contiguous()
@@ -228,6 +532,16 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
         if mask.dtype != torch.bool:
             mask = mask > -1e30  # additive masks: -inf (or the dtype's min) masks out
         packed_mask = mask[:, sinks:sinks + n].to(torch.uint8).contiguous()
+    if fmt.scheme in ("kvquant", "gear", "fp8"):
+        out = _field_decode(q, layer, packed_mask, b, hkv, g, d)
+        if out is None:
+            return None
+        acc, m, s = out
+        return fold_float_tokens(q, layer, mask, acc, m.unsqueeze(-1), s.unsqueeze(-1), query.dtype)
+    per_channel = store_k.axis == "per_channel"
+    fn = kernel(fmt.bits, d, fmt.channel_group(d), fmt.group if per_channel else 1, per_channel)
+    if fn is None:
+        return None
     tensors = [store_k.codes, store_k.scale, store_k.zero, store_v.codes, store_v.scale, store_v.zero]
     if any(not t.is_contiguous() for t in tensors):
         return None
@@ -238,8 +552,16 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
     fn(q.data_ptr(), *(t.data_ptr() for t in tensors), None if packed_mask is None else packed_mask.data_ptr(),
        acc.data_ptr(), m.data_ptr(), s.data_ptr(), scratch.data_ptr(), b, hkv, g, n, store_k.codes.shape[2],
        torch.get_num_threads())
-    m, s = m.unsqueeze(-1), s.unsqueeze(-1)
-    # the float tokens (sinks, window): folded into the same softmax by torch
+    return fold_float_tokens(q, layer, mask, acc, m.unsqueeze(-1), s.unsqueeze(-1), query.dtype)
+
+
+def fold_float_tokens(q: torch.Tensor, layer: Any, mask: torch.Tensor | None, acc: torch.Tensor, m: torch.Tensor,
+                      s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fold the layer's float tokens (sinks, window) into the packed tokens' unnormalised softmax
+    (acc [B, HKV, G, D], max and sum [B, HKV, G, 1]) and normalise: (B, 1, Hq, D) in ``dtype``.
+    ``q``: the scaled queries [B, HKV, G, D]; ``mask``: [B, T] bool over all tokens, or None."""
+    b, hkv, g, d = q.shape
+    sinks, n = layer._sink_k.shape[2], layer._k.length
     for start, kf, vf in ((0, layer._sink_k, layer._sink_v), (sinks + n, layer._float_k, layer._float_v)):
         if kf.shape[2] == 0:
             continue
@@ -254,4 +576,4 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
         acc = acc * corr + torch.einsum("bhgt,bhtd->bhgd", p, vf.float())
         m = m_new
     out = acc / s.clamp_min(1e-30)
-    return out.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)
+    return out.reshape(b, hkv * g, 1, d).transpose(1, 2).to(dtype)

@@ -145,8 +145,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=on_stage, ctx=ctx)
         if any(ir.get(n, ir.KV_CACHE) is not None for n in ir_gm.graph.nodes):
             ctx.fallback("mark_kv_cache", "KV cache: the compiled graph keeps the model's own float cache (the "
-                         "decisions are recorded only); lowbit_compiler.compress(model, recipe) installs the "
-                         "compressed cache and its attention")
+                         "decisions are recorded only; the backend is given graphs, not the model to install a cache "
+                         "on); compress the model first: lowbit_compiler.compress(model, recipe).compile("
+                         "backend='lowbit') runs with the compressed cache and its attention")
         layers = {**_prequantized_layers(ir_gm), **report.layers}
         summary.update(passes=[dataclasses.asdict(p) for p in report.passes], layers=layers,
                        coverage=report.coverage, fallbacks=dict(ctx.fallbacks))

@@ -24,6 +24,7 @@ Timings share the machine with whatever else runs: re-measure on an idle machine
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import json
 import math
@@ -198,7 +199,29 @@ def _median_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def decode_attention_time(context: int, repeats: int) -> dict[str, float]:
+def _rope(d: int, base: float = 500000.0):
+    """Llama-3's rotary embedding (rotate_half, full width) as ``kv.rope_function`` returns it."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2).float() / d))
+    rotary = torch.nn.Module()
+    rotary.inv_freq, rotary.attention_scaling = inv_freq, 1.0
+
+    def rope(pos):
+        angle = pos[..., None].float() * inv_freq
+        emb = torch.cat([angle, angle], -1)
+        return emb.cos(), emb.sin()
+
+    rope.rotary = rotary
+    return rope
+
+
+DECODE_SCHEMES = ("int8", "int4", "int3", "int2", "fp8", "kivi4", "kivi2", "kvquant3", "gear4")
+
+
+def decode_attention_time(context: int, repeats: int, schemes=DECODE_SCHEMES) -> dict[str, float]:
+    """One layer's decode attention (32 query heads / 8 KV heads x 128, Llama-3-8B's shape) over
+    ``context`` cached tokens, every scheme's packed cache through the attention the model runs
+    (``kv.packed_attention``'s choice: the generated C kernel, or the blocked torch reference for
+    fp8), against torch SDPA over a bf16 and an fp32 cache; interleaved, medians."""
     from lowbit_compiler.backends import kv_cpu
 
     hq, hkv, d = 32, 8, 128
@@ -207,20 +230,31 @@ def decode_attention_time(context: int, repeats: int) -> dict[str, float]:
     v = torch.randn(1, hkv, context, d, generator=g)
     q = torch.randn(1, hq, 1, d, generator=g)
     k16, v16, q16 = k.bfloat16(), v.bfloat16(), q.bfloat16()
-    layers = {}
-    for name in ("int4", "kivi2"):
-        layers[name] = kv.classes()[0](kv.get_format(name))
-        layers[name].update(k, v)
+    rope = _rope(d)
+    layers, runs = {}, {}
+    for name in schemes:
+        fmt = kv.get_format(name)
+        if fmt.scheme == "kvquant":
+            fmt = dataclasses.replace(fmt, params=kv.fit_kvquant(k, v, fmt))
+        layer = layers[name] = kv.classes()[0](fmt, rope if fmt.key_rope == "pre" else None)
+        cos, sin = rope(torch.arange(context)[None])
+        k_in = k * cos[:, None] + kv.rotate_half(k) * sin[:, None] if fmt.key_rope == "pre" else k
+        layer.update(k_in, v, kwargs={"position_ids": torch.arange(context)[None]})
+        why = kv_cpu.unsupported(q, layer)
+        runs[name] = "generated C kernel" if why is None and kv_cpu.decode_attention(q, layer, None, d ** -0.5) is not None \
+            else f"blocked torch reference ({why})"
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    fns = {
-        "bf16 cache, torch SDPA": lambda: sdpa(q16, k16, v16, enable_gqa=True),
-        "fp32 cache, torch SDPA": lambda: sdpa(q, k, v, enable_gqa=True),
-        "int4 cache, generated C kernel": lambda: kv_cpu.decode_attention(q, layers["int4"], None, d ** -0.5),
-        "kivi2 cache, generated C kernel": lambda: kv_cpu.decode_attention(q, layers["kivi2"], None, d ** -0.5),
-        "int4 cache, blocked torch reference": lambda: kv.packed_attention_reference(q, layers["int4"], None, d ** -0.5),
-    }
-    assert kv_cpu.decode_attention(q, layers["int4"], None, d ** -0.5) is not None, "the generated kernel did not run"
+    fns = {"bf16 cache, torch SDPA": lambda: sdpa(q16, k16, v16, enable_gqa=True),
+           "fp32 cache, torch SDPA": lambda: sdpa(q, k, v, enable_gqa=True)}
+    for name in schemes:
+        layer = layers[name]
+        fns[f"{name} cache, {runs[name]}"] = (lambda layer=layer: kv.packed_attention(
+            _Attn(), q, kv.PackedKV(layer, "keys"), kv.PackedKV(layer, "values"), None, scaling=d ** -0.5)[0])
     return _median_interleaved(fns, repeats)
+
+
+class _Attn(torch.nn.Module):
+    layer_idx = 0
 
 
 def decode_step_time(model_dir: str, context: int, repeats: int) -> dict[str, float]:
@@ -296,6 +330,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default="benchmarks/results/kv_cache.json")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode attention timing")
     parser.add_argument("--zoo", action="store_true", help="only the zoo table (every tiny architecture, kv8)")
     parser.add_argument("--schemes", default=",".join(SCHEMES),
                         help="comma-separated formats for the byte-Llama accuracy rows (default: all)")
@@ -314,6 +349,18 @@ def main() -> None:
             json.dump(rows, f, indent=1)
         return
 
+    if args.decode_only:
+        times = decode_attention_time(args.context, args.repeats)
+        base_ms = times["bf16 cache, torch SDPA"]
+        print(f"CPU decode attention, one layer (32 q heads / 8 KV heads x 128), context {args.context}, "
+              f"{result['threads']} threads, median ms")
+        print(_table([[k, f"{v:.3f}", f"{base_ms / v:.2f}x"] for k, v in times.items()], ["contender", "ms", "vs bf16"]))
+        result["decode_attention_ms"] = times
+        path = args.json.replace(".json", "_decode.json")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     rows = measured_bytes()
     result["bytes"] = rows
     print("KV bytes per token per layer, measured on a CompressedKVCache layer (8 KV heads x 128, 4096 tokens)")

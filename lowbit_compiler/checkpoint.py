@@ -124,7 +124,15 @@ def manifest(model: torch.nn.Module) -> dict[str, Any]:
             "tensors": {k: {"dtype": _dtype_name(t, k), "shape": list(t.shape)} for k, t in tensors.items()},
             "aliases": aliases, "R3": r3 if r3 and r3.get("applied") else None,
             # what compress reported (for ``lowbit inspect`` on the checkpoint); not read when loading
-            "layers": _plain(summary.get("layers", {})), "totals": _plain(summary.get("coverage", {}).get("totals"))}
+            "layers": _plain(summary.get("layers", {})), "totals": _plain(summary.get("coverage", {}).get("totals")),
+            # the compressed KV cache's formats (lowbit_compiler.kv.install), reinstalled when loading
+            "kv_cache": _kv_entry(model)}
+
+
+def _kv_entry(model: torch.nn.Module) -> dict[str, Any] | None:
+    from lowbit_compiler import kv
+
+    return kv.manifest_entry(model)
 
 
 def _plain(value: Any) -> Any:
@@ -279,6 +287,10 @@ def validate(meta: dict[str, Any], stored: dict[str, dict[str, Any]] | None = No
     for key, entry in tensors.items():
         if DTYPES.get(entry.get("dtype")) is None or not isinstance(entry.get("shape"), list):
             raise LowbitError(f"checkpoint: tensor {key}: bad manifest entry {entry}")
+    if meta.get("kv_cache"):
+        from lowbit_compiler import kv
+
+        kv.formats_from_manifest(meta["kv_cache"])  # raises naming the bad entry
     for key, target in meta.get("aliases", {}).items():
         if target not in tensors:
             raise LowbitError(f"checkpoint: tensor {key} aliases {target}, which is not stored")
@@ -515,7 +527,17 @@ def load(directory: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Modul
                           f"unexpected {unexpected[:5]})")
     tie_aliases(model, meta)
     model.lowbit_summary = loaded_summary(meta, directory)
+    _install_kv(model, meta)
     return model
+
+
+def _install_kv(model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Put the saved KV setup back on a loaded model (the manifest's ``kv_cache``)."""
+    from lowbit_compiler import kv
+
+    info = kv.install_from_manifest(model, meta)
+    if info is not None:
+        model.lowbit_summary["kv_cache"] = info
 
 
 def loaded_summary(meta: dict[str, Any], source: str | None) -> dict[str, Any]:

@@ -35,13 +35,13 @@ class LowbitConfig(QuantizationConfigMixin):
         recipe: a preset name, a ``.toml`` path or a recipe dict: compress while loading float
             weights (``from_pretrained(float_dir, quantization_config=LowbitConfig(recipe=...))``);
             in a saved checkpoint, the recipe that produced it.
-        format_version, modules, tensors, aliases, R3: the checkpoint manifest
+        format_version, modules, tensors, aliases, R3, kv_cache: the checkpoint manifest
             (:mod:`lowbit_compiler.checkpoint`); present in saved checkpoints only.
     """
 
     def __init__(self, recipe: Any = None, format_version: int | None = None, modules: dict | None = None,
                  tensors: dict | None = None, aliases: dict | None = None, R3: dict | None = None,
-                 layers: dict | None = None, totals: dict | None = None, **kwargs: Any):
+                 layers: dict | None = None, totals: dict | None = None, kv_cache: dict | None = None, **kwargs: Any):
         kwargs.pop("quant_method", None)  # always "lowbit" (written by to_dict)
         self.quant_method = checkpoint.QUANT_METHOD
         self.recipe = recipe
@@ -51,9 +51,10 @@ class LowbitConfig(QuantizationConfigMixin):
         self.aliases = aliases or {}
         self.R3 = R3
         self.layers, self.totals = layers, totals  # what compress reported (lowbit inspect)
+        self.kv_cache = kv_cache  # the compressed KV cache's formats, reinstalled when loading
         if kwargs:
             raise LowbitError(f"LowbitConfig: unknown fields {sorted(kwargs)}; known: recipe, format_version, modules, "
-                              "tensors, aliases, R3, layers, totals")
+                              "tensors, aliases, R3, layers, totals, kv_cache")
 
     @property
     def is_checkpoint(self) -> bool:
@@ -62,7 +63,7 @@ class LowbitConfig(QuantizationConfigMixin):
     def manifest(self) -> dict[str, Any]:
         return {"quant_method": self.quant_method, "format_version": self.format_version, "recipe": self.recipe,
                 "modules": self.modules, "tensors": self.tensors, "aliases": self.aliases, "R3": self.R3,
-                "layers": self.layers, "totals": self.totals}
+                "layers": self.layers, "totals": self.totals, "kv_cache": self.kv_cache}
 
 
 class LowbitHfQuantizer(HfQuantizer):
@@ -109,6 +110,7 @@ class LowbitHfQuantizer(HfQuantizer):
             checkpoint.materialize_stand_ins(model)
             keep_names(model)
             model.lowbit_summary = checkpoint.loaded_summary(meta, getattr(model, "name_or_path", None))
+            checkpoint._install_kv(model, meta)
             return model
         from lowbit_compiler.offline import compress
 

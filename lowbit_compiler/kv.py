@@ -33,9 +33,9 @@ dequantizes one block at a time and folds it into an online softmax, so no dequa
 whole cache exists at any step. :func:`install` puts both on a model (``compress(model, "kv4")``
 calls it from the decisions the ``mark_kv_cache`` pass recorded).
 
-Sliding-window layers get a full compressed layer; the mask applies the window. What is not here
-(see docs/kv_cache.md): a generated kernel for the codebook and GEAR formats (they take the blocked torch
-attention), and the compiled flow (``torch.compile(backend="lowbit")`` records the decisions but
+Sliding-window layers get a full compressed layer; the mask applies the window. Decode on CUDA reads the packed cache in the generated Triton kernel
+(``backends/kv_triton.py``, every scheme but fp8), on CPU in the generated C kernel
+(``backends/kv_cpu.py``). What is not here (see docs/kv_cache.md): the compiled flow (``torch.compile(backend="lowbit")`` records the decisions but
 keeps the model's own cache).
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -651,6 +652,7 @@ def rope_function(model: torch.nn.Module) -> tuple[Any, str | None]:
         cos, sin = rotary(torch.empty(0, device=positions.device, dtype=torch.float32), positions)
         return cos.float(), sin.float()
 
+    rope.rotary = rotary  # the Triton kernel recomputes cos/sin from its inv_freq and attention_scaling
     return rope, None
 
 
@@ -734,6 +736,7 @@ def _make_layer_class():
             self._float_v = self._sink_v = value_states.new_empty(b, h, 0, value_states.shape[-1])
             self.is_initialized = True
 
+        @torch.compiler.disable  # opaque to Dynamo: see _attend_packed
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
@@ -936,12 +939,39 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: Any, val
         raise LowbitError(f"compressed KV cache: layer {getattr(module, 'layer_idx', '?')} uses sliding-window "
                           "attention and got no mask to apply the window with; use the model's own cache")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _attend_packed(query, key.layer, attention_mask, scaling, kwargs.get("softcap")), None
+
+
+@torch.compiler.disable
+def _attend_packed(query: torch.Tensor, layer: Any, mask: torch.Tensor | None, scaling: float,
+                   softcap: float | None) -> torch.Tensor:
+    """The packed cache's attention, opaque to Dynamo (as the cache's ``update``): under
+    ``torch.compile`` of a compressed model the graph breaks here and this runs eagerly. Traced, the
+    kernels' ``data_ptr()`` calls would be baked into the compiled code as constants (a crash, seen
+    before this was added) and the cache's growing Python state would be guarded on at every step."""
     from lowbit_compiler.backends import kv_cpu
 
-    out = kv_cpu.decode_attention(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
+    out = None
+    if query.shape[2] == 1 and _use_triton(query):  # decode on CUDA (or LOWBIT_KV_KERNEL=triton, interpreted)
+        from lowbit_compiler.backends import kv_triton
+
+        out = kv_triton.decode_attention(query, layer, mask, scaling, softcap)
+    elif os.environ.get("LOWBIT_KV_KERNEL", "auto") != "torch":
+        out = kv_cpu.decode_attention(query, layer, mask, scaling, softcap)
     if out is None:
-        out = packed_attention_reference(query, key.layer, attention_mask, scaling, kwargs.get("softcap"))
-    return out, None
+        out = packed_attention_reference(query, layer, mask, scaling, softcap)
+    return out
+
+
+def _use_triton(query: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernel (``LOWBIT_KV_KERNEL``: ``auto``/``triton``; ``torch`` or
+    ``c`` keep it off); CPU tensors only with ``LOWBIT_KV_KERNEL=triton`` under TRITON_INTERPRET=1."""
+    mode = os.environ.get("LOWBIT_KV_KERNEL", "auto")
+    if mode in ("torch", "c") or not (query.is_cuda or mode == "triton"):
+        return False
+    from lowbit_compiler.backends import kv_triton
+
+    return kv_triton.wanted(query)
 
 
 def _mask_function():
@@ -1022,6 +1052,88 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
     base._lowbit_kv_rope = rope
     return {"applied": True, "attention": ATTENTION_NAME,
             "layers": {i: f.key for i, f in enumerate(per_layer) if f is not None}}
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading the KV setup (the checkpoint manifest's "kv_cache" entry)
+# --------------------------------------------------------------------------------------------
+
+_FORMAT_FIELDS = ("scheme", "bits", "group", "window", "sinks", "outliers", "rank", "chunk", "key_rope")
+_TENSOR_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _tensor_entry(t: torch.Tensor) -> dict[str, Any]:
+    import base64
+
+    t = t.detach().cpu().contiguous()
+    name = next(k for k, v in _TENSOR_DTYPES.items() if v == t.dtype)
+    return {"dtype": name, "shape": list(t.shape), "data": base64.b64encode(t.numpy().tobytes()).decode()}
+
+
+def _tensor_from(entry: Any, what: str) -> torch.Tensor:
+    import base64
+
+    import numpy as np
+
+    try:
+        dtype = _TENSOR_DTYPES[entry["dtype"]]
+        raw = base64.b64decode(entry["data"], validate=True)
+        shape = [int(s) for s in entry["shape"]]
+        array = np.frombuffer(raw, dtype={torch.float32: np.float32, torch.float16: np.float16}[dtype])
+        return torch.from_numpy(array.copy()).reshape(shape)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LowbitError(f"checkpoint: kv_cache {what}: bad tensor entry ({type(e).__name__}: {e}); the manifest "
+                          "was edited or truncated: save the model again") from None
+
+
+def manifest_entry(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The KV setup :func:`install` put on ``model``, as JSON: per layer index its format fields and,
+    for KVQuant, its calibrated codebooks and key channel scales (base64 of the raw float32/fp16
+    bytes); None when the model has no compressed cache installed."""
+    formats = getattr(model, "_lowbit_kv_formats", None)
+    if formats is None or getattr(model, "_lowbit_kv_hook", None) is None:
+        return None
+    layers: dict[str, Any] = {}
+    for i, fmt in enumerate(formats):
+        if fmt is None:
+            continue
+        entry: dict[str, Any] = {k: getattr(fmt, k) for k in _FORMAT_FIELDS}
+        p = fmt.params
+        if p is not None:
+            entry["params"] = {"tokens": p.tokens, **{k: _tensor_entry(getattr(p, k)) for k in
+                                                      ("key_codebook", "value_codebook", "key_center", "key_scale")}}
+        layers[str(i)] = entry
+    return {"attention": ATTENTION_NAME, "layers": layers}
+
+
+def formats_from_manifest(entry: dict[str, Any]) -> dict[int, KVFormat]:
+    """Inverse of :func:`manifest_entry`: layer index -> :class:`KVFormat` (checked)."""
+    layers = entry.get("layers") if isinstance(entry, dict) else None
+    if not isinstance(layers, dict):
+        raise LowbitError(f"checkpoint: kv_cache entry {str(entry)[:80]} has no 'layers' table")
+    out: dict[int, KVFormat] = {}
+    for index, spec in layers.items():
+        if not isinstance(spec, dict) or set(_FORMAT_FIELDS) - set(spec):
+            raise LowbitError(f"checkpoint: kv_cache layer {index}: expected the fields {_FORMAT_FIELDS}, got {spec}")
+        params = None
+        if spec.get("params") is not None:
+            p = spec["params"]
+            params = KVQuantParams(*(_tensor_from(p.get(k), f"layer {index} {k}") for k in
+                                     ("key_codebook", "value_codebook", "key_center", "key_scale")),
+                                   tokens=int(p.get("tokens", 0)))
+        fmt = KVFormat(**{k: spec[k] for k in _FORMAT_FIELDS}, params=params)  # __post_init__ checks the fields
+        if fmt.scheme == "kvquant" and params is None:
+            raise LowbitError(f"checkpoint: kv_cache layer {index} is {fmt.key} but has no calibrated params")
+        out[int(index)] = fmt
+    return out
+
+
+def install_from_manifest(model: torch.nn.Module, meta: dict[str, Any], strict: bool = False) -> dict[str, Any] | None:
+    """Install the KV setup a checkpoint's manifest records (``kv_cache``), or nothing when it has none."""
+    entry = meta.get("kv_cache")
+    if not entry:
+        return None
+    return install(model, formats_from_manifest(entry), strict)
 
 
 def uninstall(model: torch.nn.Module, attention: str = "sdpa") -> None:

@@ -273,3 +273,63 @@ def test_compiled_flow_records_decisions_and_reports_the_float_cache(llama):
     marked = [p for s in recorder.summaries for p in s["passes"] if p["name"] == "mark_kv_cache"]
     assert marked and marked[0]["matches"] == 2
     assert sum(n for reason, n in fallback_counter.items() if reason.startswith("KV cache")) > before
+
+
+def test_packed_attention_under_dynamo_runs_eagerly_and_matches():
+    """torch.compile of code calling the packed attention: the cache's update and the attention are
+    opaque to Dynamo (a graph break, run eagerly). Traced, the C kernel's data_ptr() calls were baked
+    into the compiled code as constants and corrupted the heap on the next call (malloc abort)."""
+    k, v = _kv(100)
+    layer = kv.classes()[0](kv.get_format("int4"))
+    layer.update(k, v)
+
+    class Attention(torch.nn.Module):
+        layer_idx = 0
+
+    def attend(q):
+        return kv.packed_attention(Attention(), q * 1.0, kv.PackedKV(layer, "keys"), kv.PackedKV(layer, "values"), None,
+                                   scaling=D ** -0.5)[0]
+
+    compiled = torch.compile(attend, backend="eager")
+    for seed in range(3):  # new query tensors each call: stale pointers would read freed memory
+        q = torch.randn(1, 4, 1, D, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(compiled(q), attend(q), atol=0, rtol=0)
+    torch.compiler.reset()
+
+
+@pytest.mark.slow  # ~20 s: the lowbit backend compiles the graphs around the cache's breaks
+def test_compress_then_compile_generates_the_compress_flow_tokens(llama):
+    """compress(model, "kv4"), then model.compile(backend="lowbit"): generate() under the compiled
+    model uses the CompressedKVCache and gives the eager compressed model's tokens and logits."""
+    model, inputs = llama
+    ids = inputs["input_ids"]
+    compressed = compress(copy.deepcopy(model), "kv4", progress=False)
+    with torch.no_grad():
+        reference = compressed.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+        compressed.compile(backend="lowbit")
+        out = compressed.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+        cache = compressed(ids, use_cache=True).past_key_values
+    torch.compiler.reset()
+    assert type(cache).__name__ == "CompressedKVCache" and cache.nbytes()["packed"] > 0
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.cat(out.logits), torch.cat(reference.logits), atol=1e-5, rtol=1e-5)
+
+
+def test_generated_cpu_decode_kernel_reads_fp8_codes():
+    """fp8 (e4m3) codes through the C kernel's codebook path (a 256-entry table of the codes'
+    values, one fp16 scale per group, no zero): against the blocked torch attention."""
+    from lowbit_compiler.backends import kv_cpu
+
+    fmt = kv.KVFormat("fp8", 8, 32, window=8, sinks=2)
+    k, v = _kv(150, b=2)
+    layer = _filled(fmt, k * 3, v, 100)
+    q = torch.randn(2, 8, 1, D)
+    mask = torch.ones(2, 1, 1, 150, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    assert kv_cpu.unsupported(q, layer) is None
+    out = kv_cpu.decode_attention(q, layer, mask, D ** -0.5)
+    if out is None:
+        pytest.skip("no C compiler: the fallback is the reference itself")
+    torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, D ** -0.5), atol=3e-6, rtol=1e-5)

@@ -255,3 +255,43 @@ def test_pre_rope_keys_refused_where_the_cache_cannot_redo_rope():
     assert not info["applied"] and "before RoPE" in info["reason"] and "kv3-kivi" in info["reason"]
     with pytest.raises(LowbitError, match="strict.*before RoPE"):
         kv.install(model, {0: fmt}, strict=True)
+
+
+@pytest.mark.parametrize("name,isa", [("kvquant3", "native"), ("kvquant3", "avx2"), ("kvquant3", "portable"),
+                                      ("gear4", "native")])
+def test_generated_cpu_kernel_reads_codebooks_outliers_low_rank_and_pre_rope_keys(llama, name, isa, monkeypatch):
+    """The generated C kernel for KVQuant (codebook indices, per-channel key table, outliers, sink
+    tokens, keys before RoPE rotated at their positions with the model's own cos/sin) and GEAR
+    (uniform codes + rank-2 residual + outliers): against the blocked torch attention over the same
+    packed cache, GQA (4 query heads per KV head), a padded second sequence. Built for the host's
+    ISA (AVX-512 codebook permutes here), AVX2 (8-lane permutes) and portable C."""
+    from lowbit_compiler.backends import kv_cpu
+
+    monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
+    model, _ = llama
+    d = model.config.head_dim
+    t = 150
+    k, v = _kv(t, d=d, seed=4)
+    k, v = k.expand(2, -1, -1, -1).contiguous(), v.expand(2, -1, -1, -1).contiguous()
+    rope = None
+    if name == "kvquant3":
+        rope, _ = kv.rope_function(model)
+        fmt = _fitted("kvquant3", key_rope="pre", sinks=4, group=d)
+        fmt = dataclasses.replace(fmt, params=kv.fit_kvquant(k[:1], v[:1], fmt))
+        cos, sin = rope(torch.arange(t)[None])
+        k = k * cos[:, None] + kv.rotate_half(k) * sin[:, None]  # the cache receives keys after RoPE
+    else:
+        fmt = dataclasses.replace(kv.get_format("gear4"), group=d, chunk=32)
+    layer = kv.classes()[0](fmt, rope)
+    layer.update(k[:, :, :130], v[:, :, :130], kwargs={"position_ids": torch.arange(130)[None]})
+    for i in range(130, t):
+        layer.update(k[:, :, i:i + 1], v[:, :, i:i + 1], kwargs={"position_ids": torch.tensor([[i]])})
+    q = torch.randn(2, 4 * H, 1, d, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 1, 1, t, dtype=torch.bool)
+    mask[1, ..., :7] = False
+    if kv_cpu.unsupported(q, layer) is not None:
+        pytest.fail(kv_cpu.unsupported(q, layer))
+    out = kv_cpu.decode_attention(q, layer, mask, d ** -0.5)
+    if out is None:
+        pytest.skip("no C compiler: the fallback is the reference itself")
+    torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, d ** -0.5), atol=3e-6, rtol=1e-5)
