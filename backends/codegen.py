@@ -171,8 +171,8 @@ def has_template(fmt: str, act: str | None = None) -> bool:
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits in (8, 4):
         return act in (None, "int8", "int4")
-    if (f.kind == "int" and f.bits in (2, 3)) or f.kind == "nf4":
-        return act is None  # int2/int3/NF4: float activations (dequantised in registers)
+    if (f.kind == "int" and f.bits in (2, 3)) or f.kind in ("nf4", "mxfp4", "nvfp4"):
+        return act is None  # int2/int3/NF4/MXFP4/NVFP4: float activations (dequantised in registers)
     return f.kind == "fp8_e4m3" and act in (None, "fp8_e4m3")
 
 
@@ -183,7 +183,17 @@ def template_gap(fmt: str, act: str | None = None) -> str | None:
     if has_template(fmt):
         return f"format {fmt} with {act} activations has no generated-kernel template yet"
     return (f"format {fmt} has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
-            f"activations, int3/int2/NF4 with float activations, fp8_e4m3 with float or fp8 activations)")
+            f"activations, int3/int2/NF4/MXFP4/NVFP4 with float activations, fp8_e4m3 with float or fp8 activations)")
+
+
+def e2m1(fmt: WeightFormat) -> bool:
+    """MXFP4 / NVFP4: 4-bit e2m1 codes, one shared scale per block of 32 (e8m0) or 16 (e4m3)."""
+    return fmt.kind in ("mxfp4", "nvfp4")
+
+
+def has_second(fmt: WeightFormat) -> bool:
+    """The op's ``zero`` slot is a kernel argument: integer zero points, or NVFP4's per-tensor scale."""
+    return fmt.has_zero_points or fmt.kind == "nvfp4"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +206,9 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
     layer's ``n`` and ``k`` the decode class also gets its split-K count."""
     decode = rows is not None and rows <= GEMV_MAX_ROWS
     block_k = fmt.group_size or (128 if decode else 64)
+    if e2m1(fmt):
+        # blocks of 16/32 are too short a step: a step spans several blocks (one scale each per channel)
+        block_k = 128 if decode else 32
     if act in ("int8", "int4"):
         dot = "int8"  # integer tensor cores on a GPU, numpy integers under the interpreter: exact
     elif not on_gpu:
@@ -305,7 +318,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     params += ["norm_w"] if spec.norm_weight else []
     params += ["norm_b"] if spec.norm_bias else []
     params += ["x_scale"] if spec.act_static else []
-    asym = spec.format.has_zero_points
+    asym = has_second(spec.format)
     for i in range(spec.n_weights):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
     params += [f"e{j}" for j in range(len(spec.externals))]
@@ -376,8 +389,12 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
         step_scales = n * -(-k // spec.block_k) * (scale_size + zero_size)
         min_scales = n * groups * (scale_size + zero_size)
         tile_scales = 0
+        if e2m1(fmt):  # 1-byte block scales, several per step (masked past K: each block's once)
+            step_scales = min_scales = n * groups * fmt.description.scale_dtype.itemsize
+    # NVFP4's fp32 per-tensor scale: loaded once per output tile, in the epilogue
+    glob = 4 if fmt.kind == "nvfp4" else 0
     bias = n * itemsize["bias"] if spec.bias else 0
-    weight_bytes = (codes + min_scales + tile_scales + bias) * spec.n_weights
+    weight_bytes = (codes + min_scales + tile_scales + glob + bias) * spec.n_weights
     norm_bytes = k * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
     x_bytes = M * k * itemsize["x"]
     ext_bytes = sum(M * n * itemsize[f"e{j}"] if kind == "full" else n * itemsize[f"e{j}"]
@@ -394,6 +411,7 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
     loaded += n_tiles * x_bytes + tiles * norm_bytes + n_tiles * splits * M * slots * 4
     loaded += tiles * splits * static_scale
     loaded += m_tiles * (codes + step_scales) * spec.n_weights + m_tiles * (tile_scales + bias) * spec.n_weights
+    loaded += tiles * glob * spec.n_weights
     loaded += sum(M * n * itemsize[f"e{j}"] if kind == "full" else m_tiles * n * itemsize[f"e{j}"]
                   for j, kind in enumerate(spec.externals))
     written = M * n * itemsize["out"]
@@ -467,11 +485,15 @@ def _signature(spec: KernelSpec) -> str:
             what = "float8_e4m3 codes [N, K], one scale per output channel [N]"
         elif fmt.bits == 8:
             what = "int8 codes [N, K], one scale per output channel [N]"
+        elif e2m1(fmt):
+            what = (f"uint8 codes [N, Kp/2] (e2m1, two a byte), "
+                    f"{'e8m0 exponents' if fmt.kind == 'mxfp4' else 'fp8 e4m3 scales'} [N, Kp/{fmt.group_size}]"
+                    + (", the fp32 per-tensor scale [1]" if fmt.kind == "nvfp4" else ""))
         else:
             what = (f"uint8 codes [N, Kp*{fmt.bits}/8] ({'NF4 indices' if fmt.kind == 'nf4' else f'{fmt.bits}-bit'}), "
                     f"scales [N, Kp/{fmt.group_size}]"
                     + (f", zero points [N, Kp/{fmt.group_size}]" if fmt.has_zero_points else ""))
-        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.has_zero_points else [])
+        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if has_second(fmt) else [])
         parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.group_size else [])
         lines += [f"# weight {i} ({spec.fmt}{', with bias [N]' if spec.bias else ''}): {what}", ", ".join(parts) + ","]
     if spec.externals:
@@ -616,6 +638,8 @@ def _weight_block(spec: KernelSpec, i: int) -> str:
             f"w{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K) - z{i}",
             f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")])
     lines = _unpack_codes(fmt, i)
+    if e2m1(fmt):
+        return "\n".join(lines + _e2m1_block(fmt, i))
     lines += [f"group = k0 // {fmt.group_size}",
               f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")]
     if fmt.kind == "nf4":
@@ -639,6 +663,8 @@ def _unpack_codes(fmt: WeightFormat, i: int) -> list[str]:
     axis after the reshape."""
     head = (f"# weight {i} ({fmt.key}): {fmt.bits}-bit codes, BLOCK_K is one group (or part of one), so one "
             f"scale{'' if not fmt.has_zero_points else ' and zero point'} per output channel per step")
+    if e2m1(fmt):
+        head = f"# weight {i} ({fmt.key}): 4-bit e2m1 codes, BLOCK_K spans BLOCK_K // {fmt.group_size} scale blocks"
     if fmt.bits == 4:
         return [head, "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
                 f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
@@ -662,6 +688,31 @@ def _unpack_codes(fmt: WeightFormat, i: int) -> list[str]:
                         f"codes{i} = tl.join(tl.join(tl.join({c[0]}, {c[4]}), tl.join({c[2]}, {c[6]})),",
                         f"                  tl.join(tl.join({c[1]}, {c[5]}), tl.join({c[3]}, {c[7]}))).reshape(BLOCK_N, BLOCK_K)"]
     raise NotImplementedError(f"no code unpacking for {fmt.key}")
+
+
+def _e2m1_block(fmt: WeightFormat, i: int) -> list[str]:
+    """MXFP4/NVFP4: e2m1 codes (sign, 2 exponent bits, 1 mantissa bit) to fp32 by building the float's
+    bits (no table), times the step's block scales: BLOCK_K // G of them per output channel (e8m0:
+    2^(e - 127) as exponent bits; e4m3: a native fp8 load). NVFP4's per-tensor scale is applied once,
+    in the epilogue."""
+    g = fmt.group_size
+    if fmt.kind == "mxfp4":
+        scale = [f"e{i} = " + _load(f"scale{i}_ptr + offs_n[:, None] * stride_s{i} + offs_g[None, :]",
+                                    f"mask_n[:, None] & (offs_g[None, :] * {g} < K)", to="tl.int32", other="127"),
+                 f"# e8m0: 2^(e - 127) is the float with exponent field e (e = 0: the subnormal 2^-127)",
+                 f"s{i} = tl.where(e{i} == 0, 0x00400000, e{i} << 23).to(tl.float32, bitcast=True)"]
+    else:
+        scale = [f"s{i} = " + _load(f"scale{i}_ptr + offs_n[:, None] * stride_s{i} + offs_g[None, :]",
+                                    f"mask_n[:, None] & (offs_g[None, :] * {g} < K)", other="0.0")]
+    return [f"# e2m1 -> fp32: |v| = m / 2 for exponent 0, else (1 + m / 2) * 2^(e - 1); bit 3 is the sign",
+            f"mag{i} = codes{i} & 7",
+            f"ex{i} = mag{i} >> 1",
+            f"v{i} = tl.where(ex{i} == 0, (mag{i} & 1).to(tl.float32) * 0.5,",
+            f"              (((ex{i} + 126) << 23) | ((mag{i} & 1) << 22)).to(tl.float32, bitcast=True))",
+            f"v{i} = tl.where((codes{i} & 8) != 0, -v{i}, v{i})",
+            f"# block scales: BLOCK_K // {g} per output channel this step",
+            f"offs_g = k0 // {g} + tl.arange(0, BLOCK_K // {g})"] + scale + [
+            f"w{i} = (v{i}.reshape(BLOCK_N, BLOCK_K // {g}, {g}) * s{i}[:, :, None]).reshape(BLOCK_N, BLOCK_K)"]
 
 
 def _nf4_select(code: str) -> str:
@@ -706,6 +757,8 @@ def _epilogue(spec: KernelSpec) -> tuple[str, str]:
                       f"acc{i} = acc{i} * s{i}[None, :]"]
         if spec.act:
             lines.append(f"acc{i} = acc{i} * x_scale[:, None]")
+        if fmt.kind == "nvfp4":
+            lines.append(f"acc{i} = acc{i} * tl.load(zero{i}_ptr + tl.arange(0, 1)).to(tl.float32)  # per-tensor scale")
         if spec.bias:
             lines += [f"bias{i} = " + _load(f"bias{i}_ptr + offs_n", "mask_n"),
                       f"acc{i} = acc{i} + bias{i}[None, :]"]
@@ -844,7 +897,7 @@ def _launcher(spec: KernelSpec) -> str:
     if spec.act_static:
         args.append("x_scale")
     for i in range(spec.n_weights):
-        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.has_zero_points else [])
+        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if has_second(fmt) else [])
         parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.group_size else [])
         args.append(", ".join(parts))
     for j, kind in enumerate(spec.externals):
@@ -893,7 +946,7 @@ def _reference(spec: KernelSpec) -> str:
         lines += [f"    h, h_scale = quantize_activations(h, {spec.act!r}, {'x_scale' if spec.act_static else 'None'})",
                   "    h = h.float() * h_scale  # the quantized activations, dequantised"]
     for i in range(spec.n_weights):
-        zero = f"zero{i}" if fmt.has_zero_points else "None"
+        zero = f"zero{i}" if has_second(fmt) else "None"
         bias = f"bias{i}.float()" if spec.bias else "None"
         lines.append(f"    acc{i} = F.linear(h, dequantize_parts(FORMAT, qw{i}, scale{i}, {zero})[:, :K], {bias})")
     for j, kind in enumerate(spec.externals):
@@ -1027,5 +1080,5 @@ def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 9
 _GENERATOR_SOURCE_HASH = hashlib.sha256(
     "".join(inspect.getsource(f) for f in (
         _signature, _stats_kernel, _row_stats, _quantize_x, _activation_block, _normalised_x,
-        _weight_block, _unpack_codes, _nf4_select, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
+        _weight_block, _unpack_codes, _nf4_select, _e2m1_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
         split_k_for, split_workspace)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

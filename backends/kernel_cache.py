@@ -120,7 +120,7 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
     for i in range(spec.n_weights):
         sig[f"qw{i}_ptr"] = ptr(named[f"qw{i}"])
         sig[f"scale{i}_ptr"] = ptr(named[f"scale{i}"])
-        if fmt.has_zero_points:
+        if codegen.has_second(fmt):  # zero points, or NVFP4's per-tensor scale
             sig[f"zero{i}_ptr"] = ptr(named[f"zero{i}"])
         if spec.bias:
             sig[f"bias{i}_ptr"] = ptr(named[f"bias{i}"])
@@ -144,3 +144,38 @@ def loaded(name: str) -> GeneratedKernel:
         if kernel_name == name:
             return kernel
     raise KeyError(f"generated kernel {name} is not loaded in this process")
+
+
+_EAGER_SPECS: dict[tuple, codegen.KernelSpec] = {}
+
+
+def eager_wo_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    """``lowbit::wo_linear`` outside a compiled graph on a CUDA device (``compress``ed or loaded
+    models run eagerly): the generated kernel of the format's template for this row count (decode:
+    one spec per row count up to ``GEMV_MAX_ROWS``, split-K for this layer's N and K; prefill: one
+    symbolic-M spec), without fusion. No format dequantises its whole weight per call on CUDA.
+    Under the interpreter the same kernels run on CPU tensors (how the tests check it)."""
+    from lowbit_compiler.formats import WeightFormat
+
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    decode_rows = rows if rows <= codegen.GEMV_MAX_ROWS else None
+    dtype = str(x.dtype).split(".")[-1]
+    key = (fmt, decode_rows, scale.shape[0], in_features, dtype, bias is not None)
+    spec = _EAGER_SPECS.get(key)
+    if spec is None:
+        tiling = codegen.choose_variant(WeightFormat.parse(fmt), decode_rows, on_gpu=not _triton_adapter.interpreting(),
+                                        x_dtype=dtype, n=scale.shape[0], k=in_features)
+        spec = _EAGER_SPECS[key] = codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype,
+                                                      bias=bias is not None)
+    launch = get_kernel(spec, _triton_adapter.interpreting()).launch
+    args = [x, qweight, scale] + ([zero] if codegen.has_second(spec.format) else []) + ([bias] if bias is not None else [])
+    return launch(*args)
+
+
+def eager_kernel_reason(fmt: str, x_dtype: torch.dtype) -> str | None:
+    """Why :func:`eager_wo_linear` cannot run a call (None: it can)."""
+    if x_dtype not in codegen.DTYPES.values():
+        return f"activation dtype {x_dtype} has no generated kernel (use float32/bfloat16/float16)"
+    return codegen.template_gap(fmt)

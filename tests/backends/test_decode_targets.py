@@ -71,7 +71,7 @@ def test_the_targets_can_fail():
 
 def gpu_cases(full: bool):
     if not full:  # default suite: gate.up int4 (two dequantised tiles, the most registers) per decode kernel
-        return [("gate.up", "int4_g128_asym", 4), ("gate.up", "int4_g128_asym", 16)]
+        return [("gate.up", "int4_g128_asym", 4), ("gate.up", "int4_g128_asym", 16), ("gate.up", "nvfp4", 16)]
     return [(g, f, r) for g in GROUPS for f in FORMATS for r in (1, 4, 16, PREFILL_ROWS)]
 
 
@@ -90,8 +90,8 @@ def test_decode_variants_compile_for_sm90_without_spills():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["int3_g128_asym", "int2_g64_sym", "nf4_g64"])
-def test_packed_and_lookup_formats_compile_for_sm90_without_spills(fmt):
+@pytest.mark.parametrize("fmt", ["int3_g128_asym", "int2_g64_sym", "nf4_g64", "mxfp4", "nvfp4"])
+def test_packed_lookup_and_e2m1_formats_compile_for_sm90_without_spills(fmt):
     check_sm90([(g, fmt, r) for g in GROUPS for r in (1, 4, 16, PREFILL_ROWS)])
 
 

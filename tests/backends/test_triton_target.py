@@ -112,20 +112,27 @@ def test_a_compressed_model_lowers_onto_generated_kernels():
 
 
 def test_formats_without_a_template_fall_back_with_the_reason():
-    rec = Recorder(recipe="mxfp4", target="triton")
+    from lowbit_compiler.formats import WeightFormat
+    from lowbit_compiler.recipe import Recipe
+
+    # 2:4-sparse int8 (magnitude-pruned by the quantizer): the Triton sparse kernel is not lowered yet
+    rec = Recorder(recipe=Recipe("s24-int8", ("canonicalize", "insert_weight_quant"), WeightFormat.parse("s24+int8")),
+                   target="triton")
     with torch.no_grad():
         torch.compile(make_model("llama"), backend=rec)(prompt())
     summary = rec.summaries[0]
     assert summary["kernel_counts"] == {"reference": 15} and summary["generated_kernels"] == []
     assert list(summary["fallbacks"]) == [
-        "format mxfp4 has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
-        "activations, int3/int2/NF4 with float activations, fp8_e4m3 with float or fp8 activations)"]
+        "format s24+int8 has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
+        "activations, int3/int2/NF4/MXFP4/NVFP4 with float activations, fp8_e4m3 with float or fp8 activations)"]
 
 
-@pytest.mark.parametrize("recipe", ["nf4", pytest.param("w3a16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("recipe", ["nf4", pytest.param("mxfp4", marks=pytest.mark.slow),
+                                    pytest.param("w3a16", marks=pytest.mark.slow),
+                                    pytest.param("nvfp4", marks=pytest.mark.slow)])
 def test_lookup_and_3_bit_formats_run_as_generated_kernels(recipe):
-    """NF4 (table in registers) and int3 (8 codes in 3 bytes) have templates now: every linear is a
-    generated kernel, none dequantises its whole weight per call."""
+    """NF4 (table in registers), int3 (8 codes in 3 bytes) and MXFP4/NVFP4 (e2m1 codes, block scales)
+    have templates now: every linear is a generated kernel, none dequantises its whole weight per call."""
     ids = prompt()
     cpu = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")
     gpu = Recorder(recipe=recipe, target="triton", strict=True)
