@@ -88,6 +88,8 @@ class KernelSpec:
             partial sums into a workspace with atomics and the last one runs the epilogue.
         dot: how ``tl.dot`` multiplies: ``"ieee"``, ``"tf32"``, ``"float16"``, ``"bfloat16"``,
             ``"int8"`` (int8 x int8 -> int32), ``"fp8"`` (e4m3 x e4m3 -> fp32).
+        outliers: SpQR's sparse fp16 outliers of weight 0, read in the epilogue from a CSR copy
+            (row pointers [N + 1], columns, values): ``acc += x[:, col] * value`` per output channel.
         act: ``None`` (weight-only), ``"int8"`` or ``"fp8_e4m3"``: the kernel quantizes the
             activations (after the norm, when one is fused) before the matmul, as
             ``lowbit::qa_linear`` does -- per token, or with a static per-tensor scale when
@@ -114,6 +116,7 @@ class KernelSpec:
     act: str | None = None
     act_static: bool = False
     split_k: int = 1
+    outliers: bool = False
 
     @property
     def fma(self) -> bool:
@@ -144,6 +147,7 @@ class KernelSpec:
         ops += [f"quantize_{self.act}"] if self.act else []
         ops += ["qa_linear" if self.act else "wo_linear"] * self.n_weights
         ops += ["bias"] * self.n_weights if self.bias else []
+        ops += ["spqr_outliers"] if self.outliers else []
         return ops + [op for op, _ in self.steps]
 
     @property
@@ -277,6 +281,7 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
     x_dtype = str(_dynamo_adapter.example_value(anchor.x).dtype).split(".")[-1]
     out_dtype = str(_dynamo_adapter.example_value(group.sink).dtype).split(".")[-1]
     names: dict[fx.Node, str] = {a.node: f"acc{i}" for i, a in enumerate(group.anchors)}
+    names.update({a.outlier_add: f"acc{i}" for i, a in enumerate(group.anchors) if a.outliers is not None})
     names.update({e: f"e{j}" for j, (e, _) in enumerate(group.externals)})
     steps = []
     for i, step in enumerate(group.steps):
@@ -292,6 +297,7 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
         prologue=p.kind if p else None, norm_weight=bool(p and p.weight is not None),
         norm_bias=bool(p and p.bias is not None), norm_offset=p.offset if p else 0.0,
         steps=tuple(steps), externals=tuple(kind for _, kind in group.externals),
+        outliers=anchor.outliers is not None,
         act=anchor.act, act_static=anchor.x_scale is not None)
 
 
@@ -307,6 +313,7 @@ def launch_args(group: fusion.FusionGroup) -> list[Any]:
         args.append(group.anchors[0].x_scale)
     for a in group.anchors:
         args += [a.qweight, a.scale] + ([a.zero] if a.zero is not None else []) + ([a.bias] if a.bias is not None else [])
+        args += list(a.csr) if a.outliers is not None else []  # set by lowering (lowering._outlier_csr)
     args += [e for e, _ in group.externals]
     if p:
         args.append(p.eps)
@@ -321,6 +328,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     asym = has_second(spec.format)
     for i in range(spec.n_weights):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
+        params += [f"optr{i}", f"ocol{i}", f"oval{i}"] if spec.outliers and i == 0 else []
     params += [f"e{j}" for j in range(len(spec.externals))]
     return params + (["eps"] if spec.prologue else [])
 
@@ -368,9 +376,10 @@ class Traffic:
         return {f.name: int(getattr(self, f.name).subs(M, rows)) for f in dataclasses.fields(self)}
 
 
-def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traffic:
+def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int], nnz: int = 0) -> Traffic:
     """``itemsize``: bytes per element of ``x``, ``out``, ``norm_w``, ``norm_b``, ``bias``, ``e<j>``,
-    ``x_scale``. Covers the statistics kernel (when the spec has one) and the main kernel."""
+    ``x_scale`` (``oval0``: SpQR outlier values). Covers the statistics kernel (when the spec has
+    one) and the main kernel. ``nnz``: SpQR outliers of weight 0 (``spec.outliers``)."""
     fmt = spec.format
     m_tiles, n_tiles, splits = grid(spec, n)
     tiles = m_tiles * n_tiles
@@ -414,6 +423,13 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
     loaded += tiles * glob * spec.n_weights
     loaded += sum(M * n * itemsize[f"e{j}"] if kind == "full" else m_tiles * n * itemsize[f"e{j}"]
                   for j, kind in enumerate(spec.externals))
+    outlier_bytes = 0
+    if spec.outliers:  # the epilogue's side-read, once per output tile: row pointers, then per outlier
+        # its column and value (per row tile) and the gathered activation (and norm affine) entries
+        oval = itemsize.get("oval0", 2)
+        outlier_bytes = (n + 1) * 4 + nnz * (4 + oval)
+        gathered = nnz * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
+        loaded += m_tiles * (n * 8 + nnz * (4 + oval) + gathered) + M * nnz * itemsize["x"]
     written = M * n * itemsize["out"]
     stored += written
     workspace = 0
@@ -425,8 +441,8 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
 
     # ---- DRAM (modelled) and the minimum
     x_dram = sympy.Piecewise((x_bytes, x_bytes <= L2_BYTES), (n_tiles * x_bytes, True))
-    read = x_dram + norm_bytes + weight_bytes + ext_bytes + static_scale + M * slots * 4 + workspace
-    min_read = x_bytes + norm_bytes + weight_bytes + ext_bytes + static_scale
+    read = x_dram + norm_bytes + weight_bytes + ext_bytes + static_scale + M * slots * 4 + workspace + outlier_bytes
+    min_read = x_bytes + norm_bytes + weight_bytes + ext_bytes + static_scale + outlier_bytes
     dram_written = written + M * slots * 4 + (workspace + tiles * 4 if spec.split_k > 1 else 0)
     return Traffic(sympy.expand(read), dram_written, sympy.expand(min_read), written,
                    sympy.expand(loaded), sympy.expand(stored), sympy.expand(atomic))
@@ -496,6 +512,9 @@ def _signature(spec: KernelSpec) -> str:
         parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if has_second(fmt) else [])
         parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.group_size else [])
         lines += [f"# weight {i} ({spec.fmt}{', with bias [N]' if spec.bias else ''}): {what}", ", ".join(parts) + ","]
+        if spec.outliers and i == 0:
+            lines += ["# SpQR outliers of weight 0, CSR by output channel: row pointers [N + 1] (int32), "
+                      "columns (int32), values", "optr0_ptr, ocol0_ptr, oval0_ptr,"]
     if spec.externals:
         desc = ", ".join(f"e{j} {'[M, N]' if kind == 'full' else '[N]'}" for j, kind in enumerate(spec.externals))
         parts = []
@@ -762,6 +781,8 @@ def _epilogue(spec: KernelSpec) -> tuple[str, str]:
         if spec.bias:
             lines += [f"bias{i} = " + _load(f"bias{i}_ptr + offs_n", "mask_n"),
                       f"acc{i} = acc{i} + bias{i}[None, :]"]
+        if spec.outliers and i == 0:
+            lines += _outlier_block(spec)
     for j, kind in enumerate(spec.externals):
         if kind == "full":
             lines.append(f"e{j} = " + _load(f"e{j}_ptr + offs_m[:, None] * stride_e{j}m + offs_n[None, :]",
@@ -773,6 +794,30 @@ def _epilogue(spec: KernelSpec) -> tuple[str, str]:
         lines.append(f"t{t} = " + fusion.ELEMENTWISE[op].triton.format(*operands))
         result = f"t{t}"
     return "\n".join(lines), result
+
+
+def _outlier_block(spec: KernelSpec) -> list[str]:
+    """SpQR's outliers as a sparse side-read in the epilogue: each output channel's outliers (CSR),
+    one per channel per step, up to the tile's largest count; the activation entries they need are
+    gathered from x (normalised like the main loop's tiles when a norm is fused)."""
+    xg = ["xg = " + _load("x_ptr + offs_m[:, None] * stride_xm + ocol[None, :]", "mask_m[:, None] & omask[None, :]")]
+    if spec.prologue == "layer":
+        xg.append("xg = (xg - mean[:, None]) * rstd[:, None]")
+    elif spec.prologue == "rms":
+        xg.append("xg = xg * rstd[:, None]")
+    if spec.norm_weight:
+        w = "norm_wg" + (f" + {spec.norm_offset!r}" if spec.norm_offset else "")
+        xg += ["norm_wg = " + _load("norm_w_ptr + ocol", "omask"), f"xg = xg * ({w})[None, :]"]
+    if spec.norm_bias:
+        xg += ["norm_bg = " + _load("norm_b_ptr + ocol", "omask"), "xg = xg + norm_bg[None, :]"]
+    return (["# SpQR outliers: a sparse side-read, CSR by output channel (x gathered at the outliers' columns)",
+            "olo = " + _load("optr0_ptr + offs_n", "mask_n", to="tl.int32", other="0"),
+            "ocnt = " + _load("optr0_ptr + offs_n + 1", "mask_n", to="tl.int32", other="0") + " - olo",
+            "for r in range(0, tl.max(ocnt, axis=0)):",
+            "    omask = mask_n & (r < ocnt)",
+            "    ocol = " + _load("ocol0_ptr + olo + r", "omask", to="tl.int32", other="0"),
+            "    oval = " + _load("oval0_ptr + olo + r", "omask")]
+            + ["    " + line for line in xg] + ["    acc0 = acc0 + xg * oval[None, :]"])
 
 
 def _int32_acc(spec: KernelSpec) -> bool:
@@ -899,6 +944,7 @@ def _launcher(spec: KernelSpec) -> str:
     for i in range(spec.n_weights):
         parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if has_second(fmt) else [])
         parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.group_size else [])
+        parts += ["optr0, ocol0, oval0"] if spec.outliers and i == 0 else []
         args.append(", ".join(parts))
     for j, kind in enumerate(spec.externals):
         args.append(f"e{j}, e{j}.stride(0)" if kind == "full" else f"e{j}")
@@ -949,6 +995,12 @@ def _reference(spec: KernelSpec) -> str:
         zero = f"zero{i}" if has_second(fmt) else "None"
         bias = f"bias{i}.float()" if spec.bias else "None"
         lines.append(f"    acc{i} = F.linear(h, dequantize_parts(FORMAT, qw{i}, scale{i}, {zero})[:, :K], {bias})")
+        if spec.outliers and i == 0:
+            lines += ["    # SpQR outliers, densified from the CSR copy",
+                      "    orow = torch.repeat_interleave(torch.arange(optr0.numel() - 1, device=h.device), optr0.diff().long())",
+                      "    dense = torch.zeros(optr0.numel() - 1, K, device=h.device)",
+                      "    dense[orow, ocol0.long()] = oval0.float()",
+                      "    acc0 = acc0 + h @ dense.T"]
     for j, kind in enumerate(spec.externals):
         lines.append(f"    e{j} = e{j}.float()")
     result = "acc0"
@@ -1049,7 +1101,7 @@ def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, devi
         args.append(randn(k, scale=0.1))
     if spec.act_static:  # a calibrated scale that saturates the largest activations a little
         args.append((args[0].float().abs().amax() / ACTIVATION_MAX[spec.act] * 0.8).reshape(1))
-    for _ in range(spec.n_weights):
+    for wi in range(spec.n_weights):
         w = torch.randn(n, k, generator=g) / k ** 0.5
         if fmt.group_size and k % fmt.group_size:
             w = torch.nn.functional.pad(w, (0, fmt.padded_k(k) - k))
@@ -1059,11 +1111,33 @@ def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, devi
             args.append(qw.zero.to(device))
         if spec.bias:
             args.append(randn(n, scale=0.1))
+        if spec.outliers and wi == 0:
+            args += list(random_outliers(n, k, g, device))
     for kind in spec.externals:
         args.append(randn(rows, n) if kind == "full" else randn(n))
     if spec.prologue:
         args.append(1e-5)
     return args
+
+
+def random_outliers(n: int, k: int, g: torch.Generator, device: str = "cpu", most: int = 4):
+    """A random CSR outlier matrix (0..most per output channel, distinct columns, fp16 values)."""
+    counts = torch.randint(0, most + 1, (n,), generator=g)
+    cols = [torch.randperm(k, generator=g)[: int(c)].sort().values for c in counts]
+    ptr = torch.zeros(n + 1, dtype=torch.int32)
+    ptr[1:] = counts.cumsum(0)
+    col = torch.cat(cols).to(torch.int32)
+    val = (torch.randn(col.numel(), generator=g) * 0.5).to(torch.float16)
+    return ptr.to(device), col.to(device), val.to(device)
+
+
+def csr_outliers(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int):
+    """SpQR's COO outliers (``lowbit::sparse_linear``'s rows, cols, values) as the kernel's CSR copy:
+    row pointers [n + 1] int32, columns int32 and values sorted by (row, column)."""
+    order = torch.argsort(rows.long() * (int(cols.max()) + 1 if cols.numel() else 1) + cols.long(), stable=True)
+    ptr = torch.zeros(n + 1, dtype=torch.int32, device=rows.device)
+    ptr[1:] = torch.bincount(rows.long(), minlength=n).cumsum(0)
+    return ptr, cols[order].to(torch.int32).contiguous(), values[order].contiguous()
 
 
 def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 96, 256)), floor_db: float = 40.0) -> None:
@@ -1080,5 +1154,5 @@ def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 9
 _GENERATOR_SOURCE_HASH = hashlib.sha256(
     "".join(inspect.getsource(f) for f in (
         _signature, _stats_kernel, _row_stats, _quantize_x, _activation_block, _normalised_x,
-        _weight_block, _unpack_codes, _nf4_select, _e2m1_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
+        _weight_block, _unpack_codes, _nf4_select, _e2m1_block, _outlier_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
         split_k_for, split_workspace)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

@@ -136,6 +136,10 @@ class Anchor:
     out_features: int
     act: str | None = None  # "int8" | "fp8_e4m3": activations quantized inside the op
     x_scale: fx.Node | None = None  # static per-tensor activation scale [1] (None: per token)
+    # SpQR: ``add(anchor, lowbit::sparse_linear(x, rows, cols, values, N))`` read inside the kernel
+    outliers: fx.Node | None = None  # the sparse_linear node absorbed
+    outlier_add: fx.Node | None = None  # the add: its value is the anchor's result (acc0)
+    csr: tuple[fx.Node, fx.Node, fx.Node] | None = None  # the CSR copy's get_attr nodes (set by lowering)
 
     @property
     def op(self) -> str:
@@ -230,6 +234,7 @@ class FusionGroup:
     def nodes(self) -> list[fx.Node]:
         """Every node the kernel replaces (the norm included when fused)."""
         found = [a.node for a in self.anchors] + [s.node for s in self.steps]
+        found += [n for a in self.anchors if a.outliers is not None for n in (a.outliers, a.outlier_add)]
         return found + ([self.prologue.node] if self.prologue else [])
 
     @property
@@ -238,6 +243,7 @@ class FusionGroup:
         ops += [f"quantize_{self.anchors[0].act}"] if self.anchors[0].act else []
         ops += [a.op for a in self.anchors]
         ops += ["bias"] * sum(a.bias is not None for a in self.anchors)
+        ops += ["spqr_outliers"] * sum(a.outliers is not None for a in self.anchors)
         return ops + [s.op for s in self.steps]
 
     @property
@@ -297,6 +303,10 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
     n = str(anchor.out_features)
     region: list[fx.Node] = [anchor.node]
     members = [anchor]
+    side = _outlier_side(anchor)
+    if side is not None:  # SpQR's outliers: a sparse side-read in the kernel, the add its result
+        anchor.outliers, anchor.outlier_add = side
+        region += list(side)
     steps: list[EpilogueStep] = []
     externals: dict[fx.Node, str] = {}
 
@@ -307,7 +317,7 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
         """A second anchor with the same input, format and shape, used only by this op."""
         other = anchors.get(node)
         if (other is None or other in members or node in claimed or len(members) > 1 or len(node.users) != 1
-                or eligible(node) is not None):
+                or eligible(node) is not None or members[0].outliers is not None):
             return None
         a = members[0]
         # same input, format and shape; quantized activations: per token (one scale for both)
@@ -365,8 +375,28 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
                 members.remove(anchors[v])
                 region.remove(v)
     used = {v for s in steps for v in s.operands if isinstance(v, fx.Node)}
-    sink = steps[-1].node if steps else anchor.node
+    sink = steps[-1].node if steps else (anchor.outlier_add if anchor.outliers is not None else anchor.node)
     return FusionGroup(members, None, steps, [(e, k) for e, k in externals.items() if e in used], sink)
+
+
+def _outlier_side(anchor: Anchor) -> tuple[fx.Node, fx.Node] | None:
+    """(sparse_linear, add) when the anchor's only user adds SpQR's outliers of the same input
+    (``add(anchor, lowbit::sparse_linear(x, rows, cols, values, N))``, weight-only, frozen COO
+    tensors), else None."""
+    users = list(anchor.node.users)
+    if anchor.act is not None or len(users) != 1:
+        return None
+    add = users[0]
+    if _classify(add) is None or _classify(add)[0] != "add":
+        return None
+    (other,) = [a for a in add.args if a is not anchor.node] or [None]
+    if not (isinstance(other, fx.Node) and other.op == "call_function"
+            and other.target is torch.ops.lowbit.sparse_linear.default and len(other.users) == 1):
+        return None
+    x, rows, cols, values, n = other.args
+    if x is not anchor.x or n != anchor.out_features or any(t.op != "get_attr" for t in (rows, cols, values)):
+        return None
+    return other, add
 
 
 def _is_float_tensor(node: fx.Node) -> bool:
@@ -387,7 +417,9 @@ def _attach_prologues(groups: list[FusionGroup], gm: fx.GraphModule) -> None:
     anchor_users: dict[fx.Node, list[FusionGroup]] = {}
     for group in groups:
         x = group.anchors[0].x
-        anchor_users.setdefault(x, []).extend([group] * len(group.anchors))
+        # every anchor reads x, and so does an absorbed SpQR side-read
+        uses = len(group.anchors) + sum(a.outliers is not None for a in group.anchors)
+        anchor_users.setdefault(x, []).extend([group] * uses)
     for x, users in anchor_users.items():
         if x.op != "call_function" or x.target not in PROLOGUES or len(users) != len(x.users):
             continue

@@ -127,6 +127,8 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
         sig[f"stride_qw{i}"] = "i32"
         if fmt.group_size:
             sig[f"stride_s{i}"] = "i32"
+        if spec.outliers and i == 0:
+            sig.update({"optr0_ptr": "*i32", "ocol0_ptr": "*i32", "oval0_ptr": ptr(named["oval0"])})
     for j, kind in enumerate(spec.externals):
         sig[f"e{j}_ptr"] = ptr(named[f"e{j}"])
         if kind == "full":

@@ -524,6 +524,9 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     renamed: dict[fx.Node, fx.Node] = {}  # sink of an earlier group -> the call that replaced it
     for group in partition.groups:
+        for a in group.anchors:
+            if a.outliers is not None:
+                a.csr = _outlier_csr(gm, a, group.sink)
         spec = codegen.spec_for(group, on_gpu)
         args = [renamed.get(a, a) if isinstance(a, fx.Node) else a for a in codegen.launch_args(group)]
         rows = codegen.rows_of(group.anchors[0].x)
@@ -557,6 +560,20 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
     return records, partition.rejected
 
 
+def _outlier_csr(gm: fx.GraphModule, anchor: fusion.Anchor, before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """SpQR's COO outliers (the absorbed ``sparse_linear``'s frozen tensors) as the CSR copy the
+    kernel reads, held on the graph module beside them; returns its get_attr nodes."""
+    _, rows, cols, values, n = anchor.outliers.args
+    csr = codegen.csr_outliers(*(ir.fetch_attr(gm, t.target) for t in (rows, cols, values)), n)
+    nodes = []
+    for part, tensor in zip(("ptr", "col", "val"), csr):
+        name = f"{values.target}_csr_{part}"
+        ir.set_attr(gm, name, tensor)
+        with gm.graph.inserting_before(before):
+            nodes.append(gm.graph.get_attr(name))
+    return tuple(nodes)
+
+
 def _example_args(gm: fx.GraphModule, args: list[Any], materialize: bool = False) -> list[Any]:
     """Tensors (frozen attributes, else example values: fake, or random real ones when
     ``materialize``) standing for the launcher's arguments."""
@@ -581,7 +598,8 @@ def _record(group: fusion.FusionGroup, spec: codegen.KernelSpec, kernel, call: f
     itemsize["out"] = torch.empty((), dtype=codegen.DTYPES[spec.out_dtype]).element_size()
     if spec.bias:
         itemsize["bias"] = itemsize["bias0"]
-    traffic = codegen.traffic(spec, anchor.out_features, anchor.in_features, itemsize)
+    nnz = tensors["ocol0"].numel() if spec.outliers else 0
+    traffic = codegen.traffic(spec, anchor.out_features, anchor.in_features, itemsize, nnz)
     rows = codegen.rows_of(anchor.x if group.prologue is None else group.prologue.input)
     grid = codegen.grid(spec, anchor.out_features)
     return {

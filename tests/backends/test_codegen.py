@@ -133,6 +133,36 @@ def test_e2m1_templates_decode_every_code_and_scale_exactly(fmt):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("rows, fmt, k, prologue, epilogue, dtype", [
+    (1, "int3_g64_asym", 256, "rms", "none", "float32"),       # FMA decode, split-K: the last split reads them
+    (3, "int4_g128_asym", 200, "layer", "residual", "float16"),  # gathered x normalised (mean, rstd, w, b)
+    (17, "int4_g64_sym", 200, "rms", "silu", "float32"),        # gemm
+])
+def test_spqr_outliers_are_a_sparse_side_read_in_the_kernel(rows, fmt, k, prologue, epilogue, dtype):
+    """SpQR's outliers (CSR by output channel) added inside the kernel, before the fused epilogue,
+    against the reference with the outliers densified; the side-read's bytes as the model counts them."""
+    import dataclasses
+
+    spec = dataclasses.replace(make_spec(rows, fmt, prologue, epilogue, dtype, n=40, k=k), outliers=True)
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, 40, k, seed=rows)
+    named = dict(zip(codegen.launcher_params(spec), args))
+    assert named["ocol0"].numel() > 20
+    out = kernel.launch(*args)
+    db = sqnr_db(kernel.reference(*args).float(), out.float())
+    assert db >= FLOORS[dtype], f"{spec.name}: {db:.1f} dB"
+    without = list(args)
+    without[codegen.launcher_params(spec).index("oval0")] = torch.zeros_like(named["oval0"])
+    assert sqnr_db(kernel.reference(*args).float(), kernel.launch(*without).float()) < 40  # they matter
+    if dtype == "float16":
+        itemsize = {p: a.element_size() for p, a in named.items() if isinstance(a, torch.Tensor)}
+        itemsize.update(out=2, bias=2)
+        with _triton_adapter.count_traffic() as moved:
+            kernel.launch(*args)
+        model = codegen.traffic(spec, 40, k, itemsize, nnz=named["ocol0"].numel()).at(rows)
+        assert (model["loaded"], model["stored"], model["atomic"]) == (moved["read"], moved["written"], moved["atomic"])
+
+
 def test_generated_kernels_never_compute_in_16_bit_floats():
     for case in PAIRWISE:
         spec = make_spec(case["rows"], case["fmt"], case["prologue"], case["epilogue"], case["dtype"])

@@ -96,6 +96,16 @@ def test_packed_lookup_and_e2m1_formats_compile_for_sm90_without_spills(fmt):
 
 
 @pytest.mark.slow
+def test_spqr_side_read_compiles_for_sm90_without_spills():
+    """int3 + SpQR outliers (w4a16-spqr): the CSR loop in the epilogue, every group and shape class."""
+    cases = [(g, "int3_g128_asym", r) for g in GROUPS for r in (1, 4, 16, PREFILL_ROWS)]
+    specs = [dataclasses.replace(spec(*c), outliers=True) for c in cases]
+    reports = kernel_cache.gpu_reports([(s, codegen.make_inputs(s, 4, 64, 256)) for s in specs])
+    for case, report in zip(cases, reports):
+        assert 0 < report["registers"] <= 255 and report["spill_bytes"] == 0, (case, report)
+
+
+@pytest.mark.slow
 def test_every_group_and_shape_class_compiles_for_sm90_without_spills():
     check_sm90(gpu_cases(full=True))
 

@@ -184,3 +184,29 @@ def test_static_activation_scales_run_as_generated_kernels():
     assert set(summary["kernel_counts"]) == {"triton"}
     assert all("qa_linear" in r["fused_ops"] for r in summary["generated_kernels"])
 
+
+
+@pytest.mark.slow
+def test_spqr_outliers_are_read_inside_the_generated_kernels():
+    """w4a16-spqr: every linear is int3 + SpQR's fp16 outliers (lowbit::sparse_linear beside it). The
+    outliers become a sparse side-read in the linear's kernel: no sparse_linear op stays in the
+    graph, the norms still fuse into q/k/v and gate.up, and the logits match the CPU target
+    (where the op runs its torch implementation)."""
+    ids = prompt(20)  # > 16 rows: the CPU target runs the float reference for int3 (no lookup-table rounding)
+    cpu = Recorder(recipe="w4a16-spqr", target="cpu", cpu_compute_dtype="activation")
+    gpu = Recorder(recipe="w4a16-spqr", target="triton", strict=True)
+    with torch.no_grad():
+        ref = torch.compile(make_model("llama"), backend=cpu)(ids).logits
+        out = torch.compile(make_model("llama"), backend=gpu)(ids).logits
+    assert sqnr_db(ref, out) >= 40
+    summary = gpu.summaries[0]
+    assert set(summary["kernel_counts"]) == {"triton"} and summary["fallbacks"] == {}
+    records = summary["generated_kernels"]
+    assert sum("spqr_outliers" in r["fused_ops"] for r in records) == 15  # every linear's outliers
+    # q, k, v, o, gate (+ SiLU.mul), up, down: a weight with outliers is not paired as gate.up's sibling
+    # (one kernel more than without outliers); the RMSNorms still fuse into q/k/v, gate and up
+    assert summary["codegen"]["blocks"]["model.layers.0"]["kernels"] == 7
+    assert sum("rms_norm" in r["fused_ops"] for r in records) == 2 * 5
+    assert not any("sparse_linear" in str(n.target) for g in gpu.graphs for n in g.graph.nodes)
+    for r in records:  # the side-read's bytes are counted: CSR pointers + (column, value) per outlier
+        assert int(r["bytes_per_call"]["min_read"]) > 0
