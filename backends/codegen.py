@@ -88,6 +88,8 @@ class KernelSpec:
             partial sums into a workspace with atomics and the last one runs the epilogue.
         dot: how ``tl.dot`` multiplies: ``"ieee"``, ``"tf32"``, ``"float16"``, ``"bfloat16"``,
             ``"int8"`` (int8 x int8 -> int32), ``"fp8"`` (e4m3 x e4m3 -> fp32).
+        parts: weights side by side (q, k, v: one launch, x read once), each its own slice of the
+            output columns; a column tile belongs to one of them (n_weights is 1, no epilogue ops).
         outliers: SpQR's sparse fp16 outliers of weight 0, read in the epilogue from a CSR copy
             (row pointers [N + 1], columns, values): ``acc += x[:, col] * value`` per output channel.
         act: ``None`` (weight-only), ``"int8"`` or ``"fp8_e4m3"``: the kernel quantizes the
@@ -117,6 +119,12 @@ class KernelSpec:
     act_static: bool = False
     split_k: int = 1
     outliers: bool = False
+    parts: int = 1
+
+    @property
+    def weight_sets(self) -> int:
+        """Weights the kernel takes: gate.up's pair, or the side-by-side parts (q, k, v)."""
+        return self.parts if self.parts > 1 else self.n_weights
 
     @property
     def fma(self) -> bool:
@@ -145,8 +153,8 @@ class KernelSpec:
     def fused_ops(self) -> list[str]:
         ops = [f"{self.prologue}_norm"] if self.prologue else []
         ops += [f"quantize_{self.act}"] if self.act else []
-        ops += ["qa_linear" if self.act else "wo_linear"] * self.n_weights
-        ops += ["bias"] * self.n_weights if self.bias else []
+        ops += ["qa_linear" if self.act else "wo_linear"] * self.weight_sets
+        ops += ["bias"] * self.weight_sets if self.bias else []
         ops += ["spqr_outliers"] if self.outliers else []
         return ops + [op for op, _ in self.steps]
 
@@ -157,7 +165,8 @@ class KernelSpec:
         for op in self.fused_ops:
             if op not in ("wo_linear", "qa_linear") and op not in ops:
                 ops.append(op)
-        label = "_".join([self.variant, self.fmt] + (["x2"] if self.n_weights == 2 else []) + ops[:6])
+        label = "_".join([self.variant, self.fmt] + (["x2"] if self.n_weights == 2 else [])
+                         + ([f"{self.parts}parts"] if self.parts > 1 else []) + ops[:6])
         return f"{label}_{self.digest()[:8]}"
 
     def digest(self) -> str:
@@ -290,10 +299,12 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
         names[step.node] = f"t{i}"
     p = group.prologue
     variant = choose_variant(WeightFormat.parse(anchor.fmt), rows_of(anchor.x), on_gpu, x_dtype, anchor.act,
-                             n=anchor.out_features, k=anchor.in_features)
+                             n=sum(a.out_features for a in group.anchors) if group.side_by_side else anchor.out_features,
+                             k=anchor.in_features)
     return KernelSpec(
         fmt=anchor.fmt, **variant,
-        x_dtype=x_dtype, out_dtype=out_dtype, n_weights=len(group.anchors), bias=anchor.bias is not None,
+        x_dtype=x_dtype, out_dtype=out_dtype, n_weights=1 if group.side_by_side else len(group.anchors),
+        parts=len(group.anchors) if group.side_by_side else 1, bias=anchor.bias is not None,
         prologue=p.kind if p else None, norm_weight=bool(p and p.weight is not None),
         norm_bias=bool(p and p.bias is not None), norm_offset=p.offset if p else 0.0,
         steps=tuple(steps), externals=tuple(kind for _, kind in group.externals),
@@ -326,7 +337,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     params += ["norm_b"] if spec.norm_bias else []
     params += ["x_scale"] if spec.act_static else []
     asym = has_second(spec.format)
-    for i in range(spec.n_weights):
+    for i in range(spec.weight_sets):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
         params += [f"optr{i}", f"ocol{i}", f"oval{i}"] if spec.outliers and i == 0 else []
     params += [f"e{j}" for j in range(len(spec.externals))]
@@ -337,10 +348,11 @@ def launcher_params(spec: KernelSpec) -> list[str]:
 # Grid and memory traffic (sympy)
 # ---------------------------------------------------------------------------------------------
 
-def grid(spec: KernelSpec, n: int) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
-    """Programs along (rows, output columns, K splits)."""
+def grid(spec: KernelSpec, n: int | tuple[int, ...]) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """Programs along (rows, output columns, K splits); ``n``: N, or each side-by-side weight's N."""
     rows = M if spec.block_m == 1 else sympy.ceiling(M / spec.block_m)
-    return rows, sympy.Integer(-(-n // spec.block_n)), sympy.Integer(spec.split_k)
+    ns = n if isinstance(n, tuple) else (n,)
+    return rows, sympy.Integer(sum(-(-x // spec.block_n) for x in ns)), sympy.Integer(spec.split_k)
 
 
 def programs(spec: KernelSpec, n: int) -> sympy.Expr:
@@ -379,9 +391,11 @@ class Traffic:
 def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int], nnz: int = 0) -> Traffic:
     """``itemsize``: bytes per element of ``x``, ``out``, ``norm_w``, ``norm_b``, ``bias``, ``e<j>``,
     ``x_scale`` (``oval0``: SpQR outlier values). Covers the statistics kernel (when the spec has
-    one) and the main kernel. ``nnz``: SpQR outliers of weight 0 (``spec.outliers``)."""
+    one) and the main kernel. ``nnz``: SpQR outliers of weight 0 (``spec.outliers``). ``n``: N, or
+    each side-by-side weight's N (``spec.parts``)."""
     fmt = spec.format
     m_tiles, n_tiles, splits = grid(spec, n)
+    n = sum(n) if isinstance(n, tuple) else n
     tiles = m_tiles * n_tiles
     scale_size = torch.finfo(SCALE_DTYPE).bits // 8
     acc_size = 4  # fp32 or int32 partial sums
@@ -488,6 +502,9 @@ def _signature(spec: KernelSpec) -> str:
     fmt = spec.format
     lines = [f"# activations{' (the input of the fused norm)' if spec.prologue else ''}: [M, K], row stride",
              "x_ptr, stride_xm,"]
+    if spec.parts > 1:
+        lines.append(f"# {spec.parts} weights side by side (N{', N'.join(str(p) for p in range(1, spec.parts))} "
+                     "output columns after weight 0's N): same format and K, one output [M, N + ...]")
     if spec.norm_weight or spec.norm_bias:
         parts = (["norm_w_ptr"] if spec.norm_weight else []) + (["norm_b_ptr"] if spec.norm_bias else [])
         lines += [f"# {spec.prologue} norm: {'weight [K], ' if spec.norm_weight else ''}"
@@ -496,7 +513,7 @@ def _signature(spec: KernelSpec) -> str:
         lines += [f"# per-row statistics [M, 3] from {spec.name}_stats ({', '.join(spec.stats)})", "stats_ptr,"]
     if spec.act_static:
         lines += [f"# {spec.act} activations: the static per-tensor scale [1] (from calibration)", "x_scale_ptr,"]
-    for i in range(spec.n_weights):
+    for i in range(spec.weight_sets):
         if fmt.kind == "fp8_e4m3":
             what = "float8_e4m3 codes [N, K], one scale per output channel [N]"
         elif fmt.bits == 8:
@@ -526,7 +543,8 @@ def _signature(spec: KernelSpec) -> str:
         acc = "int32" if _int32_acc(spec) else "fp32"
         lines += [f"# split-K: {acc} partial sums [{spec.n_weights}, M, N] and arrivals per output tile, both left zeroed",
                   "ws_ptr, count_ptr,"]
-    lines += ["# problem size", "M, N, K,", "# tiling",
+    sizes = "M, N, " + "".join(f"N{p}, " for p in range(1, spec.parts)) + "K,"
+    lines += ["# problem size", sizes, "# tiling",
               "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,"]
     return textwrap.indent("\n".join(lines), " " * 4)
 
@@ -867,7 +885,7 @@ def render(spec: KernelSpec) -> str:
             "ws_mask = mask_m[:, None] & mask_n[None, :]\n"
             + adds + "\n"
             "tl.debug_barrier()  # every thread's adds are issued before the arrival is counted\n"
-            "tile = pid_m * tl.num_programs(1) + pid_n\n"
+            "tile = pid_m * tl.num_programs(1) + tl.program_id(1)\n"
             "arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: orders the adds before it\n"
             "if arrived == SPLIT_K - 1:\n"
             + textwrap.indent(reads + "\n" + "tl.store(count_ptr + tile, 0)\n\n" + epilogue + "\n\n" + store, " " * 4))
@@ -881,6 +899,7 @@ def render(spec: KernelSpec) -> str:
             "pid_m = tl.program_id(0)\n"
             "pid_n = tl.program_id(1)\n"
             + ("pid_k = tl.program_id(2)\n" if spec.split_k > 1 else "")
+            + _parts_prelude(spec)
             + "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\n"
             "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
             "mask_m = offs_m < M\n"
@@ -903,26 +922,49 @@ def render(spec: KernelSpec) -> str:
         _launcher(spec) + "\n\n\n" + _reference(spec) + _MAIN
 
 
+def _parts_prelude(spec: KernelSpec) -> str:
+    """Side-by-side weights: which weight this program's column tile belongs to. The kernel body is
+    weight 0's; here its pointers, N, the output columns and the split-K workspace are re-pointed."""
+    if spec.parts == 1:
+        return ""
+    fmt = spec.format
+    names = ["qw", "scale"] + (["zero"] if has_second(fmt) else []) + (["bias"] if spec.bias else [])
+    lines = [f"# ---- {spec.parts} weights side by side (one launch, x read once): which one this column tile is",
+             "col0 = 0"]
+    n_names = ["N"] + [f"N{p}" for p in range(1, spec.parts)]
+    for p in range(spec.parts - 1, 0, -1):
+        before = " + ".join(f"tl.cdiv({n}, BLOCK_N)" for n in n_names[:p])
+        lines += [f"{'if' if p == spec.parts - 1 else 'elif'} pid_n >= {before}:",
+                  f"    pid_n = pid_n - ({before})",
+                  f"    col0 = {' + '.join(n_names[:p])}"]
+        lines += [f"    {t}0_ptr = {t}{p}_ptr" for t in names]
+        lines.append(f"    N = N{p}")
+    lines += ["out_ptr += col0  # this weight's output columns",
+              *(["ws_ptr += M * col0  # and its [M, N] block of the split-K workspace"] if spec.split_k > 1 else [])]
+    return "\n".join(lines) + "\n"
+
+
 def _launcher(spec: KernelSpec) -> str:
     fmt = spec.format
     params = launcher_params(spec)
     gm, _, _ = grid(spec, 0)  # the column tiles are rendered from N below
     grid_m = to_python(gm)
-    grid_n = f"triton.cdiv(N, {spec.block_n})"
+    grid_n = " + ".join(f"triton.cdiv({n}, {spec.block_n})" for n in ["N"] + [f"N{p}" for p in range(1, spec.parts)])
     lines = [f"def {spec.name}({', '.join(params)}):",
              f'    """Launch {spec.name}_kernel: returns [..., N] in {spec.out_dtype}."""',
              "    # -- check shapes",
              "    K = x.shape[-1]",
-             "    N = scale0.shape[0]",
+             "    N = scale0.shape[0]" + "".join(f"; N{p} = scale{p}.shape[0]" for p in range(1, spec.parts)),
              "    x = x.reshape(-1, K).contiguous()",
              "    M = x.shape[0]"]
-    for i in range(spec.n_weights):
-        lines.append(f"    assert qw{i}.shape[0] == N and qw{i}.shape[1] * 8 // {fmt.bits} >= K, "
+    for i in range(spec.weight_sets):
+        lines.append(f"    assert qw{i}.shape[0] == {'N' if i == 0 or spec.parts == 1 else f'N{i}'} and qw{i}.shape[1] * 8 // {fmt.bits} >= K, "
                      f"f\"weight {i}: codes {{tuple(qw{i}.shape)}} do not fit N={{N}}, K={{K}}\"")
     for j, kind in enumerate(spec.externals):
         lines.append(f"    e{j} = e{j}.reshape({'M, N' if kind == 'full' else 'N'}).contiguous()")
     lines += ["    # -- allocate the output",
-              f"    out = torch.empty((M, N), device=x.device, dtype=torch.{spec.out_dtype})"]
+              f"    out = torch.empty((M, {'N' + ''.join(f' + N{p}' for p in range(1, spec.parts))}), device=x.device, "
+              f"dtype=torch.{spec.out_dtype})"]
     norm = (["norm_w"] if spec.norm_weight else []) + (["norm_b"] if spec.norm_bias else [])
     if spec.stats:
         lines += [f"    # -- per-row {', '.join(spec.stats)}, once per call",
@@ -932,7 +974,7 @@ def _launcher(spec: KernelSpec) -> str:
     lines += ["    # -- launch: one program per BLOCK_M rows, BLOCK_N columns" + (" and K split" if spec.split_k > 1 else ""),
               f"    grid = ({grid_m}, {grid_n}" + (f", {spec.split_k})" if spec.split_k > 1 else ")")]
     if spec.split_k > 1:
-        lines.append(f"    ws, count = split_workspace(x.device, {spec.n_weights}, M, N, grid[0] * grid[1], "
+        lines.append(f"    ws, count = split_workspace(x.device, {spec.n_weights}, M, out.shape[1], grid[0] * grid[1], "
                      f"{_int32_acc(spec)})")
     args = ["x, x.stride(0)"]
     if norm:
@@ -941,18 +983,24 @@ def _launcher(spec: KernelSpec) -> str:
         args.append("stats")
     if spec.act_static:
         args.append("x_scale")
-    for i in range(spec.n_weights):
+    for i in range(spec.weight_sets):
         parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if has_second(fmt) else [])
         parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.group_size else [])
         parts += ["optr0, ocol0, oval0"] if spec.outliers and i == 0 else []
         args.append(", ".join(parts))
     for j, kind in enumerate(spec.externals):
         args.append(f"e{j}, e{j}.stride(0)" if kind == "full" else f"e{j}")
-    args += ["out, out.stride(0)"] + (["ws, count"] if spec.split_k > 1 else []) + ["M, N, K",
+    args += ["out, out.stride(0)"] + (["ws, count"] if spec.split_k > 1 else []) + [
+             "M, N, " + "".join(f"N{p}, " for p in range(1, spec.parts)) + "K",
              f"BLOCK_M={spec.block_m}, BLOCK_N={spec.block_n}, BLOCK_K={spec.block_k}"
              + (f", SPLIT_K={spec.split_k}" if spec.split_k > 1 else "") + f", num_warps={spec.num_warps}"]
     lines.append(f"    {spec.name}_kernel[grid](\n        " + ",\n        ".join(args) + ")")
-    lines.append("    return out.view(*x_shape_prefix, N)")
+    if spec.parts > 1:  # one output buffer; each weight's columns a view of it
+        bounds = ["0", "N"] + ["N" + "".join(f" + N{q}" for q in range(1, p + 1)) for p in range(1, spec.parts)]
+        lines.append("    return (" + ", ".join(f"out[:, {bounds[p]}:{bounds[p + 1]}].view(*x_shape_prefix, -1)"
+                                             for p in range(spec.parts)) + ")")
+    else:
+        lines.append("    return out.view(*x_shape_prefix, N)")
     # keep the caller's leading dims: captured before the reshape above
     lines.insert(3, "    x_shape_prefix = x.shape[:-1]")
     return "\n".join(lines)
@@ -991,7 +1039,7 @@ def _reference(spec: KernelSpec) -> str:
     if spec.act:
         lines += [f"    h, h_scale = quantize_activations(h, {spec.act!r}, {'x_scale' if spec.act_static else 'None'})",
                   "    h = h.float() * h_scale  # the quantized activations, dequantised"]
-    for i in range(spec.n_weights):
+    for i in range(spec.weight_sets):
         zero = f"zero{i}" if has_second(fmt) else "None"
         bias = f"bias{i}.float()" if spec.bias else "None"
         lines.append(f"    acc{i} = F.linear(h, dequantize_parts(FORMAT, qw{i}, scale{i}, {zero})[:, :K], {bias})")
@@ -1007,6 +1055,10 @@ def _reference(spec: KernelSpec) -> str:
     for t, (op, operands) in enumerate(spec.steps):
         lines.append(f"    t{t} = " + fusion.ELEMENTWISE[op].torch.format(*operands))
         result = f"t{t}"
+    if spec.parts > 1:
+        lines.append("    return tuple(a.to(torch.%s) for a in (%s))" % (spec.out_dtype, ", ".join(
+            f"acc{i}" for i in range(spec.parts))))
+        return "\n".join(lines)
     lines.append(f"    return {result}.to(torch.{spec.out_dtype})")
     return "\n".join(lines)
 
@@ -1101,7 +1153,9 @@ def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, devi
         args.append(randn(k, scale=0.1))
     if spec.act_static:  # a calibrated scale that saturates the largest activations a little
         args.append((args[0].float().abs().amax() / ACTIVATION_MAX[spec.act] * 0.8).reshape(1))
-    for wi in range(spec.n_weights):
+    ns = n if isinstance(n, tuple) else (n,) * spec.weight_sets
+    for wi in range(spec.weight_sets):
+        n = ns[wi]
         w = torch.randn(n, k, generator=g) / k ** 0.5
         if fmt.group_size and k % fmt.group_size:
             w = torch.nn.functional.pad(w, (0, fmt.padded_k(k) - k))
@@ -1155,4 +1209,4 @@ _GENERATOR_SOURCE_HASH = hashlib.sha256(
     "".join(inspect.getsource(f) for f in (
         _signature, _stats_kernel, _row_stats, _quantize_x, _activation_block, _normalised_x,
         _weight_block, _unpack_codes, _nf4_select, _e2m1_block, _outlier_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
-        split_k_for, split_workspace)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]
+        split_k_for, split_workspace, _parts_prelude)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

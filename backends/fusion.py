@@ -229,6 +229,8 @@ class FusionGroup:
     steps: list[EpilogueStep]
     externals: list[tuple[fx.Node, str]]  # (node, "full" | "row")
     sink: fx.Node
+    # the anchors are side by side (q, k, v): one kernel, one output per anchor, no epilogue
+    side_by_side: bool = False
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -273,10 +275,12 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
-def find_groups(gm: fx.GraphModule, eligible: Callable[[fx.Node], str | None] = lambda n: None) -> Partition:
+def find_groups(gm: fx.GraphModule, eligible: Callable[[fx.Node], str | None] = lambda n: None,
+                side_by_side: bool = True) -> Partition:
     """Partition the low-bit ops of ``gm`` into fusion groups.
 
     ``eligible(anchor_node)`` returns a reason to leave an anchor out (None: take it).
+    ``side_by_side``: merge lone anchors reading one input (q, k, v) into one group.
     """
     g = to_networkx(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -293,6 +297,8 @@ def find_groups(gm: fx.GraphModule, eligible: Callable[[fx.Node], str | None] = 
         group = _grow(anchor, anchors, claimed, g, order, eligible)
         claimed.update(group.nodes)
         groups.append(group)
+    if side_by_side:
+        groups = _merge_side_by_side(groups)
     _attach_prologues(groups, gm)
     return Partition(groups, rejected)
 
@@ -377,6 +383,34 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
     used = {v for s in steps for v in s.operands if isinstance(v, fx.Node)}
     sink = steps[-1].node if steps else (anchor.outlier_add if anchor.outliers is not None else anchor.node)
     return FusionGroup(members, None, steps, [(e, k) for e, k in externals.items() if e in used], sink)
+
+
+def _merge_side_by_side(groups: list[FusionGroup]) -> list[FusionGroup]:
+    """Groups of one anchor and nothing else (no epilogue, no outliers) that read the same input
+    with the same format, K, activation scheme and bias presence become one group: the kernel
+    runs them side by side (each column tile belongs to one weight), so one launch reads x, and
+    computes a fused norm's statistics, once. q/k/v of an attention block (k/v may be narrower)."""
+    def key(group: FusionGroup):
+        a = group.anchors[0]
+        if len(group.anchors) > 1 or group.steps or a.outliers is not None or a.x_scale is not None:
+            return None
+        return (a.x, a.fmt, a.in_features, a.act, a.bias is None)
+
+    merged: dict[Any, FusionGroup] = {}
+    out = []
+    for group in groups:
+        k = key(group)
+        if k is None:
+            out.append(group)
+        elif k in merged:
+            merged[k].anchors.append(group.anchors[0])
+        else:
+            merged[k] = FusionGroup([group.anchors[0]], None, [], [], group.sink, side_by_side=True)
+            out.append(merged[k])
+    for group in out:
+        if group.side_by_side and len(group.anchors) == 1:
+            group.side_by_side = False
+    return out
 
 
 def _outlier_side(anchor: Anchor) -> tuple[fx.Node, fx.Node] | None:

@@ -117,7 +117,7 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
     if spec.act_static:
         sig["x_scale_ptr"] = ptr(named["x_scale"])
     fmt = spec.format
-    for i in range(spec.n_weights):
+    for i in range(spec.weight_sets):
         sig[f"qw{i}_ptr"] = ptr(named[f"qw{i}"])
         sig[f"scale{i}_ptr"] = ptr(named[f"scale{i}"])
         if codegen.has_second(fmt):  # zero points, or NVFP4's per-tensor scale
@@ -136,7 +136,7 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
     sig.update({"out_ptr": "*" + codegen.TRITON_TYPES[codegen.DTYPES[spec.out_dtype]], "stride_om": "i32"})
     if spec.split_k > 1:
         sig.update({"ws_ptr": "*i32" if codegen._int32_acc(spec) else "*fp32", "count_ptr": "*i32"})
-    sig.update({"M": "i32", "N": "i32", "K": "i32"})
+    sig.update({"M": "i32", "N": "i32", **{f"N{p}": "i32" for p in range(1, spec.parts)}, "K": "i32"})
     return sig
 
 

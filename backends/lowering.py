@@ -98,7 +98,8 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
            for n in gm.graph.nodes if (d := opdecl.of(n)) is not None and d.module != opdecl.LOWERED]
     in_kernels: dict[str, str] = {}  # lowbit node -> the generated call that computes it
     if target == "triton":
-        generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune, in_kernels)
+        generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune, in_kernels,
+                                            side_by_side=inner != "inductor")
     state = LoweringState(target, cpu_compute_dtype, inner, rejected, dump)
     for node in list(gm.graph.nodes):
         decl = opdecl.of(node)
@@ -510,11 +511,13 @@ def _lower_sparse_input_linear(node: fx.Node, gm: fx.GraphModule, ctx: PassConte
 
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
                   dump: DumpWriter | None, autotune: bool = False,
-                  in_kernels: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+                  in_kernels: dict[str, str] | None = None,
+                  side_by_side: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Replace each fusion group by one call of its generated kernel; returns the records and the
     partition's reasons for the anchors it left out (``in_kernels``: lowbit node name -> the
-    label of the generated kernel that now computes it)."""
-    partition = fusion.find_groups(gm, eligible=_triton_unsupported)
+    label of the generated kernel that now computes it). ``side_by_side``: q/k/v in one kernel
+    (off under ``inner="inductor"``, whose ``lowbit::generated`` op returns one tensor)."""
+    partition = fusion.find_groups(gm, eligible=_triton_unsupported, side_by_side=side_by_side)
     interpret = _triton_adapter.interpreting()
     on_gpu = torch.cuda.is_available() and not interpret
     if autotune and (reason := tuning.unavailable_reason(interpret)) is not None:
@@ -532,16 +535,20 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
         rows = codegen.rows_of(group.anchors[0].x)
         if autotune and rows is not None:
             anchor = group.anchors[0]
-            spec = tuning.tune(spec, _example_args(gm, args, materialize=True), rows, anchor.out_features,
+            spec = tuning.tune(spec, _example_args(gm, args, materialize=True), rows,
+                               sum(a.out_features for a in group.anchors) if spec.parts > 1 else anchor.out_features,
                                anchor.in_features)
         kernel = kernel_cache.get_kernel(spec, interpret)
         sink = group.sink
-        with gm.graph.inserting_before(sink):
-            call = gm.graph.call_function(kernel.launch, tuple(args))
-        call.meta.update({k: v for k, v in sink.meta.items() if k != ir.META})
-        call.meta[ir.META] = dict(group.anchors[0].node.meta.get(ir.META, {}))
-        sink.replace_all_uses_with(call)
-        renamed[sink] = call
+        if group.side_by_side:
+            call = _side_by_side_call(gm, group, kernel, args, order, renamed)
+        else:
+            with gm.graph.inserting_before(sink):
+                call = gm.graph.call_function(kernel.launch, tuple(args))
+            call.meta.update({k: v for k, v in sink.meta.items() if k != ir.META})
+            call.meta[ir.META] = dict(group.anchors[0].node.meta.get(ir.META, {}))
+            sink.replace_all_uses_with(call)
+            renamed[sink] = call
         replaced = group.nodes
         if in_kernels is not None:
             in_kernels.update({n.name: f"triton:{kernel.name}" for n in replaced if opdecl.of(n) is not None})
@@ -558,6 +565,26 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
         for record, report in zip(records, kernel_cache.gpu_reports(reports)):
             record["gpu"] = report
     return records, partition.rejected
+
+
+def _side_by_side_call(gm: fx.GraphModule, group: fusion.FusionGroup, kernel, args: list[Any],
+                       order: dict[fx.Node, int], renamed: dict[fx.Node, fx.Node]) -> fx.Node:
+    """One call for side-by-side anchors (q, k, v), placed before the first of them; each anchor's
+    users read its output from the call's tuple. The weights' get_attr nodes move up to the call."""
+    first = min((a.node for a in group.anchors), key=order.__getitem__)
+    for a in args:
+        if isinstance(a, fx.Node) and a.op == "get_attr" and order.get(a, -1) > order[first]:
+            first.prepend(a)  # reads nothing: safe to move
+    with gm.graph.inserting_before(first):
+        call = gm.graph.call_function(kernel.launch, tuple(args))
+    call.meta[ir.META] = dict(group.anchors[0].node.meta.get(ir.META, {}))
+    for p, anchor in enumerate(group.anchors):
+        with gm.graph.inserting_after(call):
+            part = gm.graph.call_function(operator.getitem, (call, p))
+        part.meta.update({k: v for k, v in anchor.node.meta.items() if k != ir.META})
+        anchor.node.replace_all_uses_with(part)
+        renamed[anchor.node] = part
+    return call
 
 
 def _outlier_csr(gm: fx.GraphModule, anchor: fusion.Anchor, before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -599,14 +626,15 @@ def _record(group: fusion.FusionGroup, spec: codegen.KernelSpec, kernel, call: f
     if spec.bias:
         itemsize["bias"] = itemsize["bias0"]
     nnz = tensors["ocol0"].numel() if spec.outliers else 0
-    traffic = codegen.traffic(spec, anchor.out_features, anchor.in_features, itemsize, nnz)
+    ns = tuple(a.out_features for a in group.anchors) if spec.parts > 1 else anchor.out_features
+    traffic = codegen.traffic(spec, ns, anchor.in_features, itemsize, nnz)
     rows = codegen.rows_of(anchor.x if group.prologue is None else group.prologue.input)
-    grid = codegen.grid(spec, anchor.out_features)
+    grid = codegen.grid(spec, ns)
     return {
         "call": call.name, "kernel": kernel.name, "layer": group.layer, "block": fusion.decoder_layer_of(group),
         "layers": [ir.get(a.node, ir.MODULE).fqn if ir.get(a.node, ir.MODULE) else a.node.name for a in group.anchors],
         "fused_ops": group.fused_ops, "replaced": [n.name for n in group.nodes], "variant": spec.variant,
-        "N": anchor.out_features, "K": anchor.in_features, "M": rows if rows is not None else str(codegen.M),
+        "N": sum(ns) if isinstance(ns, tuple) else ns, "K": anchor.in_features, "M": rows if rows is not None else str(codegen.M),
         "grid": [str(g.subs(codegen.M, rows)) if rows is not None else str(g) for g in grid], "bytes": {k: str(v) for k, v in dataclasses.asdict(traffic).items()},
         "bytes_per_call": traffic.at(rows) if rows is not None else None,
     }

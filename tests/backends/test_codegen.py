@@ -32,6 +32,7 @@ EPILOGUES = {
     "residual": {"steps": (("add", ("acc0", "e0")),), "externals": ("full",)},
     "row": {"steps": (("mul", ("acc0", "e0")), ("add", ("t0", "0.5"))), "externals": ("row",)},
     "gated": {"n_weights": 2, "steps": (("silu", ("acc0",)), ("mul", ("t0", "acc1")))},
+    "qkv": {"parts": 3},  # three weights side by side, one output each
 }
 PROLOGUES = {None: {}, "rms": {"prologue": "rms", "norm_weight": True},
              "layer": {"prologue": "layer", "norm_weight": True, "norm_bias": True}}
@@ -160,6 +161,36 @@ def test_spqr_outliers_are_a_sparse_side_read_in_the_kernel(rows, fmt, k, prolog
         with _triton_adapter.count_traffic() as moved:
             kernel.launch(*args)
         model = codegen.traffic(spec, 40, k, itemsize, nnz=named["ocol0"].numel()).at(rows)
+        assert (model["loaded"], model["stored"], model["atomic"]) == (moved["read"], moved["written"], moved["atomic"])
+
+
+@pytest.mark.parametrize("rows, fmt, k, prologue, bias, dtype", [
+    (1, "int4_g64_asym", 256, "rms", False, "float32"),   # FMA decode, split-K: each weight its workspace block
+    (3, "int8", 200, "layer", True, "float16"),           # per-weight biases
+    (12, "int4_g128_sym", 256, None, True, "float32"),   # tl.dot decode
+    (17, "nf4_g64", 200, "rms", False, "float16"),        # gemm
+])
+def test_side_by_side_weights_share_one_launch(rows, fmt, k, prologue, bias, dtype):
+    """q, k, v (k and v narrower, as with grouped KV heads) in one kernel: each column tile belongs
+    to one weight; each output against its own reference; the lanes' bytes as the model counts them
+    (x and the norm statistics once per call for the three)."""
+    import dataclasses
+
+    ns = (40, 16, 24)
+    spec = dataclasses.replace(make_spec(rows, fmt, prologue, "qkv", dtype, n=sum(ns), k=k), bias=bias)
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, ns, k, seed=rows)
+    outs, refs = kernel.launch(*args), kernel.reference(*args)
+    assert [tuple(o.shape) for o in outs] == [(rows, n) for n in ns]
+    for out, ref in zip(outs, refs):
+        assert sqnr_db(ref.float(), out.float()) >= FLOORS[dtype]
+    if dtype == "float16":
+        named = dict(zip(codegen.launcher_params(spec), args))
+        itemsize = {p: a.element_size() for p, a in named.items() if isinstance(a, torch.Tensor)}
+        itemsize.update(out=2, bias=2)
+        with _triton_adapter.count_traffic() as moved:
+            kernel.launch(*args)
+        model = codegen.traffic(spec, ns, k, itemsize).at(rows)
         assert (model["loaded"], model["stored"], model["atomic"]) == (moved["read"], moved["written"], moved["atomic"])
 
 
