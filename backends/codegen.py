@@ -95,7 +95,9 @@ class KernelSpec:
         act: ``None`` (weight-only), ``"int8"`` or ``"fp8_e4m3"``: the kernel quantizes the
             activations (after the norm, when one is fused) before the matmul, as
             ``lowbit::qa_linear`` does -- per token, or with a static per-tensor scale when
-            ``act_static``.
+            ``act_static``; with ``act_prequant`` the input already is ``act`` codes (int8 [M, K])
+            with their per-row scale ``x_scale`` [M, 1] (``hadamard_kernel.rotate_quantize``: the
+            QuaRot rotation and quantization in one kernel before this one).
     """
 
     fmt: str
@@ -117,6 +119,7 @@ class KernelSpec:
     dot: str = "ieee"
     act: str | None = None
     act_static: bool = False
+    act_prequant: bool = False
     split_k: int = 1
     outliers: bool = False
     parts: int = 1
@@ -138,7 +141,7 @@ class KernelSpec:
         """Per-row values the statistics kernel computes once per call (slots of ``stats[M, 3]``):
         ``mean`` (LayerNorm), ``rstd`` (either norm), ``x_scale`` (per-token activation scale)."""
         out = (("mean",) if self.prologue == "layer" else ()) + (("rstd",) if self.prologue else ())
-        return out + (("x_scale",) if self.act and not self.act_static else ())
+        return out + (("x_scale",) if self.act and not self.act_static and not self.act_prequant else ())
 
     @property
     def integer(self) -> bool:
@@ -152,7 +155,7 @@ class KernelSpec:
     @property
     def fused_ops(self) -> list[str]:
         ops = [f"{self.prologue}_norm"] if self.prologue else []
-        ops += [f"quantize_{self.act}"] if self.act else []
+        ops += [f"quantize_{self.act}"] if self.act and not self.act_prequant else []
         ops += ["qa_linear" if self.act else "wo_linear"] * self.weight_sets
         ops += ["bias"] * self.weight_sets if self.bias else []
         ops += ["spqr_outliers"] if self.outliers else []
@@ -335,7 +338,7 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     params = ["x"]
     params += ["norm_w"] if spec.norm_weight else []
     params += ["norm_b"] if spec.norm_bias else []
-    params += ["x_scale"] if spec.act_static else []
+    params += ["x_scale"] if spec.act_static or spec.act_prequant else []
     asym = has_second(spec.format)
     for i in range(spec.weight_sets):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
@@ -423,6 +426,7 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int], nnz: int
     ext_bytes = sum(M * n * itemsize[f"e{j}"] if kind == "full" else n * itemsize[f"e{j}"]
                     for j, kind in enumerate(spec.externals))
     static_scale = itemsize["x_scale"] if spec.act_static else 0
+    row_scales = M * 4 if spec.act_prequant else 0  # pre-quantized activations: their scale per row
     slots = len(spec.stats)
 
     # ---- what the lanes move (exact)
@@ -432,7 +436,7 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int], nnz: int
         loaded += x_bytes * (int(bool(spec.prologue)) + absmax) + M * norm_bytes * absmax
         stored += M * slots * 4
     loaded += n_tiles * x_bytes + tiles * norm_bytes + n_tiles * splits * M * slots * 4
-    loaded += tiles * splits * static_scale
+    loaded += tiles * splits * static_scale + n_tiles * splits * row_scales
     loaded += m_tiles * (codes + step_scales) * spec.n_weights + m_tiles * (tile_scales + bias) * spec.n_weights
     loaded += tiles * glob * spec.n_weights
     loaded += sum(M * n * itemsize[f"e{j}"] if kind == "full" else m_tiles * n * itemsize[f"e{j}"]
@@ -455,8 +459,9 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int], nnz: int
 
     # ---- DRAM (modelled) and the minimum
     x_dram = sympy.Piecewise((x_bytes, x_bytes <= L2_BYTES), (n_tiles * x_bytes, True))
-    read = x_dram + norm_bytes + weight_bytes + ext_bytes + static_scale + M * slots * 4 + workspace + outlier_bytes
-    min_read = x_bytes + norm_bytes + weight_bytes + ext_bytes + static_scale + outlier_bytes
+    read = (x_dram + norm_bytes + weight_bytes + ext_bytes + static_scale + row_scales + M * slots * 4 + workspace
+            + outlier_bytes)
+    min_read = x_bytes + norm_bytes + weight_bytes + ext_bytes + static_scale + row_scales + outlier_bytes
     dram_written = written + M * slots * 4 + (workspace + tiles * 4 if spec.split_k > 1 else 0)
     return Traffic(sympy.expand(read), dram_written, sympy.expand(min_read), written,
                    sympy.expand(loaded), sympy.expand(stored), sympy.expand(atomic))
@@ -513,6 +518,8 @@ def _signature(spec: KernelSpec) -> str:
         lines += [f"# per-row statistics [M, 3] from {spec.name}_stats ({', '.join(spec.stats)})", "stats_ptr,"]
     if spec.act_static:
         lines += [f"# {spec.act} activations: the static per-tensor scale [1] (from calibration)", "x_scale_ptr,"]
+    if spec.act_prequant:
+        lines += [f"# x holds {spec.act} codes (int8 [M, K]); their scale per row [M]", "x_scale_ptr,"]
     for i in range(spec.weight_sets):
         if fmt.kind == "fp8_e4m3":
             what = "float8_e4m3 codes [N, K], one scale per output channel [N]"
@@ -607,6 +614,9 @@ def _row_stats(spec: KernelSpec) -> str:
         for stat in spec.stats:
             other = "1.0" if stat == "x_scale" else "0.0"
             lines.append(f"{stat} = " + _load(f"stats_ptr + offs_m * 3 + {STATS_SLOTS[stat]}", "mask_m", other=other))
+    if spec.act_prequant:
+        lines += ["# ---- the pre-quantized activations' scale per row",
+                  "x_scale = " + _load("x_scale_ptr + offs_m", "mask_m", other="1.0")]
     if spec.act_static:
         lines += ["# ---- the static activation scale (one per tensor, from calibration)",
                   "x_scale = tl.load(x_scale_ptr).to(tl.float32) + tl.zeros((BLOCK_M,), dtype=tl.float32)"]
@@ -631,6 +641,10 @@ def _quantize_x(spec: KernelSpec) -> list[str]:
 
 
 def _activation_block(spec: KernelSpec) -> str:
+    if spec.act_prequant:
+        return "\n".join(["# activations: pre-quantized codes (rotated and quantized by the kernel before this one)",
+                          "x = " + _load("x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]",
+                                         "mask_m[:, None] & mask_k[None, :]", to="tl.int32", other="0")])
     header = ["# activations: load, upcast" + (", normalise (padding lanes back to zero)" if spec.prologue else "")]
     return "\n".join(header + [_normalised_x(spec)] + _quantize_x(spec))
 
@@ -960,6 +974,8 @@ def _launcher(spec: KernelSpec) -> str:
     for i in range(spec.weight_sets):
         lines.append(f"    assert qw{i}.shape[0] == {'N' if i == 0 or spec.parts == 1 else f'N{i}'} and qw{i}.shape[1] * 8 // {fmt.bits} >= K, "
                      f"f\"weight {i}: codes {{tuple(qw{i}.shape)}} do not fit N={{N}}, K={{K}}\"")
+    if spec.act_prequant:
+        lines.append("    x_scale = x_scale.reshape(-1).float().contiguous()  # one per row")
     for j, kind in enumerate(spec.externals):
         lines.append(f"    e{j} = e{j}.reshape({'M, N' if kind == 'full' else 'N'}).contiguous()")
     lines += ["    # -- allocate the output",
@@ -981,7 +997,7 @@ def _launcher(spec: KernelSpec) -> str:
         args.append(", ".join(norm))
     if spec.stats:
         args.append("stats")
-    if spec.act_static:
+    if spec.act_static or spec.act_prequant:
         args.append("x_scale")
     for i in range(spec.weight_sets):
         parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if has_second(fmt) else [])
@@ -1036,7 +1052,9 @@ def _reference(spec: KernelSpec) -> str:
         w = "norm_w.float()" if spec.norm_weight else "None"
         b = "norm_b.float()" if spec.norm_bias else "None"
         lines.append(f"    h = F.layer_norm(h, [K], {w}, {b}, eps)")
-    if spec.act:
+    if spec.act_prequant:
+        lines.append("    h = h * x_scale.float().reshape(*x.shape[:-1], 1)  # the codes, dequantised")
+    elif spec.act:
         lines += [f"    h, h_scale = quantize_activations(h, {spec.act!r}, {'x_scale' if spec.act_static else 'None'})",
                   "    h = h.float() * h_scale  # the quantized activations, dequantised"]
     for i in range(spec.weight_sets):
@@ -1151,6 +1169,10 @@ def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, devi
         args.append((torch.rand(k, generator=g) + 0.5).to(dtype).to(device))
     if spec.norm_bias:
         args.append(randn(k, scale=0.1))
+    if spec.act_prequant:  # codes and their per-row scale, as rotate_quantize returns them
+        top = int(ACTIVATION_MAX[spec.act])
+        args[0] = torch.randint(-top, top + 1, (rows, k), generator=g, dtype=torch.int8).to(device)
+        args.append((torch.rand(rows, 1, generator=g) * 0.05 + 0.01).to(device))
     if spec.act_static:  # a calibrated scale that saturates the largest activations a little
         args.append((args[0].float().abs().amax() / ACTIVATION_MAX[spec.act] * 0.8).reshape(1))
     ns = n if isinstance(n, tuple) else (n,) * spec.weight_sets

@@ -114,7 +114,7 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
         sig["norm_b_ptr"] = ptr(named["norm_b"])
     if spec.stats:
         sig["stats_ptr"] = "*fp32"
-    if spec.act_static:
+    if spec.act_static or spec.act_prequant:
         sig["x_scale_ptr"] = ptr(named["x_scale"])
     fmt = spec.format
     for i in range(spec.weight_sets):
