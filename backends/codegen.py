@@ -244,12 +244,17 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
         # BLOCK_N 8-64 x 2-8 warps on an H200 (benchmarks/gpu_check.py, section "sweep"); 4 rows x
         # 8 x 128 fp32 partial sums are 32 registers per accumulator
         block_m = 1 if rows <= 1 else 2 if rows == 2 else 4
-        tiling = dict(variant="gemv", block_m=block_m, block_n=8, block_k=block_k, num_warps=4, dot="ieee")
+        # FMAs in fp32; "fp8" marks the GPU variant of fp8 activations (native e4m3 rounding, then fp32)
+        tiling = dict(variant="gemv", block_m=block_m, block_n=8, block_k=block_k, num_warps=4,
+                      dot="fp8" if on_gpu and act == "fp8_e4m3" else "ieee")
     elif decode:
         # 5-16 rows: FMAs would be compute-bound (16 rows x 2 flops per int4 weight at 3.35 TB/s is
         # ~200 TFLOP/s, three times an H100's fp32 FMA rate), so one 16-row tl.dot tile holds every
         # row; BLOCK_N 32 was the faster small-batch tiling in the same sweep. 8 warps: at 4, gate.up
         # (two dequantised 32 x 128 tiles) spills 72-392 bytes per thread at sm_90 (int4 bf16, fp8, W8A8)
+        # 64 columns a step (half a 128-group, its scale re-read from L1): gate.up's two dequantised
+        # 32 x 128 tiles sat at 255 (int4) and 243 (int8) registers at sm_90; 64 columns need 160 and 127
+        block_k = min(block_k, 64)
         tiling = dict(variant="gemv", block_m=16, block_n=32, block_k=block_k, num_warps=8, dot=dot)
     else:
         block_m = 16 if rows is not None and rows <= 64 else 64
@@ -630,6 +635,12 @@ def _quantize_x(spec: KernelSpec) -> list[str]:
                 "# fp32 of magnitude < 2^22 to an integer, half to even (as torch.round)",
                 f"x = tl.minimum(tl.maximum(x / x_scale[:, None], -{top}), {top})",
                 "x = ((x + 12582912.0) - 12582912.0).to(tl.int32)"]
+    if spec.act == "fp8_e4m3" and spec.dot == "fp8":
+        # the GPU variant: the hardware's fp32 -> e4m3 conversion (round to nearest even) after
+        # saturating; the fp8 dot takes the codes as they are
+        return ["# quantize to fp8 e4m3 (native conversion, round to nearest even), saturating at +-448",
+                "x = tl.minimum(tl.maximum(x / x_scale[:, None], -448.0), 448.0).to(tl.float8e4nv)"
+                + (".to(tl.float32)  # FMAs: the e4m3 values in fp32" if spec.fma else "")]
     if spec.act == "fp8_e4m3":
         return ["# quantize to fp8 e4m3 values (kept in fp32): saturate at +-448, round to 3 mantissa bits",
                 "# half to even, subnormals on the 2^-9 grid (step = 2^(exponent - 3), exponent >= -6);",
@@ -785,9 +796,8 @@ def _dot(spec: KernelSpec, i: int) -> str:
         return f"acc{i} += x[:, None, :] * w{i}[None, :, :]"
     if spec.dot == "int8":
         return f"acc{i} += tl.dot(x.to(tl.int8), tl.trans(w{i}.to(tl.int8))){group_scale}  # int8 x int8 -> int32, exact"
-    if spec.dot == "fp8":
-        return (f"acc{i} += tl.dot(x.to(tl.float8e4nv), tl.trans(w{i}.to(tl.float8e4nv)))"
-                "  # e4m3 values convert exactly; fp32 accumulate")
+    if spec.dot == "fp8":  # x is e4m3 already (native conversion); the weight's e4m3 values convert exactly
+        return f"acc{i} += tl.dot(x, tl.trans(w{i}.to(tl.float8e4nv)))  # fp8 tensor cores, fp32 accumulate"
     if spec.dot in ("ieee", "tf32"):
         return f'acc{i} += tl.dot(x, tl.trans(w{i}), input_precision="{spec.dot}")'
     t = "tl.float16" if spec.dot == "float16" else "tl.bfloat16"

@@ -59,13 +59,17 @@ def source_file(spec: codegen.KernelSpec) -> tuple[pathlib.Path, str]:
     return path, source
 
 
-def get_kernel(spec: codegen.KernelSpec, interpret: bool) -> GeneratedKernel:
+def get_kernel(spec: codegen.KernelSpec, interpret: bool, gpu_variant: bool = False) -> GeneratedKernel:
+    """The kernel of ``spec``, rendered once and imported once per process. Under the interpreter a
+    kernel that computes in 16-bit floats is refused (the interpreter's bf16 arithmetic is wrong,
+    silently); ``gpu_variant=True`` lets a test run a GPU variant there anyway where the
+    interpreter computes it correctly (fp16 dots)."""
     name = spec.name
     key = (name, interpret)
     if key in _loaded:
         return _loaded[key]
     path, source = source_file(spec)
-    if interpret and (problems := codegen.arithmetic_violations(source)):
+    if interpret and not gpu_variant and (problems := codegen.arithmetic_violations(source)):
         raise RuntimeError(f"generated kernel {name} would compute in 16-bit floats under the interpreter "
                            f"(wrong numbers, no error): {problems}")
     module = _triton_adapter.load_module(str(path), f"lowbit_kernels.{name}{'_interp' if interpret else ''}")
@@ -83,7 +87,8 @@ def gpu_reports(items: list[tuple[codegen.KernelSpec, list[Any]]], arch: int = 9
     for spec, args in items:
         source_path, _ = source_file(spec)
         signature = kernel_signature(spec, args)
-        tag = hashlib.sha256(repr(sorted(signature.items())).encode()).hexdigest()[:8]
+        # "+stats": reports now include the statistics kernel (older cached ones do not)
+        tag = hashlib.sha256((repr(sorted(signature.items())) + "+stats").encode()).hexdigest()[:8]
         path = source_path.with_name(f"{spec.name}.sm{arch}.{tag}.json")
         paths.append(path)
         if not path.exists():
@@ -91,13 +96,35 @@ def gpu_reports(items: list[tuple[codegen.KernelSpec, list[Any]]], arch: int = 9
                          "constexprs": {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, "BLOCK_K": spec.block_k,
                                         **({"SPLIT_K": spec.split_k} if spec.split_k > 1 else {})},
                          "num_warps": spec.num_warps, "arch": arch, "out": str(path)})
-    unique = {job["out"]: job for job in jobs}
+            if spec.stats:  # the statistics kernel runs on the GPU too: in the same report
+                jobs.append({"path": str(source_path), "name": f"{spec.name}_stats",
+                             "signature": stats_signature(spec, signature),
+                             "constexprs": {"BLOCK_K": codegen.STATS_BLOCK}, "num_warps": 4, "arch": arch,
+                             "out": str(path), "stats": True})
+    unique: dict[tuple[str, bool], dict] = {(job["out"], job.get("stats", False)): job for job in jobs}
     if unique:
-        reports = _triton_adapter.compile_for_gpu([{k: v for k, v in job.items() if k != "out"} for job in unique.values()])
-        for out, report in zip(unique, reports):
+        reports = _triton_adapter.compile_for_gpu([{k: v for k, v in job.items() if k not in ("out", "stats")}
+                                                   for job in unique.values()])
+        merged: dict[str, dict] = {}
+        for (out, is_stats), report in zip(unique, reports):
+            if is_stats:
+                merged.setdefault(out, {})["stats_kernel"] = {k: report[k] for k in ("registers", "spill_bytes")}
+            else:
+                merged.setdefault(out, {}).update(report)
+        for out, report in merged.items():
             pathlib.Path(out).write_text(json.dumps(report))
-        stats["gpu_reports"] += len(unique)
+        stats["gpu_reports"] += len(merged)
     return [json.loads(p.read_text()) for p in paths]
+
+
+def stats_signature(spec: codegen.KernelSpec, main: dict[str, str]) -> dict[str, str]:
+    """Triton types of ``<name>_stats``'s runtime arguments (codegen._stats_kernel's order)."""
+    sig = {"x_ptr": main["x_ptr"], "stride_xm": "i32"}
+    sig.update({k: main[k] for k in ("norm_w_ptr", "norm_b_ptr") if k in main})
+    if spec.prologue:
+        sig["eps"] = "fp32"
+    sig.update({"stats_ptr": "*fp32", "M": "i32", "K": "i32"})
+    return sig
 
 
 def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str]:

@@ -459,3 +459,23 @@ def test_eager_wo_linear_on_cuda_never_runs_the_reference(monkeypatch):
         x = torch.randn(3, 256, device="cuda", dtype=torch.float16)
         ops.wo_linear_eager(x, qw.qweight.cuda(), qw.scale.cuda(), None if qw.zero is None else qw.zero.cuda(),
                             None, fmt, 256)
+
+
+@pytest.mark.parametrize("rows, fmt, prologue, epilogue", [
+    (12, "int4_g128_asym", "rms", "gated"),  # tl.dot decode: two fp16 tensor-core dots, split-K
+    (17, "int8", None, "residual"),          # gemm
+    (9, "nvfp4", "layer", "bias"),           # e2m1 + block scales narrowed to fp16 for the dot
+    (16, "int4_g64_sym", None, "qkv"),       # q/k/v side by side
+])
+def test_the_fp16_gpu_variant_computes_correctly_under_the_interpreter(rows, fmt, prologue, epilogue):
+    """The variant lowering builds on CUDA for fp16 models (fp16 operands into tl.dot, fp32
+    accumulation), run under the interpreter, which computes fp16 dots correctly (bf16 it does
+    not): within fp16 rounding of the operands of the float32 reference."""
+    spec = make_spec(rows, fmt, prologue, epilogue, "float16", on_gpu=True, n=48, k=256)
+    assert spec.dot == "float16" and "tl.float16" in codegen.render(spec)
+    kernel = kernel_cache.get_kernel(spec, interpret=True, gpu_variant=True)
+    args = codegen.make_inputs(spec, rows, 48, 256, seed=rows)
+    out, ref = kernel.launch(*args), kernel.reference(*args)
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for o, r in zip(outs, refs):
+        assert sqnr_db(r.float(), o.float()) >= 55

@@ -104,9 +104,14 @@ def gpu_cases(full: bool):
 def check_sm90(cases):
     specs = [spec(*c) for c in cases]
     reports = kernel_cache.gpu_reports([(s, codegen.make_inputs(s, 4, 64, 256)) for s in specs])
-    for case, report in zip(cases, reports):
+    for case, report, s in zip(cases, reports, specs):
         assert report["arch"] == "sm_90" and 0 < report["registers"] <= 255, (case, report)
         assert report["spill_bytes"] == 0, (case, report)
+        if s.stats:  # the statistics kernel is compiled and reported too
+            assert 0 < report["stats_kernel"]["registers"] <= 255 and report["stats_kernel"]["spill_bytes"] == 0, (
+                case, report)
+        else:
+            assert "stats_kernel" not in report
     return reports
 
 
