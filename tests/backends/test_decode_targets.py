@@ -145,8 +145,9 @@ if __name__ == "__main__":  # the README's table: python -m tests.backends.test_
     cases = gpu_cases(full=True)
     reports = dict(zip(cases, kernel_cache.gpu_reports([(spec(*c), codegen.make_inputs(spec(*c), 4, 64, 256))
                                                          for c in cases])))
-    print("| group | format | M | kernel | split-K | programs | DRAM read / min | lane loads / min | registers | spills |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| group | format | M | kernel | split-K | programs | DRAM read / min | lane loads / min | registers | spills "
+          "| stats kernel registers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for g, f, r in cases:
         n, k, _, _ = GROUPS[g]
         s = spec(g, f, r)
@@ -155,4 +156,4 @@ if __name__ == "__main__":  # the README's table: python -m tests.backends.test_
         kind = "gemm" if s.variant == "gemm" else "gemv (FMA)" if s.fma else "gemv (tl.dot)"
         rep = reports[(g, f, r)]
         print(f"| {g} | {f} | {r} | {kind} | {s.split_k} | {programs} | {ratio:.3f} | {t['loaded'] / t['min_read']:.2f} "
-              f"| {rep['registers']} | {rep['spill_bytes']} |")
+              f"| {rep['registers']} | {rep['spill_bytes']} | {rep.get('stats_kernel', {}).get('registers', '-')} |")
