@@ -317,7 +317,7 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
         norm_bias=bool(p and p.bias is not None), norm_offset=p.offset if p else 0.0,
         steps=tuple(steps), externals=tuple(kind for _, kind in group.externals),
         outliers=anchor.outliers is not None,
-        act=anchor.act, act_static=anchor.x_scale is not None)
+        act=anchor.act, act_static=anchor.x_scale is not None, act_prequant=anchor.prequant_scale is not None)
 
 
 def launch_args(group: fusion.FusionGroup) -> list[Any]:
@@ -330,6 +330,8 @@ def launch_args(group: fusion.FusionGroup) -> list[Any]:
         args.append(p.bias)
     if group.anchors[0].x_scale is not None:
         args.append(group.anchors[0].x_scale)
+    if group.anchors[0].prequant_scale is not None:
+        args.append(group.anchors[0].prequant_scale)
     for a in group.anchors:
         args += [a.qweight, a.scale] + ([a.zero] if a.zero is not None else []) + ([a.bias] if a.bias is not None else [])
         args += list(a.csr) if a.outliers is not None else []  # set by lowering (lowering._outlier_csr)

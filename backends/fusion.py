@@ -140,6 +140,8 @@ class Anchor:
     outliers: fx.Node | None = None  # the sparse_linear node absorbed
     outlier_add: fx.Node | None = None  # the add: its value is the anchor's result (acc0)
     csr: tuple[fx.Node, fx.Node, fx.Node] | None = None  # the CSR copy's get_attr nodes (set by lowering)
+    # x is already ``act`` codes from the rotate-and-quantize kernel; this node is their row scales
+    prequant_scale: fx.Node | None = None
 
     @property
     def op(self) -> str:
@@ -152,7 +154,11 @@ def linear_anchor(node: fx.Node, gm: fx.GraphModule) -> Anchor:
     a = opdecl.args(node)
     out_features = ir.fetch_attr(gm, a["scale"].target).shape[0]
     return Anchor(node, a["x"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"], a["in_features"],
-                  out_features, a.get("act"), a.get("x_scale"))
+                  out_features, a.get("act"), a.get("x_scale"), prequant_scale=node.meta.get(PREQUANT_SCALE))
+
+
+# node.meta key lowering sets on a qa_linear whose input it replaced by rotate-and-quantize codes
+PREQUANT_SCALE = "lowbit_prequant_scale"
 
 
 # op -> function building the Anchor: every op its declaration calls a fusion anchor
@@ -242,7 +248,8 @@ class FusionGroup:
     @property
     def fused_ops(self) -> list[str]:
         ops = [self.prologue.kind + "_norm"] if self.prologue else []
-        ops += [f"quantize_{self.anchors[0].act}"] if self.anchors[0].act else []
+        a = self.anchors[0]
+        ops += [f"quantize_{a.act}"] if a.act and a.prequant_scale is None else []  # else rotate_quantize did
         ops += [a.op for a in self.anchors]
         ops += ["bias"] * sum(a.bias is not None for a in self.anchors)
         ops += ["spqr_outliers"] * sum(a.outliers is not None for a in self.anchors)
@@ -328,6 +335,7 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
         a = members[0]
         # same input, format and shape; quantized activations: per token (one scale for both)
         same = (other.x is a.x and other.fmt == a.fmt and other.in_features == a.in_features
+                and other.prequant_scale is a.prequant_scale
                 and other.out_features == a.out_features and other.act == a.act
                 and other.x_scale is None and a.x_scale is None
                 and (other.bias is None) == (a.bias is None))
@@ -392,7 +400,8 @@ def _merge_side_by_side(groups: list[FusionGroup]) -> list[FusionGroup]:
     computes a fused norm's statistics, once. q/k/v of an attention block (k/v may be narrower)."""
     def key(group: FusionGroup):
         a = group.anchors[0]
-        if len(group.anchors) > 1 or group.steps or a.outliers is not None or a.x_scale is not None:
+        if (len(group.anchors) > 1 or group.steps or a.outliers is not None or a.x_scale is not None
+                or a.prequant_scale is not None):
             return None
         return (a.x, a.fmt, a.in_features, a.act, a.bias is None)
 

@@ -517,6 +517,9 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
     partition's reasons for the anchors it left out (``in_kernels``: lowbit node name -> the
     label of the generated kernel that now computes it). ``side_by_side``: q/k/v in one kernel
     (off under ``inner="inductor"``, whose ``lowbit::generated`` op returns one tensor)."""
+    if side_by_side:  # eager inner graph only: the rewrite calls a Python function
+        for name in _rotate_and_quantize(gm):
+            kernels[name] = "triton:rotate_quantize"  # the Hadamard, fused with the activation quantization
     partition = fusion.find_groups(gm, eligible=_triton_unsupported, side_by_side=side_by_side)
     interpret = _triton_adapter.interpreting()
     on_gpu = torch.cuda.is_available() and not interpret
@@ -565,6 +568,39 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
         for record, report in zip(records, kernel_cache.gpu_reports(reports)):
             record["gpu"] = report
     return records, partition.rejected
+
+
+def _rotate_and_quantize(gm: fx.GraphModule) -> list[str]:
+    """QuaRot's way: ``qa_linear(hadamard(h))`` with per-token int8/int4 activations becomes one
+    rotate-and-quantize kernel (``hadamard_kernel.rotate_quantize``: codes + row scales) feeding the
+    linear's generated kernel, which takes the codes as they are (``KernelSpec.act_prequant``); the
+    rotated row is never written in floats. Returns the Hadamard nodes rewritten. Where the Hadamard
+    kernel cannot take the size, the graph is left as it is (its own lowering logs why)."""
+    from lowbit_compiler.backends import hadamard_kernel
+
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.lowbit.qa_linear.default:
+            continue
+        a = opdecl.args(node)
+        h = a["x"]
+        if (a["act"] not in ("int8", "int4") or a["x_scale"] is not None or not isinstance(h, fx.Node)
+                or h.target is not torch.ops.lowbit.hadamard.default or len(h.users) != 1
+                or _triton_unsupported(node) is not None):
+            continue
+        hv = _dynamo_adapter.example_value(h)
+        if hadamard_kernel.unsupported_reason(int(hv.shape[-1]), hv.dtype, hv.device if hv.is_cuda else None):
+            continue
+        with gm.graph.inserting_before(node):
+            rq = gm.graph.call_function(hadamard_kernel.rotate_quantize, (opdecl.args(h)["x"], a["act"]))
+            codes = gm.graph.call_function(operator.getitem, (rq, 0))
+            scale = gm.graph.call_function(operator.getitem, (rq, 1))
+        codes.meta.update({k: v for k, v in h.meta.items() if k != ir.META})  # shape (the dtype is int8)
+        node.replace_input_with(h, codes)
+        node.meta[fusion.PREQUANT_SCALE] = scale
+        done.append(h.name)
+        gm.graph.erase_node(h)
+    return done
 
 
 def _side_by_side_call(gm: fx.GraphModule, group: fusion.FusionGroup, kernel, args: list[Any],

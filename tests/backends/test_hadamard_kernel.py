@@ -52,7 +52,7 @@ def test_the_shared_memory_model_matches_the_compiler():
         assert report["shared_bytes"] <= hadamard_kernel.shared_bytes(n, dtype), (n, dtype, report)
 
 
-def test_w4a4_rot_lowers_every_hadamard_to_the_kernel():
+def test_w4a4_rot_lowers_every_hadamard_to_the_rotate_and_quantize_kernel():
     ids = prompt()
     cpu = Recorder(recipe="w4a4-rot", target="cpu")
     gpu = Recorder(recipe="w4a4-rot", target="triton", strict=True)
@@ -61,7 +61,10 @@ def test_w4a4_rot_lowers_every_hadamard_to_the_kernel():
         out = torch.compile(make_model("llama"), backend=gpu)(ids)[0]
     assert sqnr_db(ref, out) >= 35
     kernels = gpu.summaries[0]["kernels"]
-    assert sorted(v for v in kernels.values() if "hadamard" in v) == ["triton:hadamard_256"] * 2  # R4 per MLP
+    # R4 per MLP: rotated and quantized in one kernel, feeding down_proj's kernel as int4 codes
+    assert sorted(v for v in kernels.values() if "rotate" in v or "hadamard" in v) == ["triton:rotate_quantize"] * 2
+    downs = [r for r in gpu.summaries[0]["generated_kernels"] if r["layer"].endswith("down_proj")]
+    assert len(downs) == 2 and all("quantize_int4" not in r["fused_ops"] for r in downs)
     assert gpu.summaries[0]["fallbacks"] == {}
 
 
