@@ -88,10 +88,16 @@ class KernelSpec:
             partial sums into a workspace with atomics and the last one runs the epilogue.
         dot: how ``tl.dot`` multiplies: ``"ieee"``, ``"tf32"``, ``"float16"``, ``"bfloat16"``,
             ``"int8"`` (int8 x int8 -> int32), ``"fp8"`` (e4m3 x e4m3 -> fp32).
+        parts: weights side by side (q, k, v: one launch, x read once), each its own slice of the
+            output columns; a column tile belongs to one of them (n_weights is 1, no epilogue ops).
+        outliers: SpQR's sparse fp16 outliers of weight 0, read in the epilogue from a CSR copy
+            (row pointers [N + 1], columns, values): ``acc += x[:, col] * value`` per output channel.
         act: ``None`` (weight-only), ``"int8"`` or ``"fp8_e4m3"``: the kernel quantizes the
             activations (after the norm, when one is fused) before the matmul, as
             ``lowbit::qa_linear`` does -- per token, or with a static per-tensor scale when
-            ``act_static``.
+            ``act_static``; with ``act_prequant`` the input already is ``act`` codes (int8 [M, K])
+            with their per-row scale ``x_scale`` [M, 1] (``hadamard_kernel.rotate_quantize``: the
+            QuaRot rotation and quantization in one kernel before this one).
     """
 
     fmt: str
@@ -113,7 +119,15 @@ class KernelSpec:
     dot: str = "ieee"
     act: str | None = None
     act_static: bool = False
+    act_prequant: bool = False
     split_k: int = 1
+    outliers: bool = False
+    parts: int = 1
+
+    @property
+    def weight_sets(self) -> int:
+        """Weights the kernel takes: gate.up's pair, or the side-by-side parts (q, k, v)."""
+        return self.parts if self.parts > 1 else self.n_weights
 
     @property
     def fma(self) -> bool:
@@ -127,7 +141,7 @@ class KernelSpec:
         """Per-row values the statistics kernel computes once per call (slots of ``stats[M, 3]``):
         ``mean`` (LayerNorm), ``rstd`` (either norm), ``x_scale`` (per-token activation scale)."""
         out = (("mean",) if self.prologue == "layer" else ()) + (("rstd",) if self.prologue else ())
-        return out + (("x_scale",) if self.act and not self.act_static else ())
+        return out + (("x_scale",) if self.act and not self.act_static and not self.act_prequant else ())
 
     @property
     def integer(self) -> bool:
@@ -141,9 +155,10 @@ class KernelSpec:
     @property
     def fused_ops(self) -> list[str]:
         ops = [f"{self.prologue}_norm"] if self.prologue else []
-        ops += [f"quantize_{self.act}"] if self.act else []
-        ops += ["qa_linear" if self.act else "wo_linear"] * self.n_weights
-        ops += ["bias"] * self.n_weights if self.bias else []
+        ops += [f"quantize_{self.act}"] if self.act and not self.act_prequant else []
+        ops += ["qa_linear" if self.act else "wo_linear"] * self.weight_sets
+        ops += ["bias"] * self.weight_sets if self.bias else []
+        ops += ["spqr_outliers"] if self.outliers else []
         return ops + [op for op, _ in self.steps]
 
     @property
@@ -153,7 +168,8 @@ class KernelSpec:
         for op in self.fused_ops:
             if op not in ("wo_linear", "qa_linear") and op not in ops:
                 ops.append(op)
-        label = "_".join([self.variant, self.fmt] + (["x2"] if self.n_weights == 2 else []) + ops[:6])
+        label = "_".join([self.variant, self.fmt] + (["x2"] if self.n_weights == 2 else [])
+                         + ([f"{self.parts}parts"] if self.parts > 1 else []) + ops[:6])
         return f"{label}_{self.digest()[:8]}"
 
     def digest(self) -> str:
@@ -171,8 +187,8 @@ def has_template(fmt: str, act: str | None = None) -> bool:
     f = WeightFormat.parse(fmt)
     if f.kind == "int" and f.bits in (8, 4):
         return act in (None, "int8", "int4")
-    if (f.kind == "int" and f.bits in (2, 3)) or f.kind == "nf4":
-        return act is None  # int2/int3/NF4: float activations (dequantised in registers)
+    if (f.kind == "int" and f.bits in (2, 3)) or f.kind in ("nf4", "mxfp4", "nvfp4"):
+        return act is None  # int2/int3/NF4/MXFP4/NVFP4: float activations (dequantised in registers)
     return f.kind == "fp8_e4m3" and act in (None, "fp8_e4m3")
 
 
@@ -183,7 +199,17 @@ def template_gap(fmt: str, act: str | None = None) -> str | None:
     if has_template(fmt):
         return f"format {fmt} with {act} activations has no generated-kernel template yet"
     return (f"format {fmt} has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
-            f"activations, int3/int2/NF4 with float activations, fp8_e4m3 with float or fp8 activations)")
+            f"activations, int3/int2/NF4/MXFP4/NVFP4 with float activations, fp8_e4m3 with float or fp8 activations)")
+
+
+def e2m1(fmt: WeightFormat) -> bool:
+    """MXFP4 / NVFP4: 4-bit e2m1 codes, one shared scale per block of 32 (e8m0) or 16 (e4m3)."""
+    return fmt.kind in ("mxfp4", "nvfp4")
+
+
+def has_second(fmt: WeightFormat) -> bool:
+    """The op's ``zero`` slot is a kernel argument: integer zero points, or NVFP4's per-tensor scale."""
+    return fmt.has_zero_points or fmt.kind == "nvfp4"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +222,9 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
     layer's ``n`` and ``k`` the decode class also gets its split-K count."""
     decode = rows is not None and rows <= GEMV_MAX_ROWS
     block_k = fmt.group_size or (128 if decode else 64)
+    if e2m1(fmt):
+        # blocks of 16/32 are too short a step: a step spans several blocks (one scale each per channel)
+        block_k = 128 if decode else 32
     if act in ("int8", "int4"):
         dot = "int8"  # integer tensor cores on a GPU, numpy integers under the interpreter: exact
     elif not on_gpu:
@@ -215,12 +244,17 @@ def choose_variant(fmt: WeightFormat, rows: int | None, on_gpu: bool, x_dtype: s
         # BLOCK_N 8-64 x 2-8 warps on an H200 (benchmarks/gpu_check.py, section "sweep"); 4 rows x
         # 8 x 128 fp32 partial sums are 32 registers per accumulator
         block_m = 1 if rows <= 1 else 2 if rows == 2 else 4
-        tiling = dict(variant="gemv", block_m=block_m, block_n=8, block_k=block_k, num_warps=4, dot="ieee")
+        # FMAs in fp32; "fp8" marks the GPU variant of fp8 activations (native e4m3 rounding, then fp32)
+        tiling = dict(variant="gemv", block_m=block_m, block_n=8, block_k=block_k, num_warps=4,
+                      dot="fp8" if on_gpu and act == "fp8_e4m3" else "ieee")
     elif decode:
         # 5-16 rows: FMAs would be compute-bound (16 rows x 2 flops per int4 weight at 3.35 TB/s is
         # ~200 TFLOP/s, three times an H100's fp32 FMA rate), so one 16-row tl.dot tile holds every
         # row; BLOCK_N 32 was the faster small-batch tiling in the same sweep. 8 warps: at 4, gate.up
         # (two dequantised 32 x 128 tiles) spills 72-392 bytes per thread at sm_90 (int4 bf16, fp8, W8A8)
+        # 64 columns a step (half a 128-group, its scale re-read from L1): gate.up's two dequantised
+        # 32 x 128 tiles sat at 255 (int4) and 243 (int8) registers at sm_90; 64 columns need 160 and 127
+        block_k = min(block_k, 64)
         tiling = dict(variant="gemv", block_m=16, block_n=32, block_k=block_k, num_warps=8, dot=dot)
     else:
         block_m = 16 if rows is not None and rows <= 64 else 64
@@ -264,6 +298,7 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
     x_dtype = str(_dynamo_adapter.example_value(anchor.x).dtype).split(".")[-1]
     out_dtype = str(_dynamo_adapter.example_value(group.sink).dtype).split(".")[-1]
     names: dict[fx.Node, str] = {a.node: f"acc{i}" for i, a in enumerate(group.anchors)}
+    names.update({a.outlier_add: f"acc{i}" for i, a in enumerate(group.anchors) if a.outliers is not None})
     names.update({e: f"e{j}" for j, (e, _) in enumerate(group.externals)})
     steps = []
     for i, step in enumerate(group.steps):
@@ -272,14 +307,17 @@ def spec_for(group: fusion.FusionGroup, on_gpu: bool) -> KernelSpec:
         names[step.node] = f"t{i}"
     p = group.prologue
     variant = choose_variant(WeightFormat.parse(anchor.fmt), rows_of(anchor.x), on_gpu, x_dtype, anchor.act,
-                             n=anchor.out_features, k=anchor.in_features)
+                             n=sum(a.out_features for a in group.anchors) if group.side_by_side else anchor.out_features,
+                             k=anchor.in_features)
     return KernelSpec(
         fmt=anchor.fmt, **variant,
-        x_dtype=x_dtype, out_dtype=out_dtype, n_weights=len(group.anchors), bias=anchor.bias is not None,
+        x_dtype=x_dtype, out_dtype=out_dtype, n_weights=1 if group.side_by_side else len(group.anchors),
+        parts=len(group.anchors) if group.side_by_side else 1, bias=anchor.bias is not None,
         prologue=p.kind if p else None, norm_weight=bool(p and p.weight is not None),
         norm_bias=bool(p and p.bias is not None), norm_offset=p.offset if p else 0.0,
         steps=tuple(steps), externals=tuple(kind for _, kind in group.externals),
-        act=anchor.act, act_static=anchor.x_scale is not None)
+        outliers=anchor.outliers is not None,
+        act=anchor.act, act_static=anchor.x_scale is not None, act_prequant=anchor.prequant_scale is not None)
 
 
 def launch_args(group: fusion.FusionGroup) -> list[Any]:
@@ -292,8 +330,11 @@ def launch_args(group: fusion.FusionGroup) -> list[Any]:
         args.append(p.bias)
     if group.anchors[0].x_scale is not None:
         args.append(group.anchors[0].x_scale)
+    if group.anchors[0].prequant_scale is not None:
+        args.append(group.anchors[0].prequant_scale)
     for a in group.anchors:
         args += [a.qweight, a.scale] + ([a.zero] if a.zero is not None else []) + ([a.bias] if a.bias is not None else [])
+        args += list(a.csr) if a.outliers is not None else []  # set by lowering (lowering._outlier_csr)
     args += [e for e, _ in group.externals]
     if p:
         args.append(p.eps)
@@ -304,10 +345,11 @@ def launcher_params(spec: KernelSpec) -> list[str]:
     params = ["x"]
     params += ["norm_w"] if spec.norm_weight else []
     params += ["norm_b"] if spec.norm_bias else []
-    params += ["x_scale"] if spec.act_static else []
-    asym = spec.format.has_zero_points
-    for i in range(spec.n_weights):
+    params += ["x_scale"] if spec.act_static or spec.act_prequant else []
+    asym = has_second(spec.format)
+    for i in range(spec.weight_sets):
         params += [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if asym else []) + ([f"bias{i}"] if spec.bias else [])
+        params += [f"optr{i}", f"ocol{i}", f"oval{i}"] if spec.outliers and i == 0 else []
     params += [f"e{j}" for j in range(len(spec.externals))]
     return params + (["eps"] if spec.prologue else [])
 
@@ -316,10 +358,11 @@ def launcher_params(spec: KernelSpec) -> list[str]:
 # Grid and memory traffic (sympy)
 # ---------------------------------------------------------------------------------------------
 
-def grid(spec: KernelSpec, n: int) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
-    """Programs along (rows, output columns, K splits)."""
+def grid(spec: KernelSpec, n: int | tuple[int, ...]) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """Programs along (rows, output columns, K splits); ``n``: N, or each side-by-side weight's N."""
     rows = M if spec.block_m == 1 else sympy.ceiling(M / spec.block_m)
-    return rows, sympy.Integer(-(-n // spec.block_n)), sympy.Integer(spec.split_k)
+    ns = n if isinstance(n, tuple) else (n,)
+    return rows, sympy.Integer(sum(-(-x // spec.block_n) for x in ns)), sympy.Integer(spec.split_k)
 
 
 def programs(spec: KernelSpec, n: int) -> sympy.Expr:
@@ -355,11 +398,14 @@ class Traffic:
         return {f.name: int(getattr(self, f.name).subs(M, rows)) for f in dataclasses.fields(self)}
 
 
-def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traffic:
+def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int], nnz: int = 0) -> Traffic:
     """``itemsize``: bytes per element of ``x``, ``out``, ``norm_w``, ``norm_b``, ``bias``, ``e<j>``,
-    ``x_scale``. Covers the statistics kernel (when the spec has one) and the main kernel."""
+    ``x_scale`` (``oval0``: SpQR outlier values). Covers the statistics kernel (when the spec has
+    one) and the main kernel. ``nnz``: SpQR outliers of weight 0 (``spec.outliers``). ``n``: N, or
+    each side-by-side weight's N (``spec.parts``)."""
     fmt = spec.format
     m_tiles, n_tiles, splits = grid(spec, n)
+    n = sum(n) if isinstance(n, tuple) else n
     tiles = m_tiles * n_tiles
     scale_size = torch.finfo(SCALE_DTYPE).bits // 8
     acc_size = 4  # fp32 or int32 partial sums
@@ -376,13 +422,18 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
         step_scales = n * -(-k // spec.block_k) * (scale_size + zero_size)
         min_scales = n * groups * (scale_size + zero_size)
         tile_scales = 0
+        if e2m1(fmt):  # 1-byte block scales, several per step (masked past K: each block's once)
+            step_scales = min_scales = n * groups * fmt.description.scale_dtype.itemsize
+    # NVFP4's fp32 per-tensor scale: loaded once per output tile, in the epilogue
+    glob = 4 if fmt.kind == "nvfp4" else 0
     bias = n * itemsize["bias"] if spec.bias else 0
-    weight_bytes = (codes + min_scales + tile_scales + bias) * spec.n_weights
+    weight_bytes = (codes + min_scales + tile_scales + glob + bias) * spec.n_weights
     norm_bytes = k * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
     x_bytes = M * k * itemsize["x"]
     ext_bytes = sum(M * n * itemsize[f"e{j}"] if kind == "full" else n * itemsize[f"e{j}"]
                     for j, kind in enumerate(spec.externals))
     static_scale = itemsize["x_scale"] if spec.act_static else 0
+    row_scales = M * 4 if spec.act_prequant else 0  # pre-quantized activations: their scale per row
     slots = len(spec.stats)
 
     # ---- what the lanes move (exact)
@@ -392,10 +443,18 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
         loaded += x_bytes * (int(bool(spec.prologue)) + absmax) + M * norm_bytes * absmax
         stored += M * slots * 4
     loaded += n_tiles * x_bytes + tiles * norm_bytes + n_tiles * splits * M * slots * 4
-    loaded += tiles * splits * static_scale
+    loaded += tiles * splits * static_scale + n_tiles * splits * row_scales
     loaded += m_tiles * (codes + step_scales) * spec.n_weights + m_tiles * (tile_scales + bias) * spec.n_weights
+    loaded += tiles * glob * spec.n_weights
     loaded += sum(M * n * itemsize[f"e{j}"] if kind == "full" else m_tiles * n * itemsize[f"e{j}"]
                   for j, kind in enumerate(spec.externals))
+    outlier_bytes = 0
+    if spec.outliers:  # the epilogue's side-read, once per output tile: row pointers, then per outlier
+        # its column and value (per row tile) and the gathered activation (and norm affine) entries
+        oval = itemsize.get("oval0", 2)
+        outlier_bytes = (n + 1) * 4 + nnz * (4 + oval)
+        gathered = nnz * (itemsize.get("norm_w", 0) * spec.norm_weight + itemsize.get("norm_b", 0) * spec.norm_bias)
+        loaded += m_tiles * (n * 8 + nnz * (4 + oval) + gathered) + M * nnz * itemsize["x"]
     written = M * n * itemsize["out"]
     stored += written
     workspace = 0
@@ -407,8 +466,9 @@ def traffic(spec: KernelSpec, n: int, k: int, itemsize: dict[str, int]) -> Traff
 
     # ---- DRAM (modelled) and the minimum
     x_dram = sympy.Piecewise((x_bytes, x_bytes <= L2_BYTES), (n_tiles * x_bytes, True))
-    read = x_dram + norm_bytes + weight_bytes + ext_bytes + static_scale + M * slots * 4 + workspace
-    min_read = x_bytes + norm_bytes + weight_bytes + ext_bytes + static_scale
+    read = (x_dram + norm_bytes + weight_bytes + ext_bytes + static_scale + row_scales + M * slots * 4 + workspace
+            + outlier_bytes)
+    min_read = x_bytes + norm_bytes + weight_bytes + ext_bytes + static_scale + row_scales + outlier_bytes
     dram_written = written + M * slots * 4 + (workspace + tiles * 4 if spec.split_k > 1 else 0)
     return Traffic(sympy.expand(read), dram_written, sympy.expand(min_read), written,
                    sympy.expand(loaded), sympy.expand(stored), sympy.expand(atomic))
@@ -454,6 +514,9 @@ def _signature(spec: KernelSpec) -> str:
     fmt = spec.format
     lines = [f"# activations{' (the input of the fused norm)' if spec.prologue else ''}: [M, K], row stride",
              "x_ptr, stride_xm,"]
+    if spec.parts > 1:
+        lines.append(f"# {spec.parts} weights side by side (N{', N'.join(str(p) for p in range(1, spec.parts))} "
+                     "output columns after weight 0's N): same format and K, one output [M, N + ...]")
     if spec.norm_weight or spec.norm_bias:
         parts = (["norm_w_ptr"] if spec.norm_weight else []) + (["norm_b_ptr"] if spec.norm_bias else [])
         lines += [f"# {spec.prologue} norm: {'weight [K], ' if spec.norm_weight else ''}"
@@ -462,18 +525,27 @@ def _signature(spec: KernelSpec) -> str:
         lines += [f"# per-row statistics [M, 3] from {spec.name}_stats ({', '.join(spec.stats)})", "stats_ptr,"]
     if spec.act_static:
         lines += [f"# {spec.act} activations: the static per-tensor scale [1] (from calibration)", "x_scale_ptr,"]
-    for i in range(spec.n_weights):
+    if spec.act_prequant:
+        lines += [f"# x holds {spec.act} codes (int8 [M, K]); their scale per row [M]", "x_scale_ptr,"]
+    for i in range(spec.weight_sets):
         if fmt.kind == "fp8_e4m3":
             what = "float8_e4m3 codes [N, K], one scale per output channel [N]"
         elif fmt.bits == 8:
             what = "int8 codes [N, K], one scale per output channel [N]"
+        elif e2m1(fmt):
+            what = (f"uint8 codes [N, Kp/2] (e2m1, two a byte), "
+                    f"{'e8m0 exponents' if fmt.kind == 'mxfp4' else 'fp8 e4m3 scales'} [N, Kp/{fmt.group_size}]"
+                    + (", the fp32 per-tensor scale [1]" if fmt.kind == "nvfp4" else ""))
         else:
             what = (f"uint8 codes [N, Kp*{fmt.bits}/8] ({'NF4 indices' if fmt.kind == 'nf4' else f'{fmt.bits}-bit'}), "
                     f"scales [N, Kp/{fmt.group_size}]"
                     + (f", zero points [N, Kp/{fmt.group_size}]" if fmt.has_zero_points else ""))
-        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if fmt.has_zero_points else [])
+        parts = [f"qw{i}_ptr", f"scale{i}_ptr"] + ([f"zero{i}_ptr"] if has_second(fmt) else [])
         parts += ([f"bias{i}_ptr"] if spec.bias else []) + [f"stride_qw{i}"] + ([f"stride_s{i}"] if fmt.group_size else [])
         lines += [f"# weight {i} ({spec.fmt}{', with bias [N]' if spec.bias else ''}): {what}", ", ".join(parts) + ","]
+        if spec.outliers and i == 0:
+            lines += ["# SpQR outliers of weight 0, CSR by output channel: row pointers [N + 1] (int32), "
+                      "columns (int32), values", "optr0_ptr, ocol0_ptr, oval0_ptr,"]
     if spec.externals:
         desc = ", ".join(f"e{j} {'[M, N]' if kind == 'full' else '[N]'}" for j, kind in enumerate(spec.externals))
         parts = []
@@ -485,7 +557,8 @@ def _signature(spec: KernelSpec) -> str:
         acc = "int32" if _int32_acc(spec) else "fp32"
         lines += [f"# split-K: {acc} partial sums [{spec.n_weights}, M, N] and arrivals per output tile, both left zeroed",
                   "ws_ptr, count_ptr,"]
-    lines += ["# problem size", "M, N, K,", "# tiling",
+    sizes = "M, N, " + "".join(f"N{p}, " for p in range(1, spec.parts)) + "K,"
+    lines += ["# problem size", sizes, "# tiling",
               "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,"]
     return textwrap.indent("\n".join(lines), " " * 4)
 
@@ -548,6 +621,9 @@ def _row_stats(spec: KernelSpec) -> str:
         for stat in spec.stats:
             other = "1.0" if stat == "x_scale" else "0.0"
             lines.append(f"{stat} = " + _load(f"stats_ptr + offs_m * 3 + {STATS_SLOTS[stat]}", "mask_m", other=other))
+    if spec.act_prequant:
+        lines += ["# ---- the pre-quantized activations' scale per row",
+                  "x_scale = " + _load("x_scale_ptr + offs_m", "mask_m", other="1.0")]
     if spec.act_static:
         lines += ["# ---- the static activation scale (one per tensor, from calibration)",
                   "x_scale = tl.load(x_scale_ptr).to(tl.float32) + tl.zeros((BLOCK_M,), dtype=tl.float32)"]
@@ -561,6 +637,12 @@ def _quantize_x(spec: KernelSpec) -> list[str]:
                 "# fp32 of magnitude < 2^22 to an integer, half to even (as torch.round)",
                 f"x = tl.minimum(tl.maximum(x / x_scale[:, None], -{top}), {top})",
                 "x = ((x + 12582912.0) - 12582912.0).to(tl.int32)"]
+    if spec.act == "fp8_e4m3" and spec.dot == "fp8":
+        # the GPU variant: the hardware's fp32 -> e4m3 conversion (round to nearest even) after
+        # saturating; the fp8 dot takes the codes as they are
+        return ["# quantize to fp8 e4m3 (native conversion, round to nearest even), saturating at +-448",
+                "x = tl.minimum(tl.maximum(x / x_scale[:, None], -448.0), 448.0).to(tl.float8e4nv)"
+                + (".to(tl.float32)  # FMAs: the e4m3 values in fp32" if spec.fma else "")]
     if spec.act == "fp8_e4m3":
         return ["# quantize to fp8 e4m3 values (kept in fp32): saturate at +-448, round to 3 mantissa bits",
                 "# half to even, subnormals on the 2^-9 grid (step = 2^(exponent - 3), exponent >= -6);",
@@ -572,6 +654,10 @@ def _quantize_x(spec: KernelSpec) -> list[str]:
 
 
 def _activation_block(spec: KernelSpec) -> str:
+    if spec.act_prequant:
+        return "\n".join(["# activations: pre-quantized codes (rotated and quantized by the kernel before this one)",
+                          "x = " + _load("x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]",
+                                         "mask_m[:, None] & mask_k[None, :]", to="tl.int32", other="0")])
     header = ["# activations: load, upcast" + (", normalise (padding lanes back to zero)" if spec.prologue else "")]
     return "\n".join(header + [_normalised_x(spec)] + _quantize_x(spec))
 
@@ -616,6 +702,8 @@ def _weight_block(spec: KernelSpec, i: int) -> str:
             f"w{i} = tl.join(packed{i} & 0xF, packed{i} >> 4).reshape(BLOCK_N, BLOCK_K) - z{i}",
             f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")])
     lines = _unpack_codes(fmt, i)
+    if e2m1(fmt):
+        return "\n".join(lines + _e2m1_block(fmt, i))
     lines += [f"group = k0 // {fmt.group_size}",
               f"s{i} = " + _load(f"scale{i}_ptr + offs_n * stride_s{i} + group", "mask_n")]
     if fmt.kind == "nf4":
@@ -639,6 +727,8 @@ def _unpack_codes(fmt: WeightFormat, i: int) -> list[str]:
     axis after the reshape."""
     head = (f"# weight {i} ({fmt.key}): {fmt.bits}-bit codes, BLOCK_K is one group (or part of one), so one "
             f"scale{'' if not fmt.has_zero_points else ' and zero point'} per output channel per step")
+    if e2m1(fmt):
+        head = f"# weight {i} ({fmt.key}): 4-bit e2m1 codes, BLOCK_K spans BLOCK_K // {fmt.group_size} scale blocks"
     if fmt.bits == 4:
         return [head, "offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
                 f"packed{i} = " + _load(f"qw{i}_ptr + offs_n[:, None] * stride_qw{i} + offs_kb[None, :]",
@@ -664,6 +754,31 @@ def _unpack_codes(fmt: WeightFormat, i: int) -> list[str]:
     raise NotImplementedError(f"no code unpacking for {fmt.key}")
 
 
+def _e2m1_block(fmt: WeightFormat, i: int) -> list[str]:
+    """MXFP4/NVFP4: e2m1 codes (sign, 2 exponent bits, 1 mantissa bit) to fp32 by building the float's
+    bits (no table), times the step's block scales: BLOCK_K // G of them per output channel (e8m0:
+    2^(e - 127) as exponent bits; e4m3: a native fp8 load). NVFP4's per-tensor scale is applied once,
+    in the epilogue."""
+    g = fmt.group_size
+    if fmt.kind == "mxfp4":
+        scale = [f"e{i} = " + _load(f"scale{i}_ptr + offs_n[:, None] * stride_s{i} + offs_g[None, :]",
+                                    f"mask_n[:, None] & (offs_g[None, :] * {g} < K)", to="tl.int32", other="127"),
+                 f"# e8m0: 2^(e - 127) is the float with exponent field e (e = 0: the subnormal 2^-127)",
+                 f"s{i} = tl.where(e{i} == 0, 0x00400000, e{i} << 23).to(tl.float32, bitcast=True)"]
+    else:
+        scale = [f"s{i} = " + _load(f"scale{i}_ptr + offs_n[:, None] * stride_s{i} + offs_g[None, :]",
+                                    f"mask_n[:, None] & (offs_g[None, :] * {g} < K)", other="0.0")]
+    return [f"# e2m1 -> fp32: |v| = m / 2 for exponent 0, else (1 + m / 2) * 2^(e - 1); bit 3 is the sign",
+            f"mag{i} = codes{i} & 7",
+            f"ex{i} = mag{i} >> 1",
+            f"v{i} = tl.where(ex{i} == 0, (mag{i} & 1).to(tl.float32) * 0.5,",
+            f"              (((ex{i} + 126) << 23) | ((mag{i} & 1) << 22)).to(tl.float32, bitcast=True))",
+            f"v{i} = tl.where((codes{i} & 8) != 0, -v{i}, v{i})",
+            f"# block scales: BLOCK_K // {g} per output channel this step",
+            f"offs_g = k0 // {g} + tl.arange(0, BLOCK_K // {g})"] + scale + [
+            f"w{i} = (v{i}.reshape(BLOCK_N, BLOCK_K // {g}, {g}) * s{i}[:, :, None]).reshape(BLOCK_N, BLOCK_K)"]
+
+
 def _nf4_select(code: str) -> str:
     """NF4_GRID[code] as a tree of 15 selects on the code's bits, the table values as immediates."""
     from lowbit_compiler.formats import NF4_GRID
@@ -683,9 +798,8 @@ def _dot(spec: KernelSpec, i: int) -> str:
         return f"acc{i} += x[:, None, :] * w{i}[None, :, :]"
     if spec.dot == "int8":
         return f"acc{i} += tl.dot(x.to(tl.int8), tl.trans(w{i}.to(tl.int8))){group_scale}  # int8 x int8 -> int32, exact"
-    if spec.dot == "fp8":
-        return (f"acc{i} += tl.dot(x.to(tl.float8e4nv), tl.trans(w{i}.to(tl.float8e4nv)))"
-                "  # e4m3 values convert exactly; fp32 accumulate")
+    if spec.dot == "fp8":  # x is e4m3 already (native conversion); the weight's e4m3 values convert exactly
+        return f"acc{i} += tl.dot(x, tl.trans(w{i}.to(tl.float8e4nv)))  # fp8 tensor cores, fp32 accumulate"
     if spec.dot in ("ieee", "tf32"):
         return f'acc{i} += tl.dot(x, tl.trans(w{i}), input_precision="{spec.dot}")'
     t = "tl.float16" if spec.dot == "float16" else "tl.bfloat16"
@@ -706,9 +820,13 @@ def _epilogue(spec: KernelSpec) -> tuple[str, str]:
                       f"acc{i} = acc{i} * s{i}[None, :]"]
         if spec.act:
             lines.append(f"acc{i} = acc{i} * x_scale[:, None]")
+        if fmt.kind == "nvfp4":
+            lines.append(f"acc{i} = acc{i} * tl.load(zero{i}_ptr + tl.arange(0, 1)).to(tl.float32)  # per-tensor scale")
         if spec.bias:
             lines += [f"bias{i} = " + _load(f"bias{i}_ptr + offs_n", "mask_n"),
                       f"acc{i} = acc{i} + bias{i}[None, :]"]
+        if spec.outliers and i == 0:
+            lines += _outlier_block(spec)
     for j, kind in enumerate(spec.externals):
         if kind == "full":
             lines.append(f"e{j} = " + _load(f"e{j}_ptr + offs_m[:, None] * stride_e{j}m + offs_n[None, :]",
@@ -720,6 +838,30 @@ def _epilogue(spec: KernelSpec) -> tuple[str, str]:
         lines.append(f"t{t} = " + fusion.ELEMENTWISE[op].triton.format(*operands))
         result = f"t{t}"
     return "\n".join(lines), result
+
+
+def _outlier_block(spec: KernelSpec) -> list[str]:
+    """SpQR's outliers as a sparse side-read in the epilogue: each output channel's outliers (CSR),
+    one per channel per step, up to the tile's largest count; the activation entries they need are
+    gathered from x (normalised like the main loop's tiles when a norm is fused)."""
+    xg = ["xg = " + _load("x_ptr + offs_m[:, None] * stride_xm + ocol[None, :]", "mask_m[:, None] & omask[None, :]")]
+    if spec.prologue == "layer":
+        xg.append("xg = (xg - mean[:, None]) * rstd[:, None]")
+    elif spec.prologue == "rms":
+        xg.append("xg = xg * rstd[:, None]")
+    if spec.norm_weight:
+        w = "norm_wg" + (f" + {spec.norm_offset!r}" if spec.norm_offset else "")
+        xg += ["norm_wg = " + _load("norm_w_ptr + ocol", "omask"), f"xg = xg * ({w})[None, :]"]
+    if spec.norm_bias:
+        xg += ["norm_bg = " + _load("norm_b_ptr + ocol", "omask"), "xg = xg + norm_bg[None, :]"]
+    return (["# SpQR outliers: a sparse side-read, CSR by output channel (x gathered at the outliers' columns)",
+            "olo = " + _load("optr0_ptr + offs_n", "mask_n", to="tl.int32", other="0"),
+            "ocnt = " + _load("optr0_ptr + offs_n + 1", "mask_n", to="tl.int32", other="0") + " - olo",
+            "for r in range(0, tl.max(ocnt, axis=0)):",
+            "    omask = mask_n & (r < ocnt)",
+            "    ocol = " + _load("ocol0_ptr + olo + r", "omask", to="tl.int32", other="0"),
+            "    oval = " + _load("oval0_ptr + olo + r", "omask")]
+            + ["    " + line for line in xg] + ["    acc0 = acc0 + xg * oval[None, :]"])
 
 
 def _int32_acc(spec: KernelSpec) -> bool:
@@ -769,7 +911,7 @@ def render(spec: KernelSpec) -> str:
             "ws_mask = mask_m[:, None] & mask_n[None, :]\n"
             + adds + "\n"
             "tl.debug_barrier()  # every thread's adds are issued before the arrival is counted\n"
-            "tile = pid_m * tl.num_programs(1) + pid_n\n"
+            "tile = pid_m * tl.num_programs(1) + tl.program_id(1)\n"
             "arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: orders the adds before it\n"
             "if arrived == SPLIT_K - 1:\n"
             + textwrap.indent(reads + "\n" + "tl.store(count_ptr + tile, 0)\n\n" + epilogue + "\n\n" + store, " " * 4))
@@ -783,6 +925,7 @@ def render(spec: KernelSpec) -> str:
             "pid_m = tl.program_id(0)\n"
             "pid_n = tl.program_id(1)\n"
             + ("pid_k = tl.program_id(2)\n" if spec.split_k > 1 else "")
+            + _parts_prelude(spec)
             + "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\n"
             "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
             "mask_m = offs_m < M\n"
@@ -805,26 +948,51 @@ def render(spec: KernelSpec) -> str:
         _launcher(spec) + "\n\n\n" + _reference(spec) + _MAIN
 
 
+def _parts_prelude(spec: KernelSpec) -> str:
+    """Side-by-side weights: which weight this program's column tile belongs to. The kernel body is
+    weight 0's; here its pointers, N, the output columns and the split-K workspace are re-pointed."""
+    if spec.parts == 1:
+        return ""
+    fmt = spec.format
+    names = ["qw", "scale"] + (["zero"] if has_second(fmt) else []) + (["bias"] if spec.bias else [])
+    lines = [f"# ---- {spec.parts} weights side by side (one launch, x read once): which one this column tile is",
+             "col0 = 0"]
+    n_names = ["N"] + [f"N{p}" for p in range(1, spec.parts)]
+    for p in range(spec.parts - 1, 0, -1):
+        before = " + ".join(f"tl.cdiv({n}, BLOCK_N)" for n in n_names[:p])
+        lines += [f"{'if' if p == spec.parts - 1 else 'elif'} pid_n >= {before}:",
+                  f"    pid_n = pid_n - ({before})",
+                  f"    col0 = {' + '.join(n_names[:p])}"]
+        lines += [f"    {t}0_ptr = {t}{p}_ptr" for t in names]
+        lines.append(f"    N = N{p}")
+    lines += ["out_ptr += col0  # this weight's output columns",
+              *(["ws_ptr += M * col0  # and its [M, N] block of the split-K workspace"] if spec.split_k > 1 else [])]
+    return "\n".join(lines) + "\n"
+
+
 def _launcher(spec: KernelSpec) -> str:
     fmt = spec.format
     params = launcher_params(spec)
     gm, _, _ = grid(spec, 0)  # the column tiles are rendered from N below
     grid_m = to_python(gm)
-    grid_n = f"triton.cdiv(N, {spec.block_n})"
+    grid_n = " + ".join(f"triton.cdiv({n}, {spec.block_n})" for n in ["N"] + [f"N{p}" for p in range(1, spec.parts)])
     lines = [f"def {spec.name}({', '.join(params)}):",
              f'    """Launch {spec.name}_kernel: returns [..., N] in {spec.out_dtype}."""',
              "    # -- check shapes",
              "    K = x.shape[-1]",
-             "    N = scale0.shape[0]",
+             "    N = scale0.shape[0]" + "".join(f"; N{p} = scale{p}.shape[0]" for p in range(1, spec.parts)),
              "    x = x.reshape(-1, K).contiguous()",
              "    M = x.shape[0]"]
-    for i in range(spec.n_weights):
-        lines.append(f"    assert qw{i}.shape[0] == N and qw{i}.shape[1] * 8 // {fmt.bits} >= K, "
+    for i in range(spec.weight_sets):
+        lines.append(f"    assert qw{i}.shape[0] == {'N' if i == 0 or spec.parts == 1 else f'N{i}'} and qw{i}.shape[1] * 8 // {fmt.bits} >= K, "
                      f"f\"weight {i}: codes {{tuple(qw{i}.shape)}} do not fit N={{N}}, K={{K}}\"")
+    if spec.act_prequant:
+        lines.append("    x_scale = x_scale.reshape(-1).float().contiguous()  # one per row")
     for j, kind in enumerate(spec.externals):
         lines.append(f"    e{j} = e{j}.reshape({'M, N' if kind == 'full' else 'N'}).contiguous()")
     lines += ["    # -- allocate the output",
-              f"    out = torch.empty((M, N), device=x.device, dtype=torch.{spec.out_dtype})"]
+              f"    out = torch.empty((M, {'N' + ''.join(f' + N{p}' for p in range(1, spec.parts))}), device=x.device, "
+              f"dtype=torch.{spec.out_dtype})"]
     norm = (["norm_w"] if spec.norm_weight else []) + (["norm_b"] if spec.norm_bias else [])
     if spec.stats:
         lines += [f"    # -- per-row {', '.join(spec.stats)}, once per call",
@@ -834,26 +1002,33 @@ def _launcher(spec: KernelSpec) -> str:
     lines += ["    # -- launch: one program per BLOCK_M rows, BLOCK_N columns" + (" and K split" if spec.split_k > 1 else ""),
               f"    grid = ({grid_m}, {grid_n}" + (f", {spec.split_k})" if spec.split_k > 1 else ")")]
     if spec.split_k > 1:
-        lines.append(f"    ws, count = split_workspace(x.device, {spec.n_weights}, M, N, grid[0] * grid[1], "
+        lines.append(f"    ws, count = split_workspace(x.device, {spec.n_weights}, M, out.shape[1], grid[0] * grid[1], "
                      f"{_int32_acc(spec)})")
     args = ["x, x.stride(0)"]
     if norm:
         args.append(", ".join(norm))
     if spec.stats:
         args.append("stats")
-    if spec.act_static:
+    if spec.act_static or spec.act_prequant:
         args.append("x_scale")
-    for i in range(spec.n_weights):
-        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if fmt.has_zero_points else [])
+    for i in range(spec.weight_sets):
+        parts = [f"qw{i}", f"scale{i}"] + ([f"zero{i}"] if has_second(fmt) else [])
         parts += ([f"bias{i}"] if spec.bias else []) + [f"qw{i}.stride(0)"] + ([f"scale{i}.stride(0)"] if fmt.group_size else [])
+        parts += ["optr0, ocol0, oval0"] if spec.outliers and i == 0 else []
         args.append(", ".join(parts))
     for j, kind in enumerate(spec.externals):
         args.append(f"e{j}, e{j}.stride(0)" if kind == "full" else f"e{j}")
-    args += ["out, out.stride(0)"] + (["ws, count"] if spec.split_k > 1 else []) + ["M, N, K",
+    args += ["out, out.stride(0)"] + (["ws, count"] if spec.split_k > 1 else []) + [
+             "M, N, " + "".join(f"N{p}, " for p in range(1, spec.parts)) + "K",
              f"BLOCK_M={spec.block_m}, BLOCK_N={spec.block_n}, BLOCK_K={spec.block_k}"
              + (f", SPLIT_K={spec.split_k}" if spec.split_k > 1 else "") + f", num_warps={spec.num_warps}"]
     lines.append(f"    {spec.name}_kernel[grid](\n        " + ",\n        ".join(args) + ")")
-    lines.append("    return out.view(*x_shape_prefix, N)")
+    if spec.parts > 1:  # one output buffer; each weight's columns a view of it
+        bounds = ["0", "N"] + ["N" + "".join(f" + N{q}" for q in range(1, p + 1)) for p in range(1, spec.parts)]
+        lines.append("    return (" + ", ".join(f"out[:, {bounds[p]}:{bounds[p + 1]}].view(*x_shape_prefix, -1)"
+                                             for p in range(spec.parts)) + ")")
+    else:
+        lines.append("    return out.view(*x_shape_prefix, N)")
     # keep the caller's leading dims: captured before the reshape above
     lines.insert(3, "    x_shape_prefix = x.shape[:-1]")
     return "\n".join(lines)
@@ -889,19 +1064,31 @@ def _reference(spec: KernelSpec) -> str:
         w = "norm_w.float()" if spec.norm_weight else "None"
         b = "norm_b.float()" if spec.norm_bias else "None"
         lines.append(f"    h = F.layer_norm(h, [K], {w}, {b}, eps)")
-    if spec.act:
+    if spec.act_prequant:
+        lines.append("    h = h * x_scale.float().reshape(*x.shape[:-1], 1)  # the codes, dequantised")
+    elif spec.act:
         lines += [f"    h, h_scale = quantize_activations(h, {spec.act!r}, {'x_scale' if spec.act_static else 'None'})",
                   "    h = h.float() * h_scale  # the quantized activations, dequantised"]
-    for i in range(spec.n_weights):
-        zero = f"zero{i}" if fmt.has_zero_points else "None"
+    for i in range(spec.weight_sets):
+        zero = f"zero{i}" if has_second(fmt) else "None"
         bias = f"bias{i}.float()" if spec.bias else "None"
         lines.append(f"    acc{i} = F.linear(h, dequantize_parts(FORMAT, qw{i}, scale{i}, {zero})[:, :K], {bias})")
+        if spec.outliers and i == 0:
+            lines += ["    # SpQR outliers, densified from the CSR copy",
+                      "    orow = torch.repeat_interleave(torch.arange(optr0.numel() - 1, device=h.device), optr0.diff().long())",
+                      "    dense = torch.zeros(optr0.numel() - 1, K, device=h.device)",
+                      "    dense[orow, ocol0.long()] = oval0.float()",
+                      "    acc0 = acc0 + h @ dense.T"]
     for j, kind in enumerate(spec.externals):
         lines.append(f"    e{j} = e{j}.float()")
     result = "acc0"
     for t, (op, operands) in enumerate(spec.steps):
         lines.append(f"    t{t} = " + fusion.ELEMENTWISE[op].torch.format(*operands))
         result = f"t{t}"
+    if spec.parts > 1:
+        lines.append("    return tuple(a.to(torch.%s) for a in (%s))" % (spec.out_dtype, ", ".join(
+            f"acc{i}" for i in range(spec.parts))))
+        return "\n".join(lines)
     lines.append(f"    return {result}.to(torch.{spec.out_dtype})")
     return "\n".join(lines)
 
@@ -994,9 +1181,15 @@ def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, devi
         args.append((torch.rand(k, generator=g) + 0.5).to(dtype).to(device))
     if spec.norm_bias:
         args.append(randn(k, scale=0.1))
+    if spec.act_prequant:  # codes and their per-row scale, as rotate_quantize returns them
+        top = int(ACTIVATION_MAX[spec.act])
+        args[0] = torch.randint(-top, top + 1, (rows, k), generator=g, dtype=torch.int8).to(device)
+        args.append((torch.rand(rows, 1, generator=g) * 0.05 + 0.01).to(device))
     if spec.act_static:  # a calibrated scale that saturates the largest activations a little
         args.append((args[0].float().abs().amax() / ACTIVATION_MAX[spec.act] * 0.8).reshape(1))
-    for _ in range(spec.n_weights):
+    ns = n if isinstance(n, tuple) else (n,) * spec.weight_sets
+    for wi in range(spec.weight_sets):
+        n = ns[wi]
         w = torch.randn(n, k, generator=g) / k ** 0.5
         if fmt.group_size and k % fmt.group_size:
             w = torch.nn.functional.pad(w, (0, fmt.padded_k(k) - k))
@@ -1006,11 +1199,33 @@ def make_inputs(spec: KernelSpec, rows: int, n: int, k: int, seed: int = 0, devi
             args.append(qw.zero.to(device))
         if spec.bias:
             args.append(randn(n, scale=0.1))
+        if spec.outliers and wi == 0:
+            args += list(random_outliers(n, k, g, device))
     for kind in spec.externals:
         args.append(randn(rows, n) if kind == "full" else randn(n))
     if spec.prologue:
         args.append(1e-5)
     return args
+
+
+def random_outliers(n: int, k: int, g: torch.Generator, device: str = "cpu", most: int = 4):
+    """A random CSR outlier matrix (0..most per output channel, distinct columns, fp16 values)."""
+    counts = torch.randint(0, most + 1, (n,), generator=g)
+    cols = [torch.randperm(k, generator=g)[: int(c)].sort().values for c in counts]
+    ptr = torch.zeros(n + 1, dtype=torch.int32)
+    ptr[1:] = counts.cumsum(0)
+    col = torch.cat(cols).to(torch.int32)
+    val = (torch.randn(col.numel(), generator=g) * 0.5).to(torch.float16)
+    return ptr.to(device), col.to(device), val.to(device)
+
+
+def csr_outliers(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int):
+    """SpQR's COO outliers (``lowbit::sparse_linear``'s rows, cols, values) as the kernel's CSR copy:
+    row pointers [n + 1] int32, columns int32 and values sorted by (row, column)."""
+    order = torch.argsort(rows.long() * (int(cols.max()) + 1 if cols.numel() else 1) + cols.long(), stable=True)
+    ptr = torch.zeros(n + 1, dtype=torch.int32, device=rows.device)
+    ptr[1:] = torch.bincount(rows.long(), minlength=n).cumsum(0)
+    return ptr, cols[order].to(torch.int32).contiguous(), values[order].contiguous()
 
 
 def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 96, 256)), floor_db: float = 40.0) -> None:
@@ -1027,5 +1242,5 @@ def self_check(spec: KernelSpec, launch, reference, shapes=((1, 96, 256), (17, 9
 _GENERATOR_SOURCE_HASH = hashlib.sha256(
     "".join(inspect.getsource(f) for f in (
         _signature, _stats_kernel, _row_stats, _quantize_x, _activation_block, _normalised_x,
-        _weight_block, _unpack_codes, _nf4_select, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
-        split_k_for, split_workspace)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]
+        _weight_block, _unpack_codes, _nf4_select, _e2m1_block, _outlier_block, _dot, _epilogue, _int32_acc, render, _launcher, _reference, choose_variant,
+        split_k_for, split_workspace, _parts_prelude)).encode() + repr(STATS_BLOCK).encode() + _HEADER.encode() + _MAIN.encode()).hexdigest()[:16]

@@ -136,6 +136,12 @@ class Anchor:
     out_features: int
     act: str | None = None  # "int8" | "fp8_e4m3": activations quantized inside the op
     x_scale: fx.Node | None = None  # static per-tensor activation scale [1] (None: per token)
+    # SpQR: ``add(anchor, lowbit::sparse_linear(x, rows, cols, values, N))`` read inside the kernel
+    outliers: fx.Node | None = None  # the sparse_linear node absorbed
+    outlier_add: fx.Node | None = None  # the add: its value is the anchor's result (acc0)
+    csr: tuple[fx.Node, fx.Node, fx.Node] | None = None  # the CSR copy's get_attr nodes (set by lowering)
+    # x is already ``act`` codes from the rotate-and-quantize kernel; this node is their row scales
+    prequant_scale: fx.Node | None = None
 
     @property
     def op(self) -> str:
@@ -148,7 +154,11 @@ def linear_anchor(node: fx.Node, gm: fx.GraphModule) -> Anchor:
     a = opdecl.args(node)
     out_features = ir.fetch_attr(gm, a["scale"].target).shape[0]
     return Anchor(node, a["x"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"], a["in_features"],
-                  out_features, a.get("act"), a.get("x_scale"))
+                  out_features, a.get("act"), a.get("x_scale"), prequant_scale=node.meta.get(PREQUANT_SCALE))
+
+
+# node.meta key lowering sets on a qa_linear whose input it replaced by rotate-and-quantize codes
+PREQUANT_SCALE = "lowbit_prequant_scale"
 
 
 # op -> function building the Anchor: every op its declaration calls a fusion anchor
@@ -225,19 +235,24 @@ class FusionGroup:
     steps: list[EpilogueStep]
     externals: list[tuple[fx.Node, str]]  # (node, "full" | "row")
     sink: fx.Node
+    # the anchors are side by side (q, k, v): one kernel, one output per anchor, no epilogue
+    side_by_side: bool = False
 
     @property
     def nodes(self) -> list[fx.Node]:
         """Every node the kernel replaces (the norm included when fused)."""
         found = [a.node for a in self.anchors] + [s.node for s in self.steps]
+        found += [n for a in self.anchors if a.outliers is not None for n in (a.outliers, a.outlier_add)]
         return found + ([self.prologue.node] if self.prologue else [])
 
     @property
     def fused_ops(self) -> list[str]:
         ops = [self.prologue.kind + "_norm"] if self.prologue else []
-        ops += [f"quantize_{self.anchors[0].act}"] if self.anchors[0].act else []
+        a = self.anchors[0]
+        ops += [f"quantize_{a.act}"] if a.act and a.prequant_scale is None else []  # else rotate_quantize did
         ops += [a.op for a in self.anchors]
         ops += ["bias"] * sum(a.bias is not None for a in self.anchors)
+        ops += ["spqr_outliers"] * sum(a.outliers is not None for a in self.anchors)
         return ops + [s.op for s in self.steps]
 
     @property
@@ -267,10 +282,12 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
-def find_groups(gm: fx.GraphModule, eligible: Callable[[fx.Node], str | None] = lambda n: None) -> Partition:
+def find_groups(gm: fx.GraphModule, eligible: Callable[[fx.Node], str | None] = lambda n: None,
+                side_by_side: bool = True) -> Partition:
     """Partition the low-bit ops of ``gm`` into fusion groups.
 
     ``eligible(anchor_node)`` returns a reason to leave an anchor out (None: take it).
+    ``side_by_side``: merge lone anchors reading one input (q, k, v) into one group.
     """
     g = to_networkx(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -287,6 +304,8 @@ def find_groups(gm: fx.GraphModule, eligible: Callable[[fx.Node], str | None] = 
         group = _grow(anchor, anchors, claimed, g, order, eligible)
         claimed.update(group.nodes)
         groups.append(group)
+    if side_by_side:
+        groups = _merge_side_by_side(groups)
     _attach_prologues(groups, gm)
     return Partition(groups, rejected)
 
@@ -297,6 +316,10 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
     n = str(anchor.out_features)
     region: list[fx.Node] = [anchor.node]
     members = [anchor]
+    side = _outlier_side(anchor)
+    if side is not None:  # SpQR's outliers: a sparse side-read in the kernel, the add its result
+        anchor.outliers, anchor.outlier_add = side
+        region += list(side)
     steps: list[EpilogueStep] = []
     externals: dict[fx.Node, str] = {}
 
@@ -307,11 +330,12 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
         """A second anchor with the same input, format and shape, used only by this op."""
         other = anchors.get(node)
         if (other is None or other in members or node in claimed or len(members) > 1 or len(node.users) != 1
-                or eligible(node) is not None):
+                or eligible(node) is not None or members[0].outliers is not None):
             return None
         a = members[0]
         # same input, format and shape; quantized activations: per token (one scale for both)
         same = (other.x is a.x and other.fmt == a.fmt and other.in_features == a.in_features
+                and other.prequant_scale is a.prequant_scale
                 and other.out_features == a.out_features and other.act == a.act
                 and other.x_scale is None and a.x_scale is None
                 and (other.bias is None) == (a.bias is None))
@@ -365,8 +389,57 @@ def _grow(anchor: Anchor, anchors: dict[fx.Node, Anchor], claimed: set[fx.Node],
                 members.remove(anchors[v])
                 region.remove(v)
     used = {v for s in steps for v in s.operands if isinstance(v, fx.Node)}
-    sink = steps[-1].node if steps else anchor.node
+    sink = steps[-1].node if steps else (anchor.outlier_add if anchor.outliers is not None else anchor.node)
     return FusionGroup(members, None, steps, [(e, k) for e, k in externals.items() if e in used], sink)
+
+
+def _merge_side_by_side(groups: list[FusionGroup]) -> list[FusionGroup]:
+    """Groups of one anchor and nothing else (no epilogue, no outliers) that read the same input
+    with the same format, K, activation scheme and bias presence become one group: the kernel
+    runs them side by side (each column tile belongs to one weight), so one launch reads x, and
+    computes a fused norm's statistics, once. q/k/v of an attention block (k/v may be narrower)."""
+    def key(group: FusionGroup):
+        a = group.anchors[0]
+        if (len(group.anchors) > 1 or group.steps or a.outliers is not None or a.x_scale is not None
+                or a.prequant_scale is not None):
+            return None
+        return (a.x, a.fmt, a.in_features, a.act, a.bias is None)
+
+    merged: dict[Any, FusionGroup] = {}
+    out = []
+    for group in groups:
+        k = key(group)
+        if k is None:
+            out.append(group)
+        elif k in merged:
+            merged[k].anchors.append(group.anchors[0])
+        else:
+            merged[k] = FusionGroup([group.anchors[0]], None, [], [], group.sink, side_by_side=True)
+            out.append(merged[k])
+    for group in out:
+        if group.side_by_side and len(group.anchors) == 1:
+            group.side_by_side = False
+    return out
+
+
+def _outlier_side(anchor: Anchor) -> tuple[fx.Node, fx.Node] | None:
+    """(sparse_linear, add) when the anchor's only user adds SpQR's outliers of the same input
+    (``add(anchor, lowbit::sparse_linear(x, rows, cols, values, N))``, weight-only, frozen COO
+    tensors), else None."""
+    users = list(anchor.node.users)
+    if anchor.act is not None or len(users) != 1:
+        return None
+    add = users[0]
+    if _classify(add) is None or _classify(add)[0] != "add":
+        return None
+    (other,) = [a for a in add.args if a is not anchor.node] or [None]
+    if not (isinstance(other, fx.Node) and other.op == "call_function"
+            and other.target is torch.ops.lowbit.sparse_linear.default and len(other.users) == 1):
+        return None
+    x, rows, cols, values, n = other.args
+    if x is not anchor.x or n != anchor.out_features or any(t.op != "get_attr" for t in (rows, cols, values)):
+        return None
+    return other, add
 
 
 def _is_float_tensor(node: fx.Node) -> bool:
@@ -387,7 +460,9 @@ def _attach_prologues(groups: list[FusionGroup], gm: fx.GraphModule) -> None:
     anchor_users: dict[fx.Node, list[FusionGroup]] = {}
     for group in groups:
         x = group.anchors[0].x
-        anchor_users.setdefault(x, []).extend([group] * len(group.anchors))
+        # every anchor reads x, and so does an absorbed SpQR side-read
+        uses = len(group.anchors) + sum(a.outliers is not None for a in group.anchors)
+        anchor_users.setdefault(x, []).extend([group] * uses)
     for x, users in anchor_users.items():
         if x.op != "call_function" or x.target not in PROLOGUES or len(users) != len(x.users):
             continue

@@ -148,3 +148,107 @@ def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
 @hadamard_triton.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotate and quantize in one kernel (QuaRot's online rotation before a quantized linear)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def rotate_quantize_rows(x_ptr, codes_ptr, xscale_ptr, hat_ptr, hb_ptr, stride_x, stride_c, scale, qmax,
+                         A: tl.constexpr, B: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, HALF: tl.constexpr):
+    """One row: ``Z = left^T X right * scale`` (the Hadamard: ``H_A^T X H_B / sqrt(n)``; FlatQuant's
+    learned Kronecker transform: its two factors), then symmetric per-row quantization of Z to
+    integer codes in [-qmax, qmax] (``absmax / qmax``, round half to even) and its scale. The
+    rotated row never leaves registers."""
+    row = tl.program_id(0).to(tl.int64)
+    ia = tl.arange(0, PA)
+    ib = tl.arange(0, PB)
+    mask = (ia[:, None] < A) & (ib[None, :] < B)
+    offs = ia[:, None] * B + ib[None, :]
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    hat = tl.load(hat_ptr + ia[:, None] * PA + ia[None, :])
+    hb = tl.load(hb_ptr + ib[:, None] * PB + ib[None, :])
+    if HALF:  # 16-bit x and +-1 factors: exact tensor-core operands; the intermediate as hi + lo
+        y = tl.dot(x, hb)
+        hi = y.to(x_ptr.dtype.element_ty)
+        lo = (y - hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        z = tl.dot(hat, hi) + tl.dot(hat, lo)
+    else:
+        y = tl.dot(x.to(tl.float32), hb.to(tl.float32), input_precision="ieee")
+        z = tl.dot(hat.to(tl.float32), y, input_precision="ieee")
+    z = z * scale
+    amax = tl.max(tl.max(tl.abs(z), axis=1), axis=0)  # padding lanes are zero
+    xs = amax / qmax
+    xs = tl.where(xs > 0.0, xs, 1.0)  # an all-zero row: codes 0, no division by zero
+    q = tl.minimum(tl.maximum(z / xs, -qmax), qmax)
+    q = (q + 12582912.0) - 12582912.0  # round half to even (|q| < 2^22)
+    tl.store(codes_ptr + row * stride_c + offs, q.to(tl.int8), mask=mask)
+    tl.store(xscale_ptr + row, xs)
+
+
+@functools.lru_cache(maxsize=None)
+def _kron_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = left.shape[0], right.shape[0]
+    pa, pb = _pad(a), _pad(b)
+    hat = torch.zeros(pa, pa, dtype=torch.float32, device=left.device)
+    hat[:a, :a] = left.float().t()
+    hbp = torch.zeros(pb, pb, dtype=torch.float32, device=right.device)
+    hbp[:b, :b] = right.float()
+    return hat, hbp
+
+
+def rotate_quantize(x: torch.Tensor, act: str = "int8",
+                    transform: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuaRot's online rotation fused with the activation quantization: ``x @ H_n / sqrt(n)`` (or,
+    with ``transform = (left, right)``, ``x @ (left (x) right)``: FlatQuant's Kronecker transform)
+    quantized per row to ``act`` codes (``"int8"``: [-127, 127]; ``"int4"``: [-7, 7], held in int8)
+    in one kernel. Returns (codes int8 [..., n], scale float32 [..., 1]): what the generated
+    GEMV/GEMM with ``KernelSpec.act_prequant`` takes, so the rotated row is written as codes only."""
+    from lowbit_compiler.ops import ACTIVATION_MAX
+
+    n = x.shape[-1]
+    if transform is None:
+        if (reason := unsupported_reason(n, x.dtype, x.device if x.is_cuda else None)) is not None:
+            raise ValueError(reason)
+        a, b = hadamard.split_two(n)
+        half = x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _triton_adapter.interpreting())
+        hat, hb = _factors(n, x.dtype if half else torch.float32, str(x.device))
+        scale = 1.0 / math.sqrt(n)
+    else:
+        left, right = transform
+        a, b = left.shape[0], right.shape[0]
+        if a * b != n or _pad(a) * _pad(b) > MAX_TILE:
+            raise ValueError(f"rotate_quantize: transform {a} x {b} does not fit a row of {n} in one program")
+        half, scale = False, 1.0  # learned factors are not exact in 16 bits: fp32 products
+        hat, hb = _kron_factors(left, right)
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    codes = torch.empty(rows.shape, dtype=torch.int8, device=x.device)
+    xscale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device)
+    if rows.shape[0]:
+        rotate_quantize_rows[(rows.shape[0],)](rows, codes, xscale, hat, hb, rows.stride(0), codes.stride(0), scale,
+                                               ACTIVATION_MAX[act], A=a, B=b, PA=_pad(a), PB=_pad(b), HALF=half,
+                                               num_warps=_rq_warps(a, b, half))
+    return codes.reshape(x.shape), xscale.reshape(*x.shape[:-1], 1)
+
+
+def _rq_warps(a: int, b: int, half: bool) -> int:
+    """fp32 products (fp32 rows, learned factors) are FMAs, not tensor cores: more warps above a
+    32 x 32 tile (at 64 x 64 on sm_90: 4 warps spilled 1248 bytes per thread, 8 warps 80, 16 warps 584;
+    16-bit rows take tensor cores and do not spill)."""
+    return 8 if not half and _pad(a) * _pad(b) > 1024 else _warps(a, b)
+
+
+def rotate_quantize_aot_job(n: int, dtype: torch.dtype = torch.float16, arch: int = 90) -> dict:
+    """``compile_for_gpu``'s job for the rotate-and-quantize kernel at size ``n`` (the Hadamard)."""
+    job = aot_job(n, dtype, arch)
+    a, b = hadamard.split_two(n)
+    job["num_warps"] = _rq_warps(a, b, dtype != torch.float32)
+    ty = job["signature"]["x_ptr"]
+    job.update(name="rotate_quantize_rows", signature={
+        "x_ptr": ty, "codes_ptr": "*i8", "xscale_ptr": "*fp32", "hat_ptr": ty if dtype != torch.float32 else "*fp32",
+        "hb_ptr": ty if dtype != torch.float32 else "*fp32", "stride_x": "i64", "stride_c": "i64", "scale": "fp32",
+        "qmax": "fp32"})
+    return job

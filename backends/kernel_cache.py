@@ -59,13 +59,17 @@ def source_file(spec: codegen.KernelSpec) -> tuple[pathlib.Path, str]:
     return path, source
 
 
-def get_kernel(spec: codegen.KernelSpec, interpret: bool) -> GeneratedKernel:
+def get_kernel(spec: codegen.KernelSpec, interpret: bool, gpu_variant: bool = False) -> GeneratedKernel:
+    """The kernel of ``spec``, rendered once and imported once per process. Under the interpreter a
+    kernel that computes in 16-bit floats is refused (the interpreter's bf16 arithmetic is wrong,
+    silently); ``gpu_variant=True`` lets a test run a GPU variant there anyway where the
+    interpreter computes it correctly (fp16 dots)."""
     name = spec.name
     key = (name, interpret)
     if key in _loaded:
         return _loaded[key]
     path, source = source_file(spec)
-    if interpret and (problems := codegen.arithmetic_violations(source)):
+    if interpret and not gpu_variant and (problems := codegen.arithmetic_violations(source)):
         raise RuntimeError(f"generated kernel {name} would compute in 16-bit floats under the interpreter "
                            f"(wrong numbers, no error): {problems}")
     module = _triton_adapter.load_module(str(path), f"lowbit_kernels.{name}{'_interp' if interpret else ''}")
@@ -83,7 +87,8 @@ def gpu_reports(items: list[tuple[codegen.KernelSpec, list[Any]]], arch: int = 9
     for spec, args in items:
         source_path, _ = source_file(spec)
         signature = kernel_signature(spec, args)
-        tag = hashlib.sha256(repr(sorted(signature.items())).encode()).hexdigest()[:8]
+        # "+stats": reports now include the statistics kernel (older cached ones do not)
+        tag = hashlib.sha256((repr(sorted(signature.items())) + "+stats").encode()).hexdigest()[:8]
         path = source_path.with_name(f"{spec.name}.sm{arch}.{tag}.json")
         paths.append(path)
         if not path.exists():
@@ -91,13 +96,35 @@ def gpu_reports(items: list[tuple[codegen.KernelSpec, list[Any]]], arch: int = 9
                          "constexprs": {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, "BLOCK_K": spec.block_k,
                                         **({"SPLIT_K": spec.split_k} if spec.split_k > 1 else {})},
                          "num_warps": spec.num_warps, "arch": arch, "out": str(path)})
-    unique = {job["out"]: job for job in jobs}
+            if spec.stats:  # the statistics kernel runs on the GPU too: in the same report
+                jobs.append({"path": str(source_path), "name": f"{spec.name}_stats",
+                             "signature": stats_signature(spec, signature),
+                             "constexprs": {"BLOCK_K": codegen.STATS_BLOCK}, "num_warps": 4, "arch": arch,
+                             "out": str(path), "stats": True})
+    unique: dict[tuple[str, bool], dict] = {(job["out"], job.get("stats", False)): job for job in jobs}
     if unique:
-        reports = _triton_adapter.compile_for_gpu([{k: v for k, v in job.items() if k != "out"} for job in unique.values()])
-        for out, report in zip(unique, reports):
+        reports = _triton_adapter.compile_for_gpu([{k: v for k, v in job.items() if k not in ("out", "stats")}
+                                                   for job in unique.values()])
+        merged: dict[str, dict] = {}
+        for (out, is_stats), report in zip(unique, reports):
+            if is_stats:
+                merged.setdefault(out, {})["stats_kernel"] = {k: report[k] for k in ("registers", "spill_bytes")}
+            else:
+                merged.setdefault(out, {}).update(report)
+        for out, report in merged.items():
             pathlib.Path(out).write_text(json.dumps(report))
-        stats["gpu_reports"] += len(unique)
+        stats["gpu_reports"] += len(merged)
     return [json.loads(p.read_text()) for p in paths]
+
+
+def stats_signature(spec: codegen.KernelSpec, main: dict[str, str]) -> dict[str, str]:
+    """Triton types of ``<name>_stats``'s runtime arguments (codegen._stats_kernel's order)."""
+    sig = {"x_ptr": main["x_ptr"], "stride_xm": "i32"}
+    sig.update({k: main[k] for k in ("norm_w_ptr", "norm_b_ptr") if k in main})
+    if spec.prologue:
+        sig["eps"] = "fp32"
+    sig.update({"stats_ptr": "*fp32", "M": "i32", "K": "i32"})
+    return sig
 
 
 def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str]:
@@ -114,19 +141,21 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
         sig["norm_b_ptr"] = ptr(named["norm_b"])
     if spec.stats:
         sig["stats_ptr"] = "*fp32"
-    if spec.act_static:
+    if spec.act_static or spec.act_prequant:
         sig["x_scale_ptr"] = ptr(named["x_scale"])
     fmt = spec.format
-    for i in range(spec.n_weights):
+    for i in range(spec.weight_sets):
         sig[f"qw{i}_ptr"] = ptr(named[f"qw{i}"])
         sig[f"scale{i}_ptr"] = ptr(named[f"scale{i}"])
-        if fmt.has_zero_points:
+        if codegen.has_second(fmt):  # zero points, or NVFP4's per-tensor scale
             sig[f"zero{i}_ptr"] = ptr(named[f"zero{i}"])
         if spec.bias:
             sig[f"bias{i}_ptr"] = ptr(named[f"bias{i}"])
         sig[f"stride_qw{i}"] = "i32"
         if fmt.group_size:
             sig[f"stride_s{i}"] = "i32"
+        if spec.outliers and i == 0:
+            sig.update({"optr0_ptr": "*i32", "ocol0_ptr": "*i32", "oval0_ptr": ptr(named["oval0"])})
     for j, kind in enumerate(spec.externals):
         sig[f"e{j}_ptr"] = ptr(named[f"e{j}"])
         if kind == "full":
@@ -134,7 +163,7 @@ def kernel_signature(spec: codegen.KernelSpec, args: list[Any]) -> dict[str, str
     sig.update({"out_ptr": "*" + codegen.TRITON_TYPES[codegen.DTYPES[spec.out_dtype]], "stride_om": "i32"})
     if spec.split_k > 1:
         sig.update({"ws_ptr": "*i32" if codegen._int32_acc(spec) else "*fp32", "count_ptr": "*i32"})
-    sig.update({"M": "i32", "N": "i32", "K": "i32"})
+    sig.update({"M": "i32", "N": "i32", **{f"N{p}": "i32" for p in range(1, spec.parts)}, "K": "i32"})
     return sig
 
 
@@ -144,3 +173,38 @@ def loaded(name: str) -> GeneratedKernel:
         if kernel_name == name:
             return kernel
     raise KeyError(f"generated kernel {name} is not loaded in this process")
+
+
+_EAGER_SPECS: dict[tuple, codegen.KernelSpec] = {}
+
+
+def eager_wo_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
+    """``lowbit::wo_linear`` outside a compiled graph on a CUDA device (``compress``ed or loaded
+    models run eagerly): the generated kernel of the format's template for this row count (decode:
+    one spec per row count up to ``GEMV_MAX_ROWS``, split-K for this layer's N and K; prefill: one
+    symbolic-M spec), without fusion. No format dequantises its whole weight per call on CUDA.
+    Under the interpreter the same kernels run on CPU tensors (how the tests check it)."""
+    from lowbit_compiler.formats import WeightFormat
+
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    decode_rows = rows if rows <= codegen.GEMV_MAX_ROWS else None
+    dtype = str(x.dtype).split(".")[-1]
+    key = (fmt, decode_rows, scale.shape[0], in_features, dtype, bias is not None)
+    spec = _EAGER_SPECS.get(key)
+    if spec is None:
+        tiling = codegen.choose_variant(WeightFormat.parse(fmt), decode_rows, on_gpu=not _triton_adapter.interpreting(),
+                                        x_dtype=dtype, n=scale.shape[0], k=in_features)
+        spec = _EAGER_SPECS[key] = codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype,
+                                                      bias=bias is not None)
+    launch = get_kernel(spec, _triton_adapter.interpreting()).launch
+    args = [x, qweight, scale] + ([zero] if codegen.has_second(spec.format) else []) + ([bias] if bias is not None else [])
+    return launch(*args)
+
+
+def eager_kernel_reason(fmt: str, x_dtype: torch.dtype) -> str | None:
+    """Why :func:`eager_wo_linear` cannot run a call (None: it can)."""
+    if x_dtype not in codegen.DTYPES.values():
+        return f"activation dtype {x_dtype} has no generated kernel (use float32/bfloat16/float16)"
+    return codegen.template_gap(fmt)

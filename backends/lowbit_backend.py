@@ -32,6 +32,10 @@ Options (all optional):
     progress           show the calibration progress bar (default True)
     cpu_compute_dtype  "bfloat16" (default: fp32 activations are cast at the linear's boundary,
                        which is what makes the packed kernels fast) | "activation"
+    cuda_graphs        capture each compiled graph into a CUDA graph per input signature and replay
+                       it (default False; decode is launch-bound at small sizes): see
+                       backends/cuda_graphs.py. Needs a CUDA device (refused with the reason
+                       otherwise; strict raises); use fixed shapes per step (a static KV cache)
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ class BackendOptions:
     cpu_compute_dtype: str = "bfloat16"
     calibration: Any = None
     progress: bool = True
+    cuda_graphs: bool = False
     # the run's dump folder (one per BackendOptions, i.e. per torch.compile call): made from dump_dir
     run: DumpRun = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -192,7 +197,7 @@ class LowbitCompiled:
     def __init__(self, dynamo_gm: fx.GraphModule, opts: BackendOptions, captured, summary: dict[str, Any],
                  run: Any):
         self.dynamo_gm, self.opts = dynamo_gm, opts
-        self.captured, self.lowbit_summary, self.run = captured, summary, run
+        self.captured, self.lowbit_summary, self.run = captured, summary, _with_cuda_graphs(run, opts)
 
     @property
     def lowbit_graph(self) -> fx.GraphModule:
@@ -206,6 +211,23 @@ class LowbitCompiled:
             fresh, _ = compile_graph(self.dynamo_gm, args, self.opts, self.captured.module_state)
             self.captured, self.lowbit_summary, self.run = fresh.captured, fresh.lowbit_summary, fresh.run
         return self.run(*self.captured.call_args(args))
+
+
+def _with_cuda_graphs(run: Any, opts: BackendOptions) -> Any:
+    """``run`` replayed through CUDA graphs when ``cuda_graphs=True`` and a CUDA device exists;
+    otherwise ``run``, with the reason logged (strict mode raises)."""
+    if not opts.cuda_graphs:
+        return run
+    from lowbit_compiler.backends import cuda_graphs
+
+    reason = cuda_graphs.unavailable_reason()
+    if reason is None:
+        return cuda_graphs.GraphRunner(run)
+    if opts.strict:
+        raise LowbitError(f"backend='lowbit': {reason} (strict)")
+    log.warning("lowbit: %s", reason)
+    stats["cuda_graphs_refused"] += 1
+    return run
 
 
 def _prequantized_layers(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:

@@ -103,7 +103,8 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
            for n in gm.graph.nodes if (d := opdecl.of(n)) is not None and d.module != opdecl.LOWERED]
     in_kernels: dict[str, str] = {}  # lowbit node -> the generated call that computes it
     if target == "triton":
-        generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune, in_kernels)
+        generated, rejected = _lower_triton(gm, ctx, kernels, dump, autotune, in_kernels,
+                                            side_by_side=inner != "inductor")
     state = LoweringState(target, cpu_compute_dtype, inner, rejected, dump)
     for node in list(gm.graph.nodes):
         decl = opdecl.of(node)
@@ -536,11 +537,16 @@ def _lower_sparse_input_linear(node: fx.Node, gm: fx.GraphModule, ctx: PassConte
 
 def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
                   dump: DumpWriter | None, autotune: bool = False,
-                  in_kernels: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+                  in_kernels: dict[str, str] | None = None,
+                  side_by_side: bool = True) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Replace each fusion group by one call of its generated kernel; returns the records and the
     partition's reasons for the anchors it left out (``in_kernels``: lowbit node name -> the
-    label of the generated kernel that now computes it)."""
-    partition = fusion.find_groups(gm, eligible=_triton_unsupported)
+    label of the generated kernel that now computes it). ``side_by_side``: q/k/v in one kernel
+    (off under ``inner="inductor"``, whose ``lowbit::generated`` op returns one tensor)."""
+    if side_by_side:  # eager inner graph only: the rewrite calls a Python function
+        for name in _rotate_and_quantize(gm):
+            kernels[name] = "triton:rotate_quantize"  # the Hadamard, fused with the activation quantization
+    partition = fusion.find_groups(gm, eligible=_triton_unsupported, side_by_side=side_by_side)
     interpret = _triton_adapter.interpreting()
     on_gpu = torch.cuda.is_available() and not interpret
     if autotune and (reason := tuning.unavailable_reason(interpret)) is not None:
@@ -550,21 +556,28 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     renamed: dict[fx.Node, fx.Node] = {}  # sink of an earlier group -> the call that replaced it
     for group in partition.groups:
+        for a in group.anchors:
+            if a.outliers is not None:
+                a.csr = _outlier_csr(gm, a, group.sink)
         spec = codegen.spec_for(group, on_gpu)
         args = [renamed.get(a, a) if isinstance(a, fx.Node) else a for a in codegen.launch_args(group)]
         rows = codegen.rows_of(group.anchors[0].x)
         if autotune and rows is not None:
             anchor = group.anchors[0]
-            spec = tuning.tune(spec, _example_args(gm, args, materialize=True), rows, anchor.out_features,
+            spec = tuning.tune(spec, _example_args(gm, args, materialize=True), rows,
+                               sum(a.out_features for a in group.anchors) if spec.parts > 1 else anchor.out_features,
                                anchor.in_features)
         kernel = kernel_cache.get_kernel(spec, interpret)
         sink = group.sink
-        with gm.graph.inserting_before(sink):
-            call = gm.graph.call_function(kernel.launch, tuple(args))
-        call.meta.update({k: v for k, v in sink.meta.items() if k != ir.META})
-        call.meta[ir.META] = dict(group.anchors[0].node.meta.get(ir.META, {}))
-        sink.replace_all_uses_with(call)
-        renamed[sink] = call
+        if group.side_by_side:
+            call = _side_by_side_call(gm, group, kernel, args, order, renamed)
+        else:
+            with gm.graph.inserting_before(sink):
+                call = gm.graph.call_function(kernel.launch, tuple(args))
+            call.meta.update({k: v for k, v in sink.meta.items() if k != ir.META})
+            call.meta[ir.META] = dict(group.anchors[0].node.meta.get(ir.META, {}))
+            sink.replace_all_uses_with(call)
+            renamed[sink] = call
         replaced = group.nodes
         if in_kernels is not None:
             in_kernels.update({n.name: f"triton:{kernel.name}" for n in replaced if opdecl.of(n) is not None})
@@ -581,6 +594,73 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
         for record, report in zip(records, kernel_cache.gpu_reports(reports)):
             record["gpu"] = report
     return records, partition.rejected
+
+
+def _rotate_and_quantize(gm: fx.GraphModule) -> list[str]:
+    """QuaRot's way: ``qa_linear(hadamard(h))`` with per-token int8/int4 activations becomes one
+    rotate-and-quantize kernel (``hadamard_kernel.rotate_quantize``: codes + row scales) feeding the
+    linear's generated kernel, which takes the codes as they are (``KernelSpec.act_prequant``); the
+    rotated row is never written in floats. Returns the Hadamard nodes rewritten. Where the Hadamard
+    kernel cannot take the size, the graph is left as it is (its own lowering logs why)."""
+    from lowbit_compiler.backends import hadamard_kernel
+
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.lowbit.qa_linear.default:
+            continue
+        a = opdecl.args(node)
+        h = a["x"]
+        if (a["act"] not in ("int8", "int4") or a["x_scale"] is not None or not isinstance(h, fx.Node)
+                or h.target is not torch.ops.lowbit.hadamard.default or len(h.users) != 1
+                or _triton_unsupported(node) is not None):
+            continue
+        hv = _dynamo_adapter.example_value(h)
+        if hadamard_kernel.unsupported_reason(int(hv.shape[-1]), hv.dtype, hv.device if hv.is_cuda else None):
+            continue
+        with gm.graph.inserting_before(node):
+            rq = gm.graph.call_function(hadamard_kernel.rotate_quantize, (opdecl.args(h)["x"], a["act"]))
+            codes = gm.graph.call_function(operator.getitem, (rq, 0))
+            scale = gm.graph.call_function(operator.getitem, (rq, 1))
+        codes.meta.update({k: v for k, v in h.meta.items() if k != ir.META})  # shape (the dtype is int8)
+        node.replace_input_with(h, codes)
+        node.meta[fusion.PREQUANT_SCALE] = scale
+        done.append(h.name)
+        gm.graph.erase_node(h)
+    return done
+
+
+def _side_by_side_call(gm: fx.GraphModule, group: fusion.FusionGroup, kernel, args: list[Any],
+                       order: dict[fx.Node, int], renamed: dict[fx.Node, fx.Node]) -> fx.Node:
+    """One call for side-by-side anchors (q, k, v), placed before the first of them; each anchor's
+    users read its output from the call's tuple. The weights' get_attr nodes move up to the call."""
+    first = min((a.node for a in group.anchors), key=order.__getitem__)
+    for a in args:
+        if isinstance(a, fx.Node) and a.op == "get_attr" and order.get(a, -1) > order[first]:
+            first.prepend(a)  # reads nothing: safe to move
+    with gm.graph.inserting_before(first):
+        call = gm.graph.call_function(kernel.launch, tuple(args))
+    call.meta[ir.META] = dict(group.anchors[0].node.meta.get(ir.META, {}))
+    for p, anchor in enumerate(group.anchors):
+        with gm.graph.inserting_after(call):
+            part = gm.graph.call_function(operator.getitem, (call, p))
+        part.meta.update({k: v for k, v in anchor.node.meta.items() if k != ir.META})
+        anchor.node.replace_all_uses_with(part)
+        renamed[anchor.node] = part
+    return call
+
+
+def _outlier_csr(gm: fx.GraphModule, anchor: fusion.Anchor, before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """SpQR's COO outliers (the absorbed ``sparse_linear``'s frozen tensors) as the CSR copy the
+    kernel reads, held on the graph module beside them; returns its get_attr nodes."""
+    _, rows, cols, values, n = anchor.outliers.args
+    csr = codegen.csr_outliers(*(ir.fetch_attr(gm, t.target) for t in (rows, cols, values)), n)
+    nodes = []
+    for part, tensor in zip(("ptr", "col", "val"), csr):
+        name = f"{values.target}_csr_{part}"
+        ir.set_attr(gm, name, tensor)
+        with gm.graph.inserting_before(before):
+            nodes.append(gm.graph.get_attr(name))
+    return tuple(nodes)
 
 
 def _example_args(gm: fx.GraphModule, args: list[Any], materialize: bool = False) -> list[Any]:
@@ -607,14 +687,16 @@ def _record(group: fusion.FusionGroup, spec: codegen.KernelSpec, kernel, call: f
     itemsize["out"] = torch.empty((), dtype=codegen.DTYPES[spec.out_dtype]).element_size()
     if spec.bias:
         itemsize["bias"] = itemsize["bias0"]
-    traffic = codegen.traffic(spec, anchor.out_features, anchor.in_features, itemsize)
+    nnz = tensors["ocol0"].numel() if spec.outliers else 0
+    ns = tuple(a.out_features for a in group.anchors) if spec.parts > 1 else anchor.out_features
+    traffic = codegen.traffic(spec, ns, anchor.in_features, itemsize, nnz)
     rows = codegen.rows_of(anchor.x if group.prologue is None else group.prologue.input)
-    grid = codegen.grid(spec, anchor.out_features)
+    grid = codegen.grid(spec, ns)
     return {
         "call": call.name, "kernel": kernel.name, "layer": group.layer, "block": fusion.decoder_layer_of(group),
         "layers": [ir.get(a.node, ir.MODULE).fqn if ir.get(a.node, ir.MODULE) else a.node.name for a in group.anchors],
         "fused_ops": group.fused_ops, "replaced": [n.name for n in group.nodes], "variant": spec.variant,
-        "N": anchor.out_features, "K": anchor.in_features, "M": rows if rows is not None else str(codegen.M),
+        "N": sum(ns) if isinstance(ns, tuple) else ns, "K": anchor.in_features, "M": rows if rows is not None else str(codegen.M),
         "grid": [str(g.subs(codegen.M, rows)) if rows is not None else str(g) for g in grid], "bytes": {k: str(v) for k, v in dataclasses.asdict(traffic).items()},
         "bytes_per_call": traffic.at(rows) if rows is not None else None,
     }

@@ -6,7 +6,12 @@ decode (M=1), small-batch (M=16) and prefill (M=512) row counts, and for each we
 * ``fused``: the generated kernel (norm prologue, low-bit matmul, epilogue in one launch);
 * ``torch``: the same computation unfused in the model's dtype with dense fp16 weights --
   ``F.rms_norm``, ``F.linear``, ``F.silu``, ``*``, ``+`` as separate launches (what runs without
-  this project).
+  this project);
+* the int4 kernels a GPU user would pick instead, for int4 formats, timed on the group's matmuls
+  only (their norm and epilogue ops would be extra launches): torchao's int4 weight-only kernel
+  (``Int4WeightOnlyConfig``, tinygemm, bf16) and Marlin (IST-DASLab's ``marlin`` package, fp16,
+  symmetric int4, one group size). Each is imported when installed and reported as absent (with
+  the pip command) when not: ``pip install -e '.[bench]'`` / ``pip install marlin``.
 
 Timed with ``triton.testing.do_bench`` (median). Reported per case: microseconds for both, the
 speedup, the bytes the kernel moves (the analytic model, which tests check against the
@@ -47,7 +52,7 @@ class Case:
 
 
 LAYER = [
-    Case("q_proj (+rms_norm)", HIDDEN, HIDDEN, "rms", "none"),
+    Case("q+k+v side by side (+rms_norm)", 3 * HIDDEN, HIDDEN, "rms", "qkv"),
     Case("o_proj (+residual)", HIDDEN, HIDDEN, None, "residual"),
     Case("gate+up (+rms_norm, silu, mul)", INTER, HIDDEN, "rms", "gated"),
     Case("down_proj (+residual)", HIDDEN, INTER, None, "residual"),
@@ -65,6 +70,8 @@ def spec_for(case: Case, fmt: str, rows: int, dtype: str = "float16"):
         extra.update(steps=(("add", ("acc0", "e0")),), externals=("full",))
     elif case.epilogue == "gated":
         extra.update(n_weights=2, steps=(("silu", ("acc0",)), ("mul", ("t0", "acc1"))))
+    elif case.epilogue == "qkv":
+        extra.update(parts=3)
     # n and k: the decode class's split-K count for this shape, as lowering chooses it
     tiling = codegen.choose_variant(WeightFormat.parse(fmt), rows, on_gpu=True, x_dtype=dtype, n=case.n, k=case.k)
     return codegen.KernelSpec(fmt=fmt, **tiling, x_dtype=dtype, out_dtype=dtype, **extra)
@@ -75,7 +82,12 @@ def bytes_moved(spec, case: Case, rows: int) -> dict[str, int]:
 
     size = torch.empty((), dtype=codegen.DTYPES[spec.x_dtype]).element_size()
     itemsize = {"x": size, "out": size, "norm_w": size, "e0": size}
-    return codegen.traffic(spec, case.n, case.k, itemsize).at(rows)
+    return codegen.traffic(spec, part_ns(spec, case), case.k, itemsize).at(rows)
+
+
+def part_ns(spec, case: Case):
+    """N, or each side-by-side weight's N (q, k, v: equal thirds)."""
+    return (case.n // spec.parts,) * spec.parts if spec.parts > 1 else case.n
 
 
 def unfused(spec, args: list[Any]):
@@ -86,12 +98,14 @@ def unfused(spec, args: list[Any]):
     named = dict(zip(codegen.launcher_params(spec), args))
     dtype = codegen.DTYPES[spec.x_dtype]
     dense = [dequantize_parts(spec.format, named[f"qw{i}"], named[f"scale{i}"], named.get(f"zero{i}"))
-             [:, : named["x"].shape[-1]].to(dtype) for i in range(spec.n_weights)]
+             [:, : named["x"].shape[-1]].to(dtype) for i in range(spec.weight_sets)]
 
     def run():
         h = named["x"]
         if spec.prologue:
             h = F.rms_norm(h, [h.shape[-1]], named["norm_w"], named["eps"])
+        if spec.parts > 1:
+            return torch.cat([F.linear(h, d) for d in dense], dim=-1)
         y = F.linear(h, dense[0])
         if spec.n_weights == 2:
             y = F.silu(y) * F.linear(h, dense[1])
@@ -100,6 +114,54 @@ def unfused(spec, args: list[Any]):
         return y
 
     return run
+
+
+def peers(spec, args: list[Any]) -> dict[str, Any]:
+    """The int4 kernels a GPU user would pick, on this group's matmuls: name -> a callable, or the
+    reason it is absent (not int4, not installed, or a format it cannot hold)."""
+    from lowbit_compiler.backends import codegen
+    from lowbit_compiler.formats import dequantize_parts
+
+    fmt = spec.format
+    if not (fmt.kind == "int" and fmt.bits == 4):
+        return {"torchao int4": "not an int4 format", "marlin": "not an int4 format"}
+    named = dict(zip(codegen.launcher_params(spec), args))
+    k = named["x"].shape[-1]
+    dense = [dequantize_parts(fmt, named[f"qw{i}"], named[f"scale{i}"], named.get(f"zero{i}"))[:, :k]
+             for i in range(spec.weight_sets)]
+    out: dict[str, Any] = {}
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except ImportError:
+        out["torchao int4"] = "torchao is not installed (pip install -e '.[bench]')"
+    else:
+        layers = []
+        for w in dense:
+            lin = torch.nn.Linear(k, w.shape[0], bias=False, device=w.device, dtype=torch.bfloat16)
+            lin.weight.data.copy_(w)
+            quantize_(lin, Int4WeightOnlyConfig(group_size=fmt.group_size))
+            layers.append(lin)
+        x = named["x"].to(torch.bfloat16)
+        out["torchao int4"] = lambda: [lin(x) for lin in layers]
+    try:
+        import marlin
+    except ImportError:
+        out["marlin"] = "marlin is not installed (pip install marlin; IST-DASLab, needs sm_80+)"
+    else:
+        if fmt.group_size not in (128,) or not fmt.symmetric:
+            out["marlin"] = f"Marlin takes symmetric int4 with groups of 128 (or per channel); this is {fmt.key}"
+        else:
+            layers = []
+            for w in dense:
+                ref = torch.nn.Linear(k, w.shape[0], bias=False, device=w.device, dtype=torch.float16)
+                ref.weight.data.copy_(w)
+                layer = marlin.Layer(k, w.shape[0], groupsize=fmt.group_size).to(w.device)
+                scales = w.view(w.shape[0], -1, fmt.group_size).abs().amax(-1).T.half() / 7
+                layer.pack(ref.cpu(), scales.cpu())
+                layers.append(layer.to(w.device))
+            x = named["x"].to(torch.float16)
+            out["marlin"] = lambda: [layer(x) for layer in layers]
+    return out
 
 
 def device_bandwidth() -> float:
@@ -112,9 +174,15 @@ def device_bandwidth() -> float:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["format", "group", "M", "fused us", "torch us", "speedup", "MB moved", "GB/s", "of peak"]
+    header = ["format", "group", "M", "fused us", "torch us", "speedup", "torchao int4 us", "marlin us",
+              "MB moved", "GB/s", "of copy bw"]
+
+    def peer(r, name):
+        return f"{r[name]:.1f}" if isinstance(r.get(name), float) else "-"
+
     lines = [header] + [[r["format"], r["group"], str(r["M"]), f"{r['fused_us']:.1f}", f"{r['torch_us']:.1f}",
-                         f"{r['torch_us'] / r['fused_us']:.2f}x", f"{r['bytes'] / 1e6:.2f}",
+                         f"{r['torch_us'] / r['fused_us']:.2f}x", peer(r, "torchao int4_us"), peer(r, "marlin_us"),
+                         f"{r['bytes'] / 1e6:.2f}",
                          f"{r['bytes'] / r['fused_us'] / 1e3:.0f}", f"{r['fraction_of_peak']:.0%}"] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
@@ -145,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit_compiler.backends import codegen, kernel_cache
 
     peak = device_bandwidth()
+    absent: dict[str, str] = {}
     name = torch.cuda.get_device_name()
     nominal = next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
     results = []
@@ -153,21 +222,29 @@ def main(argv: list[str] | None = None) -> int:
             for rows in args.rows:
                 spec = spec_for(case, fmt, rows)
                 kernel = kernel_cache.get_kernel(spec, interpret=False)
-                inputs = codegen.make_inputs(spec, rows, case.n, case.k, device="cuda")
+                inputs = codegen.make_inputs(spec, rows, part_ns(spec, case), case.k, device="cuda")
                 fused_ms = do_bench(lambda: kernel.launch(*inputs))
                 torch_ms = do_bench(unfused(spec, inputs))
                 moved = bytes_moved(spec, case, rows)
                 total = moved["read"] + moved["written"]  # the cost model's DRAM bytes (each tensor once)
-                results.append({"format": fmt, "group": case.label, "M": rows, "kernel": spec.name,
-                                "fused_us": fused_ms * 1e3, "torch_us": torch_ms * 1e3, "bytes": total,
-                                "fraction_of_peak": total / (fused_ms * 1e-3) / peak})
+                record = {"format": fmt, "group": case.label, "M": rows, "kernel": spec.name,
+                          "fused_us": fused_ms * 1e3, "torch_us": torch_ms * 1e3, "bytes": total,
+                          "fraction_of_peak": total / (fused_ms * 1e-3) / peak}
+                for peer_name, run in peers(spec, inputs).items():
+                    if callable(run):
+                        record[f"{peer_name}_us"] = do_bench(run) * 1e3
+                    else:
+                        absent.setdefault(peer_name, run)
+                results.append(record)
     print(f"device: {name}; copy bandwidth {peak / 1e12:.2f} TB/s"
           + (f" (nominal {nominal / 1e12:.2f} TB/s)" if nominal else ""))
+    for peer_name, why in absent.items():
+        print(f"peer {peer_name}: {why}")
     print(table(results))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"device": name, "copy_bandwidth": peak, "nominal_bandwidth": nominal, "results": results}, f,
-                  indent=2)
+        json.dump({"device": name, "copy_bandwidth": peak, "nominal_bandwidth": nominal, "results": results,
+                   "absent_peers": absent}, f, indent=2)
     return 0
 
 

@@ -62,6 +62,8 @@ def wo_linear_fallback_reason(fmt: str, x_dtype: torch.dtype, device_type: str, 
     calls of at most ``cpu_codegen.MAX_ROWS`` rows and none above."""
     from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_lut
 
+    if device_type == "cuda" and _eager_cuda_reason(fmt, x_dtype) is None:
+        return None  # the format's generated Triton kernel (kernel_cache.eager_wo_linear)
     if device_type == "cpu" and x_dtype in cpu_kernels._FAST_DTYPES and cpu_lut.supported(fmt) is None:
         if rows is not None and rows > cpu_codegen.MAX_ROWS:
             return (f"lowbit::wo_linear: format {fmt} with more than {cpu_codegen.MAX_ROWS} rows has no CPU kernel "
@@ -72,6 +74,14 @@ def wo_linear_fallback_reason(fmt: str, x_dtype: torch.dtype, device_type: str, 
                     f"({'; '.join(cpu_codegen._disabled_reason) or 'not built'}); {_REFERENCE_COST}")
         return None
     return packed_kernel_reason(fmt, x_dtype, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _eager_cuda_reason(fmt: str, x_dtype: torch.dtype) -> str | None:
+    """Why an eager CUDA call cannot run the format's generated kernel (None: it can)."""
+    if x_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"activation dtype {x_dtype} has no generated kernel"
+    return _template_gap(fmt)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +119,14 @@ def wo_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero:
 
 def wo_linear_eager(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                     bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor:
-    """The op's implementation: the packed CPU kernel, else the float reference (logged, counted)."""
+    """The op's implementation: on CUDA the format's generated Triton kernel; on the CPU the packed
+    or generated CPU kernel; else the float reference (logged, counted)."""
     from lowbit_compiler.backends import cpu_kernels
+
+    if x.is_cuda and _eager_cuda_reason(fmt, x.dtype) is None:
+        from lowbit_compiler.backends import kernel_cache
+
+        return kernel_cache.eager_wo_linear(x, qweight, scale, zero, bias, fmt, in_features)
 
     out = cpu_kernels.wo_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
     if out is None:

@@ -32,6 +32,7 @@ EPILOGUES = {
     "residual": {"steps": (("add", ("acc0", "e0")),), "externals": ("full",)},
     "row": {"steps": (("mul", ("acc0", "e0")), ("add", ("t0", "0.5"))), "externals": ("row",)},
     "gated": {"n_weights": 2, "steps": (("silu", ("acc0",)), ("mul", ("t0", "acc1")))},
+    "qkv": {"parts": 3},  # three weights side by side, one output each
 }
 PROLOGUES = {None: {}, "rms": {"prologue": "rms", "norm_weight": True},
              "layer": {"prologue": "layer", "norm_weight": True, "norm_bias": True}}
@@ -85,8 +86,12 @@ def test_kernel_matches_reference_full_grid(values):
     (3, "int2_g32_sym", 128, "layer", "bias", "bfloat16"),     # FMA decode, 4 codes a byte
     (17, "int3_g128_sym", 256, "rms", "silu", "float32"),      # gemm: 32 columns of a 128-group per step
     (20, "nf4_g64", 128, None, "none", "float16"),             # gemm
+    (1, "mxfp4", 256, "rms", "gated", "float32"),              # e2m1 codes, 4 e8m0 block scales per step
+    (3, "nvfp4", 200, None, "residual", "float16"),            # e4m3 block scales + fp32 tensor scale, padded K
+    (12, "mxfp4", 200, "layer", "bias", "bfloat16"),           # tl.dot decode
+    (17, "nvfp4", 256, "rms", "silu", "float32"),              # gemm: 2 blocks of 16 per 32-column step
 ])
-def test_int3_int2_and_nf4_templates_match_the_reference(rows, fmt, k, prologue, epilogue, dtype):
+def test_packed_lookup_and_e2m1_templates_match_the_reference(rows, fmt, k, prologue, epilogue, dtype):
     """The formats that dequantised the whole weight per call: codes unpacked from the bit stream and
     (NF4) looked up in registers, against formats.dequantize_parts; bytes as the model counts them."""
     assert codegen.has_template(fmt) and not codegen.has_template(fmt, "int8")
@@ -99,6 +104,94 @@ def test_int3_int2_and_nf4_templates_match_the_reference(rows, fmt, k, prologue,
     assert db >= FLOORS[dtype], f"{spec.name}: {db:.1f} dB"
     if dtype == "float16":
         check_bytes(spec, rows, 40, k)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_e2m1_templates_decode_every_code_and_scale_exactly(fmt):
+    """Every e2m1 code under arbitrary stored block scales (e8m0 exponents 0..254, the subnormal
+    2^-127 included; random finite e4m3 values) and a per-tensor scale: one-hot activations pick
+    the weight's columns, so the kernel must equal the reference dequantiser bit for bit (the
+    products are exact; NVFP4's tensor scale rounds once, as the float64 reference does)."""
+    from lowbit_compiler.formats import dequantize_parts
+
+    n, k = 16, 64
+    spec = make_spec(64, fmt, None, "none", "float32", n=n, k=k)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    codes[:, :16] = torch.arange(16, dtype=torch.uint8)  # every code in every row
+    qw = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    if fmt == "mxfp4":
+        scale = torch.randint(0, 255, (n, k // 32), generator=g).to(torch.uint8)
+        scale[0, 0], scale[1, 0] = 0, 1
+        args = [qw, scale]
+    else:
+        bits = torch.randint(0, 256, (n, k // 16), generator=g).to(torch.uint8)
+        bits[(bits & 0x7F) == 0x7F] = 0x38  # e4m3fn's NaN patterns -> 1.0
+        args = [qw, bits.view(torch.float8_e4m3fn), torch.tensor([0.37], dtype=torch.float32)]
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    out = kernel.launch(torch.eye(k), *args)
+    expected = dequantize_parts(spec.format, *args, *([None] if fmt == "mxfp4" else [])).T
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("rows, fmt, k, prologue, epilogue, dtype", [
+    (1, "int3_g64_asym", 256, "rms", "none", "float32"),       # FMA decode, split-K: the last split reads them
+    (3, "int4_g128_asym", 200, "layer", "residual", "float16"),  # gathered x normalised (mean, rstd, w, b)
+    (17, "int4_g64_sym", 200, "rms", "silu", "float32"),        # gemm
+])
+def test_spqr_outliers_are_a_sparse_side_read_in_the_kernel(rows, fmt, k, prologue, epilogue, dtype):
+    """SpQR's outliers (CSR by output channel) added inside the kernel, before the fused epilogue,
+    against the reference with the outliers densified; the side-read's bytes as the model counts them."""
+    import dataclasses
+
+    spec = dataclasses.replace(make_spec(rows, fmt, prologue, epilogue, dtype, n=40, k=k), outliers=True)
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, 40, k, seed=rows)
+    named = dict(zip(codegen.launcher_params(spec), args))
+    assert named["ocol0"].numel() > 20
+    out = kernel.launch(*args)
+    db = sqnr_db(kernel.reference(*args).float(), out.float())
+    assert db >= FLOORS[dtype], f"{spec.name}: {db:.1f} dB"
+    without = list(args)
+    without[codegen.launcher_params(spec).index("oval0")] = torch.zeros_like(named["oval0"])
+    assert sqnr_db(kernel.reference(*args).float(), kernel.launch(*without).float()) < 40  # they matter
+    if dtype == "float16":
+        itemsize = {p: a.element_size() for p, a in named.items() if isinstance(a, torch.Tensor)}
+        itemsize.update(out=2, bias=2)
+        with _triton_adapter.count_traffic() as moved:
+            kernel.launch(*args)
+        model = codegen.traffic(spec, 40, k, itemsize, nnz=named["ocol0"].numel()).at(rows)
+        assert (model["loaded"], model["stored"], model["atomic"]) == (moved["read"], moved["written"], moved["atomic"])
+
+
+@pytest.mark.parametrize("rows, fmt, k, prologue, bias, dtype", [
+    (1, "int4_g64_asym", 256, "rms", False, "float32"),   # FMA decode, split-K: each weight its workspace block
+    (3, "int8", 200, "layer", True, "float16"),           # per-weight biases
+    (12, "int4_g128_sym", 256, None, True, "float32"),   # tl.dot decode
+    (17, "nf4_g64", 200, "rms", False, "float16"),        # gemm
+])
+def test_side_by_side_weights_share_one_launch(rows, fmt, k, prologue, bias, dtype):
+    """q, k, v (k and v narrower, as with grouped KV heads) in one kernel: each column tile belongs
+    to one weight; each output against its own reference; the lanes' bytes as the model counts them
+    (x and the norm statistics once per call for the three)."""
+    import dataclasses
+
+    ns = (40, 16, 24)
+    spec = dataclasses.replace(make_spec(rows, fmt, prologue, "qkv", dtype, n=sum(ns), k=k), bias=bias)
+    kernel = kernel_cache.get_kernel(spec, interpret=True)
+    args = codegen.make_inputs(spec, rows, ns, k, seed=rows)
+    outs, refs = kernel.launch(*args), kernel.reference(*args)
+    assert [tuple(o.shape) for o in outs] == [(rows, n) for n in ns]
+    for out, ref in zip(outs, refs):
+        assert sqnr_db(ref.float(), out.float()) >= FLOORS[dtype]
+    if dtype == "float16":
+        named = dict(zip(codegen.launcher_params(spec), args))
+        itemsize = {p: a.element_size() for p, a in named.items() if isinstance(a, torch.Tensor)}
+        itemsize.update(out=2, bias=2)
+        with _triton_adapter.count_traffic() as moved:
+            kernel.launch(*args)
+        model = codegen.traffic(spec, ns, k, itemsize).at(rows)
+        assert (model["loaded"], model["stored"], model["atomic"]) == (moved["read"], moved["written"], moved["atomic"])
 
 
 def test_generated_kernels_never_compute_in_16_bit_floats():
@@ -331,3 +424,58 @@ def test_fp32_dots_state_their_precision():
     assert 'input_precision="ieee"' in codegen.render(make_spec(17, "int8", None, "none", "float32"))
     assert 'input_precision="tf32"' in codegen.render(make_spec(17, "int8", None, "none", "float32", on_gpu=True))
     assert "tl.dot" not in codegen.render(make_spec(1, "int8", None, "none", "float32"))
+
+
+@pytest.mark.parametrize("fmt, rows, dtype", [("mxfp4", 1, "float32"), ("nvfp4", 5, "float16"),
+                                              ("int3_g64_asym", 20, "bfloat16"), ("nf4_g64", 2, "float32")])
+def test_eager_calls_on_cuda_run_the_generated_kernel(fmt, rows, dtype):
+    """A compressed model on CUDA runs its linears eagerly: lowbit::wo_linear takes the format's
+    generated kernel (decode: split-K at this layer's shape; prefill: the symbolic-M spec) instead
+    of dequantising the whole weight per call. Checked here under the interpreter on CPU tensors."""
+    from lowbit_compiler import ops
+    from lowbit_compiler.formats import WeightFormat, quantize
+
+    g = torch.Generator().manual_seed(rows)
+    n, k = 48, 192
+    qw = quantize(torch.randn(n, k, generator=g) / k ** 0.5, WeightFormat.parse(fmt))
+    x = torch.randn(rows, k, generator=g).to(getattr(torch, dtype))
+    bias = torch.randn(n, generator=g).to(x.dtype)
+    out = kernel_cache.eager_wo_linear(x, qw.qweight, qw.scale, qw.zero, bias, fmt, k)
+    ref = ops.wo_linear_reference(x, qw.qweight, qw.scale, qw.zero, bias, fmt, k)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert sqnr_db(ref.float(), out.float()) >= FLOORS[dtype]
+    assert ops.wo_linear_fallback_reason(fmt, x.dtype, "cuda") is None
+    assert "no generated-kernel template" in ops.wo_linear_fallback_reason("s24+int8", x.dtype, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _triton_adapter.interpreting(), reason="needs a CUDA device")
+def test_eager_wo_linear_on_cuda_never_runs_the_reference(monkeypatch):
+    from lowbit_compiler import ops
+    from lowbit_compiler.formats import WeightFormat, quantize
+
+    monkeypatch.setattr(ops, "wo_linear_reference", lambda *a: pytest.fail("the float reference ran on CUDA"))
+    for fmt in ("int4_g128_asym", "int3_g128_asym", "nf4_g64", "mxfp4", "nvfp4"):
+        qw = quantize(torch.randn(64, 256), WeightFormat.parse(fmt))
+        x = torch.randn(3, 256, device="cuda", dtype=torch.float16)
+        ops.wo_linear_eager(x, qw.qweight.cuda(), qw.scale.cuda(), None if qw.zero is None else qw.zero.cuda(),
+                            None, fmt, 256)
+
+
+@pytest.mark.parametrize("rows, fmt, prologue, epilogue", [
+    (12, "int4_g128_asym", "rms", "gated"),  # tl.dot decode: two fp16 tensor-core dots, split-K
+    (17, "int8", None, "residual"),          # gemm
+    (9, "nvfp4", "layer", "bias"),           # e2m1 + block scales narrowed to fp16 for the dot
+    (16, "int4_g64_sym", None, "qkv"),       # q/k/v side by side
+])
+def test_the_fp16_gpu_variant_computes_correctly_under_the_interpreter(rows, fmt, prologue, epilogue):
+    """The variant lowering builds on CUDA for fp16 models (fp16 operands into tl.dot, fp32
+    accumulation), run under the interpreter, which computes fp16 dots correctly (bf16 it does
+    not): within fp16 rounding of the operands of the float32 reference."""
+    spec = make_spec(rows, fmt, prologue, epilogue, "float16", on_gpu=True, n=48, k=256)
+    assert spec.dot == "float16" and "tl.float16" in codegen.render(spec)
+    kernel = kernel_cache.get_kernel(spec, interpret=True, gpu_variant=True)
+    args = codegen.make_inputs(spec, rows, 48, 256, seed=rows)
+    out, ref = kernel.launch(*args), kernel.reference(*args)
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for o, r in zip(outs, refs):
+        assert sqnr_db(r.float(), o.float()) >= 55

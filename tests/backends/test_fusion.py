@@ -19,8 +19,8 @@ def compile_triton(model, inputs, recipe="w4a16", **options):
 
 
 @pytest.mark.parametrize("arch, per_block, ops_replaced, fused", [
-    # q, k, v (each with the RMSNorm recomputed), o + residual, gate+up+SiLU*mul, down + residual
-    ("llama", 6, 13, [["rms_norm", "wo_linear"]] * 3 + [["wo_linear", "add"],
+    # q, k, v side by side (one kernel, the RMSNorm once), o + residual, gate+up+SiLU*mul, down + residual
+    ("llama", 4, 13, [["rms_norm", "wo_linear", "wo_linear", "wo_linear"]] + [["wo_linear", "add"],
                       ["rms_norm", "wo_linear", "wo_linear", "silu", "mul"], ["wo_linear", "add"]]),
     # c_attn (LayerNorm, bias), c_proj + residual, c_fc + tanh-GELU written out, c_proj + residual
     ("gpt2", 4, 16, [["layer_norm", "wo_linear", "bias"], ["wo_linear", "bias", "add"],

@@ -77,7 +77,7 @@ def test_dump_keeps_kernels_resources_and_inspect_prints_the_cost_model(tmp_path
     assert cli_main(["inspect", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "kernels/token" in text and "bytes/token" in text and "H100" in text and "3.35 TB/s" in text
-    assert re.search(r"^model\.layers\.0 +6 +13$", text, re.M)
+    assert re.search(r"^model\.layers\.0 +4 +13$", text, re.M)
 
 
 def test_symbolic_row_count_gets_the_prefill_tiling():
@@ -108,24 +108,31 @@ def test_a_compressed_model_lowers_onto_generated_kernels():
         ref = model(ids).logits  # eager: the op's CPU kernel (bf16 compute)
         out = torch.compile(model, backend=rec)(ids).logits
     assert sqnr_db(ref, out) >= 40
-    assert rec.summaries[0]["codegen"]["blocks"]["model.layers.0"] == {"kernels": 6, "ops_replaced": 13}
+    assert rec.summaries[0]["codegen"]["blocks"]["model.layers.0"] == {"kernels": 4, "ops_replaced": 13}
 
 
 def test_formats_without_a_template_fall_back_with_the_reason():
-    rec = Recorder(recipe="mxfp4", target="triton")
+    from lowbit_compiler.formats import WeightFormat
+    from lowbit_compiler.recipe import Recipe
+
+    # 2:4-sparse int8 (magnitude-pruned by the quantizer): the Triton sparse kernel is not lowered yet
+    rec = Recorder(recipe=Recipe("s24-int8", ("canonicalize", "insert_weight_quant"), WeightFormat.parse("s24+int8")),
+                   target="triton")
     with torch.no_grad():
         torch.compile(make_model("llama"), backend=rec)(prompt())
     summary = rec.summaries[0]
     assert summary["kernel_counts"] == {"reference": 15} and summary["generated_kernels"] == []
     assert list(summary["fallbacks"]) == [
-        "format mxfp4 has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
-        "activations, int3/int2/NF4 with float activations, fp8_e4m3 with float or fp8 activations)"]
+        "format s24+int8 has no generated-kernel template yet (templates: int8 and int4 with float or int8 "
+        "activations, int3/int2/NF4/MXFP4/NVFP4 with float activations, fp8_e4m3 with float or fp8 activations)"]
 
 
-@pytest.mark.parametrize("recipe", ["nf4", pytest.param("w3a16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("recipe", ["nf4", pytest.param("mxfp4", marks=pytest.mark.slow),
+                                    pytest.param("w3a16", marks=pytest.mark.slow),
+                                    pytest.param("nvfp4", marks=pytest.mark.slow)])
 def test_lookup_and_3_bit_formats_run_as_generated_kernels(recipe):
-    """NF4 (table in registers) and int3 (8 codes in 3 bytes) have templates now: every linear is a
-    generated kernel, none dequantises its whole weight per call."""
+    """NF4 (table in registers), int3 (8 codes in 3 bytes) and MXFP4/NVFP4 (e2m1 codes, block scales)
+    have templates now: every linear is a generated kernel, none dequantises its whole weight per call."""
     ids = prompt()
     cpu = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")
     gpu = Recorder(recipe=recipe, target="triton", strict=True)
@@ -155,9 +162,14 @@ def test_quantized_activation_linears_run_as_generated_kernels(recipe, arch):
     assert set(summary["kernel_counts"]) == {"triton"} and summary["fallbacks"] == {}
     records = summary["generated_kernels"]
     act = {"fp8": "quantize_fp8_e4m3", "w4a4-rot": "quantize_int4"}.get(recipe, "quantize_int8")
-    assert records and all(act in r["fused_ops"] and "qa_linear" in r["fused_ops"] for r in records)
+    # w4a4-rot: down_proj's input comes quantized from the rotate-and-quantize kernel (R4's Hadamard)
+    prequantized = [r for r in records if recipe == "w4a4-rot" and r["layer"].endswith("down_proj")]
+    assert records and all(act in r["fused_ops"] and "qa_linear" in r["fused_ops"]
+                           for r in records if r not in prequantized)
+    assert all(act not in r["fused_ops"] and "qa_linear" in r["fused_ops"] for r in prequantized)
+    assert len(prequantized) == (2 if recipe == "w4a4-rot" else 0)
     if arch == "llama":  # the same grouping as weight-only: norm prologues, gate.up, residual adds
-        assert summary["codegen"]["blocks"]["model.layers.0"] == {"kernels": 6, "ops_replaced": 13}
+        assert summary["codegen"]["blocks"]["model.layers.0"] == {"kernels": 4, "ops_replaced": 13}
 
 
 def test_static_activation_scales_run_as_generated_kernels():
@@ -177,3 +189,29 @@ def test_static_activation_scales_run_as_generated_kernels():
     assert set(summary["kernel_counts"]) == {"triton"}
     assert all("qa_linear" in r["fused_ops"] for r in summary["generated_kernels"])
 
+
+
+@pytest.mark.slow
+def test_spqr_outliers_are_read_inside_the_generated_kernels():
+    """w4a16-spqr: every linear is int3 + SpQR's fp16 outliers (lowbit::sparse_linear beside it). The
+    outliers become a sparse side-read in the linear's kernel: no sparse_linear op stays in the
+    graph, the norms still fuse into q/k/v and gate.up, and the logits match the CPU target
+    (where the op runs its torch implementation)."""
+    ids = prompt(20)  # > 16 rows: the CPU target runs the float reference for int3 (no lookup-table rounding)
+    cpu = Recorder(recipe="w4a16-spqr", target="cpu", cpu_compute_dtype="activation")
+    gpu = Recorder(recipe="w4a16-spqr", target="triton", strict=True)
+    with torch.no_grad():
+        ref = torch.compile(make_model("llama"), backend=cpu)(ids).logits
+        out = torch.compile(make_model("llama"), backend=gpu)(ids).logits
+    assert sqnr_db(ref, out) >= 40
+    summary = gpu.summaries[0]
+    assert set(summary["kernel_counts"]) == {"triton"} and summary["fallbacks"] == {}
+    records = summary["generated_kernels"]
+    assert sum("spqr_outliers" in r["fused_ops"] for r in records) == 15  # every linear's outliers
+    # q, k, v, o, gate (+ SiLU.mul), up, down: a weight with outliers is not paired as gate.up's sibling
+    # (one kernel more than without outliers); the RMSNorms still fuse into q/k/v, gate and up
+    assert summary["codegen"]["blocks"]["model.layers.0"]["kernels"] == 7
+    assert sum("rms_norm" in r["fused_ops"] for r in records) == 2 * 5
+    assert not any("sparse_linear" in str(n.target) for g in gpu.graphs for n in g.graph.nodes)
+    for r in records:  # the side-read's bytes are counted: CSR pointers + (column, value) per outlier
+        assert int(r["bytes_per_call"]["min_read"]) > 0
