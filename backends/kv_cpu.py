@@ -30,7 +30,9 @@ import torch
 
 from lowbit_compiler.backends import cpu_codegen
 
-_SOURCE = r"""
+# Shared by both kernels' sources (formatted with them): the fp16 conversion and the unpacking of one
+# token row of codes (to float for the int kernel, to int32 for the codebook/field kernel).
+_PRELUDE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -55,16 +57,18 @@ static inline float f16_to_f32(uint16_t h) {{
     return f;
 }}
 #endif
+"""
 
-/* codes of one token row: D values of BITS bits, 8 values in BITS bytes (little endian) */
-static inline void unpack_row(const uint8_t* p, float* out) {{
+_UNPACK = r"""
+/* codes of one token row (as CODE_T): D values of BITS bits, 8 values in BITS bytes (little endian) */
+static inline void unpack_codes(const uint8_t* p, {CODE_T}* out) {{
 #if {BITS} == 8
-    for (int64_t j = 0; j < {D}; j++) out[j] = (float)p[j];
+    for (int64_t j = 0; j < {D}; j++) out[j] = ({CODE_T})p[j];
 #elif {BITS} == 4 || {BITS} == 2
     /* whole values per byte: value i of byte j at bits [i * BITS, (i + 1) * BITS) (vectorises) */
     for (int64_t j = 0; j < {D} * {BITS} / 8; j++)
         for (int i = 0; i < 8 / {BITS}; i++)
-            out[j * (8 / {BITS}) + i] = (float)((p[j] >> (i * {BITS})) & {MASK}u);
+            out[j * (8 / {BITS}) + i] = ({CODE_T})((p[j] >> (i * {BITS})) & {MASK}u);
 #else
     /* odd widths: 8 values in BITS bytes, 8 words at a time so the shifts vectorise */
     for (int64_t w0 = 0; w0 < {D} / 8; w0 += 8) {{
@@ -75,11 +79,13 @@ static inline void unpack_row(const uint8_t* p, float* out) {{
                 for (int i = 0; i < {BITS}; i++) word[k] |= (uint64_t)p[(w0 + k) * {BITS} + i] << (8 * i);
         }}
         for (int k = 0; k < 8 && w0 + k < {D} / 8; k++)
-            for (int i = 0; i < 8; i++) out[(w0 + k) * 8 + i] = (float)((word[k] >> (i * {BITS})) & {MASK}u);
+            for (int i = 0; i < 8; i++) out[(w0 + k) * 8 + i] = ({CODE_T})((word[k] >> (i * {BITS})) & {MASK}u);
     }}
 #endif
 }}
+"""
 
+_SOURCE = _PRELUDE + _UNPACK + r"""
 /* q [B, HKV, G, D] float32 (already scaled); key/value codes [B, HKV, Tcap, D*BITS/8];
    key scales: per token [B, HKV, Tcap, D/CG] or per channel [B, HKV, Tcap/KG, D] (fp16, + zero);
    value scales per token [B, HKV, Tcap, D/CG]; mask [B, T] uint8 (1 attends) or NULL.
@@ -117,7 +123,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
                 for (int64_t g = 0; g < G; g++) scores[g * T + t] = -INFINITY;
                 continue;
             }}
-            unpack_row(kc + (bh * Tcap + t) * row, c);
+            unpack_codes(kc + (bh * Tcap + t) * row, c);
 #if {KEY_PER_CHANNEL}
             if (t / KG != loaded) {{  /* one fp16 -> float conversion per token group */
                 loaded = t / KG;
@@ -157,7 +163,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
         memset(a, 0, sizeof(float) * G * D);
         for (int64_t t = 0; t < T; t++) {{
             if (mask && !mask[b * T + t]) continue;
-            unpack_row(vc + (bh * Tcap + t) * row, c);
+            unpack_codes(vc + (bh * Tcap + t) * row, c);
             const uint16_t* ps = vs + (bh * Tcap + t) * ngroups;
             const uint16_t* pz = vz + (bh * Tcap + t) * ngroups;
             for (int64_t cg = 0; cg < ngroups; cg++) {{
@@ -174,56 +180,15 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
 }}
 """
 
-_FIELD_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
+_FIELD_SOURCE = _PRELUDE + _UNPACK + r"""
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
-#endif
-
-#if defined(__F16C__)
-#include <immintrin.h>
-static inline float f16_to_f32(uint16_t h) {{ return _cvtsh_ss(h); }}
-#else
-static inline float f16_to_f32(uint16_t h) {{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, u;
-    if (exp == 0) {{
-        if (mant == 0) u = sign;
-        else {{
-            exp = 113;
-            while (!(mant & 0x400)) {{ mant <<= 1; exp--; }}
-            u = sign | (exp << 23) | ((mant & 0x3ff) << 13);
-        }}
-    }} else if (exp == 31) u = sign | 0x7f800000 | (mant << 13);
-    else u = sign | ((exp + 112) << 23) | (mant << 13);
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}}
 #endif
 
 /* codes of one token row -> their levels: the code, or its codebook entry (cb != NULL) */
 static inline void levels(const uint8_t* p, const float* cb, float* out) {{
     int32_t code[{D}];
-#if {BITS} == 8
-    for (int64_t j = 0; j < {D}; j++) code[j] = p[j];
-#elif {BITS} == 4 || {BITS} == 2
-    for (int64_t j = 0; j < {D} * {BITS} / 8; j++)
-        for (int i = 0; i < 8 / {BITS}; i++) code[j * (8 / {BITS}) + i] = (p[j] >> (i * {BITS})) & {MASK};
-#else
-    /* odd widths: 8 codes in BITS bytes, unpacked 8 words at a time so the shifts vectorise */
-    for (int64_t w0 = 0; w0 < {D} / 8; w0 += 8) {{
-        uint64_t word[8];
-        for (int k = 0; k < 8; k++) {{
-            word[k] = 0;
-            if (w0 + k < {D} / 8)
-                for (int i = 0; i < {BITS}; i++) word[k] |= (uint64_t)p[(w0 + k) * {BITS} + i] << (8 * i);
-        }}
-        for (int k = 0; k < 8 && w0 + k < {D} / 8; k++)
-            for (int i = 0; i < 8; i++) code[(w0 + k) * 8 + i] = (int32_t)((word[k] >> (i * {BITS})) & {MASK});
-    }}
-#endif
+    unpack_codes(p, code);
     if (!cb) {{
         for (int64_t j = 0; j < {D}; j++) out[j] = (float)code[j];
         return;
@@ -373,8 +338,8 @@ log = logging.getLogger("lowbit_compiler")
 
 def source(bits: int, head_dim: int, channel_group: int, key_group: int, per_channel_keys: bool) -> tuple[str, str]:
     name = f"lowbit_kv_decode_b{bits}_d{head_dim}_cg{channel_group}_kg{key_group}_{'pc' if per_channel_keys else 'pt'}"
-    return name, _SOURCE.format(name=name, BITS=bits, MASK=(1 << bits) - 1, D=head_dim, CG=channel_group,
-                                KG=key_group, KEY_PER_CHANNEL=int(per_channel_keys), GMAX=GMAX)
+    return name, _SOURCE.format(name=name, CODE_T="float", BITS=bits, MASK=(1 << bits) - 1, D=head_dim,
+                                CG=channel_group, KG=key_group, KEY_PER_CHANNEL=int(per_channel_keys), GMAX=GMAX)
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,8 +355,8 @@ def field_source(bits: int, head_dim: int, key_cg: int, value_cg: int, key_table
                  chunk: int, pre_rope: bool) -> tuple[str, str]:
     name = (f"lowbit_kv_decode_fields_b{bits}_d{head_dim}_k{'tab' if key_table else key_cg}_v{value_cg}_o{nout}_r{rank}"
             f"c{chunk}{'_rope' if pre_rope else ''}")
-    return name, _FIELD_SOURCE.format(name=name, BITS=bits, MASK=(1 << bits) - 1, D=head_dim, KCG=key_cg, VCG=value_cg,
-                                      KEY_TABLE=int(key_table), NOUT=nout, RANK=rank, CHUNK=chunk,
+    return name, _FIELD_SOURCE.format(name=name, CODE_T="int32_t", BITS=bits, MASK=(1 << bits) - 1, D=head_dim,
+                                      KCG=key_cg, VCG=value_cg, KEY_TABLE=int(key_table), NOUT=nout, RANK=rank, CHUNK=chunk,
                                       PRE_ROPE=int(pre_rope), GMAX=GMAX)
 
 
