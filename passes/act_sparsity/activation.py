@@ -344,52 +344,36 @@ class RSparse(ActivationSparsity):
 # The threshold fused into the quantized matmul that reads it
 # --------------------------------------------------------------------------------------------
 
-def _thresholded_wo_linear(node: fx.Node) -> dict[str, Any] | None:
-    if not (node.op == "call_function" and node.target is torch.ops.lowbit.wo_linear.default):
+def _threshold_fusion(name: str, linear: Any, fused: Any, extra: tuple[str, ...]) -> PatternRule:
+    """``act_sparsify`` feeding ``linear`` -> ``fused``: the sparsify's (x, threshold, col_scale), then the
+    linear's weight arguments and ``extra`` (the fused op's trailing arguments, by the linear's names)."""
+    def match(node: fx.Node) -> dict[str, Any] | None:
+        if not (node.op == "call_function" and node.target is linear):
+            return None
+        args = ir.op_args(node)
+        x = args["x"]
+        if isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.lowbit.act_sparsify.default:
+            return {"linear": args, "sparsify": ir.op_args(x), "spec": ir.get(x, ir.ACT_SPARSITY)}
         return None
-    args = ir.op_args(node)
-    x = args["x"]
-    if isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.lowbit.act_sparsify.default:
-        return {"linear": args, "sparsify": ir.op_args(x), "spec": ir.get(x, ir.ACT_SPARSITY)}
-    return None
+
+    def rewrite(gm: fx.GraphModule, node: fx.Node, found: dict[str, Any]) -> fx.Node:
+        a, s = found["linear"], found["sparsify"]
+        new = gm.graph.call_function(fused, (
+            s["x"], s["threshold"], s["col_scale"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
+            a["in_features"], *(a[k] for k in extra)))
+        if found["spec"] is not None:
+            ir.put(new, ir.ACT_SPARSITY, found["spec"])
+        return new
+
+    return PatternRule(name, match, rewrite)
 
 
-def _sparse_input_linear(gm: fx.GraphModule, node: fx.Node, match: dict[str, Any]) -> fx.Node:
-    a, s = match["linear"], match["sparsify"]
-    new = gm.graph.call_function(torch.ops.lowbit.sparse_input_linear.default, (
-        s["x"], s["threshold"], s["col_scale"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
-        a["in_features"]))
-    if match["spec"] is not None:
-        ir.put(new, ir.ACT_SPARSITY, match["spec"])
-    return new
-
-
-FUSE_SPARSE_INPUT = PatternRule("act_sparsify + wo_linear -> sparse_input_linear", _thresholded_wo_linear,
-                                _sparse_input_linear)
-
-
-def _thresholded_qa_linear(node: fx.Node) -> dict[str, Any] | None:
-    if not (node.op == "call_function" and node.target is torch.ops.lowbit.qa_linear.default):
-        return None
-    args = ir.op_args(node)
-    x = args["x"]
-    if isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.lowbit.act_sparsify.default:
-        return {"linear": args, "sparsify": ir.op_args(x), "spec": ir.get(x, ir.ACT_SPARSITY)}
-    return None
-
-
-def _sparse_input_qa_linear(gm: fx.GraphModule, node: fx.Node, match: dict[str, Any]) -> fx.Node:
-    a, s = match["linear"], match["sparsify"]
-    new = gm.graph.call_function(torch.ops.lowbit.sparse_input_qa_linear.default, (
-        s["x"], s["threshold"], s["col_scale"], a["qweight"], a["scale"], a["zero"], a["bias"], a["fmt"],
-        a["in_features"], a["act"], a["x_scale"]))
-    if match["spec"] is not None:
-        ir.put(new, ir.ACT_SPARSITY, match["spec"])
-    return new
-
-
-FUSE_SPARSE_INPUT_QA = PatternRule("act_sparsify + qa_linear -> sparse_input_qa_linear", _thresholded_qa_linear,
-                                   _sparse_input_qa_linear)
+FUSE_SPARSE_INPUT = _threshold_fusion("act_sparsify + wo_linear -> sparse_input_linear",
+                                      torch.ops.lowbit.wo_linear.default,
+                                      torch.ops.lowbit.sparse_input_linear.default, ())
+FUSE_SPARSE_INPUT_QA = _threshold_fusion("act_sparsify + qa_linear -> sparse_input_qa_linear",
+                                         torch.ops.lowbit.qa_linear.default,
+                                         torch.ops.lowbit.sparse_input_qa_linear.default, ("act", "x_scale"))
 _FUSED = (torch.ops.lowbit.sparse_input_linear.default, torch.ops.lowbit.sparse_input_qa_linear.default)
 
 
