@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
+import sys
 import time
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from lowbit_compiler.backends import cpu_codegen, cpu_kernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_cpu import read_bandwidth  # noqa: E402  (the decode benchmark's measurement)
 
 _timing: dict[str, list[float]] = collections.defaultdict(list)
 _bytes: dict[str, int] = {}
@@ -61,17 +66,6 @@ def _instrument() -> None:
     cpu_codegen.Bound.__call__ = bound
     cpu_codegen.BoundGroup.__call__ = group
     cpu_kernels.torch_packed_linear = torch_packed
-
-
-def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 9) -> float:
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times)
 
 
 def main() -> None:
