@@ -68,16 +68,17 @@ def unsupported_reason(n: int, dtype: torch.dtype = torch.float16, device: torch
 
 
 @triton.jit
-def hadamard_rows(x_ptr, out_ptr, hat_ptr, hb_ptr, stride_x, stride_o, scale,
-                  A: tl.constexpr, B: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, HALF: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rotate_row(x_ptr, row, stride_x, hat_ptr, hb_ptr,
+                A: tl.constexpr, B: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, HALF: tl.constexpr):
+    """``left^T X right`` for one row viewed as an A x B tile (zero-padded to PA x PB), unscaled; with
+    its offsets and mask. ``hat_ptr``: the left factor transposed (H_A^T), ``hb_ptr``: the right one."""
     ia = tl.arange(0, PA)
     ib = tl.arange(0, PB)
     mask = (ia[:, None] < A) & (ib[None, :] < B)
     offs = ia[:, None] * B + ib[None, :]
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    hat = tl.load(hat_ptr + ia[:, None] * PA + ia[None, :])  # H_A^T (+-1, zero-padded)
-    hb = tl.load(hb_ptr + ib[:, None] * PB + ib[None, :])    # H_B (+-1, zero-padded)
+    hat = tl.load(hat_ptr + ia[:, None] * PA + ia[None, :])
+    hb = tl.load(hb_ptr + ib[:, None] * PB + ib[None, :])
     if HALF:
         # 16-bit x and +-1 factors are exact operands of a tensor-core dot (fp32 accumulation);
         # the fp32 intermediate goes into the second dot as a 16-bit hi + lo pair (16+ bits kept)
@@ -86,8 +87,16 @@ def hadamard_rows(x_ptr, out_ptr, hat_ptr, hb_ptr, stride_x, stride_o, scale,
         lo = (y - hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
         z = tl.dot(hat, hi) + tl.dot(hat, lo)
     else:
-        y = tl.dot(x.to(tl.float32), hb, input_precision="ieee")
-        z = tl.dot(hat, y, input_precision="ieee")
+        y = tl.dot(x.to(tl.float32), hb.to(tl.float32), input_precision="ieee")
+        z = tl.dot(hat.to(tl.float32), y, input_precision="ieee")
+    return z, offs, mask
+
+
+@triton.jit
+def hadamard_rows(x_ptr, out_ptr, hat_ptr, hb_ptr, stride_x, stride_o, scale,
+                  A: tl.constexpr, B: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, HALF: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z, offs, mask = _rotate_row(x_ptr, row, stride_x, hat_ptr, hb_ptr, A, B, PA, PB, HALF)
     tl.store(out_ptr + row * stride_o + offs, (z * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -162,21 +171,7 @@ def rotate_quantize_rows(x_ptr, codes_ptr, xscale_ptr, hat_ptr, hb_ptr, stride_x
     integer codes in [-qmax, qmax] (``absmax / qmax``, round half to even) and its scale. The
     rotated row never leaves registers."""
     row = tl.program_id(0).to(tl.int64)
-    ia = tl.arange(0, PA)
-    ib = tl.arange(0, PB)
-    mask = (ia[:, None] < A) & (ib[None, :] < B)
-    offs = ia[:, None] * B + ib[None, :]
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    hat = tl.load(hat_ptr + ia[:, None] * PA + ia[None, :])
-    hb = tl.load(hb_ptr + ib[:, None] * PB + ib[None, :])
-    if HALF:  # 16-bit x and +-1 factors: exact tensor-core operands; the intermediate as hi + lo
-        y = tl.dot(x, hb)
-        hi = y.to(x_ptr.dtype.element_ty)
-        lo = (y - hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        z = tl.dot(hat, hi) + tl.dot(hat, lo)
-    else:
-        y = tl.dot(x.to(tl.float32), hb.to(tl.float32), input_precision="ieee")
-        z = tl.dot(hat.to(tl.float32), y, input_precision="ieee")
+    z, offs, mask = _rotate_row(x_ptr, row, stride_x, hat_ptr, hb_ptr, A, B, PA, PB, HALF)
     z = z * scale
     amax = tl.max(tl.max(tl.abs(z), axis=1), axis=0)  # padding lanes are zero
     xs = amax / qmax
