@@ -179,14 +179,22 @@ def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool 
     derived = None
     if "decoder_input_ids" in names and not any("decoder_input_ids" in b for b in batches):
         batches, derived = with_decoder_inputs(batches, names, shapes, example_args)
+    # the key of cached results: the data as the user gave it, before inputs derived below (a decode
+    # graph, where nothing can be derived, must find what the prefill graph computed)
     fp = fingerprint(batches)
+    batches, positions = with_position_inputs(batches, names, example_args)
+    if positions:
+        derived = "; ".join(filter(None, (derived, positions)))
     keys = sorted({k for b in batches for k in b})
     missing = [n or p.name for n, p in zip(names, placeholders) if n is None or not any(n in b for b in batches)]
     if missing:
         return Calibration(gm, [], fp, progress, unusable=(
             f"the graph's inputs {missing} are not in the calibration batches (keys {keys}); data-driven passes "
             "run on graphs whose inputs are model inputs such as input_ids (the first call's graph, not a decode "
-            "step's)" + (f"; {derived}" if derived and derived.startswith("cannot") else "")))
+            "step's)" + (f"; {derived}" if derived and derived.startswith("cannot") else "")
+            + ("; position_ids / cache_position / attention_mask are built from input_ids only when the captured "
+               "call's are those of a prompt from position 0 without padding" if set(missing) & set(_POSITIONAL)
+               else "")))
     args, skipped = [], []
     for batch in batches:
         values = tuple(v.to(d) if isinstance(v, torch.Tensor) and d is not None and v.device != d else v
@@ -207,6 +215,50 @@ def for_graph(gm: fx.GraphModule, batches: list[dict[str, Any]], progress: bool 
     if derived:
         log.info("calibration: %s", derived)
     return Calibration(gm, args, fp, progress, derived=derived)
+
+
+_POSITIONAL = ("position_ids", "cache_position", "attention_mask")
+
+
+def _from_ids(name: str, captured: Any, ids: torch.Tensor) -> torch.Tensor | None:
+    """``name`` for a batch of token ids ``ids`` [B, L] when the captured call's value is what a
+    prompt from position 0 without padding has (``generate()``'s prefill): ``position_ids``
+    ``0..L-1`` per row, ``cache_position`` ``0..L-1``, ``attention_mask`` all ones; else None."""
+    if not isinstance(captured, torch.Tensor) or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    length = captured.shape[-1] if captured.dim() else 0
+    ramp = torch.arange(length, device=captured.device)
+    if name == "position_ids" and captured.dim() == 2 and torch.equal(captured, ramp.expand_as(captured).to(captured.dtype)):
+        return torch.arange(ids.shape[1], dtype=captured.dtype, device=ids.device).expand(ids.shape[0], -1)
+    if name == "cache_position" and captured.dim() == 1 and torch.equal(captured, ramp.to(captured.dtype)):
+        return torch.arange(ids.shape[1], dtype=captured.dtype, device=ids.device)
+    if name == "attention_mask" and captured.dim() == 2 and bool((captured == 1).all()):
+        return torch.ones(ids.shape, dtype=captured.dtype, device=ids.device)
+    return None
+
+
+def with_position_inputs(batches: list[dict[str, Any]], names: list[str | None],
+                         example_args: Sequence[Any] | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The inputs ``generate()`` adds to the prefill call (``position_ids``, ``cache_position``,
+    ``attention_mask``) built for token-id batches that lack them, from each batch's ``input_ids``:
+    only when the captured call had exactly what a prompt from position 0 without padding has
+    (:func:`_from_ids`), so the prefill graph of ``model.generate(batch)`` calibrates on the data,
+    and a decode step's graph (positions not from 0, a cache) does not. Returns the batches and a
+    note for the report (None when nothing was built)."""
+    built = []
+    for i, name in enumerate(names):
+        if name not in _POSITIONAL or example_args is None or i >= len(example_args):
+            continue
+        if any(name in b for b in batches) or not all(isinstance(b.get("input_ids"), torch.Tensor) for b in batches):
+            continue
+        made = [_from_ids(name, example_args[i], b["input_ids"]) for b in batches]
+        if all(m is not None for m in made):
+            batches = [{**b, name: m} for b, m in zip(batches, made)]
+            built.append(name)
+    if not built:
+        return batches, None
+    return batches, (f"{', '.join(built)} built for every batch from its input_ids (positions from 0, no padding), "
+                     "as the captured call had them; pass dicts with these keys to choose them")
 
 
 def with_decoder_inputs(batches: list[dict[str, Any]], names: list[str | None], shapes: list[Any],
@@ -358,6 +410,7 @@ class Calibration:
         envs = [dict(zip(placeholders, a)) for a in self.args]
         bar = _progress(len(names), f"{pass_name}: calibrating {prefix or 'graph'}", self.progress)
         rewritten = 0
+        rows: dict[str, int] = {}  # observed rows per node (the module's FQN)
         with torch.no_grad():
             for index, name in enumerate(names):
                 seg = _segments(gm, seg, blocks)
@@ -367,6 +420,9 @@ class Calibration:
                 stats: dict[fx.Node, LinearStats] = {}
                 observe = (select, needs, stats, at)
                 pending = [self._run_segment(index, seg, env, observe) for env in envs]
+                for node, observed in stats.items():
+                    module = ir.get(node, ir.MODULE)
+                    rows[module.fqn if module is not None and module.fqn else node.name] = observed.rows
                 changed = bool(on_block(Block(index, name), stats)) if on_block is not None else False
                 if changed:
                     rewritten += 1
@@ -381,8 +437,17 @@ class Calibration:
         bar.close()
         if rewritten:
             gm.recompile()
+        tokens = self._tokens(placeholders)
+        fewer = {k: v for k, v in rows.items() if tokens and v < tokens}
+        if fewer:  # e.g. the head under generate(): its prefill graph computes the last position's logits only
+            log.warning("calibration (%s): %s saw fewer rows than the %d calibration tokens: the graph computes them "
+                        "for part of the tokens only (generate()'s prefill keeps the last position's logits), so "
+                        "their statistics come from those rows. To calibrate them on every token, call the compiled "
+                        "model on a calibration batch first (compiled(batch)), or use lowbit_compiler.compress",
+                        pass_name, fewer, tokens)
         return {"seconds": round(time.perf_counter() - start, 3), "blocks": len(blocks), "batches": len(self.args),
-                "segments_rewritten": rewritten, **({"derived_inputs": self.derived} if self.derived else {})}
+                "segments_rewritten": rewritten, **({"derived_inputs": self.derived} if self.derived else {}),
+                **({"fewer_rows": fewer} if fewer else {})}
 
     def outputs(self) -> list[Any]:
         """The graph's outputs for every batch (the float model's, before later passes change it)."""
@@ -390,6 +455,15 @@ class Calibration:
             return [_Executor(self.gm).run_all(a) for a in self.args]
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _tokens(self, placeholders: list[fx.Node]) -> int | None:
+        """Calibration tokens a decoder-only graph runs (the ``input_ids`` of every batch); None for
+        graphs without ``input_ids`` or with a decoder of their own (encoder and decoder lengths differ)."""
+        names = [_dynamo_adapter.input_name(p) for p in placeholders]
+        if "input_ids" not in names or "decoder_input_ids" in names:
+            return None
+        i = names.index("input_ids")
+        return sum(a[i].numel() for a in self.args if isinstance(a[i], torch.Tensor))
 
     def _run_segment(self, index: int, seg: dict[fx.Node, int], env: dict[fx.Node, Any], observe) -> dict[fx.Node, Any]:
         """Run one segment for one batch; returns the values a later segment (or the output) reads.

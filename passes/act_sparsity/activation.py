@@ -203,6 +203,16 @@ class ActivationSparsity(Pass):
             for site, result in cached.items():
                 apply(site, result)
             info: dict[str, Any] = {"cached": len(cached)}
+        elif (why := common.reuse_only(ctx, cached.values())) is not None:
+            # a later graph (a decode step) of a model whose first graph was calibrated: its
+            # thresholds, and a logged fallback (strict: raise) for the sites it never saw
+            missing = [site for site, result in cached.items() if result is None]
+            for site, result in cached.items():
+                if result is not None:
+                    apply(site, result)
+            for site in missing:
+                ctx.fallback(f"{self.name}: site {site.name}", f"{why}; its input stays dense")
+            info = {"cached": len(cached) - len(missing), "not_calibrated": why}
         else:
             engine = ctx.calibration_for(self.name)
             info = {"runs": []}

@@ -243,19 +243,30 @@ def recipe_key(ctx: PassContext, pass_name: str, options: dict[str, Any]) -> str
 
 def calibrate_each(ctx: PassContext, pass_name: str, keys: dict[fx.Node, tuple[torch.Tensor, Any]],
                    needs: set[str], compute: Callable[[fx.Node, Any], Any], apply: Callable[[fx.Node, Any], None],
-                   rewrites: bool) -> tuple[dict[str, Any], list[fx.Node]]:
+                   rewrites: bool, reuse_partial: bool = False) -> tuple[dict[str, Any], list[fx.Node]]:
     """The skeleton every per-linear data-driven pass shares: its result for each node of ``keys``
     (node -> (the tensor it belongs to, a key from :func:`recipe_key`)) comes from :data:`RESULTS`
     when every one is cached (an earlier graph of this model), else from one calibration run:
     ``compute(node, stats)`` on the node's :class:`~lowbit_compiler.calibration.LinearStats`,
     cached, then ``apply(node, result)``. ``rewrites``: the pass changes what its block computes,
     so the engine runs the block again for the next one. Returns (the engine's run info, or
-    ``{"cached": n}``; the nodes no calibration data reached, which the pass must handle)."""
+    ``{"cached": n}``; the nodes no calibration data reached, which the pass must handle).
+
+    ``reuse_partial``: when only some results are cached and the calibration data does not fit
+    this graph (a decode step's graph of a model whose prefill graph was calibrated), apply the
+    cached ones and return the others as not reached (``info["not_calibrated"]`` says why), instead
+    of raising; the pass then falls back for those, logged (strict: raises)."""
     cached = {node: RESULTS.get(owner, key) for node, (owner, key) in keys.items()}
     if all(c is not None for c in cached.values()):
         for node, result in cached.items():
             apply(node, result)
         return {"cached": len(cached)}, []
+    if reuse_partial and (why := reuse_only(ctx, cached.values())) is not None:
+        for node, result in cached.items():
+            if result is not None:
+                apply(node, result)
+        missing = [node for node, result in cached.items() if result is None]
+        return {"cached": len(cached) - len(missing), "not_calibrated": why}, missing
     pending = dict(keys)
 
     def on_block(block, stats) -> bool:
@@ -268,6 +279,17 @@ def calibrate_each(ctx: PassContext, pass_name: str, keys: dict[fx.Node, tuple[t
 
     info = ctx.calibration_for(pass_name).run(pass_name, lambda n: n in pending, needs, on_block)
     return info, list(pending)
+
+
+def reuse_only(ctx: PassContext, cached: Any) -> str | None:
+    """Why a graph must reuse earlier graphs' results rather than calibrate (some results are
+    cached, and the calibration data does not fit this graph: a decode step), else None. A graph
+    with nothing cached and no fitting data still raises through ``ctx.calibration_for``."""
+    cal = ctx.calibration
+    if cal is None or cal.args or not any(c is not None for c in cached):
+        return None
+    return (f"this graph does not fit the calibration data ({cal.unusable}), and no earlier graph of this model "
+            "calibrated this site")
 
 
 def tensor_prefix(gm: fx.GraphModule, layer: str) -> str:

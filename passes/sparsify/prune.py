@@ -116,11 +116,12 @@ class _PruneBase(Pass):
         else:
             info, unreached = common.calibrate_each(
                 ctx, self.name, {s.node: (s.param, (key, s.transposed)) for s in sites}, {"hessian"},
-                lambda node, stats: self._prune(by_node[node], pattern, stats), apply, rewrites=True)
+                lambda node, stats: self._prune(by_node[node], pattern, stats), apply, rewrites=True,
+                reuse_partial=True)
             for node in unreached:
                 site = by_node[node]
-                ctx.fallback(f"{self.name}: layer {site.layer}", "no calibration statistics reached this linear; "
-                             "pruned by magnitude instead")
+                why = info.get("not_calibrated", "no calibration statistics reached this linear")
+                ctx.fallback(f"{self.name}: layer {site.layer}", f"{why}; pruned by magnitude instead")
                 apply(node, self._prune(site, pattern, None))
         ir.eliminate_dead_code(gm)
         gm.recompile()
@@ -250,11 +251,12 @@ class SparseGPTQuant(QuantizeLinears):
 
         info, unreached = common.calibrate_each(
             ctx, self.name, {s.node: (s.param, (key, s.transposed, fmt.key)) for s in linears}, {"hessian"},
-            compute, take, rewrites=True)
+            compute, take, rewrites=True, reuse_partial=True)
         for node in unreached:
             site = by_node[node]
-            ctx.fallback(f"sparsegpt_quant: layer {site.layer}", "no calibration statistics reached this linear; "
-                         "pruned by magnitude and rounded to nearest instead")
+            why = info.get("not_calibrated", "no calibration statistics reached this linear")
+            ctx.fallback(f"sparsegpt_quant: layer {site.layer}", f"{why}; pruned by magnitude and rounded to "
+                         "nearest instead")
             from lowbit_compiler.formats import quantize
 
             new = common.replace_linear(gm, ctx, site, quantize(site.weight, fmt))
