@@ -412,7 +412,19 @@ def _reference(node: fx.Node, ctx: PassContext, reason: str) -> str:
 
 @register_lowering(torch.ops.lowbit.wo_linear.default, "triton")
 def _wo_linear_outside_groups(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: LoweringState) -> str:
-    """A weight-only linear the fusion partition did not take: the float reference, and why."""
+    """A weight-only linear the fusion partition did not take: N:M 2:4 storage -> the 2:4 Triton
+    kernels over the compressed values and indices (``backends/sparse_kernel.py``: decode GEMV up
+    to 16 rows, prefill matmul above); otherwise the float reference, and why."""
+    a = opdecl.args(node)
+    if WeightFormat.parse(a["fmt"]).kind == "sparse":
+        from lowbit_compiler.backends import sparse_kernel
+
+        reason = (_no_triton_device() or _activation_unsupported(a["x"])
+                  or sparse_kernel.unsupported_reason(a["fmt"], None, a["in_features"]))
+        if reason is None:
+            node.target = torch.ops.lowbit.sparse24_linear_triton.default
+            return f"triton:sparse24_{a['fmt']}"
+        return _reference(node, ctx, reason)
     return _reference(node, ctx, state.rejected.get(node.name, "target 'triton': not in a fusion group"))
 
 
