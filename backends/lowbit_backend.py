@@ -48,7 +48,7 @@ import torch
 import torch.fx as fx
 
 import lowbit_compiler.ops  # noqa: F401  (registers lowbit:: ops before any graph uses them)
-from lowbit_compiler import _dynamo_adapter, ir, memory, opdecl
+from lowbit_compiler import _dynamo_adapter, ir, kv, memory, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import WeightFormat
@@ -135,6 +135,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         where[0] = f"pass {passes[len(done)]!r}" if len(done) < len(passes) else "coverage (after the passes)"
 
     try:
+        kv_status = None  # the compressed KV cache on the compiled module (not for a graph compiled again)
+        if module_state is None:
+            where[0] = "KV cache (installing the compressed cache on the compiled module)"
+            kv_status = kv.install_for_compiled_graph(gm, example_inputs, opts.recipe, opts.strict, opts.calibration)
+            where[0] = "capture"
         captured = capture(gm, example_inputs, module_state)
         ir_gm = captured.gm
         dump.stage("captured", ir_gm)
@@ -148,10 +153,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         where[0] = f"pass {passes[0]!r}" if passes else "coverage"
         ctx = PassContext(recipe=opts.recipe, strict=opts.strict, calibration=calibration)
         report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=on_stage, ctx=ctx)
-        if any(ir.get(n, ir.KV_CACHE) is not None for n in ir_gm.graph.nodes):
-            ctx.fallback("mark_kv_cache", "KV cache: the compiled graph keeps the model's own float cache (the "
-                         "decisions are recorded only; the backend is given graphs, not the model to install a cache "
-                         "on); compress the model first: lowbit_compiler.compress(model, recipe).compile("
+        if kv_status not in (None, kv.INSTALLED) and any(ir.get(n, ir.KV_CACHE) is not None
+                                                         for n in ir_gm.graph.nodes):
+            ctx.fallback("mark_kv_cache", f"KV cache: the compiled graph keeps the model's own float cache "
+                         f"({kv_status}); compress the model first: lowbit_compiler.compress(model, recipe).compile("
                          "backend='lowbit') runs with the compressed cache and its attention")
         layers = {**_prequantized_layers(ir_gm), **report.layers}
         summary.update(passes=[dataclasses.asdict(p) for p in report.passes], layers=layers,
@@ -165,7 +170,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
             where[0] = "Inductor (inner='inductor')"
             run = _dynamo_adapter.inductor_compile(ir_gm, captured.call_args(example_inputs))
     except Exception as error:
-        dump.failure(error, where[0], {**summary, "passes_done": done})
+        if not _dynamo_adapter.is_restart(error):  # the KV cache was installed: Dynamo traces again
+            dump.failure(error, where[0], {**summary, "passes_done": done})
         raise
     summary.update({
         "target": lowering.target,
@@ -275,6 +281,8 @@ class LowbitBackend:
         try:
             compiled, summary = compile_graph(gm, example_inputs, opts)
         except Exception as error:
+            if _dynamo_adapter.is_restart(error):
+                raise
             return _raises(_ours(error, f"compiling a graph with recipe {opts.recipe.name!r}"))
         for note in summary.get("notes", ()):
             log.warning("lowbit: graph %s: %s", summary["graph"] or "(no dump)", note)
