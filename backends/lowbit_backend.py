@@ -200,23 +200,55 @@ class LowbitCompiled:
     with the current tensors, rather than computing with stale weights.
     """
 
+    MAX_VARIANTS = 256  # parameter sets kept per Dynamo graph (the layers of the largest models)
+
     def __init__(self, dynamo_gm: fx.GraphModule, opts: BackendOptions, captured, summary: dict[str, Any],
                  run: Any):
         self.dynamo_gm, self.opts = dynamo_gm, opts
         self.captured, self.lowbit_summary, self.run = captured, summary, _with_cuda_graphs(run, opts)
+        # one compiled variant per set of parameter objects: Dynamo reuses one graph for several
+        # modules when their forward's code is shared (a decoder layer's resume function after a
+        # graph break in its attention, e.g. the compressed KV cache's: every layer calls the same
+        # graph with its own parameters), which must not recompile on every call
+        self._variants: collections.OrderedDict = collections.OrderedDict()
+        self._variants[self._key(captured)] = (captured, summary, self.run)
+
+    @staticmethod
+    def _key(captured) -> tuple[int, ...]:
+        return tuple(id(param) for _, _, param, _ in captured.frozen_parameters)
 
     @property
     def lowbit_graph(self) -> fx.GraphModule:
         return self.captured.gm
 
     def __call__(self, *args: Any) -> Any:
-        stale = self.captured.stale_parameter(args)
-        if stale is not None:
-            log.warning("lowbit: parameter %s changed since compilation; compiling the graph again", stale)
-            stats["refreezes"] += 1
-            fresh, _ = compile_graph(self.dynamo_gm, args, self.opts, self.captured.module_state)
-            self.captured, self.lowbit_summary, self.run = fresh.captured, fresh.lowbit_summary, fresh.run
+        if self.captured.stale_parameter(args) is not None:
+            self._switch(args)
         return self.run(*self.captured.call_args(args))
+
+    def _switch(self, args: Sequence[Any]) -> None:
+        """The variant compiled for these parameters, else a new one (the parameters are another
+        module's, or were replaced or edited in place since compilation: compiled again rather than
+        computed with stale weights)."""
+        for key, variant in self._variants.items():
+            if variant[0].stale_parameter(args) is None:
+                self._variants.move_to_end(key)
+                self.captured, self.lowbit_summary, self.run = variant
+                return
+        stale = self.captured.stale_parameter(args)
+        edited = all(args[i] is param for i, _, param, _ in self.captured.frozen_parameters)
+        (log.warning if edited else log.info)(
+            "lowbit: graph %s called with %s parameter %s; compiling it for them",
+            self.lowbit_summary.get("graph") or "(no dump)", "an edited" if edited else "another module's (or a replaced)",
+            stale)
+        stats["refreezes"] += 1
+        fresh, _ = compile_graph(self.dynamo_gm, args, self.opts, self.captured.module_state)
+        self.captured, self.lowbit_summary, self.run = fresh.captured, fresh.lowbit_summary, fresh.run
+        key = self._key(fresh.captured)
+        self._variants.pop(key, None)  # the same parameters edited in place: the old variant is stale
+        self._variants[key] = (self.captured, self.lowbit_summary, self.run)
+        while len(self._variants) > self.MAX_VARIANTS:
+            self._variants.popitem(last=False)
 
 
 def _with_cuda_graphs(run: Any, opts: BackendOptions) -> Any:

@@ -285,6 +285,10 @@ def _compile_flow_generate(model, ids, recipe: str, flow: str, new_tokens: int =
         if flow == "model.compile":
             compiled.compile(backend="lowbit", options=options)
             out = compiled.generate(ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
+            first = dict(lowbit_backend.stats)
+            lowbit_backend.stats.clear()
+            again = compiled.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+            lowbit_backend.stats.update({**first, "again": (again, dict(lowbit_backend.stats))})
         else:  # torch.compile(model): generate() is not compiled through the wrapper, the forward is
             wrapper = torch.compile(compiled, backend="lowbit", options=options)
             out = wrapper(ids, use_cache=True)
@@ -312,6 +316,11 @@ def test_compile_flow_kv4_uses_the_compressed_cache_from_the_first_call(llama, f
             _only_packed(out.past_key_values)  # generate()'s cache: the first call's, grown by 7 decode steps
             assert out.past_key_values.get_seq_length() == ids.shape[1] + 7
             assert torch.equal(out.sequences, reference.generate(ids, max_new_tokens=8, do_sample=False))
+            # the graphs after the cache's breaks are shared by both layers (one code object): each
+            # keeps a variant per layer's parameters, so a second generate() compiles nothing
+            again, stats_again = stats["again"]
+            assert torch.equal(again, out.sequences)
+            assert stats_again.get("refreezes", 0) == 0 and stats_again.get("backend_calls", 0) == 0
         else:
             _only_packed(out.past_key_values)
             torch.testing.assert_close(out.logits, reference(ids, use_cache=True).logits, atol=1e-5, rtol=1e-5)
