@@ -215,7 +215,8 @@ class LowbitCompiled:
 
     @staticmethod
     def _key(captured) -> tuple[int, ...]:
-        return tuple(id(param) for _, _, param, _ in captured.frozen_parameters)
+        return (tuple(id(param) for _, _, param, _ in captured.frozen_parameters)
+                + tuple(id(buffer) for _, _, buffer in captured.frozen_buffers))
 
     @property
     def lowbit_graph(self) -> fx.GraphModule:

@@ -342,6 +342,25 @@ def test_compile_flow_w4a16_plus_kv4_matches_compress_then_compile(llama):
     assert torch.equal(out.sequences, reference)
 
 
+@pytest.mark.slow  # ~8-50 s (compress + compile; load-dependent)
+def test_compressed_w4a16_kv4_then_compile_runs_each_layers_packed_weights(llama):
+    """compress(model, "w4a16+kv4").compile(backend="lowbit"): the graphs after the cache's breaks are
+    shared by both layers (one code object) and a compressed model's packed weights are buffers;
+    every layer must run its own (the graph was checked for changed parameters only, so layer 1 ran
+    layer 0's o_proj and MLP: prefill logits at -0.6 dB). The logits equal the eager model's."""
+    model, inputs = llama
+    ids = inputs["input_ids"]
+    compressed = compress(copy.deepcopy(model), "w4a16+kv4", progress=False)
+    torch.compiler.reset()
+    with torch.no_grad():
+        reference = compressed(ids, use_cache=True).logits
+        compressed.compile(backend="lowbit")
+        out = compressed(ids, use_cache=True)
+    torch.compiler.reset()
+    assert type(out.past_key_values).__name__ == "CompressedKVCache"
+    torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_compile_flow_without_the_module_reports_the_float_cache(llama):
     """A compiled function that reaches the model through a closure: the backend cannot know the
     module, keeps the float cache and says why (strict mode raises)."""
