@@ -478,8 +478,10 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
     """Attention of one query token over the layer's cache (B, 1, Hq, D), or None when the
     generated kernel does not apply (:func:`unsupported`; the caller runs the torch reference)."""
     why = unsupported(query, layer)
-    if softcap or why is not None:
-        if why is not None and why.startswith(layer.fmt.scheme) and why not in _LOGGED:
+    if softcap and why is None:
+        why = f"{layer.fmt.scheme}: attention logit soft-capping (not in the C kernel)"
+    if why is not None:
+        if why.startswith(layer.fmt.scheme) and why not in _LOGGED:
             _LOGGED.add(why)
             log.warning("lowbit fallback: CPU decode attention over the %s cache: %s; it takes the blocked torch "
                         "attention (lowbit_compiler.kv.packed_attention_reference)", layer.fmt.key, why)
@@ -521,16 +523,19 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
 
 
 def fold_float_tokens(q: torch.Tensor, layer: Any, mask: torch.Tensor | None, acc: torch.Tensor, m: torch.Tensor,
-                      s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+                      s: torch.Tensor, dtype: torch.dtype, softcap: float | None = None) -> torch.Tensor:
     """Fold the layer's float tokens (sinks, window) into the packed tokens' unnormalised softmax
     (acc [B, HKV, G, D], max and sum [B, HKV, G, 1]) and normalise: (B, 1, Hq, D) in ``dtype``.
-    ``q``: the scaled queries [B, HKV, G, D]; ``mask``: [B, T] bool over all tokens, or None."""
+    ``q``: the scaled queries [B, HKV, G, D]; ``mask``: [B, T] bool over all tokens, or None;
+    ``softcap``: the logit soft-capping the packed tokens' scores had (None: none)."""
     b, hkv, g, d = q.shape
     sinks, n = layer._sink_k.shape[2], layer._k.length
     for start, kf, vf in ((0, layer._sink_k, layer._sink_v), (sinks + n, layer._float_k, layer._float_v)):
         if kf.shape[2] == 0:
             continue
         scores = torch.einsum("bhgd,bhtd->bhgt", q, kf.float())
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, None, start:start + kf.shape[2]], -math.inf)
         m_new = torch.maximum(m, scores.amax(-1, keepdim=True))

@@ -2,7 +2,7 @@
 query token per sequence reads the packed keys and values directly, dequantizes them in registers
 and never writes a dequantized copy.
 
-Formats (every one the cache stores except fp8):
+Formats (every one the cache stores):
 
 * ``int`` / ``kivi``: uniform codes of 2..8 bits, fp16 scale and zero per token and channel group,
   or (KIVI's keys) per channel and token group;
@@ -11,7 +11,14 @@ Formats (every one the cache stores except fp8):
   group with their fp16 centre and half-range, the sparse outliers (fp16 value + index) put back
   in registers, and keys stored **before RoPE**: the kernel rotates them at their stored positions
   (``cos(pos * inv_freq) * attention_scaling``, full-width rotate_half) before the dot product;
-* ``gear``: uniform per-token codes + the rank-``R`` residual ``A[t] . B[chunk(t)]`` + outliers.
+* ``gear``: uniform per-token codes + the rank-``R`` residual ``A[t] . B[chunk(t)]`` + outliers;
+* ``fp8``: e4m3 codes times one fp16 scale per token and channel group. Two variants: the GPU's
+  native fp8 -> fp32 conversion (compiled for a CUDA device), and the float built from the code's
+  sign, exponent and mantissa bits (under the interpreter, whose fp8 casts are not the hardware's);
+  they give the same floats (every e4m3 value is exact in fp32).
+
+Gemma-2's attention logit soft-capping (``softcap * tanh(s / softcap)`` on the scaled scores, before
+the mask) is a constexpr branch (``SOFTCAP``), tanh from one exp.
 
 All of them are one formula per element: ``x = level(code) * S + Z`` (level: the code itself, or
 its codebook entry; ``S``, ``Z``: the scale and zero of a per-token group, of a KIVI token group,
@@ -30,8 +37,9 @@ Every load is upcast to fp32 right after it (bf16 arithmetic is wrong under the 
 Checked under ``TRITON_INTERPRET=1`` against ``kv.packed_attention_reference`` and compiled for
 sm_90 with registers and spills reported (``tests/backends/test_kv_triton.py``). Used by
 ``kv.packed_attention`` for CUDA tensors (and for CPU tensors under the interpreter when
-``LOWBIT_KV_KERNEL=triton``); what it does not take (fp8, softcapping, more than 64 query heads per
-KV head, a rotary embedding it cannot reproduce) runs the blocked torch attention, logged once.
+``LOWBIT_KV_KERNEL=triton``); what it does not take (more than 64 query heads per KV head, a head
+size that is not a power of two from 32 to 256, a rotary embedding it cannot reproduce) runs the
+blocked torch attention, logged once.
 """
 from __future__ import annotations
 
@@ -57,27 +65,41 @@ _LOGGED: set[str] = set()
 PER_TOKEN_GROUP = 0   # [BH, cap, D / CG]: token t, channel group d // CG
 PER_TOKEN_BLOCK = 1   # [BH, cap / TG, D]: token group t // TG, channel d (KIVI keys)
 PER_HEAD_CHANNEL = 2  # [HKV, D]: constant over tokens (KVQuant keys)
+# FP8 modes: how e4m3 codes become floats
+FP8_NONE: tl.constexpr = tl.constexpr(0)    # not fp8
+FP8_BITS: tl.constexpr = tl.constexpr(1)    # by building the float's bits (the interpreter, and CPU tensors)
+FP8_NATIVE: tl.constexpr = tl.constexpr(2)  # the GPU's fp8 -> fp32 conversion (compiled kernels)
 
 
 @triton.jit
 def _dequant(codes_ptr, s_ptr, z_ptr, cb_ptr, oi_ptr, ov_ptr, la_ptr, lb_ptr,
              bh, h, offs_t, offs_d, tmask, cap, s_cap, lb_cap,
              D: tl.constexpr, BITS: tl.constexpr, SCALE: tl.constexpr, CG: tl.constexpr, TG: tl.constexpr,
-             CODEBOOK: tl.constexpr, NOUT: tl.constexpr, RANK: tl.constexpr, CHUNK: tl.constexpr):
+             CODEBOOK: tl.constexpr, NOUT: tl.constexpr, RANK: tl.constexpr, CHUNK: tl.constexpr,
+             FP8: tl.constexpr):
     """Dequantized elements [BLOCK_T, len(offs_d)] of tokens ``offs_t`` (float32)."""
     ROW: tl.constexpr = D * BITS // 8
     tok = (bh * cap + offs_t).to(tl.int64)
-    bit = offs_d * BITS
-    byte = bit // 8
-    shift = bit - byte * 8
-    m2 = tmask[:, None] & (byte[None, :] + 1 < ROW)
-    lo = tl.load(codes_ptr + tok[:, None] * ROW + byte[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-    hi = tl.load(codes_ptr + tok[:, None] * ROW + byte[None, :] + 1, mask=m2, other=0).to(tl.int32)
-    code = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << BITS) - 1)
-    if CODEBOOK:
-        level = tl.load(cb_ptr + code)
+    if FP8 == FP8_NATIVE:  # e4m3 bytes: the hardware's fp8 -> fp32 conversion
+        raw = tl.load(codes_ptr + tok[:, None] * ROW + offs_d[None, :], mask=tmask[:, None], other=0)
+        level = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
-        level = code.to(tl.float32)
+        if BITS == 8:  # one byte per code
+            code = tl.load(codes_ptr + tok[:, None] * ROW + offs_d[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        else:
+            bit = offs_d * BITS
+            byte = bit // 8
+            shift = bit - byte * 8
+            m2 = tmask[:, None] & (byte[None, :] + 1 < ROW)
+            lo = tl.load(codes_ptr + tok[:, None] * ROW + byte[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+            hi = tl.load(codes_ptr + tok[:, None] * ROW + byte[None, :] + 1, mask=m2, other=0).to(tl.int32)
+            code = ((lo | (hi << 8)) >> shift[None, :]) & ((1 << BITS) - 1)
+        if FP8 == FP8_BITS:
+            level = _e4m3_bits(code)
+        elif CODEBOOK:
+            level = tl.load(cb_ptr + code)
+        else:
+            level = code.to(tl.float32)
     if SCALE == 0:
         sidx = tok[:, None] * (D // CG) + (offs_d // CG)[None, :]
         smask = tmask[:, None]
@@ -88,8 +110,11 @@ def _dequant(codes_ptr, s_ptr, z_ptr, cb_ptr, oi_ptr, ov_ptr, la_ptr, lb_ptr,
         sidx = (h * D + offs_d)[None, :]
         smask = offs_d[None, :] >= 0
     s = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
-    x = level * s + z
+    if FP8 != FP8_NONE:  # fp8: one scale per group, no zero point
+        x = level * s
+    else:
+        z = tl.load(z_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
+        x = level * s + z
     for r in tl.static_range(RANK):  # GEAR: + A[t, r] B[chunk(t), r, :]
         a = tl.load(la_ptr + tok * RANK + r, mask=tmask, other=0.0).to(tl.float32)
         crow = (bh * lb_cap + offs_t // CHUNK).to(tl.int64)
@@ -101,6 +126,27 @@ def _dequant(codes_ptr, s_ptr, z_ptr, cb_ptr, oi_ptr, ov_ptr, la_ptr, lb_ptr,
         ov = tl.load(ov_ptr + tok * NOUT + j, mask=tmask, other=0.0).to(tl.float32)
         x = tl.where(offs_d[None, :] == oi[:, None], ov[:, None], x)
     return x
+
+
+@triton.jit
+def _e4m3_bits(code):
+    """fp8 e4m3 codes (int32 in [0, 256)) -> float32 by building the float's bits: sign bit 7,
+    exponent bits 6-3 (bias 7), mantissa bits 2-0; exponent 0 is subnormal (m * 2^-9). No fp8 type
+    or conversion is involved, so it is exact under the interpreter too. (0x7F / 0xFF, e4m3's NaN,
+    read as +-480: never written, torch's float -> e4m3 conversion saturates at 448.)"""
+    e = (code >> 3) & 15
+    m = code & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)  # 2^(e - 7) (1 + m / 8)
+    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    return tl.where((code & 128) != 0, -v, v)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp (no libdevice call, the same under the interpreter): 1 - 2 / (e^2x + 1),
+    with x clamped to +-15 (tanh(15) is 1 in float32; e^2x neither overflows nor underflows)."""
+    x = tl.minimum(tl.maximum(x, -15.0), 15.0)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -121,11 +167,11 @@ def kv_decode_split(
         vc_ptr, vs_ptr, vz_ptr, vcb_ptr, voi_ptr, vov_ptr, vla_ptr, vlb_ptr,
         # partial results [B * HKV, SPLITS, G, D] and [B * HKV, SPLITS, G]
         acc_ptr, m_ptr, l_ptr,
-        HKV, G, T, tokens_per_split, k_cap, ks_cap, klb_cap, v_cap, vs_cap, vlb_cap, pos_cap, rope_scale,
+        HKV, G, T, tokens_per_split, k_cap, ks_cap, klb_cap, v_cap, vs_cap, vlb_cap, pos_cap, rope_scale, softcap,
         D: tl.constexpr, BITS: tl.constexpr, CODEBOOK: tl.constexpr, NOUT: tl.constexpr, RANK: tl.constexpr,
         CHUNK: tl.constexpr, K_SCALE: tl.constexpr, K_CG: tl.constexpr, K_TG: tl.constexpr, V_CG: tl.constexpr,
         PRE_ROPE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
-        DOT: tl.constexpr):
+        DOT: tl.constexpr, FP8: tl.constexpr, SOFTCAP: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -156,9 +202,9 @@ def kv_decode_split(
             attend = tmask & (keep != 0)
         # ---- keys: the two halves of the head (RoPE pairs channel d with d + D/2)
         k0 = _dequant(kc_ptr, ks_ptr, kz_ptr, kcb_ptr, koi_ptr, kov_ptr, kla_ptr, klb_ptr, bh, h, offs_t, d0, tmask,
-                      k_cap, ks_cap, klb_cap, D, BITS, K_SCALE, K_CG, K_TG, CODEBOOK, NOUT, RANK, CHUNK)
+                      k_cap, ks_cap, klb_cap, D, BITS, K_SCALE, K_CG, K_TG, CODEBOOK, NOUT, RANK, CHUNK, FP8)
         k1 = _dequant(kc_ptr, ks_ptr, kz_ptr, kcb_ptr, koi_ptr, kov_ptr, kla_ptr, klb_ptr, bh, h, offs_t, d1, tmask,
-                      k_cap, ks_cap, klb_cap, D, BITS, K_SCALE, K_CG, K_TG, CODEBOOK, NOUT, RANK, CHUNK)
+                      k_cap, ks_cap, klb_cap, D, BITS, K_SCALE, K_CG, K_TG, CODEBOOK, NOUT, RANK, CHUNK, FP8)
         if PRE_ROPE:  # keys stored before RoPE: rotate at their positions (rotate_half)
             pos = tl.load(kpos_ptr + b.to(tl.int64) * pos_cap + offs_t, mask=tmask, other=0).to(tl.float32)
             angle = pos[:, None] * inv_freq[None, :]
@@ -169,6 +215,8 @@ def kv_decode_split(
             k0 = r0
             k1 = r1
         scores = _dot(q0, tl.trans(k0), DOT) + _dot(q1, tl.trans(k1), DOT)  # [BLOCK_G, BLOCK_T]
+        if SOFTCAP:  # Gemma-2's logit soft-capping: softcap * tanh(scores / softcap), before the mask
+            scores = softcap * _tanh(scores / softcap)
         scores = tl.where(attend[None, :], scores, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -176,7 +224,7 @@ def kv_decode_split(
         corr = tl.exp(m_i - m_safe)
         l_i = l_i * corr + tl.sum(p, 1)
         v = _dequant(vc_ptr, vs_ptr, vz_ptr, vcb_ptr, voi_ptr, vov_ptr, vla_ptr, vlb_ptr, bh, h, offs_t, dd, tmask,
-                     v_cap, vs_cap, vlb_cap, D, BITS, 0, V_CG, 1, CODEBOOK, NOUT, RANK, CHUNK)
+                     v_cap, vs_cap, vlb_cap, D, BITS, 0, V_CG, 1, CODEBOOK, NOUT, RANK, CHUNK, FP8)
         acc = acc * corr[:, None] + _dot(p, v, DOT)
         m_i = m_new
     out = (bh * splits + split).to(tl.int64) * G + offs_g
@@ -245,10 +293,6 @@ def unsupported(query: torch.Tensor, layer: Any, softcap: float | None = None) -
         return "a CPU tensor outside the Triton interpreter"
     if query.shape[2] != 1:
         return "prefill (more than one query token)"
-    if fmt.scheme == "fp8":
-        return "fp8 codes (no e4m3 decode in the kernel yet)"
-    if softcap:
-        return "attention logit softcapping"
     if layer._k.length == 0:
         return "nothing packed yet"
     d = query.shape[-1]
@@ -272,7 +316,7 @@ def _fields(store: Any, fmt: Any, role: str, d: int) -> dict[str, Any]:
     out: dict[str, Any] = {"codebook": dummy, "oidx": dummy, "oval": dummy, "la": dummy, "lb": dummy,
                            "s_cap": 1, "lb_cap": 1, "scale_mode": PER_TOKEN_GROUP, "cg": fmt.channel_group(d), "tg": 1}
     if isinstance(store, kv._Store):
-        out.update(codes=store.codes, scale=store.scale, zero=store.zero)
+        out.update(codes=store.codes, scale=store.scale, zero=store.zero if store.zero is not None else dummy)
         if store.axis == "per_channel":
             out.update(scale_mode=PER_TOKEN_BLOCK, tg=store.tokens_per_scale, s_cap=store.scale.shape[2])
         return out
@@ -301,10 +345,19 @@ def splits_for(programs: int, tokens: int, target: int = 4 * 132) -> int:
     return max(1, min(64, triton.cdiv(target, programs), triton.cdiv(tokens, BLOCK_T)))
 
 
+def fp8_mode(query: torch.Tensor) -> int:
+    """How the kernel decodes fp8 codes: the GPU's conversion when compiled for a CUDA device, the
+    bit construction under the interpreter (whose fp8 conversions are not the hardware's)."""
+    return FP8_NATIVE.value if query.is_cuda and not _triton_adapter.interpreting() else FP8_BITS.value
+
+
 def packed_partials(query: torch.Tensor, layer: Any, mask: torch.Tensor | None, scaling: float,
-                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    splits: int | None = None, softcap: float | None = None,
+                    fp8: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The packed tokens' (acc [B, HKV, G, D], max [B, HKV, G, 1], sum [B, HKV, G, 1]) for one
-    query token: the split kernel, then the combine. ``mask``: [B, T_packed] bool or None."""
+    query token: the split kernel, then the combine. ``mask``: [B, T_packed] bool or None;
+    ``softcap``: Gemma-2's logit soft-capping (None or 0: off); ``fp8``: the decode mode of fp8
+    codes (:func:`fp8_mode` by default)."""
     fmt, store_k, store_v = layer.fmt, layer._k, layer._v
     b, hq, _, d = query.shape
     hkv = layer._float_k.shape[1]
@@ -313,6 +366,10 @@ def packed_partials(query: torch.Tensor, layer: Any, mask: torch.Tensor | None, 
     dev = query.device
     q = (query.float() * scaling).reshape(b * hkv, g, d).contiguous()
     kf, vf = _fields(store_k, fmt, "keys", d), _fields(store_v, fmt, "values", d)
+    if fmt.scheme == "fp8":
+        fp8 = fp8_mode(query) if fp8 is None else fp8
+    else:
+        fp8 = FP8_NONE.value
     tensors = [kf[k] for k in ("codes", "scale", "zero", "oidx", "oval", "la", "lb")]
     tensors += [vf[k] for k in ("codes", "scale", "zero", "oidx", "oval", "la", "lb")]
     if any(not t.is_contiguous() for t in tensors):
@@ -338,11 +395,11 @@ def packed_partials(query: torch.Tensor, layer: Any, mask: torch.Tensor | None, 
         vf["codes"], vf["scale"], vf["zero"], vf["codebook"], vf["oidx"], vf["oval"], vf["la"], vf["lb"],
         part_acc, part_m, part_l,
         hkv, g, n, per, kf["codes"].shape[2], kf["s_cap"], kf["lb_cap"], vf["codes"].shape[2], vf["s_cap"],
-        vf["lb_cap"], pos.shape[-1], rope_scale,
+        vf["lb_cap"], pos.shape[-1], rope_scale, float(softcap or 0.0),
         D=d, BITS=fmt.bits, CODEBOOK=fmt.scheme == "kvquant", NOUT=fmt.n_outliers(d),
         RANK=fmt.rank if fmt.scheme == "gear" else 0, CHUNK=fmt.chunk, K_SCALE=kf["scale_mode"], K_CG=kf["cg"],
         K_TG=kf["tg"], V_CG=vf["cg"], PRE_ROPE=pre_rope, HAS_MASK=mask is not None, BLOCK_G=block_g,
-        BLOCK_T=BLOCK_T, DOT=_dot_mode(), num_warps=NUM_WARPS)
+        BLOCK_T=BLOCK_T, DOT=_dot_mode(), FP8=fp8, SOFTCAP=bool(softcap), num_warps=NUM_WARPS)
     acc = torch.empty(b * hkv, g, d, device=dev)
     m = torch.empty(b * hkv, g, device=dev)
     s = torch.empty(b * hkv, g, device=dev)
@@ -384,14 +441,15 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
         if full_mask.dtype != torch.bool:
             full_mask = full_mask > -1e30  # additive masks: -inf (or the dtype's min) masks out
         packed_mask = full_mask[:, sinks:sinks + n]
-    acc, m, s = packed_partials(query, layer, packed_mask, scaling, splits)
+    acc, m, s = packed_partials(query, layer, packed_mask, scaling, splits, softcap)
     q = (query.float() * scaling).reshape(b, hkv, hq // hkv, d)
-    return kv_cpu.fold_float_tokens(q, layer, full_mask, acc, m, s, query.dtype)
+    return kv_cpu.fold_float_tokens(q, layer, full_mask, acc, m, s, query.dtype, softcap)
 
 
-def aot_job(fmt_name: str, head_dim: int = 128, group: int = 4, arch: int = 90) -> dict:
+def aot_job(fmt_name: str, head_dim: int = 128, group: int = 4, arch: int = 90, softcap: bool = False) -> dict:
     """What ``_triton_adapter.compile_for_gpu`` needs to compile the split kernel for one named
-    format (``kv.KV_FORMATS``) at ``head_dim`` with ``group`` query heads per KV head."""
+    format (``kv.KV_FORMATS``) at ``head_dim`` with ``group`` query heads per KV head (fp8: the
+    GPU variant, native e4m3 conversion; ``softcap``: with logit soft-capping)."""
     from lowbit_compiler import kv
 
     fmt = kv.get_format(fmt_name)
@@ -409,10 +467,12 @@ def aot_job(fmt_name: str, head_dim: int = 128, group: int = 4, arch: int = 90) 
               "pos_cap"):
         signature[n] = "i32"
     signature["rope_scale"] = "fp32"
+    signature["softcap"] = "fp32"
     return {"path": __file__, "name": "kv_decode_split", "signature": signature,
             "constexprs": {"D": head_dim, "BITS": fmt.bits, "CODEBOOK": kvq, "NOUT": fmt.n_outliers(head_dim),
                            "RANK": fmt.rank if fmt.scheme == "gear" else 0, "CHUNK": fmt.chunk,
                            "K_SCALE": scale_mode, "K_CG": cg, "K_TG": fmt.token_block if scale_mode == 1 else 1,
                            "V_CG": cg, "PRE_ROPE": fmt.key_rope == "pre", "HAS_MASK": True,
-                           "BLOCK_G": max(16, triton.next_power_of_2(group)), "BLOCK_T": BLOCK_T, "DOT": 1},
+                           "BLOCK_G": max(16, triton.next_power_of_2(group)), "BLOCK_T": BLOCK_T, "DOT": 1,
+                           "FP8": FP8_NATIVE.value if fmt.scheme == "fp8" else FP8_NONE.value, "SOFTCAP": softcap},
             "num_warps": NUM_WARPS, "arch": arch}

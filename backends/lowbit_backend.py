@@ -48,7 +48,7 @@ import torch
 import torch.fx as fx
 
 import lowbit_compiler.ops  # noqa: F401  (registers lowbit:: ops before any graph uses them)
-from lowbit_compiler import _dynamo_adapter, ir, memory, opdecl
+from lowbit_compiler import _dynamo_adapter, ir, kv, memory, opdecl
 from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import WeightFormat
@@ -135,6 +135,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         where[0] = f"pass {passes[len(done)]!r}" if len(done) < len(passes) else "coverage (after the passes)"
 
     try:
+        kv_status = None  # the compressed KV cache on the compiled module (not for a graph compiled again)
+        if module_state is None:
+            where[0] = "KV cache (installing the compressed cache on the compiled module)"
+            kv_status = kv.install_for_compiled_graph(gm, example_inputs, opts.recipe, opts.strict, opts.calibration)
+            where[0] = "capture"
         captured = capture(gm, example_inputs, module_state)
         ir_gm = captured.gm
         dump.stage("captured", ir_gm)
@@ -148,10 +153,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         where[0] = f"pass {passes[0]!r}" if passes else "coverage"
         ctx = PassContext(recipe=opts.recipe, strict=opts.strict, calibration=calibration)
         report = run_pipeline(ir_gm, opts.recipe, debug=opts.debug, on_stage=on_stage, ctx=ctx)
-        if any(ir.get(n, ir.KV_CACHE) is not None for n in ir_gm.graph.nodes):
-            ctx.fallback("mark_kv_cache", "KV cache: the compiled graph keeps the model's own float cache (the "
-                         "decisions are recorded only; the backend is given graphs, not the model to install a cache "
-                         "on); compress the model first: lowbit_compiler.compress(model, recipe).compile("
+        if kv_status not in (None, kv.INSTALLED) and any(ir.get(n, ir.KV_CACHE) is not None
+                                                         for n in ir_gm.graph.nodes):
+            ctx.fallback("mark_kv_cache", f"KV cache: the compiled graph keeps the model's own float cache "
+                         f"({kv_status}); compress the model first: lowbit_compiler.compress(model, recipe).compile("
                          "backend='lowbit') runs with the compressed cache and its attention")
         layers = {**_prequantized_layers(ir_gm), **report.layers}
         summary.update(passes=[dataclasses.asdict(p) for p in report.passes], layers=layers,
@@ -165,7 +170,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
             where[0] = "Inductor (inner='inductor')"
             run = _dynamo_adapter.inductor_compile(ir_gm, captured.call_args(example_inputs))
     except Exception as error:
-        dump.failure(error, where[0], {**summary, "passes_done": done})
+        if not _dynamo_adapter.is_restart(error):  # the KV cache was installed: Dynamo traces again
+            dump.failure(error, where[0], {**summary, "passes_done": done})
         raise
     summary.update({
         "target": lowering.target,
@@ -194,23 +200,56 @@ class LowbitCompiled:
     with the current tensors, rather than computing with stale weights.
     """
 
+    MAX_VARIANTS = 256  # parameter sets kept per Dynamo graph (the layers of the largest models)
+
     def __init__(self, dynamo_gm: fx.GraphModule, opts: BackendOptions, captured, summary: dict[str, Any],
                  run: Any):
         self.dynamo_gm, self.opts = dynamo_gm, opts
         self.captured, self.lowbit_summary, self.run = captured, summary, _with_cuda_graphs(run, opts)
+        # one compiled variant per set of parameter objects: Dynamo reuses one graph for several
+        # modules when their forward's code is shared (a decoder layer's resume function after a
+        # graph break in its attention, e.g. the compressed KV cache's: every layer calls the same
+        # graph with its own parameters), which must not recompile on every call
+        self._variants: collections.OrderedDict = collections.OrderedDict()
+        self._variants[self._key(captured)] = (captured, summary, self.run)
+
+    @staticmethod
+    def _key(captured) -> tuple[int, ...]:
+        return (tuple(id(param) for _, _, param, _ in captured.frozen_parameters)
+                + tuple(id(buffer) for _, _, buffer in captured.frozen_buffers))
 
     @property
     def lowbit_graph(self) -> fx.GraphModule:
         return self.captured.gm
 
     def __call__(self, *args: Any) -> Any:
-        stale = self.captured.stale_parameter(args)
-        if stale is not None:
-            log.warning("lowbit: parameter %s changed since compilation; compiling the graph again", stale)
-            stats["refreezes"] += 1
-            fresh, _ = compile_graph(self.dynamo_gm, args, self.opts, self.captured.module_state)
-            self.captured, self.lowbit_summary, self.run = fresh.captured, fresh.lowbit_summary, fresh.run
+        if self.captured.stale_parameter(args) is not None:
+            self._switch(args)
         return self.run(*self.captured.call_args(args))
+
+    def _switch(self, args: Sequence[Any]) -> None:
+        """The variant compiled for these parameters, else a new one (the parameters are another
+        module's, or were replaced or edited in place since compilation: compiled again rather than
+        computed with stale weights)."""
+        for key, variant in self._variants.items():
+            if variant[0].stale_parameter(args) is None:
+                self._variants.move_to_end(key)
+                self.captured, self.lowbit_summary, self.run = variant
+                return
+        stale = self.captured.stale_parameter(args)
+        edited = all(args[i] is param for i, _, param, _ in self.captured.frozen_parameters)
+        (log.warning if edited else log.info)(
+            "lowbit: graph %s called with %s parameter %s; compiling it for them",
+            self.lowbit_summary.get("graph") or "(no dump)", "an edited" if edited else "another module's (or a replaced)",
+            stale)
+        stats["refreezes"] += 1
+        fresh, _ = compile_graph(self.dynamo_gm, args, self.opts, self.captured.module_state)
+        self.captured, self.lowbit_summary, self.run = fresh.captured, fresh.lowbit_summary, fresh.run
+        key = self._key(fresh.captured)
+        self._variants.pop(key, None)  # the same parameters edited in place: the old variant is stale
+        self._variants[key] = (self.captured, self.lowbit_summary, self.run)
+        while len(self._variants) > self.MAX_VARIANTS:
+            self._variants.popitem(last=False)
 
 
 def _with_cuda_graphs(run: Any, opts: BackendOptions) -> Any:
@@ -275,6 +314,8 @@ class LowbitBackend:
         try:
             compiled, summary = compile_graph(gm, example_inputs, opts)
         except Exception as error:
+            if _dynamo_adapter.is_restart(error):
+                raise
             return _raises(_ours(error, f"compiling a graph with recipe {opts.recipe.name!r}"))
         for note in summary.get("notes", ()):
             log.warning("lowbit: graph %s: %s", summary["graph"] or "(no dump)", note)

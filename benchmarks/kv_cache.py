@@ -15,7 +15,9 @@
 3. CPU decode attention at ``--context`` tokens, one layer of Llama-3-8B shape (32 query heads,
    8 KV heads, 128): torch SDPA over a bf16 and a float32 cache against the generated C kernel
    over the packed int4 / int2-KIVI cache, interleaved, median of ``--repeats``; and a whole
-   byte-Llama decode step at that context with the float cache and with ``kv4``.
+   byte-Llama decode step at that context with the float cache and with ``kv4``. With
+   ``--decode-only``: the attention table, then a whole decode step of one layer of Llama-3-8B's
+   shape (bf16 / float32 weights, their float cache against ``kv4``; ``--no-step`` skips it).
 
     python benchmarks/kv_cache.py [--model ../shared/models/byte-llama-stdlib] [--json benchmarks/results/kv_cache.json]
 
@@ -257,6 +259,54 @@ class _Attn(torch.nn.Module):
     layer_idx = 0
 
 
+STEP_CONTENDERS = (("bfloat16", None), ("bfloat16", "int4"), ("float32", None), ("float32", "int4"))
+
+
+def decode_layer_step_time(context: int, repeats: int, contenders=STEP_CONTENDERS,
+                           intermediate: int = 14336) -> dict[str, float]:
+    """A whole decode step (one token: norms, q/k/v/o projections, RoPE, the cache update, the
+    attention, the MLP, a 256-entry head) of a one-layer Llama of Llama-3-8B's layer shape (hidden
+    4096, 32 query heads, 8 KV heads x 128, MLP ``intermediate``), ``context`` tokens cached:
+    float weights of each dtype with the model's own ``DynamicCache`` (SDPA) and with the ``kv4``
+    ``CompressedKVCache`` (the generated C kernel); interleaved, medians. The caches are filled
+    with random keys and values (no 4k-token prefill); a float cache is cropped back after each
+    step, the packed one grows by one token per step (``repeats`` of ``context``)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=intermediate, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=256,
+                         max_position_embeddings=2 * context + 64, rope_theta=500000.0)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    for p in base.parameters():
+        p.data.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(1, 8, context, 128, generator=g)
+    v = torch.randn(1, 8, context, 128, generator=g)
+    token = torch.tensor([[7]])
+    fns = {}
+    for dtype_name, scheme in contenders:
+        dtype = getattr(torch, dtype_name)
+        model = copy.deepcopy(base).to(dtype)
+        if scheme is None:
+            cache = DynamicCache(config=config)
+            cache.update(k.to(dtype), v.to(dtype), 0)
+
+            def step(model=model, cache=cache):
+                model(token, cache=cache, position_ids=torch.tensor([[context]]))
+                cache.crop(-1)
+
+            fns[f"{dtype_name} weights, {dtype_name} DynamicCache + SDPA"] = step
+        else:
+            kv.install(model, {0: kv.get_format(scheme)})
+            cache = kv.new_cache(model)
+            cache.layers[0].update(k.to(dtype), v.to(dtype))
+            fns[f"{dtype_name} weights, {scheme} CompressedKVCache + generated C kernel"] = (
+                lambda model=model, cache=cache: model(token, cache=cache, position_ids=torch.tensor([[context]])))
+    with torch.no_grad():
+        return _median_interleaved(fns, repeats)
+
+
 def decode_step_time(model_dir: str, context: int, repeats: int) -> dict[str, float]:
     from transformers import DynamicCache, LlamaForCausalLM
 
@@ -277,6 +327,11 @@ def decode_step_time(model_dir: str, context: int, repeats: int) -> dict[str, fl
         return _median_interleaved({"float32 DynamicCache + SDPA": float_step,
                                     "kv4 CompressedKVCache + generated C kernel":
                                         lambda: compressed(token, cache=packed_cache)}, repeats)
+
+
+def _same_dtype_float(name: str) -> str:
+    dtype = name.split(" ")[0]
+    return f"{dtype} weights, {dtype} DynamicCache + SDPA"
 
 
 def zoo_table(new_tokens: int = 24) -> list[dict]:
@@ -330,7 +385,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default="benchmarks/results/kv_cache.json")
-    parser.add_argument("--decode-only", action="store_true", help="only the decode attention timing")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the decode timings: attention, and a whole step of one Llama-3-8B-shape layer")
+    parser.add_argument("--no-step", action="store_true", help="with --decode-only: the attention table only")
     parser.add_argument("--zoo", action="store_true", help="only the zoo table (every tiny architecture, kv8)")
     parser.add_argument("--schemes", default=",".join(SCHEMES),
                         help="comma-separated formats for the byte-Llama accuracy rows (default: all)")
@@ -356,6 +413,13 @@ def main() -> None:
               f"{result['threads']} threads, median ms")
         print(_table([[k, f"{v:.3f}", f"{base_ms / v:.2f}x"] for k, v in times.items()], ["contender", "ms", "vs bf16"]))
         result["decode_attention_ms"] = times
+        if not args.no_step:
+            step = decode_layer_step_time(args.context, args.repeats)
+            result["decode_layer_step_ms"] = step
+            print(f"\nWhole decode step, one layer of Llama-3-8B shape (hidden 4096, MLP 14336, 32 q / 8 KV heads x "
+                  f"128, 256-token head), context {args.context}, {result['threads']} threads, median ms")
+            print(_table([[k, f"{v:.3f}", f"{step[_same_dtype_float(k)] / v:.2f}x"] for k, v in step.items()],
+                         ["contender", "ms", "vs the same weights with their float cache"]))
         path = args.json.replace(".json", "_decode.json")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:

@@ -11,6 +11,12 @@ A torch upgrade that changes Dynamo's internals should only need edits here.
 * ``torch_compile_call()``: the ``torch._TorchCompileWrapper`` of the ``torch.compile(...)`` call
   that is invoking the backend (it calls ``compiler_fn(gm, inputs, options=...)`` from its
   ``__call__``), found in the calling frames: what ties the graphs of one call together.
+* ``compiled_frame_locals()`` / ``root_local(placeholder)``: the real local variables of the frame
+  Dynamo is compiling now (its ``InstructionTranslator.current_tx().f_locals``) and which of them a
+  graph input was read from (``L['args'][0]._modules[...]`` -> ``("args", 0)``): how the backend
+  reaches the module being compiled (the KV cache is installed on it).
+* ``restart_analysis(reason)``: make Dynamo trace the current frame again from its start (raised from
+  the backend: the one ``RestartAnalysis`` Dynamo lets through a backend call unwrapped).
 """
 from __future__ import annotations
 
@@ -104,6 +110,55 @@ def torch_compile_call(max_depth: int = 6) -> Any | None:
             return candidate
         frame = frame.f_back
     return None
+
+
+_ROOT_LOCAL = re.compile(r"^L\['([^']+)'\](?:\[(\d+)\])?")
+
+
+def root_local(node: fx.Node) -> tuple[str, int | None] | None:
+    """``(local name, index or None)`` of the frame local a placeholder was read from:
+    ``L['self']._modules['model']...`` -> ``("self", None)``, ``L['args'][0]._modules[...]`` ->
+    ``("args", 0)`` (Hugging Face's forward decorators take ``(*args, **kwargs)``)."""
+    name = source_name(node)
+    m = _ROOT_LOCAL.match(name) if name else None
+    if m is None:
+        return None
+    return m.group(1), (int(m.group(2)) if m.group(2) is not None else None)
+
+
+def compiled_frame_locals() -> dict[str, Any] | None:
+    """The local variables (the objects themselves) of the frame Dynamo is compiling now, or None
+    when the backend was not called from a Dynamo trace (a graph compiled again at run time)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        f_locals = getattr(InstructionTranslator.current_tx(), "f_locals", None)
+    except Exception:  # no trace in progress (tls has no current_tx), or Dynamo's internals moved
+        return None
+    return f_locals if isinstance(f_locals, dict) else None
+
+
+def restart_analysis(reason: str) -> BaseException:
+    """The exception to raise from a backend call so that Dynamo traces the current frame again from
+    its start (after the backend changed the module or the call's arguments; the trace's speculation
+    log is cleared, as Dynamo clears it before restarts that take another path). Dynamo wraps what a
+    backend raises in ``BackendCompilerFailed``, except this kind, which AOTAutograd raises from
+    inside backends to restart (``output_graph._call_user_compiler`` re-raises it, ``convert_frame``
+    restarts on it)."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    # the traced code takes another path now: the speculation log of the first trace (the choices
+    # Dynamo replays on a restart) must go, or the second trace fails with SpeculationLogDivergence
+    InstructionTranslator.current_tx().speculation_log.clear()
+    return TensorifyScalarRestartAnalysis(restart_reason=reason)
+
+
+def is_restart(error: BaseException) -> bool:
+    """Whether ``error`` is :func:`restart_analysis`'s (to be let through to Dynamo untouched)."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    return isinstance(error, TensorifyScalarRestartAnalysis)
 
 
 def forget_backend(fn: Any) -> None:

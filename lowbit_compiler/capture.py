@@ -33,6 +33,9 @@ class Captured:
     # position -> (FQN, is_parameter) of every frozen input; Dynamo drops the sources it was read
     # from after compilation, so a re-capture of the same graph reuses this
     module_state: dict[int, tuple[str, bool]] = dataclasses.field(default_factory=dict)
+    # (position, FQN, buffer): frozen buffers, checked by identity only (a buffer the model updates
+    # in place must not recompile the graph; another module's buffer must: see stale_parameter)
+    frozen_buffers: list[tuple[int, str, torch.Tensor]] = dataclasses.field(default_factory=list)
 
     def call_args(self, args: Sequence[Any]) -> list[Any]:
         return [args[i] for i in self.kept_inputs]
@@ -44,9 +47,15 @@ class Captured:
         ``nn.Parameter`` reaches a frozen graph as an ignored argument; the compiled callable
         checks this on every call (a few microseconds) and re-freezes instead of computing with
         the old weights. Edits through ``param.data`` do not bump the version and are not seen.
+        Buffers are compared by identity: Dynamo reuses one graph for modules whose forward shares
+        code (each decoder layer after a graph break), and a compressed model's packed weights are
+        buffers (without this, every layer ran the first layer's packed weights).
         """
         for index, fqn, param, version in self.frozen_parameters:
             if args[index] is not param or param._version != version:
+                return fqn
+        for index, fqn, buffer in self.frozen_buffers:
+            if args[index] is not buffer:
                 return fqn
         return None
 
@@ -58,7 +67,7 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
     graph = copy.deepcopy(gm.graph)  # Dynamo's graph stays untouched (meta is shared, not copied)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     root = torch.nn.Module()
-    kept, frozen, frozen_parameters, states = [], {}, [], {}
+    kept, frozen, frozen_parameters, states, frozen_buffers = [], {}, [], {}, []
     first_real = next((n for n in graph.nodes if n.op != "placeholder"), None)
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
         state = module_state.get(index) if module_state is not None else _dynamo_adapter.module_state_of(node)
@@ -72,6 +81,8 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
         states[index] = state
         if is_parameter:
             frozen_parameters.append((index, fqn, value, value._version))
+        else:
+            frozen_buffers.append((index, fqn, value))
         ir.set_attr(root, fqn, value)
         with graph.inserting_before(first_real):
             attr = graph.get_attr(fqn)
@@ -90,4 +101,4 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
                 ir.put(node, ir.MODULE, ir.ModuleInfo(*module))
     # Attributes are copied by reference: the GraphModule holds the user's nn.Parameter objects.
     new_gm = fx.GraphModule(root, graph, class_name="LowbitGraph")
-    return Captured(new_gm, kept, frozen, frozen_parameters, states)
+    return Captured(new_gm, kept, frozen, frozen_parameters, states, frozen_buffers)

@@ -34,9 +34,10 @@ whole cache exists at any step. :func:`install` puts both on a model (``compress
 calls it from the decisions the ``mark_kv_cache`` pass recorded).
 
 Sliding-window layers get a full compressed layer; the mask applies the window. Decode on CUDA reads the packed cache in the generated Triton kernel
-(``backends/kv_triton.py``, every scheme but fp8), on CPU in the generated C kernel
-(``backends/kv_cpu.py``). What is not here (see docs/kv_cache.md): the compiled flow (``torch.compile(backend="lowbit")`` records the decisions but
-keeps the model's own cache).
+(``backends/kv_triton.py``, every scheme, Gemma-2's logit soft-capping too), on CPU in the generated C kernel
+(``backends/kv_cpu.py``). Under ``torch.compile(model, backend="lowbit")`` with a KV recipe the backend
+installs all this on the compiled module from the first graph and has Dynamo trace that call again
+(:func:`install_for_compiled_graph`; docs/kv_cache.md).
 """
 from __future__ import annotations
 
@@ -1004,8 +1005,6 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
     (layer index -> format): its attention becomes ``"lowbit_kv"``, and a forward with
     ``use_cache=True`` and no cache (or the empty ``DynamicCache`` ``generate()`` creates) gets a
     compressed one. Returns what was done, or the reason it was not (raised in strict mode)."""
-    from transformers.cache_utils import DynamicCache
-
     config = getattr(model, "config", None)
     reason = None
     if config is None or not hasattr(config, "_attn_implementation"):
@@ -1038,13 +1037,7 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
     base = model
     if not hasattr(base, "_lowbit_kv_hook"):
         def pre_hook(module, args, kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            use_cache = kwargs.get("use_cache")
-            use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
-            fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
-            if use_cache and fresh:
-                kwargs.pop("past_key_values", None)
-                kwargs["cache"] = new_cache(base)
+            give_compressed_cache(base, kwargs)
             return args, kwargs
 
         base._lowbit_kv_hook = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -1052,6 +1045,112 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
     base._lowbit_kv_rope = rope
     return {"applied": True, "attention": ATTENTION_NAME,
             "layers": {i: f.key for i, f in enumerate(per_layer) if f is not None}}
+
+
+def give_compressed_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """What the forward pre-hook :func:`install` registers does to a call's keyword arguments: with
+    ``use_cache`` on and no cache (or the empty ``DynamicCache`` ``generate()`` creates), a new
+    :class:`CompressedKVCache` as ``cache``. Returns whether it gave one."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    use_cache = kwargs.get("use_cache")
+    use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
+    fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+    if not (use_cache and fresh):
+        return False
+    kwargs.pop("past_key_values", None)
+    kwargs["cache"] = new_cache(model)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled flow: torch.compile(model, backend="lowbit", options={"recipe": "kv4"})
+# --------------------------------------------------------------------------------------------
+
+INSTALLED = "installed"  # install_for_compiled_graph: the module already has the compressed cache
+
+
+def install_for_compiled_graph(gm: Any, example_inputs: Any, recipe: Any, strict: bool = False,
+                               calibration: Any = None) -> str | None:
+    """Under ``torch.compile(model, backend="lowbit")`` with a recipe that marks the KV cache: put
+    the compressed cache on the module being compiled, from the first graph that holds attentions,
+    and make Dynamo trace that first call again so it already runs with the compressed cache.
+
+    The backend is handed Dynamo's graph, not the model. The module is the frame local the graph's
+    parameters were read from (``L['self']`` or, through Hugging Face's forward decorators,
+    ``L['args'][0]``); the decisions come from ``canonicalize`` + ``mark_kv_cache`` run on a capture
+    of the graph (the recipe's options, its calibration for KVQuant); :func:`install` puts the cache
+    and its attention on the module; the call's own cache argument (the frame's ``kwargs``: None or
+    ``generate()``'s empty ``DynamicCache``) is replaced as the pre-hook replaces it on later calls;
+    then Dynamo restarts its analysis of the frame (:func:`_dynamo_adapter.restart_analysis`), so the
+    graphs it compiles are those of the compressed cache (cache update and attention run eagerly,
+    opaque to Dynamo, as under compress-then-compile).
+
+    Returns None when there is nothing to install from this graph (the recipe marks no KV cache,
+    the graph holds no attention), :data:`INSTALLED` when the module already has the compressed
+    cache (a later graph), or the reason the model keeps its float cache (the caller reports it).
+    Raises the restart exception when it installed the cache."""
+    from lowbit_compiler import _dynamo_adapter, ir
+    from lowbit_compiler.capture import capture
+    from lowbit_compiler.pass_base import PassContext
+    from lowbit_compiler.pipeline import run_pipeline
+
+    if "mark_kv_cache" not in recipe.passes:
+        return None
+    model, why = _compiled_module(gm)
+    if model is None:
+        return why
+    if getattr(model, "_lowbit_kv_hook", None) is not None:
+        return INSTALLED
+    probe = recipe.replace(passes=tuple(p for p in recipe.passes if p in ("canonicalize", "mark_kv_cache")))
+    captured = capture(gm, example_inputs)
+    if calibration is not None:
+        from lowbit_compiler.calibration import for_graph
+
+        calibration = for_graph(captured.gm, calibration, False, captured.call_args(example_inputs))
+    run_pipeline(captured.gm, probe, ctx=PassContext(recipe=probe, strict=strict, calibration=calibration))
+    if not any(ir.get(n, ir.KV_CACHE) is not None for n in captured.gm.graph.nodes):
+        return None
+    kwargs = _dynamo_adapter.compiled_frame_locals().get("kwargs")
+    if not isinstance(kwargs, dict):
+        return (f"the compiled function reaches the {type(model).__name__} but has no **kwargs through which its "
+                "first call could be given the compressed cache; compile the model itself: model.compile(backend="
+                "'lowbit', ...) or torch.compile(model, ...)")
+    from lowbit_compiler.offline import _install_kv_cache
+
+    info = _install_kv_cache(model, [captured.gm], probe, strict)
+    if not info or not info.get("applied"):
+        return (info or {}).get("reason", "no KV decision could be installed")
+    give_compressed_cache(model, kwargs)
+    log.info("lowbit: KV cache: installed the compressed cache on the compiled %s (layers %s); Dynamo traces "
+             "the call again with it", type(model).__name__, info["layers"])
+    raise _dynamo_adapter.restart_analysis("lowbit: compressed KV cache installed on the compiled module")
+
+
+def _compiled_module(gm: Any) -> tuple[torch.nn.Module | None, str]:
+    """The module whose forward Dynamo is compiling (the frame local its parameters come from)."""
+    from lowbit_compiler import _dynamo_adapter
+
+    f_locals = _dynamo_adapter.compiled_frame_locals()
+    if f_locals is None:
+        return None, "the backend was not called from a Dynamo trace, so the compiled module is not known"
+    roots = {_dynamo_adapter.root_local(n) for n in gm.graph.nodes
+             if n.op == "placeholder" and _dynamo_adapter.module_state_of(n) is not None}
+    roots.discard(None)
+    if not roots:
+        return None, ("the graph's parameters are not read from an argument of the compiled function (a closure or "
+                      "a global?), so the module is not known; compile the model itself: model.compile(backend="
+                      "'lowbit', ...) or torch.compile(model, ...)")
+    if len(roots) != 1:
+        return None, f"the graph's parameters come from {len(roots)} arguments ({sorted(map(str, roots))}), not one module"
+    name, index = roots.pop()
+    value = f_locals.get(name)
+    if index is not None:
+        value = value[index] if isinstance(value, (tuple, list)) and index < len(value) else None
+    if not isinstance(value, torch.nn.Module) or not hasattr(getattr(value, "config", None), "_attn_implementation"):
+        return None, f"the graph's parameters come from {name}, a {type(value).__name__}, not a transformers model"
+    return value, ""
 
 
 # --------------------------------------------------------------------------------------------

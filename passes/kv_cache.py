@@ -14,8 +14,8 @@ finds, per attention consumer, ``F.scaled_dot_product_attention`` or the eager f
 
 It records an :class:`ir.KVDecision` (the recipe's KV format for that layer) on the consumer node,
 shown by ``lowbit inspect``; ``compress`` installs a :class:`lowbit_compiler.kv.CompressedKVCache`
-from these decisions. Under ``torch.compile(backend="lowbit")`` the decisions are recorded but the
-model's own cache stays (reported as a fallback). An attention whose keys it cannot trace back to
+from these decisions; under ``torch.compile(backend="lowbit")`` the backend installs it on the compiled
+module (``kv.install_for_compiled_graph``). An attention whose keys it cannot trace back to
 a linear is reported, not guessed.
 """
 from __future__ import annotations

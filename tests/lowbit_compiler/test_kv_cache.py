@@ -257,22 +257,132 @@ def test_sliding_window_layers_are_masked_not_cropped():
     assert sqnr_db(torch.cat(reference.logits), torch.cat(out.logits)) > 100
 
 
-@pytest.mark.slow
-def test_compiled_flow_records_decisions_and_reports_the_float_cache(llama):
+def _kv_fallbacks() -> int:
     from lowbit_compiler.pass_base import fallback_counter
-    from tests.helpers import Recorder
 
-    model, inputs = llama
-    before = sum(n for reason, n in fallback_counter.items() if reason.startswith("KV cache"))
-    recorder = Recorder(recipe="kv4", progress=False)
-    with torch.no_grad():
-        out = torch.compile(copy.deepcopy(model), backend=recorder)(**inputs).logits
-        reference = model(**inputs).logits
+    return sum(n for reason, n in fallback_counter.items() if reason.startswith("KV cache"))
+
+
+def _only_packed(cache, window: int = 0) -> None:
+    """The cache stores packed codes (+ fp16 scales) for every layer and no float token beyond the window."""
+    assert type(cache).__name__ == "CompressedKVCache"
+    layer_cls = kv.classes()[0]
+    assert all(isinstance(layer, layer_cls) for layer in cache.layers)
+    for layer in cache.layers:
+        assert layer._k.length > 0 and layer._float_k.shape[2] <= window and layer._sink_k.shape[2] == 0
+    nbytes = cache.nbytes()
+    assert nbytes["packed"] > 0 and nbytes["float"] == 0 if window == 0 else True
+
+
+def _compile_flow_generate(model, ids, recipe: str, flow: str, new_tokens: int = 8):
+    from lowbit_compiler.backends import lowbit_backend
+
+    compiled = copy.deepcopy(model)
     torch.compiler.reset()
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)  # the float cache: no KV loss
-    marked = [p for s in recorder.summaries for p in s["passes"] if p["name"] == "mark_kv_cache"]
-    assert marked and marked[0]["matches"] == 2
-    assert sum(n for reason, n in fallback_counter.items() if reason.startswith("KV cache")) > before
+    lowbit_backend.stats.clear()
+    options = {"recipe": recipe, "progress": False}
+    with torch.no_grad():
+        if flow == "model.compile":
+            compiled.compile(backend="lowbit", options=options)
+            out = compiled.generate(ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
+            first = dict(lowbit_backend.stats)
+            lowbit_backend.stats.clear()
+            again = compiled.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+            lowbit_backend.stats.update({**first, "again": (again, dict(lowbit_backend.stats))})
+        else:  # torch.compile(model): generate() is not compiled through the wrapper, the forward is
+            wrapper = torch.compile(compiled, backend="lowbit", options=options)
+            out = wrapper(ids, use_cache=True)
+    stats = dict(lowbit_backend.stats)
+    torch.compiler.reset()
+    return compiled, out, stats
+
+
+@pytest.mark.parametrize("flow", ["model.compile", pytest.param("torch.compile", marks=pytest.mark.slow)])
+def test_compile_flow_kv4_uses_the_compressed_cache_from_the_first_call(llama, flow):
+    """torch.compile(float model, backend="lowbit", options={"recipe": "kv4"}): the backend finds the
+    module from the first graph's parameters, installs the compressed cache and has Dynamo trace
+    that first call again, so the very first forward (generate()'s prefill) already returns a
+    CompressedKVCache holding packed bytes only, and the tokens / logits are compress()'s."""
+    model, inputs = llama
+    ids = inputs["input_ids"]
+    reference = compress(copy.deepcopy(model), "kv4", progress=False)
+    before = _kv_fallbacks()
+    compiled, out, stats = _compile_flow_generate(model, ids, "kv4", flow)
+    assert _kv_fallbacks() == before  # nothing reported: the compressed cache is in use
+    assert compiled.config._attn_implementation == kv.ATTENTION_NAME
+    assert stats["graphs_lowered"] >= 1 and stats["backend_calls"] == stats["graphs_lowered"] + 1  # one restart
+    with torch.no_grad():
+        if flow == "model.compile":
+            _only_packed(out.past_key_values)  # generate()'s cache: the first call's, grown by 7 decode steps
+            assert out.past_key_values.get_seq_length() == ids.shape[1] + 7
+            assert torch.equal(out.sequences, reference.generate(ids, max_new_tokens=8, do_sample=False))
+            # the graphs after the cache's breaks are shared by both layers (one code object): each
+            # keeps a variant per layer's parameters, so a second generate() compiles nothing
+            again, stats_again = stats["again"]
+            assert torch.equal(again, out.sequences)
+            assert stats_again.get("refreezes", 0) == 0 and stats_again.get("backend_calls", 0) == 0
+        else:
+            _only_packed(out.past_key_values)
+            torch.testing.assert_close(out.logits, reference(ids, use_cache=True).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow  # ~25 s: compress + compile, then compile alone, both quantizing the weights
+def test_compile_flow_w4a16_plus_kv4_matches_compress_then_compile(llama):
+    """The composed recipe through the compile flow: int4 weights and the compressed cache from the
+    first call; the tokens are those of compress(model, "w4a16+kv4").compile(backend="lowbit")."""
+    model, inputs = llama
+    ids = inputs["input_ids"]
+    compressed = compress(copy.deepcopy(model), "w4a16+kv4", progress=False)
+    torch.compiler.reset()
+    with torch.no_grad():
+        compressed.compile(backend="lowbit")
+        reference = compressed.generate(ids, max_new_tokens=8, do_sample=False)
+    compiled, out, stats = _compile_flow_generate(model, ids, "w4a16+kv4", "model.compile")
+    _only_packed(out.past_key_values)
+    assert torch.equal(out.sequences, reference)
+
+
+@pytest.mark.slow  # ~8-50 s (compress + compile; load-dependent)
+def test_compressed_w4a16_kv4_then_compile_runs_each_layers_packed_weights(llama):
+    """compress(model, "w4a16+kv4").compile(backend="lowbit"): the graphs after the cache's breaks are
+    shared by both layers (one code object) and a compressed model's packed weights are buffers;
+    every layer must run its own (the graph was checked for changed parameters only, so layer 1 ran
+    layer 0's o_proj and MLP: prefill logits at -0.6 dB). The logits equal the eager model's."""
+    model, inputs = llama
+    ids = inputs["input_ids"]
+    compressed = compress(copy.deepcopy(model), "w4a16+kv4", progress=False)
+    torch.compiler.reset()
+    with torch.no_grad():
+        reference = compressed(ids, use_cache=True).logits
+        compressed.compile(backend="lowbit")
+        out = compressed(ids, use_cache=True)
+    torch.compiler.reset()
+    assert type(out.past_key_values).__name__ == "CompressedKVCache"
+    torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_flow_without_the_module_reports_the_float_cache(llama):
+    """A compiled function that reaches the model through a closure: the backend cannot know the
+    module, keeps the float cache and says why (strict mode raises)."""
+    model, inputs = llama
+    ids = inputs["input_ids"]
+    inner = copy.deepcopy(model)
+
+    def run(ids):
+        return inner(ids, use_cache=True)
+
+    before = _kv_fallbacks()
+    torch.compiler.reset()
+    with torch.no_grad():
+        out = torch.compile(run, backend="lowbit", options={"recipe": "kv4", "progress": False})(ids)
+        torch.testing.assert_close(out.logits, model(ids).logits, atol=1e-5, rtol=1e-5)  # float cache: no KV loss
+        assert type(out.past_key_values).__name__ == "DynamicCache"
+        assert _kv_fallbacks() > before
+        torch.compiler.reset()
+        with pytest.raises(LowbitError, match="keeps the model's own float cache .*compile the model itself"):
+            torch.compile(run, backend="lowbit", options={"recipe": "kv4", "strict": True, "progress": False})(ids)
+    torch.compiler.reset()
+    assert not hasattr(inner, "_lowbit_kv_hook")
 
 
 def test_packed_attention_under_dynamo_runs_eagerly_and_matches():
