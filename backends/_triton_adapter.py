@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,9 @@ def _compile_one(path: str, name: str, signature: dict[str, str], constexprs: di
     fn = jit_function(getattr(load_module(path, f"lowbit_kernels_aot.{name}"), name))
     src = ASTSource(fn, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    report = {"arch": f"sm_{arch}", "num_warps": num_warps, "shared_bytes": compiled.metadata.shared}
+    report = {"arch": f"sm_{arch}", "num_warps": num_warps, "shared_bytes": compiled.metadata.shared,
+              # the PTX conversion instructions (rounding modes: what a GPU's bf16/fp8 narrowing does)
+              "conversions": sorted(set(re.findall(r"\bcvt(?:\.[a-z0-9]+)+", compiled.asm["ptx"])))}
     report.update(_cubin_resources(compiled.asm["cubin"], fn.__name__))
     return report
 

@@ -400,10 +400,10 @@ def _merge_side_by_side(groups: list[FusionGroup]) -> list[FusionGroup]:
     computes a fused norm's statistics, once. q/k/v of an attention block (k/v may be narrower)."""
     def key(group: FusionGroup):
         a = group.anchors[0]
-        if (len(group.anchors) > 1 or group.steps or a.outliers is not None or a.x_scale is not None
-                or a.prequant_scale is not None):
+        if len(group.anchors) > 1 or group.steps or a.outliers is not None or a.x_scale is not None:
             return None
-        return (a.x, a.fmt, a.in_features, a.act, a.bias is None)
+        # pre-quantized codes (rotate_quantize, shared by FlatQuant's q/k/v): one row scale for all
+        return (a.x, a.fmt, a.in_features, a.act, a.bias is None, a.prequant_scale)
 
     merged: dict[Any, FusionGroup] = {}
     out = []

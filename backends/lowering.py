@@ -609,35 +609,50 @@ def _lower_triton(gm: fx.GraphModule, ctx: PassContext, kernels: dict[str, str],
 
 
 def _rotate_and_quantize(gm: fx.GraphModule) -> list[str]:
-    """QuaRot's way: ``qa_linear(hadamard(h))`` with per-token int8/int4 activations becomes one
-    rotate-and-quantize kernel (``hadamard_kernel.rotate_quantize``: codes + row scales) feeding the
-    linear's generated kernel, which takes the codes as they are (``KernelSpec.act_prequant``); the
-    rotated row is never written in floats. Returns the Hadamard nodes rewritten. Where the Hadamard
-    kernel cannot take the size, the graph is left as it is (its own lowering logs why)."""
+    """QuaRot's way: ``qa_linear(hadamard(h))`` -- and FlatQuant's ``qa_linear(kron_transform(h, P1,
+    P2))`` -- with per-token int8/int4 activations becomes one rotate-and-quantize kernel
+    (``hadamard_kernel.rotate_quantize``: codes + row scales) feeding the linears' generated kernels,
+    which take the codes as they are (``KernelSpec.act_prequant``); the transformed row is never
+    written in floats. A transform shared by several linears (FlatQuant's q/k/v, gate/up) is
+    rewritten when every user is such a linear with the same activation scheme: one kernel, the
+    codes shared. Returns the transform nodes rewritten. Where the kernel cannot take the size,
+    the graph is left as it is (the transform's own lowering logs why)."""
     from lowbit_compiler.backends import hadamard_kernel
 
     done = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.lowbit.qa_linear.default:
+    for t in list(gm.graph.nodes):
+        if t.op != "call_function" or t.target not in (torch.ops.lowbit.hadamard.default,
+                                                        torch.ops.lowbit.kron_transform.default):
             continue
-        a = opdecl.args(node)
-        h = a["x"]
-        if (a["act"] not in ("int8", "int4") or a["x_scale"] is not None or not isinstance(h, fx.Node)
-                or h.target is not torch.ops.lowbit.hadamard.default or len(h.users) != 1
-                or _triton_unsupported(node) is not None):
+        users = list(t.users)
+        acts = {opdecl.args(u)["act"] if u.target is torch.ops.lowbit.qa_linear.default else None for u in users}
+        if (len(acts) != 1 or (act := acts.pop()) not in ("int8", "int4")
+                or any(opdecl.args(u)["x"] is not t or opdecl.args(u)["x_scale"] is not None
+                       or _triton_unsupported(u) is not None for u in users)):
             continue
-        hv = _dynamo_adapter.example_value(h)
-        if hadamard_kernel.unsupported_reason(int(hv.shape[-1]), hv.dtype, hv.device if hv.is_cuda else None):
-            continue
-        with gm.graph.inserting_before(node):
-            rq = gm.graph.call_function(hadamard_kernel.rotate_quantize, (opdecl.args(h)["x"], a["act"]))
+        tv = _dynamo_adapter.example_value(t)
+        dev = tv.device if tv.is_cuda else None
+        targs = opdecl.args(t)
+        if t.target is torch.ops.lowbit.hadamard.default:
+            if len(users) != 1 or hadamard_kernel.unsupported_reason(int(tv.shape[-1]), tv.dtype, dev):
+                continue
+            call_args = (targs["x"], act)
+        else:
+            shapes = [_dynamo_adapter.example_value(targs[k]) if targs[k].op != "get_attr"
+                      else ir.fetch_attr(gm, targs[k].target) for k in ("left", "right")]
+            if hadamard_kernel.kron_unsupported_reason(shapes[0].shape[0], shapes[1].shape[0], int(tv.shape[-1]), dev):
+                continue
+            call_args = (targs["x"], act, (targs["left"], targs["right"]))
+        with gm.graph.inserting_before(t):
+            rq = gm.graph.call_function(hadamard_kernel.rotate_quantize, call_args)
             codes = gm.graph.call_function(operator.getitem, (rq, 0))
             scale = gm.graph.call_function(operator.getitem, (rq, 1))
-        codes.meta.update({k: v for k, v in h.meta.items() if k != ir.META})  # shape (the dtype is int8)
-        node.replace_input_with(h, codes)
-        node.meta[fusion.PREQUANT_SCALE] = scale
-        done.append(h.name)
-        gm.graph.erase_node(h)
+        codes.meta.update({k: v for k, v in t.meta.items() if k != ir.META})  # shape (the dtype is int8)
+        for u in users:
+            u.replace_input_with(t, codes)
+            u.meta[fusion.PREQUANT_SCALE] = scale
+        done.append(t.name)
+        gm.graph.erase_node(t)
     return done
 
 

@@ -20,7 +20,12 @@ large device-to-device copy in the same run; the nominal figure is printed when 
 known).
 
     python benchmarks/kernels_gpu.py [--formats int4_g128_asym int8] [--rows 1 16 512]
-                                     [--json benchmarks/results/kernels_gpu.json]
+                                     [--json benchmarks/results/kernels_gpu.json] [--no-rotations]
+
+A second table times ``hadamard_kernel.rotate_quantize`` (QuaRot's R4 before down_proj, FlatQuant's
+learned factors) against the unfused torch ops it replaces (``lowbit::hadamard`` or
+``lowbit::kron_transform``, then per-row absmax / divide / round), per variant: fp16, bf16 and
+fp32 rows (the Hadamard), learned factors (fp16 rows), at Llama sizes 4096, 11008 and 14336.
 
 Without a CUDA device (or under TRITON_INTERPRET=1) it prints why and times nothing.
 """
@@ -164,6 +169,71 @@ def peers(spec, args: list[Any]) -> dict[str, Any]:
     return out
 
 
+ROTATION_SIZES = (HIDDEN, INTER, 14336)
+ROTATION_VARIANTS = ("hadamard fp16", "hadamard bf16", "hadamard fp32", "learned fp16")
+
+
+def rotation_inputs(variant: str, n: int, rows: int, device: str = "cuda"):
+    """(x, transform or None) for one rotate-and-quantize case; None when the kernel refuses it."""
+    from lowbit_compiler.backends import hadamard_kernel
+    from lowbit_compiler.learned_rotation import kron_split
+
+    kind, dt = variant.split()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    g = torch.Generator().manual_seed(n + rows)
+    x = torch.randn(rows, n, generator=g).to(dtype).to(device)
+    if kind == "hadamard":
+        return None if hadamard_kernel.unsupported_reason(n, dtype, device if device == "cuda" else None) else (x, None)
+    a, b = kron_split(n)
+    if hadamard_kernel.kron_unsupported_reason(a, b, n, device if device == "cuda" else None):
+        return None
+    left = (torch.eye(a) + 0.1 * torch.randn(a, a, generator=g)).to(device)
+    right = (torch.eye(b) + 0.1 * torch.randn(b, b, generator=g)).to(device)
+    return x, (left, right)
+
+
+def rotation_unfused(x: torch.Tensor, act: str, transform):
+    """What runs without the fused kernel: the transform op, then per-row quantization in torch."""
+    from lowbit_compiler.ops import ACTIVATION_MAX
+
+    z = (torch.ops.lowbit.hadamard(x) if transform is None else torch.ops.lowbit.kron_transform(x, *transform)).float()
+    s = (z.abs().amax(-1, keepdim=True) / ACTIVATION_MAX[act]).clamp_min(1e-30)
+    q = torch.round(z / s).clamp(-ACTIVATION_MAX[act], ACTIVATION_MAX[act]).to(torch.int8)
+    return q, s
+
+
+def rotation_rows(row_counts, peak: float) -> list[dict[str, Any]]:
+    from triton.testing import do_bench
+
+    from lowbit_compiler.backends import hadamard_kernel
+
+    out = []
+    for variant in ROTATION_VARIANTS:
+        for n in ROTATION_SIZES:
+            for rows in row_counts:
+                case = rotation_inputs(variant, n, rows)
+                if case is None:
+                    continue
+                x, transform = case
+                fused_ms = do_bench(lambda: hadamard_kernel.rotate_quantize(x, "int4", transform))
+                torch_ms = do_bench(lambda: rotation_unfused(x, "int4", transform))
+                moved = x.numel() * x.element_size() + x.numel() + rows * 4  # row in, codes + scale out
+                out.append({"variant": variant, "n": n, "M": rows, "fused_us": fused_ms * 1e3,
+                            "torch_us": torch_ms * 1e3, "bytes": moved,
+                            "fraction_of_peak": moved / (fused_ms * 1e-3) / peak})
+    return out
+
+
+def rotation_table(rows: list[dict[str, Any]]) -> str:
+    lines = [["rotate_quantize", "n", "M", "fused us", "torch us", "speedup", "MB moved", "of copy bw"]]
+    lines += [[r["variant"], str(r["n"]), str(r["M"]), f"{r['fused_us']:.1f}", f"{r['torch_us']:.1f}",
+               f"{r['torch_us'] / r['fused_us']:.2f}x", f"{r['bytes'] / 1e6:.2f}", f"{r['fraction_of_peak']:.0%}"]
+              for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
 def device_bandwidth() -> float:
     from triton.testing import do_bench
 
@@ -202,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", default=["int4_g128_asym", "int8"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 16, 512])
     parser.add_argument("--json", default="benchmarks/results/kernels_gpu.json")
+    parser.add_argument("--no-rotations", action="store_true", help="skip the rotate_quantize table")
     args = parser.parse_args(argv)
     reason = unavailable_reason()
     if reason is not None:
@@ -241,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     for peer_name, why in absent.items():
         print(f"peer {peer_name}: {why}")
     print(table(results))
+    rotations = [] if args.no_rotations else rotation_rows(args.rows, peak)
+    if rotations:
+        print(rotation_table(rotations))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": name, "copy_bandwidth": peak, "nominal_bandwidth": nominal, "results": results,
-                   "absent_peers": absent}, f, indent=2)
+                   "rotations": rotations, "absent_peers": absent}, f, indent=2)
     return 0
 
 

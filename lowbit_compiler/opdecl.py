@@ -122,7 +122,8 @@ def _declare_builtins() -> None:
     declare(OpDeclaration(
         "kron_transform", "x @ (left (x) right) over the last dimension (FlatQuant's online transform)",
         ops.kron_transform_reference, INPUT_TRANSFORM,
-        no_kernel="no Triton kernel for lowbit::kron_transform yet; its torch implementation (two small matmuls) runs",
+        no_kernel=("no standalone Triton kernel for lowbit::kron_transform (it is fused into rotate_quantize only "
+                   "where every user is a per-token int8/int4 qa_linear); its torch implementation (two small matmuls) runs"),
         describe=lambda a: "FlatQuant affine transform"))
     declare(OpDeclaration(
         "sparse_linear", "x @ S.T for a sparse [N, K] matrix in COO form (SpQR outliers beside a dense op)",

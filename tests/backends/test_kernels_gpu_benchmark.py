@@ -69,3 +69,19 @@ def test_peers_are_reported_when_absent_or_not_int4(bench):
     for name, module in (("torchao int4", "torchao"), ("marlin", "marlin")):
         assert callable(found[name]) or (not installed[module] and "not installed" in found[name])
     assert torch.cuda.is_available() or bench.unavailable_reason() is not None
+
+
+@pytest.mark.parametrize("variant", ["hadamard fp16", "hadamard fp32", "learned fp16"])
+def test_the_rotation_baseline_computes_what_rotate_quantize_does(bench, variant):
+    """The unfused torch baseline of the rotate_quantize table gives the same codes (away from
+    rounding ties) and scales as the kernel (small size, interpreter)."""
+    from lowbit_compiler.backends import hadamard_kernel
+
+    x, transform = bench.rotation_inputs(variant, 256, 3, device="cpu")
+    codes, scale = hadamard_kernel.rotate_quantize(x, "int4", transform)
+    ref_codes, ref_scale = bench.rotation_unfused(x, "int4", transform)
+    assert ((scale - ref_scale).abs() / ref_scale).max() < 2e-3  # the op's fp16 output vs fp32 registers
+    assert (codes.int() - ref_codes.int()).abs().max() <= 1
+    assert (codes != ref_codes).float().mean() < 0.02
+    assert all(bench.rotation_inputs(v, n, 1, device="cpu") is not None
+               for v in bench.ROTATION_VARIANTS for n in (4096, 14336))
