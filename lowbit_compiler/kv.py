@@ -1068,6 +1068,7 @@ def give_compressed_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> boo
 # The compiled flow: torch.compile(model, backend="lowbit", options={"recipe": "kv4"})
 # --------------------------------------------------------------------------------------------
 
+KV_ONLY_PASSES = ("canonicalize", "mark_kv_cache")  # recipes the compile flow installs the cache for
 INSTALLED = "installed"  # install_for_compiled_graph: the module already has the compressed cache
 
 
@@ -1098,6 +1099,14 @@ def install_for_compiled_graph(gm: Any, example_inputs: Any, recipe: Any, strict
 
     if "mark_kv_cache" not in recipe.passes:
         return None
+    others = [p for p in recipe.passes if p not in KV_ONLY_PASSES]
+    if others:
+        # composed with weight passes, the compile flow's decode steps disagreed with compress()'s
+        # (about 19 dB on the zoo Llama, prefill exact; w4a16 alone and kv4 alone both match): until
+        # that is understood the compressed cache is not installed from the compile flow
+        return (f"the recipe composes the KV cache with {others}: under torch.compile this composition's "
+                "decode steps disagreed with compress() (cause not found yet), so the compile flow installs "
+                "the compressed cache only for KV-only recipes")
     model, why = _compiled_module(gm)
     if model is None:
         return why

@@ -326,20 +326,30 @@ def test_compile_flow_kv4_uses_the_compressed_cache_from_the_first_call(llama, f
             torch.testing.assert_close(out.logits, reference(ids, use_cache=True).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.slow  # ~25 s: compress + compile, then compile alone, both quantizing the weights
-def test_compile_flow_w4a16_plus_kv4_matches_compress_then_compile(llama):
-    """The composed recipe through the compile flow: int4 weights and the compressed cache from the
-    first call; the tokens are those of compress(model, "w4a16+kv4").compile(backend="lowbit")."""
+def test_compile_flow_w4a16_plus_kv4_keeps_the_float_cache_and_says_why(llama):
+    """The composed recipe through the compile flow: its decode steps disagreed with
+    compress(model, "w4a16+kv4") (about 19 dB on this model while the prefill matched exactly), so
+    the compile flow does not install the compressed cache for recipes that compose it with weight
+    passes: the int4 weights run, the float cache stays, the reason is reported (strict raises)."""
     model, inputs = llama
     ids = inputs["input_ids"]
-    compressed = compress(copy.deepcopy(model), "w4a16+kv4", progress=False)
+    before = _kv_fallbacks()
+    compiled = copy.deepcopy(model)
     torch.compiler.reset()
     with torch.no_grad():
-        compressed.compile(backend="lowbit")
-        reference = compressed.generate(ids, max_new_tokens=8, do_sample=False)
-    compiled, out, stats = _compile_flow_generate(model, ids, "w4a16+kv4", "model.compile")
-    _only_packed(out.past_key_values)
-    assert torch.equal(out.sequences, reference)
+        compiled.compile(backend="lowbit", options={"recipe": "w4a16+kv4", "progress": False})
+        out = compiled(ids, use_cache=True)
+        assert type(out.past_key_values).__name__ == "DynamicCache"
+        assert _kv_fallbacks() > before
+        assert not hasattr(compiled, "_lowbit_kv_hook")
+        weights_only = compress(copy.deepcopy(model), "w4a16", progress=False)(ids, use_cache=True).logits
+        torch.testing.assert_close(out.logits, weights_only, atol=1e-4, rtol=1e-4)
+        torch.compiler.reset()
+        strict = copy.deepcopy(model)
+        strict.compile(backend="lowbit", options={"recipe": "w4a16+kv4", "strict": True, "progress": False})
+        with pytest.raises(Exception, match="composes the KV cache with"):
+            strict(ids, use_cache=True)
+    torch.compiler.reset()
 
 
 @pytest.mark.slow  # ~8-50 s (compress + compile; load-dependent)
