@@ -1101,12 +1101,15 @@ def install_for_compiled_graph(gm: Any, example_inputs: Any, recipe: Any, strict
         return None
     others = [p for p in recipe.passes if p not in KV_ONLY_PASSES]
     if others:
-        # composed with weight passes, the compile flow's decode steps disagreed with compress()'s
-        # (about 19 dB on the zoo Llama, prefill exact; w4a16 alone and kv4 alone both match): until
-        # that is understood the compressed cache is not installed from the compile flow
-        return (f"the recipe composes the KV cache with {others}: under torch.compile this composition's "
-                "decode steps disagreed with compress() (cause not found yet), so the compile flow installs "
-                "the compressed cache only for KV-only recipes")
+        # composed with weight passes, the compile flow's decode steps were ~19 dB from compress()'s:
+        # the cache's graph breaks make transformers' shared decorator frame (deprecate_kwarg's
+        # wrapped_func, around both LlamaForCausalLM.forward and LlamaAttention.forward) recompile
+        # past Dynamo's recompile_limit (8), after which the attention runs eagerly on the FLOAT
+        # weights, with only Dynamo's own warning. KV-only recipes have float weights either way.
+        return (f"the recipe composes the KV cache with {others}: under torch.compile the cache's graph breaks "
+                "push transformers' shared forward wrapper past Dynamo's recompile_limit, and the attention "
+                "would then run eagerly on the float weights; the compile flow installs the compressed cache "
+                "only for KV-only recipes")
     model, why = _compiled_module(gm)
     if model is None:
         return why
