@@ -53,7 +53,7 @@ from lowbit_compiler.calibration import as_batches, for_graph
 from lowbit_compiler.capture import capture
 from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpRun, resolve_dump_dir
-from lowbit_compiler.pass_base import LowbitError, PassContext
+from lowbit_compiler.pass_base import LowbitError, PassContext, record_fallback
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import Recipe, get_recipe
 from lowbit_compiler.backends import cpu_kernels
@@ -323,7 +323,41 @@ class LowbitBackend:
         log.info("lowbit: graph %s compiled with recipe %r: %d layers quantized, kernels %s",
                  summary["graph"] or "(no dump)", opts.recipe.name, quantized, summary["kernel_counts"])
         stats["graphs_lowered"] += 1
+        if quantized:
+            _watch_recompile_limit()
         return compiled
+
+
+RECOMPILE_LIMIT_REASON = "Dynamo's recompile limit: a compiled function now runs eagerly"
+
+
+class _RecompileLimitReporter(logging.Handler):
+    """Dynamo's recompile-limit warning, said again as a lowbit fallback. Past
+    ``torch._dynamo.config.recompile_limit`` Dynamo stops compiling a function and runs it eagerly
+    from then on; whatever it computes with the model's weights then uses the float weights (the
+    quantized copies live in the compiled graphs only), which Dynamo reports only as a recompile
+    warning. Attached to Dynamo's logger once a graph with quantized layers was compiled."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("torch._dynamo hit config."):
+            return
+        args = record.args if isinstance(record.args, tuple) else ()
+        limit, value, function = args[:3] if len(args) >= 3 else ("recompile_limit", "?", "?")
+        stats["recompile_limit_hits"] += 1
+        record_fallback(RECOMPILE_LIMIT_REASON)
+        log.warning("lowbit fallback: %s: Dynamo hit config.%s (%s) at %s and runs it eagerly from now on: the "
+                    "weights it reads are the model's float weights, not the quantized ones. Raise "
+                    "torch._dynamo.config.recompile_limit, or compress(model, recipe) first (the eager path is "
+                    "then quantized too)", RECOMPILE_LIMIT_REASON, limit, value, function)
+
+
+_REPORTER = _RecompileLimitReporter()
+
+
+def _watch_recompile_limit() -> None:
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if _REPORTER not in dynamo_log.handlers:
+        dynamo_log.addHandler(_REPORTER)
 
 
 def _ours(error: BaseException, doing: str) -> LowbitError:

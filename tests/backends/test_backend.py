@@ -265,3 +265,27 @@ def test_inner_inductor_runs_the_rest_of_the_graph(target):
     lowbit_ops = {n.target for n in gm.graph.nodes if "lowbit" in str(n.target)}
     expected = torch.ops.lowbit.wo_linear.default if target == "cpu" else torch.ops.lowbit.generated.default
     assert lowbit_ops == {expected}  # the low-bit work stays ours; Inductor gets the rest
+
+
+def test_dynamo_recompile_limit_is_reported_as_a_lowbit_fallback():
+    """Past Dynamo's recompile limit a function runs eagerly, on the model's float weights; Dynamo
+    only warns about recompiles, so the backend says it again as a fallback (counted)."""
+    import copy
+
+    from lowbit_compiler import zoo
+    from lowbit_compiler.backends import lowbit_backend
+    from lowbit_compiler.pass_base import fallback_counter
+
+    model, inputs = zoo.build("llama")
+    ids = inputs["input_ids"]
+    before = fallback_counter[lowbit_backend.RECOMPILE_LIMIT_REASON]
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False), torch.no_grad():
+        compiled = torch.compile(copy.deepcopy(model), backend="lowbit", options={"recipe": "w4a16", "progress": False})
+        quantized = compiled(ids[:, :3]).logits
+        eager = compiled(ids[:, :2]).logits  # a new shape, no dynamic shapes: past the limit of 1
+        float_logits = model(ids[:, :2]).logits
+    torch.compiler.reset()
+    assert fallback_counter[lowbit_backend.RECOMPILE_LIMIT_REASON] == before + 1
+    torch.testing.assert_close(eager, float_logits, atol=1e-5, rtol=1e-5)  # what the message warns of
+    assert not torch.allclose(quantized[:, :2], float_logits, atol=1e-3)  # the compiled call was int4
