@@ -168,10 +168,14 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
 
 def _int4pack_rows(qweight: torch.Tensor, padded_n: int) -> torch.Tensor:
     """torch's int4pack layout of packed int4 codes [N, Kp/2], padded with code-8 rows to
-    ``padded_n``. The converter wants int32 codes (4 bytes per weight: a 32000 x 2048 head would
-    need a 262 MB temporary), so it runs on slices of rows: a multiple of 64 rows per slice keeps
-    the layout's row blocks whole, so the result is the same bytes as converting at once."""
+    ``padded_n``: the generated repacker (``cpu_quantize.int4pack``: one pass over the packed codes,
+    its layout checked against torch's converter once per process), else torch's converter. That
+    one wants int32 codes (4 bytes per weight: a 32000 x 2048 head would need a 262 MB temporary),
+    so it runs on slices of rows: a multiple of 64 rows per slice keeps the layout's row blocks
+    whole, so the result is the same bytes as converting at once."""
     n, half = qweight.shape
+    if (fast := cpu_quantize.int4pack(qweight, 2 * half, padded_n)) is not None:
+        return fast
     rows = max(64, (CHUNK_ELEMENTS // max(2 * half, 1)) // 64 * 64)
     out = None
     for start in range(0, padded_n, rows):

@@ -259,6 +259,47 @@ void lowbit_unpack_codes(const uint8_t* codes, void* out, int64_t N, int64_t Kp,
         }
     }
 }
+
+/* packed int4 codes [N, K/2] (low nibble = even k) -> torch's CPU int4pack layout of the same weight
+   padded with code-8 rows to NP (a multiple of 16) rows: [NP, K/2] bytes, blocks of BN rows (64 for
+   torch's AVX-512 build, 32 otherwise), each block k-major. mode 64: byte (k, d) of a full block holds
+   rows d | d+32 << 4 at k*32+d and rows d+16 | d+48 << 4 at k*32+16+d; mode 32: rows d | d+16 << 4 at
+   k*16+d; a partial block (and mode 0) holds row pairs n | n+1 << 4 at k*nb/2+n/2. What
+   aten::_convert_weight_to_int4pack_for_cpu writes from int32 codes, without the 4-byte-per-weight
+   temporary (lowbit_compiler checks the mode against torch's converter before using it). */
+static inline uint8_t lowbit_code4(const uint8_t* codes, int64_t N, int64_t half, int64_t n, int64_t k)
+{
+    return n < N ? (uint8_t)((codes[n * half + (k >> 1)] >> ((k & 1) * 4)) & 15) : (uint8_t)8;
+}
+
+void lowbit_int4pack_torch(const uint8_t* codes, uint8_t* out, int64_t N, int64_t K, int64_t NP, int mode,
+                           int threads)
+{
+    const int64_t half = K / 2, BN = mode == 64 ? 64 : 32, NB = (NP + BN - 1) / BN;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < NB; b++) {
+        const int64_t n0 = b * BN, nb = NP - n0 < BN ? NP - n0 : BN;
+        uint8_t* dst = out + n0 * half;
+        for (int64_t k = 0; k < K; k++) {
+            if (nb == BN && mode == 64) {
+                for (int64_t d = 0; d < 16; d++) {
+                    dst[k * 32 + d] = (uint8_t)(lowbit_code4(codes, N, half, n0 + d, k)
+                                                | lowbit_code4(codes, N, half, n0 + d + 32, k) << 4);
+                    dst[k * 32 + 16 + d] = (uint8_t)(lowbit_code4(codes, N, half, n0 + d + 16, k)
+                                                     | lowbit_code4(codes, N, half, n0 + d + 48, k) << 4);
+                }
+            } else if (nb == BN && mode == 32) {
+                for (int64_t d = 0; d < 16; d++)
+                    dst[k * 16 + d] = (uint8_t)(lowbit_code4(codes, N, half, n0 + d, k)
+                                                | lowbit_code4(codes, N, half, n0 + d + 16, k) << 4);
+            } else {
+                for (int64_t n = 0; n < nb; n += 2)
+                    dst[k * nb / 2 + n / 2] = (uint8_t)(lowbit_code4(codes, N, half, n0 + n, k)
+                                                        | lowbit_code4(codes, N, half, n0 + n + 1, k) << 4);
+            }
+        }
+    }
+}
 """
 
 # builds: the host's full ISA (what runs), AVX2 without AVX-512 and the compiler's default target
@@ -341,6 +382,62 @@ def _build_unpack(isa: str):
                          ctypes.c_int],
         "the torch unpacking runs", what="the unpacking kernel", isa=isa,
         extra_flags=("-ffp-contract=off", "-fno-trapping-math"), entry="lowbit_unpack_codes")
+
+
+@functools.lru_cache(maxsize=None)
+def _build_int4pack():
+    fn = cpu_codegen.build(
+        NAME, source(), [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int, ctypes.c_int],
+        "torch's converter builds the int4pack layout (from int32 codes, slower)", what="the int4pack repacker",
+        extra_flags=("-ffp-contract=off", "-fno-trapping-math"), entry="lowbit_int4pack_torch")
+    return fn
+
+
+INT4PACK_MODES = (64, 32, 0)
+
+
+def _int4pack_call(fn, codes: torch.Tensor, n: int, k: int, padded_n: int, mode: int) -> torch.Tensor:
+    out = torch.empty(padded_n, k // 2, dtype=torch.uint8)
+    fn(codes.data_ptr(), out.data_ptr(), n, k, padded_n, mode, _threads(padded_n * k))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def int4pack_mode() -> int | None:
+    """Which of torch's int4pack CPU layouts this torch build writes (:data:`INT4PACK_MODES`: its
+    AVX-512 build's 64-row blocks, the AVX2 / default builds' 32-row blocks), found by comparing the
+    repacker's output with ``aten::_convert_weight_to_int4pack_for_cpu`` on a probe weight whose rows
+    cover a full block and every partial one; None (logged once) when no mode matches or the repacker
+    cannot be built: torch's converter runs."""
+    fn = None if disabled() else _build_int4pack()
+    if fn is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    n, k = 171, 96  # padded to 176 rows: full blocks of 64 (32) rows, a partial one of 48 (16), code-8 rows
+    padded = (n + 15) // 16 * 16
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.nn.functional.pad(q.to(torch.int32), (0, 0, 0, padded - n), value=8), 1)
+    codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    for mode in INT4PACK_MODES:
+        if torch.equal(_int4pack_call(fn, codes, n, k, padded, mode), ref):
+            return mode
+    cpu_codegen._note("the int4pack repacker matches none of torch's known int4pack CPU layouts "
+                      f"(torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}); "
+                      "torch's converter builds the layout (from int32 codes, slower)")
+    return None
+
+
+def int4pack(codes: torch.Tensor, k: int, padded_n: int) -> torch.Tensor | None:
+    """torch's int4pack CPU layout ([padded_n, k/2] uint8, the bytes
+    ``aten::_convert_weight_to_int4pack_for_cpu`` writes for these codes padded with code-8 rows)
+    from packed int4 codes [N, k/2] in one pass; None when the repacker cannot run (the caller
+    uses torch's converter)."""
+    mode = int4pack_mode()
+    if mode is None or codes.device.type != "cpu" or codes.dtype != torch.uint8 or k % 2:
+        return None
+    return _int4pack_call(_build_int4pack(), codes.contiguous(), codes.shape[0], k, padded_n, mode)
 
 
 # below this many elements a kernel runs on one thread: a copy-like loop over a slice takes about a

@@ -98,6 +98,47 @@ def test_int4pack_in_row_slices_is_the_same_bytes(monkeypatch, n, k):
     assert torch.equal(cpu_kernels._int4pack_rows(pack_int4(q), padded), once)
 
 
+def _int4pack_reference(q: torch.Tensor, mode: int) -> torch.Tensor:
+    """torch's int4pack CPU layouts as int4mm_kernel.cpp documents them (weight_to_int4pack_kernel),
+    written out in Python from int codes [NP, K]: blocks of 64 (AVX-512 build) or 32 rows, k-major."""
+    np_, k = q.shape
+    bn = 64 if mode == 64 else 32
+    out = torch.empty(np_, k // 2, dtype=torch.uint8)
+    flat = out.view(-1)
+    for n0 in range(0, np_, bn):
+        nb = min(bn, np_ - n0)
+        blk = q[n0:n0 + nb].t()  # [K, nb]
+        if nb == bn and mode == 64:
+            part = torch.cat([blk[:, 0:16] | blk[:, 32:48] << 4, blk[:, 16:32] | blk[:, 48:64] << 4], dim=1)
+        elif nb == bn and mode == 32:
+            part = blk[:, 0:16] | blk[:, 16:32] << 4
+        else:
+            part = blk[:, 0::2] | blk[:, 1::2] << 4
+        flat[n0 * k // 2:(n0 + nb) * k // 2] = part.reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(176, 256), (300, 128), (16, 64), (171, 96)])
+def test_generated_int4pack_repacker_writes_torchs_layout(n, k):
+    """The generated repacker (one pass over the packed codes, no int32 temporary) writes the bytes of
+    torch's converter on this build, and each of the layouts torch's builds use (AVX-512's 64-row
+    blocks, AVX2's 32-row blocks, pairs) as int4mm_kernel.cpp documents them."""
+    from lowbit_compiler.backends import cpu_quantize
+
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    padded = (n + 15) // 16 * 16
+    full = torch.nn.functional.pad(q, (0, 0, 0, padded - n), value=8)
+    mode = cpu_quantize.int4pack_mode()
+    assert mode in cpu_quantize.INT4PACK_MODES  # a compiler is present in the test environment
+    torch_bytes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(full.to(torch.int32), 1)
+    assert torch.equal(cpu_quantize.int4pack(pack_int4(q), k, padded), torch_bytes)
+    assert torch.equal(_int4pack_reference(full, mode), torch_bytes)  # the reference reads torch right
+    fn = cpu_quantize._build_int4pack()
+    for other in cpu_quantize.INT4PACK_MODES:
+        got = cpu_quantize._int4pack_call(fn, pack_int4(q), n, k, padded, other)
+        assert torch.equal(got, _int4pack_reference(full, other)), other
+
+
 def test_drop_float_weights_keeps_the_compiled_model_working():
     torch._dynamo.reset()
     model = _tiny(tie=True)
