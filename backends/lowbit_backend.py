@@ -331,24 +331,56 @@ class LowbitBackend:
 RECOMPILE_LIMIT_REASON = "Dynamo's recompile limit: a compiled function now runs eagerly"
 
 
+def _compiling_backend() -> tuple[bool, bool]:
+    """(whether the backend of the Dynamo compile on this thread's stack is lowbit's, whether it is
+    strict), read from the ``compiler_fn`` of Dynamo's ``convert_frame._compile`` frame (what
+    ``torch.compile`` made for the call, holding our backend or the name and options); (True, False)
+    when that frame cannot be found (a torch that moved it: report, do not guess strictness)."""
+    import sys
+
+    from torch._dynamo.eval_frame import innermost_backend
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals:
+            fn = innermost_backend(frame.f_locals["compiler_fn"])
+            backend = getattr(fn, "_lowbit_backend", fn)  # set on torch.compile's wrapper at its first graph
+            if isinstance(backend, LowbitBackend):
+                return True, backend.options.strict
+            if getattr(fn, "compiler_fn", None) is lowbit_backend:  # no graph compiled yet for this call
+                return True, bool((getattr(fn, "kwargs", {}).get("options") or {}).get("strict", False))
+            return False, False
+        frame = frame.f_back
+    return True, False
+
+
 class _RecompileLimitReporter(logging.Handler):
     """Dynamo's recompile-limit warning, said again as a lowbit fallback. Past
     ``torch._dynamo.config.recompile_limit`` Dynamo stops compiling a function and runs it eagerly
     from then on; whatever it computes with the model's weights then uses the float weights (the
     quantized copies live in the compiled graphs only), which Dynamo reports only as a recompile
-    warning. Attached to Dynamo's logger once a graph with quantized layers was compiled."""
+    warning. Attached to Dynamo's logger once a graph with quantized layers was compiled; functions
+    compiled by other backends are left to Dynamo's own warning. With ``strict=True`` the hit
+    raises :class:`LowbitError` instead, from the call that hit the limit, before anything runs
+    eagerly (raised out of Dynamo's warning: a logging handler's exception reaches the caller)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if not str(record.msg).startswith("torch._dynamo hit config."):
             return
+        ours, strict = _compiling_backend()
+        if not ours:
+            return
         args = record.args if isinstance(record.args, tuple) else ()
         limit, value, function = args[:3] if len(args) >= 3 else ("recompile_limit", "?", "?")
         stats["recompile_limit_hits"] += 1
+        what = (f"{RECOMPILE_LIMIT_REASON}: Dynamo hit config.{limit} ({value}) at {function} and runs it eagerly "
+                "from now on: the weights it reads are the model's float weights, not the quantized ones. Raise "
+                "torch._dynamo.config.recompile_limit, or compress(model, recipe) first (the eager path is then "
+                "quantized too)")
+        if strict:
+            raise LowbitError(f"backend='lowbit' (strict=True): {what}")
         record_fallback(RECOMPILE_LIMIT_REASON)
-        log.warning("lowbit fallback: %s: Dynamo hit config.%s (%s) at %s and runs it eagerly from now on: the "
-                    "weights it reads are the model's float weights, not the quantized ones. Raise "
-                    "torch._dynamo.config.recompile_limit, or compress(model, recipe) first (the eager path is "
-                    "then quantized too)", RECOMPILE_LIMIT_REASON, limit, value, function)
+        log.warning("lowbit fallback: %s", what)
 
 
 _REPORTER = _RecompileLimitReporter()

@@ -289,3 +289,28 @@ def test_dynamo_recompile_limit_is_reported_as_a_lowbit_fallback():
     assert fallback_counter[lowbit_backend.RECOMPILE_LIMIT_REASON] == before + 1
     torch.testing.assert_close(eager, float_logits, atol=1e-5, rtol=1e-5)  # what the message warns of
     assert not torch.allclose(quantized[:, :2], float_logits, atol=1e-3)  # the compiled call was int4
+
+
+def test_dynamo_recompile_limit_raises_in_strict_mode_and_ignores_other_backends():
+    """strict=True: the call that hits the limit raises our error (naming the cause and the fix)
+    instead of running on float weights; a function another backend compiled is not ours to report."""
+    import copy
+
+    from lowbit_compiler import zoo
+    from lowbit_compiler.backends import lowbit_backend
+
+    model, inputs = zoo.build("llama")
+    ids = inputs["input_ids"]
+    torch.compiler.reset()
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False), torch.no_grad():
+        compiled = torch.compile(copy.deepcopy(model), backend="lowbit",
+                                 options={"recipe": "w4a16", "progress": False, "strict": True})
+        compiled(ids[:, :3])
+        with pytest.raises(LowbitError, match=r"strict=True.*recompile_limit.*float weights.*Raise"):
+            compiled(ids[:, :2])
+        hits = lowbit_backend.stats["recompile_limit_hits"]
+        other = torch.compile(lambda x: x * 2, backend="eager")
+        other(torch.ones(3))
+        other(torch.ones(4))  # past the limit under the eager backend: Dynamo's warning only
+    torch.compiler.reset()
+    assert lowbit_backend.stats["recompile_limit_hits"] == hits
