@@ -443,27 +443,59 @@ static inline __attribute__((always_inline)) void {name}_channel(
 # weights of one input in one parallel loop (a fusion group: q/k/v side by side, or gate.up with
 # SiLU(gate) * up as its epilogue), so x is prepared once and one OpenMP region runs instead of
 # two or three. Each output channel is computed by the same code in both, so a fused output
-# equals the separate calls' bit for bit (the epilogue aside).
+# equals the separate calls' bit for bit (the epilogue aside). The `_ext` entries take the fused
+# RMSNorm prologue (`normw` non-null: the rows are normalised into `xbuf` first, once per call:
+# x * (1 / sqrt(mean(x^2) + eps)) * normw, the sum of squares in double) and, for one weight, the
+# residual epilogue (`res` non-null: y = (x W^T + b) + res, torch's order of the two adds).
 _DRIVERS = r"""
-void {name}(const float* x, const void* codes, const uint16_t* scale, const uint8_t* zero,
-            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+static const float* {name}_rmsnorm(const float* x, const float* normw, float eps, float* xbuf, int64_t M, int64_t K)
 {{
+    if (!normw)
+        return x;
+    for (int64_t m = 0; m < M; m++) {{
+        const float* xr = x + m * K;
+        double ss = 0.0;
+        for (int64_t k = 0; k < K; k++)
+            ss += (double)xr[k] * (double)xr[k];
+        const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
+        float* o = xbuf + m * K;
+        for (int64_t k = 0; k < K; k++)
+            o[k] = (xr[k] * r) * normw[k];
+    }}
+    return xbuf;
+}}
+
+void {name}_ext(const float* x0, const void* codes, const uint16_t* scale, const uint8_t* zero,
+                const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads,
+                const float* normw, float eps, const float* res, float* xbuf)
+{{
+    const float* x = {name}_rmsnorm(x0, normw, eps, xbuf, M, K);
     {name}_prepare(x, scratch, M, K);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {{
         float out[{max_rows}];
         {name}_channel(codes, scale, zero, x, scratch, n, M, K, out);
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
+        for (int64_t m = 0; m < M; m++) {{
+            const float v = out[m] + (bias ? bias[n] : 0.0f);
+            y[m * N + n] = res ? res[m * N + n] + v : v;
+        }}
     }}
+}}
+
+void {name}(const float* x, const void* codes, const uint16_t* scale, const uint8_t* zero,
+            const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
+{{
+    {name}_ext(x, codes, scale, zero, bias, y, scratch, M, N, K, threads, 0, 0.0f, 0, 0);
 }}
 
 /* epilogue 0: y [M, sum Ns] = the nw outputs side by side (q/k/v); epilogue 1 (nw = 2, equal N):
    y [M, N] = silu(x W0^T + b0) * (x W1^T + b1) (a gated MLP's gate and up) */
-void {name}_multi(const float* x, const void* const* codes, const uint16_t* const* scale,
-                  const uint8_t* const* zero, const float* const* bias, float* y, float* scratch, int64_t M,
-                  const int64_t* Ns, int64_t nw, int64_t K, int64_t epilogue, int threads)
+void {name}_multi_ext(const float* x0, const void* const* codes, const uint16_t* const* scale,
+                      const uint8_t* const* zero, const float* const* bias, float* y, float* scratch, int64_t M,
+                      const int64_t* Ns, int64_t nw, int64_t K, int64_t epilogue, int threads,
+                      const float* normw, float eps, float* xbuf)
 {{
+    const float* x = {name}_rmsnorm(x0, normw, eps, xbuf, M, K);
     {name}_prepare(x, scratch, M, K);
     if (epilogue == 1) {{
         const int64_t N = Ns[0];
@@ -490,6 +522,13 @@ void {name}_multi(const float* x, const void* const* codes, const uint16_t* cons
         for (int64_t m = 0; m < M; m++)
             y[m * total + t] = out[m] + (bias[i] ? bias[i][n] : 0.0f);
     }}
+}}
+
+void {name}_multi(const float* x, const void* const* codes, const uint16_t* const* scale,
+                  const uint8_t* const* zero, const float* const* bias, float* y, float* scratch, int64_t M,
+                  const int64_t* Ns, int64_t nw, int64_t K, int64_t epilogue, int threads)
+{{
+    {name}_multi_ext(x, codes, scale, zero, bias, y, scratch, M, Ns, nw, K, epilogue, threads, 0, 0.0f, 0);
 }}
 """
 
@@ -1246,6 +1285,30 @@ def _build_multi(fmt: str, isa: str, split8: bool = True):
                  entry=kernel_name(fmt) + "_multi")
 
 
+def ext_kernel(fmt: str, isa: str, split8: bool, multi: bool):
+    """The ``_ext`` entry of ``fmt``'s kernel (``{name}_ext``: one weight with the RMSNorm prologue
+    and the residual epilogue; ``{name}_multi_ext``: a fusion group with the prologue), or None
+    (no kernel with drivers for the format: W8A8, int8 activations, 2:4; reason logged once)."""
+    if kernel_disabled():
+        return None
+    return _build_ext(fmt, isa, split8, multi)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_ext(fmt: str, isa: str, split8: bool, multi: bool):
+    if supported(fmt) is not None or fmt in (W8A8,) or fmt.endswith(A8) or WeightFormat.parse(fmt).kind == "sparse":
+        return None
+    if multi:
+        argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                             ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+                                             ctypes.c_void_p])
+    else:
+        argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+                                                                    ctypes.c_void_p, ctypes.c_void_p])
+    return build(kernel_name(fmt), source(fmt, split8), argtypes, "the norm and the residual add run in torch",
+                 what=f"the {fmt} kernel", isa=isa, entry=kernel_name(fmt) + ("_multi_ext" if multi else "_ext"))
+
+
 # ctypes function -> the explicit path its build runs ("avx512_vnni", "avx512", "avx2", "portable")
 _ISA_OF: dict[int, str] = {}
 
@@ -1333,11 +1396,12 @@ class Bound:
     of Python per linear, ~0.5 ms per token of a 57-linear model). Holds the tensors whose pointers
     it keeps."""
 
-    __slots__ = ("fn", "name", "fmt", "tensors", "codes", "scales", "zeros", "n", "k", "scratch")
+    __slots__ = ("fn", "name", "fmt", "tensors", "codes", "scales", "zeros", "n", "k", "scratch", "isa", "split8")
 
     def __init__(self, fn, key: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 fmt: str, in_features: int):
+                 fmt: str, in_features: int, isa: str = "native"):
         f = WeightFormat.parse(fmt)
+        self.isa, self.split8 = isa, split8_enabled()
         codes, scales = qweight.contiguous(), scale.contiguous().view(torch.int16)
         zeros = None if zero is None else zero.contiguous()
         self.fn, self.name, self.fmt, self.tensors = fn, kernel_name(key), key, (codes, scales, zeros)
@@ -1362,6 +1426,30 @@ class Bound:
         calls[self.name] += 1
         self.fn(x32.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
                 y.data_ptr(), scratch.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
+        return y
+
+    def ext(self, x: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+            residual: torch.Tensor | None) -> torch.Tensor | None:
+        """The call with the fused RMSNorm prologue (``norm_weight`` [K], ``eps``) and/or the residual
+        epilogue (``residual`` [M, N]): ``residual + (rms_norm(x) W^T + bias)`` in float32; None when
+        the kernel has no such entry (the caller runs the norm and the add in torch)."""
+        fn = ext_kernel(self.fmt, self.isa, self.split8, multi=False)
+        if fn is None:
+            return None
+        rows = x.shape[0]
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.to(torch.float32).contiguous()
+        nw = None if norm_weight is None else norm_weight.to(torch.float32).contiguous()
+        res = None if residual is None else residual.to(torch.float32).contiguous()
+        y = torch.empty(rows, self.n, dtype=torch.float32)
+        scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
+        xbuf = torch.empty(rows * self.k if nw is not None else 1, dtype=torch.float32)
+        calls[self.name + "_ext"] += 1
+        fn(x32.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
+           y.data_ptr(), scratch.data_ptr(), rows, self.n, self.k, torch.get_num_threads(),
+           None if nw is None else nw.data_ptr(), float(eps or 0.0), None if res is None else res.data_ptr(),
+           xbuf.data_ptr())
         return y
 
 
@@ -1398,6 +1486,28 @@ class BoundGroup:
                 rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads())
         return y
 
+    def ext(self, x: torch.Tensor, biases: list[torch.Tensor | None], norm_weight: torch.Tensor,
+            eps: float) -> torch.Tensor | None:
+        """The group's call with the fused RMSNorm prologue: the group applied to ``rms_norm(x)``
+        (normalised once, in the kernel); None when the kernel has no such entry."""
+        m0 = self.members[0]
+        fn = ext_kernel(m0.fmt, m0.isa, m0.split8, multi=True)
+        if fn is None:
+            return None
+        rows = x.shape[0]
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
+        bias_ptrs = (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
+        nw = norm_weight.to(torch.float32).contiguous()
+        y = torch.empty(rows, self.n_out, dtype=torch.float32)
+        scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
+        xbuf = torch.empty(rows * self.k, dtype=torch.float32)
+        calls[self.name + "_ext"] += 1
+        fn(x32.data_ptr(), self.codes, self.scales, self.zeros, bias_ptrs, y.data_ptr(), scratch.data_ptr(),
+           rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads(), nw.data_ptr(), float(eps),
+           xbuf.data_ptr())
+        return y
+
 
 def bind_group(members: list[Bound], epilogue: int = 0, isa: str | None = None) -> BoundGroup | None:
     """Bound weights of one input as one fused call, or None (different formats or K, the format
@@ -1422,7 +1532,7 @@ def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
         return None
     if WeightFormat.parse(fmt).padded_k(in_features) != in_features:
         return None
-    return Bound(fn, key, qweight, scale, zero, fmt, in_features)
+    return Bound(fn, key, qweight, scale, zero, fmt, in_features, isa or ("portable" if portable else isa_choice()))
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

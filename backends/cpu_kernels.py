@@ -193,13 +193,34 @@ def _int4pack_rows(qweight: torch.Tensor, padded_n: int) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
-                  compute_dtype: torch.dtype) -> torch.Tensor:
+                  compute_dtype: torch.dtype, norm_weight: torch.Tensor | None = None, eps: float | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """Run a prepacked weight by the kernel ``cpu_dispatch.choose`` picks for this many rows on this
     host (measured at the first call of each row class, cached; ``LOWBIT_CPU_DISPATCH``): the
     generated kernel (float32), torch's packed kernel (casts x to the compute dtype and back, pads
-    K, slices N) or dequantize-then-matmul."""
+    K, slices N) or dequantize-then-matmul.
+
+    With ``norm_weight`` the call is ``linear(rms_norm(x, (K,), norm_weight, eps))`` and with
+    ``residual`` it returns ``residual + linear(...)`` (the CPU fusion groups' prologue and epilogue,
+    folded in by ``lowering._fuse_cpu_prologues``): the generated kernel's ``_ext`` entry does both
+    in the call; every other kernel runs them in torch around it (what the graph did before)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return run_candidate(cpu_dispatch.choose(packed, rows, compute_dtype), x, packed, bias, compute_dtype)
+    choice = cpu_dispatch.choose(packed, rows, compute_dtype)
+    if norm_weight is None and residual is None:
+        return run_candidate(choice, x, packed, bias, compute_dtype)
+    if choice == "generated" and rows <= cpu_codegen.MAX_ROWS and not cpu_codegen.int8_activations_enabled():
+        bound = packed.generated()
+        if bound is not None:
+            res = None if residual is None else residual.reshape(-1, packed.out_features)
+            y = bound.ext(x.reshape(-1, x.shape[-1]), bias, norm_weight, eps, res)
+            if y is not None:
+                cpu_dispatch.counter[(packed.fmt, "generated")] += 1
+                y = y.view(*x.shape[:-1], packed.out_features)
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
+    if norm_weight is not None:
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
+    y = run_candidate(choice, x, packed, bias, compute_dtype)
+    return y if residual is None else residual + y
 
 
 def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
@@ -254,23 +275,33 @@ class FusedWeights(torch.nn.Module):
         return f"{len(self.members)} weights of one input, {what}"
 
 
-def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dtype: torch.dtype):
+def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dtype: torch.dtype,
+                 norm_weight: torch.Tensor | None = None, eps: float | None = None):
     """A CPU fusion group: one generated call for decode-sized inputs (float32), else each weight
     by ``packed_linear`` and the epilogue in torch (what the graph did before fusing). Returns the
-    tensor (SiLU * mul) or a tuple of outputs (side by side)."""
+    tensor (SiLU * mul) or a tuple of outputs (side by side). With ``norm_weight`` the group reads
+    ``rms_norm(x, (K,), norm_weight, eps)``: normalised once inside the generated call (its
+    ``_ext`` entry), or by torch before the members run one by one."""
     lead = x.shape[:-1]
     silu_mul = fused.epilogue == cpu_codegen.SILU_MUL
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (rows <= cpu_codegen.MAX_ROWS and not cpu_codegen.int8_activations_enabled()
             and all(cpu_dispatch.choose(m, rows, compute_dtype) == "generated" for m in fused.members)):
         bound = fused.bound()
-        if bound is not None:
+        if bound is not None and norm_weight is not None:
+            y = bound.ext(x.reshape(-1, x.shape[-1]), biases, norm_weight, eps)
+            if y is None:
+                bound = None
+        elif bound is not None:
             y = bound(x.reshape(-1, x.shape[-1]), biases)
+        if bound is not None:
             if x.dtype != torch.float32:
                 y = y.to(x.dtype)
             if silu_mul:
                 return y.view(*lead, y.shape[-1])
             return tuple(t.view(*lead, t.shape[-1]) for t in y.split([m.out_features for m in fused.members], dim=1))
+    if norm_weight is not None:
+        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
     outs = [packed_linear(x, m, b, compute_dtype) for m, b in zip(fused.members, biases)]
     return torch.nn.functional.silu(outs[0]) * outs[1] if silu_mul else tuple(outs)
 

@@ -120,6 +120,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         kernels[node.name] = lowering(node, gm, ctx, state)
     if target == "cpu" and inner == "eager":
         _fuse_cpu_groups(gm, kernels)
+        _fuse_cpu_prologues(gm, kernels)
     ir.eliminate_dead_code(gm)
     gm.recompile()
     if inner == "inductor":
@@ -145,7 +146,10 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
     kind, _, rest = label.partition(":")
     if kind == "cpu":
         fmt, _, dtype = rest.partition(":")
-        dtype, _, fused = dtype.partition(":")  # "x3" / "silu_mul": in a CPU fusion group
+        dtype, *extra = dtype.split(":")  # "x3" / "silu_mul": in a CPU fusion group; "rms_norm" / "residual":
+        # the prologue / epilogue folded into the call (_fuse_cpu_prologues)
+        fused = next((e for e in extra if e not in ("rms_norm", "residual")), "")
+        folded = [w for e, w in (("rms_norm", "RMSNorm prologue"), ("residual", "residual add")) if e in extra]
         packed = f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)"
         generated = cpu_kernels.generated_kernel(fmt, args["in_features"]) if "in_features" in args else None
         mode = cpu_dispatch.env_mode(cpu_dispatch.ENV, cpu_dispatch.MODES)
@@ -163,11 +167,14 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
             generated, numerics = cpu_codegen.kernel_name(fmt + cpu_codegen.A8), "int8 activations"
         else:
             numerics = "float32"
+        ext, also = ("_ext", ", " + " and ".join(folded)) if folded else ("", "")
+        around = f" with the {' and '.join(folded)} in torch" if folded else ""
         if fused:
             what = "gate.up + SiLU * mul" if fused == "silu_mul" else f"{fused[1:]} weights of one input"
-            return (f"generated C kernel {generated}_multi ({what}; M <= {cpu_codegen.MAX_ROWS} rows, float32), "
-                    f"else {packed} per weight")
-        return f"generated C kernel {generated} (M <= {cpu_codegen.MAX_ROWS} rows, {numerics}), else {packed}"
+            return (f"generated C kernel {generated}_multi{ext} ({what}{also}; M <= {cpu_codegen.MAX_ROWS} rows, "
+                    f"float32), else {packed} per weight{around}")
+        return (f"generated C kernel {generated}{ext} (M <= {cpu_codegen.MAX_ROWS} rows, {numerics}{also}), "
+                f"else {packed}{around}")
     if kind == "cpu-op":
         note = EAGER_NOTES[op](args) if op in EAGER_NOTES else None
         where = f"eager op (lowbit_compiler/ops.py{'; an extern call inside Inductor' if rest else ''})"
@@ -313,6 +320,7 @@ def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
             holder = gm.graph.get_attr(name)
             call = gm.graph.call_function(cpu_kernels.fused_linear, (
                 first.args[0], holder, tuple(n.args[2] for n in nodes), first.args[3]))
+        call.meta["lowbit_members"] = [n.name for n in nodes]  # their records (kernels) get the prologue too
         if sink is not None:
             call.meta.update(sink.meta)
             sink.replace_all_uses_with(call)
@@ -351,6 +359,66 @@ def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
                       or order[n.args[2]] < order[nodes[0]])]
         if len(nodes) >= 2:
             replace(nodes, 0, None, f"{_fqn_base(gm, nodes[0])}.siblings_fused")
+
+
+def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
+    """The CPU fusion groups' prologue and epilogue: an RMSNorm whose only reader is a lowered
+    linear or fusion group (q/k/v, gate.up, the LM head after the final norm) moves into that call
+    (``norm_weight=``, ``eps=``: the generated kernel normalises the rows once, in the call), and a
+    residual ``add`` that is a linear's only reader moves into it (``residual=``: o_proj and
+    down_proj add the residual stream in the kernel's store). Two graph nodes and two torch calls
+    fewer per norm or add at decode; larger calls run the norm and the add in torch around the
+    kernel, as before. Only float32 rows (the generated kernels' dtype; a bf16 model keeps its
+    norms and adds in the graph) and plain RMSNorms (weight a parameter of the model, no offset);
+    ``LOWBIT_CPU_FUSE=0`` turns it off with the groups. The kernel's normalisation sums squares in
+    double: it differs from torch's ``rms_norm`` by rounding only (tested against float64)."""
+    import os
+
+    if os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0":
+        return
+
+    def float32(node: Any) -> bool:
+        v = _dynamo_adapter.example_value(node) if isinstance(node, fx.Node) else None
+        return isinstance(v, torch.Tensor) and v.dtype == torch.float32
+
+    def record(node: fx.Node, what: str) -> None:
+        for name in node.meta.get("lowbit_members", [node.name]):
+            if name in kernels:
+                kernels[name] += what
+
+    ir.eliminate_dead_code(gm)  # the members a fusion group replaced still read the norm until now
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}  # only erasures below: stays a valid order
+    targets = (cpu_kernels.packed_linear, cpu_kernels.fused_linear)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        x = node.args[0]
+        if (isinstance(x, fx.Node) and len(x.users) == 1 and x.op == "call_function"
+                and (pro := fusion.norm_prologue(x, gm)) is not None and pro.kind == "rms" and pro.bias is None
+                and not pro.offset and pro.weight is not None and float32(x) and float32(pro.input)
+                and ir.fetch_attr(gm, pro.weight.target).dtype == torch.float32):
+            node.args = (pro.input, *node.args[1:])
+            node.kwargs = {**node.kwargs, "norm_weight": pro.weight, "eps": pro.eps}
+            gm.graph.erase_node(x)
+            record(node, ":rms_norm")
+        if node.target is not cpu_kernels.packed_linear or len(node.users) != 1 or not float32(node):
+            continue
+        add = next(iter(node.users))
+        classified = fusion._classify(add)
+        if classified is None or classified[0] != "add" or add.target not in (operator.add, torch.add):
+            continue
+        others = [a for a in classified[1] if a is not node]
+        if len(others) != 1 or not isinstance(others[0], fx.Node) or not float32(others[0]):
+            continue
+        other, mine = others[0], _dynamo_adapter.example_value(node)
+        theirs, total = _dynamo_adapter.example_value(other), _dynamo_adapter.example_value(add)
+        if theirs.shape != mine.shape or total.shape != mine.shape or order[other] > order[node]:
+            continue
+        node.kwargs = {**node.kwargs, "residual": other}
+        node.meta.update({k: v for k, v in add.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        add.replace_all_uses_with(node)
+        gm.graph.erase_node(add)
+        record(node, ":residual")
 
 
 def _fqn_base(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -178,14 +178,20 @@ def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
         before = dict(cpu_codegen.calls)
         compiled = torch.compile(compiled_model, backend=rec)(ids).logits
         ran = {k: v - before.get(k, 0) for k, v in cpu_codegen.calls.items() if v != before.get(k, 0)}
-        # per layer o and down alone, q/k/v in one call, gate.up + SiLU * mul in one; the LM head
-        assert ran == {name: 5, name + "_x3": 2, name + "_silu_mul": 2}
+        # per layer o and down alone with the residual add in the call (_ext), q/k/v in one call and
+        # gate.up + SiLU * mul in one, each with its RMSNorm in the call (_ext); the LM head alone
+        assert ran == {name: 1, name + "_ext": 4, name + "_x3_ext": 2, name + "_silu_mul_ext": 2}
         implementations = collections.Counter(r["implementation"] for r in rec.summaries[0]["implementations"])
         packed = "cpu_kernels.packed_linear (packed int4_g128_asym weights, bfloat16 compute)"
+        norm = " with the RMSNorm prologue in torch"
         assert implementations == {
-            f"generated C kernel {name} (M <= 16 rows, float32), else {packed}": 5,
-            f"generated C kernel {name}_multi (3 weights of one input; M <= 16 rows, float32), else {packed} per weight": 6,
-            f"generated C kernel {name}_multi (gate.up + SiLU * mul; M <= 16 rows, float32), else {packed} per weight": 4}
+            f"generated C kernel {name} (M <= 16 rows, float32), else {packed}": 1,
+            f"generated C kernel {name}_ext (M <= 16 rows, float32, residual add), else {packed} with the residual "
+            "add in torch": 4,
+            f"generated C kernel {name}_multi_ext (3 weights of one input, RMSNorm prologue; M <= 16 rows, float32), "
+            f"else {packed} per weight{norm}": 6,
+            f"generated C kernel {name}_multi_ext (gate.up + SiLU * mul, RMSNorm prologue; M <= 16 rows, float32), "
+            f"else {packed} per weight{norm}": 4}
 
         model = compress(make_model("llama"), "w4a16")
         assert model.lowbit_summary["eager_groups"] == 4  # q/k/v and gate/up per layer (backends/eager_groups.py)
@@ -222,6 +228,40 @@ def test_fused_calls_equal_the_separate_kernels(fmt):
         assert formats.sqnr_db(reference, gate_up(x, biases[1:]).double()) >= 110.0
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64"])
+def test_ext_entries_fuse_the_rms_norm_and_the_residual(fmt):
+    """The ``_ext`` entries (the CPU fusion groups' prologue and epilogue): one weight with the
+    RMSNorm prologue and the residual epilogue, and a group with the prologue, against float64
+    (``residual + W rms_norm(x)``); the group's outputs equal the single-weight calls bit for bit
+    (one normalisation code); without norm and residual ``_ext`` is the plain call."""
+    g = torch.Generator().manual_seed(5)
+    k = 256 + (24 if fmt == "int8" else 0)
+    qs = [formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt)) for n in (67, 33, 33)]
+    bound = [cpu_codegen.bind(q.qweight, q.scale, q.zero, fmt, k) for q in qs]
+    biases = [torch.randn(b.n, generator=g) for b in bound]
+    side, gate_up = cpu_codegen.bind_group(bound), cpu_codegen.bind_group(bound[1:], cpu_codegen.SILU_MUL)
+    norm_w, eps = torch.rand(k, generator=g) + 0.5, 1e-5
+
+    def ref(x, q, bias, norm=True):
+        x = x.double()
+        if norm:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w.double()
+        return ops.wo_linear_reference(x, q.qweight, q.scale, q.zero, bias.double(), fmt, k)
+
+    for rows in (1, 6, cpu_codegen.MAX_ROWS):
+        x = torch.randn(rows, k, generator=g) * 3
+        res = torch.randn(rows, bound[0].n, generator=g)
+        y = bound[0].ext(x, biases[0], norm_w, eps, res)
+        assert formats.sqnr_db(res.double() + ref(x, qs[0], biases[0]), y.double()) >= 110.0
+        assert torch.equal(bound[0].ext(x, biases[0], None, 0.0, None), bound[0](x, biases[0]))
+        assert formats.sqnr_db(ref(x, qs[0], biases[0], norm=False), bound[0].ext(x, biases[0], None, 0.0, None)
+                               .double()) >= 110.0
+        singles = torch.cat([b.ext(x, bias, norm_w, eps, None) for b, bias in zip(bound, biases)], dim=1)
+        assert torch.equal(side.ext(x, biases, norm_w, eps), singles)
+        expected = torch.nn.functional.silu(ref(x, qs[1], biases[1])) * ref(x, qs[2], biases[2])
+        assert formats.sqnr_db(expected, gate_up.ext(x, biases[1:], norm_w, eps).double()) >= 110.0
+
+
 def test_cpu_fusion_groups_keep_the_model_output(monkeypatch):
     """A compiled w8a16 Llama with the CPU fusion groups (q/k/v, gate.up + SiLU * mul) gives the
     logits of the same model compiled without them (LOWBIT_CPU_FUSE=0) to float32 rounding, at
@@ -234,15 +274,19 @@ def test_cpu_fusion_groups_keep_the_model_output(monkeypatch):
         short = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(0))
         long = torch.randint(0, 100, (1, cpu_codegen.MAX_ROWS + 3), generator=torch.Generator().manual_seed(1))
         fused = torch.compile(model, backend="lowbit", options={"recipe": "w8a16"}, dynamic=False)
-        before = cpu_codegen.calls[name + "_silu_mul"]
+        before = dict(cpu_codegen.calls)
         out_short, out_long = fused(short).logits, fused(long).logits
-        assert cpu_codegen.calls[name + "_silu_mul"] - before == 2  # only the short call ran it
+        ran = {k: v - before.get(k, 0) for k, v in cpu_codegen.calls.items() if v != before.get(k, 0)}
+        # only the short call ran the generated kernels: per layer q/k/v and gate.up + SiLU * mul
+        # with their RMSNorm, o and down with the residual add (the LM head reads a slice of the
+        # final norm: no prologue); the long one ran the norms and adds in torch around the members
+        assert ran == {name: 1, name + "_ext": 4, name + "_x3_ext": 2, name + "_silu_mul_ext": 2}
         torch._dynamo.reset()
         monkeypatch.setenv(cpu_codegen.FUSE_ENV, "0")
         plain = torch.compile(make_model("llama"), backend="lowbit", options={"recipe": "w8a16"}, dynamic=False)
-        before = cpu_codegen.calls[name + "_silu_mul"]
+        before = dict(cpu_codegen.calls)
         ref_short, ref_long = plain(short).logits, plain(long).logits
-        assert cpu_codegen.calls[name + "_silu_mul"] == before
+        assert not any(k.endswith(("_silu_mul", "_ext")) and v != before.get(k, 0) for k, v in cpu_codegen.calls.items())
     assert formats.sqnr_db(ref_short.double(), out_short.double()) >= 110.0
     assert torch.equal(ref_long, out_long)
 
