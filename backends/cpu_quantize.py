@@ -403,14 +403,19 @@ def _int4pack_call(fn, codes: torch.Tensor, n: int, k: int, padded_n: int, mode:
     return out
 
 
-@functools.lru_cache(maxsize=1)
 def int4pack_mode() -> int | None:
     """Which of torch's int4pack CPU layouts this torch build writes (:data:`INT4PACK_MODES`: its
     AVX-512 build's 64-row blocks, the AVX2 / default builds' 32-row blocks), found by comparing the
     repacker's output with ``aten::_convert_weight_to_int4pack_for_cpu`` on a probe weight whose rows
     cover a full block and every partial one; None (logged once) when no mode matches or the repacker
-    cannot be built: torch's converter runs."""
-    fn = None if disabled() else _build_int4pack()
+    cannot be built: torch's converter runs. ``LOWBIT_QUANTIZE_KERNEL=0`` / ``LOWBIT_CPU_CODEGEN=0``
+    are read per call (the probe's answer is cached)."""
+    return None if disabled() else _probe_int4pack_mode()
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_int4pack_mode() -> int | None:
+    fn = _build_int4pack()
     if fn is None:
         return None
     gen = torch.Generator().manual_seed(0)

@@ -388,11 +388,35 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
 
     ir.eliminate_dead_code(gm)  # the members a fusion group replaced still read the norm until now
     order = {n: i for i, n in enumerate(gm.graph.nodes)}  # only erasures below: stays a valid order
+    def row_slice(node: Any) -> bool:
+        """``t[:, s, :]``-like indexing that keeps the last dimension whole (HF's ``logits_to_keep``
+        slice before the LM head): it commutes with a norm over that dimension."""
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[1], tuple) and node.args[1]):
+            return False
+        *lead, last = node.args[1]
+        return (last == slice(None) and Ellipsis not in lead
+                and all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in lead))
+
     targets = (cpu_kernels.packed_linear, cpu_kernels.fused_linear)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in targets:
             continue
         x = node.args[0]
+        if row_slice(x) and len(x.users) == 1 and isinstance(x.args[0], fx.Node) and len(x.args[0].users) == 1:
+            # norm(h)[:, s, :] -> norm(h[:, s, :]): the final norm then folds into the LM head below
+            norm = x.args[0]
+            if (norm.op == "call_function" and (pro := fusion.norm_prologue(norm, gm)) is not None
+                    and pro.kind == "rms" and isinstance(pro.input, fx.Node)):
+                with gm.graph.inserting_before(norm):
+                    sliced = gm.graph.call_function(operator.getitem, (pro.input, x.args[1]))
+                sliced.meta.update(x.meta)
+                norm.replace_input_with(pro.input, sliced)
+                norm.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
+                x.replace_all_uses_with(norm)
+                gm.graph.erase_node(x)
+                order = {n: i for i, n in enumerate(gm.graph.nodes)}
+                x = norm
         if (isinstance(x, fx.Node) and len(x.users) == 1 and x.op == "call_function"
                 and (pro := fusion.norm_prologue(x, gm)) is not None and pro.kind == "rms" and pro.bias is None
                 and not pro.offset and pro.weight is not None and float32(x) and float32(pro.input)
