@@ -33,7 +33,7 @@ def _grid():
 # NF4 calls (K a multiple of 64) take the int8-table path by default: its floor is the table's
 # rounding (test_nf4_int8_table_path); the float32 floor here is that of its float path
 # (LOWBIT_CPU_SPLIT8=0), which also runs K not a multiple of 64
-NF4_TABLE_FLOOR = 45.0  # dB against float64 (measured 47-51 dB over groups 32-256, M 1-16)
+NF4_TABLE_FLOOR = 43.0  # dB against float64 (measured 45.3-50.7 dB over groups 32-256, M 1-16)
 
 
 def _floor(fmt: str) -> float:
@@ -460,7 +460,7 @@ def _nf4_cases():
 def test_nf4_int8_table_path_meets_its_floor(group, k, rows):
     """NF4 through the int8 table (pshufb on the nibbles, maddubs against x in two int8 parts)
     against float64 of the dequantized weight: the table's rounding is the added error, so a floor
-    (45 dB; measured 47-51), not the float path's 110 dB; the float path (built without the table
+    (43 dB; measured 45.3-50.7: larger groups use the codes near 0 more, whose rounding weighs more), not the float path's 110 dB; the float path (built without the table
     path) stays at 110 dB, and K not a multiple of 64 takes it."""
     fmt = f"nf4_g{group}"
     g = torch.Generator().manual_seed(group * 100 + rows)
