@@ -552,7 +552,8 @@ def candidates(packed, rows: int, compute_dtype: torch.dtype) -> list[str]:
         out.append("generated")
     if has_torch_kernel(packed.fmt):
         out.append("torch")
-    if rows > cpu_codegen.MAX_ROWS and dequant_kernel() is not None and dequant_covers(packed.fmt):
+    # above MAX_ROWS, and for a decode-sized call nothing else takes (NF4 with K padded to the group)
+    if (rows > cpu_codegen.MAX_ROWS or not out) and dequant_kernel() is not None and dequant_covers(packed.fmt):
         if compute_dtype == torch.bfloat16:
             out.append("dequant_bf16")
         out.append("dequant_fp32")

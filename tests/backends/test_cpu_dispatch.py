@@ -326,3 +326,15 @@ def test_nf4_without_generated_kernels_runs_the_reference_and_says_why(monkeypat
             assert record.startswith("the float reference") and why in record and "LOWBIT_CPU_CODEGEN=0" in record
             assert why in caplog.text
     assert not cpu_dispatch.dispatch_file().exists()
+
+
+def test_nf4_with_k_padded_to_the_group_dequantizes():
+    """K = 200 with groups of 64 (stored padded to 256): no generated kernel takes it, so even a
+    decode-sized call dequantizes (the real 200 columns), at the reference's float32 numerics."""
+    fmt, n, k = "nf4_g64", 40, 200
+    q, packed = _weight(fmt, n, k, seed=16)
+    assert cpu_dispatch.candidates(packed, 1, torch.bfloat16) == ["dequant_bf16", "dequant_fp32"]
+    assert cpu_dispatch.static_choice(packed, 1) == "dequant_fp32"
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(16))
+    assert sqnr_db(_reference(x, q, k, None),
+                   cpu_kernels.run_candidate("dequant_fp32", x, packed, None, torch.bfloat16).double()) >= 110
