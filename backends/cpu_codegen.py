@@ -5,7 +5,7 @@ bandwidth floor), and its int8 one converts the activation to bf16. For M <= ``M
 weight-streaming kernel does better: each weight byte is read once, unpacked in registers and
 multiplied against every row of ``x`` (float32 accumulation), threads over output channels.
 
-One kernel per weight format (``int8``; ``int4_g{G}_{sym,asym}``), written from a template
+One kernel per weight format (``int8``; ``int4_g{G}_{sym,asym}``; ``nf4_g{G}``), written from a template
 (:func:`source`), compiled by the system C compiler (the one Inductor's CPU backend needs) with
 ``-O3 -march=native -fopenmp``: the compiler vectorises the inner loops for the machine's ISA
 (AVX-512, AVX2 or SSE; the host's flags are part of the cache key), cached on disk under

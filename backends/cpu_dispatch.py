@@ -9,19 +9,23 @@ slow from 2 rows up and bf16 matmuls 7x slower than fp32 ones; on an AVX-512 + A
 (AMD Zen 4) torch's packed kernels win from 4-16 rows and a bf16 matmul is 2.5x faster than
 torch's packed kernels at prefill sizes. A static rule is wrong on one of them.
 
-**Candidates** for ``lowbit::wo_linear`` over int8 / int4 weights (``cpu_kernels``):
+**Candidates** for ``lowbit::wo_linear`` over int8 / int4 / NF4 weights (``cpu_kernels``):
 
 * ``generated``: the generated C kernel of ``cpu_codegen`` (float32 activations and accumulation;
-  at most ``cpu_codegen.MAX_ROWS`` rows; int8 and int4 with groups a multiple of 16, K not padded);
+  at most ``cpu_codegen.MAX_ROWS`` rows; int8, and int4 and NF4 with groups a multiple of 16, K not
+  padded; NF4 through its int8 table: 45-51 dB against float64);
 * ``torch``: torch's packed kernel (``aten._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``)
-  with activations in the compute dtype (bf16 by default);
+  with activations in the compute dtype (bf16 by default); int8 and int4 only;
 * ``dequant_bf16`` / ``dequant_fp32`` (more than ``MAX_ROWS`` rows): the weight dequantized by a
   generated C kernel (:data:`DEQUANT_SOURCE`: AVX-512 with ``vcvtneps2bf16`` where the host has
   AVX512_BF16, AVX2, portable) in blocks of rows into a small temporary (:data:`BLOCK_BYTES`, so a
   32000 x 2048 head never has a full-size float copy), each block multiplied by torch's dense
   matmul (oneDNN) in that dtype. ``dequant_bf16`` is a candidate only when the compute dtype is
   bf16 (the activations are rounded to bf16 anyway; the weights' rounding to bf16 adds about as
-  much error again: see docs/codegen.md), ``dequant_fp32`` always.
+  much error again: see docs/codegen.md), ``dequant_fp32`` always (NF4: also for a decode-sized
+  call the generated kernel does not take);
+* ``reference``: the op's float reference, only where no other candidate exists (NF4 without a
+  compiler): :func:`reference_reason` says why (logged, counted, in the layer record).
 
 **How it is decided** (``LOWBIT_CPU_DISPATCH``, read per call):
 

@@ -6,10 +6,12 @@ class, compute dtype) by timing the candidates on this host at the first call of
 (cached on disk; ``LOWBIT_CPU_DISPATCH=measure|generated|torch|dequant``; see
 ``backends/cpu_dispatch.py`` and docs/codegen.md): the generated C kernel of
 ``backends/cpu_codegen.py`` for calls of at most ``cpu_codegen.MAX_ROWS`` rows whose format it
-covers (int8; int4 with groups a multiple of 16; K not padded), reading the quantized tensors as
-stored, float32 activations and accumulation; torch's packed kernels (any rows; the only choice
-without a compiler or with ``LOWBIT_CPU_CODEGEN=0``); for more rows, the weight dequantized in
-blocks by a generated kernel and multiplied by a dense bf16 or float32 matmul.
+covers (int8; int4 and NF4 with groups a multiple of 16; K not padded), reading the quantized
+tensors as stored, float32 activations and accumulation; torch's packed kernels (int8 and int4,
+any rows; the only choice without a compiler or with ``LOWBIT_CPU_CODEGEN=0``); for more rows, the
+weight dequantized in blocks by a generated kernel and multiplied by a dense bf16 or float32
+matmul. NF4 has no torch kernel: where neither generated kernel can run a call (no compiler) the
+float reference runs, logged, counted and in the layer record (:func:`reference_linear`).
 int3 and int2 group-wise weights (no torch kernel) run the generated lookup-table kernel of
 ``backends/cpu_lut.py`` for calls of at most ``MAX_ROWS`` rows, the float reference above
 (:func:`wo_linear_fast` returns None; the op reports why).
