@@ -1236,8 +1236,9 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
 # grid's rms; 0.0021 and 47.7 dB for the plain round(127.5 (v + 1))). The kernel uses v ~ P u + Q,
 # the least-squares line through the 16 pairs (``nf4_int8_table``).
 NF4_ALPHA, NF4_BETA = 124.07, 124.16
-# calls of at most this many rows take the NF4 table path (the float permute path above it)
-NF4_INT_ROWS = int(os.environ.get("LOWBIT_CPU_NF4_INT_ROWS", MAX_ROWS))
+# calls of at most this many rows take the NF4 table path: every decode-sized call (measured faster
+# than the float permute path at 1, 4 and 16 rows on AVX2: benchmarks/cpu_gemv.py)
+NF4_INT_ROWS = MAX_ROWS
 
 
 @functools.lru_cache(maxsize=1)
