@@ -551,6 +551,8 @@ def test_nf4_models_run_the_generated_kernel_compressed_and_compiled(monkeypatch
         ran = {k: v - before.get(k, 0) for k, v in cpu_codegen.calls.items() if v != before.get(k, 0)}
         assert ran == {name: 5, name + "_x3": 2, name + "_x2": 2}
         assert sum(pass_base.fallback_counter.values()) == fallbacks
+        record = model.lowbit_summary["layers"]["model.layers.0.mlp.down_proj"]["cpu_kernel"]
+        assert record["9-16 rows"].startswith("the generated C kernel (float32)")
         monkeypatch.setenv(cpu_codegen.ENV, "0")
         reference = model(ids).logits
         assert sum(pass_base.fallback_counter.values()) > fallbacks  # the reference ran, counted
