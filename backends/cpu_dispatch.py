@@ -338,7 +338,8 @@ void lowbit_dequant(const uint8_t* codes, const uint16_t* scale, const uint8_t* 
                     for (int h = 0; h < 2; h++) {
                         const __m256i q = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(w, 8) : w);
                         /* two 8-entry permutes, blended on the code's bit 3 (moved to the sign bit) */
-                        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, q), _mm256_permutevar8x32_ps(thi, q),
+                        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, q),
+                                                          _mm256_permutevar8x32_ps(thi, q),
                                                           _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
                         dq_store8(o, k + 8 * h, _mm256_mul_ps(v, sv), bf16);
                     }

@@ -165,7 +165,8 @@ def main() -> None:
                       f"{row['speedup_vs_torch_best']:.2f}x | {floor:.0%} | {a8}"
                       + (f" | {row['speedup_vs_avx2_build_best']:.2f}x" if "avx2" in best else "")
                       + (f" | {row['dispatched']} {row['dispatched_vs_torch']:.2f}x" if "dispatched" in row else "")
-                      + (f" | {'int8 table' if nf4 else 'split8'} vs float path {row['split8_vs_float_path']:.2f}x (best "
+                      + (f" | {'int8 table' if nf4 else 'split8'} vs float path "
+                         f"{row['split8_vs_float_path']:.2f}x (best "
                          f"{row['split8_vs_float_path_best']:.2f}x)" if "split8" in best else ""))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:

@@ -211,5 +211,6 @@ def test_new_format_presets_run_through_both_flows(arch, recipe, floor):
     summary = rec.summaries[0]
     fmt = WeightFormat.parse(next(iter(summary["layers"].values()))["format"])
     assert fmt.key == {"w3a16": "int3_g128_asym", "nf4": "nf4_g64", "mxfp4": "mxfp4", "nvfp4": "nvfp4"}[recipe]
-    expected = [] if recipe in ("w3a16", "nf4") else [f"format {fmt.key} has no packed CPU kernel (torch has int8 and int4 ones)"]
+    expected = ([] if recipe in ("w3a16", "nf4")
+                else [f"format {fmt.key} has no packed CPU kernel (torch has int8 and int4 ones)"])
     assert list(summary["fallbacks"]) == expected
