@@ -103,7 +103,8 @@ class PackedWeight(torch.nn.Module):
         return bound
 
     def extra_repr(self) -> str:
-        built = "" if self.weight is not None else ", torch layout not built"
+        built = ("" if self.weight is not None else ", torch layout not built" if self._make_layout is not None
+                 else ", no torch kernel")
         return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}{built}"
 
 
