@@ -5,7 +5,7 @@ bandwidth floor), and its int8 one converts the activation to bf16. For M <= ``M
 weight-streaming kernel does better: each weight byte is read once, unpacked in registers and
 multiplied against every row of ``x`` (float32 accumulation), threads over output channels.
 
-One kernel per weight format (``int8``; ``int4_g{G}_{sym,asym}``), written from a template
+One kernel per weight format (``int8``; ``int4_g{G}_{sym,asym}``; ``nf4_g{G}``), written from a template
 (:func:`source`), compiled by the system C compiler (the one Inductor's CPU backend needs) with
 ``-O3 -march=native -fopenmp``: the compiler vectorises the inner loops for the machine's ISA
 (AVX-512, AVX2 or SSE; the host's flags are part of the cache key), cached on disk under
@@ -333,11 +333,135 @@ static void {name}_prepare8(const float* x, float* scratch, int64_t M, int64_t K
 }}
 #endif
 
+#if defined(LOWBIT_AVX2) && {nf4q}
+#define {name}_Q8 1
+/* NF4 through an int8 table: the codebook as unsigned bytes u = round(ALPHA v + BETA) (v ~ P u + Q,
+   P and Q the least-squares fit of the 16 grid values; 16 bytes, one pshufb per 32 codes), x per
+   group in two signed parts (d = absmax / 32: h = round(x / d), m = round((x / d - h) * 64), both
+   in [-32, 32]), so that u x part products meet in maddubs (u <= 255: two maddubs summed in int16
+   stay below 2^15) and madd: per 32 code bytes (64 weights) one load, three ops to split the
+   nibbles, two lookups, then per row two loads, four maddubs, two adds and two madds.
+   y = sum_g s_g (d_g P (U.h + U.m / 64) + d_g Q (sum h + sum m / 64)). The sums are exact
+   integers; the error is the table's rounding (~52 dB below the grid's rms) and x's two-part
+   rounding (~70 dB). A non-finite activation makes its row's outputs NaN. */
+static const uint8_t {name}_u8[16] = {{{u8}}};
+
+static inline __attribute__((always_inline)) __m256i {name}_dotq(__m256i acc, __m256i lo, __m256i hi,
+                                                                 const int8_t* xr)
+{{
+    const __m256i e = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xr));
+    const __m256i o = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xr + 32)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(e, o), _mm256_set1_epi16(1)));
+}}
+
+static inline __attribute__((always_inline)) void {name}_tileq(
+    const uint8_t* row, const uint16_t* scale, const int8_t* xq, const float* dq, const float* cq,
+    float* out, int64_t K, int64_t groups, const int MT)
+{{
+    const int64_t G = {group};
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*){name}_u8));
+    const __m256 c1 = _mm256_set1_ps(1.0f / 64.0f);
+    __m256 acc[4];
+    float zsum[4];
+    for (int r = 0; r < MT; r++) {{ acc[r] = _mm256_setzero_ps(); zsum[r] = 0.0f; }}
+#if {group} % 64 == 0
+    for (int64_t g = 0; g < groups; g++) {{
+        const float s = bf16_to_f32(scale[g]);
+        const uint8_t* b = row + g * (G / 2);
+        __m256i h[4], m[4];
+        for (int r = 0; r < MT; r++) {{ h[r] = _mm256_setzero_si256(); m[r] = _mm256_setzero_si256(); }}
+        for (int64_t c = 0; c < G / 2; c += 32) {{
+            const __m256i w = _mm256_loadu_si256((const __m256i*)(b + c));
+            const __m256i lo = _mm256_shuffle_epi8(tab, _mm256_and_si256(w, low4));
+            const __m256i hi = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(w, 4), low4));
+            for (int r = 0; r < MT; r++) {{  /* per 64 columns: [32 even | 32 odd] of each part */
+                const int8_t* xr = xq + r * 2 * K + g * G + 2 * c;
+                h[r] = {name}_dotq(h[r], lo, hi, xr);
+                m[r] = {name}_dotq(m[r], lo, hi, xr + K);
+            }}
+        }}
+        for (int r = 0; r < MT; r++) {{
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m[r]), c1, _mm256_cvtepi32_ps(h[r]));
+            acc[r] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * dq[r * groups + g]), acc[r]);
+            zsum[r] += s * cq[r * groups + g];
+        }}
+    }}
+#else  /* G = 32: a 32-byte load holds two groups (bytes 0-15 and 16-31: int32 lanes 0-3 and 4-7) */
+    for (int64_t g = 0; g < groups; g += 2) {{
+        const float s0 = bf16_to_f32(scale[g]), s1 = bf16_to_f32(scale[g + 1]);
+        const __m256i w = _mm256_loadu_si256((const __m256i*)(row + g * 16));
+        const __m256i lo = _mm256_shuffle_epi8(tab, _mm256_and_si256(w, low4));
+        const __m256i hi = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(w, 4), low4));
+        for (int r = 0; r < MT; r++) {{
+            const int8_t* xr = xq + r * 2 * K + g * 32;
+            const __m256i h = {name}_dotq(_mm256_setzero_si256(), lo, hi, xr);
+            const __m256i m = {name}_dotq(_mm256_setzero_si256(), lo, hi, xr + K);
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), c1, _mm256_cvtepi32_ps(h));
+            const float* d = dq + r * groups + g;
+            acc[r] = _mm256_fmadd_ps(f, _mm256_set_m128(_mm_set1_ps(s1 * d[1]), _mm_set1_ps(s0 * d[0])), acc[r]);
+            zsum[r] += s0 * cq[r * groups + g] + s1 * cq[r * groups + g + 1];
+        }}
+    }}
+#endif
+    for (int r = 0; r < MT; r++)
+        out[r] = hsum256(acc[r]) + zsum[r];
+}}
+
+/* once per call: per row the two int8 parts of x (K bytes each, [32 even | 32 odd] per 64
+   columns), then P d [M, K/G] and Q d (sum h + sum m / 64) [M, K/G] */
+static void {name}_prepareq(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+    const int64_t G = {group}, groups = K / G;
+    int8_t* xq = (int8_t*)scratch;
+    float* dq = scratch + (2 * M * K) / 4;
+    float* cq = dq + M * groups;
+    for (int64_t m = 0; m < M; m++) {{
+        const float* xm = x + m * K;
+        int8_t* p = xq + m * 2 * K;
+        for (int64_t g = 0; g < groups; g++) {{
+            const float* xg = xm + g * G;
+            float amax = 0.0f, t = 0.0f;  /* t: NaN iff some x is inf or NaN (the max skips a NaN) */
+            for (int64_t k = 0; k < G; k++) {{
+                const float a = fabsf(xg[k]);
+                amax = a > amax ? a : amax;
+                t += xg[k] * 0.0f;
+            }}
+            const int finite = isfinite(amax) && isfinite(t);
+            const float inv = finite && amax > 0.0f ? 32.0f / amax : 0.0f;
+            int32_t sh = 0, sm = 0;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) {{
+                const float a = finite ? xm[k] * inv : 0.0f;  /* |a| <= 32 */
+                float h = nearbyintf(a);
+                h = h > 32.0f ? 32.0f : (h < -32.0f ? -32.0f : h);
+                float r = nearbyintf((a - h) * 64.0f);
+                r = r > 32.0f ? 32.0f : (r < -32.0f ? -32.0f : r);
+                /* column k of its 64-column block: even columns first, then odd */
+                const int64_t at = (k & ~(int64_t)63) + ((k & 63) >> 1) + ((k & 1) << 5);
+                p[at] = (int8_t)h;
+                p[K + at] = (int8_t)r;
+                sh += (int32_t)h;
+                sm += (int32_t)r;
+            }}
+            const float d = finite ? (inv > 0.0f ? amax / 32.0f : 0.0f) : NAN;
+            dq[m * groups + g] = {P}f * d;
+            cq[m * groups + g] = {Q}f * d * ((float)sh + (float)sm / 64.0f);
+        }}
+    }}
+}}
+#endif
+
 /* once per call: x split into even / odd columns and summed per group (scratch [M, K + K/G]);
    calls the split-int8 path takes (integer groups of 64+, at most {name}_S8_ROWS rows) get its layout
    instead */
 static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
 {{
+#if defined({name}_Q8)
+    if (M <= {q8_rows} && K % 64 == 0) {{
+        {name}_prepareq(x, scratch, M, K);
+        return;
+    }}
+#endif
 #if defined({name}_S8)
     if (M <= {name}_S8_ROWS) {{
         {name}_prepare8(x, scratch, M, K);
@@ -378,6 +502,22 @@ static inline __attribute__((always_inline)) void {name}_channel(
         const uint8_t* row = codes + n * half;
         const uint16_t* sc = scale + n * groups;
         const uint8_t* zp = {zero_row};
+#if defined({name}_Q8)
+        if (M <= {q8_rows} && K % 64 == 0) {{  /* NF4 through its int8 table: the layout {name}_prepareq wrote */
+            (void)zp;
+            const float* dq = scratch + (2 * M * K) / 4;
+            for (int64_t m = 0; m < M; m += 4) {{
+                const int64_t t = M - m < 4 ? M - m : 4;
+                const int8_t* q = (const int8_t*)scratch + m * 2 * K;
+                const float *d = dq + m * groups, *c = dq + M * groups + m * groups;
+                if (t == 4) {name}_tileq(row, sc, q, d, c, out + m, K, groups, 4);
+                else if (t == 3) {name}_tileq(row, sc, q, d, c, out + m, K, groups, 3);
+                else if (t == 2) {name}_tileq(row, sc, q, d, c, out + m, K, groups, 2);
+                else {name}_tileq(row, sc, q, d, c, out + m, K, groups, 1);
+            }}
+            return;
+        }}
+#endif
 #if defined({name}_S8)
         if (M <= {name}_S8_ROWS) {{  /* the layout {name}_prepare8 wrote */
             const float* dg = scratch + (3 * M * K) / 4;
@@ -1129,6 +1269,28 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
 }}
 """
 
+# NF4 through an int8 table (the ``{name}_Q8`` path): the 16 grid values v as bytes u = round(ALPHA v +
+# BETA) in [0, 255]; ALPHA and BETA were found by a grid search (ALPHA in [100, 127.5] by 0.002, BETA
+# by 0.005) minimising the rms of the table's rounding: 0.0013 of the absmax scale (52 dB below the
+# grid's rms; 0.0021 and 47.7 dB for the plain round(127.5 (v + 1))). The kernel uses v ~ P u + Q,
+# the least-squares line through the 16 pairs (``nf4_int8_table``).
+NF4_ALPHA, NF4_BETA = 124.07, 124.16
+# calls of at most this many rows take the NF4 table path: every decode-sized call (measured faster
+# than the float permute path at 1, 4 and 16 rows on AVX2: benchmarks/cpu_gemv.py)
+NF4_INT_ROWS = MAX_ROWS
+
+
+@functools.lru_cache(maxsize=1)
+def nf4_int8_table() -> tuple[tuple[int, ...], float, float]:
+    """(the 16 table bytes u, P, Q) of the NF4 int8 table: ``NF4_GRID[c] ~ P * u[c] + Q``."""
+    v = torch.tensor(NF4_GRID, dtype=torch.float64)
+    u = torch.round(NF4_ALPHA * v + NF4_BETA).clamp(0, 255)
+    a = torch.stack([u, torch.ones_like(u)], dim=1)
+    p, q = torch.linalg.lstsq(a, v[:, None]).solution[:, 0].tolist()
+    return tuple(int(c) for c in u.tolist()), float(torch.tensor(p, dtype=torch.float32)), \
+        float(torch.tensor(q, dtype=torch.float32))
+
+
 S24_STEP = 32  # 2:4 kernel, AVX-512: kept values per step (16 per accumulator)
 # calls of at most this many rows take the split-int8 integer path (int4 groups of 64+, int8 with VNNI)
 SPLIT8_ROWS = int(os.environ.get("LOWBIT_CPU_SPLIT8_ROWS", MAX_ROWS))
@@ -1201,7 +1363,10 @@ def source(fmt: str, split8: bool | None = None) -> str:
         else:
             decode = _DECODE_INT.format(name=name)
             zero_expr = "(float)zp[g]" if f.has_zero_points else "8.0f"
+        nf4q = int(split8 and f.kind == "nf4" and (f.group_size == 32 or f.group_size % 64 == 0))
+        u8, p, q = nf4_int8_table()
         body = _INT4.format(name=name, group=f.group_size, max_rows=MAX_ROWS, decode_defs=decode, zero_expr=zero_expr,
+                            nf4q=nf4q, q8_rows=NF4_INT_ROWS, u8=", ".join(map(str, u8)), P=repr(p), Q=repr(q),
                             wide=int(f.group_size % 32 == 0),  # the 16-lane path reads 16 code bytes a step
                             # per group two int32 -> float conversions: worth it from 64 up (measured)
                             split8=int(split8 and f.kind == "int" and f.group_size % 64 == 0

@@ -9,19 +9,23 @@ slow from 2 rows up and bf16 matmuls 7x slower than fp32 ones; on an AVX-512 + A
 (AMD Zen 4) torch's packed kernels win from 4-16 rows and a bf16 matmul is 2.5x faster than
 torch's packed kernels at prefill sizes. A static rule is wrong on one of them.
 
-**Candidates** for ``lowbit::wo_linear`` over int8 / int4 weights (``cpu_kernels``):
+**Candidates** for ``lowbit::wo_linear`` over int8 / int4 / NF4 weights (``cpu_kernels``):
 
 * ``generated``: the generated C kernel of ``cpu_codegen`` (float32 activations and accumulation;
-  at most ``cpu_codegen.MAX_ROWS`` rows; int8 and int4 with groups a multiple of 16, K not padded);
+  at most ``cpu_codegen.MAX_ROWS`` rows; int8, and int4 and NF4 with groups a multiple of 16, K not
+  padded; NF4 through its int8 table: 45-51 dB against float64);
 * ``torch``: torch's packed kernel (``aten._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``)
-  with activations in the compute dtype (bf16 by default);
+  with activations in the compute dtype (bf16 by default); int8 and int4 only;
 * ``dequant_bf16`` / ``dequant_fp32`` (more than ``MAX_ROWS`` rows): the weight dequantized by a
   generated C kernel (:data:`DEQUANT_SOURCE`: AVX-512 with ``vcvtneps2bf16`` where the host has
   AVX512_BF16, AVX2, portable) in blocks of rows into a small temporary (:data:`BLOCK_BYTES`, so a
   32000 x 2048 head never has a full-size float copy), each block multiplied by torch's dense
   matmul (oneDNN) in that dtype. ``dequant_bf16`` is a candidate only when the compute dtype is
   bf16 (the activations are rounded to bf16 anyway; the weights' rounding to bf16 adds about as
-  much error again: see docs/codegen.md), ``dequant_fp32`` always.
+  much error again: see docs/codegen.md), ``dequant_fp32`` always (NF4: also for a decode-sized
+  call the generated kernel does not take);
+* ``reference``: the op's float reference, only where no other candidate exists (NF4 without a
+  compiler): :func:`reference_reason` says why (logged, counted, in the layer record).
 
 **How it is decided** (``LOWBIT_CPU_DISPATCH``, read per call):
 
@@ -59,7 +63,7 @@ from typing import Callable
 import torch
 
 from lowbit_compiler.backends import cpu_codegen
-from lowbit_compiler.formats import WeightFormat
+from lowbit_compiler.formats import NF4_GRID, WeightFormat
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -75,10 +79,11 @@ BLOCK_BYTES = 32 << 20  # dequantize-then-matmul: bytes of the dequantized block
 # (first row, last row or None, rows timed): a call of M rows takes the plan of the class holding M
 ROW_CLASSES = ((1, 1, 1), (2, 2, 2), (3, 4, 4), (5, 8, 8), (9, 16, 16), (17, 64, 64), (65, 256, 256),
                (257, None, PREFILL_ROWS))
-CANDIDATES = ("generated", "torch", "dequant_bf16", "dequant_fp32")
+CANDIDATES = ("generated", "torch", "dequant_bf16", "dequant_fp32", "reference")
 DESCRIPTION = {"generated": "the generated C kernel (float32)", "torch": "torch's packed kernel",
                "dequant_bf16": "dequantize (generated C) + bf16 matmul, blockwise",
-               "dequant_fp32": "dequantize (generated C) + fp32 matmul, blockwise"}
+               "dequant_fp32": "dequantize (generated C) + fp32 matmul, blockwise",
+               "reference": "the float reference (the whole weight dequantised, fp32 matmul)"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,7 +212,7 @@ def env_mode(env: str, modes: tuple[str, ...], default: str = "measure") -> str:
 # ------------------------------------------------------------------------------------------------
 
 DEQUANT_SOURCE = r"""
-/* lowbit generated CPU kernel: int8 / int4 weights (our storage layout) -> bf16 or float32 rows */
+/* lowbit generated CPU kernel: int8 / int4 / NF4 weights (our storage layout) -> bf16 or float32 rows */
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -276,10 +281,11 @@ static inline void dq_store8(void* out, int64_t i, __m256 v, int bf16)
    bf16 != 0, else float32). bits 8: codes int8 [N, row_bytes], scale bf16 [N]. bits 4: codes
    [N, row_bytes] two per byte (column 2j in the low nibble of byte j, 2j + 1 in the high one),
    scale bf16 [N, groups], zero uint8 [N, groups] or NULL (8); groups of `group` columns, the last
-   one may reach past K (padded columns are not written). w = (q - z) * s, float32, then rounded. */
-void lowbit_dequant(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, void* out,
-                    int64_t n0, int64_t rows, int64_t K, int64_t row_bytes, int64_t group, int64_t groups,
-                    int64_t bits, int bf16, int threads)
+   one may reach past K (padded columns are not written). w = (q - z) * s, float32, then rounded;
+   with a 16-entry table (NF4) w = table[q] * s instead. */
+void lowbit_dequant(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, const float* table,
+                    void* out, int64_t n0, int64_t rows, int64_t K, int64_t row_bytes, int64_t group,
+                    int64_t groups, int64_t bits, int bf16, int threads)
 {
     const int64_t esize = bf16 ? 2 : 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -304,6 +310,46 @@ void lowbit_dequant(const uint8_t* codes, const uint16_t* scale, const uint8_t* 
 #endif
             for (; k < K; k++)
                 dq_put(o, k, (float)q[k] * s, bf16);
+            continue;
+        }
+        if (table) {  /* NF4: the code looks up its grid value */
+            for (int64_t g = 0; g < groups; g++) {
+                const float s = dq_bf16(scale[n * groups + g]);
+                const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+                int64_t k = k0;
+#if defined(DQ_AVX512)
+                const __m512 sv = _mm512_set1_ps(s), tv = _mm512_loadu_ps(table);
+                const __m128i low4 = _mm_set1_epi8(15);
+                for (; k + 32 <= k1; k += 32) {
+                    const __m128i b = _mm_loadu_si128((const __m128i*)(c + k / 2));
+                    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                    dq_store16(o, k, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(
+                        _mm_unpacklo_epi8(lo, hi)), tv), sv), bf16);
+                    dq_store16(o, k + 16, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(
+                        _mm_unpackhi_epi8(lo, hi)), tv), sv), bf16);
+                }
+#elif defined(DQ_AVX2)
+                const __m256 sv = _mm256_set1_ps(s), tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+                const __m128i low4 = _mm_set1_epi8(15);
+                for (; k + 16 <= k1; k += 16) {
+                    const __m128i b = _mm_loadl_epi64((const __m128i*)(c + k / 2));
+                    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                    const __m128i w = _mm_unpacklo_epi8(lo, hi);  /* columns k .. k + 15 in order */
+                    for (int h = 0; h < 2; h++) {
+                        const __m256i q = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(w, 8) : w);
+                        /* two 8-entry permutes, blended on the code's bit 3 (moved to the sign bit) */
+                        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, q),
+                                                          _mm256_permutevar8x32_ps(thi, q),
+                                                          _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+                        dq_store8(o, k + 8 * h, _mm256_mul_ps(v, sv), bf16);
+                    }
+                }
+#endif
+                for (; k < k1; k++) {
+                    const uint8_t b = c[k / 2];
+                    dq_put(o, k, table[(k & 1) ? (b >> 4) : (b & 15)] * s, bf16);
+                }
+            }
             continue;
         }
         for (int64_t g = 0; g < groups; g++) {
@@ -347,7 +393,7 @@ void lowbit_dequant(const uint8_t* codes, const uint16_t* scale, const uint8_t* 
 @functools.lru_cache(maxsize=None)
 def _dequant_build(isa: str):
     return cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE,
-                             [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_int],
+                             [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_int],
                              "the dequantize-then-matmul candidate is left out of the CPU dispatch",
                              what="the dequantization kernel", isa=isa)
 
@@ -367,7 +413,7 @@ def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     in_features]`` (into ``out`` when given), or None when the kernel is not available."""
     fn = dequant_kernel(isa)
     f = WeightFormat.parse(fmt)
-    if fn is None or not (f.kind == "int" and f.bits in (4, 8)) or dtype not in (torch.bfloat16, torch.float32):
+    if fn is None or not dequant_covers(fmt) or dtype not in (torch.bfloat16, torch.float32):
         return None
     if out is None:
         out = torch.empty(rows, in_features, dtype=dtype)
@@ -376,10 +422,20 @@ def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     zeros = None if zero is None else zero.contiguous()
     group = f.group_size or in_features
     groups = scale.shape[1] if scale.dim() == 2 else 1
-    fn(codes.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(), out.data_ptr(),
-       n0, rows, in_features, codes.shape[1], group, groups, f.bits, int(dtype == torch.bfloat16),
-       torch.get_num_threads())
+    table = _NF4_TABLE if f.kind == "nf4" else None
+    fn(codes.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+       None if table is None else table.data_ptr(), out.data_ptr(), n0, rows, in_features, codes.shape[1], group,
+       groups, f.bits, int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+_NF4_TABLE = torch.tensor(NF4_GRID, dtype=torch.float32)
+
+
+def dequant_covers(fmt: str) -> bool:
+    """Whether the dequantization kernel reads this format (int8, int4 group-wise, NF4)."""
+    f = WeightFormat.parse(fmt)
+    return (f.kind == "int" and f.bits in (4, 8)) or (f.kind == "nf4" and f.group_size is not None)
 
 
 def block_rows(in_features: int, dtype: torch.dtype, out_features: int) -> int:
@@ -475,24 +531,53 @@ def _env_key() -> tuple:
     return tuple(os.environ.get(name) for name in _ENV_NAMES)
 
 
+def has_torch_kernel(fmt: str) -> bool:
+    """Whether torch has a packed CPU kernel for the format (int8 per channel, int4 group-wise);
+    NF4 has none: its calls run the generated kernels or the float reference."""
+    f = WeightFormat.parse(fmt)
+    return f.kind == "int" and f.bits in (4, 8)
+
+
 def static_choice(packed, rows: int) -> str:
-    """The static rule: the generated kernel for decode sizes where it exists, torch's above."""
+    """The static rule: the generated kernel for decode sizes where it exists, torch's above; for a
+    format torch has no kernel for (NF4), dequantize + fp32 matmul (the float reference's numerics,
+    blockwise), else the float reference."""
     if rows <= cpu_codegen.MAX_ROWS and packed.generated(cpu_codegen.int8_activations_enabled()) is not None:
         return "generated"
-    return "torch"
+    if has_torch_kernel(packed.fmt):
+        return "torch"
+    return "dequant_fp32" if dequant_kernel() is not None and dequant_covers(packed.fmt) else "reference"
 
 
 def candidates(packed, rows: int, compute_dtype: torch.dtype) -> list[str]:
-    """The kernels that can run a call of ``rows`` rows on this weight here."""
+    """The kernels that can run a call of ``rows`` rows on this weight here (the float reference
+    only when no other can)."""
     out = []
     if rows <= cpu_codegen.MAX_ROWS and packed.generated(cpu_codegen.int8_activations_enabled()) is not None:
         out.append("generated")
-    out.append("torch")
-    if rows > cpu_codegen.MAX_ROWS and dequant_kernel() is not None:
+    if has_torch_kernel(packed.fmt):
+        out.append("torch")
+    # above MAX_ROWS, and for a decode-sized call nothing else takes (NF4 with K padded to the group)
+    if (rows > cpu_codegen.MAX_ROWS or not out) and dequant_kernel() is not None and dequant_covers(packed.fmt):
         if compute_dtype == torch.bfloat16:
             out.append("dequant_bf16")
         out.append("dequant_fp32")
-    return out
+    return out or ["reference"]
+
+
+def reference_reason(packed, rows: int) -> str:
+    """Why a call of ``rows`` rows on ``packed`` runs the float reference (a format without a torch
+    kernel, whose generated kernels are unavailable or do not cover the call)."""
+    why = ", ".join(r.split(";")[0] for r in cpu_codegen._disabled_reason) or "not built"
+    if rows <= cpu_codegen.MAX_ROWS:
+        gap = (cpu_codegen.supported(packed.fmt) or
+               (f"K={packed.in_features} is padded to the group" if packed.padded_in_features != packed.in_features
+                else f"the generated kernel is unavailable ({why})"))
+    else:
+        gap = (f"a call of more than {cpu_codegen.MAX_ROWS} rows (the generated kernel's limit) needs the "
+               f"dequantization kernel, which is unavailable ({why})")
+    return (f"lowbit::wo_linear: format {packed.fmt} has no torch kernel, and {gap}; the float reference runs "
+            "instead (the whole weight is dequantised to float32 on every call)")
 
 
 def choose(packed, rows: int, compute_dtype: torch.dtype) -> str:
@@ -511,14 +596,19 @@ def _decide(packed, rows: int, compute_dtype: torch.dtype) -> str:
     if mode == "generated":
         choice, why = static_choice(packed, rows), f"{ENV}=generated (the static rule)"
     elif mode == "torch":
-        choice, why = "torch", f"{ENV}=torch"
+        choice, why = ("torch", f"{ENV}=torch") if has_torch_kernel(packed.fmt) else (
+            static_choice(packed, rows), f"{ENV}=torch, but torch has no {packed.fmt} kernel (the static rule)")
     elif mode == "dequant":
         dq = "dequant_bf16" if compute_dtype == torch.bfloat16 else "dequant_fp32"
-        choice, why = (dq, f"{ENV}=dequant") if dequant_kernel() is not None else (
-            "torch", f"{ENV}=dequant, but the dequantization kernel is not available")
+        choice, why = (dq, f"{ENV}=dequant") if dequant_kernel() is not None and dequant_covers(packed.fmt) else (
+            static_choice(packed, rows), f"{ENV}=dequant, but the dequantization kernel is not available")
+    elif candidates(packed, rows, compute_dtype) == ["reference"]:  # nothing to time (and no plan to store:
+        choice, why = "reference", reference_reason(packed, rows)      # a compiler may be there next time)
     else:
         entry = plan(packed, cls, compute_dtype)
         choice, why = entry["choice"], describe(entry)
+    if choice == "reference" and mode != "measure":
+        why = f"{why}: {reference_reason(packed, rows)}"
     _note(packed, cls, compute_dtype, choice, why)
     return choice
 

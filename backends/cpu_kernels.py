@@ -6,10 +6,12 @@ class, compute dtype) by timing the candidates on this host at the first call of
 (cached on disk; ``LOWBIT_CPU_DISPATCH=measure|generated|torch|dequant``; see
 ``backends/cpu_dispatch.py`` and docs/codegen.md): the generated C kernel of
 ``backends/cpu_codegen.py`` for calls of at most ``cpu_codegen.MAX_ROWS`` rows whose format it
-covers (int8; int4 with groups a multiple of 16; K not padded), reading the quantized tensors as
-stored, float32 activations and accumulation; torch's packed kernels (any rows; the only choice
-without a compiler or with ``LOWBIT_CPU_CODEGEN=0``); for more rows, the weight dequantized in
-blocks by a generated kernel and multiplied by a dense bf16 or float32 matmul.
+covers (int8; int4 and NF4 with groups a multiple of 16; K not padded), reading the quantized
+tensors as stored, float32 activations and accumulation; torch's packed kernels (int8 and int4,
+any rows; the only choice without a compiler or with ``LOWBIT_CPU_CODEGEN=0``); for more rows, the
+weight dequantized in blocks by a generated kernel and multiplied by a dense bf16 or float32
+matmul. NF4 has no torch kernel: where neither generated kernel can run a call (no compiler) the
+float reference runs, logged, counted and in the layer record (:func:`reference_linear`).
 int3 and int2 group-wise weights (no torch kernel) run the generated lookup-table kernel of
 ``backends/cpu_lut.py`` for calls of at most ``MAX_ROWS`` rows, the float reference above
 (:func:`wo_linear_fast` returns None; the op reports why).
@@ -72,6 +74,8 @@ class PackedWeight(torch.nn.Module):
 
     def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, scales) in torch's packed-kernel layout, built at the first call that needs it."""
+        if self.weight is None and self._make_layout is None:
+            raise RuntimeError(f"lowbit: torch has no packed CPU kernel for {self.fmt} (cpu_dispatch never picks it)")
         if self.weight is None:
             self.weight, self.scales = self._make_layout()
         return self.weight, self.scales
@@ -99,7 +103,8 @@ class PackedWeight(torch.nn.Module):
         return bound
 
     def extra_repr(self) -> str:
-        built = "" if self.weight is not None else ", torch layout not built"
+        built = ("" if self.weight is not None else ", torch layout not built" if self._make_layout is not None
+                 else ", no torch kernel")
         return f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}{built}"
 
 
@@ -114,6 +119,8 @@ def unsupported_reason(x_dtype: torch.dtype, device: torch.device, fmt: str) -> 
     if x_dtype not in _FAST_DTYPES:
         return f"activation dtype {x_dtype} has no packed CPU kernel (use float32/bfloat16/float16)"
     f = WeightFormat.parse(fmt)
+    if f.kind == "nf4" and f.group_size is not None:
+        return None  # no torch kernel: cpu_dispatch runs the generated ones (or the float reference, saying why)
     if not (f.kind == "int" and f.bits in (8, 4)):
         return f"format {fmt} has no packed CPU kernel (torch has int8 and int4 ones)"
     return None
@@ -144,6 +151,8 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
           in_features: int, dtype: torch.dtype) -> PackedWeight:
     f = WeightFormat.parse(fmt)
     n = scale.shape[0]
+    if f.kind == "nf4":  # no torch kernel, so no torch layout: the generated kernels read the codes as stored
+        return PackedWeight(fmt, None, None, n, in_features, qweight.shape[1] * 2, (qweight, scale, zero))
     if f.bits == 8:
         packed = PackedWeight(fmt, qweight.contiguous(), scale.to(dtype), n, in_features, in_features,
                               (qweight, scale, zero))
@@ -243,8 +252,22 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
         if y is not None:
             cpu_dispatch.counter[(packed.fmt, name)] += 1
             return y.view(*lead, packed.out_features)
+    if not cpu_dispatch.has_torch_kernel(packed.fmt):  # NF4: the float reference, logged and counted
+        return reference_linear(x, packed, bias)
     cpu_dispatch.counter[(packed.fmt, "torch")] += 1
     return torch_packed_linear(x, packed, bias, compute_dtype)
+
+
+def reference_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op's float reference for a weight no kernel here can run (a format without a torch
+    kernel whose generated kernels are unavailable or do not cover the call): a warning once per
+    reason and a count per call (``lowbit_compiler.fallback_counter``), like the eager op's."""
+    from lowbit_compiler import ops
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    ops.eager_fallback("lowbit::wo_linear", packed.fmt, cpu_dispatch.reference_reason(packed, rows))
+    cpu_dispatch.counter[(packed.fmt, "reference")] += 1
+    return ops.wo_linear_reference(x, *packed.quantized, bias, packed.fmt, packed.in_features)
 
 
 class FusedWeights(torch.nn.Module):

@@ -150,15 +150,18 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
         # the prologue / epilogue folded into the call (_fuse_cpu_prologues)
         fused = next((e for e in extra if e not in ("rms_norm", "residual")), "")
         folded = [w for e, w in (("rms_norm", "RMSNorm prologue"), ("residual", "residual add")) if e in extra]
-        packed = f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)"
+        torch_kernel = cpu_dispatch.has_torch_kernel(fmt)  # NF4 has none: dequantize + matmul above MAX_ROWS
+        packed = (f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)" if torch_kernel
+                  else f"cpu_kernels.packed_linear ({fmt}: dequantize (generated C) + fp32 matmul, blockwise)")
         generated = cpu_kernels.generated_kernel(fmt, args["in_features"]) if "in_features" in args else None
         mode = cpu_dispatch.env_mode(cpu_dispatch.ENV, cpu_dispatch.MODES)
         if mode != "generated":  # chosen per call by cpu_dispatch (the static rule's text below otherwise)
             kernel = f"generated C kernel {generated} (M <= {cpu_codegen.MAX_ROWS} rows), " if generated else ""
             how = ("chosen per row class by a timing at first use" if mode == "measure"
                    else f"{cpu_dispatch.ENV}={mode}")
-            return (f"cpu_kernels.packed_linear, {how} (cpu_dispatch): {kernel}torch's packed {fmt} kernel "
-                    f"({dtype} compute) or dequantize + matmul (M > {cpu_codegen.MAX_ROWS} rows)"
+            others = f"torch's packed {fmt} kernel ({dtype} compute) or " if torch_kernel else ""
+            return (f"cpu_kernels.packed_linear, {how} (cpu_dispatch): {kernel}{others}dequantize + matmul "
+                    f"(M > {cpu_codegen.MAX_ROWS} rows)"
                     + (f"; one fused {generated}_multi call when every member's choice is the generated kernel"
                        if fused and generated else ""))
         if generated is None:

@@ -11,9 +11,11 @@ without the generated kernels, and for M > 16), and a bf16 ``F.linear`` on the d
 int4 groups of 64+, a trailing column puts the split-int8 integer path beside the float path of
 the same kernel (``source(fmt, split8=False)``; both bound once, interleaved). For
 int4 formats the last column times the opt-in kernel that quantizes activations to int8
-(``LOWBIT_CPU_INT8_ACTIVATIONS=1``; lossy). NF4 (``--formats nf4_g64``; table lookups in
-registers) has no torch kernel: its "torch packed" column is torch's int4 kernel at the same
-group size, the path a user would otherwise take.
+(``LOWBIT_CPU_INT8_ACTIVATIONS=1``; lossy). NF4 (``--formats nf4_g64``: the int8-table path,
+pshufb + maddubs) has no torch kernel: its "torch packed" column is torch's int4 kernel at the
+same group size (the w4a16 path the issue's target compares against), the trailing column puts the
+int8-table path beside the kernel's float path (two permutes and a blend per 8 codes: what ran
+before), and the float reference NF4 calls ran before dispatch took them is timed like int3's.
 int3 / int2 (``--formats int3_g128_asym,int2_g64_sym``; ``backends/cpu_lut.py``: T-MAC-style
 lookup tables): the "torch packed" column is torch's int4 kernel at the same group size and
 symmetry (the w4a16 path the issue's target compares against), and a last column times the float
@@ -72,6 +74,7 @@ def main() -> None:
     for fmt in args.formats.split(","):
         f = WeightFormat.parse("int8" if fmt == cpu_codegen.W8A8 else fmt)
         lut = cpu_lut.supported(fmt) is None
+        nf4 = f.kind == "nf4"
         if (cpu_lut.kernel(fmt) if lut else cpu_codegen.kernel(fmt)) is None:
             print(f"{fmt}: no generated kernel ({cpu_codegen._disabled_reason})")
             continue
@@ -112,9 +115,11 @@ def main() -> None:
                     if wide:
                         calls["avx2"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
                                                                    isa="avx2")
-                    # what packed_linear runs after cpu_dispatch's choice (timed at this first call, cached)
-                    cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
-                    calls["dispatched"] = lambda: cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+                    # what packed_linear runs after cpu_dispatch's choice (timed at this first call, cached);
+                    # NF4: its own packed weight (torch's int4 one above is only the comparison)
+                    own = cpu_kernels.prepack(q.qweight, q.scale, q.zero, fmt, k, torch.bfloat16) if nf4 else packed
+                    cpu_kernels.packed_linear(x, own, None, torch.bfloat16)
+                    calls["dispatched"] = lambda: cpu_kernels.packed_linear(x, own, None, torch.bfloat16)
                     if cpu_codegen.source(fmt) != cpu_codegen.source(fmt, split8=False):
                         # the split-int8 integer path against the float path of the same kernel (both bound once)
                         split = cpu_codegen.Bound(cpu_codegen._build(fmt, "native", True), fmt, q.qweight, q.scale,
@@ -127,7 +132,7 @@ def main() -> None:
                         calls["int8act"] = lambda: cpu_codegen.linear(x, q.qweight, q.scale, q.zero, None, fmt, k,
                                                                       int8_activations=True)
                 med, best = interleaved(calls, args.repeats)
-                if lut:  # the float reference int3/int2 ran before: timed on its own (it evicts the caches)
+                if lut or nf4:  # the float reference they ran before: timed on its own (it evicts the caches)
                     rmed, rbest = interleaved({"reference": lambda: ops.wo_linear_reference(
                         x, q.qweight, q.scale, q.zero, None, fmt, k)}, max(3, args.repeats // 4), warmup=1)
                     med.update(rmed)
@@ -148,7 +153,7 @@ def main() -> None:
                 if "int8act" in best:
                     row["int8act_speedup_vs_torch_best"] = round(best["torch"] / best["int8act"], 3)
                 if "dispatched" in med:
-                    row["dispatched"] = cpu_dispatch.choose(packed, m, torch.bfloat16)
+                    row["dispatched"] = cpu_dispatch.choose(own, m, torch.bfloat16)
                     row["dispatched_vs_torch"] = round(med["torch"] / med["dispatched"], 3)
                 if "reference" in med:
                     row["speedup_vs_reference"] = round(med["reference"] / med["generated"], 2)
@@ -160,7 +165,8 @@ def main() -> None:
                       f"{row['speedup_vs_torch_best']:.2f}x | {floor:.0%} | {a8}"
                       + (f" | {row['speedup_vs_avx2_build_best']:.2f}x" if "avx2" in best else "")
                       + (f" | {row['dispatched']} {row['dispatched_vs_torch']:.2f}x" if "dispatched" in row else "")
-                      + (f" | split8 vs float path {row['split8_vs_float_path']:.2f}x (best "
+                      + (f" | {'int8 table' if nf4 else 'split8'} vs float path "
+                         f"{row['split8_vs_float_path']:.2f}x (best "
                          f"{row['split8_vs_float_path_best']:.2f}x)" if "split8" in best else ""))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:

@@ -72,9 +72,9 @@ def test_k_padded_to_the_group_has_no_generated_candidate_and_dequantizes_right(
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 def test_dequantization_kernel_is_exact_on_every_build(isa):
     """bf16 and float32 rows equal the reference dequantiser (rounded once to bf16) bit for bit:
-    int8, int4 sym/asym at groups 32-128, K padded to the group (200 of 256 columns), a block of
-    rows from the middle."""
-    for fmt in ("int8", "int4_g128_asym", "int4_g32_sym", "int4_g64_asym"):
+    int8, int4 sym/asym at groups 32-128, NF4 (its table looked up in registers), K padded to the
+    group (200 of 256 columns), a block of rows from the middle."""
+    for fmt in ("int8", "int4_g128_asym", "int4_g32_sym", "int4_g64_asym", "nf4_g64", "nf4_g32"):
         for k in (256, 200):
             q, _ = _weight(fmt, 37, k, seed=2)
             ref = dequantize_parts(q.format, q.qweight, q.scale, q.zero)[:, :k]
@@ -239,3 +239,102 @@ def test_compressed_and_compiled_layer_records_name_the_dispatch(measured):
     with torch.no_grad():
         torch.compile(model(), backend=rec)(torch.randn(9, 256))
     assert rec.summaries[0]["layers"]["0"]["cpu_kernel"] is record  # same format and shape: one live entry
+
+
+def test_nf4_runs_the_generated_kernel_and_dequantize_then_matmul():
+    """NF4 has no torch kernel: decode-sized calls have the generated kernel (its int8 table: the
+    table's rounding floor), larger ones the dequantize candidates (float32: the reference's
+    numerics); torch's layout is never built, and each candidate's counter moves."""
+    fmt, n, k = "nf4_g64", 150, 256
+    q, packed = _weight(fmt, n, k, seed=12)
+    gen = torch.Generator().manual_seed(12)
+    bias = torch.randn(n, generator=gen)
+    floors = {**FLOORS, "generated": 43}  # the NF4 table path (test_cpu_codegen: measured 45-51 dB)
+    for rows in (1, 7, 40):
+        x = torch.randn(rows, k, generator=gen)
+        names = cpu_dispatch.candidates(packed, rows, torch.bfloat16)
+        assert names == (["generated"] if rows <= cpu_codegen.MAX_ROWS else ["dequant_bf16", "dequant_fp32"])
+        assert cpu_dispatch.static_choice(packed, rows) == ("generated" if rows <= cpu_codegen.MAX_ROWS
+                                                            else "dequant_fp32")
+        ref = _reference(x, q, k, bias)
+        for name in names:
+            before = cpu_dispatch.counter[(fmt, name)]
+            y = cpu_kernels.run_candidate(name, x, packed, bias, torch.bfloat16)
+            assert cpu_dispatch.counter[(fmt, name)] == before + 1, name
+            assert y.shape == (rows, n) and y.dtype == torch.float32 and y.is_contiguous()
+            assert sqnr_db(ref, y.double()) >= floors[name], (name, rows, sqnr_db(ref, y.double()))
+    assert packed.weight is None and packed.scales is None
+    with pytest.raises(RuntimeError, match="no packed CPU kernel for nf4_g64"):
+        packed.torch_layout()
+
+
+def test_nf4_measured_choice_above_the_generated_kernel(measured):
+    fmt, n, k = "nf4_g64", 96, 256
+    q, packed = _weight(fmt, n, k, seed=13)
+    measured["rows"], measured[64] = 64, {"dequant_bf16": 1e-3, "dequant_fp32": 3e-3}
+    x = torch.randn(40, k)
+    cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+    before = cpu_dispatch.counter[(fmt, "dequant_bf16")]
+    cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+    assert cpu_dispatch.counter[(fmt, "dequant_bf16")] == before + 1
+    record = cpu_dispatch.layer_record(fmt, n, k, torch.bfloat16)["17-64 rows"]
+    assert record.startswith("dequantize (generated C) + bf16 matmul, blockwise: measured at 64 rows")
+    measured["rows"] = 1
+    cpu_kernels.packed_linear(torch.randn(1, k), packed, None, torch.bfloat16)  # one candidate: nothing timed
+    assert measured["calls"] == 1
+    assert cpu_dispatch.layer_record(fmt, n, k, torch.bfloat16)["1 row"] == (
+        "the generated C kernel (float32): the only kernel for this call")
+
+
+@pytest.mark.parametrize("mode,rows,want", [("torch", 1, "generated"), ("torch", 40, "dequant_fp32"),
+                                            ("generated", 40, "dequant_fp32"), ("dequant", 2, "dequant_bf16")])
+def test_nf4_overrides_fall_back_to_the_static_rule_without_a_torch_kernel(monkeypatch, mode, rows, want):
+    monkeypatch.setenv(cpu_dispatch.ENV, mode)
+    fmt, k = "nf4_g64", 128
+    q, packed = _weight(fmt, 64, k, seed=14)
+    before = cpu_dispatch.counter[(fmt, want)]
+    cpu_kernels.packed_linear(torch.randn(rows, k), packed, None, torch.bfloat16)
+    assert cpu_dispatch.counter[(fmt, want)] == before + 1
+    label = cpu_dispatch.class_label(cpu_dispatch.row_class(rows))
+    text = cpu_dispatch.layer_record(fmt, 64, k, torch.bfloat16)[label]
+    assert (f"torch has no {fmt} kernel" in text) == (mode == "torch")
+
+
+def test_nf4_without_generated_kernels_runs_the_reference_and_says_why(monkeypatch, caplog, tmp_path):
+    """LOWBIT_CPU_CODEGEN=0 (as without a compiler): no kernel can take an NF4 call; the float
+    reference runs (its exact result), with a warning, a fallback count and the layer record
+    naming why, for decode-sized and larger calls alike; nothing is stored as a plan."""
+    from lowbit_compiler import ops, pass_base
+
+    monkeypatch.setenv(cpu_codegen.ENV, "0")
+    monkeypatch.setenv(cpu_dispatch.ENV, "measure")
+    monkeypatch.setattr(cpu_dispatch, "_RECORDS", {})
+    monkeypatch.setattr(cpu_dispatch, "_PLANS", {})
+    monkeypatch.setattr(cpu_dispatch, "dispatch_file", lambda: tmp_path / "dispatch.json")
+    monkeypatch.setattr(ops, "_WARNED", set())
+    fmt, n, k = "nf4_g64", 72, 128
+    q, packed = _weight(fmt, n, k, seed=15)
+    with caplog.at_level(logging.WARNING, logger="lowbit_compiler"):
+        for rows, label, why in ((2, "2 rows", "the generated kernel is unavailable"),
+                                 (40, "17-64 rows", "needs the dequantization kernel, which is unavailable")):
+            x = torch.randn(rows, k)
+            before = sum(pass_base.fallback_counter.values())
+            y = cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+            assert torch.equal(y, ops.wo_linear_reference(x, q.qweight, q.scale, q.zero, None, fmt, k))
+            assert sum(pass_base.fallback_counter.values()) == before + 1
+            record = cpu_dispatch.layer_record(fmt, n, k, torch.bfloat16)[label]
+            assert record.startswith("the float reference") and why in record and "LOWBIT_CPU_CODEGEN=0" in record
+            assert why in caplog.text
+    assert not cpu_dispatch.dispatch_file().exists()
+
+
+def test_nf4_with_k_padded_to_the_group_dequantizes():
+    """K = 200 with groups of 64 (stored padded to 256): no generated kernel takes it, so even a
+    decode-sized call dequantizes (the real 200 columns), at the reference's float32 numerics."""
+    fmt, n, k = "nf4_g64", 40, 200
+    q, packed = _weight(fmt, n, k, seed=16)
+    assert cpu_dispatch.candidates(packed, 1, torch.bfloat16) == ["dequant_bf16", "dequant_fp32"]
+    assert cpu_dispatch.static_choice(packed, 1) == "dequant_fp32"
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(16))
+    assert sqnr_db(_reference(x, q, k, None),
+                   cpu_kernels.run_candidate("dequant_fp32", x, packed, None, torch.bfloat16).double()) >= 110

@@ -45,10 +45,11 @@ def test_op_matches_a_float64_per_expert_matmul(fmt):
     args = (offs, stacked.qweight, stacked.scale, stacked.zero, fmt, 256)
     reference = ops.grouped_linear_reference(x, *args)
     assert sqnr_db(ref, reference.double()) > 120  # float32 matmul of the same dequantised weights
-    out = torch.ops.lowbit.grouped_linear(x, *args)  # packed CPU kernels (bf16 compute) or the reference
+    # packed CPU kernels (bf16 compute), NF4's generated kernel (its int8 table: ~45-51 dB) or the reference
+    out = torch.ops.lowbit.grouped_linear(x, *args)
     assert out.shape == (sum(COUNTS) + 3, 48) and out.dtype == torch.float32
     assert torch.equal(out[-3:], torch.zeros(3, 48))  # rows past offs[-1]: no expert
-    assert sqnr_db(ref, out.double()) > (40 if fmt in ("int8", "int4_g128_asym", "int4_g32_sym") else 120)
+    assert sqnr_db(ref, out.double()) > (40 if fmt in ("int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64") else 120)
     x64 = x.double()
     assert sqnr_db(ref, torch.ops.lowbit.grouped_linear(x64, *args)) > 250  # float64: the reference, exactly
 

@@ -55,8 +55,8 @@ def _key(reason: str) -> str:
 # -- 1. eager fallbacks: logged once, counted every call ------------------------------------------
 
 @pytest.mark.parametrize("fmt, advice", [
-    ("nf4_g64", "backend='lowbit') runs a generated kernel"),  # a Triton template (CUDA); int3/int2 decode calls run cpu_lut
-    ("mxfp4", "backend='lowbit') runs a generated kernel"),  # e2m1 Triton templates (CUDA)
+    ("mxfp4", "backend='lowbit') runs a generated kernel"),  # e2m1 Triton templates (CUDA); int3/int2/NF4 decode
+    # calls run generated CPU kernels (test_packed_kernel_calls_are_not_fallbacks)
     ("nvfp4", "backend='lowbit') runs a generated kernel"),
     ("fp8_e4m3", "backend='lowbit') runs a generated kernel"),  # a Triton template exists (CUDA)
 ])
@@ -77,7 +77,7 @@ def test_wo_linear_reference_path_logs_once_and_counts_every_call(caplog, fmt, a
 
 def test_each_format_and_reason_is_logged_separately(caplog):
     with caplog.at_level(logging.WARNING, logger="lowbit_compiler"):
-        for fmt in ("mxfp4", "nf4_g64", "mxfp4", "nf4_g64"):
+        for fmt in ("mxfp4", "nvfp4", "mxfp4", "nvfp4"):
             qw, x, b = _layer(fmt)
             _wo(qw, x, b)
         qw, x, b = _layer("int8")
@@ -91,9 +91,10 @@ def test_each_format_and_reason_is_logged_separately(caplog):
     assert "run the model in float32 or bfloat16" in messages[-1]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128_sym", "int4_g64_asym", "int3_g128_asym", "int2_g64_sym"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_sym", "int4_g64_asym", "int3_g128_asym", "int2_g64_sym", "nf4_g64"])
 def test_packed_kernel_calls_are_not_fallbacks(caplog, fmt):
-    """15 rows: int8/int4 run the packed or generated kernels, int3/int2 the lookup-table kernel."""
+    """15 rows: int8/int4 run the packed or generated kernels, int3/int2 the lookup-table kernel,
+    NF4 its generated kernel."""
     qw, x, b = _layer(fmt)
     before = pass_base.fallback_counter.copy()
     with caplog.at_level(logging.WARNING, logger="lowbit_compiler"):

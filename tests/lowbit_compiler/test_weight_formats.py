@@ -193,7 +193,8 @@ def test_format_keys_round_trip_and_unknown_keys_name_the_choices():
 def test_new_format_presets_run_through_both_flows(arch, recipe, floor):
     """Logits SQNR against the float model (tiny random models: low absolute numbers; w4a16 gives
     12.7 / 13.6 / 40.0 dB on the same models). Formats without a CPU kernel use the reference
-    path, with that reason; int3 runs the generated lookup-table kernel (9 rows), no fallback."""
+    path, with that reason; int3 runs the generated lookup-table kernel and NF4 the generated NF4
+    kernel (9 rows), no fallback."""
     from lowbit_compiler import compress
     from tests.conftest import make_model, prompt
     from tests.helpers import Recorder
@@ -210,5 +211,6 @@ def test_new_format_presets_run_through_both_flows(arch, recipe, floor):
     summary = rec.summaries[0]
     fmt = WeightFormat.parse(next(iter(summary["layers"].values()))["format"])
     assert fmt.key == {"w3a16": "int3_g128_asym", "nf4": "nf4_g64", "mxfp4": "mxfp4", "nvfp4": "nvfp4"}[recipe]
-    expected = [] if recipe == "w3a16" else [f"format {fmt.key} has no packed CPU kernel (torch has int8 and int4 ones)"]
+    expected = ([] if recipe in ("w3a16", "nf4")
+                else [f"format {fmt.key} has no packed CPU kernel (torch has int8 and int4 ones)"])
     assert list(summary["fallbacks"]) == expected
