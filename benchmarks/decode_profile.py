@@ -40,6 +40,7 @@ def _instrument() -> None:
     """Wrap the generated kernels' call objects and torch's packed path with perf_counter timers."""
     bound_call, group_call, torch_call = cpu_codegen.Bound.__call__, cpu_codegen.BoundGroup.__call__, \
         cpu_kernels.torch_packed_linear
+    bound_ext, group_ext = cpu_codegen.Bound.ext, cpu_codegen.BoundGroup.ext  # with the folded norm / residual
 
     def timed(key: str, nbytes: int, fn, *args):
         if not _active[0]:
@@ -59,12 +60,24 @@ def _instrument() -> None:
         return timed(f"{self.members[0].fmt} {what} N={ns} K={self.k}",
                      sum(_weight_bytes(b.tensors) for b in self.members), group_call, self, x, biases)
 
+    def bound_with(self, x, bias, norm_weight, eps, residual):
+        return timed(f"{self.fmt} N={self.n} K={self.k}", _weight_bytes(self.tensors), bound_ext, self, x, bias,
+                     norm_weight, eps, residual)
+
+    def group_with(self, x, biases, norm_weight, eps):
+        what = "silu_mul" if self.epilogue == cpu_codegen.SILU_MUL else "x" + str(self.nw)
+        ns = "+".join(str(b.n) for b in self.members)
+        return timed(f"{self.members[0].fmt} {what} N={ns} K={self.k}",
+                     sum(_weight_bytes(b.tensors) for b in self.members), group_ext, self, x, biases, norm_weight, eps)
+
     def torch_packed(x, packed, bias, dtype):
         return timed(f"torch {packed.fmt} N={packed.out_features} K={packed.in_features}",
                      _weight_bytes(packed.quantized or ()), torch_call, x, packed, bias, dtype)
 
     cpu_codegen.Bound.__call__ = bound
     cpu_codegen.BoundGroup.__call__ = group
+    cpu_codegen.Bound.ext = bound_with
+    cpu_codegen.BoundGroup.ext = group_with
     cpu_kernels.torch_packed_linear = torch_packed
 
 
