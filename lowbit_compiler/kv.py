@@ -836,6 +836,14 @@ def _make_layer_class():
             super().__init__(layers=layers)
             self.formats = list(formats)
 
+        @torch.compiler.disable
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            # opaque as a whole, not only the layer's update: traced, transformers' Cache.update
+            # indexes self.layers[layer_idx], so Dynamo compiled it once per layer index (a frame of
+            # its own after the layer's graph break: 3 entries per layer on one code object, past
+            # Dynamo's recompile limit from the 3rd layer of a model)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
         def nbytes(self, allocated: bool = False) -> dict[str, int]:
             total = {"packed": 0, "float": 0, "constant": 0}
             for layer in self.layers:
