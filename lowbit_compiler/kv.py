@@ -1132,6 +1132,9 @@ def install_for_compiled_graph(gm: Any, example_inputs: Any, recipe: Any, strict
     if model is None:
         return why
     if getattr(model, "_lowbit_kv_hook", None) is not None:
+        # the model compiled again (another torch.compile call, or after torch.compiler.reset()):
+        # that call's limit too (a no-op for the call that installed it)
+        _raise_recompile_limit(model, len(model._lowbit_kv_formats))
         return INSTALLED
     probe = recipe.replace(passes=tuple(p for p in recipe.passes if p in ("canonicalize", "mark_kv_cache")))
     captured = capture(gm, example_inputs)
@@ -1171,9 +1174,14 @@ def _raise_recompile_limit(model: torch.nn.Module, n_layers: int) -> None:
 
     limit = recompile_limit_for(n_layers)
     changed = _dynamo_adapter.raise_region_recompile_limit(limit)
-    model._lowbit_kv_recompile_limit = changed
-    if changed is None or changed[0] == changed[1]:
+    if changed is None:
+        log.warning("lowbit: KV cache: could not raise Dynamo's recompile limit for this torch.compile call (no "
+                    "Dynamo compile found on the stack: torch's internals moved?); frames past the limit run eagerly "
+                    "on the float weights (reported); pass torch.compile(..., recompile_limit=%d)", limit)
         return
+    if changed[0] == changed[1]:
+        return
+    model._lowbit_kv_recompile_limit = changed  # (old, new) of the last raise
     cap = config.accumulated_recompile_limit
     log.warning("lowbit: KV cache: Dynamo's recompile limit for this torch.compile call raised from %d to %d: the "
                 "compressed cache's graph breaks make the attention's forward (once per layer: %d) and transformers' "
