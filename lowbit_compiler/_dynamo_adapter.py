@@ -17,6 +17,9 @@ A torch upgrade that changes Dynamo's internals should only need edits here.
   reaches the module being compiled (the KV cache is installed on it).
 * ``restart_analysis(reason)``: make Dynamo trace the current frame again from its start (raised from
   the backend: the one ``RestartAnalysis`` Dynamo lets through a backend call unwrapped).
+* ``raise_region_recompile_limit(n)``: the recompile limit of the ``torch.compile(...)`` call now
+  compiling (what ``torch.compile(recompile_limit=n)`` sets: the ``_recompile_limit`` of its
+  ``ConvertFrameAssert``, found in the calling frames; Dynamo reads it at every frame it compiles).
 """
 from __future__ import annotations
 
@@ -152,6 +155,28 @@ def restart_analysis(reason: str) -> BaseException:
     # Dynamo replays on a restart) must go, or the second trace fails with SpeculationLogDivergence
     InstructionTranslator.current_tx().speculation_log.clear()
     return TensorifyScalarRestartAnalysis(restart_reason=reason)
+
+
+def raise_region_recompile_limit(limit: int) -> tuple[int, int] | None:
+    """Raise the recompile limit of the ``torch.compile(...)`` call whose frame Dynamo is compiling
+    now to at least ``limit``, as ``torch.compile(..., recompile_limit=limit)`` would have set it: it
+    holds for the frames that call compiles from then on, not for other ``torch.compile`` calls.
+    Returns ``(old, new)`` (old: the call's own limit, else ``torch._dynamo.config.recompile_limit``;
+    new == old when it was already high enough), or None when no Dynamo compile is on the stack."""
+    from torch._dynamo import config
+    from torch._dynamo.convert_frame import ConvertFrameAssert
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+        if isinstance(candidate, ConvertFrameAssert) and hasattr(candidate, "_recompile_limit"):
+            old = candidate._recompile_limit
+            old = config.recompile_limit if old is None else old
+            if old < limit:
+                candidate._recompile_limit = limit
+            return old, max(old, limit)
+        frame = frame.f_back
+    return None
 
 
 def is_restart(error: BaseException) -> bool:

@@ -836,6 +836,14 @@ def _make_layer_class():
             super().__init__(layers=layers)
             self.formats = list(formats)
 
+        @torch.compiler.disable
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            # opaque as a whole, not only the layer's update: traced, transformers' Cache.update
+            # indexes self.layers[layer_idx], so Dynamo compiled it once per layer index (a frame of
+            # its own after the layer's graph break: 3 entries per layer on one code object, past
+            # Dynamo's recompile limit from the 3rd layer of a model)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
         def nbytes(self, allocated: bool = False) -> dict[str, int]:
             total = {"packed": 0, "float": 0, "constant": 0}
             for layer in self.layers:
@@ -1068,7 +1076,25 @@ def give_compressed_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> boo
 # The compiled flow: torch.compile(model, backend="lowbit", options={"recipe": "kv4"})
 # --------------------------------------------------------------------------------------------
 
-KV_ONLY_PASSES = ("canonicalize", "mark_kv_cache")  # recipes the compile flow installs the cache for
+# Dynamo's recompile limit for a compiled model with the compressed cache (see
+# install_for_compiled_graph): the cache's graph breaks make the frames around them (the attention's
+# forward, the decoder layer's, transformers' forward decorators) frames Dynamo compiles on their own,
+# and some code objects are shared: the attention's forward by every layer (its layer_idx is a static
+# int: one entry per layer), transformers' deprecate_kwarg wrapper by up to 8 functions (5 on Llama:
+# the causal LM's, the model's, the decoder layer's and the attention's forward, create_causal_mask).
+# Each such function takes an entry per call signature: the prefill, the prefill again with a dynamic
+# length (another prompt length), the decode step, the decode step with a dynamic length (measured on
+# the zoo Llama: 16 entries on the wrapper after two generate() calls, 2-3 per layer on the attention;
+# the decode steps add none after the first two: the same count after 150 of them). docs/kv_cache.md
+RECOMPILE_SIGNATURES = 4
+RECOMPILE_SHARED_FUNCTIONS = 8
+
+
+def recompile_limit_for(n_layers: int) -> int:
+    """The recompile limit a compiled model with the compressed cache needs (comment above)."""
+    return RECOMPILE_SIGNATURES * max(n_layers, RECOMPILE_SHARED_FUNCTIONS)
+
+
 INSTALLED = "installed"  # install_for_compiled_graph: the module already has the compressed cache
 
 
@@ -1086,7 +1112,10 @@ def install_for_compiled_graph(gm: Any, example_inputs: Any, recipe: Any, strict
     ``generate()``'s empty ``DynamicCache``) is replaced as the pre-hook replaces it on later calls;
     then Dynamo restarts its analysis of the frame (:func:`_dynamo_adapter.restart_analysis`), so the
     graphs it compiles are those of the compressed cache (cache update and attention run eagerly,
-    opaque to Dynamo, as under compress-then-compile).
+    opaque to Dynamo, as under compress-then-compile). The recipe may compose the cache with weight
+    passes (``w4a16+kv4``): the graphs quantize the weights; the call's recompile limit is raised
+    (:func:`recompile_limit_for`, logged) so that no frame around the cache's graph breaks falls back
+    to running eagerly, on the float weights.
 
     Returns None when there is nothing to install from this graph (the recipe marks no KV cache,
     the graph holds no attention), :data:`INSTALLED` when the module already has the compressed
@@ -1099,21 +1128,13 @@ def install_for_compiled_graph(gm: Any, example_inputs: Any, recipe: Any, strict
 
     if "mark_kv_cache" not in recipe.passes:
         return None
-    others = [p for p in recipe.passes if p not in KV_ONLY_PASSES]
-    if others:
-        # composed with weight passes, the compile flow's decode steps were ~19 dB from compress()'s:
-        # the cache's graph breaks make transformers' shared decorator frame (deprecate_kwarg's
-        # wrapped_func, around both LlamaForCausalLM.forward and LlamaAttention.forward) recompile
-        # past Dynamo's recompile_limit (8), after which the attention runs eagerly on the FLOAT
-        # weights, with only Dynamo's own warning. KV-only recipes have float weights either way.
-        return (f"the recipe composes the KV cache with {others}: under torch.compile the cache's graph breaks "
-                "push transformers' shared forward wrapper past Dynamo's recompile_limit, and the attention "
-                "would then run eagerly on the float weights; the compile flow installs the compressed cache "
-                "only for KV-only recipes")
     model, why = _compiled_module(gm)
     if model is None:
         return why
     if getattr(model, "_lowbit_kv_hook", None) is not None:
+        # the model compiled again (another torch.compile call, or after torch.compiler.reset()):
+        # that call's limit too (a no-op for the call that installed it)
+        _raise_recompile_limit(model, len(model._lowbit_kv_formats))
         return INSTALLED
     probe = recipe.replace(passes=tuple(p for p in recipe.passes if p in ("canonicalize", "mark_kv_cache")))
     captured = capture(gm, example_inputs)
@@ -1135,9 +1156,40 @@ def install_for_compiled_graph(gm: Any, example_inputs: Any, recipe: Any, strict
     if not info or not info.get("applied"):
         return (info or {}).get("reason", "no KV decision could be installed")
     give_compressed_cache(model, kwargs)
+    _raise_recompile_limit(model, len(model._lowbit_kv_formats))
     log.info("lowbit: KV cache: installed the compressed cache on the compiled %s (layers %s); Dynamo traces "
              "the call again with it", type(model).__name__, info["layers"])
     raise _dynamo_adapter.restart_analysis("lowbit: compressed KV cache installed on the compiled module")
+
+
+def _raise_recompile_limit(model: torch.nn.Module, n_layers: int) -> None:
+    """Raise the recompile limit of the ``torch.compile`` call that compiles ``model`` to
+    :func:`recompile_limit_for` its layers, saying so. Past the limit Dynamo runs a frame eagerly,
+    and a frame run eagerly computes with the float weights (the quantized ones live in the compiled
+    graphs): with Dynamo's default (8), ``w4a16+kv4`` ran its attention's projections in float from the
+    second decode step (19 dB from ``compress``'s logits, then 3 dB). The backend still reports a hit
+    of the raised limit (strict mode raises)."""
+    from lowbit_compiler import _dynamo_adapter
+    from torch._dynamo import config
+
+    limit = recompile_limit_for(n_layers)
+    changed = _dynamo_adapter.raise_region_recompile_limit(limit)
+    if changed is None:
+        log.warning("lowbit: KV cache: could not raise Dynamo's recompile limit for this torch.compile call (no "
+                    "Dynamo compile found on the stack: torch's internals moved?); frames past the limit run eagerly "
+                    "on the float weights (reported); pass torch.compile(..., recompile_limit=%d)", limit)
+        return
+    if changed[0] == changed[1]:
+        return
+    model._lowbit_kv_recompile_limit = changed  # (old, new) of the last raise
+    cap = config.accumulated_recompile_limit
+    log.warning("lowbit: KV cache: Dynamo's recompile limit for this torch.compile call raised from %d to %d: the "
+                "compressed cache's graph breaks make the attention's forward (once per layer: %d) and transformers' "
+                "shared forward wrappers compile once per function and call signature; past the limit they would "
+                "run eagerly on the float weights%s", changed[0], changed[1], n_layers,
+                f" (Dynamo's accumulated_recompile_limit, {cap}, still caps each function; for more layers set "
+                "torch._dynamo.config.allow_unspec_int_on_nn_module = True: the layer index then compiles once)"
+                if changed[1] > cap else "")
 
 
 def _compiled_module(gm: Any) -> tuple[torch.nn.Module | None, str]:
