@@ -49,8 +49,10 @@ def test_dump_has_every_stage_with_diffs_and_a_summary(tmp_path, capsys):
     assert "insert_weight_quant" in out and "model.layers.1.mlp.down_proj" in out and "int4_g128_asym" in out
     assert "kernels: {'cpu': 15}" in out
     assert "### run_000-w4a16: recipe 'w4a16'" in out and "== run_000-w4a16/graph_000" in out
-    assert ("generated C kernel lowbit_cpu_int4_g128_asym (M <= 16 rows, float32), else "
-            "cpu_kernels.packed_linear (packed int4_g128_asym weights, bfloat16 compute)") in out
+    # o_proj and down_proj with the residual add folded into the call (the CPU fusion groups' epilogue)
+    assert ("generated C kernel lowbit_cpu_int4_g128_asym_ext (M <= 16 rows, float32, residual add), else "
+            "cpu_kernels.packed_linear (packed int4_g128_asym weights, bfloat16 compute) with the residual add "
+            "in torch") in out
 
 
 def test_dump_dir_from_environment(tmp_path):
