@@ -90,7 +90,8 @@ def module_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
                             **({"rank": module.lowrank_left.shape[1]} if lowrank else {})}
         elif isinstance(module, RSparseLinear):  # R-Sparse on a float weight
             records[fqn] = {"kind": "RSparseLinear", "fmt": None, "in_features": module.in_features,
-                            "out_features": module.out_features, "rank": module.lowrank_left.shape[1]}
+                            "out_features": module.out_features, "rank": module.lowrank_left.shape[1],
+                            "transposed": module.transposed}
         elif isinstance(module, FoldedRMSNorm):
             records[fqn] = {"kind": "FoldedRMSNorm", "eps": module.eps,
                             "weight_dtype": str(module.weight.dtype).removeprefix("torch.")}
@@ -263,9 +264,9 @@ def _check_rsparse(fqn: str, record: dict[str, Any], tensors: dict[str, Any]) ->
     if record.get("fmt") is not None:
         _check_linear(fqn, record, tensors)
     else:
-        weight = tensors.get(f"{fqn}.weight")
-        if weight is None or tuple(weight["shape"]) != (n, k):
-            raise LowbitError(f"checkpoint: module {fqn}: a float R-Sparse linear needs weight [{n}, {k}], found "
+        weight, shape = tensors.get(f"{fqn}.weight"), (k, n) if record.get("transposed") else (n, k)
+        if weight is None or tuple(weight["shape"]) != shape:
+            raise LowbitError(f"checkpoint: module {fqn}: a float R-Sparse linear needs weight {list(shape)}, found "
                               f"{None if weight is None else weight['shape']}")
     left, right = tensors.get(f"{fqn}.lowrank_left"), tensors.get(f"{fqn}.lowrank_right")
     threshold = tensors.get(f"{fqn}.input_threshold")
@@ -395,7 +396,8 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
         kind = record["kind"]
         lowrank = (t(fqn, "lowrank_left"), t(fqn, "lowrank_right")) if kind == "RSparseLinear" else None
         if kind == "RSparseLinear" and record.get("fmt") is None:  # R-Sparse on the float model's own linear
-            _set_module(model, fqn, RSparseLinear(current, t(fqn, "input_threshold"), lowrank))
+            _set_module(model, fqn, RSparseLinear(current, t(fqn, "input_threshold"), lowrank,
+                                                  transposed=bool(record.get("transposed", False))))
         elif kind in ("LowbitLinear", "RSparseLinear"):
             rows, cols, values = t(fqn, "outlier_rows"), t(fqn, "outlier_cols"), t(fqn, "outlier_values")
             left, right = t(fqn, "transform_left"), t(fqn, "transform_right")

@@ -145,30 +145,34 @@ class LowbitLinear(torch.nn.Module):
         return f"{self.fmt}{act}{rot}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-class RSparseLinear(torch.nn.Linear):
+class RSparseLinear(torch.nn.Module):
     """R-Sparse on a float linear (``rsparse-50``): ``y = W sparse(x) + b + L (R (x - sparse(x)))``,
     the threshold (``lowbit::act_sparsify``) and the low-rank part (``lowbit::lowrank_residual``)
-    as the compiled graph computes them. An ``nn.Linear`` whose ``weight`` / ``bias`` are the
-    model's own parameters (same names in ``state_dict()``), plus buffers ``input_threshold``,
+    as the compiled graph computes them. Replaces an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose
+    weight is stored [K, N]: ``transposed``) and keeps its ``weight`` / ``bias`` parameters (same
+    names in ``state_dict()``; tied ones stay tied), plus buffers ``input_threshold``,
     ``lowrank_left`` [N, r] and ``lowrank_right`` [r, K] (float, the weight's dtype). Quantized
     weights use :class:`LowbitLinear` with the same buffers."""
 
-    def __init__(self, linear: torch.nn.Linear, input_threshold: torch.Tensor,
-                 lowrank: tuple[torch.Tensor, torch.Tensor]):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # the model's parameters (tied ones stay tied)
+    def __init__(self, linear: torch.nn.Module, input_threshold: torch.Tensor,
+                 lowrank: tuple[torch.Tensor, torch.Tensor], transposed: bool = False):
+        super().__init__()
+        self.transposed = transposed
+        self.weight, self.bias = linear.weight, linear.bias  # the model's parameters
+        self.out_features, self.in_features = lowrank[0].shape[0], lowrank[1].shape[1]
         self.register_buffer("input_threshold", input_threshold)
         self.register_buffer("lowrank_left", lowrank[0])
         self.register_buffer("lowrank_right", lowrank[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = torch.ops.lowbit.act_sparsify(x, self.input_threshold, None)
-        y = torch.nn.functional.linear(kept, self.weight, self.bias)
+        y = torch.nn.functional.linear(kept, self.weight.t() if self.transposed else self.weight, self.bias)
         return y + torch.ops.lowbit.lowrank_residual(x, kept, self.lowrank_left, self.lowrank_right)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sparse_input=threshold, lowrank={self.lowrank_left.shape[1]}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{', transposed' if self.transposed else ''}, sparse_input=threshold, "
+                f"lowrank={self.lowrank_left.shape[1]}")
 
 
 class LowbitExperts(torch.nn.Module):
@@ -602,22 +606,24 @@ def _side_ops(gm: fx.GraphModule, node: fx.Node, x: Any, recipe_name: str) -> di
 def _write_rsparse_float(model: torch.nn.Module, gm: fx.GraphModule, node: fx.Node, layer: str,
                          transforms: dict[str, Any], own: set[fx.Node],
                          lowrank: tuple[torch.Tensor, torch.Tensor], recipe_name: str) -> None:
-    """R-Sparse on a float linear: the ``nn.Linear`` at ``layer`` becomes an :class:`RSparseLinear`
-    over the same parameters. Anything else in front of it (R4, FlatQuant, WINA's column norms) or a
-    module that is more than an ``nn.Linear`` raises: no module form computes that yet."""
-    try:
-        module = model.get_submodule(layer)
-    except AttributeError:
-        module = None
+    """R-Sparse on a float linear: the linear module at ``layer`` (``nn.Linear``, ``Conv1D``) becomes
+    an :class:`RSparseLinear` over the same parameters. Anything else in front of it (R4,
+    FlatQuant, WINA's column norms) or a module that computes more than its linear raises: no
+    module form computes that yet."""
     other = sorted(k for k, v in transforms.items() if k != "input_threshold" and v not in (None, False))
-    reason = (f"{type(module).__name__} is not an nn.Linear" if type(module) is not torch.nn.Linear
-              else f"input transforms {other} in front of the threshold" if other
-              else _not_a_bare_linear(model, gm, node, layer, own))
+    parts = ir.linear_parts(node)
+    reason = _not_a_bare_linear(model, gm, node, layer, own)
+    if reason is None and other:
+        reason = f"input transforms {other} in front of the threshold"
+    if reason is None and (parts.weight_node is None or not isinstance(getattr(model.get_submodule(layer), "weight",
+                                                                               None), torch.nn.Parameter)):
+        reason = "its weight is not the module's own parameter"
     if reason is not None:
         raise LowbitError(f"compress({recipe_name}): layer {layer} (node {node.name}): R-Sparse on a float weight: "
                           f"{reason}; no module form computes that yet (use torch.compile(model, backend='lowbit'))")
     parent, child = _weight_owner(model, layer)
-    setattr(parent, child, RSparseLinear(module, transforms["input_threshold"], lowrank))
+    setattr(parent, child, RSparseLinear(model.get_submodule(layer), transforms["input_threshold"], lowrank,
+                                         transposed=bool(parts.transposed)))
 
 
 def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
