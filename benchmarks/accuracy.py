@@ -71,13 +71,19 @@ SPARSITY_RECIPES = [  # activation sparsity at 25 / 40 / 50 % (not presets: see 
 
 def activation_sparsity_recipe(name: str):
     """``teal-40`` / ``wina-25`` / ``cats-40`` / ``rsparse-40`` (any percentage): the ``*-50`` preset
-    with the pass's ``sparsity`` option set; every other name is a preset, returned as given."""
+    with the pass's ``sparsity`` option set; R-Sparse takes a rank too, ``rsparse-50-r8`` (default 32),
+    and composes with a weight preset, ``rsparse-50-r8+w4a16``; every other name is a preset,
+    returned as given."""
     from lowbit_compiler.recipe import PRESETS
 
-    algo, _, pct = name.partition("-")
-    if name in PRESETS or algo not in SPARSITY_ALGOS or not pct.isdigit():
+    base, plus, weights = name.partition("+")
+    algo, _, rest = base.partition("-")
+    pct, _, rank = rest.partition("-r")
+    if name in PRESETS or algo not in SPARSITY_ALGOS or not pct.isdigit() or (rank and not (
+            algo == "rsparse" and rank.isdigit())) or f"{algo}-50{plus}{weights}" not in PRESETS:
         return name
-    return PRESETS[f"{algo}-50"].replace(name=name, options={algo: {"sparsity": int(pct) / 100}})
+    options = {"sparsity": int(pct) / 100, **({"rank": int(rank)} if rank else {})}
+    return PRESETS[f"{algo}-50{plus}{weights}"].replace(name=name, options={algo: options})
 
 
 # ---- model and text --------------------------------------------------------------------------

@@ -451,10 +451,14 @@ def test_rsparse_through_compress_matches_compile_float64_and_reloads(tmp_path):
                      + modules["model.layers.1.mlp.down_proj"].lowrank_right.nbytes}
 
     sample = CALIBRATION[1]
-    y_compiled, _ = _logits("rsparse-50", sample)
+    y_compiled, rec = _logits("rsparse-50", sample)
     with torch.no_grad():
         y_offline = model(sample).logits.double()
     assert torch.allclose(y_compiled, y_offline, rtol=0, atol=1e-5 * y_offline.abs().max())
+    from lowbit_compiler.cli import format_summary  # `lowbit inspect` on the compiled graph's summary
+
+    text = format_summary({"graph": "g", **rec.summaries[0]})
+    assert text.count("low-rank r=32 (") == 14 and f"R-Sparse low-rank factors (added) 0 -> {factor_bytes}" in text
     ref, replaced, layer_error = _rsparse_float64_reference(model, sample)
     assert replaced == 14 and layer_error < 1e-5
     assert float((y_offline - ref).norm() / ref.norm()) < 5e-3
