@@ -12,7 +12,8 @@ marked (``benchmarks/plots.py``; default ``benchmarks/results/accuracy_<model>.s
 Per recipe (each on a fresh copy of the model, through ``lowbit_compiler.compress``):
 
 * bits/weight: true bytes of the quantized linears (codes + scales + zero points / second-level
-  scales) x 8 / their parameter count;
+  scales, and R-Sparse's float low-rank factors beside them) x 8 / their parameter count (float
+  R-Sparse: 32 + its factors' bits over the linears they sit beside);
 * weight SQNR min / median over the quantized linears;
 * calibration time (``compress`` wall time, calibration included);
 * causal LMs: perplexity on the evaluation text and the mean KL(float || quantized) of the
@@ -63,19 +64,26 @@ DEFAULT_RECIPES = [  # every preset but "none", grouped as the README's tables a
     "s24", "s24-wanda", "s24-sparsegpt", "s24-w8a16", "s24-w4a16"]
 
 
+SPARSITY_ALGOS = ("teal", "wina", "cats", "rsparse")
 SPARSITY_RECIPES = [  # activation sparsity at 25 / 40 / 50 % (not presets: see activation_sparsity_recipe)
-    f"{algo}-{pct}" for algo in ("teal", "wina", "cats") for pct in (25, 40, 50)]
+    f"{algo}-{pct}" for algo in SPARSITY_ALGOS for pct in (25, 40, 50)]
 
 
 def activation_sparsity_recipe(name: str):
-    """``teal-40`` / ``wina-25`` / ``cats-40`` (any percentage): the ``*-50`` preset with the pass's
-    ``sparsity`` option set; every other name is a preset, returned as given."""
+    """``teal-40`` / ``wina-25`` / ``cats-40`` / ``rsparse-40`` (any percentage): the ``*-50`` preset
+    with the pass's ``sparsity`` option set; R-Sparse takes a rank too, ``rsparse-50-r8`` (default 32),
+    and composes with a weight preset, ``rsparse-50-r8+w4a16``; every other name is a preset,
+    returned as given."""
     from lowbit_compiler.recipe import PRESETS
 
-    algo, _, pct = name.partition("-")
-    if name in PRESETS or algo not in ("teal", "wina", "cats") or not pct.isdigit():
+    base, plus, weights = name.partition("+")
+    algo, _, rest = base.partition("-")
+    pct, _, rank = rest.partition("-r")
+    if name in PRESETS or algo not in SPARSITY_ALGOS or not pct.isdigit() or (rank and not (
+            algo == "rsparse" and rank.isdigit())) or f"{algo}-50{plus}{weights}" not in PRESETS:
         return name
-    return PRESETS[f"{algo}-50"].replace(name=name, options={algo: {"sparsity": int(pct) / 100}})
+    options = {"sparsity": int(pct) / 100, **({"rank": int(rank)} if rank else {})}
+    return PRESETS[f"{algo}-50{plus}{weights}"].replace(name=name, options={algo: options})
 
 
 # ---- model and text --------------------------------------------------------------------------
@@ -153,10 +161,16 @@ def weight_report(summary: dict[str, Any]) -> dict[str, Any]:
     sparsity = {"sparsity": statistics.mean(d["sparsity"] for d in pruned)} if pruned else {}
     params = sum(d["in_features"] * d["out_features"] for d in layers)
     sqnr = [d["weight_sqnr_db"] for d in (layers or pruned)]
-    if not layers:  # a recipe that quantizes nothing (rotate alone; pruning with float weights)
+    # R-Sparse's float low-rank factors count against the linears they sit beside
+    lowrank = {name: d["lowrank"]["bytes"] for name, d in summary["layers"].items() if "lowrank" in d}
+    if not layers:  # a recipe that quantizes nothing (rotate alone; pruning, activation sparsity on float weights)
         extra = {"weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr)} if sqnr else {}
-        return {"layers": len(pruned), "bits_per_weight": 32.0, **extra, **sparsity}
-    return {"layers": len(layers), "bits_per_weight": sum(d["bytes_after"] for d in layers) * 8 / max(params, 1),
+        weights = summary.get("coverage", {}).get("weights", {}).values()
+        elements = sum(w["elements"] for w in weights if w.get("layer") in lowrank and w["role"] == "matmul")
+        bits = 32.0 + (sum(lowrank.values()) * 8 / elements if elements else 0.0)
+        return {"layers": len(pruned) or len(lowrank), "bits_per_weight": bits, **extra, **sparsity}
+    return {"layers": len(layers), "bits_per_weight": (sum(d["bytes_after"] for d in layers) + sum(lowrank.values()))
+            * 8 / max(params, 1),
             "weight_sqnr_min": min(sqnr), "weight_sqnr_median": statistics.median(sqnr), **sparsity}
 
 

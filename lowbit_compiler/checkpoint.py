@@ -65,7 +65,7 @@ def _dtype_name(t: torch.Tensor, key: str) -> str:
 
 def module_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """What the compression put into ``model``, module by module, without tensors."""
-    from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear,
+    from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, RSparseLinear,
                                          input_transforms_of)
 
     records: dict[str, dict[str, Any]] = {}
@@ -80,10 +80,18 @@ def module_records(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
                     "out_features": getattr(module, f"{name}_scale").shape[1],
                     "weight_dtype": str(dtype).removeprefix("torch.")}
         elif isinstance(module, LowbitLinear):
-            records[fqn] = {"kind": "LowbitLinear", "fmt": module.fmt, "act": module.act,
-                            "in_features": module.in_features, "out_features": module.out_features,
-                            "input_hadamard": bool(module.input_hadamard),
-                            "weight_dtype": str(module.weight_dtype).removeprefix("torch.")}
+            # R-Sparse's low-rank part beside the quantized matmul: its own kind, so that a reader that
+            # predates it refuses the checkpoint instead of loading the factors and ignoring them
+            lowrank = module.lowrank_left is not None
+            records[fqn] = {"kind": "RSparseLinear" if lowrank else "LowbitLinear", "fmt": module.fmt,
+                            "act": module.act, "in_features": module.in_features,
+                            "out_features": module.out_features, "input_hadamard": bool(module.input_hadamard),
+                            "weight_dtype": str(module.weight_dtype).removeprefix("torch."),
+                            **({"rank": module.lowrank_left.shape[1]} if lowrank else {})}
+        elif isinstance(module, RSparseLinear):  # R-Sparse on a float weight
+            records[fqn] = {"kind": "RSparseLinear", "fmt": None, "in_features": module.in_features,
+                            "out_features": module.out_features, "rank": module.lowrank_left.shape[1],
+                            "transposed": module.transposed}
         elif isinstance(module, FoldedRMSNorm):
             records[fqn] = {"kind": "FoldedRMSNorm", "eps": module.eps,
                             "weight_dtype": str(module.weight.dtype).removeprefix("torch.")}
@@ -245,6 +253,35 @@ def _check_linear(fqn: str, record: dict[str, Any], tensors: dict[str, Any]) -> 
         raise LowbitError(f"checkpoint: module {fqn}: outlier_rows/cols/values must all be present with one shape")
 
 
+def _check_rsparse(fqn: str, record: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """R-Sparse: a quantized linear (``fmt``; as LowbitLinear) or a float one (``fmt`` null: ``weight``
+    [N, K]), its threshold, and the low-rank factors ``lowrank_left`` [N, r] / ``lowrank_right`` [r, K]
+    in one float dtype."""
+    n, k, r = record.get("out_features"), record.get("in_features"), record.get("rank")
+    if not all(isinstance(v, int) and v > 0 for v in (n, k, r)):
+        raise LowbitError(f"checkpoint: module {fqn}: out_features/in_features/rank must be positive integers, got "
+                          f"{n!r}/{k!r}/{r!r}")
+    if record.get("fmt") is not None:
+        _check_linear(fqn, record, tensors)
+    else:
+        weight, shape = tensors.get(f"{fqn}.weight"), (k, n) if record.get("transposed") else (n, k)
+        if weight is None or tuple(weight["shape"]) != shape:
+            raise LowbitError(f"checkpoint: module {fqn}: a float R-Sparse linear needs weight {list(shape)}, found "
+                              f"{None if weight is None else weight['shape']}")
+    left, right = tensors.get(f"{fqn}.lowrank_left"), tensors.get(f"{fqn}.lowrank_right")
+    threshold = tensors.get(f"{fqn}.input_threshold")
+    if threshold is None:
+        raise LowbitError(f"checkpoint: tensor {fqn}.input_threshold is missing; R-Sparse module {fqn} needs it")
+    for key, entry, shape in (("lowrank_left", left, (n, r)), ("lowrank_right", right, (r, k))):
+        if entry is None or tuple(entry["shape"]) != shape:
+            raise LowbitError(f"checkpoint: tensor {fqn}.{key} has shape {None if entry is None else entry['shape']}; "
+                              f"R-Sparse module {fqn} (rank {r}) needs {list(shape)}")
+    if left["dtype"] != right["dtype"] or DTYPES.get(left["dtype"]) not in (torch.float16, torch.bfloat16,
+                                                                             torch.float32, torch.float64):
+        raise LowbitError(f"checkpoint: module {fqn}: lowrank_left/right must share one float dtype, found "
+                          f"{left['dtype']}/{right['dtype']}")
+
+
 def _declared(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every tensor of the model by name, aliases included (an alias has its target's entry)."""
     tensors = meta["tensors"]
@@ -301,6 +338,8 @@ def validate(meta: dict[str, Any], stored: dict[str, dict[str, Any]] | None = No
             _check_linear(fqn, record, declared)
         elif kind == "LowbitExperts":
             _check_experts(fqn, record, declared)
+        elif kind == "RSparseLinear":
+            _check_rsparse(fqn, record, declared)
         elif kind not in ("FoldedRMSNorm", "GraphRMSNorm", "InputTransforms", "OutputThreshold"):
             raise LowbitError(f"checkpoint: module {fqn}: unknown module kind {kind!r}")
     if stored is None:
@@ -342,8 +381,8 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
     modules replaced as the manifest says, with empty tensors of the declared dtypes and shapes;
     tensors the float model does not have (biases folding created, untied heads) added. The
     tensors are then loaded by name."""
-    from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, _attention_r3,
-                                         add_input_transforms, add_output_threshold)
+    from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, RSparseLinear,
+                                         _attention_r3, add_input_transforms, add_output_threshold)
 
     tensors = meta["tensors"]
     declared = _declared(meta)
@@ -355,7 +394,11 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
             raise LowbitError(f"checkpoint: module {fqn} is not in {type(model).__name__}; the checkpoint was saved "
                               "from another architecture") from None
         kind = record["kind"]
-        if kind == "LowbitLinear":
+        lowrank = (t(fqn, "lowrank_left"), t(fqn, "lowrank_right")) if kind == "RSparseLinear" else None
+        if kind == "RSparseLinear" and record.get("fmt") is None:  # R-Sparse on the float model's own linear
+            _set_module(model, fqn, RSparseLinear(current, t(fqn, "input_threshold"), lowrank,
+                                                  transposed=bool(record.get("transposed", False))))
+        elif kind in ("LowbitLinear", "RSparseLinear"):
             rows, cols, values = t(fqn, "outlier_rows"), t(fqn, "outlier_cols"), t(fqn, "outlier_values")
             left, right = t(fqn, "transform_left"), t(fqn, "transform_right")
             qweight = t(fqn, "qweight")
@@ -367,7 +410,7 @@ def prepare(model: torch.nn.Module, meta: dict[str, Any], device: Any = None) ->
                                   input_signs=t(fqn, "input_signs"),
                                   weight_dtype=getattr(torch, record.get("weight_dtype", "float32")),
                                   input_threshold=t(fqn, "input_threshold"),
-                                  input_col_scale=t(fqn, "input_col_scale"))
+                                  input_col_scale=t(fqn, "input_col_scale"), lowrank=lowrank)
             _set_module(model, fqn, module)
         elif kind == "LowbitExperts":  # built around the float experts module (its gate, act_fn, flags)
             quantized = {name: {"qweight": t(fqn, f"{name}_qweight"), "scale": t(fqn, f"{name}_scale"),

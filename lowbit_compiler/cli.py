@@ -91,6 +91,12 @@ def format_summary(s: dict[str, Any]) -> str:
             if "skipped" in d:
                 rows.append([fqn, d.get("format", "float"), "", "", "", "", d["skipped"]])
                 continue
+            if "in_features" not in d:  # a float layer a pass only annotated (activation sparsity, R-Sparse)
+                notes = ([f"activation sparsity {d['activation_sparsity']:.1%}"] if "activation_sparsity" in d else []) \
+                    + ([f"low-rank r={d['lowrank']['rank']} ({d['lowrank']['bytes']} B {d['lowrank']['dtype']})"]
+                       if "lowrank" in d else [])
+                rows.append([fqn, d.get("format", "float"), "", "", "", "", "; ".join(notes)])
+                continue
             if "bytes_before" in d:
                 before, after = before + d["bytes_before"], after + d["bytes_after"]
             shape = (f"{d['experts']}x" if d.get("experts") else "") + f"{d['in_features']}x{d['out_features']}"
@@ -106,7 +112,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if totals and totals.get("bytes_after"):
         parts = [f"{label} {totals[key]['bytes_before']} -> {totals[key]['bytes_after']} ({totals[key]['tensors']} tensors)"
                  for key, label in (("quantized", "quantized"), ("float_matmul", "float matmul weights"),
-                                    ("embeddings", "embeddings"), ("norms", "norms"), ("other", "other"))
+                                    ("embeddings", "embeddings"), ("norms", "norms"), ("other", "other"),
+                                    ("lowrank", "R-Sparse low-rank factors (added)"))
                  if key in totals]
         out.append(f"whole graph: {totals['bytes_before']} -> {totals['bytes_after']} bytes "
                    f"({totals['bytes_before'] / totals['bytes_after']:.2f}x smaller): " + "; ".join(parts))

@@ -14,10 +14,14 @@ own choice raises in strict mode.
 
 The summary's ``coverage`` entry::
 
-    {"weights": {fqn: {"elements", "bytes", "role", "status": "quantized" | "float",
+    {"weights": {fqn: {"elements", "bytes", "role", "status": "quantized" | "float" | "added",
                         "layer", "format", "reason"}},
      "totals": {"bytes_before", "bytes_after", "quantized": {...}, "float_matmul": {...},
-                "embeddings": {...}, "norms": {...}, "other": {...}}}
+                "embeddings": {...}, "norms": {...}, "other": {...}, "lowrank": {...}}}
+
+``lowrank``: R-Sparse's float low-rank factors (``lowbit::lowrank_residual``'s ``left`` /
+``right``), tensors the compression adds (0 bytes before); each reading layer's record gets
+``lowrank: {rank, bytes, dtype}``.
 """
 from __future__ import annotations
 
@@ -152,6 +156,21 @@ def account(gm: fx.GraphModule, layers: dict[str, dict[str, Any]], recipe: Any, 
             if quantizes and recipe.applies_to(layer) and not any(c in reason for c in _CHOSEN):
                 problems.append(f"{node.target} ({reason})")
         weights[node.target] = entry
+    for node in gm.graph.nodes:  # R-Sparse's low-rank factors: float tensors the compression adds
+        if node.op == "call_function" and node.target is torch.ops.lowbit.lowrank_residual.default:
+            module = ir.get(node, ir.MODULE)
+            layer = module.fqn if module is not None and module.fqn else node.name
+            added = 0
+            for arg in node.args[2:4]:
+                value = ir.fetch_attr(gm, arg.target)
+                nbytes = value.numel() * value.element_size()
+                added += nbytes
+                weights[arg.target] = {"elements": value.numel(), "bytes": 0, "bytes_after": nbytes, "role": "lowrank",
+                                       "status": "added", "layer": layer,
+                                       "format": str(value.dtype).removeprefix("torch.")}
+            rank = ir.fetch_attr(gm, node.args[2].target).shape[1]
+            layers.setdefault(layer, {})["lowrank"] = {"rank": rank, "bytes": added,
+                                                       "dtype": weights[node.args[2].target]["format"]}
     if strict and problems:
         raise LowbitError(f"recipe {recipe.name!r} (strict): {len(problems)} weight(s) it selects stay float: "
                           + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
@@ -165,7 +184,8 @@ def totals(weights: dict[str, dict[str, Any]]) -> dict[str, Any]:
     groups: dict[str, dict[str, int]] = {}
     for entry in weights.values():
         group = "quantized" if entry["status"] == "quantized" else {
-            "matmul": "float_matmul", "embedding": "embeddings", "norm": "norms"}.get(entry["role"], "other")
+            "matmul": "float_matmul", "embedding": "embeddings", "norm": "norms",
+            "lowrank": "lowrank"}.get(entry["role"], "other")
         g = groups.setdefault(group, {"tensors": 0, "elements": 0, "bytes_before": 0, "bytes_after": 0})
         g["tensors"] += 1
         g["elements"] += entry["elements"]

@@ -59,7 +59,8 @@ class LowbitLinear(torch.nn.Module):
                  x_scale: torch.Tensor | None = None, input_hadamard: bool = False,
                  input_transform: tuple[torch.Tensor, torch.Tensor] | None = None,
                  input_signs: torch.Tensor | None = None, weight_dtype: torch.dtype = torch.float32,
-                 input_threshold: torch.Tensor | None = None, input_col_scale: torch.Tensor | None = None):
+                 input_threshold: torch.Tensor | None = None, input_col_scale: torch.Tensor | None = None,
+                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.fmt, self.act = fmt, act
         self.weight_dtype = weight_dtype  # the float weight's dtype (what .weight reports)
@@ -74,6 +75,13 @@ class LowbitLinear(torch.nn.Module):
         # the matmul skips their weight rows (lowbit::sparse_input_linear, sparse_input_qa_linear)
         self.register_buffer("input_threshold", input_threshold)
         self.register_buffer("input_col_scale", input_col_scale)
+        # R-Sparse: a rank-r factorisation left @ right ([N, r] x [r, K]) of the float weight, applied to the inputs
+        # the threshold zeroed (lowbit::lowrank_residual) and added to the output; float, the model's dtype
+        lowrank_left, lowrank_right = lowrank or (None, None)
+        if (lowrank_left is not None) and input_threshold is None:
+            raise LowbitError("LowbitLinear: a low-rank residual (R-Sparse) needs the input threshold it complements")
+        self.register_buffer("lowrank_left", lowrank_left)
+        self.register_buffer("lowrank_right", lowrank_right)
         for name, t in zip(("outlier_rows", "outlier_cols", "outlier_values"), outliers or (None,) * 3):
             self.register_buffer(name, t)  # SpQR-style fp16 outliers, added by lowbit::sparse_linear
         self.in_features = in_features
@@ -98,6 +106,14 @@ class LowbitLinear(torch.nn.Module):
                 return y
         transform = None if self.transform_left is None else (self.transform_left, self.transform_right)
         x = apply_input_transforms(x, self.input_hadamard, self.input_signs, transform)
+        y = self._matmul(x)
+        if self.lowrank_left is not None:  # R-Sparse: the low-rank part over the inputs the threshold zeroed
+            kept = torch.ops.lowbit.act_sparsify(x, self.input_threshold, self.input_col_scale)
+            y = y + torch.ops.lowbit.lowrank_residual(x, kept, self.lowrank_left, self.lowrank_right)
+        return y
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized matmul (behind the threshold, with SpQR's outliers) on the transformed input."""
         if self.input_threshold is not None and not self.act and self.outlier_values is None:
             return torch.ops.lowbit.sparse_input_linear(x, self.input_threshold, self.input_col_scale, self.qweight,
                                                         self.scale, self.zero, self.bias, self.fmt, self.in_features)
@@ -124,7 +140,39 @@ class LowbitLinear(torch.nn.Module):
             rot += f", input_transform={self.transform_left.shape[0]}x{self.transform_right.shape[0]}"
         if self.input_threshold is not None:
             rot += ", sparse_input=" + ("wina" if self.input_col_scale is not None else "threshold")
+        if self.lowrank_left is not None:
+            rot += f", lowrank={self.lowrank_left.shape[1]}"
         return f"{self.fmt}{act}{rot}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class RSparseLinear(torch.nn.Module):
+    """R-Sparse on a float linear (``rsparse-50``): ``y = W sparse(x) + b + L (R (x - sparse(x)))``,
+    the threshold (``lowbit::act_sparsify``) and the low-rank part (``lowbit::lowrank_residual``)
+    as the compiled graph computes them. Replaces an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose
+    weight is stored [K, N]: ``transposed``) and keeps its ``weight`` / ``bias`` parameters (same
+    names in ``state_dict()``; tied ones stay tied), plus buffers ``input_threshold``,
+    ``lowrank_left`` [N, r] and ``lowrank_right`` [r, K] (float, the weight's dtype). Quantized
+    weights use :class:`LowbitLinear` with the same buffers."""
+
+    def __init__(self, linear: torch.nn.Module, input_threshold: torch.Tensor,
+                 lowrank: tuple[torch.Tensor, torch.Tensor], transposed: bool = False):
+        super().__init__()
+        self.transposed = transposed
+        self.weight, self.bias = linear.weight, linear.bias  # the model's parameters
+        self.out_features, self.in_features = lowrank[0].shape[0], lowrank[1].shape[1]
+        self.register_buffer("input_threshold", input_threshold)
+        self.register_buffer("lowrank_left", lowrank[0])
+        self.register_buffer("lowrank_right", lowrank[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = torch.ops.lowbit.act_sparsify(x, self.input_threshold, None)
+        y = torch.nn.functional.linear(kept, self.weight.t() if self.transposed else self.weight, self.bias)
+        return y + torch.ops.lowbit.lowrank_residual(x, kept, self.lowrank_left, self.lowrank_right)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{', transposed' if self.transposed else ''}, sparse_input=threshold, "
+                f"lowrank={self.lowrank_left.shape[1]}")
 
 
 class LowbitExperts(torch.nn.Module):
@@ -518,6 +566,66 @@ def _not_a_bare_linear(model: torch.nn.Module, gm: fx.GraphModule, node: fx.Node
     return None
 
 
+def _side_ops(gm: fx.GraphModule, node: fx.Node, x: Any, recipe_name: str) -> dict[str, Any]:
+    """What is added to a linear's output (``linear + side``, chained): SpQR's outliers
+    (``lowbit::sparse_linear``: rows, cols, values) and R-Sparse's low-rank part
+    (``lowbit::lowrank_residual``: (left, right), with the threshold node it reads). Returns
+    ``{"outliers", "lowrank", "nodes"}``, ``nodes`` the add and side nodes and the threshold the
+    low-rank part reads (the module recomputes it). Raises when the low-rank part does not read
+    the linear's own input and threshold (a graph the module form would compute differently)."""
+    found: dict[str, Any] = {"outliers": None, "lowrank": None, "nodes": set()}
+    current = node
+    while len(current.users) == 1:
+        add = next(iter(current.users))
+        if not (_is(add, operator.add) and add.args[0] is current and opdecl.is_module(add.args[1], opdecl.SIDE)):
+            break
+        side = add.args[1]
+        a = opdecl.args(side)
+        if _is(side, torch.ops.lowbit.sparse_linear.default) and found["outliers"] is None:
+            found["outliers"] = tuple(ir.fetch_attr(gm, a[k].target) for k in ("rows", "cols", "values"))
+        elif _is(side, torch.ops.lowbit.lowrank_residual.default) and found["lowrank"] is None:
+            kept = a["kept"]
+            node_args = opdecl.args(node) if opdecl.of(node) is not None else {}
+            fused = node_args if "threshold" in node_args else None  # sparse_input_(qa_)linear
+            ok = _is(kept, torch.ops.lowbit.act_sparsify.default) and opdecl.args(kept)["x"] is a["x"] and (
+                kept is x if fused is None else
+                (fused["x"] is a["x"] and fused["threshold"] is opdecl.args(kept)["threshold"]))
+            if not ok:
+                raise LowbitError(f"compress({recipe_name}): the low-rank residual {side.name} beside {node.name} does "
+                                  "not read the linear's own input and threshold; use torch.compile(model, "
+                                  "backend='lowbit') for this graph")
+            found["lowrank"] = (ir.fetch_attr(gm, a["left"].target), ir.fetch_attr(gm, a["right"].target))
+            found["nodes"].add(kept)  # the module recomputes it (the fused matmul no longer reads the node)
+        else:
+            break
+        found["nodes"].update({add, side})
+        current = add
+    return found
+
+
+def _write_rsparse_float(model: torch.nn.Module, gm: fx.GraphModule, node: fx.Node, layer: str,
+                         transforms: dict[str, Any], own: set[fx.Node],
+                         lowrank: tuple[torch.Tensor, torch.Tensor], recipe_name: str) -> None:
+    """R-Sparse on a float linear: the linear module at ``layer`` (``nn.Linear``, ``Conv1D``) becomes
+    an :class:`RSparseLinear` over the same parameters. Anything else in front of it (R4,
+    FlatQuant, WINA's column norms) or a module that computes more than its linear raises: no
+    module form computes that yet."""
+    other = sorted(k for k, v in transforms.items() if k != "input_threshold" and v not in (None, False))
+    parts = ir.linear_parts(node)
+    reason = _not_a_bare_linear(model, gm, node, layer, own)
+    if reason is None and other:
+        reason = f"input transforms {other} in front of the threshold"
+    if reason is None and (parts.weight_node is None or not isinstance(getattr(model.get_submodule(layer), "weight",
+                                                                               None), torch.nn.Parameter)):
+        reason = "its weight is not the module's own parameter"
+    if reason is not None:
+        raise LowbitError(f"compress({recipe_name}): layer {layer} (node {node.name}): R-Sparse on a float weight: "
+                          f"{reason}; no module form computes that yet (use torch.compile(model, backend='lowbit'))")
+    parent, child = _weight_owner(model, layer)
+    setattr(parent, child, RSparseLinear(model.get_submodule(layer), transforms["input_threshold"], lowrank,
+                                         transposed=bool(parts.transposed)))
+
+
 def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
                strict: bool = False) -> tuple[dict[str, Any], bool]:
     """Write one rewritten graph into ``model`` (module docstring); returns what was written and
@@ -540,6 +648,15 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
         layer = decision.layer if decision is not None else (module_info.fqn if module_info else None)
         x = opdecl.args(node)["x"] if quantized else ir.linear_parts(node).x
         _, transforms, walked = _input_transforms(gm, x)
+        tensor = lambda a: None if a is None else ir.fetch_attr(gm, a.target)  # noqa: E731
+        sides = _side_ops(gm, node, x, recipe_name)
+        if not quantized and sides["lowrank"] is not None:  # R-Sparse on a float weight: an RSparseLinear
+            if layer:
+                _write_rsparse_float(model, gm, node, layer, transforms, walked | sides["nodes"], sides["lowrank"],
+                                     recipe_name)
+                represented.update(walked | sides["nodes"])
+                counts["replaced_modules"] += 1
+            continue
         if not quantized:  # a float linear behind transforms (R4 without quantization): a pre-hook
             if transforms:
                 if not layer:
@@ -551,17 +668,14 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
         represented.update(walked)
         represented.add(node)
         if decision is None:  # arrived quantized (the model was compressed before)
+            represented.update(sides["nodes"])
             continue
         args = opdecl.args(node)
-        tensor = lambda a: None if a is None else ir.fetch_attr(gm, a.target)  # noqa: E731
         if "threshold" in args:  # lowbit::sparse_input_(qa_)linear: the threshold is fused into the matmul
             transforms.update(input_threshold=tensor(args["threshold"]), input_col_scale=tensor(args["col_scale"]))
-        outliers, users = None, list(node.users)
-        if len(users) == 1 and _is(users[0], operator.add) and opdecl.is_module(users[0].args[1], opdecl.SIDE):
-            sparse = opdecl.args(users[0].args[1])
-            outliers = tuple(tensor(sparse[k]) for k in ("rows", "cols", "values"))
-            represented.update({users[0].args[1]})
-        own = walked | ({users[0], users[0].args[1]} if outliers is not None else set())
+        outliers, lowrank = sides["outliers"], sides["lowrank"]
+        represented.update(sides["nodes"])
+        own = walked | sides["nodes"]
         reason = _not_a_bare_linear(model, gm, node, layer, own)
         if reason is not None:
             message = (f"compress({recipe_name}): layer {layer} (node {node.name}): {reason}; it stays float in the "
@@ -580,10 +694,11 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             input_hadamard=transforms.get("input_hadamard", False), input_transform=transforms.get("input_transform"),
             input_signs=transforms.get("input_signs"),
             weight_dtype=old_weight.dtype if isinstance(old_weight, torch.Tensor) else torch.float32,
-            input_threshold=transforms.get("input_threshold"), input_col_scale=transforms.get("input_col_scale")))
+            input_threshold=transforms.get("input_threshold"), input_col_scale=transforms.get("input_col_scale"),
+            lowrank=lowrank))
         counts["replaced_modules"] += 1
         written = getattr(parent, child)
-        if (opdecl.of(node).name == "wo_linear" and not transforms and outliers is None
+        if (opdecl.of(node).name == "wo_linear" and not transforms and outliers is None and lowrank is None
                 and isinstance(args["x"], fx.Node)):
             one_input.setdefault(args["x"], []).append(written)
     from lowbit_compiler.backends import eager_groups

@@ -26,7 +26,7 @@ from lowbit_compiler import ir
 # Module forms in the offline flow (offline.write_back):
 LINEAR = "linear"              # the op is a linear layer: a LowbitLinear replaces the module
 INPUT_TRANSFORM = "input"      # applied to a linear's input: part of that LowbitLinear (or a pre-hook)
-SIDE = "side"                  # added to a linear's output (``linear + op``): part of that LowbitLinear
+SIDE = "side"                  # added to a linear's output (``linear + op``): part of that LowbitLinear (or RSparseLinear)
 ATTENTION = "attention"        # on queries/keys before attention: the attention implementation wraps it
 LOWERED = "lowered"            # only the backend creates it (a generated kernel's call): no module form
 EXPERTS = "experts"            # a grouped matmul over stacked expert weights: a LowbitExperts replaces the experts module
@@ -148,7 +148,7 @@ def _declare_builtins() -> None:
         LINEAR, describe=lambda a: linear_text(a) + ", sparse input"))
     declare(OpDeclaration(
         "lowrank_residual", "R-Sparse's low-rank part: the thresholded-away inputs times a rank-r factorisation of "
-        "the weight, added to the linear over the kept inputs", ops.lowrank_residual_reference, GRAPH,
+        "the weight, added to the linear over the kept inputs", ops.lowrank_residual_reference, SIDE,
         no_kernel="no Triton kernel for lowbit::lowrank_residual yet; its torch implementation (two small matmuls) "
                   "runs",
         describe=lambda a: "R-Sparse low-rank residual"))

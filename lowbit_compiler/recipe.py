@@ -277,9 +277,12 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("teal-50", ("canonicalize", "teal")),
     Recipe("cats-50", ("canonicalize", "cats")),
     Recipe("wina-50", ("canonicalize", "wina")),
-    # R-Sparse: TEAL's thresholds + a rank-32 SVD of each weight over the zeroed inputs (float weights;
-    # torch.compile only: the low-rank part has no module form for compress yet)
+    # R-Sparse: TEAL's thresholds + a rank-32 SVD of each float weight over the zeroed inputs; with int8 / int4
+    # weights the sparse part is the fused activation-sparse matmul and the low-rank factors stay float
     Recipe("rsparse-50", ("canonicalize", "rsparse")),
+    Recipe("rsparse-50+w8a16", ("canonicalize", "rsparse", "insert_weight_quant", "fuse_sparse_input"),
+           WeightFormat(8)),
+    Recipe("rsparse-50+w4a16", ("canonicalize", "rsparse", "insert_weight_quant", "fuse_sparse_input"), _INT4),
     Recipe("teal-50+w8a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),
     Recipe("teal-50+w4a16", ("canonicalize", "teal", "insert_weight_quant", "fuse_sparse_input"), _INT4),
     Recipe("wina-50+w8a16", ("canonicalize", "wina", "insert_weight_quant", "fuse_sparse_input"), WeightFormat(8)),

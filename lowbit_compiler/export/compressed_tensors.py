@@ -180,7 +180,8 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
     expressed, before writing anything."""
     from safetensors.torch import save_file
 
-    from lowbit_compiler.offline import FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, input_transforms_of
+    from lowbit_compiler.offline import (FoldedRMSNorm, GraphRMSNorm, LowbitExperts, LowbitLinear, RSparseLinear,
+                                         input_transforms_of)
 
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
         raise LowbitError(f"export compressed-tensors: {type(model).__name__} is not a transformers model; "
@@ -227,6 +228,9 @@ def export_compressed_tensors(model: Any, out_dir: str | os.PathLike) -> dict[st
             tensors[prefix + "weight"] = torch.ones(expected.shape, dtype=expected.dtype)
             if prefix + "bias" in skeleton:
                 tensors[prefix + "bias"] = torch.zeros(skeleton[prefix + "bias"].shape, dtype=expected.dtype)
+        elif isinstance(module, RSparseLinear):
+            refused.append(f"{fqn}: R-Sparse (a threshold on its input and a low-rank part beside the float matmul); "
+                           "compressed-tensors has no place for them")
         elif input_transforms_of(module) is not None:
             refused.append(f"{fqn}: online input transforms (R4 / FlatQuant / an activation-sparsity threshold) in "
                            "front of a float linear")

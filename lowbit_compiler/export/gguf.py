@@ -348,7 +348,7 @@ def _hparams(config) -> dict[str, Any]:
 
 
 def _refusals(name: str, module: torch.nn.Module) -> list[str]:
-    from lowbit_compiler.offline import LowbitLinear, input_transforms_of
+    from lowbit_compiler.offline import LowbitLinear, RSparseLinear, input_transforms_of
 
     why = []
     if isinstance(module, LowbitLinear):
@@ -363,6 +363,11 @@ def _refusals(name: str, module: torch.nn.Module) -> list[str]:
                        "sparse add)")
         if module.input_threshold is not None:
             why.append("an activation-sparsity threshold on its input (TEAL/WINA): llama.cpp has no such op")
+        if module.lowrank_left is not None:
+            why.append("R-Sparse's low-rank part beside the matmul: llama.cpp has no such op")
+    elif isinstance(module, RSparseLinear):
+        why.append("R-Sparse (a threshold on its input and a low-rank part beside the float matmul): llama.cpp has "
+                   "no such op")
     elif (t := input_transforms_of(module)) is not None and (t["input_hadamard"] or t["input_signs"] is not None
                                                              or t["input_transform"] is not None
                                                              or t["input_threshold"] is not None):

@@ -20,7 +20,8 @@ achieved fraction on the same data is in the summary per site (``achieved``).
   only. Its zeros feed an elementwise product, not a matmul, so it is not fused.
 * ``rsparse`` (Zhang et al., 2025): TEAL's sites and score, plus, per reading linear, a rank-``r``
   SVD of its float weight applied to the inputs the threshold zeroed (``lowbit::lowrank_residual``
-  added to the linear's output; see :class:`RSparse`).
+  added to the linear's output; see :class:`RSparse`); composes with int8 / int4 weights (the
+  factors stay float).
 
 What they leave alone: linears outside the repeated blocks (the head, embeddings' projections),
 MoE routers, layers the recipe excludes, grouped expert matmuls (reported as ``skipped``).
@@ -312,10 +313,16 @@ class RSparse(ActivationSparsity):
     reading linear ``W`` [N, K], a rank-``rank`` factorisation ``W ~ L R`` (truncated SVD of the
     float weight: ``L`` = U_r S_r [N, r], ``R`` = V_r^T [r, K]) applied to the inputs the threshold
     zeroed: ``y = W sparse(x) + L (R (x - sparse(x)))`` (``lowbit::lowrank_residual``). The
-    thresholds are calibrated with the low-rank parts of earlier sites in place. Float weights only
-    (the preset ``rsparse-50``); the low-rank part has no module form yet, so ``compress`` refuses
-    it by name and ``torch.compile`` runs it. Each site's summary gives the rank and the relative
-    error of the factorisation, ``||W - L R||_F / ||W||_F``, per reader."""
+    thresholds are calibrated with the low-rank parts of earlier sites in place.
+
+    With a quantizing pass after it (``rsparse-50+w4a16``, ``+w8a16``) the sparse part reads the
+    quantized weight (``fuse_sparse_input`` makes it ``lowbit::sparse_input_linear``, the
+    activation-sparse GEMV) while ``L`` and ``R`` stay float in the float weight's dtype, factored
+    from the float weight: ``y = Q(W) sparse(x) + L R (x - sparse(x))``. ``compress`` writes a linear
+    with its low-rank part as ``LowbitLinear`` (quantized) or ``RSparseLinear`` (float) with buffers
+    ``lowrank_left`` / ``lowrank_right``. Each site's summary gives the rank, the relative error of
+    the factorisation, ``||W - L R||_F / ||W||_F``, per reader, and the factors' dtype and bytes
+    (``lowrank_dtype``, ``lowrank_bytes``; the coverage totals count them under ``lowrank``)."""
 
     name = "rsparse"
 
@@ -326,12 +333,13 @@ class RSparse(ActivationSparsity):
         self.options["rank"] = int(rank)
 
     def after_threshold(self, gm: fx.GraphModule, site: ActSite, thresholded: fx.Node, entry: dict[str, Any]) -> None:
-        errors = []
+        errors, nbytes = [], 0
         for i, (reader, weight) in enumerate(zip(site.readers, site.weights)):
             w = weight.double()
             r = min(self.options["rank"], *w.shape)
             u, sv, vh = torch.linalg.svd(w, full_matrices=False)
             left, right = (u[:, :r] * sv[:r]).to(weight.dtype), vh[:r].to(weight.dtype)
+            nbytes += (left.numel() + right.numel()) * left.element_size()
             errors.append(round(float(torch.linalg.matrix_norm(w - left.double() @ right.double())
                                       / torch.linalg.matrix_norm(w).clamp_min(1e-30)), 4))
             prefix = f"{site.prefix}.lowrank{i}" if len(site.readers) > 1 else f"{site.prefix}.lowrank"
@@ -347,7 +355,8 @@ class RSparse(ActivationSparsity):
                 ir.put(low, ir.MODULE, module)
                 ir.put(total, ir.MODULE, module)
             reader.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
-        entry.update(rank=self.options["rank"], lowrank_rel_error=errors)
+        entry.update(rank=self.options["rank"], lowrank_rel_error=errors,
+                     lowrank_dtype=str(site.weights[0].dtype).removeprefix("torch."), lowrank_bytes=nbytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,6 +481,7 @@ class FuseSparseInput(Pass):
                 ctx.layers[decision.layer]["activation_sparsity"] = spec.achieved
                 if node.target in _FUSED:
                     ctx.layers[decision.layer]["sparse_kernel"] = _cpu_kernel_record(gm, node, spec)
-        left = [u.name for n in gm.graph.nodes if n.target is torch.ops.lowbit.act_sparsify.default for u in n.users]
+        left = [u.name for n in gm.graph.nodes if n.target is torch.ops.lowbit.act_sparsify.default for u in n.users
+                if u.target is not torch.ops.lowbit.lowrank_residual.default]  # R-Sparse's part reads it by design
         return PassResult(fused > 0, fused, {"fused": fused, "fused_qa": counts[FUSE_SPARSE_INPUT_QA.name],
                                              "unfused_readers": left})

@@ -53,7 +53,7 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def _cases():
     for arch in ARCHS:
         for recipe in PRESETS:
-            if recipe in ("none", "rsparse-50"):  # rsparse-50: torch.compile only (compress refuses it)
+            if recipe == "none":
                 continue
             marks = () if (arch, recipe) in FAST else (pytest.mark.slow,)
             yield pytest.param(arch, recipe, marks=marks, id=f"{arch}-{recipe}")
@@ -69,7 +69,9 @@ def test_save_pretrained_round_trip(tmp_path, arch, recipe):
     assert config["quant_method"] == "lowbit" and config["format_version"] == checkpoint.FORMAT_VERSION
     assert config["recipe"]["name"] == recipe
     replaced = [m for m in model.modules() if isinstance(m, lowbit_compiler.offline.LowbitLinear)]
-    assert len([r for r in config["modules"].values() if r["kind"] == "LowbitLinear"]) == len(replaced)
+    # R-Sparse's quantized linears are LowbitLinears recorded as kind RSparseLinear (with their fmt)
+    assert len([r for r in config["modules"].values() if r["kind"] == "LowbitLinear"
+                or (r["kind"] == "RSparseLinear" and r["fmt"] is not None)]) == len(replaced)
 
     loaded = type(model).from_pretrained(tmp_path).eval()
     _assert_same_state(model, loaded)

@@ -21,10 +21,11 @@ FLOORS = {"w3a16": 4.0, "w3a16-gptq": 6.0, "w4a16-spqr": 4.0,
           # 50 % of the block linears' inputs zeroed on a random model (measured on Llama: teal-50 ~9 dB,
           # wina-50 8.9, teal-50+w4a16 8.0, cats-50 20.4; BERT 33)
           **{r: 6.0 for r in ("teal-50", "wina-50", "teal-50+w4a16", "teal-50+w8a16", "wina-50+w4a16",
-                              "wina-50+w8a16", "teal-50+w8a8")}, "cats-50": 12.0, "cats-50+w4a16": 10.0}
+                              "wina-50+w8a16", "teal-50+w8a8", "rsparse-50", "rsparse-50+w4a16",
+                              "rsparse-50+w8a16")}, "cats-50": 12.0, "cats-50+w4a16": 10.0}
 # presets compress refuses by design (a part with no module form yet): torch.compile only, tested
-# in their own files (rsparse-50: tests/passes/test_act_sparsity.py)
-COMPILE_ONLY = {"rsparse-50"}
+# in their own files
+COMPILE_ONLY: set[str] = set()
 
 
 @pytest.mark.slow
@@ -56,6 +57,8 @@ def test_every_preset_through_both_flows(recipe, arch):
         assert cats["sites"] == {} and "no site" in cats["note"]
     elif recipe in ("teal-50", "wina-50", "cats-50"):  # float weights: thresholds as hooks
         assert offline.lowbit_summary["input_hooks"] + offline.lowbit_summary["output_hooks"] > 0
+    elif recipe == "rsparse-50":  # float weights: RSparseLinear modules
+        assert offline.lowbit_summary["replaced_modules"] > 0
     elif offline.lowbit_summary["recipe"]["weight"] is None:  # pruning on float weights: tensors written back
         assert offline.lowbit_summary["tensors"] > 0
     else:
