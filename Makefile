@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 # pytest-xdist: one worker per core of a 2-core machine (each test compiles models: CPU-bound Python)
 JOBS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(JOBS)
+	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(JOBS) -m slow
