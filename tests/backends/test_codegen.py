@@ -380,6 +380,7 @@ print("rendered", kernel_cache.stats["rendered"])
 """
 
 
+@pytest.mark.slow  # 11-30 s: the default suite's 10-minute budget (make test-slow runs it)
 def test_a_second_process_renders_no_new_source(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "LOWBIT_CACHE_DIR": str(tmp_path)}

@@ -27,6 +27,7 @@ def test_triton_target_matches_cpu_target(arch, recipe):
     assert set(counts) == {"triton"} and counts["triton"] <= cpu.summaries[0]["kernel_counts"]["cpu"]
 
 
+@pytest.mark.slow  # 11-30 s: the default suite's 10-minute budget (make test-slow runs it)
 def test_generate_uses_gemv_kernels_for_decode_and_matches_cpu_tokens():
     ids = prompt(20)  # more rows than the decode class takes (16)
     cpu = Recorder(recipe="w4a16", cpu_compute_dtype="activation")

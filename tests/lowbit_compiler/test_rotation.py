@@ -25,7 +25,8 @@ def test_every_known_order_is_a_hadamard_matrix():
         assert h.abs().eq(1).all() and torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)), m
 
 
-@pytest.mark.parametrize("n", [1, 2, 12, 40, 52, 96, 128, 156, 208, 344, 4096, 5632])
+@pytest.mark.parametrize("n", [1, 2, 12, 40, 52, 96, 128, 156, 208, 344, 4096,
+                               pytest.param(5632, marks=pytest.mark.slow)])  # 10 s: run by make test-slow
 def test_fast_transform_matches_the_dense_float64_matrix(n):
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     q = hadamard.matrix(n)
@@ -131,6 +132,7 @@ def outlier_model(channels=(3,), factor=30.0, hidden=128, init=0.002):
     return model
 
 
+@pytest.mark.slow  # 11-30 s: the default suite's 10-minute budget (make test-slow runs it)
 def test_w4a4_with_rotations_beats_w4a4_on_outlier_channels():
     """The issue's construction (two channels x20) on a hidden-1024 Llama. Logit SQNR: w4a4 4.3 dB,
     w4a4-rot 15.0 dB (10.6-10.8 dB apart on three token sets); without outliers both give 14.8 dB:
@@ -249,6 +251,7 @@ def test_the_cayley_step_stays_orthogonal_and_descends():
     assert float((grad * new).sum()) < float((grad * q).sum())
 
 
+@pytest.mark.slow  # 11-30 s: the default suite's 10-minute budget (make test-slow runs it)
 def test_learned_r1_beats_the_random_hadamard_it_starts_from():
     """SpinQuant on the outlier model under W4A4: trained on one batch, measured on another."""
     calibration = torch.randint(3, 256, (4, 64), generator=torch.Generator().manual_seed(5))
@@ -302,6 +305,7 @@ def test_spinquant_without_calibration_data_says_how_to_give_it():
         compress(make_model("llama"), _spin(learn_r2=True, steps=2), strict=True, progress=False)
 
 
+@pytest.mark.slow  # 11-30 s: the default suite's 10-minute budget (make test-slow runs it)
 def test_spinquant_through_compress_learns_on_the_calibration_batches():
     from lowbit_compiler import compress
 

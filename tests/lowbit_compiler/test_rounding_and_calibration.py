@@ -220,6 +220,7 @@ def test_gptq_without_data_says_how_to_give_it():
         torch.compile(make_model("llama"), backend=Recorder(recipe="w4a16-gptq"))(prompt())
 
 
+@pytest.mark.slow  # 11-30 s: the default suite's 10-minute budget (make test-slow runs it)
 def test_many_compress_calls_in_one_process_all_quantize():
     """compress() drops its Dynamo cache entries: Dynamo's recompile limit (8) is never reached."""
     for _ in range(10):
