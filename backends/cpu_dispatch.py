@@ -58,7 +58,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -163,15 +163,19 @@ def digest(*sources: str) -> str:
                           .encode()).hexdigest()[:16]
 
 
-def cached_plan(memo: dict, memo_key: tuple, path, disk_key: Callable[[], str], make: Callable[[], dict]) -> dict:
-    """A dispatch decision: from ``memo``, else from the JSON file ``path`` (``disk_key()``, which
+def cached_plan(memo: dict, memo_key: tuple, path: Callable[[], Any], disk_key: Callable[[], str],
+                make: Callable[[], dict]) -> dict:
+    """A dispatch decision: from ``memo``, else from the JSON file ``path()`` (``disk_key()``, which
     names the kernels' sources and the host), else ``make()`` (a measurement), stored in both (the
     file merged with what other processes wrote meanwhile; atomic replace). A measurement marked
     ``busy`` (timed while the load average exceeded the CPU count) is kept in memory only, so a
-    later process on a quieter machine times again."""
+    later process on a quieter machine times again. ``path`` is called only on a memory miss:
+    resolving the cache folder costs a mkdir and a stat (about 70 us, which the sparse kernels'
+    per-call plan lookup paid on every decode call)."""
     found = memo.get(memo_key)
     if found is not None:
         return found
+    path = path()
     key = disk_key()
     stored = _read(path)
     if key not in stored:
@@ -630,7 +634,7 @@ def plan(packed, cls: tuple, compute_dtype: torch.dtype) -> dict:
         return (f"dense-v{VERSION}|{fmt}|N={n}|K={k}|rows={cls[0]}-{cls[1]}|{dname}|threads={threads}|isa={isa}|"
                 f"a8={int(a8)}|torch={torch.__version__}|{digest(*sources)}")
 
-    return cached_plan(_PLANS, memo_key, dispatch_file(), disk_key, lambda: measure(packed, cls, compute_dtype))
+    return cached_plan(_PLANS, memo_key, dispatch_file, disk_key, lambda: measure(packed, cls, compute_dtype))
 
 
 def measure(packed, cls: tuple, compute_dtype: torch.dtype, clock: Callable[[], float] = timer) -> dict:

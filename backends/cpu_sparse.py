@@ -515,7 +515,7 @@ def cached_plan(memo_key: tuple, disk_key, make) -> dict:
     """A dispatch decision: from memory, else from the disk cache (``disk_key()``, which names the
     kernels' sources and the host), else ``make()`` (a measurement), stored in both
     (``cpu_dispatch.cached_plan`` over ``sparse_dispatch.json``)."""
-    return cpu_dispatch.cached_plan(_PLANS, memo_key, _dispatch_file(), disk_key, make)
+    return cpu_dispatch.cached_plan(_PLANS, memo_key, _dispatch_file, disk_key, make)
 
 
 def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
