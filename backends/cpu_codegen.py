@@ -1554,6 +1554,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as contiguous float32 (itself when it already is; None stays None): what the kernels read."""
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.to(torch.float32).contiguous()
+
+
 class Bound:
     """One quantized weight bound to its generated kernel: the pointers, sizes and scratch size
     worked out once, so that a decode call costs a ctypes call and two small allocations
@@ -1582,10 +1587,7 @@ class Bound:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x[M, K]`` (M <= MAX_ROWS) -> float32 ``[M, N]``."""
-        rows = x.shape[0]
-        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-            bias = bias.to(torch.float32).contiguous()
+        rows, x32, bias = x.shape[0], _f32(x), _f32(bias)
         y = torch.empty(rows, self.n, dtype=torch.float32)
         scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
         calls[self.name] += 1
@@ -1601,12 +1603,7 @@ class Bound:
         fn = ext_kernel(self.fmt, self.isa, self.split8, multi=False)
         if fn is None:
             return None
-        rows = x.shape[0]
-        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-            bias = bias.to(torch.float32).contiguous()
-        nw = None if norm_weight is None else norm_weight.to(torch.float32).contiguous()
-        res = None if residual is None else residual.to(torch.float32).contiguous()
+        rows, x32, bias, nw, res = x.shape[0], _f32(x), _f32(bias), _f32(norm_weight), _f32(residual)
         y = torch.empty(rows, self.n, dtype=torch.float32)
         scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
         xbuf = torch.empty(rows * self.k if nw is not None else 1, dtype=torch.float32)
@@ -1640,9 +1637,7 @@ class BoundGroup:
         self.n_out = members[0].n if epilogue == SILU_MUL else sum(b.n for b in members)
 
     def __call__(self, x: torch.Tensor, biases: list[torch.Tensor | None]) -> torch.Tensor:
-        rows = x.shape[0]
-        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
+        rows, x32, biases = x.shape[0], _f32(x), [_f32(b) for b in biases]
         bias_ptrs = (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
         y = torch.empty(rows, self.n_out, dtype=torch.float32)
         scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
@@ -1659,11 +1654,9 @@ class BoundGroup:
         fn = ext_kernel(m0.fmt, m0.isa, m0.split8, multi=True)
         if fn is None:
             return None
-        rows = x.shape[0]
-        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
+        rows, x32, biases = x.shape[0], _f32(x), [_f32(b) for b in biases]
         bias_ptrs = (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
-        nw = norm_weight.to(torch.float32).contiguous()
+        nw = _f32(norm_weight)
         y = torch.empty(rows, self.n_out, dtype=torch.float32)
         scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
         xbuf = torch.empty(rows * self.k, dtype=torch.float32)

@@ -333,25 +333,18 @@ RECOMPILE_LIMIT_REASON = "Dynamo's recompile limit: a compiled function now runs
 
 def _compiling_backend() -> tuple[bool, bool]:
     """(whether the backend of the Dynamo compile on this thread's stack is lowbit's, whether it is
-    strict), read from the ``compiler_fn`` of Dynamo's ``convert_frame._compile`` frame (what
-    ``torch.compile`` made for the call, holding our backend or the name and options); (True, False)
-    when that frame cannot be found (a torch that moved it: report, do not guess strictness)."""
-    import sys
-
-    from torch._dynamo.eval_frame import innermost_backend
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals:
-            fn = innermost_backend(frame.f_locals["compiler_fn"])
-            backend = getattr(fn, "_lowbit_backend", fn)  # set on torch.compile's wrapper at its first graph
-            if isinstance(backend, LowbitBackend):
-                return True, backend.options.strict
-            if getattr(fn, "compiler_fn", None) is lowbit_backend:  # no graph compiled yet for this call
-                return True, bool((getattr(fn, "kwargs", {}).get("options") or {}).get("strict", False))
-            return False, False
-        frame = frame.f_back
-    return True, False
+    strict), from ``_dynamo_adapter.compiling_backend`` (torch.compile's wrapper holds our backend
+    after its first graph, the name and options before); (True, False) when no compile is found
+    (a torch that moved Dynamo's frame: report, do not guess strictness)."""
+    fn = _dynamo_adapter.compiling_backend()
+    if fn is None:
+        return True, False
+    backend = getattr(fn, "_lowbit_backend", fn)  # set on torch.compile's wrapper at its first graph
+    if isinstance(backend, LowbitBackend):
+        return True, backend.options.strict
+    if getattr(fn, "compiler_fn", None) is lowbit_backend:  # no graph compiled yet for this call
+        return True, bool((getattr(fn, "kwargs", {}).get("options") or {}).get("strict", False))
+    return False, False
 
 
 class _RecompileLimitReporter(logging.Handler):

@@ -391,6 +391,10 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
 
     ir.eliminate_dead_code(gm)  # the members a fusion group replaced still read the norm until now
     order = {n: i for i, n in enumerate(gm.graph.nodes)}  # only erasures below: stays a valid order
+
+    def take_value(node: fx.Node, source: fx.Node) -> None:  # node now computes what source did
+        node.meta.update({k: v for k, v in source.meta.items() if k in ("val", "example_value", "tensor_meta")})
+
     def row_slice(node: Any) -> bool:
         """``t[:, s, :]``-like indexing that keeps the last dimension whole (HF's ``logits_to_keep``
         slice before the LM head): it commutes with a norm over that dimension."""
@@ -415,7 +419,7 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
                     sliced = gm.graph.call_function(operator.getitem, (pro.input, x.args[1]))
                 sliced.meta.update(x.meta)
                 norm.replace_input_with(pro.input, sliced)
-                norm.meta.update({k: v for k, v in x.meta.items() if k in ("val", "example_value", "tensor_meta")})
+                take_value(norm, x)
                 x.replace_all_uses_with(norm)
                 gm.graph.erase_node(x)
                 order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -442,7 +446,7 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
         if theirs.shape != mine.shape or total.shape != mine.shape or order[other] > order[node]:
             continue
         node.kwargs = {**node.kwargs, "residual": other}
-        node.meta.update({k: v for k, v in add.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        take_value(node, add)
         add.replace_all_uses_with(node)
         gm.graph.erase_node(add)
         record(node, ":residual")

@@ -97,6 +97,21 @@ def calling_module(node: fx.Node) -> tuple[str, str] | None:
     return _ROOT_EXPR.sub("", str(path)), getattr(cls, "__name__", str(cls))
 
 
+def compiling_backend() -> Any | None:
+    """The backend of the Dynamo compile on this thread's stack, unwrapped (``innermost_backend``
+    of the ``compiler_fn`` of Dynamo's ``convert_frame._compile`` frame: for ``torch.compile`` the
+    ``_TorchCompileWrapper`` it made, holding the backend and its options), or None when no such
+    frame is on the stack (not compiling, or a torch that moved it)."""
+    from torch._dynamo.eval_frame import innermost_backend
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and "compiler_fn" in frame.f_locals:
+            return innermost_backend(frame.f_locals["compiler_fn"])
+        frame = frame.f_back
+    return None
+
+
 def torch_compile_call(max_depth: int = 6) -> Any | None:
     """The object torch.compile made for the call now invoking the backend (one per
     ``torch.compile(...)`` / ``model.compile(...)`` call, shared by all graphs Dynamo compiles for

@@ -224,17 +224,23 @@ def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
     assert formats.sqnr_db(generated.double(), compiled.double()) >= 100.0  # the same kernel: measured identical
 
 
+def _group_of_three(fmt: str, seed: int):
+    """Three weights of one input (odd, unequal N: 67, 33, 33; K ragged for int8) bound to their kernel,
+    with biases, as a side-by-side group and the last two as gate.up + SiLU * mul."""
+    g = torch.Generator().manual_seed(seed)
+    k = 256 + (24 if fmt == "int8" else 0)
+    qs = [formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt)) for n in (67, 33, 33)]
+    bound = [cpu_codegen.bind(q.qweight, q.scale, q.zero, fmt, k) for q in qs]
+    biases = [torch.randn(b.n, generator=g) for b in bound]
+    return g, k, qs, bound, biases, cpu_codegen.bind_group(bound), cpu_codegen.bind_group(bound[1:], cpu_codegen.SILU_MUL)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64"])
 def test_fused_calls_equal_the_separate_kernels(fmt):
     """The several-weights entry point (a CPU fusion group): q/k/v-like weights of one input (odd,
     unequal N, biases) side by side equal the separate calls bit for bit (the same per-channel
     code); gate.up with SiLU * mul matches the float64 SiLU of the separate outputs times up."""
-    g = torch.Generator().manual_seed(11)
-    k = 256 + (24 if fmt == "int8" else 0)
-    qs = [formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt)) for n in (67, 33, 33)]
-    bound = [cpu_codegen.bind(q.qweight, q.scale, q.zero, fmt, k) for q in qs]
-    biases = [torch.randn(b.n, generator=g) for b in bound]
-    side, gate_up = cpu_codegen.bind_group(bound), cpu_codegen.bind_group(bound[1:], cpu_codegen.SILU_MUL)
+    g, k, qs, bound, biases, side, gate_up = _group_of_three(fmt, seed=11)
     assert cpu_codegen.bind_group(bound[:2], cpu_codegen.SILU_MUL) is None  # unequal N: no SiLU * mul
     for rows in (1, 6):
         x = torch.randn(rows, k, generator=g)
@@ -252,12 +258,7 @@ def test_ext_entries_fuse_the_rms_norm_and_the_residual(fmt):
     (``residual + W rms_norm(x)``; >= 110 dB, NF4's int8-table path >= 43 dB, its own floor); the
     group's outputs equal the single-weight calls bit for bit (one normalisation code); without
     norm and residual ``_ext`` is the plain call."""
-    g = torch.Generator().manual_seed(5)
-    k = 256 + (24 if fmt == "int8" else 0)
-    qs = [formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt)) for n in (67, 33, 33)]
-    bound = [cpu_codegen.bind(q.qweight, q.scale, q.zero, fmt, k) for q in qs]
-    biases = [torch.randn(b.n, generator=g) for b in bound]
-    side, gate_up = cpu_codegen.bind_group(bound), cpu_codegen.bind_group(bound[1:], cpu_codegen.SILU_MUL)
+    g, k, qs, bound, biases, side, gate_up = _group_of_three(fmt, seed=5)
     norm_w, eps = torch.rand(k, generator=g) + 0.5, 1e-5
     floor = 43.0 if fmt.startswith("nf4") else 110.0  # NF4: the int8-table path (test_nf4_int8_table_path_meets_its_floor)
 
