@@ -100,6 +100,21 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* Software prefetch of a weight stream into L2: the cache lines that start in [p, p + n) shifted by
+   LOWBIT_PF_BYTES, one prefetcht1 each (called once per stretch of codes a loop consumes, so every
+   line of a thread's stream is asked for once, that far ahead). The hardware prefetchers alone left
+   a decode GEMV at 35-40 % of the DRAM floor on an AVX-512 Xeon; 8 KB ahead into L2 gave 55-70 %
+   (4-16 KB alike; into L1 or nearer: less). A prefetch never faults, so reading past the end of
+   the weight is harmless. */
+#ifndef LOWBIT_PF_BYTES
+#define LOWBIT_PF_BYTES 8192
+#endif
+static inline __attribute__((always_inline)) void lowbit_prefetch(const void* p, int64_t n) {
+    const uintptr_t a = (uintptr_t)p + LOWBIT_PF_BYTES;
+    for (uintptr_t q = (a + 63) & ~(uintptr_t)63; q < a + (uintptr_t)n; q += 64)
+        __builtin_prefetch((const void*)q, 0, 2);
+}
+
 #ifdef LOWBIT_AVX2
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -166,6 +181,7 @@ static inline __attribute__((always_inline)) void {name}_tile(
         const float s = bf16_to_f32(scale[g]);
         const float z = {zero_expr};
         const uint8_t* b = row + g * (G / 2);
+        lowbit_prefetch(b, G / 2);
         __m256 dl[4], dh[4];
         for (int r = 0; r < MT; r++) {{ dl[r] = _mm256_setzero_ps(); dh[r] = _mm256_setzero_ps(); }}
         for (int64_t j = 0; j < G / 2; j += 8) {{
@@ -207,6 +223,7 @@ static inline __attribute__((always_inline)) void {name}_tile512(
         const float s = bf16_to_f32(scale[g]);
         const float z = {zero_expr};
         const uint8_t* b = row + g * (G / 2);
+        lowbit_prefetch(b, G / 2);
         const int64_t at0 = g * (G / 2);
         __m512 dl[4], dh[4];
         for (int r = 0; r < MT; r++) {{ dl[r] = _mm512_setzero_ps(); dh[r] = _mm512_setzero_ps(); }}
@@ -271,6 +288,7 @@ static inline __attribute__((always_inline)) void {name}_tile8(
         const float s = bf16_to_f32(scale[g]);
         const float z = {zero_expr};
         const uint8_t* b = row + g * (G / 2);
+        lowbit_prefetch(b, G / 2);
         __m256i h[4], m[4], l[4];
         for (int r = 0; r < MT; r++) {{
             h[r] = _mm256_setzero_si256(); m[r] = _mm256_setzero_si256(); l[r] = _mm256_setzero_si256();
@@ -369,6 +387,7 @@ static inline __attribute__((always_inline)) void {name}_tileq(
     for (int64_t g = 0; g < groups; g++) {{
         const float s = bf16_to_f32(scale[g]);
         const uint8_t* b = row + g * (G / 2);
+        lowbit_prefetch(b, G / 2);
         __m256i h[4], m[4];
         for (int r = 0; r < MT; r++) {{ h[r] = _mm256_setzero_si256(); m[r] = _mm256_setzero_si256(); }}
         for (int64_t c = 0; c < G / 2; c += 32) {{
@@ -390,6 +409,7 @@ static inline __attribute__((always_inline)) void {name}_tileq(
 #else  /* G = 32: a 32-byte load holds two groups (bytes 0-15 and 16-31: int32 lanes 0-3 and 4-7) */
     for (int64_t g = 0; g < groups; g += 2) {{
         const float s0 = bf16_to_f32(scale[g]), s1 = bf16_to_f32(scale[g + 1]);
+        lowbit_prefetch(row + g * 16, 32);
         const __m256i w = _mm256_loadu_si256((const __m256i*)(row + g * 16));
         const __m256i lo = _mm256_shuffle_epi8(tab, _mm256_and_si256(w, low4));
         const __m256i hi = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(w, 4), low4));
@@ -557,6 +577,7 @@ static inline __attribute__((always_inline)) void {name}_channel(
             const float s = bf16_to_f32(sc[g]);
             const float z = {zero_expr};
             const uint8_t* b = row + g * (G / 2);
+            lowbit_prefetch(b, G / 2);
             float lo[G / 2], hi[G / 2];  /* the group's codes converted once for all rows */
             #pragma omp simd
             for (int64_t j = 0; j < G / 2; j++) {{
@@ -714,7 +735,7 @@ static inline __attribute__((always_inline)) void {name}_tile(
     if (MT == 1) {{  /* decode: four chains over 32 bytes, the next lines of codes prefetched */
         __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         for (; k + 32 <= K; k += 32) {{
-            _mm_prefetch((const char*)(w + k + 512), _MM_HINT_T0);
+            lowbit_prefetch(w + k, 32);
             a0[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k)))),
                                     _mm256_loadu_ps(x + k), a0[0]);
             a1[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 8)))),
@@ -728,6 +749,7 @@ static inline __attribute__((always_inline)) void {name}_tile(
         a1[0] = _mm256_add_ps(a1[0], a3);
     }}
     for (; k + 16 <= K; k += 16) {{
+        lowbit_prefetch(w + k, 16);
         const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
         const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k + 8))));
         for (int r = 0; r < MT; r++) {{
@@ -755,6 +777,7 @@ static inline __attribute__((always_inline)) void {name}_tile512(
     if (MT == 1) {{
         __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         for (; k + 64 <= K; k += 64) {{
+            lowbit_prefetch(w + k, 64);
             a0[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k)))),
                                     _mm512_loadu_ps(x + k), a0[0]);
             a1[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16)))),
@@ -768,6 +791,7 @@ static inline __attribute__((always_inline)) void {name}_tile512(
         a1[0] = _mm512_add_ps(a1[0], a3);
     }}
     for (; k + 32 <= K; k += 32) {{
+        lowbit_prefetch(w + k, 32);
         const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
         const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k + 16))));
         for (int r = 0; r < MT; r++) {{
@@ -803,6 +827,7 @@ static inline __attribute__((always_inline)) void {name}_tile8(
     for (int r = 0; r < MT; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {{
         const int64_t k0 = b * {name}_BLOCK, k1 = k0 + {name}_BLOCK < K ? k0 + {name}_BLOCK : K;
+        lowbit_prefetch(w + k0, k1 - k0);
         __m256i h[4], m[4], l[4];
         for (int r = 0; r < MT; r++) {{
             h[r] = _mm256_setzero_si256(); m[r] = _mm256_setzero_si256(); l[r] = _mm256_setzero_si256();
@@ -921,6 +946,7 @@ static inline __attribute__((always_inline)) void {name}_channel(
         for (int64_t m = 0; m < M; m++) d[m] = 0.0f;
         for (int64_t k0 = 0; k0 < K; k0 += 256) {{  /* a block of the row converted once for all rows */
             const int64_t k1 = k0 + 256 < K ? k0 + 256 : K;
+            lowbit_prefetch(w + k0, k1 - k0);
             float wf[256];
             #pragma omp simd
             for (int64_t k = k0; k < k1; k++)
@@ -1177,6 +1203,7 @@ static inline __attribute__((always_inline)) void {name}_tile(
         const float s = bf16_to_f32(scale[g]);
         const float z = {zero_expr};
         const uint8_t* b = row + g * (G / 2);
+        lowbit_prefetch(b, G / 2);
         __m256i vi[4];
         for (int r = 0; r < MT; r++) vi[r] = _mm256_setzero_si256();
         for (int64_t c = 0; c < G / 32; c++) {{
@@ -1252,6 +1279,7 @@ void {name}(const float* x, const uint8_t* codes, const uint16_t* scale, const u
             const float s = bf16_to_f32(sc[g]);
             const float z = {zero_expr};
             const uint8_t* b = row + g * (G / 2);
+            lowbit_prefetch(b, G / 2);
             for (int64_t m = 0; m < M; m++) {{
                 const int8_t* xg = xq + m * K + g * G;
                 int32_t dot = 0;
