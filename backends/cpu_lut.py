@@ -111,6 +111,7 @@ static inline __attribute__((always_inline)) void {name}_tile(
         for (int64_t p = 0; p < PB; p += 2) {{
             const int64_t c = bk * (BLK / 4) + 2 * p;   /* chunks c, c+1 (pair p) and c+2, c+3 (pair p+1) */
             const uint8_t* ip = idx + (bk * PB + p) * B_ * 32;
+            lowbit_prefetch(ip, 2 * B_ * 32);
             __m512i t0[4], t1[4];
             for (int r = 0; r < MT; r++) {{
                 const int8_t* tr = tab + ((m0 + r) * C + c) * 16;
@@ -148,6 +149,7 @@ static inline __attribute__((always_inline)) void {name}_tile(
         for (int64_t p = 0; p < PB; p++) {{
             const int64_t c = bk * (BLK / 4) + 2 * p;
             const uint8_t* ip = idx + (bk * PB + p) * B_ * 32;
+            lowbit_prefetch(ip, B_ * 32);
             __m256i t0[4], t1[4];
             for (int r = 0; r < MT; r++) {{
                 const int8_t* tr = tab + ((m0 + r) * C + c) * 16;
