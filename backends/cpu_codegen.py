@@ -1594,7 +1594,8 @@ class Bound:
     of Python per linear, ~0.5 ms per token of a 57-linear model). Holds the tensors whose pointers
     it keeps."""
 
-    __slots__ = ("fn", "name", "fmt", "tensors", "codes", "scales", "zeros", "n", "k", "scratch", "isa", "split8")
+    __slots__ = ("fn", "name", "fmt", "tensors", "codes", "scales", "zeros", "n", "k", "scratch", "isa", "split8",
+                 "ext_fn")
 
     def __init__(self, fn, key: str, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  fmt: str, in_features: int, isa: str = "native"):
@@ -1605,6 +1606,7 @@ class Bound:
         self.fn, self.name, self.fmt, self.tensors = fn, kernel_name(key), key, (codes, scales, zeros)
         self.codes, self.scales, self.zeros = codes.data_ptr(), scales.data_ptr(), _ptr(zeros)
         self.n, self.k = scale.shape[0], in_features
+        self.ext_fn = None  # the _ext entry, looked up at the first ext call (False: the kernel has none)
         groups = in_features // (f.group_size or in_features)
         # scratch floats per row of x: the int4 kernels split x into even/odd columns + group sums
         # (int4 split-int8 path: 3K bytes + 2 K/G floats); int8 with VNNI: x in three int8 parts
@@ -1627,19 +1629,31 @@ class Bound:
             residual: torch.Tensor | None) -> torch.Tensor | None:
         """The call with the fused RMSNorm prologue (``norm_weight`` [K], ``eps``) and/or the residual
         epilogue (``residual`` [M, N]): ``residual + (rms_norm(x) W^T + bias)`` in float32; None when
-        the kernel has no such entry (the caller runs the norm and the add in torch)."""
-        fn = ext_kernel(self.fmt, self.isa, self.split8, multi=False)
+        the kernel has no such entry (the caller runs the norm and the add in torch).
+
+        A decode step makes dozens of these calls between kernels that stream the caches empty, so
+        the Python here runs cold: the entry is looked up once, the tensors are checked inline,
+        and the scratch and the normalised row share one allocation."""
+        fn = self.ext_fn
         if fn is None:
+            fn = self.ext_fn = ext_kernel(self.fmt, self.isa, self.split8, multi=False) or False
+        if fn is False:
             return None
-        rows, x32, bias, nw, res = x.shape[0], _f32(x), _f32(bias), _f32(norm_weight), _f32(residual)
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        # converted copies (if any) stay referenced by these names until the call returns
+        bias, nw, res = _f32(bias), _f32(norm_weight), _f32(residual)
+        rows = x.shape[0]
         y = torch.empty(rows, self.n, dtype=torch.float32)
-        scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
-        xbuf = torch.empty(rows * self.k if nw is not None else 1, dtype=torch.float32)
+        # scratch (rows * self.scratch floats) then, 64-byte aligned, the normalised rows: one allocation
+        head = -(-rows * self.scratch // 16) * 16
+        scratch = torch.empty(head + (rows * self.k if nw is not None else 0) + 1, dtype=torch.float32)
+        base = scratch.data_ptr()
         calls[self.name + "_ext"] += 1
-        fn(x32.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
-           y.data_ptr(), scratch.data_ptr(), rows, self.n, self.k, torch.get_num_threads(),
+        fn(x.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
+           y.data_ptr(), base, rows, self.n, self.k, torch.get_num_threads(),
            None if nw is None else nw.data_ptr(), float(eps or 0.0), None if res is None else res.data_ptr(),
-           xbuf.data_ptr())
+           base + 4 * head)
         return y
 
 
@@ -1651,7 +1665,8 @@ class BoundGroup:
     ``(x, biases) -> [M, sum N]`` outputs side by side, or with ``epilogue=SILU_MUL`` (two
     weights, equal N) ``silu(x W0^T + b0) * (x W1^T + b1)``."""
 
-    __slots__ = ("fn", "name", "members", "codes", "scales", "zeros", "ns", "nw", "k", "scratch", "epilogue", "n_out")
+    __slots__ = ("fn", "name", "members", "codes", "scales", "zeros", "ns", "nw", "k", "scratch", "epilogue", "n_out",
+                 "ext_fn", "no_bias")
 
     def __init__(self, fn, members: list[Bound], epilogue: int = 0):
         self.fn, self.members, self.epilogue = fn, members, epilogue
@@ -1661,12 +1676,20 @@ class BoundGroup:
         self.codes = arr(*[b.codes for b in members])
         self.scales = arr(*[b.scales for b in members])
         self.zeros = arr(*[b.zeros for b in members])
+        self.no_bias = arr()  # all NULL: the bias pointers of a group without biases (the usual case)
         self.ns = (ctypes.c_int64 * self.nw)(*[b.n for b in members])
         self.n_out = members[0].n if epilogue == SILU_MUL else sum(b.n for b in members)
+        self.ext_fn = None  # the _multi_ext entry, looked up at the first ext call (False: none)
+
+    def _bias_ptrs(self, biases: list[torch.Tensor | None]):
+        if all(b is None for b in biases):
+            return self.no_bias
+        return (ctypes.c_void_p * self.nw)(*[None if b is None else _f32(b).data_ptr() for b in biases])
 
     def __call__(self, x: torch.Tensor, biases: list[torch.Tensor | None]) -> torch.Tensor:
-        rows, x32, biases = x.shape[0], _f32(x), [_f32(b) for b in biases]
-        bias_ptrs = (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
+        rows, x32 = x.shape[0], _f32(x)
+        biases = [_f32(b) for b in biases]  # kept alive through the call
+        bias_ptrs = self._bias_ptrs(biases)
         y = torch.empty(rows, self.n_out, dtype=torch.float32)
         scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
         calls[self.name] += 1
@@ -1677,21 +1700,27 @@ class BoundGroup:
     def ext(self, x: torch.Tensor, biases: list[torch.Tensor | None], norm_weight: torch.Tensor,
             eps: float) -> torch.Tensor | None:
         """The group's call with the fused RMSNorm prologue: the group applied to ``rms_norm(x)``
-        (normalised once, in the kernel); None when the kernel has no such entry."""
-        m0 = self.members[0]
-        fn = ext_kernel(m0.fmt, m0.isa, m0.split8, multi=True)
+        (normalised once, in the kernel); None when the kernel has no such entry. Lean for the
+        same reason as :meth:`Bound.ext`."""
+        fn = self.ext_fn
         if fn is None:
+            m0 = self.members[0]
+            fn = self.ext_fn = ext_kernel(m0.fmt, m0.isa, m0.split8, multi=True) or False
+        if fn is False:
             return None
-        rows, x32, biases = x.shape[0], _f32(x), [_f32(b) for b in biases]
-        bias_ptrs = (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        biases = [_f32(b) for b in biases]  # kept alive through the call
+        rows = x.shape[0]
         nw = _f32(norm_weight)
         y = torch.empty(rows, self.n_out, dtype=torch.float32)
-        scratch = torch.empty(max(rows * self.scratch, 1), dtype=torch.float32)
-        xbuf = torch.empty(rows * self.k, dtype=torch.float32)
+        head = -(-rows * self.scratch // 16) * 16  # scratch, then (64-byte aligned) rms_norm(x): one allocation
+        scratch = torch.empty(head + rows * self.k + 1, dtype=torch.float32)
+        base = scratch.data_ptr()
         calls[self.name + "_ext"] += 1
-        fn(x32.data_ptr(), self.codes, self.scales, self.zeros, bias_ptrs, y.data_ptr(), scratch.data_ptr(),
+        fn(x.data_ptr(), self.codes, self.scales, self.zeros, self._bias_ptrs(biases), y.data_ptr(), base,
            rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads(), nw.data_ptr(), float(eps),
-           xbuf.data_ptr())
+           base + 4 * head)
         return y
 
 

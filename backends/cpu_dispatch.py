@@ -523,12 +523,14 @@ def class_label(cls: tuple) -> str:
 
 # the variables a choice depends on, read at every call: through os.environ's own byte-keyed dict
 # where it has one (POSIX CPython: ~50 ns a lookup against ~0.5 us for os.environ.get)
-_ENV_NAMES = (ENV, cpu_codegen.ISA_ENV, cpu_codegen.INT8_ACTIVATIONS_ENV, cpu_codegen.ENV)
+_ENV_NAMES = (ENV, cpu_codegen.ISA_ENV, cpu_codegen.INT8_ACTIVATIONS_ENV, cpu_codegen.ENV, cpu_codegen.SPLIT8_ENV)
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _ENV_KEYS = tuple(os.fsencode(name) for name in _ENV_NAMES)
 
 
-def _env_key() -> tuple:
+def env_key() -> tuple:
+    """The values of the variables a kernel choice depends on (a memo key: ``choose`` and the
+    bound-kernel fast paths of ``cpu_kernels`` are redone when one of them changes)."""
     if isinstance(_ENV_DATA, dict):
         get = _ENV_DATA.get
         return tuple(get(name) for name in _ENV_KEYS)
@@ -584,10 +586,11 @@ def reference_reason(packed, rows: int) -> str:
             "instead (the whole weight is dequantised to float32 on every call)")
 
 
-def choose(packed, rows: int, compute_dtype: torch.dtype) -> str:
+def choose(packed, rows: int, compute_dtype: torch.dtype, env: tuple | None = None) -> str:
     """The kernel a call of ``rows`` rows on ``packed`` runs (one of :data:`CANDIDATES`): memoised
-    on the weight per (rows, dtype, environment), so a decode step pays a dictionary lookup."""
-    key = (rows, compute_dtype, _env_key())
+    on the weight per (rows, dtype, environment: ``env``, read now if not given), so a decode step
+    pays a dictionary lookup."""
+    key = (rows, compute_dtype, env_key() if env is None else env)
     got = packed._dispatch.get(key)
     if got is None:
         got = packed._dispatch[key] = _decide(packed, rows, compute_dtype)

@@ -33,7 +33,7 @@ tensors themselves are cached per parameter (``passes/quantize.py``), so every g
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -70,6 +70,7 @@ class PackedWeight(torch.nn.Module):
         self._make_layout = make_layout
         self._bound: dict[tuple, "cpu_codegen.Bound | None"] = {}  # (int8 activations?, isa, split8) -> bound
         self._dispatch: dict[tuple, str] = {}  # (rows, compute dtype, environment) -> kernel (cpu_dispatch.choose)
+        self._fast: dict[tuple, Any] = {}  # (rows, compute dtype, environment) -> bound float kernel, or False
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
 
     def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +215,22 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     folded in by ``lowering._fuse_cpu_prologues``): the generated kernel's ``_ext`` entry does both
     in the call; every other kernel runs them in torch around it (what the graph did before)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= cpu_codegen.MAX_ROWS:  # decode: the bound kernel, decided once per (rows, environment)
+        env = cpu_dispatch.env_key()
+        bound = packed._fast.get((rows, compute_dtype, env))
+        if bound is None:
+            bound = packed._fast[(rows, compute_dtype, env)] = _fast_bound(packed, rows, compute_dtype, env)
+        if bound:
+            x2 = x.reshape(rows, x.shape[-1])
+            if norm_weight is None and residual is None:
+                y = bound(x2, bias)
+            else:
+                y = bound.ext(x2, bias, norm_weight, eps,
+                              None if residual is None else residual.reshape(rows, packed.out_features))
+            if y is not None:
+                cpu_dispatch.counter[(packed.fmt, "generated")] += 1
+                y = y.view(*x.shape[:-1], packed.out_features)
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
     choice = cpu_dispatch.choose(packed, rows, compute_dtype)
     if norm_weight is None and residual is None:
         return run_candidate(choice, x, packed, bias, compute_dtype)
@@ -230,6 +247,17 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
     y = run_candidate(choice, x, packed, bias, compute_dtype)
     return y if residual is None else residual + y
+
+
+def _fast_bound(packed: PackedWeight, rows: int, compute_dtype: torch.dtype, env: tuple) -> Any:
+    """The bound float kernel a decode call of ``rows`` rows takes when the dispatch chose the
+    generated kernel, else False (torch's kernel, int8 activations -- which check x per call --, no
+    kernel): what ``packed_linear`` memoises so that a decode call skips the dispatch's per-call
+    Python. The call runs cold (the kernels before it streamed the caches empty), so every
+    avoided step counts: ~30 -> ~10 us of Python per call."""
+    if cpu_dispatch.choose(packed, rows, compute_dtype, env) != "generated" or cpu_codegen.int8_activations_enabled():
+        return False
+    return packed.generated() or False
 
 
 def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
@@ -279,8 +307,10 @@ class FusedWeights(torch.nn.Module):
     def __init__(self, members: list[PackedWeight], epilogue: int = 0):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
+        self.sizes = [m.out_features for m in members]
         self.epilogue = epilogue
         self._bound: dict[tuple, "cpu_codegen.BoundGroup | None"] = {}  # (isa, split8) -> bound group
+        self._fast: dict[tuple, Any] = {}  # (rows, compute dtype, environment) -> bound group, or False
 
     def bound(self) -> "cpu_codegen.BoundGroup | None":
         if cpu_codegen.kernel_disabled():
@@ -308,21 +338,24 @@ def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dt
     lead = x.shape[:-1]
     silu_mul = fused.epilogue == cpu_codegen.SILU_MUL
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (rows <= cpu_codegen.MAX_ROWS and not cpu_codegen.int8_activations_enabled()
-            and all(cpu_dispatch.choose(m, rows, compute_dtype) == "generated" for m in fused.members)):
-        bound = fused.bound()
-        if bound is not None and norm_weight is not None:
-            y = bound.ext(x.reshape(-1, x.shape[-1]), biases, norm_weight, eps)
-            if y is None:
-                bound = None
-        elif bound is not None:
-            y = bound(x.reshape(-1, x.shape[-1]), biases)
-        if bound is not None:
+    bound = None
+    if 0 < rows <= cpu_codegen.MAX_ROWS:  # the bound group, decided once per (rows, environment)
+        env = cpu_dispatch.env_key()
+        bound = fused._fast.get((rows, compute_dtype, env))
+        if bound is None:
+            bound = fused._fast[(rows, compute_dtype, env)] = (
+                not cpu_codegen.int8_activations_enabled()
+                and all(cpu_dispatch.choose(m, rows, compute_dtype, env) == "generated" for m in fused.members)
+                and fused.bound()) or False
+    if bound:
+        x2 = x.reshape(rows, x.shape[-1])
+        y = bound(x2, biases) if norm_weight is None else bound.ext(x2, biases, norm_weight, eps)
+        if y is not None:
             if x.dtype != torch.float32:
                 y = y.to(x.dtype)
             if silu_mul:
                 return y.view(*lead, y.shape[-1])
-            return tuple(t.view(*lead, t.shape[-1]) for t in y.split([m.out_features for m in fused.members], dim=1))
+            return tuple(t.view(*lead, t.shape[-1]) for t in y.split(fused.sizes, dim=1))
     if norm_weight is not None:
         x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
     outs = [packed_linear(x, m, b, compute_dtype) for m, b in zip(fused.members, biases)]

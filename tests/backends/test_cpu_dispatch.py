@@ -4,6 +4,7 @@ the measured choice (with a fake clock: real timings on a shared machine would m
 vary) honoured per row class and cached on disk, the overrides, and the layer record."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
 
@@ -202,6 +203,51 @@ def test_the_override_is_honoured(monkeypatch, mode, rows, want):
     label = cpu_dispatch.class_label(cpu_dispatch.row_class(rows))
     suffix = " (the static rule)" if mode == "generated" else ""
     assert cpu_dispatch.layer_record(fmt, 64, k, torch.bfloat16)[label].endswith(f"{cpu_dispatch.ENV}={mode}{suffix}")
+
+
+def test_the_memoised_decode_path_follows_the_environment_between_calls(monkeypatch):
+    """``packed_linear`` / ``fused_linear`` keep the bound kernel per (rows, environment): a variable
+    changed between two calls of one weight takes effect at the next call, and back again."""
+    fmt, k = "int4_g128_asym", 256
+    q, packed = _weight(fmt, 64, k, seed=8)
+    x = torch.randn(1, k)
+    ref = _reference(x, q, k, None)
+    runs = []
+    for mode in ("generated", "torch", "generated"):
+        monkeypatch.setenv(cpu_dispatch.ENV, mode)
+        before = collections.Counter(cpu_dispatch.counter)
+        y = cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+        runs.append([kind for (f, kind), n in (cpu_dispatch.counter - before).items() if f == fmt and n])
+        assert sqnr_db(ref, y.double()) > FLOORS[runs[-1][0]], (mode, runs[-1])
+    assert runs == [["generated"], ["torch"], ["generated"]]
+    fused = cpu_kernels.FusedWeights([packed, _weight(fmt, 32, k, seed=9)[1]])
+    name = fused.bound().name
+    calls, torch_calls = cpu_codegen.calls[name], cpu_dispatch.counter[(fmt, "torch")]
+    monkeypatch.setenv(cpu_dispatch.ENV, "generated")
+    outs = cpu_kernels.fused_linear(x, fused, (None, None), torch.bfloat16)
+    assert cpu_codegen.calls[name] == calls + 1 and sqnr_db(ref, outs[0].double()) > FLOORS["generated"]
+    monkeypatch.setenv(cpu_codegen.ENV, "0")  # generated kernels off: each weight by torch's kernel
+    outs = cpu_kernels.fused_linear(x, fused, (None, None), torch.bfloat16)
+    assert cpu_codegen.calls[name] == calls + 1 and cpu_dispatch.counter[(fmt, "torch")] == torch_calls + 2
+    assert sqnr_db(ref, outs[0].double()) > FLOORS["torch"]
+
+
+def test_the_decode_path_converts_and_keeps_its_operands(monkeypatch):
+    """bf16 bias, norm weight and residual reach the fused-prologue kernel as float32 copies that
+    live through the call: the result matches float64 rms_norm + linear + bias + residual."""
+    monkeypatch.setenv(cpu_dispatch.ENV, "generated")
+    fmt, k, n = "int4_g128_asym", 256, 64
+    q, packed = _weight(fmt, n, k, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    x, residual = torch.randn(2, k, generator=gen), torch.randn(2, n, generator=gen).bfloat16()
+    bias, norm = torch.randn(n, generator=gen).bfloat16(), (1 + 0.1 * torch.randn(k, generator=gen)).bfloat16()
+    before = cpu_codegen.calls[packed.generated().name + "_ext"]
+    y = cpu_kernels.packed_linear(x, packed, bias, torch.bfloat16, norm_weight=norm, eps=1e-6, residual=residual)
+    assert cpu_codegen.calls[packed.generated().name + "_ext"] == before + 1
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.double()
+    ref = residual.double() + _reference(xn, q, k, bias)
+    assert sqnr_db(ref, y.double()) > FLOORS["generated"]
 
 
 def test_an_unknown_mode_names_the_variable(monkeypatch):
