@@ -5,11 +5,13 @@ channel group, key token group).
 What it computes, for one query token per sequence (decode, ``Q == 1``): for each (batch, KV head),
 first pass: for each token of the packed store, unpack the key codes in registers and dot them with
 the ``g`` query heads that share the KV head (GQA/MQA), the per-group scales and zeros applied to
-the partial dot products; second pass: the softmax weights times the unpacked value codes, scales
-folded into the weights. The packed store is read once per step and nothing dequantized is stored
-(the scores, T floats per query head, are). It returns the unnormalised accumulator with its max
-and sum, so the float tokens (sinks
-and the recent window, a few dozen) are folded in by torch afterwards (:func:`decode_attention`).
+the partial dot products, then Gemma-2's logit soft-capping when set (``softcap * tanhf(s /
+softcap)``, a runtime argument, 0 off; before the mask, as transformers applies it); second pass:
+the softmax weights times the unpacked value codes, scales folded into the weights. The packed
+store is read once per step and nothing dequantized is stored (the scores, T floats per query
+head, are). It returns the unnormalised accumulator with its max and sum, so the float tokens
+(sinks and the recent window, a few dozen) are folded in by torch afterwards, with the same
+soft-capping (:func:`decode_attention`).
 
 Runs for the ``int`` and ``kivi`` schemes; ``kvquant`` and ``gear`` take a second kernel
 (:func:`field_kernel`: codebook levels, per-channel key tables, sparse outliers, low-rank terms,
@@ -57,6 +59,11 @@ static inline float f16_to_f32(uint16_t h) {{
     return f;
 }}
 #endif
+
+/* Gemma-2's attention logit soft-capping of one scaled score (softcap 0: off), before the mask */
+static inline float soft_cap(float score, float softcap) {{
+    return softcap != 0.0f ? softcap * tanhf(score / softcap) : score;
+}}
 """
 
 _UNPACK = r"""
@@ -88,7 +95,8 @@ static inline void unpack_codes(const uint8_t* p, {CODE_T}* out) {{
 _SOURCE = _PRELUDE + _UNPACK + r"""
 /* q [B, HKV, G, D] float32 (already scaled); key/value codes [B, HKV, Tcap, D*BITS/8];
    key scales: per token [B, HKV, Tcap, D/CG] or per channel [B, HKV, Tcap/KG, D] (fp16, + zero);
-   value scales per token [B, HKV, Tcap, D/CG]; mask [B, T] uint8 (1 attends) or NULL.
+   value scales per token [B, HKV, Tcap, D/CG]; mask [B, T] uint8 (1 attends) or NULL;
+   softcap: the logit soft-capping of the scaled scores (0: none).
    out: acc [B, HKV, G, D] (unnormalised), m [B, HKV, G] (max score), s [B, HKV, G] (sum of exp).
    Two passes over the tokens of one (batch, KV head): scores, then values weighted by
    exp(score - max); the scales factor out of the dot products: for a per-token group,
@@ -96,7 +104,7 @@ _SOURCE = _PRELUDE + _UNPACK + r"""
 void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_t* kz,
             const uint8_t* vc, const uint16_t* vs, const uint16_t* vz, const uint8_t* mask,
             float* acc, float* m_out, float* s_out, float* scratch, int64_t B, int64_t HKV, int64_t G,
-            int64_t T, int64_t Tcap, int threads)
+            int64_t T, int64_t Tcap, float softcap, int threads)
 {{
     const int64_t D = {D}, row = {D} * {BITS} / 8, CG = {CG}, KG = {KG};
     const int64_t ngroups = D / CG;
@@ -135,7 +143,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
             for (int64_t g = 0; g < G; g++) {{
                 float dot = 0.0f;
                 for (int64_t d = 0; d < D; d++) dot += qq[g * D + d] * c[d];
-                scores[g * T + t] = dot;
+                scores[g * T + t] = soft_cap(dot, softcap);
             }}
 #else
             const uint16_t* ps = ks + (bh * Tcap + t) * ngroups;
@@ -147,7 +155,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
                     for (int64_t d = cg * CG; d < (cg + 1) * CG; d++) part += qq[g * D + d] * c[d];
                     dot += f16_to_f32(ps[cg]) * part + f16_to_f32(pz[cg]) * qsum[g * ngroups + cg];
                 }}
-                scores[g * T + t] = dot;
+                scores[g * T + t] = soft_cap(dot, softcap);
             }}
 #endif
         }}
@@ -246,8 +254,8 @@ static inline void load_chunk(const uint16_t* lb, float* lbf) {{
    scales/zeros [BH, kcap, D/KCG] (GEAR) or the head's channel table [HKV, D] in float32 (KVQuant, KCG = 1,
    KEY_TABLE), codebook (or NULL), outliers [BH, kcap, NOUT] (uint8 index, fp16 value), low-rank
    A [BH, kcap, R], B [BH, klbcap, R*D], positions [B, poscap] int32 and the model's cos / sin
-   [positions, D/2] float32 (PRE_ROPE: rotate_half RoPE applied to each dequantized key row). Values: the same fields with per-token groups of VCG. Out as the
-   uniform kernel: unnormalised acc, max, sum. */
+   [positions, D/2] float32 (PRE_ROPE: rotate_half RoPE applied to each dequantized key row). Values: the same fields with per-token groups of VCG.
+   Soft-capping and out as the uniform kernel: unnormalised acc, max, sum. */
 void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, const float* kcb,
             const uint8_t* koi, const uint16_t* kov, const uint16_t* kla, const uint16_t* klb,
             const int32_t* kpos, const float* rope_cos, const float* rope_sin,
@@ -255,7 +263,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
             const uint8_t* voi, const uint16_t* vov, const uint16_t* vla, const uint16_t* vlb,
             const uint8_t* mask, float* acc, float* m_out, float* s_out, float* scratch,
             int64_t B, int64_t HKV, int64_t G, int64_t T, int64_t kcap, int64_t vcap, int64_t klbcap, int64_t vlbcap,
-            int64_t poscap, int threads)
+            int64_t poscap, float softcap, int threads)
 {{
     const int64_t D = {D}, row = {D} * {BITS} / 8;
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -298,7 +306,7 @@ void {name}(const float* q, const uint8_t* kc, const uint16_t* ks, const uint16_
             for (int64_t g = 0; g < G; g++) {{
                 float dot = 0.0f;
                 for (int64_t d = 0; d < D; d++) dot += qq[g * D + d] * x[d];
-                scores[g * T + t] = dot;
+                scores[g * T + t] = soft_cap(dot, softcap);
             }}
         }}
         for (int64_t g = 0; g < G; g++)
@@ -347,7 +355,8 @@ def kernel(bits: int, head_dim: int, channel_group: int, key_group: int, per_cha
     if os.environ.get(cpu_codegen.ENV, "1") == "0":
         return None
     name, text = source(bits, head_dim, channel_group, key_group, per_channel_keys)
-    return cpu_codegen.build(name, text, [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_int],
+    return cpu_codegen.build(name, text,
+                             [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int],
                              "the packed KV cache is read by the blocked torch attention (lowbit_compiler.kv)")
 
 
@@ -374,7 +383,8 @@ def _field_kernel(bits, head_dim, key_cg, value_cg, key_table, nout, rank, chunk
     if os.environ.get(cpu_codegen.ENV, "1") == "0":
         return None
     name, text = field_source(bits, head_dim, key_cg, value_cg, key_table, nout, rank, chunk, pre_rope)
-    return cpu_codegen.build(name, text, [ctypes.c_void_p] * 25 + [ctypes.c_int64] * 9 + [ctypes.c_int],
+    return cpu_codegen.build(name, text,
+                             [ctypes.c_void_p] * 25 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int],
                              "the packed KV cache is read by the blocked torch attention (lowbit_compiler.kv)",
                              isa=isa)
 
@@ -403,7 +413,8 @@ def _fp8_levels() -> torch.Tensor:
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().nan_to_num(0.0)
 
 
-def _field_decode(q: torch.Tensor, layer: Any, packed_mask: torch.Tensor | None, b: int, hkv: int, g: int, d: int):
+def _field_decode(q: torch.Tensor, layer: Any, packed_mask: torch.Tensor | None, b: int, hkv: int, g: int, d: int,
+                  softcap: float):
     """The KVQuant / GEAR kernel's (acc, max, sum) over the packed tokens, or None (no compiler)."""
     from lowbit_compiler import kv
 
@@ -453,7 +464,7 @@ def _field_decode(q: torch.Tensor, layer: Any, packed_mask: torch.Tensor | None,
     fn(q.data_ptr(), *ptr, None if packed_mask is None else packed_mask.data_ptr(), acc.data_ptr(), m.data_ptr(),
        s.data_ptr(), scratch.data_ptr(), b, hkv, g, n, kf["codes"].shape[2], vf["codes"].shape[2],
        kf["lr_b"].shape[2] if rank else 1, vf["lr_b"].shape[2] if rank else 1, pos.shape[-1] if pre_rope else 1,
-       torch.get_num_threads())
+       softcap, torch.get_num_threads())
     return acc, m, s
 
 
@@ -476,10 +487,10 @@ def unsupported(query: torch.Tensor, layer: Any) -> str | None:
 def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None, scaling: float,
                      softcap: float | None = None) -> torch.Tensor | None:
     """Attention of one query token over the layer's cache (B, 1, Hq, D), or None when the
-    generated kernel does not apply (:func:`unsupported`; the caller runs the torch reference)."""
+    generated kernel does not apply (:func:`unsupported`; the caller runs the torch reference).
+    ``softcap``: Gemma-2's logit soft-capping, ``softcap * tanh(s / softcap)`` on the scaled scores
+    before the mask, in the kernel and on the float tokens folded in (None or 0: off)."""
     why = unsupported(query, layer)
-    if softcap and why is None:
-        why = f"{layer.fmt.scheme}: attention logit soft-capping (not in the C kernel)"
     if why is not None:
         if why.startswith(layer.fmt.scheme) and why not in _LOGGED:
             _LOGGED.add(why)
@@ -493,6 +504,7 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
     n, total = store_k.length, layer.get_seq_length()
     sinks = layer._sink_k.shape[2]
     q = (query.float() * scaling).reshape(b, hkv, g, d).contiguous()
+    softcap = float(softcap or 0.0)
     packed_mask = None
     if mask is not None:
         mask = mask[:, 0, -1, :total]
@@ -500,11 +512,11 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
             mask = mask > -1e30  # additive masks: -inf (or the dtype's min) masks out
         packed_mask = mask[:, sinks:sinks + n].to(torch.uint8).contiguous()
     if fmt.scheme in ("kvquant", "gear", "fp8"):
-        out = _field_decode(q, layer, packed_mask, b, hkv, g, d)
+        out = _field_decode(q, layer, packed_mask, b, hkv, g, d, softcap)
         if out is None:
             return None
         acc, m, s = out
-        return fold_float_tokens(q, layer, mask, acc, m.unsqueeze(-1), s.unsqueeze(-1), query.dtype)
+        return fold_float_tokens(q, layer, mask, acc, m.unsqueeze(-1), s.unsqueeze(-1), query.dtype, softcap)
     per_channel = store_k.axis == "per_channel"
     fn = kernel(fmt.bits, d, fmt.channel_group(d), fmt.group if per_channel else 1, per_channel)
     if fn is None:
@@ -518,8 +530,8 @@ def decode_attention(query: torch.Tensor, layer: Any, mask: torch.Tensor | None,
     scratch = torch.empty(b * hkv * g * n)  # the scores of the packed tokens
     fn(q.data_ptr(), *(t.data_ptr() for t in tensors), None if packed_mask is None else packed_mask.data_ptr(),
        acc.data_ptr(), m.data_ptr(), s.data_ptr(), scratch.data_ptr(), b, hkv, g, n, store_k.codes.shape[2],
-       torch.get_num_threads())
-    return fold_float_tokens(q, layer, mask, acc, m.unsqueeze(-1), s.unsqueeze(-1), query.dtype)
+       softcap, torch.get_num_threads())
+    return fold_float_tokens(q, layer, mask, acc, m.unsqueeze(-1), s.unsqueeze(-1), query.dtype, softcap)
 
 
 def fold_float_tokens(q: torch.Tensor, layer: Any, mask: torch.Tensor | None, acc: torch.Tensor, m: torch.Tensor,

@@ -34,8 +34,8 @@ whole cache exists at any step. :func:`install` puts both on a model (``compress
 calls it from the decisions the ``mark_kv_cache`` pass recorded).
 
 Sliding-window layers get a full compressed layer; the mask applies the window. Decode on CUDA reads the packed cache in the generated Triton kernel
-(``backends/kv_triton.py``, every scheme, Gemma-2's logit soft-capping too), on CPU in the generated C kernel
-(``backends/kv_cpu.py``). Under ``torch.compile(model, backend="lowbit")`` with a KV recipe the backend
+(``backends/kv_triton.py``), on CPU in the generated C kernel (``backends/kv_cpu.py``); both take
+every scheme and Gemma-2's logit soft-capping. Under ``torch.compile(model, backend="lowbit")`` with a KV recipe the backend
 installs all this on the compiled module from the first graph and has Dynamo trace that call again
 (:func:`install_for_compiled_graph`; docs/kv_cache.md).
 """

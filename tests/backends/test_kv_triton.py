@@ -229,7 +229,7 @@ def test_generate_through_the_triton_kernel_gives_the_c_kernels_tokens():
 def test_gemma2_softcapping_generates_through_the_triton_kernel():
     """compress(gemma2, "kv4") with attention logit soft-capping set low enough to matter: generate()
     with every decode step's attention in the Triton kernel (interpreted) gives the tokens and
-    logits of the blocked torch attention (what the CPU path runs for soft-capping)."""
+    logits of the blocked torch attention (LOWBIT_KV_KERNEL=torch)."""
     import copy
 
     from lowbit_compiler import compress, zoo

@@ -512,3 +512,94 @@ def test_generated_cpu_decode_kernel_reads_fp8_codes():
     if out is None:
         pytest.skip("no C compiler: the fallback is the reference itself")
     torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, D ** -0.5), atol=3e-6, rtol=1e-5)
+
+
+def _softcapped_attention64(q, layer, mask, scaling, softcap):
+    """float64 attention of one query token over the values the cache holds (its dequantized blocks
+    in float64), Gemma-2's soft-capping on the scaled scores before the mask: (B, 1, Hq, D)."""
+    blocks = list(layer.blocks(torch.float64))
+    k, v = (torch.cat([blk[i] for blk in blocks], 2) for i in (1, 2))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q.double() @ k.transpose(-1, -2) * scaling
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf)
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("fmt", [kv.KVFormat("int", 4, 32, window=8, sinks=4), kv.KVFormat("kivi", 2, 16, window=16),
+                                 kv.KVFormat("fp8", 8, 32, window=8, sinks=2)], ids=lambda f: f.key)
+def test_generated_cpu_decode_kernel_soft_caps_logits(fmt, masked, caplog, monkeypatch):
+    """Gemma-2's logit soft-capping in the C kernels (uniform/KIVI and the codebook kernel fp8 takes)
+    and on the float sinks and window folded in afterwards: GQA (4 query heads per KV head), a padded
+    second sequence or no mask, against float64 soft-capped attention over the cached values and the
+    blocked torch attention with the same softcap. Queries large enough that capping at 1.0 moves the
+    output; the decode runs in C (the reference is made to raise), no fallback logged."""
+    import logging
+
+    from lowbit_compiler.backends import kv_cpu
+
+    if kv_cpu.kernel(4, D, 32, 1, False) is None:
+        pytest.skip("no C compiler: the fallback is the reference itself")
+    k, v = _kv(203, b=2)
+    layer = _filled(fmt, k, v, 170)
+    q = 8 * torch.randn(2, 8, 1, D, generator=torch.Generator().manual_seed(2))
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 203, dtype=torch.bool)
+        mask[1, ..., :5] = False
+    reference = kv.packed_attention_reference(q, layer, mask, D ** -0.5, 1.0)
+    expected = _softcapped_attention64(q, layer, mask, D ** -0.5, 1.0)
+    monkeypatch.delenv("LOWBIT_KV_KERNEL", raising=False)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the blocked torch attention ran: the C kernel did not take the soft-capped decode")
+
+    monkeypatch.setattr(kv, "packed_attention_reference", no_reference)
+    with caplog.at_level(logging.WARNING, logger="lowbit_compiler"):
+        out = kv._attend_packed(q, layer, mask, D ** -0.5, 1.0)
+    assert not [r for r in caplog.records if "fallback" in r.getMessage()]
+    scale = expected.abs().max().item()
+    assert (out.double() - expected).abs().max().item() <= 1e-5 * scale
+    torch.testing.assert_close(out, reference, atol=1e-5 * scale, rtol=0)
+    uncapped = kv_cpu.decode_attention(q, layer, mask, D ** -0.5)
+    assert (out - uncapped).abs().max() > 0.1  # the capping is not a no-op at these scores
+
+
+def test_gemma2_softcapping_decodes_in_the_c_kernel(monkeypatch):
+    """compress(gemma2, "kv4") with attention logit soft-capping set low enough to matter: generate()
+    with every decode step's attention in the C kernel (each call returns its output, none falls
+    back) gives the tokens and logits of the blocked torch attention (LOWBIT_KV_KERNEL=torch)."""
+    from lowbit_compiler import zoo
+    from lowbit_compiler.backends import kv_cpu
+
+    if kv_cpu.kernel(4, 32, 32, 1, False) is None:
+        pytest.skip("no C compiler: the fallback is the reference itself")
+    model, inputs = zoo.build("gemma2")
+    model.config.attn_logit_softcapping = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 0.1
+    compressed = compress(copy.deepcopy(model), "kv4", progress=False)
+    ids = inputs["input_ids"]
+    calls = []
+    decode = kv_cpu.decode_attention
+
+    def counted(query, layer, mask, scaling, softcap=None):
+        out = decode(query, layer, mask, scaling, softcap)
+        calls.append((query.shape[2], softcap, out is not None))
+        return out
+
+    with torch.no_grad():
+        monkeypatch.setenv("LOWBIT_KV_KERNEL", "torch")
+        reference = compressed.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+        monkeypatch.setenv("LOWBIT_KV_KERNEL", "c")
+        monkeypatch.setattr(kv_cpu, "decode_attention", counted)
+        out = compressed.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    decodes = [c for c in calls if c[0] == 1]  # prefill (more than one query token) is the reference's
+    assert decodes == [(1, 0.1, True)] * (3 * 2)  # 3 decode steps x 2 layers in C, each with the model's softcap
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.cat(out.logits), torch.cat(reference.logits), atol=1e-5, rtol=1e-5)

@@ -257,14 +257,17 @@ def test_pre_rope_keys_refused_where_the_cache_cannot_redo_rope():
         kv.install(model, {0: fmt}, strict=True)
 
 
-@pytest.mark.parametrize("name,isa", [("kvquant3", "native"), ("kvquant3", "avx2"), ("kvquant3", "portable"),
-                                      ("gear4", "native")])
-def test_generated_cpu_kernel_reads_codebooks_outliers_low_rank_and_pre_rope_keys(llama, name, isa, monkeypatch):
+@pytest.mark.parametrize("name,isa,softcap", [("kvquant3", "native", None), ("kvquant3", "avx2", None),
+                                              ("kvquant3", "portable", None), ("gear4", "native", None),
+                                              ("kvquant3", "native", 1.0), ("gear4", "native", 1.0)])
+def test_generated_cpu_kernel_reads_codebooks_outliers_low_rank_and_pre_rope_keys(llama, name, isa, softcap,
+                                                                                   monkeypatch):
     """The generated C kernel for KVQuant (codebook indices, per-channel key table, outliers, sink
     tokens, keys before RoPE rotated at their positions with the model's own cos/sin) and GEAR
     (uniform codes + rank-2 residual + outliers): against the blocked torch attention over the same
     packed cache, GQA (4 query heads per KV head), a padded second sequence. Built for the host's
-    ISA (AVX-512 codebook permutes here), AVX2 (8-lane permutes) and portable C."""
+    ISA (AVX-512 codebook permutes here), AVX2 (8-lane permutes) and portable C. With Gemma-2's
+    logit soft-capping at 1.0 (queries scaled up so that it moves the output): the same, capped."""
     from lowbit_compiler.backends import kv_cpu
 
     monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
@@ -286,12 +289,15 @@ def test_generated_cpu_kernel_reads_codebooks_outliers_low_rank_and_pre_rope_key
     layer.update(k[:, :, :130], v[:, :, :130], kwargs={"position_ids": torch.arange(130)[None]})
     for i in range(130, t):
         layer.update(k[:, :, i:i + 1], v[:, :, i:i + 1], kwargs={"position_ids": torch.tensor([[i]])})
-    q = torch.randn(2, 4 * H, 1, d, generator=torch.Generator().manual_seed(3))
+    q = (8 if softcap else 1) * torch.randn(2, 4 * H, 1, d, generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 1, 1, t, dtype=torch.bool)
     mask[1, ..., :7] = False
     if kv_cpu.unsupported(q, layer) is not None:
         pytest.fail(kv_cpu.unsupported(q, layer))
-    out = kv_cpu.decode_attention(q, layer, mask, d ** -0.5)
+    out = kv_cpu.decode_attention(q, layer, mask, d ** -0.5, softcap)
     if out is None:
         pytest.skip("no C compiler: the fallback is the reference itself")
-    torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, d ** -0.5), atol=3e-6, rtol=1e-5)
+    torch.testing.assert_close(out, kv.packed_attention_reference(q, layer, mask, d ** -0.5, softcap), atol=3e-6,
+                               rtol=1e-5)
+    if softcap:
+        assert (out - kv.packed_attention_reference(q, layer, mask, d ** -0.5)).abs().max() > 0.1
