@@ -177,6 +177,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         "target": lowering.target,
         "kernels": lowering.kernels,
         "kernel_counts": lowering.counts,
+        "cpu_fusions": lowering.fusions,
         "implementations": lowering.implementations,
         "generated_kernels": lowering.generated,
         "codegen": codegen_totals(lowering.generated),
@@ -189,7 +190,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
 
 
 _SUMMARY_ORDER = ("graph", "recipe", "target", "inputs", "frozen_parameters", "passes", "layers", "coverage",
-                  "kernels", "kernel_counts", "implementations", "generated_kernels", "codegen", "fallbacks")
+                  "kernels", "kernel_counts", "cpu_fusions", "implementations", "generated_kernels", "codegen", "fallbacks")
 
 
 class LowbitCompiled:

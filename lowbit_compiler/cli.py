@@ -117,7 +117,8 @@ def format_summary(s: dict[str, Any]) -> str:
                  if key in totals]
         out.append(f"whole graph: {totals['bytes_before']} -> {totals['bytes_after']} bytes "
                    f"({totals['bytes_before'] / totals['bytes_after']:.2f}x smaller): " + "; ".join(parts))
-    out.append(f"kernels: {s.get('kernel_counts', {})}   fallbacks: {s.get('fallbacks', {}) or 'none'}")
+    fused = "".join(f"   {what} expressions as generated calls: {n}" for what, n in s.get("cpu_fusions", {}).items())
+    out.append(f"kernels: {s.get('kernel_counts', {})}{fused}   fallbacks: {s.get('fallbacks', {}) or 'none'}")
     if s.get("implementations"):
         out.append(format_implementations(s["implementations"]))
     if s.get("generated_kernels"):
