@@ -24,6 +24,11 @@ The computation (:data:`_SOURCE`):
    kept rows stream through them (one broadcast ``x_k``, ``TW`` widened codes, FMAs; the row
    ``PF`` ahead prefetched); then ``out += s * (acc - z * sum_g x)`` (int8: one group, the
    per-channel scale applied once at the end). Groups whose inputs were all zeroed are skipped.
+   int4 tasks at least ``STREAM_TILES`` tiles wide (gate/up, N in the thousands) on AVX-512 read
+   each kept row once, front to back, into float accumulators of the task's columns in L1, the
+   row ``STREAM_PF`` kept rows on prefetched whole: the tile sweep reads such rows as dozens of
+   64-byte pieces far apart, which the prefetchers follow badly (measured 0.76 -> 0.89x dense on
+   4864x896 at 50 %, one thread).
 
 The ISA is chosen at compile time (``-march=native``, the host flags in the cache key): AVX-512F,
 else AVX2 + FMA, else fixed-width loops the compiler vectorises for whatever it has. The tests
@@ -65,6 +70,7 @@ log = logging.getLogger("lowbit_compiler")
 
 TW = 128    # output columns per task of the CPU kernel (its accumulators fit the registers)
 PFD = 2  # prefetch distance along a row, in tiles
+STREAM_TILES = 8  # int4 tasks this many tiles wide (or wider) read each kept row once, front to back
 CHUNK = {8: 16, 4: 64}  # kept rows per sweep over a task's column tiles, by code bits (module docstring)
 TILE = 512  # column tile of the int4 nibble layout of :func:`kmajor` (the Triton GEMV's copy)
 DISPATCH_ENV = "LOWBIT_SPARSE_DISPATCH"  # "measure" (default), "sparse" (always), "dense" (never)
@@ -87,6 +93,8 @@ _SOURCE = r"""
 #define HAS_ZERO {has_zero}
 #define TB (TW * BITS / 8)  /* bytes of one row of a tile */
 #define PFD {pfd}         /* prefetch distance in tiles along a row */
+#define STREAM_TILES {stream_tiles}  /* int4 tasks at least this many tiles wide read row by row */
+#define STREAM_PF 4       /* kept rows ahead that the row-by-row path prefetches */
 
 static inline float sp_bf16(uint16_t h) {{ uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }}
 
@@ -263,6 +271,8 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
     int64_t* gstart = (int64_t*)(xv + K + 16);
     float* xs = (float*)(gstart + groups + 1);
     float* out = xs + groups;
+    float* acc_all = out + ksplit * Np;  /* the wide tasks' accumulators (int4) */
+    (void)acc_all;
     const int64_t nnz = sp_compact(x, K, G, idx, xv, gstart, xs);
     if (nnz > max_nnz)
         return -1;
@@ -274,6 +284,57 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
         float* o = out + s * Np;
         memset(o + t0 * TW, 0, (size_t)(t1 - t0) * TW * sizeof(float));
         const int64_t g0 = GROUP ? groups * s / ksplit : 0, g1 = GROUP ? groups * (s + 1) / ksplit : 1;
+#if BITS == 4 && defined(SP_AVX512)
+        if (t1 - t0 >= STREAM_TILES) {{
+            /* a wide task (gate/up: rows of thousands of columns): each kept row is read once, front
+               to back, into L1-resident accumulators of the task's columns, the rows STREAM_PF on
+               prefetched whole; the scales apply once per group. AVX-512 only: measured 15 % faster
+               than the tile sweep below on gate/up shapes (AVX-512 Xeon, 1 thread); the same loop
+               left to the compiler's vectoriser was 40 % slower than the sweep, so AVX2 and the
+               portable build keep the sweep. */
+            float* am = acc_all + s * Np + t0 * TW;
+            const int64_t w = (t1 - t0) * TW, wb = (t1 - t0) * TB;
+            for (int64_t g = g0; g < g1; g++) {{
+                const int64_t p0 = gstart[g], p1 = gstart[g + 1];
+                if (p0 == p1)
+                    continue;  /* every input of the group zeroed: its rows are never read */
+                memset(am, 0, (size_t)w * sizeof(float));
+                for (int64_t p = p0; p < p1; p++) {{
+                    const uint8_t* r = (const uint8_t*)codes + (int64_t)idx[p] * row + t0 * TB;
+                    if (p + STREAM_PF < nnz) {{
+                        const char* q = (const char*)codes + (int64_t)idx[p + STREAM_PF] * row + t0 * TB;
+                        for (int64_t l = 0; l < wb; l += 64)
+                            __builtin_prefetch(q + l, 0, 3);
+                    }}
+                    const float xb = xv[p];
+                    const __m512 xbv = _mm512_set1_ps(xb);
+                    const __m512i low4 = _mm512_set1_epi32(15);
+                    for (int64_t c = 0; c < wb / 16; c++) {{
+                        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r + 16 * c)));
+                        float* a2 = am + 32 * c;
+                        _mm512_storeu_ps(a2, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), xbv,
+                                                             _mm512_loadu_ps(a2)));
+                        _mm512_storeu_ps(a2 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), xbv,
+                                                                  _mm512_loadu_ps(a2 + 16)));
+                    }}
+                }}
+                const uint16_t* sc = scale + g * Np + t0 * TW;
+                const float xg = xs[g];
+                float* og = o + t0 * TW;
+#if HAS_ZERO
+                const uint8_t* zg = zero + g * Np + t0 * TW;
+                #pragma omp simd
+                for (int64_t j = 0; j < w; j++)
+                    og[j] += sp_bf16(sc[j]) * (am[j] - (float)zg[j] * xg);
+#else
+                #pragma omp simd
+                for (int64_t j = 0; j < w; j++)
+                    og[j] += sp_bf16(sc[j]) * (am[j] - 8.0f * xg);
+#endif
+            }}
+            continue;
+        }}
+#endif
         for (int64_t g = g0; g < g1; g++) {{
             const int64_t p0 = GROUP ? gstart[g] : nnz * s / ksplit, p1 = GROUP ? gstart[g + 1] : nnz * (s + 1) / ksplit;
             /* a group whose inputs were all zeroed has no chunk: its rows are never read */
@@ -322,7 +383,7 @@ def source(fmt: str) -> str:
     fields = dict(code_t="int8_t", group=0, bits=8, has_zero=0) if f.bits == 8 else dict(
         code_t="uint8_t", group=f.group_size, bits=4, has_zero=int(f.has_zero_points))
     return (f"/* lowbit generated CPU kernel: activation-sparse decode GEMV, {fmt} weights, K-major */\n"
-            + _SOURCE.format(name=kernel_name(fmt), tw=TW, chunk=CHUNK[f.bits], pfd=PFD, **fields))
+            + _SOURCE.format(name=kernel_name(fmt), tw=TW, chunk=CHUNK[f.bits], pfd=PFD, stream_tiles=STREAM_TILES, **fields))
 
 
 def kernel(fmt: str, isa: str = "native"):
@@ -471,7 +532,7 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
     ksplit = 1 if tiles >= threads else -(-threads // tiles)  # enough tasks for every thread
     y = torch.empty(lead + (n,), dtype=torch.float32)
     # int32 idx [K + 16], float xv [K + 16], int64 gstart [groups + 1], float xs [groups], partials
-    scratch = torch.empty(w.scratch + ksplit * np_, dtype=torch.float32)
+    scratch = torch.empty(w.scratch + 2 * ksplit * np_, dtype=torch.float32)  # out + the wide tasks' accumulators
     # every tensor whose pointer the kernel gets is held by a local until the call returns
     got = _build(fmt, isa)(x32.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr,
                            None if bias is None else bias.data_ptr(), y.data_ptr(), scratch.data_ptr(), n, np_, k,

@@ -35,8 +35,10 @@ def threads():
 def test_activation_sparse_kernel_matches_float64(isa, fmt, threads):
     gen = torch.Generator().manual_seed(0)
     # N = 200: padded to 256 in the K-major copy; N = 128 with 2 threads: one tile, the kept inputs
-    # split over the threads (partial sums)
-    for (n, k), t in (((200, 256), 1), ((128, 512), 2)):
+    # split over the threads (partial sums); N = 1100 (9 tiles) and 2100 with 2 threads (8 + 9 tiles):
+    # int4 tasks of >= STREAM_TILES tiles read row by row
+    assert (1100 + 127) // 128 >= cpu_sparse.STREAM_TILES and (2100 + 127) // 128 // 2 >= cpu_sparse.STREAM_TILES
+    for (n, k), t in (((200, 256), 1), ((128, 512), 2), ((1100, 256), 1), ((2100, 384), 2)):
         threads(t)
         qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse(fmt))
         w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, qw.zero, fmt, k)
@@ -47,12 +49,13 @@ def test_activation_sparse_kernel_matches_float64(isa, fmt, threads):
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (isa, fmt, n, k, t)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym"])
-def test_zeroed_inputs_rows_are_never_read(fmt):
+@pytest.mark.parametrize("fmt, n", [("int8", 256), ("int4_g128_asym", 256), ("int4_g128_asym", 1100)])
+def test_zeroed_inputs_rows_are_never_read(fmt, n):
     """Garbage in the K-major rows of zeroed inputs changes nothing (bit for bit); no kept input
-    gives exactly the bias; a NaN input that is kept reaches the output."""
+    gives exactly the bias; a NaN input that is kept reaches the output (N = 1100: int4 read row by
+    row)."""
     gen = torch.Generator().manual_seed(1)
-    n, k = 256, 256
+    k = 256
     qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse(fmt))
     w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, qw.zero, fmt, k)
     x, bias = _row(k, gen), torch.randn(n, generator=gen)
