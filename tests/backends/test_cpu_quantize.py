@@ -18,6 +18,7 @@ from tests.conftest import make_model, prompt
 
 FORMATS = ("int8", "int4_g128_sym", "int4_g32_asym", "int3_g64_sym", "int3_g128_asym", "int2_g64_asym",
            "int2_g256_sym", "int4_g256_asym")
+QUANTIZED = FORMATS + ("nf4_g64", "nf4_g128")  # the quantizer does NF4 too; the dequantiser int only
 
 
 def _kernel(isa: str = "native"):
@@ -43,7 +44,7 @@ def _assert_same(w: torch.Tensor, fmt: WeightFormat, isa: str = "native") -> tup
 
 
 @pytest.mark.parametrize("isa", cpu_quantize.ISA_FLAGS)
-@pytest.mark.parametrize("key", FORMATS)
+@pytest.mark.parametrize("key", QUANTIZED)
 def test_codes_and_scales_are_bit_identical_to_the_torch_path(key, isa):
     """Random weights of several scales, float32 and bf16, odd N, K ragged against the group
     (padded as pad_to_group pads); the SQNR from the kernel's sums equals weight_sqnr_db's."""
@@ -58,10 +59,11 @@ def test_codes_and_scales_are_bit_identical_to_the_torch_path(key, isa):
         assert 10 * math.log10(signal / noise) == pytest.approx(ref_db, abs=1e-9)
 
 
-@pytest.mark.parametrize("key", FORMATS)
+@pytest.mark.parametrize("key", QUANTIZED)
 def test_adversarial_weights_are_bit_identical(key):
-    """Exact ties of round-half-to-even (values k + 1/2 of a scale that is exact in bf16),
-    all-zero groups, constant groups, signed zeros, subnormals, huge values, one outlier."""
+    """Exact ties of round-half-to-even (values k + 1/2 of a scale that is exact in bf16; NF4: the
+    midpoints between table values that float32 holds exactly, ties to the even index), all-zero
+    groups, constant groups, signed zeros, subnormals, huge values, one outlier."""
     fmt = WeightFormat.parse(key)
     k = 512
     g = fmt.group_size or k
@@ -71,6 +73,15 @@ def test_adversarial_weights_are_bit_identical(key):
     ties = torch.arange(k, dtype=torch.float32) % (2 * top) - top + 0.5
     ties[::g] = top
     ties[1::g] = -top
+    if fmt.kind == "nf4":  # absmax 1 (scale exactly 1); midpoints m with float32(m) == m exactly
+        grid = formats.NF4_GRID
+        mids = [(grid[i] + grid[i + 1]) / 2 for i in range(15)]
+        exact = torch.tensor([m for m in mids if float(torch.tensor(m, dtype=torch.float32)) == m])
+        assert len(exact) >= 4  # ties between an odd and an even index both ways round
+        ties = exact.repeat(k // len(exact) + 1)[:k].float()
+        ties[::g] = 1.0
+        codes = formats.round_to_grid(ties, torch.tensor(grid, dtype=torch.float64))
+        assert bool((codes[1:g] % 2 == 0).all())  # what the reference picks at a tie: the even index
     rows.append(ties)
     rows.append(torch.zeros(k))
     rows.append(torch.full((k,), -0.0))
@@ -101,9 +112,11 @@ def test_other_dtypes_and_transposed_views_take_float32_slices():
     _assert_same(wt, fmt)
 
 
-def test_non_int_formats_are_left_to_the_torch_path():
-    for key in ("nf4_g64", "fp8_e4m3", "mxfp4", "nvfp4"):
+def test_table_formats_but_nf4_are_left_to_the_torch_path():
+    for key in ("fp8_e4m3", "mxfp4", "nvfp4"):
         assert cpu_quantize.quantize_with_sums(torch.randn(8, 64), WeightFormat.parse(key)) is None
+    qw = formats.quantize(torch.randn(8, 64), WeightFormat.parse("nf4_g64"))  # the C dequantiser is int only
+    assert cpu_quantize.dequantize(qw.format, qw.qweight, qw.scale, qw.zero) is None
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
