@@ -71,3 +71,17 @@ def covers_all_pairs(cases: list[dict[str, Any]], factors: dict[str, list[Any]])
     seen = {(a, repr(c[a]), b, repr(c[b])) for c in cases for i, a in enumerate(names) for b in names[i + 1:]}
     return all((a, repr(va), b, repr(vb)) in seen for i, a in enumerate(names) for b in names[i + 1:]
                for va in factors[a] for vb in factors[b])
+
+
+def softcapped_gemma2_kv4(softcap: float = 0.1):
+    """``compress(gemma2, "kv4")`` of the zoo's tiny Gemma-2 with attention logit soft-capping set
+    low enough to change the outputs; returns (the compressed model, its input ids)."""
+    import copy
+
+    from lowbit_compiler import compress, zoo
+
+    model, inputs = zoo.build("gemma2")
+    model.config.attn_logit_softcapping = softcap
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = softcap
+    return compress(copy.deepcopy(model), "kv4", progress=False), inputs["input_ids"]

@@ -230,16 +230,9 @@ def test_gemma2_softcapping_generates_through_the_triton_kernel():
     """compress(gemma2, "kv4") with attention logit soft-capping set low enough to matter: generate()
     with every decode step's attention in the Triton kernel (interpreted) gives the tokens and
     logits of the blocked torch attention (LOWBIT_KV_KERNEL=torch)."""
-    import copy
+    from tests.helpers import softcapped_gemma2_kv4
 
-    from lowbit_compiler import compress, zoo
-
-    model, inputs = zoo.build("gemma2")
-    model.config.attn_logit_softcapping = 0.1
-    for layer in model.model.layers:
-        layer.self_attn.attn_logit_softcapping = 0.1
-    compressed = compress(copy.deepcopy(model), "kv4", progress=False)
-    ids = inputs["input_ids"]
+    compressed, ids = softcapped_gemma2_kv4()
     calls = []
     launch = kv_triton.packed_partials
 

@@ -80,6 +80,7 @@ def test_inspect_on_empty_dir_fails_clearly(tmp_path, capsys):
     assert "no summary.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 10-21 s (two compiles and a subprocess): the default suite's 10-minute budget
 def test_two_runs_into_one_dump_dir_keep_their_own_folders(tmp_path, capsys):
     """Two torch.compile calls in this process and one in another: three run folders, each with
     its run.json and its own graphs; inspect on the parent says which run each graph is from."""

@@ -106,6 +106,7 @@ def test_both_flows_give_bit_identical_quantized_tensors(recipe):
         assert len({model.get_submodule(k.rsplit(".", 1)[0]).fmt for k in offline if k.endswith(".qweight")}) >= 2
 
 
+@pytest.mark.slow  # 11-28 s: the default suite's 10-minute budget (make test-slow runs it)
 def test_spinquant_through_both_flows_is_bit_identical():
     recipe = PRESETS["w4a4-spin"].replace(name="spin-fast", options={"spinquant": {"r4": True, "steps": 3}})
     _, _, offline, graph = _both_flows(recipe)
