@@ -73,6 +73,12 @@ class PackedWeight(torch.nn.Module):
         self._fast: dict[tuple, Any] = {}  # (rows, compute dtype, environment) -> bound float kernel, or False
         self.out_features, self.in_features, self.padded_in_features = out_features, in_features, padded_in_features
 
+    def forget_choices(self) -> None:
+        """Drop the per-(rows, environment) kernel choices and the bound fast paths made from them
+        (the next call asks ``cpu_dispatch.choose`` again: its plans, in memory and on disk, stay)."""
+        self._dispatch.clear()
+        self._fast.clear()
+
     def torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, scales) in torch's packed-kernel layout, built at the first call that needs it."""
         if self.weight is None and self._make_layout is None:

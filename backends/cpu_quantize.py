@@ -105,6 +105,7 @@ static inline int32_t nf4_code(float v32) {
 void lowbit_quantize_rtn(const void* w, int64_t ld, int dtype, int64_t N, int64_t K, int bits, int64_t G, int sym,
                          uint8_t* codes, uint16_t* scales, uint8_t* zeros, double* sums, int threads, int nf4)
 {
+    if (nf4) sym = 1;  /* NF4 scales by absmax whatever the format's symmetric flag says */
     float nf4_grid32[16];  /* the table as formats.dequantize_parts reads it: float32 */
     for (int i = 0; i < 16; i++) nf4_grid32[i] = (float)nf4_grid64[i];
     const int64_t groups = (K + G - 1) / G;
@@ -528,7 +529,7 @@ def quantize_with_sums(w: torch.Tensor, fmt: WeightFormat, isa: str = "native"
 
     def call(src: torch.Tensor, a: int, b: int) -> None:
         fn(src.data_ptr(), src.stride(0), 0 if src.dtype == torch.float32 else 1, b - a, k, fmt.bits, g,
-           int(fmt.symmetric), codes[a:b].data_ptr(), scale[a:b].data_ptr(),
+           int(fmt.symmetric or fmt.kind == "nf4"), codes[a:b].data_ptr(), scale[a:b].data_ptr(),
            None if zero is None else zero[a:b].data_ptr(), sums[a:b].data_ptr(), threads, int(fmt.kind == "nf4"))
 
     if w.dtype in (torch.float32, torch.bfloat16) and w.stride(1) == 1 and w.stride(0) >= k:

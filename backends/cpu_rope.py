@@ -83,7 +83,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     C kernel for float32 inference calls, :func:`rope_reference` otherwise."""
     global calls
     if x.dim() != 4 or cos.dim() != 4 or x.dtype != torch.float32 or cos.dtype != torch.float32 \
-            or sin.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad)):
+            or sin.dtype != torch.float32 \
+            or (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)):
         return rope_reference(x, cos, sin)
     b, h, s, d = x.shape
     if (d % 2 or x.stride(-1) != 1 or cos.shape != sin.shape or cos.stride() != sin.stride()

@@ -158,7 +158,7 @@ def test_the_measured_choice_is_honoured_per_row_class_and_cached_on_disk(measur
 
     # a new process: plans from disk, nothing timed again; same rows, same choices
     cpu_dispatch._PLANS.clear()
-    packed._dispatch.clear()
+    packed.forget_choices()
     for rows, x, want in ((1, x1, "generated"), (4, x3, "torch"), (512, x300, "dequant_bf16")):
         before = cpu_dispatch.counter[(fmt, want)]
         cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
@@ -174,7 +174,7 @@ def test_a_plan_timed_on_a_busy_machine_is_not_kept_on_disk(measured, monkeypatc
     record = cpu_dispatch.layer_record("int8", 64, 128, torch.bfloat16)["2 rows"]
     assert "timed while the machine was busy (load 9.5 on 2 CPUs): kept for this process only" in record
     assert not cpu_dispatch.dispatch_file().exists() and measured["calls"] == 1
-    packed._dispatch.clear()  # the same process: the plan from memory, not timed again
+    packed.forget_choices()  # the same process: the plan from memory, not timed again
     cpu_kernels.packed_linear(torch.randn(2, 128), packed, None, torch.bfloat16)
     assert measured["calls"] == 1
 

@@ -112,6 +112,14 @@ def test_other_dtypes_and_transposed_views_take_float32_slices():
     _assert_same(wt, fmt)
 
 
+def test_nf4_with_the_symmetric_flag_off_still_scales_by_absmax():
+    """A recipe may spell NF4 with symmetric = false (its key is still nf4_g64): the torch path
+    ignores the flag, and so does the kernel (no zero points to write)."""
+    fmt = WeightFormat(4, 64, False, "nf4")
+    assert fmt.key == "nf4_g64" and not fmt.has_zero_points
+    _assert_same(torch.randn(12, 192) * 0.1, fmt)
+
+
 def test_table_formats_but_nf4_are_left_to_the_torch_path():
     for key in ("fp8_e4m3", "mxfp4", "nvfp4"):
         assert cpu_quantize.quantize_with_sums(torch.randn(8, 64), WeightFormat.parse(key)) is None
