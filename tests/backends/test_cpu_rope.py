@@ -86,5 +86,8 @@ def test_a_compiled_llama_rotates_q_and_k_in_one_call_each(monkeypatch):
         assert sum(n.target is cpu_rope.rope for n in nodes) == 2 * layers
         assert not any(n.target in (operator.neg, torch.neg) for n in nodes)  # rotate_half's negation is gone
         assert summary["cpu_fusions"] == {"rope": 2 * layers}
+    from lowbit_compiler.cli import format_summary  # what `lowbit inspect` prints for the graph
+
+    assert f"rope expressions as generated calls: {2 * layers}" in format_summary({"graph": "g", **rec.summaries[0]})
     _, plain_logits, plain_ran = run(False)
     assert plain_ran == 0 and torch.equal(fused_logits, plain_logits)
