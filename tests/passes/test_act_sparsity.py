@@ -423,6 +423,7 @@ def _check_rsparse_manifest(meta):
         checkpoint.validate(bad)
 
 
+@pytest.mark.slow  # 16-18 s: the 10-minute budget; R-Sparse through both flows, reloaded: the int4 test below
 def test_rsparse_through_compress_matches_compile_float64_and_reloads(tmp_path):
     """rsparse-50 through compress: every block linear an RSparseLinear (the float weight, its
     threshold, its rank-32 factors); logits equal to the compiled flow's, close to a float64
