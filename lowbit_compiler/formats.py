@@ -124,6 +124,9 @@ class WeightFormat:
                                   "(per-channel) and bits=2, 3, 4 (group-wise)")
             return
         kind = KINDS[self.kind]
+        if not self.symmetric:  # a table format has no integer zero point to be asymmetric with
+            raise FormatError(f"format {self.kind}: symmetric=False applies to int formats only ({self.kind} "
+                              "codes index a fixed value table scaled per block); drop symmetric=false")
         if self.bits != kind.code_bits:
             raise FormatError(f"format {self.kind} has {kind.code_bits}-bit codes; got bits={self.bits}")
         if kind.block is not None and self.group_size != kind.block:

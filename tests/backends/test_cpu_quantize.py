@@ -112,12 +112,13 @@ def test_other_dtypes_and_transposed_views_take_float32_slices():
     _assert_same(wt, fmt)
 
 
-def test_nf4_with_the_symmetric_flag_off_still_scales_by_absmax():
-    """A recipe may spell NF4 with symmetric = false (its key is still nf4_g64): the torch path
-    ignores the flag, and so does the kernel (no zero points to write)."""
-    fmt = WeightFormat(4, 64, False, "nf4")
-    assert fmt.key == "nf4_g64" and not fmt.has_zero_points
-    _assert_same(torch.randn(12, 192) * 0.1, fmt)
+@pytest.mark.parametrize("kind, bits, group", [("nf4", 4, 64), ("fp8_e4m3", 8, None), ("mxfp4", 4, 32)])
+def test_table_formats_refuse_the_symmetric_flag_off(kind, bits, group):
+    """symmetric=False means integer zero points: a table format has none, so a recipe that says
+    so is refused naming the format and the fix (the NF4 quantizer kernel, handed such a format,
+    wrote zero points through a NULL pointer before)."""
+    with pytest.raises(FormatError, match=f"format {kind}: symmetric=False applies to int formats only.*drop"):
+        WeightFormat(bits, group, False, kind)
 
 
 def test_table_formats_but_nf4_are_left_to_the_torch_path():
