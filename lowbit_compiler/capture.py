@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -60,21 +61,66 @@ class Captured:
         return None
 
 
+# Full names of compiled models: Dynamo names a graph's parameters from the frame it traced, and
+# after a graph break inside a decoder layer (the compressed KV cache's attention: each layer's
+# attention and the rest of the layer are separate frames) that frame is the layer or its
+# attention, so its names are ``q_proj.weight`` for every layer. The model a compressed KV cache is
+# installed on (``kv.install``) is remembered here, and a graph whose tensors it holds gets the
+# prefix that makes their names full (looked up when a graph is captured: the model's modules may
+# have been swapped since, as ``compress`` swaps its linears).
+_MODELS: list[weakref.ref] = []
+
+
+def remember_names(module: torch.nn.Module) -> None:
+    """Name graphs' parameters and buffers after ``module``'s full names where it holds them."""
+    _MODELS[:] = [ref for ref in _MODELS if ref() is not None and ref() is not module]
+    _MODELS.append(weakref.ref(module))
+
+
+def full_name_prefix(state: dict[str, torch.Tensor]) -> str | None:
+    """The prefix that turns these (name -> tensor) names into the full names a remembered model
+    gives the same tensors: ``""`` when they are full already, None when some tensor is unknown
+    or the tensors disagree (the names stay as Dynamo gave them)."""
+    if not state:
+        return None
+    wanted = {id(t): t for t in state.values()}
+    found: dict[int, str] = {}
+    for ref in _MODELS:
+        model = ref()
+        if model is None:
+            continue
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            if wanted.get(id(t)) is t and id(t) not in found:
+                found[id(t)] = name
+    prefixes = set()
+    for fqn, t in state.items():
+        full = found.get(id(t))
+        if full is None or not (full == fqn or full.endswith("." + fqn)):
+            return None
+        prefixes.add(full[: len(full) - len(fqn)])
+    return prefixes.pop() if len(prefixes) == 1 else None
+
+
 def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
             module_state: dict[int, tuple[str, bool]] | None = None) -> Captured:
     """Freeze ``gm``'s parameter inputs. ``module_state`` (from an earlier capture of the same
-    Dynamo graph) says which positions are module state when Dynamo's sources are gone."""
+    Dynamo graph) says which positions are module state when Dynamo's sources are gone. Names are
+    made full where a remembered model holds the same tensors (:func:`full_name_prefix`)."""
     graph = copy.deepcopy(gm.graph)  # Dynamo's graph stays untouched (meta is shared, not copied)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     root = torch.nn.Module()
     kept, frozen, frozen_parameters, states, frozen_buffers = [], {}, [], {}, []
     first_real = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        state = module_state.get(index) if module_state is not None else _dynamo_adapter.module_state_of(node)
+    found = [(index, node, value, module_state.get(index) if module_state is not None
+              else _dynamo_adapter.module_state_of(node))
+             for index, (node, value) in enumerate(zip(placeholders, example_inputs))]
+    prefix = full_name_prefix({st[0]: v for _, _, v, st in found if st is not None and isinstance(v, torch.Tensor)})
+    prefix = prefix or ""
+    for index, node, value, state in found:
         if state is None or not isinstance(value, torch.Tensor):
             kept.append(index)
             continue
-        fqn, is_parameter = state
+        fqn, is_parameter = prefix + state[0], state[1]  # module_state keeps Dynamo's own name (below)
         if fqn in frozen and frozen[fqn] is not value:
             raise RuntimeError(f"capture: two different tensors claim the FQN {fqn!r}")
         frozen[fqn] = value
@@ -98,7 +144,8 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if node.op in ("call_function", "call_method", "call_module"):
             module = _dynamo_adapter.calling_module(node)
             if module is not None:
-                ir.put(node, ir.MODULE, ir.ModuleInfo(*module))
+                name = (prefix + module[0]) if module[0] else prefix.rstrip(".")
+                ir.put(node, ir.MODULE, ir.ModuleInfo(name, module[1]))
     # Attributes are copied by reference: the GraphModule holds the user's nn.Parameter objects.
     new_gm = fx.GraphModule(root, graph, class_name="LowbitGraph")
     return Captured(new_gm, kept, frozen, frozen_parameters, states, frozen_buffers)

@@ -1013,6 +1013,9 @@ def install(model: torch.nn.Module, formats: "dict[int, KVFormat]", strict: bool
     (layer index -> format): its attention becomes ``"lowbit_kv"``, and a forward with
     ``use_cache=True`` and no cache (or the empty ``DynamicCache`` ``generate()`` creates) gets a
     compressed one. Returns what was done, or the reason it was not (raised in strict mode)."""
+    from lowbit_compiler.capture import remember_names
+
+    remember_names(model)  # the cache's graph breaks: later graphs are traced from layers (their names)
     config = getattr(model, "config", None)
     reason = None
     if config is None or not hasattr(config, "_attn_implementation"):

@@ -396,6 +396,26 @@ def test_compile_flow_composed_recipe_uses_quantized_weights_and_the_compressed_
     assert max(abs(a - b) for a, b in zip(away, _step_sqnr(float_logits, out.logits))) < 1.0
 
 
+def test_graphs_after_the_caches_graph_breaks_name_their_layers_in_full(llama):
+    """With the compressed cache each layer's attention and MLP are graphs of their own, traced
+    from the layer (Dynamo's names: ``q_proj``): the summaries name every quantized linear by its
+    full name in the model, once per layer, as the graph of an unbroken model does."""
+    from tests.helpers import Recorder
+
+    model, inputs = llama
+    compiled = copy.deepcopy(model)
+    rec = Recorder(recipe="w4a16+kv4", progress=False)
+    torch._dynamo.reset()
+    compiled.compile(backend=rec)
+    with torch.no_grad():
+        compiled(inputs["input_ids"], use_cache=True)
+    # one compiled variant per layer of a shared graph (LowbitCompiled._variants): every summary
+    summaries = [summary for c in rec.compiled for _, summary, _ in c._variants.values()]
+    named = [name for summary in summaries for name in summary.get("layers", {})]
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(named) == sorted(linears), named
+
+
 def test_compile_flow_raised_recompile_limit_still_raises_in_strict_mode(llama, monkeypatch):
     """The raised limit is a bound, not a switch-off: where it is too low (forced here to 9: the
     prefill and the first decode step take 10 entries on transformers' shared wrapper), strict=True
