@@ -1632,17 +1632,15 @@ class Bound:
         the kernel has no such entry (the caller runs the norm and the add in torch).
 
         A decode step makes dozens of these calls between kernels that stream the caches empty, so
-        the Python here runs cold: the entry is looked up once, the tensors are checked inline,
-        and the scratch and the normalised row share one allocation."""
+        the Python here runs cold: the entry is looked up once, and the scratch and the normalised
+        row share one allocation."""
         fn = self.ext_fn
         if fn is None:
             fn = self.ext_fn = ext_kernel(self.fmt, self.isa, self.split8, multi=False) or False
         if fn is False:
             return None
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
         # converted copies (if any) stay referenced by these names until the call returns
-        bias, nw, res = _f32(bias), _f32(norm_weight), _f32(residual)
+        x, bias, nw, res = _f32(x), _f32(bias), _f32(norm_weight), _f32(residual)
         rows = x.shape[0]
         y = torch.empty(rows, self.n, dtype=torch.float32)
         # scratch (rows * self.scratch floats) then, 64-byte aligned, the normalised rows: one allocation
@@ -1682,9 +1680,10 @@ class BoundGroup:
         self.ext_fn = None  # the _multi_ext entry, looked up at the first ext call (False: none)
 
     def _bias_ptrs(self, biases: list[torch.Tensor | None]):
+        """The pointers of float32 biases (the caller converted them and holds them)."""
         if all(b is None for b in biases):
             return self.no_bias
-        return (ctypes.c_void_p * self.nw)(*[None if b is None else _f32(b).data_ptr() for b in biases])
+        return (ctypes.c_void_p * self.nw)(*[None if b is None else b.data_ptr() for b in biases])
 
     def __call__(self, x: torch.Tensor, biases: list[torch.Tensor | None]) -> torch.Tensor:
         rows, x32 = x.shape[0], _f32(x)
@@ -1708,9 +1707,7 @@ class BoundGroup:
             fn = self.ext_fn = ext_kernel(m0.fmt, m0.isa, m0.split8, multi=True) or False
         if fn is False:
             return None
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        biases = [_f32(b) for b in biases]  # kept alive through the call
+        x, biases = _f32(x), [_f32(b) for b in biases]  # converted copies kept alive through the call
         rows = x.shape[0]
         nw = _f32(norm_weight)
         y = torch.empty(rows, self.n_out, dtype=torch.float32)

@@ -240,30 +240,27 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     choice = cpu_dispatch.choose(packed, rows, compute_dtype)
     if norm_weight is None and residual is None:
         return run_candidate(choice, x, packed, bias, compute_dtype)
-    if choice == "generated" and rows <= cpu_codegen.MAX_ROWS and not cpu_codegen.int8_activations_enabled():
-        bound = packed.generated()
-        if bound is not None:
-            res = None if residual is None else residual.reshape(-1, packed.out_features)
-            y = bound.ext(x.reshape(-1, x.shape[-1]), bias, norm_weight, eps, res)
-            if y is not None:
-                cpu_dispatch.counter[(packed.fmt, "generated")] += 1
-                y = y.view(*x.shape[:-1], packed.out_features)
-                return y if x.dtype == torch.float32 else y.to(x.dtype)
     if norm_weight is not None:
         x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
     y = run_candidate(choice, x, packed, bias, compute_dtype)
     return y if residual is None else residual + y
 
 
+def _generated_chosen(members, rows: int, compute_dtype: torch.dtype, env: tuple) -> bool:
+    """Whether the dispatch gives a call of ``rows`` rows on every one of these weights to the
+    generated float kernel (int8 activations check x per call, so they never take the memo)."""
+    return (not cpu_codegen.int8_activations_enabled()
+            and all(cpu_dispatch.choose(m, rows, compute_dtype, env) == "generated" for m in members))
+
+
 def _fast_bound(packed: PackedWeight, rows: int, compute_dtype: torch.dtype, env: tuple) -> Any:
     """The bound float kernel a decode call of ``rows`` rows takes when the dispatch chose the
-    generated kernel, else False (torch's kernel, int8 activations -- which check x per call --, no
-    kernel): what ``packed_linear`` memoises so that a decode call skips the dispatch's per-call
-    Python. The call runs cold (the kernels before it streamed the caches empty), so every
-    avoided step counts: ~30 -> ~10 us of Python per call."""
-    if cpu_dispatch.choose(packed, rows, compute_dtype, env) != "generated" or cpu_codegen.int8_activations_enabled():
-        return False
-    return packed.generated() or False
+    generated kernel, else False (torch's kernel, int8 activations, no kernel): what
+    ``packed_linear`` memoises so that a decode call skips the dispatch's per-call Python. The
+    call runs cold (the kernels before it streamed the caches empty), so every avoided step
+    counts: ~30 -> ~10 us of Python per call. It is also the only path to the ``_ext`` entry:
+    without one (None from ``Bound.ext``) the norm and the add run in torch around the kernel."""
+    return (_generated_chosen([packed], rows, compute_dtype, env) and packed.generated()) or False
 
 
 def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
@@ -350,9 +347,7 @@ def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dt
         bound = fused._fast.get((rows, compute_dtype, env))
         if bound is None:
             bound = fused._fast[(rows, compute_dtype, env)] = (
-                not cpu_codegen.int8_activations_enabled()
-                and all(cpu_dispatch.choose(m, rows, compute_dtype, env) == "generated" for m in fused.members)
-                and fused.bound()) or False
+                _generated_chosen(fused.members, rows, compute_dtype, env) and fused.bound()) or False
     if bound:
         x2 = x.reshape(rows, x.shape[-1])
         y = bound(x2, biases) if norm_weight is None else bound.ext(x2, biases, norm_weight, eps)

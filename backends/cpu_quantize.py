@@ -529,7 +529,7 @@ def quantize_with_sums(w: torch.Tensor, fmt: WeightFormat, isa: str = "native"
 
     def call(src: torch.Tensor, a: int, b: int) -> None:
         fn(src.data_ptr(), src.stride(0), 0 if src.dtype == torch.float32 else 1, b - a, k, fmt.bits, g,
-           int(fmt.symmetric or fmt.kind == "nf4"), codes[a:b].data_ptr(), scale[a:b].data_ptr(),
+           int(fmt.symmetric), codes[a:b].data_ptr(), scale[a:b].data_ptr(),
            None if zero is None else zero[a:b].data_ptr(), sums[a:b].data_ptr(), threads, int(fmt.kind == "nf4"))
 
     if w.dtype in (torch.float32, torch.bfloat16) and w.stride(1) == 1 and w.stride(0) >= k:

@@ -24,6 +24,7 @@ import collections
 import operator
 import dataclasses
 import logging
+import os
 from typing import Any, Callable
 
 import torch
@@ -121,7 +122,7 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
             continue
         kernels[node.name] = lowering(node, gm, ctx, state)
     fusions: dict[str, int] = {}
-    if target == "cpu" and inner == "eager":
+    if target == "cpu" and inner == "eager" and os.environ.get(cpu_codegen.FUSE_ENV, "1") != "0":
         _fuse_cpu_groups(gm, kernels)
         _fuse_cpu_prologues(gm, kernels)
         if rope := _fuse_cpu_rope(gm):
@@ -298,10 +299,6 @@ def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
     by side (``cpu_kernels.fused_linear``: one OpenMP region instead of two or three; more than
     ``MAX_ROWS`` rows run the members one by one, as before). The same groups the Triton generator
     finds (``fusion._classify`` names the SiLU and the mul); ``LOWBIT_CPU_FUSE=0`` turns it off."""
-    import os
-
-    if os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0":
-        return
 
     def member(node: Any) -> cpu_kernels.PackedWeight | None:
         if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is cpu_kernels.packed_linear):
@@ -380,10 +377,6 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
     norms and adds in the graph) and plain RMSNorms (weight a parameter of the model, no offset);
     ``LOWBIT_CPU_FUSE=0`` turns it off with the groups. The kernel's normalisation sums squares in
     double: it differs from torch's ``rms_norm`` by rounding only (tested against float64)."""
-    import os
-
-    if os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0":
-        return
 
     def float32(node: Any) -> bool:
         v = _dynamo_adapter.example_value(node) if isinstance(node, fx.Node) else None
@@ -463,12 +456,7 @@ def _fuse_cpu_rope(gm: fx.GraphModule) -> int:
     decode step's GEMVs runs cold, see ``cpu_rope``). Matched on float32 4-D ``x`` whose slices,
     negation, cat and products feed nothing else; bit-exact (``cpu_rope``). Returns how many were
     replaced; ``LOWBIT_CPU_FUSE=0`` turns it off with the other CPU fusions."""
-    import os
-
     from lowbit_compiler.backends import cpu_rope
-
-    if os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0":
-        return 0
 
     def call(node: Any, *targets: Any) -> bool:
         return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets

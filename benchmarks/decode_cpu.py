@@ -83,9 +83,7 @@ def linear_bytes(model: torch.nn.Module, dtype_bytes: int) -> int:
 
 def quantized_bytes(dump_dir: str | dict, model: torch.nn.Module) -> int:
     """Bytes of the quantized linears (from the dump, or a ``compress`` summary's ``layers``) plus
-    the float linears left alone. A graph compiled after a graph break (the compressed KV cache's,
-    per decoder layer) names its layers from that graph's root (``q_proj``, ``mlp.gate_proj``):
-    such a record stands for every module whose name ends with it (this model's layers are alike)."""
+    the float linears left alone."""
     from lowbit_compiler.dump import load_summaries
 
     layers: dict[str, dict] = {}
@@ -97,8 +95,7 @@ def quantized_bytes(dump_dir: str | dict, model: torch.nn.Module) -> int:
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            layer = layers.get(name) or next((v for k, v in sorted(layers.items(), key=lambda kv: -len(kv[0]))
-                                              if name.endswith("." + k)), None)
+            layer = layers.get(name)
             total += layer["bytes_after"] if layer and "bytes_after" in layer else module.weight.numel() * module.weight.element_size()
     return total
 
