@@ -523,7 +523,9 @@ def class_label(cls: tuple) -> str:
 
 # the variables a choice depends on, read at every call: through os.environ's own byte-keyed dict
 # where it has one (POSIX CPython: ~50 ns a lookup against ~0.5 us for os.environ.get)
-_ENV_NAMES = (ENV, cpu_codegen.ISA_ENV, cpu_codegen.INT8_ACTIVATIONS_ENV, cpu_codegen.ENV, cpu_codegen.SPLIT8_ENV)
+# the last one is cpu_sparse.DISPATCH_ENV (cpu_sparse imports this module)
+_ENV_NAMES = (ENV, cpu_codegen.ISA_ENV, cpu_codegen.INT8_ACTIVATIONS_ENV, cpu_codegen.ENV, cpu_codegen.SPLIT8_ENV,
+              "LOWBIT_SPARSE_DISPATCH")
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _ENV_KEYS = tuple(os.fsencode(name) for name in _ENV_NAMES)
 

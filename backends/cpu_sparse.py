@@ -78,6 +78,7 @@ ISAS = {"native": None, "avx2": ("-mno-avx512f",), "portable": ()}  # extra flag
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SP_AVX512 1
@@ -98,9 +99,14 @@ _SOURCE = r"""
 
 static inline float sp_bf16(uint16_t h) {{ uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }}
 
-/* Compact the nonzero inputs: idx[p], xv[p] for p < nnz, in order; gstart[g] = first p of group g
-   (gstart[groups] = nnz); xs[g] = sum of the group's inputs (int4 zero points). Returns nnz. */
-static int64_t sp_compact(const float* x, int64_t K, int64_t G, int32_t* idx, float* xv, int64_t* gstart, float* xs)
+/* Compact the kept inputs: idx[p], xv[p] for p < nnz, in order; gstart[g] = first p of group g
+   (gstart[groups] = nnz); xs[g] = sum of the group's kept inputs (int4 zero points). Returns nnz.
+   thr == NULL: x is already thresholded, every nonzero input is kept. Else the threshold is applied
+   here (lowbit::act_sparsify): input k is kept when |x_k| (* cs[k], WINA) >= thr[k * thr_stride]
+   and x_k != 0 (a NaN score is not kept, as torch.where's comparison); xs_out (when not NULL)
+   receives the thresholded row, what the dense kernel reads when the call has too many kept. */
+static int64_t sp_compact(const float* x, int64_t K, int64_t G, int32_t* idx, float* xv, int64_t* gstart, float* xs,
+                          const float* thr, int64_t thr_stride, const float* cs, float* xs_out)
 {{
     const int64_t groups = K / G;
     int64_t nnz = 0;
@@ -115,21 +121,38 @@ static int64_t sp_compact(const float* x, int64_t K, int64_t G, int32_t* idx, fl
         __m512 tv = _mm512_setzero_ps();
         for (; k + 16 <= (g + 1) * G; k += 16) {{
             const __m512 v = _mm512_loadu_ps(x + k);
-            const __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            if (thr) {{
+                __m512 score = _mm512_abs_ps(v);
+                if (cs)
+                    score = _mm512_mul_ps(score, _mm512_loadu_ps(cs + k));
+                const __m512 tk = thr_stride ? _mm512_loadu_ps(thr + k) : _mm512_set1_ps(thr[0]);
+                m &= _mm512_cmp_ps_mask(score, tk, _CMP_GE_OQ);
+                if (xs_out)
+                    _mm512_storeu_ps(xs_out + k, _mm512_maskz_mov_ps(m, v));
+            }}
             _mm512_storeu_ps(xv + nnz, _mm512_maskz_compress_ps(m, v));
             _mm512_storeu_si512((void*)(idx + nnz), _mm512_maskz_compress_epi32(m, iota));
             nnz += __builtin_popcount((unsigned)m);
-            tv = _mm512_add_ps(tv, v);
+            tv = _mm512_mask_add_ps(tv, m, tv, v);
             iota = _mm512_add_epi32(iota, step);
         }}
         t = _mm512_reduce_add_ps(tv);
 #endif
-        for (; k < (g + 1) * G; k++)
-            if (x[k] != 0.0f) {{
+        for (; k < (g + 1) * G; k++) {{
+            int keep = x[k] != 0.0f;  /* NaN != 0: kept */
+            if (thr) {{
+                const float score = fabsf(x[k]) * (cs ? cs[k] : 1.0f);
+                keep = x[k] != 0.0f && score >= thr[k * thr_stride];
+                if (xs_out)
+                    xs_out[k] = keep ? x[k] : 0.0f;
+            }}
+            if (keep) {{
                 idx[nnz] = (int32_t)k;
                 xv[nnz++] = x[k];
                 t += x[k];
             }}
+        }}
         xs[g] = t;
     }}
     gstart[groups] = nnz;
@@ -263,7 +286,8 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
    [K + 16], int64 gstart [groups + 1], float xs [groups], float out [ksplit * Np]. */
 int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, const uint8_t* zero,
                const float* bias, float* y, void* scratch, int64_t N, int64_t Np, int64_t K,
-               int64_t max_nnz, int64_t ksplit, int threads)
+               int64_t max_nnz, int64_t ksplit, int threads, const float* thr, int64_t thr_stride,
+               const float* cs, float* xs_out)
 {{
     const int64_t G = GROUP ? GROUP : K, groups = K / G, row = Np * BITS / 8;
     int32_t* idx = (int32_t*)scratch;
@@ -273,7 +297,7 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
     float* out = xs + groups;
     float* acc_all = out + ksplit * Np;  /* the wide tasks' accumulators (int4) */
     (void)acc_all;
-    const int64_t nnz = sp_compact(x, K, G, idx, xv, gstart, xs);
+    const int64_t nnz = sp_compact(x, K, G, idx, xv, gstart, xs, thr, thr_stride, cs, xs_out);
     if (nnz > max_nnz)
         return -1;
     const int64_t tiles = Np / TW, parts = ksplit > 1 ? tiles : (tiles < threads ? tiles : threads);
@@ -401,7 +425,8 @@ def _build(fmt: str, isa: str):
     flags = cpu_codegen.FLAGS if extra is None else (
         cpu_codegen.PORTABLE_FLAGS if extra == () else cpu_codegen.FLAGS + extra)
     fn = cpu_codegen.build(kernel_name(fmt), source(fmt),
-                           [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int],
+                           [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+                           + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
                            "the dense kernels run on the thresholded input", what=f"the activation-sparse {fmt} kernel",
                            flags=flags)
     if fn is not None:
@@ -479,21 +504,25 @@ def chunk_nibbles(q: torch.Tensor) -> torch.Tensor:
 def kmajor_cpu(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
                in_features: int) -> CpuKMajor:
     """The CPU kernel's K-major copy of one quantized weight (cached by the identity of ``qweight``)."""
-    def make() -> CpuKMajor:
-        f = WeightFormat.parse(fmt)
-        n = scale.shape[0]
-        np_ = -(-n // TW) * TW
-        pad = np_ - n
-        s = torch.nn.functional.pad(scale.to(torch.bfloat16).reshape(n, -1).t(), (0, pad))  # zero scale: padding
-        if f.bits == 8:
-            codes = torch.nn.functional.pad(qweight.t(), (0, pad)).contiguous()
-            return CpuKMajor(codes, s.contiguous().view(torch.int16), None, n, np_, in_features)
-        q = _unpack(qweight, 4)[:, :in_features].t()
-        codes = chunk_nibbles(torch.nn.functional.pad(q, (0, pad)))
-        z = None if zero is None else torch.nn.functional.pad(zero.t().to(torch.uint8), (0, pad)).contiguous()
-        return CpuKMajor(codes, s.contiguous().view(torch.int16), z, n, np_, in_features)
+    return KMAJOR_CACHE.get_or_create(qweight, ("kmajor_cpu", fmt),
+                                      lambda: make_kmajor_cpu(qweight, scale, zero, fmt, in_features))
 
-    return KMAJOR_CACHE.get_or_create(qweight, ("kmajor_cpu", fmt), make)
+
+def make_kmajor_cpu(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+                    in_features: int) -> CpuKMajor:
+    """:func:`kmajor_cpu` without the cache (a group's weights stacked along N: :class:`SparseInputGroup`)."""
+    f = WeightFormat.parse(fmt)
+    n = scale.shape[0]
+    np_ = -(-n // TW) * TW
+    pad = np_ - n
+    s = torch.nn.functional.pad(scale.to(torch.bfloat16).reshape(n, -1).t(), (0, pad))  # zero scale: padding
+    if f.bits == 8:
+        codes = torch.nn.functional.pad(qweight.t(), (0, pad)).contiguous()
+        return CpuKMajor(codes, s.contiguous().view(torch.int16), None, n, np_, in_features)
+    q = _unpack(qweight, 4)[:, :in_features].t()
+    codes = chunk_nibbles(torch.nn.functional.pad(q, (0, pad)))
+    z = None if zero is None else torch.nn.functional.pad(zero.t().to(torch.uint8), (0, pad)).contiguous()
+    return CpuKMajor(codes, s.contiguous().view(torch.int16), z, n, np_, in_features)
 
 
 @functools.lru_cache(maxsize=None)
@@ -522,10 +551,14 @@ def unsupported_reason(x: torch.Tensor, scale: torch.Tensor, fmt: str, in_featur
 
 
 def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, max_nnz: int,
-        isa: str = "native", lead: tuple = ()) -> torch.Tensor | None:
+        isa: str = "native", lead: tuple = (), threshold: torch.Tensor | None = None,
+        col_scale: torch.Tensor | None = None, xs_out: torch.Tensor | None = None) -> torch.Tensor | None:
     """One call of the kernel on a contiguous float32 row ``x32`` (K values): ``y`` [*lead, N]
-    float32, or None when more than ``max_nnz`` inputs are nonzero (nothing computed past the
-    compaction)."""
+    float32, or None when more than ``max_nnz`` inputs are kept (nothing computed past the
+    compaction). Without ``threshold`` the row is already thresholded (its nonzeros are kept);
+    with it (float32 [1] or [K], contiguous; ``col_scale`` float32 [K] or None) the kernel applies
+    ``lowbit::act_sparsify`` itself and, given ``xs_out`` (float32 [K]), writes the thresholded row
+    there (also when it returns None: the dense kernel's input)."""
     k, n, np_ = w.in_features, w.out_features, w.padded_out
     threads = torch.get_num_threads()
     tiles = np_ // TW
@@ -536,7 +569,11 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
     # every tensor whose pointer the kernel gets is held by a local until the call returns
     got = _build(fmt, isa)(x32.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr,
                            None if bias is None else bias.data_ptr(), y.data_ptr(), scratch.data_ptr(), n, np_, k,
-                           max_nnz, ksplit, threads)
+                           max_nnz, ksplit, threads,
+                           None if threshold is None else threshold.data_ptr(),
+                           0 if threshold is None or threshold.numel() == 1 else 1,
+                           None if col_scale is None else col_scale.data_ptr(),
+                           None if xs_out is None else xs_out.data_ptr())
     return None if got < 0 else y
 
 
@@ -580,12 +617,12 @@ def cached_plan(memo_key: tuple, disk_key, make) -> dict:
 
 
 def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
-            in_features: int) -> dict:
+            in_features: int, w: CpuKMajor | None = None) -> dict:
     """Time the sparse kernel (all inputs kept, a quarter kept) and the dense generated kernel on
     this weight, calls interleaved, each weight evicted from the caches before its call (as in a
     decode step: :func:`_evict`), minimum of :data:`REPEATS`; the crossover ``max_nnz`` is where
     the straight line through the two sparse times meets the dense time / :data:`MARGIN`."""
-    w = kmajor_cpu(qweight, scale, zero, fmt, in_features)
+    w = w or kmajor_cpu(qweight, scale, zero, fmt, in_features)
     k = in_features
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(k, generator=gen).abs() + 0.1
@@ -613,11 +650,15 @@ def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
 def plan(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str, in_features: int) -> dict:
     """The dispatch plan of one (format, N, K, threads): measured at first use, cached in memory
     and on disk. ``max_nnz``: the most kept inputs the sparse kernel takes (-1: never)."""
-    n, threads = scale.shape[0], torch.get_num_threads()
+    return plan_for(fmt, scale.shape[0], in_features, lambda: measure(qweight, scale, zero, fmt, in_features))
+
+
+def plan_for(fmt: str, n: int, in_features: int, make) -> dict:
+    """:func:`plan` by shape: ``make()`` measures when neither memory nor the disk has the plan."""
+    threads = torch.get_num_threads()
     return cached_plan(("act", fmt, n, in_features, threads),
                        lambda: f"act|{fmt}|N={n}|K={in_features}|threads={threads}|"
-                               f"{_digest(source(fmt), cpu_codegen.source(fmt))}",
-                       lambda: measure(qweight, scale, zero, fmt, in_features))
+                               f"{_digest(source(fmt), cpu_codegen.source(fmt))}", make)
 
 
 def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> dict:
@@ -751,3 +792,137 @@ def sparse_or_dense(xs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     y = linear(xs, qweight, scale, zero, bias, fmt, in_features)
     return y if y is not None else cpu_codegen.linear(xs.reshape(-1, in_features), qweight, scale, zero, bias, fmt,
                                                       in_features)
+
+
+class SparseInputGroup(torch.nn.Module):
+    """Quantized linears that read one thresholded input, lowered for the CPU as one call
+    (``lowering._sparse_input_linear_cpu`` / ``_fuse_cpu_sparse_groups``): the
+    ``lowbit::sparse_input_linear`` nodes of one site (q/k/v; gate and up, with ``silu(gate) * up``
+    as ``epilogue``; o_proj and down_proj alone) share ``x``, the threshold and WINA's column
+    scale, so a decode row is thresholded and compacted once, in the kernel, and the members'
+    K-major copies stacked along N (one copy, :func:`make_kmajor_cpu` of the stacked weights) are
+    read by one kernel call. The crossover to the dense kernels is measured on the stacked shape
+    (:func:`plan_for`); a row keeping more inputs, and calls of more rows, run the dense generated
+    kernels (one fused call for a group, ``cpu_kernels.fused_linear``) on the thresholded input.
+
+    A module so that lowered graphs hold it with ``get_attr``; the K-major copy is built at the
+    first decode call (freed again when the measured plan never takes the sparse kernel)."""
+
+    def __init__(self, threshold: torch.Tensor, col_scale: torch.Tensor | None,
+                 members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], fmt: str, in_features: int,
+                 compute_dtype: torch.dtype, epilogue: int = 0):
+        super().__init__()
+        from lowbit_compiler.backends import cpu_kernels
+
+        self.fmt, self.in_features, self.epilogue, self.compute_dtype = fmt, in_features, epilogue, compute_dtype
+        self.threshold_source, self.col_scale_source = threshold, col_scale  # the graph's constants (grouping key)
+        self.threshold = threshold.detach().to(torch.float32).contiguous()
+        self.col_scale = None if col_scale is None else col_scale.detach().to(torch.float32).contiguous()
+        self.quantized = list(members)
+        self.sizes = [s.shape[0] for _, s, _ in members]
+        self.out_features = sum(self.sizes)
+        self.dense = torch.nn.ModuleList([cpu_kernels.prepack(q, s, z, fmt, in_features, compute_dtype)
+                                          for q, s, z in members])
+        self.fused = cpu_kernels.FusedWeights(list(self.dense), epilogue) if len(members) > 1 else None
+        self._kmajor: CpuKMajor | None = None
+        self._limit: dict[tuple, int] = {}  # (environment, threads) -> most kept inputs for the sparse kernel
+        self._bias: tuple | None = None  # (the biases' identities, their float32 concatenation)
+
+    def kmajor(self) -> CpuKMajor:
+        if self._kmajor is None:
+            if len(self.quantized) == 1:
+                self._kmajor = kmajor_cpu(*self.quantized[0], self.fmt, self.in_features)
+            else:
+                self._kmajor = make_kmajor_cpu(*self._stacked(), self.fmt, self.in_features)
+        return self._kmajor
+
+    def _stacked(self):
+        q, s, z = zip(*self.quantized)
+        return torch.cat(q), torch.cat(s), None if z[0] is None else torch.cat(z)
+
+    def limit(self) -> int:
+        """The most kept inputs a decode row may have to take the sparse kernel (-1: never),
+        per environment (``LOWBIT_SPARSE_DISPATCH``) and thread count."""
+        from lowbit_compiler.backends import cpu_dispatch
+
+        key = (cpu_dispatch.env_key(), torch.get_num_threads())
+        got = self._limit.get(key)
+        if got is None:
+            mode = _mode()
+            if os.environ.get(cpu_codegen.ENV, "1") == "0":
+                got = -1
+            elif mode in ("sparse", "dense"):
+                got = self.in_features if mode == "sparse" else -1
+            else:
+                def make() -> dict:
+                    if len(self.quantized) == 1:
+                        return measure(*self.quantized[0], self.fmt, self.in_features, self.kmajor())
+                    return measure(*self._stacked(), self.fmt, self.in_features, self.kmajor())
+
+                got = plan_for(self.fmt, self.out_features, self.in_features, make)["max_nnz"]
+            if got < 0 and len(self.quantized) > 1:
+                self._kmajor = None  # never read: the dense kernels run every call
+            got = self._limit[key] = got
+        return got
+
+    def bias(self, biases: tuple) -> torch.Tensor | None:
+        """The members' biases as one float32 row (zeros for members without one), or None."""
+        if all(b is None for b in biases):
+            return None
+        ids = tuple(id(b) for b in biases)
+        if self._bias is None or self._bias[0] != ids:
+            self._bias = (ids, torch.cat([torch.zeros(n) if b is None else b.detach().float().reshape(n)
+                                          for b, n in zip(biases, self.sizes)]).contiguous())
+        return self._bias[1]
+
+    def extra_repr(self) -> str:
+        what = ("silu(gate) * up" if self.epilogue == cpu_codegen.SILU_MUL
+                else "outputs side by side" if len(self.sizes) > 1 else "one weight")
+        return f"{self.fmt}, {len(self.sizes)} weight(s) of one thresholded input ({what}), K={self.in_features}"
+
+
+def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: tuple,
+                              norm_weight: torch.Tensor | None = None, eps: float | None = None,
+                              residual: torch.Tensor | None = None):
+    """``lowbit::sparse_input_linear`` of every member of ``group`` on ``x`` (after
+    ``rms_norm(x, norm_weight, eps)`` when given; plus ``residual`` for a single member): one row
+    takes the activation-sparse kernel (threshold, compaction and the stacked K-major GEMV in one C
+    call) when it keeps at most ``group.limit()`` inputs; otherwise, and for more rows, the dense
+    kernels run on the thresholded input. Returns the tensor (one member; ``silu(gate) * up``) or
+    a tuple of the members' outputs."""
+    from lowbit_compiler import ops
+    from lowbit_compiler.backends import cpu_kernels
+
+    k = group.in_features
+    if norm_weight is not None:
+        x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
+    lead = x.shape[:-1]
+    xs = None
+    if x.numel() == k and x.device.type == "cpu":
+        limit = group.limit()
+        if limit >= 0:
+            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+            xs = torch.empty(k, dtype=torch.float32)
+            y = run(x32, group.kmajor(), group.bias(biases), group.fmt, limit, lead=lead, threshold=group.threshold,
+                    col_scale=group.col_scale, xs_out=xs)
+            if y is not None:
+                dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
+                if x.dtype != torch.float32:
+                    y = y.to(x.dtype)
+                if len(group.sizes) == 1:
+                    return y if residual is None else residual + y
+                if group.epilogue == cpu_codegen.SILU_MUL:
+                    n = group.sizes[0]
+                    return torch.nn.functional.silu(y[..., :n]) * y[..., n:]
+                return tuple(y.split(group.sizes, dim=-1))
+            _note_dense(group.fmt, group.out_features, k, limit, f"more than {limit} of {k} inputs kept "
+                        "(measured crossover)")
+            xs = xs.view(x.shape).to(x.dtype)
+        else:
+            _note_dense(group.fmt, group.out_features, k, limit, "the sparse kernel is slower at every sparsity on "
+                        f"this host ({os.environ.get(DISPATCH_ENV, 'measured')})")
+    if xs is None:
+        xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
+    if group.fused is None:
+        return cpu_kernels.packed_linear(xs, group.dense[0], biases[0], group.compute_dtype, residual=residual)
+    return cpu_kernels.fused_linear(xs, group.fused, biases, group.compute_dtype)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from lowbit_compiler import _dynamo_adapter, ir, opdecl
+from lowbit_compiler import _dynamo_adapter, ir, opdecl, ops
 from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter
 from lowbit_compiler.pass_base import PassContext
@@ -124,6 +124,9 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
     fusions: dict[str, int] = {}
     if target == "cpu" and inner == "eager" and os.environ.get(cpu_codegen.FUSE_ENV, "1") != "0":
         _fuse_cpu_groups(gm, kernels)
+        _fuse_cpu_sparse_groups(gm, kernels)
+        if norms := _canonical_rms_norms(gm):
+            fusions["rms_norm_rewritten"] = norms
         _fuse_cpu_prologues(gm, kernels)
         if rope := _fuse_cpu_rope(gm):
             fusions["rope"] = rope
@@ -149,6 +152,8 @@ EAGER_NOTES: dict[str, Callable[[dict[str, Any]], str | None]] = {}
 
 def implementation(op: str, label: str, args: dict[str, Any]) -> str:
     """One line naming the code that runs a ``lowbit::`` op after lowering."""
+    from lowbit_compiler.backends import cpu_sparse
+
     kind, _, rest = label.partition(":")
     if kind == "cpu":
         fmt, _, dtype = rest.partition(":")
@@ -184,6 +189,21 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
                     f"float32), else {packed} per weight{around}")
         return (f"generated C kernel {generated}{ext} (M <= {cpu_codegen.MAX_ROWS} rows, {numerics}{also}), "
                 f"else {packed}{around}")
+    if kind == "cpu-sparse":  # lowbit::sparse_input_linear called directly (_sparse_input_linear_cpu)
+        fmt, _, dtype = rest.partition(":")
+        dtype, *extra = dtype.split(":")
+        fused = next((e for e in extra if e not in ("rms_norm", "residual")), "")
+        what = ("gate.up stacked, silu(gate) * up" if fused == "silu_mul"
+                else f"{fused[1:]} weights of one input stacked" if fused else "one weight")
+        folded = [w for e, w in (("rms_norm", "RMSNorm first (torch)"), ("residual", "residual add")) if e in extra]
+        return (f"cpu_sparse.sparse_input_group_linear ({what}{'; ' + ', '.join(folded) if folded else ''}): one "
+                f"row: threshold + compaction + the K-major GEMV in one call of the generated C kernel "
+                f"{cpu_sparse.kernel_name(fmt)} when it keeps no more inputs than the measured crossover, "
+                f"else the dense kernels (packed_linear / fused_linear, {dtype} compute) on the thresholded input")
+    if kind == "cpu-nm":  # an N:M format's wo_linear (_wo_linear_cpu)
+        return (f"ops.wo_linear_eager called directly: the generated N:M {rest} kernel for M <= "
+                f"{cpu_codegen.MAX_ROWS} rows (or the dense kernel over a decompressed copy where measured faster), "
+                "else the float reference (logged)")
     if kind == "cpu-op":
         note = EAGER_NOTES[op](args) if op in EAGER_NOTES else None
         where = f"eager op (lowbit_compiler/ops.py{'; an extern call inside Inductor' if rest else ''})"
@@ -258,7 +278,10 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
                   else cpu_kernels.sparse_reason(xv.dtype, xv.device, rows, a["fmt"]))
         if reason is not None or cpu_codegen.kernel(a["fmt"]) is None:
             return _reference(node, ctx, reason or f"format {a['fmt']}: the generated sparse kernel did not compile")
-        return f"cpu-op:{a['fmt']}:sparse"
+        if state.inner == "inductor":
+            return f"cpu-op:{a['fmt']}:sparse"
+        node.target = ops.wo_linear_eager  # the op's implementation called directly, same args: the dispatcher
+        return f"cpu-nm:{a['fmt']}"  # costs ~100 us per decode call (measured), longer than the GEMV
     if cpu_lut.supported(a["fmt"]) is None:  # int3/int2: the eager op runs the lookup-table kernel
         return _wo_linear_lut(node, ctx, state, a)
     dtype = _cpu_compute_dtype(node, ctx, state, a)
@@ -281,6 +304,38 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
     _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
                     lambda p: (a["x"], p, a["bias"], dtype))
     return f"cpu:{a['fmt']}:{dtype_name}"
+
+
+@register_lowering(torch.ops.lowbit.sparse_input_linear.default, "cpu")
+def _sparse_input_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: LoweringState) -> str:
+    """Activation sparsity fused into a weight-only linear -> a direct call of
+    ``cpu_sparse.sparse_input_group_linear`` over a one-member ``SparseInputGroup`` (the threshold
+    applied inside the C kernel; ``_fuse_cpu_sparse_groups`` then merges the members of one site).
+    The op's eager implementation runs the same kernels, but through the dispatcher and three
+    torch calls for the threshold: ~190 us per call more at decode, measured. Calls this cannot
+    take (no example value, a threshold that is not a constant, a format or K the kernel lacks,
+    ``inner="inductor"``) keep the op."""
+    from lowbit_compiler.backends import cpu_sparse
+
+    a = opdecl.args(node)
+    if state.inner == "inductor":
+        return "cpu-op"
+    xv = _dynamo_adapter.example_value(a["x"])
+    consts = [a[k] for k in ("threshold", "col_scale", "qweight", "scale", "zero", "bias")]
+    if (xv is None or cpu_kernels.unsupported_reason(xv.dtype, xv.device, a["fmt"]) is not None
+            or cpu_sparse._static_reason(a["fmt"], a["in_features"]) is not None
+            or any(isinstance(c, fx.Node) and c.op != "get_attr" for c in consts)
+            or not isinstance(a["threshold"], fx.Node)):
+        return "cpu-op"
+    dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+    threshold = ir.fetch_attr(gm, a["threshold"].target)
+    col_scale = None if a["col_scale"] is None else ir.fetch_attr(gm, a["col_scale"].target)
+    group = cpu_sparse.SparseInputGroup(threshold, col_scale, [tuple(_quantized_tensors(gm, a))], a["fmt"],
+                                        a["in_features"], dtype)
+    base = a["qweight"].target.rsplit(".", 1)[0]
+    _call_prepacked(gm, node, group, f"{base}.sparse_input", cpu_sparse.sparse_input_group_linear,
+                    lambda p: (a["x"], p, (a["bias"],)))
+    return f"cpu-sparse:{a['fmt']}:{str(dtype).split('.')[-1]}"
 
 
 def _record_cpu_dispatch(node: fx.Node, ctx: PassContext, a: dict[str, Any], dtype: torch.dtype) -> None:
@@ -366,6 +421,106 @@ def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
             replace(nodes, 0, None, f"{_fqn_base(gm, nodes[0])}.siblings_fused")
 
 
+def _fuse_cpu_sparse_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
+    """The activation-sparse calls of one site as one call (``cpu_sparse.SparseInputGroup``): the
+    members read the same input through the same threshold (TEAL/WINA put one site in front of
+    q/k/v and one in front of gate/up), so one C call thresholds and compacts the row once and
+    reads the members' K-major copies stacked along N; a gated MLP's ``silu(gate) * up`` becomes
+    the group's epilogue. The dense fusion groups' rules (``_fuse_cpu_groups``), over
+    ``sparse_input_group_linear`` calls of one member."""
+    from lowbit_compiler.backends import cpu_sparse
+
+    def single(node: Any) -> Any:
+        if not (isinstance(node, fx.Node) and node.op == "call_function"
+                and node.target is cpu_sparse.sparse_input_group_linear and not node.kwargs):
+            return None
+        group = ir.fetch_attr(gm, node.args[1].target)
+        return group if len(group.sizes) == 1 else None
+
+    def key(node: fx.Node) -> tuple:
+        g = single(node)
+        return (node.args[0], id(g.threshold_source), id(g.col_scale_source), g.fmt, g.in_features, g.compute_dtype)
+
+    def alike(a: fx.Node, b: fx.Node) -> bool:
+        return single(a) is not None and single(b) is not None and a is not b and key(a) == key(b)
+
+    def replace(nodes: list[fx.Node], epilogue: int, sink: fx.Node | None) -> None:
+        groups = [single(n) for n in nodes]
+        first_group = groups[0]
+        fused = cpu_sparse.SparseInputGroup(first_group.threshold_source, first_group.col_scale_source,
+                                            [g.quantized[0] for g in groups], first_group.fmt,
+                                            first_group.in_features, first_group.compute_dtype, epilogue)
+        name = f"{_fqn_base(gm, nodes[0])}.sparse_{'gate_up' if epilogue else 'siblings'}_fused"
+        ir.set_attr(gm, name, fused)
+        first = min(nodes, key=order.__getitem__)
+        for n in nodes:
+            bias = n.args[2][0]
+            if sink is None and isinstance(bias, fx.Node) and order[bias] > order[first]:
+                first.prepend(bias)  # a get_attr (checked by the caller): nothing it reads moves
+        with gm.graph.inserting_before(sink if sink is not None else first):
+            holder = gm.graph.get_attr(name)
+            call = gm.graph.call_function(cpu_sparse.sparse_input_group_linear, (
+                first.args[0], holder, tuple(n.args[2][0] for n in nodes)))
+        call.meta["lowbit_members"] = [n.name for n in nodes]
+        if sink is not None:
+            call.meta.update(sink.meta)
+            sink.replace_all_uses_with(call)
+        else:
+            for i, n in enumerate(nodes):
+                with gm.graph.inserting_after(call):
+                    part = gm.graph.call_function(operator.getitem, (call, i))
+                part.meta.update(n.meta)
+                n.replace_all_uses_with(part)
+        for n in nodes:
+            kernels[n.name] = kernels[n.name] + (":silu_mul" if epilogue else f":x{len(nodes)}")
+        claimed.update(nodes)
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    claimed: set[fx.Node] = set()
+    for node in list(gm.graph.nodes):  # gate.up: mul(silu(gate(x)), up(x))
+        classified = fusion._classify(node)
+        if classified is None or classified[0] != "mul":
+            continue
+        for act, up in (node.args, node.args[::-1]):
+            op = fusion._classify(act) if isinstance(act, fx.Node) else None
+            if op is None or op[0] != "silu" or len(act.users) != 1:
+                continue
+            gate = op[1][0]
+            if (alike(gate, up) and len(gate.users) == 1 and len(up.users) == 1 and gate not in claimed
+                    and up not in claimed and single(gate).sizes == single(up).sizes):
+                replace([gate, up], cpu_codegen.SILU_MUL, node)
+                break
+    by_key: dict[tuple, list[fx.Node]] = {}
+    for node in gm.graph.nodes:  # siblings of one input and threshold (q/k/v)
+        if node not in claimed and single(node) is not None:
+            by_key.setdefault(key(node), []).append(node)
+    for nodes in by_key.values():
+        nodes = [n for n in nodes if not isinstance(n.args[2][0], fx.Node) or n.args[2][0].op == "get_attr"
+                 or order[n.args[2][0]] < order[nodes[0]]]
+        if len(nodes) >= 2:
+            replace(nodes, 0, None)
+
+
+def _canonical_rms_norms(gm: fx.GraphModule) -> int:
+    """RMSNorms written out (``x * rsqrt(mean(x^2) + eps) * w``, Hugging Face's Llama) -> one
+    ``F.rms_norm`` node, ``canonicalize``'s rule, on float32 rows: graphs that no recipe pass
+    canonicalised (a ``compress``ed model compiled with ``recipe="none"``) get the norm prologue
+    folded into the call that reads it like the others (``_fuse_cpu_prologues``; a norm left in
+    the graph runs as torch's ``rms_norm``, which differs from the written-out expression by
+    rounding only). Returns how many were rewritten."""
+    from lowbit_compiler.pass_base import PatternRule, apply_rules
+    from lowbit_compiler.passes import canonicalize
+
+    def float32(m: dict) -> bool:  # only where the generated kernels can take the norm (float32 rows)
+        v = _dynamo_adapter.example_value(m["x"]) if isinstance(m["x"], fx.Node) else None
+        return isinstance(v, torch.Tensor) and v.dtype == torch.float32
+
+    base = next(r for r in canonicalize.RULES if r.name == "rms_norm")
+    rule = PatternRule(base.name, base.pattern, base.replacement,
+                       lambda m: (base.extra_check is None or base.extra_check(m)) and float32(m))
+    return apply_rules(gm, [rule])[rule.name]
+
+
 def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
     """The CPU fusion groups' prologue and epilogue: an RMSNorm whose only reader is a lowered
     linear or fusion group (q/k/v, gate.up, the LM head after the final norm) moves into that call
@@ -403,7 +558,15 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
         return (last == slice(None) and Ellipsis not in lead
                 and all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in lead))
 
-    targets = (cpu_kernels.packed_linear, cpu_kernels.fused_linear)
+    from lowbit_compiler.backends import cpu_sparse
+
+    def one_output(node: fx.Node) -> bool:  # a residual add can fold into the call
+        if node.target is cpu_kernels.packed_linear:
+            return True
+        return (node.target is cpu_sparse.sparse_input_group_linear
+                and len(ir.fetch_attr(gm, node.args[1].target).sizes) == 1)
+
+    targets = (cpu_kernels.packed_linear, cpu_kernels.fused_linear, cpu_sparse.sparse_input_group_linear)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in targets:
             continue
@@ -430,7 +593,7 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
             node.kwargs = {**node.kwargs, "norm_weight": pro.weight, "eps": pro.eps}
             gm.graph.erase_node(x)
             record(node, ":rms_norm")
-        if node.target is not cpu_kernels.packed_linear or len(node.users) != 1 or not float32(node):
+        if not one_output(node) or len(node.users) != 1 or not float32(node):
             continue
         add = next(iter(node.users))
         classified = fusion._classify(add)

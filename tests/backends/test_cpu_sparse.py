@@ -234,3 +234,130 @@ def test_an_unknown_dispatch_mode_is_an_error(monkeypatch):
     qw = quantize(torch.randn(128, 128), WeightFormat.parse("int8"))
     with pytest.raises(ValueError, match="LOWBIT_SPARSE_DISPATCH='fastest'"):
         cpu_sparse.linear(torch.randn(1, 128), qw.qweight, qw.scale, None, None, "int8", 128)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym"])
+def test_the_kernel_applies_the_threshold_itself_bit_for_bit(isa, fmt):
+    """``threshold=``: the kernel's own act_sparsify (|x| or WINA's |x| * column scale against one
+    threshold or one per channel) gives the same output bits as the row thresholded in torch, and
+    ``xs_out`` is that thresholded row exactly, also when the call declines (too many kept)."""
+    from lowbit_compiler.ops import act_sparsify_reference
+
+    gen = torch.Generator().manual_seed(8)
+    n, k = 300, 256
+    qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse(fmt))
+    w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, qw.zero, fmt, k)
+    x, bias = torch.randn(k, generator=gen), torch.randn(n, generator=gen)
+    x[:7] = 0.0
+    x[10] = float("nan")  # a NaN score is below every threshold: zeroed, as torch.where's comparison
+    for threshold, col_scale in ((torch.tensor([0.6]), None), (torch.rand(k, generator=gen), None),
+                                 (torch.tensor([0.5]), torch.rand(k, generator=gen) + 0.5)):
+        xs_ref = act_sparsify_reference(x, threshold, col_scale)
+        xs = torch.full((k,), 7.0)
+        y = cpu_sparse.run(x, w, bias, fmt, k, isa, threshold=threshold, col_scale=col_scale, xs_out=xs)
+        assert torch.equal(xs, xs_ref)
+        assert torch.equal(y, cpu_sparse.run(xs_ref, w, bias, fmt, k, isa))
+        kept = int((xs_ref != 0).sum())
+        assert 0 < kept < k - 7
+        xs.fill_(7.0)
+        assert cpu_sparse.run(x, w, bias, fmt, kept - 1, isa, threshold=threshold, col_scale=col_scale,
+                              xs_out=xs) is None
+        assert torch.equal(xs, xs_ref)
+
+
+def _group(fmt: str, sizes: list[int], k: int, gen: torch.Generator, epilogue: int = 0, col_scale: bool = False):
+    qws = [quantize(torch.randn(n, k, generator=gen) / k ** 0.5, WeightFormat.parse(fmt)) for n in sizes]
+    threshold = torch.tensor([0.67])
+    cs = torch.rand(k, generator=gen) + 0.5 if col_scale else None
+    group = cpu_sparse.SparseInputGroup(threshold, cs, [(q.qweight, q.scale, q.zero) for q in qws], fmt, k,
+                                        torch.bfloat16, epilogue)
+    return group, qws, threshold, cs
+
+
+def _reference(x, qws, threshold, cs, biases, fmt, k):
+    return [sparse_input_linear_reference(x.double(), threshold, cs, q.qweight, q.scale, q.zero,
+                                          None if b is None else b.double(), fmt, k) for q, b in zip(qws, biases)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym"])
+def test_a_sparse_group_is_its_members_stacked(fmt, monkeypatch):
+    """One call for the linears of one thresholded input (q/k/v side by side with a bias on some,
+    gate/up with silu(gate) * up, one weight with the RMSNorm prologue and the residual), the
+    sparse kernel forced: each output against the float64 reference of its member."""
+    monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, "sparse")
+    gen = torch.Generator().manual_seed(9)
+    k = 256
+    x = torch.randn(1, 1, k, generator=gen)
+    group, qws, thr, _ = _group(fmt, [256, 128, 128], k, gen, col_scale=True)
+    cs = group.col_scale
+    biases = (torch.randn(256, generator=gen), None, torch.randn(128, generator=gen))
+    before = cpu_sparse.dispatch_counter[(fmt, "sparse")]
+    outs = cpu_sparse.sparse_input_group_linear(x, group, biases)
+    assert cpu_sparse.dispatch_counter[(fmt, "sparse")] == before + 3
+    for y, ref in zip(outs, _reference(x, qws, thr, cs, biases, fmt, k)):
+        assert y.shape == ref.shape and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+    group, qws, thr, _ = _group(fmt, [384, 384], k, gen, epilogue=cpu_codegen.SILU_MUL)
+    gate, up = _reference(x, qws, thr, None, (None, None), fmt, k)
+    y = cpu_sparse.sparse_input_group_linear(x, group, (None, None))
+    ref = torch.nn.functional.silu(gate) * up
+    assert y.shape == (1, 1, 384) and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+    group, qws, thr, _ = _group(fmt, [256], k, gen)
+    norm_w, residual = torch.rand(k, generator=gen) + 0.5, torch.randn(1, 1, 256, generator=gen)
+    y = cpu_sparse.sparse_input_group_linear(x, group, (None,), norm_weight=norm_w, eps=1e-6, residual=residual)
+    normed = torch.nn.functional.rms_norm(x, (k,), norm_w, 1e-6)
+    ref = residual.double() + _reference(normed, qws, thr, None, (None,), fmt, k)[0]
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_sparse_group_runs_the_dense_kernels_past_the_crossover_and_for_more_rows(monkeypatch):
+    """``LOWBIT_SPARSE_DISPATCH=dense`` and calls of several rows: the thresholded input through the
+    dense generated kernels (one fused call), the same bits as thresholding in torch first."""
+    gen = torch.Generator().manual_seed(10)
+    fmt, k = "int4_g128_asym", 256
+    group, qws, thr, _ = _group(fmt, [256, 128, 128], k, gen)
+    for rows, mode in ((1, "dense"), (3, "sparse")):
+        monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, mode)
+        x = torch.randn(1, rows, k, generator=gen)
+        before = cpu_sparse.dispatch_counter[(fmt, "sparse")]
+        outs = cpu_sparse.sparse_input_group_linear(x, group, (None, None, None))
+        assert cpu_sparse.dispatch_counter[(fmt, "sparse")] == before  # the sparse kernel did not run
+        xs = torch.where(x.abs() >= thr, x, torch.zeros(()))
+        expected = cpu_kernels.fused_linear(xs, group.fused, (None, None, None), torch.bfloat16)
+        assert all(torch.equal(a, b) for a, b in zip(outs, expected))
+
+
+def test_compiled_teal_decode_runs_one_sparse_call_per_site():
+    """teal-50 + w8a16 compressed, then compiled: each site of a decode step is one direct call
+    (q/k/v stacked, o with the residual, gate.up with SiLU * mul, down with the residual), the
+    written-out RMSNorms folded into the calls that read them; logits match the compressed model
+    run eagerly (the op's own path)."""
+    from transformers import DynamicCache
+
+    from lowbit_compiler import compress
+    from tests.conftest import make_model
+    from tests.helpers import Recorder, count
+
+    calibration = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = compress(make_model("llama"), "teal-50+w8a16", calibration=calibration, progress=False)
+    rec = Recorder(progress=False)
+    compiled = torch.compile(model, backend=rec, dynamic=False)
+    ids = calibration[0][:, :8]
+    with torch.no_grad():
+        cache, eager_cache = DynamicCache(), DynamicCache()
+        compiled(ids, past_key_values=cache, use_cache=True)
+        model(ids, past_key_values=eager_cache, use_cache=True)
+        step = torch.tensor([[5]])
+        before = cpu_sparse.dispatch_counter[("int8", "sparse")] + cpu_sparse.dispatch_counter[("int8", "dense")]
+        y = compiled(step, past_key_values=cache, use_cache=True).logits
+        ran = cpu_sparse.dispatch_counter[("int8", "sparse")] + cpu_sparse.dispatch_counter[("int8", "dense")] - before
+        ref = model(step, past_key_values=eager_cache, use_cache=True).logits
+    gm, summary = rec.graphs[-1], rec.summaries[-1]
+    assert count(gm, "sparse_input_group_linear") == 8 and count(gm, "sparse_input_linear.default") == 0
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is cpu_sparse.sparse_input_group_linear]
+    assert sum("norm_weight" in n.kwargs for n in calls) == 4 and sum("residual" in n.kwargs for n in calls) == 4
+    assert summary["cpu_fusions"]["rms_norm_rewritten"] == 5  # two per layer and the final norm
+    assert ran >= 8  # every site ran one of the two kernels (a group counts once per member when sparse)
+    assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()

@@ -236,6 +236,14 @@ def test_cats_thresholds_the_gate_activation_only():
     assert abs(zeros["f"] - 0.5) <= 0.05  # one batch of the four
 
 
+def _lowered_sparse_members(gm) -> int:
+    """The lowbit::sparse_input_linear ops a CPU-lowered graph computes in its direct calls."""
+    from lowbit_compiler import ir
+
+    return sum(len(ir.fetch_attr(gm, n.args[1].target).sizes) for n in gm.graph.nodes
+               if n.op == "call_function" and n.target is cpu_sparse.sparse_input_group_linear)
+
+
 def test_teal_w4a16_both_flows_agree_fuse_and_reload(tmp_path):
     recipe = "teal-50+w4a16"
     model = compress(make_model("llama"), recipe, calibration=CALIBRATION, progress=False)
@@ -251,7 +259,11 @@ def test_teal_w4a16_both_flows_agree_fuse_and_reload(tmp_path):
         y_compiled = compiled(CALIBRATION[0]).logits
         y_offline = model(CALIBRATION[0]).logits
     gm = rec.graphs[0]
-    assert count(gm, "sparse_input_linear.default") == 14 and count(gm, "act_sparsify.default") == 0
+    # lowered for the CPU: one direct call per site (q/k/v stacked, o, gate.up + SiLU * mul, down per layer)
+    assert count(gm, "sparse_input_group_linear") == 8 and count(gm, "act_sparsify.default") == 0
+    assert _lowered_sparse_members(gm) == 14 and count(gm, "sparse_input_linear.default") == 0
+    labels = [k for k in rec.summaries[0]["kernels"].values() if k.startswith("cpu-sparse:int4_g128_asym")]
+    assert len(labels) == 14 and sum(":x3:" in k for k in labels) == 6 and sum(":silu_mul:" in k for k in labels) == 4
     offline = {n: b for n, b in model.named_buffers(remove_duplicate=False) if n.endswith("input_threshold")}
     graph = {n: b for n, b in gm.named_buffers() if n.endswith("act_threshold")}
     assert len(offline) == 14 and len(graph) == 8  # q/k/v share one threshold, gate/up one
@@ -497,7 +509,7 @@ def test_rsparse_with_quantized_weights_both_flows_fuse_and_reload(tmp_path, rec
     sample = CALIBRATION[1]
     y_compiled, rec = _logits(recipe, sample)
     gm = rec.graphs[0]
-    assert count(gm, "sparse_input_linear.default") == 14 and count(gm, "lowrank_residual.default") == 14
+    assert _lowered_sparse_members(gm) == 14 and count(gm, "lowrank_residual.default") == 14
     with torch.no_grad():
         y_offline = model(sample).logits.double()
         before = cpu_sparse.dispatch_counter[(fmt, "sparse")]
