@@ -24,11 +24,13 @@ The computation (:data:`_SOURCE`):
    kept rows stream through them (one broadcast ``x_k``, ``TW`` widened codes, FMAs; the row
    ``PF`` ahead prefetched); then ``out += s * (acc - z * sum_g x)`` (int8: one group, the
    per-channel scale applied once at the end). Groups whose inputs were all zeroed are skipped.
-   int4 tasks at least ``STREAM_TILES`` tiles wide (gate/up, N in the thousands) on AVX-512 read
-   each kept row once, front to back, into float accumulators of the task's columns in L1, the
-   row ``STREAM_PF`` kept rows on prefetched whole: the tile sweep reads such rows as dozens of
-   64-byte pieces far apart, which the prefetchers follow badly (measured 0.76 -> 0.89x dense on
-   4864x896 at 50 %, one thread).
+   int4 tasks at least ``STREAM_TILES`` tiles wide (gate/up, N in the thousands) on AVX-512, with
+   one thread, read each kept row once, front to back, into float accumulators of the task's
+   columns in L1, the row ``STREAM_PF`` kept rows on prefetched whole: the tile sweep reads such
+   rows as dozens of 64-byte pieces far apart, which the prefetchers follow badly (measured 0.76 ->
+   0.89x dense on 4864x896 at 50 %, one thread). With two threads the sweep is faster (its
+   accumulators stay in registers; the row-by-row loop loads and stores them in L1 for every 32
+   codes and is compute-bound: 11264 x 2048 at 50 %, 2 threads, cold: 0.62 ms against 1.00).
 
 The ISA is chosen at compile time (``-march=native``, the host flags in the cache key): AVX-512F,
 else AVX2 + FMA, else fixed-width loops the compiler vectorises for whatever it has. The tests
@@ -309,7 +311,7 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
         memset(o + t0 * TW, 0, (size_t)(t1 - t0) * TW * sizeof(float));
         const int64_t g0 = GROUP ? groups * s / ksplit : 0, g1 = GROUP ? groups * (s + 1) / ksplit : 1;
 #if BITS == 4 && defined(SP_AVX512)
-        if (t1 - t0 >= STREAM_TILES) {{
+        if (threads == 1 && t1 - t0 >= STREAM_TILES) {{  /* one thread only: with two the sweep below was faster */
             /* a wide task (gate/up: rows of thousands of columns): each kept row is read once, front
                to back, into L1-resident accumulators of the task's columns, the rows STREAM_PF on
                prefetched whole; the scales apply once per group. AVX-512 only: measured 15 % faster

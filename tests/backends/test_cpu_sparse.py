@@ -35,8 +35,8 @@ def threads():
 def test_activation_sparse_kernel_matches_float64(isa, fmt, threads):
     gen = torch.Generator().manual_seed(0)
     # N = 200: padded to 256 in the K-major copy; N = 128 with 2 threads: one tile, the kept inputs
-    # split over the threads (partial sums); N = 1100 (9 tiles) and 2100 with 2 threads (8 + 9 tiles):
-    # int4 tasks of >= STREAM_TILES tiles read row by row
+    # split over the threads (partial sums); N = 1100 (9 tiles), one thread: int4 tasks of >=
+    # STREAM_TILES tiles read row by row; 2100 with 2 threads (8 + 9 tiles): the tile sweep
     assert (1100 + 127) // 128 >= cpu_sparse.STREAM_TILES and (2100 + 127) // 128 // 2 >= cpu_sparse.STREAM_TILES
     for (n, k), t in (((200, 256), 1), ((128, 512), 2), ((1100, 256), 1), ((2100, 384), 2)):
         threads(t)
@@ -50,10 +50,11 @@ def test_activation_sparse_kernel_matches_float64(isa, fmt, threads):
 
 
 @pytest.mark.parametrize("fmt, n", [("int8", 256), ("int4_g128_asym", 256), ("int4_g128_asym", 1100)])
-def test_zeroed_inputs_rows_are_never_read(fmt, n):
+def test_zeroed_inputs_rows_are_never_read(fmt, n, threads):
     """Garbage in the K-major rows of zeroed inputs changes nothing (bit for bit); no kept input
-    gives exactly the bias; a NaN input that is kept reaches the output (N = 1100: int4 read row by
-    row)."""
+    gives exactly the bias; a NaN input that is kept reaches the output (N = 1100, one thread: int4
+    read row by row)."""
+    threads(1)
     gen = torch.Generator().manual_seed(1)
     k = 256
     qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse(fmt))
