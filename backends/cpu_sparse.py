@@ -73,7 +73,7 @@ log = logging.getLogger("lowbit_compiler")
 TW = 128    # output columns per task of the CPU kernel (its accumulators fit the registers)
 PFD = 2  # prefetch distance along a row, in tiles
 STREAM_TILES = 8  # int4 tasks this many tiles wide (or wider) read each kept row once, front to back
-CHUNK = {8: 16, 4: 64}  # kept rows per sweep over a task's column tiles, by code bits (module docstring)
+CHUNK = {8: 16, 4: 32}  # kept rows per sweep over a task's column tiles, by code bits (module docstring)
 TILE = 512  # column tile of the int4 nibble layout of :func:`kmajor` (the Triton GEMV's copy)
 DISPATCH_ENV = "LOWBIT_SPARSE_DISPATCH"  # "measure" (default), "sparse" (always), "dense" (never)
 ISAS = {"native": None, "avx2": ("-mno-avx512f",), "portable": ()}  # extra flags; () = the compiler's default target
@@ -282,7 +282,7 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
    kept inputs, or -1 without computing anything more when over max_nnz were kept (the dense
    kernel is faster there: the caller runs it). Tasks: ``parts`` contiguous column ranges (whole
    tiles) x ``ksplit`` ranges of the kept inputs (ksplit > 1 only when there are fewer tiles than
-   threads). Per task, the kept rows go in chunks (a scale group; int8: CHUNK rows) and each chunk
+   threads). Per task, the kept rows go in chunks (at most CHUNK rows, within a scale group) and each chunk
    sweeps the task's tiles with the accumulators in registers, so every row is read in full,
    tile after tile, while the task's outputs stay in L1. scratch: int32 idx [K + 16], float xv
    [K + 16], int64 gstart [groups + 1], float xs [groups], float out [ksplit * Np]. */
