@@ -13,6 +13,13 @@ that very tensor (same object, same ``_version``); the next members return their
 ``torch.compile``, ``LOWBIT_CPU_FUSE=0``) takes each member's own path, so the group never changes
 a result, only how many calls produce it.
 
+Linears behind one activation-sparsity threshold (TEAL / WINA: ``lowbit::sparse_input_linear``
+reading the same input through the same threshold) are linked to an :class:`EagerSparseGroup`
+(:func:`link_sparse`): one row runs the site's stacked activation-sparse kernel
+(``cpu_sparse.SparseInputGroup``, what the CPU lowering builds under ``torch.compile``), its
+outputs within float rounding of each member's own sparse call (the stacked weight splits the
+threads' work differently).
+
 What eager mode cannot fuse: a gated MLP's ``silu(gate(x)) * up(x)`` is computed by the MLP's own
 forward between the two linears, so gate and up are fused side by side (x read once, one call) and
 the SiLU and product stay in torch; norm prologues and residual epilogues likewise belong to the
@@ -49,25 +56,70 @@ class EagerGroup:
             return out
         if (torch.compiler.is_compiling() or os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0"
                 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-                or x.numel() > cpu_codegen.MAX_ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled())):
+                or x.numel() > self.max_rows * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled())):
             return None
+        dtype = cpu_kernels.compute_dtype_for(x.dtype, cpu_kernels._EAGER_POLICY[-1])
+        outs = self._run(x, dtype)
+        if outs is None:
+            return None
+        self.calls += 1
+        self._stash = (x, x._version, {i: o for i, o in enumerate(outs) if i != index})
+        return outs[index]
+
+    max_rows = cpu_codegen.MAX_ROWS
+
+    def _run(self, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
+        """Every member's output for ``x`` in one call, or None (each member runs alone)."""
         modules = self.members
-        policy = cpu_kernels._EAGER_POLICY[-1]
-        dtype = cpu_kernels.compute_dtype_for(x.dtype, policy)
         fused = self._fused.get(dtype)
         if fused is None:
             fused = self._fused[dtype] = cpu_kernels.FusedWeights(
                 [cpu_kernels.prepack(m.qweight, m.scale, m.zero, m.fmt, m.in_features, dtype) for m in modules])
         if fused.bound() is None or cpu_codegen.int8_activations_enabled():
             return None  # no generated kernel: each member's own call (which says why, if anything)
-        outs = cpu_kernels.fused_linear(x, fused, tuple(m.bias for m in modules), dtype)
-        self.calls += 1
-        self._stash = (x, x._version, {i: o for i, o in enumerate(outs) if i != index})
-        return outs[index]
+        return cpu_kernels.fused_linear(x, fused, tuple(m.bias for m in modules), dtype)
 
     def __getstate__(self) -> dict:
         # the bound kernels (ctypes) and a kept output are rebuilt after pickling or copying
         return {**self.__dict__, "_fused": {}, "_stash": None}
+
+
+class EagerSparseGroup(EagerGroup):
+    """LowbitLinears behind one activation threshold (a TEAL / WINA site: q/k/v, gate/up) run as
+    one call of the activation-sparse kernel for one row: thresholded and compacted once, the
+    members' K-major copies stacked (``cpu_sparse.SparseInputGroup``, what the CPU lowering builds
+    under ``torch.compile``), outputs side by side (the MLP's own forward applies the SiLU). More
+    rows take each member's own path (the dense kernels on the thresholded input)."""
+
+    max_rows = 1
+
+    def _run(self, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
+        from lowbit_compiler.backends import cpu_sparse
+
+        group = self._fused.get(dtype)
+        if group is None:
+            first = self.members[0]
+            group = self._fused[dtype] = cpu_sparse.SparseInputGroup(
+                first.input_threshold, first.input_col_scale, [(m.qweight, m.scale, m.zero) for m in self.members],
+                first.fmt, first.in_features, dtype)
+        return cpu_sparse.sparse_input_group_linear(x, group, tuple(m.bias for m in self.members))
+
+
+def link_sparse(groups: list[list[torch.nn.Module]]) -> int:
+    """:func:`link` for LowbitLinears behind one threshold (:class:`EagerSparseGroup`; the caller
+    groups them by input and threshold)."""
+    from lowbit_compiler.backends import cpu_sparse
+
+    made = 0
+    for members in groups:
+        if (len(members) < 2 or cpu_sparse.supported(members[0].fmt) is not None
+                or cpu_sparse._static_reason(members[0].fmt, members[0].in_features) is not None):
+            continue
+        group = EagerSparseGroup(members)
+        for m in members:
+            m._eager_group = group
+        made += 1
+    return made
 
 
 def link(groups: list[list[torch.nn.Module]]) -> int:

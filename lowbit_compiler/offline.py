@@ -646,6 +646,7 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
         counts["tensors"] = _write_tensors(model, captured)
     _write_experts(model, gm, recipe_name, strict, counts, represented)
     one_input: dict[fx.Node, list[LowbitLinear]] = {}  # plain weight-only linears by the node they read
+    behind_one_threshold: dict[tuple, list[LowbitLinear]] = {}  # sparse_input_linear by (x, threshold, col_scale)
     for node in list(gm.graph.nodes):
         quantized = opdecl.is_module(node, opdecl.LINEAR)
         if not (quantized or ir.is_linear(node)):
@@ -708,10 +709,15 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
         if (opdecl.of(node).name == "wo_linear" and not transforms and outliers is None and lowrank is None
                 and isinstance(args["x"], fx.Node)):
             one_input.setdefault(args["x"], []).append(written)
+        if (opdecl.of(node).name == "sparse_input_linear" and set(transforms) == {"input_threshold", "input_col_scale"}
+                and outliers is None and lowrank is None and isinstance(args["x"], fx.Node)):
+            behind_one_threshold.setdefault((args["x"], args["threshold"], args["col_scale"]), []).append(written)
     from lowbit_compiler.backends import eager_groups
 
+    same = lambda ms: [m for m in ms if (m.fmt, m.in_features) == (ms[0].fmt, ms[0].in_features)]  # noqa: E731
     counts["eager_groups"] += eager_groups.link(  # same format and K: one generated call (eager_groups.py)
-        [[m for m in ms if (m.fmt, m.in_features) == (ms[0].fmt, ms[0].in_features)] for ms in one_input.values()])
+        [same(ms) for ms in one_input.values()])
+    counts["eager_groups"] += eager_groups.link_sparse([same(ms) for ms in behind_one_threshold.values()])
     for node in gm.graph.nodes:  # norms whose parameters were folded into their readers
         spec = ir.get(node, ir.NORM)
         if spec is None:

@@ -362,3 +362,41 @@ def test_compiled_teal_decode_runs_one_sparse_call_per_site():
     assert summary["cpu_fusions"]["rms_norm_rewritten"] == 5  # two per layer and the final norm
     assert ran >= 8  # every site ran one of the two kernels (a group counts once per member when sparse)
     assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
+    """``compress`` links the LowbitLinears behind one threshold (q/k/v, gate/up); run eagerly on
+    one row, the first member's call runs the site's stacked activation-sparse kernel and the
+    others return their part: each output within float rounding of its member's own call
+    (``LOWBIT_CPU_FUSE=0``: the same kernel per weight), one group call per site and step; prompts
+    of several rows run each member alone."""
+    from transformers import DynamicCache
+
+    from lowbit_compiler import compress
+    from lowbit_compiler.backends import eager_groups
+    from tests.conftest import make_model
+
+    monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, "sparse")
+    calibration = [torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        model = compress(make_model("llama"), "teal-50+w8a16", calibration=calibration, progress=False)
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        group = attn.q_proj._eager_group
+        assert isinstance(group, eager_groups.EagerSparseGroup) and attn.v_proj._eager_group is group
+        assert isinstance(mlp.gate_proj._eager_group, eager_groups.EagerSparseGroup)
+        assert "_eager_group" not in vars(attn.o_proj) and "_eager_group" not in vars(mlp.down_proj)
+        ids = calibration[1][:, :6]
+        cache = DynamicCache()
+        model(ids, past_key_values=cache, use_cache=True)
+        assert group.calls == 0  # six rows: each member alone
+        alone_cache = DynamicCache()
+        monkeypatch.setenv(cpu_codegen.FUSE_ENV, "0")
+        model(ids, past_key_values=alone_cache, use_cache=True)
+        step = torch.tensor([[7]])
+        alone = model(step, past_key_values=alone_cache, use_cache=True).logits
+        monkeypatch.delenv(cpu_codegen.FUSE_ENV)
+        before = cpu_sparse.dispatch_counter[("int8", "sparse")]
+        grouped = model(step, past_key_values=cache, use_cache=True).logits
+        assert group.calls == 1 and mlp.gate_proj._eager_group.calls == 1
+        assert cpu_sparse.dispatch_counter[("int8", "sparse")] - before == 14  # every linear of both layers
+        assert (grouped - alone).abs().max() <= 1e-4 * alone.abs().max()
