@@ -1742,8 +1742,11 @@ def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     fn = kernel(key, portable, isa)
     if fn is None or qweight.device.type != "cpu" or scale.dtype != torch.bfloat16:
         return None
-    if WeightFormat.parse(fmt).padded_k(in_features) != in_features:
+    f = WeightFormat.parse(fmt)
+    if f.padded_k(in_features) != in_features:
         return None
+    if f.kind == "int" and not f.symmetric and f.bits < 8 and zero is None:  # the kernel would read a NULL pointer
+        raise ValueError(f"lowbit: asymmetric format {fmt} bound without its zero points (a caller dropped them)")
     return Bound(fn, key, qweight, scale, zero, fmt, in_features, isa or ("portable" if portable else isa_choice()))
 
 

@@ -448,7 +448,7 @@ def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     if cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0]):  # measured: faster than dense
         y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
     else:
-        d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features)
+        d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features, zero)
         y = cpu_codegen.linear(x2, d.qweight, d.scale, d.zero, bias, d.format.key, in_features)
     return None if y is None else y.reshape(*lead, y.shape[-1]).to(x.dtype)
 

@@ -690,12 +690,14 @@ def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: i
 DENSE_CACHE = IdentityCache()
 
 
-def dense_copy(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int):
+def dense_copy(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int,
+               zero: torch.Tensor | None = None):
     """The N:M weight decompressed to its dense format's codes (``SparseFormat.to_dense``: exactly
-    the same matrix), cached by the identity of ``qweight``: what the dense kernel reads when the
-    measured dispatch finds the N:M kernel slower (1 byte per weight more, for int8)."""
+    the same matrix, zero points included for asymmetric int4), cached by the identity of
+    ``qweight``: what the dense kernels read when the measured dispatch finds the N:M kernel slower
+    or it cannot take the call (1 byte per weight more, for int8)."""
     f = WeightFormat.parse(fmt)
-    return DENSE_CACHE.get_or_create(qweight, ("dense", fmt), lambda: f.to_dense(qweight, scale, None))
+    return DENSE_CACHE.get_or_create(qweight, ("dense", fmt), lambda: f.to_dense(qweight, scale, zero))
 
 
 def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> bool:

@@ -34,8 +34,8 @@ from lowbit_compiler import _dynamo_adapter, ir, opdecl, ops
 from lowbit_compiler.formats import WeightFormat
 from lowbit_compiler.dump import DumpWriter
 from lowbit_compiler.pass_base import PassContext
-from lowbit_compiler.backends import (_triton_adapter, codegen, cpu_codegen, cpu_dispatch, cpu_kernels, cpu_lut, fusion,
-                                      kernel_cache)
+from lowbit_compiler.backends import (_triton_adapter, codegen, cpu_codegen, cpu_dispatch, cpu_kernels, cpu_lut,
+                                      cpu_sparse, fusion, kernel_cache)
 from lowbit_compiler.backends import autotune as tuning
 
 log = logging.getLogger("lowbit_compiler")
@@ -152,15 +152,16 @@ EAGER_NOTES: dict[str, Callable[[dict[str, Any]], str | None]] = {}
 
 def implementation(op: str, label: str, args: dict[str, Any]) -> str:
     """One line naming the code that runs a ``lowbit::`` op after lowering."""
-    from lowbit_compiler.backends import cpu_sparse
-
     kind, _, rest = label.partition(":")
     if kind == "cpu":
         fmt, _, dtype = rest.partition(":")
         dtype, *extra = dtype.split(":")  # "x3" / "silu_mul": in a CPU fusion group; "rms_norm" / "residual":
         # the prologue / epilogue folded into the call (_fuse_cpu_prologues)
-        fused = next((e for e in extra if e not in ("rms_norm", "residual")), "")
+        fused = next((e for e in extra if e not in ("rms_norm", "residual", "from_nm")), "")
         folded = [w for e, w in (("rms_norm", "RMSNorm prologue"), ("residual", "residual add")) if e in extra]
+        if "from_nm" in extra:  # an N:M weight whose dense copy runs (_wo_linear_cpu)
+            return (f"the dense {fmt} kernels over the N:M weight decompressed once (measured faster than the N:M "
+                    "kernel, or a call it cannot take): " + implementation(op, label.replace(":from_nm", ""), args))
         torch_kernel = cpu_dispatch.has_torch_kernel(fmt)  # NF4 has none: dequantize + matmul above MAX_ROWS
         packed = (f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)" if torch_kernel
                   else f"cpu_kernels.packed_linear ({fmt}: dequantize (generated C) + fp32 matmul, blockwise)")
@@ -276,12 +277,31 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
             rows = cpu_codegen.MAX_ROWS + 1
         reason = ("no example value for the activation" if xv is None
                   else cpu_kernels.sparse_reason(xv.dtype, xv.device, rows, a["fmt"]))
-        if reason is not None or cpu_codegen.kernel(a["fmt"]) is None:
-            return _reference(node, ctx, reason or f"format {a['fmt']}: the generated sparse kernel did not compile")
-        if state.inner == "inductor":
-            return f"cpu-op:{a['fmt']}:sparse"
-        node.target = ops.wo_linear_eager  # the op's implementation called directly, same args: the dispatcher
-        return f"cpu-nm:{a['fmt']}"  # costs ~100 us per decode call (measured), longer than the GEMV
+        if reason is None and cpu_codegen.kernel(a["fmt"]) is None:
+            reason = f"format {a['fmt']}: the generated sparse kernel did not compile"
+        if state.inner == "inductor" or xv is None:
+            return f"cpu-op:{a['fmt']}:sparse" if reason is None else _reference(node, ctx, reason)
+        qweight, scale, zero = _quantized_tensors(gm, a)
+        if reason is None and cpu_sparse.use_nm_kernel(qweight, scale, a["fmt"], a["in_features"], max(rows, 1)):
+            node.target = ops.wo_linear_eager  # the op's implementation called directly, same args: the dispatcher
+            return f"cpu-nm:{a['fmt']}"  # costs ~100 us per decode call (measured), longer than the GEMV
+        # the dense format's packed path over the decompressed copy (the same matrix): the dispatch measured
+        # it faster, or the N:M kernel cannot take the call (prefill rows, int4 kept values); the fusion
+        # groups and folds then apply as to any dense linear
+        dense = cpu_sparse.dense_copy(qweight, scale, a["fmt"], a["in_features"], zero)
+        dfmt = dense.format.key
+        if (why := cpu_kernels.unsupported_reason(xv.dtype, xv.device, dfmt)) is not None:
+            return _reference(node, ctx, reason or why)
+        if reason is not None:  # (a measured choice logged its own reason)
+            cpu_sparse._note_dense(a["fmt"], scale.shape[0], a["in_features"], rows, f"{reason}; the dense {dfmt} "
+                                   "kernels run over a decompressed copy (1 byte per weight more for int8)")
+        dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+        dtype_name = str(dtype).split(".")[-1]
+        packed = cpu_kernels.prepack(dense.qweight, dense.scale, dense.zero, dfmt, a["in_features"], dtype)
+        base = a["qweight"].target.rsplit(".", 1)[0]
+        _call_prepacked(gm, node, packed, f"{base}.packed_dense_{dtype_name}", cpu_kernels.packed_linear,
+                        lambda p: (a["x"], p, a["bias"], dtype))
+        return f"cpu:{dfmt}:{dtype_name}:from_nm"
     if cpu_lut.supported(a["fmt"]) is None:  # int3/int2: the eager op runs the lookup-table kernel
         return _wo_linear_lut(node, ctx, state, a)
     dtype = _cpu_compute_dtype(node, ctx, state, a)
@@ -315,8 +335,6 @@ def _sparse_input_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext
     torch calls for the threshold: ~190 us per call more at decode, measured. Calls this cannot
     take (no example value, a threshold that is not a constant, a format or K the kernel lacks,
     ``inner="inductor"``) keep the op."""
-    from lowbit_compiler.backends import cpu_sparse
-
     a = opdecl.args(node)
     if state.inner == "inductor":
         return "cpu-op"
@@ -428,8 +446,6 @@ def _fuse_cpu_sparse_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None
     reads the members' K-major copies stacked along N; a gated MLP's ``silu(gate) * up`` becomes
     the group's epilogue. The dense fusion groups' rules (``_fuse_cpu_groups``), over
     ``sparse_input_group_linear`` calls of one member."""
-    from lowbit_compiler.backends import cpu_sparse
-
     def single(node: Any) -> Any:
         if not (isinstance(node, fx.Node) and node.op == "call_function"
                 and node.target is cpu_sparse.sparse_input_group_linear and not node.kwargs):
@@ -557,8 +573,6 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
         *lead, last = node.args[1]
         return (last == slice(None) and Ellipsis not in lead
                 and all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in lead))
-
-    from lowbit_compiler.backends import cpu_sparse
 
     def one_output(node: fx.Node) -> bool:  # a residual add can fold into the call
         if node.target is cpu_kernels.packed_linear:

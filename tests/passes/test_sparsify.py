@@ -142,6 +142,11 @@ def test_both_flows_agree_on_sparse_int4():
     assert formats.sqnr_db(offline, compiled) >= 40
     layers = rec.summaries[0]["layers"]
     assert sum(1 for r in layers.values() if r.get("format") == G64.key) == LINEARS
+    # no N:M kernel for int4 kept values: the dense int4 kernels over the decompressed copy (zero points
+    # included), not the float reference
+    labels = list(rec.summaries[-1]["kernels"].values())
+    assert sum(":from_nm" in k for k in labels) == LINEARS and not any(k == "reference" for k in labels)
+    assert not rec.summaries[-1]["fallbacks"]
 
 
 def test_save_and_reload(tmp_path):
