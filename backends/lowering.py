@@ -365,39 +365,32 @@ def _record_cpu_dispatch(node: fx.Node, ctx: PassContext, a: dict[str, Any], dty
             a["fmt"], decision.out_features, a["in_features"], dtype)
 
 
-def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
-    """CPU fusion groups over the lowered ``packed_linear`` calls whose weights have a generated
-    kernel: a gated MLP's ``silu(gate(x)) * up(x)`` becomes one call (x read once, the product
-    written), and the other linears that share an input (q/k/v) one call with their outputs side
-    by side (``cpu_kernels.fused_linear``: one OpenMP region instead of two or three; more than
-    ``MAX_ROWS`` rows run the members one by one, as before). The same groups the Triton generator
-    finds (``fusion._classify`` names the SiLU and the mul); ``LOWBIT_CPU_FUSE=0`` turns it off."""
+def _fuse_call_groups(gm: fx.GraphModule, kernels: dict[str, str], key: Callable[[Any], tuple | None],
+                      out_size: Callable[[fx.Node], Any], bias: Callable[[fx.Node], Any],
+                      build: Callable[[list[fx.Node], int], tuple[str, torch.nn.Module, Any, Callable]]) -> None:
+    """The CPU fusion groups' shared rules over lowered calls: a gated MLP's ``mul(silu(gate(x)),
+    up(x))`` becomes one call with ``silu * mul`` as its epilogue, and the other calls that share
+    an input (q/k/v) one call with their outputs side by side (``getitem`` per member). ``key(n)``:
+    None for a node that is no member, else what members of one group share (the input first);
+    ``out_size(n)``: gate and up must match; ``bias(n)``: the member's bias argument (a side-by-side
+    group runs where its first member ran, so a bias computed later keeps that member out);
+    ``build(nodes, epilogue)`` -> (attribute name, holder module, target, ``args(holder_node)``) of
+    the call that replaces them."""
 
-    def member(node: Any) -> cpu_kernels.PackedWeight | None:
-        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is cpu_kernels.packed_linear):
-            return None
-        packed = ir.fetch_attr(gm, node.args[1].target)
-        if packed.quantized is None or cpu_kernels.generated_kernel(packed.fmt, packed.in_features) is None:
-            return None
-        return packed if cpu_codegen.multi_kernel(packed.fmt) is not None else None
+    def alike(a: Any, b: Any) -> bool:
+        return a is not b and (ka := key(a)) is not None and ka == key(b)
 
-    def alike(a: fx.Node, b: fx.Node) -> bool:
-        pa, pb = member(a), member(b)
-        return (pa is not None and pb is not None and a is not b and a.args[0] is b.args[0] and pa.fmt == pb.fmt
-                and pa.in_features == pb.in_features and a.args[3] == b.args[3])
-
-    def replace(nodes: list[fx.Node], epilogue: int, sink: fx.Node | None, name: str) -> None:
-        fused = cpu_kernels.FusedWeights([member(n) for n in nodes], epilogue)
-        ir.set_attr(gm, name, fused)
+    def replace(nodes: list[fx.Node], epilogue: int, sink: fx.Node | None) -> None:
+        name, holder_module, target, args = build(nodes, epilogue)
+        ir.set_attr(gm, name, holder_module)
         first = min(nodes, key=order.__getitem__)
         for n in nodes:  # a side-by-side group runs where its first member ran: its biases move up
-            bias = n.args[2]
-            if sink is None and isinstance(bias, fx.Node) and order[bias] > order[first]:
-                first.prepend(bias)  # a get_attr (checked by the caller): nothing it reads moves
+            b = bias(n)
+            if sink is None and isinstance(b, fx.Node) and order[b] > order[first]:
+                first.prepend(b)  # a get_attr (checked by the caller): nothing it reads moves
         with gm.graph.inserting_before(sink if sink is not None else first):
             holder = gm.graph.get_attr(name)
-            call = gm.graph.call_function(cpu_kernels.fused_linear, (
-                first.args[0], holder, tuple(n.args[2] for n in nodes), first.args[3]))
+            call = gm.graph.call_function(target, args(holder))
         call.meta["lowbit_members"] = [n.name for n in nodes]  # their records (kernels) get the prologue too
         if sink is not None:
             call.meta.update(sink.meta)
@@ -424,19 +417,47 @@ def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
                 continue
             gate = op[1][0]
             if (alike(gate, up) and len(gate.users) == 1 and len(up.users) == 1 and gate not in claimed
-                    and up not in claimed and member(gate).out_features == member(up).out_features):
-                replace([gate, up], cpu_codegen.SILU_MUL, node, f"{_fqn_base(gm, gate)}.gate_up_fused")
+                    and up not in claimed and out_size(gate) == out_size(up)):
+                replace([gate, up], cpu_codegen.SILU_MUL, node)
                 break
-    by_input: dict[fx.Node, list[fx.Node]] = {}
+    siblings: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:  # siblings of one input (q/k/v)
-        if node not in claimed and member(node) is not None and isinstance(node.args[0], fx.Node):
-            by_input.setdefault(node.args[0], []).append(node)
-    for nodes in by_input.values():
-        nodes = [n for n in nodes if (alike(nodes[0], n) or n is nodes[0])
-                 and (not isinstance(n.args[2], fx.Node) or n.args[2].op == "get_attr"
-                      or order[n.args[2]] < order[nodes[0]])]
+        if node not in claimed and (k := key(node)) is not None:
+            siblings.setdefault(k, []).append(node)
+    for nodes in siblings.values():
+        nodes = [n for n in nodes if not isinstance(b := bias(n), fx.Node) or b.op == "get_attr"
+                 or order[b] < order[nodes[0]]]
         if len(nodes) >= 2:
-            replace(nodes, 0, None, f"{_fqn_base(gm, nodes[0])}.siblings_fused")
+            replace(nodes, 0, None)
+
+
+def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
+    """CPU fusion groups over the lowered ``packed_linear`` calls whose weights have a generated
+    kernel: a gated MLP's ``silu(gate(x)) * up(x)`` becomes one call (x read once, the product
+    written), and the other linears that share an input (q/k/v) one call with their outputs side
+    by side (``cpu_kernels.fused_linear``: one OpenMP region instead of two or three; more than
+    ``MAX_ROWS`` rows run the members one by one, as before). The same groups the Triton generator
+    finds (``fusion._classify`` names the SiLU and the mul); ``LOWBIT_CPU_FUSE=0`` turns it off."""
+
+    def member(node: Any) -> cpu_kernels.PackedWeight | None:
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is cpu_kernels.packed_linear):
+            return None
+        packed = ir.fetch_attr(gm, node.args[1].target)
+        if packed.quantized is None or cpu_kernels.generated_kernel(packed.fmt, packed.in_features) is None:
+            return None
+        return packed if cpu_codegen.multi_kernel(packed.fmt) is not None else None
+
+    def key(node: Any) -> tuple | None:
+        p = member(node)
+        return None if p is None else (node.args[0], p.fmt, p.in_features, node.args[3])
+
+    def build(nodes: list[fx.Node], epilogue: int):
+        first = nodes[0]
+        name = f"{_fqn_base(gm, first)}.{'gate_up' if epilogue else 'siblings'}_fused"
+        return name, cpu_kernels.FusedWeights([member(n) for n in nodes], epilogue), cpu_kernels.fused_linear, (
+            lambda holder: (first.args[0], holder, tuple(n.args[2] for n in nodes), first.args[3]))
+
+    _fuse_call_groups(gm, kernels, key, lambda n: member(n).out_features, lambda n: n.args[2], build)
 
 
 def _fuse_cpu_sparse_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
@@ -444,8 +465,9 @@ def _fuse_cpu_sparse_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None
     members read the same input through the same threshold (TEAL/WINA put one site in front of
     q/k/v and one in front of gate/up), so one C call thresholds and compacts the row once and
     reads the members' K-major copies stacked along N; a gated MLP's ``silu(gate) * up`` becomes
-    the group's epilogue. The dense fusion groups' rules (``_fuse_cpu_groups``), over
+    the group's epilogue. The dense fusion groups' rules (``_fuse_call_groups``), over
     ``sparse_input_group_linear`` calls of one member."""
+
     def single(node: Any) -> Any:
         if not (isinstance(node, fx.Node) and node.op == "call_function"
                 and node.target is cpu_sparse.sparse_input_group_linear and not node.kwargs):
@@ -453,68 +475,21 @@ def _fuse_cpu_sparse_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None
         group = ir.fetch_attr(gm, node.args[1].target)
         return group if len(group.sizes) == 1 else None
 
-    def key(node: fx.Node) -> tuple:
+    def key(node: Any) -> tuple | None:
         g = single(node)
-        return (node.args[0], id(g.threshold_source), id(g.col_scale_source), g.fmt, g.in_features, g.compute_dtype)
+        return None if g is None else (node.args[0], id(g.threshold_source), id(g.col_scale_source), g.fmt,
+                                       g.in_features, g.compute_dtype)
 
-    def alike(a: fx.Node, b: fx.Node) -> bool:
-        return single(a) is not None and single(b) is not None and a is not b and key(a) == key(b)
-
-    def replace(nodes: list[fx.Node], epilogue: int, sink: fx.Node | None) -> None:
+    def build(nodes: list[fx.Node], epilogue: int):
         groups = [single(n) for n in nodes]
-        first_group = groups[0]
-        fused = cpu_sparse.SparseInputGroup(first_group.threshold_source, first_group.col_scale_source,
-                                            [g.quantized[0] for g in groups], first_group.fmt,
-                                            first_group.in_features, first_group.compute_dtype, epilogue)
+        g = groups[0]
         name = f"{_fqn_base(gm, nodes[0])}.sparse_{'gate_up' if epilogue else 'siblings'}_fused"
-        ir.set_attr(gm, name, fused)
-        first = min(nodes, key=order.__getitem__)
-        for n in nodes:
-            bias = n.args[2][0]
-            if sink is None and isinstance(bias, fx.Node) and order[bias] > order[first]:
-                first.prepend(bias)  # a get_attr (checked by the caller): nothing it reads moves
-        with gm.graph.inserting_before(sink if sink is not None else first):
-            holder = gm.graph.get_attr(name)
-            call = gm.graph.call_function(cpu_sparse.sparse_input_group_linear, (
-                first.args[0], holder, tuple(n.args[2][0] for n in nodes)))
-        call.meta["lowbit_members"] = [n.name for n in nodes]
-        if sink is not None:
-            call.meta.update(sink.meta)
-            sink.replace_all_uses_with(call)
-        else:
-            for i, n in enumerate(nodes):
-                with gm.graph.inserting_after(call):
-                    part = gm.graph.call_function(operator.getitem, (call, i))
-                part.meta.update(n.meta)
-                n.replace_all_uses_with(part)
-        for n in nodes:
-            kernels[n.name] = kernels[n.name] + (":silu_mul" if epilogue else f":x{len(nodes)}")
-        claimed.update(nodes)
+        fused = cpu_sparse.SparseInputGroup(g.threshold_source, g.col_scale_source, [m.quantized[0] for m in groups],
+                                            g.fmt, g.in_features, g.compute_dtype, epilogue)
+        return name, fused, cpu_sparse.sparse_input_group_linear, lambda holder: (
+            nodes[0].args[0], holder, tuple(n.args[2][0] for n in nodes))
 
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    claimed: set[fx.Node] = set()
-    for node in list(gm.graph.nodes):  # gate.up: mul(silu(gate(x)), up(x))
-        classified = fusion._classify(node)
-        if classified is None or classified[0] != "mul":
-            continue
-        for act, up in (node.args, node.args[::-1]):
-            op = fusion._classify(act) if isinstance(act, fx.Node) else None
-            if op is None or op[0] != "silu" or len(act.users) != 1:
-                continue
-            gate = op[1][0]
-            if (alike(gate, up) and len(gate.users) == 1 and len(up.users) == 1 and gate not in claimed
-                    and up not in claimed and single(gate).sizes == single(up).sizes):
-                replace([gate, up], cpu_codegen.SILU_MUL, node)
-                break
-    by_key: dict[tuple, list[fx.Node]] = {}
-    for node in gm.graph.nodes:  # siblings of one input and threshold (q/k/v)
-        if node not in claimed and single(node) is not None:
-            by_key.setdefault(key(node), []).append(node)
-    for nodes in by_key.values():
-        nodes = [n for n in nodes if not isinstance(n.args[2][0], fx.Node) or n.args[2][0].op == "get_attr"
-                 or order[n.args[2][0]] < order[nodes[0]]]
-        if len(nodes) >= 2:
-            replace(nodes, 0, None)
+    _fuse_call_groups(gm, kernels, key, lambda n: single(n).sizes, lambda n: n.args[2][0], build)
 
 
 def _canonical_rms_norms(gm: fx.GraphModule) -> int:
