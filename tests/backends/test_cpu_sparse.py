@@ -360,6 +360,10 @@ def test_compiled_teal_decode_runs_one_sparse_call_per_site():
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is cpu_sparse.sparse_input_group_linear]
     assert sum("norm_weight" in n.kwargs for n in calls) == 4 and sum("residual" in n.kwargs for n in calls) == 4
     assert summary["cpu_fusions"]["rms_norm_rewritten"] == 5  # two per layer and the final norm
+    from lowbit_compiler.cli import format_summary
+
+    assert "written-out RMSNorms rewritten to rms_norm (folded into the calls): 5" in format_summary(
+        {"graph": "g", **summary})
     assert ran >= 8  # every site ran one of the two kernels (a group counts once per member when sparse)
     assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
 
