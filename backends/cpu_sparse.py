@@ -828,16 +828,20 @@ class SparseInputGroup(torch.nn.Module):
         self.dense = torch.nn.ModuleList([cpu_kernels.prepack(q, s, z, fmt, in_features, compute_dtype)
                                           for q, s, z in members])
         self.fused = cpu_kernels.FusedWeights(list(self.dense), epilogue) if len(members) > 1 else None
-        self._kmajor: CpuKMajor | None = None
+        self._kmajor: CpuKMajor | None = None  # stacked members (several), built at the first decode call
+        self._kmajor_versions: tuple = ()
         self._limit: dict[tuple, int] = {}  # (environment, threads) -> most kept inputs for the sparse kernel
         self._bias: tuple | None = None  # (the biases' identities, their float32 concatenation)
 
     def kmajor(self) -> CpuKMajor:
-        if self._kmajor is None:
-            if len(self.quantized) == 1:
-                self._kmajor = kmajor_cpu(*self.quantized[0], self.fmt, self.in_features)
-            else:
-                self._kmajor = make_kmajor_cpu(*self._stacked(), self.fmt, self.in_features)
+        """The members' K-major copy (one member: the shared per-weight cache; several: stacked,
+        rebuilt when a member's tensors were edited in place)."""
+        if len(self.quantized) == 1:
+            return kmajor_cpu(*self.quantized[0], self.fmt, self.in_features)
+        versions = tuple(t._version for m in self.quantized for t in m if t is not None)
+        if self._kmajor is None or self._kmajor_versions != versions:
+            self._kmajor = make_kmajor_cpu(*self._stacked(), self.fmt, self.in_features)
+            self._kmajor_versions = versions
         return self._kmajor
 
     def _stacked(self):
@@ -864,7 +868,7 @@ class SparseInputGroup(torch.nn.Module):
                     return measure(*self._stacked(), self.fmt, self.in_features, self.kmajor())
 
                 got = plan_for(self.fmt, self.out_features, self.in_features, make)["max_nnz"]
-            if got < 0 and len(self.quantized) > 1:
+            if got < 0:
                 self._kmajor = None  # never read: the dense kernels run every call
             got = self._limit[key] = got
         return got
@@ -873,7 +877,7 @@ class SparseInputGroup(torch.nn.Module):
         """The members' biases as one float32 row (zeros for members without one), or None."""
         if all(b is None for b in biases):
             return None
-        ids = tuple(id(b) for b in biases)
+        ids = tuple((id(b), None if b is None else b._version) for b in biases)  # edited in place: rebuilt
         if self._bias is None or self._bias[0] != ids:
             self._bias = (ids, torch.cat([torch.zeros(n) if b is None else b.detach().float().reshape(n)
                                           for b, n in zip(biases, self.sizes)]).contiguous())
@@ -905,10 +909,15 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
     if x.numel() == k and x.device.type == "cpu":
         limit = group.limit()
         if limit >= 0:
-            x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-            xs = torch.empty(k, dtype=torch.float32)
-            y = run(x32, group.kmajor(), group.bias(biases), group.fmt, limit, lead=lead, threshold=group.threshold,
-                    col_scale=group.col_scale, xs_out=xs)
+            if x.dtype == torch.float32:  # the kernel thresholds (float32 compares: the op's, bit for bit)
+                x32 = x if x.is_contiguous() else x.contiguous()
+                xs = torch.empty(k, dtype=torch.float32)
+                y = run(x32, group.kmajor(), group.bias(biases), group.fmt, limit, lead=lead,
+                        threshold=group.threshold, col_scale=group.col_scale, xs_out=xs)
+            else:  # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch does
+                xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
+                y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, limit,
+                        lead=lead)
             if y is not None:
                 dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
                 if x.dtype != torch.float32:
@@ -922,6 +931,8 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             _note_dense(group.fmt, group.out_features, k, limit, f"more than {limit} of {k} inputs kept "
                         "(measured crossover)")
             xs = xs.view(x.shape).to(x.dtype)
+        elif os.environ.get(cpu_codegen.ENV, "1") == "0":
+            _note_dense(group.fmt, group.out_features, k, limit, f"turned off by {cpu_codegen.ENV}=0")
         else:
             _note_dense(group.fmt, group.out_features, k, limit, "the sparse kernel is slower at every sparsity on "
                         f"this host ({os.environ.get(DISPATCH_ENV, 'measured')})")

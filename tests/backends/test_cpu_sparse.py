@@ -404,3 +404,30 @@ def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
         assert group.calls == 1 and mlp.gate_proj._eager_group.calls == 1
         assert cpu_sparse.dispatch_counter[("int8", "sparse")] - before == 14  # every linear of both layers
         assert (grouped - alone).abs().max() <= 1e-4 * alone.abs().max()
+
+
+def test_a_sparse_group_thresholds_bf16_rows_as_the_op_does(monkeypatch):
+    """bf16 rows: the op compares in bf16 (the threshold and WINA's score rounded), so a score just
+    below a float32 threshold that rounds onto it is kept; the group keeps exactly the op's inputs
+    (its output equals the member's float kernel over the op's thresholded row). A bias edited in
+    place is picked up."""
+    from lowbit_compiler.ops import act_sparsify_reference
+
+    monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, "sparse")
+    gen = torch.Generator().manual_seed(11)
+    fmt, k = "int8", 256
+    qw = quantize(torch.randn(256, k, generator=gen) / k ** 0.5, WeightFormat.parse(fmt))
+    col_scale = torch.full((k,), 0.699)
+    threshold = torch.tensor([0.69921875])  # bf16(1.0 * bf16(0.699)) == threshold: kept in bf16 only
+    group = cpu_sparse.SparseInputGroup(threshold, col_scale, [(qw.qweight, qw.scale, None)], fmt, k, torch.bfloat16)
+    x = torch.ones(1, k, dtype=torch.bfloat16)
+    x[0, ::2] = 0.5  # below the threshold either way
+    xs = act_sparsify_reference(x, threshold, col_scale)
+    assert int((xs != 0).sum()) == k // 2  # the op keeps the 1.0 inputs
+    bias = torch.randn(256, generator=gen)
+    y = cpu_sparse.sparse_input_group_linear(x, group, (bias,))
+    w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, None, fmt, k)
+    assert torch.equal(y, cpu_sparse.run(xs.reshape(k).float(), w, bias, fmt, k, lead=(1,)).to(torch.bfloat16))
+    bias.add_(1.0)
+    y2 = cpu_sparse.sparse_input_group_linear(x, group, (bias,))
+    assert torch.equal(y2, cpu_sparse.run(xs.reshape(k).float(), w, bias, fmt, k, lead=(1,)).to(torch.bfloat16))
