@@ -870,7 +870,7 @@ class SparseInputGroup(torch.nn.Module):
                 got = plan_for(self.fmt, self.out_features, self.in_features, make)["max_nnz"]
             if got < 0:
                 self._kmajor = None  # never read: the dense kernels run every call
-            got = self._limit[key] = got
+            self._limit[key] = got
         return got
 
     def bias(self, biases: tuple) -> torch.Tensor | None:

@@ -37,6 +37,8 @@ from lowbit_compiler.backends import cpu_codegen, cpu_kernels
 class EagerGroup:
     """Linears of one input (same weight-only format and in_features) run as one generated call."""
 
+    max_rows = cpu_codegen.MAX_ROWS  # larger calls: each member alone
+
     def __init__(self, members: list[torch.nn.Module]):
         self.members = list(members)  # (each member holds the group: a cycle the collector handles)
         self._fused: dict[torch.dtype, cpu_kernels.FusedWeights] = {}
@@ -65,8 +67,6 @@ class EagerGroup:
         self.calls += 1
         self._stash = (x, x._version, {i: o for i, o in enumerate(outs) if i != index})
         return outs[index]
-
-    max_rows = cpu_codegen.MAX_ROWS
 
     def _run(self, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
         """Every member's output for ``x`` in one call, or None (each member runs alone)."""

@@ -492,6 +492,12 @@ def _fuse_cpu_sparse_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None
     _fuse_call_groups(gm, kernels, key, lambda n: single(n).sizes, lambda n: n.args[2][0], build)
 
 
+def _float32(node: Any) -> bool:
+    """Whether a graph value is a float32 tensor (the generated CPU kernels' rows)."""
+    v = _dynamo_adapter.example_value(node) if isinstance(node, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype == torch.float32
+
+
 def _canonical_rms_norms(gm: fx.GraphModule) -> int:
     """RMSNorms written out (``x * rsqrt(mean(x^2) + eps) * w``, Hugging Face's Llama) -> one
     ``F.rms_norm`` node, ``canonicalize``'s rule, on float32 rows: graphs that no recipe pass
@@ -502,13 +508,9 @@ def _canonical_rms_norms(gm: fx.GraphModule) -> int:
     from lowbit_compiler.pass_base import PatternRule, apply_rules
     from lowbit_compiler.passes import canonicalize
 
-    def float32(m: dict) -> bool:  # only where the generated kernels can take the norm (float32 rows)
-        v = _dynamo_adapter.example_value(m["x"]) if isinstance(m["x"], fx.Node) else None
-        return isinstance(v, torch.Tensor) and v.dtype == torch.float32
-
     base = next(r for r in canonicalize.RULES if r.name == "rms_norm")
-    rule = PatternRule(base.name, base.pattern, base.replacement,
-                       lambda m: (base.extra_check is None or base.extra_check(m)) and float32(m))
+    rule = PatternRule(base.name, base.pattern, base.replacement,  # only rows the generated kernels take
+                       lambda m: (base.extra_check is None or base.extra_check(m)) and _float32(m["x"]))
     return apply_rules(gm, [rule])[rule.name]
 
 
@@ -523,10 +525,6 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
     norms and adds in the graph) and plain RMSNorms (weight a parameter of the model, no offset);
     ``LOWBIT_CPU_FUSE=0`` turns it off with the groups. The kernel's normalisation sums squares in
     double: it differs from torch's ``rms_norm`` by rounding only (tested against float64)."""
-
-    def float32(node: Any) -> bool:
-        v = _dynamo_adapter.example_value(node) if isinstance(node, fx.Node) else None
-        return isinstance(v, torch.Tensor) and v.dtype == torch.float32
 
     def record(node: fx.Node, what: str) -> None:
         for name in node.meta.get("lowbit_members", [node.name]):
@@ -576,20 +574,20 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
                 x = norm
         if (isinstance(x, fx.Node) and len(x.users) == 1 and x.op == "call_function"
                 and (pro := fusion.norm_prologue(x, gm)) is not None and pro.kind == "rms" and pro.bias is None
-                and not pro.offset and pro.weight is not None and float32(x) and float32(pro.input)
+                and not pro.offset and pro.weight is not None and _float32(x) and _float32(pro.input)
                 and ir.fetch_attr(gm, pro.weight.target).dtype == torch.float32):
             node.args = (pro.input, *node.args[1:])
             node.kwargs = {**node.kwargs, "norm_weight": pro.weight, "eps": pro.eps}
             gm.graph.erase_node(x)
             record(node, ":rms_norm")
-        if not one_output(node) or len(node.users) != 1 or not float32(node):
+        if not one_output(node) or len(node.users) != 1 or not _float32(node):
             continue
         add = next(iter(node.users))
         classified = fusion._classify(add)
         if classified is None or classified[0] != "add" or add.target not in (operator.add, torch.add):
             continue
         others = [a for a in classified[1] if a is not node]
-        if len(others) != 1 or not isinstance(others[0], fx.Node) or not float32(others[0]):
+        if len(others) != 1 or not isinstance(others[0], fx.Node) or not _float32(others[0]):
             continue
         other, mine = others[0], _dynamo_adapter.example_value(node)
         theirs, total = _dynamo_adapter.example_value(other), _dynamo_adapter.example_value(add)
