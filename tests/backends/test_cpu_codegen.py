@@ -606,4 +606,9 @@ def test_nf4_models_run_the_generated_kernel_compressed_and_compiled(monkeypatch
         reference = model(ids).logits
         assert sum(pass_base.fallback_counter.values()) > fallbacks  # the reference ran, counted
     assert formats.sqnr_db(reference.double(), generated.double()) >= 35.0  # measured 42.3 dB
-    assert formats.sqnr_db(generated.double(), compiled.double()) >= 90.0
+    # The compiled flow folds each RMSNorm into its C call, whose float32 rounding may differ from
+    # torch's rms_norm by an ulp (bit-equal on the Intel host, not on AMD Zen 4); the NF4 table path
+    # quantizes each group of x to steps of absmax / 2048, so such an ulp now and then moves one
+    # activation a step: 69 dB between the flows on Zen 4. Without that path (the float kernels,
+    # LOWBIT_CPU_SPLIT8=0) or without the folds (LOWBIT_CPU_FUSE=0) the flows are bit-identical.
+    assert formats.sqnr_db(generated.double(), compiled.double()) >= 60.0
