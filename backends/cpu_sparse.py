@@ -285,13 +285,28 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
    threads). Per task, the kept rows go in chunks (at most CHUNK rows, within a scale group) and each chunk
    sweeps the task's tiles with the accumulators in registers, so every row is read in full,
    tile after tile, while the task's outputs stay in L1. scratch: int32 idx [K + 16], float xv
-   [K + 16], int64 gstart [groups + 1], float xs [groups], float out [ksplit * Np]. */
+   [K + 16], int64 gstart [groups + 1], float xs [groups], float out [ksplit * Np].
+   Epilogue (as the dense groups' kernels): n_first > 0 stacks a gated MLP's gate (columns
+   [0, n_first)) and up ([n_first, 2 n_first)): y[n_first] = silu(gate) * up; res (NULL or [N])
+   is added to y (a residual). Prologue: nw non-NULL normalises x first, into xbuf [K]
+   (RMSNorm as the dense kernels' _ext entries: x * (1 / sqrt(mean(x^2) + eps)) * nw, the sum of
+   squares in double); the threshold then applies to the normalised row. */
 int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, const uint8_t* zero,
                const float* bias, float* y, void* scratch, int64_t N, int64_t Np, int64_t K,
                int64_t max_nnz, int64_t ksplit, int threads, const float* thr, int64_t thr_stride,
-               const float* cs, float* xs_out)
+               const float* cs, float* xs_out, int64_t n_first, const float* res, const float* nw, float eps,
+               float* xbuf)
 {{
     const int64_t G = GROUP ? GROUP : K, groups = K / G, row = Np * BITS / 8;
+    if (nw) {{
+        double ss = 0.0;
+        for (int64_t k = 0; k < K; k++)
+            ss += (double)x[k] * (double)x[k];
+        const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
+        for (int64_t k = 0; k < K; k++)
+            xbuf[k] = (x[k] * r) * nw[k];
+        x = xbuf;
+    }}
     int32_t* idx = (int32_t*)scratch;
     float* xv = (float*)(idx + K + 16);
     int64_t* gstart = (int64_t*)(xv + K + 16);
@@ -384,7 +399,15 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
 #if BITS == 8
         v *= sp_bf16(scale[n]);
 #endif
-        y[n] = v + (bias ? bias[n] : 0.0f);
+        v += bias ? bias[n] : 0.0f;
+        if (n_first)
+            out[n] = v;  /* the epilogue below reads gate and up */
+        else
+            y[n] = v + (res ? res[n] : 0.0f);
+    }}
+    for (int64_t n = 0; n < n_first; n++) {{
+        const float g = out[n];
+        y[n] = g / (1.0f + expf(-g)) * out[n_first + n] + (res ? res[n] : 0.0f);
     }}
     return nnz;
 }}
@@ -428,7 +451,8 @@ def _build(fmt: str, isa: str):
         cpu_codegen.PORTABLE_FLAGS if extra == () else cpu_codegen.FLAGS + extra)
     fn = cpu_codegen.build(kernel_name(fmt), source(fmt),
                            [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-                           + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
+                           + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p],
                            "the dense kernels run on the thresholded input", what=f"the activation-sparse {fmt} kernel",
                            flags=flags)
     if fn is not None:
@@ -554,18 +578,30 @@ def unsupported_reason(x: torch.Tensor, scale: torch.Tensor, fmt: str, in_featur
 
 def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, max_nnz: int,
         isa: str = "native", lead: tuple = (), threshold: torch.Tensor | None = None,
-        col_scale: torch.Tensor | None = None, xs_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        col_scale: torch.Tensor | None = None, xs_out: torch.Tensor | None = None, silu_first: int = 0,
+        residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+        eps: float = 0.0) -> torch.Tensor | None:
     """One call of the kernel on a contiguous float32 row ``x32`` (K values): ``y`` [*lead, N]
     float32, or None when more than ``max_nnz`` inputs are kept (nothing computed past the
     compaction). Without ``threshold`` the row is already thresholded (its nonzeros are kept);
     with it (float32 [1] or [K], contiguous; ``col_scale`` float32 [K] or None) the kernel applies
     ``lowbit::act_sparsify`` itself and, given ``xs_out`` (float32 [K]), writes the thresholded row
-    there (also when it returns None: the dense kernel's input)."""
+    there (also when it returns None: the dense kernel's input). ``silu_first`` = n > 0: the weight
+    is a gate (columns [0, n)) and up (the next n) stacked, and ``y`` [*lead, n] is
+    ``silu(gate) * up``; ``residual`` (float32, contiguous, as many values as ``y``) is added.
+    ``norm_weight`` (float32 [K], contiguous): ``x32`` is RMS-normalised in the kernel first (with
+    ``eps``), and the threshold applies to the normalised row (``xs_out`` receives it thresholded)."""
     k, n, np_ = w.in_features, w.out_features, w.padded_out
     threads = torch.get_num_threads()
     tiles = np_ // TW
     ksplit = 1 if tiles >= threads else -(-threads // tiles)  # enough tasks for every thread
-    y = torch.empty(lead + (n,), dtype=torch.float32)
+    y = torch.empty(lead + (silu_first or n,), dtype=torch.float32)
+    xbuf = None if norm_weight is None else torch.empty(k, dtype=torch.float32)
+    assert norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()
+                                   and norm_weight.numel() == k)
+    assert silu_first in (0, n // 2) and (residual is None or (residual.dtype == torch.float32
+                                                               and residual.is_contiguous()
+                                                               and residual.numel() == y.numel()))
     # int32 idx [K + 16], float xv [K + 16], int64 gstart [groups + 1], float xs [groups], partials
     scratch = torch.empty(w.scratch + 2 * ksplit * np_, dtype=torch.float32)  # out + the wide tasks' accumulators
     # every tensor whose pointer the kernel gets is held by a local until the call returns
@@ -575,7 +611,10 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
                            None if threshold is None else threshold.data_ptr(),
                            0 if threshold is None or threshold.numel() == 1 else 1,
                            None if col_scale is None else col_scale.data_ptr(),
-                           None if xs_out is None else xs_out.data_ptr())
+                           None if xs_out is None else xs_out.data_ptr(), silu_first,
+                           None if residual is None else residual.data_ptr(),
+                           None if norm_weight is None else norm_weight.data_ptr(), float(eps),
+                           None if xbuf is None else xbuf.data_ptr())
     return None if got < 0 else y
 
 
@@ -902,7 +941,10 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
     from lowbit_compiler.backends import cpu_kernels
 
     k = group.in_features
-    if norm_weight is not None:
+    # one float32 row: the kernel normalises it (its prologue); otherwise torch does, first
+    fold = (norm_weight is not None and x.numel() == k and x.dtype == torch.float32 and x.device.type == "cpu"
+            and norm_weight.dtype == torch.float32 and norm_weight.is_contiguous() and norm_weight.numel() == k)
+    if norm_weight is not None and not fold:
         x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
     lead = x.shape[:-1]
     xs = None
@@ -912,8 +954,18 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             if x.dtype == torch.float32:  # the kernel thresholds (float32 compares: the op's, bit for bit)
                 x32 = x if x.is_contiguous() else x.contiguous()
                 xs = torch.empty(k, dtype=torch.float32)
+                # the epilogue in the same C call, as the dense groups do: silu(gate) * up, the residual
+                silu_first = group.sizes[0] if group.epilogue == cpu_codegen.SILU_MUL else 0
+                res = residual if (residual is not None and len(group.sizes) == 1
+                                   and residual.dtype == torch.float32 and residual.is_contiguous()
+                                   and tuple(residual.shape) == tuple(lead) + (group.out_features,)) else None
                 y = run(x32, group.kmajor(), group.bias(biases), group.fmt, limit, lead=lead,
-                        threshold=group.threshold, col_scale=group.col_scale, xs_out=xs)
+                        threshold=group.threshold, col_scale=group.col_scale, xs_out=xs,
+                        silu_first=silu_first, residual=res, norm_weight=norm_weight if fold else None,
+                        eps=eps if fold else 0.0)
+                if y is not None and (silu_first or res is not None):
+                    dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
+                    return y  # (a gate/up group has no residual)
             else:  # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch does
                 xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
                 y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, limit,
@@ -937,6 +989,8 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             _note_dense(group.fmt, group.out_features, k, limit, "the sparse kernel is slower at every sparsity on "
                         f"this host ({os.environ.get(DISPATCH_ENV, 'measured')})")
     if xs is None:
+        if fold:  # the kernel did not run: torch normalises
+            x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
         xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
     if group.fused is None:
         return cpu_kernels.packed_linear(xs, group.dense[0], biases[0], group.compute_dtype, residual=residual)

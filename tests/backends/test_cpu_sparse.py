@@ -49,6 +49,39 @@ def test_activation_sparse_kernel_matches_float64(isa, fmt, threads):
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (isa, fmt, n, k, t)
 
 
+@pytest.mark.parametrize("isa", ["native", "portable"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym"])
+def test_the_kernel_epilogue_silu_mul_and_residual(isa, fmt, threads):
+    """The epilogue inside the C call: a stacked gate/up weight gives silu(gate) * up, one weight
+    plus a residual its sum; the RMSNorm prologue thresholds the normalised row; with kept inputs split over two threads (partial sums reduced first,
+    N = 2 x 64: one tile) and without; against float64."""
+    gen = torch.Generator().manual_seed(3)
+    k = 256
+    for n1, t in ((64, 2), (300, 1)):
+        threads(t)
+        qw = quantize(torch.randn(2 * n1, k, generator=gen), WeightFormat.parse(fmt))
+        w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, qw.zero, fmt, k)
+        x, bias = _row(k, gen), torch.randn(2 * n1, generator=gen)
+        full = x.double() @ dequantize(qw).double()[:, :k].T + bias.double()
+        y = cpu_sparse.run(x, w, bias, fmt, k, isa, lead=(1,), silu_first=n1)
+        ref = torch.nn.functional.silu(full[:n1]) * full[n1:]
+        assert y.shape == (1, n1) and (y[0].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, n1, t)
+        residual = torch.randn(1, 2 * n1, generator=gen)
+        y = cpu_sparse.run(x, w, bias, fmt, k, isa, lead=(1,), residual=residual)
+        ref = full + residual[0].double()
+        assert (y[0].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, n1, t)
+        # the RMSNorm prologue: the threshold applies to the normalised row (written to xs_out)
+        raw, nw = torch.randn(k, generator=gen) * 3, torch.rand(k, generator=gen) + 0.5
+        xs, thr = torch.empty(k), torch.tensor([0.6])
+        y = cpu_sparse.run(raw, w, bias, fmt, k, isa, lead=(1,), threshold=thr, xs_out=xs, norm_weight=nw, eps=1e-6)
+        normed = torch.nn.functional.rms_norm(raw.double(), (k,), nw.double(), 1e-6)
+        kept = normed.abs() >= 0.6
+        assert 0.2 * k < int(kept.sum()) < 0.8 * k
+        assert torch.equal(xs != 0, kept) and (xs.double() - normed * kept).abs().max() <= 1e-6 * normed.abs().max()
+        ref = (normed * kept) @ dequantize(qw).double()[:, :k].T + bias.double()
+        assert (y[0].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, n1, t)
+
+
 @pytest.mark.parametrize("fmt, n", [("int8", 256), ("int4_g128_asym", 256), ("int4_g128_asym", 1100)])
 def test_zeroed_inputs_rows_are_never_read(fmt, n, threads):
     """Garbage in the K-major rows of zeroed inputs changes nothing (bit for bit); no kept input
