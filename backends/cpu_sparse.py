@@ -599,7 +599,7 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
     xbuf = None if norm_weight is None else torch.empty(k, dtype=torch.float32)
     assert norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()
                                    and norm_weight.numel() == k)
-    assert silu_first in (0, n // 2) and (residual is None or (residual.dtype == torch.float32
+    assert (silu_first == 0 or 2 * silu_first == n) and (residual is None or (residual.dtype == torch.float32
                                                                and residual.is_contiguous()
                                                                and residual.numel() == y.numel()))
     # int32 idx [K + 16], float xv [K + 16], int64 gstart [groups + 1], float xs [groups], partials
@@ -942,8 +942,9 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
 
     k = group.in_features
     # one float32 row: the kernel normalises it (its prologue); otherwise torch does, first
-    fold = (norm_weight is not None and x.numel() == k and x.dtype == torch.float32 and x.device.type == "cpu"
-            and norm_weight.dtype == torch.float32 and norm_weight.is_contiguous() and norm_weight.numel() == k)
+    fold = (norm_weight is not None and eps is not None and x.numel() == k and x.dtype == torch.float32
+            and x.device.type == "cpu" and norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()
+            and norm_weight.numel() == k)
     if norm_weight is not None and not fold:
         x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
     lead = x.shape[:-1]

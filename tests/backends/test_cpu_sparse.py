@@ -344,6 +344,13 @@ def test_a_sparse_group_is_its_members_stacked(fmt, monkeypatch):
     normed = torch.nn.functional.rms_norm(x, (k,), norm_w, 1e-6)
     ref = residual.double() + _reference(normed, qws, thr, None, (None,), fmt, k)[0]
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # the kernel declines (one kept input allowed) or never runs: the norm applies once either way
+    for mode, limit in (("dense", None), ("sparse", 1)):
+        monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, mode)
+        if limit is not None:
+            monkeypatch.setattr(group, "limit", lambda limit=limit: limit)
+        y = cpu_sparse.sparse_input_group_linear(x, group, (None,), norm_weight=norm_w, eps=1e-6, residual=residual)
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), mode
 
 
 def test_a_sparse_group_runs_the_dense_kernels_past_the_crossover_and_for_more_rows(monkeypatch):
