@@ -845,7 +845,7 @@ class SparseInputGroup(torch.nn.Module):
     scale, so a decode row is thresholded and compacted once, in the kernel, and the members'
     K-major copies stacked along N (one copy, :func:`make_kmajor_cpu` of the stacked weights) are
     read by one kernel call. The crossover to the dense kernels is measured on the stacked shape
-    (:func:`plan_for`); a row keeping more inputs, and calls of more rows, run the dense generated
+    (:meth:`measure`: the group's own calls); a row keeping more inputs, and calls of more rows, run the dense generated
     kernels (one fused call for a group, ``cpu_kernels.fused_linear``) on the thresholded input.
 
     A module so that lowered graphs hold it with ``get_attr``; the K-major copy is built at the
@@ -871,15 +871,20 @@ class SparseInputGroup(torch.nn.Module):
         self._kmajor_versions: tuple = ()
         self._limit: dict[tuple, int] = {}  # (environment, threads) -> most kept inputs for the sparse kernel
         self._bias: tuple | None = None  # (the biases' identities, their float32 concatenation)
+        self._rows: dict[tuple, RowCall | None] = {}  # (environment, threads) -> the decode row's call (row_call)
 
     def kmajor(self) -> CpuKMajor:
         """The members' K-major copy (one member: the shared per-weight cache; several: stacked,
-        rebuilt when a member's tensors were edited in place)."""
-        if len(self.quantized) == 1:
-            return kmajor_cpu(*self.quantized[0], self.fmt, self.in_features)
-        versions = tuple(t._version for m in self.quantized for t in m if t is not None)
+        rebuilt when a member's tensors -- codes, scales or zero points -- were edited in place)."""
+        versions = self._versions()
         if self._kmajor is None or self._kmajor_versions != versions:
-            self._kmajor = make_kmajor_cpu(*self._stacked(), self.fmt, self.in_features)
+            if len(self.quantized) == 1:
+                q, sc, z = self.quantized[0]
+                if self._kmajor_versions:  # edited since: the shared cache checks the codes' version only
+                    KMAJOR_CACHE.put(q, ("kmajor_cpu", self.fmt), make_kmajor_cpu(q, sc, z, self.fmt, self.in_features))
+                self._kmajor = kmajor_cpu(q, sc, z, self.fmt, self.in_features)
+            else:
+                self._kmajor = make_kmajor_cpu(*self._stacked(), self.fmt, self.in_features)
             self._kmajor_versions = versions
         return self._kmajor
 
@@ -889,7 +894,8 @@ class SparseInputGroup(torch.nn.Module):
 
     def limit(self) -> int:
         """The most kept inputs a decode row may have to take the sparse kernel (-1: never),
-        per environment (``LOWBIT_SPARSE_DISPATCH``) and thread count."""
+        per environment (``LOWBIT_SPARSE_DISPATCH``) and thread count: measured on this group's own
+        calls (:meth:`measure`)."""
         from lowbit_compiler.backends import cpu_dispatch
 
         key = (cpu_dispatch.env_key(), torch.get_num_threads())
@@ -901,16 +907,88 @@ class SparseInputGroup(torch.nn.Module):
             elif mode in ("sparse", "dense"):
                 got = self.in_features if mode == "sparse" else -1
             else:
-                def make() -> dict:
-                    if len(self.quantized) == 1:
-                        return measure(*self.quantized[0], self.fmt, self.in_features, self.kmajor())
-                    return measure(*self._stacked(), self.fmt, self.in_features, self.kmajor())
-
-                got = plan_for(self.fmt, self.out_features, self.in_features, make)["max_nnz"]
+                threads, sizes = torch.get_num_threads(), "+".join(map(str, self.sizes))
+                # the environment is in the memo key (key[0]); the disk key names what the fallback's
+                # dense kernels depend on: the compute dtype and the kernels' sources and host
+                got = cached_plan(
+                    ("group", self.fmt, sizes, self.in_features, self.epilogue, str(self.compute_dtype), key),
+                    lambda: (f"group|{self.fmt}|N={sizes}|K={self.in_features}|epilogue={self.epilogue}|"
+                             f"dtype={self.compute_dtype}|threads={threads}|"
+                             f"{_digest(source(self.fmt), cpu_codegen.source(self.fmt))}"),
+                    self.measure)["max_nnz"]
             if got < 0:
                 self._kmajor = None  # never read: the dense kernels run every call
             self._limit[key] = got
         return got
+
+    def row_call(self) -> "RowCall | None":
+        """The decode row's call (:class:`RowCall`) for this environment and thread count: the
+        sparse kernel up to :meth:`limit` kept inputs (with ``limit() < 0`` it only thresholds:
+        the dense kernels read its output); None when the kernel cannot run here."""
+        from lowbit_compiler.backends import cpu_dispatch
+
+        key = (cpu_dispatch.env_key(), torch.get_num_threads())
+        call = self._rows.get(key, False)
+        if call is not None and call is not False and call.versions != self._versions():
+            call = False  # a member was edited in place: its K-major copy is rebuilt
+        if call is False:
+            why = _static_reason(self.fmt, self.in_features) if os.environ.get(cpu_codegen.ENV, "1") != "0" else "off"
+            call = None if why is not None else RowCall(self, self.limit(), key[1])
+            self._rows[key] = call
+        return call
+
+    def _versions(self) -> tuple:
+        return tuple(t._version for m in self.quantized for t in m if t is not None)
+
+    def measure(self) -> dict:
+        """Time this group's decode-row call as the model makes it (:class:`RowCall`: the Python,
+        the allocations and the kernel) against its fallback (the kernel's thresholding only, then
+        the dense kernels' call on the thresholded row: what runs when the row keeps too many), the
+        sparse call with every input kept and with a quarter kept, calls interleaved, each weight
+        evicted from the caches before its call, minimum of :data:`REPEATS`; ``max_nnz`` is where
+        the straight line through the two sparse times meets the dense time / :data:`MARGIN`.
+        Measuring the bare kernels instead missed ~40-140 us per call of Python and torch ops
+        around them (stop 31, Zen 4)."""
+        from lowbit_compiler.backends import cpu_kernels
+
+        k, threads = self.in_features, torch.get_num_threads()
+        gen = torch.Generator().manual_seed(0)
+        full = (torch.randn(k, generator=gen).abs() + 0.1).reshape(1, k)
+        quarter = torch.where(torch.rand(k, generator=gen) < 0.25, full, torch.zeros(()))
+        nq = int((quarter != 0).sum())
+        zero_threshold = torch.zeros(1)  # every nonzero input kept: the inputs decide how many
+        # a K-major copy of its own, kept (kmajor()) only when the plan takes the sparse kernel
+        w = make_kmajor_cpu(*(self.quantized[0] if len(self.quantized) == 1 else self._stacked()), self.fmt, k)
+        sparse = RowCall(self, k, threads, threshold=zero_threshold, col_scale=None, w=w)
+        prologue = RowCall(self, -1, threads, threshold=zero_threshold, col_scale=None, weights=False)
+        biases = (None,) * len(self.sizes)
+
+        def dense(x):
+            _, xs = prologue(x, None, None, 0.0, None)
+            xs = xs.view(1, k)
+            if self.fused is None:
+                return cpu_kernels.packed_linear(xs, self.dense[0], None, self.compute_dtype)
+            return cpu_kernels.fused_linear(xs, self.fused, biases, self.compute_dtype)
+
+        calls = {"dense": lambda: dense(full), "sparse_all": lambda: sparse(full, None, None, 0.0, None),
+                 "sparse_quarter": lambda: sparse(quarter, None, None, 0.0, None)}
+        for call in calls.values():
+            call()  # first calls: the dense kernels' own dispatch measures and binds here
+        dense_tensors = tuple(t for m in self.quantized for t in m)
+        best = _fastest(calls, cold={"dense": dense_tensors, "sparse_all": (w.codes, w.scale, w.zero),
+                                     "sparse_quarter": (w.codes, w.scale, w.zero)})
+        d, t_all, t_q = best["dense"], best["sparse_all"], best["sparse_quarter"]
+        slope = max((t_all - t_q) / max(k - nq, 1), 1e-15)
+        at0 = t_q - slope * nq
+        max_nnz = max(-1, min(k, math.floor((d / MARGIN - at0) / slope)))
+        if max_nnz >= 0:  # the copy the kernel will read
+            if len(self.quantized) == 1:
+                KMAJOR_CACHE.put(self.quantized[0][0], ("kmajor_cpu", self.fmt), w)
+            else:
+                self._kmajor, self._kmajor_versions = w, self._versions()
+        return {"max_nnz": max_nnz, "max_kept_fraction": round(max(max_nnz, 0) / k, 3),
+                "dense_ms": round(d * 1e3, 4), "sparse_all_ms": round(t_all * 1e3, 4),
+                "sparse_quarter_ms": round(t_q * 1e3, 4), "quarter_kept": nq, "measured": "group calls"}
 
     def bias(self, biases: tuple) -> torch.Tensor | None:
         """The members' biases as one float32 row (zeros for members without one), or None."""
@@ -928,71 +1006,134 @@ class SparseInputGroup(torch.nn.Module):
         return f"{self.fmt}, {len(self.sizes)} weight(s) of one thresholded input ({what}), K={self.in_features}"
 
 
+class RowCall:
+    """One float32 decode row of a :class:`SparseInputGroup` through the kernel, its arguments
+    worked out once (``SparseInputGroup.row_call``, per environment and thread count) so that a
+    call costs three allocations and one ctypes call: a decode step makes dozens of these between
+    kernels that stream the caches empty, and the general path's Python and torch ops around the
+    kernel cost 30-65 us a call there (stop 32, Zen 4) against ~5 us for the ctypes call.
+
+    ``limit`` < 0 (the measured plan never takes the sparse kernel): the call only normalises and
+    thresholds (the kernel returns right after the compaction; no K-major copy is made) and the
+    caller runs the dense kernels on the thresholded row it gets back."""
+
+    __slots__ = ("fn", "w", "codes", "scale", "zero", "n", "np_", "k", "limit", "ksplit", "threads", "thr",
+                 "thr_stride", "cs", "held", "scratch", "silu_first", "out_n", "versions")
+
+    def __init__(self, group: SparseInputGroup, limit: int, threads: int, threshold: torch.Tensor | None = None,
+                 col_scale: torch.Tensor | None = None, weights: bool = True, w: CpuKMajor | None = None):
+        k, fmt = group.in_features, group.fmt
+        self.fn, self.k, self.limit, self.threads = _build(fmt, "native"), k, limit, threads
+        self.versions = group._versions()
+        if threshold is None:  # the group's (a measurement passes its own)
+            threshold, col_scale = group.threshold, group.col_scale
+        self.held = (threshold, col_scale)  # the pointers' tensors
+        self.thr, self.thr_stride = threshold.data_ptr(), 0 if threshold.numel() == 1 else 1
+        self.cs = None if col_scale is None else col_scale.data_ptr()
+        if limit >= 0 and weights:
+            w = self.w = w or group.kmajor()
+            self.codes, self.scale, self.zero = w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr
+            self.n, self.np_ = w.out_features, w.padded_out
+            tiles = self.np_ // TW
+            self.ksplit = 1 if tiles >= threads else -(-threads // tiles)  # enough tasks for every thread
+            words = w.scratch + 2 * self.ksplit * self.np_
+        else:  # thresholding only (CpuKMajor.scratch without the weights)
+            self.w, self.codes, self.scale, self.zero, self.n, self.np_, self.ksplit = None, None, None, None, 0, 0, 1
+            groups = k // (WeightFormat.parse(fmt).group_size or k)
+            words = 2 * (k + 16) + 2 * (groups + 1) + groups
+        self.scratch = -(-words // 16) * 16  # then (64-byte aligned) the normalised row, when there is a norm
+        self.silu_first = group.sizes[0] if group.epilogue == cpu_codegen.SILU_MUL else 0
+        self.out_n = self.silu_first or self.n
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+                 residual: torch.Tensor | None, lead: tuple = (1,)) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``x``: float32, contiguous, K values (``norm_weight``, ``bias``, ``residual``: float32,
+        contiguous, or None). Returns ``(y, xs)``: ``y`` [*lead, out] (None when the row kept more
+        than ``limit`` inputs) and ``xs`` [K], the normalised, thresholded row."""
+        k = self.k
+        xs = torch.empty(k, dtype=torch.float32)
+        y = torch.empty(lead + (self.out_n,), dtype=torch.float32) if self.limit >= 0 else xs
+        scratch = torch.empty(self.scratch + (k if norm_weight is not None else 0), dtype=torch.float32)
+        base = scratch.data_ptr()
+        got = self.fn(x.data_ptr(), self.codes, self.scale, self.zero, None if bias is None else bias.data_ptr(),
+                      y.data_ptr(), base, self.n, self.np_, k, self.limit, self.ksplit, self.threads, self.thr,
+                      self.thr_stride, self.cs, xs.data_ptr(), self.silu_first,
+                      None if residual is None else residual.data_ptr(),
+                      None if norm_weight is None else norm_weight.data_ptr(), eps,
+                      None if norm_weight is None else base + 4 * self.scratch)
+        return (y if got >= 0 else None), xs
+
+
 def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: tuple,
                               norm_weight: torch.Tensor | None = None, eps: float | None = None,
                               residual: torch.Tensor | None = None):
     """``lowbit::sparse_input_linear`` of every member of ``group`` on ``x`` (after
     ``rms_norm(x, norm_weight, eps)`` when given; plus ``residual`` for a single member): one row
-    takes the activation-sparse kernel (threshold, compaction and the stacked K-major GEMV in one C
-    call) when it keeps at most ``group.limit()`` inputs; otherwise, and for more rows, the dense
-    kernels run on the thresholded input. Returns the tensor (one member; ``silu(gate) * up``) or
-    a tuple of the members' outputs."""
+    takes the activation-sparse kernel (norm, threshold, compaction, the stacked K-major GEMV and
+    the epilogue in one C call: :class:`RowCall`) when it keeps at most ``group.limit()`` inputs;
+    otherwise the same call normalises and thresholds and the dense kernels run on its output; more
+    rows, and bf16 / fp16 rows, threshold in torch and run the dense kernels. Returns the tensor
+    (one member; ``silu(gate) * up``) or a tuple of the members' outputs."""
     from lowbit_compiler import ops
     from lowbit_compiler.backends import cpu_kernels
 
     k = group.in_features
-    # one float32 row: the kernel normalises it (its prologue); otherwise torch does, first
-    fold = (norm_weight is not None and eps is not None and x.numel() == k and x.dtype == torch.float32
-            and x.device.type == "cpu" and norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()
-            and norm_weight.numel() == k)
-    if norm_weight is not None and not fold:
-        x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
-    lead = x.shape[:-1]
     xs = None
-    if x.numel() == k and x.device.type == "cpu":
-        limit = group.limit()
-        if limit >= 0:
-            if x.dtype == torch.float32:  # the kernel thresholds (float32 compares: the op's, bit for bit)
-                x32 = x if x.is_contiguous() else x.contiguous()
-                xs = torch.empty(k, dtype=torch.float32)
-                # the epilogue in the same C call, as the dense groups do: silu(gate) * up, the residual
-                silu_first = group.sizes[0] if group.epilogue == cpu_codegen.SILU_MUL else 0
-                res = residual if (residual is not None and len(group.sizes) == 1
-                                   and residual.dtype == torch.float32 and residual.is_contiguous()
-                                   and tuple(residual.shape) == tuple(lead) + (group.out_features,)) else None
-                y = run(x32, group.kmajor(), group.bias(biases), group.fmt, limit, lead=lead,
-                        threshold=group.threshold, col_scale=group.col_scale, xs_out=xs,
-                        silu_first=silu_first, residual=res, norm_weight=norm_weight if fold else None,
-                        eps=eps if fold else 0.0)
-                if y is not None and (silu_first or res is not None):
-                    dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
-                    return y  # (a gate/up group has no residual)
-            else:  # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch does
-                xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
-                y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, limit,
-                        lead=lead)
+    one_row = x.numel() == k and x.device.type == "cpu"
+    if one_row and x.dtype == torch.float32 and (norm_weight is None or norm_weight.numel() == k):
+        call = group.row_call()
+        if call is not None:
+            nw = None if norm_weight is None else norm_weight if (
+                norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()) else (
+                norm_weight.to(torch.float32).contiguous())
+            lead = tuple(x.shape[:-1])
+            res = residual if (residual is not None and call.silu_first == 0 and len(group.sizes) == 1
+                               and residual.dtype == torch.float32 and residual.is_contiguous()
+                               and residual.shape == lead + (group.out_features,)) else None
+            eps = 0.0 if nw is None else torch.finfo(torch.float32).eps if eps is None else float(eps)  # rms_norm's
+            y, xs = call(x if x.is_contiguous() else x.contiguous(), group.bias(biases), nw, eps, res, lead)
             if y is not None:
                 dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
-                if x.dtype != torch.float32:
-                    y = y.to(x.dtype)
+                if call.silu_first:
+                    return y
+                if len(group.sizes) == 1:
+                    return y if residual is None or res is not None else residual + y
+                return tuple(y.split(group.sizes, dim=-1))
+            if call.limit >= 0:
+                _note_dense(group.fmt, group.out_features, k, call.limit,
+                            f"more than {call.limit} of {k} inputs kept (measured crossover)")
+            else:
+                _note_dense(group.fmt, group.out_features, k, call.limit, "the sparse kernel is slower at every "
+                            f"sparsity on this host ({os.environ.get(DISPATCH_ENV, 'measured')}); the kernel "
+                            "only thresholds")
+            xs = xs.view(x.shape)
+    if xs is None:
+        if norm_weight is not None:
+            x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
+        if one_row and x.dtype != torch.float32 and group.limit() >= 0 and group.row_call() is not None:
+            # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
+            xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
+            y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, group.limit(),
+                    lead=tuple(x.shape[:-1]))
+            if y is not None:
+                dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
+                y = y.to(x.dtype)
                 if len(group.sizes) == 1:
                     return y if residual is None else residual + y
                 if group.epilogue == cpu_codegen.SILU_MUL:
                     n = group.sizes[0]
                     return torch.nn.functional.silu(y[..., :n]) * y[..., n:]
                 return tuple(y.split(group.sizes, dim=-1))
-            _note_dense(group.fmt, group.out_features, k, limit, f"more than {limit} of {k} inputs kept "
-                        "(measured crossover)")
-            xs = xs.view(x.shape).to(x.dtype)
-        elif os.environ.get(cpu_codegen.ENV, "1") == "0":
-            _note_dense(group.fmt, group.out_features, k, limit, f"turned off by {cpu_codegen.ENV}=0")
-        else:
-            _note_dense(group.fmt, group.out_features, k, limit, "the sparse kernel is slower at every sparsity on "
-                        f"this host ({os.environ.get(DISPATCH_ENV, 'measured')})")
-    if xs is None:
-        if fold:  # the kernel did not run: torch normalises
-            x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
+            _note_dense(group.fmt, group.out_features, k, group.limit(),
+                        f"more than {group.limit()} of {k} inputs kept (measured crossover)")
+        elif one_row:
+            why = (f"turned off by {cpu_codegen.ENV}=0" if os.environ.get(cpu_codegen.ENV, "1") == "0"
+                   else _static_reason(group.fmt, k) or "the sparse kernel is slower at every sparsity on this "
+                   f"host ({os.environ.get(DISPATCH_ENV, 'measured')})")
+            _note_dense(group.fmt, group.out_features, k, -1, why)
         xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
+    else:
+        xs = xs.to(x.dtype)
     if group.fused is None:
         return cpu_kernels.packed_linear(xs, group.dense[0], biases[0], group.compute_dtype, residual=residual)
     return cpu_kernels.fused_linear(xs, group.fused, biases, group.compute_dtype)

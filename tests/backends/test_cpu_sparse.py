@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 
+from lowbit_compiler import ops
 from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
 from lowbit_compiler.formats import WeightFormat, dequantize, quantize
 from lowbit_compiler.ops import sparse_input_linear, sparse_input_linear_reference, wo_linear_reference
@@ -349,6 +350,8 @@ def test_a_sparse_group_is_its_members_stacked(fmt, monkeypatch):
         monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, mode)
         if limit is not None:
             monkeypatch.setattr(group, "limit", lambda limit=limit: limit)
+            group._rows.clear()  # the row call is rebuilt with that limit
+            assert group.row_call().limit == 1
         y = cpu_sparse.sparse_input_group_linear(x, group, (None,), norm_weight=norm_w, eps=1e-6, residual=residual)
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), mode
 
@@ -471,3 +474,78 @@ def test_a_sparse_group_thresholds_bf16_rows_as_the_op_does(monkeypatch):
     bias.add_(1.0)
     y2 = cpu_sparse.sparse_input_group_linear(x, group, (bias,))
     assert torch.equal(y2, cpu_sparse.run(xs.reshape(k).float(), w, bias, fmt, k, lead=(1,)).to(torch.bfloat16))
+
+
+def test_a_sparse_group_measures_its_own_calls_and_caches_the_plan(measured):
+    """The group's crossover comes from timing its decode-row call (Python and allocations
+    included) against its fallback (the kernel thresholding, then the dense kernels), on the
+    stacked shape; the plan is cached on disk under the group's shape and epilogue."""
+    gen = torch.Generator().manual_seed(12)
+    fmt, k = "int8", 256
+    group, *_ = _group(fmt, [256, 256], k, gen, epilogue=cpu_codegen.SILU_MUL)
+    measured.update(dense=0.6e-3, sparse_all=1.0e-3)
+    gen_q = torch.Generator().manual_seed(0)  # the quarter-kept row measure() draws
+    torch.randn(k, generator=gen_q)
+    nq = int((torch.rand(k, generator=gen_q) < 0.25).sum())
+    measured["sparse_quarter"] = 0.1e-3 + 0.9e-3 * nq / k
+    limit = group.limit()
+    expected = (0.6e-3 / cpu_sparse.MARGIN - 0.1e-3) / (0.9e-3 / k)
+    assert abs(limit - expected) <= 1 and measured.calls == 1
+    (key, entry), = cpu_sparse._PLANS.items()
+    assert key[0] == "group" and entry["measured"] == "group calls" and entry["max_nnz"] == limit
+
+    cpu_sparse._PLANS.clear()  # a new process, a group of the same shape: from disk, not timed again
+    again, *_ = _group(fmt, [256, 256], k, gen, epilogue=cpu_codegen.SILU_MUL)
+    assert again.limit() == limit and measured.calls == 1
+
+
+def test_a_group_the_sparse_kernel_never_wins_thresholds_in_c_and_runs_the_dense_kernels(measured, caplog,
+                                                                                        monkeypatch):
+    """Measured slower at every sparsity: no K-major copy is made; a float32 row with the RMSNorm
+    prologue is normalised and thresholded by the kernel's prologue alone and the dense kernels
+    read that row (counted dense, logged); the result is the float64 reference's."""
+    gen = torch.Generator().manual_seed(13)
+    fmt, k = "int4_g128_asym", 256
+    group, qws, thr, _ = _group(fmt, [256], k, gen)
+    measured.update(dense=0.1e-3, sparse_all=0.5e-3, sparse_quarter=0.2e-3)
+    assert group.limit() == -1
+    assert cpu_sparse.KMAJOR_CACHE.get(qws[0].qweight, ("kmajor_cpu", fmt)) is None  # never built
+    assert group.row_call().w is None
+    x = torch.randn(1, 1, k, generator=gen)
+    norm_w, residual = torch.rand(k, generator=gen) + 0.5, torch.randn(1, 1, 256, generator=gen)
+    counts = dict(cpu_sparse.dispatch_counter)
+
+    def no_torch_threshold(*args):
+        raise AssertionError("a float32 row is thresholded by the kernel, not by torch")
+
+    with caplog.at_level(logging.INFO, logger="lowbit_compiler"), monkeypatch.context() as patch:
+        patch.setattr(ops, "act_sparsify_reference", no_torch_threshold)
+        y = cpu_sparse.sparse_input_group_linear(x, group, (None,), norm_weight=norm_w, eps=1e-6, residual=residual)
+    assert cpu_sparse.dispatch_counter[(fmt, "dense")] == counts.get((fmt, "dense"), 0) + 1
+    assert cpu_sparse.dispatch_counter[(fmt, "sparse")] == counts.get((fmt, "sparse"), 0)
+    assert "slower at every sparsity" in caplog.text and "only thresholds" in caplog.text
+    normed = torch.nn.functional.rms_norm(x, (k,), norm_w, 1e-6)
+    ref = residual.double() + _reference(normed, qws, thr, None, (None,), fmt, k)[0]
+    assert y.shape == ref.shape and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # the same row with norm_weight but no eps: rms_norm's default eps (float32's machine epsilon)
+    y2 = cpu_sparse.sparse_input_group_linear(x, group, (None,), norm_weight=norm_w, residual=residual)
+    normed = torch.nn.functional.rms_norm(x, (k,), norm_w)
+    ref = residual.double() + _reference(normed, qws, thr, None, (None,), fmt, k)[0]
+    assert (y2.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("sizes", [[128, 128], [128]])
+def test_a_sparse_group_rebuilds_its_call_when_a_member_is_edited_in_place(sizes, monkeypatch):
+    monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, "sparse")
+    gen = torch.Generator().manual_seed(14)
+    fmt, k = "int8", 256
+    group, qws, thr, _ = _group(fmt, sizes, k, gen)
+    x = torch.randn(1, k, generator=gen)
+    first = group.row_call()
+    cpu_sparse.sparse_input_group_linear(x, group, (None,) * len(sizes))
+    qws[-1].scale.mul_(2.0)  # a scale edited in place (not the codes): the K-major copy and the call are rebuilt
+    outs = cpu_sparse.sparse_input_group_linear(x, group, (None,) * len(sizes))
+    assert group.row_call() is not first
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for y, ref in zip(outs, _reference(x, qws, thr, None, (None,) * len(sizes), fmt, k)):
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
