@@ -1,6 +1,6 @@
 """Sparse decode on the CPU, batch 1: the activation-sparse GEMV (``backends/cpu_sparse.py``) at TEAL
 sparsities, and the 2:4 + int8 kernel (``cpu_codegen``, ``s24+int8``), against the dense generated
-kernel of the same weight format (``cpu_codegen``) and torch's packed kernel of that format with
+kernel of the same weight format (``cpu_codegen``, bound once per weight as in a model) and torch's packed kernel of that format with
 bf16 activations (what ``w8a16``/``w4a16`` run on the CPU without generated kernels).
 
 Shapes: the linears of one block of a 0.49B Qwen2-style decoder (hidden 896, intermediate 4864, 2 KV
@@ -65,7 +65,11 @@ def _contenders(fmt: str, layers: int, gen: torch.Generator):
                 sparse = (lambda x, qd=qd, k=k: cpu_sparse.linear(x, qd.qweight, qd.scale, qd.zero, None, fmt, k))
                 dfmt = fmt
             packed = cpu_kernels.prepack(qd.qweight, qd.scale, qd.zero, dfmt, k, torch.bfloat16)
-            dense = (lambda x, qd=qd, k=k, dfmt=dfmt: cpu_codegen.linear(x, qd.qweight, qd.scale, qd.zero, None, dfmt, k))
+            # bound once, as the models' calls are (packed_linear memoises its bound kernel): binding
+            # per call costs more than the kernel at these shapes
+            bound = cpu_codegen.bind(qd.qweight, qd.scale, qd.zero, dfmt, k)
+            assert bound is not None, f"no dense generated kernel for {dfmt}"
+            dense = (lambda x, bound=bound: bound(x, None))
             torch_call = (lambda x, packed=packed: cpu_kernels.packed_linear(x, packed, None, torch.bfloat16))
             for call in (dense, sparse):  # build the kernels, the K-major copies and the dispatch plans first
                 assert call(torch.randn(1, k, generator=gen) * (torch.rand(1, k, generator=gen) < 0.3)) is not None
