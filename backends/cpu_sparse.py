@@ -934,7 +934,7 @@ class SparseInputGroup(torch.nn.Module):
         if call is False:
             why = _static_reason(self.fmt, self.in_features) if os.environ.get(cpu_codegen.ENV, "1") != "0" else "off"
             call = None if why is not None else RowCall(self, self.limit(), key[1])
-            self._rows[key] = call
+            self._rows = {key: call}  # calls for other environments (and the copies they hold) dropped
         return call
 
     def _versions(self) -> tuple:
