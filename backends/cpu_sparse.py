@@ -514,9 +514,21 @@ class CpuKMajor:
     in_features: int
 
     def __post_init__(self) -> None:
-        groups = self.scale.shape[0]
-        self.scratch = 2 * (self.in_features + 16) + 2 * (groups + 1) + groups  # float32 words (run())
+        self.scratch = compaction_words(self.in_features, self.scale.shape[0])  # float32 words (run())
         self.zero_ptr = None if self.zero is None else self.zero.data_ptr()
+
+
+def compaction_words(k: int, groups: int) -> int:
+    """float32 words of the kernel's compaction scratch: int32 idx [K + 16], float xv [K + 16], int64
+    gstart [groups + 1], float xs [groups] (the outputs' accumulators follow)."""
+    return 2 * (k + 16) + 2 * (groups + 1) + groups
+
+
+def ksplit_for(padded_out: int, threads: int) -> int:
+    """Ranges of the kept inputs per output tile: 1, or enough tasks for every thread when there are
+    fewer tiles than threads."""
+    tiles = padded_out // TW
+    return 1 if tiles >= threads else -(-threads // tiles)
 
 
 def chunk_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -593,8 +605,7 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
     ``eps``), and the threshold applies to the normalised row (``xs_out`` receives it thresholded)."""
     k, n, np_ = w.in_features, w.out_features, w.padded_out
     threads = torch.get_num_threads()
-    tiles = np_ // TW
-    ksplit = 1 if tiles >= threads else -(-threads // tiles)  # enough tasks for every thread
+    ksplit = ksplit_for(np_, threads)
     y = torch.empty(lead + (silu_first or n,), dtype=torch.float32)
     xbuf = None if norm_weight is None else torch.empty(k, dtype=torch.float32)
     assert norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()
@@ -665,10 +676,7 @@ def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     the straight line through the two sparse times meets the dense time / :data:`MARGIN`."""
     w = w or kmajor_cpu(qweight, scale, zero, fmt, in_features)
     k = in_features
-    gen = torch.Generator().manual_seed(0)
-    full = torch.randn(k, generator=gen).abs() + 0.1
-    quarter = torch.where(torch.rand(k, generator=gen) < 0.25, full, torch.zeros(()))
-    nq = int((quarter != 0).sum())
+    full, quarter = _probe_rows(k)
     x2 = full.reshape(1, k)
     calls = {"dense": lambda: cpu_codegen.linear(x2, qweight, scale, zero, None, fmt, k),
              "sparse_all": lambda: run(full, w, None, fmt, k),
@@ -678,6 +686,19 @@ def measure(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     dense_tensors, sparse_tensors = (qweight, scale, zero), (w.codes, w.scale, w.zero)
     best = _fastest(calls, cold={"dense": dense_tensors, "sparse_all": sparse_tensors,
                                  "sparse_quarter": sparse_tensors})
+    return _crossover(best, k, int((quarter != 0).sum()))
+
+
+def _probe_rows(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a crossover is timed on: every input kept (positive, nonzero) and about a quarter kept."""
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(k, generator=gen).abs() + 0.1
+    return full, torch.where(torch.rand(k, generator=gen) < 0.25, full, torch.zeros(()))
+
+
+def _crossover(best: dict[str, float], k: int, nq: int) -> dict:
+    """The plan from the times of ``dense``, ``sparse_all`` and ``sparse_quarter`` (``nq`` kept):
+    ``max_nnz`` is where the straight line through the two sparse times meets dense / :data:`MARGIN`."""
     dense, t_all, t_q = best["dense"], best["sparse_all"], best["sparse_quarter"]
     slope = max((t_all - t_q) / max(k - nq, 1), 1e-15)
     at0 = t_q - slope * nq
@@ -952,10 +973,7 @@ class SparseInputGroup(torch.nn.Module):
         from lowbit_compiler.backends import cpu_kernels
 
         k, threads = self.in_features, torch.get_num_threads()
-        gen = torch.Generator().manual_seed(0)
-        full = (torch.randn(k, generator=gen).abs() + 0.1).reshape(1, k)
-        quarter = torch.where(torch.rand(k, generator=gen) < 0.25, full, torch.zeros(()))
-        nq = int((quarter != 0).sum())
+        full, quarter = (row.reshape(1, k) for row in _probe_rows(k))
         zero_threshold = torch.zeros(1)  # every nonzero input kept: the inputs decide how many
         # a K-major copy of its own, kept (kmajor()) only when the plan takes the sparse kernel
         w = make_kmajor_cpu(*(self.quantized[0] if len(self.quantized) == 1 else self._stacked()), self.fmt, k)
@@ -977,18 +995,13 @@ class SparseInputGroup(torch.nn.Module):
         dense_tensors = tuple(t for m in self.quantized for t in m)
         best = _fastest(calls, cold={"dense": dense_tensors, "sparse_all": (w.codes, w.scale, w.zero),
                                      "sparse_quarter": (w.codes, w.scale, w.zero)})
-        d, t_all, t_q = best["dense"], best["sparse_all"], best["sparse_quarter"]
-        slope = max((t_all - t_q) / max(k - nq, 1), 1e-15)
-        at0 = t_q - slope * nq
-        max_nnz = max(-1, min(k, math.floor((d / MARGIN - at0) / slope)))
-        if max_nnz >= 0:  # the copy the kernel will read
+        entry = _crossover(best, k, int((quarter != 0).sum()))
+        if entry["max_nnz"] >= 0:  # the copy the kernel will read
             if len(self.quantized) == 1:
                 KMAJOR_CACHE.put(self.quantized[0][0], ("kmajor_cpu", self.fmt), w)
             else:
                 self._kmajor, self._kmajor_versions = w, self._versions()
-        return {"max_nnz": max_nnz, "max_kept_fraction": round(max(max_nnz, 0) / k, 3),
-                "dense_ms": round(d * 1e3, 4), "sparse_all_ms": round(t_all * 1e3, 4),
-                "sparse_quarter_ms": round(t_q * 1e3, 4), "quarter_kept": nq, "measured": "group calls"}
+        return {**entry, "measured": "group calls"}
 
     def bias(self, biases: tuple) -> torch.Tensor | None:
         """The members' biases as one float32 row (zeros for members without one), or None."""
@@ -1034,13 +1047,11 @@ class RowCall:
             w = self.w = w or group.kmajor()
             self.codes, self.scale, self.zero = w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr
             self.n, self.np_ = w.out_features, w.padded_out
-            tiles = self.np_ // TW
-            self.ksplit = 1 if tiles >= threads else -(-threads // tiles)  # enough tasks for every thread
+            self.ksplit = ksplit_for(self.np_, threads)
             words = w.scratch + 2 * self.ksplit * self.np_
         else:  # thresholding only (CpuKMajor.scratch without the weights)
             self.w, self.codes, self.scale, self.zero, self.n, self.np_, self.ksplit = None, None, None, None, 0, 0, 1
-            groups = k // (WeightFormat.parse(fmt).group_size or k)
-            words = 2 * (k + 16) + 2 * (groups + 1) + groups
+            words = compaction_words(k, k // (WeightFormat.parse(fmt).group_size or k))
         self.scratch = -(-words // 16) * 16  # then (64-byte aligned) the normalised row, when there is a norm
         self.silu_first = group.sizes[0] if group.epilogue == cpu_codegen.SILU_MUL else 0
         self.out_n = self.silu_first or self.n
@@ -1110,10 +1121,11 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
     if xs is None:
         if norm_weight is not None:
             x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
-        if one_row and x.dtype != torch.float32 and group.limit() >= 0 and group.row_call() is not None:
+        limit = group.limit() if one_row and x.dtype != torch.float32 else -1
+        if limit >= 0 and group.row_call() is not None:
             # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
             xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
-            y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, group.limit(),
+            y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, limit,
                     lead=tuple(x.shape[:-1]))
             if y is not None:
                 dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
@@ -1124,16 +1136,14 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
                     n = group.sizes[0]
                     return torch.nn.functional.silu(y[..., :n]) * y[..., n:]
                 return tuple(y.split(group.sizes, dim=-1))
-            _note_dense(group.fmt, group.out_features, k, group.limit(),
-                        f"more than {group.limit()} of {k} inputs kept (measured crossover)")
+            _note_dense(group.fmt, group.out_features, k, limit, f"more than {limit} of {k} inputs kept (measured "
+                        "crossover)")
         elif one_row:
             why = (f"turned off by {cpu_codegen.ENV}=0" if os.environ.get(cpu_codegen.ENV, "1") == "0"
                    else _static_reason(group.fmt, k) or "the sparse kernel is slower at every sparsity on this "
                    f"host ({os.environ.get(DISPATCH_ENV, 'measured')})")
             _note_dense(group.fmt, group.out_features, k, -1, why)
         xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
-    else:
-        xs = xs.to(x.dtype)
     if group.fused is None:
         return cpu_kernels.packed_linear(xs, group.dense[0], biases[0], group.compute_dtype, residual=residual)
     return cpu_kernels.fused_linear(xs, group.fused, biases, group.compute_dtype)
