@@ -274,6 +274,63 @@ static inline __attribute__((always_inline)) void {name}_tile512(
    (64 weights) one load, three ops to split the nibbles, six dot products per row. The sums are
    exact integers; each group's three become float once: y = sum_g s_g (d_g (H + M/254 + L/254^2)
    - z_g sum x_g). A non-finite activation makes its row's outputs NaN. */
+#if defined(LOWBIT_VNNI) && {group} % 128 == 0
+#define {name}_S8_WIDE 1
+/* One row of x (decode) with AVX-512 VNNI and groups a multiple of 128: the same sums 64 code
+   bytes (128 weights) a step in zmm registers, x laid out [64 even | 64 odd] per 128 columns
+   ({name}_prepare8 with one row), against NC output channels at once (one, or a pair: each x load
+   feeds both channels' dot products). Measured on Zen 4 (2 threads, 2048-32000 x 2048 / 5632):
+   5-8 % faster than the ymm loop below with one row; that loop stays for 2+ rows (there the zmm
+   form was 3 % slower). vpdpbusd bounds both (six per 64 code bytes). */
+static inline __attribute__((always_inline)) void {name}_tile8c(
+    const uint8_t* const* rows, const uint16_t* const* scales, const uint8_t* const* zps, const int8_t* xq,
+    const float* dg, const float* xs, float* out, int64_t K, int64_t groups, const int NC)
+{{
+    const int64_t G = {group};
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const __m512 c1 = _mm512_set1_ps(1.0f / 254.0f), c2 = _mm512_set1_ps(1.0f / 64516.0f);
+    __m512 acc[4];
+    float zsum[4];
+    for (int r = 0; r < NC; r++) {{ acc[r] = _mm512_setzero_ps(); zsum[r] = 0.0f; }}
+    for (int64_t g = 0; g < groups; g++) {{
+        __m512i h[4], m[4], l[4];
+        for (int r = 0; r < NC; r++) {{
+            h[r] = _mm512_setzero_si512(); m[r] = _mm512_setzero_si512(); l[r] = _mm512_setzero_si512();
+            lowbit_prefetch(rows[r] + g * (G / 2), G / 2);
+        }}
+        for (int64_t c = 0; c < G / 2; c += 64) {{
+            const int8_t* xr = xq + g * G + 2 * c;
+            const __m512i he = _mm512_loadu_si512((const void*)xr), ho = _mm512_loadu_si512((const void*)(xr + 64));
+            const __m512i me = _mm512_loadu_si512((const void*)(xr + K)),
+                          mo = _mm512_loadu_si512((const void*)(xr + K + 64));
+            const __m512i le = _mm512_loadu_si512((const void*)(xr + 2 * K)),
+                          lo_ = _mm512_loadu_si512((const void*)(xr + 2 * K + 64));
+            for (int r = 0; r < NC; r++) {{
+                const __m512i w = _mm512_loadu_si512((const void*)(rows[r] + g * (G / 2) + c));
+                const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+                h[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(h[r], lo, he), hi, ho);
+                m[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(m[r], lo, me), hi, mo);
+                l[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(l[r], lo, le), hi, lo_);
+            }}
+        }}
+        for (int r = 0; r < NC; r++) {{
+            const uint8_t* zp = zps[r];
+            (void)zp;
+            const float s = bf16_to_f32(scales[r][g]);
+            const float z = {zero_expr};
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l[r]), c2,
+                                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(m[r]), c1, _mm512_cvtepi32_ps(h[r])));
+            acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(s * dg[g]), acc[r]);
+            zsum[r] += s * z * xs[g];
+        }}
+    }}
+    for (int r = 0; r < NC; r++)
+        out[r] = _mm512_reduce_add_ps(acc[r]) - zsum[r];
+}}
+#else
+#define {name}_S8_WIDE 0
+#endif
+
 static inline __attribute__((always_inline)) void {name}_tile8(
     const uint8_t* row, const uint16_t* scale, const uint8_t* zp, const int8_t* xq, const float* dg,
     const float* xs, float* out, int64_t K, int64_t groups, const int MT)
@@ -317,8 +374,9 @@ static inline __attribute__((always_inline)) void {name}_tile8(
         out[r] = hsum256(acc[r]) - zsum[r];
 }}
 
-/* once per call: per row the three int8 parts of x (K bytes each, [32 even | 32 odd] per 64
-   columns), then the group scales d [M, K/G] and sums of x [M, K/G] */
+/* once per call: per row the three int8 parts of x (K bytes each, [B/2 even | B/2 odd] per B
+   columns: 128 for {name}_tile8c (one row, {name}_S8_WIDE), else 64), then the group scales d
+   [M, K/G] and sums of x [M, K/G] */
 static void {name}_prepare8(const float* x, float* scratch, int64_t M, int64_t K)
 {{
     const int64_t G = {group}, groups = K / G;
@@ -336,12 +394,13 @@ static void {name}_prepare8(const float* x, float* scratch, int64_t M, int64_t K
             }}
             const int finite = isfinite(amax) && isfinite(t);
             const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (int64_t c = 0; c < G; c += 64) {{
+            const int64_t B = {name}_S8_WIDE && M == 1 ? 128 : 64, H = B / 2;
+            for (int64_t c = 0; c < G; c += B) {{
                 int8_t* p = xq + m * 3 * K + g * G + c;
-                for (int64_t j = 0; j < 32; j++) {{
+                for (int64_t j = 0; j < H; j++) {{
                     lowbit_split3(finite ? xg[c + 2 * j] * inv : 0.0f, p + j, p + K + j, p + 2 * K + j);
-                    lowbit_split3(finite ? xg[c + 2 * j + 1] * inv : 0.0f, p + 32 + j, p + K + 32 + j,
-                                  p + 2 * K + 32 + j);
+                    lowbit_split3(finite ? xg[c + 2 * j + 1] * inv : 0.0f, p + H + j, p + K + H + j,
+                                  p + 2 * K + H + j);
                 }}
             }}
             dg[m * groups + g] = finite ? (inv > 0.0f ? 1.0f / inv : 0.0f) : NAN;
@@ -541,6 +600,12 @@ static inline __attribute__((always_inline)) void {name}_channel(
 #if defined({name}_S8)
         if (M <= {name}_S8_ROWS) {{  /* the layout {name}_prepare8 wrote */
             const float* dg = scratch + (3 * M * K) / 4;
+#if {name}_S8_WIDE
+            if (M == 1) {{
+                {name}_tile8c(&row, &sc, &zp, (const int8_t*)scratch, dg, dg + groups, out, K, groups, 1);
+                return;
+            }}
+#endif
             for (int64_t m = 0; m < M; m += 4) {{
                 const int64_t t = M - m < 4 ? M - m : 4;
                 const int8_t* q = (const int8_t*)scratch + m * 3 * K;
@@ -597,6 +662,32 @@ static inline __attribute__((always_inline)) void {name}_channel(
 #endif
     }}
 }}
+
+#if defined({name}_S8) && {name}_S8_WIDE
+#define {name}_PAIR 1
+/* two output channels (of one weight or of two weights of one input) in one pass over x: one row
+   takes {name}_tile8c; more rows, two channel calls */
+static inline __attribute__((always_inline)) void {name}_pair(
+    const void* c0, const uint16_t* s0, const uint8_t* z0, int64_t n0,
+    const void* c1, const uint16_t* s1, const uint8_t* z1, int64_t n1,
+    const float* x, const float* scratch, int64_t M, int64_t K, float* a, float* b)
+{{
+    if (M != 1 || M > {name}_S8_ROWS) {{
+        {name}_channel(c0, s0, z0, x, scratch, n0, M, K, a);
+        {name}_channel(c1, s1, z1, x, scratch, n1, M, K, b);
+        return;
+    }}
+    const int64_t G = {group}, half = K / 2, groups = K / G;
+    const uint8_t* rows[2] = {{(const uint8_t*)c0 + n0 * half, (const uint8_t*)c1 + n1 * half}};
+    const uint16_t* scales[2] = {{s0 + n0 * groups, s1 + n1 * groups}};
+    const uint8_t* zps[2] = {{z0 ? z0 + n0 * groups : 0, z1 ? z1 + n1 * groups : 0}};
+    const float* dg = scratch + (3 * K) / 4;
+    float out[2];
+    {name}_tile8c(rows, scales, zps, (const int8_t*)scratch, dg, dg + groups, out, K, groups, 2);
+    a[0] = out[0];
+    b[0] = out[1];
+}}
+#endif
 """ + "{drivers}"
 
 
@@ -609,6 +700,18 @@ static inline __attribute__((always_inline)) void {name}_channel(
 # x * (1 / sqrt(mean(x^2) + eps)) * normw, the sum of squares in double) and, for one weight, the
 # residual epilogue (`res` non-null: y = (x W^T + b) + res, torch's order of the two adds).
 _DRIVERS = r"""
+#ifndef {name}_PAIR
+/* a kernel without a two-channel path: a pair of output channels is two channel calls */
+static inline __attribute__((always_inline)) void {name}_pair(
+    const void* c0, const uint16_t* s0, const uint8_t* z0, int64_t n0,
+    const void* c1, const uint16_t* s1, const uint8_t* z1, int64_t n1,
+    const float* x, const float* scratch, int64_t M, int64_t K, float* a, float* b)
+{{
+    {name}_channel(c0, s0, z0, x, scratch, n0, M, K, a);
+    {name}_channel(c1, s1, z1, x, scratch, n1, M, K, b);
+}}
+#endif
+
 static const float* {name}_rmsnorm(const float* x, const float* normw, float eps, float* xbuf, int64_t M, int64_t K)
 {{
     if (!normw)
@@ -633,12 +736,14 @@ void {name}_ext(const float* x0, const void* codes, const uint16_t* scale, const
     const float* x = {name}_rmsnorm(x0, normw, eps, xbuf, M, K);
     {name}_prepare(x, scratch, M, K);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {{
-        float out[{max_rows}];
-        {name}_channel(codes, scale, zero, x, scratch, n, M, K, out);
+    for (int64_t p = 0; p < (N + 1) / 2; p++) {{  /* channels in pairs; an odd N's last pair is one channel twice */
+        const int64_t n0 = 2 * p, n1 = n0 + 1 < N ? n0 + 1 : n0;
+        float a[{max_rows}], b[{max_rows}];
+        {name}_pair(codes, scale, zero, n0, codes, scale, zero, n1, x, scratch, M, K, a, b);
         for (int64_t m = 0; m < M; m++) {{
-            const float v = out[m] + (bias ? bias[n] : 0.0f);
-            y[m * N + n] = res ? res[m * N + n] + v : v;
+            const float v0 = a[m] + (bias ? bias[n0] : 0.0f), v1 = b[m] + (bias ? bias[n1] : 0.0f);
+            y[m * N + n0] = res ? res[m * N + n0] + v0 : v0;
+            y[m * N + n1] = res ? res[m * N + n1] + v1 : v1;
         }}
     }}
 }}
@@ -663,8 +768,7 @@ void {name}_multi_ext(const float* x0, const void* const* codes, const uint16_t*
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t n = 0; n < N; n++) {{
             float a[{max_rows}], b[{max_rows}];
-            {name}_channel(codes[0], scale[0], zero[0], x, scratch, n, M, K, a);
-            {name}_channel(codes[1], scale[1], zero[1], x, scratch, n, M, K, b);
+            {name}_pair(codes[0], scale[0], zero[0], n, codes[1], scale[1], zero[1], n, x, scratch, M, K, a, b);
             for (int64_t m = 0; m < M; m++) {{
                 const float g = a[m] + (bias[0] ? bias[0][n] : 0.0f), u = b[m] + (bias[1] ? bias[1][n] : 0.0f);
                 y[m * N + n] = g / (1.0f + expf(-g)) * u;
@@ -675,13 +779,17 @@ void {name}_multi_ext(const float* x0, const void* const* codes, const uint16_t*
     int64_t total = 0;
     for (int64_t i = 0; i < nw; i++) total += Ns[i];
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < total; t++) {{
-        int64_t i = 0, n = t;
-        while (n >= Ns[i]) {{ n -= Ns[i]; i++; }}
-        float out[{max_rows}];
-        {name}_channel(codes[i], scale[i], zero[i], x, scratch, n, M, K, out);
-        for (int64_t m = 0; m < M; m++)
-            y[m * total + t] = out[m] + (bias[i] ? bias[i][n] : 0.0f);
+    for (int64_t p = 0; p < (total + 1) / 2; p++) {{  /* output columns in pairs, as in {name}_ext */
+        const int64_t t0 = 2 * p, t1 = t0 + 1 < total ? t0 + 1 : t0;
+        int64_t i0 = 0, n0 = t0, i1 = 0, n1 = t1;
+        while (n0 >= Ns[i0]) {{ n0 -= Ns[i0]; i0++; }}
+        while (n1 >= Ns[i1]) {{ n1 -= Ns[i1]; i1++; }}
+        float a[{max_rows}], b[{max_rows}];
+        {name}_pair(codes[i0], scale[i0], zero[i0], n0, codes[i1], scale[i1], zero[i1], n1, x, scratch, M, K, a, b);
+        for (int64_t m = 0; m < M; m++) {{
+            y[m * total + t0] = a[m] + (bias[i0] ? bias[i0][n0] : 0.0f);
+            y[m * total + t1] = b[m] + (bias[i1] ? bias[i1][n1] : 0.0f);
+        }}
     }}
 }}
 

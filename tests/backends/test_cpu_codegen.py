@@ -433,6 +433,24 @@ def test_split8_path_matches_the_float_reference(fmt, k):
                 assert torch.equal(y, y0)
 
 
+@pytest.mark.parametrize("fmt", ["int4_g128_asym", "int4_g256_sym"])
+def test_one_row_channel_pairs_equal_single_channels(fmt):
+    """One row (decode) on AVX-512 VNNI with groups of 128+: output channels run in pairs (one pass
+    over x for two channels' codes), an odd N's last channel alone. A channel's output is the same
+    bit for bit whichever partner it had (the weight shifted by one row pairs every channel
+    differently) and meets float64 (>= 110 dB). Hosts without the path run single channels: the
+    same holds."""
+    g = torch.Generator().manual_seed(3)
+    k = 512
+    q = formats.quantize(torch.randn(37, k, generator=g) * 0.05, WeightFormat.parse(fmt))
+    x = torch.randn(1, k, generator=g)
+    y = cpu_codegen.bind(q.qweight, q.scale, q.zero, fmt, k)(x, None)
+    shifted = cpu_codegen.bind(q.qweight[1:], q.scale[1:], None if q.zero is None else q.zero[1:], fmt, k)(x, None)
+    assert torch.equal(y[:, 1:], shifted)
+    reference = ops.wo_linear_reference(x.double(), q.qweight, q.scale, q.zero, None, fmt, k)
+    assert formats.sqnr_db(reference, y.double()) >= 110.0
+
+
 def test_split8_switch_is_read_per_call(monkeypatch):
     """``LOWBIT_CPU_SPLIT8=0`` (before/after comparisons) binds the build without the integer path."""
     q = formats.quantize(torch.randn(16, 256) * 0.05, WeightFormat.parse("int4_g128_asym"))
