@@ -697,8 +697,11 @@ static inline __attribute__((always_inline)) void {name}_pair(
 # two or three. Each output channel is computed by the same code in both, so a fused output
 # equals the separate calls' bit for bit (the epilogue aside). The `_ext` entries take the fused
 # RMSNorm prologue (`normw` non-null: the rows are normalised into `xbuf` first, once per call:
-# x * (1 / sqrt(mean(x^2) + eps)) * normw, the sum of squares in double) and, for one weight, the
-# residual epilogue (`res` non-null: y = (x W^T + b) + res, torch's order of the two adds).
+# x * (1 / sqrt(mean(x^2) + eps)) * normw, the sum of squares in double), then the threshold of an
+# activation-sparse layer (`thr` non-null: lowbit::act_sparsify, input k kept when |x_k| (* cs[k])
+# >= thr[k * thr_stride]: what `cpu_sparse` falls back to when its kernel does not pay) and, for
+# one weight, the residual epilogue (`res` non-null: y = (x W^T + b) + res, torch's order of the
+# two adds).
 _DRIVERS = r"""
 #ifndef {name}_PAIR
 /* a kernel without a two-channel path: a pair of output channels is two channel calls */
@@ -712,28 +715,38 @@ static inline __attribute__((always_inline)) void {name}_pair(
 }}
 #endif
 
-static const float* {name}_rmsnorm(const float* x, const float* normw, float eps, float* xbuf, int64_t M, int64_t K)
+static const float* {name}_prologue(const float* x, const float* normw, float eps, const float* thr,
+                                    int64_t thr_stride, const float* cs, float* xbuf, int64_t M, int64_t K)
 {{
-    if (!normw)
+    if (!normw && !thr)
         return x;
     for (int64_t m = 0; m < M; m++) {{
         const float* xr = x + m * K;
-        double ss = 0.0;
-        for (int64_t k = 0; k < K; k++)
-            ss += (double)xr[k] * (double)xr[k];
-        const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
         float* o = xbuf + m * K;
-        for (int64_t k = 0; k < K; k++)
-            o[k] = (xr[k] * r) * normw[k];
+        if (normw) {{
+            double ss = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                ss += (double)xr[k] * (double)xr[k];
+            const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
+            for (int64_t k = 0; k < K; k++)
+                o[k] = (xr[k] * r) * normw[k];
+            xr = o;
+        }}
+        if (thr)  /* lowbit::act_sparsify: kept when |x| (* cs, WINA) >= the threshold (a NaN score is not) */
+            for (int64_t k = 0; k < K; k++) {{
+                const float v = xr[k], score = fabsf(v) * (cs ? cs[k] : 1.0f);
+                o[k] = score >= thr[k * thr_stride] ? v : 0.0f;
+            }}
     }}
     return xbuf;
 }}
 
 void {name}_ext(const float* x0, const void* codes, const uint16_t* scale, const uint8_t* zero,
                 const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads,
-                const float* normw, float eps, const float* res, float* xbuf)
+                const float* normw, float eps, const float* res, float* xbuf, const float* thr, int64_t thr_stride,
+                const float* cs)
 {{
-    const float* x = {name}_rmsnorm(x0, normw, eps, xbuf, M, K);
+    const float* x = {name}_prologue(x0, normw, eps, thr, thr_stride, cs, xbuf, M, K);
     {name}_prepare(x, scratch, M, K);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < (N + 1) / 2; p++) {{  /* channels in pairs; an odd N's last pair is one channel twice */
@@ -751,7 +764,7 @@ void {name}_ext(const float* x0, const void* codes, const uint16_t* scale, const
 void {name}(const float* x, const void* codes, const uint16_t* scale, const uint8_t* zero,
             const float* bias, float* y, float* scratch, int64_t M, int64_t N, int64_t K, int threads)
 {{
-    {name}_ext(x, codes, scale, zero, bias, y, scratch, M, N, K, threads, 0, 0.0f, 0, 0);
+    {name}_ext(x, codes, scale, zero, bias, y, scratch, M, N, K, threads, 0, 0.0f, 0, 0, 0, 0, 0);
 }}
 
 /* epilogue 0: y [M, sum Ns] = the nw outputs side by side (q/k/v); epilogue 1 (nw = 2, equal N):
@@ -759,9 +772,10 @@ void {name}(const float* x, const void* codes, const uint16_t* scale, const uint
 void {name}_multi_ext(const float* x0, const void* const* codes, const uint16_t* const* scale,
                       const uint8_t* const* zero, const float* const* bias, float* y, float* scratch, int64_t M,
                       const int64_t* Ns, int64_t nw, int64_t K, int64_t epilogue, int threads,
-                      const float* normw, float eps, float* xbuf)
+                      const float* normw, float eps, float* xbuf, const float* thr, int64_t thr_stride,
+                      const float* cs)
 {{
-    const float* x = {name}_rmsnorm(x0, normw, eps, xbuf, M, K);
+    const float* x = {name}_prologue(x0, normw, eps, thr, thr_stride, cs, xbuf, M, K);
     {name}_prepare(x, scratch, M, K);
     if (epilogue == 1) {{
         const int64_t N = Ns[0];
@@ -797,7 +811,7 @@ void {name}_multi(const float* x, const void* const* codes, const uint16_t* cons
                   const uint8_t* const* zero, const float* const* bias, float* y, float* scratch, int64_t M,
                   const int64_t* Ns, int64_t nw, int64_t K, int64_t epilogue, int threads)
 {{
-    {name}_multi_ext(x, codes, scale, zero, bias, y, scratch, M, Ns, nw, K, epilogue, threads, 0, 0.0f, 0);
+    {name}_multi_ext(x, codes, scale, zero, bias, y, scratch, M, Ns, nw, K, epilogue, threads, 0, 0.0f, 0, 0, 0, 0);
 }}
 """
 
@@ -1599,13 +1613,14 @@ def ext_kernel(fmt: str, isa: str, split8: bool, multi: bool):
 def _build_ext(fmt: str, isa: str, split8: bool, multi: bool):
     if supported(fmt) is not None or fmt in (W8A8,) or fmt.endswith(A8) or WeightFormat.parse(fmt).kind == "sparse":
         return None
+    prologue = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]  # threshold, its stride, column scales
     if multi:
         argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                              ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
-                                             ctypes.c_void_p])
+                                             ctypes.c_void_p] + prologue)
     else:
         argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
-                                                                    ctypes.c_void_p, ctypes.c_void_p])
+                                                                    ctypes.c_void_p, ctypes.c_void_p] + prologue)
     return build(kernel_name(fmt), source(fmt, split8), argtypes, "the norm and the residual add run in torch",
                  what=f"the {fmt} kernel", isa=isa, entry=kernel_name(fmt) + ("_multi_ext" if multi else "_ext"))
 
@@ -1734,10 +1749,13 @@ class Bound:
         return y
 
     def ext(self, x: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
-            residual: torch.Tensor | None) -> torch.Tensor | None:
-        """The call with the fused RMSNorm prologue (``norm_weight`` [K], ``eps``) and/or the residual
-        epilogue (``residual`` [M, N]): ``residual + (rms_norm(x) W^T + bias)`` in float32; None when
-        the kernel has no such entry (the caller runs the norm and the add in torch).
+            residual: torch.Tensor | None, threshold: torch.Tensor | None = None,
+            col_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The call with the fused RMSNorm prologue (``norm_weight`` [K], ``eps``), the threshold of
+        an activation-sparse layer (``threshold`` [1] or [K], ``col_scale`` [K] or None:
+        ``lowbit::act_sparsify`` after the norm) and/or the residual epilogue (``residual`` [M, N]):
+        ``residual + (act_sparsify(rms_norm(x)) W^T + bias)`` in float32; None when the kernel has no
+        such entry (the caller runs the prologue and the add in torch).
 
         A decode step makes dozens of these calls between kernels that stream the caches empty, so
         the Python here runs cold: the entry is looked up once, and the scratch and the normalised
@@ -1749,18 +1767,28 @@ class Bound:
             return None
         # converted copies (if any) stay referenced by these names until the call returns
         x, bias, nw, res = _f32(x), _f32(bias), _f32(norm_weight), _f32(residual)
+        thr, cs = _f32(threshold), _f32(col_scale)
         rows = x.shape[0]
         y = torch.empty(rows, self.n, dtype=torch.float32)
-        # scratch (rows * self.scratch floats) then, 64-byte aligned, the normalised rows: one allocation
+        # scratch (rows * self.scratch floats) then, 64-byte aligned, the prologue's rows: one allocation
         head = -(-rows * self.scratch // 16) * 16
-        scratch = torch.empty(head + (rows * self.k if nw is not None else 0) + 1, dtype=torch.float32)
+        scratch = torch.empty(head + (rows * self.k if nw is not None or thr is not None else 0) + 1,
+                              dtype=torch.float32)
         base = scratch.data_ptr()
         calls[self.name + "_ext"] += 1
         fn(x.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
            y.data_ptr(), base, rows, self.n, self.k, torch.get_num_threads(),
            None if nw is None else nw.data_ptr(), float(eps or 0.0), None if res is None else res.data_ptr(),
-           base + 4 * head)
+           base + 4 * head, *_threshold_args(thr, cs))
         return y
+
+
+def _threshold_args(thr: torch.Tensor | None, cs: torch.Tensor | None) -> tuple:
+    """The ``_ext`` entries' threshold arguments: pointer, stride (0: one threshold for every
+    input), column scales (or NULL)."""
+    if thr is None:
+        return None, 0, None
+    return thr.data_ptr(), 0 if thr.numel() == 1 else 1, None if cs is None else cs.data_ptr()
 
 
 SILU_MUL = 1  # the multi kernel's epilogue code for silu(first) * second
@@ -1804,11 +1832,12 @@ class BoundGroup:
                 rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads())
         return y
 
-    def ext(self, x: torch.Tensor, biases: list[torch.Tensor | None], norm_weight: torch.Tensor,
-            eps: float) -> torch.Tensor | None:
-        """The group's call with the fused RMSNorm prologue: the group applied to ``rms_norm(x)``
-        (normalised once, in the kernel); None when the kernel has no such entry. Lean for the
-        same reason as :meth:`Bound.ext`."""
+    def ext(self, x: torch.Tensor, biases: list[torch.Tensor | None], norm_weight: torch.Tensor | None,
+            eps: float, threshold: torch.Tensor | None = None,
+            col_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The group's call with the fused prologue: the group applied to ``rms_norm(x)`` and/or
+        ``act_sparsify(..., threshold, col_scale)`` (once, in the kernel; as :meth:`Bound.ext`);
+        None when the kernel has no such entry. Lean for the same reason as :meth:`Bound.ext`."""
         fn = self.ext_fn
         if fn is None:
             m0 = self.members[0]
@@ -1817,15 +1846,15 @@ class BoundGroup:
             return None
         x, biases = _f32(x), [_f32(b) for b in biases]  # converted copies kept alive through the call
         rows = x.shape[0]
-        nw = _f32(norm_weight)
+        nw, thr, cs = _f32(norm_weight), _f32(threshold), _f32(col_scale)
         y = torch.empty(rows, self.n_out, dtype=torch.float32)
-        head = -(-rows * self.scratch // 16) * 16  # scratch, then (64-byte aligned) rms_norm(x): one allocation
+        head = -(-rows * self.scratch // 16) * 16  # scratch, then (64-byte aligned) the prologue's rows: one allocation
         scratch = torch.empty(head + rows * self.k + 1, dtype=torch.float32)
         base = scratch.data_ptr()
         calls[self.name + "_ext"] += 1
         fn(x.data_ptr(), self.codes, self.scales, self.zeros, self._bias_ptrs(biases), y.data_ptr(), base,
-           rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads(), nw.data_ptr(), float(eps),
-           base + 4 * head)
+           rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads(),
+           None if nw is None else nw.data_ptr(), float(eps or 0.0), base + 4 * head, *_threshold_args(thr, cs))
         return y
 
 

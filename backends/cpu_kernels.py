@@ -210,7 +210,8 @@ def _int4pack_rows(qweight: torch.Tensor, padded_n: int) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
                   compute_dtype: torch.dtype, norm_weight: torch.Tensor | None = None, eps: float | None = None,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
+                  col_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Run a prepacked weight by the kernel ``cpu_dispatch.choose`` picks for this many rows on this
     host (measured at the first call of each row class, cached; ``LOWBIT_CPU_DISPATCH``): the
     generated kernel (float32), torch's packed kernel (casts x to the compute dtype and back, pads
@@ -218,8 +219,10 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
 
     With ``norm_weight`` the call is ``linear(rms_norm(x, (K,), norm_weight, eps))`` and with
     ``residual`` it returns ``residual + linear(...)`` (the CPU fusion groups' prologue and epilogue,
-    folded in by ``lowering._fuse_cpu_prologues``): the generated kernel's ``_ext`` entry does both
-    in the call; every other kernel runs them in torch around it (what the graph did before)."""
+    folded in by ``lowering._fuse_cpu_prologues``); with ``threshold`` (and ``col_scale``) the input
+    is ``lowbit::act_sparsify``'d after the norm (an activation-sparse layer whose sparse kernel
+    does not pay: ``cpu_sparse``). The generated kernel's ``_ext`` entry does all of it in the call;
+    every other kernel runs them in torch around it (what the graph did before)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < rows <= cpu_codegen.MAX_ROWS:  # decode: the bound kernel, decided once per (rows, environment)
         env = cpu_dispatch.env_key()
@@ -228,22 +231,32 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
             bound = packed._fast[(rows, compute_dtype, env)] = _fast_bound(packed, rows, compute_dtype, env)
         if bound:
             x2 = x.reshape(rows, x.shape[-1])
-            if norm_weight is None and residual is None:
+            if norm_weight is None and residual is None and threshold is None:
                 y = bound(x2, bias)
             else:
                 y = bound.ext(x2, bias, norm_weight, eps,
-                              None if residual is None else residual.reshape(rows, packed.out_features))
+                              None if residual is None else residual.reshape(rows, packed.out_features),
+                              threshold, col_scale)
             if y is not None:
                 cpu_dispatch.counter[(packed.fmt, "generated")] += 1
                 y = y.view(*x.shape[:-1], packed.out_features)
                 return y if x.dtype == torch.float32 else y.to(x.dtype)
     choice = cpu_dispatch.choose(packed, rows, compute_dtype)
-    if norm_weight is None and residual is None:
+    if norm_weight is None and residual is None and threshold is None:
         return run_candidate(choice, x, packed, bias, compute_dtype)
+    y = run_candidate(choice, _prologue(x, norm_weight, eps, threshold, col_scale), packed, bias, compute_dtype)
+    return y if residual is None else residual + y
+
+
+def _prologue(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float | None,
+              threshold: torch.Tensor | None, col_scale: torch.Tensor | None) -> torch.Tensor:
+    """The ``_ext`` entries' prologue in torch: ``rms_norm``, then ``lowbit::act_sparsify``."""
     if norm_weight is not None:
         x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
-    y = run_candidate(choice, x, packed, bias, compute_dtype)
-    return y if residual is None else residual + y
+    if threshold is not None:
+        from lowbit_compiler import ops
+        x = ops.act_sparsify_reference(x, threshold, col_scale)
+    return x
 
 
 def _generated_chosen(members, rows: int, compute_dtype: torch.dtype, env: tuple) -> bool:
@@ -332,12 +345,14 @@ class FusedWeights(torch.nn.Module):
 
 
 def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dtype: torch.dtype,
-                 norm_weight: torch.Tensor | None = None, eps: float | None = None):
+                 norm_weight: torch.Tensor | None = None, eps: float | None = None,
+                 threshold: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
     """A CPU fusion group: one generated call for decode-sized inputs (float32), else each weight
     by ``packed_linear`` and the epilogue in torch (what the graph did before fusing). Returns the
     tensor (SiLU * mul) or a tuple of outputs (side by side). With ``norm_weight`` the group reads
-    ``rms_norm(x, (K,), norm_weight, eps)``: normalised once inside the generated call (its
-    ``_ext`` entry), or by torch before the members run one by one."""
+    ``rms_norm(x, (K,), norm_weight, eps)``, with ``threshold`` (and ``col_scale``) that
+    ``lowbit::act_sparsify``'d: done once inside the generated call (its ``_ext`` entry), or by
+    torch before the members run one by one."""
     lead = x.shape[:-1]
     silu_mul = fused.epilogue == cpu_codegen.SILU_MUL
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -350,15 +365,15 @@ def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dt
                 _generated_chosen(fused.members, rows, compute_dtype, env) and fused.bound()) or False
     if bound:
         x2 = x.reshape(rows, x.shape[-1])
-        y = bound(x2, biases) if norm_weight is None else bound.ext(x2, biases, norm_weight, eps)
+        y = (bound(x2, biases) if norm_weight is None and threshold is None
+             else bound.ext(x2, biases, norm_weight, eps, threshold, col_scale))
         if y is not None:
             if x.dtype != torch.float32:
                 y = y.to(x.dtype)
             if silu_mul:
                 return y.view(*lead, y.shape[-1])
             return tuple(t.view(*lead, t.shape[-1]) for t in y.split(fused.sizes, dim=1))
-    if norm_weight is not None:
-        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight, eps)
+    x = _prologue(x, norm_weight, eps, threshold, col_scale)
     outs = [packed_linear(x, m, b, compute_dtype) for m, b in zip(fused.members, biases)]
     return torch.nn.functional.silu(outs[0]) * outs[1] if silu_mul else tuple(outs)
 

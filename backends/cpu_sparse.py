@@ -944,8 +944,8 @@ class SparseInputGroup(torch.nn.Module):
 
     def row_call(self) -> "RowCall | None":
         """The decode row's call (:class:`RowCall`) for this environment and thread count: the
-        sparse kernel up to :meth:`limit` kept inputs (with ``limit() < 0`` it only thresholds:
-        the dense kernels read its output); None when the kernel cannot run here."""
+        sparse kernel up to :meth:`limit` kept inputs; None when the kernel cannot run here or
+        never pays (``limit() < 0``: the dense kernels threshold in their prologue)."""
         from lowbit_compiler.backends import cpu_dispatch
 
         key = (cpu_dispatch.env_key(), torch.get_num_threads())
@@ -954,7 +954,7 @@ class SparseInputGroup(torch.nn.Module):
             call = False  # a member was edited in place: its K-major copy is rebuilt
         if call is False:
             why = _static_reason(self.fmt, self.in_features) if os.environ.get(cpu_codegen.ENV, "1") != "0" else "off"
-            call = None if why is not None else RowCall(self, self.limit(), key[1])
+            call = None if why is not None or self.limit() < 0 else RowCall(self, self.limit(), key[1])
             self._rows = {key: call}  # calls for other environments (and the copies they hold) dropped
         return call
 
@@ -963,8 +963,9 @@ class SparseInputGroup(torch.nn.Module):
 
     def measure(self) -> dict:
         """Time this group's decode-row call as the model makes it (:class:`RowCall`: the Python,
-        the allocations and the kernel) against its fallback (the kernel's thresholding only, then
-        the dense kernels' call on the thresholded row: what runs when the row keeps too many), the
+        the allocations and the kernel) against its fallback (the dense kernels' call with the
+        threshold in its prologue: what a group whose kernel never pays runs, the dense recipe's
+        cost plus the threshold), the
         sparse call with every input kept and with a quarter kept, calls interleaved, each weight
         evicted from the caches before its call, minimum of :data:`REPEATS`; ``max_nnz`` is where
         the straight line through the two sparse times meets the dense time / :data:`MARGIN`.
@@ -978,15 +979,10 @@ class SparseInputGroup(torch.nn.Module):
         # a K-major copy of its own, kept (kmajor()) only when the plan takes the sparse kernel
         w = make_kmajor_cpu(*(self.quantized[0] if len(self.quantized) == 1 else self._stacked()), self.fmt, k)
         sparse = RowCall(self, k, threads, threshold=zero_threshold, col_scale=None, w=w)
-        prologue = RowCall(self, -1, threads, threshold=zero_threshold, col_scale=None, weights=False)
         biases = (None,) * len(self.sizes)
 
         def dense(x):
-            _, xs = prologue(x, None, None, 0.0, None)
-            xs = xs.view(1, k)
-            if self.fused is None:
-                return cpu_kernels.packed_linear(xs, self.dense[0], None, self.compute_dtype)
-            return cpu_kernels.fused_linear(xs, self.fused, biases, self.compute_dtype)
+            return _dense(x, self, biases, None, threshold=zero_threshold)
 
         calls = {"dense": lambda: dense(full), "sparse_all": lambda: sparse(full, None, None, 0.0, None),
                  "sparse_quarter": lambda: sparse(quarter, None, None, 0.0, None)}
@@ -1024,17 +1020,14 @@ class RowCall:
     worked out once (``SparseInputGroup.row_call``, per environment and thread count) so that a
     call costs three allocations and one ctypes call: a decode step makes dozens of these between
     kernels that stream the caches empty, and the general path's Python and torch ops around the
-    kernel cost 30-65 us a call there (stop 32, Zen 4) against ~5 us for the ctypes call.
-
-    ``limit`` < 0 (the measured plan never takes the sparse kernel): the call only normalises and
-    thresholds (the kernel returns right after the compaction; no K-major copy is made) and the
-    caller runs the dense kernels on the thresholded row it gets back."""
+    kernel cost 30-65 us a call there (stop 32, Zen 4) against ~5 us for the ctypes call. Made
+    only where the plan takes the sparse kernel (``limit`` >= 0)."""
 
     __slots__ = ("fn", "w", "codes", "scale", "zero", "n", "np_", "k", "limit", "ksplit", "threads", "thr",
                  "thr_stride", "cs", "held", "scratch", "silu_first", "out_n", "versions")
 
     def __init__(self, group: SparseInputGroup, limit: int, threads: int, threshold: torch.Tensor | None = None,
-                 col_scale: torch.Tensor | None = None, weights: bool = True, w: CpuKMajor | None = None):
+                 col_scale: torch.Tensor | None = None, w: CpuKMajor | None = None):
         k, fmt = group.in_features, group.fmt
         self.fn, self.k, self.limit, self.threads = _build(fmt, "native"), k, limit, threads
         self.versions = group._versions()
@@ -1043,15 +1036,12 @@ class RowCall:
         self.held = (threshold, col_scale)  # the pointers' tensors
         self.thr, self.thr_stride = threshold.data_ptr(), 0 if threshold.numel() == 1 else 1
         self.cs = None if col_scale is None else col_scale.data_ptr()
-        if limit >= 0 and weights:
-            w = self.w = w or group.kmajor()
-            self.codes, self.scale, self.zero = w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr
-            self.n, self.np_ = w.out_features, w.padded_out
-            self.ksplit = ksplit_for(self.np_, threads)
-            words = w.scratch + 2 * self.ksplit * self.np_
-        else:  # thresholding only (CpuKMajor.scratch without the weights)
-            self.w, self.codes, self.scale, self.zero, self.n, self.np_, self.ksplit = None, None, None, None, 0, 0, 1
-            words = compaction_words(k, k // (WeightFormat.parse(fmt).group_size or k))
+        assert limit >= 0
+        w = self.w = w or group.kmajor()
+        self.codes, self.scale, self.zero = w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr
+        self.n, self.np_ = w.out_features, w.padded_out
+        self.ksplit = ksplit_for(self.np_, threads)
+        words = w.scratch + 2 * self.ksplit * self.np_
         self.scratch = -(-words // 16) * 16  # then (64-byte aligned) the normalised row, when there is a norm
         self.silu_first = group.sizes[0] if group.epilogue == cpu_codegen.SILU_MUL else 0
         self.out_n = self.silu_first or self.n
@@ -1063,7 +1053,7 @@ class RowCall:
         than ``limit`` inputs) and ``xs`` [K], the normalised, thresholded row."""
         k = self.k
         xs = torch.empty(k, dtype=torch.float32)
-        y = torch.empty(lead + (self.out_n,), dtype=torch.float32) if self.limit >= 0 else xs
+        y = torch.empty(lead + (self.out_n,), dtype=torch.float32)
         scratch = torch.empty(self.scratch + (k if norm_weight is not None else 0), dtype=torch.float32)
         base = scratch.data_ptr()
         got = self.fn(x.data_ptr(), self.codes, self.scale, self.zero, None if bias is None else bias.data_ptr(),
@@ -1082,14 +1072,15 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
     ``rms_norm(x, norm_weight, eps)`` when given; plus ``residual`` for a single member): one row
     takes the activation-sparse kernel (norm, threshold, compaction, the stacked K-major GEMV and
     the epilogue in one C call: :class:`RowCall`) when it keeps at most ``group.limit()`` inputs;
-    otherwise the same call normalises and thresholds and the dense kernels run on its output; more
-    rows, and bf16 / fp16 rows, threshold in torch and run the dense kernels. Returns the tensor
-    (one member; ``silu(gate) * up``) or a tuple of the members' outputs."""
+    a row that keeps more gets the thresholded row from that call and the dense kernels run on it.
+    Where the sparse kernel never pays (``limit() < 0``), for more rows and for bf16 / fp16 rows,
+    the dense kernels run with the norm and the threshold in their prologue (one generated call
+    for decode rows: the dense recipe's cost). Returns the tensor (one member; ``silu(gate) *
+    up``) or a tuple of the members' outputs."""
     from lowbit_compiler import ops
     from lowbit_compiler.backends import cpu_kernels
 
     k = group.in_features
-    xs = None
     one_row = x.numel() == k and x.device.type == "cpu"
     if one_row and x.dtype == torch.float32 and (norm_weight is None or norm_weight.numel() == k):
         call = group.row_call()
@@ -1110,40 +1101,46 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
                 if len(group.sizes) == 1:
                     return y if residual is None or res is not None else residual + y
                 return tuple(y.split(group.sizes, dim=-1))
-            if call.limit >= 0:
-                _note_dense(group.fmt, group.out_features, k, call.limit,
-                            f"more than {call.limit} of {k} inputs kept (measured crossover)")
-            else:
-                _note_dense(group.fmt, group.out_features, k, call.limit, "the sparse kernel is slower at every "
-                            f"sparsity on this host ({os.environ.get(DISPATCH_ENV, 'measured')}); the kernel "
-                            "only thresholds")
-            xs = xs.view(x.shape)
-    if xs is None:
+            _note_dense(group.fmt, group.out_features, k, call.limit,
+                        f"more than {call.limit} of {k} inputs kept (measured crossover)")
+            return _dense(xs.view(x.shape), group, biases, residual)
+    if one_row and x.dtype != torch.float32 and group.limit() >= 0 and group.row_call() is not None:
+        # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
+        limit = group.limit()
         if norm_weight is not None:
             x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
-        limit = group.limit() if one_row and x.dtype != torch.float32 else -1
-        if limit >= 0 and group.row_call() is not None:
-            # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
-            xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
-            y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, limit,
-                    lead=tuple(x.shape[:-1]))
-            if y is not None:
-                dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
-                y = y.to(x.dtype)
-                if len(group.sizes) == 1:
-                    return y if residual is None else residual + y
-                if group.epilogue == cpu_codegen.SILU_MUL:
-                    n = group.sizes[0]
-                    return torch.nn.functional.silu(y[..., :n]) * y[..., n:]
-                return tuple(y.split(group.sizes, dim=-1))
-            _note_dense(group.fmt, group.out_features, k, limit, f"more than {limit} of {k} inputs kept (measured "
-                        "crossover)")
-        elif one_row:
-            why = (f"turned off by {cpu_codegen.ENV}=0" if os.environ.get(cpu_codegen.ENV, "1") == "0"
-                   else _static_reason(group.fmt, k) or "the sparse kernel is slower at every sparsity on this "
-                   f"host ({os.environ.get(DISPATCH_ENV, 'measured')})")
-            _note_dense(group.fmt, group.out_features, k, -1, why)
         xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
+        y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, limit,
+                lead=tuple(x.shape[:-1]))
+        if y is not None:
+            dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
+            y = y.to(x.dtype)
+            if len(group.sizes) == 1:
+                return y if residual is None else residual + y
+            if group.epilogue == cpu_codegen.SILU_MUL:
+                n = group.sizes[0]
+                return torch.nn.functional.silu(y[..., :n]) * y[..., n:]
+            return tuple(y.split(group.sizes, dim=-1))
+        _note_dense(group.fmt, group.out_features, k, limit, f"more than {limit} of {k} inputs kept (measured "
+                    "crossover)")
+        return _dense(xs, group, biases, residual)
+    if one_row:
+        why = (f"turned off by {cpu_codegen.ENV}=0" if os.environ.get(cpu_codegen.ENV, "1") == "0"
+               else _static_reason(group.fmt, k) or "the sparse kernel is slower at every sparsity on this "
+               f"host ({os.environ.get(DISPATCH_ENV, 'measured')}); the dense kernels threshold in their prologue")
+        _note_dense(group.fmt, group.out_features, k, -1, why)
+    return _dense(x, group, biases, residual, norm_weight, eps, group.threshold, group.col_scale)
+
+
+def _dense(x: torch.Tensor, group: SparseInputGroup, biases: tuple, residual: torch.Tensor | None,
+           norm_weight: torch.Tensor | None = None, eps: float | None = None,
+           threshold: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
+    """The group's members by the dense kernels (one fused call for several), with the norm and
+    the threshold in their prologue when given."""
+    from lowbit_compiler.backends import cpu_kernels
+
     if group.fused is None:
-        return cpu_kernels.packed_linear(xs, group.dense[0], biases[0], group.compute_dtype, residual=residual)
-    return cpu_kernels.fused_linear(xs, group.fused, biases, group.compute_dtype)
+        return cpu_kernels.packed_linear(x, group.dense[0], biases[0], group.compute_dtype, norm_weight, eps,
+                                         residual, threshold, col_scale)
+    return cpu_kernels.fused_linear(x, group.fused, biases, group.compute_dtype, norm_weight, eps, threshold,
+                                    col_scale)

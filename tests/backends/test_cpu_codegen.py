@@ -282,6 +282,32 @@ def test_ext_entries_fuse_the_rms_norm_and_the_residual(fmt):
         assert formats.sqnr_db(expected, gate_up.ext(x, biases[1:], norm_w, eps).double()) >= floor
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym"])
+def test_ext_entries_threshold_in_their_prologue(fmt):
+    """The ``_ext`` entries' threshold step (what an activation-sparse layer runs where its sparse
+    kernel does not pay): ``lowbit::act_sparsify`` with one threshold, or per-channel thresholds
+    and WINA's column scales, a NaN input dropped. Without a norm the outputs equal the plain call
+    on torch's thresholded row bit for bit (one weight, q/k/v side by side, gate.up); after the
+    RMSNorm they meet the float64 reference of the normalised, thresholded row (>= 110 dB)."""
+    g, k, qs, bound, biases, side, gate_up = _group_of_three(fmt, seed=7)
+    norm_w, eps = torch.rand(k, generator=g) + 0.5, 1e-5
+    for thr, cs in ((torch.tensor([0.8]), None), (torch.rand(k, generator=g), torch.rand(k, generator=g) + 0.5)):
+        for rows in (1, 3):
+            x = torch.randn(rows, k, generator=g) * 2
+            x[0, 3] = float("nan")
+            xs = ops.act_sparsify_reference(x, thr, cs)
+            assert 0 < int((xs != 0).sum()) < xs.numel() and not xs.isnan().any()
+            assert torch.equal(bound[0].ext(x, biases[0], None, 0.0, None, thr, cs), bound[0](xs, biases[0]))
+            assert torch.equal(side.ext(x, biases, None, 0.0, thr, cs), side(xs, biases))
+            assert torch.equal(gate_up.ext(x, biases[1:], None, 0.0, thr, cs), gate_up(xs, biases[1:]))
+            x[0, 3] = 1.0
+            xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * norm_w.double()
+            reference = ops.wo_linear_reference(ops.act_sparsify_reference(xn, thr.double(), cs), qs[0].qweight,
+                                                qs[0].scale, qs[0].zero, biases[0].double(), fmt, k)
+            y = bound[0].ext(x, biases[0], norm_w, eps, None, thr, cs)
+            assert formats.sqnr_db(reference, y.double()) >= 110.0
+
+
 def test_cpu_fusion_groups_keep_the_model_output(monkeypatch):
     """A compiled w8a16 Llama with the CPU fusion groups (q/k/v, gate.up + SiLU * mul) gives the
     logits of the same model compiled without them (LOWBIT_CPU_FUSE=0) to float32 rounding, at

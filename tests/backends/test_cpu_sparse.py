@@ -4,6 +4,7 @@ of zeroed inputs, more rows going to the dense kernels, and the dispatch by meas
 fake clock: real timings on a shared machine would make the decisions vary)."""
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 
@@ -499,21 +500,21 @@ def test_a_sparse_group_measures_its_own_calls_and_caches_the_plan(measured):
     assert again.limit() == limit and measured.calls == 1
 
 
-def test_a_group_the_sparse_kernel_never_wins_thresholds_in_c_and_runs_the_dense_kernels(measured, caplog,
-                                                                                        monkeypatch):
-    """Measured slower at every sparsity: no K-major copy is made; a float32 row with the RMSNorm
-    prologue is normalised and thresholded by the kernel's prologue alone and the dense kernels
-    read that row (counted dense, logged); the result is the float64 reference's."""
+def test_a_group_the_sparse_kernel_never_wins_runs_one_dense_call_that_thresholds(measured, caplog, monkeypatch):
+    """Measured slower at every sparsity: no K-major copy and no sparse row call are made; a float32
+    row with the RMSNorm prologue and the residual is one call of the dense kernel's ``_ext`` entry,
+    which normalises and thresholds it (counted dense, logged; torch never thresholds); the result
+    is the float64 reference's."""
     gen = torch.Generator().manual_seed(13)
     fmt, k = "int4_g128_asym", 256
     group, qws, thr, _ = _group(fmt, [256], k, gen)
     measured.update(dense=0.1e-3, sparse_all=0.5e-3, sparse_quarter=0.2e-3)
     assert group.limit() == -1
     assert cpu_sparse.KMAJOR_CACHE.get(qws[0].qweight, ("kmajor_cpu", fmt)) is None  # never built
-    assert group.row_call().w is None
+    assert group.row_call() is None
     x = torch.randn(1, 1, k, generator=gen)
     norm_w, residual = torch.rand(k, generator=gen) + 0.5, torch.randn(1, 1, 256, generator=gen)
-    counts = dict(cpu_sparse.dispatch_counter)
+    counts, ext_calls = dict(cpu_sparse.dispatch_counter), cpu_codegen.calls.copy()
 
     def no_torch_threshold(*args):
         raise AssertionError("a float32 row is thresholded by the kernel, not by torch")
@@ -521,9 +522,10 @@ def test_a_group_the_sparse_kernel_never_wins_thresholds_in_c_and_runs_the_dense
     with caplog.at_level(logging.INFO, logger="lowbit_compiler"), monkeypatch.context() as patch:
         patch.setattr(ops, "act_sparsify_reference", no_torch_threshold)
         y = cpu_sparse.sparse_input_group_linear(x, group, (None,), norm_weight=norm_w, eps=1e-6, residual=residual)
+    assert cpu_codegen.calls - ext_calls == collections.Counter({cpu_codegen.kernel_name(fmt) + "_ext": 1})
     assert cpu_sparse.dispatch_counter[(fmt, "dense")] == counts.get((fmt, "dense"), 0) + 1
     assert cpu_sparse.dispatch_counter[(fmt, "sparse")] == counts.get((fmt, "sparse"), 0)
-    assert "slower at every sparsity" in caplog.text and "only thresholds" in caplog.text
+    assert "slower at every sparsity" in caplog.text and "threshold in their prologue" in caplog.text
     normed = torch.nn.functional.rms_norm(x, (k,), norm_w, 1e-6)
     ref = residual.double() + _reference(normed, qws, thr, None, (None,), fmt, k)[0]
     assert y.shape == ref.shape and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
