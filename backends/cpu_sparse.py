@@ -870,12 +870,15 @@ class SparseInputGroup(torch.nn.Module):
     kernels (one fused call for a group, ``cpu_kernels.fused_linear``) on the thresholded input.
 
     A module so that lowered graphs hold it with ``get_attr``; the K-major copy is built at the
-    first decode call (freed again when the measured plan never takes the sparse kernel)."""
+    first decode call (freed again when the measured plan never takes the sparse kernel).
+    ``records``: the members' layer records with their target sparsity ((record, target) pairs):
+    the plan, once decided, is written into their ``sparse_kernel`` (:meth:`limit`)."""
 
     def __init__(self, threshold: torch.Tensor, col_scale: torch.Tensor | None,
                  members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], fmt: str, in_features: int,
-                 compute_dtype: torch.dtype, epilogue: int = 0):
+                 compute_dtype: torch.dtype, epilogue: int = 0, records: tuple = ()):
         super().__init__()
+        self.records = tuple(records)
         from lowbit_compiler.backends import cpu_kernels
 
         self.fmt, self.in_features, self.epilogue, self.compute_dtype = fmt, in_features, epilogue, compute_dtype
@@ -922,24 +925,33 @@ class SparseInputGroup(torch.nn.Module):
         key = (cpu_dispatch.env_key(), torch.get_num_threads())
         got = self._limit.get(key)
         if got is None:
-            mode = _mode()
+            mode, entry = _mode(), None
             if os.environ.get(cpu_codegen.ENV, "1") == "0":
-                got = -1
+                got, why = -1, f"{cpu_codegen.ENV}=0"
             elif mode in ("sparse", "dense"):
-                got = self.in_features if mode == "sparse" else -1
+                got, why = (self.in_features if mode == "sparse" else -1), f"{DISPATCH_ENV}={mode}"
             else:
                 threads, sizes = torch.get_num_threads(), "+".join(map(str, self.sizes))
                 # the environment is in the memo key (key[0]); the disk key names what the fallback's
                 # dense kernels depend on: the compute dtype and the kernels' sources and host
-                got = cached_plan(
+                entry = cached_plan(
                     ("group", self.fmt, sizes, self.in_features, self.epilogue, str(self.compute_dtype), key),
                     lambda: (f"group|{self.fmt}|N={sizes}|K={self.in_features}|epilogue={self.epilogue}|"
                              f"dtype={self.compute_dtype}|threads={threads}|"
                              f"{_digest(source(self.fmt), cpu_codegen.source(self.fmt))}"),
-                    self.measure)["max_nnz"]
+                    self.measure)
+                got = entry["max_nnz"]
             if got < 0:
                 self._kmajor = None  # never read: the dense kernels run every call
             self._limit[key] = got
+            for record, target in self.records:  # what the layer records say: this decision
+                if entry is None:
+                    text = f"{'activation-sparse' if got >= 0 else 'dense'} kernel: {why}"
+                else:
+                    kernel = "activation-sparse" if got >= round((1 - target) * self.in_features) else "dense"
+                    text = f"{kernel} kernel at the target {target:.0%} sparsity ({describe(entry, self.in_features, target)})"
+                record["sparse_kernel"] = (f"{text}; decided for the site's {len(self.sizes)} weight(s) in one call "
+                                           f"(N={'+'.join(map(str, self.sizes))}), {key[1]} thread(s)")
         return got
 
     def row_call(self) -> "RowCall | None":

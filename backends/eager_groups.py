@@ -65,7 +65,8 @@ class EagerGroup:
         if outs is None:
             return None
         self.calls += 1
-        self._stash = (x, x._version, {i: o for i, o in enumerate(outs) if i != index})
+        others = {i: o for i, o in enumerate(outs) if i != index}
+        self._stash = (x, x._version, others) if others else None
         return outs[index]
 
     def _run(self, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
@@ -93,6 +94,10 @@ class EagerSparseGroup(EagerGroup):
 
     max_rows = 1
 
+    def __init__(self, members: list[torch.nn.Module], records: tuple = ()):
+        super().__init__(members)
+        self.records = records  # the members' layer records: the site's plan is written there
+
     def _run(self, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
         from lowbit_compiler.backends import cpu_sparse
 
@@ -101,21 +106,23 @@ class EagerSparseGroup(EagerGroup):
             first = self.members[0]
             group = self._fused[dtype] = cpu_sparse.SparseInputGroup(
                 first.input_threshold, first.input_col_scale, [(m.qweight, m.scale, m.zero) for m in self.members],
-                first.fmt, first.in_features, dtype)
+                first.fmt, first.in_features, dtype, records=self.records)
         return cpu_sparse.sparse_input_group_linear(x, group, tuple(m.bias for m in self.members))
 
 
-def link_sparse(groups: list[list[torch.nn.Module]]) -> int:
+def link_sparse(groups: list[list[torch.nn.Module]], records: dict[int, tuple] | None = None) -> int:
     """:func:`link` for LowbitLinears behind one threshold (:class:`EagerSparseGroup`; the caller
-    groups them by input and threshold)."""
+    groups them by input and threshold), a site of one linear too (o_proj, down_proj: the row
+    call and the site's measured plan, as under ``torch.compile``). ``records``: id(module) ->
+    (its layer record, target sparsity), where the site's plan is written once decided."""
     from lowbit_compiler.backends import cpu_sparse
 
     made = 0
     for members in groups:
-        if (len(members) < 2 or cpu_sparse.supported(members[0].fmt) is not None
+        if (not members or cpu_sparse.supported(members[0].fmt) is not None
                 or cpu_sparse._static_reason(members[0].fmt, members[0].in_features) is not None):
             continue
-        group = EagerSparseGroup(members)
+        group = EagerSparseGroup(members, tuple(records[id(m)] for m in members if records and id(m) in records))
         for m in members:
             m._eager_group = group
         made += 1

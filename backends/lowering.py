@@ -348,8 +348,11 @@ def _sparse_input_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext
     dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
     threshold = ir.fetch_attr(gm, a["threshold"].target)
     col_scale = None if a["col_scale"] is None else ir.fetch_attr(gm, a["col_scale"].target)
+    decision, spec = ir.get(node, ir.WEIGHT_QUANT), ir.get(node, ir.ACT_SPARSITY)
+    records = (((ctx.layers[decision.layer], float(spec.target)),)
+               if decision is not None and spec is not None and decision.layer in ctx.layers else ())
     group = cpu_sparse.SparseInputGroup(threshold, col_scale, [tuple(_quantized_tensors(gm, a))], a["fmt"],
-                                        a["in_features"], dtype)
+                                        a["in_features"], dtype, records=records)
     base = a["qweight"].target.rsplit(".", 1)[0]
     _call_prepacked(gm, node, group, f"{base}.sparse_input", cpu_sparse.sparse_input_group_linear,
                     lambda p: (a["x"], p, (a["bias"],)))
@@ -485,7 +488,8 @@ def _fuse_cpu_sparse_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None
         g = groups[0]
         name = f"{_fqn_base(gm, nodes[0])}.sparse_{'gate_up' if epilogue else 'siblings'}_fused"
         fused = cpu_sparse.SparseInputGroup(g.threshold_source, g.col_scale_source, [m.quantized[0] for m in groups],
-                                            g.fmt, g.in_features, g.compute_dtype, epilogue)
+                                            g.fmt, g.in_features, g.compute_dtype, epilogue,
+                                            records=tuple(r for m in groups for r in m.records))
         return name, fused, cpu_sparse.sparse_input_group_linear, lambda holder: (
             nodes[0].args[0], holder, tuple(n.args[2][0] for n in nodes))
 

@@ -440,7 +440,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
     passes: list[dict[str, Any]] = []
     r3 = None
     for captured, report in graphs:
-        counts, wants_r3 = write_back(model, captured, recipe.name, strict)
+        counts, wants_r3 = write_back(model, captured, recipe.name, strict, report.layers)
         for k, v in counts.items():
             written[k] = {**written[k], **v} if isinstance(v, dict) else written[k] + v
         if wants_r3:
@@ -634,10 +634,12 @@ def _write_rsparse_float(model: torch.nn.Module, gm: fx.GraphModule, node: fx.No
 
 
 def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
-               strict: bool = False) -> tuple[dict[str, Any], bool]:
+               strict: bool = False, records: dict[str, dict] | None = None) -> tuple[dict[str, Any], bool]:
     """Write one rewritten graph into ``model`` (module docstring); returns what was written and
     whether queries and keys get R3 Hadamards. A quantized linear whose module computes more than
-    the linear stays float in the model (``left_float``: layer -> why; strict: an error)."""
+    the linear stays float in the model (``left_float``: layer -> why; strict: an error).
+    ``records``: the graph's layer records (activation-sparse sites write their kernel plan there
+    when they decide)."""
     gm = captured.gm
     counts: dict[str, Any] = {"replaced_modules": 0, "tensors": 0, "folded_norms": 0, "input_hooks": 0,
                               "output_hooks": 0, "eager_groups": 0, "left_float": {}}
@@ -647,6 +649,7 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
     _write_experts(model, gm, recipe_name, strict, counts, represented)
     one_input: dict[fx.Node, list[LowbitLinear]] = {}  # plain weight-only linears by the node they read
     behind_one_threshold: dict[tuple, list[LowbitLinear]] = {}  # sparse_input_linear by (x, threshold, col_scale)
+    sparse_records: dict[int, tuple] = {}  # id(LowbitLinear) -> (its layer record, target sparsity)
     for node in list(gm.graph.nodes):
         quantized = opdecl.is_module(node, opdecl.LINEAR)
         if not (quantized or ir.is_linear(node)):
@@ -711,13 +714,17 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             one_input.setdefault(args["x"], []).append(written)
         if (opdecl.of(node).name == "sparse_input_linear" and set(transforms) == {"input_threshold", "input_col_scale"}
                 and outliers is None and lowrank is None and isinstance(args["x"], fx.Node)):
+            spec, record = ir.get(node, ir.ACT_SPARSITY), (records or {}).get(layer)
+            if record is not None and spec is not None:
+                sparse_records[id(written)] = (record, float(spec.target))
             behind_one_threshold.setdefault((args["x"], args["threshold"], args["col_scale"]), []).append(written)
     from lowbit_compiler.backends import eager_groups
 
     same = lambda ms: [m for m in ms if (m.fmt, m.in_features) == (ms[0].fmt, ms[0].in_features)]  # noqa: E731
     counts["eager_groups"] += eager_groups.link(  # same format and K: one generated call (eager_groups.py)
         [same(ms) for ms in one_input.values()])
-    counts["eager_groups"] += eager_groups.link_sparse([same(ms) for ms in behind_one_threshold.values()])
+    counts["eager_groups"] += eager_groups.link_sparse([same(ms) for ms in behind_one_threshold.values()],
+                                                       sparse_records)
     for node in gm.graph.nodes:  # norms whose parameters were folded into their readers
         spec = ir.get(node, ir.NORM)
         if spec is None:

@@ -439,28 +439,24 @@ def unfuse_for_triton(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def _cpu_kernel_record(gm: fx.GraphModule, node: fx.Node, spec: Any) -> str:
-    """Which CPU kernel one row of this layer gets at its target sparsity, and why: the measured
-    dispatch of ``backends/cpu_sparse.py`` (timed here on this host, cached on disk; the runtime
-    decides per call by the number of inputs kept)."""
+def _cpu_kernel_record(node: fx.Node) -> str:
+    """Which CPU kernel one row of this layer gets, until its site decides: the linears behind one
+    threshold run as one call (``backends/cpu_sparse.SparseInputGroup``, compiled or eager), which
+    times the sparse kernel against the dense one on its stacked shape at its first decode row and
+    writes the plan into this entry (``SparseInputGroup.limit``)."""
     from lowbit_compiler.backends import cpu_sparse
 
-    a = ir.op_args(node)
-    fmt, k = a["fmt"], a["in_features"]
-    tensors = [ir.fetch_attr(gm, a[name].target) if isinstance(a[name], fx.Node) and a[name].op == "get_attr" else None
-               for name in ("qweight", "scale", "zero")]
+    fmt = ir.op_args(node)["fmt"]
     if (why := cpu_sparse.supported(fmt)) is not None:
         return f"dense kernels: {why}"
     mode = cpu_sparse._mode()
     if mode != "measure":
         return f"{'activation-sparse' if mode == 'sparse' else 'dense'} kernel: {cpu_sparse.DISPATCH_ENV}={mode}"
-    qweight, scale, zero = tensors
-    if qweight is None or scale is None or qweight.device.type != "cpu" or cpu_sparse.kernel(fmt) is None:
-        return "decided at the first call (the weight is not a CPU constant here, or the kernel did not compile)"
-    entry = cpu_sparse.plan(qweight, scale, zero, fmt, k)
-    target = float(spec.target)
-    kernel = "activation-sparse" if entry["max_nnz"] >= round((1 - target) * k) else "dense"
-    return f"{kernel} kernel at the target {target:.0%} sparsity ({cpu_sparse.describe(entry, k, target)})"
+    if node.target is torch.ops.lowbit.sparse_input_qa_linear.default:  # one layer, the op's own plan
+        return ("decided at the layer's first decode row: the sparse kernel timed against the dense one on this host "
+                "(cached on disk; cpu_sparse.plan, logged when the dense kernel runs)")
+    return ("decided at the site's first decode row: the sparse kernel timed against the dense one on this host "
+            "(cached on disk), this entry then says which runs")
 
 
 @register_pass
@@ -480,7 +476,7 @@ class FuseSparseInput(Pass):
             if spec is not None and decision is not None and decision.layer in ctx.layers:
                 ctx.layers[decision.layer]["activation_sparsity"] = spec.achieved
                 if node.target in _FUSED:
-                    ctx.layers[decision.layer]["sparse_kernel"] = _cpu_kernel_record(gm, node, spec)
+                    ctx.layers[decision.layer]["sparse_kernel"] = _cpu_kernel_record(node)
         left = [u.name for n in gm.graph.nodes if n.target is torch.ops.lowbit.act_sparsify.default for u in n.users
                 if u.target is not torch.ops.lowbit.lowrank_residual.default]  # R-Sparse's part reads it by design
         return PassResult(fused > 0, fused, {"fused": fused, "fused_qa": counts[FUSE_SPARSE_INPUT_QA.name],

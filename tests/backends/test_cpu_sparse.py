@@ -245,6 +245,8 @@ def test_2of4_int8_kernel_builds_match_float64(build):
 
 @pytest.mark.parametrize("sparse_wins", [True, pytest.param(False, marks=pytest.mark.slow)])  # a compress each
 def test_layer_records_say_which_kernel_the_target_sparsity_gets(measured, sparse_wins):
+    """A compressed model's layer records say the site decides at its first decode row; after one
+    row each says what its site (q/k/v stacked, gate/up, o and down alone) measured and runs."""
     from lowbit_compiler import compress
     from tests.conftest import make_model
 
@@ -252,9 +254,18 @@ def test_layer_records_say_which_kernel_the_target_sparsity_gets(measured, spars
     measured.update(dense=1e-3, sparse_all=0.8e-3 if sparse_wins else 3e-3,
                     sparse_quarter=0.3e-3 if sparse_wins else 1.5e-3)
     model = compress(make_model("llama"), "teal-50+w8a16", calibration=calibration, progress=False)
-    record = model.lowbit_summary["layers"]["model.layers.0.mlp.down_proj"]["sparse_kernel"]
+    layers = model.lowbit_summary["layers"]
+    assert layers["model.layers.0.mlp.down_proj"]["sparse_kernel"].startswith("decided at the site's first decode row")
+    with torch.no_grad():
+        model(torch.tensor([[5]]))  # one row: each site (q/k/v, gate/up, o, down) decides, once
     expected = "activation-sparse kernel" if sparse_wins else "dense kernel"
-    assert record.startswith(f"{expected} at the target 50% sparsity (measured: dense 1.0000 ms"), record
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"):
+        record = layers[name]["sparse_kernel"]
+        assert record.startswith(f"{expected} at the target 50% sparsity (measured: dense 1.0000 ms"), record
+    assert layers["model.layers.0.self_attn.q_proj"]["sparse_kernel"].endswith(
+        f"site's 3 weight(s) in one call (N=128+64+64), {torch.get_num_threads()} thread(s)")
+    assert layers["model.layers.0.mlp.down_proj"]["sparse_kernel"].endswith("site's 1 weight(s) in one call (N=128), "
+                                                                            f"{torch.get_num_threads()} thread(s)")
 
 
 def test_evicting_a_weight_keeps_its_values():
@@ -413,11 +424,11 @@ def test_compiled_teal_decode_runs_one_sparse_call_per_site():
 
 
 def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
-    """``compress`` links the LowbitLinears behind one threshold (q/k/v, gate/up); run eagerly on
-    one row, the first member's call runs the site's stacked activation-sparse kernel and the
-    others return their part: each output within float rounding of its member's own call
-    (``LOWBIT_CPU_FUSE=0``: the same kernel per weight), one group call per site and step; prompts
-    of several rows run each member alone."""
+    """``compress`` links the LowbitLinears behind one threshold (q/k/v, gate/up; o and down as
+    sites of one); run eagerly on one row, the first member's call runs the site's stacked
+    activation-sparse kernel and the others return their part: each output within float rounding
+    of its member's own call (``LOWBIT_CPU_FUSE=0``: the same kernel per weight), one group call per
+    site and step; prompts of several rows run each member alone."""
     from transformers import DynamicCache
 
     from lowbit_compiler import compress
@@ -432,7 +443,7 @@ def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
         group = attn.q_proj._eager_group
         assert isinstance(group, eager_groups.EagerSparseGroup) and attn.v_proj._eager_group is group
         assert isinstance(mlp.gate_proj._eager_group, eager_groups.EagerSparseGroup)
-        assert "_eager_group" not in vars(attn.o_proj) and "_eager_group" not in vars(mlp.down_proj)
+        assert [m._eager_group.members for m in (attn.o_proj, mlp.down_proj)] == [[attn.o_proj], [mlp.down_proj]]
         ids = calibration[1][:, :6]
         cache = DynamicCache()
         model(ids, past_key_values=cache, use_cache=True)
@@ -445,7 +456,7 @@ def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
         monkeypatch.delenv(cpu_codegen.FUSE_ENV)
         before = cpu_sparse.dispatch_counter[("int8", "sparse")]
         grouped = model(step, past_key_values=cache, use_cache=True).logits
-        assert group.calls == 1 and mlp.gate_proj._eager_group.calls == 1
+        assert group.calls == 1 and mlp.gate_proj._eager_group.calls == 1 and attn.o_proj._eager_group.calls == 1
         assert cpu_sparse.dispatch_counter[("int8", "sparse")] - before == 14  # every linear of both layers
         assert (grouped - alone).abs().max() <= 1e-4 * alone.abs().max()
 
