@@ -878,9 +878,9 @@ class SparseInputGroup(torch.nn.Module):
                  members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], fmt: str, in_features: int,
                  compute_dtype: torch.dtype, epilogue: int = 0, records: tuple = ()):
         super().__init__()
-        self.records = tuple(records)
         from lowbit_compiler.backends import cpu_kernels
 
+        self.records = tuple(records)
         self.fmt, self.in_features, self.epilogue, self.compute_dtype = fmt, in_features, epilogue, compute_dtype
         self.threshold_source, self.col_scale_source = threshold, col_scale  # the graph's constants (grouping key)
         self.threshold = threshold.detach().to(torch.float32).contiguous()
@@ -983,8 +983,6 @@ class SparseInputGroup(torch.nn.Module):
         the straight line through the two sparse times meets the dense time / :data:`MARGIN`.
         Measuring the bare kernels instead missed ~40-140 us per call of Python and torch ops
         around them (stop 31, Zen 4)."""
-        from lowbit_compiler.backends import cpu_kernels
-
         k, threads = self.in_features, torch.get_num_threads()
         full, quarter = (row.reshape(1, k) for row in _probe_rows(k))
         zero_threshold = torch.zeros(1)  # every nonzero input kept: the inputs decide how many
