@@ -635,10 +635,60 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
 
 MARGIN = 1.05  # the sparse kernel must be predicted this much faster than the dense one
 REPEATS = 7
+TRIAL_ROWS = 12  # decode rows timed per path, per site shape, inside the model (SiteTrial)
+
+
+class SiteTrial:
+    """The in-model check of a measured plan that takes the sparse kernel: the plan is timed on one
+    weight outside the model, where a site's sparse call can look faster than it is between the
+    model's other work (int4 on Zen 4: level at 50 % kept in the plan, 0.8x dense in the model). So
+    the first decode rows of the sites of one shape (format, member sizes, K, epilogue, dtype,
+    environment, threads: the layers of a model share it) alternate the sparse call and the dense
+    call (the threshold in its prologue), each timed whole; after :data:`TRIAL_ROWS` of each, the
+    faster median decides for every site of that shape for the rest of the process (logged, and
+    written into the sites' layer records). A site's first call of each path is not a sample (the
+    dense kernels bind and choose at their first call). Not with ``LOWBIT_SPARSE_DISPATCH=sparse|dense``."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {"sparse": [], "dense": []}
+        self.verdict: str | None = None
+        self.records: list[tuple[dict, float]] = []
+        self.members: set[int] = set()  # the groups whose records are in self.records
+        self.warm: set[tuple[int, str]] = set()  # (group, path) that ran once
+
+    def join(self, group: "SparseInputGroup") -> None:
+        if id(group) not in self.members:
+            self.members.add(id(group))
+            self.records.extend(group.records)
+
+    def next_path(self, group: "SparseInputGroup") -> str:
+        if (id(group), "sparse") not in self.warm:
+            return "sparse"
+        if (id(group), "dense") not in self.warm:
+            return "dense"
+        return "dense" if len(self.times["dense"]) < len(self.times["sparse"]) else "sparse"
+
+    def add(self, group: "SparseInputGroup", path: str, seconds: float, what: str) -> None:
+        if (id(group), path) not in self.warm:
+            self.warm.add((id(group), path))
+            return
+        self.times[path].append(seconds)
+        if min(len(v) for v in self.times.values()) < TRIAL_ROWS:
+            return
+        sparse, dense = (sorted(self.times[p])[TRIAL_ROWS // 2] for p in ("sparse", "dense"))
+        self.verdict = "sparse" if sparse <= dense else "dense"
+        text = (f"in-model trial ({TRIAL_ROWS} decode rows each over the sites of this shape): sparse call "
+                f"{sparse * 1e3:.3f} ms, dense call {dense * 1e3:.3f} ms (medians) -> the {self.verdict} kernel")
+        log.info("lowbit: activation-sparse %s: %s", what, text)
+        for record, _ in self.records:
+            record["sparse_kernel"] = f"{record.get('sparse_kernel', '')}; {text}"
+
+
+_TRIALS: dict[tuple, SiteTrial] = {}
 # (fmt, "sparse"|"dense:measured"|...) -> calls: what ran (tests and benchmarks read it)
 dispatch_counter: collections.Counter = collections.Counter()
 _PLANS: dict[str, dict] = {}
-_LOGGED: set[str] = set()
+_LOGGED: set[tuple] = set()
 
 
 def _dispatch_file():
@@ -816,7 +866,7 @@ def describe(entry: dict, in_features: int, sparsity: float | None = None) -> st
 
 def _note_dense(fmt: str, n: int, k: int, _unused: int, why: str) -> None:
     dispatch_counter[(fmt, "dense")] += 1
-    key = f"{fmt}|{n}|{k}|{why}"
+    key = (fmt, n, k, why)
     if key not in _LOGGED:
         _LOGGED.add(key)
         log.info("lowbit: sparse %s %dx%d runs the dense kernel: %s (logged once per shape; counted in "
@@ -896,6 +946,7 @@ class SparseInputGroup(torch.nn.Module):
         self._limit: dict[tuple, int] = {}  # (environment, threads) -> most kept inputs for the sparse kernel
         self._bias: tuple | None = None  # (the biases' identities, their float32 concatenation)
         self._rows: dict[tuple, RowCall | None] = {}  # (environment, threads) -> the decode row's call (row_call)
+        self._dense_why = ""  # why a row runs the dense kernels, as of the last row_call() that decided
 
     def kmajor(self) -> CpuKMajor:
         """The members' K-major copy (one member: the shared per-weight cache; several: stacked,
@@ -954,6 +1005,21 @@ class SparseInputGroup(torch.nn.Module):
                                            f"(N={'+'.join(map(str, self.sizes))}), {key[1]} thread(s)")
         return got
 
+    def trial(self) -> SiteTrial | None:
+        """This site's in-model trial (:class:`SiteTrial`), shared by the sites of its shape; None
+        when the dispatch is not measured."""
+        from lowbit_compiler.backends import cpu_dispatch
+
+        if _mode() != "measure":
+            return None
+        key = (self.fmt, tuple(self.sizes), self.in_features, self.epilogue, str(self.compute_dtype),
+               cpu_dispatch.env_key(), torch.get_num_threads())
+        trial = _TRIALS.get(key)
+        if trial is None:
+            trial = _TRIALS[key] = SiteTrial()
+        trial.join(self)
+        return trial
+
     def row_call(self) -> "RowCall | None":
         """The decode row's call (:class:`RowCall`) for this environment and thread count: the
         sparse kernel up to :meth:`limit` kept inputs; None when the kernel cannot run here or
@@ -967,8 +1033,21 @@ class SparseInputGroup(torch.nn.Module):
         if call is False:
             why = _static_reason(self.fmt, self.in_features) if os.environ.get(cpu_codegen.ENV, "1") != "0" else "off"
             call = None if why is not None or self.limit() < 0 else RowCall(self, self.limit(), key[1])
+            if call is not None:
+                call.trial = self.trial()
             self._rows = {key: call}  # calls for other environments (and the copies they hold) dropped
+            self._dense_why = self.dense_reason()
         return call
+
+    def dense_reason(self) -> str:
+        """Why a decode row of this group runs the dense kernels (the log line and the counter)."""
+        if os.environ.get(cpu_codegen.ENV, "1") == "0":
+            why = f"turned off by {cpu_codegen.ENV}=0"
+        else:
+            why = _static_reason(self.fmt, self.in_features) or (
+                "the in-model trial found the dense call faster" if self.limit() >= 0 else
+                f"the sparse kernel is slower at every sparsity on this host ({os.environ.get(DISPATCH_ENV, 'measured')})")
+        return why + "; the dense kernels threshold in their prologue"
 
     def _versions(self) -> tuple:
         return tuple(t._version for m in self.quantized for t in m if t is not None)
@@ -1034,7 +1113,7 @@ class RowCall:
     only where the plan takes the sparse kernel (``limit`` >= 0)."""
 
     __slots__ = ("fn", "w", "codes", "scale", "zero", "n", "np_", "k", "limit", "ksplit", "threads", "thr",
-                 "thr_stride", "cs", "held", "scratch", "silu_first", "out_n", "versions")
+                 "thr_stride", "cs", "held", "scratch", "silu_first", "out_n", "versions", "trial")
 
     def __init__(self, group: SparseInputGroup, limit: int, threads: int, threshold: torch.Tensor | None = None,
                  col_scale: torch.Tensor | None = None, w: CpuKMajor | None = None):
@@ -1055,6 +1134,7 @@ class RowCall:
         self.scratch = -(-words // 16) * 16  # then (64-byte aligned) the normalised row, when there is a norm
         self.silu_first = group.sizes[0] if group.epilogue == cpu_codegen.SILU_MUL else 0
         self.out_n = self.silu_first or self.n
+        self.trial: SiteTrial | None = None  # the in-model check of the plan (SparseInputGroup.row_call)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
                  residual: torch.Tensor | None, lead: tuple = (1,)) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -1094,7 +1174,18 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
     one_row = x.numel() == k and x.device.type == "cpu"
     if one_row and x.dtype == torch.float32 and (norm_weight is None or norm_weight.numel() == k):
         call = group.row_call()
+        trial = None if call is None else call.trial
+        if trial is not None and trial.verdict is not None:
+            call = None if trial.verdict == "dense" else call  # decided in the model: dense below
+            trial = None if trial.verdict == "sparse" else trial
+        if call is not None and trial is not None and trial.next_path(group) == "dense":
+            _note_dense(group.fmt, group.out_features, k, call.limit, "in-model trial (alternating with the sparse call)")
+            start = cpu_dispatch.timer()
+            y = _dense(x, group, biases, residual, norm_weight, eps, group.threshold, group.col_scale)
+            trial.add(group, "dense", cpu_dispatch.timer() - start, f"{group.fmt} N={group.out_features} K={k}")
+            return y
         if call is not None:
+            start = cpu_dispatch.timer() if trial is not None else 0.0
             nw = None if norm_weight is None else norm_weight if (
                 norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()) else (
                 norm_weight.to(torch.float32).contiguous())
@@ -1106,11 +1197,12 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             y, xs = call(x if x.is_contiguous() else x.contiguous(), group.bias(biases), nw, eps, res, lead)
             if y is not None:
                 dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
-                if call.silu_first:
-                    return y
-                if len(group.sizes) == 1:
-                    return y if residual is None or res is not None else residual + y
-                return tuple(y.split(group.sizes, dim=-1))
+                if not call.silu_first:
+                    y = ((y if residual is None or res is not None else residual + y) if len(group.sizes) == 1
+                         else tuple(y.split(group.sizes, dim=-1)))
+                if trial is not None:
+                    trial.add(group, "sparse", cpu_dispatch.timer() - start, f"{group.fmt} N={group.out_features} K={k}")
+                return y
             _note_dense(group.fmt, group.out_features, k, call.limit,
                         f"more than {call.limit} of {k} inputs kept (measured crossover)")
             return _dense(xs.view(x.shape), group, biases, residual)
@@ -1134,11 +1226,9 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
         _note_dense(group.fmt, group.out_features, k, limit, f"more than {limit} of {k} inputs kept (measured "
                     "crossover)")
         return _dense(xs, group, biases, residual)
-    if one_row:
-        why = (f"turned off by {cpu_codegen.ENV}=0" if os.environ.get(cpu_codegen.ENV, "1") == "0"
-               else _static_reason(group.fmt, k) or "the sparse kernel is slower at every sparsity on this "
-               f"host ({os.environ.get(DISPATCH_ENV, 'measured')}); the dense kernels threshold in their prologue")
-        _note_dense(group.fmt, group.out_features, k, -1, why)
+    if one_row:  # (a float32 row asked row_call() above, which worked the reason out once)
+        _note_dense(group.fmt, group.out_features, k, -1, group._dense_why if x.dtype == torch.float32 and (
+            norm_weight is None or norm_weight.numel() == k) else group.dense_reason())
     return _dense(x, group, biases, residual, norm_weight, eps, group.threshold, group.col_scale)
 
 

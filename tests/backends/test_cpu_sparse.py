@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowbit_compiler import ops
-from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
+from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_kernels, cpu_sparse
 from lowbit_compiler.formats import WeightFormat, dequantize, quantize
 from lowbit_compiler.ops import sparse_input_linear, sparse_input_linear_reference, wo_linear_reference
 
@@ -143,6 +143,7 @@ def measured(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, "measure")
     monkeypatch.setattr(cpu_sparse, "_dispatch_file", lambda: tmp_path / "plans.json")
     monkeypatch.setattr(cpu_sparse, "_PLANS", {})
+    monkeypatch.setattr(cpu_sparse, "_TRIALS", {})
     times = FakeClock()
 
     def fastest(calls, repeats=cpu_sparse.REPEATS, cold=None):
@@ -545,6 +546,54 @@ def test_a_group_the_sparse_kernel_never_wins_runs_one_dense_call_that_threshold
     normed = torch.nn.functional.rms_norm(x, (k,), norm_w)
     ref = residual.double() + _reference(normed, qws, thr, None, (None,), fmt, k)[0]
     assert (y2.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dense_faster", [True, False])
+def test_the_in_model_trial_confirms_or_overrules_the_plan(measured, monkeypatch, caplog, dense_faster):
+    """A plan that takes the sparse kernel is checked inside the model: the first decode rows of
+    the sites of one shape alternate the sparse call and the dense call (threshold in its
+    prologue), TRIAL_ROWS each after a site's first call of each (not samples), timed whole (a fake
+    clock here); the faster median then runs at every site of that shape (a second site of the
+    same shape follows at once), logged and written into the layer records. Both paths give the
+    float64 reference's outputs."""
+    gen = torch.Generator().manual_seed(21)
+    fmt, k = "int8", 256
+    group, qws, thr, _ = _group(fmt, [256, 256], k, gen, epilogue=cpu_codegen.SILU_MUL)
+    record = {}
+    group.records = ((record, 0.5),)
+    measured.update(dense=1e-3, sparse_all=0.8e-3, sparse_quarter=0.3e-3)
+    assert group.limit() == k  # the plan: sparse at every count
+    clock, ran = [0.0], collections.Counter()
+    monkeypatch.setattr(cpu_dispatch, "timer", lambda: clock[0])
+    row_call, dense = cpu_sparse.RowCall.__call__, cpu_sparse._dense
+
+    def sparse_call(self, *args):
+        clock[0] += 2e-3 if dense_faster else 0.5e-3
+        ran["sparse"] += 1
+        return row_call(self, *args)
+
+    def dense_call(*args, **kwargs):
+        clock[0] += 1e-3
+        ran["dense"] += 1
+        return dense(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_sparse.RowCall, "__call__", sparse_call)
+    monkeypatch.setattr(cpu_sparse, "_dense", dense_call)
+    n = cpu_sparse.TRIAL_ROWS
+    with caplog.at_level(logging.INFO, logger="lowbit_compiler"):
+        for i in range(2 * n + 2 + 3):
+            x = torch.randn(1, 1, k, generator=gen)
+            y = cpu_sparse.sparse_input_group_linear(x, group, (None, None))
+            gate, up = (_reference(x, [q], thr, None, (None,), fmt, k)[0] for q in qws)
+            ref = torch.nn.functional.silu(gate) * up
+            assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    winner = "dense" if dense_faster else "sparse"
+    assert ran == {winner: n + 1 + 3, ("sparse" if dense_faster else "dense"): n + 1}
+    assert f"-> the {winner} kernel" in caplog.text and record["sparse_kernel"].endswith(f"-> the {winner} kernel")
+    again, *_ = _group(fmt, [256, 256], k, gen, epilogue=cpu_codegen.SILU_MUL)  # another site of this shape
+    ran.clear()
+    cpu_sparse.sparse_input_group_linear(torch.randn(1, 1, k, generator=gen), again, (None, None))
+    assert ran == {winner: 1}
 
 
 @pytest.mark.parametrize("sizes", [[128, 128], [128]])
