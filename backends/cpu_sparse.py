@@ -64,7 +64,7 @@ import os
 
 import torch
 
-from lowbit_compiler.backends import cpu_codegen, cpu_dispatch
+from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_kernels
 from lowbit_compiler.formats import WeightFormat, _unpack
 from lowbit_compiler.identity_cache import IdentityCache
 
@@ -928,8 +928,6 @@ class SparseInputGroup(torch.nn.Module):
                  members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], fmt: str, in_features: int,
                  compute_dtype: torch.dtype, epilogue: int = 0, records: tuple = ()):
         super().__init__()
-        from lowbit_compiler.backends import cpu_kernels
-
         self.records = tuple(records)
         self.fmt, self.in_features, self.epilogue, self.compute_dtype = fmt, in_features, epilogue, compute_dtype
         self.threshold_source, self.col_scale_source = threshold, col_scale  # the graph's constants (grouping key)
@@ -971,8 +969,6 @@ class SparseInputGroup(torch.nn.Module):
         """The most kept inputs a decode row may have to take the sparse kernel (-1: never),
         per environment (``LOWBIT_SPARSE_DISPATCH``) and thread count: measured on this group's own
         calls (:meth:`measure`)."""
-        from lowbit_compiler.backends import cpu_dispatch
-
         key = (cpu_dispatch.env_key(), torch.get_num_threads())
         got = self._limit.get(key)
         if got is None:
@@ -1008,8 +1004,6 @@ class SparseInputGroup(torch.nn.Module):
     def trial(self) -> SiteTrial | None:
         """This site's in-model trial (:class:`SiteTrial`), shared by the sites of its shape; None
         when the dispatch is not measured."""
-        from lowbit_compiler.backends import cpu_dispatch
-
         if _mode() != "measure":
             return None
         key = (self.fmt, tuple(self.sizes), self.in_features, self.epilogue, str(self.compute_dtype),
@@ -1024,8 +1018,6 @@ class SparseInputGroup(torch.nn.Module):
         """The decode row's call (:class:`RowCall`) for this environment and thread count: the
         sparse kernel up to :meth:`limit` kept inputs; None when the kernel cannot run here or
         never pays (``limit() < 0``: the dense kernels threshold in their prologue)."""
-        from lowbit_compiler.backends import cpu_dispatch
-
         key = (cpu_dispatch.env_key(), torch.get_num_threads())
         call = self._rows.get(key, False)
         if call is not None and call is not False and call.versions != self._versions():
@@ -1167,9 +1159,6 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
     the dense kernels run with the norm and the threshold in their prologue (one generated call
     for decode rows: the dense recipe's cost). Returns the tensor (one member; ``silu(gate) *
     up``) or a tuple of the members' outputs."""
-    from lowbit_compiler import ops
-    from lowbit_compiler.backends import cpu_kernels
-
     k = group.in_features
     one_row = x.numel() == k and x.device.type == "cpu"
     if one_row and x.dtype == torch.float32 and (norm_weight is None or norm_weight.numel() == k):
@@ -1208,6 +1197,8 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             return _dense(xs.view(x.shape), group, biases, residual)
     if one_row and x.dtype != torch.float32 and group.limit() >= 0 and group.row_call() is not None:
         # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
+        from lowbit_compiler import ops
+
         limit = group.limit()
         if norm_weight is not None:
             x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
@@ -1237,8 +1228,6 @@ def _dense(x: torch.Tensor, group: SparseInputGroup, biases: tuple, residual: to
            threshold: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
     """The group's members by the dense kernels (one fused call for several), with the norm and
     the threshold in their prologue when given."""
-    from lowbit_compiler.backends import cpu_kernels
-
     if group.fused is None:
         return cpu_kernels.packed_linear(x, group.dense[0], biases[0], group.compute_dtype, norm_weight, eps,
                                          residual, threshold, col_scale)
