@@ -601,7 +601,7 @@ static inline __attribute__((always_inline)) void {name}_channel(
         if (M <= {name}_S8_ROWS) {{  /* the layout {name}_prepare8 wrote */
             const float* dg = scratch + (3 * M * K) / 4;
 #if {name}_S8_WIDE
-            if (M == 1) {{
+            if (M == 1) {{  /* the one-row layout: the drivers' pairs take tile8c themselves; a lone channel too */
                 {name}_tile8c(&row, &sc, &zp, (const int8_t*)scratch, dg, dg + groups, out, K, groups, 1);
                 return;
             }}
@@ -672,7 +672,7 @@ static inline __attribute__((always_inline)) void {name}_pair(
     const void* c1, const uint16_t* s1, const uint8_t* z1, int64_t n1,
     const float* x, const float* scratch, int64_t M, int64_t K, float* a, float* b)
 {{
-    if (M != 1 || M > {name}_S8_ROWS) {{
+    if (M != 1) {{
         {name}_channel(c0, s0, z0, x, scratch, n0, M, K, a);
         {name}_channel(c1, s1, z1, x, scratch, n1, M, K, b);
         return;

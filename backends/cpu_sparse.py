@@ -45,7 +45,8 @@ kept, a straight line in between) and the crossover is cached on disk
 flags). A call keeping more inputs than that gets -1 from the kernel right after the compaction
 and runs the dense kernel on the thresholded input (counted in :data:`dispatch_counter`, logged
 once per shape); the compress/compile summary's layer record says which kernel the layer's target
-sparsity gets and why (``fuse_sparse_input``). ``LOWBIT_SPARSE_DISPATCH=sparse`` (always the
+sparsity gets and why, written by the layer's site when it decides (``SparseInputGroup.limit``, then its
+in-model trial: :class:`SiteTrial`). ``LOWBIT_SPARSE_DISPATCH=sparse`` (always the
 sparse kernel) / ``dense`` (never) override the measurement.
 
 One row only (decode); more rows return None and the caller runs the dense kernels on the
@@ -61,6 +62,7 @@ import functools
 import math
 import logging
 import os
+import weakref
 
 import torch
 
@@ -646,42 +648,47 @@ class SiteTrial:
     environment, threads: the layers of a model share it) alternate the sparse call and the dense
     call (the threshold in its prologue), each timed whole; after :data:`TRIAL_ROWS` of each, the
     faster median decides for every site of that shape for the rest of the process (logged, and
-    written into the sites' layer records). A site's first call of each path is not a sample (the
-    dense kernels bind and choose at their first call). Not with ``LOWBIT_SPARSE_DISPATCH=sparse|dense``."""
+    written into the sites' layer records, also of sites that join later). A site's first call of
+    each path is not a sample (the dense kernels bind and choose at their first call). A dense
+    verdict drops the sites' row calls and K-major copies. Not with
+    ``LOWBIT_SPARSE_DISPATCH=sparse|dense``."""
 
     def __init__(self):
         self.times: dict[str, list[float]] = {"sparse": [], "dense": []}
         self.verdict: str | None = None
-        self.records: list[tuple[dict, float]] = []
-        self.members: set[int] = set()  # the groups whose records are in self.records
-        self.warm: set[tuple[int, str]] = set()  # (group, path) that ran once
+        self.text = ""  # the verdict in words (layer records)
+        self.groups: weakref.WeakSet = weakref.WeakSet()  # the sites that joined
+        self.warm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # site -> the paths it ran once
 
     def join(self, group: "SparseInputGroup") -> None:
-        if id(group) not in self.members:
-            self.members.add(id(group))
-            self.records.extend(group.records)
+        if group not in self.groups:
+            self.groups.add(group)
+            if self.verdict is not None:
+                group.note_trial(self)
 
     def next_path(self, group: "SparseInputGroup") -> str:
-        if (id(group), "sparse") not in self.warm:
+        ran = self.warm.get(group, ())
+        if "sparse" not in ran:
             return "sparse"
-        if (id(group), "dense") not in self.warm:
+        if "dense" not in ran:
             return "dense"
         return "dense" if len(self.times["dense"]) < len(self.times["sparse"]) else "sparse"
 
     def add(self, group: "SparseInputGroup", path: str, seconds: float, what: str) -> None:
-        if (id(group), path) not in self.warm:
-            self.warm.add((id(group), path))
+        ran = self.warm.setdefault(group, set())
+        if path not in ran:
+            ran.add(path)
             return
         self.times[path].append(seconds)
         if min(len(v) for v in self.times.values()) < TRIAL_ROWS:
             return
         sparse, dense = (sorted(self.times[p])[TRIAL_ROWS // 2] for p in ("sparse", "dense"))
         self.verdict = "sparse" if sparse <= dense else "dense"
-        text = (f"in-model trial ({TRIAL_ROWS} decode rows each over the sites of this shape): sparse call "
-                f"{sparse * 1e3:.3f} ms, dense call {dense * 1e3:.3f} ms (medians) -> the {self.verdict} kernel")
-        log.info("lowbit: activation-sparse %s: %s", what, text)
-        for record, _ in self.records:
-            record["sparse_kernel"] = f"{record.get('sparse_kernel', '')}; {text}"
+        self.text = (f"in-model trial ({TRIAL_ROWS} decode rows each over the sites of this shape): sparse call "
+                     f"{sparse * 1e3:.3f} ms, dense call {dense * 1e3:.3f} ms (medians) -> the {self.verdict} kernel")
+        log.info("lowbit: activation-sparse %s: %s", what, self.text)
+        for g in list(self.groups):
+            g.note_trial(self)
 
 
 _TRIALS: dict[tuple, SiteTrial] = {}
@@ -1014,6 +1021,16 @@ class SparseInputGroup(torch.nn.Module):
         trial.join(self)
         return trial
 
+    def note_trial(self, trial: SiteTrial) -> None:
+        """The in-model trial decided (:class:`SiteTrial`): its verdict into the layer records; a
+        dense one drops this site's row calls and K-major copy (never read again)."""
+        for record, _ in self.records:
+            record["sparse_kernel"] = f"{record.get('sparse_kernel', '')}; {trial.text}"
+        if trial.verdict == "dense":
+            self._rows, self._kmajor = {}, None
+            if len(self.quantized) == 1:
+                KMAJOR_CACHE.drop(self.quantized[0][0], ("kmajor_cpu", self.fmt))
+
     def row_call(self) -> "RowCall | None":
         """The decode row's call (:class:`RowCall`) for this environment and thread count: the
         sparse kernel up to :meth:`limit` kept inputs; None when the kernel cannot run here or
@@ -1024,21 +1041,27 @@ class SparseInputGroup(torch.nn.Module):
             call = False  # a member was edited in place: its K-major copy is rebuilt
         if call is False:
             why = _static_reason(self.fmt, self.in_features) if os.environ.get(cpu_codegen.ENV, "1") != "0" else "off"
-            call = None if why is not None or self.limit() < 0 else RowCall(self, self.limit(), key[1])
+            trial = None if why is not None or self.limit() < 0 else self.trial()
+            call = None if why is not None or self.limit() < 0 or (trial is not None and trial.verdict == "dense") \
+                else RowCall(self, self.limit(), key[1])
             if call is not None:
-                call.trial = self.trial()
+                call.trial = trial
             self._rows = {key: call}  # calls for other environments (and the copies they hold) dropped
-            self._dense_why = self.dense_reason()
+            self._dense_why = self.dense_reason(trial)
+            if why is not None:
+                for record, _ in self.records:
+                    record["sparse_kernel"] = f"dense kernels: {self._dense_why}"
         return call
 
-    def dense_reason(self) -> str:
+    def dense_reason(self, trial: SiteTrial | None = None, dtype: torch.dtype = torch.float32) -> str:
         """Why a decode row of this group runs the dense kernels (the log line and the counter)."""
         if os.environ.get(cpu_codegen.ENV, "1") == "0":
             why = f"turned off by {cpu_codegen.ENV}=0"
-        else:
-            why = _static_reason(self.fmt, self.in_features) or (
-                "the in-model trial found the dense call faster" if self.limit() >= 0 else
-                f"the sparse kernel is slower at every sparsity on this host ({os.environ.get(DISPATCH_ENV, 'measured')})")
+        elif (why := _static_reason(self.fmt, self.in_features)) is None:
+            why = ("the in-model trial found the dense call faster" if trial is not None and trial.verdict == "dense"
+                   else f"the sparse kernel is slower at every sparsity on this host "
+                   f"({os.environ.get(DISPATCH_ENV, 'measured')})" if self.limit() < 0
+                   else f"a {str(dtype).split('.')[-1]} row the kernel does not take here")
         return why + "; the dense kernels threshold in their prologue"
 
     def _versions(self) -> tuple:
@@ -1162,11 +1185,8 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
     k = group.in_features
     one_row = x.numel() == k and x.device.type == "cpu"
     if one_row and x.dtype == torch.float32 and (norm_weight is None or norm_weight.numel() == k):
-        call = group.row_call()
-        trial = None if call is None else call.trial
-        if trial is not None and trial.verdict is not None:
-            call = None if trial.verdict == "dense" else call  # decided in the model: dense below
-            trial = None if trial.verdict == "sparse" else trial
+        call = group.row_call()  # (None once the in-model trial found the dense call faster)
+        trial = None if call is None or call.trial is None or call.trial.verdict is not None else call.trial
         if call is not None and trial is not None and trial.next_path(group) == "dense":
             _note_dense(group.fmt, group.out_features, k, call.limit, "in-model trial (alternating with the sparse call)")
             start = cpu_dispatch.timer()
@@ -1197,12 +1217,8 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             return _dense(xs.view(x.shape), group, biases, residual)
     if one_row and x.dtype != torch.float32 and group.limit() >= 0 and group.row_call() is not None:
         # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
-        from lowbit_compiler import ops
-
         limit = group.limit()
-        if norm_weight is not None:
-            x = torch.nn.functional.rms_norm(x, (k,), norm_weight, eps)
-        xs = ops.act_sparsify_reference(x, group.threshold, group.col_scale)
+        xs = cpu_kernels._prologue(x, norm_weight, eps, group.threshold, group.col_scale)
         y = run(xs.reshape(k).to(torch.float32), group.kmajor(), group.bias(biases), group.fmt, limit,
                 lead=tuple(x.shape[:-1]))
         if y is not None:
@@ -1219,7 +1235,7 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
         return _dense(xs, group, biases, residual)
     if one_row:  # (a float32 row asked row_call() above, which worked the reason out once)
         _note_dense(group.fmt, group.out_features, k, -1, group._dense_why if x.dtype == torch.float32 and (
-            norm_weight is None or norm_weight.numel() == k) else group.dense_reason())
+            norm_weight is None or norm_weight.numel() == k) else group.dense_reason(None, x.dtype))
     return _dense(x, group, biases, residual, norm_weight, eps, group.threshold, group.col_scale)
 
 
@@ -1227,7 +1243,14 @@ def _dense(x: torch.Tensor, group: SparseInputGroup, biases: tuple, residual: to
            norm_weight: torch.Tensor | None = None, eps: float | None = None,
            threshold: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
     """The group's members by the dense kernels (one fused call for several), with the norm and
-    the threshold in their prologue when given."""
+    the threshold in their prologue when given (float32 rows: in the generated kernel's; bf16 /
+    fp16 rows in torch, since the op compares in x's dtype). A norm without ``eps`` uses
+    ``rms_norm``'s default."""
+    if norm_weight is not None and eps is None:
+        eps = torch.finfo(x.dtype).eps
+    if x.dtype != torch.float32 and (norm_weight is not None or threshold is not None):
+        x = cpu_kernels._prologue(x, norm_weight, eps, threshold, col_scale)
+        norm_weight = threshold = col_scale = None
     if group.fused is None:
         return cpu_kernels.packed_linear(x, group.dense[0], biases[0], group.compute_dtype, norm_weight, eps,
                                          residual, threshold, col_scale)

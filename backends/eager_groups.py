@@ -107,7 +107,8 @@ class EagerSparseGroup(EagerGroup):
             group = self._fused[dtype] = cpu_sparse.SparseInputGroup(
                 first.input_threshold, first.input_col_scale, [(m.qweight, m.scale, m.zero) for m in self.members],
                 first.fmt, first.in_features, dtype, records=self.records)
-        return cpu_sparse.sparse_input_group_linear(x, group, tuple(m.bias for m in self.members))
+        y = cpu_sparse.sparse_input_group_linear(x, group, tuple(m.bias for m in self.members))
+        return (y,) if len(self.members) == 1 else y  # one member: the tensor itself (not a tuple)
 
 
 def link_sparse(groups: list[list[torch.nn.Module]], records: dict[int, tuple] | None = None) -> int:

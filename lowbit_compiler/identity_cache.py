@@ -44,6 +44,12 @@ class IdentityCache:
 
         self._entries[full_key] = (weakref.ref(owner, forget), owner._version, value)
 
+    def drop(self, owner: torch.Tensor, key: Hashable) -> None:
+        """Forget what is stored for ``owner`` under ``key`` (nothing when there is none)."""
+        entry = self._entries.get((id(owner), key))
+        if entry is not None and entry[0]() is owner:
+            del self._entries[(id(owner), key)]
+
     def holds(self, owner: torch.Tensor) -> bool:
         """Whether any live entry (owner alive, not edited in place since) belongs to ``owner``."""
         return any(key[0] == id(owner) and entry[0]() is owner and entry[1] == owner._version

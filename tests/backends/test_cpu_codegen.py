@@ -462,7 +462,7 @@ def test_split8_path_matches_the_float_reference(fmt, k):
 @pytest.mark.parametrize("fmt", ["int4_g128_asym", "int4_g256_sym"])
 def test_one_row_channel_pairs_equal_single_channels(fmt):
     """One row (decode) on AVX-512 VNNI with groups of 128+: output channels run in pairs (one pass
-    over x for two channels' codes), an odd N's last channel alone. A channel's output is the same
+    over x for two channels' codes), an odd N's last channel paired with itself. A channel's output is the same
     bit for bit whichever partner it had (the weight shifted by one row pairs every channel
     differently) and meets float64 (>= 110 dB). Hosts without the path run single channels: the
     same holds."""

@@ -460,6 +460,8 @@ def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
         assert group.calls == 1 and mlp.gate_proj._eager_group.calls == 1 and attn.o_proj._eager_group.calls == 1
         assert cpu_sparse.dispatch_counter[("int8", "sparse")] - before == 14  # every linear of both layers
         assert (grouped - alone).abs().max() <= 1e-4 * alone.abs().max()
+        hidden = attn.o_proj.in_features
+        assert attn.o_proj(torch.randn(1, 1, hidden)).shape == (1, 1, attn.o_proj.out_features)  # a site of one
 
 
 def test_a_sparse_group_thresholds_bf16_rows_as_the_op_does(monkeypatch):
@@ -541,6 +543,12 @@ def test_a_group_the_sparse_kernel_never_wins_runs_one_dense_call_that_threshold
     normed = torch.nn.functional.rms_norm(x, (k,), norm_w, 1e-6)
     ref = residual.double() + _reference(normed, qws, thr, None, (None,), fmt, k)[0]
     assert y.shape == ref.shape and (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # a bf16 row: thresholded in bf16, as the op compares (in torch), then the same dense kernels
+    xb = x.to(torch.bfloat16)
+    yb = cpu_sparse.sparse_input_group_linear(xb, group, (None,), norm_weight=norm_w, eps=1e-6)
+    normed_b = torch.nn.functional.rms_norm(xb, (k,), norm_w, 1e-6)
+    kept = torch.where(normed_b.abs() >= thr.to(torch.bfloat16), normed_b, torch.zeros((), dtype=torch.bfloat16))
+    assert torch.equal(yb, cpu_kernels.packed_linear(kept, group.dense[0], None, group.compute_dtype))
     # the same row with norm_weight but no eps: rms_norm's default eps (float32's machine epsilon)
     y2 = cpu_sparse.sparse_input_group_linear(x, group, (None,), norm_weight=norm_w, residual=residual)
     normed = torch.nn.functional.rms_norm(x, (k,), norm_w)
@@ -590,10 +598,13 @@ def test_the_in_model_trial_confirms_or_overrules_the_plan(measured, monkeypatch
     winner = "dense" if dense_faster else "sparse"
     assert ran == {winner: n + 1 + 3, ("sparse" if dense_faster else "dense"): n + 1}
     assert f"-> the {winner} kernel" in caplog.text and record["sparse_kernel"].endswith(f"-> the {winner} kernel")
+    assert (group._kmajor is None and group.row_call() is None) == dense_faster  # a dense verdict drops the copy
     again, *_ = _group(fmt, [256, 256], k, gen, epilogue=cpu_codegen.SILU_MUL)  # another site of this shape
+    late = {"sparse_kernel": "measured plan"}
+    again.records = ((late, 0.5),)
     ran.clear()
     cpu_sparse.sparse_input_group_linear(torch.randn(1, 1, k, generator=gen), again, (None, None))
-    assert ran == {winner: 1}
+    assert ran == {winner: 1} and late["sparse_kernel"].endswith(f"-> the {winner} kernel")  # joined late
 
 
 @pytest.mark.parametrize("sizes", [[128, 128], [128]])
