@@ -1779,13 +1779,13 @@ class Bound:
         fn(x.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
            y.data_ptr(), base, rows, self.n, self.k, torch.get_num_threads(),
            None if nw is None else nw.data_ptr(), float(eps or 0.0), None if res is None else res.data_ptr(),
-           base + 4 * head, *_threshold_args(thr, cs))
+           base + 4 * head, *threshold_args(thr, cs))
         return y
 
 
-def _threshold_args(thr: torch.Tensor | None, cs: torch.Tensor | None) -> tuple:
-    """The ``_ext`` entries' threshold arguments: pointer, stride (0: one threshold for every
-    input), column scales (or NULL)."""
+def threshold_args(thr: torch.Tensor | None, cs: torch.Tensor | None) -> tuple:
+    """The threshold arguments of the C kernels (the ``_ext`` entries here, ``cpu_sparse``'s
+    kernel): pointer, stride (0: one threshold for every input), column scales (or NULL)."""
     if thr is None:
         return None, 0, None
     return thr.data_ptr(), 0 if thr.numel() == 1 else 1, None if cs is None else cs.data_ptr()
@@ -1854,7 +1854,7 @@ class BoundGroup:
         calls[self.name + "_ext"] += 1
         fn(x.data_ptr(), self.codes, self.scales, self.zeros, self._bias_ptrs(biases), y.data_ptr(), base,
            rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads(),
-           None if nw is None else nw.data_ptr(), float(eps or 0.0), base + 4 * head, *_threshold_args(thr, cs))
+           None if nw is None else nw.data_ptr(), float(eps or 0.0), base + 4 * head, *threshold_args(thr, cs))
         return y
 
 

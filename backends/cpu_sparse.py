@@ -620,10 +620,7 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
     # every tensor whose pointer the kernel gets is held by a local until the call returns
     got = _build(fmt, isa)(x32.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr,
                            None if bias is None else bias.data_ptr(), y.data_ptr(), scratch.data_ptr(), n, np_, k,
-                           max_nnz, ksplit, threads,
-                           None if threshold is None else threshold.data_ptr(),
-                           0 if threshold is None or threshold.numel() == 1 else 1,
-                           None if col_scale is None else col_scale.data_ptr(),
+                           max_nnz, ksplit, threads, *cpu_codegen.threshold_args(threshold, col_scale),
                            None if xs_out is None else xs_out.data_ptr(), silu_first,
                            None if residual is None else residual.data_ptr(),
                            None if norm_weight is None else norm_weight.data_ptr(), float(eps),
@@ -1138,8 +1135,7 @@ class RowCall:
         if threshold is None:  # the group's (a measurement passes its own)
             threshold, col_scale = group.threshold, group.col_scale
         self.held = (threshold, col_scale)  # the pointers' tensors
-        self.thr, self.thr_stride = threshold.data_ptr(), 0 if threshold.numel() == 1 else 1
-        self.cs = None if col_scale is None else col_scale.data_ptr()
+        self.thr, self.thr_stride, self.cs = cpu_codegen.threshold_args(threshold, col_scale)
         assert limit >= 0
         w = self.w = w or group.kmajor()
         self.codes, self.scale, self.zero = w.codes.data_ptr(), w.scale.data_ptr(), w.zero_ptr
