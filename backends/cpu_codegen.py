@@ -157,6 +157,21 @@ static inline int32_t hsum256_epi32(__m256i v) {
 #endif
 """
 
+# RMSNorm of one row, the formula every generated kernel with a norm prologue uses (the dense `_ext`
+# entries here, the activation-sparse kernel of `cpu_sparse`): o = (x * (1 / sqrt(mean(x^2) + eps)))
+# * w, the sum of squares in double
+RMS_NORM_ROW = r"""
+static inline void lowbit_rms_norm_row(const float* x, const float* w, float eps, float* o, int64_t K) {
+    double ss = 0.0;
+    for (int64_t k = 0; k < K; k++)
+        ss += (double)x[k] * (double)x[k];
+    const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
+    for (int64_t k = 0; k < K; k++)
+        o[k] = (x[k] * r) * w[k];
+}
+"""
+_PRELUDE += RMS_NORM_ROW
+
 # int4 group-wise: codes uint8 [N, K/2] (code k at bits [4k, 4k + 4) of the row: low nibble = even
 # k), scale bf16 [N, K/G], zero uint8 [N, K/G] (asymmetric) or none (symmetric: codes centred on 8).
 # x is split once per call into its even and odd columns, so that 8 bytes of codes widen to 8 int32
@@ -724,12 +739,7 @@ static const float* {name}_prologue(const float* x, const float* normw, float ep
         const float* xr = x + m * K;
         float* o = xbuf + m * K;
         if (normw) {{
-            double ss = 0.0;
-            for (int64_t k = 0; k < K; k++)
-                ss += (double)xr[k] * (double)xr[k];
-            const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
-            for (int64_t k = 0; k < K; k++)
-                o[k] = (xr[k] * r) * normw[k];
+            lowbit_rms_norm_row(xr, normw, eps, o, K);
             xr = o;
         }}
         if (thr)  /* lowbit::act_sparsify: kept when |x| (* cs, WINA) >= the threshold (a NaN score is not) */

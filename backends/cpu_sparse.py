@@ -101,6 +101,7 @@ _SOURCE = r"""
 #define STREAM_TILES {stream_tiles}  /* int4 tasks at least this many tiles wide read row by row */
 #define STREAM_PF 4       /* kept rows ahead that the row-by-row path prefetches */
 
+{rms_norm_row}
 static inline float sp_bf16(uint16_t h) {{ uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }}
 
 /* Compact the kept inputs: idx[p], xv[p] for p < nnz, in order; gstart[g] = first p of group g
@@ -301,12 +302,7 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
 {{
     const int64_t G = GROUP ? GROUP : K, groups = K / G, row = Np * BITS / 8;
     if (nw) {{
-        double ss = 0.0;
-        for (int64_t k = 0; k < K; k++)
-            ss += (double)x[k] * (double)x[k];
-        const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
-        for (int64_t k = 0; k < K; k++)
-            xbuf[k] = (x[k] * r) * nw[k];
+        lowbit_rms_norm_row(x, nw, eps, xbuf, K);
         x = xbuf;
     }}
     int32_t* idx = (int32_t*)scratch;
@@ -434,7 +430,8 @@ def source(fmt: str) -> str:
     fields = dict(code_t="int8_t", group=0, bits=8, has_zero=0) if f.bits == 8 else dict(
         code_t="uint8_t", group=f.group_size, bits=4, has_zero=int(f.has_zero_points))
     return (f"/* lowbit generated CPU kernel: activation-sparse decode GEMV, {fmt} weights, K-major */\n"
-            + _SOURCE.format(name=kernel_name(fmt), tw=TW, chunk=CHUNK[f.bits], pfd=PFD, stream_tiles=STREAM_TILES, **fields))
+            + _SOURCE.format(name=kernel_name(fmt), tw=TW, chunk=CHUNK[f.bits], pfd=PFD, stream_tiles=STREAM_TILES,
+                             rms_norm_row=cpu_codegen.RMS_NORM_ROW, **fields))
 
 
 def kernel(fmt: str, isa: str = "native"):
