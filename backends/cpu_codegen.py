@@ -1788,9 +1788,14 @@ class Bound:
         calls[self.name + "_ext"] += 1
         fn(x.data_ptr(), self.codes, self.scales, self.zeros, None if bias is None else bias.data_ptr(),
            y.data_ptr(), base, rows, self.n, self.k, torch.get_num_threads(),
-           None if nw is None else nw.data_ptr(), float(eps or 0.0), None if res is None else res.data_ptr(),
+           None if nw is None else nw.data_ptr(), norm_eps(eps), None if res is None else res.data_ptr(),
            base + 4 * head, *threshold_args(thr, cs))
         return y
+
+
+def norm_eps(eps: float | None) -> float:
+    """The norm prologue's epsilon: ``rms_norm``'s default (float32's machine epsilon) when None."""
+    return torch.finfo(torch.float32).eps if eps is None else float(eps)
 
 
 def threshold_args(thr: torch.Tensor | None, cs: torch.Tensor | None) -> tuple:
@@ -1864,7 +1869,7 @@ class BoundGroup:
         calls[self.name + "_ext"] += 1
         fn(x.data_ptr(), self.codes, self.scales, self.zeros, self._bias_ptrs(biases), y.data_ptr(), base,
            rows, self.ns, self.nw, self.k, self.epilogue, torch.get_num_threads(),
-           None if nw is None else nw.data_ptr(), float(eps or 0.0), base + 4 * head, *threshold_args(thr, cs))
+           None if nw is None else nw.data_ptr(), norm_eps(eps), base + 4 * head, *threshold_args(thr, cs))
         return y
 
 

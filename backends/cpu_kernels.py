@@ -222,7 +222,10 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     folded in by ``lowering._fuse_cpu_prologues``); with ``threshold`` (and ``col_scale``) the input
     is ``lowbit::act_sparsify``'d after the norm (an activation-sparse layer whose sparse kernel
     does not pay: ``cpu_sparse``). The generated kernel's ``_ext`` entry does all of it in the call;
-    every other kernel runs them in torch around it (what the graph did before)."""
+    every other kernel runs them in torch around it (what the graph did before); a threshold on a
+    row that is not float32 too (the op compares in x's dtype, the kernel in float32)."""
+    if threshold is not None and x.dtype != torch.float32:
+        x, norm_weight, threshold, col_scale = _prologue(x, norm_weight, eps, threshold, col_scale), None, None, None
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < rows <= cpu_codegen.MAX_ROWS:  # decode: the bound kernel, decided once per (rows, environment)
         env = cpu_dispatch.env_key()
@@ -352,7 +355,10 @@ def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dt
     tensor (SiLU * mul) or a tuple of outputs (side by side). With ``norm_weight`` the group reads
     ``rms_norm(x, (K,), norm_weight, eps)``, with ``threshold`` (and ``col_scale``) that
     ``lowbit::act_sparsify``'d: done once inside the generated call (its ``_ext`` entry), or by
-    torch before the members run one by one."""
+    torch before the members run one by one (and for a row that is not float32, as in
+    :func:`packed_linear`)."""
+    if threshold is not None and x.dtype != torch.float32:
+        x, norm_weight, threshold, col_scale = _prologue(x, norm_weight, eps, threshold, col_scale), None, None, None
     lead = x.shape[:-1]
     silu_mul = fused.epilogue == cpu_codegen.SILU_MUL
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

@@ -1195,7 +1195,7 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             res = residual if (residual is not None and call.silu_first == 0 and len(group.sizes) == 1
                                and residual.dtype == torch.float32 and residual.is_contiguous()
                                and residual.shape == lead + (group.out_features,)) else None
-            eps = 0.0 if nw is None else torch.finfo(torch.float32).eps if eps is None else float(eps)  # rms_norm's
+            eps = 0.0 if nw is None else cpu_codegen.norm_eps(eps)
             y, xs = call(x if x.is_contiguous() else x.contiguous(), group.bias(biases), nw, eps, res, lead)
             if y is not None:
                 dispatch_counter[(group.fmt, "sparse")] += len(group.sizes)
@@ -1236,14 +1236,7 @@ def _dense(x: torch.Tensor, group: SparseInputGroup, biases: tuple, residual: to
            norm_weight: torch.Tensor | None = None, eps: float | None = None,
            threshold: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
     """The group's members by the dense kernels (one fused call for several), with the norm and
-    the threshold in their prologue when given (float32 rows: in the generated kernel's; bf16 /
-    fp16 rows in torch, since the op compares in x's dtype). A norm without ``eps`` uses
-    ``rms_norm``'s default."""
-    if norm_weight is not None and eps is None:
-        eps = torch.finfo(x.dtype).eps
-    if x.dtype != torch.float32 and (norm_weight is not None or threshold is not None):
-        x = cpu_kernels._prologue(x, norm_weight, eps, threshold, col_scale)
-        norm_weight = threshold = col_scale = None
+    the threshold in their prologue when given."""
     if group.fused is None:
         return cpu_kernels.packed_linear(x, group.dense[0], biases[0], group.compute_dtype, norm_weight, eps,
                                          residual, threshold, col_scale)
