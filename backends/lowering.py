@@ -130,6 +130,8 @@ def lower(gm: fx.GraphModule, ctx: PassContext, target: str = "auto",
         _fuse_cpu_prologues(gm, kernels)
         if rope := _fuse_cpu_rope(gm):
             fusions["rope"] = rope
+        if attention := _fuse_cpu_decode_attention(gm):
+            fusions["decode_attention"] = attention
     ir.eliminate_dead_code(gm)
     gm.recompile()
     if inner == "inductor":
@@ -670,6 +672,100 @@ def _fuse_cpu_rope(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(fused)
         for dead in matched:  # users first: each is erased after the one that read it
             gm.graph.erase_node(dead)
+        replaced += 1
+    return replaced
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _fuse_cpu_decode_attention(gm: fx.GraphModule) -> int:
+    """A decode step's attention, ``SDPA(q, cat([cache_k, k], -2), cat([cache_v, v], -2))`` with a
+    one-token float32 query, no mask, no dropout, not causal (RoPE's ``cpu_rope.rope`` calls on q
+    and k folded in when they share cos/sin and feed nothing else), as one ``cpu_attention.
+    decode_step`` call returning the new keys, values and the output (five calls fewer per layer:
+    see ``cpu_attention``). The cats' results keep their other users (the cache object's new
+    tensors). Everything the kernel needs but the strides is checked here on the example values
+    (dtype, rank, sizes, one query token, no autograd), which Dynamo's guards hold the graph's
+    inputs to, so the call runs ``checked=True``. Returns how many were replaced."""
+    from lowbit_compiler.backends import cpu_attention, cpu_rope
+
+    sdpa_targets = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+    def call(node: Any, *targets: Any) -> bool:
+        return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+    def cache_cat(node: Any) -> tuple[fx.Node, fx.Node] | None:
+        """(cache, new) for ``torch.cat([cache, new], dim=-2 or 2)``."""
+        if not call(node, torch.cat) or set(node.kwargs) - {"dim"}:
+            return None
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        parts = node.args[0]
+        if dim not in (-2, 2) or not isinstance(parts, (list, tuple)) or len(parts) != 2:
+            return None
+        return parts[0], parts[1]
+
+    def float_4d(node: Any) -> torch.Tensor | None:
+        v = _dynamo_adapter.example_value(node) if isinstance(node, fx.Node) else None
+        ok = v is not None and v.dim() == 4 and v.dtype == torch.float32 and v.device.type == "cpu" \
+            and not v.requires_grad
+        return v if ok else None
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if not call(node, *sdpa_targets) or len(node.args) > len(_SDPA_PARAMS) \
+                or set(node.kwargs) - set(_SDPA_PARAMS[len(node.args):]):
+            continue
+        a = dict(zip(_SDPA_PARAMS, (None, None, None, None, 0.0, False, None, False)))
+        a.update(zip(_SDPA_PARAMS, node.args))
+        a.update(node.kwargs)
+        if a["attn_mask"] is not None or a["dropout_p"] != 0.0 or a["is_causal"] is not False \
+                or not isinstance(a["scale"], (float, int, type(None))) or not isinstance(a["enable_gqa"], bool):
+            continue
+        kcat, vcat = a["key"], a["value"]
+        kparts, vparts = cache_cat(kcat), cache_cat(vcat)
+        if kparts is None or vparts is None or kcat is vcat:
+            continue
+        (cache_k, k), (cache_v, v), q = kparts, vparts, a["query"]
+        cos = sin = None
+        if (call(q, cpu_rope.rope) and call(k, cpu_rope.rope) and list(q.args[1:]) == list(k.args[1:])
+                and len(q.users) == 1 and len(k.users) == 1 and not q.kwargs and not k.kwargs):
+            q_rope, k_rope = q, k
+            (q, cos, sin), k = q.args, k.args[0]
+        else:
+            q_rope = k_rope = None
+        vals = [float_4d(t) for t in (q, k, v, cache_k, cache_v)]
+        if any(t is None for t in vals) or (cos is not None and (float_4d(cos) is None or float_4d(sin) is None)):
+            continue
+        qv, kv, vv, ckv, cvv = vals
+        b, hq, s, d = qv.shape
+        hkv = kv.shape[1]
+        symbolic = [x for x in (b, hq, s, d, hkv) if not isinstance(x, int)]
+        if symbolic or s != 1 or hkv == 0 or hq % hkv or (hq != hkv and not a["enable_gqa"]) \
+                or tuple(kv.shape) != (b, hkv, 1, d) or tuple(vv.shape) != (b, hkv, 1, d) \
+                or tuple(ckv.shape[:2]) != (b, hkv) or ckv.shape[3] != d or tuple(cvv.shape[:2]) != (b, hkv) \
+                or cvv.shape[3] != d:  # the two caches' lengths (symbols) are compared at run time
+            continue
+        if cos is not None:
+            cv_ = _dynamo_adapter.example_value(cos)
+            if d % 2 or cv_.shape[0] not in (1, b) or tuple(cv_.shape[1:]) != (1, 1, d) \
+                    or tuple(cv_.shape) != tuple(_dynamo_adapter.example_value(sin).shape):
+                continue
+        # the new node goes where the SDPA call was: the cats' other users must come after it
+        if any(order[u] < order[node] for c in (kcat, vcat) for u in c.users if u is not node):
+            continue
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(
+                cpu_attention.decode_step, (q, k, v, cache_k, cache_v, cos, sin, a["scale"], a["enable_gqa"]),
+                {"checked": True})
+            parts = [gm.graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
+        for old, new in zip((kcat, vcat, node), parts):
+            new.meta.update(old.meta)
+            old.replace_all_uses_with(new)
+        for dead in (node, kcat, vcat, q_rope, k_rope):
+            if dead is not None:
+                gm.graph.erase_node(dead)
         replaced += 1
     return replaced
 

@@ -117,7 +117,8 @@ def format_summary(s: dict[str, Any]) -> str:
                  if key in totals]
         out.append(f"whole graph: {totals['bytes_before']} -> {totals['bytes_after']} bytes "
                    f"({totals['bytes_before'] / totals['bytes_after']:.2f}x smaller): " + "; ".join(parts))
-    fusion_labels = {"rms_norm_rewritten": "written-out RMSNorms rewritten to rms_norm (folded into the calls)"}
+    fusion_labels = {"rms_norm_rewritten": "written-out RMSNorms rewritten to rms_norm (folded into the calls)",
+                     "decode_attention": "decode attention steps (RoPE, cache cats, SDPA) as generated calls"}
     fused = "".join(f"   {fusion_labels.get(what, what + ' expressions as generated calls')}: {n}"
                     for what, n in s.get("cpu_fusions", {}).items())
     out.append(f"kernels: {s.get('kernel_counts', {})}{fused}   fallbacks: {s.get('fallbacks', {}) or 'none'}")

@@ -1,0 +1,239 @@
+"""Generated CPU kernel for one decode step of float attention: RoPE on the new query and key, the
+KV cache's ``cat`` of the new key and value, and ``scaled_dot_product_attention`` of the one query
+token over the whole cache, in one C call.
+
+Why: at batch-1 decode the GEMVs stream the weights through the caches, so the graph's Python and
+small ops between them run cold. Per layer, Hugging Face's attention between the q/k/v call and
+o_proj is two RoPE calls, two ``torch.cat`` (``DynamicCache.update``) and one SDPA call; measured
+on the 8-layer decode model (hidden 2048, 16 query / 4 KV heads, ~40 cached tokens; kernels
+stubbed out so only the overhead is timed) they cost ~1.1 ms of a 2.3 ms step's overhead: each cat
+and SDPA call forks torch's thread pool for a few microseconds of work. ``lowering._fuse_cpu_decode_
+attention`` replaces the five calls with one :func:`decode_step`: for each (sequence, KV head) one
+task copies that head's cache rows into the new key and value tensors (what ``cat`` returns: the
+cache object keeps them), appends the rotated new key and the new value, then for each query head
+of the group rotates the query, takes the scaled dot products with every key, the softmax, and the
+weighted sum of the values.
+
+Numerics: the new keys and values are bit for bit those of ``rope`` + ``cat`` (copies, and RoPE
+compiled with ``-ffp-contract=off`` as in ``cpu_rope``); the attention output is float32 with its
+own summation order (dot products in 16 lanes, one softmax pass over the scores), compared with
+torch's SDPA and a float64 reference in the tests. Runs for float32 4-D tensors with one query
+token, no mask, no dropout, not causal (a one-token query sees every cached token), without
+autograd; anything else runs :func:`decode_step_reference`, the torch calls it replaced.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+
+import torch
+
+from lowbit_compiler.backends import cpu_codegen, cpu_rope
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* o = x * c + rotate_half(x) * sn, rounded as torch's mul, mul, add (-ffp-contract=off): cpu_rope's
+   formula. */
+static void rope_row(const float* x, const float* c, const float* sn, float* o, int64_t D)
+{
+    const int64_t h2 = D / 2;
+    for (int64_t j = 0; j < h2; j++) {
+        const float p = x[j] * c[j];
+        const float q = -x[j + h2] * sn[j];
+        o[j] = p + q;
+    }
+    for (int64_t j = h2; j < D; j++) {
+        const float p = x[j] * c[j];
+        const float q = x[j - h2] * sn[j];
+        o[j] = p + q;
+    }
+}
+
+static float dot(const float* a, const float* b, int64_t n)
+{
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void copy_rows(float* dst, const float* src, int64_t rows, int64_t row_stride, int64_t D)
+{
+    if (row_stride == D) {
+        memcpy(dst, src, (size_t)(rows * D) * sizeof(float));
+        return;
+    }
+    for (int64_t t = 0; t < rows; t++) memcpy(dst + t * D, src + t * row_stride, (size_t)D * sizeof(float));
+}
+
+/* q [B, Hq, 1, D], k and v [B, Hkv, 1, D], cache_k and cache_v [B, Hkv, T, D], all read through
+   their strides (the last dimension contiguous); cos and sin [1 or B, 1, 1, D] (NULL: no RoPE;
+   csb = cos's batch stride, 0 when broadcast). Writes keys and values [B, Hkv, T + 1, D] and out
+   [B, Hq, 1, D], contiguous. Returns 0, or 1 when a task's scratch (T + 1 + D floats; on the
+   stack up to 4096) could not be allocated (the caller raises). */
+int lowbit_attn_decode(const float* q, const float* k, const float* v, const float* cache_k,
+                        const float* cache_v, const float* cos, const float* sin, float* keys, float* values,
+                        float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
+                        int64_t qsb, int64_t qsh, int64_t ksb, int64_t ksh, int64_t vsb, int64_t vsh,
+                        int64_t cksb, int64_t cksh, int64_t ckst, int64_t cvsb, int64_t cvsh, int64_t cvst,
+                        int64_t csb, float scale, int threads)
+{
+    const int64_t g = Hq / Hkv, T1 = T + 1, tasks = B * Hkv;
+    int failed = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1 && T1 * D * (g + 2) >= 4096)
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t b = task / Hkv, h = task % Hkv;
+        float* kd = keys + task * T1 * D;
+        float* vd = values + task * T1 * D;
+        copy_rows(kd, cache_k + b * cksb + h * cksh, T, ckst, D);
+        copy_rows(vd, cache_v + b * cvsb + h * cvsh, T, cvst, D);
+        const float* c = cos ? cos + b * csb : NULL;
+        const float* sn = sin ? sin + b * csb : NULL;
+        if (c) rope_row(k + b * ksb + h * ksh, c, sn, kd + T * D, D);
+        else memcpy(kd + T * D, k + b * ksb + h * ksh, (size_t)D * sizeof(float));
+        memcpy(vd + T * D, v + b * vsb + h * vsh, (size_t)D * sizeof(float));
+        float local[4096];
+        float* scores = T1 + D <= 4096 ? local : (float*)malloc((size_t)(T1 + D) * sizeof(float));
+        if (!scores) {
+            #pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        float* qr = scores + T1;
+        for (int64_t i = 0; i < g; i++) {
+            const int64_t hq = h * g + i;
+            const float* qh = q + b * qsb + hq * qsh;
+            if (c) {
+                rope_row(qh, c, sn, qr, D);
+                qh = qr;
+            }
+            float m = -INFINITY;
+            for (int64_t t = 0; t < T1; t++) {
+                const float s = dot(qh, kd + t * D, D) * scale;
+                scores[t] = s;
+                m = s > m ? s : m;
+            }
+            float sum = 0.0f;
+            for (int64_t t = 0; t < T1; t++) {
+                const float e = expf(scores[t] - m);
+                scores[t] = e;
+                sum += e;
+            }
+            float* o = out + (b * Hq + hq) * D;
+            for (int64_t j = 0; j < D; j++) o[j] = 0.0f;
+            for (int64_t t = 0; t < T1; t++) {
+                const float p = scores[t];
+                const float* vt = vd + t * D;
+                for (int64_t j = 0; j < D; j++) o[j] += p * vt[j];
+            }
+            const float inv = 1.0f / sum;
+            for (int64_t j = 0; j < D; j++) o[j] *= inv;
+        }
+        if (scores != local) free(scores);
+    }
+    return failed;
+}
+"""
+
+_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 18 + [ctypes.c_float, ctypes.c_int]
+calls = 0  # calls that ran the C kernel (the tests count them)
+
+
+def kernel():
+    """The compiled kernel, or None (no compiler, or ``LOWBIT_CPU_CODEGEN=0``: the reference runs;
+    why logged once)."""
+    return None if cpu_codegen.kernel_disabled() else _build()
+
+
+@functools.lru_cache(maxsize=None)
+def _build():
+    fn = cpu_codegen.build("lowbit_attn_decode", _SOURCE, _ARGS,
+                           fallback="decode attention runs as torch's rope, cat and SDPA calls",
+                           what="the decode attention kernel", extra_flags=("-ffp-contract=off",))
+    if fn is not None:
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def decode_step_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                          cache_v: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                          scale: float | None, enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The calls the kernel replaces, as the graph had them: RoPE on q and k (when ``cos`` is
+    given), the cache's two cats, SDPA without mask. Returns (keys, values, attention output)."""
+    if cos is not None:
+        q, k = cpu_rope.rope(q, cos, sin), cpu_rope.rope(k, cos, sin)
+    keys, values = torch.cat([cache_k, k], dim=-2), torch.cat([cache_v, v], dim=-2)
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=enable_gqa)
+    return keys, values, out
+
+
+def _takes(q, k, v, cache_k, cache_v, cos, sin, enable_gqa) -> bool:
+    """Whether the kernel computes this call (else the reference runs)."""
+    tensors = [q, k, v, cache_k, cache_v] + ([] if cos is None else [cos, sin])
+    if any(t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu" or (t.stride(-1) != 1 and t.numel() > 0)
+           for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    if s != 1 or d == 0 or hkv == 0 or hq % hkv or (hq != hkv and not enable_gqa):
+        return False
+    if tuple(k.shape) != (b, hkv, 1, d) or tuple(v.shape) != (b, hkv, 1, d):
+        return False
+    t = cache_k.shape[2]
+    if tuple(cache_k.shape) != (b, hkv, t, d) or tuple(cache_v.shape) != (b, hkv, t, d):
+        return False
+    if cos is not None and (d % 2 or cos.shape != sin.shape or cos.stride() != sin.stride()
+                            or cos.shape[0] not in (1, b) or tuple(cos.shape[1:]) != (1, 1, d)):
+        return False
+    return True
+
+
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                cos: torch.Tensor | None, sin: torch.Tensor | None, scale: float | None,
+                enable_gqa: bool, checked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step's attention (see the module doc): ``(keys, values, out)`` where ``keys =
+    cat([cache_k, rope(k)], -2)``, ``values = cat([cache_v, v], -2)`` and ``out =
+    SDPA(rope(q), keys, values, scale=scale, enable_gqa=enable_gqa)``; ``cos=None``: no RoPE. The C
+    kernel for float32 one-token queries, :func:`decode_step_reference` otherwise.
+
+    ``checked=True``: the caller has established everything but the strides and the caches'
+    lengths (the lowering does, on the graph's example values, which Dynamo's guards hold the
+    inputs to: dtypes, ranks, the other sizes, no autograd), so the call checks only those: ~1 us
+    of Python where the full check costs ~9 (the call runs between cold GEMVs, see the module
+    doc)."""
+    global calls
+    qs, ks, vs, cks, cvs = q.stride(), k.stride(), v.stride(), cache_k.stride(), cache_v.stride()
+    if checked:
+        ok = (qs[3] == 1 and ks[3] == 1 and vs[3] == 1 and cks[3] == 1 and cvs[3] == 1
+              and cache_k.shape[2] == cache_v.shape[2]
+              and (cos is None or (cos.stride(3) == 1 and cos.stride() == sin.stride())))
+    else:
+        ok = _takes(q, k, v, cache_k, cache_v, cos, sin, enable_gqa)
+    fn = kernel() if ok else None
+    if fn is None:
+        return decode_step_reference(q, k, v, cache_k, cache_v, cos, sin, scale, enable_gqa)
+    b, hq, _, d = q.shape
+    hkv, t = k.shape[1], cache_k.shape[2]
+    keys = torch.empty(b, hkv, t + 1, d, dtype=torch.float32)
+    values = torch.empty(b, hkv, t + 1, d, dtype=torch.float32)
+    out = torch.empty(b, hq, 1, d, dtype=torch.float32)
+    calls += 1
+    if fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(),
+          None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+          keys.data_ptr(), values.data_ptr(), out.data_ptr(), b, hq, hkv, t, d, qs[0], qs[1], ks[0], ks[1],
+          vs[0], vs[1], cks[0], cks[1], cks[2], cvs[0], cvs[1], cvs[2],
+          0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 1.0 / math.sqrt(d) if scale is None else scale,
+          torch.get_num_threads()):
+        raise MemoryError(f"lowbit decode attention: no memory for the scores of {t + 1} cached tokens")
+    return keys, values, out

@@ -1,0 +1,166 @@
+"""The generated decode attention kernel (``backends/cpu_attention.py``) and its CPU lowering
+(``lowering._fuse_cpu_decode_attention``): the new keys and values bit for bit those of RoPE + cat,
+the output against a float64 reference and torch's SDPA, on GQA / MHA, strided and broadcast
+inputs, an empty cache and a long one (scores off the stack); inputs it does not take run the torch
+calls; in a compiled Llama every decode step's attention is one call, the prefill graph keeps
+torch's, the summary counts them, and the generated tokens and logits match the unfused graph."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowbit_compiler.backends import cpu_attention, cpu_codegen, cpu_rope
+
+pytestmark = pytest.mark.skipif(cpu_attention.kernel() is None,
+                                reason=f"no C compiler: {cpu_codegen._disabled_reason}")
+
+
+def _inputs(b, hq, hkv, t, d, seed=0, cos_batch=1):
+    """q/k/v as the views of a fused q/k/v output (what the graph passes), a contiguous cache."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=g)
+    q = qkv[..., : hq * d].view(b, 1, hq, d).transpose(1, 2)
+    k = qkv[..., hq * d:(hq + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
+    v = qkv[..., (hq + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
+    cache_k, cache_v = torch.randn(b, hkv, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+    angles = (torch.arange(cos_batch, dtype=torch.float32)[:, None] + t) * torch.rand(d // 2, generator=g).repeat(2)
+    cos, sin = angles.cos()[:, None, None, :], angles.sin()[:, None, None, :]  # [1 or B, 1, 1, D]
+    return q, k, v, cache_k, cache_v, cos, sin
+
+
+def _rotate(x, cos, sin):
+    """transformers' apply_rotary_pos_emb for one tensor (not the code under test)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _float64_attention(q, keys, values, scale):
+    q, keys, values = q.double(), keys.double(), values.double()
+    g = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+    return torch.softmax(q @ keys.transpose(-1, -2) * scale, dim=-1) @ values
+
+
+@pytest.mark.parametrize("b, hq, hkv, t, d, rope, cos_batch", [
+    (1, 16, 4, 40, 128, True, 1),  # the decode benchmark's layer
+    (2, 8, 8, 5, 64, True, 2),     # MHA, batch 2, per-sequence positions
+    (2, 6, 2, 9, 32, True, 1),     # batch 2, cos broadcast over the batch
+    (1, 4, 1, 0, 32, True, 1),     # an empty cache (the first token)
+    (1, 4, 2, 5000, 16, False, 1),  # scores longer than the on-stack buffer; no RoPE
+])
+def test_the_kernel_matches_rope_cat_and_sdpa(b, hq, hkv, t, d, rope, cos_batch):
+    q, k, v, cache_k, cache_v, cos, sin = _inputs(b, hq, hkv, t, d, seed=t, cos_batch=cos_batch)
+    if not rope:
+        cos = sin = None
+    scale = 0.7 / math.sqrt(d)
+    before = cpu_attention.calls
+    keys, values, out = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, scale, hq != hkv)
+    assert cpu_attention.calls == before + 1
+    qr, kr = (_rotate(q, cos, sin), _rotate(k, cos, sin)) if rope else (q, k)
+    assert torch.equal(keys, torch.cat([cache_k, kr], dim=-2)) and keys.is_contiguous()
+    assert torch.equal(values, torch.cat([cache_v, v], dim=-2)) and values.is_contiguous()
+    assert out.shape == (b, hq, 1, d) and out.is_contiguous()
+    exact = _float64_attention(qr, keys, values, scale)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-6)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(qr, keys, values, scale=scale, enable_gqa=hq != hkv)
+    torch.testing.assert_close(out, sdpa, rtol=0, atol=2e-6)
+
+
+def test_checked_calls_and_unchecked_calls_agree_and_the_default_scale():
+    args = _inputs(1, 8, 2, 7, 64, seed=3)
+    plain = cpu_attention.decode_step(*args, None, True)
+    checked = cpu_attention.decode_step(*args, None, True, checked=True)
+    ref = cpu_attention.decode_step_reference(*args, None, True)
+    for a, c in zip(plain, checked):
+        assert torch.equal(a, c)
+    torch.testing.assert_close(plain[2], ref[2], rtol=0, atol=2e-6)  # scale None: 1 / sqrt(D), as SDPA
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "two query tokens", "gqa without enable_gqa", "3-D cos",
+                                  "requires grad", "column-major cache", "caches of two lengths"])
+def test_inputs_the_kernel_does_not_take_run_the_torch_calls(case):
+    q, k, v, cache_k, cache_v, cos, sin = _inputs(1, 4, 2, 6, 16, seed=1)
+    gqa = True
+    if case == "bfloat16":
+        q, k, v, cache_k, cache_v = (t.bfloat16() for t in (q, k, v, cache_k, cache_v))
+        cos, sin = cos.bfloat16(), sin.bfloat16()
+    elif case == "two query tokens":
+        q = torch.cat([q, q], dim=2)
+    elif case == "gqa without enable_gqa":
+        gqa = False
+    elif case == "3-D cos":
+        cos, sin = cos[0], sin[0]
+    elif case == "requires grad":
+        q = q.detach().requires_grad_(True)
+    elif case == "column-major cache":
+        cache_k = cache_k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:
+        cache_v = cache_v[:, :, :-1]
+    before = cpu_attention.calls
+    if case == "gqa without enable_gqa":
+        with pytest.raises(RuntimeError):  # what SDPA says of these inputs
+            cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, gqa)
+    elif case == "caches of two lengths":  # torch's SDPA takes them (what it computes is its own business)
+        cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, gqa, checked=True)  # still checked
+    else:
+        got = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, gqa,
+                                        checked=case == "column-major cache")
+        ref = cpu_attention.decode_step_reference(q, k, v, cache_k, cache_v, cos, sin, None, gqa)
+        for a, r in zip(got, ref):
+            assert torch.equal(a, r)
+        if case == "requires grad":
+            got[2].sum().backward()
+            assert q.grad is not None
+    assert cpu_attention.calls == before
+
+
+def _run_llama(monkeypatch, fuse: bool, steps: int = 4):
+    from lowbit_compiler.backends import lowering
+    from tests.conftest import make_model
+    from tests.helpers import Recorder
+
+    torch._dynamo.reset()
+    if not fuse:
+        monkeypatch.setattr(lowering, "_fuse_cpu_decode_attention", lambda gm: 0)
+    rec = Recorder(recipe="w4a16", progress=False)
+    model = make_model("llama")
+    model.compile(backend=rec)
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = cpu_attention.calls
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return rec, out, cpu_attention.calls - before, model.config.num_hidden_layers
+
+
+def test_a_compiled_llama_runs_each_decode_attention_as_one_call(monkeypatch):
+    """Decode graphs: one ``decode_step`` per layer (RoPE, both cats and SDPA gone), counted in the
+    summary and shown by ``lowbit inspect``; the prefill graph (6 query tokens) keeps torch's
+    calls. Tokens equal and logits within float32 rounding of the graph compiled without it."""
+    from lowbit_compiler.cli import format_summary
+
+    sdpa = torch._C._nn.scaled_dot_product_attention
+    rec, out, ran, layers = _run_llama(monkeypatch, True)
+    assert ran == layers * 3  # 3 decode steps (the last token is not run)
+    decode = [(gm, s) for gm, s in zip(rec.graphs, rec.summaries)
+              if any(n.target is cpu_attention.decode_step for n in gm.graph.nodes)]
+    prefill = [gm for gm, s in zip(rec.graphs, rec.summaries) if (gm, s) not in decode]
+    assert decode and len(prefill) == 1
+    for gm, summary in decode:
+        calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert calls.count(cpu_attention.decode_step) == layers
+        assert sdpa not in calls and cpu_rope.rope not in calls
+        assert calls.count(torch.cat) == 1  # the rotary table's (cos, sin); the caches' are in the calls
+        assert summary["cpu_fusions"]["decode_attention"] == layers
+        label = f"decode attention steps (RoPE, cache cats, SDPA) as generated calls: {layers}"
+        assert label in format_summary({"graph": "g", **summary})
+        assert all(n.kwargs.get("checked") is True for n in gm.graph.nodes if n.target is cpu_attention.decode_step)
+    prefill_calls = [n.target for n in prefill[0].graph.nodes if n.op == "call_function"]
+    assert prefill_calls.count(sdpa) == layers and cpu_attention.decode_step not in prefill_calls
+    _, plain, plain_ran, _ = _run_llama(monkeypatch, False)
+    assert plain_ran == 0
+    assert torch.equal(out.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(plain.logits), rtol=0, atol=1e-4)
+    assert torch.equal(out.logits[0], plain.logits[0])  # the prefill's logits: the same graph
