@@ -106,6 +106,29 @@ def test_blocks_of_rows_give_the_one_block_result(monkeypatch):
     assert sqnr_db(_reference(x, q, 256, bias), halves.double()) >= FLOORS["dequant_bf16"]
 
 
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_dequant_linear_returns_tensors_its_reused_temporaries_do_not_alias(monkeypatch, blocked):
+    """The cast rows and the bf16 products live in reused per-thread temporaries: a result must
+    survive the next call (another x, another weight), equal to a fresh computation, bit for bit."""
+    if blocked:
+        monkeypatch.setattr(cpu_dispatch, "BLOCK_BYTES", 64 * 256 * 2)  # bf16: 64 rows per block
+    q, _ = _weight("int4_g128_asym", 200, 256, seed=4)
+    q2, _ = _weight("int4_g128_asym", 72, 256, seed=5)
+    gen = torch.Generator().manual_seed(4)
+    x, x2 = torch.randn(40, 256, generator=gen), torch.randn(40, 256, generator=gen)
+    args = (q.qweight, q.scale, q.zero, None, q.format.key, 256)
+    first = cpu_dispatch.dequant_linear(x, *args, torch.bfloat16, torch.float32)
+    kept = first.clone()
+    other = cpu_dispatch.dequant_linear(x2, q2.qweight, q2.scale, q2.zero, None, q2.format.key, 256,
+                                        torch.bfloat16, torch.float32)
+    same_bf16 = cpu_dispatch.dequant_linear(x.bfloat16(), *args, torch.bfloat16)  # no cast: the product itself
+    assert torch.equal(first, kept)  # not overwritten by the later calls
+    w = dequantize_parts(q.format, q.qweight, q.scale, q.zero)[:, :256].bfloat16()
+    assert torch.equal(first, (x.bfloat16() @ w.t()).float())  # what torch gives with fresh tensors
+    assert torch.equal(same_bf16, x.bfloat16() @ w.t()) and same_bf16.data_ptr() != first.data_ptr()
+    assert other.shape == (40, 72)
+
 @pytest.fixture
 def measured(monkeypatch, tmp_path):
     """Measured dispatch with a private plan file and memory and a fake clock: ``times[rows]`` maps
