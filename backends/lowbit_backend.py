@@ -164,12 +164,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         where[0] = f"lowering (target {opts.target!r})"
         lowering = lower(ir_gm, ctx, opts.target, opts.cpu_compute_dtype, dump, opts.inner, opts.autotune)
         memory.release_freed()  # packing's temporaries
+        memory.release_mmap_threshold()  # quantizing and packing are over: large blocks come from the heap again
         dump.stage("lowered", ir_gm)
         run = ir_gm
         if opts.inner == "inductor":
             where[0] = "Inductor (inner='inductor')"
             run = _dynamo_adapter.inductor_compile(ir_gm, captured.call_args(example_inputs))
     except Exception as error:
+        memory.release_mmap_threshold()
         if not _dynamo_adapter.is_restart(error):  # the KV cache was installed: Dynamo traces again
             dump.failure(error, where[0], {**summary, "passes_done": done})
         raise

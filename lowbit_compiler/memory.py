@@ -12,11 +12,15 @@ That alone left the peak to chance: with glibc's *dynamic* threshold, which bloc
 heap depends on the order of frees, and on a busy machine (threads scheduled differently) the
 same ``compress``/``compile`` of a 4-layer model peaked at 1.56-1.61x the float model instead of
 1.11-1.15x (``benchmarks/memory_cpu.py --repeat 3`` under load). :func:`pin_mmap_threshold`, run
-by the pipeline before the first pass, fixes the threshold at 1 MiB (``mallopt``) once per
-process: every block of 1 MiB or more is its own mapping, returned to the OS when freed; the same
-runs then measured 1.11x and 1.13-1.14x. The cost is a page fault per page of each such block when
-it is first written (a few percent of a prefill; decode's activations are far below 1 MiB). It is
-left alone when ``MALLOC_MMAP_THRESHOLD_`` is already set, or with ``LOWBIT_PIN_MMAP_THRESHOLD=0``.
+by the pipeline before the first pass, fixes the threshold at 1 MiB (``mallopt``): every block of
+1 MiB or more is its own mapping, returned to the OS when freed; the same runs then measured 1.11x
+and 1.13-1.14x. The cost is a page fault per page of each such block every time it is allocated,
+so once the quantizing and packing are over (the end of ``compress`` and of the backend's
+compile) :func:`release_mmap_threshold` sets it to glibc's own dynamic maximum, 32 MiB (and the
+trim threshold to 64 MiB, as glibc's dynamic rule does): the model's large activations are reused
+from the heap again. Left pinned, it cost a 512-token prefill of the 4-layer model ~130k page
+faults and ~15 % of its time, eager bf16 in the same process as much. Both are left alone when
+``MALLOC_MMAP_THRESHOLD_`` is set, or with ``LOWBIT_PIN_MMAP_THRESHOLD=0``.
 
 :func:`drop_float_weights` frees the float weights a ``torch.compile(backend="lowbit")`` model no
 longer reads, for users who do not need the eager model any more.
@@ -46,18 +50,36 @@ def _malloc_trim():
     return _TRIM[0]
 
 
-MMAP_THRESHOLD = 1 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_PINNED: list[str] = []
+MMAP_THRESHOLD = 1 << 20  # while quantizing and packing
+RUN_MMAP_THRESHOLD = 32 << 20  # afterwards: glibc's own dynamic maximum (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
+RUN_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic rule sets it
+_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1  # glibc's mallopt parameter numbers
+_PINNED: list[str] = []  # the decision, made once per process: "pinned at ..." or why not
+_CURRENT: list[int] = []  # the mmap threshold this module set last (empty: never set)
+
+
+def _mallopt():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return getattr(libc, "mallopt", None)
 
 
 def pin_mmap_threshold() -> str:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (once per process); returns what
-    happened ("pinned", or why not), which the pipeline logs once."""
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for a batch of quantizing work (the
+    decision once per process, logged once; set again after each :func:`release_mmap_threshold`,
+    with the heap trimmed so its free blocks do not serve the next large allocations); returns
+    the decision ("pinned at ...", or why not)."""
     import logging
     import os
 
     if _PINNED:
+        if _PINNED[0].startswith("pinned") and _CURRENT and _CURRENT[-1] != MMAP_THRESHOLD:
+            mallopt = _mallopt()
+            if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1:
+                _CURRENT.append(MMAP_THRESHOLD)
+                release_freed()  # the heap's free blocks would serve the next large ones: back to the OS
         return _PINNED[0]
     if os.environ.get("LOWBIT_PIN_MMAP_THRESHOLD", "1") == "0":
         why = "not pinned: LOWBIT_PIN_MMAP_THRESHOLD=0"
@@ -66,17 +88,34 @@ def pin_mmap_threshold() -> str:
     elif not sys.platform.startswith("linux"):
         why = f"not pinned: not glibc ({sys.platform})"
     else:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = getattr(libc, "mallopt", None)
-            ok = mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-        except OSError:
-            ok = False
+        mallopt = _mallopt()
+        ok = mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
         why = (f"pinned at {MMAP_THRESHOLD} bytes" if ok
                else "not pinned: this C library has no working mallopt (not glibc)")
-    logging.getLogger("lowbit_compiler").info("lowbit: glibc mmap threshold %s (peak memory while quantizing)", why)
+        if ok:
+            _CURRENT.append(MMAP_THRESHOLD)
+    logging.getLogger("lowbit_compiler").info(
+        "lowbit: glibc mmap threshold %s while quantizing (peak memory), %d bytes after", why, RUN_MMAP_THRESHOLD)
     _PINNED.append(why)
     return why
+
+
+def release_mmap_threshold() -> None:
+    """After a batch of quantizing work: the mmap threshold back at glibc's dynamic maximum
+    (:data:`RUN_MMAP_THRESHOLD`, trim threshold :data:`RUN_TRIM_THRESHOLD`), so that running the
+    model reuses its large blocks from the heap instead of faulting in fresh pages every call.
+    Does nothing unless :func:`pin_mmap_threshold` pinned it."""
+    if not (_CURRENT and _CURRENT[-1] == MMAP_THRESHOLD):
+        return
+    mallopt = _mallopt()
+    if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD) == 1:
+        mallopt(_M_TRIM_THRESHOLD, RUN_TRIM_THRESHOLD)
+        _CURRENT.append(RUN_MMAP_THRESHOLD)
+
+
+def current_mmap_threshold() -> int | None:
+    """The mmap threshold this module set last, or None (it never set one)."""
+    return _CURRENT[-1] if _CURRENT else None
 
 
 def release_freed() -> bool:
@@ -125,3 +164,4 @@ def drop_float_weights(model: torch.nn.Module) -> dict[str, Any]:
         report["dropped"].append(names[0])
     release_freed()
     return report
+

@@ -470,6 +470,7 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         hf.attach(model)  # model.save_pretrained(dir) writes a lowbit checkpoint
     graphs.clear()
     memory.release_freed()  # the float weights written over are gone: give their pages back
+    memory.release_mmap_threshold()  # and running the model reuses its large blocks from the heap
     return model
 
 

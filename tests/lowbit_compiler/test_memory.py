@@ -158,29 +158,56 @@ def test_drop_float_weights_keeps_the_compiled_model_working():
             model(input_ids=ids)  # eager has no float weights any more: an error, not garbage
 
 
-def test_pipeline_pins_the_mmap_threshold_so_large_frees_go_back_to_the_os():
-    """A fresh process: nothing is pinned before a recipe runs; after it, the threshold is pinned
-    and a freed 2 MiB block is unmapped at once (blocks past 1 MiB are their own mappings)."""
+def test_the_mmap_threshold_is_pinned_while_quantizing_and_released_after():
+    """A fresh process: nothing is pinned before a recipe runs; pinned, a freed 2 MiB block is
+    unmapped at once; released (glibc's dynamic maximum), the same blocks are reused from the heap
+    (no fresh page faults when allocated again); ``compress`` runs its passes pinned and leaves
+    the threshold released."""
     script = r"""
-import torch, lowbit_compiler
-from lowbit_compiler import memory
+import resource, torch, lowbit_compiler
+from lowbit_compiler import memory, pipeline
+import lowbit_compiler.offline as offline
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def blocks():
+    return [torch.empty(2 << 20, dtype=torch.uint8).fill_(1) for _ in range(16)]  # 32 MiB in 2 MiB blocks
 print('before', memory._PINNED)
+memory.pin_mmap_threshold()
+held = blocks()
+size = rss()
+del held
+print('released', (size - rss()) / 2**20)
+memory.release_mmap_threshold()
+for _ in range(2):
+    held = blocks()
+    del held
+f0 = faults()
+held = blocks()
+print('refaulted', (faults() - f0) * 4096 / 2**20)
+del held
+seen = []
+def recording(*args, **kwargs):
+    report = pipeline.run_pipeline(*args, **kwargs)
+    seen.append(memory.current_mmap_threshold())  # after the passes, before the write-back
+    return report
+offline.run_pipeline = recording
 model = torch.nn.Sequential(torch.nn.Linear(128, 128))
 lowbit_compiler.compress(model, 'w8a16', example_inputs=(torch.randn(2, 128),), progress=False)
-print('after', memory._PINNED)
-blocks = [torch.empty(2 << 20, dtype=torch.uint8).fill_(1) for _ in range(16)]  # 32 MiB in 2 MiB blocks
-held = rss()
-del blocks
-print('released', (held - rss()) / 2**20)
+print('decision', memory._PINNED)
+print('during', seen)
+print('after', memory.current_mmap_threshold())
 """
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "LOWBIT_PIN_MMAP_THRESHOLD")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert lines["before"] == "[]"
     if not sys.platform.startswith("linux"):
-        assert "not pinned" in lines["after"]
+        assert "not pinned" in lines["decision"] and lines["after"] == "None"
         return
-    assert lines["after"] == "['pinned at 1048576 bytes']"
-    assert float(lines["released"]) > 30  # every 2 MiB block was its own mapping: unmapped on free
+    assert float(lines["released"]) > 30  # pinned: every 2 MiB block was its own mapping, unmapped on free
+    assert float(lines["refaulted"]) < 4  # released: 32 MiB allocated again comes from the heap, not faulted in
+    assert lines["decision"] == "['pinned at 1048576 bytes']"
+    assert lines["during"] == "[1048576]"  # compress's passes ran pinned
+    assert lines["after"] == str(32 << 20)
