@@ -225,9 +225,9 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
         return decode_step_reference(q, k, v, cache_k, cache_v, cos, sin, scale, enable_gqa)
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], cache_k.shape[2]
-    keys = torch.empty(b, hkv, t + 1, d, dtype=torch.float32)
-    values = torch.empty(b, hkv, t + 1, d, dtype=torch.float32)
-    out = torch.empty(b, hq, 1, d, dtype=torch.float32)
+    keys = torch.empty(b, hkv, t + 1, d, dtype=torch.float32, device="cpu")
+    values = torch.empty(b, hkv, t + 1, d, dtype=torch.float32, device="cpu")
+    out = torch.empty(b, hq, 1, d, dtype=torch.float32, device="cpu")
     calls += 1
     if fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(),
           None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),

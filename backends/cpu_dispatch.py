@@ -453,11 +453,15 @@ _SCRATCH = threading.local()  # reused temporaries per thread: the dequantized b
 
 def _scratch(rows: int, in_features: int, dtype: torch.dtype, which: str = "weight") -> torch.Tensor:
     """A ``[rows, in_features]`` temporary in ``dtype`` from this thread's reused buffer ``which``
-    (grown to the largest size seen): a fresh tensor of that size per call costs its page faults
-    every call (glibc hands large blocks back to the kernel on free, and the next call's block
-    comes back zeroed, a fault per 4 kB page): measured on the 4-layer prefill model at 512
-    tokens, dequantize-then-matmul's fresh temporaries were half the run's ~150k faults."""
+    (grown to the largest size seen, up to :data:`BLOCK_BYTES` plus a row; larger ones are fresh
+    tensors, so a long prompt does not leave a thread holding its size for good): a fresh tensor
+    per call costs its page faults every call (glibc hands large blocks back to the kernel on
+    free, and the next call's block comes back zeroed, a fault per 4 kB page): measured on the
+    4-layer prefill model at 512 tokens, dequantize-then-matmul's fresh temporaries were half the
+    run's ~150k faults."""
     nbytes = rows * in_features * torch.tensor([], dtype=dtype).element_size()
+    if nbytes > BLOCK_BYTES + in_features * 4:
+        return torch.empty(rows, in_features, dtype=dtype)
     buf = getattr(_SCRATCH, which, None)
     if buf is None or buf.numel() < nbytes:
         buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -473,8 +477,8 @@ def dequant_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     The weight is dequantized block by block of rows (:func:`block_rows`) into one reused
     temporary; one block (the usual case) is one ``addmm``; with several, each block's product is
     written (and cast) into its columns of the output. The cast of x and, when the output is cast,
-    the products in ``dtype`` go to reused temporaries too: the returned tensor is the only fresh
-    allocation."""
+    the products in ``dtype`` go to reused temporaries too (up to :data:`BLOCK_BYTES` each), so
+    that the usual call's one large fresh allocation is the tensor it returns."""
     n, m = scale.shape[0], x2.shape[0]
     if x2.dtype == dtype:
         xd = x2

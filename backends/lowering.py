@@ -711,7 +711,12 @@ def _fuse_cpu_decode_attention(gm: fx.GraphModule) -> int:
             and not v.requires_grad
         return v if ok else None
 
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    def mutates(n: fx.Node) -> bool:
+        """An in-place call (``x.add_(...)``, ``torch.relu_``, ``out=``) or one FX calls impure."""
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        return (n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")) \
+            or "out" in n.kwargs or n.is_impure()
+
     replaced = 0
     for node in list(gm.graph.nodes):
         if not call(node, *sdpa_targets) or len(node.args) > len(_SDPA_PARAMS) \
@@ -752,8 +757,13 @@ def _fuse_cpu_decode_attention(gm: fx.GraphModule) -> int:
             if d % 2 or cv_.shape[0] not in (1, b) or tuple(cv_.shape[1:]) != (1, 1, d) \
                     or tuple(cv_.shape) != tuple(_dynamo_adapter.example_value(sin).shape):
                 continue
-        # the new node goes where the SDPA call was: the cats' other users must come after it
-        if any(order[u] < order[node] for c in (kcat, vcat) for u in c.users if u is not node):
+        # the new node goes where the SDPA call was, so it reads its inputs there: nothing between the
+        # first matched call and the SDPA may write to them, and the cats' other users must come after it
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first = min(order[n] for n in (kcat, vcat, q_rope, k_rope) if n is not None)
+        between = [n for n in gm.graph.nodes if first < order[n] < order[node]]
+        if any(mutates(n) for n in between) \
+                or any(order[u] < order[node] for c in (kcat, vcat) for u in c.users if u is not node):
             continue
         with gm.graph.inserting_before(node):
             fused = gm.graph.call_function(

@@ -60,14 +60,15 @@ def _instrument() -> None:
         return timed(f"{self.members[0].fmt} {what} N={ns} K={self.k}",
                      sum(_weight_bytes(b.tensors) for b in self.members), group_call, self, x, biases)
 
-    def bound_with(self, x, *args):  # bias, norm weight, eps, residual, threshold, column scales
-        return timed(f"{self.fmt} N={self.n} K={self.k}", _weight_bytes(self.tensors), bound_ext, self, x, *args)
+    def bound_with(self, x, *args, **kwargs):  # bias, norm weight, eps, residual, threshold, column scales
+        return timed(f"{self.fmt} N={self.n} K={self.k}", _weight_bytes(self.tensors),
+                     lambda: bound_ext(self, x, *args, **kwargs))
 
-    def group_with(self, x, *args):  # biases, norm weight, eps, threshold, column scales
+    def group_with(self, x, *args, **kwargs):  # biases, norm weight, eps, threshold, column scales
         what = "silu_mul" if self.epilogue == cpu_codegen.SILU_MUL else "x" + str(self.nw)
         ns = "+".join(str(b.n) for b in self.members)
         return timed(f"{self.members[0].fmt} {what} N={ns} K={self.k}",
-                     sum(_weight_bytes(b.tensors) for b in self.members), group_ext, self, x, *args)
+                     sum(_weight_bytes(b.tensors) for b in self.members), lambda: group_ext(self, x, *args, **kwargs))
 
     def torch_packed(x, packed, bias, dtype):
         return timed(f"torch {packed.fmt} N={packed.out_features} K={packed.in_features}",

@@ -51,11 +51,12 @@ def _malloc_trim():
 
 
 MMAP_THRESHOLD = 1 << 20  # while quantizing and packing
+TRIM_THRESHOLD = 128 << 10  # glibc's default trim threshold: what quantizing runs with
 RUN_MMAP_THRESHOLD = 32 << 20  # afterwards: glibc's own dynamic maximum (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 RUN_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic rule sets it
 _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1  # glibc's mallopt parameter numbers
 _PINNED: list[str] = []  # the decision, made once per process: "pinned at ..." or why not
-_CURRENT: list[int] = []  # the mmap threshold this module set last (empty: never set)
+_CURRENT: list[int] = []  # [the mmap threshold this module set last] (empty: never set)
 
 
 def _mallopt():
@@ -66,19 +67,30 @@ def _mallopt():
     return getattr(libc, "mallopt", None)
 
 
+def _set(mallopt, mmap_threshold: int, trim_threshold: int) -> bool:
+    """Both thresholds (the trim threshold left alone when ``MALLOC_TRIM_THRESHOLD_`` is set)."""
+    import os
+
+    if mallopt(_M_MMAP_THRESHOLD, mmap_threshold) != 1:
+        return False
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    _CURRENT[:] = [mmap_threshold]
+    return True
+
+
 def pin_mmap_threshold() -> str:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for a batch of quantizing work (the
-    decision once per process, logged once; set again after each :func:`release_mmap_threshold`,
-    with the heap trimmed so its free blocks do not serve the next large allocations); returns
-    the decision ("pinned at ...", or why not)."""
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (trim threshold :data:`TRIM_THRESHOLD`)
+    for a batch of quantizing work (the decision once per process, logged once; set again after
+    each :func:`release_mmap_threshold`, with the heap trimmed so its free blocks do not serve the
+    next large allocations); returns the decision ("pinned at ...", or why not)."""
     import logging
     import os
 
     if _PINNED:
-        if _PINNED[0].startswith("pinned") and _CURRENT and _CURRENT[-1] != MMAP_THRESHOLD:
+        if _PINNED[0].startswith("pinned") and _CURRENT and _CURRENT[0] != MMAP_THRESHOLD:
             mallopt = _mallopt()
-            if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1:
-                _CURRENT.append(MMAP_THRESHOLD)
+            if mallopt is not None and _set(mallopt, MMAP_THRESHOLD, TRIM_THRESHOLD):
                 release_freed()  # the heap's free blocks would serve the next large ones: back to the OS
         return _PINNED[0]
     if os.environ.get("LOWBIT_PIN_MMAP_THRESHOLD", "1") == "0":
@@ -89,13 +101,12 @@ def pin_mmap_threshold() -> str:
         why = f"not pinned: not glibc ({sys.platform})"
     else:
         mallopt = _mallopt()
-        ok = mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        ok = mallopt is not None and _set(mallopt, MMAP_THRESHOLD, TRIM_THRESHOLD)
         why = (f"pinned at {MMAP_THRESHOLD} bytes" if ok
                else "not pinned: this C library has no working mallopt (not glibc)")
-        if ok:
-            _CURRENT.append(MMAP_THRESHOLD)
-    logging.getLogger("lowbit_compiler").info(
-        "lowbit: glibc mmap threshold %s while quantizing (peak memory), %d bytes after", why, RUN_MMAP_THRESHOLD)
+    after = f", {RUN_MMAP_THRESHOLD} bytes after" if why.startswith("pinned") else ""
+    logging.getLogger("lowbit_compiler").info("lowbit: glibc mmap threshold %s while quantizing (peak memory)%s",
+                                              why, after)
     _PINNED.append(why)
     return why
 
@@ -105,17 +116,16 @@ def release_mmap_threshold() -> None:
     (:data:`RUN_MMAP_THRESHOLD`, trim threshold :data:`RUN_TRIM_THRESHOLD`), so that running the
     model reuses its large blocks from the heap instead of faulting in fresh pages every call.
     Does nothing unless :func:`pin_mmap_threshold` pinned it."""
-    if not (_CURRENT and _CURRENT[-1] == MMAP_THRESHOLD):
+    if not (_CURRENT and _CURRENT[0] == MMAP_THRESHOLD):
         return
     mallopt = _mallopt()
-    if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD) == 1:
-        mallopt(_M_TRIM_THRESHOLD, RUN_TRIM_THRESHOLD)
-        _CURRENT.append(RUN_MMAP_THRESHOLD)
+    if mallopt is not None:
+        _set(mallopt, RUN_MMAP_THRESHOLD, RUN_TRIM_THRESHOLD)
 
 
 def current_mmap_threshold() -> int | None:
     """The mmap threshold this module set last, or None (it never set one)."""
-    return _CURRENT[-1] if _CURRENT else None
+    return _CURRENT[0] if _CURRENT else None
 
 
 def release_freed() -> bool:

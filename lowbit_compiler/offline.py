@@ -419,6 +419,14 @@ def _weight_owner(model: torch.nn.Module, layer: str) -> tuple[torch.nn.Module, 
 def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, example_inputs: Any = None,
              strict: bool = False, tokenizer: Any = None, progress: bool = True) -> torch.nn.Module:
     """Apply ``recipe`` to ``model`` in place and return it; ``model.lowbit_summary`` says what changed."""
+    try:
+        return _compress(model, recipe, calibration, example_inputs, strict, tokenizer, progress)
+    finally:  # quantizing is over, done or not: running models reuse their large blocks again
+        memory.release_mmap_threshold()
+
+
+def _compress(model: torch.nn.Module, recipe: Any, calibration: Any, example_inputs: Any, strict: bool,
+              tokenizer: Any, progress: bool) -> torch.nn.Module:
     recipe = get_recipe(recipe)
     batches = _to_device(as_batches(calibration, tokenizer), _input_device(model))
     call = _example_call(model, batches, example_inputs)
@@ -470,7 +478,6 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
         hf.attach(model)  # model.save_pretrained(dir) writes a lowbit checkpoint
     graphs.clear()
     memory.release_freed()  # the float weights written over are gone: give their pages back
-    memory.release_mmap_threshold()  # and running the model reuses its large blocks from the heap
     return model
 
 

@@ -68,10 +68,71 @@ def test_the_kernel_matches_rope_cat_and_sdpa(b, hq, hkv, t, d, rope, cos_batch)
     torch.testing.assert_close(out, sdpa, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("layout", ["token-major cache", "slices of a longer buffer"])
+def test_checked_calls_read_caches_through_their_strides(layout):
+    """What a checked call trusts its strides for: a cache stored [B, T, H, D] (rows H * D apart:
+    the row-by-row copy) or a view into a preallocated [B', H', T_max, D] buffer (batch and head
+    strides of the buffer), against the torch calls on contiguous copies."""
+    b, hq, hkv, t, d = 2, 8, 2, 9, 32
+    q, k, v, _, _, cos, sin = _inputs(b, hq, hkv, t, d, seed=7)
+    g = torch.Generator().manual_seed(8)
+    if layout == "token-major cache":
+        cache_k = torch.randn(b, t, hkv, d, generator=g).transpose(1, 2)
+        cache_v = torch.randn(b, t, hkv, d, generator=g).transpose(1, 2)
+    else:
+        cache_k = torch.randn(b + 1, hkv + 1, t + 5, d, generator=g)[1:, :hkv, :t]
+        cache_v = torch.randn(b + 1, hkv + 1, t + 5, d, generator=g)[1:, :hkv, :t]
+    assert not cache_k.is_contiguous()
+    before = cpu_attention.calls
+    got = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, True, checked=True)
+    assert cpu_attention.calls == before + 1
+    ref = cpu_attention.decode_step_reference(q, k, v, cache_k.contiguous(), cache_v.contiguous(), cos, sin,
+                                              None, True)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=2e-6)
+
+
+class _Attention(torch.nn.Module):
+    """One decode step of attention over a cache, written as transformers writes it."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, q, k, v, cache_k, cache_v, mask):
+        keys, values = torch.cat([cache_k, k], dim=-2), torch.cat([cache_v, v], dim=-2)
+        if self.mode == "in-place write":
+            cache_k.mul_(1.0)  # between the cats and the attention: the fused call would read it late
+        kw = {"attn_mask": mask} if self.mode == "mask" else {"is_causal": True} if self.mode == "causal" else {}
+        out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True, **kw)
+        return out, keys, values
+
+
+@pytest.mark.parametrize("mode", ["plain", "mask", "causal", "in-place write"])
+def test_the_lowering_fuses_only_what_the_kernel_computes(mode):
+    """A maskless, non-causal one-token attention over cat'd caches becomes one call; a mask, a
+    causal flag or an in-place write between the cats and SDPA leave torch's calls; outputs equal
+    eager either way."""
+    from tests.helpers import Recorder
+
+    torch._dynamo.reset()
+    rec = Recorder(recipe="w8a16", progress=False, target="cpu")
+    args = list(_inputs(1, 4, 2, 6, 16, seed=2)[:5]) + [torch.zeros(1, 1, 1, 7)]
+    eager = _Attention(mode)(*[a.clone() for a in args])
+    with torch.no_grad():
+        got = torch.compile(_Attention(mode), backend=rec)(*[a.clone() for a in args])
+    fused = sum(n.target is cpu_attention.decode_step for gm in rec.graphs for n in gm.graph.nodes)
+    assert fused == (1 if mode == "plain" else 0)
+    for a, e in zip(got, eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=2e-6)
+
+
 def test_checked_calls_and_unchecked_calls_agree_and_the_default_scale():
     args = _inputs(1, 8, 2, 7, 64, seed=3)
+    before = cpu_attention.calls
     plain = cpu_attention.decode_step(*args, None, True)
     checked = cpu_attention.decode_step(*args, None, True, checked=True)
+    assert cpu_attention.calls == before + 2  # both ran the kernel
     ref = cpu_attention.decode_step_reference(*args, None, True)
     for a, c in zip(plain, checked):
         assert torch.equal(a, c)
@@ -102,8 +163,12 @@ def test_inputs_the_kernel_does_not_take_run_the_torch_calls(case):
     if case == "gqa without enable_gqa":
         with pytest.raises(RuntimeError):  # what SDPA says of these inputs
             cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, gqa)
-    elif case == "caches of two lengths":  # torch's SDPA takes them (what it computes is its own business)
-        cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, gqa, checked=True)  # still checked
+    elif case == "caches of two lengths":  # a checked call still compares them: the torch calls run
+        ran = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_attention, "decode_step_reference", lambda *a: ran.append(a) or (None, None, None))
+            cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, gqa, checked=True)
+        assert len(ran) == 1
     else:
         got = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, gqa,
                                         checked=case == "column-major cache")

@@ -198,6 +198,24 @@ lowbit_compiler.compress(model, 'w8a16', example_inputs=(torch.randn(2, 128),), 
 print('decision', memory._PINNED)
 print('during', seen)
 print('after', memory.current_mmap_threshold())
+def failing(*args, **kwargs):  # a pass that fails once the threshold is pinned
+    memory.pin_mmap_threshold()
+    raise RuntimeError('a pass failed')
+offline.run_pipeline = failing
+try:
+    lowbit_compiler.compress(torch.nn.Sequential(torch.nn.Linear(128, 128)), 'w8a16',
+                             example_inputs=(torch.randn(2, 128),), progress=False)
+except RuntimeError:
+    pass
+print('after_failure', memory.current_mmap_threshold())
+import lowbit_compiler.backends.lowbit_backend as backend
+backend.run_pipeline = recording
+compiled = torch.compile(torch.nn.Sequential(torch.nn.Linear(128, 128)), backend='lowbit',
+                         options={'recipe': 'w8a16', 'progress': False})
+with torch.no_grad():
+    compiled(torch.randn(2, 128))
+print('compile_during', seen[1:])
+print('compile_after', memory.current_mmap_threshold())
 """
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "LOWBIT_PIN_MMAP_THRESHOLD")}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
@@ -210,4 +228,5 @@ print('after', memory.current_mmap_threshold())
     assert float(lines["refaulted"]) < 4  # released: 32 MiB allocated again comes from the heap, not faulted in
     assert lines["decision"] == "['pinned at 1048576 bytes']"
     assert lines["during"] == "[1048576]"  # compress's passes ran pinned
-    assert lines["after"] == str(32 << 20)
+    assert lines["after"] == lines["after_failure"] == lines["compile_after"] == str(32 << 20)
+    assert lines["compile_during"] == "[1048576]"  # so did the backend's
