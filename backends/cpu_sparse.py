@@ -640,8 +640,13 @@ class SiteTrial:
     model's other work (int4 on Zen 4: level at 50 % kept in the plan, 0.8x dense in the model). So
     the first decode rows of the sites of one shape (format, member sizes, K, epilogue, dtype,
     environment, threads: the layers of a model share it) alternate the sparse call and the dense
-    call (the threshold in its prologue), each timed whole; after :data:`TRIAL_ROWS` of each, the
-    faster median decides for every site of that shape for the rest of the process (logged, and
+    call (the threshold in its prologue), each timed whole (a row that keeps more inputs than the
+    sparse call takes counts as a sparse sample with the dense call it then needs: leaving those
+    rows out made the sparse path look faster than it was); after :data:`TRIAL_ROWS` of each, the
+    medians decide, the sparse call only when :data:`MARGIN` times faster (as the plan requires:
+    it keeps a second, K-major copy of the weights, and a near tie flips with the machine's noise:
+    int4 sites on Zen 4 drew sparse verdicts in some processes and dense in others, and the
+    sparse-heavy runs were the slower ones), for every site of that shape for the rest of the process (logged, and
     written into the sites' layer records, also of sites that join later). A site's first call of
     each path is not a sample (the dense kernels bind and choose at their first call). A dense
     verdict drops the sites' row calls and K-major copies. Not with
@@ -677,9 +682,10 @@ class SiteTrial:
         if min(len(v) for v in self.times.values()) < TRIAL_ROWS:
             return
         sparse, dense = (sorted(self.times[p])[TRIAL_ROWS // 2] for p in ("sparse", "dense"))
-        self.verdict = "sparse" if sparse <= dense else "dense"
+        self.verdict = "sparse" if sparse * MARGIN <= dense else "dense"
         self.text = (f"in-model trial ({TRIAL_ROWS} decode rows each over the sites of this shape): sparse call "
-                     f"{sparse * 1e3:.3f} ms, dense call {dense * 1e3:.3f} ms (medians) -> the {self.verdict} kernel")
+                     f"{sparse * 1e3:.3f} ms, dense call {dense * 1e3:.3f} ms (medians; the sparse call must be "
+                     f"{MARGIN:.2f}x faster) -> the {self.verdict} kernel")
         log.info("lowbit: activation-sparse %s: %s", what, self.text)
         for g in list(self.groups):
             g.note_trial(self)
@@ -1207,7 +1213,10 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
                 return y
             _note_dense(group.fmt, group.out_features, k, call.limit,
                         f"more than {call.limit} of {k} inputs kept (measured crossover)")
-            return _dense(xs.view(x.shape), group, biases, residual)
+            y = _dense(xs.view(x.shape), group, biases, residual)
+            if trial is not None:  # what the sparse path cost this row: the kernel's attempt and the dense call
+                trial.add(group, "sparse", cpu_dispatch.timer() - start, f"{group.fmt} N={group.out_features} K={k}")
+            return y
     if one_row and x.dtype != torch.float32 and group.limit() >= 0 and group.row_call() is not None:
         # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
         limit = group.limit()

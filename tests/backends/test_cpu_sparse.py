@@ -607,6 +607,41 @@ def test_the_in_model_trial_confirms_or_overrules_the_plan(measured, monkeypatch
     assert ran == {winner: 1} and late["sparse_kernel"].endswith(f"-> the {winner} kernel")  # joined late
 
 
+def test_the_in_model_trial_counts_a_row_the_sparse_call_refuses_as_sparse(measured, monkeypatch):
+    """A row that keeps more inputs than the sparse call's limit costs the sparse attempt plus the
+    dense call: the trial's sparse sample is that whole time (left out, every such row would have
+    made the sparse path look faster than it is)."""
+    gen = torch.Generator().manual_seed(22)
+    fmt, k = "int8", 256
+    group, qws, thr, _ = _group(fmt, [256], k, gen)
+    measured.update(dense=1e-3, sparse_all=0.8e-3, sparse_quarter=0.3e-3)
+    assert group.limit() == k
+    call = group.row_call()
+    call.limit = 0  # every row keeps more than the call takes: it hands the thresholded row to the dense kernels
+    clock = [0.0]
+    monkeypatch.setattr(cpu_dispatch, "timer", lambda: clock[0])
+    row_call, dense = cpu_sparse.RowCall.__call__, cpu_sparse._dense
+
+    def sparse_call(self, *args):
+        clock[0] += 0.4e-3
+        return row_call(self, *args)
+
+    def dense_call(*args, **kwargs):
+        clock[0] += 1e-3
+        return dense(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_sparse.RowCall, "__call__", sparse_call)
+    monkeypatch.setattr(cpu_sparse, "_dense", dense_call)
+    for _ in range(2 * cpu_sparse.TRIAL_ROWS + 2):
+        x = torch.randn(1, 1, k, generator=gen)
+        y = cpu_sparse.sparse_input_group_linear(x, group, (None,))
+        ref = _reference(x, qws, thr, None, (None,), fmt, k)[0]
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    trial = call.trial
+    assert trial.times["sparse"] and all(abs(t - 1.4e-3) < 1e-9 for t in trial.times["sparse"])
+    assert trial.verdict == "dense"  # 1.4 ms (attempt + dense) against 1.0
+
+
 @pytest.mark.parametrize("sizes", [[128, 128], [128]])
 def test_a_sparse_group_rebuilds_its_call_when_a_member_is_edited_in_place(sizes, monkeypatch):
     monkeypatch.setenv(cpu_sparse.DISPATCH_ENV, "sparse")
