@@ -37,23 +37,7 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-/* o = x * c + rotate_half(x) * sn, rounded as torch's mul, mul, add (-ffp-contract=off): cpu_rope's
-   formula. */
-static void rope_row(const float* x, const float* c, const float* sn, float* o, int64_t D)
-{
-    const int64_t h2 = D / 2;
-    for (int64_t j = 0; j < h2; j++) {
-        const float p = x[j] * c[j];
-        const float q = -x[j + h2] * sn[j];
-        o[j] = p + q;
-    }
-    for (int64_t j = h2; j < D; j++) {
-        const float p = x[j] * c[j];
-        const float q = x[j - h2] * sn[j];
-        o[j] = p + q;
-    }
-}
-
+""" + cpu_rope.ROPE_ROW + r"""
 static float dot(const float* a, const float* b, int64_t n)
 {
     float acc[16] = {0};

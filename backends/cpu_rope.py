@@ -22,36 +22,39 @@ import torch
 
 from lowbit_compiler.backends import cpu_codegen
 
+# One row, shared with the decode attention kernel (cpu_attention): o = x * c + rotate_half(x) * sn,
+# with no fused multiply-add (compiled -ffp-contract=off): each value rounds as torch's mul, mul, add.
+ROPE_ROW = r"""
+static void rope_row(const float* x, const float* c, const float* sn, float* o, int64_t D)
+{
+    const int64_t h2 = D / 2;
+    for (int64_t j = 0; j < h2; j++) {
+        const float p = x[j] * c[j];
+        const float q = -x[j + h2] * sn[j];
+        o[j] = p + q;
+    }
+    for (int64_t j = h2; j < D; j++) {
+        const float p = x[j] * c[j];
+        const float q = x[j - h2] * sn[j];
+        o[j] = p + q;
+    }
+}
+"""
+
 _SOURCE = r"""
 #include <stdint.h>
-
-/* out[b, h, s, :] = x[b, h, s, :] * c + rotate_half(x[b, h, s, :]) * sn, with c, sn the rows
-   cos[b or 0, s, :], sin[b or 0, s, :]; x through its strides (elements; the last dimension
-   contiguous), out contiguous [B, H, S, D]. No fused multiply-add (-ffp-contract=off): each value
-   rounds as torch's mul, mul, add do. */
+""" + ROPE_ROW + r"""
+/* out[b, h, s, :] = rope_row(x[b, h, s, :]) with the rows cos[b or 0, s, :], sin[b or 0, s, :];
+   x through its strides (elements; the last dimension contiguous), out contiguous [B, H, S, D]. */
 void lowbit_rope(const float* x, const float* cos, const float* sin, float* out,
                  int64_t B, int64_t H, int64_t S, int64_t D, int64_t xsb, int64_t xsh, int64_t xss,
                  int64_t csb, int64_t css, int threads)
 {
-    const int64_t h2 = D / 2;
     const int64_t rows = B * H * S;
     #pragma omp parallel for num_threads(threads) schedule(static) if (rows * D >= 65536)
     for (int64_t r = 0; r < rows; r++) {
         const int64_t b = r / (H * S), h = (r / S) % H, s = r % S;
-        const float* xr = x + b * xsb + h * xsh + s * xss;
-        const float* c = cos + b * csb + s * css;
-        const float* sn = sin + b * csb + s * css;
-        float* o = out + r * D;
-        for (int64_t j = 0; j < h2; j++) {
-            const float p = xr[j] * c[j];
-            const float q = -xr[j + h2] * sn[j];
-            o[j] = p + q;
-        }
-        for (int64_t j = h2; j < D; j++) {
-            const float p = xr[j] * c[j];
-            const float q = xr[j - h2] * sn[j];
-            o[j] = p + q;
-        }
+        rope_row(x + b * xsb + h * xsh + s * xss, cos + b * csb + s * css, sin + b * csb + s * css, out + r * D, D);
     }
 }
 """
