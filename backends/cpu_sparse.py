@@ -631,25 +631,28 @@ def run(x32: torch.Tensor, w: CpuKMajor, bias: torch.Tensor | None, fmt: str, ma
 
 MARGIN = 1.05  # the sparse kernel must be predicted this much faster than the dense one
 REPEATS = 7
-TRIAL_ROWS = 12  # decode rows timed per path, per site shape, inside the model (SiteTrial)
+TRIAL_ROWS = 6  # decode rows timed per policy inside the model (SiteTrial): each the sum of its ~30 site calls
 
 
 class SiteTrial:
     """The in-model check of a measured plan that takes the sparse kernel: the plan is timed on one
     weight outside the model, where a site's sparse call can look faster than it is between the
-    model's other work (int4 on Zen 4: level at 50 % kept in the plan, 0.8x dense in the model). So
-    the first decode rows of the sites of one shape (format, member sizes, K, epilogue, dtype,
-    environment, threads: the layers of a model share it) alternate the sparse call and the dense
-    call (the threshold in its prologue), each timed whole (a row that keeps more inputs than the
-    sparse call takes counts as a sparse sample with the dense call it then needs: leaving those
-    rows out made the sparse path look faster than it was); after :data:`TRIAL_ROWS` of each, the
-    medians decide, the sparse call only when :data:`MARGIN` times faster (as the plan requires:
-    it keeps a second, K-major copy of the weights, and a near tie flips with the machine's noise:
-    int4 sites on Zen 4 drew sparse verdicts in some processes and dense in others, and the
-    sparse-heavy runs were the slower ones), for every site of that shape for the rest of the process (logged, and
-    written into the sites' layer records, also of sites that join later). A site's first call of
-    each path is not a sample (the dense kernels bind and choose at their first call). A dense
-    verdict drops the sites' row calls and K-major copies. Not with
+    model's other work (int4 on Zen 4: level at 50 % kept in the plan, 0.8x dense in the model).
+    So the first decode rows of the model alternate two policies for all its activation-sparse
+    sites of one format (and compute dtype, environment, threads): every site sparse for a row,
+    then every site dense (the threshold in its prologue), and so on; a row is over when a site is
+    called again. A row's sample is the sum of its site calls, each timed whole (a row the sparse
+    call refuses, keeping more inputs than it takes, counts with the dense call it then needs).
+    Whole rows, because a call's cost depends on the path of the calls before it: the int4 q·k·v
+    sparse call measured ~228 us where sites alternated within a row (dense ~221), 322 us where
+    every site was sparse (dense 270; Zen 4, 8 layers, one process): per-call or per-shape
+    samples picked sparse where whole sparse rows were 21 % slower. A row in which a site ran a
+    path for the first time is not a sample (the dense kernels bind and choose at their first
+    call). After :data:`TRIAL_ROWS` rows of each policy, the medians decide for every site of the
+    trial for the rest of the process, the sparse policy only when :data:`MARGIN` times faster (as
+    the plan requires: it keeps a second, K-major copy of the weights, and a near tie flips with
+    the machine's noise); logged, and written into the sites' layer records, also of sites that
+    join later. A dense verdict drops the sites' row calls and K-major copies. Not with
     ``LOWBIT_SPARSE_DISPATCH=sparse|dense``."""
 
     def __init__(self):
@@ -658,6 +661,11 @@ class SiteTrial:
         self.text = ""  # the verdict in words (layer records)
         self.groups: weakref.WeakSet = weakref.WeakSet()  # the sites that joined
         self.warm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # site -> the paths it ran once
+        self.path = "sparse"  # the current row's policy
+        self.row: weakref.WeakSet = weakref.WeakSet()  # the sites called in the current row
+        self.row_seconds = 0.0
+        self.row_clean = True  # no site ran the row's path for the first time
+        self.what = ""
 
     def join(self, group: "SparseInputGroup") -> None:
         if group not in self.groups:
@@ -666,27 +674,38 @@ class SiteTrial:
                 group.note_trial(self)
 
     def next_path(self, group: "SparseInputGroup") -> str:
-        ran = self.warm.get(group, ())
-        if "sparse" not in ran:
-            return "sparse"
-        if "dense" not in ran:
-            return "dense"
-        return "dense" if len(self.times["dense"]) < len(self.times["sparse"]) else "sparse"
+        """The path of ``group``'s call: the current row's policy; a site called again ends the
+        row (its sum becomes a sample; the verdict once both policies have enough)."""
+        if group in self.row:
+            if self.row_clean and self.row_seconds > 0:
+                self.times[self.path].append(self.row_seconds)
+            self.row, self.row_seconds, self.row_clean = weakref.WeakSet(), 0.0, True
+            if min(len(v) for v in self.times.values()) >= TRIAL_ROWS:
+                self._decide()
+                return self.verdict
+            other = "dense" if self.path == "sparse" else "sparse"
+            self.path = other if len(self.times[other]) <= len(self.times[self.path]) else self.path
+        self.row.add(group)
+        return self.path
 
     def add(self, group: "SparseInputGroup", path: str, seconds: float, what: str) -> None:
+        if self.verdict is not None or path != self.path:
+            return
         ran = self.warm.setdefault(group, set())
         if path not in ran:
             ran.add(path)
-            return
-        self.times[path].append(seconds)
-        if min(len(v) for v in self.times.values()) < TRIAL_ROWS:
-            return
-        sparse, dense = (sorted(self.times[p])[TRIAL_ROWS // 2] for p in ("sparse", "dense"))
+            self.row_clean = False
+        self.row_seconds += seconds
+        self.what = what
+
+    def _decide(self) -> None:
+        sparse, dense = (sorted(v)[len(v) // 2] for v in (self.times["sparse"], self.times["dense"]))
         self.verdict = "sparse" if sparse * MARGIN <= dense else "dense"
-        self.text = (f"in-model trial ({TRIAL_ROWS} decode rows each over the sites of this shape): sparse call "
-                     f"{sparse * 1e3:.3f} ms, dense call {dense * 1e3:.3f} ms (medians; the sparse call must be "
-                     f"{MARGIN:.2f}x faster) -> the {self.verdict} kernel")
-        log.info("lowbit: activation-sparse %s: %s", what, self.text)
+        self.text = (f"in-model trial ({TRIAL_ROWS} decode rows of each policy over every activation-sparse "
+                     f"site of this format): sparse rows {sparse * 1e3:.3f} ms, dense rows {dense * 1e3:.3f} ms "
+                     f"(medians of the rows' summed site calls; sparse must be {MARGIN:.2f}x faster) -> the "
+                     f"{self.verdict} kernel")
+        log.info("lowbit: activation-sparse %s sites: %s", self.what.split(" ")[0], self.text)
         for g in list(self.groups):
             g.note_trial(self)
 
@@ -1009,12 +1028,11 @@ class SparseInputGroup(torch.nn.Module):
         return got
 
     def trial(self) -> SiteTrial | None:
-        """This site's in-model trial (:class:`SiteTrial`), shared by the sites of its shape; None
-        when the dispatch is not measured."""
+        """This site's in-model trial (:class:`SiteTrial`), shared by the sites of its format (the
+        model's, and any other model's in the process); None when the dispatch is not measured."""
         if _mode() != "measure":
             return None
-        key = (self.fmt, tuple(self.sizes), self.in_features, self.epilogue, str(self.compute_dtype),
-               cpu_dispatch.env_key(), torch.get_num_threads())
+        key = (self.fmt, str(self.compute_dtype), cpu_dispatch.env_key(), torch.get_num_threads())
         trial = _TRIALS.get(key)
         if trial is None:
             trial = _TRIALS[key] = SiteTrial()

@@ -632,7 +632,7 @@ def test_the_in_model_trial_counts_a_row_the_sparse_call_refuses_as_sparse(measu
 
     monkeypatch.setattr(cpu_sparse.RowCall, "__call__", sparse_call)
     monkeypatch.setattr(cpu_sparse, "_dense", dense_call)
-    for _ in range(2 * cpu_sparse.TRIAL_ROWS + 2):
+    for _ in range(2 * cpu_sparse.TRIAL_ROWS + 3):  # a row's sample is taken when the next row starts
         x = torch.randn(1, 1, k, generator=gen)
         y = cpu_sparse.sparse_input_group_linear(x, group, (None,))
         ref = _reference(x, qws, thr, None, (None,), fmt, k)[0]
@@ -640,6 +640,46 @@ def test_the_in_model_trial_counts_a_row_the_sparse_call_refuses_as_sparse(measu
     trial = call.trial
     assert trial.times["sparse"] and all(abs(t - 1.4e-3) < 1e-9 for t in trial.times["sparse"])
     assert trial.verdict == "dense"  # 1.4 ms (attempt + dense) against 1.0
+
+
+def test_the_in_model_trial_compares_whole_rows_of_every_site(measured, monkeypatch):
+    """Two sites of one format in a decode row (called in turn, as a model's layers are): each row
+    runs every site on one policy, the sample is the row's sum, and the verdict holds for both
+    sites, also the one whose own sparse call was the faster (a per-site trial would keep it
+    sparse): 0.5 + 2.0 ms sparse rows against 1.0 + 1.0 ms dense rows -> dense everywhere."""
+    gen = torch.Generator().manual_seed(23)
+    fmt, k = "int8", 256
+    site_a, *_ = _group(fmt, [256], k, gen)
+    site_b, *_ = _group(fmt, [128, 64], k, gen)
+    measured.update(dense=1e-3, sparse_all=0.8e-3, sparse_quarter=0.3e-3)
+    assert site_a.limit() == k and site_b.limit() == k
+    clock, rows = [0.0], []
+    monkeypatch.setattr(cpu_dispatch, "timer", lambda: clock[0])
+    row_call, dense = cpu_sparse.RowCall.__call__, cpu_sparse._dense
+
+    def sparse_call(self, *args):
+        clock[0] += 0.5e-3 if self.n == 256 else 2e-3  # site a (256 outputs) or site b (192)
+        rows[-1].append("sparse")
+        return row_call(self, *args)
+
+    def dense_call(*args, **kwargs):
+        clock[0] += 1e-3
+        rows[-1].append("dense")
+        return dense(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_sparse.RowCall, "__call__", sparse_call)
+    monkeypatch.setattr(cpu_sparse, "_dense", dense_call)
+    for _ in range(2 * cpu_sparse.TRIAL_ROWS + 4):
+        rows.append([])
+        x = torch.randn(1, 1, k, generator=gen)
+        cpu_sparse.sparse_input_group_linear(x, site_a, (None,))
+        cpu_sparse.sparse_input_group_linear(x, site_b, (None, None))
+    assert all(len(set(r)) == 1 for r in rows)  # one policy per row
+    trial = site_a.trial()
+    assert trial is site_b.trial() and trial.verdict == "dense"
+    assert trial.times["sparse"] == [pytest.approx(2.5e-3)] * cpu_sparse.TRIAL_ROWS
+    assert trial.times["dense"] == [pytest.approx(2e-3)] * cpu_sparse.TRIAL_ROWS
+    assert rows[-1] == ["dense", "dense"] and site_a.row_call() is None and site_b.row_call() is None
 
 
 @pytest.mark.parametrize("sizes", [[128, 128], [128]])
