@@ -160,27 +160,35 @@ def decode_step_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cac
     return keys, values, out
 
 
-def _takes(q, k, v, cache_k, cache_v, cos, sin, enable_gqa) -> bool:
-    """Whether the kernel computes this call (else the reference runs)."""
+def fits(q, k, v, cache_k, cache_v, cos, sin, enable_gqa) -> bool:
+    """What the kernel needs that stays the same across a graph's calls: float32 4-D CPU tensors,
+    one query token, whole KV-head groups (GQA only with ``enable_gqa``), k and v of one token,
+    caches of the same batch, heads and head size (their lengths are the call's business), cos/sin
+    ``[1 or B, 1, 1, D]`` with D even. The lowering checks it on a graph's example values (the
+    caches' lengths symbolic there), an unchecked call on its tensors."""
     tensors = [q, k, v, cache_k, cache_v] + ([] if cos is None else [cos, sin])
-    if any(t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu" or (t.stride(-1) != 1 and t.numel() > 0)
-           for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if any(t.dtype != torch.float32 or t.dim() != 4 or t.device.type != "cpu" for t in tensors):
         return False
     b, hq, s, d = q.shape
     hkv = k.shape[1]
+    if any(not isinstance(x, int) for x in (b, hq, s, d, hkv)):
+        return False
     if s != 1 or d == 0 or hkv == 0 or hq % hkv or (hq != hkv and not enable_gqa):
         return False
     if tuple(k.shape) != (b, hkv, 1, d) or tuple(v.shape) != (b, hkv, 1, d):
         return False
-    t = cache_k.shape[2]
-    if tuple(cache_k.shape) != (b, hkv, t, d) or tuple(cache_v.shape) != (b, hkv, t, d):
+    if any(tuple(c.shape[:2]) != (b, hkv) or c.shape[3] != d for c in (cache_k, cache_v)):
         return False
-    if cos is not None and (d % 2 or cos.shape != sin.shape or cos.stride() != sin.stride()
-                            or cos.shape[0] not in (1, b) or tuple(cos.shape[1:]) != (1, 1, d)):
-        return False
-    return True
+    return cos is None or not (d % 2 or tuple(cos.shape) != tuple(sin.shape) or cos.shape[0] not in (1, b)
+                               or tuple(cos.shape[1:]) != (1, 1, d))
+
+
+def _runs(qs, ks, vs, cks, cvs, cache_k, cache_v, cos, sin) -> bool:
+    """What can change between a graph's calls: every row contiguous (``qs`` ... ``cvs``: the
+    strides of q, k, v and the caches), the two caches of one length, cos and sin laid out alike."""
+    return (qs[3] == 1 and ks[3] == 1 and vs[3] == 1 and cks[3] == 1 and cvs[3] == 1
+            and cache_k.shape[2] == cache_v.shape[2]
+            and (cos is None or (cos.stride(3) == 1 and cos.stride() == sin.stride())))
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -191,19 +199,15 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
     SDPA(rope(q), keys, values, scale=scale, enable_gqa=enable_gqa)``; ``cos=None``: no RoPE. The C
     kernel for float32 one-token queries, :func:`decode_step_reference` otherwise.
 
-    ``checked=True``: the caller has established everything but the strides and the caches'
-    lengths (the lowering does, on the graph's example values, which Dynamo's guards hold the
-    inputs to: dtypes, ranks, the other sizes, no autograd), so the call checks only those: ~1 us
-    of Python where the full check costs ~9 (the call runs between cold GEMVs, see the module
-    doc)."""
+    ``checked=True``: the caller has established :func:`fits` and that no autograd is needed (the
+    lowering does, on the graph's example values, which Dynamo's guards hold the inputs to), so
+    the call checks only what :func:`_runs` checks: ~1 us of Python where the whole check costs
+    ~9 (the call runs between cold GEMVs, see the module doc)."""
     global calls
     qs, ks, vs, cks, cvs = q.stride(), k.stride(), v.stride(), cache_k.stride(), cache_v.stride()
-    if checked:
-        ok = (qs[3] == 1 and ks[3] == 1 and vs[3] == 1 and cks[3] == 1 and cvs[3] == 1
-              and cache_k.shape[2] == cache_v.shape[2]
-              and (cos is None or (cos.stride(3) == 1 and cos.stride() == sin.stride())))
-    else:
-        ok = _takes(q, k, v, cache_k, cache_v, cos, sin, enable_gqa)
+    ok = (checked or (fits(q, k, v, cache_k, cache_v, cos, sin, enable_gqa) and not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, cache_k, cache_v, cos, sin))))) \
+        and _runs(qs, ks, vs, cks, cvs, cache_k, cache_v, cos, sin)
     fn = kernel() if ok else None
     if fn is None:
         return decode_step_reference(q, k, v, cache_k, cache_v, cos, sin, scale, enable_gqa)
