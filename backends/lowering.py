@@ -606,6 +606,11 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
         record(node, ":residual")
 
 
+def _calls(node: Any, *targets: Any) -> bool:
+    """Whether ``node`` is a graph call of one of ``targets`` (the CPU fusions' matchers)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
 def _fuse_cpu_rope(gm: fx.GraphModule) -> int:
     """Hugging Face's rotary embedding, ``x * cos + cat(-x[..., D/2:], x[..., :D/2]) * sin``, as
     one call of ``cpu_rope.rope`` (seven torch calls fewer per q and per k: the Python between a
@@ -614,31 +619,28 @@ def _fuse_cpu_rope(gm: fx.GraphModule) -> int:
     replaced; ``LOWBIT_CPU_FUSE=0`` turns it off with the other CPU fusions."""
     from lowbit_compiler.backends import cpu_rope
 
-    def call(node: Any, *targets: Any) -> bool:
-        return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
     def only_user(node: fx.Node, user: fx.Node) -> bool:
         return len(node.users) == 1 and next(iter(node.users)) is user
 
     def half_slice(node: Any, x: fx.Node, half: int, upper: bool) -> bool:
         """``x[..., half:]`` (upper) or ``x[..., :half]``."""
-        if not (call(node, operator.getitem) and node.args[0] is x and isinstance(node.args[1], tuple)):
+        if not (_calls(node, operator.getitem) and node.args[0] is x and isinstance(node.args[1], tuple)):
             return False
         want = slice(half, None, None) if upper else slice(None, half, None)
         return node.args[1] == (Ellipsis, want)
 
     def rotary(add: fx.Node) -> tuple[fx.Node, Any, Any, list[fx.Node]] | None:
         """(x, cos, sin, the matched nodes) if ``add`` is the expression."""
-        if not call(add, operator.add, torch.add) or len(add.args) != 2 or add.kwargs:
+        if not _calls(add, operator.add, torch.add) or len(add.args) != 2 or add.kwargs:
             return None
         for direct, rotated in (add.args, add.args[::-1]):
-            if not (call(direct, operator.mul, torch.mul) and call(rotated, operator.mul, torch.mul)):
+            if not (_calls(direct, operator.mul, torch.mul) and _calls(rotated, operator.mul, torch.mul)):
                 continue
             if direct.kwargs or rotated.kwargs or not (only_user(direct, add) and only_user(rotated, add)):
                 continue
             for x, cos in (direct.args, direct.args[::-1]):
                 for cat, sin in (rotated.args, rotated.args[::-1]):
-                    if not (isinstance(x, fx.Node) and call(cat, torch.cat) and only_user(cat, rotated)):
+                    if not (isinstance(x, fx.Node) and _calls(cat, torch.cat) and only_user(cat, rotated)):
                         continue
                     dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
                     parts = cat.args[0]
@@ -650,7 +652,7 @@ def _fuse_cpu_rope(gm: fx.GraphModule) -> int:
                     if not isinstance(d, int) or d % 2:
                         continue
                     neg, low = parts
-                    if not (call(neg, operator.neg, torch.neg) and only_user(neg, cat) and only_user(low, cat)
+                    if not (_calls(neg, operator.neg, torch.neg) and only_user(neg, cat) and only_user(low, cat)
                             and half_slice(neg.args[0], x, d // 2, upper=True) and only_user(neg.args[0], neg)
                             and half_slice(low, x, d // 2, upper=False)):
                         continue
@@ -692,24 +694,15 @@ def _fuse_cpu_decode_attention(gm: fx.GraphModule) -> int:
 
     sdpa_targets = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
-    def call(node: Any, *targets: Any) -> bool:
-        return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
     def cache_cat(node: Any) -> tuple[fx.Node, fx.Node] | None:
         """(cache, new) for ``torch.cat([cache, new], dim=-2 or 2)``."""
-        if not call(node, torch.cat) or set(node.kwargs) - {"dim"}:
+        if not _calls(node, torch.cat) or set(node.kwargs) - {"dim"}:
             return None
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         parts = node.args[0]
         if dim not in (-2, 2) or not isinstance(parts, (list, tuple)) or len(parts) != 2:
             return None
         return parts[0], parts[1]
-
-    def float_4d(node: Any) -> torch.Tensor | None:
-        v = _dynamo_adapter.example_value(node) if isinstance(node, fx.Node) else None
-        ok = v is not None and v.dim() == 4 and v.dtype == torch.float32 and v.device.type == "cpu" \
-            and not v.requires_grad
-        return v if ok else None
 
     def mutates(n: fx.Node) -> bool:
         """An in-place call (``x.add_(...)``, ``torch.relu_``, ``out=``) or one FX calls impure."""
@@ -719,7 +712,7 @@ def _fuse_cpu_decode_attention(gm: fx.GraphModule) -> int:
 
     replaced = 0
     for node in list(gm.graph.nodes):
-        if not call(node, *sdpa_targets) or len(node.args) > len(_SDPA_PARAMS) \
+        if not _calls(node, *sdpa_targets) or len(node.args) > len(_SDPA_PARAMS) \
                 or set(node.kwargs) - set(_SDPA_PARAMS[len(node.args):]):
             continue
         a = dict(zip(_SDPA_PARAMS, (None, None, None, None, 0.0, False, None, False)))
@@ -734,29 +727,18 @@ def _fuse_cpu_decode_attention(gm: fx.GraphModule) -> int:
             continue
         (cache_k, k), (cache_v, v), q = kparts, vparts, a["query"]
         cos = sin = None
-        if (call(q, cpu_rope.rope) and call(k, cpu_rope.rope) and list(q.args[1:]) == list(k.args[1:])
+        if (_calls(q, cpu_rope.rope) and _calls(k, cpu_rope.rope) and list(q.args[1:]) == list(k.args[1:])
                 and len(q.users) == 1 and len(k.users) == 1 and not q.kwargs and not k.kwargs):
             q_rope, k_rope = q, k
             (q, cos, sin), k = q.args, k.args[0]
         else:
             q_rope = k_rope = None
-        vals = [float_4d(t) for t in (q, k, v, cache_k, cache_v)]
-        if any(t is None for t in vals) or (cos is not None and (float_4d(cos) is None or float_4d(sin) is None)):
+        vals = [_dynamo_adapter.example_value(t) if isinstance(t, fx.Node) else None
+                for t in (q, k, v, cache_k, cache_v, cos, sin)]
+        needed = vals if cos is not None else vals[:5]
+        # what the kernel needs but the strides and the caches' lengths (symbols here: compared at run time)
+        if any(t is None or t.requires_grad for t in needed) or not cpu_attention.fits(*vals, a["enable_gqa"]):
             continue
-        qv, kv, vv, ckv, cvv = vals
-        b, hq, s, d = qv.shape
-        hkv = kv.shape[1]
-        symbolic = [x for x in (b, hq, s, d, hkv) if not isinstance(x, int)]
-        if symbolic or s != 1 or hkv == 0 or hq % hkv or (hq != hkv and not a["enable_gqa"]) \
-                or tuple(kv.shape) != (b, hkv, 1, d) or tuple(vv.shape) != (b, hkv, 1, d) \
-                or tuple(ckv.shape[:2]) != (b, hkv) or ckv.shape[3] != d or tuple(cvv.shape[:2]) != (b, hkv) \
-                or cvv.shape[3] != d:  # the two caches' lengths (symbols) are compared at run time
-            continue
-        if cos is not None:
-            cv_ = _dynamo_adapter.example_value(cos)
-            if d % 2 or cv_.shape[0] not in (1, b) or tuple(cv_.shape[1:]) != (1, 1, d) \
-                    or tuple(cv_.shape) != tuple(_dynamo_adapter.example_value(sin).shape):
-                continue
         # the new node goes where the SDPA call was, so it reads its inputs there: nothing between the
         # first matched call and the SDPA may write to them, and the cats' other users must come after it
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
