@@ -34,20 +34,21 @@ from typing import Any
 
 import torch
 
-_TRIM = []
+_LIBC: dict[str, Any] = {}  # name -> glibc's function (ctypes) or None, looked up once
 
 
-def _malloc_trim():
-    if not _TRIM:
-        trim = None
+def _libc_function(name: str):
+    """glibc's function ``name`` (``malloc_trim``, ``mallopt``), or None (not Linux, no such
+    function)."""
+    if name not in _LIBC:
+        fn = None
         if sys.platform.startswith("linux"):
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                trim = getattr(libc, "malloc_trim", None)
+                fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name, None)
             except OSError:
-                trim = None
-        _TRIM.append(trim)
-    return _TRIM[0]
+                fn = None
+        _LIBC[name] = fn
+    return _LIBC[name]
 
 
 MMAP_THRESHOLD = 1 << 20  # while quantizing and packing
@@ -57,14 +58,6 @@ RUN_TRIM_THRESHOLD = 64 << 20  # twice the mmap threshold, as glibc's dynamic ru
 _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1  # glibc's mallopt parameter numbers
 _PINNED: list[str] = []  # the decision, made once per process: "pinned at ..." or why not
 _CURRENT: list[int] = []  # [the mmap threshold this module set last] (empty: never set)
-
-
-def _mallopt():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return getattr(libc, "mallopt", None)
 
 
 def _set(mallopt, mmap_threshold: int, trim_threshold: int) -> bool:
@@ -89,7 +82,7 @@ def pin_mmap_threshold() -> str:
 
     if _PINNED:
         if _PINNED[0].startswith("pinned") and _CURRENT and _CURRENT[0] != MMAP_THRESHOLD:
-            mallopt = _mallopt()
+            mallopt = _libc_function("mallopt")
             if mallopt is not None and _set(mallopt, MMAP_THRESHOLD, TRIM_THRESHOLD):
                 release_freed()  # the heap's free blocks would serve the next large ones: back to the OS
         return _PINNED[0]
@@ -100,7 +93,7 @@ def pin_mmap_threshold() -> str:
     elif not sys.platform.startswith("linux"):
         why = f"not pinned: not glibc ({sys.platform})"
     else:
-        mallopt = _mallopt()
+        mallopt = _libc_function("mallopt")
         ok = mallopt is not None and _set(mallopt, MMAP_THRESHOLD, TRIM_THRESHOLD)
         why = (f"pinned at {MMAP_THRESHOLD} bytes" if ok
                else "not pinned: this C library has no working mallopt (not glibc)")
@@ -118,7 +111,7 @@ def release_mmap_threshold() -> None:
     Does nothing unless :func:`pin_mmap_threshold` pinned it."""
     if not (_CURRENT and _CURRENT[0] == MMAP_THRESHOLD):
         return
-    mallopt = _mallopt()
+    mallopt = _libc_function("mallopt")
     if mallopt is not None:
         _set(mallopt, RUN_MMAP_THRESHOLD, RUN_TRIM_THRESHOLD)
 
@@ -130,7 +123,7 @@ def current_mmap_threshold() -> int | None:
 
 def release_freed() -> bool:
     """Return the allocator's free heap pages to the OS; True when glibc's ``malloc_trim`` ran."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)
@@ -174,4 +167,3 @@ def drop_float_weights(model: torch.nn.Module) -> dict[str, Any]:
         report["dropped"].append(names[0])
     release_freed()
     return report
-
