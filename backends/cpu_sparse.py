@@ -655,7 +655,8 @@ class SiteTrial:
     join later. A dense verdict drops the sites' row calls and K-major copies. Not with
     ``LOWBIT_SPARSE_DISPATCH=sparse|dense``."""
 
-    def __init__(self):
+    def __init__(self, fmt: str):
+        self.fmt = fmt  # the format of its sites (the log line)
         self.times: dict[str, list[float]] = {"sparse": [], "dense": []}
         self.verdict: str | None = None
         self.text = ""  # the verdict in words (layer records)
@@ -665,7 +666,6 @@ class SiteTrial:
         self.row: weakref.WeakSet = weakref.WeakSet()  # the sites called in the current row
         self.row_seconds = 0.0
         self.row_clean = True  # no site ran the row's path for the first time
-        self.what = ""
 
     def join(self, group: "SparseInputGroup") -> None:
         if group not in self.groups:
@@ -688,7 +688,7 @@ class SiteTrial:
         self.row.add(group)
         return self.path
 
-    def add(self, group: "SparseInputGroup", path: str, seconds: float, what: str) -> None:
+    def add(self, group: "SparseInputGroup", path: str, seconds: float) -> None:
         if self.verdict is not None or path != self.path:
             return
         ran = self.warm.setdefault(group, set())
@@ -696,7 +696,6 @@ class SiteTrial:
             ran.add(path)
             self.row_clean = False
         self.row_seconds += seconds
-        self.what = what
 
     def _decide(self) -> None:
         sparse, dense = (sorted(v)[len(v) // 2] for v in (self.times["sparse"], self.times["dense"]))
@@ -705,7 +704,7 @@ class SiteTrial:
                      f"site of this format): sparse rows {sparse * 1e3:.3f} ms, dense rows {dense * 1e3:.3f} ms "
                      f"(medians of the rows' summed site calls; sparse must be {MARGIN:.2f}x faster) -> the "
                      f"{self.verdict} kernel")
-        log.info("lowbit: activation-sparse %s sites: %s", self.what.split(" ")[0], self.text)
+        log.info("lowbit: activation-sparse %s sites: %s", self.fmt, self.text)
         for g in list(self.groups):
             g.note_trial(self)
 
@@ -1035,7 +1034,7 @@ class SparseInputGroup(torch.nn.Module):
         key = (self.fmt, str(self.compute_dtype), cpu_dispatch.env_key(), torch.get_num_threads())
         trial = _TRIALS.get(key)
         if trial is None:
-            trial = _TRIALS[key] = SiteTrial()
+            trial = _TRIALS[key] = SiteTrial(self.fmt)
         trial.join(self)
         return trial
 
@@ -1208,7 +1207,7 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
             _note_dense(group.fmt, group.out_features, k, call.limit, "in-model trial (alternating with the sparse call)")
             start = cpu_dispatch.timer()
             y = _dense(x, group, biases, residual, norm_weight, eps, group.threshold, group.col_scale)
-            trial.add(group, "dense", cpu_dispatch.timer() - start, f"{group.fmt} N={group.out_features} K={k}")
+            trial.add(group, "dense", cpu_dispatch.timer() - start)
             return y
         if call is not None:
             start = cpu_dispatch.timer() if trial is not None else 0.0
@@ -1227,13 +1226,13 @@ def sparse_input_group_linear(x: torch.Tensor, group: SparseInputGroup, biases: 
                     y = ((y if residual is None or res is not None else residual + y) if len(group.sizes) == 1
                          else tuple(y.split(group.sizes, dim=-1)))
                 if trial is not None:
-                    trial.add(group, "sparse", cpu_dispatch.timer() - start, f"{group.fmt} N={group.out_features} K={k}")
+                    trial.add(group, "sparse", cpu_dispatch.timer() - start)
                 return y
             _note_dense(group.fmt, group.out_features, k, call.limit,
                         f"more than {call.limit} of {k} inputs kept (measured crossover)")
             y = _dense(xs.view(x.shape), group, biases, residual)
             if trial is not None:  # what the sparse path cost this row: the kernel's attempt and the dense call
-                trial.add(group, "sparse", cpu_dispatch.timer() - start, f"{group.fmt} N={group.out_features} K={k}")
+                trial.add(group, "sparse", cpu_dispatch.timer() - start)
             return y
     if one_row and x.dtype != torch.float32 and group.limit() >= 0 and group.row_call() is not None:
         # bf16 / fp16: the op compares in x's dtype (rounded threshold and score), so torch thresholds
