@@ -201,8 +201,9 @@ class SparseFormat:
                  else torch.full(scale.shape, 2 ** (self.inner.bits - 1), dtype=torch.int16))
             zero_code = z.repeat_interleave(g * self.m // self.n, dim=1)
         dense = zero_code.clone()
-        kept = self.expand(torch.ones_like(codes, dtype=torch.bool), index, k)
-        dense[kept] = codes.reshape(-1)  # row-major order of the kept positions = compressed order
+        # each kept code to its column, as expand() does (a stream out of column order included)
+        dense.view(rows, k // self.m, self.m).scatter_(-1, index.long().view(rows, k // self.m, self.n),
+                                                       codes.reshape(rows, k // self.m, self.n))
         fmt = self.dense_format
         if self.inner.bits == 8:
             return QuantizedWeight(fmt, dense.to(torch.int8).contiguous(), scale, None, k)
