@@ -79,8 +79,9 @@ BLOCK_BYTES = 32 << 20  # dequantize-then-matmul: bytes of the dequantized block
 # (first row, last row or None, rows timed): a call of M rows takes the plan of the class holding M
 ROW_CLASSES = ((1, 1, 1), (2, 2, 2), (3, 4, 4), (5, 8, 8), (9, 16, 16), (17, 64, 64), (65, 256, 256),
                (257, None, PREFILL_ROWS))
-CANDIDATES = ("generated", "torch", "dequant_bf16", "dequant_fp32", "reference")
+CANDIDATES = ("generated", "torch", "dequant_bf16", "dequant_fp32", "dense_copy", "reference")
 DESCRIPTION = {"generated": "the generated C kernel (float32)", "torch": "torch's packed kernel",
+               "dense_copy": "the dense format's kernels over a decompressed copy of the N:M weight",
                "dequant_bf16": "dequantize (generated C) + bf16 matmul, blockwise",
                "dequant_fp32": "dequantize (generated C) + fp32 matmul, blockwise",
                "reference": "the float reference (the whole weight dequantised, fp32 matmul)"}
@@ -575,6 +576,8 @@ def static_choice(packed, rows: int) -> str:
     blockwise), else the float reference."""
     if rows <= cpu_codegen.MAX_ROWS and packed.generated(cpu_codegen.int8_activations_enabled()) is not None:
         return "generated"
+    if WeightFormat.parse(packed.fmt).kind == "sparse":
+        return "dense_copy"
     if has_torch_kernel(packed.fmt):
         return "torch"
     return "dequant_fp32" if dequant_kernel() is not None and dequant_covers(packed.fmt) else "reference"
@@ -586,6 +589,8 @@ def candidates(packed, rows: int, compute_dtype: torch.dtype) -> list[str]:
     out = []
     if rows <= cpu_codegen.MAX_ROWS and packed.generated(cpu_codegen.int8_activations_enabled()) is not None:
         out.append("generated")
+    if WeightFormat.parse(packed.fmt).kind == "sparse":  # N:M: the lowering's measured plan (cpu_sparse.plan_24)
+        return out or ["dense_copy"]                    # chose the N:M kernel; what it cannot take, the dense copy
     if has_torch_kernel(packed.fmt):
         out.append("torch")
     # above MAX_ROWS, and for a decode-sized call nothing else takes (NF4 with K padded to the group)

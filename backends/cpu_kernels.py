@@ -160,6 +160,8 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     n = scale.shape[0]
     if f.kind == "nf4":  # no torch kernel, so no torch layout: the generated kernels read the codes as stored
         return PackedWeight(fmt, None, None, n, in_features, qweight.shape[1] * 2, (qweight, scale, zero))
+    if f.kind == "sparse":  # N:M: the generated kernel reads the compressed storage; other calls: sparse_dense
+        return PackedWeight(fmt, None, None, n, in_features, in_features, (qweight, scale, zero))
     if f.bits == 8:
         packed = PackedWeight(fmt, qweight.contiguous(), scale.to(dtype), n, in_features, in_features,
                               (qweight, scale, zero))
@@ -292,6 +294,8 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
             y = bound(x.reshape(-1, x.shape[-1]), bias)
             return y.view(*lead, packed.out_features) if out_dtype == torch.float32 else \
                 y.view(*lead, packed.out_features).to(out_dtype)
+    elif name == "dense_copy":  # an N:M weight: the dense format's kernels over its decompressed copy
+        return packed_linear(x, dense_copy_packed(packed, compute_dtype), bias, compute_dtype)
     elif name in ("dequant_bf16", "dequant_fp32"):
         dtype = torch.bfloat16 if name == "dequant_bf16" else torch.float32
         y = cpu_dispatch.dequant_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
@@ -303,6 +307,17 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
         return reference_linear(x, packed, bias)
     cpu_dispatch.counter[(packed.fmt, "torch")] += 1
     return torch_packed_linear(x, packed, bias, compute_dtype)
+
+
+def dense_copy_packed(packed: PackedWeight, compute_dtype: torch.dtype) -> PackedWeight:
+    """The packed dense copy of an N:M weight (``cpu_sparse.dense_copy``: the same matrix in the
+    inner format, 1 byte per weight more for int8, built at the first call that needs it and cached),
+    for the calls the generated N:M kernel does not take (more than ``MAX_ROWS`` rows, no kernel)."""
+    from lowbit_compiler.backends import cpu_sparse
+
+    qweight, scale, zero = packed.quantized
+    d = cpu_sparse.dense_copy(qweight, scale, packed.fmt, packed.in_features, zero)
+    return prepack(d.qweight, d.scale, d.zero, d.format.key, packed.in_features, compute_dtype)
 
 
 def reference_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -466,9 +481,10 @@ def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     x2 = x.reshape(-1, x.shape[-1])
     if sparse_reason(x.dtype, x.device, x2.shape[0], fmt) is not None:
         return None
+    y = None
     if cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0]):  # measured: faster than dense
         y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
-    else:
+    if y is None:  # the dense kernel measured faster, or the N:M kernel refused the weight (logged)
         d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features, zero)
         y = cpu_codegen.linear(x2, d.qweight, d.scale, d.zero, bias, d.format.key, in_features)
     return None if y is None else y.reshape(*lead, y.shape[-1]).to(x.dtype)

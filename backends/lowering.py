@@ -164,6 +164,15 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
         if "from_nm" in extra:  # an N:M weight whose dense copy runs (_wo_linear_cpu)
             return (f"the dense {fmt} kernels over the N:M weight decompressed once (measured faster than the N:M "
                     "kernel, or a call it cannot take): " + implementation(op, label.replace(":from_nm", ""), args))
+        if WeightFormat.parse(fmt).kind == "sparse":  # the N:M kernel, measured faster than the dense copy's
+            generated = cpu_codegen.kernel_name(fmt)
+            what = (("gate.up + SiLU * mul" if fused == "silu_mul" else f"{fused[1:]} weights of one input")
+                    if fused else "one weight")
+            ext = "_multi" if fused else ""
+            return (f"generated C kernel {generated}{ext}{'_ext' if folded else ''} over the compressed {fmt} "
+                    f"storage ({what}{', ' + ' and '.join(folded) if folded else ''}; M <= {cpu_codegen.MAX_ROWS} "
+                    f"rows, float32; measured faster than the dense kernel at lowering: cpu_sparse.plan_24), else "
+                    "the dense kernels over a decompressed copy (cpu_kernels.packed_linear)")
         torch_kernel = cpu_dispatch.has_torch_kernel(fmt)  # NF4 has none: dequantize + matmul above MAX_ROWS
         packed = (f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)" if torch_kernel
                   else f"cpu_kernels.packed_linear ({fmt}: dequantize (generated C) + fp32 matmul, blockwise)")
@@ -203,10 +212,6 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
                 f"row: threshold + compaction + the K-major GEMV in one call of the generated C kernel "
                 f"{cpu_sparse.kernel_name(fmt)} when it keeps no more inputs than the measured crossover, "
                 f"else the dense kernels (packed_linear / fused_linear, {dtype} compute) on the thresholded input")
-    if kind == "cpu-nm":  # an N:M format's wo_linear (_wo_linear_cpu)
-        return (f"ops.wo_linear_eager called directly: the generated N:M {rest} kernel for M <= "
-                f"{cpu_codegen.MAX_ROWS} rows (or the dense kernel over a decompressed copy where measured faster), "
-                "else the float reference (logged)")
     if kind == "cpu-op":
         note = EAGER_NOTES[op](args) if op in EAGER_NOTES else None
         where = f"eager op (lowbit_compiler/ops.py{'; an extern call inside Inductor' if rest else ''})"
@@ -285,8 +290,15 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
             return f"cpu-op:{a['fmt']}:sparse" if reason is None else _reference(node, ctx, reason)
         qweight, scale, zero = _quantized_tensors(gm, a)
         if reason is None and cpu_sparse.use_nm_kernel(qweight, scale, a["fmt"], a["in_features"], max(rows, 1)):
-            node.target = ops.wo_linear_eager  # the op's implementation called directly, same args: the dispatcher
-            return f"cpu-nm:{a['fmt']}"  # costs ~100 us per decode call (measured), longer than the GEMV
+            # the N:M kernel on the compressed storage, packed like a dense weight: the CPU fusion groups
+            # (q/k/v, gate.up) and the norm / residual folds apply as to any packed linear
+            dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+            dtype_name = str(dtype).split(".")[-1]
+            packed = cpu_kernels.prepack(qweight, scale, zero, a["fmt"], a["in_features"], dtype)
+            base = a["qweight"].target.rsplit(".", 1)[0]
+            _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
+                            lambda p: (a["x"], p, a["bias"], dtype))
+            return f"cpu:{a['fmt']}:{dtype_name}"
         # the dense format's packed path over the decompressed copy (the same matrix): the dispatch measured
         # it faster, or the N:M kernel cannot take the call (prefill rows, int4 kept values); the fusion
         # groups and folds then apply as to any dense linear

@@ -225,17 +225,18 @@ def test_compressed_and_compiled_models_run_the_generated_kernel(monkeypatch):
 
 
 def _group_of_three(fmt: str, seed: int):
-    """Three weights of one input (odd, unequal N: 67, 33, 33; K ragged for int8) bound to their kernel,
-    with biases, as a side-by-side group and the last two as gate.up + SiLU * mul."""
+    """Three weights of one input (odd, unequal N: 67, 33, 33; K ragged for int8; for 2:4 a last block
+    of 128 columns) bound to their kernel, with biases, as a side-by-side group and the last two as
+    gate.up + SiLU * mul."""
     g = torch.Generator().manual_seed(seed)
-    k = 256 + (24 if fmt == "int8" else 0)
+    k = 256 + {"int8": 24, "s24+int8": 128}.get(fmt, 0)
     qs = [formats.quantize(torch.randn(n, k, generator=g) * 0.05, WeightFormat.parse(fmt)) for n in (67, 33, 33)]
     bound = [cpu_codegen.bind(q.qweight, q.scale, q.zero, fmt, k) for q in qs]
     biases = [torch.randn(b.n, generator=g) for b in bound]
     return g, k, qs, bound, biases, cpu_codegen.bind_group(bound), cpu_codegen.bind_group(bound[1:], cpu_codegen.SILU_MUL)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64", "s24+int8"])
 def test_fused_calls_equal_the_separate_kernels(fmt):
     """The several-weights entry point (a CPU fusion group): q/k/v-like weights of one input (odd,
     unequal N, biases) side by side equal the separate calls bit for bit (the same per-channel
@@ -251,7 +252,7 @@ def test_fused_calls_equal_the_separate_kernels(fmt):
         assert formats.sqnr_db(reference, gate_up(x, biases[1:]).double()) >= _floor(fmt)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64", "s24+int8"])
 def test_ext_entries_fuse_the_rms_norm_and_the_residual(fmt):
     """The ``_ext`` entries (the CPU fusion groups' prologue and epilogue): one weight with the
     RMSNorm prologue and the residual epilogue, and a group with the prologue, against float64
@@ -282,7 +283,7 @@ def test_ext_entries_fuse_the_rms_norm_and_the_residual(fmt):
         assert formats.sqnr_db(expected, gate_up.ext(x, biases[1:], norm_w, eps).double()) >= floor
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "s24+int8"])
 def test_ext_entries_threshold_in_their_prologue(fmt):
     """The ``_ext`` entries' threshold step (what an activation-sparse layer runs where its sparse
     kernel does not pay): ``lowbit::act_sparsify`` with one threshold, or per-channel thresholds
