@@ -343,6 +343,7 @@ class FusedWeights(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.sizes = [m.out_features for m in members]
         self.epilogue = epilogue
+        self.sparse = WeightFormat.parse(members[0].fmt).kind == "sparse" if members else False  # N:M weights
         self._bound: dict[tuple, "cpu_codegen.BoundGroup | None"] = {}  # (isa, split8) -> bound group
         self._fast: dict[tuple, Any] = {}  # (rows, compute dtype, environment) -> bound group, or False
 
@@ -445,7 +446,7 @@ def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                    in_features: int, policy: str | None = None) -> torch.Tensor | None:
     """The fast path for one call, or None when it does not apply (the caller uses the reference)."""
     if WeightFormat.parse(fmt).kind == "sparse":
-        return sparse_linear_fast(x, qweight, scale, zero, bias, fmt, in_features)
+        return sparse_linear_fast(x, qweight, scale, zero, bias, fmt, in_features, policy)
     if cpu_lut.supported(fmt) is None:  # int3/int2: the lookup-table kernel for decode-sized calls
         y = cpu_lut.linear(x.reshape(-1, x.shape[-1]), qweight, scale, zero, bias, fmt, in_features)
         return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -470,24 +471,33 @@ def sparse_reason(x_dtype: torch.dtype, device: torch.device, rows: int, fmt: st
 
 
 def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bias: torch.Tensor | None, fmt: str, in_features: int) -> torch.Tensor | None:
-    """``lowbit::wo_linear`` over an N:M sparse format by the generated kernel that reads only the
-    kept values and their indices (float32 accumulation), or None (the caller runs the reference)."""
+                       bias: torch.Tensor | None, fmt: str, in_features: int,
+                       policy: str | None = None) -> torch.Tensor | None:
+    """``lowbit::wo_linear`` over an N:M sparse format: the generated kernel that reads only the kept
+    values and their indices (float32 accumulation) where it takes the call and the measured plan
+    gives it the call; else the dense format's kernels over the decompressed copy (built once,
+    cached: 1 byte per weight more for int8; the reason logged once per shape), as the CPU lowering
+    does: prefill rows, int4 kept values, a refused weight. None (the caller runs the reference)
+    only where no dense kernel takes the call either."""
     from lowbit_compiler.backends import cpu_codegen
 
     from lowbit_compiler.backends import cpu_sparse
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if sparse_reason(x.dtype, x.device, x2.shape[0], fmt) is not None:
-        return None
-    y = None
-    if cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0]):  # measured: faster than dense
+    why = sparse_reason(x.dtype, x.device, x2.shape[0], fmt)
+    if why is None and cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0]):  # measured
         y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
-    if y is None:  # the dense kernel measured faster, or the N:M kernel refused the weight (logged)
-        d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features, zero)
-        y = cpu_codegen.linear(x2, d.qweight, d.scale, d.zero, bias, d.format.key, in_features)
-    return None if y is None else y.reshape(*lead, y.shape[-1]).to(x.dtype)
+        if y is not None:
+            return y.reshape(*lead, y.shape[-1]).to(x.dtype)
+    d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features, zero)
+    if unsupported_reason(x.dtype, x.device, d.format.key) is not None:
+        return None
+    if why is not None:  # (the plan's own choice logged itself)
+        cpu_sparse._note_dense(fmt, scale.shape[0], in_features, x2.shape[0], f"{why}; the dense {d.format.key} "
+                               "kernels run over a decompressed copy")
+    dtype = compute_dtype_for(x.dtype, policy or _EAGER_POLICY[-1])
+    return packed_linear(x, prepack(d.qweight, d.scale, d.zero, d.format.key, in_features, dtype), bias, dtype)
 
 
 class PackedExperts(torch.nn.Module):

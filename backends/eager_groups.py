@@ -78,6 +78,12 @@ class EagerGroup:
                 [cpu_kernels.prepack(m.qweight, m.scale, m.zero, m.fmt, m.in_features, dtype) for m in modules])
         if fused.bound() is None or cpu_codegen.int8_activations_enabled():
             return None  # no generated kernel: each member's own call (which says why, if anything)
+        if fused.sparse:  # N:M members: the measured plan's choice for this many rows (as each member's own call)
+            from lowbit_compiler.backends import cpu_sparse
+
+            rows = x.numel() // x.shape[-1]
+            if not all(cpu_sparse.use_nm_kernel(m.qweight, m.scale, m.fmt, m.in_features, rows) for m in modules):
+                return None
         return cpu_kernels.fused_linear(x, fused, tuple(m.bias for m in modules), dtype)
 
     def __getstate__(self) -> dict:

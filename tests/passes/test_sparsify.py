@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lowbit_compiler import Recipe, WeightFormat, compress, formats, zoo
+from lowbit_compiler import Recipe, WeightFormat, compress, formats, ops, zoo
 from lowbit_compiler.offline import LowbitLinear
 from lowbit_compiler.passes.sparsify import masks
 from lowbit_compiler.recipe import get_recipe
@@ -225,3 +225,38 @@ def test_triton_sparse_kernel_compiles_for_sm90_without_spills():
     for job, report in zip(jobs, _triton_adapter.compile_for_gpu(jobs)):
         assert report["arch"] == "sm_90" and 0 < report["registers"] <= 255, report
         assert report["spill_bytes"] == 0, (job["constexprs"], report)
+
+
+@pytest.mark.parametrize("recipe", ["s24-w4a16", "s24-w8a16"])
+def test_compressed_sparse_models_run_kernels_eagerly(recipe):
+    """A compressed 2:4 model run eagerly takes no float-reference fallback: int4 kept values (no N:M
+    kernel) and prompts of more than 16 rows run the dense kernels over the decompressed copy
+    (counted as dense in ``cpu_sparse.dispatch_counter``), 2:4 + int8 decode rows the N:M kernel;
+    the outputs match the float reference of the same stored weights."""
+    from lowbit_compiler import fallback_counter
+    from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
+
+    model = compress(make_model("llama"), get_recipe(recipe), calibration=_calibration(), progress=False)
+    fmt = next(m.fmt for m in model.modules() if isinstance(m, LowbitLinear))
+    before, dense_before = sum(fallback_counter.values()), cpu_sparse.dispatch_counter[(fmt, "dense")]
+    calls_before = dict(cpu_codegen.calls)
+    long = torch.randint(3, 256, (1, cpu_codegen.MAX_ROWS + 4), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), cpu_kernels.eager_compute_dtype("activation"):
+        out = model(long).logits
+        step = model(long[:, :1]).logits
+    assert sum(fallback_counter.values()) == before
+    ran = {k: v - calls_before.get(k, 0) for k, v in cpu_codegen.calls.items() if v != calls_before.get(k, 0)}
+    nm = cpu_codegen.kernel_name("s24+int8")
+    if fmt == "s24+int8":
+        assert ran == {nm: 5, nm + "_x3": 2, nm + "_x2": 2}, ran  # the step: q/k/v and gate/up as eager groups
+    else:
+        assert nm not in ran and cpu_sparse.dispatch_counter[(fmt, "dense")] - dense_before >= 2 * LINEARS
+    with torch.no_grad():  # the same stored weights through the op's float reference
+        ref_model = compress(make_model("llama"), get_recipe(recipe), calibration=_calibration(), progress=False)
+        for m in ref_model.modules():
+            if isinstance(m, LowbitLinear):
+                m.forward = (lambda self: lambda x: ops.wo_linear_reference(
+                    x, self.qweight, self.scale, self.zero, self.bias, self.fmt, self.in_features))(m)
+        ref, ref_step = ref_model(long).logits, ref_model(long[:, :1]).logits
+    assert formats.sqnr_db(ref.double(), out.double()) >= 90.0
+    assert formats.sqnr_db(ref_step.double(), step.double()) >= 90.0
