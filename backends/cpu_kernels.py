@@ -485,14 +485,16 @@ def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    dense_fmt = WeightFormat.parse(fmt).dense_format.key
+    if unsupported_reason(x.dtype, x.device, dense_fmt) is not None:
+        return None  # (before building a copy: no dense kernel would take the call either)
     why = sparse_reason(x.dtype, x.device, x2.shape[0], fmt)
     if why is None and cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0]):  # measured
         y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
         if y is not None:
             return y.reshape(*lead, y.shape[-1]).to(x.dtype)
+        why = "the N:M kernel did not bind this weight (logged)"
     d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features, zero)
-    if unsupported_reason(x.dtype, x.device, d.format.key) is not None:
-        return None
     if why is not None:  # (the plan's own choice logged itself)
         cpu_sparse._note_dense(fmt, scale.shape[0], in_features, x2.shape[0], f"{why}; the dense {d.format.key} "
                                "kernels run over a decompressed copy")

@@ -814,6 +814,8 @@ def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: i
         dfmt = dense.format.key
         calls = {"dense": lambda: cpu_codegen.linear(x, dense.qweight, dense.scale, None, None, dfmt, in_features),
                  "sparse": lambda: cpu_codegen.linear(x, qweight, scale, None, None, fmt, in_features)}
+        if calls["sparse"]() is None:  # (not bound: scales not bf16, say) nothing to time
+            return {"sparse": False, "reason": "the N:M kernel does not take this weight", "speedup": 0.0}
         if calls["dense"]() is None:
             return {"sparse": True, "reason": "no dense generated kernel to compare with"}
         best = _fastest(calls, cold={"dense": (dense.qweight, dense.scale), "sparse": (qweight, scale)})
@@ -843,7 +845,7 @@ def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_featu
     over :func:`dense_copy`, counted and logged once per shape): :data:`DISPATCH_ENV`, else
     :func:`plan_24`."""
     if fmt == "s24+int8" and cpu_codegen.s24_order_error(qweight, in_features) is not None:
-        return False  # the binding refuses it (logged): the dense copy runs
+        return False  # the binding refuses it (logged), before a plan is cached for its shape: the dense copy runs
     mode = _mode()
     if mode == "sparse":
         return True

@@ -171,7 +171,7 @@ def implementation(op: str, label: str, args: dict[str, Any]) -> str:
             ext = "_multi" if fused else ""
             return (f"generated C kernel {generated}{ext}{'_ext' if folded else ''} over the compressed {fmt} "
                     f"storage ({what}{', ' + ' and '.join(folded) if folded else ''}; M <= {cpu_codegen.MAX_ROWS} "
-                    f"rows, float32; measured faster than the dense kernel at lowering: cpu_sparse.plan_24), else "
+                    f"rows, float32; the dense kernel was not 1.05x faster at lowering: cpu_sparse.plan_24), else "
                     "the dense kernels over a decompressed copy (cpu_kernels.packed_linear)")
         torch_kernel = cpu_dispatch.has_torch_kernel(fmt)  # NF4 has none: dequantize + matmul above MAX_ROWS
         packed = (f"cpu_kernels.packed_linear (packed {fmt} weights, {dtype} compute)" if torch_kernel

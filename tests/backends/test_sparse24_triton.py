@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit_compiler.backends import _triton_adapter, sparse_kernel
+from lowbit_compiler.backends import _triton_adapter, cpu_kernels, sparse_kernel
 from lowbit_compiler.formats import WeightFormat, quantize
 from lowbit_compiler.ops import wo_linear_reference
 
@@ -91,7 +91,9 @@ def test_triton_target_lowers_2of4_linears_to_the_kernels_for_prefill_and_decode
     rec = Recorder(recipe=recipe, target="triton", strict=True)
     model = torch.compile(make_model("llama"), backend=rec)
     cpu = compress(make_model("llama"), recipe)
-    with torch.no_grad():
+    # the CPU flow in float32 compute (its prefill runs the dense kernels over the decompressed copy,
+    # in bf16 by default: cpu_kernels.eager_compute_dtype)
+    with torch.no_grad(), cpu_kernels.eager_compute_dtype("activation"):
         out = model(ids, use_cache=True)
         ref = cpu(ids, use_cache=True)
         step = model(ids[:, :1] + 1, past_key_values=out.past_key_values, use_cache=True).logits
