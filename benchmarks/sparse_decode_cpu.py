@@ -58,7 +58,11 @@ def _contenders(fmt: str, layers: int, gen: torch.Generator):
             if f.kind == "sparse":
                 qs = quantize(w, f)
                 qd = quantize(dequantize(qs), WeightFormat.parse(f.inner.key))
-                sparse = (lambda x, qs=qs, k=k: cpu_codegen.linear(x, qs.qweight, qs.scale, None, None, fmt, k))
+                # bound once like the dense kernel (a compiled or compressed model's 2:4 weight is a
+                # PackedWeight whose bound kernel packed_linear memoises)
+                nm = cpu_codegen.bind(qs.qweight, qs.scale, None, fmt, k)
+                assert nm is not None, f"no generated kernel for {fmt}"
+                sparse = (lambda x, nm=nm: nm(x, None))
                 dfmt = f.inner.key
             else:
                 qd = quantize(w, f)
