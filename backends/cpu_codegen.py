@@ -2086,14 +2086,14 @@ def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     if f.kind == "int" and not f.symmetric and f.bits < 8 and zero is None:  # the kernel would read a NULL pointer
         raise ValueError(f"lowbit: asymmetric format {fmt} bound without its zero points (a caller dropped them)")
     if f.kind == "sparse":
-        if (why := s24_order_error(qweight, in_features)) is not None:
+        if (why := s24_index_error(qweight, in_features)) is not None:
             _note(f"{fmt} weight [{scale.shape[0]}, {in_features}]: {why}; the dense kernels run over a decompressed "
                   "copy")
             return None
     return Bound(fn, key, qweight, scale, zero, fmt, in_features, isa or ("portable" if portable else isa_choice()))
 
 
-def s24_order_error(qweight: torch.Tensor, in_features: int) -> str | None:
+def s24_index_error(qweight: torch.Tensor, in_features: int) -> str | None:
     """Why a 2:4 weight's index stream breaks the storage's rule that a group's two kept values sit
     at distinct positions, or None. The kernel multiplies each kept code by the activation of its own
     column (any order), so it would add both codes of such a group where the format's dequantization
@@ -2105,11 +2105,10 @@ def s24_order_error(qweight: torch.Tensor, in_features: int) -> str | None:
                 return "a group's two kept values share one position"
         return ""
 
-    return _S24_ORDER.get_or_create(qweight, in_features, check) or None
+    return _S24_INDEX.get_or_create(qweight, in_features, check) or None
 
 
-_S24_ORDER = IdentityCache()  # 2:4 weight -> s24_order_error's finding ("" when none)
-
+_S24_INDEX = IdentityCache()  # 2:4 weight -> s24_index_error's finding ("" when none)
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

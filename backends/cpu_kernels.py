@@ -160,7 +160,7 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     n = scale.shape[0]
     if f.kind == "nf4":  # no torch kernel, so no torch layout: the generated kernels read the codes as stored
         return PackedWeight(fmt, None, None, n, in_features, qweight.shape[1] * 2, (qweight, scale, zero))
-    if f.kind == "sparse":  # N:M: the generated kernel reads the compressed storage; other calls: sparse_dense
+    if f.kind == "sparse":  # N:M: the generated kernel reads the compressed storage; other calls: dense_copy_packed
         return PackedWeight(fmt, None, None, n, in_features, in_features, (qweight, scale, zero))
     if f.bits == 8:
         packed = PackedWeight(fmt, qweight.contiguous(), scale.to(dtype), n, in_features, in_features,
@@ -295,7 +295,8 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
             return y.view(*lead, packed.out_features) if out_dtype == torch.float32 else \
                 y.view(*lead, packed.out_features).to(out_dtype)
     elif name == "dense_copy":  # an N:M weight: the dense format's kernels over its decompressed copy
-        return packed_linear(x, dense_copy_packed(packed, compute_dtype), bias, compute_dtype)
+        return packed_linear(x, dense_copy_packed(*packed.quantized, packed.fmt, packed.in_features, compute_dtype),
+                             bias, compute_dtype)
     elif name in ("dequant_bf16", "dequant_fp32"):
         dtype = torch.bfloat16 if name == "dequant_bf16" else torch.float32
         y = cpu_dispatch.dequant_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
@@ -309,15 +310,17 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
     return torch_packed_linear(x, packed, bias, compute_dtype)
 
 
-def dense_copy_packed(packed: PackedWeight, compute_dtype: torch.dtype) -> PackedWeight:
+def dense_copy_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+                      in_features: int, compute_dtype: torch.dtype) -> PackedWeight:
     """The packed dense copy of an N:M weight (``cpu_sparse.dense_copy``: the same matrix in the
-    inner format, 1 byte per weight more for int8, built at the first call that needs it and cached),
-    for the calls the generated N:M kernel does not take (more than ``MAX_ROWS`` rows, no kernel)."""
+    format's ``dense_format``, 1 byte per weight more for int8, built at the first call that needs it
+    and cached): what runs the calls the generated N:M kernel does not take (more than ``MAX_ROWS``
+    rows, int4 kept values, the plan's dense choice, no kernel), in the dispatch, the eager op and the
+    CPU lowering alike."""
     from lowbit_compiler.backends import cpu_sparse
 
-    qweight, scale, zero = packed.quantized
-    d = cpu_sparse.dense_copy(qweight, scale, packed.fmt, packed.in_features, zero)
-    return prepack(d.qweight, d.scale, d.zero, d.format.key, packed.in_features, compute_dtype)
+    d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features, zero)
+    return prepack(d.qweight, d.scale, d.zero, d.format.key, in_features, compute_dtype)
 
 
 def reference_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -343,7 +346,6 @@ class FusedWeights(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.sizes = [m.out_features for m in members]
         self.epilogue = epilogue
-        self.sparse = WeightFormat.parse(members[0].fmt).kind == "sparse" if members else False  # N:M weights
         self._bound: dict[tuple, "cpu_codegen.BoundGroup | None"] = {}  # (isa, split8) -> bound group
         self._fast: dict[tuple, Any] = {}  # (rows, compute dtype, environment) -> bound group, or False
 
@@ -494,12 +496,11 @@ def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
         if y is not None:
             return y.reshape(*lead, y.shape[-1]).to(x.dtype)
         why = "the N:M kernel did not bind this weight (logged)"
-    d = cpu_sparse.dense_copy(qweight, scale, fmt, in_features, zero)
     if why is not None:  # (the plan's own choice logged itself)
-        cpu_sparse._note_dense(fmt, scale.shape[0], in_features, x2.shape[0], f"{why}; the dense {d.format.key} "
+        cpu_sparse._note_dense(fmt, scale.shape[0], in_features, x2.shape[0], f"{why}; the dense {dense_fmt} "
                                "kernels run over a decompressed copy")
     dtype = compute_dtype_for(x.dtype, policy or _EAGER_POLICY[-1])
-    return packed_linear(x, prepack(d.qweight, d.scale, d.zero, d.format.key, in_features, dtype), bias, dtype)
+    return packed_linear(x, dense_copy_packed(qweight, scale, zero, fmt, in_features, dtype), bias, dtype)
 
 
 class PackedExperts(torch.nn.Module):

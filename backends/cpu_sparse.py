@@ -844,7 +844,7 @@ def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_featu
     """Whether a call of ``rows`` rows over N:M ``fmt`` runs the N:M kernel (else the dense kernel
     over :func:`dense_copy`, counted and logged once per shape): :data:`DISPATCH_ENV`, else
     :func:`plan_24`."""
-    if fmt == "s24+int8" and cpu_codegen.s24_order_error(qweight, in_features) is not None:
+    if fmt == "s24+int8" and cpu_codegen.s24_index_error(qweight, in_features) is not None:
         return False  # the binding refuses it (logged), before a plan is cached for its shape: the dense copy runs
     mode = _mode()
     if mode == "sparse":

@@ -32,6 +32,7 @@ import os
 import torch
 
 from lowbit_compiler.backends import cpu_codegen, cpu_kernels
+from lowbit_compiler.formats import WeightFormat
 
 
 class EagerGroup:
@@ -78,7 +79,8 @@ class EagerGroup:
                 [cpu_kernels.prepack(m.qweight, m.scale, m.zero, m.fmt, m.in_features, dtype) for m in modules])
         if fused.bound() is None or cpu_codegen.int8_activations_enabled():
             return None  # no generated kernel: each member's own call (which says why, if anything)
-        if fused.sparse:  # N:M members: the measured plan's choice for this many rows (as each member's own call)
+        if WeightFormat.parse(modules[0].fmt).kind == "sparse":  # N:M: the measured plan's choice for this
+            # many rows (as each member's own call)
             from lowbit_compiler.backends import cpu_sparse
 
             rows = x.numel() // x.shape[-1]

@@ -302,16 +302,15 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
         # the dense format's packed path over the decompressed copy (the same matrix): the dispatch measured
         # it faster, or the N:M kernel cannot take the call (prefill rows, int4 kept values); the fusion
         # groups and folds then apply as to any dense linear
-        dense = cpu_sparse.dense_copy(qweight, scale, a["fmt"], a["in_features"], zero)
-        dfmt = dense.format.key
+        dfmt = WeightFormat.parse(a["fmt"]).dense_format.key
         if (why := cpu_kernels.unsupported_reason(xv.dtype, xv.device, dfmt)) is not None:
-            return _reference(node, ctx, reason or why)
+            return _reference(node, ctx, reason or why)  # (before the copy is built: nothing would read it)
         if reason is not None:  # (a measured choice logged its own reason)
             cpu_sparse._note_dense(a["fmt"], scale.shape[0], a["in_features"], rows, f"{reason}; the dense {dfmt} "
                                    "kernels run over a decompressed copy (1 byte per weight more for int8)")
         dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
         dtype_name = str(dtype).split(".")[-1]
-        packed = cpu_kernels.prepack(dense.qweight, dense.scale, dense.zero, dfmt, a["in_features"], dtype)
+        packed = cpu_kernels.dense_copy_packed(qweight, scale, zero, a["fmt"], a["in_features"], dtype)
         base = a["qweight"].target.rsplit(".", 1)[0]
         _call_prepacked(gm, node, packed, f"{base}.packed_dense_{dtype_name}", cpu_kernels.packed_linear,
                         lambda p: (a["x"], p, a["bias"], dtype))
