@@ -24,6 +24,11 @@ torch's packed kernels at prefill sizes. A static rule is wrong on one of them.
   bf16 (the activations are rounded to bf16 anyway; the weights' rounding to bf16 adds about as
   much error again: see docs/codegen.md), ``dequant_fp32`` always (NF4: also for a decode-sized
   call the generated kernel does not take);
+* ``gemm_bf16`` (more than ``MAX_ROWS`` rows, bf16 compute, builds with AVX512_BF16): the
+  generated blocked GEMM (:func:`gemm_group`): x rounded to bf16 and packed once, the weight
+  dequantized to bf16 tile by tile (no full-size copy), float32 accumulation, the output written
+  in x's dtype; it also takes the CPU fusion groups' RMSNorm (while packing), residual add and
+  SiLU * mul (in the store) from ``cpu_kernels.packed_linear`` / ``fused_linear``;
 * ``reference``: the op's float reference, only where no other candidate exists (NF4 without a
   compiler): :func:`reference_reason` says why (logged, counted, in the layer record).
 
@@ -43,7 +48,8 @@ torch's packed kernels at prefill sizes. A static rule is wrong on one of them.
 * ``generated``: the static rule (generated kernel where it applies, torch's packed kernel
   otherwise; what the test suite pins, since timings on a shared machine vary);
 * ``torch``: torch's packed kernel for every call; ``dequant``: dequantize-then-matmul in the
-  compute dtype for every call.
+  compute dtype for every call; ``gemm``: the generated GEMM for every call it takes (the static
+  rule for the others).
 
 Each compiled or compressed layer's record (``cpu_kernel``) holds :func:`layer_record`: the rule,
 and for every row class decided so far which kernel runs and why (filled in as calls come).
@@ -62,13 +68,14 @@ from typing import Any, Callable
 
 import torch
 
+from lowbit_compiler import memory
 from lowbit_compiler.backends import cpu_codegen
 from lowbit_compiler.formats import NF4_GRID, WeightFormat
 
 log = logging.getLogger("lowbit_compiler")
 
 ENV = "LOWBIT_CPU_DISPATCH"
-MODES = ("measure", "generated", "torch", "dequant")
+MODES = ("measure", "generated", "torch", "dequant", "gemm")
 VERSION = 1  # in every dense plan's disk key: a change in how plans are made invalidates the old ones
 MARGIN = 1.05  # a candidate must be this much faster than the static rule's choice to replace it
 REPEATS = 11
@@ -79,9 +86,11 @@ BLOCK_BYTES = 32 << 20  # dequantize-then-matmul: bytes of the dequantized block
 # (first row, last row or None, rows timed): a call of M rows takes the plan of the class holding M
 ROW_CLASSES = ((1, 1, 1), (2, 2, 2), (3, 4, 4), (5, 8, 8), (9, 16, 16), (17, 64, 64), (65, 256, 256),
                (257, None, PREFILL_ROWS))
-CANDIDATES = ("generated", "torch", "dequant_bf16", "dequant_fp32", "dense_copy", "reference")
+CANDIDATES = ("generated", "torch", "gemm_bf16", "dequant_bf16", "dequant_fp32", "dense_copy", "reference")
 DESCRIPTION = {"generated": "the generated C kernel (float32)", "torch": "torch's packed kernel",
                "dense_copy": "the dense format's kernels over a decompressed copy of the N:M weight",
+               "gemm_bf16": "the generated blocked GEMM (bf16 products, float32 accumulation, the weight "
+                            "dequantized tile by tile)",
                "dequant_bf16": "dequantize (generated C) + bf16 matmul, blockwise",
                "dequant_fp32": "dequantize (generated C) + fp32 matmul, blockwise",
                "reference": "the float reference (the whole weight dequantised, fp32 matmul)"}
@@ -218,7 +227,9 @@ def env_mode(env: str, modes: tuple[str, ...], default: str = "measure") -> str:
 
 DEQUANT_SOURCE = r"""
 /* lowbit generated CPU kernel: int8 / int4 / NF4 weights (our storage layout) -> bf16 or float32 rows */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -282,115 +293,358 @@ static inline void dq_store8(void* out, int64_t i, __m256 v, int bf16)
 }
 #endif
 
-/* Rows [n0, n0 + rows) of a quantized [N, K] weight, dequantized into out [rows, K] (bf16 when
-   bf16 != 0, else float32). bits 8: codes int8 [N, row_bytes], scale bf16 [N]. bits 4: codes
+/* Row n of a quantized [N, K] weight, dequantized into o [K] (bf16 when bf16 != 0, else
+   float32). bits 8: codes int8 [N, row_bytes], scale bf16 [N]. bits 4: codes
    [N, row_bytes] two per byte (column 2j in the low nibble of byte j, 2j + 1 in the high one),
    scale bf16 [N, groups], zero uint8 [N, groups] or NULL (8); groups of `group` columns, the last
    one may reach past K (padded columns are not written). w = (q - z) * s, float32, then rounded;
    with a 16-entry table (NF4) w = table[q] * s instead. */
+static void dq_row(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, const float* table,
+                   void* o, int64_t n, int64_t K, int64_t row_bytes, int64_t group, int64_t groups, int64_t bits,
+                   int bf16)
+{
+    const uint8_t* c = codes + n * row_bytes;
+    if (bits == 8) {
+        const float s = dq_bf16(scale[n]);
+        const int8_t* q = (const int8_t*)c;
+        int64_t k = 0;
+#if defined(DQ_AVX512)
+        const __m512 sv = _mm512_set1_ps(s);
+        for (; k + 16 <= K; k += 16)
+            dq_store16(o, k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i*)(q + k)))), sv), bf16);
+#elif defined(DQ_AVX2)
+        const __m256 sv = _mm256_set1_ps(s);
+        for (; k + 8 <= K; k += 8)
+            dq_store8(o, k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                _mm_loadl_epi64((const __m128i*)(q + k)))), sv), bf16);
+#endif
+        for (; k < K; k++)
+            dq_put(o, k, (float)q[k] * s, bf16);
+        return;
+    }
+    if (table) {  /* NF4: the code looks up its grid value */
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = dq_bf16(scale[n * groups + g]);
+            const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+            int64_t k = k0;
+#if defined(DQ_AVX512)
+            const __m512 sv = _mm512_set1_ps(s), tv = _mm512_loadu_ps(table);
+            const __m128i low4 = _mm_set1_epi8(15);
+            for (; k + 32 <= k1; k += 32) {
+                const __m128i b = _mm_loadu_si128((const __m128i*)(c + k / 2));
+                const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                dq_store16(o, k, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(
+                    _mm_unpacklo_epi8(lo, hi)), tv), sv), bf16);
+                dq_store16(o, k + 16, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(
+                    _mm_unpackhi_epi8(lo, hi)), tv), sv), bf16);
+            }
+#elif defined(DQ_AVX2)
+            const __m256 sv = _mm256_set1_ps(s), tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+            const __m128i low4 = _mm_set1_epi8(15);
+            for (; k + 16 <= k1; k += 16) {
+                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + k / 2));
+                const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                const __m128i w = _mm_unpacklo_epi8(lo, hi);  /* columns k .. k + 15 in order */
+                for (int h = 0; h < 2; h++) {
+                    const __m256i q = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(w, 8) : w);
+                    /* two 8-entry permutes, blended on the code's bit 3 (moved to the sign bit) */
+                    const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, q),
+                                                      _mm256_permutevar8x32_ps(thi, q),
+                                                      _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+                    dq_store8(o, k + 8 * h, _mm256_mul_ps(v, sv), bf16);
+                }
+            }
+#endif
+            for (; k < k1; k++) {
+                const uint8_t b = c[k / 2];
+                dq_put(o, k, table[(k & 1) ? (b >> 4) : (b & 15)] * s, bf16);
+            }
+        }
+        return;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const float s = dq_bf16(scale[n * groups + g]);
+        const float off = -(zero ? (float)zero[n * groups + g] : 8.0f) * s;
+        const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+        int64_t k = k0;  /* even: groups are a multiple of 2 columns */
+#if defined(DQ_AVX512)
+        const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(off);
+        const __m128i low4 = _mm_set1_epi8(15);
+        for (; k + 32 <= k1; k += 32) {
+            const __m128i b = _mm_loadu_si128((const __m128i*)(c + k / 2));
+            const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+            dq_store16(o, k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))),
+                                             sv, ov), bf16);
+            dq_store16(o, k + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))),
+                                                  sv, ov), bf16);
+        }
+#elif defined(DQ_AVX2)
+        const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(off);
+        const __m128i low4 = _mm_set1_epi8(15);
+        for (; k + 16 <= k1; k += 16) {
+            const __m128i b = _mm_loadl_epi64((const __m128i*)(c + k / 2));
+            const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+            const __m128i w = _mm_unpacklo_epi8(lo, hi);  /* columns k .. k + 15 in order */
+            dq_store8(o, k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(w)), sv, ov), bf16);
+            dq_store8(o, k + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(w, 8))),
+                                                sv, ov), bf16);
+        }
+#endif
+        for (; k < k1; k++) {
+            const uint8_t b = c[k / 2];
+            dq_put(o, k, (float)((k & 1) ? (b >> 4) : (b & 15)) * s + off, bf16);
+        }
+    }
+}
+
+/* Rows [n0, n0 + rows) of the weight into out [rows, K], threads over rows. */
 void lowbit_dequant(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, const float* table,
                     void* out, int64_t n0, int64_t rows, int64_t K, int64_t row_bytes, int64_t group,
                     int64_t groups, int64_t bits, int bf16, int threads)
 {
     const int64_t esize = bf16 ? 2 : 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t n = n0 + r;
-        const uint8_t* c = codes + n * row_bytes;
-        char* o = (char*)out + r * K * esize;
-        if (bits == 8) {
-            const float s = dq_bf16(scale[n]);
-            const int8_t* q = (const int8_t*)c;
+    for (int64_t r = 0; r < rows; r++)
+        dq_row(codes, scale, zero, table, (char*)out + r * K * esize, n0 + r, K, row_bytes, group, groups, bits, bf16);
+}
+
+/* ---- The blocked GEMM (candidate gemm_bf16): y[M, N] = x[M, K] @ dequantize(W)^T + bias ------------
+   x rounded to bf16 and packed once per call (lowbit_gemm_pack); each thread takes blocks of GEMM_N
+   weight rows, dequantizes them to bf16 into a small buffer (one row at a time, dq_row: no
+   full-size copy) and multiplies them with every block of GEMM_M packed rows of x: 2 x GEMM_N
+   float32 accumulators (16 rows of x each), one vdpbf16ps per accumulator per pair of columns, the
+   weight's pair broadcast, x's pairs loaded. The weight is the broadcast operand so that it is
+   read in its own row order (no transpose); x, the small operand, is the one packed. AVX512_BF16
+   only: elsewhere the entry returns 0 and the candidate is not offered. */
+#define GEMM_M 32  /* rows of x per tile: two vectors of 16 */
+#define GEMM_N 12  /* weight rows per tile: 24 accumulators, 2 x vectors, a broadcast: 27 of 32 registers */
+
+
+int lowbit_gemm_available(void)
+{
+#if defined(DQ_AVX512) && defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* x [M, K] (bf16 when x_bf16 != 0, else float32; row stride ldx elements) -> xp: per block of
+   GEMM_M rows, per pair of columns p, the block's rows' (x[2p], x[2p + 1]) as one bf16 pair each
+   ([ceil(M / 32)][ceil(K / 2)][32] 32-bit pairs); rows past M and the column past an odd K zero.
+   With norm (float32 [K]) each row is rms_norm(x, norm, eps) first (in float32: x * (1 /
+   sqrt(mean(x^2) + eps)) * norm), rounded to bf16 once. */
+static inline float gemm_in(const void* x, int x_bf16, int64_t i)
+{
+    return x_bf16 ? dq_bf16(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+}
+
+void lowbit_gemm_pack(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, uint32_t* xp,
+                      const float* norm, float eps, int threads)
+{
+    const int64_t K2 = (K + 1) / 2, blocks = (M + GEMM_M - 1) / GEMM_M;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < blocks * GEMM_M; r++) {
+        uint32_t* o = xp + (r / GEMM_M) * K2 * GEMM_M + r % GEMM_M;
+        const void* row = x_bf16 ? (const void*)((const uint16_t*)x + r * ldx) : (const void*)((const float*)x + r * ldx);
+        int64_t p = 0;
+        if (r >= M) {
+            for (; p < K2; p++) o[p * GEMM_M] = 0;
+            continue;
+        }
+        float inv = 1.0f;
+        if (norm) {
+            float ss = 0.0f;
             int64_t k = 0;
 #if defined(DQ_AVX512)
-            const __m512 sv = _mm512_set1_ps(s);
-            for (; k + 16 <= K; k += 16)
-                dq_store16(o, k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                    _mm_loadu_si128((const __m128i*)(q + k)))), sv), bf16);
-#elif defined(DQ_AVX2)
-            const __m256 sv = _mm256_set1_ps(s);
-            for (; k + 8 <= K; k += 8)
-                dq_store8(o, k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                    _mm_loadl_epi64((const __m128i*)(q + k)))), sv), bf16);
+            __m512 acc = _mm512_setzero_ps();
+            for (; k + 16 <= K; k += 16) {
+                const __m512 v = x_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                              _mm256_loadu_si256((const __m256i*)((const uint16_t*)row + k))), 16))
+                                        : _mm512_loadu_ps((const float*)row + k);
+                acc = _mm512_fmadd_ps(v, v, acc);
+            }
+            ss = _mm512_reduce_add_ps(acc);
 #endif
-            for (; k < K; k++)
-                dq_put(o, k, (float)q[k] * s, bf16);
-            continue;
+            for (; k < K; k++) {
+                const float v = gemm_in(row, x_bf16, k);
+                ss += v * v;
+            }
+            inv = 1.0f / sqrtf(ss / (float)K + eps);
         }
-        if (table) {  /* NF4: the code looks up its grid value */
-            for (int64_t g = 0; g < groups; g++) {
-                const float s = dq_bf16(scale[n * groups + g]);
-                const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
-                int64_t k = k0;
-#if defined(DQ_AVX512)
-                const __m512 sv = _mm512_set1_ps(s), tv = _mm512_loadu_ps(table);
-                const __m128i low4 = _mm_set1_epi8(15);
-                for (; k + 32 <= k1; k += 32) {
-                    const __m128i b = _mm_loadu_si128((const __m128i*)(c + k / 2));
-                    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                    dq_store16(o, k, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(
-                        _mm_unpacklo_epi8(lo, hi)), tv), sv), bf16);
-                    dq_store16(o, k + 16, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(
-                        _mm_unpackhi_epi8(lo, hi)), tv), sv), bf16);
-                }
-#elif defined(DQ_AVX2)
-                const __m256 sv = _mm256_set1_ps(s), tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
-                const __m128i low4 = _mm_set1_epi8(15);
-                for (; k + 16 <= k1; k += 16) {
-                    const __m128i b = _mm_loadl_epi64((const __m128i*)(c + k / 2));
-                    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                    const __m128i w = _mm_unpacklo_epi8(lo, hi);  /* columns k .. k + 15 in order */
-                    for (int h = 0; h < 2; h++) {
-                        const __m256i q = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(w, 8) : w);
-                        /* two 8-entry permutes, blended on the code's bit 3 (moved to the sign bit) */
-                        const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, q),
-                                                          _mm256_permutevar8x32_ps(thi, q),
-                                                          _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
-                        dq_store8(o, k + 8 * h, _mm256_mul_ps(v, sv), bf16);
-                    }
-                }
-#endif
-                for (; k < k1; k++) {
-                    const uint8_t b = c[k / 2];
-                    dq_put(o, k, table[(k & 1) ? (b >> 4) : (b & 15)] * s, bf16);
-                }
+#if defined(DQ_AVX512) && defined(__AVX512BF16__)
+        const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(GEMM_M));
+        const __m512 iv = _mm512_set1_ps(inv);
+        for (; p + 16 <= K / 2; p += 16) {
+            __m512 lo, hi;
+            if (x_bf16) {
+                const __m512i h = _mm512_loadu_si512((const uint16_t*)row + 2 * p);
+                lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+                hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+            } else {
+                lo = _mm512_loadu_ps((const float*)row + 2 * p);
+                hi = _mm512_loadu_ps((const float*)row + 2 * p + 16);
             }
-            continue;
+            if (norm) {
+                lo = _mm512_mul_ps(_mm512_mul_ps(lo, iv), _mm512_loadu_ps(norm + 2 * p));
+                hi = _mm512_mul_ps(_mm512_mul_ps(hi, iv), _mm512_loadu_ps(norm + 2 * p + 16));
+            }
+            _mm512_i32scatter_epi32(o + p * GEMM_M, at, (__m512i)_mm512_cvtne2ps_pbh(hi, lo), 4);
         }
-        for (int64_t g = 0; g < groups; g++) {
-            const float s = dq_bf16(scale[n * groups + g]);
-            const float off = -(zero ? (float)zero[n * groups + g] : 8.0f) * s;
-            const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
-            int64_t k = k0;  /* even: groups are a multiple of 2 columns */
-#if defined(DQ_AVX512)
-            const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(off);
-            const __m128i low4 = _mm_set1_epi8(15);
-            for (; k + 32 <= k1; k += 32) {
-                const __m128i b = _mm_loadu_si128((const __m128i*)(c + k / 2));
-                const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                dq_store16(o, k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))),
-                                                 sv, ov), bf16);
-                dq_store16(o, k + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))),
-                                                      sv, ov), bf16);
-            }
-#elif defined(DQ_AVX2)
-            const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(off);
-            const __m128i low4 = _mm_set1_epi8(15);
-            for (; k + 16 <= k1; k += 16) {
-                const __m128i b = _mm_loadl_epi64((const __m128i*)(c + k / 2));
-                const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                const __m128i w = _mm_unpacklo_epi8(lo, hi);  /* columns k .. k + 15 in order */
-                dq_store8(o, k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(w)), sv, ov), bf16);
-                dq_store8(o, k + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(w, 8))),
-                                                    sv, ov), bf16);
-            }
 #endif
-            for (; k < k1; k++) {
-                const uint8_t b = c[k / 2];
-                dq_put(o, k, (float)((k & 1) ? (b >> 4) : (b & 15)) * s + off, bf16);
+        for (; p < K2; p++) {
+            float lo = gemm_in(row, x_bf16, 2 * p), hi = 2 * p + 1 < K ? gemm_in(row, x_bf16, 2 * p + 1) : 0.0f;
+            if (norm) {
+                lo = lo * inv * norm[2 * p];
+                hi = 2 * p + 1 < K ? hi * inv * norm[2 * p + 1] : 0.0f;
             }
+            o[p * GEMM_M] = (uint32_t)dq_round(lo) | ((uint32_t)dq_round(hi) << 16);
         }
     }
+}
+
+#if defined(DQ_AVX512) && defined(__AVX512BF16__)
+/* acc[i][0..31] = sum over pairs p of x rows' pairs . w row i's pair p (one tile: GEMM_N weight rows, GEMM_M rows of x) */
+static inline void gemm_tile(const uint32_t* xp, const uint32_t* w, int64_t K2, int64_t wstride, float* acc)
+{
+    __m512 a[GEMM_N][2];
+    for (int i = 0; i < GEMM_N; i++)
+        a[i][0] = a[i][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < K2; p++) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xp + p * GEMM_M);
+        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xp + p * GEMM_M + 16);
+        #pragma GCC unroll 12
+        for (int i = 0; i < GEMM_N; i++) {
+            const __m512bh wv = (__m512bh)_mm512_set1_epi32((int)w[i * wstride + p]);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], x0, wv);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], x1, wv);
+        }
+    }
+    for (int i = 0; i < GEMM_N; i++) {
+        _mm512_store_ps(acc + i * GEMM_M, a[i][0]);
+        _mm512_store_ps(acc + i * GEMM_M + 16, a[i][1]);
+    }
+}
+
+/* r[i][j] <- r[j][i]: a 16 x 16 float32 transpose (the tile's columns of rows -> its rows) */
+static inline void gemm_transpose16(__m512 r[16])
+{
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+    }
+    for (int j = 0; j < 4; j++) {
+        t[j] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0x88);
+        t[j + 4] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0xdd);
+        t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* e^x, float32 (Cephes' expf polynomial on x - n ln 2, scaled by 2^n; ~1 ulp), x clamped to
+   [-87.3, 88.7] */
+static inline __m512 gemm_exp(__m512 x)
+{
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* y [M, N] (bf16 when out_bf16 != 0, else float32; row stride N) = xp (lowbit_gemm_pack) times the
+   weight (dq_row's arguments; bits, group and layout shared by the second weight) + bias (float32
+   [N] or NULL), + residual ([M, N], y's dtype) when given. epilogue 1: two weights of N rows
+   (codes2 / scale2 / zero2, bias2), y = silu(x W^T + bias) * (x W2^T + bias2), a gated MLP's gate
+   and up: each tile takes GEMM_N / 2 rows of each. Threads over blocks of weight rows. */
+void lowbit_gemm(const uint32_t* xp, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scale,
+                 const uint8_t* zero, const float* table, int64_t row_bytes, int64_t group, int64_t groups,
+                 int64_t bits, int64_t N, const float* bias, void* y, int out_bf16, int threads,
+                 const void* residual, int epilogue, const uint8_t* codes2, const uint16_t* scale2,
+                 const uint8_t* zero2, const float* bias2)
+{
+#if defined(DQ_AVX512) && defined(__AVX512BF16__)
+    const int64_t K2 = (K + 1) / 2, mblocks = (M + GEMM_M - 1) / GEMM_M;
+    const int64_t per = epilogue == 1 ? GEMM_N / 2 : GEMM_N, nblocks = (N + per - 1) / per;
+    /* weight rows 16 pairs apart past a multiple of 16: rows 4 kB apart would share the L1 sets
+       (measured: a 2048-column weight ran at 0.64x oneDNN's speed, 0.96x with the padding) */
+    const int64_t wstride = (K2 + 15) / 16 * 16 + 16;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t* wb = (uint32_t*)aligned_alloc(64, (size_t)(GEMM_N * wstride * 4));
+        float acc[GEMM_N * GEMM_M] __attribute__((aligned(64)));
+        const __m512i second_at = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                   _mm512_set1_epi32((int)per));
+        memset(wb, 0, (size_t)(GEMM_N * wstride * 4));
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < nblocks; nb++) {
+            const int64_t n0 = nb * per, nn = N - n0 < per ? N - n0 : per;
+            for (int64_t i = 0; i < GEMM_N; i++) {  /* K odd: the pad column stays zero from the memset */
+                const int64_t j = i % per, second = i >= per;
+                if (j < nn)
+                    dq_row(second ? codes2 : codes, second ? scale2 : scale, second ? zero2 : zero, table,
+                           wb + i * wstride, n0 + j, K, row_bytes, group, groups, bits, 1);
+                else
+                    memset(wb + i * wstride, 0, (size_t)(K2 * 4));
+            }
+            const __mmask16 keep = (__mmask16)((1u << nn) - 1);
+            const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+            const __m512 b2 = bias2 ? _mm512_maskz_loadu_ps(keep, bias2 + n0) : _mm512_setzero_ps();
+            for (int64_t mb = 0; mb < mblocks; mb++) {
+                gemm_tile(xp + mb * K2 * GEMM_M, wb, K2, wstride, acc);
+                const int64_t m0 = mb * GEMM_M, mm = M - m0 < GEMM_M ? M - m0 : GEMM_M;
+                for (int64_t h = 0; h < GEMM_M / 16 && 16 * h < mm; h++) {
+                    __m512 rows[16];  /* the tile's rows 16h.. as vectors of its GEMM_N columns */
+                    for (int i = 0; i < 16; i++)
+                        rows[i] = i < GEMM_N ? _mm512_load_ps(acc + i * GEMM_M + 16 * h) : _mm512_setzero_ps();
+                    gemm_transpose16(rows);
+                    for (int64_t r = 16 * h; r < mm && r < 16 * h + 16; r++) {
+                        __m512 v = _mm512_add_ps(rows[r - 16 * h], b);
+                        if (epilogue == 1) {  /* columns per.. are the second weight's */
+                            const __m512 u = _mm512_add_ps(_mm512_permutexvar_ps(second_at, rows[r - 16 * h]), b2);
+                            v = _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                                             gemm_exp(_mm512_sub_ps(_mm512_setzero_ps(), v)))), u);
+                        }
+                        const int64_t at = (m0 + r) * N + n0;
+                        if (out_bf16) {
+                            if (residual)
+                                v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                    _mm256_maskz_loadu_epi16(keep, (const uint16_t*)residual + at)), 16)));
+                            _mm256_mask_storeu_epi16((uint16_t*)y + at, keep, (__m256i)_mm512_cvtneps_pbh(v));
+                        } else {
+                            if (residual)
+                                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, (const float*)residual + at));
+                            _mm512_mask_storeu_ps((float*)y + at, keep, v);
+                        }
+                    }
+                }
+            }
+        }
+        free(wb);
+    }
+#endif
 }
 """
 
@@ -409,6 +663,107 @@ def dequant_kernel(isa: str | None = None):
     if cpu_codegen.kernel_disabled():
         return None
     return _dequant_build(isa or cpu_codegen.isa_choice())
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_build(isa: str):
+    """(pack, gemm) entry points of the dequantization library, or None where it has no blocked GEMM
+    (no AVX512_BF16 in this build) or no compiler."""
+    probe = cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE, [], "the generated GEMM candidate is left out",
+                              what="the dequantization kernel", isa=isa, entry="lowbit_gemm_available")
+    if probe is None:
+        return None
+    probe.restype = ctypes.c_int
+    if not probe():
+        return None
+    pack = cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE,
+                             [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3
+                             + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
+                             what="the dequantization kernel", isa=isa, entry="lowbit_gemm_pack")
+    gemm = cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE,
+                             [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+                             + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                             + [ctypes.c_void_p] * 4,
+                             what="the dequantization kernel", isa=isa, entry="lowbit_gemm")
+    return (pack, gemm)
+
+
+def gemm_kernel(isa: str | None = None):
+    """The generated blocked GEMM's (pack, gemm) entry points, or None (no compiler, turned off by
+    ``LOWBIT_CPU_CODEGEN=0``, or a build without AVX512_BF16)."""
+    if cpu_codegen.kernel_disabled():
+        return None
+    return _gemm_build(isa or cpu_codegen.isa_choice())
+
+
+def gemm_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                bias: torch.Tensor | None, fmt: str, in_features: int, out_dtype: torch.dtype,
+                isa: str | None = None) -> torch.Tensor | None:
+    """``x2[M, K] @ dequantize(W).T + bias`` by the generated blocked GEMM (x rounded to bf16, the
+    weight dequantized to bf16 tile by tile, float32 accumulation), a contiguous ``[M, N]`` tensor
+    of ``out_dtype`` (float32 and bf16 written directly, others cast), or None when the kernel is
+    not available (or does not cover the format). The weight never has a full-size dequantized
+    copy. :func:`gemm_group` is the same with the CPU fusion groups' prologue and epilogues."""
+    out = gemm_group(x2, [(qweight, scale, zero, bias)], fmt, in_features, out_dtype, isa=isa)
+    return None if out is None else out[0]
+
+
+def gemm_group(x2: torch.Tensor, weights: list[tuple], fmt: str, in_features: int, out_dtype: torch.dtype,
+               norm_weight: torch.Tensor | None = None, eps: float | None = None,
+               residual: torch.Tensor | None = None, silu_mul: bool = False,
+               isa: str | None = None) -> list[torch.Tensor] | None:
+    """The generated blocked GEMM for weights of one input ``x2[M, K]`` (``weights``: ``(qweight,
+    scale, zero, bias)`` each, all of format ``fmt``): x packed once (through ``rms_norm(x, (K,),
+    norm_weight, eps)`` when ``norm_weight`` is given, computed in float32 while packing), then one
+    product per weight, ``[M, N]`` each in ``out_dtype``; ``residual`` (one weight) is added in the
+    store; ``silu_mul`` (two weights of equal N) gives the one output ``silu(x W0^T + b0) * (x W1^T
+    + b1)``, computed from the float32 accumulators. None when the kernel is not available."""
+    fns = gemm_kernel(isa)
+    if fns is None or not dequant_covers(fmt) or (silu_mul and (len(weights) != 2 or
+                                                                weights[0][1].shape[0] != weights[1][1].shape[0])):
+        return None
+    pack, gemm = fns
+    f = WeightFormat.parse(fmt)
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    pairs, blocks = (in_features + 1) // 2, (m + 31) // 32
+    xp = _scratch(blocks * 32, pairs * 2, torch.bfloat16, "packed")
+    threads = torch.get_num_threads()
+    norm = None if norm_weight is None else norm_weight.to(torch.float32).contiguous()
+    pack(x2.data_ptr(), int(x2.dtype == torch.bfloat16), m, in_features, x2.stride(0), xp.data_ptr(),
+         None if norm is None else norm.data_ptr(), float(eps or 0.0), threads)
+    direct = out_dtype in (torch.float32, torch.bfloat16)
+    ydtype = out_dtype if direct else torch.float32
+    res = None
+    if residual is not None:
+        res = residual.reshape(m, -1).to(ydtype).contiguous()
+    parts = []
+    for qweight, scale, zero, bias in weights:
+        parts.append((qweight if qweight.is_contiguous() else qweight.contiguous(),
+                      scale.contiguous().view(torch.int16), None if zero is None else zero.contiguous(),
+                      None if bias is None else bias.to(torch.float32).contiguous(), scale.shape[0]))
+    table = _NF4_TABLE if f.kind == "nf4" else None
+    group, groups = f.group_size or in_features, weights[0][1].shape[1] if weights[0][1].dim() == 2 else 1
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    def run(first, n, second=None, residual=None):
+        y = torch.empty(m, n, dtype=ydtype)
+        memory.advise_huge_pages(y)  # a 512-token prompt's float32 logits: 65 MB written once
+        codes, scales, zeros, b, _ = first
+        codes2, scales2, zeros2, b2, _ = second or (None,) * 5
+        gemm(xp.data_ptr(), m, in_features, codes.data_ptr(), scales.data_ptr(), ptr(zeros), ptr(table),
+             codes.shape[1], group, groups, f.bits, n, ptr(b), y.data_ptr(), int(ydtype == torch.bfloat16), threads,
+             ptr(residual), int(second is not None), ptr(codes2), ptr(scales2), ptr(zeros2), ptr(b2))
+        return y if direct else y.to(out_dtype)
+
+    if silu_mul:
+        return [run(parts[0], parts[0][4], parts[1])]
+    return [run(part, part[4], residual=res if len(parts) == 1 else None) for part in parts]
 
 
 def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
@@ -596,6 +951,8 @@ def candidates(packed, rows: int, compute_dtype: torch.dtype) -> list[str]:
     # above MAX_ROWS, and for a decode-sized call nothing else takes (NF4 with K padded to the group)
     if (rows > cpu_codegen.MAX_ROWS or not out) and dequant_kernel() is not None and dequant_covers(packed.fmt):
         if compute_dtype == torch.bfloat16:
+            if rows > cpu_codegen.MAX_ROWS and gemm_kernel() is not None:
+                out.append("gemm_bf16")
             out.append("dequant_bf16")
         out.append("dequant_fp32")
     return out or ["reference"]
@@ -639,6 +996,10 @@ def _decide(packed, rows: int, compute_dtype: torch.dtype) -> str:
         dq = "dequant_bf16" if compute_dtype == torch.bfloat16 else "dequant_fp32"
         choice, why = (dq, f"{ENV}=dequant") if dequant_kernel() is not None and dequant_covers(packed.fmt) else (
             static_choice(packed, rows), f"{ENV}=dequant, but the dequantization kernel is not available")
+    elif mode == "gemm":
+        choice, why = ("gemm_bf16", f"{ENV}=gemm") if "gemm_bf16" in candidates(packed, rows, compute_dtype) else (
+            static_choice(packed, rows), f"{ENV}=gemm, but the generated GEMM does not take this call (more than "
+            f"{cpu_codegen.MAX_ROWS} rows, bf16 compute, AVX512_BF16; the static rule)")
     elif candidates(packed, rows, compute_dtype) == ["reference"]:  # nothing to time (and no plan to store:
         choice, why = "reference", reference_reason(packed, rows)      # a compiler may be there next time)
     else:

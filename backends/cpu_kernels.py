@@ -249,6 +249,10 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     choice = cpu_dispatch.choose(packed, rows, compute_dtype)
     if norm_weight is None and residual is None and threshold is None:
         return run_candidate(choice, x, packed, bias, compute_dtype)
+    if choice == "gemm_bf16" and threshold is None:  # the norm in the GEMM's packing, the residual in its store
+        y = _gemm([packed], x, (bias,), norm_weight, eps, residual)
+        if y is not None:
+            return y[0]
     y = run_candidate(choice, _prologue(x, norm_weight, eps, threshold, col_scale), packed, bias, compute_dtype)
     return y if residual is None else residual + y
 
@@ -297,6 +301,12 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
     elif name == "dense_copy":  # an N:M weight: the dense format's kernels over its decompressed copy
         return packed_linear(x, dense_copy_packed(*packed.quantized, packed.fmt, packed.in_features, compute_dtype),
                              bias, compute_dtype)
+    elif name == "gemm_bf16":
+        y = cpu_dispatch.gemm_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
+                                     packed.in_features, out_dtype)
+        if y is not None:
+            cpu_dispatch.counter[(packed.fmt, name)] += 1
+            return y.view(*lead, packed.out_features)
     elif name in ("dequant_bf16", "dequant_fp32"):
         dtype = torch.bfloat16 if name == "dequant_bf16" else torch.float32
         y = cpu_dispatch.dequant_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
@@ -397,9 +407,33 @@ def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dt
             if silu_mul:
                 return y.view(*lead, y.shape[-1])
             return tuple(t.view(*lead, t.shape[-1]) for t in y.split(fused.sizes, dim=1))
+    if rows > cpu_codegen.MAX_ROWS and threshold is None and all(
+            cpu_dispatch.choose(m, rows, compute_dtype) == "gemm_bf16" for m in fused.members):
+        y = _gemm(fused.members, x, biases, norm_weight, eps, silu_mul=silu_mul)
+        if y is not None:  # one packing of x (with the norm) for every member, SiLU * mul in the store
+            return y[0] if silu_mul else tuple(y)
     x = _prologue(x, norm_weight, eps, threshold, col_scale)
     outs = [packed_linear(x, m, b, compute_dtype) for m, b in zip(fused.members, biases)]
     return torch.nn.functional.silu(outs[0]) * outs[1] if silu_mul else tuple(outs)
+
+
+def _gemm(members: list[PackedWeight], x: torch.Tensor, biases: tuple, norm_weight: torch.Tensor | None,
+          eps: float | None, residual: torch.Tensor | None = None, silu_mul: bool = False) -> list | None:
+    """The dispatch's ``gemm_bf16`` choice for a call with the fusion groups' prologue (RMSNorm,
+    while x is packed) and epilogues (residual, SiLU * mul: in the store), outputs in x's dtype and
+    shape; None when the members' formats differ or the kernel is not there (the caller runs them in
+    torch around the kernels)."""
+    if len({m.fmt for m in members}) != 1 or len({m.in_features for m in members}) != 1:
+        return None
+    lead = x.shape[:-1]
+    out = cpu_dispatch.gemm_group(x.reshape(-1, x.shape[-1]), [(*m.quantized, b) for m, b in zip(members, biases)],
+                                  members[0].fmt, members[0].in_features, x.dtype, norm_weight, eps, residual,
+                                  silu_mul)
+    if out is None:
+        return None
+    for m in members:
+        cpu_dispatch.counter[(m.fmt, "gemm_bf16")] += 1
+    return [y.view(*lead, y.shape[-1]) for y in out]
 
 
 def torch_packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,

