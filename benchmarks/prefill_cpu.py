@@ -1,14 +1,16 @@
 """Prefill on the CPU: one M-token prompt (default 512) through a Llama-style decoder with random
 weights (hidden 2048, intermediate 5632, 4 layers, 16 heads / 4 KV heads, vocab 32000), eager
 fp32 / bf16 against lowbit w4a16 and w8a16, compiled (``torch.compile(backend="lowbit")``) and
-compressed (``compress``, run eagerly).
+compressed (``compress``, run eagerly) from the float32 model, and compiled from the same weights
+loaded in bf16 (``--no-bf16-model`` leaves those out).
 
 Calls are interleaved (one forward of each contender in turn, ``--rounds`` times) so that drift in
 machine speed hits all alike; reported: median seconds per prompt and the speed against eager fp32
 and eager bf16; then which kernel the CPU dispatch (``backends/cpu_dispatch.py``) chose for each
 quantized shape, with the times it measured (``LOWBIT_CPU_DISPATCH`` applies).
 
-    python benchmarks/prefill_cpu.py [--prompt 512] [--layers 4] [--rounds 5] [--json benchmarks/results/prefill_cpu.json]
+    python benchmarks/prefill_cpu.py [--prompt 512] [--layers 4] [--rounds 5] [--no-bf16-model]
+                                     [--json benchmarks/results/prefill_cpu.json]
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--recipes", default="w4a16,w8a16")
     parser.add_argument("--json", default="benchmarks/results/prefill_cpu.json")
+    parser.add_argument("--no-bf16-model", action="store_true",
+                        help="leave out the rows compiling the bf16 model (a user who loads it in bf16)")
     args = parser.parse_args()
 
     import lowbit_compiler
@@ -47,6 +51,11 @@ def main() -> None:
         compressed = LlamaForCausalLM(cfg).eval()
         compressed.load_state_dict(state)
         contenders[f"lowbit {recipe} compressed"] = lowbit_compiler.compress(compressed, recipe, progress=False)
+        if not args.no_bf16_model:  # the same weights loaded in bf16, as a bf16 user would compile them
+            half = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+            half.load_state_dict(bf16.state_dict())
+            contenders[f"lowbit {recipe} compiled, bf16 model"] = torch.compile(
+                half, backend="lowbit", options={"recipe": recipe})
 
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     times: dict[str, list[float]] = {name: [] for name in contenders}

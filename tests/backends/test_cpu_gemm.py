@@ -175,3 +175,27 @@ def test_a_compiled_prompt_runs_the_fused_gemm(monkeypatch):
     layer = [(3, True, False, False), (2, True, False, True), (1, False, True, False), (1, False, True, False)]
     assert sorted(seen) == sorted(layer * 2 + [(1, True, False, False)])
     assert sqnr_db(ref.double(), out.double()) >= 35, sqnr_db(ref.double(), out.double())
+
+
+def test_a_group_runs_the_gemm_when_one_members_plan_chose_it(monkeypatch):
+    """q/k/v where the plan gave q the GEMM and k, v dequantize + bf16 matmul (a near tie at small
+    N): the group still runs as one GEMM call (one packing, the norm inside), each output what the
+    member's own GEMM call gives; with no member on the GEMM it runs member by member."""
+    fmt, k = "int4_g128_asym", 256
+    qs = [_weight(fmt, n, k, seed=n) for n in (48, 24, 24)]
+    members = [cpu_kernels.prepack(q.qweight, q.scale, q.zero, fmt, k, torch.bfloat16) for q in qs]
+    fused = cpu_kernels.FusedWeights(members)
+    x, norm_w = torch.randn(40, k), torch.rand(k) + 0.5
+    calls = []
+    real = cpu_kernels._gemm
+    monkeypatch.setattr(cpu_kernels, "_gemm", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
+    monkeypatch.setattr(cpu_dispatch, "choose",
+                        lambda m, rows, dtype, env=None: "gemm_bf16" if m is members[0] else "dequant_bf16")
+    outs = cpu_kernels.fused_linear(x, fused, (None,) * 3, torch.bfloat16, norm_w, 1e-5)
+    assert calls == [3]
+    xn = torch.nn.functional.rms_norm(x, (k,), norm_w, 1e-5)
+    for out, q in zip(outs, qs):
+        assert sqnr_db(xn.double() @ _w(q, k).T, out.double()) >= 45
+    monkeypatch.setattr(cpu_dispatch, "choose", lambda m, rows, dtype, env=None: "dequant_bf16")
+    cpu_kernels.fused_linear(x, fused, (None,) * 3, torch.bfloat16, norm_w, 1e-5)
+    assert calls == [3]  # member by member: no group GEMM
