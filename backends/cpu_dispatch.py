@@ -578,12 +578,13 @@ static inline __m512 gemm_exp(__m512 x)
    weight (dq_row's arguments; bits, group and layout shared by the second weight) + bias (float32
    [N] or NULL), + residual ([M, N], y's dtype) when given. epilogue 1: two weights of N rows
    (codes2 / scale2 / zero2, bias2), y = silu(x W^T + bias) * (x W2^T + bias2), a gated MLP's gate
-   and up: each tile takes GEMM_N / 2 rows of each. Threads over blocks of weight rows. */
-void lowbit_gemm(const uint32_t* xp, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scale,
-                 const uint8_t* zero, const float* table, int64_t row_bytes, int64_t group, int64_t groups,
-                 int64_t bits, int64_t N, const float* bias, void* y, int out_bf16, int threads,
-                 const void* residual, int epilogue, const uint8_t* codes2, const uint16_t* scale2,
-                 const uint8_t* zero2, const float* bias2)
+   and up: each tile takes GEMM_N / 2 rows of each. Threads over blocks of weight rows. Returns 0,
+   or 1 when a thread could not allocate its weight buffer (nothing written then). */
+int lowbit_gemm(const uint32_t* xp, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scale,
+                const uint8_t* zero, const float* table, int64_t row_bytes, int64_t group, int64_t groups,
+                int64_t bits, int64_t N, const float* bias, void* y, int out_bf16, int threads,
+                const void* residual, int epilogue, const uint8_t* codes2, const uint16_t* scale2,
+                const uint8_t* zero2, const float* bias2)
 {
 #if defined(DQ_AVX512) && defined(__AVX512BF16__)
     const int64_t K2 = (K + 1) / 2, mblocks = (M + GEMM_M - 1) / GEMM_M;
@@ -591,59 +592,72 @@ void lowbit_gemm(const uint32_t* xp, int64_t M, int64_t K, const uint8_t* codes,
     /* weight rows 16 pairs apart past a multiple of 16: rows 4 kB apart would share the L1 sets
        (measured: a 2048-column weight ran at 0.64x oneDNN's speed, 0.96x with the padding) */
     const int64_t wstride = (K2 + 15) / 16 * 16 + 16;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         uint32_t* wb = (uint32_t*)aligned_alloc(64, (size_t)(GEMM_N * wstride * 4));
-        float acc[GEMM_N * GEMM_M] __attribute__((aligned(64)));
-        const __m512i second_at = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                   _mm512_set1_epi32((int)per));
-        memset(wb, 0, (size_t)(GEMM_N * wstride * 4));
-        #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < nblocks; nb++) {
-            const int64_t n0 = nb * per, nn = N - n0 < per ? N - n0 : per;
-            for (int64_t i = 0; i < GEMM_N; i++) {  /* K odd: the pad column stays zero from the memset */
-                const int64_t j = i % per, second = i >= per;
-                if (j < nn)
-                    dq_row(second ? codes2 : codes, second ? scale2 : scale, second ? zero2 : zero, table,
-                           wb + i * wstride, n0 + j, K, row_bytes, group, groups, bits, 1);
-                else
-                    memset(wb + i * wstride, 0, (size_t)(K2 * 4));
-            }
-            const __mmask16 keep = (__mmask16)((1u << nn) - 1);
-            const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
-            const __m512 b2 = bias2 ? _mm512_maskz_loadu_ps(keep, bias2 + n0) : _mm512_setzero_ps();
-            for (int64_t mb = 0; mb < mblocks; mb++) {
-                gemm_tile(xp + mb * K2 * GEMM_M, wb, K2, wstride, acc);
-                const int64_t m0 = mb * GEMM_M, mm = M - m0 < GEMM_M ? M - m0 : GEMM_M;
-                for (int64_t h = 0; h < GEMM_M / 16 && 16 * h < mm; h++) {
-                    __m512 rows[16];  /* the tile's rows 16h.. as vectors of its GEMM_N columns */
-                    for (int i = 0; i < 16; i++)
-                        rows[i] = i < GEMM_N ? _mm512_load_ps(acc + i * GEMM_M + 16 * h) : _mm512_setzero_ps();
-                    gemm_transpose16(rows);
-                    for (int64_t r = 16 * h; r < mm && r < 16 * h + 16; r++) {
-                        __m512 v = _mm512_add_ps(rows[r - 16 * h], b);
-                        if (epilogue == 1) {  /* columns per.. are the second weight's */
-                            const __m512 u = _mm512_add_ps(_mm512_permutexvar_ps(second_at, rows[r - 16 * h]), b2);
-                            v = _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                                                             gemm_exp(_mm512_sub_ps(_mm512_setzero_ps(), v)))), u);
-                        }
-                        const int64_t at = (m0 + r) * N + n0;
-                        if (out_bf16) {
-                            if (residual)
-                                v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                    _mm256_maskz_loadu_epi16(keep, (const uint16_t*)residual + at)), 16)));
-                            _mm256_mask_storeu_epi16((uint16_t*)y + at, keep, (__m256i)_mm512_cvtneps_pbh(v));
-                        } else {
-                            if (residual)
-                                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, (const float*)residual + at));
-                            _mm512_mask_storeu_ps((float*)y + at, keep, v);
+        if (!wb) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        if (failed) {
+            free(wb);
+        } else {
+            float acc[GEMM_N * GEMM_M] __attribute__((aligned(64)));
+            const __m512i second_at = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                       _mm512_set1_epi32((int)per));
+            memset(wb, 0, (size_t)(GEMM_N * wstride * 4));
+            #pragma omp for schedule(static)
+            for (int64_t nb = 0; nb < nblocks; nb++) {
+                const int64_t n0 = nb * per, nn = N - n0 < per ? N - n0 : per;
+                for (int64_t i = 0; i < GEMM_N; i++) {  /* K odd: the pad column stays zero from the memset */
+                    const int64_t j = i % per, second = i >= per;
+                    if (j < nn)
+                        dq_row(second ? codes2 : codes, second ? scale2 : scale, second ? zero2 : zero, table,
+                               wb + i * wstride, n0 + j, K, row_bytes, group, groups, bits, 1);
+                    else
+                        memset(wb + i * wstride, 0, (size_t)(K2 * 4));
+                }
+                const __mmask16 keep = (__mmask16)((1u << nn) - 1);
+                const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+                const __m512 b2 = bias2 ? _mm512_maskz_loadu_ps(keep, bias2 + n0) : _mm512_setzero_ps();
+                for (int64_t mb = 0; mb < mblocks; mb++) {
+                    gemm_tile(xp + mb * K2 * GEMM_M, wb, K2, wstride, acc);
+                    const int64_t m0 = mb * GEMM_M, mm = M - m0 < GEMM_M ? M - m0 : GEMM_M;
+                    for (int64_t h = 0; h < GEMM_M / 16 && 16 * h < mm; h++) {
+                        __m512 rows[16];  /* the tile's rows 16h.. as vectors of its GEMM_N columns */
+                        for (int i = 0; i < 16; i++)
+                            rows[i] = i < GEMM_N ? _mm512_load_ps(acc + i * GEMM_M + 16 * h) : _mm512_setzero_ps();
+                        gemm_transpose16(rows);
+                        for (int64_t r = 16 * h; r < mm && r < 16 * h + 16; r++) {
+                            __m512 v = _mm512_add_ps(rows[r - 16 * h], b);
+                            if (epilogue == 1) {  /* columns per.. are the second weight's */
+                                const __m512 u = _mm512_add_ps(_mm512_permutexvar_ps(second_at, rows[r - 16 * h]), b2);
+                                v = _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                                                 gemm_exp(_mm512_sub_ps(_mm512_setzero_ps(), v)))), u);
+                            }
+                            const int64_t at = (m0 + r) * N + n0;
+                            if (out_bf16) {
+                                if (residual)
+                                    v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                        _mm256_maskz_loadu_epi16(keep, (const uint16_t*)residual + at)), 16)));
+                                _mm256_mask_storeu_epi16((uint16_t*)y + at, keep, (__m256i)_mm512_cvtneps_pbh(v));
+                            } else {
+                                if (residual)
+                                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, (const float*)residual + at));
+                                _mm512_mask_storeu_ps((float*)y + at, keep, v);
+                            }
                         }
                     }
                 }
             }
+            free(wb);
         }
-        free(wb);
     }
+    return failed;
+#else
+    return 1;
 #endif
 }
 """
@@ -685,6 +699,9 @@ def _gemm_build(isa: str):
                              + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
                              + [ctypes.c_void_p] * 4,
                              what="the dequantization kernel", isa=isa, entry="lowbit_gemm")
+    if pack is None or gemm is None:
+        return None
+    gemm.restype = ctypes.c_int
     return (pack, gemm)
 
 
@@ -722,13 +739,18 @@ def gemm_group(x2: torch.Tensor, weights: list[tuple], fmt: str, in_features: in
     if fns is None or not dequant_covers(fmt) or (silu_mul and (len(weights) != 2 or
                                                                 weights[0][1].shape[0] != weights[1][1].shape[0])):
         return None
+    m = x2.shape[0]
+    if residual is not None and (silu_mul or len(weights) != 1 or residual.shape[-1] != weights[0][1].shape[0]
+                                 or residual.numel() != m * weights[0][1].shape[0]):
+        return None  # the store adds a residual of the output's own shape to a single weight's output only
     pack, gemm = fns
     f = WeightFormat.parse(fmt)
     if x2.dtype not in (torch.float32, torch.bfloat16):
         x2 = x2.float()
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
+    if norm_weight is not None and eps is None:  # what F.rms_norm takes for eps=None
+        eps = torch.finfo(x2.dtype).eps
     pairs, blocks = (in_features + 1) // 2, (m + 31) // 32
     xp = _scratch(blocks * 32, pairs * 2, torch.bfloat16, "packed")
     threads = torch.get_num_threads()
@@ -756,9 +778,12 @@ def gemm_group(x2: torch.Tensor, weights: list[tuple], fmt: str, in_features: in
         memory.advise_huge_pages(y)  # a 512-token prompt's float32 logits: 65 MB written once
         codes, scales, zeros, b, _ = first
         codes2, scales2, zeros2, b2, _ = second or (None,) * 5
-        gemm(xp.data_ptr(), m, in_features, codes.data_ptr(), scales.data_ptr(), ptr(zeros), ptr(table),
+        ok = gemm(xp.data_ptr(), m, in_features, codes.data_ptr(), scales.data_ptr(), ptr(zeros), ptr(table),
              codes.shape[1], group, groups, f.bits, n, ptr(b), y.data_ptr(), int(ydtype == torch.bfloat16), threads,
              ptr(residual), int(second is not None), ptr(codes2), ptr(scales2), ptr(zeros2), ptr(b2))
+        if ok != 0:
+            raise MemoryError(f"lowbit: the generated GEMM could not allocate its per-thread weight buffer "
+                              f"({n} x {in_features} weight)")
         return y if direct else y.to(out_dtype)
 
     if silu_mul:

@@ -223,9 +223,10 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     ``residual`` it returns ``residual + linear(...)`` (the CPU fusion groups' prologue and epilogue,
     folded in by ``lowering._fuse_cpu_prologues``); with ``threshold`` (and ``col_scale``) the input
     is ``lowbit::act_sparsify``'d after the norm (an activation-sparse layer whose sparse kernel
-    does not pay: ``cpu_sparse``). The generated kernel's ``_ext`` entry does all of it in the call;
-    every other kernel runs them in torch around it (what the graph did before); a threshold on a
-    row that is not float32 too (the op compares in x's dtype, the kernel in float32)."""
+    does not pay: ``cpu_sparse``). The generated kernel's ``_ext`` entry does all of it in the call,
+    the generated GEMM (``gemm_bf16``, more rows) the norm and the add; every other kernel, and the
+    GEMM with a threshold, runs them in torch around it (what the graph did before); a threshold on
+    a row that is not float32 too (the op compares in x's dtype, the kernel in float32)."""
     if threshold is not None and x.dtype != torch.float32:
         x, norm_weight, threshold, col_scale = _prologue(x, norm_weight, eps, threshold, col_scale), None, None, None
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -378,8 +379,10 @@ class FusedWeights(torch.nn.Module):
 def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dtype: torch.dtype,
                  norm_weight: torch.Tensor | None = None, eps: float | None = None,
                  threshold: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
-    """A CPU fusion group: one generated call for decode-sized inputs (float32), else each weight
-    by ``packed_linear`` and the epilogue in torch (what the graph did before fusing). Returns the
+    """A CPU fusion group: one generated call for decode-sized inputs (float32), one call of the
+    generated GEMM for larger ones where the dispatch chose it for a member (:func:`_group_gemm`),
+    else each weight by ``packed_linear`` and the epilogue in torch (what the graph did before
+    fusing). Returns the
     tensor (SiLU * mul) or a tuple of outputs (side by side). With ``norm_weight`` the group reads
     ``rms_norm(x, (K,), norm_weight, eps)``, with ``threshold`` (and ``col_scale``) that
     ``lowbit::act_sparsify``'d: done once inside the generated call (its ``_ext`` entry), or by
@@ -437,8 +440,10 @@ def _gemm(members: list[PackedWeight], x: torch.Tensor, biases: tuple, norm_weig
     if len({m.fmt for m in members}) != 1 or len({m.in_features for m in members}) != 1:
         return None
     lead = x.shape[:-1]
+    # the dtype torch's residual + y would have (bf16 rows, a float32 residual: float32)
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = cpu_dispatch.gemm_group(x.reshape(-1, x.shape[-1]), [(*m.quantized, b) for m, b in zip(members, biases)],
-                                  members[0].fmt, members[0].in_features, x.dtype, norm_weight, eps, residual,
+                                  members[0].fmt, members[0].in_features, out_dtype, norm_weight, eps, residual,
                                   silu_mul)
     if out is None:
         return None

@@ -452,7 +452,8 @@ def _fuse_cpu_groups(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
     kernel: a gated MLP's ``silu(gate(x)) * up(x)`` becomes one call (x read once, the product
     written), and the other linears that share an input (q/k/v) one call with their outputs side
     by side (``cpu_kernels.fused_linear``: one OpenMP region instead of two or three; more than
-    ``MAX_ROWS`` rows run the members one by one, as before). The same groups the Triton generator
+    ``MAX_ROWS`` rows: one call of the generated GEMM where the dispatch chose it, x packed once
+    and SiLU * mul in its store, else the members one by one). The same groups the Triton generator
     finds (``fusion._classify`` names the SiLU and the mul); ``LOWBIT_CPU_FUSE=0`` turns it off."""
 
     def member(node: Any) -> cpu_kernels.PackedWeight | None:
@@ -537,8 +538,9 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
     (``norm_weight=``, ``eps=``: the generated kernel normalises the rows once, in the call), and a
     residual ``add`` that is a linear's only reader moves into it (``residual=``: o_proj and
     down_proj add the residual stream in the kernel's store). Two graph nodes and two torch calls
-    fewer per norm or add at decode; larger calls run the norm and the add in torch around the
-    kernel, as before. Only float32 rows (the generated kernels' dtype; a bf16 model keeps its
+    fewer per norm or add at decode; larger calls do them inside the generated GEMM where the
+    dispatch chose it (the norm while x is packed, the add in the store), else in torch around the
+    kernel. Only float32 rows (the generated kernels' dtype; a bf16 model keeps its
     norms and adds in the graph) and plain RMSNorms (weight a parameter of the model, no offset);
     ``LOWBIT_CPU_FUSE=0`` turns it off with the groups. The kernel's normalisation sums squares in
     double: it differs from torch's ``rms_norm`` by rounding only (tested against float64)."""

@@ -182,13 +182,14 @@ def advise_huge_pages(t: torch.Tensor, min_bytes: int = RUN_MMAP_THRESHOLD) -> b
     hint. A hint only: True when the kernel took it; False where it cannot (not Linux, THP set to
     ``never``, a small tensor), which changes nothing but the speed."""
     nbytes = t.numel() * t.element_size()
-    if nbytes < min_bytes or t.device.type != "cpu":
+    if nbytes < min_bytes or t.device.type != "cpu" or not t.is_contiguous():
         return False
     madvise = _libc_function("madvise")
     if madvise is None:
         return False
+    storage = t.untyped_storage()  # never past the memory the tensor owns
     start = (t.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-    end = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+    end = min(t.data_ptr() + nbytes, storage.data_ptr() + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return False
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

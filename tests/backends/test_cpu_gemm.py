@@ -199,3 +199,40 @@ def test_a_group_runs_the_gemm_when_one_members_plan_chose_it(monkeypatch):
     monkeypatch.setattr(cpu_dispatch, "choose", lambda m, rows, dtype, env=None: "dequant_bf16")
     cpu_kernels.fused_linear(x, fused, (None,) * 3, torch.bfloat16, norm_w, 1e-5)
     assert calls == [3]  # member by member: no group GEMM
+
+
+def test_the_epilogues_refuse_what_they_cannot_add_and_follow_torch_on_the_rest(monkeypatch):
+    """A residual that is not of the output's shape (one that torch would broadcast), or given with
+    several weights or SiLU * mul, is refused (None: the caller adds it in torch), never read past
+    its end; bf16 rows with a float32 residual give float32 as ``residual + y`` does; eps=None is
+    ``F.rms_norm``'s (the dtype's eps: an all-zero row stays zero, not NaN)."""
+    fmt, m, n, k = "int8", 20, 40, 128
+    q, q2 = _weight(fmt, n, k, 1), _weight(fmt, n, k, 2)
+    x = torch.randn(m, k)
+    for bad in (torch.randn(n), torch.randn(1, n), torch.randn(m, n // 2)):
+        assert cpu_dispatch.gemm_group(x, [_args(q)], fmt, k, torch.float32, residual=bad) is None
+    res = torch.randn(m, n)
+    assert cpu_dispatch.gemm_group(x, [_args(q), _args(q2)], fmt, k, torch.float32, residual=res) is None
+    assert cpu_dispatch.gemm_group(x, [_args(q), _args(q2)], fmt, k, torch.float32, residual=res,
+                                   silu_mul=True) is None
+    # through packed_linear: the broadcast residual is added by torch, as before
+    monkeypatch.setenv(cpu_dispatch.ENV, "gemm")
+    packed = cpu_kernels.prepack(q.qweight, q.scale, q.zero, fmt, k, torch.bfloat16)
+    row = torch.randn(n)
+    y = cpu_kernels.packed_linear(x, packed, None, torch.bfloat16, residual=row)
+    assert sqnr_db(row.double() + x.bfloat16().double() @ _w(q, k).T, y.double()) >= 110
+    y = cpu_kernels.packed_linear(x.bfloat16(), packed, None, torch.bfloat16, residual=res)
+    assert y.dtype == torch.float32
+    assert sqnr_db(res.double() + x.bfloat16().double() @ _w(q, k).T, y.double()) >= 110
+    zero_row = torch.zeros(m, k)
+    y, = cpu_dispatch.gemm_group(zero_row, [_args(q)], fmt, k, torch.float32, norm_weight=torch.ones(k))
+    assert torch.equal(y, torch.zeros(m, n))
+
+
+def test_the_huge_page_hint_stays_inside_the_tensor():
+    from lowbit_compiler import memory
+
+    big = torch.empty(40 << 20, dtype=torch.uint8)
+    assert memory.advise_huge_pages(big) in (True, False)  # a hint: whether Linux takes it is the host's
+    assert not memory.advise_huge_pages(torch.empty(1 << 20, dtype=torch.uint8))  # small: left alone
+    assert not memory.advise_huge_pages(big.view(-1, 2).t())  # not contiguous: left alone
