@@ -297,8 +297,10 @@ static inline void dq_store8(void* out, int64_t i, __m256 v, int bf16)
    float32). bits 8: codes int8 [N, row_bytes], scale bf16 [N]. bits 4: codes
    [N, row_bytes] two per byte (column 2j in the low nibble of byte j, 2j + 1 in the high one),
    scale bf16 [N, groups], zero uint8 [N, groups] or NULL (8); groups of `group` columns, the last
-   one may reach past K (padded columns are not written). w = (q - z) * s, float32, then rounded;
-   with a 16-entry table (NF4) w = table[q] * s instead. */
+   one may reach past K (padded columns are not written). bits 3 / 2: the same with the codes a
+   little-endian bit stream per row (column k at bit bits * k; formats.pack_codes) and NULL zero
+   meaning 4 / 2. w = (q - z) * s, float32, then rounded; with a 16-entry table (NF4) w = table[q]
+   * s instead. */
 static void dq_row(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, const float* table,
                    void* o, int64_t n, int64_t K, int64_t row_bytes, int64_t group, int64_t groups, int64_t bits,
                    int bf16)
@@ -321,6 +323,50 @@ static void dq_row(const uint8_t* codes, const uint16_t* scale, const uint8_t* z
 #endif
         for (; k < K; k++)
             dq_put(o, k, (float)q[k] * s, bf16);
+        return;
+    }
+    if (bits == 2 || bits == 3) {  /* int3 / int2: code k at bit bits * k of the row's little-endian stream */
+#if defined(DQ_AVX512) && defined(__AVX512VBMI__)
+        /* 32 codes (bits * 4 bytes) per step: each 16-bit lane gets the two bytes its code starts in
+           (vpermb), shifted down to it (vpsrlvw); the group's 2^bits values, rounded to bf16 as below,
+           looked up by code (vpermw) */
+        uint8_t at8[64];
+        uint16_t sh16[32];
+        for (int i = 0; i < 32; i++) {
+            at8[2 * i] = (uint8_t)((bits * i) >> 3);
+            at8[2 * i + 1] = (uint8_t)(((bits * i) >> 3) + 1);
+            sh16[i] = (uint16_t)((bits * i) & 7);
+        }
+        const __m512i at = _mm512_loadu_si512(at8), sh = _mm512_loadu_si512(sh16);
+        const __m512i mask = _mm512_set1_epi16((short)((1 << bits) - 1));
+        const __m512 codes16 = _mm512_cvtepi32_ps(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+#endif
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = dq_bf16(scale[n * groups + g]);
+            const float off = -(zero ? (float)zero[n * groups + g] : (float)(1 << (bits - 1))) * s;
+            const int64_t k0 = g * group, k1 = k0 + group < K ? k0 + group : K;
+            int64_t k = k0;  /* a multiple of 8: groups are */
+#if defined(DQ_AVX512) && defined(__AVX512VBMI__)
+            if (bf16) {
+                uint16_t t16[16];
+                dq_store16(t16, 0, _mm512_fmadd_ps(codes16, _mm512_set1_ps(s), _mm512_set1_ps(off)), 1);
+                const __m512i tv = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)t16));
+                for (; k + 32 <= k1; k += 32) {
+                    const __m512i raw = _mm512_castsi128_si512(
+                        _mm_maskz_loadu_epi8((__mmask16)((1u << (4 * bits)) - 1), c + bits * k / 8));
+                    const __m512i q = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(at, raw), sh), mask);
+                    _mm512_storeu_si512((uint16_t*)o + k, _mm512_permutexvar_epi16(q, tv));
+                }
+            }
+#endif
+            for (; k < k1; k++) {
+                const int64_t bit = bits * k, byte = bit >> 3, shift = bit & 7;
+                unsigned v = c[byte];
+                if (shift + bits > 8)  /* the code runs into the next byte (in the row: the code is) */
+                    v |= (unsigned)c[byte + 1] << 8;
+                dq_put(o, k, (float)((v >> shift) & ((1u << bits) - 1)) * s + off, bf16);
+            }
+        }
         return;
     }
     if (table) {  /* NF4: the code looks up its grid value */
@@ -818,9 +864,10 @@ _NF4_TABLE = torch.tensor(NF4_GRID, dtype=torch.float32)
 
 
 def dequant_covers(fmt: str) -> bool:
-    """Whether the dequantization kernel reads this format (int8, int4 group-wise, NF4)."""
+    """Whether the dequantization kernel reads this format (int8, int4 / int3 / int2 group-wise, NF4)."""
     f = WeightFormat.parse(fmt)
-    return (f.kind == "int" and f.bits in (4, 8)) or (f.kind == "nf4" and f.group_size is not None)
+    return ((f.kind == "int" and (f.bits == 8 or (f.bits in (2, 3, 4) and f.group_size is not None)))
+            or (f.kind == "nf4" and f.group_size is not None))
 
 
 def block_rows(in_features: int, dtype: torch.dtype, out_features: int) -> int:

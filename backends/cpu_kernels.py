@@ -3,18 +3,18 @@ matmuls, and dequantize-then-matmul, whichever is fastest for the call.
 
 Which one runs (:func:`packed_linear`): ``cpu_dispatch.choose`` decides per (format, N, K, row
 class, compute dtype) by timing the candidates on this host at the first call of the class
-(cached on disk; ``LOWBIT_CPU_DISPATCH=measure|generated|torch|dequant``; see
+(cached on disk; ``LOWBIT_CPU_DISPATCH=measure|generated|torch|dequant|gemm``; see
 ``backends/cpu_dispatch.py`` and docs/codegen.md): the generated C kernel of
 ``backends/cpu_codegen.py`` for calls of at most ``cpu_codegen.MAX_ROWS`` rows whose format it
 covers (int8; int4 and NF4 with groups a multiple of 16; K not padded), reading the quantized
 tensors as stored, float32 activations and accumulation; torch's packed kernels (int8 and int4,
 any rows; the only choice without a compiler or with ``LOWBIT_CPU_CODEGEN=0``); for more rows, the
-weight dequantized in blocks by a generated kernel and multiplied by a dense bf16 or float32
-matmul. NF4 has no torch kernel: where neither generated kernel can run a call (no compiler) the
+generated blocked GEMM (AVX512_BF16) or the weight dequantized in blocks by a generated kernel and
+multiplied by a dense bf16 or float32 matmul. NF4 has no torch kernel: where neither generated kernel can run a call (no compiler) the
 float reference runs, logged, counted and in the layer record (:func:`reference_linear`).
 int3 and int2 group-wise weights (no torch kernel) run the generated lookup-table kernel of
-``backends/cpu_lut.py`` for calls of at most ``MAX_ROWS`` rows, the float reference above
-(:func:`wo_linear_fast` returns None; the op reports why).
+``backends/cpu_lut.py`` for calls of at most ``MAX_ROWS`` rows, the dispatch above (as NF4: the
+generated GEMM or dequantize-then-matmul; without a compiler the float reference, reported).
 
 * int8 per-channel: ``aten._weight_int8pack_mm(x[M, K], w int8 [N, K], scale[N])``.
 * int4 group-wise: ``aten._weight_int4pack_mm_for_cpu(x[M, K], packed, group, scales_and_zeros)``
@@ -128,6 +128,8 @@ def unsupported_reason(x_dtype: torch.dtype, device: torch.device, fmt: str) -> 
     f = WeightFormat.parse(fmt)
     if f.kind == "nf4" and f.group_size is not None:
         return None  # no torch kernel: cpu_dispatch runs the generated ones (or the float reference, saying why)
+    if f.kind == "int" and f.bits in (2, 3) and f.group_size is not None:
+        return None  # likewise (decode-sized calls: wo_linear_fast sends them to cpu_lut's kernel)
     if not (f.kind == "int" and f.bits in (8, 4)):
         return f"format {fmt} has no packed CPU kernel (torch has int8 and int4 ones)"
     return None
@@ -160,6 +162,8 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
     n = scale.shape[0]
     if f.kind == "nf4":  # no torch kernel, so no torch layout: the generated kernels read the codes as stored
         return PackedWeight(fmt, None, None, n, in_features, qweight.shape[1] * 2, (qweight, scale, zero))
+    if f.kind == "int" and f.bits in (2, 3):  # likewise (the GEMM and the dequantizer read the bit stream)
+        return PackedWeight(fmt, None, None, n, in_features, qweight.shape[1] * 8 // f.bits, (qweight, scale, zero))
     if f.kind == "sparse":  # N:M: the generated kernel reads the compressed storage; other calls: dense_copy_packed
         return PackedWeight(fmt, None, None, n, in_features, in_features, (qweight, scale, zero))
     if f.bits == 8:
@@ -499,7 +503,8 @@ def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """The fast path for one call, or None when it does not apply (the caller uses the reference)."""
     if WeightFormat.parse(fmt).kind == "sparse":
         return sparse_linear_fast(x, qweight, scale, zero, bias, fmt, in_features, policy)
-    if cpu_lut.supported(fmt) is None:  # int3/int2: the lookup-table kernel for decode-sized calls
+    if cpu_lut.supported(fmt) is None and x.numel() <= cpu_codegen.MAX_ROWS * x.shape[-1]:
+        # int3/int2: the lookup-table kernel for decode-sized calls (larger ones: the dispatch below)
         y = cpu_lut.linear(x.reshape(-1, x.shape[-1]), qweight, scale, zero, bias, fmt, in_features)
         return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if unsupported_reason(x.dtype, x.device, fmt) is not None:

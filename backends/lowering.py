@@ -238,7 +238,8 @@ EAGER_NOTES["lowbit::qa_linear"] = _qa_linear_note
 EAGER_NOTES["lowbit::hadamard"] = lambda a: "fast Walsh-Hadamard transform in torch ops (lowbit_compiler/hadamard.py)"
 EAGER_NOTES["lowbit::wo_linear"] = lambda a: (
     f"the generated lookup-table C kernel {cpu_lut.kernel_name(a['fmt'])} for M <= {cpu_codegen.MAX_ROWS} rows, "
-    "else the float reference" if "fmt" in a and cpu_lut.supported(a["fmt"]) is None else
+    "the kernel cpu_dispatch picks above (the generated GEMM or dequantize + matmul)"
+    if "fmt" in a and cpu_lut.supported(a["fmt"]) is None else
     "the kernel cpu_dispatch picks per row class (the generated C kernel for M <= 16 rows, torch's packed CPU "
     "kernel, dequantize + matmul above), when they exist for the format and the call's dtype, else the float "
     "reference")
@@ -782,9 +783,9 @@ def _fqn_base(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def _wo_linear_lut(node: fx.Node, ctx: PassContext, state: LoweringState, a: dict[str, Any]) -> str:
     """int3/int2 weights: the node stays the eager op, whose CPU implementation runs the generated
-    lookup-table kernel (``cpu_lut``) for calls of at most ``MAX_ROWS`` rows; a graph whose rows are
-    known to exceed that, or a call the kernel cannot take, is bound to the float reference with
-    the reason."""
+    lookup-table kernel (``cpu_lut``) for calls of at most ``MAX_ROWS`` rows and the CPU dispatch's
+    kernels above (the generated GEMM, dequantize + matmul); a call none of them can take is bound
+    to the float reference with the reason."""
     from lowbit_compiler import ops
 
     xv = _dynamo_adapter.example_value(a["x"])

@@ -59,15 +59,19 @@ def wo_linear_fallback_reason(fmt: str, x_dtype: torch.dtype, device_type: str, 
     """Why an eager ``lowbit::wo_linear`` call with these arguments runs the float reference, and
     what to do about it (None: a packed or generated CPU kernel runs). ``rows``: the call's row
     count (None: a decode-sized call); int3/int2 weights have a generated lookup-table kernel for
-    calls of at most ``cpu_codegen.MAX_ROWS`` rows and none above."""
-    from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_lut
+    calls of at most ``cpu_codegen.MAX_ROWS`` rows, and the CPU dispatch's generated GEMM or
+    dequantize-then-matmul above (both need the generated dequantization kernel)."""
+    from lowbit_compiler.backends import cpu_codegen, cpu_dispatch, cpu_kernels, cpu_lut
 
     if device_type == "cuda" and _eager_cuda_reason(fmt, x_dtype) is None:
         return None  # the format's generated Triton kernel (kernel_cache.eager_wo_linear)
     if device_type == "cpu" and x_dtype in cpu_kernels._FAST_DTYPES and cpu_lut.supported(fmt) is None:
         if rows is not None and rows > cpu_codegen.MAX_ROWS:
-            return (f"lowbit::wo_linear: format {fmt} with more than {cpu_codegen.MAX_ROWS} rows has no CPU kernel "
-                    f"(its lookup-table kernel covers decode-sized calls; torch has no int3/int2 kernel); "
+            if cpu_dispatch.dequant_kernel() is not None:
+                return None
+            return (f"lowbit::wo_linear: format {fmt} with more than {cpu_codegen.MAX_ROWS} rows needs the generated "
+                    f"dequantization kernel, which is unavailable "
+                    f"({'; '.join(cpu_codegen._disabled_reason) or 'not built'}; torch has no int3/int2 kernel); "
                     f"{_REFERENCE_COST}; this call has {rows} rows")
         if cpu_lut.kernel(fmt) is None:
             return (f"lowbit::wo_linear: format {fmt}: the generated lookup-table kernel is unavailable "

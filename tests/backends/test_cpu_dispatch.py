@@ -75,10 +75,12 @@ def test_k_padded_to_the_group_has_no_generated_candidate_and_dequantizes_right(
 @pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
 def test_dequantization_kernel_is_exact_on_every_build(isa):
     """bf16 and float32 rows equal the reference dequantiser (rounded once to bf16) bit for bit:
-    int8, int4 sym/asym at groups 32-128, NF4 (its table looked up in registers), K padded to the
-    group (200 of 256 columns), a block of rows from the middle."""
-    for fmt in ("int8", "int4_g128_asym", "int4_g32_sym", "int4_g64_asym", "nf4_g64", "nf4_g32"):
-        for k in (256, 200):
+    int8, int4 sym/asym at groups 32-128, NF4 (its table looked up in registers), int3 / int2 (bit
+    streams; codes across byte boundaries), K padded to the group (200 of 256, 72 of 96-128
+    columns), a block of rows from the middle."""
+    for fmt in ("int8", "int4_g128_asym", "int4_g32_sym", "int4_g64_asym", "nf4_g64", "nf4_g32",
+                "int3_g128_asym", "int3_g32_sym", "int2_g64_asym", "int2_g32_sym"):  # int3 / int2: bit streams
+        for k in (256, 200, 72):
             q, _ = _weight(fmt, 37, k, seed=2)
             ref = dequantize_parts(q.format, q.qweight, q.scale, q.zero)[:, :k]
             for dtype in (torch.float32, torch.bfloat16):

@@ -37,7 +37,8 @@ def _args(q, bias=None):
 # 12-row tile, K padded to the group (200 of 256, 130 of 160 / 192), K odd (int8 per channel)
 CASES = [("int8", 40, 200, 256), ("int8", 1, 7, 131), ("int8", 65, 25, 96),
          ("int4_g128_asym", 33, 13, 200), ("int4_g128_asym", 64, 24, 256), ("int4_g32_sym", 70, 25, 130),
-         ("nf4_g64", 40, 37, 256), ("nf4_g64", 17, 12, 130)]
+         ("nf4_g64", 40, 37, 256), ("nf4_g64", 17, 12, 130),
+         ("int3_g128_asym", 40, 30, 256), ("int3_g32_sym", 33, 13, 200), ("int2_g64_asym", 20, 25, 130)]
 
 
 @pytest.mark.parametrize("fmt,m,n,k", CASES)
