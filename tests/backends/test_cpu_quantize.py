@@ -198,3 +198,18 @@ def test_int3_prefill_reference_uses_the_c_dequantiser(monkeypatch):
     x = torch.randn(40, 256)
     expected = torch.nn.functional.linear(x, formats.dequantize(qw))
     assert torch.equal(ops.wo_linear_reference(x, qw.qweight, qw.scale, qw.zero, None, fmt.key, 256), expected)
+
+
+@pytest.mark.parametrize("key", ["int4_g128_asym", "int8", "int3_g64_sym"])
+def test_the_explicit_avx512_loops_sum_what_the_portable_loops_sum(key):
+    """The AVX-512 build's min/max and signal/noise loops (intrinsics) give the portable build's
+    scales, codes and float64 sums bit for bit (the same comparisons, the same order of adds)."""
+    if cpu_codegen.isa_of(_kernel("native")) not in ("avx512", "avx512_vnni"):
+        pytest.skip("no AVX-512 on this host: the portable loops are the only ones")
+    fmt = WeightFormat.parse(key)
+    w = torch.randn(33, 1000, generator=torch.Generator().manual_seed(5)) * 0.05
+    w[0, :7] = 0.0
+    native, portable = (cpu_quantize.quantize_with_sums(w, fmt, isa) for isa in ("native", "portable"))
+    assert torch.equal(native[0].qweight, portable[0].qweight)
+    assert torch.equal(native[0].scale.view(torch.int16), portable[0].scale.view(torch.int16))
+    assert torch.equal(native[1], portable[1])
