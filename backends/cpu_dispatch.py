@@ -574,6 +574,23 @@ static inline void gemm_tile(const uint32_t* xp, const uint32_t* w, int64_t K2, 
     }
 }
 
+/* gemm_tile for a last block of at most 16 rows: its first 16 only (half the products; a 100-row
+   call computes 112 rows, not 128) */
+static inline void gemm_tile16(const uint32_t* xp, const uint32_t* w, int64_t K2, int64_t wstride, float* acc)
+{
+    __m512 a[GEMM_N];
+    for (int i = 0; i < GEMM_N; i++)
+        a[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < K2; p++) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xp + p * GEMM_M);
+        #pragma GCC unroll 12
+        for (int i = 0; i < GEMM_N; i++)
+            a[i] = _mm512_dpbf16_ps(a[i], x0, (__m512bh)_mm512_set1_epi32((int)w[i * wstride + p]));
+    }
+    for (int i = 0; i < GEMM_N; i++)
+        _mm512_store_ps(acc + i * GEMM_M, a[i]);
+}
+
 /* r[i][j] <- r[j][i]: a 16 x 16 float32 transpose (the tile's columns of rows -> its rows) */
 static inline void gemm_transpose16(__m512 r[16])
 {
@@ -669,8 +686,11 @@ int lowbit_gemm(const uint32_t* xp, int64_t M, int64_t K, const uint8_t* codes, 
                 const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
                 const __m512 b2 = bias2 ? _mm512_maskz_loadu_ps(keep, bias2 + n0) : _mm512_setzero_ps();
                 for (int64_t mb = 0; mb < mblocks; mb++) {
-                    gemm_tile(xp + mb * K2 * GEMM_M, wb, K2, wstride, acc);
                     const int64_t m0 = mb * GEMM_M, mm = M - m0 < GEMM_M ? M - m0 : GEMM_M;
+                    if (mm <= 16)
+                        gemm_tile16(xp + mb * K2 * GEMM_M, wb, K2, wstride, acc);
+                    else
+                        gemm_tile(xp + mb * K2 * GEMM_M, wb, K2, wstride, acc);
                     for (int64_t h = 0; h < GEMM_M / 16 && 16 * h < mm; h++) {
                         __m512 rows[16];  /* the tile's rows 16h.. as vectors of its GEMM_N columns */
                         for (int i = 0; i < 16; i++)
