@@ -226,7 +226,8 @@ def env_mode(env: str, modes: tuple[str, ...], default: str = "measure") -> str:
 # ------------------------------------------------------------------------------------------------
 
 DEQUANT_SOURCE = r"""
-/* lowbit generated CPU kernel: int8 / int4 / NF4 weights (our storage layout) -> bf16 or float32 rows */
+/* lowbit generated CPU kernel: int8 / int4 / int3 / int2 / NF4 weights (our storage layout) -> bf16 or
+   float32 rows, and the blocked GEMM over them */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1019,8 +1020,8 @@ def has_torch_kernel(fmt: str) -> bool:
 
 def static_choice(packed, rows: int) -> str:
     """The static rule: the generated kernel for decode sizes where it exists, torch's above; for a
-    format torch has no kernel for (NF4), dequantize + fp32 matmul (the float reference's numerics,
-    blockwise), else the float reference."""
+    format torch has no kernel for (NF4, int3 / int2), dequantize + fp32 matmul (the float
+    reference's numerics, blockwise), else the float reference."""
     if rows <= cpu_codegen.MAX_ROWS and packed.generated(cpu_codegen.int8_activations_enabled()) is not None:
         return "generated"
     if WeightFormat.parse(packed.fmt).kind == "sparse":

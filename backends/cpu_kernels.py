@@ -33,6 +33,7 @@ tensors themselves are cached per parameter (``passes/quantize.py``), so every g
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import torch
@@ -129,7 +130,7 @@ def unsupported_reason(x_dtype: torch.dtype, device: torch.device, fmt: str) -> 
     if f.kind == "nf4" and f.group_size is not None:
         return None  # no torch kernel: cpu_dispatch runs the generated ones (or the float reference, saying why)
     if f.kind == "int" and f.bits in (2, 3) and f.group_size is not None:
-        return None  # likewise (decode-sized calls: wo_linear_fast sends them to cpu_lut's kernel)
+        return None  # likewise (decode-sized calls: packed_linear / wo_linear_fast run cpu_lut's kernel)
     if not (f.kind == "int" and f.bits in (8, 4)):
         return f"format {fmt} has no packed CPU kernel (torch has int8 and int4 ones)"
     return None
@@ -234,6 +235,12 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     if threshold is not None and x.dtype != torch.float32:
         x, norm_weight, threshold, col_scale = _prologue(x, norm_weight, eps, threshold, col_scale), None, None, None
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= cpu_codegen.MAX_ROWS and _lut_format(packed.fmt):  # int3/int2: the lookup-table kernel (as
+        xs = _prologue(x, norm_weight, eps, threshold, col_scale)    # wo_linear_fast: stacked experts, N:M copies)
+        y = cpu_lut.linear(xs.reshape(rows, xs.shape[-1]), *packed.quantized, bias, packed.fmt, packed.in_features)
+        if y is not None:
+            y = y.view(*x.shape[:-1], packed.out_features).to(x.dtype)
+            return y if residual is None else residual + y
     if 0 < rows <= cpu_codegen.MAX_ROWS:  # decode: the bound kernel, decided once per (rows, environment)
         env = cpu_dispatch.env_key()
         bound = packed._fast.get((rows, compute_dtype, env))
@@ -260,6 +267,12 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
             return y[0]
     y = run_candidate(choice, _prologue(x, norm_weight, eps, threshold, col_scale), packed, bias, compute_dtype)
     return y if residual is None else residual + y
+
+
+@functools.lru_cache(maxsize=None)
+def _lut_format(fmt: str) -> bool:
+    """int3 / int2 group-wise: decode-sized calls run ``cpu_lut``'s lookup-table kernel."""
+    return cpu_lut.supported(fmt) is None
 
 
 def _prologue(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float | None,

@@ -482,8 +482,10 @@ def _compress(model: torch.nn.Module, recipe: Any, calibration: Any, example_inp
 
 
 def _record_cpu_dispatch(layers: dict[str, dict[str, Any]]) -> None:
-    """Each weight-only int8/int4 layer's ``cpu_kernel``: how its CPU kernel is chosen per row count
-    (``backends/cpu_dispatch.py``; filled in per row class as the compressed model runs)."""
+    """Each weight-only layer's ``cpu_kernel`` (formats the CPU dispatch takes: int8, int4, NF4, and
+    int3 / int2 above 16 rows, their decode-sized calls running the lookup-table kernel): how its
+    CPU kernel is chosen per row count (``backends/cpu_dispatch.py``; filled in per row class as
+    the compressed model runs)."""
     from lowbit_compiler.backends import cpu_dispatch, cpu_kernels
 
     for record in layers.values():

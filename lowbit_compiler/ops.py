@@ -69,9 +69,9 @@ def wo_linear_fallback_reason(fmt: str, x_dtype: torch.dtype, device_type: str, 
         if rows is not None and rows > cpu_codegen.MAX_ROWS:
             if cpu_dispatch.dequant_kernel() is not None:
                 return None
+            why = ", ".join(dict.fromkeys(r.split(";")[0] for r in cpu_codegen._disabled_reason)) or "not built"
             return (f"lowbit::wo_linear: format {fmt} with more than {cpu_codegen.MAX_ROWS} rows needs the generated "
-                    f"dequantization kernel, which is unavailable "
-                    f"({'; '.join(cpu_codegen._disabled_reason) or 'not built'}; torch has no int3/int2 kernel); "
+                    f"dequantization kernel, which is unavailable ({why}; torch has no int3/int2 kernel); "
                     f"{_REFERENCE_COST}; this call has {rows} rows")
         if cpu_lut.kernel(fmt) is None:
             return (f"lowbit::wo_linear: format {fmt}: the generated lookup-table kernel is unavailable "
@@ -90,9 +90,10 @@ def _eager_cuda_reason(fmt: str, x_dtype: torch.dtype) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def packed_kernel_reason(fmt: str, x_dtype: torch.dtype, device_type: str) -> str | None:
-    """Why torch's packed CPU kernels (and the int8/int4 generated ones beside them) cannot run a
-    call with these arguments, and what to do about it (None: they can). Stacked experts
-    (``grouped_linear``) use these only."""
+    """Why the CPU kernels behind ``cpu_kernels.packed_linear`` (torch's packed ones, the generated
+    ones, the dispatch's dequantize / GEMM candidates, the lookup-table kernel of int3 / int2)
+    cannot run a call with these arguments, and what to do about it (None: they can). Stacked
+    experts (``grouped_linear``) use these only."""
     from lowbit_compiler.backends import cpu_kernels
 
     if cpu_kernels.unsupported_reason(x_dtype, torch.device(device_type), fmt) is None:
@@ -441,9 +442,11 @@ def grouped_linear(x: torch.Tensor, offs: torch.Tensor, qweight: torch.Tensor, s
 
 def grouped_linear_eager(x: torch.Tensor, offs: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                          zero: torch.Tensor | None, fmt: str, in_features: int, act: str | None = None) -> torch.Tensor:
-    """The op's implementation: per expert that received tokens, the packed CPU kernel of
-    ``wo_linear`` (prepacked once per stacked weight) or ``qa_linear``'s integer matmul on its
-    rows; formats without a packed kernel run the float reference (logged once, counted)."""
+    """The op's implementation: per expert that received tokens, the CPU kernel of ``wo_linear``
+    (``cpu_kernels.packed_linear`` over the expert's weight, prepacked once per stacked weight: the
+    dispatch's choice; int3 / int2: the lookup-table kernel for decode-sized calls) or
+    ``qa_linear``'s integer matmul on its rows; formats no CPU kernel reads run the float
+    reference (logged once, counted)."""
     from lowbit_compiler.backends import cpu_kernels
 
     if act is not None:

@@ -201,3 +201,26 @@ def test_w3a16_models_run_the_lut_kernel_compressed_and_compiled(monkeypatch):
         assert cpu_codegen.calls[name] - before == 15  # turned off: the float reference ran
     assert formats.sqnr_db(reference.double(), generated.double()) >= 30.0
     assert formats.sqnr_db(generated.double(), compiled.double()) >= 100.0
+
+
+def test_packed_linear_runs_the_kernel_for_decode_sized_calls():
+    """``cpu_kernels.packed_linear`` over an int3/int2 weight (what stacked experts and the dense
+    copy of an N:M weight call) takes the lookup-table kernel up to 16 rows, with the norm prologue
+    and the residual in torch around it, and the dispatch above."""
+    from lowbit_compiler.backends import cpu_kernels
+
+    fmt = "int3_g128_asym"
+    q, x, b = _case(fmt, 3, 40, 256, True, seed=3)
+    packed = cpu_kernels.prepack(q.qweight, q.scale, q.zero, fmt, 256, torch.bfloat16)
+    name = cpu_lut.kernel_name(fmt)
+    norm_w, res = torch.rand(256) + 0.5, torch.randn(3, 40)
+    before = cpu_codegen.calls[name]
+    y = cpu_kernels.packed_linear(x, packed, b, torch.bfloat16, norm_w, 1e-5, res)
+    assert cpu_codegen.calls[name] - before == 1
+    xn = torch.nn.functional.rms_norm(x, (256,), norm_w, 1e-5)
+    ref = res.double() + ops.wo_linear_reference(xn, q.qweight, q.scale, q.zero, b, fmt, 256).double()
+    assert formats.sqnr_db(ref, y.double()) >= FLOOR_DB
+    big = torch.randn(20, 256)
+    before_dq = cpu_dispatch.counter[(fmt, "dequant_fp32")]
+    cpu_kernels.packed_linear(big, packed, b, torch.bfloat16)
+    assert cpu_codegen.calls[name] - before == 1 and cpu_dispatch.counter[(fmt, "dequant_fp32")] == before_dq + 1

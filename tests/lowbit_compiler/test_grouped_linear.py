@@ -45,11 +45,12 @@ def test_op_matches_a_float64_per_expert_matmul(fmt):
     args = (offs, stacked.qweight, stacked.scale, stacked.zero, fmt, 256)
     reference = ops.grouped_linear_reference(x, *args)
     assert sqnr_db(ref, reference.double()) > 120  # float32 matmul of the same dequantised weights
-    # packed CPU kernels (bf16 compute), NF4's generated kernel (its int8 table: ~45-51 dB) or the reference
+    # packed CPU kernels (bf16 compute), NF4's generated kernel (its int8 table: ~45-51 dB), int3's
+    # lookup-table kernel for these decode-sized expert calls (its int8 tables: 36-47 dB)
     out = torch.ops.lowbit.grouped_linear(x, *args)
     assert out.shape == (sum(COUNTS) + 3, 48) and out.dtype == torch.float32
     assert torch.equal(out[-3:], torch.zeros(3, 48))  # rows past offs[-1]: no expert
-    assert sqnr_db(ref, out.double()) > (40 if fmt in ("int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64") else 120)
+    assert sqnr_db(ref, out.double()) > (33 if fmt == "int3_g128_asym" else 40)
     x64 = x.double()
     assert sqnr_db(ref, torch.ops.lowbit.grouped_linear(x64, *args)) > 250  # float64: the reference, exactly
 
