@@ -38,9 +38,11 @@ torch's packed kernels at prefill sizes. A static rule is wrong on one of them.
   int8-activation mode) the candidates are timed on the weight itself at its first call of that
   row class: interleaved, each weight evicted from the caches before each call (a decode step
   finds a layer's weights in memory, not in cache), minimum of :data:`REPEATS` calls (prefill
-  classes: :data:`PREFILL_REPEATS`, candidates more than 1.3x slower than the best after one round
-  dropped). The static rule's choice (``generated`` up to ``MAX_ROWS`` rows, ``torch`` above) is
-  kept unless another candidate is :data:`MARGIN` faster. Row classes (:data:`ROW_CLASSES`) are
+  classes: :data:`PREFILL_REPEATS`, candidates more than :data:`PREFILL_DROP` times slower than the
+  best after one round dropped). The static rule's choice (``generated`` up to ``MAX_ROWS`` rows,
+  ``torch`` above) is kept unless another candidate is :data:`MARGIN` faster; ``gemm_bf16`` is kept
+  over ``dequant_bf16`` unless that is :data:`MARGIN` faster (the GEMM also takes the fusion groups'
+  prologue and epilogues, which one call's timing does not see). Row classes (:data:`ROW_CLASSES`) are
   timed at their upper end (the open class at 512 rows). The plan is cached in memory and on disk
   (``$LOWBIT_CACHE_DIR/cpu/dispatch.json``, keyed by a version, the shape, the host's CPU flags,
   torch's version and the sources of the generated kernels), so a process pays each timing once
@@ -76,10 +78,15 @@ log = logging.getLogger("lowbit_compiler")
 
 ENV = "LOWBIT_CPU_DISPATCH"
 MODES = ("measure", "generated", "torch", "dequant", "gemm")
-VERSION = 1  # in every dense plan's disk key: a change in how plans are made invalidates the old ones
+VERSION = 2  # in every dense plan's disk key: a change in how plans are made invalidates the old ones
+# (2: the GEMM keeps a near tie with dequantize + bf16 matmul, and a prefill candidate is dropped after
+# one round only when 2x slower than the best)
 MARGIN = 1.05  # a candidate must be this much faster than the static rule's choice to replace it
 REPEATS = 11
 PREFILL_REPEATS = 3
+PREFILL_DROP = 2.0  # a prefill candidate this much slower than the best after one round is not timed again
+# (torch's packed and dequantize + fp32: 2.2-2.7x at 512 rows; at 1.3x one slow first call of the GEMM,
+# 46.7 against 29.7 ms, kept it out and its plan on disk)
 PREFILL_ROWS = 512  # the open row class is timed at this many rows
 BLOCK_BYTES = 32 << 20  # dequantize-then-matmul: bytes of the dequantized block of weight rows (smaller blocks
 # make oneDNN's matmul markedly slower: 2048-row blocks of a 5632 x 2048 bf16 weight cost 1.3x one block)
@@ -1145,10 +1152,13 @@ def measure(packed, cls: tuple, compute_dtype: torch.dtype, clock: Callable[[], 
         cold = {c: (list(packed.torch_layout()) if c == "torch" else q) for c in names}
         prefill = rows > cpu_codegen.MAX_ROWS
         best = fastest(calls, PREFILL_REPEATS if prefill else REPEATS, cold, clock,
-                       drop_above=1.3 if prefill else None)
+                       drop_above=PREFILL_DROP if prefill else None)
     choice = min(best, key=best.get)
     if best[default] <= MARGIN * best[choice]:
         choice = default
+    elif choice == "dequant_bf16" and best.get("gemm_bf16", float("inf")) <= MARGIN * best[choice]:
+        choice = "gemm_bf16"  # a near tie: the GEMM also takes the fusion groups' norm, SiLU * mul and
+        # residual (cpu_kernels.fused_linear), which a single call's timing does not see
     if not had_layout and choice != "torch" and not any(v == "torch" for v in packed._dispatch.values()):
         packed.drop_torch_layout()  # timed only: the second copy of the weight is not kept
     entry = {"choice": choice, "rows": rows, "default": default,

@@ -413,3 +413,23 @@ def test_nf4_with_k_padded_to_the_group_dequantizes():
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(16))
     assert sqnr_db(_reference(x, q, k, None),
                    cpu_kernels.run_candidate("dequant_fp32", x, packed, None, torch.bfloat16).double()) >= 110
+
+
+def test_the_gemm_keeps_a_near_tie_with_dequantize_then_matmul(measured):
+    """At prefill sizes the GEMM stays the choice unless dequantize + bf16 matmul is MARGIN faster
+    (it also runs the fusion groups' prologue and epilogues, which the timing does not see)."""
+    if not GEMM:
+        pytest.skip("no generated GEMM on this host (AVX512_BF16): nothing to tie-break")
+    fmt, n, k = "int4_g128_asym", 64, 256
+    for dq_ms, want in ((2.9e-3, "gemm_bf16"), (2.7e-3, "dequant_bf16")):
+        q, packed = _weight(fmt, n, k, seed=21)
+        cpu_dispatch._PLANS.clear()
+        measured["rows"] = 512
+        measured[512] = {"torch": 9e-3, "dequant_bf16": dq_ms, "dequant_fp32": 6e-3, "gemm_bf16": 3e-3}
+        x = torch.randn(300, k)
+        cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+        before = cpu_dispatch.counter[(fmt, want)]
+        cpu_kernels.packed_linear(x, packed, None, torch.bfloat16)
+        assert cpu_dispatch.counter[(fmt, want)] == before + 1, (dq_ms, want)
+        packed.forget_choices()
+        cpu_dispatch.dispatch_file().unlink()
