@@ -818,7 +818,6 @@ def gemm_group(x2: torch.Tensor, weights: list[tuple], fmt: str, in_features: in
                                  or residual.numel() != m * weights[0][1].shape[0]):
         return None  # the store adds a residual of the output's own shape to a single weight's output only
     pack, gemm = fns
-    f = WeightFormat.parse(fmt)
     if x2.dtype not in (torch.float32, torch.bfloat16):
         x2 = x2.float()
     if x2.stride(-1) != 1:
@@ -829,40 +828,32 @@ def gemm_group(x2: torch.Tensor, weights: list[tuple], fmt: str, in_features: in
     xp = _scratch(blocks * 32, pairs * 2, torch.bfloat16, "packed")
     threads = torch.get_num_threads()
     norm = None if norm_weight is None else norm_weight.to(torch.float32).contiguous()
+    ptr = cpu_codegen._ptr
     pack(x2.data_ptr(), int(x2.dtype == torch.bfloat16), m, in_features, x2.stride(0), xp.data_ptr(),
-         None if norm is None else norm.data_ptr(), float(eps or 0.0), threads)
+         ptr(norm), float(eps or 0.0), threads)
     direct = out_dtype in (torch.float32, torch.bfloat16)
     ydtype = out_dtype if direct else torch.float32
-    res = None
-    if residual is not None:
-        res = residual.reshape(m, -1).to(ydtype).contiguous()
-    parts = []
-    for qweight, scale, zero, bias in weights:
-        parts.append((qweight if qweight.is_contiguous() else qweight.contiguous(),
-                      scale.contiguous().view(torch.int16), None if zero is None else zero.contiguous(),
-                      None if bias is None else bias.to(torch.float32).contiguous(), scale.shape[0]))
-    table = _NF4_TABLE if f.kind == "nf4" else None
-    group, groups = f.group_size or in_features, weights[0][1].shape[1] if weights[0][1].dim() == 2 else 1
+    res = None if residual is None else residual.reshape(m, -1).to(ydtype).contiguous()  # one weight (checked)
+    parts = [(_operands(qweight, scale, zero, fmt, in_features),
+              None if bias is None else bias.to(torch.float32).contiguous()) for qweight, scale, zero, bias in weights]
 
-    def ptr(t):
-        return None if t is None else t.data_ptr()
-
-    def run(first, n, second=None, residual=None):
+    def run(first, second=None):
+        (codes, scales, zeros, table, group, groups, bits), b = first
+        (codes2, scales2, zeros2, *_), b2 = second or ((None,) * 7, None)
+        n = scales.shape[0]
         y = torch.empty(m, n, dtype=ydtype)
         memory.advise_huge_pages(y)  # a 512-token prompt's float32 logits: 65 MB written once
-        codes, scales, zeros, b, _ = first
-        codes2, scales2, zeros2, b2, _ = second or (None,) * 5
         ok = gemm(xp.data_ptr(), m, in_features, codes.data_ptr(), scales.data_ptr(), ptr(zeros), ptr(table),
-             codes.shape[1], group, groups, f.bits, n, ptr(b), y.data_ptr(), int(ydtype == torch.bfloat16), threads,
-             ptr(residual), int(second is not None), ptr(codes2), ptr(scales2), ptr(zeros2), ptr(b2))
+                  codes.shape[1], group, groups, bits, n, ptr(b), y.data_ptr(), int(ydtype == torch.bfloat16),
+                  threads, ptr(res), int(second is not None), ptr(codes2), ptr(scales2), ptr(zeros2), ptr(b2))
         if ok != 0:
             raise MemoryError(f"lowbit: the generated GEMM could not allocate its per-thread weight buffer "
                               f"({n} x {in_features} weight)")
         return y if direct else y.to(out_dtype)
 
     if silu_mul:
-        return [run(parts[0], parts[0][4], parts[1])]
-    return [run(part, part[4], residual=res if len(parts) == 1 else None) for part in parts]
+        return [run(parts[0], parts[1])]
+    return [run(part) for part in parts]
 
 
 def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
@@ -871,24 +862,29 @@ def dequant_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     """Rows ``[n0, n0 + rows)`` of the weight dequantized to ``dtype`` (bf16 or float32), ``[rows,
     in_features]`` (into ``out`` when given), or None when the kernel is not available."""
     fn = dequant_kernel(isa)
-    f = WeightFormat.parse(fmt)
     if fn is None or not dequant_covers(fmt) or dtype not in (torch.bfloat16, torch.float32):
         return None
     if out is None:
         out = torch.empty(rows, in_features, dtype=dtype)
-    codes = qweight if qweight.is_contiguous() else qweight.contiguous()
-    scales = scale.contiguous().view(torch.int16)
-    zeros = None if zero is None else zero.contiguous()
-    group = f.group_size or in_features
-    groups = scale.shape[1] if scale.dim() == 2 else 1
-    table = _NF4_TABLE if f.kind == "nf4" else None
-    fn(codes.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
-       None if table is None else table.data_ptr(), out.data_ptr(), n0, rows, in_features, codes.shape[1], group,
-       groups, f.bits, int(dtype == torch.bfloat16), torch.get_num_threads())
+    codes, scales, zeros, table, group, groups, bits = _operands(qweight, scale, zero, fmt, in_features)
+    ptr = cpu_codegen._ptr
+    fn(codes.data_ptr(), scales.data_ptr(), ptr(zeros), ptr(table), out.data_ptr(), n0, rows, in_features,
+       codes.shape[1], group, groups, bits, int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
 _NF4_TABLE = torch.tensor(NF4_GRID, dtype=torch.float32)
+
+
+def _operands(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: str,
+              in_features: int) -> tuple:
+    """A quantized weight as ``dq_row`` reads it (the dequantizer's and the GEMM's arguments):
+    contiguous codes, the bf16 scales as int16, the zero points or None, NF4's table or None, the
+    group size (K for per-channel int8), the groups per row and the bits per code."""
+    f = WeightFormat.parse(fmt)
+    return (qweight if qweight.is_contiguous() else qweight.contiguous(), scale.contiguous().view(torch.int16),
+            None if zero is None else zero.contiguous(), _NF4_TABLE if f.kind == "nf4" else None,
+            f.group_size or in_features, scale.shape[1] if scale.dim() == 2 else 1, f.bits)
 
 
 def dequant_covers(fmt: str) -> bool:

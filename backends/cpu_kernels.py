@@ -320,11 +320,9 @@ def run_candidate(name: str, x: torch.Tensor, packed: PackedWeight, bias: torch.
         return packed_linear(x, dense_copy_packed(*packed.quantized, packed.fmt, packed.in_features, compute_dtype),
                              bias, compute_dtype)
     elif name == "gemm_bf16":
-        y = cpu_dispatch.gemm_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
-                                     packed.in_features, out_dtype)
+        y = _gemm([packed], x, (bias,), None, None)
         if y is not None:
-            cpu_dispatch.counter[(packed.fmt, name)] += 1
-            return y.view(*lead, packed.out_features)
+            return y[0]
     elif name in ("dequant_bf16", "dequant_fp32"):
         dtype = torch.bfloat16 if name == "dequant_bf16" else torch.float32
         y = cpu_dispatch.dequant_linear(x.reshape(-1, x.shape[-1]), *packed.quantized, bias, packed.fmt,
@@ -399,9 +397,9 @@ def fused_linear(x: torch.Tensor, fused: FusedWeights, biases: tuple, compute_dt
     """A CPU fusion group: one generated call for decode-sized inputs (float32), one call of the
     generated GEMM for larger ones where the dispatch chose it for a member (:func:`_group_gemm`),
     else each weight by ``packed_linear`` and the epilogue in torch (what the graph did before
-    fusing). Returns the
-    tensor (SiLU * mul) or a tuple of outputs (side by side). With ``norm_weight`` the group reads
-    ``rms_norm(x, (K,), norm_weight, eps)``, with ``threshold`` (and ``col_scale``) that
+    fusing). Returns the tensor (SiLU * mul) or a tuple of outputs (side by side). With
+    ``norm_weight`` the group reads ``rms_norm(x, (K,), norm_weight, eps)``, with ``threshold`` (and
+    ``col_scale``) that
     ``lowbit::act_sparsify``'d: done once inside the generated call (its ``_ext`` entry), or by
     torch before the members run one by one (and for a row that is not float32, as in
     :func:`packed_linear`)."""
