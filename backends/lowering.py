@@ -290,15 +290,17 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
         if state.inner == "inductor" or xv is None:
             return f"cpu-op:{a['fmt']}:sparse" if reason is None else _reference(node, ctx, reason)
         qweight, scale, zero = _quantized_tensors(gm, a)
+        dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
+        dtype_name = str(dtype).split(".")[-1]
+
+        def call_packed(packed: cpu_kernels.PackedWeight, attr: str) -> None:
+            _call_prepacked(gm, node, packed, f"{a['qweight'].target.rsplit('.', 1)[0]}.{attr}_{dtype_name}",
+                            cpu_kernels.packed_linear, lambda p: (a["x"], p, a["bias"], dtype))
+
         if reason is None and cpu_sparse.use_nm_kernel(qweight, scale, a["fmt"], a["in_features"], max(rows, 1)):
             # the N:M kernel on the compressed storage, packed like a dense weight: the CPU fusion groups
             # (q/k/v, gate.up) and the norm / residual folds apply as to any packed linear
-            dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
-            dtype_name = str(dtype).split(".")[-1]
-            packed = cpu_kernels.prepack(qweight, scale, zero, a["fmt"], a["in_features"], dtype)
-            base = a["qweight"].target.rsplit(".", 1)[0]
-            _call_prepacked(gm, node, packed, f"{base}.packed_{dtype_name}", cpu_kernels.packed_linear,
-                            lambda p: (a["x"], p, a["bias"], dtype))
+            call_packed(cpu_kernels.prepack(qweight, scale, zero, a["fmt"], a["in_features"], dtype), "packed")
             return f"cpu:{a['fmt']}:{dtype_name}"
         # the dense format's packed path over the decompressed copy (the same matrix): the dispatch measured
         # it faster, or the N:M kernel cannot take the call (prefill rows, int4 kept values); the fusion
@@ -309,12 +311,8 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
         if reason is not None:  # (a measured choice logged its own reason)
             cpu_sparse._note_dense(a["fmt"], scale.shape[0], a["in_features"], rows, f"{reason}; the dense {dfmt} "
                                    "kernels run over a decompressed copy (1 byte per weight more for int8)")
-        dtype = cpu_kernels.compute_dtype_for(xv.dtype, state.cpu_compute_dtype)
-        dtype_name = str(dtype).split(".")[-1]
-        packed = cpu_kernels.dense_copy_packed(qweight, scale, zero, a["fmt"], a["in_features"], dtype)
-        base = a["qweight"].target.rsplit(".", 1)[0]
-        _call_prepacked(gm, node, packed, f"{base}.packed_dense_{dtype_name}", cpu_kernels.packed_linear,
-                        lambda p: (a["x"], p, a["bias"], dtype))
+        call_packed(cpu_kernels.dense_copy_packed(qweight, scale, zero, a["fmt"], a["in_features"], dtype),
+                    "packed_dense")
         return f"cpu:{dfmt}:{dtype_name}:from_nm"
     if cpu_lut.supported(a["fmt"]) is None:  # int3/int2: the eager op runs the lookup-table kernel
         return _wo_linear_lut(node, ctx, state, a)
