@@ -140,12 +140,16 @@ def kernel():
 
 @functools.lru_cache(maxsize=None)
 def _build():
-    fn = cpu_codegen.build("lowbit_attn_decode", _SOURCE, _ARGS,
-                           fallback="decode attention runs as torch's rope, cat and SDPA calls",
-                           what="the decode attention kernel", extra_flags=("-ffp-contract=off",))
+    fn = cpu_codegen.build(argtypes=_ARGS, fallback="decode attention runs as torch's rope, cat and SDPA calls",
+                           what="the decode attention kernel", **build_spec())
     if fn is not None:
         fn.restype = ctypes.c_int
     return fn
+
+
+def build_spec() -> dict:
+    """The source arguments of the decode attention kernel (``cpu_codegen.prebuild``)."""
+    return {"name": "lowbit_attn_decode", "text": _SOURCE, "extra_flags": ("-ffp-contract=off",)}
 
 
 def decode_step_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,

@@ -34,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import torch
 
@@ -1773,8 +1774,15 @@ def _build(fmt: str, isa: str, split8: bool = True):
     if why is not None:
         return None
     pointers = 3 if fmt == W8A8 else 7
-    return build(kernel_name(fmt), source(fmt, split8), [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
-                 "torch's packed CPU kernels run instead", what=f"the {fmt} kernel", isa=isa)
+    return build(argtypes=[ctypes.c_void_p] * pointers + [ctypes.c_int64] * 3 + [ctypes.c_int],
+                 fallback="torch's packed CPU kernels run instead", what=f"the {fmt} kernel",
+                 **kernel_spec(fmt, isa, split8))
+
+
+def kernel_spec(fmt: str, isa: str, split8: bool = True) -> dict:
+    """The source arguments of ``fmt``'s kernel library (every entry point: plain, ``_multi``,
+    ``_ext``): what :func:`build` compiles, and what :func:`prebuild` takes."""
+    return {"name": kernel_name(fmt), "text": source(fmt, split8), "isa": isa}
 
 
 def multi_kernel(fmt: str, isa: str | None = None):
@@ -1789,11 +1797,10 @@ def multi_kernel(fmt: str, isa: str | None = None):
 def _build_multi(fmt: str, isa: str, split8: bool = True):
     if supported(fmt) is not None or fmt in (W8A8,) or fmt.endswith(A8):
         return None
-    return build(kernel_name(fmt), source(fmt, split8),
-                 [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                          ctypes.c_int64, ctypes.c_int],
-                 "the group's linears run one by one", what=f"the {fmt} kernel", isa=isa,
-                 entry=kernel_name(fmt) + "_multi")
+    return build(argtypes=[ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                   ctypes.c_int64, ctypes.c_int],
+                 fallback="the group's linears run one by one", what=f"the {fmt} kernel",
+                 entry=kernel_name(fmt) + "_multi", **kernel_spec(fmt, isa, split8))
 
 
 def ext_kernel(fmt: str, isa: str, split8: bool, multi: bool):
@@ -1817,8 +1824,8 @@ def _build_ext(fmt: str, isa: str, split8: bool, multi: bool):
     else:
         argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
                                                                     ctypes.c_void_p, ctypes.c_void_p] + prologue)
-    return build(kernel_name(fmt), source(fmt, split8), argtypes, "the norm and the residual add run in torch",
-                 what=f"the {fmt} kernel", isa=isa, entry=kernel_name(fmt) + ("_multi_ext" if multi else "_ext"))
+    return build(argtypes=argtypes, fallback="the norm and the residual add run in torch", what=f"the {fmt} kernel",
+                 entry=kernel_name(fmt) + ("_multi_ext" if multi else "_ext"), **kernel_spec(fmt, isa, split8))
 
 
 # ctypes function -> the explicit path its build runs ("avx512_vnni", "avx512", "avx2", "portable")
@@ -1850,25 +1857,18 @@ def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed 
     ``entry`` names another function of the same library (one build, several entry points);
     ``flags`` replaces the compiler flags altogether; ``extra_flags`` are appended
     (``portable=True, extra_flags=("-mavx2", "-mfma")`` builds an AVX2 host's code on any machine
-    that runs it)."""
+    that runs it). When :func:`prebuild` is compiling the same library, this waits for that compile
+    instead of starting another."""
     compiler = _compiler()
     if compiler is None:
         _note(f"no C compiler on PATH (gcc/cc/clang, or $CC); {fallback}")
         return None
-    flags = (flags or ISA_FLAGS[isa or ("portable" if portable else "native")]) + tuple(extra_flags)
-    key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
-                         .encode()).hexdigest()[:20]
-    lib = _cache_dir() / f"{name}_{key}.so"
-    if not lib.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            src = pathlib.Path(tmp) / "kernel.c"
-            src.write_text(text)
-            out = pathlib.Path(tmp) / "kernel.so"
-            result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-            if result.returncode != 0:
-                _note(f"compiling {what or name} with {compiler} failed ({result.stderr.strip()[:300]}); {fallback}")
-                return None
-            os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
+    flags = _compiler_flags(isa, portable, flags, extra_flags)
+    lib = _library_path(name, text, compiler, flags)
+    error = _compile_library(lib, text, compiler, flags)
+    if error is not None:
+        _note(f"compiling {what or name} with {compiler} failed ({error}); {fallback}")
+        return None
     library = ctypes.CDLL(str(lib))
     fn = getattr(library, entry or name)
     fn.restype = None
@@ -1877,6 +1877,109 @@ def build(name: str, text: str, argtypes: list, fallback: str = "torch's packed 
         library.lowbit_isa.restype = ctypes.c_char_p
         _ISA_OF[id(fn)] = library.lowbit_isa().decode()
     return fn
+
+
+def _compiler_flags(isa: str | None = None, portable: bool = False, flags: tuple[str, ...] | None = None,
+                    extra_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The compiler flags of a :func:`build` call with these arguments."""
+    return (flags or ISA_FLAGS[isa or ("portable" if portable else "native")]) + tuple(extra_flags)
+
+
+def _library_path(name: str, text: str, compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
+    key = hashlib.sha256("\n".join([text, compiler, " ".join(flags), platform.machine(), _host_flags()])
+                         .encode()).hexdigest()[:20]
+    return _cache_dir() / f"{name}_{key}.so"
+
+
+# one lock per library path: a compile in progress (a prebuild thread's or a caller's) is waited for, not repeated
+_LIBRARY_LOCKS: dict[str, threading.Lock] = {}
+_LIBRARY_LOCKS_GUARD = threading.Lock()
+
+
+def _compile_library(lib: pathlib.Path, text: str, compiler: str, flags: tuple[str, ...]) -> str | None:
+    """Compile ``text`` into ``lib`` unless the disk cache has it: None, or the compiler's error."""
+    if lib.exists():
+        return None
+    with _LIBRARY_LOCKS_GUARD:
+        lock = _LIBRARY_LOCKS.setdefault(str(lib), threading.Lock())
+    with lock:
+        if lib.exists():  # another thread compiled it while this one waited
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            src = pathlib.Path(tmp) / "kernel.c"
+            src.write_text(text)
+            out = pathlib.Path(tmp) / "kernel.so"
+            result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return result.stderr.strip()[:300] or f"exit status {result.returncode}"
+            os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
+    return None
+
+
+_PREBUILD_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))  # compiles at once: one per core
+_PREBUILDING: set[str] = set()  # library paths a prebuild thread has queued or is compiling
+prebuilds: collections.Counter = collections.Counter()  # "started" / "compiled" / "failed" (tests read it)
+
+
+def prebuild(specs: list[dict]) -> list[str]:
+    """Start compiling, in background threads (at most one compiler per core at a time), the
+    libraries of ``specs`` that the disk cache lacks; returns the names started. A spec holds the
+    source arguments of the :func:`build` call that will load the library: ``name``, ``text`` and
+    any of ``isa``, ``portable``, ``flags``, ``extra_flags`` (each kernel module's ``*_spec``
+    function makes them, and its own ``build`` call uses the same one).
+
+    Why: a cold compile used to run gcc once per kernel, one after another, each when first needed
+    (quantizer, decode kernel, dequantizer / GEMM, ...: ~6 s of an 8-layer model's ~11 s cold
+    compile), while a core sat idle. The backend calls this as a graph arrives, so the compiles run
+    side by side and beside the quantization; the :func:`build` that needs a library waits for its
+    compile instead of starting another. Only the disk cache changes: nothing is loaded or cached in
+    this process, so a compile that fails here changes nothing (the :func:`build` call compiles
+    again and reports why); the threads are daemons (an exiting process does not wait for them)."""
+    if os.environ.get(ENV, "1") == "0":
+        return []
+    compiler = _compiler()
+    if compiler is None:
+        return []
+    started = []
+    for spec in specs:
+        spec = dict(spec)
+        name, text = spec.pop("name"), spec.pop("text")
+        flags = _compiler_flags(**spec)
+        lib = _library_path(name, text, compiler, flags)
+        with _LIBRARY_LOCKS_GUARD:
+            if lib.exists() or str(lib) in _PREBUILDING:
+                continue
+            _PREBUILDING.add(str(lib))
+        threading.Thread(target=_prebuild_one, args=(lib, text, compiler, flags), name=f"lowbit-build-{name}",
+                         daemon=True).start()
+        prebuilds["started"] += 1
+        started.append(name)
+    return started
+
+
+def spec_path(spec: dict) -> pathlib.Path | None:
+    """The disk-cache path of a spec's library (None without a compiler)."""
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    spec = dict(spec)
+    name, text = spec.pop("name"), spec.pop("text")
+    return _library_path(name, text, compiler, _compiler_flags(**spec))
+
+
+def _prebuild_one(lib: pathlib.Path, text: str, compiler: str, flags: tuple[str, ...]) -> None:
+    try:
+        with _PREBUILD_SLOTS:
+            error = _compile_library(lib, text, compiler, flags)
+    except Exception as exc:  # e.g. the cache directory removed meanwhile: the build() that needs it reports
+        error = repr(exc)
+    finally:
+        with _LIBRARY_LOCKS_GUARD:
+            _PREBUILDING.discard(str(lib))
+    prebuilds["failed" if error else "compiled"] += 1
+    if error:
+        log.debug("lowbit: background compile of %s failed (%s); the call that needs it compiles again", lib.name,
+                  error)
 
 
 def _note(reason: str) -> None:

@@ -132,10 +132,16 @@ int lowbit_flush(const char* p, int64_t n)
 """
 
 
+def flush_spec() -> dict:
+    """The source arguments of the cache-flush helper the measured dispatch times with."""
+    return {"name": "lowbit_flush", "text": _FLUSH_SOURCE}
+
+
 @functools.lru_cache(maxsize=1)
 def _flush_fn():
-    fn = cpu_codegen.build("lowbit_flush", _FLUSH_SOURCE, [ctypes.c_void_p, ctypes.c_int64],
-                           "the dispatch times the kernels with their weights in cache", what="the cache-flush helper")
+    fn = cpu_codegen.build(argtypes=[ctypes.c_void_p, ctypes.c_int64],
+                           fallback="the dispatch times the kernels with their weights in cache",
+                           what="the cache-flush helper", **flush_spec())
     if fn is not None:
         fn.restype = ctypes.c_int
     return fn
@@ -739,10 +745,14 @@ int lowbit_gemm(const uint32_t* xp, int64_t M, int64_t K, const uint8_t* codes, 
 
 @functools.lru_cache(maxsize=None)
 def _dequant_build(isa: str):
-    return cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE,
-                             [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_int],
-                             "the dequantize-then-matmul candidate is left out of the CPU dispatch",
-                             what="the dequantization kernel", isa=isa)
+    return cpu_codegen.build(argtypes=[ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_int],
+                             fallback="the dequantize-then-matmul candidate is left out of the CPU dispatch",
+                             what="the dequantization kernel", **dequant_spec(isa))
+
+
+def dequant_spec(isa: str) -> dict:
+    """The source arguments of the dequantizer / GEMM library (``cpu_codegen.prebuild``)."""
+    return {"name": "lowbit_dequant", "text": DEQUANT_SOURCE, "isa": isa}
 
 
 def dequant_kernel(isa: str | None = None):
@@ -757,22 +767,20 @@ def dequant_kernel(isa: str | None = None):
 def _gemm_build(isa: str):
     """(pack, gemm) entry points of the dequantization library, or None where it has no blocked GEMM
     (no AVX512_BF16 in this build) or no compiler."""
-    probe = cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE, [], "the generated GEMM candidate is left out",
-                              what="the dequantization kernel", isa=isa, entry="lowbit_gemm_available")
+    probe = cpu_codegen.build(argtypes=[], fallback="the generated GEMM candidate is left out",
+                              what="the dequantization kernel", entry="lowbit_gemm_available", **dequant_spec(isa))
     if probe is None:
         return None
     probe.restype = ctypes.c_int
     if not probe():
         return None
-    pack = cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE,
-                             [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3
+    pack = cpu_codegen.build(argtypes=[ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3
                              + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
-                             what="the dequantization kernel", isa=isa, entry="lowbit_gemm_pack")
-    gemm = cpu_codegen.build("lowbit_dequant", DEQUANT_SOURCE,
-                             [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-                             + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-                             + [ctypes.c_void_p] * 4,
-                             what="the dequantization kernel", isa=isa, entry="lowbit_gemm")
+                             what="the dequantization kernel", entry="lowbit_gemm_pack", **dequant_spec(isa))
+    gemm = cpu_codegen.build(argtypes=[ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4
+                             + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2
+                             + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4,
+                             what="the dequantization kernel", entry="lowbit_gemm", **dequant_spec(isa))
     if pack is None or gemm is None:
         return None
     gemm.restype = ctypes.c_int

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Callable
 
 import torch
@@ -187,6 +188,41 @@ def _pack(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
         weight, scales = (None, None) if lazy else make_layout()
         packed = PackedWeight(fmt, weight, scales, n, in_features, kp, (qweight, scale, zero), make_layout)
     return packed
+
+
+def prebuild(formats: list[str], attention: bool = True) -> list[str]:
+    """Start compiling, in the background, the generated CPU kernels a compile for the CPU with
+    weights of ``formats`` asks for (:func:`prebuild_specs`; ``cpu_codegen.prebuild``: disk cache
+    only, one compiler per core). Returns the names started (none with a warm cache)."""
+    return cpu_codegen.prebuild(prebuild_specs(formats, attention))
+
+
+def prebuild_specs(formats: list[str], attention: bool = True) -> list[dict]:
+    """The libraries a compile for the CPU with weights of ``formats`` loads, as
+    ``cpu_codegen.build`` source arguments: the quantizer, each format's decode kernel (int3 /
+    int2: the lookup-table kernel), the dequantizer / GEMM library and the dispatch's cache flush,
+    and (``attention``) RoPE and decode attention. Best effort: an unknown format or a bad
+    ``LOWBIT_CPU_ISA`` gives none (the call that needs the kernel reports it)."""
+    from lowbit_compiler.backends import cpu_attention, cpu_rope
+
+    try:
+        isa, split8 = cpu_codegen.isa_choice(), cpu_codegen.split8_enabled()
+        parsed = [WeightFormat.parse(f) for f in formats]
+    except (ValueError, KeyError):
+        return []
+    specs = []
+    if any(cpu_quantize.supported(f) is None for f in parsed) and os.environ.get(cpu_quantize.ENV, "1") != "0":
+        specs.append(cpu_quantize.build_spec())
+    for f in parsed:
+        if cpu_codegen.supported(f.key) is None:
+            specs.append(cpu_codegen.kernel_spec(f.key, isa, split8))
+        elif cpu_lut.supported(f.key) is None:
+            specs.append(cpu_lut.build_spec(f.key, "native"))
+    if any(cpu_dispatch.dequant_covers(f.key) for f in parsed):
+        specs += [cpu_dispatch.dequant_spec(isa), cpu_dispatch.flush_spec()]
+    if attention:
+        specs += [cpu_rope.build_spec(), cpu_attention.build_spec()]
+    return specs
 
 
 def _int4pack_rows(qweight: torch.Tensor, padded_n: int) -> torch.Tensor:

@@ -290,12 +290,17 @@ def kernel(fmt: str, isa: str = "native"):
     return _build(fmt, isa)
 
 
+def build_spec(fmt: str, isa: str) -> dict:
+    """The source arguments of ``fmt``'s lookup-table kernel (``cpu_codegen.prebuild``)."""
+    portable, extra = ISA_FLAGS[isa]
+    return {"name": kernel_name(fmt), "text": source(fmt), "portable": portable, "extra_flags": extra}
+
+
 @functools.lru_cache(maxsize=None)
 def _build(fmt: str, isa: str):
-    portable, extra = ISA_FLAGS[isa]
-    fn = cpu_codegen.build(kernel_name(fmt), source(fmt), [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int],
-                             f"int3/int2 calls: {FALLBACK}", what=f"the {fmt} lookup-table kernel ({isa})",
-                             portable=portable, extra_flags=extra)
+    fn = cpu_codegen.build(argtypes=[ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int],
+                           fallback=f"int3/int2 calls: {FALLBACK}", what=f"the {fmt} lookup-table kernel ({isa})",
+                           **build_spec(fmt, isa))
     if fn is not None:
         fn.restype = ctypes.c_int  # 1: non-finite activations, nothing computed
     return fn

@@ -410,20 +410,24 @@ def _build(isa: str):
     if isa not in ISA_FLAGS:
         raise ValueError(f"isa={isa!r}; expected one of {ISA_FLAGS}")
     return cpu_codegen.build(
-        NAME, source(),
-        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-         ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-         ctypes.c_int, ctypes.c_int],
-        FALLBACK, what="the quantization kernel", isa=isa, extra_flags=("-ffp-contract=off", "-fno-trapping-math"))
+        argtypes=[ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                  ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                  ctypes.c_int, ctypes.c_int],
+        fallback=FALLBACK, what="the quantization kernel", **build_spec(isa))
+
+
+def build_spec(isa: str = "native") -> dict:
+    """The source arguments of this module's library (the quantizer and its dequantize / unpack /
+    int4pack entries): what ``cpu_codegen.build`` compiles and ``cpu_codegen.prebuild`` takes."""
+    return {"name": NAME, "text": source(), "isa": isa, "extra_flags": ("-ffp-contract=off", "-fno-trapping-math")}
 
 
 @functools.lru_cache(maxsize=None)
 def _build_dequantize(isa: str):
     return cpu_codegen.build(
-        NAME, source(),
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int],
-        "the torch reference dequantiser runs", what="the dequantization kernel", isa=isa,
-        extra_flags=("-ffp-contract=off", "-fno-trapping-math"), entry="lowbit_dequantize_int")
+        argtypes=[ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int],
+        fallback="the torch reference dequantiser runs", what="the dequantization kernel",
+        entry="lowbit_dequantize_int", **build_spec(isa))
 
 
 def dequantize(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -450,19 +454,19 @@ def dequantize(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tensor, ze
 @functools.lru_cache(maxsize=None)
 def _build_unpack(isa: str):
     return cpu_codegen.build(
-        NAME, source(), [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                         ctypes.c_int],
-        "the torch unpacking runs", what="the unpacking kernel", isa=isa,
-        extra_flags=("-ffp-contract=off", "-fno-trapping-math"), entry="lowbit_unpack_codes")
+        argtypes=[ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_int],
+        fallback="the torch unpacking runs", what="the unpacking kernel", entry="lowbit_unpack_codes",
+        **build_spec(isa))
 
 
 @functools.lru_cache(maxsize=None)
 def _build_int4pack():
     fn = cpu_codegen.build(
-        NAME, source(), [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int, ctypes.c_int],
-        "torch's converter builds the int4pack layout (from int32 codes, slower)", what="the int4pack repacker",
-        extra_flags=("-ffp-contract=off", "-fno-trapping-math"), entry="lowbit_int4pack_torch")
+        argtypes=[ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_int, ctypes.c_int],
+        fallback="torch's converter builds the int4pack layout (from int32 codes, slower)",
+        what="the int4pack repacker", entry="lowbit_int4pack_torch", **build_spec())
     return fn
 
 

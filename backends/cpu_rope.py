@@ -71,8 +71,13 @@ def kernel():
 
 @functools.lru_cache(maxsize=None)
 def _build():
-    return cpu_codegen.build("lowbit_rope", _SOURCE, _ARGS, fallback="the rotary embedding runs as torch ops",
-                             what="the RoPE kernel", extra_flags=("-ffp-contract=off",))
+    return cpu_codegen.build(argtypes=_ARGS, fallback="the rotary embedding runs as torch ops", what="the RoPE kernel",
+                             **build_spec())
+
+
+def build_spec() -> dict:
+    """The source arguments of the RoPE kernel (``cpu_codegen.prebuild``)."""
+    return {"name": "lowbit_rope", "text": _SOURCE, "extra_flags": ("-ffp-contract=off",)}
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

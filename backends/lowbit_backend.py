@@ -57,7 +57,7 @@ from lowbit_compiler.pass_base import LowbitError, PassContext, record_fallback
 from lowbit_compiler.pipeline import run_pipeline
 from lowbit_compiler.recipe import Recipe, get_recipe
 from lowbit_compiler.backends import cpu_kernels
-from lowbit_compiler.backends.lowering import TARGETS, codegen_totals, lower
+from lowbit_compiler.backends.lowering import TARGETS, codegen_totals, lower, resolve_target
 
 log = logging.getLogger("lowbit_compiler")
 
@@ -135,6 +135,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
         where[0] = f"pass {passes[len(done)]!r}" if len(done) < len(passes) else "coverage (after the passes)"
 
     try:
+        if resolve_target(opts.target) == "cpu":  # gcc runs beside the capture and the quantization
+            cpu_kernels.prebuild([opts.recipe.weight.key] if opts.recipe.weight is not None else [],
+                                 attention=_has_attention(gm))
         kv_status = None  # the compressed KV cache on the compiled module (not for a graph compiled again)
         if module_state is None:
             where[0] = "KV cache (installing the compressed cache on the compiled module)"
@@ -189,6 +192,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: Backe
     dump.summary(summary)
 
     return LowbitCompiled(gm, opts, captured, summary, run), summary
+
+
+def _has_attention(gm: fx.GraphModule) -> bool:
+    """Whether the graph calls scaled_dot_product_attention (a decode graph's attention then runs
+    the generated decode attention kernel)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return any(n.op == "call_function" and n.target in (sdpa, torch.ops.aten.scaled_dot_product_attention.default)
+               for n in gm.graph.nodes)
 
 
 _SUMMARY_ORDER = ("graph", "recipe", "target", "inputs", "frozen_parameters", "passes", "layers", "coverage",

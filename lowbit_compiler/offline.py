@@ -428,6 +428,10 @@ def compress(model: torch.nn.Module, recipe: Any, calibration: Any = None, examp
 def _compress(model: torch.nn.Module, recipe: Any, calibration: Any, example_inputs: Any, strict: bool,
               tokenizer: Any, progress: bool) -> torch.nn.Module:
     recipe = get_recipe(recipe)
+    if recipe.weight is not None and _input_device(model).type == "cpu":  # gcc beside the capture (background)
+        from lowbit_compiler.backends import cpu_kernels
+
+        cpu_kernels.prebuild([recipe.weight.key], attention=False)
     batches = _to_device(as_batches(calibration, tokenizer), _input_device(model))
     call = _example_call(model, batches, example_inputs)
     graphs: list[tuple[Captured, Any]] = []
