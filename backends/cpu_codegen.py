@@ -23,6 +23,7 @@ torch's packed kernels and dequantize-then-matmul (``backends/cpu_dispatch.py``)
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import functools
@@ -1894,6 +1895,8 @@ def _library_path(name: str, text: str, compiler: str, flags: tuple[str, ...]) -
 # one lock per library path: a compile in progress (a prebuild thread's or a caller's) is waited for, not repeated
 _LIBRARY_LOCKS: dict[str, threading.Lock] = {}
 _LIBRARY_LOCKS_GUARD = threading.Lock()
+_RUNNING: set[subprocess.Popen] = set()  # compilers running (killed at exit: a prebuild's daemon thread is not waited for)
+compile_log: collections.deque = collections.deque(maxlen=256)  # (library file, thread) per compile (tests read it)
 
 
 def _compile_library(lib: pathlib.Path, text: str, compiler: str, flags: tuple[str, ...]) -> str | None:
@@ -1909,16 +1912,47 @@ def _compile_library(lib: pathlib.Path, text: str, compiler: str, flags: tuple[s
             src = pathlib.Path(tmp) / "kernel.c"
             src.write_text(text)
             out = pathlib.Path(tmp) / "kernel.so"
-            result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-            if result.returncode != 0:
-                return result.stderr.strip()[:300] or f"exit status {result.returncode}"
+            proc = subprocess.Popen([compiler, *flags, str(src), "-o", str(out)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            with _LIBRARY_LOCKS_GUARD:
+                _RUNNING.add(proc)
+            try:
+                _, stderr = proc.communicate()
+            finally:
+                with _LIBRARY_LOCKS_GUARD:
+                    _RUNNING.discard(proc)
+            if proc.returncode != 0:
+                return stderr.strip()[:300] or f"exit status {proc.returncode}"
             os.replace(out, lib)  # atomic: concurrent processes never load a half-written library
+            compile_log.append((lib.name, threading.current_thread().name))
     return None
 
 
 _PREBUILD_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))  # compiles at once: one per core
 _PREBUILDING: set[str] = set()  # library paths a prebuild thread has queued or is compiling
 prebuilds: collections.Counter = collections.Counter()  # "started" / "compiled" / "failed" (tests read it)
+
+
+@atexit.register
+def _stop_compilers() -> None:
+    """An exiting process does not wait for its background compiles: their compilers stop too."""
+    for proc in list(_RUNNING):
+        proc.kill()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets the parent's locks as they were (one held by a prebuild thread that does
+    not exist in the child would block its build() forever) and none of its threads: fresh locks,
+    nothing in flight."""
+    global _LIBRARY_LOCKS_GUARD, _PREBUILD_SLOTS
+    _LIBRARY_LOCKS.clear()
+    _LIBRARY_LOCKS_GUARD = threading.Lock()
+    _PREBUILD_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+    _PREBUILDING.clear()
+    _RUNNING.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def prebuild(specs: list[dict]) -> list[str]:
@@ -1934,7 +1968,8 @@ def prebuild(specs: list[dict]) -> list[str]:
     side by side and beside the quantization; the :func:`build` that needs a library waits for its
     compile instead of starting another. Only the disk cache changes: nothing is loaded or cached in
     this process, so a compile that fails here changes nothing (the :func:`build` call compiles
-    again and reports why); the threads are daemons (an exiting process does not wait for them)."""
+    again and reports why); the threads are daemons (an exiting process does not wait for them,
+    and stops their compilers), and a forked child starts with none in flight."""
     if os.environ.get(ENV, "1") == "0":
         return []
     compiler = _compiler()
@@ -1945,14 +1980,17 @@ def prebuild(specs: list[dict]) -> list[str]:
         spec = dict(spec)
         name, text = spec.pop("name"), spec.pop("text")
         flags = _compiler_flags(**spec)
-        lib = _library_path(name, text, compiler, flags)
+        try:
+            lib = _library_path(name, text, compiler, flags)
+        except OSError:  # (the cache directory cannot be made: the build() that needs it reports that)
+            return started
         with _LIBRARY_LOCKS_GUARD:
             if lib.exists() or str(lib) in _PREBUILDING:
                 continue
             _PREBUILDING.add(str(lib))
+            prebuilds["started"] += 1
         threading.Thread(target=_prebuild_one, args=(lib, text, compiler, flags), name=f"lowbit-build-{name}",
                          daemon=True).start()
-        prebuilds["started"] += 1
         started.append(name)
     return started
 
@@ -1976,7 +2014,7 @@ def _prebuild_one(lib: pathlib.Path, text: str, compiler: str, flags: tuple[str,
     finally:
         with _LIBRARY_LOCKS_GUARD:
             _PREBUILDING.discard(str(lib))
-    prebuilds["failed" if error else "compiled"] += 1
+            prebuilds["failed" if error else "compiled"] += 1
     if error:
         log.debug("lowbit: background compile of %s failed (%s); the call that needs it compiles again", lib.name,
                   error)

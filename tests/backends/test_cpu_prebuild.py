@@ -6,12 +6,15 @@ from __future__ import annotations
 import ctypes
 import inspect
 import logging
-import subprocess
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
 
+import lowbit_compiler
 from lowbit_compiler.backends import (cpu_attention, cpu_codegen, cpu_dispatch, cpu_kernels, cpu_quantize,
                                       cpu_rope)
 from tests.conftest import make_model, prompt
@@ -33,19 +36,19 @@ def _join_background() -> None:
 
 @pytest.fixture
 def compiles(tmp_path, monkeypatch):
-    """A fresh kernel cache; the compiler runs recorded as (library name, thread name)."""
+    """A fresh kernel cache; the compiles from here on, as (library name, thread name)."""
+    _join_background()  # (compiles an earlier test left running)
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    runs = []
-    real = subprocess.run
+    start = len(cpu_codegen.compile_log)
 
-    def run(cmd, *args, **kwargs):
-        if cmd and cmd[0] == cpu_codegen._compiler():
-            runs.append((open(cmd[-3]).read().split("void ")[1].split("(")[0] if "-o" in cmd else "?",
-                         threading.current_thread().name))
-        return real(cmd, *args, **kwargs)
+    class Since(list):
+        def __eq__(self, other):
+            return [(lib.rsplit("_", 1)[0], thread) for lib, thread in list(cpu_codegen.compile_log)[start:]] == other
 
-    monkeypatch.setattr(subprocess, "run", run)
-    yield runs
+        def names(self):
+            return sorted(lib.rsplit("_", 1)[0] for lib, _ in list(cpu_codegen.compile_log)[start:])
+
+    yield Since()
     _join_background()
 
 
@@ -62,7 +65,8 @@ def test_a_prebuilt_library_is_compiled_once_in_the_background_and_loaded_by_bui
     assert compiles == [("lowbit_test_prebuild_a", "lowbit-build-lowbit_test_prebuild_a")]
     assert cpu_codegen.spec_path(spec).exists()
     fn = cpu_codegen.build(argtypes=[ctypes.c_void_p], **spec)
-    assert _call(fn) == 42 and len(compiles) == 1  # loaded from the disk cache, not compiled again
+    assert _call(fn) == 42  # loaded from the disk cache, not compiled again:
+    assert compiles == [("lowbit_test_prebuild_a", "lowbit-build-lowbit_test_prebuild_a")]
     assert cpu_codegen.prebuild([spec]) == []  # nothing left to do
 
 
@@ -73,7 +77,7 @@ def test_build_waits_for_a_prebuild_in_flight_instead_of_compiling_again(compile
     fns = [cpu_codegen.build(argtypes=[ctypes.c_void_p], **spec) for spec in specs]  # while they compile
     assert [_call(fn) for fn in fns] == [100, 101, 102, 103]
     _join_background()
-    assert sorted(name for name, _ in compiles) == [s["name"] for s in specs]  # each library compiled once
+    assert compiles.names() == [s["name"] for s in specs]  # each library compiled once
 
 
 def test_a_failed_prebuild_changes_nothing_and_the_build_reports_it(compiles, monkeypatch, caplog):
@@ -93,6 +97,44 @@ def test_a_failed_prebuild_changes_nothing_and_the_build_reports_it(compiles, mo
 def test_no_prebuild_with_the_generated_kernels_turned_off(compiles, monkeypatch):
     monkeypatch.setenv(cpu_codegen.ENV, "0")
     assert cpu_codegen.prebuild([_spec("lowbit_test_prebuild_off", 1)]) == [] and compiles == []
+
+
+def test_a_forked_child_builds_while_the_parent_compiles(compiles):
+    """A child forked while a prebuild thread holds a library's lock does not inherit it held."""
+    spec = _spec("lowbit_test_prebuild_fork", 7)
+    assert cpu_codegen.prebuild([spec]) == ["lowbit_test_prebuild_fork"]
+    pid = os.fork()
+    if pid == 0:  # the child: build() must not wait for the parent's thread (it does not exist here)
+        try:
+            fn = cpu_codegen.build(argtypes=[ctypes.c_void_p], **spec)
+            os._exit(0 if fn is not None and _call(fn) == 7 else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's build() hung on the parent's compile lock")
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("flow", ["compile", "compress"])
+def test_both_flows_start_the_prebuild_with_the_recipes_format(flow, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "prebuild", lambda formats, attention=True: calls.append((formats, attention)))
+    model = make_model("llama")
+    if flow == "compile":
+        with torch.no_grad():
+            torch.compile(model, backend="lowbit", options={"recipe": "w4a16", "target": "cpu"})(prompt(5))
+        assert calls and calls[0] == (["int4_g128_asym"], True)  # the graph has attention
+    else:
+        lowbit_compiler.compress(model, "w8a16")
+        assert calls[0] == (["int8"], False)  # eager: the model's own attention
 
 
 def test_the_prebuild_covers_every_library_a_cpu_compile_loads(monkeypatch):
@@ -125,3 +167,4 @@ def test_the_prebuild_covers_every_library_a_cpu_compile_loads(monkeypatch):
     assert loaded and loaded <= named, sorted(p.name for p in loaded - named)
     kinds = {p.name.rsplit("_", 1)[0] for p in loaded}
     assert {"lowbit_quantize_rtn", "lowbit_cpu_int4_g128_asym", "lowbit_attn_decode"} <= kinds, kinds
+    _join_background()
