@@ -1633,6 +1633,78 @@ def nf4_int8_table() -> tuple[tuple[int, ...], float, float]:
         float(torch.tensor(q, dtype=torch.float32))
 
 
+# 2:4 sparse + int4 group-wise (``s24+int4_g{G}_{sym,asym}``): per row, the KC = K/2 kept values'
+# 4-bit codes (a little-endian nibble stream: kept value j in byte j/2, bits 4 (j & 1)), then their
+# 2-bit positions as in ``_S24_INT8``; scales bf16 [N, KC/G] and zero points uint8 [N, KC/G] over
+# groups of G *kept* values (G = 128 spans 256 input columns). Only those bytes are read: 0.375 bytes
+# per weight + the group's scale and zero, against 0.5 + the same for the dense int4 copy. Float
+# path: per 16 kept values, 8 code bytes widened to 16 lanes (nibbles split and interleaved), less
+# the group's zero point, times the activations of their columns (the index bits decoded and x
+# gathered in registers exactly as ``_S24_INT8``'s AVX-512 float path), one accumulator pair per
+# group, scaled once per group. AVX-512 explicit; otherwise portable loops.
+_S24_INT4 = r"""
+static void {name}_prepare(const float* x, float* scratch, int64_t M, int64_t K)
+{{
+    (void)x; (void)scratch; (void)M; (void)K;  /* the float paths read x as it is */
+}}
+
+static inline __attribute__((always_inline)) void {name}_channel(
+    const void* codes_, const uint16_t* scale, const uint8_t* zero, const float* x, const float* scratch,
+    int64_t n, int64_t M, int64_t K, float* out)
+{{
+    (void)zero; (void)scratch;
+    const int64_t KC = K / 2, G = {group}, groups = KC / G, row_bytes = KC / 2 + KC / 4;
+    const uint8_t* v = (const uint8_t*)codes_ + n * row_bytes;
+    const uint8_t* idx = v + KC / 2;
+    const uint16_t* sr = scale + n * groups;
+    const uint8_t* zp = {zero_row};
+    (void)zp;
+    lowbit_prefetch(v, row_bytes);
+    for (int64_t m = 0; m < M; m++) {{
+        const float* xm = x + m * K;
+        float d = 0.0f;
+#if defined(LOWBIT_AVX512)
+        const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+        const __m512i three = _mm512_set1_epi32(3);
+        const __m128i low = _mm_set1_epi8(15);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {{
+            const float z = {zero_expr};
+            const __m512 zv = _mm512_set1_ps(z);
+            __m512 a[2] = {{_mm512_setzero_ps(), _mm512_setzero_ps()}};
+            for (int64_t jj = g * G; jj < (g + 1) * G; jj += 32) {{
+                for (int q = 0; q < 2; q++) {{
+                    const int64_t j = jj + 16 * q;
+                    /* (bits >> 2i) & 3 | base in one ternary-logic op (base has its low two bits clear) */
+                    const __m512i c = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(
+                        _mm512_set1_epi32(*(const int32_t*)(idx + (j >> 2))), shifts), three, base, 0xEA);
+                    const __m128i b = _mm_loadl_epi64((const __m128i*)(v + j / 2));  /* 16 codes */
+                    const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+                    const __m512 w = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), zv);
+                    const float* xc = xm + 2 * j;
+                    a[q] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(_mm512_loadu_ps(xc), c, _mm512_loadu_ps(xc + 16)), a[q]);
+                }}
+            }}
+            acc = _mm512_fmadd_ps(_mm512_add_ps(a[0], a[1]), _mm512_set1_ps(bf16_to_f32(sr[g])), acc);
+        }}
+        d = _mm512_reduce_add_ps(acc);
+#else
+        for (int64_t g = 0; g < groups; g++) {{
+            const float z = {zero_expr};
+            float a = 0.0f;
+            for (int64_t j = g * G; j < (g + 1) * G; j++) {{  /* kept value j: group j/2 of 4 columns */
+                const int64_t col = 2 * (j & ~(int64_t)1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3);
+                a += ((float)((v[j >> 1] >> (4 * (j & 1))) & 15) - z) * xm[col];
+            }}
+            d += a * bf16_to_f32(sr[g]);
+        }}
+#endif
+        out[m] = d;
+    }}
+}}
+""" + "{drivers}"
+
 S24_STEP = 32  # 2:4 kernel, AVX-512: kept values per step (16 per accumulator)
 S24_PF_BYTES = 16384  # 2:4 kernel: prefetch distance (the others: LOWBIT_PF_BYTES in _PRELUDE)
 # calls of at most this many rows take the split-int8 integer path (int4 groups of 64+, int8 with VNNI)
@@ -1669,8 +1741,11 @@ def supported(fmt: str) -> str | None:
         return None  # a group is whole 8-byte loads of codes
     if f.kind == "sparse" and (f.n, f.m) == (2, 4) and f.inner.key == "int8":
         return None
+    if (f.kind == "sparse" and (f.n, f.m) == (2, 4) and f.inner.kind == "int" and f.inner.bits == 4
+            and f.inner.group_size is not None and f.inner.group_size % 32 == 0):
+        return None
     return (f"format {fmt}: generated CPU kernels exist for int8, and int4 and NF4 group-wise weights (group a "
-            "multiple of 16), and 2:4 + int8 (s24+int8)")
+            "multiple of 16), and 2:4 + int8 / int4 (s24+int8, s24+int4_g<G> with G a multiple of 32)")
 
 
 def kernel_name(fmt: str) -> str:
@@ -1694,7 +1769,13 @@ def source(fmt: str, split8: bool | None = None) -> str:
         return (f"/* lowbit generated CPU kernel: {fmt[: -len(A8)]} weights, rows quantized to int8 per group "
                 f"(M <= {MAX_ROWS}) */\n" + _PRELUDE + body)
     f = WeightFormat.parse(fmt)
-    if f.kind == "sparse":
+    if f.kind == "sparse" and f.bits == 4:
+        inner = f.inner
+        body = _S24_INT4.format(name=name, group=inner.group_size,
+                                zero_expr="(float)zp[g]" if inner.has_zero_points else "8.0f",
+                                zero_row="zero + n * groups" if inner.has_zero_points else "0",
+                                drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS))
+    elif f.kind == "sparse":
         body = _S24_INT8.format(name=name, max_rows=MAX_ROWS, s24_step=S24_STEP, split8=int(split8),
                                 split_rows=SPLIT8_ROWS, prepare8=_PREPARE8.format(name=name),
                                 drivers=_DRIVERS.format(name=name, max_rows=MAX_ROWS))
@@ -2224,29 +2305,33 @@ def bind(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     f = WeightFormat.parse(fmt)
     if f.padded_k(in_features) != in_features:
         return None
-    if f.kind == "int" and not f.symmetric and f.bits < 8 and zero is None:  # the kernel would read a NULL pointer
+    if f.kind in ("int", "sparse") and f.has_zero_points and zero is None:  # the kernel would read a NULL pointer
         raise ValueError(f"lowbit: asymmetric format {fmt} bound without its zero points (a caller dropped them)")
     if f.kind == "sparse":
-        if (why := s24_index_error(qweight, in_features)) is not None:
+        if (why := s24_index_error(qweight, in_features, fmt)) is not None:
             _note(f"{fmt} weight [{scale.shape[0]}, {in_features}]: {why}; the dense kernels run over a decompressed "
                   "copy")
             return None
     return Bound(fn, key, qweight, scale, zero, fmt, in_features, isa or ("portable" if portable else isa_choice()))
 
 
-def s24_index_error(qweight: torch.Tensor, in_features: int) -> str | None:
+def s24_index_error(qweight: torch.Tensor, in_features: int, fmt: str = "s24+int8") -> str | None:
     """Why a 2:4 weight's index stream breaks the storage's rule that a group's two kept values sit
     at distinct positions, or None. The kernel multiplies each kept code by the activation of its own
     column (any order), so it would add both codes of such a group where the format's dequantization
     (a scatter) keeps one. Checked once per bound weight."""
+    f = WeightFormat.parse(fmt)
+    kc = f.kept(in_features)
+    code_bytes = kc * f.bits // 8
+
     def check() -> str:
-        nib = qweight[:, in_features // 2:]
+        nib = qweight[:, code_bytes:]
         for part in (nib & 15, nib >> 4):
             if bool(((part & 3) == (part >> 2)).any()):
                 return "a group's two kept values share one position"
         return ""
 
-    return _S24_INDEX.get_or_create(qweight, in_features, check) or None
+    return _S24_INDEX.get_or_create(qweight, (in_features, fmt), check) or None
 
 
 _S24_INDEX = IdentityCache()  # 2:4 weight -> s24_index_error's finding ("" when none)

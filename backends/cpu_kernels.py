@@ -200,7 +200,8 @@ def prebuild(formats: list[str], attention: bool = True) -> list[str]:
 def prebuild_specs(formats: list[str], attention: bool = True) -> list[dict]:
     """The libraries a compile for the CPU with weights of ``formats`` loads, as
     ``cpu_codegen.build`` source arguments: the quantizer, each format's decode kernel (int3 /
-    int2: the lookup-table kernel), the dequantizer / GEMM library and the dispatch's cache flush,
+    int2: the lookup-table kernel; N:M: also its dense format's), the dequantizer / GEMM library
+    and the dispatch's cache flush,
     and (``attention``) RoPE and decode attention. Best effort: an unknown format or a bad
     ``LOWBIT_CPU_ISA`` gives none (the call that needs the kernel reports it)."""
     from lowbit_compiler.backends import cpu_attention, cpu_rope
@@ -208,6 +209,7 @@ def prebuild_specs(formats: list[str], attention: bool = True) -> list[dict]:
     try:
         isa, split8 = cpu_codegen.isa_choice(), cpu_codegen.split8_enabled()
         parsed = [WeightFormat.parse(f) for f in formats]
+        parsed += [f.dense_format for f in parsed if f.kind == "sparse"]  # N:M: the dense kernels over its copy
     except (ValueError, KeyError):
         return []
     specs = []
@@ -377,7 +379,7 @@ def dense_copy_packed(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     """The packed dense copy of an N:M weight (``cpu_sparse.dense_copy``: the same matrix in the
     format's ``dense_format``, 1 byte per weight more for int8, built at the first call that needs it
     and cached): what runs the calls the generated N:M kernel does not take (more than ``MAX_ROWS``
-    rows, int4 kept values, the plan's dense choice, no kernel), in the dispatch, the eager op and the
+    rows, a format it does not cover, the plan's dense choice, no kernel), in the dispatch, the eager op and the
     CPU lowering alike."""
     from lowbit_compiler.backends import cpu_sparse
 
@@ -561,7 +563,7 @@ def wo_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 def sparse_reason(x_dtype: torch.dtype, device: torch.device, rows: int, fmt: str) -> str | None:
-    """Why the generated kernel over N:M compressed weights (``cpu_codegen``: 2:4 + int8, decode
+    """Why the generated kernel over N:M compressed weights (``cpu_codegen``: 2:4 + int8 / int4, decode
     sizes) cannot run this call, or None when it can."""
     from lowbit_compiler.backends import cpu_codegen
 
@@ -581,7 +583,7 @@ def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     values and their indices (float32 accumulation) where it takes the call and the measured plan
     gives it the call; else the dense format's kernels over the decompressed copy (built once,
     cached: 1 byte per weight more for int8; the reason logged once per shape), as the CPU lowering
-    does: prefill rows, int4 kept values, a refused weight. None (the caller runs the reference)
+    does: prefill rows, a format it does not cover, a refused weight. None (the caller runs the reference)
     only where no dense kernel takes the call either."""
     from lowbit_compiler.backends import cpu_codegen
 
@@ -593,7 +595,7 @@ def sparse_linear_fast(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     if unsupported_reason(x.dtype, x.device, dense_fmt) is not None:
         return None  # (before building a copy: no dense kernel would take the call either)
     why = sparse_reason(x.dtype, x.device, x2.shape[0], fmt)
-    if why is None and cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0]):  # measured
+    if why is None and cpu_sparse.use_nm_kernel(qweight, scale, fmt, in_features, x2.shape[0], zero):  # measured
         y = cpu_codegen.linear(x2, qweight, scale, zero, bias, fmt, in_features)
         if y is not None:
             return y.reshape(*lead, y.shape[-1]).to(x.dtype)

@@ -798,8 +798,9 @@ def plan_for(fmt: str, n: int, in_features: int, make) -> dict:
                                f"{_digest(source(fmt), cpu_codegen.source(fmt))}", make)
 
 
-def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> dict:
-    """Whether the N:M kernel over compressed weights (``cpu_codegen``, ``s24+int8``) runs rather
+def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int,
+            zero: torch.Tensor | None = None) -> dict:
+    """Whether the N:M kernel over compressed weights (``cpu_codegen``: ``s24+int8``, ``s24+int4_g*``) runs rather
     than the dense kernel over the same weight decompressed (:func:`dense_copy`), for ``rows`` rows:
     measured at first use per (format, N, K, threads, rows), cached like :func:`plan`. The dense
     path keeps a second copy of the weight (1 byte per weight more for int8, on top of the 0.625 of
@@ -809,22 +810,25 @@ def plan_24(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: i
     n, threads = scale.shape[0], torch.get_num_threads()
 
     def make() -> dict:
-        dense = WeightFormat.parse(fmt).to_dense(qweight, scale, None)  # not cached: only the dense path keeps one
+        dense = WeightFormat.parse(fmt).to_dense(qweight, scale, zero)  # not cached: only the dense path keeps one
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
         dfmt = dense.format.key
-        calls = {"dense": lambda: cpu_codegen.linear(x, dense.qweight, dense.scale, None, None, dfmt, in_features),
-                 "sparse": lambda: cpu_codegen.linear(x, qweight, scale, None, None, fmt, in_features)}
+        calls = {"dense": lambda: cpu_codegen.linear(x, dense.qweight, dense.scale, dense.zero, None, dfmt,
+                                                     in_features),
+                 "sparse": lambda: cpu_codegen.linear(x, qweight, scale, zero, None, fmt, in_features)}
         if calls["sparse"]() is None:  # (not bound: scales not bf16, say) nothing to time
             return {"sparse": False, "reason": "the N:M kernel does not take this weight", "speedup": 0.0}
         if calls["dense"]() is None:
             return {"sparse": True, "reason": "no dense generated kernel to compare with"}
-        best = _fastest(calls, cold={"dense": (dense.qweight, dense.scale), "sparse": (qweight, scale)})
+        best = _fastest(calls, cold={"dense": tuple(t for t in (dense.qweight, dense.scale, dense.zero) if t is not None),
+                                     "sparse": tuple(t for t in (qweight, scale, zero) if t is not None)})
         return {"sparse": best["sparse"] <= MARGIN * best["dense"], "dense_ms": round(best["dense"] * 1e3, 4),
                 "sparse_ms": round(best["sparse"] * 1e3, 4), "speedup": round(best["dense"] / best["sparse"], 3)}
 
     return cached_plan(("nm", fmt, n, in_features, threads, rows),
                        lambda: f"nm-v2|{fmt}|N={n}|K={in_features}|threads={threads}|rows={rows}|"
-                               f"{_digest(cpu_codegen.source(fmt), cpu_codegen.source('int8'))}", make)
+                               f"{_digest(cpu_codegen.source(fmt), cpu_codegen.source(WeightFormat.parse(fmt).dense_format.key))}",
+                       make)
 
 
 DENSE_CACHE = IdentityCache()
@@ -840,11 +844,12 @@ def dense_copy(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features
     return DENSE_CACHE.get_or_create(qweight, ("dense", fmt), lambda: f.to_dense(qweight, scale, zero))
 
 
-def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int) -> bool:
+def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_features: int, rows: int,
+                  zero: torch.Tensor | None = None) -> bool:
     """Whether a call of ``rows`` rows over N:M ``fmt`` runs the N:M kernel (else the dense kernel
     over :func:`dense_copy`, counted and logged once per shape): :data:`DISPATCH_ENV`, else
     :func:`plan_24`."""
-    if fmt == "s24+int8" and cpu_codegen.s24_index_error(qweight, in_features) is not None:
+    if cpu_codegen.supported(fmt) is None and cpu_codegen.s24_index_error(qweight, in_features, fmt) is not None:
         return False  # the binding refuses it (logged), before a plan is cached for its shape: the dense copy runs
     mode = _mode()
     if mode == "sparse":
@@ -853,7 +858,7 @@ def use_nm_kernel(qweight: torch.Tensor, scale: torch.Tensor, fmt: str, in_featu
     if mode == "dense":
         why = f"{DISPATCH_ENV}=dense"
     else:
-        entry = plan_24(qweight, scale, fmt, in_features, rows)
+        entry = plan_24(qweight, scale, fmt, in_features, rows, zero)
         if entry["sparse"]:
             dispatch_counter[(fmt, "sparse")] += 1
             return True

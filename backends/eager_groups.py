@@ -84,7 +84,7 @@ class EagerGroup:
             from lowbit_compiler.backends import cpu_sparse
 
             rows = x.numel() // x.shape[-1]
-            if not all(cpu_sparse.use_nm_kernel(m.qweight, m.scale, m.fmt, m.in_features, rows) for m in modules):
+            if not all(cpu_sparse.use_nm_kernel(m.qweight, m.scale, m.fmt, m.in_features, rows, m.zero) for m in modules):
                 return None
         return cpu_kernels.fused_linear(x, fused, tuple(m.bias for m in modules), dtype)
 

@@ -297,13 +297,13 @@ def _wo_linear_cpu(node: fx.Node, gm: fx.GraphModule, ctx: PassContext, state: L
             _call_prepacked(gm, node, packed, f"{a['qweight'].target.rsplit('.', 1)[0]}.{attr}_{dtype_name}",
                             cpu_kernels.packed_linear, lambda p: (a["x"], p, a["bias"], dtype))
 
-        if reason is None and cpu_sparse.use_nm_kernel(qweight, scale, a["fmt"], a["in_features"], max(rows, 1)):
+        if reason is None and cpu_sparse.use_nm_kernel(qweight, scale, a["fmt"], a["in_features"], max(rows, 1), zero):
             # the N:M kernel on the compressed storage, packed like a dense weight: the CPU fusion groups
             # (q/k/v, gate.up) and the norm / residual folds apply as to any packed linear
             call_packed(cpu_kernels.prepack(qweight, scale, zero, a["fmt"], a["in_features"], dtype), "packed")
             return f"cpu:{a['fmt']}:{dtype_name}"
         # the dense format's packed path over the decompressed copy (the same matrix): the dispatch measured
-        # it faster, or the N:M kernel cannot take the call (prefill rows, int4 kept values); the fusion
+        # it faster, or the N:M kernel cannot take the call (prefill rows, a format it does not cover); the fusion
         # groups and folds then apply as to any dense linear
         dfmt = WeightFormat.parse(a["fmt"]).dense_format.key
         if (why := cpu_kernels.unsupported_reason(xv.dtype, xv.device, dfmt)) is not None:

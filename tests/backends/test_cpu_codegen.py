@@ -14,7 +14,8 @@ from lowbit_compiler import formats, ops
 from lowbit_compiler.backends import cpu_codegen
 from lowbit_compiler.formats import WeightFormat
 
-FORMATS = ("int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_asym", "int4_g128_sym", "int4_g256_asym", "nf4_g64")
+FORMATS = ("int8", "int4_g32_sym", "int4_g64_asym", "int4_g128_asym", "int4_g128_sym", "int4_g256_asym", "nf4_g64",
+           "s24+int4_g64_asym", "s24+int4_g32_sym")  # 2:4 + int4: groups of kept values (K=256: 128 kept)
 ROWS = (1, 2, 3, 5, 16)  # row tiles of 4: every remainder, and four full tiles
 SHAPES = ((33, 256), (97, 512))  # odd N; K a multiple of every group size
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,7 +113,8 @@ def test_source_is_readable_and_specialised():
         assert "#pragma omp parallel for" in text and "_mm256_fmadd_ps" in text and "#else" in text
 
 
-@pytest.mark.parametrize("fmt, rows", [("int8", 5), ("int4_g32_asym", 1), ("int4_g128_sym", 6)])
+@pytest.mark.parametrize("fmt, rows", [("int8", 5), ("int4_g32_asym", 1), ("int4_g128_sym", 6),
+                                       ("s24+int4_g64_asym", 3)])
 def test_portable_build_matches_the_float_reference(fmt, rows):
     """The loops a host without AVX2 + FMA runs (the compiler's default target)."""
     if cpu_codegen.kernel(fmt, portable=True) is None:
@@ -236,7 +238,7 @@ def _group_of_three(fmt: str, seed: int):
     return g, k, qs, bound, biases, cpu_codegen.bind_group(bound), cpu_codegen.bind_group(bound[1:], cpu_codegen.SILU_MUL)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64", "s24+int8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64", "s24+int8", "s24+int4_g64_asym"])
 def test_fused_calls_equal_the_separate_kernels(fmt):
     """The several-weights entry point (a CPU fusion group): q/k/v-like weights of one input (odd,
     unequal N, biases) side by side equal the separate calls bit for bit (the same per-channel
@@ -252,7 +254,7 @@ def test_fused_calls_equal_the_separate_kernels(fmt):
         assert formats.sqnr_db(reference, gate_up(x, biases[1:]).double()) >= _floor(fmt)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64", "s24+int8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128_asym", "int4_g32_sym", "nf4_g64", "s24+int8", "s24+int4_g64_asym"])
 def test_ext_entries_fuse_the_rms_norm_and_the_residual(fmt):
     """The ``_ext`` entries (the CPU fusion groups' prologue and epilogue): one weight with the
     RMSNorm prologue and the residual epilogue, and a group with the prologue, against float64

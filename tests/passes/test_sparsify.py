@@ -142,10 +142,10 @@ def test_both_flows_agree_on_sparse_int4():
     assert formats.sqnr_db(offline, compiled) >= 40
     layers = rec.summaries[0]["layers"]
     assert sum(1 for r in layers.values() if r.get("format") == G64.key) == LINEARS
-    # no N:M kernel for int4 kept values: the dense int4 kernels over the decompressed copy (zero points
-    # included), not the float reference
+    # the N:M kernel over the compressed int4 kept values (the suite pins LOWBIT_SPARSE_DISPATCH=sparse), not
+    # the dense copy nor the float reference
     labels = list(rec.summaries[-1]["kernels"].values())
-    assert sum(":from_nm" in k for k in labels) == LINEARS and not any(k == "reference" for k in labels)
+    assert sum(k.startswith(f"cpu:{G64.key}:") for k in labels) == LINEARS, labels
     assert not rec.summaries[-1]["fallbacks"]
 
 
@@ -229,10 +229,10 @@ def test_triton_sparse_kernel_compiles_for_sm90_without_spills():
 
 @pytest.mark.parametrize("recipe", ["s24-w4a16", "s24-w8a16"])
 def test_compressed_sparse_models_run_kernels_eagerly(recipe):
-    """A compressed 2:4 model run eagerly takes no float-reference fallback: int4 kept values (no N:M
-    kernel) and prompts of more than 16 rows run the dense kernels over the decompressed copy
-    (counted as dense in ``cpu_sparse.dispatch_counter``), 2:4 + int8 decode rows the N:M kernel;
-    the outputs match the float reference of the same stored weights."""
+    """A compressed 2:4 model run eagerly takes no float-reference fallback: prompts of more than 16
+    rows run the dense kernels over the decompressed copy (counted as dense in
+    ``cpu_sparse.dispatch_counter``), decode rows the N:M kernel (int8 and int4 kept values); the
+    outputs match the float reference of the same stored weights."""
     from lowbit_compiler import fallback_counter
     from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
 
@@ -246,11 +246,9 @@ def test_compressed_sparse_models_run_kernels_eagerly(recipe):
         step = model(long[:, :1]).logits
     assert sum(fallback_counter.values()) == before
     ran = {k: v - calls_before.get(k, 0) for k, v in cpu_codegen.calls.items() if v != calls_before.get(k, 0)}
-    nm = cpu_codegen.kernel_name("s24+int8")
-    if fmt == "s24+int8":
-        assert ran == {nm: 5, nm + "_x3": 2, nm + "_x2": 2}, ran  # the step: q/k/v and gate/up as eager groups
-    else:
-        assert nm not in ran and cpu_sparse.dispatch_counter[(fmt, "dense")] - dense_before >= 2 * LINEARS
+    nm = cpu_codegen.kernel_name(fmt)
+    assert ran == {nm: 5, nm + "_x3": 2, nm + "_x2": 2}, ran  # the step: q/k/v and gate/up as eager groups
+    assert cpu_sparse.dispatch_counter[(fmt, "dense")] - dense_before >= LINEARS  # the 20-row prompt
     with torch.no_grad():  # the same stored weights through the op's float reference
         ref_model = compress(make_model("llama"), get_recipe(recipe), calibration=_calibration(), progress=False)
         for m in ref_model.modules():
