@@ -9,10 +9,18 @@ on the 8-layer decode model (hidden 2048, 16 query / 4 KV heads, ~40 cached toke
 stubbed out so only the overhead is timed) they cost ~1.1 ms of a 2.3 ms step's overhead: each cat
 and SDPA call forks torch's thread pool for a few microseconds of work. ``lowering._fuse_cpu_decode_
 attention`` replaces the five calls with one :func:`decode_step`: for each (sequence, KV head) one
-task copies that head's cache rows into the new key and value tensors (what ``cat`` returns: the
-cache object keeps them), appends the rotated new key and the new value, then for each query head
-of the group rotates the query, takes the scaled dot products with every key, the softmax, and the
-weighted sum of the values.
+task appends the rotated new key and the new value to that head's rows of the new keys and values
+(what ``cat`` returns: the cache object keeps them), then for each query head of the group rotates
+the query, takes the scaled dot products with every key, the softmax, and the weighted sum of the
+values.
+
+The new keys and values are views of the first T + 1 rows of buffers with room to grow (twice the
+length when made), so the next step, handed exactly those views back by the cache, writes its row
+in place: ``cat`` copies all T cached rows every step (per layer, O(T^2) rows over a generation;
+at 2048 cached tokens of the 8-layer decode model that is 2 x 8 MB read and written per layer and
+step, twice what the attention itself reads). Anything else (a contiguous cache, a cropped one, a
+branch that already appended to the same buffer) is copied into fresh buffers, so rows a caller
+can still see through an older view are never written.
 
 Numerics: the new keys and values are bit for bit those of ``rope`` + ``cat`` (copies, and RoPE
 compiled with ``-ffp-contract=off`` as in ``cpu_rope``); the attention output is float32 with its
@@ -23,9 +31,11 @@ autograd; anything else runs :func:`decode_step_reference`, the torch calls it r
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import math
+import weakref
 
 import torch
 
@@ -61,25 +71,29 @@ static void copy_rows(float* dst, const float* src, int64_t rows, int64_t row_st
 
 /* q [B, Hq, 1, D], k and v [B, Hkv, 1, D], cache_k and cache_v [B, Hkv, T, D], all read through
    their strides (the last dimension contiguous); cos and sin [1 or B, 1, 1, D] (NULL: no RoPE;
-   csb = cos's batch stride, 0 when broadcast). Writes keys and values [B, Hkv, T + 1, D] and out
-   [B, Hq, 1, D], contiguous. Returns 0, or 1 when a task's scratch (T + 1 + D floats; on the
-   stack up to 4096) could not be allocated (the caller raises). */
+   csb = cos's batch stride, 0 when broadcast). Writes keys and values: rows 0 .. T of buffers
+   [B, Hkv, cap, D] (cap >= T + 1; the cache's T rows copied first, unless in_place: they are
+   already rows 0 .. T - 1 of those buffers), and out [B, Hq, 1, D], contiguous. Returns 0, or 1
+   when a task's scratch (T + 1 + D floats; on the stack up to 4096) could not be allocated (the
+   caller raises). */
 int lowbit_attn_decode(const float* q, const float* k, const float* v, const float* cache_k,
                         const float* cache_v, const float* cos, const float* sin, float* keys, float* values,
                         float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
                         int64_t qsb, int64_t qsh, int64_t ksb, int64_t ksh, int64_t vsb, int64_t vsh,
                         int64_t cksb, int64_t cksh, int64_t ckst, int64_t cvsb, int64_t cvsh, int64_t cvst,
-                        int64_t csb, float scale, int threads)
+                        int64_t csb, float scale, int threads, int64_t cap, int in_place)
 {
     const int64_t g = Hq / Hkv, T1 = T + 1, tasks = B * Hkv;
     int failed = 0;
     #pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1 && T1 * D * (g + 2) >= 4096)
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t b = task / Hkv, h = task % Hkv;
-        float* kd = keys + task * T1 * D;
-        float* vd = values + task * T1 * D;
-        copy_rows(kd, cache_k + b * cksb + h * cksh, T, ckst, D);
-        copy_rows(vd, cache_v + b * cvsb + h * cvsh, T, cvst, D);
+        float* kd = keys + task * cap * D;
+        float* vd = values + task * cap * D;
+        if (!in_place) {
+            copy_rows(kd, cache_k + b * cksb + h * cksh, T, ckst, D);
+            copy_rows(vd, cache_v + b * cvsb + h * cvsh, T, cvst, D);
+        }
         const float* c = cos ? cos + b * csb : NULL;
         const float* sn = sin ? sin + b * csb : NULL;
         if (c) rope_row(k + b * ksb + h * ksh, c, sn, kd + T * D, D);
@@ -128,7 +142,7 @@ int lowbit_attn_decode(const float* q, const float* k, const float* v, const flo
 }
 """
 
-_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 18 + [ctypes.c_float, ctypes.c_int]
+_ARGS = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 18 + [ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
 calls = 0  # calls that ran the C kernel (the tests count them)
 
 
@@ -217,15 +231,56 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
         return decode_step_reference(q, k, v, cache_k, cache_v, cos, sin, scale, enable_gqa)
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], cache_k.shape[2]
-    keys = torch.empty(b, hkv, t + 1, d, dtype=torch.float32, device="cpu")
-    values = torch.empty(b, hkv, t + 1, d, dtype=torch.float32, device="cpu")
+    kbuf, vbuf = (_grown(cache_k, t), _grown(cache_v, t)) if grow_in_place else (None, None)
+    in_place = kbuf is not None and vbuf is not None and kbuf.shape[2] == vbuf.shape[2]
+    if not in_place:  # a fresh pair of buffers, twice the length: the next steps append in place
+        cap = max(_MIN_CAPACITY, 2 * (t + 1)) if grow_in_place else t + 1
+        kbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
+        vbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
     out = torch.empty(b, hq, 1, d, dtype=torch.float32, device="cpu")
     calls += 1
     if fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(),
           None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
-          keys.data_ptr(), values.data_ptr(), out.data_ptr(), b, hq, hkv, t, d, qs[0], qs[1], ks[0], ks[1],
+          kbuf.data_ptr(), vbuf.data_ptr(), out.data_ptr(), b, hq, hkv, t, d, qs[0], qs[1], ks[0], ks[1],
           vs[0], vs[1], cks[0], cks[1], cks[2], cvs[0], cvs[1], cvs[2],
           0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 1.0 / math.sqrt(d) if scale is None else scale,
-          torch.get_num_threads()):
+          torch.get_num_threads(), kbuf.shape[2], int(in_place)):
         raise MemoryError(f"lowbit decode attention: no memory for the scores of {t + 1} cached tokens")
-    return keys, values, out
+    _fill(kbuf, t + 1)
+    _fill(vbuf, t + 1)
+    appended_in_place[in_place] += 1
+    return kbuf[:, :, : t + 1], vbuf[:, :, : t + 1], out
+
+
+# Growable caches. Hugging Face's DynamicCache concatenates every step (``torch.cat``: all T cached rows
+# copied into a new tensor, per layer), so a long generation copies O(T^2) rows. The kernel writes the
+# new keys and values into buffers with room to grow and returns views of their first T + 1 rows (the
+# cache object keeps them); the next step, given exactly that view back, appends its row in place and
+# copies nothing. Only a view that reaches the buffer's filled length grows in place: a cropped cache,
+# a branch that already appended, or any other tensor gets fresh buffers (the rows a caller may still
+# see through an older view are never written). id(buffer) -> [weak reference, rows filled]; a view keeps
+# its buffer alive (its ``_base``), and the entry goes with the buffer.
+_FILLED: dict[int, list] = {}
+_MIN_CAPACITY = 64
+grow_in_place = True  # False: exact-size copies every step, as ``cat`` (benchmarks/long_context_cpu.py compares)
+appended_in_place: collections.Counter = collections.Counter()  # True: appended in place, False: copied
+
+
+def _fill(buffer: torch.Tensor, rows: int) -> None:
+    entry = _FILLED.get(id(buffer))
+    if entry is None or entry[0]() is not buffer:
+        key = id(buffer)
+        entry = _FILLED[key] = [weakref.ref(buffer, lambda _, key=key: _FILLED.pop(key, None)), rows]
+    entry[1] = rows
+
+
+def _grown(cache: torch.Tensor, t: int) -> torch.Tensor | None:
+    """The buffer ``cache`` is the filled head of, when its next row can be written in place."""
+    base = cache._base
+    entry = None if base is None else _FILLED.get(id(base))
+    if entry is None or entry[0]() is not base or entry[1] != t or t + 1 > base.shape[2]:
+        return None
+    if (cache.data_ptr() != base.data_ptr() or cache.stride() != base.stride()
+            or cache.shape[:2] != base.shape[:2] or cache.shape[3] != base.shape[3]):
+        return None
+    return base

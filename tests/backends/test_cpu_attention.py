@@ -59,8 +59,8 @@ def test_the_kernel_matches_rope_cat_and_sdpa(b, hq, hkv, t, d, rope, cos_batch)
     keys, values, out = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, scale, hq != hkv)
     assert cpu_attention.calls == before + 1
     qr, kr = (_rotate(q, cos, sin), _rotate(k, cos, sin)) if rope else (q, k)
-    assert torch.equal(keys, torch.cat([cache_k, kr], dim=-2)) and keys.is_contiguous()
-    assert torch.equal(values, torch.cat([cache_v, v], dim=-2)) and values.is_contiguous()
+    assert torch.equal(keys, torch.cat([cache_k, kr], dim=-2))
+    assert torch.equal(values, torch.cat([cache_v, v], dim=-2))
     assert out.shape == (b, hq, 1, d) and out.is_contiguous()
     exact = _float64_attention(qr, keys, values, scale)
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-6)
@@ -90,6 +90,40 @@ def test_checked_calls_read_caches_through_their_strides(layout):
                                               None, True)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     torch.testing.assert_close(got[2], ref[2], rtol=0, atol=2e-6)
+
+
+def test_a_cache_handed_back_grows_in_place_and_nothing_else_is_written(monkeypatch):
+    """The new keys and values are views of buffers with room to grow: the next step, given them
+    back, appends in place (no copy of the cached rows; the same buffer until it is full, then one
+    twice as long); a branch that appends to a view another step already extended, and a cropped
+    view, get fresh buffers, and what the earlier views show never changes. Every step's keys,
+    values and output equal the torch calls'."""
+    b, hq, hkv, d = 2, 8, 2, 32
+    q, k, v, cache_k, cache_v, cos, sin = _inputs(b, hq, hkv, 5, d, seed=3)
+    ref_k, ref_v = cache_k, cache_v
+    g = torch.Generator().manual_seed(4)
+    before, buffers = dict(cpu_attention.appended_in_place), []
+    for step in range(70):
+        k, v = torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g)
+        keys, values, out = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, True, checked=True)
+        rk, rv, rout = cpu_attention.decode_step_reference(q, k, v, ref_k, ref_v, cos, sin, None, True)
+        assert torch.equal(keys, rk) and torch.equal(values, rv)
+        torch.testing.assert_close(out, rout, rtol=0, atol=2e-6)
+        buffers.append(keys._base.data_ptr())
+        cache_k, cache_v, ref_k, ref_v = keys, values, rk, rv
+    ran = {kind: n - before.get(kind, 0) for kind, n in cpu_attention.appended_in_place.items()}
+    # 5 -> a buffer of 64 rows (copied), in place to 64 rows, then 130 rows (copied), in place to 75
+    assert ran == {False: 2, True: 68} and len(set(buffers)) == 2, ran
+    first = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, True)[0]
+    seen = first.clone()
+    other = cpu_attention.decode_step(q, k * 2, v, cache_k, cache_v, cos, sin, None, True)[0]  # a second branch
+    assert other._base is not first._base and torch.equal(first, seen)
+    assert torch.equal(other[:, :, -1], cpu_rope.rope(k * 2, cos, sin)[:, :, 0])
+    cropped = cpu_attention.decode_step(q, k, v, first[:, :, :10], first[:, :, :10], cos, sin, None, True)[0]
+    assert cropped.shape[2] == 11 and cropped._base is not first._base and torch.equal(first, seen)
+    monkeypatch.setattr(cpu_attention, "grow_in_place", False)  # exact-size copies, as cat
+    exact, _, out = cpu_attention.decode_step(q, k, v, first, first, cos, sin, None, True)
+    assert exact._base.shape[2] == first.shape[2] + 1 and torch.equal(exact[:, :, :-1], first)
 
 
 class _Attention(torch.nn.Module):
