@@ -179,9 +179,9 @@ def test_kernel_skips_all_zero_groups_and_reads_only_kept_rows():
     assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def _zero_fraction(model, prefixes):
-    """Fraction of exact zeros in the inputs of the linears named by ``prefixes`` over the
-    calibration batches, measured by hooks on the compressed model (not by the pass)."""
+def _zero_fraction(model, prefixes, batches=CALIBRATION):
+    """Fraction of exact zeros in the inputs of the linears named by ``prefixes`` over ``batches``
+    (default: the calibration batches), measured by hooks on the compressed model (not by the pass)."""
     seen = {}
 
     def hook(name):
@@ -194,7 +194,7 @@ def _zero_fraction(model, prefixes):
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
                if any(n.endswith(p) for p in prefixes)]
     with torch.no_grad():
-        for ids in CALIBRATION:
+        for ids in batches:
             model(ids)
     for h in handles:
         h.remove()
@@ -212,6 +212,14 @@ def test_teal_and_wina_sites_and_achieved_sparsity_on_calibration_data(recipe, s
     if recipe == "teal-50":  # WINA's score differs from the zero fraction only through the column norms
         for name, frac in _zero_fraction(model, ("q_proj", "o_proj", "gate_proj", "down_proj")).items():
             assert abs(frac - 0.5) <= 0.01, name
+        # held-out prompts of the same distribution (the thresholds never saw them): q/k/v, gate/up
+        # and down within 1 % (measured 0.493-0.501). o_proj reads the attention output, whose size
+        # shrinks with the number of positions attended over (random weights: near-uniform
+        # attention), so its sparsity follows the prompt length: 0.46 here, 0.30 at 16 tokens and
+        # 0.59-0.63 at 128 with 48-token calibration (README, Activation sparsity)
+        held_out = [torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(100 + i)) for i in range(8)]
+        for name, frac in _zero_fraction(model, ("q_proj", "o_proj", "gate_proj", "down_proj"), held_out).items():
+            assert abs(frac - 0.5) <= (0.06 if name.endswith("o_proj") else 0.01), (name, frac)
 
 
 def _pass_details(model, name):
