@@ -9,8 +9,8 @@ layout), dequantises in registers (int4: one group per K block, so one scale and
 ``s * (sum x q - z * sum x)``), reduces over its K block and adds its partial sums into the fp32
 output with atomics (split-K). The launcher zero-fills the output and adds the bias.
 
-Checked under the interpreter against the float reference (and that the bytes loaded follow the
-sparsity, ``_triton_adapter.count_traffic``), compiled for sm_90 with registers and spills
+Checked under the interpreter against the float reference (and that the bytes it loads equal its
+cost model, :func:`traffic`, dense and sparse: ``_triton_adapter.count_traffic``), compiled for sm_90 with registers and spills
 reported (tests/backends/test_sparse_gemv_kernel.py). ``target="triton"`` lowers a one-row
 ``sparse_input_linear`` to :func:`sparse_input_linear_triton` (``backends/lowering.py``); prefill
 shapes with a known row count are split first into the threshold + ``wo_linear``, which the
@@ -75,6 +75,23 @@ def block_k(fmt: str, in_features: int) -> int:
     """Inputs per program: one int4 group (so one scale per column), 64 for int8."""
     f = WeightFormat.parse(fmt)
     return f.group_size if f.bits == 4 else min(64, triton.next_power_of_2(in_features))
+
+
+def traffic(fmt: str, n: int, k: int, kept: int, x_itemsize: int = 4) -> dict[str, int]:
+    """Bytes one call loads with ``kept`` of its ``k`` inputs nonzero (the cost model of this kernel).
+    ``read`` counts each loaded lane once, as the interpreter does: per kept input its N code lanes
+    (int4: a byte per lane, two lanes share it), per (K block, N block) program its x block, per K
+    block the N scales (+ int4 zero points, 8 for symmetric codes: ``cpu_sparse.kmajor``), float32. ``weight`` is what a GPU fetches from memory:
+    the kept rows' code bytes (int4: N / 2 per row) and the scales (+ zeros) once; zeroed inputs'
+    rows are not fetched, so it falls linearly with the sparsity. ``written``: the atomic adds of
+    the fp32 partial sums, one per column per K block."""
+    f = WeightFormat.parse(fmt)
+    bk = block_k(fmt, k)
+    k_blocks, n_blocks = -(-k // bk), -(-n // BLOCK_N)
+    side = k_blocks * n * 4 * (2 if f.bits == 4 else 1)  # scales (+ int4 zeros: 8 when symmetric), float32
+    x = n_blocks * k * x_itemsize
+    return {"codes": kept * n, "scales": side, "x": x, "read": kept * n + side + x,
+            "weight": kept * n * f.bits // 8 + side, "written": k_blocks * n * 4}
 
 
 def launch(x: torch.Tensor, w: cpu_sparse.KMajorWeight, bias: torch.Tensor | None, fmt: str) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The Triton activation-sparse decode GEMV under the interpreter: against the float reference,
-bytes read following the sparsity, and compiled for sm_90 (registers, spills)."""
+bytes read equal to its cost model and following the sparsity, and compiled for sm_90 (registers, spills)."""
 from __future__ import annotations
 
 import pytest
@@ -28,21 +28,27 @@ def test_the_kernel_matches_the_float_reference(fmt):
     assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def test_weight_rows_of_zeroed_inputs_are_not_read():
-    fmt = "int8"
-    qw, x, _ = _case(fmt, n=128, k=256)
-    w = cpu_sparse.kmajor(qw.qweight, qw.scale, qw.zero, fmt, 256)
-    reads = {}
-    for name, thr in (("dense", 0.0), ("half", 0.67)):
+@pytest.mark.parametrize("fmt", ["int8", "int4_g64_asym", "int4_g128_sym"])
+def test_bytes_loaded_equal_the_cost_model_and_follow_the_sparsity(fmt):
+    """The interpreter's count of loaded bytes equals ``traffic`` at every sparsity (nothing else
+    is read), and the code lanes are exactly the kept inputs' rows: zeroed inputs' rows never load."""
+    n, k = 200, 256
+    qw, x, _ = _case(fmt, n=n, k=k)
+    w = cpu_sparse.kmajor(qw.qweight, qw.scale, qw.zero, fmt, k)
+    codes = {}
+    for thr in (0.0, 0.67, 1.5):
         xs = torch.ops.lowbit.act_sparsify(x, torch.tensor([thr]))
+        kept = int((xs != 0).sum())
         with _triton_adapter.count_traffic() as counts:
             sparse_gemv_kernel.launch(xs, w, None, fmt)
-        reads[name] = (counts["read"], int((xs != 0).sum()))
-    bn, bk = sparse_gemv_kernel.BLOCK_N, sparse_gemv_kernel.block_k(fmt, 256)
-    x_and_scales = (128 // bn) * 256 * 4 + (256 // bk) * 128 * 4  # x per N block, scales per K block (fp32)
-    dense_codes = reads["dense"][0] - x_and_scales
-    assert dense_codes == 256 * 128  # every code byte once
-    assert reads["half"][0] - x_and_scales == reads["half"][1] * 128  # only the kept inputs' rows
+        model = sparse_gemv_kernel.traffic(fmt, n, k, kept)
+        assert counts["read"] == model["read"], (thr, counts, model)
+        codes[thr] = (model["codes"], kept)
+    assert codes[0.0] == (k * n, k)  # dense: every code lane once
+    assert codes[0.67][0] == codes[0.67][1] * n and 0.35 < codes[0.67][1] / k < 0.65  # about half the rows
+    assert codes[1.5][1] < codes[0.67][1]
+    dense, half = (sparse_gemv_kernel.traffic(fmt, n, k, kept)["weight"] for kept in (k, k // 2))
+    assert dense - half == (k // 2) * n * WeightFormat.parse(fmt).bits // 8  # the weight bytes fall with the rows
 
 
 @pytest.mark.slow  # the ahead-of-time compile runs in a child process (~10-25 s)
