@@ -14,12 +14,13 @@ task appends the rotated new key and the new value to that head's rows of the ne
 the query, takes the scaled dot products with every key, the softmax, and the weighted sum of the
 values.
 
-The new keys and values are views of the first T + 1 rows of buffers with room to grow (twice the
-length when made), so the next step, handed exactly those views back by the cache, writes its row
-in place: ``cat`` copies all T cached rows every step (per layer, O(T^2) rows over a generation;
-at 2048 cached tokens of the 8-layer decode model that is 2 x 8 MB read and written per layer and
-step, twice what the attention itself reads). Anything else (a contiguous cache, a cropped one, a
-branch that already appended to the same buffer) is copied into fresh buffers, so rows a caller
+The new keys and values are views of the first T + 1 rows of buffers with room to grow (1.5 times
+the length when made, at least 64 rows: at most half the cache again in memory), so the next step,
+handed exactly those views back by the cache, writes its row in place: ``cat`` copies all T cached
+rows every step (per layer, O(T^2) rows over a generation; at 2048 cached tokens of the 8-layer
+decode model K and V are 4 MB each, read and written per layer and step: twice the bytes the
+attention itself reads). Anything else (a contiguous cache, a cropped one, a branch that already
+appended to the same buffer) is copied into fresh buffers, so rows a caller
 can still see through an older view are never written.
 
 Numerics: the new keys and values are bit for bit those of ``rope`` + ``cat`` (copies, and RoPE
@@ -233,8 +234,8 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
     hkv, t = k.shape[1], cache_k.shape[2]
     kbuf, vbuf = (_grown(cache_k, t), _grown(cache_v, t)) if grow_in_place else (None, None)
     in_place = kbuf is not None and vbuf is not None and kbuf.shape[2] == vbuf.shape[2]
-    if not in_place:  # a fresh pair of buffers, twice the length: the next steps append in place
-        cap = max(_MIN_CAPACITY, 2 * (t + 1)) if grow_in_place else t + 1
+    if not in_place:  # a fresh pair of buffers with room to grow: the next steps append in place
+        cap = max(_MIN_CAPACITY, (t + 1) * _GROWTH // 2) if grow_in_place else t + 1
         kbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
         vbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
     out = torch.empty(b, hq, 1, d, dtype=torch.float32, device="cpu")
@@ -262,6 +263,7 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
 # its buffer alive (its ``_base``), and the entry goes with the buffer.
 _FILLED: dict[int, list] = {}
 _MIN_CAPACITY = 64
+_GROWTH = 3  # capacity = 1.5 x the rows (x2 halves): at most half the cache again in memory; copies every ~T/3 steps
 grow_in_place = True  # False: exact-size copies every step, as ``cat`` (benchmarks/long_context_cpu.py compares)
 appended_in_place: collections.Counter = collections.Counter()  # True: appended in place, False: copied
 

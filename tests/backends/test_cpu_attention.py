@@ -95,7 +95,7 @@ def test_checked_calls_read_caches_through_their_strides(layout):
 def test_a_cache_handed_back_grows_in_place_and_nothing_else_is_written(monkeypatch):
     """The new keys and values are views of buffers with room to grow: the next step, given them
     back, appends in place (no copy of the cached rows; the same buffer until it is full, then one
-    twice as long); a branch that appends to a view another step already extended, and a cropped
+    1.5 times as long); a branch that appends to a view another step already extended, and a cropped
     view, get fresh buffers, and what the earlier views show never changes. Every step's keys,
     values and output equal the torch calls'."""
     b, hq, hkv, d = 2, 8, 2, 32
@@ -112,7 +112,7 @@ def test_a_cache_handed_back_grows_in_place_and_nothing_else_is_written(monkeypa
         buffers.append(keys._base.data_ptr())
         cache_k, cache_v, ref_k, ref_v = keys, values, rk, rv
     ran = {kind: n - before.get(kind, 0) for kind, n in cpu_attention.appended_in_place.items()}
-    # 5 -> a buffer of 64 rows (copied), in place to 64 rows, then 130 rows (copied), in place to 75
+    # 5 -> a buffer of 64 rows (copied), in place to 64 rows, then 97 rows (copied), in place to 75
     assert ran == {False: 2, True: 68} and len(set(buffers)) == 2, ran
     first = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, True)[0]
     seen = first.clone()
