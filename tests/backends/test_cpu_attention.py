@@ -237,12 +237,19 @@ def _run_llama(monkeypatch, fuse: bool, steps: int = 4):
 def test_a_compiled_llama_runs_each_decode_attention_as_one_call(monkeypatch):
     """Decode graphs: one ``decode_step`` per layer (RoPE, both cats and SDPA gone), counted in the
     summary and shown by ``lowbit inspect``; the prefill graph (6 query tokens) keeps torch's
-    calls. Tokens equal and logits within float32 rounding of the graph compiled without it."""
+    calls. Tokens equal and logits within float32 rounding of the graph compiled without it. The
+    buffers' least capacity lowered to 8, 16 tokens after a 6-token prompt grow each layer's cache
+    three times: made at the first step (10 rows), copied into 16 rows at 10 cached tokens and into
+    25 at 16, appended in place between."""
     from lowbit_compiler.cli import format_summary
 
     sdpa = torch._C._nn.scaled_dot_product_attention
-    rec, out, ran, layers = _run_llama(monkeypatch, True)
-    assert ran == layers * 3  # 3 decode steps (the last token is not run)
+    monkeypatch.setattr(cpu_attention, "_MIN_CAPACITY", 8)
+    before = dict(cpu_attention.appended_in_place)
+    rec, out, ran, layers = _run_llama(monkeypatch, True, steps=16)
+    grown = {kind: n - before.get(kind, 0) for kind, n in cpu_attention.appended_in_place.items()}
+    assert ran == layers * 15  # 15 decode steps (the last token is not run)
+    assert grown == {False: 3 * layers, True: 12 * layers}, grown
     decode = [(gm, s) for gm, s in zip(rec.graphs, rec.summaries)
               if any(n.target is cpu_attention.decode_step for n in gm.graph.nodes)]
     prefill = [gm for gm, s in zip(rec.graphs, rec.summaries) if (gm, s) not in decode]
@@ -258,8 +265,9 @@ def test_a_compiled_llama_runs_each_decode_attention_as_one_call(monkeypatch):
         assert all(n.kwargs.get("checked") is True for n in gm.graph.nodes if n.target is cpu_attention.decode_step)
     prefill_calls = [n.target for n in prefill[0].graph.nodes if n.op == "call_function"]
     assert prefill_calls.count(sdpa) == layers and cpu_attention.decode_step not in prefill_calls
-    _, plain, plain_ran, _ = _run_llama(monkeypatch, False)
+    _, plain, plain_ran, _ = _run_llama(monkeypatch, False, steps=16)
     assert plain_ran == 0
     assert torch.equal(out.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(plain.logits), rtol=0, atol=1e-4)
     assert torch.equal(out.logits[0], plain.logits[0])  # the prefill's logits: the same graph
+
