@@ -22,8 +22,9 @@ weight (Wei et al., "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Dep
   pair per 256-bit half). A portable loop computes the same integers under ``#else``.
 
 Numerics: the only error besides float32 rounding is the tables' int8 rounding (each looked-up
-partial sum is off by at most ``ts / 2``): about 37 dB SQNR against the float64 reference for
-Gaussian activations (measured 36-39 dB: ``tests/backends/test_cpu_lut.py``); the weights' own
+partial sum is off by at most ``ts / 2``): 41-48 dB SQNR against the float64 reference for
+Gaussian activations (measured over the test grid of ``tests/backends/test_cpu_lut.py``, floor
+38 dB); the weights' own
 int3 quantization error is about 20 dB, so the kernel adds ~1-2 % to the layer's error power.
 
 Non-finite activations have no int8 table: :func:`linear` returns None (the caller runs the float
