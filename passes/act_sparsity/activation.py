@@ -82,8 +82,16 @@ def _block_linears(gm: fx.GraphModule, ctx: PassContext, pass_name: str, skipped
             skipped[layer] = "MoE router"
         elif not ctx.recipe.applies_to(layer):
             skipped[layer] = "excluded by the recipe's include/exclude globs"
+        elif _thresholded(parts.x):
+            skipped[layer] = ("its input is already thresholded (lowbit::act_sparsify in the graph: a compressed or "
+                              "loaded model's thresholds); not thresholded again")
         else:
             yield node, layer, parts
+
+
+def _thresholded(x: Any) -> bool:
+    """Whether ``x`` is already the output of an activation-sparsity threshold (``act_sparsify``)."""
+    return isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.lowbit.act_sparsify.default
 
 
 def linear_input_sites(gm: fx.GraphModule, ctx: PassContext, pass_name: str,

@@ -222,6 +222,24 @@ def test_teal_and_wina_sites_and_achieved_sparsity_on_calibration_data(recipe, s
             assert abs(frac - 0.5) <= (0.06 if name.endswith("o_proj") else 0.01), (name, frac)
 
 
+def test_compiling_a_thresholded_model_does_not_threshold_it_again():
+    """A teal-50 model compressed (its thresholds written back as pre-hooks, act_sparsify in the
+    captured graph), then compiled with the same recipe: every linear is skipped with the reason,
+    no second threshold is calibrated on the already-sparse inputs, and the logits are the
+    compressed model's (before: 28 per-linear sites, a second threshold on 16 of them)."""
+    model = compress(make_model("llama"), "teal-50", calibration=CALIBRATION, progress=False)
+    rec = Recorder(recipe="teal-50", calibration=CALIBRATION, progress=False)
+    compiled = torch.compile(model, backend=rec)
+    with torch.no_grad():
+        y_compiled = compiled(CALIBRATION[0]).logits
+        y_offline = model(CALIBRATION[0]).logits
+    teal = [p for p in rec.summaries[0]["passes"] if p["name"] == "teal"][0]["details"]
+    assert teal["sites"] == {}
+    again = [layer for layer, why in teal["skipped"].items() if why.startswith("its input is already thresholded")]
+    assert len(again) == 14, teal["skipped"]  # q, k, v, o, gate, up, down x 2 layers
+    torch.testing.assert_close(y_compiled, y_offline, rtol=0, atol=1e-4)
+
+
 def _pass_details(model, name):
     found = [p["details"] for p in model.lowbit_summary["passes"] if p["name"] == name]
     assert len(found) == 1, [p["name"] for p in model.lowbit_summary["passes"]]
