@@ -314,14 +314,14 @@ def test_recipes_place_and_bound_the_sparsity_passes():
     assert PRESETS["wina-50+w4a16"].passes[-1] == "fuse_sparse_input"
 
 
-@pytest.mark.parametrize("recipe", ["teal-50+w8a16", pytest.param("cats-50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("recipe", ["teal-50+w8a16", "rsparse-50+w4a16", pytest.param("cats-50", marks=pytest.mark.slow)])
 def test_exporters_refuse_thresholds_they_cannot_express(tmp_path, recipe):
     from lowbit_compiler import LowbitError
     from lowbit_compiler.export.compressed_tensors import export_compressed_tensors
     from lowbit_compiler.export.gguf import export_gguf
 
     model = compress(make_model("llama"), recipe, calibration=CALIBRATION[:1], progress=False)
-    what = "activation" if recipe.startswith("teal") else "CATS"
+    what = {"teal": "activation", "rsparse": "R-Sparse", "cats": "CATS"}[recipe.split("-")[0]]
     with pytest.raises(LowbitError, match=what):
         export_compressed_tensors(model, tmp_path / "ct")
     with pytest.raises(LowbitError, match=what):
