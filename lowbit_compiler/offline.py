@@ -732,6 +732,14 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
             if record is not None and spec is not None:
                 sparse_records[id(written)] = (record, float(spec.target))
             behind_one_threshold.setdefault((args["x"], args["threshold"], args["col_scale"]), []).append(written)
+        elif opdecl.of(node).name == "sparse_input_linear" and lowrank is not None:
+            record = (records or {}).get(layer)
+            if record is not None and "sparse_kernel" in record:  # no site group writes it: say what runs
+                record["sparse_kernel"] = (
+                    "per layer (R-Sparse: the low-rank part reads the input too, so the layer runs alone): one row "
+                    "takes the activation-sparse kernel when a timing at its first call on this host finds it faster "
+                    "than the dense kernel (cpu_sparse.plan, cached on disk; calls counted in "
+                    "cpu_sparse.dispatch_counter)")
     from lowbit_compiler.backends import eager_groups
 
     same = lambda ms: [m for m in ms if (m.fmt, m.in_features) == (ms[0].fmt, ms[0].in_features)]  # noqa: E731

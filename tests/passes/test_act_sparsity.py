@@ -531,6 +531,8 @@ def test_rsparse_with_quantized_weights_both_flows_fuse_and_reload(tmp_path, rec
     layers = model.lowbit_summary["layers"]
     assert layers["model.layers.0.self_attn.k_proj"]["format"] == fmt
     assert layers["model.layers.0.self_attn.k_proj"]["lowrank"]["rank"] == 32
+    # no site group decides for an R-Sparse layer (it runs alone): its record says what does
+    assert layers["model.layers.0.self_attn.k_proj"]["sparse_kernel"].startswith("per layer (R-Sparse")
 
     sample = CALIBRATION[1]
     y_compiled, rec = _logits(recipe, sample)
