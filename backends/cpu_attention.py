@@ -15,13 +15,16 @@ the query, takes the scaled dot products with every key, the softmax, and the we
 values.
 
 The new keys and values are views of the first T + 1 rows of buffers with room to grow (1.5 times
-the length when made, at least 64 rows: at most half the cache again in memory), so the next step,
+the length when made, at least 64 rows: past 43 cached tokens at most half the cache again in
+memory; a cropped view keeps its whole buffer alive), so the next step,
 handed exactly those views back by the cache, writes its row in place: ``cat`` copies all T cached
 rows every step (per layer, O(T^2) rows over a generation; at 2048 cached tokens of the 8-layer
 decode model K and V are 4 MB each, read and written per layer and step: twice the bytes the
 attention itself reads). Anything else (a contiguous cache, a cropped one, a branch that already
-appended to the same buffer) is copied into fresh buffers, so rows a caller
-can still see through an older view are never written.
+appended to the same buffer, one tensor passed as both caches) is copied into fresh buffers, so
+rows a caller can still see through an older view are never written; the row is claimed under a
+lock before the kernel runs, so two threads stepping from one view cannot both append to it.
+Under ``torch.inference_mode()`` views record no ``_base``: every step copies (as ``cat``).
 
 Numerics: the new keys and values are bit for bit those of ``rope`` + ``cat`` (copies, and RoPE
 compiled with ``-ffp-contract=off`` as in ``cpu_rope``); the attention output is float32 with its
@@ -36,6 +39,7 @@ import collections
 import ctypes
 import functools
 import math
+import threading
 import weakref
 
 import torch
@@ -232,12 +236,22 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
         return decode_step_reference(q, k, v, cache_k, cache_v, cos, sin, scale, enable_gqa)
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], cache_k.shape[2]
-    kbuf, vbuf = (_grown(cache_k, t), _grown(cache_v, t)) if grow_in_place else (None, None)
-    in_place = kbuf is not None and vbuf is not None and kbuf.shape[2] == vbuf.shape[2]
+    in_place = False
+    if grow_in_place:
+        with _CLAIM:  # claim row t of both buffers before the kernel runs (it releases the GIL)
+            kbuf, vbuf = _grown(cache_k, t), _grown(cache_v, t)
+            # one buffer for keys and values (a model that appends both to one past) is not two caches
+            in_place = kbuf is not None and vbuf is not None and kbuf is not vbuf and kbuf.shape[2] == vbuf.shape[2]
+            if in_place:
+                _fill(kbuf, t + 1)
+                _fill(vbuf, t + 1)
     if not in_place:  # a fresh pair of buffers with room to grow: the next steps append in place
         cap = max(_MIN_CAPACITY, (t + 1) * _GROWTH // 2) if grow_in_place else t + 1
         kbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
         vbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
+        with _CLAIM:
+            _fill(kbuf, t + 1)
+            _fill(vbuf, t + 1)
     out = torch.empty(b, hq, 1, d, dtype=torch.float32, device="cpu")
     calls += 1
     if fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(),
@@ -247,8 +261,6 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
           0 if cos is None or cos.shape[0] == 1 else cos.stride(0), 1.0 / math.sqrt(d) if scale is None else scale,
           torch.get_num_threads(), kbuf.shape[2], int(in_place)):
         raise MemoryError(f"lowbit decode attention: no memory for the scores of {t + 1} cached tokens")
-    _fill(kbuf, t + 1)
-    _fill(vbuf, t + 1)
     appended_in_place[in_place] += 1
     return kbuf[:, :, : t + 1], vbuf[:, :, : t + 1], out
 
@@ -262,6 +274,7 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
 # see through an older view are never written). id(buffer) -> [weak reference, rows filled]; a view keeps
 # its buffer alive (its ``_base``), and the entry goes with the buffer.
 _FILLED: dict[int, list] = {}
+_CLAIM = threading.Lock()  # _grown and _fill of one step together: two threads never claim one row
 _MIN_CAPACITY = 64
 _GROWTH = 3  # capacity = 1.5 x the rows (x2 halves): at most half the cache again in memory; copies every ~T/3 steps
 grow_in_place = True  # False: exact-size copies every step, as ``cat`` (benchmarks/long_context_cpu.py compares)

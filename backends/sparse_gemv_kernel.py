@@ -82,16 +82,18 @@ def traffic(fmt: str, n: int, k: int, kept: int, x_itemsize: int = 4) -> dict[st
     ``read`` counts each loaded lane once, as the interpreter does: per kept input its N code lanes
     (int4: a byte per lane, two lanes share it), per (K block, N block) program its x block, per K
     block the N scales (+ int4 zero points, 8 for symmetric codes: ``cpu_sparse.kmajor``), float32. ``weight`` is what a GPU fetches from memory:
-    the kept rows' code bytes (int4: N / 2 per row) and the scales (+ zeros) once; zeroed inputs'
+    the kept rows' code bytes (int4: N / 2 per row) and the scale (+ zero) tensors once (int8: one
+    row of N, which every K block re-reads from cache); zeroed inputs'
     rows are not fetched, so it falls linearly with the sparsity. ``written``: the atomic adds of
     the fp32 partial sums, one per column per K block."""
     f = WeightFormat.parse(fmt)
     bk = block_k(fmt, k)
     k_blocks, n_blocks = -(-k // bk), -(-n // BLOCK_N)
     side = k_blocks * n * 4 * (2 if f.bits == 4 else 1)  # scales (+ int4 zeros: 8 when symmetric), float32
+    stored = n * 4 * (2 * (k // f.group_size) if f.bits == 4 else 1)  # the scale (+ zero) tensors' bytes
     x = n_blocks * k * x_itemsize
     return {"codes": kept * n, "scales": side, "x": x, "read": kept * n + side + x,
-            "weight": kept * n * f.bits // 8 + side, "written": k_blocks * n * 4}
+            "weight": kept * n * f.bits // 8 + stored, "written": k_blocks * n * 4}
 
 
 def launch(x: torch.Tensor, w: cpu_sparse.KMajorWeight, bias: torch.Tensor | None, fmt: str) -> torch.Tensor:

@@ -83,7 +83,7 @@ def dense_view(module: Any) -> Any:
         return f"format {fmt.key}: {e}"
     fields = {name: getattr(module, name) for name in ("input_hadamard", "input_signs", "transform_left",
                                                         "outlier_values", "input_threshold", "x_scale", "in_features",
-                                                        "out_features", "act", "bias")}
+                                                        "out_features", "act", "bias", "lowrank_left")}
     return types.SimpleNamespace(**fields, fmt=dense.format.key, qweight=dense.qweight, scale=dense.scale,
                                  zero=dense.zero, sparsity=fmt.pattern)
 

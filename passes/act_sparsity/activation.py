@@ -28,6 +28,7 @@ MoE routers, layers the recipe excludes, grouped expert matmuls (reported as ``s
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import operator
 from typing import Any
@@ -181,8 +182,11 @@ class ActivationSparsity(Pass):
         skipped: dict[str, str] = {}
         sites = {s.observe: s for s in self.sites(gm, ctx, skipped)}
         if not sites:
+            reasons = collections.Counter(skipped.values())
+            why = "; ".join(f"{n} linear(s): {reason}" for reason, n in reasons.items())
             return PassResult(False, 0, {"sites": {}, "skipped": skipped,
-                                         "note": f"{self.name}: no site found in the graph's repeated blocks"})
+                                         "note": f"{self.name}: no site found in the graph's repeated blocks"
+                                                 + (f" ({why})" if why else "")})
         key = common.recipe_key(ctx, self.name, self.options)
         report: dict[str, Any] = {}
         sparsity = self.options["sparsity"]

@@ -126,6 +126,44 @@ def test_a_cache_handed_back_grows_in_place_and_nothing_else_is_written(monkeypa
     assert exact._base.shape[2] == first.shape[2] + 1 and torch.equal(exact[:, :, :-1], first)
 
 
+def test_one_tensor_as_both_caches_and_two_threads_from_one_view_are_never_appended_in_place():
+    """A model that appends keys and values to one shared past passes the same view as both caches:
+    appending both rows to that one buffer would overwrite the key with the value, so it copies.
+    Threads stepping from one view at once (two requests forked from a shared prefix): the row is
+    claimed before the kernel runs, so at most one appends in place and every result equals the
+    torch calls'."""
+    import threading
+
+    b, hq, hkv, d = 1, 4, 2, 32
+    q, k, v, cache_k, cache_v, cos, sin = _inputs(b, hq, hkv, 5, d, seed=8)
+    keys, values, _ = cpu_attention.decode_step(q, k, v, cache_k, cache_v, cos, sin, None, True, checked=True)
+    got = cpu_attention.decode_step(q, k * 3, v, keys, keys, cos, sin, None, True, checked=True)
+    ref = cpu_attention.decode_step_reference(q, k * 3, v, keys.clone(), keys.clone(), cos, sin, None, True)
+    assert got[0]._base is not keys._base and all(torch.equal(a, r) for a, r in zip(got[:2], ref[:2]))
+    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=2e-6)
+
+    results, errors = {}, []
+
+    def step(i):
+        try:
+            results[i] = cpu_attention.decode_step(q, k * i, v * i, keys, values, cos, sin, None, True, checked=True)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    before = dict(cpu_attention.appended_in_place)
+    threads = [threading.Thread(target=step, args=(i,)) for i in range(1, 9)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert cpu_attention.appended_in_place[True] - before.get(True, 0) <= 1
+    for i, (rk, rv, out) in results.items():
+        ek, ev, eo = cpu_attention.decode_step_reference(q, k * i, v * i, keys, values, cos, sin, None, True)
+        assert torch.equal(rk, ek) and torch.equal(rv, ev), i
+        torch.testing.assert_close(out, eo, rtol=0, atol=2e-6)
+
+
 class _Attention(torch.nn.Module):
     """One decode step of attention over a cache, written as transformers writes it."""
 
