@@ -562,8 +562,12 @@ def _fuse_cpu_prologues(gm: fx.GraphModule, kernels: dict[str, str]) -> None:
                 and isinstance(node.args[1], tuple) and node.args[1]):
             return False
         *lead, last = node.args[1]
+        # the indices must be constants: a symbolic bound (assisted decoding's logits_to_keep) is a
+        # node defined after the norm, where the slice moves
+        constant = lambda i: isinstance(i, int) or (isinstance(i, slice) and not any(  # noqa: E731
+            isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)))
         return (last == slice(None) and Ellipsis not in lead
-                and all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in lead))
+                and all(constant(i) and not isinstance(i, bool) for i in lead))
 
     def one_output(node: fx.Node) -> bool:  # a residual add can fold into the call
         if node.target is cpu_kernels.packed_linear:

@@ -659,3 +659,21 @@ def test_nf4_models_run_the_generated_kernel_compressed_and_compiled(monkeypatch
     # activation a step: 69 dB between the flows on Zen 4. Without that path (the float kernels,
     # LOWBIT_CPU_SPLIT8=0) or without the folds (LOWBIT_CPU_FUSE=0) the flows are bit-identical.
     assert formats.sqnr_db(generated.double(), compiled.double()) >= 60.0
+
+
+def test_assisted_decoding_with_a_compiled_model_gives_the_greedy_tokens():
+    """Assisted (speculative) decoding verifies the draft tokens with a graph whose LM-head slice
+    (logits_to_keep) is symbolic: the final norm's fold must not move that slice above the node
+    computing its bound (it crashed: 'used before it has been defined'). Greedy assisted decoding
+    gives the greedy tokens."""
+    from tests.conftest import make_model
+
+    torch._dynamo.reset()
+    model = make_model("llama").eval()
+    model.compile(backend="lowbit", options={"recipe": "w4a16"})
+    assistant = make_model("llama", seed=1).eval()
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+        assisted = model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    assert torch.equal(assisted, greedy)
