@@ -246,7 +246,7 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
                 _fill(kbuf, t + 1)
                 _fill(vbuf, t + 1)
     if not in_place:  # a fresh pair of buffers with room to grow: the next steps append in place
-        cap = max(_MIN_CAPACITY, (t + 1) * _GROWTH // 2) if grow_in_place else t + 1
+        cap = max(_MIN_CAPACITY, (t + 1) * 3 // 2) if grow_in_place else t + 1  # 1.5x: a copy every ~T/3 steps
         kbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
         vbuf = torch.empty(b, hkv, cap, d, dtype=torch.float32, device="cpu")
         with _CLAIM:
@@ -265,18 +265,11 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torc
     return kbuf[:, :, : t + 1], vbuf[:, :, : t + 1], out
 
 
-# Growable caches. Hugging Face's DynamicCache concatenates every step (``torch.cat``: all T cached rows
-# copied into a new tensor, per layer), so a long generation copies O(T^2) rows. The kernel writes the
-# new keys and values into buffers with room to grow and returns views of their first T + 1 rows (the
-# cache object keeps them); the next step, given exactly that view back, appends its row in place and
-# copies nothing. Only a view that reaches the buffer's filled length grows in place: a cropped cache,
-# a branch that already appended, or any other tensor gets fresh buffers (the rows a caller may still
-# see through an older view are never written). id(buffer) -> [weak reference, rows filled]; a view keeps
-# its buffer alive (its ``_base``), and the entry goes with the buffer.
+# Growable caches (module docstring): id(buffer) -> [weak reference, rows filled]. A view keeps its
+# buffer alive (its ``_base``), and the entry goes with the buffer.
 _FILLED: dict[int, list] = {}
 _CLAIM = threading.Lock()  # _grown and _fill of one step together: two threads never claim one row
 _MIN_CAPACITY = 64
-_GROWTH = 3  # capacity = 1.5 x the rows (x2 halves): at most half the cache again in memory; copies every ~T/3 steps
 grow_in_place = True  # False: exact-size copies every step, as ``cat`` (benchmarks/long_context_cpu.py compares)
 appended_in_place: collections.Counter = collections.Counter()  # True: appended in place, False: copied
 

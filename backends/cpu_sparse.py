@@ -44,8 +44,8 @@ scales. Why: on the Zen 4 host the float path was bound by its arithmetic (about
 32 codes against the dense kernel's 2), and from memory it read the kept rows at 0.85-0.88x the
 dense kernel's time for half the bytes; with the integer path, per call from memory at 50 %, the
 stacked gate.up runs at 1.28-1.50x the dense kernel, q.k.v at 1.2x, o at 1.05-1.2x and down at
-0.8-0.9x (its K-major rows are 1 kB: short runs, where the dense kernel streams 2.8 kB rows). A kept x that is not finite (integer parts cannot carry it) runs the float path
-for that call.
+0.8-0.9x (its K-major rows are 1 kB: short runs, where the dense kernel streams 2.8 kB rows). A
+kept x that is not finite (integer parts cannot carry it) runs the float path for that call.
 
 The ISA is chosen at compile time (``-march=native``, the host flags in the cache key): AVX-512F,
 else AVX2 + FMA, else fixed-width loops the compiler vectorises for whatever it has. The tests
@@ -113,7 +113,7 @@ _SOURCE = r"""
 #define HAS_ZERO {has_zero}
 #define TB (TW * BITS / 8)  /* bytes of one row of a tile */
 #if BITS == 4 && defined(SP_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && TW == 128
-#define SP_VNNI 1         /* int4: integer dot products (vpdpbusd) over quads of kept rows, sp_vnni_tile */
+#define SP_VNNI 1         /* int4: integer dot products (vpdpbusd) over quads of kept rows, sp_vnni_task */
 #endif
 #define VCH 16            /* VNNI path: kept rows (a multiple of 4) per sweep over a task's tiles */
 #define PFD {pfd}         /* prefetch distance in tiles along a row */

@@ -10,8 +10,8 @@ layout), dequantises in registers (int4: one group per K block, so one scale and
 output with atomics (split-K). The launcher zero-fills the output and adds the bias.
 
 Checked under the interpreter against the float reference (and that the bytes it loads equal its
-cost model, :func:`traffic`, dense and sparse: ``_triton_adapter.count_traffic``), compiled for sm_90 with registers and spills
-reported (tests/backends/test_sparse_gemv_kernel.py). ``target="triton"`` lowers a one-row
+cost model, :func:`traffic`, dense and sparse: ``_triton_adapter.count_traffic``), compiled for
+sm_90 with registers and spills reported (tests/backends/test_sparse_gemv_kernel.py). ``target="triton"`` lowers a one-row
 ``sparse_input_linear`` to :func:`sparse_input_linear_triton` (``backends/lowering.py``); prefill
 shapes with a known row count are split first into the threshold + ``wo_linear``, which the
 generated dense kernels take (``activation.unfuse_for_triton``); others run the op's CPU
@@ -81,11 +81,11 @@ def traffic(fmt: str, n: int, k: int, kept: int, x_itemsize: int = 4) -> dict[st
     """Bytes one call loads with ``kept`` of its ``k`` inputs nonzero (the cost model of this kernel).
     ``read`` counts each loaded lane once, as the interpreter does: per kept input its N code lanes
     (int4: a byte per lane, two lanes share it), per (K block, N block) program its x block, per K
-    block the N scales (+ int4 zero points, 8 for symmetric codes: ``cpu_sparse.kmajor``), float32. ``weight`` is what a GPU fetches from memory:
-    the kept rows' code bytes (int4: N / 2 per row) and the scale (+ zero) tensors once (int8: one
-    row of N, which every K block re-reads from cache); zeroed inputs'
-    rows are not fetched, so it falls linearly with the sparsity. ``written``: the atomic adds of
-    the fp32 partial sums, one per column per K block."""
+    block the N scales (+ int4 zero points, 8 for symmetric codes: ``cpu_sparse.kmajor``), float32.
+    ``weight`` is what a GPU fetches from memory: the kept rows' code bytes (int4: N / 2 per row)
+    and the scale (+ zero) tensors once (int8: one row of N, which every K block re-reads from
+    cache); zeroed inputs' rows are not fetched, so it falls linearly with the sparsity.
+    ``written``: the atomic adds of the fp32 partial sums, one per column per K block."""
     f = WeightFormat.parse(fmt)
     bk = block_k(fmt, k)
     k_blocks, n_blocks = -(-k // bk), -(-n // BLOCK_N)

@@ -733,9 +733,11 @@ def write_back(model: torch.nn.Module, captured: Captured, recipe_name: str,
                 sparse_records[id(written)] = (record, float(spec.target))
             behind_one_threshold.setdefault((args["x"], args["threshold"], args["col_scale"]), []).append(written)
         elif opdecl.of(node).name == "sparse_input_linear" and lowrank is not None:
+            from lowbit_compiler.passes.act_sparsity.activation import SITE_DECIDES
+
             record = (records or {}).get(layer)
             # no site group writes it (a forced dispatch or an unsupported format already says what runs)
-            if record is not None and str(record.get("sparse_kernel", "")).startswith("decided at the site's"):
+            if record is not None and record.get("sparse_kernel") == SITE_DECIDES:
                 record["sparse_kernel"] = (
                     "per layer (R-Sparse: the low-rank part reads the input too, so the layer runs alone): one row "
                     "takes the activation-sparse kernel when a timing at its first call on this host finds it faster "

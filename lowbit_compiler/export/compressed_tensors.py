@@ -99,7 +99,7 @@ def scheme_of(module: Any) -> tuple[str, dict[str, Any]] | str:
         return "a FlatQuant transform runs on its input; compressed-tensors has no online transforms"
     if module.outlier_values is not None:
         return "it has SpQR outliers (a sparse fp16 side matrix); compressed-tensors has no such tensor"
-    if getattr(module, "lowrank_left", None) is not None:
+    if module.lowrank_left is not None:
         return ("R-Sparse: a threshold on its input and a low-rank part of the weight over the zeroed inputs "
                 "(lowrank_left / lowrank_right); compressed-tensors has no place for either (the model would run "
                 "dense without the low-rank correction)")

@@ -467,8 +467,12 @@ def _cpu_kernel_record(node: fx.Node) -> str:
     if node.target is torch.ops.lowbit.sparse_input_qa_linear.default:  # one layer, the op's own plan
         return ("decided at the layer's first decode row: the sparse kernel timed against the dense one on this host "
                 "(cached on disk; cpu_sparse.plan, logged when the dense kernel runs)")
-    return ("decided at the site's first decode row: the sparse kernel timed against the dense one on this host "
-            "(cached on disk), this entry then says which runs")
+    return SITE_DECIDES
+
+
+# what a fused layer's record says until its site group decides (and writes its decision there)
+SITE_DECIDES = ("decided at the site's first decode row: the sparse kernel timed against the dense one on this host "
+                "(cached on disk), this entry then says which runs")
 
 
 @register_pass
