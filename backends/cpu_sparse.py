@@ -32,10 +32,10 @@ The computation (:data:`_SOURCE`):
    accumulators stay in registers; the row-by-row loop loads and stores them in L1 for every 32
    codes and is compute-bound: 11264 x 2048 at 50 %, 2 threads, cold: 0.62 ms against 1.00).
 
-int4 with AVX-512 VNNI (``sp_vnni_task``): integer dot products instead of the float FMAs. After
-the compaction, each group's kept inputs are quantized into three int8 parts (x ~ s (h + m / 256 +
-l / 65536), s = the group's largest |x| / 127: ~2^-17 of it, 110-134 dB against float64 measured)
-and listed in quads (the count padded to a multiple of 4 with a kept row times 0). Per chunk of 16
+With AVX-512 VNNI (``sp_vnni_task``, int4 and int8): integer dot products instead of the float FMAs.
+After the compaction, each group's kept inputs are quantized into three int8 parts (x ~ s (h + m /
+256 + l / 65536), s = the group's largest |x| / 127; vectorised, ``sp_quads``: within s / 2^17 of
+x, 104-138 dB against float64 measured) and listed in quads (the count padded to a multiple of 4 with a kept row times 0). Per chunk of 16
 kept rows and tile, the four rows of a quad are split into nibbles and interleaved (vpunpck) so
 each 32-bit lane holds one column's four codes: one ``vpdpbusd`` per part per 16 columns; the
 two nibble halves in separate passes (12 accumulators: 24 in one pass spilled); the lanes, a 4 x 4
@@ -44,8 +44,14 @@ scales. Why: on the Zen 4 host the float path was bound by its arithmetic (about
 32 codes against the dense kernel's 2), and from memory it read the kept rows at 0.85-0.88x the
 dense kernel's time for half the bytes; with the integer path, per call from memory at 50 %, the
 stacked gate.up runs at 1.28-1.50x the dense kernel, q.k.v at 1.2x, o at 1.05-1.2x and down at
-0.8-0.9x (its K-major rows are 1 kB: short runs, where the dense kernel streams 2.8 kB rows). A
-kept x that is not finite (integer parts cannot carry it) runs the float path for that call.
+0.8-0.9x (its K-major rows are 1 kB: short runs, where the dense kernel streams 2.8 kB rows).
+int8 runs the same interleave over the tile's two 64-column lines; its signed codes go in as code +
+128 (vpdpbusd multiplies unsigned by signed bytes) with the accumulators started at -128 x the
+chunk's sum of each part, so they are the exact integer dot products: about 2.4x fewer vector ops
+per code byte than its float path (int8 on the VNNI path has not been timed: the hosts this was
+written on since lacked AVX-512). A kept x that is not finite (integer parts cannot carry it) runs
+the float path for that call. tests/backends/test_cpu_sparse_emulated.py builds these paths against
+SIMDe's portable AVX-512 on any x86 host and checks them against float64.
 
 The ISA is chosen at compile time (``-march=native``, the host flags in the cache key): AVX-512F,
 else AVX2 + FMA, else fixed-width loops the compiler vectorises for whatever it has. The tests
@@ -112,8 +118,8 @@ _SOURCE = r"""
 #define BITS {bits}
 #define HAS_ZERO {has_zero}
 #define TB (TW * BITS / 8)  /* bytes of one row of a tile */
-#if BITS == 4 && defined(SP_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && TW == 128
-#define SP_VNNI 1         /* int4: integer dot products (vpdpbusd) over quads of kept rows, sp_vnni_task */
+#if defined(SP_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && TW == 128
+#define SP_VNNI 1         /* integer dot products (vpdpbusd) over quads of kept rows, sp_vnni_task */
 #endif
 #define VCH 16            /* VNNI path: kept rows (a multiple of 4) per sweep over a task's tiles */
 #define PFD {pfd}         /* prefetch distance in tiles along a row */
@@ -303,37 +309,47 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
 /* The kept inputs of each scale group as quads for vpdpbusd: q4idx / the three int8 parts q4x
    ([3][stride]) / q4start [groups + 1], each group's count padded to a multiple of 4 with its first
    kept row and x = 0; q4s[g] = the group's step s (x ~ s (h + m / 256 + l / 65536), |h| <= 127,
-   |m|, |l| <= 128: about 2^-17 of the group's largest |x|). Returns 0 when a kept x is not finite
-   (integer parts cannot carry it: the float path runs). */
+   |m|, |l| <= 128: within s / 2^17 = 2^-24 of the group's largest |x|). Sixteen inputs per vector
+   step (a masked tail). Returns 0 when a kept x is not finite (integer parts cannot carry it: the
+   float path runs). */
 static int sp_quads(const int32_t* idx, const float* xv, const int64_t* gstart, int64_t groups, int64_t stride,
                     int32_t* q4idx, int8_t* q4x, int64_t* q4start, float* q4s)
 {{
+    const __m512 big = _mm512_set1_ps(3.4028234663852886e38f), h_lo = _mm512_set1_ps(-127.0f),
+                 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
     int64_t p = 0;
     for (int64_t g = 0; g < groups; g++) {{
         const int64_t c0 = gstart[g], c1 = gstart[g + 1];
-        float amax = 0.0f;
-        for (int64_t i = c0; i < c1; i++) {{
-            if (!isfinite(xv[i]))
+        __m512 am = _mm512_setzero_ps();
+        for (int64_t i = c0; i < c1; i += 16) {{
+            const __mmask16 m = c1 - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c1 - i)) - 1);
+            const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, xv + i));
+            if ((__mmask16)(_mm512_cmp_ps_mask(a, big, _CMP_LE_OQ) & m) != m)  /* inf or NaN */
                 return 0;
-            amax = fabsf(xv[i]) > amax ? fabsf(xv[i]) : amax;
+            am = _mm512_max_ps(am, a);
         }}
+        const float amax = _mm512_reduce_max_ps(am);
         const float st = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / st;
+        const __m512 vinv = _mm512_set1_ps(inv), vinv2 = _mm512_set1_ps(inv * 256.0f),
+                     vinv3 = _mm512_set1_ps(inv * 65536.0f), vst = _mm512_set1_ps(st),
+                     vst2 = _mm512_set1_ps(st / 256.0f);
         q4start[g] = p;
         q4s[g] = st;
-        for (int64_t i = c0; i < c1; i++, p++) {{
-            const float v = xv[i];
-            float h = nearbyintf(v * inv);
-            h = h > 127.0f ? 127.0f : (h < -127.0f ? -127.0f : h);
-            const float r1 = v - h * st;
-            float m = nearbyintf(r1 * inv * 256.0f);
-            m = m > 127.0f ? 127.0f : (m < -128.0f ? -128.0f : m);
-            const float r2 = r1 - m * (st / 256.0f);
-            float l = nearbyintf(r2 * inv * 65536.0f);
-            l = l > 127.0f ? 127.0f : (l < -128.0f ? -128.0f : l);
-            q4idx[p] = idx[i];
-            q4x[p] = (int8_t)h;
-            q4x[stride + p] = (int8_t)m;
-            q4x[2 * stride + p] = (int8_t)l;
+        for (int64_t i = c0; i < c1; i += 16) {{
+            const int64_t n = c1 - i >= 16 ? 16 : c1 - i;
+            const __mmask16 m = (__mmask16)((1u << n) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(m, xv + i);
+            const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+            const __m512 h = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, vinv), rn), h_lo), hi);
+            const __m512 r1 = _mm512_fnmadd_ps(h, vst, v);
+            const __m512 md = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r1, vinv2), rn), lo), hi);
+            const __m512 r2 = _mm512_fnmadd_ps(md, vst2, r1);
+            const __m512 l = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r2, vinv3), rn), lo), hi);
+            _mm512_mask_cvtsepi32_storeu_epi8(q4x + p, m, _mm512_cvtps_epi32(h));
+            _mm512_mask_cvtsepi32_storeu_epi8(q4x + stride + p, m, _mm512_cvtps_epi32(md));
+            _mm512_mask_cvtsepi32_storeu_epi8(q4x + 2 * stride + p, m, _mm512_cvtps_epi32(l));
+            _mm512_mask_storeu_epi32(q4idx + p, m, _mm512_maskz_loadu_epi32(m, idx + i));
+            p += n;
         }}
         while ((p - q4start[g]) & 3) {{  /* pad: a kept row again, times 0 */
             q4idx[p] = idx[c0];
@@ -345,35 +361,74 @@ static int sp_quads(const int32_t* idx, const float* xv, const int64_t* gstart, 
     return 1;
 }}
 
-/* Tiles [t0, t1) x the groups [g0, g1) by quads of kept rows: per chunk of VCH rows and tile, the
-   four rows' 64-byte lines are split into nibbles and interleaved (vpunpck) so each 32-bit lane
-   holds one column's four codes, times the quad's x parts (vpdpbusd: u8 codes x s8 parts); the
-   two nibble halves in separate passes (12 accumulators each). The accumulators hold the tile's
-   columns as a 4 x 4 transpose of 128-bit lanes: undone in registers, then o += s_col * (s (h +
-   m / 256 + l / 65536) - z_col * sum_g x) (the zero-point term with the group's first chunk). */
+/* Tiles [t0, t1) x the groups [g0, g1) (the quads [qlo, qhi) of them) by quads of kept rows: per
+   chunk of VCH rows, tile and pass, the four rows' 64-byte lines are interleaved (vpunpck) so each
+   32-bit lane holds one column's four codes, times the quad's x parts (vpdpbusd: u8 codes x s8
+   parts), 12 accumulators per pass. int4: the two passes are the line's nibble halves (24
+   accumulators in one pass spilled); int8: the tile's two 64-column lines, the signed codes + 128
+   (vpdpbusd takes them unsigned; the accumulators start at -128 x the chunk's sum of each part, so
+   they hold the exact integer dot products). The accumulators hold the pass's columns as a 4 x 4
+   transpose of 128-bit lanes: undone in registers, then o += s (h + m / 256 + l / 65536) (int8:
+   the per-channel scale applies once at the end) or o += s_col * (that - z_col * sum_g x) (int4:
+   the zero-point term with the group's first chunk). */
 static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, float* o, int64_t Np,
-                         int64_t row, int64_t t0, int64_t t1, int64_t g0, int64_t g1, const int32_t* q4idx,
-                         const int8_t* q4x, int64_t stride, const int64_t* q4start, const float* q4s, const float* xs)
+                         int64_t row, int64_t t0, int64_t t1, int64_t g0, int64_t g1, int64_t qlo, int64_t qhi,
+                         const int32_t* q4idx, const int8_t* q4x, int64_t stride, const int64_t* q4start,
+                         const float* q4s, const float* xs)
 {{
+#if BITS == 4
     const __m512i m4 = _mm512_set1_epi8(15);
+#else
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+#endif
     for (int64_t g = g0; g < g1; g++) {{
         const __m512 sv = _mm512_set1_ps(q4s[g]), sv2 = _mm512_set1_ps(q4s[g] / 256.0f),
                      sv3 = _mm512_set1_ps(q4s[g] / 65536.0f), sumv = _mm512_set1_ps(xs[g]);
-        for (int64_t a0 = q4start[g]; a0 < q4start[g + 1]; a0 += VCH) {{
-            const int64_t a1 = a0 + VCH < q4start[g + 1] ? a0 + VCH : q4start[g + 1];
+        (void)sumv;
+        const int64_t qa = q4start[g] > qlo ? q4start[g] : qlo, qb = q4start[g + 1] < qhi ? q4start[g + 1] : qhi;
+        for (int64_t a0 = qa; a0 < qb; a0 += VCH) {{
+            const int64_t a1 = a0 + VCH < qb ? a0 + VCH : qb;
+#if BITS == 8
+            int32_t ch = 0, cm = 0, cl = 0;  /* the chunk's sums of the parts: the codes' +128 taken out */
+            for (int64_t q = a0; q < a1; q++) {{
+                ch += q4x[q];
+                cm += q4x[stride + q];
+                cl += q4x[2 * stride + q];
+            }}
+            const __m512i ih = _mm512_set1_epi32(-128 * ch), im = _mm512_set1_epi32(-128 * cm),
+                          il = _mm512_set1_epi32(-128 * cl);
+#else
+            const __m512i ih = _mm512_setzero_si512(), im = ih, il = ih;
+#endif
             for (int64_t tile = t0; tile < t1; tile++) {{
-                const uint8_t* b = codes + tile * TB;
-                const int64_t pf = (tile + PFD < t1 ? tile + PFD : tile) * TB;
-                for (int half = 0; half < 2; half++) {{
+                for (int pass = 0; pass < 2; pass++) {{
+#if BITS == 8
+                    const uint8_t* b = codes + tile * TB + 64 * pass;
+                    const int64_t pf = (tile + PFD < t1 ? tile + PFD : tile) * TB + 64 * pass;
+#else
+                    const uint8_t* b = codes + tile * TB;
+                    const int64_t pf = (tile + PFD < t1 ? tile + PFD : tile) * TB;
+#endif
                     __m512i ah[4], am[4], al[4];
-                    for (int i = 0; i < 4; i++)
-                        ah[i] = am[i] = al[i] = _mm512_setzero_si512();
+                    for (int i = 0; i < 4; i++) {{
+                        ah[i] = ih;
+                        am[i] = im;
+                        al[i] = il;
+                    }}
                     for (int64_t q = a0; q < a1; q += 4) {{
                         const int64_t o0 = (int64_t)q4idx[q] * row, o1 = (int64_t)q4idx[q + 1] * row,
                                       o2 = (int64_t)q4idx[q + 2] * row, o3 = (int64_t)q4idx[q + 3] * row;
                         __m512i r0 = _mm512_loadu_si512(b + o0), r1 = _mm512_loadu_si512(b + o1);
                         __m512i r2 = _mm512_loadu_si512(b + o2), r3 = _mm512_loadu_si512(b + o3);
-                        if (half == 0) {{
+#if BITS == 8
+                        _mm_prefetch((const char*)(codes + pf + o0), _MM_HINT_T0);
+                        _mm_prefetch((const char*)(codes + pf + o1), _MM_HINT_T0);
+                        _mm_prefetch((const char*)(codes + pf + o2), _MM_HINT_T0);
+                        _mm_prefetch((const char*)(codes + pf + o3), _MM_HINT_T0);
+                        r0 = _mm512_xor_si512(r0, flip); r1 = _mm512_xor_si512(r1, flip);
+                        r2 = _mm512_xor_si512(r2, flip); r3 = _mm512_xor_si512(r3, flip);
+#else
+                        if (pass == 0) {{
                             _mm_prefetch((const char*)(codes + pf + o0), _MM_HINT_T0);
                             _mm_prefetch((const char*)(codes + pf + o1), _MM_HINT_T0);
                             _mm_prefetch((const char*)(codes + pf + o2), _MM_HINT_T0);
@@ -384,6 +439,7 @@ static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint
                         }}
                         r0 = _mm512_and_si512(r0, m4); r1 = _mm512_and_si512(r1, m4);
                         r2 = _mm512_and_si512(r2, m4); r3 = _mm512_and_si512(r3, m4);
+#endif
                         const __m512i a = _mm512_unpacklo_epi8(r0, r1), bb = _mm512_unpackhi_epi8(r0, r1);
                         const __m512i c = _mm512_unpacklo_epi8(r2, r3), d = _mm512_unpackhi_epi8(r2, r3);
                         const __m512i qq[4] = {{_mm512_unpacklo_epi16(a, c), _mm512_unpackhi_epi16(a, c),
@@ -401,13 +457,19 @@ static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint
                     for (int i = 0; i < 4; i++)
                         f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ah[i]), sv, _mm512_fmadd_ps(
                             _mm512_cvtepi32_ps(am[i]), sv2, _mm512_mul_ps(_mm512_cvtepi32_ps(al[i]), sv3)));
-                    /* accumulator i, 128-bit lane L, element e: column 32 L + 16 half + 4 i + e */
+                    /* accumulator i, 128-bit lane L, element e: int4: column 32 L + 16 pass + 4 i + e of
+                       the tile (byte j of a 16-byte chunk holds columns j and 16 + j); int8: 64 pass + 16 L
+                       + 4 i + e */
                     const __m512 u0 = _mm512_shuffle_f32x4(f[0], f[1], 0x44), u1 = _mm512_shuffle_f32x4(f[0], f[1], 0xEE);
                     const __m512 u2 = _mm512_shuffle_f32x4(f[2], f[3], 0x44), u3 = _mm512_shuffle_f32x4(f[2], f[3], 0xEE);
                     const __m512 v[4] = {{_mm512_shuffle_f32x4(u0, u2, 0x88), _mm512_shuffle_f32x4(u0, u2, 0xDD),
                                          _mm512_shuffle_f32x4(u1, u3, 0x88), _mm512_shuffle_f32x4(u1, u3, 0xDD)}};
-                    for (int L = 0; L < 4; L++) {{  /* columns 32 L + 16 half .. + 15 of the tile */
-                        const int64_t col = tile * TW + 32 * L + 16 * half;
+                    for (int L = 0; L < 4; L++) {{  /* 16 consecutive columns of the tile */
+#if BITS == 8
+                        const int64_t col = tile * TW + 64 * pass + 16 * L;
+                        _mm512_storeu_ps(o + col, _mm512_add_ps(v[L], _mm512_loadu_ps(o + col)));
+#else
+                        const int64_t col = tile * TW + 32 * L + 16 * pass;
                         __m512 acc = v[L];
                         if (a0 == q4start[g]) {{
 #if HAS_ZERO
@@ -421,12 +483,13 @@ static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint
                         const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(
                             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + g * Np + col))), 16));
                         _mm512_storeu_ps(o + col, _mm512_fmadd_ps(sc, acc, _mm512_loadu_ps(o + col)));
+#endif
                     }}
                 }}
             }}
         }}
     }}
-    (void)zero;
+    (void)zero; (void)scale; (void)Np;
 }}
 #endif
 
@@ -485,8 +548,14 @@ int64_t {name}(const float* x, const {code_t}* codes, const uint16_t* scale, con
         const int64_t g0 = GROUP ? groups * s / ksplit : 0, g1 = GROUP ? groups * (s + 1) / ksplit : 1;
 #ifdef SP_VNNI
         if (vnni) {{
-            sp_vnni_task((const uint8_t*)codes, scale, zero, o, Np, row, t0, t1, g0, g1, q4idx, q4x, stride, q4start,
-                         q4s, xs);
+            int64_t qlo = 0, qhi = INT64_MAX;  /* int8 (one group) split over ksplit: whole quads */
+            if (!GROUP && ksplit > 1) {{
+                const int64_t nq = q4start[1] / 4;
+                qlo = 4 * (nq * s / ksplit);
+                qhi = 4 * (nq * (s + 1) / ksplit);
+            }}
+            sp_vnni_task((const uint8_t*)codes, scale, zero, o, Np, row, t0, t1, g0, g1, qlo, qhi, q4idx, q4x, stride,
+                         q4start, q4s, xs);
             continue;
         }}
 #endif
@@ -610,16 +679,17 @@ def kernel(fmt: str, isa: str = "native"):
     return _build(fmt, isa)
 
 
+ARGTYPES = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+            + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+               ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p])  # the kernel's C signature (see _SOURCE)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(fmt: str, isa: str):
     extra = ISAS[isa]
     flags = cpu_codegen.FLAGS if extra is None else (
         cpu_codegen.PORTABLE_FLAGS if extra == () else cpu_codegen.FLAGS + extra)
-    fn = cpu_codegen.build(kernel_name(fmt), source(fmt),
-                           [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-                           + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p],
-                           "the dense kernels run on the thresholded input", what=f"the activation-sparse {fmt} kernel",
+    fn = cpu_codegen.build(kernel_name(fmt), source(fmt), ARGTYPES, "the dense kernels run on the thresholded input", what=f"the activation-sparse {fmt} kernel",
                            flags=flags)
     if fn is not None:
         fn.restype = ctypes.c_int64
