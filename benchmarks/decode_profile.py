@@ -2,13 +2,18 @@
 ``decode_cpu.py``: Llama, hidden 2048, intermediate 5632, 16 heads / 4 KV heads, vocab 32000).
 
 For each recipe: the median step time; the time inside the generated GEMV calls
-(``cpu_codegen.Bound`` / ``BoundGroup``) and torch's packed kernels, per call kind (shape and
+(``cpu_codegen.Bound`` / ``BoundGroup``), the activation-sparse rows (``cpu_sparse.RowCall``: TEAL
+recipes such as ``teal-50+w8a16``; their floor counts the whole K-major copy, so at 50 % sparsity
+the floor of what they read is half of it) and torch's packed kernels, per call kind (shape and
 fusion), each against its read-bandwidth floor (bytes of codes + scales + zero points / the
 bandwidth of a large fp32 sum measured in this run); and what is left outside the GEMVs, split by
 torch.profiler's self CPU time per aten op (attention, norms, RoPE, KV-cache cats) plus the graph's
 Python around them (step time minus the profiled ops and GEMVs).
 
-    python benchmarks/decode_profile.py [--recipes w4a16,w8a16] [--layers 8] [--steps 12]
+    python benchmarks/decode_profile.py [--recipes w4a16,w8a16,teal-50+w8a16] [--layers 8] [--steps 12]
+
+Data-driven recipes (``teal-*``, ``wina-*``, ``cats-*``, ``s24-*``) are compressed with four random
+64-token prompts first, then compiled, as ``decode_cpu.py`` does.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from lowbit_compiler.backends import cpu_codegen, cpu_kernels
+from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_cpu import read_bandwidth  # noqa: E402  (the decode benchmark's measurement)
@@ -41,6 +46,7 @@ def _instrument() -> None:
     bound_call, group_call, torch_call = cpu_codegen.Bound.__call__, cpu_codegen.BoundGroup.__call__, \
         cpu_kernels.torch_packed_linear
     bound_ext, group_ext = cpu_codegen.Bound.ext, cpu_codegen.BoundGroup.ext  # with the folded norm / residual
+    row_call = cpu_sparse.RowCall.__call__  # the activation-sparse kernel's decode row (TEAL / WINA / CATS)
 
     def timed(key: str, nbytes: int, fn, *args):
         if not _active[0]:
@@ -74,7 +80,13 @@ def _instrument() -> None:
         return timed(f"torch {packed.fmt} N={packed.out_features} K={packed.in_features}",
                      _weight_bytes(packed.quantized or ()), torch_call, x, packed, bias, dtype)
 
+    def sparse_row(self, x, *args, **kwargs):  # the floor: every byte of the K-major copy (kept rows: a fraction)
+        w = self.w
+        return timed(f"activation-sparse {'int8' if w.codes.dtype == torch.int8 else 'int4'} N={self.n} K={self.k}",
+                     _weight_bytes((w.codes, w.scale, w.zero)), row_call, self, x, *args, **kwargs)
+
     cpu_codegen.Bound.__call__ = bound
+    cpu_sparse.RowCall.__call__ = sparse_row
     cpu_codegen.BoundGroup.__call__ = group
     cpu_codegen.Bound.ext = bound_with
     cpu_codegen.BoundGroup.ext = group_with
@@ -86,6 +98,9 @@ def main() -> None:
     parser.add_argument("--recipes", default="w4a16,w8a16")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=16,
+                        help="decode steps before the timed ones (activation-sparse sites decide by an in-model "
+                             "trial over their first ~12 rows)")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
     _instrument()
@@ -98,11 +113,21 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.layers} layers")
     for recipe in args.recipes.split(","):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="lowbit", options={"recipe": recipe, "progress": False})
+        if recipe.startswith(("teal", "wina", "cats", "s24-")):  # data-driven: compressed first, as decode_cpu.py does
+            from lowbit_compiler import compress
+
+            calibration = [torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(100 + i))
+                           for i in range(4)]
+            target = LlamaForCausalLM(cfg).eval()
+            target.load_state_dict(model.state_dict())
+            compress(target, recipe, calibration=calibration, progress=False)
+            compiled = torch.compile(target, backend="lowbit", options={"progress": False})
+        else:
+            compiled = torch.compile(model, backend="lowbit", options={"recipe": recipe, "progress": False})
         with torch.no_grad():
             cache = DynamicCache()
             tok = compiled(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            for _ in range(3):
+            for _ in range(args.warmup):
                 tok = compiled(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             steps = []
             _timing.clear()
