@@ -38,9 +38,13 @@ def test_activation_sparse_kernel_matches_float64(isa, fmt, threads):
     gen = torch.Generator().manual_seed(0)
     # N = 200: padded to 256 in the K-major copy; N = 128 with 2 threads: one tile, the kept inputs
     # split over the threads (partial sums); N = 1100 (9 tiles), one thread: int4 tasks of >=
-    # STREAM_TILES tiles read row by row; 2100 with 2 threads (8 + 9 tiles): the tile sweep
+    # STREAM_TILES tiles read row by row; 2100 with 2 threads: each thread half the kept inputs (int8) or
+    # groups (int4) over all 17 tiles; K = 128 with 2 threads: int4 g128 has one group, so the threads
+    # split the columns (3 tiles) instead
     assert (1100 + 127) // 128 >= cpu_sparse.STREAM_TILES and (2100 + 127) // 128 // 2 >= cpu_sparse.STREAM_TILES
-    for (n, k), t in (((200, 256), 1), ((128, 512), 2), ((1100, 256), 1), ((2100, 384), 2)):
+    assert cpu_sparse.ksplit_for(2176, 2) == cpu_sparse.ksplit_for(2176, 2, 3) == 2  # int8; int4, 3 groups
+    assert cpu_sparse.ksplit_for(384, 2, 1) == 1 and cpu_sparse.ksplit_for(128, 2, 1) == 2  # columns; one tile
+    for (n, k), t in (((200, 256), 1), ((128, 512), 2), ((1100, 256), 1), ((2100, 384), 2), ((300, 128), 2)):
         threads(t)
         qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse(fmt))
         w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, qw.zero, fmt, k)
