@@ -98,7 +98,10 @@ log = logging.getLogger("lowbit_compiler")
 TW = 128    # output columns per task of the CPU kernel (its accumulators fit the registers)
 PFD = 2  # prefetch distance along a row, in tiles
 STREAM_TILES = 8  # int4 tasks this many tiles wide (or wider) read each kept row once, front to back
-CHUNK = {8: 16, 4: 32}  # kept rows per sweep over a task's column tiles, by code bits (module docstring)
+CHUNK = {8: 8, 4: 32}  # kept rows per sweep over a task's column tiles, by code bits (module docstring)
+# (float paths; int8 8 rows rather than 16: per call from memory at 50 % kept, Zen 3 AVX2, two threads,
+# alternating runs: o 1.35-1.39x against 1.13-1.45x dense, down 1.38-1.48x / 1.23-1.34x, q.k.v
+# 1.57-1.76x / 1.40-1.53x, gate.up 1.80-1.87x / 1.48-1.58x; int4 at 16 lost on all but gate.up)
 TILE = 512  # column tile of the int4 nibble layout of :func:`kmajor` (the Triton GEMV's copy)
 DISPATCH_ENV = "LOWBIT_SPARSE_DISPATCH"  # "measure" (default), "sparse" (always), "dense" (never)
 ISAS = {"native": None, "avx2": ("-mno-avx512f",), "portable": ()}  # extra flags; () = the compiler's default target
