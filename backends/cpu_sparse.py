@@ -36,7 +36,7 @@ The computation (:data:`_SOURCE`):
 
 With AVX-512 VNNI (``sp_vnni_task``, int4 and int8): integer dot products instead of the float FMAs.
 After the compaction, each group's kept inputs are quantized into three int8 parts (x ~ s (h + m /
-256 + l / 65536), s = the group's largest |x| / 127; vectorised, ``sp_quads``: within s / 2^17 of
+254 + l / 254^2), s = the group's largest |x| / 127; vectorised, ``sp_quads``: within s / 2^17 of
 x, 104-138 dB against float64 measured) and listed in quads (the count padded to a multiple of 4 with a kept row times 0). Per chunk of 16
 kept rows and tile, the four rows of a quad are split into nibbles and interleaved (vpunpck) so
 each 32-bit lane holds one column's four codes: one ``vpdpbusd`` per part per 16 columns; the
@@ -127,6 +127,7 @@ _SOURCE = r"""
 #define SP_VNNI 1         /* integer dot products (vpdpbusd) over quads of kept rows, sp_vnni_task */
 #endif
 #define VCH 16            /* VNNI path: kept rows (a multiple of 4) per sweep over a task's tiles */
+#define SP_RN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)  /* a literal: clang's roundscale is a macro */
 #define PFD {pfd}         /* prefetch distance in tiles along a row */
 #define STREAM_TILES {stream_tiles}  /* int4 tasks at least this many tiles wide read row by row */
 #define STREAM_PF 4       /* kept rows ahead that the row-by-row path prefetches */
@@ -313,15 +314,17 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
 #ifdef SP_VNNI
 /* The kept inputs of each scale group as quads for vpdpbusd: q4idx / the three int8 parts q4x
    ([3][stride]) / q4start [groups + 1], each group's count padded to a multiple of 4 with its first
-   kept row and x = 0; q4s[g] = the group's step s (x ~ s (h + m / 256 + l / 65536), |h| <= 127,
-   |m|, |l| <= 128: within s / 2^17 = 2^-24 of the group's largest |x|). Sixteen inputs per vector
-   step (a masked tail). Returns 0 when a kept x is not finite (integer parts cannot carry it: the
+   kept row and x = 0; q4s[g] = the group's step s (x ~ s (h + m / 254 + l / 254^2): h = round(x /
+   s), |x / s - h| <= 1/2, so m = round(254 (x / s - h)) and likewise l fit in [-127, 127] without
+   clamping, and x is within s / (2 254^2) < s / 2^17 = 2^-24 of the group's largest |x|; steps
+   of 1/256 could round the remainder to 128, which int8 cannot hold: up to s / 1024 off). Sixteen
+   inputs per vector step (a masked tail). Returns 0 when a kept x is not finite (integer parts cannot carry it: the
    float path runs). */
 static int sp_quads(const int32_t* idx, const float* xv, const int64_t* gstart, int64_t groups, int64_t stride,
                     int32_t* q4idx, int8_t* q4x, int64_t* q4start, float* q4s)
 {{
-    const __m512 big = _mm512_set1_ps(3.4028234663852886e38f), h_lo = _mm512_set1_ps(-127.0f),
-                 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512 big = _mm512_set1_ps(3.4028234663852886e38f), lo = _mm512_set1_ps(-127.0f),
+                 hi = _mm512_set1_ps(127.0f);
     int64_t p = 0;
     for (int64_t g = 0; g < groups; g++) {{
         const int64_t c0 = gstart[g], c1 = gstart[g + 1];
@@ -335,21 +338,20 @@ static int sp_quads(const int32_t* idx, const float* xv, const int64_t* gstart, 
         }}
         const float amax = _mm512_reduce_max_ps(am);
         const float st = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / st;
-        const __m512 vinv = _mm512_set1_ps(inv), vinv2 = _mm512_set1_ps(inv * 256.0f),
-                     vinv3 = _mm512_set1_ps(inv * 65536.0f), vst = _mm512_set1_ps(st),
-                     vst2 = _mm512_set1_ps(st / 256.0f);
+        const __m512 vinv = _mm512_set1_ps(inv), vinv2 = _mm512_set1_ps(inv * 254.0f),
+                     vinv3 = _mm512_set1_ps(inv * 64516.0f), vst = _mm512_set1_ps(st),
+                     vst2 = _mm512_set1_ps(st / 254.0f);
         q4start[g] = p;
         q4s[g] = st;
         for (int64_t i = c0; i < c1; i += 16) {{
             const int64_t n = c1 - i >= 16 ? 16 : c1 - i;
             const __mmask16 m = (__mmask16)((1u << n) - 1);
             const __m512 v = _mm512_maskz_loadu_ps(m, xv + i);
-            const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-            const __m512 h = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, vinv), rn), h_lo), hi);
+            const __m512 h = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, vinv), SP_RN), lo), hi);
             const __m512 r1 = _mm512_fnmadd_ps(h, vst, v);
-            const __m512 md = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r1, vinv2), rn), lo), hi);
+            const __m512 md = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r1, vinv2), SP_RN), lo), hi);
             const __m512 r2 = _mm512_fnmadd_ps(md, vst2, r1);
-            const __m512 l = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r2, vinv3), rn), lo), hi);
+            const __m512 l = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r2, vinv3), SP_RN), lo), hi);
             _mm512_mask_cvtsepi32_storeu_epi8(q4x + p, m, _mm512_cvtps_epi32(h));
             _mm512_mask_cvtsepi32_storeu_epi8(q4x + stride + p, m, _mm512_cvtps_epi32(md));
             _mm512_mask_cvtsepi32_storeu_epi8(q4x + 2 * stride + p, m, _mm512_cvtps_epi32(l));
@@ -373,7 +375,7 @@ static int sp_quads(const int32_t* idx, const float* xv, const int64_t* gstart, 
    accumulators in one pass spilled); int8: the tile's two 64-column lines, the signed codes + 128
    (vpdpbusd takes them unsigned; the accumulators start at -128 x the chunk's sum of each part, so
    they hold the exact integer dot products). The accumulators hold the pass's columns as a 4 x 4
-   transpose of 128-bit lanes: undone in registers, then o += s (h + m / 256 + l / 65536) (int8:
+   transpose of 128-bit lanes: undone in registers, then o += s (h + m / 254 + l / 254^2) (int8:
    the per-channel scale applies once at the end) or o += s_col * (that - z_col * sum_g x) (int4:
    the zero-point term with the group's first chunk). */
 static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, float* o, int64_t Np,
@@ -387,8 +389,8 @@ static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint
     const __m512i flip = _mm512_set1_epi8((char)0x80);
 #endif
     for (int64_t g = g0; g < g1; g++) {{
-        const __m512 sv = _mm512_set1_ps(q4s[g]), sv2 = _mm512_set1_ps(q4s[g] / 256.0f),
-                     sv3 = _mm512_set1_ps(q4s[g] / 65536.0f), sumv = _mm512_set1_ps(xs[g]);
+        const __m512 sv = _mm512_set1_ps(q4s[g]), sv2 = _mm512_set1_ps(q4s[g] / 254.0f),
+                     sv3 = _mm512_set1_ps(q4s[g] / 64516.0f), sumv = _mm512_set1_ps(xs[g]);
         (void)sumv;
         const int64_t qa = q4start[g] > qlo ? q4start[g] : qlo, qb = q4start[g + 1] < qhi ? q4start[g + 1] : qhi;
         for (int64_t a0 = qa; a0 < qb; a0 += VCH) {{
