@@ -17,7 +17,8 @@ nibble and column ``16 + j`` in its high nibble, so one 16-byte load widens to 1
 The computation (:data:`_SOURCE`):
 
 1. compact the nonzero inputs into (index, value) lists, per scale group (AVX-512: a compare and
-   two compresses per 16 inputs), with each group's sum of inputs (zero points);
+   two compresses per 16 inputs; AVX2: a compare and a permutation looked up by its mask per 8), with
+   each group's sum of inputs (zero points);
 2. threads over tasks = ranges of the kept inputs (int8) or of the scale groups (int4), one per
    thread, so each thread reads whole K-major rows (partial sums added after; :func:`ksplit_for`
    says why), x ranges of output tiles of ``TW`` columns (the threads split the columns instead
@@ -133,6 +134,10 @@ _SOURCE = r"""
 #define STREAM_PF 4       /* kept rows ahead that the row-by-row path prefetches */
 
 {rms_norm_row}
+#ifdef SP_AVX2
+/* sp_pack8[mask]: byte j = the position of the j-th set bit of the 8-bit mask (AVX2 left-pack) */
+static const uint64_t sp_pack8[256] = {{{pack8}}};
+#endif
 static inline float sp_bf16(uint16_t h) {{ uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }}
 
 /* Compact the kept inputs: idx[p], xv[p] for p < nnz, in order; gstart[g] = first p of group g
@@ -174,6 +179,36 @@ static int64_t sp_compact(const float* x, int64_t K, int64_t G, int32_t* idx, fl
             iota = _mm512_add_epi32(iota, step);
         }}
         t = _mm512_reduce_add_ps(tv);
+#elif defined(SP_AVX2)
+        /* the same, 8 inputs per step: the kept lanes moved to the front by a permutation looked up
+           by the compare's bit mask (sp_pack8) */
+        const __m256i step = _mm256_set1_epi32(8);
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256i iota = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int32_t)k));
+        __m256 tv = _mm256_setzero_ps();
+        for (; k + 8 <= (g + 1) * G; k += 8) {{
+            const __m256 v = _mm256_loadu_ps(x + k);
+            __m256 m = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+            if (thr) {{
+                __m256 score = _mm256_and_ps(v, absmask);
+                if (cs)
+                    score = _mm256_mul_ps(score, _mm256_loadu_ps(cs + k));
+                const __m256 tk = thr_stride ? _mm256_loadu_ps(thr + k) : _mm256_set1_ps(thr[0]);
+                m = _mm256_and_ps(m, _mm256_cmp_ps(score, tk, _CMP_GE_OQ));
+                if (xs_out)
+                    _mm256_storeu_ps(xs_out + k, _mm256_and_ps(m, v));
+            }}
+            const int bits = _mm256_movemask_ps(m);
+            const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sp_pack8[bits]));
+            _mm256_storeu_ps(xv + nnz, _mm256_permutevar8x32_ps(v, perm));
+            _mm256_storeu_si256((__m256i*)(idx + nnz), _mm256_permutevar8x32_epi32(iota, perm));
+            nnz += __builtin_popcount((unsigned)bits);
+            tv = _mm256_add_ps(tv, _mm256_and_ps(m, v));
+            iota = _mm256_add_epi32(iota, step);
+        }}
+        __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(tv), _mm256_extractf128_ps(tv, 1));
+        t4 = _mm_hadd_ps(t4, t4);
+        t = _mm_cvtss_f32(_mm_hadd_ps(t4, t4));
 #endif
         for (; k < (g + 1) * G; k++) {{
             int keep = x[k] != 0.0f;  /* NaN != 0: kept */
@@ -668,6 +703,19 @@ def kernel_name(fmt: str) -> str:
     return "lowbit_cpu_sparse_" + fmt.replace("-", "_")
 
 
+def _pack8_table() -> str:
+    """The AVX2 compaction's permutations: for each 8-bit mask, the kept lanes' positions in order
+    (byte j of the 64-bit entry = the j-th set bit; unused bytes 0)."""
+    entries = []
+    for mask in range(256):
+        lanes = [j for j in range(8) if mask >> j & 1]
+        entries.append("0x%016xULL" % sum(lane << (8 * j) for j, lane in enumerate(lanes)))
+    return ", ".join(entries)
+
+
+_PACK8 = _pack8_table()
+
+
 def source(fmt: str) -> str:
     """The C source of the activation-sparse GEMV for ``fmt`` (readable; see the module docstring)."""
     f = WeightFormat.parse(fmt)
@@ -675,6 +723,7 @@ def source(fmt: str) -> str:
         code_t="uint8_t", group=f.group_size, bits=4, has_zero=int(f.has_zero_points))
     return (f"/* lowbit generated CPU kernel: activation-sparse decode GEMV, {fmt} weights, K-major */\n"
             + _SOURCE.format(name=kernel_name(fmt), tw=TW, chunk=CHUNK[f.bits], pfd=PFD, stream_tiles=STREAM_TILES,
+                             pack8=_PACK8,
                              rms_norm_row=cpu_codegen.RMS_NORM_ROW, **fields))
 
 
