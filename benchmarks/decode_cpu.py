@@ -50,6 +50,21 @@ def dense_baseline(recipe: str) -> str | None:
     return {"s24-w8a16": "w8a16", "s24-w4a16": "w4a16"}.get(recipe)
 
 
+def needs_calibration(recipe: str) -> bool:
+    """Whether a recipe has a data-driven pass (activation thresholds, Wanda scores, GPTQ): such
+    recipes are compressed with :func:`calibration_prompts` first, then compiled."""
+    from lowbit_compiler.pass_base import get_pass
+    from lowbit_compiler.recipe import get_recipe
+
+    return recipe != "none" and any(get_pass(p).data_driven for p in get_recipe(recipe).passes)
+
+
+def calibration_prompts(vocab_size: int, count: int) -> list[torch.Tensor]:
+    """``count`` random 64-token prompts, the same in every run."""
+    return [torch.randint(0, vocab_size, (1, 64), generator=torch.Generator().manual_seed(100 + i))
+            for i in range(count)]
+
+
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 9) -> float:
     """Bytes per second for summing a large fp32 tensor (a read-dominated stream), median."""
     x = torch.ones(nbytes // 4)
@@ -196,12 +211,11 @@ def main() -> None:
                             if isinstance(m, torch.nn.Linear))
             contenders.append(Contender("torchao int8wo + Inductor", tao, torch.compile(tao), tao_bytes))
     dumps = tempfile.mkdtemp(prefix="lowbit-bench-")
-    calibration = [torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(100 + i))
-                   for i in range(args.calibration)]
+    calibration = calibration_prompts(cfg.vocab_size, args.calibration)
     summaries = {}  # recipe -> compress summary's layers (compress flow)
     for recipe in args.recipes.split(","):
         dump_dir = os.path.join(dumps, recipe)
-        data_driven = recipe.startswith(("teal", "wina", "cats", "s24-"))  # activation thresholds, Wanda scores
+        data_driven = needs_calibration(recipe)
         if (args.flow == "compress" or data_driven) and recipe != "none":
             from lowbit_compiler import compress
 

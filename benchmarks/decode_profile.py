@@ -12,8 +12,8 @@ Python around them (step time minus the profiled ops and GEMVs).
 
     python benchmarks/decode_profile.py [--recipes w4a16,w8a16,teal-50+w8a16] [--layers 8] [--steps 12]
 
-Data-driven recipes (``teal-*``, ``wina-*``, ``cats-*``, ``s24-*``) are compressed with four random
-64-token prompts first, then compiled, as ``decode_cpu.py`` does.
+Recipes with a data-driven pass (``teal-*``, ``wina-*``, ``cats-*``, ``s24-wanda``, GPTQ, ...) are
+compressed with four random 64-token prompts first, then compiled, as ``decode_cpu.py`` does.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from lowbit_compiler.backends import cpu_codegen, cpu_kernels, cpu_sparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_cpu import read_bandwidth  # noqa: E402  (the decode benchmark's measurement)
+from decode_cpu import calibration_prompts, needs_calibration, read_bandwidth  # noqa: E402
 
 _timing: dict[str, list[float]] = collections.defaultdict(list)
 _bytes: dict[str, int] = {}
@@ -113,14 +113,12 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.layers} layers")
     for recipe in args.recipes.split(","):
         torch._dynamo.reset()
-        if recipe.startswith(("teal", "wina", "cats", "s24-")):  # data-driven: compressed first, as decode_cpu.py does
+        if needs_calibration(recipe):  # compressed first, as decode_cpu.py does
             from lowbit_compiler import compress
 
-            calibration = [torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(100 + i))
-                           for i in range(4)]
             target = LlamaForCausalLM(cfg).eval()
             target.load_state_dict(model.state_dict())
-            compress(target, recipe, calibration=calibration, progress=False)
+            compress(target, recipe, calibration=calibration_prompts(cfg.vocab_size, 4), progress=False)
             compiled = torch.compile(target, backend="lowbit", options={"progress": False})
         else:
             compiled = torch.compile(model, backend="lowbit", options={"recipe": recipe, "progress": False})
