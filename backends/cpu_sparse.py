@@ -37,24 +37,24 @@ The computation (:data:`_SOURCE`):
 
 With AVX-512 VNNI (``sp_vnni_task``, int4 and int8): integer dot products instead of the float FMAs.
 After the compaction, each group's kept inputs are quantized into three int8 parts (x ~ s (h + m /
-254 + l / 254^2), s = the group's largest |x| / 127; vectorised, ``sp_quads``: within s / 2^17 of
-x, 104-138 dB against float64 measured) and listed in quads (the count padded to a multiple of 4 with a kept row times 0). Per chunk of 16
-kept rows and tile, the four rows of a quad are split into nibbles and interleaved (vpunpck) so
-each 32-bit lane holds one column's four codes: one ``vpdpbusd`` per part per 16 columns; the
-two nibble halves in separate passes (12 accumulators: 24 in one pass spilled); the lanes, a 4 x 4
-transpose of 128-bit blocks of the tile's columns, are put back in order in registers before the
-scales. Why: on the Zen 4 host the float path was bound by its arithmetic (about 7 vector ops per
-32 codes against the dense kernel's 2), and from memory it read the kept rows at 0.85-0.88x the
-dense kernel's time for half the bytes; with the integer path, per call from memory at 50 %, the
-stacked gate.up runs at 1.28-1.50x the dense kernel, q.k.v at 1.2x, o at 1.05-1.2x and down at
-0.8-0.9x (its K-major rows are 1 kB: short runs, where the dense kernel streams 2.8 kB rows).
-int8 runs the same interleave over the tile's two 64-column lines; its signed codes go in as code +
-128 (vpdpbusd multiplies unsigned by signed bytes) with the accumulators started at -128 x the
-chunk's sum of each part, so they are the exact integer dot products: about 2.4x fewer vector ops
-per code byte than its float path (int8 on the VNNI path has not been timed: the hosts this was
-written on since lacked AVX-512). A kept x that is not finite (integer parts cannot carry it) runs
-the float path for that call. tests/backends/test_cpu_sparse_emulated.py builds these paths against
-SIMDe's portable AVX-512 on any x86 host and checks them against float64.
+254 + l / 254^2), s = the group's largest |x| / 127; vectorised, ``sp_quads``: within s / 2^17 of x,
+104-138 dB against float64 measured) and listed in quads (the count padded to a multiple of 4 with a
+kept row times 0). Per chunk of 16 kept rows and tile, the four rows of a quad are split into
+nibbles and interleaved (vpunpck) so each 32-bit lane holds one column's four codes: one
+``vpdpbusd`` per part per 16 columns; the two nibble halves in separate passes (12 accumulators: 24
+in one pass spilled); the lanes, a 4 x 4 transpose of 128-bit blocks of the tile's columns, are put
+back in order in registers before the scales. Why: on the Zen 4 host the float path was bound by its
+arithmetic (about 7 vector ops per 32 codes against the dense kernel's 2), and from memory it read
+the kept rows at 0.85-0.88x the dense kernel's time for half the bytes; with the integer path, per
+call from memory at 50 %, the stacked gate.up runs at 1.28-1.50x the dense kernel, q.k.v at 1.2x, o
+at 1.05-1.2x and down at 0.8-0.9x (its K-major rows are 1 kB: short runs, where the dense kernel
+streams 2.8 kB rows). int8 runs the same interleave over the tile's two 64-column lines; its signed
+codes go in as code + 128 (vpdpbusd multiplies unsigned by signed bytes) with the accumulators
+started at -128 x the chunk's sum of each part, so they are the exact integer dot products: about
+2.4x fewer vector ops per code byte than its float path (int8 on the VNNI path has not been timed:
+the hosts this was written on since lacked AVX-512). A kept x that is not finite (integer parts
+cannot carry it) runs the float path for that call. tests/backends/test_cpu_sparse_emulated.py
+builds these paths against SIMDe's portable AVX-512 on any x86 host and checks them against float64.
 
 The ISA is chosen at compile time (``-march=native``, the host flags in the cache key): AVX-512F,
 else AVX2 + FMA, else fixed-width loops the compiler vectorises for whatever it has. The tests
@@ -353,8 +353,8 @@ static inline void sp_tile(const int32_t* idx, const float* xv, int64_t a, int64
    s), |x / s - h| <= 1/2, so m = round(254 (x / s - h)) and likewise l fit in [-127, 127] without
    clamping, and x is within s / (2 254^2) < s / 2^17 = 2^-24 of the group's largest |x|; steps
    of 1/256 could round the remainder to 128, which int8 cannot hold: up to s / 1024 off). Sixteen
-   inputs per vector step (a masked tail). Returns 0 when a kept x is not finite (integer parts cannot carry it: the
-   float path runs). */
+   inputs per vector step (a masked tail). Returns 0 when a kept x is not finite (integer parts
+   cannot carry it: the float path runs). */
 static int sp_quads(const int32_t* idx, const float* xv, const int64_t* gstart, int64_t groups, int64_t stride,
                     int32_t* q4idx, int8_t* q4x, int64_t* q4start, float* q4s)
 {{
@@ -444,13 +444,9 @@ static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint
 #endif
             for (int64_t tile = t0; tile < t1; tile++) {{
                 for (int pass = 0; pass < 2; pass++) {{
-#if BITS == 8
-                    const uint8_t* b = codes + tile * TB + 64 * pass;
-                    const int64_t pf = (tile + PFD < t1 ? tile + PFD : tile) * TB + 64 * pass;
-#else
-                    const uint8_t* b = codes + tile * TB;
-                    const int64_t pf = (tile + PFD < t1 ? tile + PFD : tile) * TB;
-#endif
+                    const int64_t line = BITS == 8 ? 64 * pass : 0;  /* int8: the tile's second 64 columns */
+                    const uint8_t* b = codes + tile * TB + line;
+                    const int64_t pf = (tile + PFD < t1 ? tile + PFD : tile) * TB + line;
                     __m512i ah[4], am[4], al[4];
                     for (int i = 0; i < 4; i++) {{
                         ah[i] = ih;
@@ -462,20 +458,17 @@ static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint
                                       o2 = (int64_t)q4idx[q + 2] * row, o3 = (int64_t)q4idx[q + 3] * row;
                         __m512i r0 = _mm512_loadu_si512(b + o0), r1 = _mm512_loadu_si512(b + o1);
                         __m512i r2 = _mm512_loadu_si512(b + o2), r3 = _mm512_loadu_si512(b + o3);
-#if BITS == 8
-                        _mm_prefetch((const char*)(codes + pf + o0), _MM_HINT_T0);
-                        _mm_prefetch((const char*)(codes + pf + o1), _MM_HINT_T0);
-                        _mm_prefetch((const char*)(codes + pf + o2), _MM_HINT_T0);
-                        _mm_prefetch((const char*)(codes + pf + o3), _MM_HINT_T0);
-                        r0 = _mm512_xor_si512(r0, flip); r1 = _mm512_xor_si512(r1, flip);
-                        r2 = _mm512_xor_si512(r2, flip); r3 = _mm512_xor_si512(r3, flip);
-#else
-                        if (pass == 0) {{
+                        if (BITS == 8 || pass == 0) {{  /* int4's second pass reads the same line */
                             _mm_prefetch((const char*)(codes + pf + o0), _MM_HINT_T0);
                             _mm_prefetch((const char*)(codes + pf + o1), _MM_HINT_T0);
                             _mm_prefetch((const char*)(codes + pf + o2), _MM_HINT_T0);
                             _mm_prefetch((const char*)(codes + pf + o3), _MM_HINT_T0);
-                        }} else {{
+                        }}
+#if BITS == 8
+                        r0 = _mm512_xor_si512(r0, flip); r1 = _mm512_xor_si512(r1, flip);
+                        r2 = _mm512_xor_si512(r2, flip); r3 = _mm512_xor_si512(r3, flip);
+#else
+                        if (pass == 1) {{
                             r0 = _mm512_srli_epi16(r0, 4); r1 = _mm512_srli_epi16(r1, 4);
                             r2 = _mm512_srli_epi16(r2, 4); r3 = _mm512_srli_epi16(r3, 4);
                         }}
@@ -540,10 +533,11 @@ static void sp_vnni_task(const uint8_t* codes, const uint16_t* scale, const uint
    kept inputs, or -1 without computing anything more when over max_nnz were kept (the dense
    kernel is faster there: the caller runs it). Tasks: ``parts`` contiguous column ranges (whole
    tiles) x ``ksplit`` ranges of the kept inputs (int8) or of the scale groups (int4), about one
-   task per thread (``ksplit_for``: usually one range per thread and one column range). Per task, the kept rows go in chunks (at most CHUNK rows, within a scale group) and each chunk
-   sweeps the task's tiles with the accumulators in registers, so every row is read in full,
-   tile after tile, while the task's outputs stay in L1. scratch: int32 idx [K + 16], float xv
-   [K + 16], int64 gstart [groups + 1], float xs [groups], float out [ksplit * Np].
+   task per thread (``ksplit_for``: usually one range per thread and one column range). Per task,
+   the kept rows go in chunks (at most CHUNK rows, within a scale group) and each chunk sweeps the
+   task's tiles with the accumulators in registers, so every row is read in full, tile after tile,
+   while the task's outputs stay in L1. scratch: int32 idx [K + 16], float xv [K + 16], int64
+   gstart [groups + 1], float xs [groups], float out [ksplit * Np].
    Epilogue (as the dense groups' kernels): n_first > 0 stacks a gated MLP's gate (columns
    [0, n_first)) and up ([n_first, 2 n_first)): y[n_first] = silu(gate) * up; res (NULL or [N])
    is added to y (a residual). Prologue: nw non-NULL normalises x first, into xbuf [K]
@@ -746,8 +740,8 @@ def _build(fmt: str, isa: str):
     extra = ISAS[isa]
     flags = cpu_codegen.FLAGS if extra is None else (
         cpu_codegen.PORTABLE_FLAGS if extra == () else cpu_codegen.FLAGS + extra)
-    fn = cpu_codegen.build(kernel_name(fmt), source(fmt), ARGTYPES, "the dense kernels run on the thresholded input", what=f"the activation-sparse {fmt} kernel",
-                           flags=flags)
+    fn = cpu_codegen.build(kernel_name(fmt), source(fmt), ARGTYPES, "the dense kernels run on the thresholded input",
+                           what=f"the activation-sparse {fmt} kernel", flags=flags)
     if fn is not None:
         fn.restype = ctypes.c_int64
     return fn

@@ -11,11 +11,11 @@ output with atomics (split-K). The launcher zero-fills the output and adds the b
 
 Checked under the interpreter against the float reference (and that the bytes it loads equal its
 cost model, :func:`traffic`, dense and sparse: ``_triton_adapter.count_traffic``), compiled for
-sm_90 with registers and spills reported (tests/backends/test_sparse_gemv_kernel.py). ``target="triton"`` lowers a one-row
-``sparse_input_linear`` to :func:`sparse_input_linear_triton` (``backends/lowering.py``); prefill
-shapes with a known row count are split first into the threshold + ``wo_linear``, which the
-generated dense kernels take (``activation.unfuse_for_triton``); others run the op's CPU
-implementation (logged).
+sm_90 with registers and spills reported (tests/backends/test_sparse_gemv_kernel.py).
+``target="triton"`` lowers a one-row ``sparse_input_linear`` to :func:`sparse_input_linear_triton`
+(``backends/lowering.py``); prefill shapes with a known row count are split first into the threshold
++ ``wo_linear``, which the generated dense kernels take (``activation.unfuse_for_triton``); others
+run the op's CPU implementation (logged).
 """
 from __future__ import annotations
 
