@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,export]'
 	touch $@
 
-.PHONY: install demo test test-slow bench accuracy
+.PHONY: install demo test test-heavy test-slow bench accuracy
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -21,6 +21,10 @@ demo: $(VENV)/.installed
 JOBS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
+
+# the default suite's longest tests (marked heavy): CI runs them after `make test`
+test-heavy: $(VENV)/.installed
+	$(PY) -m pytest -q -n $(JOBS) -m "heavy and not slow" --durations=15
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(JOBS) -m slow

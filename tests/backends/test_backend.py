@@ -18,6 +18,7 @@ from tests.conftest import ARCHS, make_model, prompt
 from tests.helpers import Recorder, count
 
 
+@pytest.mark.heavy
 def test_entry_point_works_without_importing_the_package():
     code = textwrap.dedent("""
         import sys, torch, transformers
@@ -50,6 +51,7 @@ def test_recipe_none_equals_eager(arch):
 
 
 @pytest.mark.parametrize("recipe, floor", [("w8a16", 30.0), ("w4a16", 8.0)])
+@pytest.mark.heavy
 def test_quantized_presets_run_all_linears_on_the_fast_path(recipe, floor):
     model = make_model("llama")
     ids = prompt()

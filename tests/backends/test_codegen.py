@@ -329,6 +329,7 @@ def test_grid_and_bytes_are_symbolic_in_the_row_count():
     assert t.at(64)["min_read"] == 64 * 4096 * 2 + 4096 * 2 + 4096 * 2048 + 4096 * 32 * 3
 
 
+@pytest.mark.heavy
 def test_gpu_compile_for_sm90_reports_resources():
     """Every kernel family compiles for Hopper (no GPU needed): the interpreter misses GPU-only errors."""
     families = [make_spec(1, "int4_g128_asym", "rms", "gated", "bfloat16"),
@@ -391,6 +392,7 @@ def test_a_second_process_renders_no_new_source(tmp_path):
     assert [r.stdout.split()[-1] for r in runs] == ["1", "0"]
 
 
+@pytest.mark.heavy
 def test_a_generated_file_runs_its_own_self_check(tmp_path):
     spec = make_spec(3, "int4_g32_sym", "layer", "gelu", "float16")
     kernel = kernel_cache.get_kernel(spec, interpret=True)
@@ -402,6 +404,7 @@ def test_a_generated_file_runs_its_own_self_check(tmp_path):
     assert run.stdout.count("SQNR vs reference") == 2
 
 
+@pytest.mark.heavy
 def test_autotune_hook_is_off_here_and_its_candidates_are_valid_kernels(caplog):
     from lowbit_compiler.backends import autotune
     from tests.conftest import make_model, prompt

@@ -272,6 +272,7 @@ def _run_llama(monkeypatch, fuse: bool, steps: int = 4):
     return rec, out, cpu_attention.calls - before, model.config.num_hidden_layers
 
 
+@pytest.mark.heavy
 def test_a_compiled_llama_runs_each_decode_attention_as_one_call(monkeypatch):
     """Decode graphs: one ``decode_step`` per layer (RoPE, both cats and SDPA gone), counted in the
     summary and shown by ``lowbit inspect``; the prefill graph (6 query tokens) keeps torch's

@@ -142,6 +142,7 @@ _HOST = set(cpu_codegen._host_flags().split())
 @pytest.mark.skipif(not {"avx2", "fma"} <= _HOST, reason="the host has no AVX2 + FMA to run an AVX2 build")
 @pytest.mark.parametrize("fmt", [f if f in ("int8", "int4_g32_sym", "int4_g128_asym", "nf4_g64")
                                  else pytest.param(f, marks=pytest.mark.slow) for f in FORMATS])  # a build each
+@pytest.mark.heavy
 def test_avx2_build_matches_the_float_reference(fmt):
     """What a host with AVX2 but no AVX-512 runs (``isa="avx2"``: the host's flags minus AVX-512),
     over every format, every row-tile remainder, odd N, bias; on an AVX-512 host this covers the
@@ -311,6 +312,7 @@ def test_ext_entries_threshold_in_their_prologue(fmt):
             assert formats.sqnr_db(reference, y.double()) >= 110.0
 
 
+@pytest.mark.heavy
 def test_cpu_fusion_groups_keep_the_model_output(monkeypatch):
     """A compiled w8a16 Llama with the CPU fusion groups (q/k/v, gate.up + SiLU * mul) gives the
     logits of the same model compiled without them (LOWBIT_CPU_FUSE=0) to float32 rounding, at
@@ -434,6 +436,7 @@ def test_torch_layout_is_built_only_for_calls_past_the_generated_kernel():
 @pytest.mark.parametrize("fmt, k", [("int8", 2112), ("int4_g128_asym", 768)] + [  # four builds each: the rest slow
     pytest.param(f, k, marks=pytest.mark.slow)
     for f, k in (("int8", 544), ("int4_g64_asym", 512), ("int4_g128_sym", 768), ("int4_g256_asym", 1024))])
+@pytest.mark.heavy
 def test_split8_path_matches_the_float_reference(fmt, k):
     """The split-int8 integer path (x as three int8 parts per block, u8 x s8 dot products: vpdpbusd
     with VNNI; maddubs + madd in the AVX2 build for int4 at one row) against float64, against the float path
@@ -553,6 +556,7 @@ def _nf4_cases():
 
 
 @pytest.mark.parametrize("group, k, rows", list(_nf4_cases()))
+@pytest.mark.heavy
 def test_nf4_int8_table_path_meets_its_floor(group, k, rows):
     """NF4 through the int8 table (pshufb on the nibbles, maddubs against x in two int8 parts)
     against float64 of the dequantized weight: the table's rounding is the added error, so a floor
@@ -605,6 +609,7 @@ def test_nf4_portable_build_matches_the_float_reference(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["nf4_g32", "nf4_g64"])
+@pytest.mark.heavy
 def test_nf4_kernel_compiles_for_avx512(fmt, tmp_path):
     """This host cannot run AVX-512; the build an AVX-512 (+ VNNI) host takes must at least compile.
     There the table path is the AVX2 code above (maddubs, no VNNI variant), so what runs is what
@@ -661,6 +666,7 @@ def test_nf4_models_run_the_generated_kernel_compressed_and_compiled(monkeypatch
     assert formats.sqnr_db(generated.double(), compiled.double()) >= 60.0
 
 
+@pytest.mark.heavy
 def test_assisted_decoding_with_a_compiled_model_gives_the_greedy_tokens():
     """Assisted (speculative) decoding verifies the draft tokens with a graph whose LM-head slice
     (logits_to_keep) is symbolic: the final norm's fold must not move that slice above the node

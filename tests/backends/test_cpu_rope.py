@@ -55,6 +55,7 @@ def test_inputs_the_kernel_does_not_take_run_the_expression(case):
         assert (x if case == "requires grad" else sin).grad is not None
 
 
+@pytest.mark.heavy
 def test_a_compiled_llama_rotates_q_and_k_in_one_call_each(monkeypatch):
     """Every layer's q and k rotation is one ``cpu_rope.rope`` node (none of the expression's
     slices, negation or cat left), counted in the summary; prefill and decode logits equal the

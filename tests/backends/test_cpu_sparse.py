@@ -430,6 +430,7 @@ def test_a_sparse_group_runs_the_dense_kernels_past_the_crossover_and_for_more_r
         assert all(torch.equal(a, b) for a, b in zip(outs, expected))
 
 
+@pytest.mark.heavy
 def test_compiled_teal_decode_runs_one_sparse_call_per_site():
     """teal-50 + w8a16 compressed, then compiled: each site of a decode step is one direct call
     (q/k/v stacked, o with the residual, gate.up with SiLU * mul, down with the residual), the

@@ -115,6 +115,7 @@ def check_sm90(cases):
     return reports
 
 
+@pytest.mark.heavy
 def test_decode_variants_compile_for_sm90_without_spills():
     """The GPU variant (fp16 tensor-core dots, native conversions), as lowering builds it on CUDA."""
     check_sm90(gpu_cases(full=False))

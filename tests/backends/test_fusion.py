@@ -27,6 +27,7 @@ def compile_triton(model, inputs, recipe="w4a16", **options):
                      ["layer_norm", "wo_linear", "bias", "mul", "cube", "mul", "add", "mul", "tanh", "add", "mul"],
                      ["wo_linear", "bias", "add"]]),
 ])
+@pytest.mark.heavy
 def test_kernels_per_decoder_layer_are_pinned(arch, per_block, ops_replaced, fused):
     rec, _ = compile_triton(make_model(arch), (prompt(),))
     summary = rec.summaries[0]

@@ -64,6 +64,7 @@ def test_padded_k_and_unsupported_calls_say_why():
     assert grouped_kernel.unsupported_reason("int4_g128_sym", None, torch.bfloat16) is None
 
 
+@pytest.mark.heavy
 def test_the_kernel_compiles_for_sm90_without_spills():
     """The GPU variants (fp16 / bf16 tensor-core dots, TF32 for fp32) compiled ahead of time.
     Measured: int4 g128 fp16 214 registers, int8 bf16 116, int4 g64 tf32 182, no spills."""

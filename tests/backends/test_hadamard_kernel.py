@@ -48,6 +48,7 @@ _SHARED_CASES = [(14336, torch.float16, None), (8192, torch.float32, None), (409
 # one compile for sm_90 per mode (16-bit, fp32 split, learned) costs ~5 s: two modes in the default suite
 @pytest.mark.parametrize("case", [pytest.param(c, marks=() if i < 2 else (pytest.mark.slow,), id=f"{c[0]}-{i}")
                                   for i, c in enumerate(_SHARED_CASES)])
+@pytest.mark.heavy
 def test_the_shared_memory_model_matches_the_compiler(case):
     """The refusal rule's byte count equals what Triton reports, per mode (16-bit, fp32 split, learned)."""
     cases = [case]
@@ -59,6 +60,7 @@ def test_the_shared_memory_model_matches_the_compiler(case):
             assert report["shared_bytes"] == hadamard_kernel._shared_bytes(128, 128, torch.float32), report
 
 
+@pytest.mark.heavy
 def test_w4a4_rot_lowers_every_hadamard_to_the_rotate_and_quantize_kernel():
     ids = prompt()
     cpu = Recorder(recipe="w4a4-rot", target="cpu")
@@ -101,6 +103,7 @@ def _assert_no_spills(jobs):
         assert report["spill_bytes"] == 0, (job["name"], job["signature"]["x_ptr"], job["constexprs"], report)
 
 
+@pytest.mark.heavy
 def test_the_kernels_compile_for_sm90_without_spills():
     """The variants a GPU runs: 16-bit rows (HALF; bf16 only compiled here), fp32 rows as fp16
     parts (SPLIT: at 4096 the former fp32 FMA dots spilled 80 bytes, from 5120 up 8-15 KB), learned
@@ -121,6 +124,7 @@ def test_every_variant_at_every_llama_size_compiles_for_sm90_without_spills():
 
 
 @pytest.mark.parametrize("tokens", [1, pytest.param(16, marks=pytest.mark.slow)])
+@pytest.mark.heavy
 def test_flatquant_transform_is_fused_into_the_rotate_and_quantize_kernel(tokens):
     """FlatQuant (w4a4-flat): each ``qa_linear(kron_transform(x, P1, P2))`` group -- q/k/v and
     gate/up share one transform -- becomes one rotate_quantize kernel whose int4 codes feed the

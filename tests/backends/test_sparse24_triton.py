@@ -78,6 +78,7 @@ def test_prefill_kernel_compiles_for_sm90_without_spills():
 
 
 @pytest.mark.parametrize("fmt", ["s24+int8", pytest.param("s24+int4_g32_asym", marks=pytest.mark.slow)])
+@pytest.mark.heavy
 def test_triton_target_lowers_2of4_linears_to_the_kernels_for_prefill_and_decode(fmt):
     """A tiny Llama pruned 2:4 and stored compressed, compiled for ``target="triton"`` (strict: no
     fallback): every linear runs ``lowbit::sparse24_linear_triton`` (no float reference), and the

@@ -91,6 +91,7 @@ def test_bf16_to_fp32_is_exact_for_every_bit_pattern():
     assert torch.equal(out[keep], ref.view(torch.int32)[keep])
 
 
+@pytest.mark.heavy
 def test_the_interpreter_truncates_fp32_to_bf16_so_the_gpu_rounding_is_checked_in_the_ptx():
     """Under the interpreter ``.to(tl.bfloat16)`` truncates (found here: 0.0108 -> 0.010742 where
     torch gives 0.010803), so it cannot check the GPU's narrowing; the compiled bf16 variants are

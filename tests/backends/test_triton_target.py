@@ -15,6 +15,7 @@ from tests.helpers import Recorder
 
 @pytest.mark.parametrize("arch, recipe", [("llama", "w4a16"), ("qwen2", "w8a16"), ("gpt2", "w4a16"),
                                           ("bert", "w8a16")])
+@pytest.mark.heavy
 def test_triton_target_matches_cpu_target(arch, recipe):
     ids = prompt()
     cpu = Recorder(recipe=recipe, target="cpu", cpu_compute_dtype="activation")  # fp32 activations on both
@@ -45,6 +46,7 @@ def test_generate_uses_gemv_kernels_for_decode_and_matches_cpu_tokens():
     assert decode and all(set(d.values()) == {"gemv"} for d in decode)
 
 
+@pytest.mark.heavy
 def test_bf16_model_on_triton_target():
     ids = prompt()
     ref_model, model = make_model("llama", dtype=torch.bfloat16), make_model("llama", dtype=torch.bfloat16)
@@ -56,6 +58,7 @@ def test_bf16_model_on_triton_target():
     assert out.dtype == torch.bfloat16 and sqnr_db(ref.float(), out.float()) >= 25
 
 
+@pytest.mark.heavy
 def test_dump_keeps_kernels_resources_and_inspect_prints_the_cost_model(tmp_path, capsys):
     rec = Recorder(recipe="w4a16", target="triton", dump_dir=str(tmp_path))
     with torch.no_grad():
@@ -97,6 +100,7 @@ def test_symbolic_row_count_gets_the_prefill_tiling():
     assert len(rec.summaries) == 1  # no recompile for the second length
 
 
+@pytest.mark.heavy
 def test_a_compressed_model_lowers_onto_generated_kernels():
     from lowbit_compiler import compress
 
@@ -130,6 +134,7 @@ def test_formats_without_a_template_fall_back_with_the_reason():
 @pytest.mark.parametrize("recipe", ["nf4", pytest.param("mxfp4", marks=pytest.mark.slow),
                                     pytest.param("w3a16", marks=pytest.mark.slow),
                                     pytest.param("nvfp4", marks=pytest.mark.slow)])
+@pytest.mark.heavy
 def test_lookup_and_3_bit_formats_run_as_generated_kernels(recipe):
     """NF4 (table in registers), int3 (8 codes in 3 bytes) and MXFP4/NVFP4 (e2m1 codes, block scales)
     have templates now: every linear is a generated kernel, none dequantises its whole weight per call."""
@@ -146,6 +151,7 @@ def test_lookup_and_3_bit_formats_run_as_generated_kernels(recipe):
 
 @pytest.mark.parametrize("recipe, arch", [("w8a8", "llama"), ("w4a8", "qwen2"), ("fp8", "llama"),
                                           ("w8a8", "gpt2"), ("w4a8", "bert"), ("w4a4-rot", "llama")])
+@pytest.mark.heavy
 def test_quantized_activation_linears_run_as_generated_kernels(recipe, arch):
     """W8A8 / W4A8 / FP8: the kernel quantizes the (normalised) activations per token in its
     prologue and multiplies integer (or fp8) codes; it matches the op's CPU implementation
@@ -172,6 +178,7 @@ def test_quantized_activation_linears_run_as_generated_kernels(recipe, arch):
         assert summary["codegen"]["blocks"]["model.layers.0"] == {"kernels": 4, "ops_replaced": 13}
 
 
+@pytest.mark.heavy
 def test_static_activation_scales_run_as_generated_kernels():
     from lowbit_compiler import compress
     from lowbit_compiler.recipe import get_recipe

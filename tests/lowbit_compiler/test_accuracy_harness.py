@@ -24,6 +24,7 @@ def harness():
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.heavy
 def test_harness_reports_every_column_for_causal_lms_and_encoders(harness, arch, tmp_path, capsys):
     model_dir = tmp_path / arch
     make_model(arch).save_pretrained(model_dir)  # vocabulary of 256: the harness tokenizes bytes

@@ -86,6 +86,7 @@ def test_save_pretrained_round_trip(tmp_path, arch, recipe):
     assert stored <= 1.02 * (totals["bytes_after"] + extra), (stored, totals["bytes_after"], extra)
 
 
+@pytest.mark.heavy
 def test_fresh_process_loads_through_auto_class(tmp_path):
     """In a new interpreter, ``import lowbit_compiler`` is all from_pretrained needs."""
     model, inputs = _compressed("llama", "w4a4-rot")
@@ -111,6 +112,7 @@ def test_fresh_process_loads_through_auto_class(tmp_path):
     assert result.stdout.split() == ["EQUAL", "LowbitLinear"], result.stdout
 
 
+@pytest.mark.heavy
 def test_reloaded_model_compiles_like_a_fresh_one(tmp_path):
     model, inputs = _compressed("llama", "w4a16")
     model.save_pretrained(tmp_path)

@@ -55,6 +55,7 @@ def test_dump_has_every_stage_with_diffs_and_a_summary(tmp_path, capsys):
             "in torch") in out
 
 
+@pytest.mark.heavy
 def test_dump_dir_from_environment(tmp_path):
     code = ("import torch, torch.nn as nn\n"
             "m = nn.Sequential(nn.Linear(128, 64))\n"
@@ -68,6 +69,7 @@ def test_dump_dir_from_environment(tmp_path):
     assert result.returncode == 0 and "int8" in result.stdout
 
 
+@pytest.mark.heavy
 def test_console_script_is_installed(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "lowbit")
     result = subprocess.run([script, "recipes"], capture_output=True, text=True, timeout=300)

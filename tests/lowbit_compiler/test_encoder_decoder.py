@@ -1,6 +1,8 @@
 """Encoder-decoder models (T5): the encoder under generate(), T5's norm, decoder inputs."""
 from __future__ import annotations
 
+import pytest
+
 import logging
 
 import torch
@@ -31,6 +33,7 @@ def test_t5_layer_norm_is_canonicalized_to_rms_norm():
     assert sqnr_db(ref, out) > 100
 
 
+@pytest.mark.heavy
 def test_t5_generate_compiles_and_quantizes_the_encoder_with_lowbit_compiler_compile(tmp_path):
     model, inputs = zoo.build("t5")
     lowbit_compiler.compile(model, recipe="w8a16", dump_dir=str(tmp_path))

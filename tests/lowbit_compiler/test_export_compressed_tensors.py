@@ -42,6 +42,7 @@ def _our_weights(model) -> dict[str, torch.Tensor]:
     ("llama", "w8a8", ("int-quantized", 8, "channel", True)),
     ("llama", "fp8", ("float-quantized", 8, "channel", True)),
 ], ids=["w4a16", "w4a16-g32-sym", "qwen2-w8a16", "rotated-w4a16", "w8a8", "fp8"])
+@pytest.mark.heavy
 def test_export_is_what_compressed_tensors_reads(tmp_path, monkeypatch, arch, recipe, scheme):
     model, inputs = zoo.build(arch)
     compress(model, recipe, progress=False)
@@ -76,6 +77,7 @@ def test_export_is_what_compressed_tensors_reads(tmp_path, monkeypatch, arch, re
     ("w8a8-static", r"static scale"),
     ("rotate", r"no layer of the model is quantized"),
 ])
+@pytest.mark.heavy
 def test_refused_with_the_reason(tmp_path, recipe, reason):
     from lowbit_compiler.pass_base import get_pass
     from lowbit_compiler.recipe import get_recipe

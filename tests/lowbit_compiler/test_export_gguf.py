@@ -83,6 +83,7 @@ EXACT = [("w8a16", "auto", "Q8_0"), ("w4g32", "auto", "Q4_0"), ("w4g32", "q4_0",
 
 
 @pytest.mark.parametrize("name,weight_type,expected", EXACT, ids=[f"{m}-{w}" for m, w, _ in EXACT])
+@pytest.mark.heavy
 def test_exact_export_reads_back_bit_identical(models, tmp_path, name, weight_type, expected):
     model = models[name]
     path = tmp_path / "model.gguf"
@@ -105,6 +106,7 @@ def test_exact_export_reads_back_bit_identical(models, tmp_path, name, weight_ty
     assert report["file_bytes"] == path.stat().st_size
 
 
+@pytest.mark.heavy
 def test_exact_export_really_holds_our_codes(models, tmp_path):
     """The Q4_0 bytes are our int4 codes and bf16 scales repacked (not a re-quantization that happens to
     agree): block 0 of the first row of blk.0.ffn_up, decoded by hand from the file."""
@@ -280,6 +282,7 @@ def _llama_from_gguf(path, like: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("recipe", ["w4g32", "w4a16", "rotate"])
+@pytest.mark.heavy
 def test_llama_rebuilt_from_the_gguf_reproduces_our_logits(models, tmp_path, recipe):
     model = models[recipe] if recipe in models else _compressed(recipe)  # rotate: R1/R2 folded, norms all ones
     export_gguf(model, tmp_path / "m.gguf", strict=True)

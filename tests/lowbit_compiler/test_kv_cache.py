@@ -298,6 +298,7 @@ def _compile_flow_generate(model, ids, recipe: str, flow: str, new_tokens: int =
 
 
 @pytest.mark.parametrize("flow", ["model.compile", pytest.param("torch.compile", marks=pytest.mark.slow)])
+@pytest.mark.heavy
 def test_compile_flow_kv4_uses_the_compressed_cache_from_the_first_call(llama, flow):
     """torch.compile(float model, backend="lowbit", options={"recipe": "kv4"}): the backend finds the
     module from the first graph's parameters, installs the compressed cache and has Dynamo trace
@@ -396,6 +397,7 @@ def test_compile_flow_composed_recipe_uses_quantized_weights_and_the_compressed_
     assert max(abs(a - b) for a, b in zip(away, _step_sqnr(float_logits, out.logits))) < 1.0
 
 
+@pytest.mark.heavy
 def test_graphs_after_the_caches_graph_breaks_name_their_layers_in_full(llama):
     """With the compressed cache each layer's attention and MLP are graphs of their own, traced
     from the layer (Dynamo's names: ``q_proj``): the summaries name every quantized linear by its
@@ -416,6 +418,7 @@ def test_graphs_after_the_caches_graph_breaks_name_their_layers_in_full(llama):
     assert sorted(named) == sorted(linears), named
 
 
+@pytest.mark.heavy
 def test_compile_flow_raised_recompile_limit_still_raises_in_strict_mode(llama, monkeypatch):
     """The raised limit is a bound, not a switch-off: where it is too low (forced here to 9: the
     prefill and the first decode step take 10 entries on transformers' shared wrapper), strict=True

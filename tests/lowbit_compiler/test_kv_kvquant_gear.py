@@ -213,6 +213,7 @@ def test_kv3_kvquant_codebooks_come_from_the_calibration_engine(llama):
 
 
 @pytest.mark.parametrize("scheme", ["kvquant3", "gear4"])
+@pytest.mark.heavy
 def test_generate_at_high_rate_gives_the_float_tokens(llama, scheme):
     """The whole path (calibration, install, pre-RoPE store, RoPE at read time, the blocked
     attention in prefill and decode) at 8 bits gives the float cache's greedy tokens; at the

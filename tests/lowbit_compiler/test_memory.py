@@ -158,6 +158,7 @@ def test_drop_float_weights_keeps_the_compiled_model_working():
             model(input_ids=ids)  # eager has no float weights any more: an error, not garbage
 
 
+@pytest.mark.heavy
 def test_the_mmap_threshold_is_pinned_while_quantizing_and_released_after():
     """A fresh process: nothing is pinned before a recipe runs; pinned, a freed 2 MiB block is
     unmapped at once; released (glibc's dynamic maximum), the same blocks are reused from the heap

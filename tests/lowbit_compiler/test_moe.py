@@ -26,6 +26,7 @@ def _mixtral():
     return tf.MixtralForCausalLM(config).eval()
 
 
+@pytest.mark.heavy
 def test_mixtral_routers_stay_float_in_both_flows():
     model = _mixtral()
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))

@@ -50,6 +50,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("arch, recipe", list(_cases()))
+@pytest.mark.heavy
 def test_experts_are_quantized_in_both_flows(arch, recipe):
     logits_floor, weight_floor, fmt, act = FLOORS[recipe]
     ref, compiled, out, rec, compressed = _both_flows(arch, recipe)
@@ -101,6 +102,7 @@ def _starve_expert(model: torch.nn.Module, expert: int) -> None:
                 module.e_score_correction_bias[expert] = -100.0
 
 
+@pytest.mark.heavy
 def test_gptq_uses_each_experts_routed_tokens_and_reports_unreached_experts():
     """GPTQ on the experts alone (``include``): each expert's Hessian comes from the tokens the
     router sent to it, and the result beats round-to-nearest on the calibration tokens; an expert
@@ -218,6 +220,7 @@ def test_the_verifier_checks_stacked_expert_tensors():
         verify(graph(torch.zeros(4, 8, 64, dtype=int8), torch.ones(4, 8, dtype=bf16)))
 
 
+@pytest.mark.heavy
 def test_bfloat16_experts_read_by_torch_grouped_mm_are_quantized_in_both_flows():
     """A bf16 model's experts go through ``torch._grouped_mm`` (the fp32 ones above through
     transformers' ``grouped_mm_fallback`` op): the same rewrite, and both flows agree exactly."""

@@ -136,6 +136,7 @@ def test_compress_takes_positional_example_inputs_for_a_plain_module(module, exa
 
 
 @pytest.mark.parametrize("example", ["none", "tensor"])
+@pytest.mark.heavy
 def test_compress_builds_decoder_inputs_for_an_encoder_decoder_model(example):
     """T5 without example inputs, or with token ids only: the decoder start token is added, and
     the encoder's and the decoder's linears are all quantized: 33 = encoder 2 x (q, k, v, o, wi, wo)

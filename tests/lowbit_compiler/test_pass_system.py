@@ -97,6 +97,7 @@ def _both_flows(recipe, arch="llama"):
 
 
 @pytest.mark.parametrize("recipe", ["w4a16-gptq", "w4a16-awq", "w8a8-smooth", "mixed-4.5", "w8a8-static"])
+@pytest.mark.heavy
 def test_both_flows_give_bit_identical_quantized_tensors(recipe):
     model, rec, offline, graph = _both_flows(recipe)
     assert len([k for k in offline if k.endswith(".qweight")]) == 15
@@ -130,6 +131,7 @@ FAST = {"w8a8-smooth-gptq"}
 
 @pytest.mark.parametrize("composed", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow)
                                       for c in sorted(COMPOSITIONS)])
+@pytest.mark.heavy
 def test_compositions_run_in_both_flows_and_match_their_first_algorithm_alone(composed):
     model, rec, offline, graph = _both_flows(composed)
     for key, t in offline.items():
@@ -145,6 +147,7 @@ def test_compositions_run_in_both_flows_and_match_their_first_algorithm_alone(co
     assert sqnr_db(ref, both) >= sqnr_db(ref, alone) - margin, (sqnr_db(ref, both), sqnr_db(ref, alone))
 
 
+@pytest.mark.heavy
 def test_the_decode_graph_reuses_what_the_prefill_graph_calibrated():
     from lowbit_compiler.passes.quantize import common
 

@@ -44,6 +44,7 @@ def _summary(root) -> dict:
         return json.load(f)
 
 
+@pytest.mark.heavy
 def test_report_holds_what_the_summary_holds(triton_dump, tmp_path, capsys):
     out = tmp_path / "r.html"
     assert cli_main(["report", str(triton_dump), "-o", str(out)]) == 0
@@ -75,6 +76,7 @@ def test_report_holds_what_the_summary_holds(triton_dump, tmp_path, capsys):
     assert '<span class="add">+' in page and "lowbit.wo_linear" in page
 
 
+@pytest.mark.heavy
 def test_node_kinds_and_source_lines(triton_dump):
     (path,) = glob.glob(os.path.join(triton_dump, "run_*", "graph_*", "02_insert_weight_quant.json"))
     with open(path) as f:

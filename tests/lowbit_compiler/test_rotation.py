@@ -65,6 +65,7 @@ ROTATED = {"llama": 15, "mistral": 15, "qwen2": 15, "gemma": 15, "phi3": 9, "gpt
 
 
 @pytest.mark.parametrize("arch", list(ROTATED))
+@pytest.mark.heavy
 def test_rotate_is_exact_in_float64_on_seven_architectures(arch):
     model = make_model(arch, dtype=torch.float64)
     ref, out, details, _ = compile_both(model, "rotate", prompt())
@@ -151,6 +152,7 @@ def test_w4a4_with_rotations_beats_w4a4_on_outlier_channels():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+@pytest.mark.heavy
 def test_compress_writes_the_rotation_into_the_model(arch):
     from lowbit_compiler import compress
     from lowbit_compiler.offline import FoldedRMSNorm
@@ -276,6 +278,7 @@ def test_learned_r1_beats_the_random_hadamard_it_starts_from():
     assert db["learned"] >= db["hadamard"] + 1.0, db
 
 
+@pytest.mark.heavy
 def test_learned_rotations_are_still_exact_in_float64():
     """The learned R1 and R2, written into a float64 model by compress (no quantizing pass after
     them), leave its outputs unchanged; with no quantized linear there is nothing to learn, and
@@ -318,6 +321,7 @@ def test_spinquant_through_compress_learns_on_the_calibration_batches():
 
 # --- FlatQuant (learned per-layer affine transforms) ------------------------------------------
 
+@pytest.mark.heavy
 def test_flatquant_transforms_leave_the_float_model_unchanged():
     """The learned x -> x (P1 (x) P2), W -> W (P1 (x) P2)^-T pairs, without the quantization that
     follows them: the float64 outputs are the model's."""
@@ -378,6 +382,7 @@ def test_flatquant_composes_with_gptq_and_refuses_to_follow_quantization():
         PRESETS["w4a4-flat"].replace(name="bad", passes=("canonicalize", "insert_weight_quant", "flatquant"))
 
 
+@pytest.mark.heavy
 def test_inspect_prints_the_learned_transforms(tmp_path, capsys):
     from lowbit_compiler.cli import main as cli_main
     from lowbit_compiler.recipe import PRESETS
@@ -400,6 +405,7 @@ def test_inspect_prints_the_learned_transforms(tmp_path, capsys):
     assert "learned (spinquant): R1 and R2 by Cayley SGD, 3 steps on 1 calibration input(s), 15 quantized linears" in text
 
 
+@pytest.mark.heavy
 def test_r3_through_compress_wraps_the_attention_implementation():
     """compress writes R3 (Hadamard on queries and keys) into the eager model through transformers'
     AttentionInterface; the outputs are unchanged and the compiled graph shows the transforms."""
@@ -425,6 +431,7 @@ def test_r3_through_compress_wraps_the_attention_implementation():
     assert next(p for p in summary["passes"] if p["name"] == "rotate")["details"]["rotated"]["R3"] == 0
 
 
+@pytest.mark.heavy
 def test_r4_signs_keep_a_relu_input_off_the_first_hadamard_coefficient():
     """A non-negative input (ReLU / GELU MLPs) puts sqrt(K) x its mean into H's first coefficient:
     per-token int4 then loses the rest. Random signs D before H spread it (the down projection

@@ -196,6 +196,7 @@ CALIBRATION = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual
 @pytest.mark.parametrize("arch, recipe, baseline, gain", [
     ("llama", "w4a16-gptq", "w4a16", 2.0), ("qwen2", "w3a16-gptq", "w3a16", 2.0), ("bert", "w4a16-hqq", "w4a16", 0.3),
 ])
+@pytest.mark.heavy
 def test_presets_beat_round_to_nearest_through_compress(arch, recipe, baseline, gain):
     ids = prompt(32)
     with torch.no_grad():

@@ -47,6 +47,7 @@ def test_scale_groups_are_found_from_the_graph(arch, foldable):
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+@pytest.mark.heavy
 def test_folding_any_scale_into_the_graph_is_exact_in_float64(arch):
     model = make_model(arch, dtype=torch.float64)
     rec = Recorder(recipe=CANON)

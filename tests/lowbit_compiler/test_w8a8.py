@@ -63,6 +63,7 @@ def test_smoothquant_beats_plain_w8a8_on_outlier_channels_by_6_db():
 CALIBRATION = [torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
 
+@pytest.mark.heavy
 def test_w8a8_presets_through_both_flows():
     ids = prompt(32)
     with torch.no_grad():
@@ -93,6 +94,7 @@ def test_smoothquant_and_bad_activation_recipes_say_what_to_do():
 
 
 @pytest.mark.parametrize("recipe, arch, floor", [("w4a8", "qwen2", 10.0), ("fp8", "bert", 30.0)])
+@pytest.mark.heavy
 def test_w4a8_and_fp8_presets_through_both_flows(recipe, arch, floor):
     ids = prompt(32)
     with torch.no_grad():

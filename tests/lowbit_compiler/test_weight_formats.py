@@ -190,6 +190,7 @@ def test_format_keys_round_trip_and_unknown_keys_name_the_choices():
 @pytest.mark.parametrize("arch, recipe, floor", [
     ("llama", "w3a16", 5.0), ("llama", "nf4", 10.0), ("qwen2", "mxfp4", 10.0), ("bert", "nvfp4", 35.0),
 ])
+@pytest.mark.heavy
 def test_new_format_presets_run_through_both_flows(arch, recipe, floor):
     """Logits SQNR against the float model (tiny random models: low absolute numbers; w4a16 gives
     12.7 / 13.6 / 40.0 dB on the same models). Formats without a CPU kernel use the reference

@@ -222,6 +222,7 @@ def test_teal_and_wina_sites_and_achieved_sparsity_on_calibration_data(recipe, s
             assert abs(frac - 0.5) <= (0.06 if name.endswith("o_proj") else 0.01), (name, frac)
 
 
+@pytest.mark.heavy
 def test_compiling_a_thresholded_model_does_not_threshold_it_again():
     """A teal-50 model compressed (its thresholds written back as pre-hooks, act_sparsify in the
     captured graph), then compiled with the same recipe: every linear is skipped with the reason,
@@ -271,6 +272,7 @@ def _lowered_sparse_members(gm) -> int:
                if n.op == "call_function" and n.target is cpu_sparse.sparse_input_group_linear)
 
 
+@pytest.mark.heavy
 def test_teal_w4a16_both_flows_agree_fuse_and_reload(tmp_path):
     recipe = "teal-50+w4a16"
     model = compress(make_model("llama"), recipe, calibration=CALIBRATION, progress=False)
@@ -513,6 +515,7 @@ def test_rsparse_through_compress_matches_compile_float64_and_reloads(tmp_path):
 
 @pytest.mark.parametrize("recipe,fmt", [("rsparse-50+w4a16", "int4_g128_asym"),
                                         pytest.param("rsparse-50+w8a16", "int8", marks=pytest.mark.slow)])
+@pytest.mark.heavy
 def test_rsparse_with_quantized_weights_both_flows_fuse_and_reload(tmp_path, recipe, fmt):
     """R-Sparse over int4 / int8 weights: the sparse part is the fused activation-sparse matmul on
     the quantized weight (one row: the sparse kernel runs in all 14 linears), the rank-32 factors

@@ -51,6 +51,7 @@ def test_canonical_form_and_exact_numerics(arch):
 
 
 @pytest.mark.parametrize("arch", DECODERS)
+@pytest.mark.heavy
 def test_cached_decode_graphs_are_canonical_too(arch):
     model = make_model(arch)
     rec = Recorder(recipe=CANON, strict=True)

@@ -38,6 +38,7 @@ def _generate_compressed(recipe):
         return model.generate(CALIBRATION[0], max_new_tokens=NEW, do_sample=False), model
 
 
+@pytest.mark.heavy
 def test_teal_calibrates_the_prefill_graph_once_and_decode_graphs_reuse_its_thresholds():
     tokens, rec = _generate_compiled("teal-50")
     assert tokens.shape[1] == CALIBRATION[0].shape[1] + NEW
@@ -61,6 +62,7 @@ def test_teal_calibrates_the_prefill_graph_once_and_decode_graphs_reuse_its_thre
     assert torch.equal(tokens, offline)
 
 
+@pytest.mark.heavy
 def test_wanda_prunes_in_the_prefill_graph_and_decode_graphs_reuse_the_pruned_weights():
     # the head is left out: generate()'s prefill graph computes its logits for the last position
     # only, so there it would be calibrated on 4 rows instead of 192 (the next test)

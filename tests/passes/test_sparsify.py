@@ -125,6 +125,7 @@ def test_k_that_does_not_fit_names_the_layer_and_the_fix():
         formats.check_layer(G64, 100, "model.x", False)
 
 
+@pytest.mark.heavy
 def test_both_flows_agree_on_sparse_int4():
     recipe = get_recipe("s24-w4a16")
     calibration, ids = _calibration(), prompt()
@@ -228,6 +229,7 @@ def test_triton_sparse_kernel_compiles_for_sm90_without_spills():
 
 
 @pytest.mark.parametrize("recipe", ["s24-w4a16", "s24-w8a16"])
+@pytest.mark.heavy
 def test_compressed_sparse_models_run_kernels_eagerly(recipe):
     """A compressed 2:4 model run eagerly takes no float-reference fallback: prompts of more than 16
     rows run the dense kernels over the decompressed copy (counted as dense in
