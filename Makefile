@@ -22,7 +22,7 @@ JOBS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
-# the default suite's longest tests (marked heavy): CI runs them after `make test`
+# the long tests split out of the default suite to keep it under 10 minutes (marked heavy): CI runs them after `make test`
 test-heavy: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(JOBS) -m "heavy and not slow" --durations=15
 
