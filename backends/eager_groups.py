@@ -10,8 +10,10 @@ in one generated call (``cpu_kernels.fused_linear``: x prepared once, one OpenMP
 side by side, each bit for bit what the member's own call gives) and keeps the other outputs for
 that very tensor (same object, same ``_version``); the next members return theirs. Anything else
 (another input, more than ``MAX_ROWS`` rows, autograd, not the CPU, tracing under
-``torch.compile``, ``LOWBIT_CPU_FUSE=0``) takes each member's own path, so the group never changes
-a result, only how many calls produce it.
+``torch.compile``, ``LOWBIT_CPU_FUSE=0``, and for a group of several an inference tensor: made under
+``torch.inference_mode()``, it has no version counter, so an in-place change between two members'
+calls could not be told) takes each member's own path, so the group never changes a result, only
+how many calls produce it.
 
 Linears behind one activation-sparsity threshold (TEAL / WINA: ``lowbit::sparse_input_linear``
 reading the same input through the same threshold) are linked to an :class:`EagerSparseGroup`
@@ -59,7 +61,8 @@ class EagerGroup:
             return out
         if (torch.compiler.is_compiling() or os.environ.get(cpu_codegen.FUSE_ENV, "1") == "0"
                 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-                or x.numel() > self.max_rows * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled())):
+                or x.numel() > self.max_rows * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled())
+                or (x.is_inference() and len(self.members) > 1)):
             return None
         dtype = cpu_kernels.compute_dtype_for(x.dtype, cpu_kernels._EAGER_POLICY[-1])
         outs = self._run(x, dtype)

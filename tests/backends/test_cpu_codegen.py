@@ -499,7 +499,8 @@ def test_eager_groups_of_a_compressed_model(monkeypatch):
     """``compress`` links the linears that read one input (q/k/v, gate/up); run eagerly, the first
     member's call runs them all in one generated call and the others return their part: logits
     bit for bit those of the unfused calls (``LOWBIT_CPU_FUSE=0``), one group call per group and
-    step; more rows than ``MAX_ROWS`` and a member called on another tensor run alone."""
+    step; more rows than ``MAX_ROWS``, a member called on another tensor and an inference tensor
+    (no version counter to tell an in-place change) run alone."""
     from lowbit_compiler import compress
     from lowbit_compiler.backends import eager_groups
     from tests.conftest import make_model, prompt
@@ -529,6 +530,8 @@ def test_eager_groups_of_a_compressed_model(monkeypatch):
         before = group.calls
         attn.q_proj(big)
         assert group.calls == before  # prefill sizes: each member its own call
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, alone) and group.calls == before  # each member alone
     assert q.shape[-1] == attn.q_proj.out_features
 
 

@@ -5,6 +5,7 @@ fake clock: real timings on a shared machine would make the decisions vary)."""
 from __future__ import annotations
 
 import collections
+import copy
 import ctypes
 import logging
 
@@ -474,7 +475,9 @@ def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
     sites of one); run eagerly on one row, the first member's call runs the site's stacked
     activation-sparse kernel and the others return their part: each output within float rounding
     of its member's own call (``LOWBIT_CPU_FUSE=0``: the same kernel per weight), one group call per
-    site and step; prompts of several rows run each member alone."""
+    site and step; prompts of several rows run each member alone, and so does a step under
+    ``torch.inference_mode()`` in the sites of several members (its tensors have no version
+    counter), while the sites of one still make their one call."""
     from transformers import DynamicCache
 
     from lowbit_compiler import compress
@@ -507,6 +510,15 @@ def test_eager_sparse_groups_of_a_compressed_teal_model(monkeypatch):
         assert (grouped - alone).abs().max() <= 1e-4 * alone.abs().max()
         hidden = attn.o_proj.in_features
         assert attn.o_proj(torch.randn(1, 1, hidden)).shape == (1, 1, attn.o_proj.out_features)  # a site of one
+    o_calls = attn.o_proj._eager_group.calls
+    with torch.no_grad():
+        monkeypatch.setenv(cpu_codegen.FUSE_ENV, "0")
+        expected = model(step, past_key_values=copy.deepcopy(alone_cache), use_cache=True).logits
+        monkeypatch.delenv(cpu_codegen.FUSE_ENV)
+    with torch.inference_mode():
+        inference = model(step, past_key_values=alone_cache, use_cache=True).logits
+    assert group.calls == 1 and attn.o_proj._eager_group.calls == o_calls + 1
+    assert (inference - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_a_sparse_group_thresholds_bf16_rows_as_the_op_does(monkeypatch):
