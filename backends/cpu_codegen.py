@@ -68,6 +68,17 @@ PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 ISA_ENV = "LOWBIT_CPU_ISA"
 ISA_FLAGS = {"native": FLAGS, "avx2": FLAGS + ("-mno-avx512f",), "portable": PORTABLE_FLAGS}
 
+# the sum of an AVX2 vector's 8 floats (the dense kernels' reductions here, the activation-sparse
+# kernel's AVX2 compaction in `cpu_sparse`)
+HSUM256 = r"""
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+"""[1:]
+
 _PRELUDE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -119,13 +130,7 @@ static inline __attribute__((always_inline)) void lowbit_prefetch(const void* p,
 }
 
 #ifdef LOWBIT_AVX2
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
+""" + HSUM256 + r"""
 /* acc + the four u8 x s8 products of each int32 lane: vpdpbusd with VNNI (exact), else maddubs + madd
    (exact while a pair of products stays below 2^15, which the caller must guarantee) */
 static inline __m256i lowbit_dot_u8s8(__m256i acc, __m256i a, __m256i b) {

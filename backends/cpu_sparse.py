@@ -137,7 +137,7 @@ _SOURCE = r"""
 #ifdef SP_AVX2
 /* sp_pack8[mask]: byte j = the position of the j-th set bit of the 8-bit mask (AVX2 left-pack) */
 static const uint64_t sp_pack8[256] = {{{pack8}}};
-#endif
+{hsum256}#endif
 static inline float sp_bf16(uint16_t h) {{ uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }}
 
 /* Compact the kept inputs: idx[p], xv[p] for p < nnz, in order; gstart[g] = first p of group g
@@ -206,9 +206,7 @@ static int64_t sp_compact(const float* x, int64_t K, int64_t G, int32_t* idx, fl
             tv = _mm256_add_ps(tv, _mm256_and_ps(m, v));
             iota = _mm256_add_epi32(iota, step);
         }}
-        __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(tv), _mm256_extractf128_ps(tv, 1));
-        t4 = _mm_hadd_ps(t4, t4);
-        t = _mm_cvtss_f32(_mm_hadd_ps(t4, t4));
+        t = hsum256(tv);
 #endif
         for (; k < (g + 1) * G; k++) {{
             int keep = x[k] != 0.0f;  /* NaN != 0: kept */
@@ -717,7 +715,7 @@ def source(fmt: str) -> str:
         code_t="uint8_t", group=f.group_size, bits=4, has_zero=int(f.has_zero_points))
     return (f"/* lowbit generated CPU kernel: activation-sparse decode GEMV, {fmt} weights, K-major */\n"
             + _SOURCE.format(name=kernel_name(fmt), tw=TW, chunk=CHUNK[f.bits], pfd=PFD, stream_tiles=STREAM_TILES,
-                             pack8=_PACK8,
+                             pack8=_PACK8, hsum256=cpu_codegen.HSUM256,
                              rms_norm_row=cpu_codegen.RMS_NORM_ROW, **fields))
 
 

@@ -53,10 +53,9 @@ def dense_baseline(recipe: str) -> str | None:
 def needs_calibration(recipe: str) -> bool:
     """Whether a recipe has a data-driven pass (activation thresholds, Wanda scores, GPTQ): such
     recipes are compressed with :func:`calibration_prompts` first, then compiled."""
-    from lowbit_compiler.pass_base import get_pass
     from lowbit_compiler.recipe import get_recipe
 
-    return recipe != "none" and any(get_pass(p).data_driven for p in get_recipe(recipe).passes)
+    return bool(get_recipe(recipe).data_driven_passes())
 
 
 def calibration_prompts(vocab_size: int, count: int) -> list[torch.Tensor]:

@@ -79,13 +79,12 @@ class LowbitHfQuantizer(HfQuantizer):
                 raise LowbitError("from_pretrained: the checkpoint's quantization_config (quant_method 'lowbit') has no "
                                   "module table; it was not written by save_pretrained of a compressed model")
             return
-        from lowbit_compiler.pass_base import get_pass
         from lowbit_compiler.recipe import get_recipe
 
         if config.recipe is None:
             raise LowbitError("LowbitConfig: pass recipe=... (a preset such as 'w4a16') to compress while loading")
         recipe = get_recipe(config.recipe)
-        needs = [p for p in recipe.passes if get_pass(p).data_driven]
+        needs = recipe.data_driven_passes()
         if needs:
             raise LowbitError(f"from_pretrained(quantization_config=LowbitConfig(recipe={recipe.name!r})): pass "
                               f"{needs[0]!r} needs calibration data, which loading does not have; load the float model, "

@@ -36,7 +36,7 @@ import sys
 from typing import Any, Mapping
 
 from lowbit_compiler.formats import FormatError, WeightFormat
-from lowbit_compiler.pass_base import LowbitError
+from lowbit_compiler.pass_base import LowbitError, get_pass
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,6 +114,10 @@ class Recipe:
 
     def pass_options(self, pass_name: str) -> dict[str, Any]:
         return dict(dict(self.options).get(pass_name, ()))
+
+    def data_driven_passes(self) -> list[str]:
+        """The recipe's passes that need calibration data (``Pass.data_driven``), in order."""
+        return [p for p in self.passes if get_pass(p).data_driven]
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
