@@ -359,6 +359,28 @@ def test_the_kernel_applies_the_threshold_itself_bit_for_bit(isa, fmt):
         assert torch.equal(xs, xs_ref)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable"])
+def test_the_compactions_vector_steps_and_scalar_tail_agree(isa):
+    """K = 100 (int8: one group): the compaction's vector steps (8 or 16 inputs) and its scalar
+    tail (the last 4) keep the same inputs as torch's threshold and give the float64 product."""
+    from lowbit_compiler.ops import act_sparsify_reference
+
+    gen = torch.Generator().manual_seed(9)
+    n, k = 200, 100
+    qw = quantize(torch.randn(n, k, generator=gen), WeightFormat.parse("int8"))
+    w = cpu_sparse.kmajor_cpu(qw.qweight, qw.scale, qw.zero, "int8", k)
+    x = torch.randn(k, generator=gen)
+    x[::3] = 0.0
+    threshold = torch.tensor([0.3])
+    xs_ref = act_sparsify_reference(x, threshold, None)
+    assert bool((xs_ref[96:] != 0).any()) and bool((xs_ref[96:] == 0).any())  # the tail keeps some, drops some
+    xs = torch.full((k,), 7.0)
+    y = cpu_sparse.run(x, w, None, "int8", k, isa, threshold=threshold, xs_out=xs)
+    assert torch.equal(xs, xs_ref)
+    ref = xs_ref.double() @ dequantize(qw).double()[:, :k].T
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def _group(fmt: str, sizes: list[int], k: int, gen: torch.Generator, epilogue: int = 0, col_scale: bool = False):
     qws = [quantize(torch.randn(n, k, generator=gen) / k ** 0.5, WeightFormat.parse(fmt)) for n in sizes]
     threshold = torch.tensor([0.67])
